@@ -1,0 +1,152 @@
+//! Delayed-ref stores: where ops wait between ingest and commit.
+//!
+//! Two implementations of one trait, [`DelayedRefStore`], with identical
+//! behaviour (both merge through [`crate::head`], whose merge is
+//! commutative, so their results depend only on the set of ops queued):
+//! - [`mutex::MutexStore`]: the baseline, btrfs's shape — one lock around
+//!   a map of heads, each with a map of refs;
+//! - [`lockfree::LockFreeStore`]: per-CPU shards absorbing ops in
+//!   cache-resident staging buffers, handed off in sorted, merged batches to
+//!   an epoch-reclaimed crossbeam-skiplist index; no lock on the ingest
+//!   path.
+//!
+//! # Transactions
+//!
+//! The store holds the *live* transaction, into which ingest goes, and
+//! during a commit the *frozen* one. [`DelayedRefStore::freeze`] makes the
+//! live transaction frozen and opens a new live one; new ops go to the new
+//! one and no op is lost or counted twice. The frozen transaction stays
+//! visible to [`DelayedRefStore::pending`] until
+//! [`DelayedRefStore::release`], which the engine calls while holding its
+//! tree write lock, so a lookup sees each op exactly once: either still
+//! pending or applied in the tree. Heads held back by a seq barrier are
+//! requeued into the live transaction by `release`.
+
+pub(crate) mod gate;
+pub mod lockfree;
+pub mod mutex;
+pub(crate) mod packed;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::head::Head;
+use crate::model::{Action, Op, OpError};
+
+/// Errors of a delayed-ref store.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The op is malformed.
+    #[error(transparent)]
+    Op(#[from] OpError),
+    /// Every shard is claimed by a live handle.
+    #[error("all {shards} ingest shards are in use; drop a handle or configure more shards")]
+    ShardsExhausted {
+        /// Configured shards.
+        shards: usize,
+    },
+}
+
+/// Pending work counted over a merged snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingStats {
+    /// Heads with pending work.
+    pub heads: usize,
+    /// Delayed refs after merging at insert (distinct `(bytenr, key, seq)`
+    /// with a non-zero ref_mod).
+    pub refs: usize,
+}
+
+/// One ingest handle: a thread's way in. For the lock-free store it owns a
+/// per-CPU shard, so keep one per ingest thread.
+pub trait IngestHandle: Send {
+    /// Queue one op. Returns once the op is visible to lookups and will be
+    /// in the next frozen transaction (or the one after, never lost).
+    fn add(&mut self, op: &Op) -> Result<(), StoreError>;
+
+    /// Queue several ops; all are checked before any is queued.
+    fn add_batch(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        for op in ops {
+            op.check()?;
+        }
+        for op in ops {
+            self.add(op)?;
+        }
+        Ok(())
+    }
+}
+
+/// A delayed-ref store. See the module doc for the transaction protocol.
+pub trait DelayedRefStore: Send + Sync {
+    /// Ingest handle type.
+    type Handle<'a>: IngestHandle
+    where
+        Self: 'a;
+
+    /// Short name for reports ("lockfree", "mutex").
+    fn name(&self) -> &'static str;
+
+    /// A new ingest handle.
+    fn handle(&self) -> Result<Self::Handle<'_>, StoreError>;
+
+    /// The merged pending head of `bytenr` over the frozen (until released)
+    /// and live transactions and requeued heads; `None` if nothing is
+    /// pending.
+    fn pending(&self, bytenr: u64) -> Option<Head>;
+
+    /// Every pending head, merged, sorted by bytenr (expensive; for tools,
+    /// tests and stats).
+    fn pending_all(&self) -> Vec<Head>;
+
+    /// Counts over [`DelayedRefStore::pending_all`].
+    fn stats(&self) -> PendingStats {
+        let all = self.pending_all();
+        PendingStats {
+            heads: all.len(),
+            refs: all.iter().map(|h| h.refs.len()).sum(),
+        }
+    }
+
+    /// Freeze the live transaction and open a new one. Returns the frozen
+    /// heads merged and sorted by bytenr (no-op heads dropped). Only one
+    /// commit at a time: the engine serializes callers.
+    fn freeze(&self) -> Vec<Head>;
+
+    /// End the frozen transaction: hide it from lookups and requeue `held`
+    /// heads into the live transaction. Called under the engine's tree write
+    /// lock.
+    fn release(&self, held: Vec<Head>);
+}
+
+/// The global stamp counter ordering allocations and key updates (see
+/// [`crate::head`]). Only those ops touch it.
+#[derive(Debug, Default)]
+pub struct StampClock(AtomicU64);
+
+impl StampClock {
+    /// The stamp of `op`: a fresh one for an allocation or a key update, 0
+    /// otherwise.
+    pub fn stamp(&self, op: &Op) -> u64 {
+        let needs = op.action == Action::AddExtent
+            || op.extent_op.is_some_and(|e| e.key.is_some());
+        if needs {
+            self.0.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            0
+        }
+    }
+}
+
+/// Merge `heads` (any order, duplicates allowed) into one head per bytenr,
+/// sorted, dropping no-op heads.
+pub fn merge_heads(mut heads: Vec<Head>) -> Vec<Head> {
+    heads.sort_by_key(|h| h.bytenr);
+    let mut out: Vec<Head> = Vec::with_capacity(heads.len());
+    for h in heads {
+        match out.last_mut() {
+            Some(last) if last.bytenr == h.bytenr => last.merge(&h),
+            _ => out.push(h),
+        }
+    }
+    out.retain(|h| !h.is_noop());
+    out
+}

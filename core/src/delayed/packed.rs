@@ -1,0 +1,469 @@
+//! Packed, sorted runs of heads and refs: the memory format of the
+//! lock-free store's index.
+//!
+//! A *run* is a sorted sequence of merged heads, cut into [`Chunk`]s of at
+//! most [`CHUNK_HEADS_MAX`] heads. A chunk holds its heads and their refs in
+//! two flat arrays (40 bytes per head, 40 per ref, no per-item allocation),
+//! plus a side table for the rare extent_ops. Merging sources (runs, sorted
+//! staging batches) is a k-way merge by bytenr that copies refs straight
+//! through when only one source has the head, and otherwise merges them in a
+//! reused scratch buffer: no allocation per head.
+
+use crate::head::{DelayedRef, Head, HeadSummary, PendingExtentOp};
+use crate::model::{ExtentKind, RefKey, SEQ_MAX};
+
+/// Heads per chunk (bounds one allocation and one binary search).
+pub(crate) const CHUNK_HEADS_MAX: usize = 512;
+
+const IS_DATA: u8 = 1;
+const SHAPE_KNOWN: u8 = 2;
+const MIXED: u8 = 4;
+const HAS_EOP: u8 = 8;
+
+/// A head without its refs: 40 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub(crate) struct PackedHead {
+    pub bytenr: u64,
+    num_bytes: u64,
+    total_ref_mod: i64,
+    alloc_stamp: u64,
+    /// End (exclusive) of this head's refs in the chunk's ref array.
+    ref_end: u32,
+    level: u8,
+    bits: u8,
+    _pad: u16,
+}
+
+/// One delayed ref: 40 bytes. The backref type code sits in the top byte of
+/// `seq_code` (seqs are at most [`SEQ_MAX`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub(crate) struct PackedRef {
+    k1: u64,
+    k2: u64,
+    k3: u64,
+    seq_code: u64,
+    pub ref_mod: i64,
+}
+
+const _: () = assert!(std::mem::size_of::<PackedHead>() == 40);
+const _: () = assert!(std::mem::size_of::<PackedRef>() == 40);
+
+impl PackedRef {
+    pub fn new(key: RefKey, seq: u64, ref_mod: i64) -> PackedRef {
+        debug_assert!(seq <= SEQ_MAX);
+        let (k1, k2, k3) = key.words();
+        PackedRef {
+            k1,
+            k2,
+            k3,
+            seq_code: (u64::from(key.type_code()) << 56) | seq,
+            ref_mod,
+        }
+    }
+
+    fn code(&self) -> u8 {
+        (self.seq_code >> 56) as u8
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq_code & SEQ_MAX
+    }
+
+    /// Ordering key equal to `(RefKey, seq)` ordering.
+    #[inline]
+    pub fn sort_key(&self) -> (u8, u64, u64, u64, u64) {
+        (self.code(), self.k1, self.k2, self.k3, self.seq())
+    }
+
+    pub fn unpack(&self) -> DelayedRef {
+        DelayedRef {
+            key: RefKey::from_words(self.code(), self.k1, self.k2, self.k3)
+                .expect("packed ref holds a valid type code"),
+            seq: self.seq(),
+            ref_mod: self.ref_mod,
+        }
+    }
+}
+
+impl PackedHead {
+    fn pack(bytenr: u64, s: &HeadSummary, ref_end: u32) -> PackedHead {
+        let mut bits = 0;
+        let level = match s.kind {
+            ExtentKind::Data => {
+                bits |= IS_DATA;
+                0
+            }
+            ExtentKind::Tree { level } => level,
+        };
+        if s.shape_known {
+            bits |= SHAPE_KNOWN;
+        }
+        if s.mixed {
+            bits |= MIXED;
+        }
+        if s.extent_op.is_some() {
+            bits |= HAS_EOP;
+        }
+        PackedHead {
+            bytenr,
+            num_bytes: s.num_bytes,
+            total_ref_mod: s.total_ref_mod,
+            alloc_stamp: s.alloc_stamp,
+            ref_end,
+            level,
+            bits,
+            _pad: 0,
+        }
+    }
+}
+
+/// A chunk of a run.
+#[derive(Debug, Default)]
+pub(crate) struct Chunk {
+    heads: Box<[PackedHead]>,
+    refs: Box<[PackedRef]>,
+    eops: Box<[(u64, PendingExtentOp)]>,
+}
+
+/// A head inside a chunk, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HeadRef<'a> {
+    pub bytenr: u64,
+    pub summary: HeadSummary,
+    pub refs: &'a [PackedRef],
+}
+
+impl HeadRef<'_> {
+    pub fn to_head(&self) -> Head {
+        Head {
+            bytenr: self.bytenr,
+            summary: self.summary,
+            refs: self.refs.iter().map(PackedRef::unpack).collect(),
+        }
+    }
+}
+
+impl Chunk {
+    pub fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    pub fn first_bytenr(&self) -> u64 {
+        self.heads.first().map_or(0, |h| h.bytenr)
+    }
+
+    /// Heap bytes held (for memory accounting in tests).
+    pub fn heap_bytes(&self) -> usize {
+        self.heads.len() * std::mem::size_of::<PackedHead>()
+            + self.refs.len() * std::mem::size_of::<PackedRef>()
+            + std::mem::size_of_val(&*self.eops)
+    }
+
+    pub fn head(&self, i: usize) -> HeadRef<'_> {
+        let h = &self.heads[i];
+        let start = if i == 0 {
+            0
+        } else {
+            self.heads[i - 1].ref_end as usize
+        };
+        let kind = if h.bits & IS_DATA != 0 {
+            ExtentKind::Data
+        } else {
+            ExtentKind::Tree { level: h.level }
+        };
+        let extent_op = if h.bits & HAS_EOP != 0 {
+            let j = self
+                .eops
+                .binary_search_by_key(&h.bytenr, |e| e.0)
+                .expect("HAS_EOP head has an extent_op entry");
+            Some(self.eops[j].1)
+        } else {
+            None
+        };
+        HeadRef {
+            bytenr: h.bytenr,
+            summary: HeadSummary {
+                num_bytes: h.num_bytes,
+                kind,
+                shape_known: h.bits & SHAPE_KNOWN != 0,
+                mixed: h.bits & MIXED != 0,
+                alloc_stamp: h.alloc_stamp,
+                total_ref_mod: h.total_ref_mod,
+                extent_op,
+            },
+            refs: &self.refs[start..h.ref_end as usize],
+        }
+    }
+
+    pub fn find(&self, bytenr: u64) -> Option<HeadRef<'_>> {
+        self.heads
+            .binary_search_by_key(&bytenr, |h| h.bytenr)
+            .ok()
+            .map(|i| self.head(i))
+    }
+}
+
+/// Builds a run chunk by chunk from heads pushed in ascending bytenr order.
+#[derive(Debug, Default)]
+pub(crate) struct RunBuilder {
+    chunks: Vec<Chunk>,
+    heads: Vec<PackedHead>,
+    refs: Vec<PackedRef>,
+    eops: Vec<(u64, PendingExtentOp)>,
+    last: Option<u64>,
+    pub heads_total: usize,
+    pub refs_total: usize,
+}
+
+impl RunBuilder {
+    pub fn new() -> RunBuilder {
+        RunBuilder::default()
+    }
+
+    /// Append a merged head. No-op heads are skipped.
+    pub fn push(&mut self, bytenr: u64, summary: &HeadSummary, refs: &[PackedRef]) {
+        debug_assert!(self.last.is_none_or(|l| l < bytenr), "heads out of order");
+        self.last = Some(bytenr);
+        if refs.is_empty() && summary.alloc_stamp == 0 && summary.extent_op.is_none() {
+            return;
+        }
+        debug_assert!(refs.iter().all(|r| r.ref_mod != 0));
+        self.refs.extend_from_slice(refs);
+        let ref_end = u32::try_from(self.refs.len()).expect("chunk refs fit u32");
+        self.heads.push(PackedHead::pack(bytenr, summary, ref_end));
+        if let Some(e) = summary.extent_op {
+            self.eops.push((bytenr, e));
+        }
+        self.heads_total += 1;
+        self.refs_total += refs.len();
+        // Cut at a head count, or earlier for huge heads (bound chunk size).
+        if self.heads.len() >= CHUNK_HEADS_MAX || self.refs.len() >= 64 * CHUNK_HEADS_MAX {
+            self.cut();
+        }
+    }
+
+    fn cut(&mut self) {
+        if self.heads.is_empty() {
+            return;
+        }
+        self.chunks.push(Chunk {
+            heads: std::mem::take(&mut self.heads).into_boxed_slice(),
+            refs: std::mem::take(&mut self.refs).into_boxed_slice(),
+            eops: std::mem::take(&mut self.eops).into_boxed_slice(),
+        });
+    }
+
+    pub fn finish(mut self) -> Vec<Chunk> {
+        self.cut();
+        self.chunks
+    }
+}
+
+/// A cursor over a sorted sequence of chunks (one source of a merge).
+#[derive(Debug)]
+pub(crate) struct Cursor<'a> {
+    chunks: Vec<&'a Chunk>,
+    c: usize,
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(chunks: Vec<&'a Chunk>) -> Cursor<'a> {
+        let mut cur = Cursor { chunks, c: 0, i: 0 };
+        cur.skip_empty();
+        cur
+    }
+
+    fn skip_empty(&mut self) {
+        while self.c < self.chunks.len() && self.i >= self.chunks[self.c].len() {
+            self.c += 1;
+            self.i = 0;
+        }
+    }
+
+    #[inline]
+    pub fn peek(&self) -> Option<u64> {
+        self.chunks
+            .get(self.c)
+            .map(|ch| ch.heads[self.i].bytenr)
+    }
+
+    pub fn next_head(&mut self) -> Option<HeadRef<'a>> {
+        let ch: &'a Chunk = self.chunks.get(self.c)?;
+        let h = ch.head(self.i);
+        self.i += 1;
+        self.skip_empty();
+        Some(h)
+    }
+}
+
+/// Sort and merge packed refs of one head in place: sum equal `(key, seq)`,
+/// drop zeros.
+pub(crate) fn merge_refs(scratch: &mut Vec<PackedRef>) {
+    scratch.sort_unstable_by_key(PackedRef::sort_key);
+    let mut w = 0;
+    for r in 0..scratch.len() {
+        if w > 0 && scratch[w - 1].sort_key() == scratch[r].sort_key() {
+            scratch[w - 1].ref_mod += scratch[r].ref_mod;
+        } else {
+            scratch[w] = scratch[r];
+            w += 1;
+        }
+    }
+    scratch.truncate(w);
+    scratch.retain(|r| r.ref_mod != 0);
+}
+
+/// k-way merge of sorted sources by bytenr; `emit` gets each merged head
+/// once, in ascending bytenr order.
+pub(crate) fn merge_cursors<'a>(
+    mut cursors: Vec<Cursor<'a>>,
+    mut emit: impl FnMut(u64, &HeadSummary, &[PackedRef]),
+) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut heap: BinaryHeap<Reverse<(u64, usize)>> = cursors
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.peek().map(|b| Reverse((b, i))))
+        .collect();
+    let mut scratch: Vec<PackedRef> = Vec::new();
+    while let Some(Reverse((bytenr, i))) = heap.pop() {
+        let first = cursors[i].next_head().expect("peeked");
+        if let Some(b) = cursors[i].peek() {
+            heap.push(Reverse((b, i)));
+        }
+        let mut summary = first.summary;
+        let mut single = true;
+        while let Some(&Reverse((b, j))) = heap.peek() {
+            if b != bytenr {
+                break;
+            }
+            heap.pop();
+            let other = cursors[j].next_head().expect("peeked");
+            if let Some(nb) = cursors[j].peek() {
+                heap.push(Reverse((nb, j)));
+            }
+            if single {
+                scratch.clear();
+                scratch.extend_from_slice(first.refs);
+                single = false;
+            }
+            summary = summary.merge(other.summary);
+            scratch.extend_from_slice(other.refs);
+        }
+        if single {
+            emit(bytenr, &summary, first.refs);
+        } else {
+            merge_refs(&mut scratch);
+            emit(bytenr, &summary, &scratch);
+        }
+    }
+}
+
+/// Build a run from staged ops `(op, stamp)`: sort, merge at insert.
+pub(crate) fn build_run(staged: &mut [(crate::model::Op, u64)]) -> RunBuilder {
+    staged.sort_unstable_by_key(|(op, _)| op.bytenr);
+    let mut b = RunBuilder::new();
+    let mut scratch: Vec<PackedRef> = Vec::new();
+    let mut i = 0;
+    while i < staged.len() {
+        let bytenr = staged[i].0.bytenr;
+        let mut summary = HeadSummary::of_op(&staged[i].0, staged[i].1);
+        scratch.clear();
+        let mut j = i;
+        while j < staged.len() && staged[j].0.bytenr == bytenr {
+            let (op, stamp) = &staged[j];
+            if j > i {
+                summary = summary.merge(HeadSummary::of_op(op, *stamp));
+            }
+            if let Some(key) = op.key {
+                scratch.push(PackedRef::new(key, op.seq, op.ref_mod()));
+            }
+            j += 1;
+        }
+        merge_refs(&mut scratch);
+        b.push(bytenr, &summary, &scratch);
+        i = j;
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Action, Op};
+
+    #[test]
+    fn packed_ref_order_matches_ref_key_order() {
+        let keys = [
+            RefKey::TreeBlock { root: 3 },
+            RefKey::TreeBlock { root: 9 },
+            RefKey::ExtentData { root: 1, objectid: 2, offset: 9 },
+            RefKey::ExtentData { root: 1, objectid: 3, offset: 0 },
+            RefKey::SharedBlock { parent: 1 },
+            RefKey::SharedData { parent: 1 },
+        ];
+        for w in keys.windows(2) {
+            for (s1, s2) in [(0, 0), (5, 1), (0, 7)] {
+                let a = PackedRef::new(w[0], s1, 1);
+                let b = PackedRef::new(w[1], s2, 1);
+                assert!(a.sort_key() < b.sort_key());
+                assert_eq!(a.unpack().key, w[0]);
+            }
+        }
+        let a = PackedRef::new(keys[0], 1, 1);
+        let b = PackedRef::new(keys[0], 2, -1);
+        assert!(a.sort_key() < b.sort_key());
+        assert_eq!(b.unpack().seq, 2);
+    }
+
+    #[test]
+    fn build_and_merge_runs_agree_with_heads() {
+        let data = |root| RefKey::ExtentData { root, objectid: 300, offset: 0 };
+        let mk = |b: u64, a: Action, root: u64, seq: u64| {
+            Op::new(b * 4096, 4096, ExtentKind::Data, a, data(root), seq).unwrap()
+        };
+        let ops = vec![
+            (mk(3, Action::AddExtent, 5, 0), 1),
+            (mk(1, Action::AddRef, 5, 0), 0),
+            (mk(3, Action::AddRef, 6, 0), 0),
+            (mk(1, Action::DropRef, 5, 0), 0),
+            (mk(2, Action::AddRef, 5, 4), 0),
+        ];
+        let mut a = ops[..3].to_vec();
+        let mut b = ops[3..].to_vec();
+        let run_a = build_run(&mut a).finish();
+        let run_b = build_run(&mut b).finish();
+        let mut got = Vec::new();
+        merge_cursors(
+            vec![
+                Cursor::new(run_a.iter().collect()),
+                Cursor::new(run_b.iter().collect()),
+            ],
+            |bytenr, s, refs| {
+                got.push(
+                    HeadRef {
+                        bytenr,
+                        summary: *s,
+                        refs,
+                    }
+                    .to_head(),
+                )
+            },
+        );
+        let mut want: Vec<Head> = Vec::new();
+        for (op, stamp) in &ops {
+            match want.iter_mut().find(|h| h.bytenr == op.bytenr) {
+                Some(h) => h.absorb(op, *stamp),
+                None => want.push(Head::of_op(op, *stamp)),
+            }
+        }
+        let want = crate::delayed::merge_heads(want);
+        // Head 1 cancelled to a no-op at merge time: dropped by consumers.
+        got.retain(|h| !h.is_noop());
+        assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,362 @@
+//! The in-memory extent tree: what btrfs stores in its extent tree, keyed by
+//! bytenr.
+//!
+//! Each [`ExtentItem`] holds `refs`, `flags`, `generation`, the first key of
+//! a tree block when one is recorded (`tree_key`, non-skinny metadata), and
+//! its backrefs with counts. As in btrfs, backrefs live *inline* in the
+//! extent item while the item stays under [`INLINE_ITEM_BYTES_MAX`]; once it
+//! would grow past that, new backrefs become *keyed* items
+//! (`(bytenr, TREE_BLOCK_REF, root)` and friends). A backref that already
+//! exists stays where it is; a removed one is removed from where it is.
+//!
+//! Invariants (checked by [`ExtentItem::check`] and asserted after every
+//! apply in debug builds):
+//! - `refs` equals the sum of the counts of all backrefs and is > 0;
+//! - every backref has count >= 1; tree-block backrefs have count exactly 1;
+//! - backrefs match the extent's kind (tree refs on tree blocks only);
+//! - no backref key appears both inline and keyed;
+//! - `flags` has exactly one of DATA / TREE_BLOCK, matching `kind`.
+
+use std::collections::BTreeMap;
+
+use crate::model::{
+    DiskKey, ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF, EXTENT_FLAG_DATA,
+    EXTENT_FLAG_TREE_BLOCK,
+};
+
+/// Largest extent item (header + inline refs) before new backrefs are keyed.
+/// btrfs uses `BTRFS_MAX_EXTENT_ITEM_SIZE` = max item size / 4; for a 16 KiB
+/// node that is (16384 - 101 - 25) / 4 = 4064 bytes.
+pub const INLINE_ITEM_BYTES_MAX: usize = 4064;
+
+/// Bytes of the extent item header (`btrfs_extent_item`: refs, generation,
+/// flags), plus `btrfs_tree_block_info` when a tree key is recorded.
+const ITEM_HEADER_BYTES: usize = 24;
+const TREE_BLOCK_INFO_BYTES: usize = 18;
+
+/// One extent item with its backrefs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtentItem {
+    /// Size of the extent in bytes.
+    pub num_bytes: u64,
+    /// Data or tree block (with level).
+    pub kind: ExtentKind,
+    /// Total reference count.
+    pub refs: u64,
+    /// Extent flags (DATA / TREE_BLOCK, FULL_BACKREF).
+    pub flags: u64,
+    /// Transaction (commit generation) that allocated the extent.
+    pub generation: u64,
+    /// First key of a tree block, when recorded (non-skinny metadata).
+    pub tree_key: Option<DiskKey>,
+    /// Backrefs stored inline, sorted by key.
+    pub inline: Vec<(RefKey, u64)>,
+    /// Backrefs stored as separate keyed items, sorted by key.
+    pub keyed: Vec<(RefKey, u64)>,
+}
+
+/// What is wrong with an extent item.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ItemError {
+    /// refs != sum of backref counts.
+    #[error("refs {refs} != sum of backref counts {sum}")]
+    RefsMismatch {
+        /// Recorded refs.
+        refs: u64,
+        /// Sum of counts.
+        sum: u64,
+    },
+    /// An extent with zero references.
+    #[error("extent has zero references")]
+    ZeroRefs,
+    /// A backref with count 0, or a tree backref with count > 1.
+    #[error("backref '{key}' has invalid count {count}")]
+    BadCount {
+        /// Backref.
+        key: RefKey,
+        /// Count.
+        count: u64,
+    },
+    /// A backref of the wrong kind.
+    #[error("backref '{key}' does not fit a {kind} extent")]
+    WrongKind {
+        /// Backref.
+        key: RefKey,
+        /// Extent kind.
+        kind: ExtentKind,
+    },
+    /// The same backref twice.
+    #[error("backref '{key}' stored twice")]
+    Duplicate {
+        /// Backref.
+        key: RefKey,
+    },
+    /// Flags do not match the kind.
+    #[error("flags {flags:#x} do not match a {kind} extent")]
+    BadFlags {
+        /// Flags.
+        flags: u64,
+        /// Kind.
+        kind: ExtentKind,
+    },
+}
+
+impl ExtentItem {
+    /// A new, empty item (no refs yet: call [`ExtentItem::add_ref`]).
+    pub fn new(num_bytes: u64, kind: ExtentKind, generation: u64) -> ExtentItem {
+        ExtentItem {
+            num_bytes,
+            kind,
+            refs: 0,
+            flags: kind.flags(),
+            generation,
+            tree_key: None,
+            inline: Vec::new(),
+            keyed: Vec::new(),
+        }
+    }
+
+    /// Encoded size of the item with its inline refs, as btrfs lays it out.
+    pub fn item_bytes(&self) -> usize {
+        let mut n = ITEM_HEADER_BYTES;
+        if self.tree_key.is_some() {
+            n += TREE_BLOCK_INFO_BYTES;
+        }
+        n + self.inline.iter().map(|(k, _)| k.inline_bytes()).sum::<usize>()
+    }
+
+    /// Count of one backref (0 if absent).
+    pub fn count(&self, key: &RefKey) -> u64 {
+        find(&self.inline, key)
+            .or_else(|| find(&self.keyed, key))
+            .unwrap_or(0)
+    }
+
+    /// All backrefs with counts, sorted by key (inline and keyed merged).
+    pub fn backrefs(&self) -> Vec<(RefKey, u64)> {
+        let mut all: Vec<(RefKey, u64)> =
+            self.inline.iter().chain(self.keyed.iter()).copied().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// True when the tree block uses full backrefs.
+    pub fn full_backref(&self) -> bool {
+        self.flags & BLOCK_FLAG_FULL_BACKREF != 0
+    }
+
+    /// Change the count of `key` by `delta` (refs follows). The caller has
+    /// already checked that the result is valid (>= 0, <= 1 for tree refs);
+    /// this is asserted.
+    pub fn add_ref(&mut self, key: RefKey, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        for list_is_inline in [true, false] {
+            let list = if list_is_inline {
+                &mut self.inline
+            } else {
+                &mut self.keyed
+            };
+            if let Ok(i) = list.binary_search_by(|(k, _)| k.cmp(&key)) {
+                let new = list[i].1 as i64 + delta;
+                assert!(new >= 0, "add_ref below zero: caller must check");
+                if new == 0 {
+                    list.remove(i);
+                } else {
+                    list[i].1 = new as u64;
+                }
+                self.refs = (self.refs as i64 + delta) as u64;
+                return;
+            }
+        }
+        assert!(delta > 0, "add_ref of a missing backref with negative delta");
+        let inline_fits = self.item_bytes() + key.inline_bytes() <= INLINE_ITEM_BYTES_MAX;
+        let list = if inline_fits {
+            &mut self.inline
+        } else {
+            &mut self.keyed
+        };
+        let pos = list.binary_search_by(|(k, _)| k.cmp(&key)).unwrap_err();
+        list.insert(pos, (key, delta as u64));
+        self.refs += delta as u64;
+    }
+
+    /// Check every invariant listed in the module doc.
+    pub fn check(&self) -> Result<(), ItemError> {
+        let want_flags = match self.kind {
+            ExtentKind::Data => EXTENT_FLAG_DATA,
+            ExtentKind::Tree { .. } => EXTENT_FLAG_TREE_BLOCK,
+        };
+        let kind_bits = self.flags & (EXTENT_FLAG_DATA | EXTENT_FLAG_TREE_BLOCK);
+        if kind_bits != want_flags
+            || (self.kind.is_data() && self.flags & BLOCK_FLAG_FULL_BACKREF != 0)
+        {
+            return Err(ItemError::BadFlags {
+                flags: self.flags,
+                kind: self.kind,
+            });
+        }
+        let mut sum = 0u64;
+        for list in [&self.inline, &self.keyed] {
+            for w in list.windows(2) {
+                if w[0].0 >= w[1].0 {
+                    return Err(ItemError::Duplicate { key: w[1].0 });
+                }
+            }
+            for &(key, count) in list.iter() {
+                if key.is_data() != self.kind.is_data() {
+                    return Err(ItemError::WrongKind {
+                        key,
+                        kind: self.kind,
+                    });
+                }
+                if count == 0 || (key.is_tree() && count != 1) {
+                    return Err(ItemError::BadCount { key, count });
+                }
+                sum = sum.saturating_add(count);
+            }
+        }
+        for (key, _) in &self.keyed {
+            if find(&self.inline, key).is_some() {
+                return Err(ItemError::Duplicate { key: *key });
+            }
+        }
+        if sum != self.refs {
+            return Err(ItemError::RefsMismatch {
+                refs: self.refs,
+                sum,
+            });
+        }
+        if self.refs == 0 {
+            return Err(ItemError::ZeroRefs);
+        }
+        Ok(())
+    }
+}
+
+fn find(list: &[(RefKey, u64)], key: &RefKey) -> Option<u64> {
+    list.binary_search_by(|(k, _)| k.cmp(key))
+        .ok()
+        .map(|i| list[i].1)
+}
+
+/// The extent tree: extent items by bytenr.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExtentTree {
+    items: BTreeMap<u64, ExtentItem>,
+}
+
+impl ExtentTree {
+    /// An empty tree.
+    pub fn new() -> ExtentTree {
+        ExtentTree::default()
+    }
+
+    /// The item at `bytenr`.
+    pub fn get(&self, bytenr: u64) -> Option<&ExtentItem> {
+        self.items.get(&bytenr)
+    }
+
+    /// Insert or replace the item at `bytenr` (checked in debug builds).
+    pub fn insert(&mut self, bytenr: u64, item: ExtentItem) -> Option<ExtentItem> {
+        debug_assert_eq!(item.check(), Ok(()), "extent {bytenr}");
+        self.items.insert(bytenr, item)
+    }
+
+    /// Remove the item at `bytenr`.
+    pub fn remove(&mut self, bytenr: u64) -> Option<ExtentItem> {
+        self.items.remove(&bytenr)
+    }
+
+    /// Number of extents.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Extents in bytenr order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &ExtentItem)> + '_ {
+        self.items.iter().map(|(b, i)| (*b, i))
+    }
+
+    /// Extents with bytenr in `range`, in order.
+    pub fn range(
+        &self,
+        range: impl std::ops::RangeBounds<u64>,
+    ) -> impl Iterator<Item = (u64, &ExtentItem)> + '_ {
+        self.items.range(range).map(|(b, i)| (*b, i))
+    }
+
+    /// Check every item, and that extents do not overlap.
+    pub fn check(&self) -> Result<(), (u64, ItemError)> {
+        for (bytenr, item) in self.iter() {
+            item.check().map_err(|e| (bytenr, e))?;
+        }
+        Ok(())
+    }
+
+    /// Total of all `refs`.
+    pub fn total_refs(&self) -> u64 {
+        self.items.values().map(|i| i.refs).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_then_keyed() {
+        let mut item = ExtentItem::new(4096, ExtentKind::Data, 1);
+        let mut n = 0u64;
+        while item.keyed.is_empty() {
+            item.add_ref(
+                RefKey::ExtentData {
+                    root: 5,
+                    objectid: 257 + n,
+                    offset: 0,
+                },
+                1,
+            );
+            n += 1;
+        }
+        assert!(item.item_bytes() <= INLINE_ITEM_BYTES_MAX);
+        assert_eq!(item.refs, n);
+        item.check().unwrap();
+        // Removing an inline ref does not move keyed ones back.
+        item.add_ref(
+            RefKey::ExtentData {
+                root: 5,
+                objectid: 257,
+                offset: 0,
+            },
+            -1,
+        );
+        assert_eq!(item.keyed.len(), 1);
+        item.check().unwrap();
+        assert_eq!(item.backrefs().len() as u64, n - 1);
+    }
+
+    #[test]
+    fn check_catches_bad_items() {
+        let mut item = ExtentItem::new(16384, ExtentKind::Tree { level: 0 }, 1);
+        assert_eq!(item.check(), Err(ItemError::ZeroRefs));
+        item.add_ref(RefKey::TreeBlock { root: 5 }, 1);
+        item.check().unwrap();
+        let mut bad = item.clone();
+        bad.inline[0].1 = 2;
+        bad.refs = 2;
+        assert!(matches!(bad.check(), Err(ItemError::BadCount { .. })));
+        let mut bad = item.clone();
+        bad.refs = 3;
+        assert!(matches!(bad.check(), Err(ItemError::RefsMismatch { .. })));
+        let mut bad = item.clone();
+        bad.flags = EXTENT_FLAG_DATA;
+        assert!(matches!(bad.check(), Err(ItemError::BadFlags { .. })));
+    }
+}

@@ -1,0 +1,405 @@
+//! Delayed-ref heads: the merged pending state of one extent.
+//!
+//! A [`Head`] is what btrfs keeps in a `btrfs_delayed_ref_head` and its ref
+//! rbtree: a [`HeadSummary`] (`total_ref_mod`, `must_insert_reserved`,
+//! `extent_op`, size and kind) and the delayed refs ordered by
+//! `(RefKey, seq)` with their signed `ref_mod`.
+//!
+//! # Merging is a commutative monoid
+//!
+//! Every field merges with an operation that is commutative and
+//! associative, so the merged state depends only on the *set* of ops
+//! queued, never on the order in which shards, batches or runs are
+//! combined. That is what lets the per-CPU lock-free store, the mutex
+//! baseline and the sequential model agree exactly:
+//!
+//! - refs with the same `(key, seq)` merge at insert by signed sum, which is
+//!   btrfs `insert_delayed_ref()`: same action adds, opposite actions
+//!   cancel, a zero sum removes the ref. Refs with different seq stay apart
+//!   (they are merged when the head is run, see [`Head::run_refs`]);
+//! - `total_ref_mod` is a sum;
+//! - `extent_op` flags are OR-ed; a key update is last-writer-wins by a
+//!   global stamp (btrfs replaces the key with the newer one);
+//! - an allocation (`ADD_EXTENT`) sets `must_insert_reserved` and defines
+//!   size and kind of the new extent; when a bytenr is freed and allocated
+//!   again before its head runs, the *latest* allocation (highest stamp)
+//!   wins, like `update_existing_head_ref()` which sets
+//!   `must_insert_reserved` again and takes the new `num_bytes`;
+//! - without an allocation, the size and kind named by the ref ops must
+//!   agree; if they do not, the head is marked `mixed` and is refused when
+//!   run.
+//!
+//! Stamps come from one global counter that is touched only by
+//! allocations and key updates (rare), so real-time order is respected for
+//! exactly the fields that need an order.
+
+use crate::model::{Action, DiskKey, ExtentKind, Op, RefKey};
+
+/// One delayed ref of a head: a backref key, the seq it was queued with and
+/// its merged signed count (`ref_mod` with the sign of the action).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DelayedRef {
+    /// Backref key.
+    pub key: RefKey,
+    /// Tree-mod-log seq (0 = none).
+    pub seq: u64,
+    /// Signed merged count: > 0 adds, < 0 drops; never 0 in a head.
+    pub ref_mod: i64,
+}
+
+/// Pending extent_op of a head.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingExtentOp {
+    /// Flags to OR into the extent item.
+    pub flags_to_set: u64,
+    /// New tree block key and the stamp that orders key updates.
+    pub key: Option<(u64, DiskKey)>,
+}
+
+impl PendingExtentOp {
+    /// Merge (commutative, associative).
+    pub fn merge(self, other: PendingExtentOp) -> PendingExtentOp {
+        let key = match (self.key, other.key) {
+            (Some(a), Some(b)) => Some(if a.0 >= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        PendingExtentOp {
+            flags_to_set: self.flags_to_set | other.flags_to_set,
+            key,
+        }
+    }
+}
+
+/// Head-level accounting of pending ops on one extent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HeadSummary {
+    /// Extent size: of the latest allocation if any, else as named by the
+    /// ref ops (meaningful when `shape_known`).
+    pub num_bytes: u64,
+    /// Extent kind, same rule as `num_bytes`.
+    pub kind: ExtentKind,
+    /// False when only extent_ops are queued (they do not name a shape).
+    pub shape_known: bool,
+    /// Ref ops without an allocation disagreed on size or kind.
+    pub mixed: bool,
+    /// Stamp of the latest allocation; non-zero means
+    /// `must_insert_reserved`.
+    pub alloc_stamp: u64,
+    /// Sum of the ref_mod of every op queued on the head.
+    pub total_ref_mod: i64,
+    /// Pending extent_op, if any.
+    pub extent_op: Option<PendingExtentOp>,
+}
+
+impl HeadSummary {
+    /// The summary of one op. `stamp` must be non-zero for an allocation or
+    /// a key update and is ignored otherwise.
+    pub fn of_op(op: &Op, stamp: u64) -> HeadSummary {
+        let is_alloc = op.action == Action::AddExtent;
+        debug_assert!(!is_alloc || stamp != 0, "allocation without a stamp");
+        let extent_op = op.extent_op.map(|e| {
+            debug_assert!(e.key.is_none() || stamp != 0, "key update without a stamp");
+            PendingExtentOp {
+                flags_to_set: e.flags_to_set,
+                key: e.key.map(|k| (stamp, k)),
+            }
+        });
+        HeadSummary {
+            num_bytes: op.num_bytes,
+            kind: op.kind,
+            shape_known: op.action != Action::UpdateHead,
+            mixed: false,
+            alloc_stamp: if is_alloc { stamp } else { 0 },
+            total_ref_mod: op.ref_mod(),
+            extent_op,
+        }
+    }
+
+    /// True when an allocation is pending (`must_insert_reserved`).
+    pub fn must_insert_reserved(&self) -> bool {
+        self.alloc_stamp != 0
+    }
+
+    /// btrfs `ref_mod`: refd runs a head as a whole, so it always equals
+    /// `total_ref_mod` (btrfs decrements `ref_mod` ref by ref while running).
+    pub fn ref_mod(&self) -> i64 {
+        self.total_ref_mod
+    }
+
+    /// Merge two summaries (commutative, associative).
+    pub fn merge(self, o: HeadSummary) -> HeadSummary {
+        let total_ref_mod = self.total_ref_mod + o.total_ref_mod;
+        let extent_op = match (self.extent_op, o.extent_op) {
+            (Some(a), Some(b)) => Some(a.merge(b)),
+            (a, b) => a.or(b),
+        };
+        let (num_bytes, kind, shape_known, mixed, alloc_stamp) =
+            if self.alloc_stamp != 0 || o.alloc_stamp != 0 {
+                // The latest allocation defines the extent; shapes named by
+                // other ops belong to earlier lives and are not compared.
+                let w = if self.alloc_stamp >= o.alloc_stamp {
+                    self
+                } else {
+                    o
+                };
+                (w.num_bytes, w.kind, true, false, w.alloc_stamp)
+            } else {
+                match (self.shape_known, o.shape_known) {
+                    (false, false) => (self.num_bytes, self.kind, false, false, 0),
+                    (true, false) => (self.num_bytes, self.kind, true, self.mixed, 0),
+                    (false, true) => (o.num_bytes, o.kind, true, o.mixed, 0),
+                    (true, true) => {
+                        let a = (self.num_bytes, self.kind);
+                        let b = (o.num_bytes, o.kind);
+                        let (nb, k) = a.min(b);
+                        (nb, k, true, self.mixed || o.mixed || a != b, 0)
+                    }
+                }
+            };
+        HeadSummary {
+            num_bytes,
+            kind,
+            shape_known,
+            mixed,
+            alloc_stamp,
+            total_ref_mod,
+            extent_op,
+        }
+    }
+}
+
+/// The merged pending state of one extent.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Head {
+    /// Extent address.
+    pub bytenr: u64,
+    /// Head accounting.
+    pub summary: HeadSummary,
+    /// Delayed refs sorted by `(key, seq)`, none with `ref_mod == 0`.
+    pub refs: Vec<DelayedRef>,
+}
+
+/// What running a head's refs gives, see [`Head::run_refs`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunRefs {
+    /// Refs merged across seq: the net change per backref key (non-zero),
+    /// sorted by key.
+    Ready(Vec<(RefKey, i64)>),
+    /// A ref is at or above the lowest active seq barrier: the head must be
+    /// skipped and stay queued (`btrfs_check_delayed_seq`).
+    Held {
+        /// The seq that is held back.
+        seq: u64,
+        /// The lowest active barrier.
+        barrier: u64,
+    },
+}
+
+impl Head {
+    /// A head holding one op.
+    pub fn of_op(op: &Op, stamp: u64) -> Head {
+        let mut refs = Vec::new();
+        if let Some(key) = op.key {
+            refs.push(DelayedRef {
+                key,
+                seq: op.seq,
+                ref_mod: op.ref_mod(),
+            });
+        }
+        Head {
+            bytenr: op.bytenr,
+            summary: HeadSummary::of_op(op, stamp),
+            refs,
+        }
+    }
+
+    /// Queue one more op (btrfs `add_delayed_ref_head()` +
+    /// `insert_delayed_ref()`).
+    pub fn absorb(&mut self, op: &Op, stamp: u64) {
+        debug_assert_eq!(op.bytenr, self.bytenr);
+        self.summary = self.summary.merge(HeadSummary::of_op(op, stamp));
+        if let Some(key) = op.key {
+            self.add_ref(key, op.seq, op.ref_mod());
+        }
+    }
+
+    /// Add `ref_mod` to the ref `(key, seq)`: merge at insert.
+    pub fn add_ref(&mut self, key: RefKey, seq: u64, ref_mod: i64) {
+        match self
+            .refs
+            .binary_search_by(|r| (r.key, r.seq).cmp(&(key, seq)))
+        {
+            Ok(i) => {
+                self.refs[i].ref_mod += ref_mod;
+                if self.refs[i].ref_mod == 0 {
+                    self.refs.remove(i);
+                }
+            }
+            Err(i) => {
+                if ref_mod != 0 {
+                    self.refs.insert(
+                        i,
+                        DelayedRef {
+                            key,
+                            seq,
+                            ref_mod,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Merge another head of the same bytenr into this one.
+    pub fn merge(&mut self, other: &Head) {
+        debug_assert_eq!(other.bytenr, self.bytenr);
+        self.summary = self.summary.merge(other.summary);
+        if other.refs.is_empty() {
+            return;
+        }
+        // Both sorted: merge linearly.
+        let mut out = Vec::with_capacity(self.refs.len() + other.refs.len());
+        let (mut i, mut j) = (0, 0);
+        let (a, b) = (&self.refs, &other.refs);
+        while i < a.len() || j < b.len() {
+            let take_a = j >= b.len() || (i < a.len() && (a[i].key, a[i].seq) <= (b[j].key, b[j].seq));
+            let take_b = i >= a.len() || (j < b.len() && (b[j].key, b[j].seq) <= (a[i].key, a[i].seq));
+            if take_a && take_b {
+                let m = a[i].ref_mod + b[j].ref_mod;
+                if m != 0 {
+                    out.push(DelayedRef { ref_mod: m, ..a[i] });
+                }
+                i += 1;
+                j += 1;
+            } else if take_a {
+                out.push(a[i]);
+                i += 1;
+            } else {
+                out.push(b[j]);
+                j += 1;
+            }
+        }
+        self.refs = out;
+    }
+
+    /// True when the head changes nothing (all refs cancelled, no
+    /// allocation, no extent_op). Such a head is dropped when run.
+    pub fn is_noop(&self) -> bool {
+        self.refs.is_empty() && self.summary.alloc_stamp == 0 && self.summary.extent_op.is_none()
+    }
+
+    /// Merge the refs across seq for running, as btrfs
+    /// `btrfs_merge_delayed_refs()` does at run time, unless a seq barrier
+    /// holds them back. `barrier` is the lowest active seq (0 = none): a ref
+    /// queued with `seq >= barrier` (seq != 0) may still be needed by a
+    /// tree-mod-log reader, so the whole head is held.
+    ///
+    /// Merging happens *before* any ref is applied: adds and drops of one
+    /// key become one net change, so the 4.2 regression (an ADD run before
+    /// the DROP it should cancel) cannot happen.
+    pub fn run_refs(&self, barrier: u64) -> RunRefs {
+        if barrier != 0 {
+            if let Some(r) = self.refs.iter().find(|r| r.seq != 0 && r.seq >= barrier) {
+                return RunRefs::Held {
+                    seq: r.seq,
+                    barrier,
+                };
+            }
+        }
+        let mut net: Vec<(RefKey, i64)> = Vec::with_capacity(self.refs.len());
+        for r in &self.refs {
+            match net.last_mut() {
+                Some((k, m)) if *k == r.key => *m += r.ref_mod,
+                _ => net.push((r.key, r.ref_mod)),
+            }
+        }
+        net.retain(|(_, m)| *m != 0);
+        RunRefs::Ready(net)
+    }
+
+    /// Check the head invariants (sorted, unique, no zero refs).
+    pub fn check(&self) -> bool {
+        self.refs.iter().all(|r| r.ref_mod != 0)
+            && self
+                .refs
+                .windows(2)
+                .all(|w| (w[0].key, w[0].seq) < (w[1].key, w[1].seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ExtentOp, BLOCK_FLAG_FULL_BACKREF};
+
+    fn tree_op(action: Action, root: u64, seq: u64) -> Op {
+        Op::new(
+            1 << 20,
+            16384,
+            ExtentKind::Tree { level: 0 },
+            action,
+            RefKey::TreeBlock { root },
+            seq,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn same_seq_merges_at_insert_and_cancels() {
+        let mut h = Head::of_op(&tree_op(Action::AddRef, 5, 0), 0);
+        h.absorb(&tree_op(Action::DropRef, 5, 0), 0);
+        assert!(h.refs.is_empty(), "opposite actions with the same seq cancel");
+        assert_eq!(h.summary.total_ref_mod, 0);
+        h.absorb(&tree_op(Action::AddRef, 5, 0), 0);
+        h.absorb(&tree_op(Action::AddRef, 5, 0), 0);
+        assert_eq!(h.refs.len(), 1);
+        assert_eq!(h.refs[0].ref_mod, 2, "same action adds");
+    }
+
+    #[test]
+    fn different_seq_stays_apart_until_run() {
+        let mut h = Head::of_op(&tree_op(Action::AddRef, 5, 1), 0);
+        h.absorb(&tree_op(Action::DropRef, 5, 2), 0);
+        assert_eq!(h.refs.len(), 2, "different seq are not merged at insert");
+        assert_eq!(h.run_refs(0), RunRefs::Ready(vec![]));
+        assert_eq!(h.run_refs(3), RunRefs::Ready(vec![]), "barrier above both seqs");
+        assert_eq!(h.run_refs(2), RunRefs::Held { seq: 2, barrier: 2 });
+    }
+
+    #[test]
+    fn merge_is_order_independent() {
+        let ops = [
+            tree_op(Action::AddExtent, 5, 0),
+            tree_op(Action::DropRef, 5, 1),
+            tree_op(Action::AddExtent, 5, 2),
+            Op::update_head(
+                1 << 20,
+                16384,
+                ExtentKind::Tree { level: 0 },
+                ExtentOp {
+                    flags_to_set: BLOCK_FLAG_FULL_BACKREF,
+                    key: None,
+                },
+            )
+            .unwrap(),
+        ];
+        let stamps = [1, 0, 2, 0];
+        let build = |order: &[usize]| {
+            let mut h: Option<Head> = None;
+            for &i in order {
+                let one = Head::of_op(&ops[i], stamps[i]);
+                match &mut h {
+                    None => h = Some(one),
+                    Some(h) => h.merge(&one),
+                }
+            }
+            h.unwrap()
+        };
+        let a = build(&[0, 1, 2, 3]);
+        for order in [[3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]] {
+            assert_eq!(build(&order), a);
+        }
+        assert!(a.summary.must_insert_reserved());
+        assert_eq!(a.summary.alloc_stamp, 2);
+    }
+}

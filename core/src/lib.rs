@@ -1,0 +1,22 @@
+//! refd-core: the delayed-ref engine.
+//!
+//! See `docs/design.md` for the data flow and the invariants. Module map,
+//! in the order an op travels:
+//! - [`model`]: extents, backref keys, actions, ops and their validation;
+//! - [`head`]: delayed-ref heads and their (commutative) merging;
+//! - [`delayed`]: the stores holding pending heads: lock-free and mutex;
+//! - [`barrier`]: seq barriers (tree-mod-log readers);
+//! - [`run`]: running heads into the extent tree, head selection;
+//! - [`extent_tree`]: the in-memory extent tree (what btrfs stores);
+//! - [`engine`]: ingest, lookups, commits, quarantine, ref-verify glue;
+//! - [`verify`]: the ref-verify shadow;
+//! - [`interlock`]: HAMMER's refcount + interlock word;
+//! - [`oracle`]: a simple sequential model used as the test oracle.
+pub mod barrier;
+pub mod delayed;
+pub mod extent_tree;
+pub mod head;
+pub mod interlock;
+pub mod model;
+pub mod run;
+mod sync;

@@ -1,0 +1,589 @@
+//! Running delayed-ref heads into the extent tree.
+//!
+//! [`run_head`] is btrfs `__btrfs_run_delayed_refs()` for one head: merge
+//! its refs across seq ([`Head::run_refs`]), then apply them to the extent
+//! item. It computes a [`HeadEffect`] against the committed tree without
+//! changing it; the commit applies all effects together (see
+//! [`crate::engine`]). A head whose run would be invalid returns a typed
+//! [`RunError`] and is quarantined by the caller: the tree is never
+//! half-changed and nothing panics.
+//!
+//! [`RunQueue`] is `btrfs_select_ref_head()`: heads are taken from a cursor
+//! (`run_delayed_start`) in bytenr order, the cursor moves to the end of the
+//! selected extent (`bytenr + num_bytes`) so neighbouring extents are run
+//! together (clustering), and it wraps around to the lowest bytenr.
+
+use crate::extent_tree::{ExtentItem, ExtentTree};
+use crate::head::{Head, RunRefs};
+use crate::model::{ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF};
+
+/// An extent whose reference count reached zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FreedExtent {
+    /// Address.
+    pub bytenr: u64,
+    /// Size.
+    pub num_bytes: u64,
+    /// Kind.
+    pub kind: ExtentKind,
+}
+
+/// What running one head does to the tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadEffect {
+    /// Extent address.
+    pub bytenr: u64,
+    /// The item after the run (`None`: no item at bytenr).
+    pub item: Option<ExtentItem>,
+    /// Extents freed by the run (an old life ended; or an allocation that
+    /// was dropped again before it was ever inserted).
+    pub freed: Vec<FreedExtent>,
+}
+
+/// Why a head cannot be run. The head is quarantined, the tree unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    /// Dropping more references of a backref than exist.
+    #[error("extent {bytenr}: drop of '{key}' by {drop} but only {have} exist")]
+    DropMissingRef {
+        /// Extent.
+        bytenr: u64,
+        /// Backref.
+        key: RefKey,
+        /// Count in the tree.
+        have: u64,
+        /// Net drop requested.
+        drop: u64,
+    },
+    /// A tree block referenced twice by the same root or parent.
+    #[error("extent {bytenr}: tree block backref '{key}' would have count {count} (max 1)")]
+    DuplicateTreeRef {
+        /// Extent.
+        bytenr: u64,
+        /// Backref.
+        key: RefKey,
+        /// Resulting count.
+        count: u64,
+    },
+    /// Adding a reference to an extent that is not in the tree, without an
+    /// allocation (`ADD_EXTENT`).
+    #[error("extent {bytenr}: adding '{key}' to an extent that does not exist (freed, or never allocated) without ADD_EXTENT")]
+    AddToMissingExtent {
+        /// Extent.
+        bytenr: u64,
+        /// Backref.
+        key: RefKey,
+    },
+    /// An extent_op on an extent that does not exist.
+    #[error("extent {bytenr}: extent_op on an extent that does not exist")]
+    ExtentOpOnMissing {
+        /// Extent.
+        bytenr: u64,
+    },
+    /// An extent_op that cannot apply to a data extent.
+    #[error("extent {bytenr}: extent_op (flags {flags:#x}, key update {key}) on a data extent")]
+    ExtentOpOnData {
+        /// Extent.
+        bytenr: u64,
+        /// Flags.
+        flags: u64,
+        /// Key update present.
+        key: bool,
+    },
+    /// Ops name a size or kind different from the extent in the tree.
+    #[error("extent {bytenr}: ops name {got_bytes} bytes ({got_kind}) but the extent is {want_bytes} bytes ({want_kind})")]
+    ShapeMismatch {
+        /// Extent.
+        bytenr: u64,
+        /// In the tree.
+        want_bytes: u64,
+        /// In the tree.
+        want_kind: ExtentKind,
+        /// Named by ops.
+        got_bytes: u64,
+        /// Named by ops.
+        got_kind: ExtentKind,
+    },
+    /// Ops without an allocation disagree on size or kind.
+    #[error("extent {bytenr}: pending ops disagree on the extent's size or kind and none allocates it")]
+    MixedShapes {
+        /// Extent.
+        bytenr: u64,
+    },
+    /// Re-allocated while backrefs of its previous life remain.
+    #[error("extent {bytenr}: re-allocated as {kind} while backref '{key}' (count {count}) of its previous life remains")]
+    ReallocWhileReferenced {
+        /// Extent.
+        bytenr: u64,
+        /// New kind.
+        kind: ExtentKind,
+        /// Remaining backref.
+        key: RefKey,
+        /// Its count.
+        count: u64,
+    },
+    /// A count does not fit.
+    #[error("extent {bytenr}: reference count overflow on '{key}'")]
+    CountOverflow {
+        /// Extent.
+        bytenr: u64,
+        /// Backref.
+        key: RefKey,
+    },
+}
+
+/// Outcome of running one head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadOutcome {
+    /// Apply this effect.
+    Effect(HeadEffect),
+    /// Everything cancelled: nothing to do.
+    Noop,
+    /// Held back by a seq barrier; stays queued.
+    Held {
+        /// Held seq.
+        seq: u64,
+        /// Lowest active barrier.
+        barrier: u64,
+    },
+}
+
+/// Run one head against the committed `tree`. `generation` is the commit
+/// generation recorded in newly allocated extents; `barrier` the lowest
+/// active seq (0 = none).
+pub fn run_head(
+    tree: &ExtentTree,
+    head: &Head,
+    generation: u64,
+    barrier: u64,
+) -> Result<HeadOutcome, RunError> {
+    let net = match head.run_refs(barrier) {
+        RunRefs::Held { seq, barrier } => return Ok(HeadOutcome::Held { seq, barrier }),
+        RunRefs::Ready(net) => net,
+    };
+    let bytenr = head.bytenr;
+    let s = &head.summary;
+    let committed = tree.get(bytenr);
+    if s.must_insert_reserved() {
+        return run_allocation(head, committed, &net, generation).map(HeadOutcome::Effect);
+    }
+    let Some(old) = committed else {
+        if let Some(&(key, m)) = net.iter().find(|(_, m)| *m > 0) {
+            let _ = m;
+            return Err(RunError::AddToMissingExtent { bytenr, key });
+        }
+        if let Some(&(key, m)) = net.first() {
+            return Err(RunError::DropMissingRef {
+                bytenr,
+                key,
+                have: 0,
+                drop: m.unsigned_abs(),
+            });
+        }
+        if s.extent_op.is_some() {
+            return Err(RunError::ExtentOpOnMissing { bytenr });
+        }
+        return Ok(HeadOutcome::Noop);
+    };
+    if s.shape_known {
+        if s.mixed {
+            return Err(RunError::MixedShapes { bytenr });
+        }
+        if s.num_bytes != old.num_bytes || s.kind != old.kind {
+            return Err(RunError::ShapeMismatch {
+                bytenr,
+                want_bytes: old.num_bytes,
+                want_kind: old.kind,
+                got_bytes: s.num_bytes,
+                got_kind: s.kind,
+            });
+        }
+    }
+    if net.is_empty() && s.extent_op.is_none() {
+        return Ok(HeadOutcome::Noop);
+    }
+    let mut item = old.clone();
+    apply_net(bytenr, &mut item, &net)?;
+    apply_extent_op(bytenr, &mut item, head)?;
+    let mut freed = Vec::new();
+    let item = if item.refs == 0 {
+        freed.push(FreedExtent {
+            bytenr,
+            num_bytes: old.num_bytes,
+            kind: old.kind,
+        });
+        None
+    } else {
+        Some(item)
+    };
+    Ok(HeadOutcome::Effect(HeadEffect {
+        bytenr,
+        item,
+        freed,
+    }))
+}
+
+/// A head with an allocation: the extent starts a new life with the size
+/// and kind of the latest allocation. Backrefs of the previous life (if the
+/// bytenr is still in the tree) must be dropped by the same head.
+fn run_allocation(
+    head: &Head,
+    committed: Option<&ExtentItem>,
+    net: &[(RefKey, i64)],
+    generation: u64,
+) -> Result<HeadEffect, RunError> {
+    let bytenr = head.bytenr;
+    let s = &head.summary;
+    // Final count per key = committed + net. For a valid stream the previous
+    // life's backrefs all reach zero here.
+    let mut item = ExtentItem::new(s.num_bytes, s.kind, generation);
+    let mut merged: Vec<(RefKey, i64)> = Vec::new();
+    let old_refs = committed.map(|c| c.backrefs()).unwrap_or_default();
+    let (mut i, mut j) = (0, 0);
+    while i < old_refs.len() || j < net.len() {
+        let a = old_refs.get(i);
+        let b = net.get(j);
+        match (a, b) {
+            (Some(&(ka, ca)), Some(&(kb, mb))) if ka == kb => {
+                merged.push((ka, ca as i64 + mb));
+                i += 1;
+                j += 1;
+            }
+            (Some(&(ka, ca)), Some(&(kb, _))) if ka < kb => {
+                merged.push((ka, ca as i64));
+                i += 1;
+            }
+            (Some(&(ka, ca)), None) => {
+                merged.push((ka, ca as i64));
+                i += 1;
+            }
+            (_, Some(&(kb, mb))) => {
+                merged.push((kb, mb));
+                j += 1;
+            }
+            (None, None) => unreachable!("loop condition"),
+        }
+    }
+    for &(key, count) in &merged {
+        if count < 0 {
+            let have = committed.map_or(0, |c| c.count(&key));
+            return Err(RunError::DropMissingRef {
+                bytenr,
+                key,
+                have,
+                drop: (have as i64 - count) as u64,
+            });
+        }
+        if count == 0 {
+            continue;
+        }
+        if key.is_data() != s.kind.is_data() {
+            return Err(RunError::ReallocWhileReferenced {
+                bytenr,
+                kind: s.kind,
+                key,
+                count: count as u64,
+            });
+        }
+        if key.is_tree() && count > 1 {
+            return Err(RunError::DuplicateTreeRef {
+                bytenr,
+                key,
+                count: count as u64,
+            });
+        }
+        item.add_ref(key, count);
+    }
+    apply_extent_op(bytenr, &mut item, head)?;
+    let mut freed = Vec::new();
+    if let Some(c) = committed {
+        freed.push(FreedExtent {
+            bytenr,
+            num_bytes: c.num_bytes,
+            kind: c.kind,
+        });
+    }
+    let item = if item.refs == 0 {
+        // Allocated and dropped again before it was ever inserted.
+        freed.push(FreedExtent {
+            bytenr,
+            num_bytes: s.num_bytes,
+            kind: s.kind,
+        });
+        None
+    } else {
+        Some(item)
+    };
+    Ok(HeadEffect {
+        bytenr,
+        item,
+        freed,
+    })
+}
+
+fn apply_net(bytenr: u64, item: &mut ExtentItem, net: &[(RefKey, i64)]) -> Result<(), RunError> {
+    // Validate everything first, then change.
+    for &(key, m) in net {
+        let have = item.count(&key);
+        let new = (have as i64)
+            .checked_add(m)
+            .ok_or(RunError::CountOverflow { bytenr, key })?;
+        if new < 0 {
+            return Err(RunError::DropMissingRef {
+                bytenr,
+                key,
+                have,
+                drop: m.unsigned_abs(),
+            });
+        }
+        if key.is_tree() && new > 1 {
+            return Err(RunError::DuplicateTreeRef {
+                bytenr,
+                key,
+                count: new as u64,
+            });
+        }
+        if key.is_data() != item.kind.is_data() {
+            // Op validation ties key kind to op kind and the shape check ties
+            // op kind to the extent; keep the tree safe regardless.
+            return Err(RunError::ShapeMismatch {
+                bytenr,
+                want_bytes: item.num_bytes,
+                want_kind: item.kind,
+                got_bytes: item.num_bytes,
+                got_kind: if key.is_data() {
+                    ExtentKind::Data
+                } else {
+                    ExtentKind::Tree { level: 0 }
+                },
+            });
+        }
+    }
+    for &(key, m) in net {
+        item.add_ref(key, m);
+    }
+    Ok(())
+}
+
+fn apply_extent_op(bytenr: u64, item: &mut ExtentItem, head: &Head) -> Result<(), RunError> {
+    let Some(eop) = head.summary.extent_op else {
+        return Ok(());
+    };
+    if item.kind.is_data() {
+        return Err(RunError::ExtentOpOnData {
+            bytenr,
+            flags: eop.flags_to_set,
+            key: eop.key.is_some(),
+        });
+    }
+    item.flags |= eop.flags_to_set & BLOCK_FLAG_FULL_BACKREF;
+    if let Some((_, key)) = eop.key {
+        item.tree_key = Some(key);
+    }
+    Ok(())
+}
+
+/// Head selection over a set of heads sorted by bytenr, with btrfs's
+/// cursor, wrap-around and `processing` flags (`btrfs_select_ref_head`).
+#[derive(Debug)]
+pub struct RunQueue<'a> {
+    heads: &'a [Head],
+    processing: Vec<bool>,
+    ready: usize,
+    /// `run_delayed_start`: where the next selection starts.
+    pub cursor: u64,
+}
+
+impl<'a> RunQueue<'a> {
+    /// A queue over `heads` (sorted by bytenr, unique) starting at `cursor`.
+    pub fn new(heads: &'a [Head], cursor: u64) -> RunQueue<'a> {
+        debug_assert!(heads.windows(2).all(|w| w[0].bytenr < w[1].bytenr));
+        RunQueue {
+            heads,
+            processing: vec![false; heads.len()],
+            ready: heads.len(),
+            cursor,
+        }
+    }
+
+    /// Heads not yet selected.
+    pub fn ready(&self) -> usize {
+        self.ready
+    }
+
+    /// Select the next head: the first at or after the cursor that is not
+    /// being processed, wrapping around once to the lowest bytenr. Marks it
+    /// processing and moves the cursor past its extent.
+    pub fn select(&mut self) -> Option<usize> {
+        let start = self.heads.partition_point(|h| h.bytenr < self.cursor);
+        let mut i = if start < self.heads.len() {
+            start
+        } else if self.cursor != 0 {
+            self.cursor = 0;
+            0
+        } else {
+            return None;
+        };
+        if self.heads.is_empty() {
+            return None;
+        }
+        while self.processing[i] {
+            i += 1;
+            if i == self.heads.len() {
+                if self.cursor == 0 {
+                    return None;
+                }
+                self.cursor = 0;
+                i = 0;
+            }
+        }
+        self.processing[i] = true;
+        self.ready -= 1;
+        let h = &self.heads[i];
+        self.cursor = h.bytenr.saturating_add(h.summary.num_bytes);
+        Some(i)
+    }
+
+    /// Put a selected head back (btrfs `btrfs_unselect_ref_head`).
+    pub fn unselect(&mut self, i: usize) {
+        if self.processing[i] {
+            self.processing[i] = false;
+            self.ready += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Action, ExtentOp, Op, BLOCK_FLAG_FULL_BACKREF};
+
+    const TREE: ExtentKind = ExtentKind::Tree { level: 0 };
+
+    fn head(ops: &[(Action, RefKey, u64)], bytenr: u64, kind: ExtentKind) -> Head {
+        let mut h: Option<Head> = None;
+        for (n, &(a, k, seq)) in ops.iter().enumerate() {
+            let nb = if kind.is_data() { 8192 } else { 16384 };
+            let op = Op::new(bytenr, nb, kind, a, k, seq).unwrap();
+            let stamp = n as u64 + 1;
+            match &mut h {
+                None => h = Some(Head::of_op(&op, stamp)),
+                Some(h) => h.absorb(&op, stamp),
+            }
+        }
+        h.unwrap()
+    }
+
+    fn effect(o: Result<HeadOutcome, RunError>) -> HeadEffect {
+        match o {
+            Ok(HeadOutcome::Effect(e)) => e,
+            other => panic!("expected an effect, got {other:?}"),
+        }
+    }
+
+    /// The 4.2 regression (btrfs-seq-merge-regression-fix.txt): on one
+    /// tree block, Ref1 +1 seq 0 (allocation), Ref2 -1 seq 1 (freed in the
+    /// same transaction), Ref3 +1 seq 2 (allocated again). Without merging
+    /// across seq, the kernel ran Ref1, then Ref3 (adds preferred) and hit
+    /// BUG_ON in insert_inline_extent_backref. refd merges first: one
+    /// backref, no error.
+    #[test]
+    fn seq_merge_regression_4_2() {
+        let root = RefKey::TreeBlock { root: 5 };
+        let h = head(
+            &[
+                (Action::AddExtent, root, 0),
+                (Action::DropRef, root, 1),
+                (Action::AddExtent, root, 2),
+            ],
+            1 << 30,
+            TREE,
+        );
+        assert_eq!(h.refs.len(), 3, "different seq stay apart at insert");
+        let tree = ExtentTree::new();
+        let e = effect(run_head(&tree, &h, 7, 0));
+        let item = e.item.expect("one live extent");
+        assert_eq!(item.refs, 1);
+        assert_eq!(item.backrefs(), vec![(root, 1)]);
+        assert_eq!(item.generation, 7);
+        assert!(e.freed.is_empty());
+        // With a barrier at seq 1, the head is held, not half-run.
+        assert_eq!(
+            run_head(&tree, &h, 7, 1),
+            Ok(HeadOutcome::Held { seq: 1, barrier: 1 })
+        );
+    }
+
+    #[test]
+    fn invalid_heads_are_refused() {
+        let tree_root = RefKey::TreeBlock { root: 5 };
+        let mut tree = ExtentTree::new();
+        let mut item = ExtentItem::new(16384, TREE, 1);
+        item.add_ref(tree_root, 1);
+        tree.insert(1 << 30, item);
+        // Drop of a ref that does not exist.
+        let h = head(&[(Action::DropRef, RefKey::TreeBlock { root: 7 }, 0)], 1 << 30, TREE);
+        assert!(matches!(run_head(&tree, &h, 2, 0), Err(RunError::DropMissingRef { .. })));
+        // Second ref of the same key on a tree block.
+        let h = head(&[(Action::AddRef, tree_root, 0)], 1 << 30, TREE);
+        assert!(matches!(run_head(&tree, &h, 2, 0), Err(RunError::DuplicateTreeRef { .. })));
+        // Add to a freed extent without ADD_EXTENT.
+        let h = head(&[(Action::AddRef, tree_root, 0)], 2 << 30, TREE);
+        assert!(matches!(run_head(&tree, &h, 2, 0), Err(RunError::AddToMissingExtent { .. })));
+        // Wrong level.
+        let h = head(&[(Action::DropRef, tree_root, 0)], 1 << 30, ExtentKind::Tree { level: 1 });
+        assert!(matches!(run_head(&tree, &h, 2, 0), Err(RunError::ShapeMismatch { .. })));
+    }
+
+    #[test]
+    fn drop_to_zero_frees_and_realloc_replaces() {
+        let data = |root| RefKey::ExtentData {
+            root,
+            objectid: 257,
+            offset: 0,
+        };
+        let mut tree = ExtentTree::new();
+        let mut item = ExtentItem::new(8192, ExtentKind::Data, 1);
+        item.add_ref(data(5), 2);
+        tree.insert(4096, item);
+        let h = head(&[(Action::DropRef, data(5), 0), (Action::DropRef, data(5), 0)], 4096, ExtentKind::Data);
+        let e = effect(run_head(&tree, &h, 2, 0));
+        assert_eq!(e.item, None);
+        assert_eq!(e.freed, vec![FreedExtent { bytenr: 4096, num_bytes: 8192, kind: ExtentKind::Data }]);
+
+        // Freed and re-allocated as a tree block in the same head.
+        let mut h = head(&[(Action::DropRef, data(5), 0), (Action::DropRef, data(5), 0)], 4096, ExtentKind::Data);
+        let alloc = Op::new(4096, 16384, TREE, Action::AddExtent, RefKey::TreeBlock { root: 2 }, 0)
+            .unwrap()
+            .with_extent_op(ExtentOp { flags_to_set: BLOCK_FLAG_FULL_BACKREF, key: None })
+            .unwrap();
+        h.absorb(&alloc, 99);
+        let e = effect(run_head(&tree, &h, 3, 0));
+        let item = e.item.unwrap();
+        assert_eq!((item.num_bytes, item.kind, item.refs), (16384, TREE, 1));
+        assert!(item.full_backref());
+        assert_eq!(e.freed.len(), 1);
+
+        // Re-allocated while the old life is still referenced.
+        let mut h = head(&[(Action::DropRef, data(5), 0)], 4096, ExtentKind::Data);
+        h.absorb(&alloc, 99);
+        assert!(matches!(run_head(&tree, &h, 3, 0), Err(RunError::ReallocWhileReferenced { .. })));
+    }
+
+    #[test]
+    fn select_ref_head_cursor_wraps_and_clusters() {
+        let mk = |b: u64| head(&[(Action::AddExtent, RefKey::TreeBlock { root: 5 }, 0)], b, TREE);
+        let heads: Vec<Head> = [16384u64, 32768, 65536, 131072].into_iter().map(mk).collect();
+        let mut q = RunQueue::new(&heads, 40000);
+        assert_eq!(q.select(), Some(2), "first head at or after the cursor");
+        assert_eq!(q.cursor, 65536 + 16384, "cursor moves past the extent");
+        assert_eq!(q.select(), Some(3));
+        assert_eq!(q.select(), Some(0), "wraps to the lowest bytenr");
+        assert_eq!(q.cursor, 32768, "contiguous extent is next: clustering");
+        q.unselect(0);
+        assert_eq!(q.select(), Some(1));
+        assert_eq!(q.select(), Some(0), "skips processing heads and wraps");
+        assert_eq!(q.select(), None);
+        assert_eq!(q.ready(), 0);
+    }
+}

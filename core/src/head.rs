@@ -145,7 +145,12 @@ impl HeadSummary {
                 (w.num_bytes, w.kind, true, false, w.alloc_stamp)
             } else {
                 match (self.shape_known, o.shape_known) {
-                    (false, false) => (self.num_bytes, self.kind, false, false, 0),
+                    (false, false) => {
+                        // No shape named; keep a deterministic value so the
+                        // merge stays commutative.
+                        let (nb, k) = (self.num_bytes, self.kind).min((o.num_bytes, o.kind));
+                        (nb, k, false, false, 0)
+                    }
                     (true, false) => (self.num_bytes, self.kind, true, self.mixed, 0),
                     (false, true) => (o.num_bytes, o.kind, true, o.mixed, 0),
                     (true, true) => {

@@ -20,3 +20,6 @@ pub mod interlock;
 pub mod model;
 pub mod run;
 mod sync;
+pub mod engine;
+pub mod oracle;
+pub mod verify;

@@ -185,6 +185,11 @@ pub fn run_head(
         }
         return Ok(HeadOutcome::Noop);
     };
+    // Everything cancelled: nothing to validate or apply (cancelled ops
+    // are not checked against the extent's shape).
+    if net.is_empty() && s.extent_op.is_none() {
+        return Ok(HeadOutcome::Noop);
+    }
     if s.shape_known {
         if s.mixed {
             return Err(RunError::MixedShapes { bytenr });
@@ -198,9 +203,6 @@ pub fn run_head(
                 got_kind: s.kind,
             });
         }
-    }
-    if net.is_empty() && s.extent_op.is_none() {
-        return Ok(HeadOutcome::Noop);
     }
     let mut item = old.clone();
     apply_net(bytenr, &mut item, &net)?;

@@ -5,22 +5,28 @@
 //! interlock (held by the shard's ingester while it appends) and the tag of
 //! the generation the buffer holds.
 //!
-//! Protocol (all SeqCst):
+//! Protocol:
 //! - ingester ([`ShardGate::enter`]): read `g`; take a reference on buffer
-//!   `g & 1` (the 0->1 transition "loads" it: tags it with `g`); re-read the
-//!   generation; if it moved, drop the reference and start over.
+//!   `g & 1` (the 0->1 transition "loads" it: tags it with `g`); SeqCst
+//!   fence; re-read the generation; if it moved, drop the reference and
+//!   start over.
 //! - committer ([`Generation::advance`] then [`ShardGate::quiesce`]): store
-//!   `g + 1`; wait until the reference count of buffer `g & 1` is 0.
+//!   `g + 1`; SeqCst fence; wait until the reference count of buffer `g & 1`
+//!   is 0.
 //!
-//! Either the ingester's re-read sees `g + 1` (it moves to the new
-//! buffer), or the committer's wait sees its reference (it waits for the
-//! append to finish). So after `quiesce`, buffer `g & 1` holds every op
+//! This is Dekker's pattern: store; fence; load on both sides. By the
+//! fence rules of the C++/Rust memory model, either the ingester's re-read
+//! sees `g + 1` (it moves to the new buffer), or the committer's wait sees
+//! its reference (it waits for the append to finish). The fences are
+//! needed: SeqCst loads and stores alone give the same guarantee in the
+//! language model, but loom models them as AcqRel (tokio-rs/loom#180), and
+//! with fences the exact code that runs is the code loom checks. So after `quiesce`, buffer `g & 1` holds every op
 //! acknowledged in generation `g` and no later op. Ingesters never wait;
 //! the committer parks (the interlock's WANTED bit), it does not spin.
 //! Model-checked with loom below.
 
 use crate::interlock::Interlock;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{fence, AtomicU64, Ordering};
 
 /// The live transaction generation (starts at 1).
 #[derive(Debug)]
@@ -40,6 +46,7 @@ impl Generation {
     pub fn advance(&self) -> u64 {
         let g = self.0.load(Ordering::SeqCst);
         self.0.store(g + 1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         g
     }
 }
@@ -86,6 +93,7 @@ impl ShardGate {
                 }
                 b.refs.ref_interlock_done();
             }
+            fence(Ordering::SeqCst);
             if gen.live() == g {
                 return g;
             }
@@ -154,7 +162,8 @@ mod loom_tests {
             let g = gen.advance();
             shard.quiesce(g);
             frozen.store(g, Ordering::SeqCst);
-            let in_frozen = if shard.holds(g) {
+            let held_then = shard.holds(g);
+            let in_frozen = if held_then {
                 count[parity(g)].load(Ordering::SeqCst)
             } else {
                 0
@@ -166,7 +175,14 @@ mod loom_tests {
             } else {
                 0
             };
-            assert_eq!(in_frozen, after, "op appended after freeze");
+            assert_eq!(
+                in_frozen,
+                after,
+                "op appended after freeze: g {g} held_then {held_then} held_now {} counts {} {}",
+                shard.holds(g),
+                count[0].load(Ordering::SeqCst),
+                count[1].load(Ordering::SeqCst)
+            );
             let next = count[parity(g + 1)].load(Ordering::SeqCst);
             assert_eq!(in_frozen + next, 2, "every op in exactly one txn");
         });

@@ -49,9 +49,8 @@
 //! waits. The 0->1 transition "loads" the buffer for its generation.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crossbeam_skiplist::SkipMap;
 use crossbeam_utils::CachePadded;
@@ -72,11 +71,14 @@ pub const COMPACT_FANOUT: usize = 4;
 
 const SLOT_WORDS: usize = 11;
 
-/// A staging buffer: single writer (the shard owner), many readers.
+/// A staging buffer: single writer (the shard owner), many readers. The
+/// slots are allocated when the shard is first claimed, so idle shards
+/// cost nothing.
 #[derive(Debug)]
 struct Staging {
     len: AtomicUsize,
-    slots: Box<[[AtomicU64; SLOT_WORDS]]>,
+    cap: usize,
+    slots: OnceLock<Box<[[AtomicU64; SLOT_WORDS]]>>,
 }
 
 fn encode(op: &Op, stamp: u64) -> [u64; SLOT_WORDS] {
@@ -154,19 +156,31 @@ impl Staging {
     fn new(cap: usize) -> Staging {
         Staging {
             len: AtomicUsize::new(0),
-            slots: (0..cap)
-                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
-                .collect(),
+            cap,
+            slots: OnceLock::new(),
         }
     }
 
+    fn ensure(&self) {
+        self.slots.get_or_init(|| {
+            (0..self.cap)
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect()
+        });
+    }
+
+    fn slots(&self) -> &[[AtomicU64; SLOT_WORDS]] {
+        self.slots.get().map_or(&[], |s| &s[..])
+    }
+
     fn read(&self, i: usize) -> (Op, u64) {
-        let w: [u64; SLOT_WORDS] = std::array::from_fn(|j| self.slots[i][j].load(Ordering::Relaxed));
+        let slot = &self.slots()[i];
+        let w: [u64; SLOT_WORDS] = std::array::from_fn(|j| slot[j].load(Ordering::Relaxed));
         decode(&w)
     }
 
     fn read_all(&self, out: &mut Vec<(Op, u64)>) {
-        let n = self.len.load(Ordering::Acquire);
+        let n = self.len.load(Ordering::Acquire).min(self.slots().len());
         out.extend((0..n).map(|i| self.read(i)));
     }
 }
@@ -179,19 +193,49 @@ struct Shard {
     staging: [Staging; 2],
 }
 
-#[derive(Debug, Clone)]
-struct RunMeta {
+/// One immutable sorted run: its chunks in bytenr order.
+#[derive(Debug)]
+struct Run {
     level: u32,
     heads: usize,
     refs: usize,
-    chunk_keys: Vec<u64>,
+    /// First bytenr of each chunk (binary search).
+    firsts: Vec<u64>,
+    chunks: Vec<Chunk>,
 }
 
-/// The skiplist index of one transaction parity.
+impl Run {
+    fn new(chunks: Vec<Chunk>, level: u32, heads: usize, refs: usize) -> Run {
+        Run {
+            level,
+            heads,
+            refs,
+            firsts: chunks.iter().map(Chunk::first_bytenr).collect(),
+            chunks,
+        }
+    }
+
+    fn find(&self, bytenr: u64) -> Option<HeadRef<'_>> {
+        let i = self.firsts.partition_point(|&f| f <= bytenr);
+        if i == 0 {
+            return None;
+        }
+        self.chunks[i - 1].find(bytenr)
+    }
+
+    fn cursor(&self) -> Cursor<'_> {
+        Cursor::new(self.chunks.iter().collect())
+    }
+}
+
+/// The skiplist index of one transaction parity: runs by id (oldest
+/// first). Each entry is an immutable sorted run; a compaction inserts the
+/// merged run and removes its inputs, whose memory crossbeam-epoch reclaims
+/// once no reader can hold them. One entry per run keeps the deferred
+/// garbage per compaction to a handful of nodes.
 #[derive(Debug, Default)]
 struct TxnIndex {
-    runs: SkipMap<u64, RunMeta>,
-    chunks: SkipMap<(u64, u64), Chunk>,
+    runs: SkipMap<u64, Run>,
     started: CachePadded<AtomicU64>,
     finished: CachePadded<AtomicU64>,
     next_run: AtomicU64,
@@ -231,34 +275,10 @@ impl TxnIndex {
         }
     }
 
-    /// Insert a run's chunks and meta (inside a change bracket).
+    /// Insert a run (inside a change bracket).
     fn insert_run(&self, chunks: Vec<Chunk>, level: u32, heads: usize, refs: usize) {
         let id = self.next_run.fetch_add(1, Ordering::Relaxed);
-        let mut chunk_keys = Vec::with_capacity(chunks.len());
-        for ch in chunks {
-            let first = ch.first_bytenr();
-            debug_assert!(chunk_keys.last().is_none_or(|&l| l < first));
-            chunk_keys.push(first);
-            self.chunks.insert((id, first), ch);
-        }
-        self.runs.insert(
-            id,
-            RunMeta {
-                level,
-                heads,
-                refs,
-                chunk_keys,
-            },
-        );
-    }
-
-    fn remove_run(&self, id: u64) {
-        if let Some(e) = self.runs.get(&id) {
-            for &first in &e.value().chunk_keys {
-                self.chunks.remove(&(id, first));
-            }
-        }
-        self.runs.remove(&id);
+        self.runs.insert(id, Run::new(chunks, level, heads, refs));
     }
 
     /// Publish a batch handed off by a shard and clear its staging.
@@ -295,14 +315,8 @@ impl TxnIndex {
             let ids: Vec<u64> = ids[..COMPACT_FANOUT].to_vec();
             let mut b = RunBuilder::new();
             {
-                let entries: Vec<Vec<_>> = ids
-                    .iter()
-                    .map(|&id| self.chunks.range((id, 0)..=(id, u64::MAX)).collect::<Vec<_>>())
-                    .collect();
-                let cursors = entries
-                    .iter()
-                    .map(|es| Cursor::new(es.iter().map(|e| e.value()).collect()))
-                    .collect();
+                let entries: Vec<_> = ids.iter().filter_map(|id| self.runs.get(id)).collect();
+                let cursors = entries.iter().map(|e| e.value().cursor()).collect();
                 merge_cursors(cursors, |bytenr, s, refs| b.push(bytenr, s, refs));
             }
             let (heads, refs) = (b.heads_total, b.refs_total);
@@ -312,23 +326,19 @@ impl TxnIndex {
                 self.insert_run(chunks, level + 1, heads, refs);
             }
             for id in ids {
-                self.remove_run(id);
+                self.runs.remove(&id);
             }
             self.end_change();
+            reclaim();
         }
         self.compacting.store(false, Ordering::Release);
     }
 
-    /// The merged part of `bytenr` held by this index's runs.
+    /// The parts of `bytenr` held by this index's runs.
     fn lookup_runs(&self, bytenr: u64, out: &mut Vec<Head>) {
         for run in self.runs.iter() {
-            let id = *run.key();
-            if let Some(e) = self.chunks.upper_bound(Bound::Included(&(id, bytenr))) {
-                if e.key().0 == id {
-                    if let Some(h) = e.value().find(bytenr) {
-                        out.push(h.to_head());
-                    }
-                }
+            if let Some(h) = run.value().find(bytenr) {
+                out.push(h.to_head());
             }
         }
     }
@@ -338,15 +348,21 @@ impl TxnIndex {
         for e in self.runs.iter() {
             e.remove();
         }
-        for e in self.chunks.iter() {
-            e.remove();
-        }
         self.lock_carry().clear();
         self.end_change();
     }
 
     fn lock_carry(&self) -> std::sync::MutexGuard<'_, Vec<Head>> {
         self.carry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Push this thread's deferred skiplist garbage (removed chunks) to the
+/// global epoch queue and help collect it, so memory of compacted runs is
+/// returned promptly instead of piling up in thread-local bags.
+fn reclaim() {
+    for _ in 0..2 {
+        crossbeam_epoch::pin().flush();
     }
 }
 
@@ -405,6 +421,21 @@ impl LockFreeStore {
             .len()
     }
 
+    /// What the live index holds: `(runs, heads stored, refs stored,
+    /// heap bytes of chunk arrays)`. Heads and refs of one extent stored in
+    /// several runs count once per run (they merge at compaction/freeze).
+    pub fn index_stats(&self) -> IndexStats {
+        let idx = &self.index[parity(self.gen.live())];
+        let mut st = IndexStats::default();
+        for r in idx.runs.iter() {
+            st.runs += 1;
+            st.heads += r.value().heads;
+            st.refs += r.value().refs;
+            st.chunk_bytes += r.value().chunks.iter().map(Chunk::heap_bytes).sum::<usize>();
+        }
+        st
+    }
+
     /// Everything of generation `g` merged (caller guarantees stability or
     /// wraps this in `read_stable`).
     fn merge_gen(&self, g: u64, mut emit: impl FnMut(HeadRef<'_>)) {
@@ -430,18 +461,8 @@ impl LockFreeStore {
             cb.push(h.bytenr, &h.summary, &scratch);
         }
         staged_runs.push(cb.finish());
-        let entries: Vec<Vec<_>> = idx
-            .runs
-            .iter()
-            .map(|run| {
-                let id = *run.key();
-                idx.chunks.range((id, 0)..=(id, u64::MAX)).collect::<Vec<_>>()
-            })
-            .collect();
-        let mut cursors: Vec<Cursor<'_>> = entries
-            .iter()
-            .map(|es| Cursor::new(es.iter().map(|e| e.value()).collect()))
-            .collect();
+        let entries: Vec<_> = idx.runs.iter().collect();
+        let mut cursors: Vec<Cursor<'_>> = entries.iter().map(|e| e.value().cursor()).collect();
         cursors.extend(staged_runs.iter().map(|r| Cursor::new(r.iter().collect())));
         merge_cursors(cursors, |bytenr, summary, refs| {
             emit(HeadRef {
@@ -465,6 +486,19 @@ impl LockFreeStore {
             }
         }
     }
+}
+
+/// Contents of the live index, see [`LockFreeStore::index_stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    /// Runs.
+    pub runs: usize,
+    /// Heads stored over all runs.
+    pub heads: usize,
+    /// Refs stored over all runs.
+    pub refs: usize,
+    /// Heap bytes of the chunk arrays.
+    pub chunk_bytes: usize,
 }
 
 /// An ingest handle owning one shard.
@@ -504,7 +538,7 @@ impl LockFreeHandle<'_> {
         let staging = &store.shards[self.shard].staging[parity(g)];
         let n = staging.len.load(Ordering::Relaxed);
         let words = encode(op, stamp);
-        for (slot, w) in staging.slots[n].iter().zip(words) {
+        for (slot, w) in staging.slots()[n].iter().zip(words) {
             slot.store(w, Ordering::Relaxed);
         }
         staging.len.store(n + 1, Ordering::Release);
@@ -550,6 +584,17 @@ impl DelayedRefStore for LockFreeStore {
         "lockfree"
     }
 
+    fn layout(&self) -> String {
+        let st = self.index_stats();
+        format!(
+            "index: {} runs, {} heads and {} refs stored, {:.1} MiB of chunks",
+            st.runs,
+            st.heads,
+            st.refs,
+            st.chunk_bytes as f64 / (1 << 20) as f64
+        )
+    }
+
     fn handle(&self) -> Result<LockFreeHandle<'_>, StoreError> {
         for (i, s) in self.shards.iter().enumerate() {
             if s
@@ -557,6 +602,9 @@ impl DelayedRefStore for LockFreeStore {
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
+                for st in &s.staging {
+                    st.ensure();
+                }
                 return Ok(LockFreeHandle {
                     store: self,
                     shard: i,
@@ -580,9 +628,9 @@ impl DelayedRefStore for LockFreeStore {
                     continue;
                 }
                 let st = &shard.staging[parity(g)];
-                let n = st.len.load(Ordering::Acquire);
+                let n = st.len.load(Ordering::Acquire).min(st.slots().len());
                 for i in 0..n {
-                    if st.slots[i][0].load(Ordering::Relaxed) == bytenr {
+                    if st.slots()[i][0].load(Ordering::Relaxed) == bytenr {
                         staged.push(st.read(i));
                     }
                 }
@@ -644,6 +692,7 @@ impl DelayedRefStore for LockFreeStore {
         }
         idx.end_change();
         idx.clear();
+        reclaim();
         if !held.is_empty() {
             let next = &self.index[parity(live)];
             next.begin_change();

@@ -106,6 +106,11 @@ pub trait DelayedRefStore: Send + Sync {
         }
     }
 
+    /// One line on the store's internal layout (for benchmark reports).
+    fn layout(&self) -> String {
+        String::new()
+    }
+
     /// Freeze the live transaction and open a new one. Returns the frozen
     /// heads merged and sorted by bytenr (no-op heads dropped). Only one
     /// commit at a time: the engine serializes callers.

@@ -222,11 +222,18 @@ impl RunBuilder {
         RunBuilder::default()
     }
 
-    /// Append a merged head. No-op heads are skipped.
+    /// Append a merged head. A head whose refs all cancelled is kept: the
+    /// size and kind its ops named still take part in later merges (merging
+    /// is associative only if nothing is dropped before the final merge).
+    /// Only the identity (nothing at all) is skipped.
     pub fn push(&mut self, bytenr: u64, summary: &HeadSummary, refs: &[PackedRef]) {
         debug_assert!(self.last.is_none_or(|l| l < bytenr), "heads out of order");
         self.last = Some(bytenr);
-        if refs.is_empty() && summary.alloc_stamp == 0 && summary.extent_op.is_none() {
+        if refs.is_empty()
+            && summary.alloc_stamp == 0
+            && summary.extent_op.is_none()
+            && !summary.shape_known
+        {
             return;
         }
         debug_assert!(refs.iter().all(|r| r.ref_mod != 0));
@@ -317,65 +324,97 @@ pub(crate) fn merge_refs(scratch: &mut Vec<PackedRef>) {
 }
 
 /// k-way merge of sorted sources by bytenr; `emit` gets each merged head
-/// once, in ascending bytenr order.
+/// once, in ascending bytenr order. A linear scan picks the minimum for a
+/// few sources (compaction merges 4), a heap for many (a commit merges
+/// every run and staging batch).
 pub(crate) fn merge_cursors<'a>(
     mut cursors: Vec<Cursor<'a>>,
     mut emit: impl FnMut(u64, &HeadSummary, &[PackedRef]),
 ) {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    let mut heap: BinaryHeap<Reverse<(u64, usize)>> = cursors
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| c.peek().map(|b| Reverse((b, i))))
-        .collect();
+    const LINEAR_MAX: usize = 8;
+    cursors.retain(|c| c.peek().is_some());
+    let mut heap: BinaryHeap<Reverse<(u64, usize)>> = if cursors.len() > LINEAR_MAX {
+        cursors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.peek().map(|b| Reverse((b, i))))
+            .collect()
+    } else {
+        BinaryHeap::new()
+    };
+    let linear = cursors.len() <= LINEAR_MAX;
     let mut scratch: Vec<PackedRef> = Vec::new();
-    while let Some(Reverse((bytenr, i))) = heap.pop() {
-        let first = cursors[i].next_head().expect("peeked");
-        if let Some(b) = cursors[i].peek() {
-            heap.push(Reverse((b, i)));
-        }
-        let mut summary = first.summary;
-        let mut single = true;
-        while let Some(&Reverse((b, j))) = heap.peek() {
-            if b != bytenr {
+    let mut same: Vec<usize> = Vec::with_capacity(cursors.len());
+    loop {
+        // Collect the sources whose next head has the lowest bytenr.
+        same.clear();
+        let bytenr = if linear {
+            let Some(min) = cursors.iter().filter_map(Cursor::peek).min() else {
                 break;
-            }
-            heap.pop();
-            let other = cursors[j].next_head().expect("peeked");
-            if let Some(nb) = cursors[j].peek() {
-                heap.push(Reverse((nb, j)));
-            }
-            if single {
-                scratch.clear();
-                scratch.extend_from_slice(first.refs);
-                single = false;
-            }
-            summary = summary.merge(other.summary);
-            scratch.extend_from_slice(other.refs);
-        }
-        if single {
-            emit(bytenr, &summary, first.refs);
+            };
+            same.extend((0..cursors.len()).filter(|&i| cursors[i].peek() == Some(min)));
+            min
         } else {
+            let Some(Reverse((min, i))) = heap.pop() else {
+                break;
+            };
+            same.push(i);
+            while let Some(&Reverse((b, j))) = heap.peek() {
+                if b != min {
+                    break;
+                }
+                heap.pop();
+                same.push(j);
+            }
+            min
+        };
+        let first = cursors[same[0]].next_head().expect("peeked");
+        if same.len() == 1 {
+            emit(bytenr, &first.summary, first.refs);
+        } else {
+            let mut summary = first.summary;
+            scratch.clear();
+            scratch.extend_from_slice(first.refs);
+            for &j in &same[1..] {
+                let other = cursors[j].next_head().expect("peeked");
+                summary = summary.merge(other.summary);
+                scratch.extend_from_slice(other.refs);
+            }
             merge_refs(&mut scratch);
             emit(bytenr, &summary, &scratch);
+        }
+        if !linear {
+            for &j in &same {
+                if let Some(b) = cursors[j].peek() {
+                    heap.push(Reverse((b, j)));
+                }
+            }
         }
     }
 }
 
-/// Build a run from staged ops `(op, stamp)`: sort, merge at insert.
+/// Build a run from staged ops `(op, stamp)`: sort (by a 16-byte key, not
+/// the ops themselves), merge at insert.
 pub(crate) fn build_run(staged: &mut [(crate::model::Op, u64)]) -> RunBuilder {
-    staged.sort_unstable_by_key(|(op, _)| op.bytenr);
+    let mut order: Vec<(u64, u32)> = staged
+        .iter()
+        .enumerate()
+        .map(|(i, (op, _))| (op.bytenr, i as u32))
+        .collect();
+    order.sort_unstable();
     let mut b = RunBuilder::new();
     let mut scratch: Vec<PackedRef> = Vec::new();
     let mut i = 0;
-    while i < staged.len() {
-        let bytenr = staged[i].0.bytenr;
-        let mut summary = HeadSummary::of_op(&staged[i].0, staged[i].1);
+    while i < order.len() {
+        let bytenr = order[i].0;
+        let (op0, stamp0) = &staged[order[i].1 as usize];
+        let mut summary = HeadSummary::of_op(op0, *stamp0);
         scratch.clear();
         let mut j = i;
-        while j < staged.len() && staged[j].0.bytenr == bytenr {
-            let (op, stamp) = &staged[j];
+        while j < order.len() && order[j].0 == bytenr {
+            let (op, stamp) = &staged[order[j].1 as usize];
             if j > i {
                 summary = summary.merge(HeadSummary::of_op(op, *stamp));
             }
@@ -384,7 +423,9 @@ pub(crate) fn build_run(staged: &mut [(crate::model::Op, u64)]) -> RunBuilder {
             }
             j += 1;
         }
-        merge_refs(&mut scratch);
+        if scratch.len() > 1 {
+            merge_refs(&mut scratch);
+        }
         b.push(bytenr, &summary, &scratch);
         i = j;
     }

@@ -1,0 +1,340 @@
+//! `refd-bench ingest`: ingest throughput, latency, memory and commit time
+//! of the lock-free store and the mutex baseline, side by side in one run.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Barrier;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use hdrhistogram::serialization::V2Serializer;
+use hdrhistogram::Histogram;
+use refd_core::delayed::lockfree::LockFreeStore;
+use refd_core::delayed::mutex::MutexStore;
+use refd_core::delayed::DelayedRefStore;
+use refd_core::engine::Engine;
+use refd_core::model::Op;
+use serde::Serialize;
+
+use crate::alloc::live_bytes;
+use crate::workload::{deal, generate, Stream, Workload};
+
+/// Which implementation(s) to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Impl {
+    /// The lock-free store.
+    Lockfree,
+    /// The mutex baseline.
+    Mutex,
+    /// Both, side by side.
+    Both,
+}
+
+/// Arguments of `ingest`.
+#[derive(Debug, clap::Args)]
+pub struct IngestArgs {
+    /// Implementation(s).
+    #[arg(long = "impl", value_enum, default_value = "both")]
+    pub imp: Impl,
+    /// Ingest threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Workload.
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub workload: Workload,
+    /// Distinct extents.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub extents: u64,
+    /// Ops in total.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub ops: usize,
+    /// Rounds per implementation (alternating); the median is reported.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Record the latency of one op in this many (timing every op costs as
+    /// much as the op).
+    #[arg(long, default_value_t = 16)]
+    pub sample: usize,
+    /// RNG seed of the workload.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an HdrHistogram interval log of op latencies here.
+    #[arg(long)]
+    pub hlog: Option<PathBuf>,
+}
+
+/// Result of one implementation.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImplResult {
+    /// "lockfree" / "mutex".
+    pub name: String,
+    /// Millions of ops per second.
+    pub mops: f64,
+    /// Wall time of the ingest.
+    pub ingest_s: f64,
+    /// Heap bytes held by the store after ingest.
+    pub store_bytes: i64,
+    /// Pending heads after ingest (merged).
+    pub pending_heads: usize,
+    /// Pending refs after ingest (merged at insert).
+    pub pending_refs: usize,
+    /// store_bytes / pending_refs.
+    pub bytes_per_pending_ref: f64,
+    /// Commit of everything pending, ms.
+    pub commit_ms: f64,
+    /// Of which: freeze + merge.
+    pub freeze_ms: f64,
+    /// Of which: run heads.
+    pub run_ms: f64,
+    /// Of which: apply under the tree lock.
+    pub apply_ms: f64,
+    /// Heads committed.
+    pub committed_heads: usize,
+    /// The store's own description of its layout after ingest.
+    pub layout: String,
+    /// Heads quarantined (must be 0: the streams are valid).
+    pub quarantined: usize,
+    /// Extents in the tree after commit.
+    pub extents_after: usize,
+    /// Latency percentiles, ns.
+    pub p50_ns: u64,
+    /// p90.
+    pub p90_ns: u64,
+    /// p99.
+    pub p99_ns: u64,
+    /// p99.9.
+    pub p999_ns: u64,
+    /// p99.99.
+    pub p9999_ns: u64,
+    /// max.
+    pub max_ns: u64,
+    #[serde(skip)]
+    hist: Option<Histogram<u64>>,
+    #[serde(skip)]
+    started: Duration,
+}
+
+fn run_impl<S: DelayedRefStore>(store: S, stream: &Stream, per_thread: &[Vec<Op>], sample: usize) -> ImplResult {
+    let name = store.name().to_string();
+    let threads = per_thread.len();
+    let tree = stream.tree.clone();
+    let mut hists: Vec<Histogram<u64>> = (0..threads)
+        .map(|_| Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds"))
+        .collect();
+    let before = live_bytes();
+    let engine = Engine::with_tree(store, tree, 1);
+    let barrier = Barrier::new(threads + 1);
+    let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let elapsed = std::thread::scope(|s| {
+        for (ops, hist) in per_thread.iter().zip(hists.iter_mut()) {
+            let (engine, barrier) = (&engine, &barrier);
+            s.spawn(move || {
+                let mut h = engine.handle().expect("an ingest handle per thread");
+                barrier.wait();
+                // Sample pseudo-randomly: a fixed stride can alias with the
+                // store's periodic work (a hand-off every 4096 ops) and
+                // never see it.
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ ops.len() as u64;
+                for op in ops.iter() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if x % sample as u64 == 0 {
+                        let t = Instant::now();
+                        h.add(op).expect("valid op");
+                        hist.saturating_record(t.elapsed().as_nanos() as u64);
+                    } else {
+                        h.add(op).expect("valid op");
+                    }
+                }
+            });
+        }
+        barrier.wait();
+        let t = Instant::now();
+        // Scope joins the ingest threads before returning.
+        t
+    })
+    .elapsed();
+    let store_bytes = (live_bytes() - before) as i64;
+    let layout = engine.store().layout();
+    let stats = engine.store().stats();
+    let total_ops: usize = per_thread.iter().map(Vec::len).sum();
+    let t = Instant::now();
+    let report = engine.commit();
+    let commit = t.elapsed();
+    let mut hist = hists.pop().expect("at least one thread");
+    for h in &hists {
+        hist.add(h).expect("same bounds");
+    }
+    let extents_after = engine.tree().len();
+    ImplResult {
+        name,
+        mops: total_ops as f64 / elapsed.as_secs_f64() / 1e6,
+        ingest_s: elapsed.as_secs_f64(),
+        store_bytes,
+        pending_heads: stats.heads,
+        pending_refs: stats.refs,
+        bytes_per_pending_ref: if stats.refs > 0 {
+            store_bytes as f64 / stats.refs as f64
+        } else {
+            f64::NAN
+        },
+        commit_ms: commit.as_secs_f64() * 1e3,
+        freeze_ms: report.freeze_time.as_secs_f64() * 1e3,
+        run_ms: report.run_time.as_secs_f64() * 1e3,
+        apply_ms: report.apply_time.as_secs_f64() * 1e3,
+        committed_heads: report.heads,
+        quarantined: report.quarantined.len(),
+        layout,
+        extents_after,
+        p50_ns: hist.value_at_quantile(0.5),
+        p90_ns: hist.value_at_quantile(0.9),
+        p99_ns: hist.value_at_quantile(0.99),
+        p999_ns: hist.value_at_quantile(0.999),
+        p9999_ns: hist.value_at_quantile(0.9999),
+        max_ns: hist.max(),
+        hist: Some(hist),
+        started,
+    }
+}
+
+fn median(mut v: Vec<ImplResult>) -> ImplResult {
+    v.sort_by(|a, b| a.mops.total_cmp(&b.mops));
+    v.swap_remove(v.len() / 2)
+}
+
+/// Run `ingest`. Returns the process exit code.
+pub fn run(args: &IngestArgs) -> Result<(), String> {
+    if args.threads == 0 || args.sample == 0 || args.rounds == 0 || args.extents == 0 {
+        return Err("--threads, --sample, --rounds and --extents must be at least 1".into());
+    }
+    if !args.json {
+        eprintln!(
+            "generating {} ops of {:?} over {} extents...",
+            args.ops, args.workload, args.extents
+        );
+    }
+    let stream = generate(args.workload, args.extents, args.ops, args.seed);
+    let per_thread = deal(&stream.ops, args.threads, false);
+    let mut lf = Vec::new();
+    let mut mx = Vec::new();
+    for round in 0..args.rounds {
+        if matches!(args.imp, Impl::Lockfree | Impl::Both) {
+            if !args.json {
+                eprintln!("round {}: lockfree...", round + 1);
+            }
+            lf.push(run_impl(LockFreeStore::new(), &stream, &per_thread, args.sample));
+        }
+        if matches!(args.imp, Impl::Mutex | Impl::Both) {
+            if !args.json {
+                eprintln!("round {}: mutex...", round + 1);
+            }
+            mx.push(run_impl(MutexStore::new(), &stream, &per_thread, args.sample));
+        }
+    }
+    let results: Vec<ImplResult> = [lf, mx]
+        .into_iter()
+        .filter(|v| !v.is_empty())
+        .map(median)
+        .collect();
+    if let Some(path) = &args.hlog {
+        write_hlog(path, &results).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    for r in &results {
+        if r.quarantined != 0 {
+            return Err(format!("{}: {} heads quarantined on a valid stream", r.name, r.quarantined));
+        }
+    }
+    let get = |n: &str| results.iter().find(|r| r.name == n);
+    let ratio = match (get("lockfree"), get("mutex")) {
+        (Some(a), Some(b)) => Some(a.mops / b.mops),
+        _ => None,
+    };
+    let primary = get("lockfree").or(get("mutex")).expect("one implementation ran");
+    if args.json {
+        let v = serde_json::json!({
+            "bench": "ingest",
+            "workload": args.workload,
+            "threads": args.threads,
+            "extents": args.extents,
+            "ops": args.ops,
+            "rounds": args.rounds,
+            "lockfree_mops": get("lockfree").map(|r| r.mops),
+            "mutex_mops": get("mutex").map(|r| r.mops),
+            "ratio": ratio,
+            "bytes_per_pending_ref": primary.bytes_per_pending_ref,
+            "commit_ms": primary.commit_ms,
+            "p99_ns": primary.p99_ns,
+            "results": results,
+        });
+        println!("{v}");
+    } else {
+        print_table(args, &results, ratio);
+    }
+    Ok(())
+}
+
+fn print_table(args: &IngestArgs, results: &[ImplResult], ratio: Option<f64>) {
+    println!(
+        "ingest: workload {:?}, {} extents, {} ops, {} threads, {} round(s), latency sampled 1/{}",
+        args.workload, args.extents, args.ops, args.threads, args.rounds, args.sample
+    );
+    println!(
+        "{:<9} {:>8} {:>7} {:>7} {:>7} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>10}",
+        "impl", "Mops/s", "p50ns", "p90ns", "p99ns", "p99.9ns", "p99.99ns", "max ns", "B/ref", "heads", "refs", "commit ms"
+    );
+    for r in results {
+        println!(
+            "{:<9} {:>8.2} {:>7} {:>7} {:>7} {:>8} {:>9} {:>9} {:>8.1} {:>9} {:>9} {:>10.1}",
+            r.name,
+            r.mops,
+            r.p50_ns,
+            r.p90_ns,
+            r.p99_ns,
+            r.p999_ns,
+            r.p9999_ns,
+            r.max_ns,
+            r.bytes_per_pending_ref,
+            r.pending_heads,
+            r.pending_refs,
+            r.commit_ms
+        );
+        println!(
+            "          commit: freeze+merge {:.1} ms, run {:.1} ms, apply {:.1} ms; {} heads, {} extents after; store heap {:.1} MiB",
+            r.freeze_ms,
+            r.run_ms,
+            r.apply_ms,
+            r.committed_heads,
+            r.extents_after,
+            r.store_bytes as f64 / (1 << 20) as f64
+        );
+        if !r.layout.is_empty() {
+            println!("          {}", r.layout);
+        }
+    }
+    if let Some(ratio) = ratio {
+        println!("ratio lockfree/mutex (same run): {ratio:.2}x");
+    }
+    let _ = std::io::stdout().flush();
+}
+
+fn write_hlog(path: &PathBuf, results: &[ImplResult]) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut ser = V2Serializer::new();
+    {
+        let mut w = IntervalLogWriterBuilder::new()
+            .add_comment("refd-bench ingest: per-op latency (ns), one interval per implementation")
+            .begin_log_with(&mut buf, &mut ser)
+            .map_err(std::io::Error::other)?;
+        for r in results {
+            if let Some(h) = &r.hist {
+                w.write_histogram(h, r.started, Duration::from_secs_f64(r.ingest_s), Tag::new(&r.name))
+                    .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+            }
+        }
+    }
+    std::fs::write(path, buf)
+}

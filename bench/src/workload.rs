@@ -1,0 +1,296 @@
+//! Op stream generators for the ingest benchmark.
+//!
+//! Every stream is generated once, before timing, as one valid sequence
+//! (it never drops a reference that is not held, never adds a second
+//! reference of one key to a tree block, allocates before use), then dealt
+//! round-robin to the ingest threads. Merging is commutative, so any
+//! interleaving commits to the same extent tree without quarantine.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Zipf};
+use refd_core::extent_tree::ExtentTree;
+use refd_core::model::{Action, ExtentKind, Op, RefKey};
+
+/// The workloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Uniformly random extents among N, ±1 ops with full data/tree keys.
+    Uniform,
+    /// Zipf(0.99)-distributed extents among N.
+    Zipf,
+    /// Few extents (N/1000, at least 16) referenced from many roots: huge heads.
+    SnapshotFanout,
+    /// Sequential bytenr runs: reflink copies of file ranges added then
+    /// removed.
+    Reflink,
+    /// Add/drop pairs on committed extents that merge away at insert.
+    Cancel,
+}
+
+/// Roots a data extent is shared between (snapshots/reflinks).
+const ROOTS: u64 = 8;
+/// First bytenr used.
+const BASE: u64 = 1 << 30;
+
+/// A generated stream: the initial tree and the ops.
+#[derive(Debug)]
+pub struct Stream {
+    /// Extent tree the ops start from.
+    pub tree: ExtentTree,
+    /// The ops, in a valid order.
+    pub ops: Vec<Op>,
+}
+
+fn bytenr(e: u64) -> u64 {
+    BASE + e * 16384
+}
+
+fn key_of(e: u64, tree: bool, r: u64) -> RefKey {
+    if tree {
+        RefKey::TreeBlock { root: 5 + r }
+    } else {
+        RefKey::ExtentData {
+            root: 5 + r,
+            objectid: 257 + e % 4096,
+            offset: (e / 4096) * 4096,
+        }
+    }
+}
+
+/// One extent in 8 is a tree block, the rest data.
+fn is_tree(e: u64) -> bool {
+    e % 8 == 7
+}
+
+fn op(e: u64, action: Action, r: u64) -> Op {
+    let tree = is_tree(e);
+    let (nb, kind) = if tree {
+        (16384, ExtentKind::Tree { level: 0 })
+    } else {
+        (8192, ExtentKind::Data)
+    };
+    Op::new(bytenr(e), nb, kind, action, key_of(e, tree, r), 0).expect("generator builds valid ops")
+}
+
+/// ±1 ops on extents picked by `pick`, valid in order: per extent a count
+/// per root (tree keys at most 1).
+fn random_walk(extents: u64, ops: usize, seed: u64, mut pick: impl FnMut(&mut SmallRng) -> u64) -> Stream {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut counts = vec![0u8; (extents * ROOTS) as usize];
+    let mut live = vec![false; extents as usize];
+    let mut out = Vec::with_capacity(ops);
+    while out.len() < ops {
+        let e = pick(&mut rng);
+        let c = &mut counts[(e * ROOTS) as usize..((e + 1) * ROOTS) as usize];
+        let r = rng.gen_range(0..ROOTS);
+        if !live[e as usize] {
+            live[e as usize] = true;
+            c[r as usize] = 1;
+            out.push(op(e, Action::AddExtent, r));
+            continue;
+        }
+        let max = if is_tree(e) { 1 } else { 200 };
+        if rng.gen_bool(0.55) && c[r as usize] < max {
+            c[r as usize] += 1;
+            out.push(op(e, Action::AddRef, r));
+        } else {
+            // Drop a held ref (there is one: the extent is live).
+            let start = rng.gen_range(0..ROOTS);
+            let r = (0..ROOTS)
+                .map(|i| (start + i) % ROOTS)
+                .find(|&r| c[r as usize] > 0)
+                .expect("a live extent holds a ref");
+            c[r as usize] -= 1;
+            out.push(op(e, Action::DropRef, r));
+            if c.iter().all(|&x| x == 0) {
+                live[e as usize] = false;
+            }
+        }
+    }
+    Stream {
+        tree: ExtentTree::new(),
+        ops: out,
+    }
+}
+
+/// Generate `ops` ops of `workload` over `extents` extents.
+pub fn generate(workload: Workload, extents: u64, ops: usize, seed: u64) -> Stream {
+    match workload {
+        Workload::Uniform => random_walk(extents, ops, seed, |rng| rng.gen_range(0..extents)),
+        Workload::Zipf => {
+            let z = Zipf::new(extents, 0.99).expect("zipf parameters");
+            random_walk(extents, ops, seed, move |rng| z.sample(rng) as u64 - 1)
+        }
+        Workload::SnapshotFanout => snapshot_fanout(extents, ops, seed),
+        Workload::Reflink => reflink(extents, ops, seed),
+        Workload::Cancel => cancel(extents, ops, seed),
+    }
+}
+
+/// Few extents, each referenced from up to 4096 snapshot roots (tree
+/// blocks by TREE_BLOCK_REF, data by EXTENT_DATA_REF): heads with thousands
+/// of refs.
+fn snapshot_fanout(extents: u64, ops: usize, seed: u64) -> Stream {
+    let n = (extents / 1000).max(16);
+    let roots = 4096u64;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut held = vec![false; (n * roots) as usize];
+    let mut out = Vec::with_capacity(ops);
+    for e in 0..n {
+        held[(e * roots) as usize] = true;
+        out.push(fanout_op(e, Action::AddExtent, 0));
+    }
+    while out.len() < ops {
+        let e = rng.gen_range(0..n);
+        let r = rng.gen_range(1..roots);
+        let h = &mut held[(e * roots + r) as usize];
+        out.push(fanout_op(e, if *h { Action::DropRef } else { Action::AddRef }, r));
+        *h = !*h;
+    }
+    Stream {
+        tree: ExtentTree::new(),
+        ops: out,
+    }
+}
+
+fn fanout_op(e: u64, action: Action, r: u64) -> Op {
+    let tree = e % 2 == 0;
+    let (nb, kind, key) = if tree {
+        (16384, ExtentKind::Tree { level: 1 }, RefKey::TreeBlock { root: 256 + r })
+    } else {
+        (
+            131072,
+            ExtentKind::Data,
+            RefKey::ExtentData {
+                root: 256 + r,
+                objectid: 257,
+                offset: e * 131072,
+            },
+        )
+    };
+    Op::new(bytenr(e), nb, kind, action, key, 0).expect("valid")
+}
+
+/// Reflink copies: a run of 64 consecutive extents gets a reference from a
+/// new (root, inode) copy; later the copy is deleted. Extents are
+/// allocated first.
+fn reflink(extents: u64, ops: usize, seed: u64) -> Stream {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(ops);
+    let data = |e: u64, action, root: u64, ino: u64| {
+        Op::new(
+            bytenr(e),
+            16384,
+            ExtentKind::Data,
+            action,
+            RefKey::ExtentData {
+                root,
+                objectid: ino,
+                offset: e * 16384,
+            },
+            0,
+        )
+        .expect("valid")
+    };
+    let mut e = 0;
+    while e < extents && out.len() < ops {
+        out.push(data(e, Action::AddExtent, 5, 257));
+        e += 1;
+    }
+    let mut copies: Vec<(u64, u64, u64)> = Vec::new(); // (start, root, ino)
+    let mut next_ino = 1000u64;
+    while out.len() < ops {
+        if copies.len() < 64 && (copies.is_empty() || rng.gen_bool(0.5)) {
+            let start = rng.gen_range(0..extents.saturating_sub(64).max(1));
+            let root = 256 + rng.gen_range(0..16);
+            next_ino += 1;
+            for i in 0..64.min(extents) {
+                out.push(data(start + i, Action::AddRef, root, next_ino));
+            }
+            copies.push((start, root, next_ino));
+        } else {
+            let k = rng.gen_range(0..copies.len());
+            let (start, root, ino) = copies.swap_remove(k);
+            for i in 0..64.min(extents) {
+                out.push(data(start + i, Action::DropRef, root, ino));
+            }
+        }
+    }
+    out.truncate(ops);
+    // Truncation may cut a copy in half: still valid (adds without drops).
+    Stream {
+        tree: ExtentTree::new(),
+        ops: out,
+    }
+}
+
+/// Committed extents each hold one ref; the ops add a ref of another root
+/// and drop it again right after (same seq): every pair merges away.
+fn cancel(extents: u64, ops: usize, seed: u64) -> Stream {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut tree = ExtentTree::new();
+    for e in 0..extents {
+        let mut item = refd_core::extent_tree::ExtentItem::new(8192, ExtentKind::Data, 1);
+        item.add_ref(key_of(e, false, 0), 1);
+        tree.insert(bytenr(e), item);
+    }
+    let mut out = Vec::with_capacity(ops);
+    while out.len() + 1 < ops {
+        let e = rng.gen_range(0..extents);
+        let r = rng.gen_range(1..ROOTS);
+        let mk = |a| {
+            Op::new(bytenr(e), 8192, ExtentKind::Data, a, key_of(e, false, r), 0).expect("valid")
+        };
+        out.push(mk(Action::AddRef));
+        out.push(mk(Action::DropRef));
+    }
+    Stream { tree, ops: out }
+}
+
+/// Deal ops to `threads` streams. With `by_bytenr`, an extent's ops stay in
+/// one stream in order (needed for trace replay with verify); otherwise
+/// round-robin.
+pub fn deal(ops: &[Op], threads: usize, by_bytenr: bool) -> Vec<Vec<Op>> {
+    let mut out: Vec<Vec<Op>> = (0..threads).map(|_| Vec::with_capacity(ops.len() / threads + 1)).collect();
+    for (i, op) in ops.iter().enumerate() {
+        let t = if by_bytenr {
+            ((op.bytenr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % threads
+        } else {
+            i % threads
+        };
+        out[t].push(*op);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refd_core::delayed::mutex::MutexStore;
+    use refd_core::engine::Engine;
+
+    /// Every generator produces a stream that commits without quarantine.
+    #[test]
+    fn streams_are_valid() {
+        for w in [
+            Workload::Uniform,
+            Workload::Zipf,
+            Workload::SnapshotFanout,
+            Workload::Reflink,
+            Workload::Cancel,
+        ] {
+            let s = generate(w, 2000, 20_000, 7);
+            assert_eq!(s.ops.len(), 20_000, "{w:?}");
+            let e = Engine::with_tree(MutexStore::new(), s.tree.clone(), 1);
+            let mut h = e.handle().unwrap();
+            for op in &s.ops {
+                h.add(op).unwrap();
+            }
+            let r = e.commit();
+            assert!(r.quarantined.is_empty(), "{w:?}: {:?}", r.quarantined.first());
+            e.tree().check().unwrap();
+        }
+    }
+}

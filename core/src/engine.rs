@@ -1,0 +1,404 @@
+//! The engine: ingest, lookups and commits over a delayed-ref store and the
+//! extent tree.
+//!
+//! ```text
+//!  handle.add(op) ─► [ref-verify shadow] ─► DelayedRefStore (live txn)
+//!  commit():  freeze live txn ─► RunQueue in bytenr order ─► run_head
+//!             ─► effects (or quarantine / held) ─► tree write lock:
+//!                apply effects, release frozen txn, requeue held heads
+//!  lookup_extent_ref(b) = committed refs + pending total_ref_mod
+//! ```
+//!
+//! Ingest never takes the tree lock. Lookups take the tree read lock for
+//! the duration of a lookup; commits take the write lock only to apply
+//! precomputed effects and release the frozen transaction, so a lookup sees
+//! every acknowledged op exactly once (in the tree, or pending).
+
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use crate::barrier::SeqBarrier;
+use crate::delayed::{DelayedRefStore, IngestHandle, StoreError};
+use crate::extent_tree::{ExtentItem, ExtentTree};
+use crate::head::{Head, HeadSummary};
+use crate::model::Op;
+use crate::run::{run_head, FreedExtent, HeadEffect, HeadOutcome, RunError, RunQueue};
+use crate::verify::{RefVerify, VerifyError};
+
+/// Quarantined heads kept by the engine for inspection (older ones are
+/// dropped; every commit report carries its own in full).
+pub const QUARANTINE_KEEP: usize = 10_000;
+
+/// Errors returned to an ingest caller.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The store refused the op.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// ref-verify refused the op.
+    #[error(transparent)]
+    Verify(#[from] Box<VerifyError>),
+}
+
+/// A head that could not be run, with why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuarantinedHead {
+    /// Commit generation that tried to run it.
+    pub generation: u64,
+    /// Why.
+    pub error: RunError,
+    /// The pending state that was refused.
+    pub head: Head,
+}
+
+/// What one commit did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    /// Generation of this commit.
+    pub generation: u64,
+    /// Heads frozen.
+    pub heads: usize,
+    /// Delayed refs frozen.
+    pub refs: usize,
+    /// Heads whose effect was applied.
+    pub applied: usize,
+    /// Heads whose refs all cancelled.
+    pub noop: usize,
+    /// Heads held back by a seq barrier (requeued).
+    pub held: usize,
+    /// Extents freed.
+    pub freed: Vec<FreedExtent>,
+    /// Heads refused.
+    pub quarantined: Vec<QuarantinedHead>,
+    /// Time to freeze and merge the transaction.
+    pub freeze_time: Duration,
+    /// Time to run heads (compute effects).
+    pub run_time: Duration,
+    /// Time holding the tree write lock.
+    pub apply_time: Duration,
+}
+
+/// Would-be reference count of an extent (btrfs
+/// `btrfs_lookup_extent_info` + delayed refs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtentRefs {
+    /// The committed item, if any.
+    pub committed: Option<ExtentItem>,
+    /// Pending head summary, if any.
+    pub pending: Option<HeadSummary>,
+    /// committed refs + pending total_ref_mod.
+    pub refs: i64,
+}
+
+#[derive(Debug)]
+struct TreeState {
+    tree: ExtentTree,
+    generation: u64,
+}
+
+/// The engine over store `S`.
+#[derive(Debug)]
+pub struct Engine<S: DelayedRefStore> {
+    store: S,
+    tree: RwLock<TreeState>,
+    barrier: SeqBarrier,
+    verify: Option<RefVerify>,
+    commit_lock: Mutex<()>,
+    quarantine: Mutex<std::collections::VecDeque<QuarantinedHead>>,
+}
+
+/// An ingest handle of the engine.
+#[derive(Debug)]
+pub struct EngineHandle<'a, S: DelayedRefStore + 'a> {
+    engine: &'a Engine<S>,
+    inner: S::Handle<'a>,
+}
+
+impl<'a, S: DelayedRefStore> EngineHandle<'a, S> {
+    /// Queue one op (checked by ref-verify first when enabled).
+    pub fn add(&mut self, op: &Op) -> Result<(), EngineError> {
+        op.check().map_err(StoreError::from)?;
+        if let Some(v) = &self.engine.verify {
+            v.check(op).map_err(Box::new)?;
+        }
+        self.inner.add(op)?;
+        Ok(())
+    }
+
+    /// Queue several ops. Without verify they are queued together; with
+    /// verify one by one, stopping at the first refused op (the ones before
+    /// it are queued).
+    pub fn add_batch(&mut self, ops: &[Op]) -> Result<(), EngineError> {
+        if self.engine.verify.is_some() {
+            for op in ops {
+                self.add(op)?;
+            }
+            return Ok(());
+        }
+        self.inner.add_batch(ops)?;
+        Ok(())
+    }
+}
+
+impl<S: DelayedRefStore> Engine<S> {
+    /// An engine with an empty tree.
+    pub fn new(store: S) -> Engine<S> {
+        Engine::with_tree(store, ExtentTree::new(), 0)
+    }
+
+    /// An engine over an existing tree at commit `generation`.
+    pub fn with_tree(store: S, tree: ExtentTree, generation: u64) -> Engine<S> {
+        Engine {
+            store,
+            tree: RwLock::new(TreeState { tree, generation }),
+            barrier: SeqBarrier::new(),
+            verify: None,
+            commit_lock: Mutex::new(()),
+            quarantine: Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    /// Turn on ref-verify, building the shadow from the tree and pending
+    /// heads.
+    pub fn enable_verify(&mut self) {
+        let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
+        let pending = self.store.pending_all();
+        self.verify = Some(RefVerify::rebuild(&tree.tree, &pending));
+    }
+
+    /// The ref-verify shadow, when enabled.
+    pub fn verifier(&self) -> Option<&RefVerify> {
+        self.verify.as_ref()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The seq barrier.
+    pub fn barrier(&self) -> &SeqBarrier {
+        &self.barrier
+    }
+
+    /// A new ingest handle.
+    pub fn handle(&self) -> Result<EngineHandle<'_, S>, EngineError> {
+        Ok(EngineHandle {
+            engine: self,
+            inner: self.store.handle()?,
+        })
+    }
+
+    /// Read access to the committed extent tree (blocks commits' apply
+    /// step while held).
+    pub fn tree(&self) -> TreeRead<'_> {
+        TreeRead(self.tree.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Generation of the last commit.
+    pub fn generation(&self) -> u64 {
+        self.tree().0.generation
+    }
+
+    /// Quarantined heads kept (newest last, at most [`QUARANTINE_KEEP`]).
+    pub fn quarantined(&self) -> Vec<QuarantinedHead> {
+        self.quarantine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Would-be reference count of `bytenr`: committed + pending.
+    pub fn lookup_extent_ref(&self, bytenr: u64) -> ExtentRefs {
+        let t = self.tree.read().unwrap_or_else(|e| e.into_inner());
+        let committed = t.tree.get(bytenr).cloned();
+        let pending = self.store.pending(bytenr);
+        drop(t);
+        let refs = committed.as_ref().map_or(0, |c| c.refs as i64)
+            + pending.as_ref().map_or(0, |h| h.summary.total_ref_mod);
+        ExtentRefs {
+            committed,
+            pending: pending.map(|h| h.summary),
+            refs,
+        }
+    }
+
+    /// Freeze the live transaction and run it into the tree.
+    pub fn commit(&self) -> CommitReport {
+        let _serial = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let t0 = Instant::now();
+        let heads = self.store.freeze();
+        let freeze_time = t0.elapsed();
+        let barrier = self.barrier.lowest();
+
+        let t1 = Instant::now();
+        let read = self.tree.read().unwrap_or_else(|e| e.into_inner());
+        let generation = read.generation + 1;
+        let mut report = CommitReport {
+            generation,
+            heads: heads.len(),
+            refs: heads.iter().map(|h| h.refs.len()).sum(),
+            freeze_time,
+            ..CommitReport::default()
+        };
+        let mut effects: Vec<HeadEffect> = Vec::with_capacity(heads.len());
+        let mut held_idx: Vec<usize> = Vec::new();
+        let mut quarantined_idx: Vec<(usize, RunError)> = Vec::new();
+        let mut queue = RunQueue::new(&heads, 0);
+        while let Some(i) = queue.select() {
+            match run_head(&read.tree, &heads[i], generation, barrier) {
+                Ok(HeadOutcome::Effect(e)) => effects.push(e),
+                Ok(HeadOutcome::Noop) => report.noop += 1,
+                Ok(HeadOutcome::Held { .. }) => held_idx.push(i),
+                Err(error) => quarantined_idx.push((i, error)),
+            }
+        }
+        drop(read);
+        report.run_time = t1.elapsed();
+        report.applied = effects.len();
+        report.held = held_idx.len();
+        let held: Vec<Head> = held_idx.iter().map(|&i| heads[i].clone()).collect();
+        report.quarantined = quarantined_idx
+            .into_iter()
+            .map(|(i, error)| QuarantinedHead {
+                generation,
+                error,
+                head: heads[i].clone(),
+            })
+            .collect();
+
+        let t2 = Instant::now();
+        {
+            let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            for e in effects {
+                report.freed.extend_from_slice(&e.freed);
+                match e.item {
+                    Some(item) => {
+                        w.tree.insert(e.bytenr, item);
+                    }
+                    None => {
+                        w.tree.remove(e.bytenr);
+                    }
+                }
+            }
+            w.generation = generation;
+            self.store.release(held);
+            // A refused head's ops were checked by ref-verify one by one;
+            // put the shadow back in line with tree + pending.
+            if let Some(v) = &self.verify {
+                for q in &report.quarantined {
+                    v.resync(q.head.bytenr, &w.tree, self.store.pending(q.head.bytenr).as_ref());
+                }
+            }
+        }
+        report.apply_time = t2.elapsed();
+        if !report.quarantined.is_empty() {
+            let mut q = self.quarantine.lock().unwrap_or_else(|e| e.into_inner());
+            for h in &report.quarantined {
+                if q.len() == QUARANTINE_KEEP {
+                    q.pop_front();
+                }
+                q.push_back(h.clone());
+            }
+        }
+        report
+    }
+}
+
+/// Read guard over the committed tree.
+#[derive(Debug)]
+pub struct TreeRead<'a>(RwLockReadGuard<'a, TreeState>);
+
+impl std::ops::Deref for TreeRead<'_> {
+    type Target = ExtentTree;
+    fn deref(&self) -> &ExtentTree {
+        &self.0.tree
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delayed::lockfree::LockFreeStore;
+    use crate::delayed::mutex::MutexStore;
+    use crate::model::{Action, ExtentKind, RefKey};
+
+    fn data(b: u64, a: Action, root: u64) -> Op {
+        Op::new(
+            b,
+            4096,
+            ExtentKind::Data,
+            a,
+            RefKey::ExtentData {
+                root,
+                objectid: 257,
+                offset: 0,
+            },
+            0,
+        )
+        .unwrap()
+    }
+
+    fn lifecycle<S: DelayedRefStore>(store: S) {
+        let e = Engine::new(store);
+        let mut h = e.handle().unwrap();
+        h.add(&data(4096, Action::AddExtent, 5)).unwrap();
+        h.add(&data(4096, Action::AddRef, 6)).unwrap();
+        assert_eq!(e.lookup_extent_ref(4096).refs, 2);
+        let r = e.commit();
+        assert_eq!((r.generation, r.applied, r.quarantined.len()), (1, 1, 0));
+        assert_eq!(e.tree().get(4096).unwrap().refs, 2);
+        // Invalid drop is quarantined; the valid one next to it runs.
+        h.add(&data(4096, Action::DropRef, 9)).unwrap();
+        h.add(&data(8192, Action::AddExtent, 5)).unwrap();
+        let r = e.commit();
+        assert_eq!(r.quarantined.len(), 1);
+        assert!(matches!(r.quarantined[0].error, RunError::DropMissingRef { .. }));
+        assert_eq!(e.tree().get(4096).unwrap().refs, 2, "tree untouched");
+        assert!(e.tree().get(8192).is_some());
+        assert_eq!(e.quarantined().len(), 1);
+        // Barrier holds a head queued after it.
+        let g = e.barrier().acquire();
+        let mut op = data(4096, Action::DropRef, 6);
+        op.seq = e.barrier().current();
+        h.add(&op).unwrap();
+        let r = e.commit();
+        assert_eq!(r.held, 1);
+        assert_eq!(e.lookup_extent_ref(4096).refs, 1, "held head still pending");
+        drop(g);
+        let r = e.commit();
+        assert_eq!((r.applied, r.held), (1, 0));
+        assert_eq!(e.tree().get(4096).unwrap().refs, 1);
+        // Drop the last two refs: freed.
+        h.add(&data(4096, Action::DropRef, 5)).unwrap();
+        let r = e.commit();
+        assert_eq!(r.freed.len(), 1);
+        assert!(e.tree().get(4096).is_none());
+    }
+
+    #[test]
+    fn lifecycle_mutex() {
+        lifecycle(MutexStore::new());
+    }
+
+    #[test]
+    fn lifecycle_lockfree() {
+        lifecycle(LockFreeStore::with_config(4, 2));
+    }
+
+    #[test]
+    fn verify_refuses_at_ingest() {
+        let mut e = Engine::new(MutexStore::new());
+        e.enable_verify();
+        let mut h = e.handle().unwrap();
+        h.add(&data(4096, Action::AddExtent, 5)).unwrap();
+        let err = h.add(&data(4096, Action::DropRef, 6)).unwrap_err();
+        match err {
+            EngineError::Verify(v) => assert_eq!(v.block.history.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.lookup_extent_ref(4096).refs, 1, "refused op not queued");
+    }
+}

@@ -1,0 +1,328 @@
+//! A simple sequential model of refd's semantics: the test oracle.
+//!
+//! Written independently of [`crate::head`] and [`crate::run`]: it keeps
+//! the raw list of ops of the transaction and, at commit, evaluates each
+//! extent from scratch with plain maps. Tests compare the lock-free store
+//! and the mutex baseline against it after every commit.
+//!
+//! The semantics it states (see `docs/design.md`):
+//! 1. Ops of one extent are summed per `(key, seq)`; if every sum is zero
+//!    and there is no allocation and no extent_op, the extent has no
+//!    pending work.
+//! 2. A seq barrier `B != 0` holds the extent (all its ops stay queued) if
+//!    some `(key, seq)` with `seq != 0`, `seq >= B` has a non-zero sum.
+//! 3. Otherwise per-key nets (summed over seq) are applied at once.
+//! 4. With an allocation, the latest one (highest stamp) gives size and
+//!    kind; final counts are committed + net, which must be >= 0, of the
+//!    new kind where non-zero, and at most 1 for tree backrefs. The old
+//!    life (if any) is reported freed; so is the new one if it ends at 0.
+//! 5. Without allocation, if the per-key nets are all zero and there is no
+//!    extent_op, nothing happens (cancelled ops are not validated).
+//!    Otherwise the extent must exist (else adding, dropping or an
+//!    extent_op is an error); all ref ops must name one size/kind, the
+//!    extent's; counts stay >= 0 and tree backrefs <= 1; reaching 0 refs
+//!    frees the extent.
+//! 6. extent_op flags are OR-ed in and the latest key (by stamp) is set; on
+//!    a data extent any extent_op is an error.
+//! 7. An error quarantines the extent's ops for this commit: the tree is
+//!    unchanged for it.
+
+use std::collections::BTreeMap;
+
+use crate::model::{Action, DiskKey, ExtentKind, Op, RefKey, BLOCK_FLAG_FULL_BACKREF};
+
+/// An extent as the model keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelExtent {
+    /// Size.
+    pub num_bytes: u64,
+    /// Kind.
+    pub kind: ExtentKind,
+    /// FULL_BACKREF set.
+    pub full_backref: bool,
+    /// Tree key set by an extent_op.
+    pub tree_key: Option<DiskKey>,
+    /// Generation of the commit that allocated it.
+    pub generation: u64,
+    /// Backrefs with counts (all > 0).
+    pub refs: BTreeMap<RefKey, u64>,
+}
+
+/// What the model's commit did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelCommit {
+    /// Extents freed, as `(bytenr, num_bytes)`, sorted.
+    pub freed: Vec<(u64, u64)>,
+    /// Extents whose ops were refused.
+    pub quarantined: Vec<u64>,
+    /// Extents held by a barrier.
+    pub held: Vec<u64>,
+}
+
+/// The sequential model.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    /// Committed extents.
+    pub extents: BTreeMap<u64, ModelExtent>,
+    /// Commit generation.
+    pub generation: u64,
+    pending: Vec<(Op, u64)>,
+    stamp: u64,
+}
+
+impl Model {
+    /// Empty.
+    pub fn new() -> Model {
+        Model::default()
+    }
+
+    /// Queue an op (must be valid: `op.check()` passes). Stamps follow the
+    /// same rule as the stores: allocations and key updates take the next
+    /// stamp.
+    pub fn add(&mut self, op: &Op) {
+        debug_assert!(op.check().is_ok());
+        let needs = op.action == Action::AddExtent || op.extent_op.is_some_and(|e| e.key.is_some());
+        let stamp = if needs {
+            self.stamp += 1;
+            self.stamp
+        } else {
+            0
+        };
+        self.pending.push((*op, stamp));
+    }
+
+    /// Would-be refcount: committed + sum of pending ref_mods.
+    pub fn lookup(&self, bytenr: u64) -> i64 {
+        let committed = self
+            .extents
+            .get(&bytenr)
+            .map_or(0, |e| e.refs.values().sum::<u64>() as i64);
+        committed
+            + self
+                .pending
+                .iter()
+                .filter(|(o, _)| o.bytenr == bytenr)
+                .map(|(o, _)| o.ref_mod())
+                .sum::<i64>()
+    }
+
+    /// Run every pending op; `barrier` is the lowest active seq (0 = none).
+    pub fn commit(&mut self, barrier: u64) -> ModelCommit {
+        self.generation += 1;
+        let generation = self.generation;
+        let mut by_bytenr: BTreeMap<u64, Vec<(Op, u64)>> = BTreeMap::new();
+        for (op, stamp) in self.pending.drain(..) {
+            by_bytenr.entry(op.bytenr).or_default().push((op, stamp));
+        }
+        let mut out = ModelCommit::default();
+        for (bytenr, ops) in by_bytenr {
+            let mut sums: BTreeMap<(RefKey, u64), i64> = BTreeMap::new();
+            for (op, _) in &ops {
+                if let Some(k) = op.key {
+                    *sums.entry((k, op.seq)).or_insert(0) += op.ref_mod();
+                }
+            }
+            let alloc = ops
+                .iter()
+                .filter(|(o, _)| o.action == Action::AddExtent)
+                .max_by_key(|(_, s)| *s)
+                .map(|(o, _)| *o);
+            let has_eop = ops.iter().any(|(o, _)| o.extent_op.is_some());
+            if sums.values().all(|&s| s == 0) && alloc.is_none() && !has_eop {
+                continue;
+            }
+            let held = barrier != 0
+                && sums
+                    .iter()
+                    .any(|(&(_, seq), &s)| s != 0 && seq != 0 && seq >= barrier);
+            if held {
+                out.held.push(bytenr);
+                self.pending.extend(ops);
+                continue;
+            }
+            let mut net: BTreeMap<RefKey, i64> = BTreeMap::new();
+            for (&(k, _), &s) in &sums {
+                *net.entry(k).or_insert(0) += s;
+            }
+            net.retain(|_, v| *v != 0);
+            let eop_flags = ops
+                .iter()
+                .filter_map(|(o, _)| o.extent_op)
+                .fold(0, |f, e| f | e.flags_to_set);
+            let eop_key = ops
+                .iter()
+                .filter_map(|(o, s)| o.extent_op.and_then(|e| e.key).map(|k| (*s, k)))
+                .max_by_key(|(s, _)| *s)
+                .map(|(_, k)| k);
+            match self.evaluate(bytenr, &ops, alloc, &net, has_eop, eop_flags, eop_key, generation) {
+                Ok(Some((new, freed))) => {
+                    out.freed.extend(freed);
+                    match new {
+                        Some(e) => {
+                            self.extents.insert(bytenr, e);
+                        }
+                        None => {
+                            self.extents.remove(&bytenr);
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(()) => out.quarantined.push(bytenr),
+            }
+        }
+        out.freed.sort_unstable();
+        out
+    }
+
+    /// Ok(None) = no change; Ok(Some((new state, freed))); Err = refused.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn evaluate(
+        &self,
+        bytenr: u64,
+        ops: &[(Op, u64)],
+        alloc: Option<Op>,
+        net: &BTreeMap<RefKey, i64>,
+        has_eop: bool,
+        eop_flags: u64,
+        eop_key: Option<DiskKey>,
+        generation: u64,
+    ) -> Result<Option<(Option<ModelExtent>, Vec<(u64, u64)>)>, ()> {
+        let committed = self.extents.get(&bytenr);
+        let mut freed = Vec::new();
+        let mut e = if let Some(a) = alloc {
+            let mut fin: BTreeMap<RefKey, i64> = BTreeMap::new();
+            if let Some(c) = committed {
+                for (k, v) in &c.refs {
+                    fin.insert(*k, *v as i64);
+                }
+                freed.push((bytenr, c.num_bytes));
+            }
+            for (k, v) in net {
+                *fin.entry(*k).or_insert(0) += v;
+            }
+            let mut refs = BTreeMap::new();
+            for (k, v) in fin {
+                if v < 0 || (v > 0 && k.is_data() != a.kind.is_data()) || (k.is_tree() && v > 1) {
+                    return Err(());
+                }
+                if v > 0 {
+                    refs.insert(k, v as u64);
+                }
+            }
+            ModelExtent {
+                num_bytes: a.num_bytes,
+                kind: a.kind,
+                full_backref: false,
+                tree_key: None,
+                generation,
+                refs,
+            }
+        } else {
+            let Some(c) = committed else {
+                if !net.is_empty() || has_eop {
+                    return Err(());
+                }
+                return Ok(None);
+            };
+            if net.is_empty() && !has_eop {
+                return Ok(None);
+            }
+            let shapes: std::collections::BTreeSet<(u64, ExtentKind)> = ops
+                .iter()
+                .filter(|(o, _)| o.action != Action::UpdateHead)
+                .map(|(o, _)| (o.num_bytes, o.kind))
+                .collect();
+            if shapes.len() > 1 || shapes.iter().any(|&s| s != (c.num_bytes, c.kind)) {
+                return Err(());
+            }
+            let mut e = c.clone();
+            for (k, v) in net {
+                let new = e.refs.get(k).copied().unwrap_or(0) as i64 + v;
+                if new < 0 || (k.is_tree() && new > 1) || k.is_data() != e.kind.is_data() {
+                    return Err(());
+                }
+                if new == 0 {
+                    e.refs.remove(k);
+                } else {
+                    e.refs.insert(*k, new as u64);
+                }
+            }
+            e
+        };
+        if has_eop {
+            if e.kind.is_data() {
+                return Err(());
+            }
+            if eop_flags & BLOCK_FLAG_FULL_BACKREF != 0 {
+                e.full_backref = true;
+            }
+            if let Some(k) = eop_key {
+                e.tree_key = Some(k);
+            }
+        }
+        if e.refs.is_empty() {
+            if alloc.is_some() {
+                freed.push((bytenr, e.num_bytes));
+            } else if let Some(c) = committed {
+                freed.push((bytenr, c.num_bytes));
+            }
+            return Ok(Some((None, freed)));
+        }
+        Ok(Some((Some(e), freed)))
+    }
+
+    /// Normalized view of the committed extents, comparable with
+    /// [`normalize_tree`].
+    pub fn normalized(&self) -> Vec<NormExtent> {
+        self.extents
+            .iter()
+            .map(|(&bytenr, e)| NormExtent {
+                bytenr,
+                num_bytes: e.num_bytes,
+                kind: e.kind,
+                refs: e.refs.values().sum(),
+                full_backref: e.full_backref,
+                tree_key: e.tree_key,
+                generation: e.generation,
+                backrefs: e.refs.iter().map(|(k, v)| (*k, *v)).collect(),
+            })
+            .collect()
+    }
+}
+
+/// One extent in comparable form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NormExtent {
+    /// Address.
+    pub bytenr: u64,
+    /// Size.
+    pub num_bytes: u64,
+    /// Kind.
+    pub kind: ExtentKind,
+    /// Total refs.
+    pub refs: u64,
+    /// FULL_BACKREF.
+    pub full_backref: bool,
+    /// Tree key.
+    pub tree_key: Option<DiskKey>,
+    /// Generation.
+    pub generation: u64,
+    /// Backrefs sorted.
+    pub backrefs: Vec<(RefKey, u64)>,
+}
+
+/// Normalized view of an engine's extent tree.
+pub fn normalize_tree(tree: &crate::extent_tree::ExtentTree) -> Vec<NormExtent> {
+    tree.iter()
+        .map(|(bytenr, i)| NormExtent {
+            bytenr,
+            num_bytes: i.num_bytes,
+            kind: i.kind,
+            refs: i.refs,
+            full_backref: i.full_backref(),
+            tree_key: i.tree_key,
+            generation: i.generation,
+            backrefs: i.backrefs(),
+        })
+        .collect()
+}

@@ -1,0 +1,279 @@
+//! Concurrency stress: more threads than cores ingest while a committer
+//! commits, a reader looks up and a barrier thread takes and drops seq
+//! barriers. Every thread's op sequence is valid under any transaction
+//! split, so no head may be quarantined, and at the end the extent tree
+//! must equal the sequential model of all ops: every op applied exactly
+//! once. Runs against both stores.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use refd_core::delayed::lockfree::LockFreeStore;
+use refd_core::delayed::mutex::MutexStore;
+use refd_core::delayed::DelayedRefStore;
+use refd_core::engine::Engine;
+use refd_core::extent_tree::{ExtentItem, ExtentTree};
+use refd_core::model::{Action, ExtentKind, Op, RefKey};
+use refd_core::oracle::{normalize_tree, Model};
+
+const THREADS: u64 = 6;
+const OWN_EXTENTS: u64 = 64;
+const SHARED_EXTENTS: u64 = 16;
+const OPS_PER_THREAD: usize = 100_000;
+
+fn shared_bytenr(j: u64) -> u64 {
+    (1 << 40) + j * 4096
+}
+
+fn data(bytenr: u64, action: Action, root: u64, seq: u64) -> Op {
+    Op::new(
+        bytenr,
+        4096,
+        ExtentKind::Data,
+        action,
+        RefKey::ExtentData {
+            root,
+            objectid: 257,
+            offset: 0,
+        },
+        seq,
+    )
+    .unwrap()
+}
+
+fn tree_op(bytenr: u64, action: Action, root: u64, level: u8, seq: u64) -> Op {
+    Op::new(
+        bytenr,
+        16384,
+        ExtentKind::Tree { level },
+        action,
+        RefKey::TreeBlock { root },
+        seq,
+    )
+    .unwrap()
+}
+
+/// A thread's op stream, valid in its own order: own extents are
+/// allocated, shared, dropped to zero and re-allocated (sometimes with
+/// another kind); shared extents get and lose the thread's own data ref.
+fn stream(t: u64, seed: u64, seq_of: impl Fn() -> u64) -> Vec<Op> {
+    let mut rng = SmallRng::seed_from_u64(seed ^ t);
+    // Per own extent: None = free; Some((is_tree, level, roots held)).
+    let mut own: Vec<Option<(bool, u8, Vec<u64>)>> = vec![None; OWN_EXTENTS as usize];
+    let mut shared = vec![0u64; SHARED_EXTENTS as usize];
+    let mut ops = Vec::with_capacity(OPS_PER_THREAD);
+    while ops.len() < OPS_PER_THREAD {
+        let seq = if rng.gen_bool(0.2) { seq_of() } else { 0 };
+        if rng.gen_bool(0.3) {
+            let j = rng.gen_range(0..SHARED_EXTENTS);
+            let b = shared_bytenr(j);
+            if shared[j as usize] > 0 && rng.gen_bool(0.5) {
+                shared[j as usize] -= 1;
+                ops.push(data(b, Action::DropRef, 100 + t, seq));
+            } else {
+                shared[j as usize] += 1;
+                ops.push(data(b, Action::AddRef, 100 + t, seq));
+            }
+            continue;
+        }
+        let i = rng.gen_range(0..OWN_EXTENTS);
+        let b = (1 << 30) + ((t * OWN_EXTENTS + i) << 16);
+        match &mut own[i as usize] {
+            None => {
+                let is_tree = rng.gen_bool(0.5);
+                let level = rng.gen_range(0..3);
+                ops.push(if is_tree {
+                    tree_op(b, Action::AddExtent, 5, level, seq)
+                } else {
+                    data(b, Action::AddExtent, 5, seq)
+                });
+                own[i as usize] = Some((is_tree, level, vec![5]));
+            }
+            Some((is_tree, level, roots)) => {
+                let (is_tree, level) = (*is_tree, *level);
+                let r = rng.gen_range(5..12u64);
+                let add = rng.gen_bool(0.5) && !roots.contains(&r);
+                if add {
+                    roots.push(r);
+                    ops.push(if is_tree {
+                        tree_op(b, Action::AddRef, r, level, seq)
+                    } else {
+                        data(b, Action::AddRef, r, seq)
+                    });
+                } else {
+                    let k = rng.gen_range(0..roots.len());
+                    let r = roots.swap_remove(k);
+                    ops.push(if is_tree {
+                        tree_op(b, Action::DropRef, r, level, seq)
+                    } else {
+                        data(b, Action::DropRef, r, seq)
+                    });
+                    if roots.is_empty() {
+                        own[i as usize] = None;
+                    }
+                }
+            }
+        }
+    }
+    ops
+}
+
+fn initial_tree() -> ExtentTree {
+    let mut tree = ExtentTree::new();
+    for j in 0..SHARED_EXTENTS {
+        let mut item = ExtentItem::new(4096, ExtentKind::Data, 1);
+        item.add_ref(
+            RefKey::ExtentData {
+                root: 1,
+                objectid: 257,
+                offset: 0,
+            },
+            1,
+        );
+        tree.insert(shared_bytenr(j), item);
+    }
+    tree
+}
+
+fn stress<S: DelayedRefStore>(store: S, seed: u64) {
+    let engine = Arc::new(Engine::with_tree(store, initial_tree(), 1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(AtomicU64::new(0));
+    let lookups = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let all_ops: Vec<Vec<Op>> = std::thread::scope(|s| {
+        // Committer.
+        {
+            let (engine, stop, commits) = (engine.clone(), stop.clone(), commits.clone());
+            s.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let r = engine.commit();
+                    assert!(
+                        r.quarantined.is_empty(),
+                        "seed {seed}: quarantined {:?}",
+                        r.quarantined.first()
+                    );
+                    commits.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            });
+        }
+        // Reader: shared extents always hold the base ref; a lookup can
+        // never see fewer (a lost op) or more than every thread's adds.
+        {
+            let (engine, stop, lookups) = (engine.clone(), stop.clone(), lookups.clone());
+            s.spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(seed);
+                while !stop.load(Ordering::SeqCst) {
+                    let b = shared_bytenr(rng.gen_range(0..SHARED_EXTENTS));
+                    let refs = engine.lookup_extent_ref(b).refs;
+                    assert!(
+                        (1..=1 + (THREADS as i64) * OPS_PER_THREAD as i64).contains(&refs),
+                        "seed {seed}: lookup({b}) = {refs}"
+                    );
+                    lookups.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        // Barrier churn.
+        {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            s.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let g = engine.barrier().acquire();
+                    std::thread::sleep(Duration::from_micros(200));
+                    drop(g);
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            });
+        }
+        let ingesters: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let engine = engine.clone();
+                s.spawn(move || {
+                    let ops = stream(t, seed, || engine.barrier().current());
+                    let mut h = engine.handle().unwrap();
+                    for (i, chunk) in ops.chunks(7).enumerate() {
+                        if i % 2 == 0 {
+                            h.add_batch(chunk).unwrap();
+                        } else {
+                            for op in chunk {
+                                h.add(op).unwrap();
+                            }
+                        }
+                    }
+                    ops
+                })
+            })
+            .collect();
+        let all: Vec<Vec<Op>> = ingesters.into_iter().map(|t| t.join().unwrap()).collect();
+        stop.store(true, Ordering::SeqCst);
+        all
+    });
+    // Drain: no barrier is held now.
+    let r = engine.commit();
+    assert!(r.quarantined.is_empty(), "seed {seed}");
+    assert_eq!(engine.barrier().active(), 0);
+    assert_eq!(engine.store().stats().heads, 0, "seed {seed}: work left pending");
+
+    let mut model = Model::new();
+    for j in 0..SHARED_EXTENTS {
+        model.add(&data(shared_bytenr(j), Action::AddExtent, 1, 0));
+    }
+    model.commit(0);
+    for ops in &all_ops {
+        for op in ops {
+            model.add(op);
+        }
+    }
+    let m = model.commit(0);
+    assert!(m.quarantined.is_empty());
+    let strip = |v: Vec<refd_core::oracle::NormExtent>| {
+        v.into_iter()
+            .map(|mut e| {
+                e.generation = 0;
+                e
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        strip(normalize_tree(&engine.tree())),
+        strip(model.normalized()),
+        "seed {seed}: final tree differs from the model"
+    );
+    engine.tree().check().unwrap();
+    eprintln!(
+        "{}: {} ops, {} commits, {} lookups in {:?}",
+        engine.store().name(),
+        all_ops.iter().map(Vec::len).sum::<usize>(),
+        commits.load(Ordering::SeqCst),
+        lookups.load(Ordering::SeqCst),
+        started.elapsed()
+    );
+    assert!(commits.load(Ordering::SeqCst) > 3, "commits ran concurrently with ingest");
+}
+
+fn seed() -> u64 {
+    std::env::var("REFD_STRESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed)
+}
+
+#[test]
+fn stress_lockfree() {
+    stress(LockFreeStore::with_config(16, 64), seed());
+}
+
+#[test]
+fn stress_lockfree_default_staging() {
+    stress(LockFreeStore::new(), seed() + 1);
+}
+
+#[test]
+fn stress_mutex() {
+    stress(MutexStore::new(), seed());
+}

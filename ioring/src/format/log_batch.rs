@@ -1,0 +1,609 @@
+//! Log batch framing.
+//!
+//! A batch is what one group commit writes: a header, then the payload (a
+//! sequence of length-prefixed opaque records), then zero padding up to a
+//! multiple of 4096 bytes. Each batch claims its *logical* log offset: a
+//! byte position in the log stream that only grows (it never wraps), while
+//! the physical position is `log_start + log_offset % log_bytes`. Replay
+//! starts at the superblock's `log_head_offset` and decodes batches until
+//! the first error; each error kind says why the log ends there:
+//!
+//! - [`FormatError::BadMagic`]: never written (or garbage).
+//! - [`FormatError::BadChecksum`]: the header itself is corrupt or torn.
+//! - [`FormatError::Stale`]: a valid batch from an earlier pass over the
+//!   circular log (its logical offset is lower than expected).
+//! - [`FormatError::Torn`]: the header is intact but the payload is not —
+//!   the typical result of a crash during the batch write.
+//! - [`FormatError::WrongAddress`], [`FormatError::ForeignFs`]: misdirected
+//!   write, or a leftover of an earlier format of the device.
+//!
+//! Whether an error at a given position is a clean end or corruption in the
+//! middle of the log is the recovery's decision (it knows `log_tail_lsn`).
+//!
+//! Two checksums: the header checksum covers the header (including the
+//! payload checksum), the payload checksum covers everything after the
+//! header up to `batch_bytes` (payload and padding). Together they cover the
+//! whole batch, and they let a torn payload be told apart from a torn header.
+
+use crate::aligned::{round_up_to_block, AlignedBuf, BLOCK_BYTES};
+use crate::format::le::{get_array, get_u32, get_u64, put_bytes, put_u32, put_u64};
+use crate::format::{block_checksum, BlockKind, FormatError, FsId, CHECKSUM_OFFSET};
+
+/// Magic of a log batch header.
+pub const LOG_BATCH_MAGIC: [u8; 8] = *b"REFDLOG1";
+/// Layout version written and read by this build.
+pub const LOG_BATCH_VERSION: u32 = 1;
+/// Size of the batch header in bytes; the payload starts right after it.
+pub const LOG_BATCH_HEADER_BYTES: usize = 80;
+/// Largest batch in bytes (16 MiB), header and padding included.
+pub const LOG_BATCH_BYTES_MAX: usize = 16 << 20;
+/// Size of the length prefix of each record.
+pub const LOG_RECORD_LEN_BYTES: usize = 4;
+
+const OFF_MAGIC: usize = 0;
+const OFF_VERSION: usize = 12;
+const OFF_FS_ID: usize = 16;
+const OFF_LSN: usize = 32;
+const OFF_TXN_ID: usize = 40;
+const OFF_LOG_OFFSET: usize = 48;
+const OFF_BATCH_BYTES: usize = 56;
+const OFF_PAYLOAD_BYTES: usize = 60;
+const OFF_RECORD_COUNT: usize = 64;
+const OFF_PAYLOAD_CRC: usize = 68;
+const OFF_RESERVED: usize = 72;
+
+/// Decoded batch header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// File system the batch belongs to.
+    pub fs_id: FsId,
+    /// Log sequence number; increases by one per batch.
+    pub lsn: u64,
+    /// Transaction id of the commit that wrote the batch.
+    pub txn_id: u64,
+    /// Logical log offset the batch was written for.
+    pub log_offset: u64,
+    /// Total length of the batch on disk, a multiple of 4096.
+    pub batch_bytes: u32,
+    /// Length of the payload (records with their length prefixes).
+    pub payload_bytes: u32,
+    /// Number of records in the payload.
+    pub record_count: u32,
+    /// CRC-32C of bytes `LOG_BATCH_HEADER_BYTES..batch_bytes`.
+    pub payload_crc: u32,
+}
+
+impl BatchHeader {
+    /// Logical log offset of the next batch.
+    pub fn next_log_offset(&self) -> u64 {
+        self.log_offset + u64::from(self.batch_bytes)
+    }
+}
+
+/// A decoded, fully verified batch borrowing the buffer it was read into.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchView<'a> {
+    /// The header.
+    pub header: BatchHeader,
+    payload: &'a [u8],
+}
+
+impl<'a> BatchView<'a> {
+    /// The records, in the order they were encoded.
+    pub fn records(&self) -> Records<'a> {
+        Records {
+            rest: self.payload,
+            left: self.header.record_count,
+        }
+    }
+
+    /// The raw payload (records with their length prefixes).
+    pub fn payload(&self) -> &'a [u8] {
+        self.payload
+    }
+}
+
+/// Iterator over the records of a [`BatchView`]. The framing was verified
+/// by [`decode_batch`], so iteration cannot fail.
+#[derive(Debug, Clone)]
+pub struct Records<'a> {
+    rest: &'a [u8],
+    left: u32,
+}
+
+/// Splits one record off `rest`, or `None` if the framing is broken.
+fn split_record(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+    if rest.len() < LOG_RECORD_LEN_BYTES {
+        return None;
+    }
+    let len = get_u32(rest, 0) as usize;
+    let body = rest.get(LOG_RECORD_LEN_BYTES..LOG_RECORD_LEN_BYTES.checked_add(len)?)?;
+    Some((body, &rest[LOG_RECORD_LEN_BYTES + len..]))
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.left == 0 {
+            return None;
+        }
+        let (record, rest) = split_record(self.rest)?;
+        self.rest = rest;
+        self.left -= 1;
+        Some(record)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left as usize, Some(self.left as usize))
+    }
+}
+
+impl ExactSizeIterator for Records<'_> {}
+
+/// Bytes a batch holding `records` occupies on disk (header, framed records,
+/// padding), or `None` if it would exceed [`LOG_BATCH_BYTES_MAX`]. Lets the
+/// log writer check for space before encoding.
+pub fn batch_bytes_for(records: &[&[u8]]) -> Option<usize> {
+    let mut total = LOG_BATCH_HEADER_BYTES;
+    for r in records {
+        total = total
+            .checked_add(LOG_RECORD_LEN_BYTES)?
+            .checked_add(r.len())?;
+    }
+    let total = round_up_to_block(total)?;
+    (total <= LOG_BATCH_BYTES_MAX).then_some(total)
+}
+
+fn invalid(addr: u64, field: &'static str, reason: String) -> FormatError {
+    FormatError::Invalid {
+        what: BlockKind::LogBatch,
+        addr,
+        field,
+        reason,
+    }
+}
+
+/// Encodes one batch for logical log offset `log_offset` (a multiple of
+/// 4096). Each record is written as a u32 little-endian length followed by
+/// its bytes; records may be empty; zero records is allowed.
+pub fn encode_batch(
+    fs_id: &FsId,
+    lsn: u64,
+    txn_id: u64,
+    log_offset: u64,
+    records: &[&[u8]],
+) -> Result<AlignedBuf, FormatError> {
+    if log_offset % BLOCK_BYTES as u64 != 0 {
+        return Err(invalid(
+            log_offset,
+            "log_offset",
+            format!("{log_offset} is not a multiple of 4096"),
+        ));
+    }
+    let batch_bytes = batch_bytes_for(records).ok_or_else(|| {
+        invalid(
+            log_offset,
+            "batch_bytes",
+            format!(
+                "{} records exceed the {LOG_BATCH_BYTES_MAX}-byte batch limit",
+                records.len()
+            ),
+        )
+    })?;
+    let record_count = u32::try_from(records.len()).map_err(|_| {
+        invalid(
+            log_offset,
+            "record_count",
+            format!("{} records", records.len()),
+        )
+    })?;
+    let mut buf = AlignedBuf::zeroed(batch_bytes)
+        .map_err(|e| invalid(log_offset, "batch_bytes", e.to_string()))?;
+    let mut at = LOG_BATCH_HEADER_BYTES;
+    for r in records {
+        // Lengths fit in u32: the whole batch is at most 16 MiB.
+        put_u32(&mut buf, at, r.len() as u32);
+        at += LOG_RECORD_LEN_BYTES;
+        put_bytes(&mut buf, at, r);
+        at += r.len();
+    }
+    let payload_bytes = (at - LOG_BATCH_HEADER_BYTES) as u32;
+    let payload_crc = crc32c::crc32c(&buf[LOG_BATCH_HEADER_BYTES..]);
+    put_bytes(&mut buf, OFF_MAGIC, &LOG_BATCH_MAGIC);
+    put_u32(&mut buf, OFF_VERSION, LOG_BATCH_VERSION);
+    put_bytes(&mut buf, OFF_FS_ID, &fs_id.0);
+    put_u64(&mut buf, OFF_LSN, lsn);
+    put_u64(&mut buf, OFF_TXN_ID, txn_id);
+    put_u64(&mut buf, OFF_LOG_OFFSET, log_offset);
+    put_u32(&mut buf, OFF_BATCH_BYTES, batch_bytes as u32);
+    put_u32(&mut buf, OFF_PAYLOAD_BYTES, payload_bytes);
+    put_u32(&mut buf, OFF_RECORD_COUNT, record_count);
+    put_u32(&mut buf, OFF_PAYLOAD_CRC, payload_crc);
+    let header_crc = block_checksum(&buf[..LOG_BATCH_HEADER_BYTES]);
+    put_u32(&mut buf, CHECKSUM_OFFSET, header_crc);
+    Ok(buf)
+}
+
+/// Decodes and verifies the header at the start of `buf` (at least
+/// [`LOG_BATCH_HEADER_BYTES`]; reading the first 4096-byte block is enough)
+/// for the batch expected at logical offset `expected_log_offset`. Use it to
+/// learn `batch_bytes` before reading the rest, then call [`decode_batch`].
+pub fn decode_batch_header(
+    buf: &[u8],
+    fs_id: &FsId,
+    expected_log_offset: u64,
+) -> Result<BatchHeader, FormatError> {
+    let what = BlockKind::LogBatch;
+    let addr = expected_log_offset;
+    if buf.len() < LOG_BATCH_HEADER_BYTES {
+        return Err(FormatError::Truncated {
+            what,
+            addr,
+            len_bytes: buf.len(),
+            need_bytes: LOG_BATCH_HEADER_BYTES,
+        });
+    }
+    let h = &buf[..LOG_BATCH_HEADER_BYTES];
+    let magic: [u8; 8] = get_array(h, OFF_MAGIC);
+    if magic != LOG_BATCH_MAGIC {
+        return Err(FormatError::BadMagic {
+            what,
+            addr,
+            found: magic,
+        });
+    }
+    let stored = get_u32(h, CHECKSUM_OFFSET);
+    let computed = block_checksum(h);
+    if stored != computed {
+        return Err(FormatError::BadChecksum {
+            what,
+            addr,
+            stored,
+            computed,
+        });
+    }
+    let version = get_u32(h, OFF_VERSION);
+    if version != LOG_BATCH_VERSION {
+        return Err(FormatError::UnsupportedVersion {
+            what,
+            addr,
+            found: version,
+            supported: LOG_BATCH_VERSION,
+        });
+    }
+    let found_fs = FsId(get_array(h, OFF_FS_ID));
+    if found_fs != *fs_id {
+        return Err(FormatError::ForeignFs {
+            what,
+            addr,
+            expected: *fs_id,
+            found: found_fs,
+        });
+    }
+    let header = BatchHeader {
+        fs_id: found_fs,
+        lsn: get_u64(h, OFF_LSN),
+        txn_id: get_u64(h, OFF_TXN_ID),
+        log_offset: get_u64(h, OFF_LOG_OFFSET),
+        batch_bytes: get_u32(h, OFF_BATCH_BYTES),
+        payload_bytes: get_u32(h, OFF_PAYLOAD_BYTES),
+        record_count: get_u32(h, OFF_RECORD_COUNT),
+        payload_crc: get_u32(h, OFF_PAYLOAD_CRC),
+    };
+    if get_u64(h, OFF_RESERVED) != 0 {
+        return Err(invalid(
+            addr,
+            "reserved",
+            "reserved bytes are not zero".to_string(),
+        ));
+    }
+    let batch_bytes = header.batch_bytes as usize;
+    if batch_bytes == 0 || batch_bytes % BLOCK_BYTES != 0 || batch_bytes > LOG_BATCH_BYTES_MAX {
+        return Err(invalid(
+            addr,
+            "batch_bytes",
+            format!("{batch_bytes} is not a non-zero multiple of 4096 up to {LOG_BATCH_BYTES_MAX}"),
+        ));
+    }
+    if LOG_BATCH_HEADER_BYTES + header.payload_bytes as usize > batch_bytes {
+        return Err(invalid(
+            addr,
+            "payload_bytes",
+            format!(
+                "{} does not fit in a {batch_bytes}-byte batch",
+                header.payload_bytes
+            ),
+        ));
+    }
+    if header.log_offset < expected_log_offset {
+        return Err(FormatError::Stale {
+            expected_log_offset,
+            found_log_offset: header.log_offset,
+            lsn: header.lsn,
+        });
+    }
+    if header.log_offset > expected_log_offset {
+        return Err(FormatError::WrongAddress {
+            what,
+            expected: expected_log_offset,
+            found: header.log_offset,
+        });
+    }
+    Ok(header)
+}
+
+/// Decodes and verifies a whole batch expected at logical offset
+/// `expected_log_offset`. `buf` must hold at least `batch_bytes` (else
+/// [`FormatError::Truncated`] with the size needed); extra bytes are ignored.
+pub fn decode_batch<'a>(
+    buf: &'a [u8],
+    fs_id: &FsId,
+    expected_log_offset: u64,
+) -> Result<BatchView<'a>, FormatError> {
+    let header = decode_batch_header(buf, fs_id, expected_log_offset)?;
+    let batch_bytes = header.batch_bytes as usize;
+    if buf.len() < batch_bytes {
+        return Err(FormatError::Truncated {
+            what: BlockKind::LogBatch,
+            addr: expected_log_offset,
+            len_bytes: buf.len(),
+            need_bytes: batch_bytes,
+        });
+    }
+    let computed = crc32c::crc32c(&buf[LOG_BATCH_HEADER_BYTES..batch_bytes]);
+    if computed != header.payload_crc {
+        return Err(FormatError::Torn {
+            log_offset: header.log_offset,
+            lsn: header.lsn,
+            stored: header.payload_crc,
+            computed,
+        });
+    }
+    let payload =
+        &buf[LOG_BATCH_HEADER_BYTES..LOG_BATCH_HEADER_BYTES + header.payload_bytes as usize];
+    // Verify the framing once so that `Records` cannot fail.
+    let mut rest = payload;
+    for i in 0..header.record_count {
+        rest = match split_record(rest) {
+            Some((_, rest)) => rest,
+            None => {
+                return Err(invalid(
+                    expected_log_offset,
+                    "record framing",
+                    format!("record {i} of {} overruns the payload", header.record_count),
+                ))
+            }
+        };
+    }
+    if !rest.is_empty() {
+        return Err(invalid(
+            expected_log_offset,
+            "record framing",
+            format!(
+                "{} bytes left after {} records",
+                rest.len(),
+                header.record_count
+            ),
+        ));
+    }
+    Ok(BatchView { header, payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FS: FsId = FsId([7; 16]);
+
+    fn reseal_header(buf: &mut [u8]) {
+        let crc = block_checksum(&buf[..LOG_BATCH_HEADER_BYTES]);
+        put_u32(buf, CHECKSUM_OFFSET, crc);
+    }
+
+    #[test]
+    fn round_trip() {
+        let big = vec![0xEEu8; 10_000];
+        let records: Vec<&[u8]> = vec![b"alpha", b"", &big, b"omega"];
+        let buf = encode_batch(&FS, 42, 7, 8192, &records).expect("encode");
+        assert_eq!(buf.len(), batch_bytes_for(&records).expect("size"));
+        assert_eq!(buf.len(), 12288);
+        let view = decode_batch(&buf, &FS, 8192).expect("decode");
+        assert_eq!(view.header.lsn, 42);
+        assert_eq!(view.header.txn_id, 7);
+        assert_eq!(view.header.log_offset, 8192);
+        assert_eq!(view.header.record_count, 4);
+        assert_eq!(view.header.next_log_offset(), 8192 + 12288);
+        let decoded: Vec<&[u8]> = view.records().collect();
+        assert_eq!(decoded, records);
+        assert_eq!(view.records().len(), 4);
+        assert_eq!(view.payload().len(), 4 * 4 + 5 + 10_000 + 5);
+
+        let empty = encode_batch(&FS, 1, 1, 0, &[]).expect("encode");
+        assert_eq!(empty.len(), 4096);
+        assert_eq!(
+            decode_batch(&empty, &FS, 0)
+                .expect("decode")
+                .records()
+                .count(),
+            0
+        );
+
+        // Header-only decode from the first block, then the rest is needed.
+        let header = decode_batch_header(&buf[..4096], &FS, 8192).expect("header");
+        assert_eq!(header.batch_bytes, 12288);
+        assert!(matches!(
+            decode_batch(&buf[..4096], &FS, 8192),
+            Err(FormatError::Truncated {
+                need_bytes: 12288,
+                ..
+            })
+        ));
+    }
+
+    /// Pins the byte layout: if this fails, the on-disk format changed and
+    /// `docs/format.md` and the version must change with it.
+    #[test]
+    fn golden_header_bytes() {
+        let buf =
+            encode_batch(&FsId([0xAB; 16]), 0x0102, 0x0304, 0x5000, &[b"hi"]).expect("encode");
+        let header: String = buf[..LOG_BATCH_HEADER_BYTES + 6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            header,
+            "524546444c4f4731798eb6fa01000000abababababababababababababababab02010000000000000403000000000000005000000000000000100000060000000100000026fbc3d80000000000000000020000006869"
+        );
+    }
+
+    #[test]
+    fn encode_limits() {
+        assert!(matches!(
+            encode_batch(&FS, 1, 1, 100, &[]),
+            Err(FormatError::Invalid {
+                field: "log_offset",
+                ..
+            })
+        ));
+        let huge = vec![0u8; LOG_BATCH_BYTES_MAX];
+        assert!(batch_bytes_for(&[&huge]).is_none());
+        assert!(matches!(
+            encode_batch(&FS, 1, 1, 0, &[&huge]),
+            Err(FormatError::Invalid {
+                field: "batch_bytes",
+                ..
+            })
+        ));
+        let fits = vec![0u8; LOG_BATCH_BYTES_MAX - LOG_BATCH_HEADER_BYTES - LOG_RECORD_LEN_BYTES];
+        assert_eq!(batch_bytes_for(&[&fits]), Some(LOG_BATCH_BYTES_MAX));
+    }
+
+    #[test]
+    fn every_byte_flip_is_detected() {
+        let payload = vec![0x11u8; 5000];
+        let buf = encode_batch(&FS, 9, 3, 4096, &[&payload, b"x"]).expect("encode");
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x80;
+            let err = decode_batch(&bad, &FS, 4096).expect_err("flip must be detected");
+            if i < 8 {
+                assert!(
+                    matches!(err, FormatError::BadMagic { .. }),
+                    "byte {i}: {err:?}"
+                );
+            } else if i < LOG_BATCH_HEADER_BYTES {
+                assert!(
+                    matches!(err, FormatError::BadChecksum { .. }),
+                    "byte {i}: {err:?}"
+                );
+            } else {
+                assert!(
+                    matches!(err, FormatError::Torn { lsn: 9, .. }),
+                    "byte {i}: {err:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn torn_stale_wrong_address_foreign() {
+        let payload = vec![0x22u8; 9000];
+        let buf = encode_batch(&FS, 5, 2, 3 * 4096, &[&payload]).expect("encode");
+        // Torn: the first block is new, the rest still holds old zeros.
+        let mut torn = buf.clone();
+        torn[4096..].fill(0);
+        assert!(matches!(
+            decode_batch(&torn, &FS, 3 * 4096),
+            Err(FormatError::Torn { lsn: 5, .. })
+        ));
+        // Stale: a valid batch of an earlier lap at this physical place.
+        match decode_batch(&buf, &FS, 3 * 4096 + (1 << 20)) {
+            Err(FormatError::Stale {
+                lsn,
+                found_log_offset,
+                expected_log_offset,
+            }) => {
+                assert_eq!((lsn, found_log_offset), (5, 3 * 4096));
+                assert_eq!(expected_log_offset, 3 * 4096 + (1 << 20));
+            }
+            other => panic!("expected Stale, got {other:?}"),
+        }
+        assert!(matches!(
+            decode_batch(&buf, &FS, 0),
+            Err(FormatError::WrongAddress {
+                expected: 0,
+                found: 12288,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode_batch(&buf, &FsId([8; 16]), 3 * 4096),
+            Err(FormatError::ForeignFs { .. })
+        ));
+        assert!(matches!(
+            decode_batch(&[0u8; 4096], &FS, 0),
+            Err(FormatError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            decode_batch(&buf[..10], &FS, 0),
+            Err(FormatError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupt_fields_with_valid_checksums_are_refused() {
+        let buf = encode_batch(&FS, 5, 2, 0, &[b"abc", b"defg"]).expect("encode");
+        type Mutation = Box<dyn Fn(&mut [u8])>;
+        let cases: Vec<(&'static str, Mutation)> = vec![
+            (
+                "batch_bytes",
+                Box::new(|b| put_u32(b, OFF_BATCH_BYTES, 100)),
+            ),
+            ("batch_bytes", Box::new(|b| put_u32(b, OFF_BATCH_BYTES, 0))),
+            (
+                "batch_bytes",
+                Box::new(|b| put_u32(b, OFF_BATCH_BYTES, (LOG_BATCH_BYTES_MAX + 4096) as u32)),
+            ),
+            (
+                "payload_bytes",
+                Box::new(|b| put_u32(b, OFF_PAYLOAD_BYTES, 4096)),
+            ),
+            ("reserved", Box::new(|b| put_u64(b, OFF_RESERVED, 1))),
+            (
+                "record framing",
+                Box::new(|b| put_u32(b, OFF_RECORD_COUNT, 3)),
+            ),
+            (
+                "record framing",
+                Box::new(|b| put_u32(b, OFF_RECORD_COUNT, 1)),
+            ),
+            (
+                "record framing",
+                Box::new(|b| {
+                    // A record length pointing past the payload, with a
+                    // payload checksum that matches it.
+                    put_u32(b, LOG_BATCH_HEADER_BYTES, u32::MAX);
+                    let crc = crc32c::crc32c(&b[LOG_BATCH_HEADER_BYTES..4096]);
+                    put_u32(b, OFF_PAYLOAD_CRC, crc);
+                }),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut bad = buf.clone();
+            mutate(&mut bad);
+            reseal_header(&mut bad);
+            match decode_batch(&bad, &FS, 0) {
+                Err(FormatError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("expected Invalid {field}, got {other:?}"),
+            }
+        }
+        let mut bad = buf.clone();
+        put_u32(&mut bad, OFF_VERSION, 9);
+        reseal_header(&mut bad);
+        assert!(matches!(
+            decode_batch(&bad, &FS, 0),
+            Err(FormatError::UnsupportedVersion { found: 9, .. })
+        ));
+    }
+}

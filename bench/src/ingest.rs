@@ -129,9 +129,10 @@ fn run_impl<S: DelayedRefStore>(store: S, stream: &Stream, per_thread: &[Vec<Op>
     let barrier = Barrier::new(threads + 1);
     let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let elapsed = std::thread::scope(|s| {
-        for (ops, hist) in per_thread.iter().zip(hists.iter_mut()) {
+        for (t, (ops, hist)) in per_thread.iter().zip(hists.iter_mut()).enumerate() {
             let (engine, barrier) = (&engine, &barrier);
-            s.spawn(move || {
+            let builder = std::thread::Builder::new().name(format!("ingest-{t}"));
+            let spawned = builder.spawn_scoped(s, move || {
                 let mut h = engine.handle().expect("an ingest handle per thread");
                 barrier.wait();
                 // Sample pseudo-randomly: a fixed stride can alias with the
@@ -151,6 +152,7 @@ fn run_impl<S: DelayedRefStore>(store: S, stream: &Stream, per_thread: &[Vec<Op>
                     }
                 }
             });
+            spawned.expect("spawn an ingest thread");
         }
         barrier.wait();
         let t = Instant::now();

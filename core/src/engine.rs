@@ -243,12 +243,12 @@ impl<S: DelayedRefStore> Engine<S> {
             freeze_time,
             ..CommitReport::default()
         };
+        let outcomes = run_heads(&read.tree, &heads, generation, barrier);
         let mut effects: Vec<HeadEffect> = Vec::with_capacity(heads.len());
         let mut held_idx: Vec<usize> = Vec::new();
         let mut quarantined_idx: Vec<(usize, RunError)> = Vec::new();
-        let mut queue = RunQueue::new(&heads, 0);
-        while let Some(i) = queue.select() {
-            match run_head(&read.tree, &heads[i], generation, barrier) {
+        for (i, outcome) in outcomes {
+            match outcome {
                 Ok(HeadOutcome::Effect(e)) => effects.push(e),
                 Ok(HeadOutcome::Noop) => report.noop += 1,
                 Ok(HeadOutcome::Held { .. }) => held_idx.push(i),
@@ -270,19 +270,12 @@ impl<S: DelayedRefStore> Engine<S> {
             .collect();
 
         let t2 = Instant::now();
+        for e in &effects {
+            report.freed.extend_from_slice(&e.freed);
+        }
         {
             let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
-            for e in effects {
-                report.freed.extend_from_slice(&e.freed);
-                match e.item {
-                    Some(item) => {
-                        w.tree.insert(e.bytenr, item);
-                    }
-                    None => {
-                        w.tree.remove(e.bytenr);
-                    }
-                }
-            }
+            w.tree.apply_sorted(effects.into_iter().map(|e| (e.bytenr, e.item)));
             w.generation = generation;
             self.store.release(held);
             // A refused head's ops were checked by ref-verify one by one;
@@ -294,6 +287,7 @@ impl<S: DelayedRefStore> Engine<S> {
             }
         }
         report.apply_time = t2.elapsed();
+        self.store.reclaim_released();
         if !report.quarantined.is_empty() {
             let mut q = self.quarantine.lock().unwrap_or_else(|e| e.into_inner());
             for h in &report.quarantined {
@@ -305,6 +299,47 @@ impl<S: DelayedRefStore> Engine<S> {
         }
         report
     }
+}
+
+/// Heads per worker below which a commit runs heads on one thread.
+pub const PARALLEL_RUN_MIN_HEADS: usize = 32 * 1024;
+
+/// Run every head against the committed tree: heads are taken with
+/// btrfs's selection (cursor, clustering) over contiguous bytenr ranges,
+/// one range per worker (the tree is only read), results in bytenr order.
+fn run_heads(
+    tree: &ExtentTree,
+    heads: &[Head],
+    generation: u64,
+    barrier: u64,
+) -> Vec<(usize, Result<HeadOutcome, RunError>)> {
+    let run_range = |base: usize, part: &[Head]| {
+        let mut out = Vec::with_capacity(part.len());
+        let mut queue = RunQueue::new(part, 0);
+        while let Some(i) = queue.select() {
+            out.push((base + i, run_head(tree, &part[i], generation, barrier)));
+        }
+        out
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(heads.len() / PARALLEL_RUN_MIN_HEADS)
+        .max(1);
+    if workers == 1 {
+        return run_range(0, heads);
+    }
+    let per = heads.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = heads
+            .chunks(per)
+            .enumerate()
+            .map(|(k, part)| s.spawn(move || run_range(k * per, part)))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("run worker panicked"))
+            .collect()
+    })
 }
 
 /// Read guard over the committed tree.

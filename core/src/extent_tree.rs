@@ -264,6 +264,48 @@ impl ExtentTree {
         self.items.insert(bytenr, item)
     }
 
+    /// Apply `(bytenr, item or removal)` changes sorted by bytenr. When the
+    /// changes are a large share of the tree, the tree is rebuilt in one
+    /// sorted merge (bulk-built B-tree) instead of one insert per change.
+    pub fn apply_sorted(&mut self, changes: impl ExactSizeIterator<Item = (u64, Option<ExtentItem>)>) {
+        if changes.len() * 4 < self.items.len() {
+            for (bytenr, item) in changes {
+                match item {
+                    Some(item) => {
+                        self.insert(bytenr, item);
+                    }
+                    None => {
+                        self.remove(bytenr);
+                    }
+                }
+            }
+            return;
+        }
+        let old = std::mem::take(&mut self.items);
+        let mut old = old.into_iter().peekable();
+        let mut merged: Vec<(u64, ExtentItem)> = Vec::with_capacity(old.len() + changes.len());
+        let mut last = None;
+        for (bytenr, item) in changes {
+            debug_assert!(last.is_none_or(|l| l < bytenr), "changes must be sorted and unique");
+            last = Some(bytenr);
+            while let Some((b, _)) = old.peek() {
+                if *b >= bytenr {
+                    break;
+                }
+                merged.extend(old.next());
+            }
+            if old.peek().is_some_and(|(b, _)| *b == bytenr) {
+                old.next();
+            }
+            if let Some(item) = item {
+                debug_assert_eq!(item.check(), Ok(()), "extent {bytenr}");
+                merged.push((bytenr, item));
+            }
+        }
+        merged.extend(old);
+        self.items = merged.into_iter().collect();
+    }
+
     /// Remove the item at `bytenr`.
     pub fn remove(&mut self, bytenr: u64) -> Option<ExtentItem> {
         self.items.remove(&bytenr)

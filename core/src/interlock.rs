@@ -145,6 +145,15 @@ impl Interlock {
         }
     }
 
+    /// +1 reference for a caller that has already validated the object by
+    /// other means (the lock-free store checks a buffer's generation tag
+    /// before and after): no CHECK on 0->1, so no load step, one atomic add.
+    /// Use [`Interlock::ref_interlock`] when the object may need loading.
+    pub fn ref_plain(&self) {
+        let lv = self.word.fetch_add(1, Ordering::SeqCst);
+        assert!(lv & !FLAGS < REFS_MAX, "interlock refcount overflow");
+    }
+
     /// Loading succeeded: release the interlock and clear CHECK.
     pub fn ref_interlock_done(&self) {
         loop {

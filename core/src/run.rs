@@ -392,6 +392,9 @@ pub struct RunQueue<'a> {
     heads: &'a [Head],
     processing: Vec<bool>,
     ready: usize,
+    /// Index after the last selected head: where the search for the cursor
+    /// ends when selection proceeds in order (the common case).
+    hint: usize,
     /// `run_delayed_start`: where the next selection starts.
     pub cursor: u64,
 }
@@ -404,6 +407,7 @@ impl<'a> RunQueue<'a> {
             heads,
             processing: vec![false; heads.len()],
             ready: heads.len(),
+            hint: 0,
             cursor,
         }
     }
@@ -417,7 +421,16 @@ impl<'a> RunQueue<'a> {
     /// being processed, wrapping around once to the lowest bytenr. Marks it
     /// processing and moves the cursor past its extent.
     pub fn select(&mut self) -> Option<usize> {
-        let start = self.heads.partition_point(|h| h.bytenr < self.cursor);
+        // The first head at or after the cursor: the hint when it is that
+        // head (sequential selection), else a binary search.
+        let hinted = self.hint <= self.heads.len()
+            && (self.hint == self.heads.len() || self.heads[self.hint].bytenr >= self.cursor)
+            && (self.hint == 0 || self.heads[self.hint - 1].bytenr < self.cursor);
+        let start = if hinted {
+            self.hint
+        } else {
+            self.heads.partition_point(|h| h.bytenr < self.cursor)
+        };
         let mut i = if start < self.heads.len() {
             start
         } else if self.cursor != 0 {
@@ -441,6 +454,7 @@ impl<'a> RunQueue<'a> {
         }
         self.processing[i] = true;
         self.ready -= 1;
+        self.hint = i + 1;
         let h = &self.heads[i];
         self.cursor = h.bytenr.saturating_add(h.summary.num_bytes);
         Some(i)

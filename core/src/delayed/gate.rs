@@ -7,7 +7,9 @@
 //!
 //! Protocol:
 //! - ingester ([`ShardGate::enter`]): read `g`; take a reference on buffer
-//!   `g & 1` (the 0->1 transition "loads" it: tags it with `g`); SeqCst
+//!   `g & 1` (when the buffer is not yet tagged with `g`, through the
+//!   interlock: the 0->1 transition "loads" it, tagging it; otherwise a
+//!   plain increment); SeqCst
 //!   fence; re-read the generation; if it moved, drop the reference and
 //!   start over.
 //! - committer ([`Generation::advance`] then [`ShardGate::quiesce`]): store
@@ -86,7 +88,11 @@ impl ShardGate {
         loop {
             let g = gen.live();
             let b = &self.bufs[parity(g)];
-            if b.refs.ref_interlock() {
+            if b.tag.load(Ordering::SeqCst) == g {
+                // Already loaded for g: a plain reference; the fence and
+                // re-read below decide as on the load path.
+                b.refs.ref_plain();
+            } else if b.refs.ref_interlock() {
                 if gen.live() == g && b.tag.load(Ordering::SeqCst) != g {
                     load(parity(g));
                     b.tag.store(g, Ordering::SeqCst);

@@ -59,7 +59,7 @@ use super::packed::{build_run, merge_cursors, Chunk, Cursor, HeadRef, PackedRef,
 use super::{merge_heads, DelayedRefStore, IngestHandle, StampClock, StoreError};
 use crate::head::Head;
 use super::gate::{parity, Generation, ShardGate};
-use crate::model::{Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey};
+use crate::model::Op;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Ingest shards (handles) available by default.
@@ -67,9 +67,11 @@ pub const SHARDS_DEFAULT: usize = 64;
 /// Ops a shard stages before handing them off as a sorted run.
 pub const STAGING_OPS: usize = 4096;
 /// Runs of one level merged into one run of the next level.
-pub const COMPACT_FANOUT: usize = 4;
+pub const COMPACT_FANOUT: usize = 8;
+/// Levels with their own compaction token (deeper levels share the last).
+const LEVELS_MAX: usize = 16;
 
-const SLOT_WORDS: usize = 11;
+use super::packed::{decode, encode, Staged, STAGED_WORDS as SLOT_WORDS};
 
 /// A staging buffer: single writer (the shard owner), many readers. The
 /// slots are allocated when the shard is first claimed, so idle shards
@@ -79,77 +81,6 @@ struct Staging {
     len: AtomicUsize,
     cap: usize,
     slots: OnceLock<Box<[[AtomicU64; SLOT_WORDS]]>>,
-}
-
-fn encode(op: &Op, stamp: u64) -> [u64; SLOT_WORDS] {
-    let (code, k1, k2, k3) = match op.key {
-        Some(k) => {
-            let (a, b, c) = k.words();
-            (k.type_code(), a, b, c)
-        }
-        None => (0, 0, 0, 0),
-    };
-    let (is_data, level) = match op.kind {
-        ExtentKind::Data => (1u64, 0u64),
-        ExtentKind::Tree { level } => (0, u64::from(level)),
-    };
-    let (has_eop, eflags, ekey) = match op.extent_op {
-        Some(e) => (1u64, e.flags_to_set, e.key),
-        None => (0, 0, None),
-    };
-    let (has_key, kobj, ktype, koff) = match ekey {
-        Some(k) => (1u64, k.objectid, u64::from(k.item_type), k.offset),
-        None => (0, 0, 0, 0),
-    };
-    let meta = u64::from(op.action.code())
-        | (u64::from(code) << 8)
-        | (level << 16)
-        | (is_data << 24)
-        | (has_eop << 25)
-        | (has_key << 26)
-        | (ktype << 32);
-    [
-        op.bytenr, op.num_bytes, k1, k2, k3, op.seq, stamp, meta, eflags, kobj, koff,
-    ]
-}
-
-fn decode(w: &[u64; SLOT_WORDS]) -> (Op, u64) {
-    let meta = w[7];
-    let action = Action::from_code(meta as u8).expect("staged op has a valid action");
-    let code = (meta >> 8) as u8;
-    let kind = if (meta >> 24) & 1 == 1 {
-        ExtentKind::Data
-    } else {
-        ExtentKind::Tree {
-            level: (meta >> 16) as u8,
-        }
-    };
-    let extent_op = if (meta >> 25) & 1 == 1 {
-        Some(ExtentOp {
-            flags_to_set: w[8],
-            key: if (meta >> 26) & 1 == 1 {
-                Some(DiskKey {
-                    objectid: w[9],
-                    item_type: (meta >> 32) as u8,
-                    offset: w[10],
-                })
-            } else {
-                None
-            },
-        })
-    } else {
-        None
-    };
-    let op = Op {
-        bytenr: w[0],
-        num_bytes: w[1],
-        kind,
-        action,
-        key: RefKey::from_words(code, w[2], w[3], w[4]),
-        seq: w[5],
-        extent_op,
-    };
-    (op, w[6])
 }
 
 impl Staging {
@@ -179,9 +110,14 @@ impl Staging {
         decode(&w)
     }
 
-    fn read_all(&self, out: &mut Vec<(Op, u64)>) {
+    /// Copy the raw words of every published slot.
+    fn read_all(&self, out: &mut Vec<Staged>) {
         let n = self.len.load(Ordering::Acquire).min(self.slots().len());
-        out.extend((0..n).map(|i| self.read(i)));
+        out.extend(
+            self.slots()[..n]
+                .iter()
+                .map(|slot| std::array::from_fn(|j| slot[j].load(Ordering::Relaxed))),
+        );
     }
 }
 
@@ -239,7 +175,9 @@ struct TxnIndex {
     started: CachePadded<AtomicU64>,
     finished: CachePadded<AtomicU64>,
     next_run: AtomicU64,
-    compacting: AtomicBool,
+    /// One compactor per level at a time; different levels compact in
+    /// parallel (their input runs are disjoint).
+    compacting: [AtomicBool; LEVELS_MAX],
     /// Heads requeued by a commit (held back by a seq barrier).
     carry: Mutex<Vec<Head>>,
 }
@@ -293,45 +231,70 @@ impl TxnIndex {
         self.end_change();
     }
 
-    /// Merge runs while some level has `COMPACT_FANOUT` of them. Only one
-    /// compactor per index; others skip (they never wait).
+    /// Merge runs while some level has `COMPACT_FANOUT` of them. One
+    /// compactor per level; a thread that finds a level busy tries the
+    /// next one and never waits.
     fn maybe_compact(&self) {
-        if self
-            .compacting
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
-            return;
-        }
         loop {
             let mut by_level: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
             for e in self.runs.iter() {
                 by_level.entry(e.value().level).or_default().push(*e.key());
             }
-            let Some((&level, ids)) = by_level.iter().find(|(_, ids)| ids.len() >= COMPACT_FANOUT)
-            else {
-                break;
+            // The top level keeps one run: its runs each cover most of the
+            // key space (they are big), so merging them mostly removes
+            // duplicates rather than copying.
+            let top = by_level.keys().next_back().copied();
+            let mut claimed = None;
+            for (&level, ids) in &by_level {
+                let due = ids.len() >= COMPACT_FANOUT
+                    || (Some(level) == top && ids.len() >= 2 && level > 0);
+                if !due {
+                    continue;
+                }
+                let token = &self.compacting[(level as usize).min(LEVELS_MAX - 1)];
+                if token
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    claimed = Some((level, token));
+                    break;
+                }
+            }
+            let Some((level, token)) = claimed else {
+                return;
             };
-            let ids: Vec<u64> = ids[..COMPACT_FANOUT].to_vec();
-            let mut b = RunBuilder::new();
-            {
-                let entries: Vec<_> = ids.iter().filter_map(|id| self.runs.get(id)).collect();
-                let cursors = entries.iter().map(|e| e.value().cursor()).collect();
-                merge_cursors(cursors, |bytenr, s, refs| b.push(bytenr, s, refs));
+            // Re-read the level under its token: another compactor of this
+            // level may have finished since the scan.
+            let ids: Vec<u64> = self
+                .runs
+                .iter()
+                .filter(|e| e.value().level == level)
+                .map(|e| *e.key())
+                .take(COMPACT_FANOUT)
+                .collect();
+            let is_top = self.runs.iter().all(|e| e.value().level <= level);
+            let out_level = if ids.len() == COMPACT_FANOUT { level + 1 } else { level };
+            if ids.len() == COMPACT_FANOUT || (is_top && ids.len() >= 2 && level > 0) {
+                let mut b = RunBuilder::new();
+                {
+                    let entries: Vec<_> = ids.iter().filter_map(|id| self.runs.get(id)).collect();
+                    let cursors = entries.iter().map(|e| e.value().cursor()).collect();
+                    merge_cursors(cursors, |bytenr, s, refs| b.push(bytenr, s, refs));
+                }
+                let (heads, refs) = (b.heads_total, b.refs_total);
+                let chunks = b.finish();
+                self.begin_change();
+                if heads > 0 {
+                    self.insert_run(chunks, out_level, heads, refs);
+                }
+                for id in ids {
+                    self.runs.remove(&id);
+                }
+                self.end_change();
+                reclaim();
             }
-            let (heads, refs) = (b.heads_total, b.refs_total);
-            let chunks = b.finish();
-            self.begin_change();
-            if heads > 0 {
-                self.insert_run(chunks, level + 1, heads, refs);
-            }
-            for id in ids {
-                self.runs.remove(&id);
-            }
-            self.end_change();
-            reclaim();
+            token.store(false, Ordering::Release);
         }
-        self.compacting.store(false, Ordering::Release);
     }
 
     /// The parts of `bytenr` held by this index's runs.
@@ -441,7 +404,7 @@ impl LockFreeStore {
     fn merge_gen(&self, g: u64, mut emit: impl FnMut(HeadRef<'_>)) {
         let idx = &self.index[parity(g)];
         let mut staged_runs: Vec<Vec<Chunk>> = Vec::new();
-        let mut staged: Vec<(Op, u64)> = Vec::new();
+        let mut staged: Vec<Staged> = Vec::new();
         for shard in self.shards.iter() {
             if !shard.gate.holds(g) {
                 continue;
@@ -449,7 +412,7 @@ impl LockFreeStore {
             staged.clear();
             shard.staging[parity(g)].read_all(&mut staged);
             if !staged.is_empty() {
-                staged_runs.push(build_run(&mut staged).finish());
+                staged_runs.push(build_run(&staged).finish());
             }
         }
         let carry = merge_heads(idx.lock_carry().clone());
@@ -506,7 +469,7 @@ pub struct IndexStats {
 pub struct LockFreeHandle<'a> {
     store: &'a LockFreeStore,
     shard: usize,
-    scratch: Vec<(Op, u64)>,
+    scratch: Vec<Staged>,
 }
 
 impl Drop for LockFreeHandle<'_> {
@@ -546,7 +509,7 @@ impl LockFreeHandle<'_> {
             let idx = &store.index[parity(g)];
             self.scratch.clear();
             staging.read_all(&mut self.scratch);
-            let b = build_run(&mut self.scratch);
+            let b = build_run(&self.scratch);
             idx.hand_off(b, staging);
             idx.maybe_compact();
         }
@@ -678,6 +641,20 @@ impl DelayedRefStore for LockFreeStore {
         out
     }
 
+    fn reclaim_released(&self) {
+        let released = self.released.load(Ordering::SeqCst);
+        if released == 0 {
+            return;
+        }
+        let idx = &self.index[parity(released)];
+        // Only if the buffer still belongs to the released generation (the
+        // next commit's freeze has not reused it).
+        if self.gen.live() == released + 1 {
+            idx.clear();
+            reclaim();
+        }
+    }
+
     fn release(&self, held: Vec<Head>) {
         let live = self.gen.live();
         let g = live - 1;
@@ -691,8 +668,8 @@ impl DelayedRefStore for LockFreeStore {
                 .retire(g, || shard.staging[parity(g)].len.store(0, Ordering::SeqCst));
         }
         idx.end_change();
-        idx.clear();
-        reclaim();
+        // Hidden now (released = g); the runs are freed by
+        // `reclaim_released`, outside the engine's tree lock.
         if !held.is_empty() {
             let next = &self.index[parity(live)];
             next.begin_change();
@@ -706,7 +683,7 @@ impl DelayedRefStore for LockFreeStore {
 mod tests {
     use super::*;
     use crate::delayed::mutex::MutexStore;
-    use crate::model::BLOCK_FLAG_FULL_BACKREF;
+    use crate::model::{Action, DiskKey, ExtentKind, ExtentOp, RefKey, BLOCK_FLAG_FULL_BACKREF};
 
     fn ops(n: u64) -> Vec<Op> {
         (0..n)

@@ -120,6 +120,10 @@ pub trait DelayedRefStore: Send + Sync {
     /// heads into the live transaction. Called under the engine's tree write
     /// lock.
     fn release(&self, held: Vec<Head>);
+
+    /// Free what the last release hid (called outside the tree lock, before
+    /// the next freeze). Stores that free inside `release` need nothing.
+    fn reclaim_released(&self) {}
 }
 
 /// The global stamp counter ordering allocations and key updates (see

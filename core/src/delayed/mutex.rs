@@ -42,6 +42,8 @@ impl MapHead {
 struct Inner {
     live: BTreeMap<u64, MapHead>,
     frozen: Option<Arc<BTreeMap<u64, MapHead>>>,
+    /// Released transaction, dropped outside the engine's tree lock.
+    released: Option<Arc<BTreeMap<u64, MapHead>>>,
 }
 
 /// One lock around everything.
@@ -98,6 +100,11 @@ impl IngestHandle for MutexHandle<'_> {
 }
 
 impl DelayedRefStore for MutexStore {
+    fn reclaim_released(&self) {
+        let released = self.lock().released.take();
+        drop(released);
+    }
+
     type Handle<'a> = MutexHandle<'a>;
 
     fn name(&self) -> &'static str {
@@ -152,7 +159,7 @@ impl DelayedRefStore for MutexStore {
 
     fn release(&self, held: Vec<Head>) {
         let mut inner = self.lock();
-        inner.frozen = None;
+        inner.released = inner.frozen.take();
         for h in held {
             match inner.live.get_mut(&h.bytenr) {
                 Some(live) => {

@@ -10,7 +10,88 @@
 //! reused scratch buffer: no allocation per head.
 
 use crate::head::{DelayedRef, Head, HeadSummary, PendingExtentOp};
-use crate::model::{ExtentKind, RefKey, SEQ_MAX};
+use crate::model::{Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, SEQ_MAX};
+
+/// Words of a staged op: bytenr, num_bytes, k1, k2, k3, seq, stamp, meta
+/// (action, type code, level, is_data, extent_op and key bits, key type),
+/// extent_op flags, key objectid, key offset.
+pub(crate) const STAGED_WORDS: usize = 11;
+
+/// An op with its stamp as staged in a shard (plain words so readers can
+/// load them atomically).
+pub(crate) type Staged = [u64; STAGED_WORDS];
+
+pub(crate) fn encode(op: &Op, stamp: u64) -> Staged {
+    let (code, k1, k2, k3) = match op.key {
+        Some(k) => {
+            let (a, b, c) = k.words();
+            (k.type_code(), a, b, c)
+        }
+        None => (0, 0, 0, 0),
+    };
+    let (is_data, level) = match op.kind {
+        ExtentKind::Data => (1u64, 0u64),
+        ExtentKind::Tree { level } => (0, u64::from(level)),
+    };
+    let (has_eop, eflags, ekey) = match op.extent_op {
+        Some(e) => (1u64, e.flags_to_set, e.key),
+        None => (0, 0, None),
+    };
+    let (has_key, kobj, ktype, koff) = match ekey {
+        Some(k) => (1u64, k.objectid, u64::from(k.item_type), k.offset),
+        None => (0, 0, 0, 0),
+    };
+    let meta = u64::from(op.action.code())
+        | (u64::from(code) << 8)
+        | (level << 16)
+        | (is_data << 24)
+        | (has_eop << 25)
+        | (has_key << 26)
+        | (ktype << 32);
+    [
+        op.bytenr, op.num_bytes, k1, k2, k3, op.seq, stamp, meta, eflags, kobj, koff,
+    ]
+}
+
+pub(crate) fn decode(w: &Staged) -> (Op, u64) {
+    let meta = w[7];
+    let action = Action::from_code(meta as u8).expect("staged op has a valid action");
+    let code = (meta >> 8) as u8;
+    let kind = if (meta >> 24) & 1 == 1 {
+        ExtentKind::Data
+    } else {
+        ExtentKind::Tree {
+            level: (meta >> 16) as u8,
+        }
+    };
+    let extent_op = if (meta >> 25) & 1 == 1 {
+        Some(ExtentOp {
+            flags_to_set: w[8],
+            key: if (meta >> 26) & 1 == 1 {
+                Some(DiskKey {
+                    objectid: w[9],
+                    item_type: (meta >> 32) as u8,
+                    offset: w[10],
+                })
+            } else {
+                None
+            },
+        })
+    } else {
+        None
+    };
+    let op = Op {
+        bytenr: w[0],
+        num_bytes: w[1],
+        kind,
+        action,
+        key: RefKey::from_words(code, w[2], w[3], w[4]),
+        seq: w[5],
+        extent_op,
+    };
+    (op, w[6])
+}
+
 
 /// Heads per chunk (bounds one allocation and one binary search).
 pub(crate) const CHUNK_HEADS_MAX: usize = 512;
@@ -219,7 +300,11 @@ pub(crate) struct RunBuilder {
 
 impl RunBuilder {
     pub fn new() -> RunBuilder {
-        RunBuilder::default()
+        RunBuilder {
+            heads: Vec::with_capacity(CHUNK_HEADS_MAX),
+            refs: Vec::with_capacity(4 * CHUNK_HEADS_MAX),
+            ..RunBuilder::default()
+        }
     }
 
     /// Append a merged head. A head whose refs all cancelled is kept: the
@@ -251,15 +336,21 @@ impl RunBuilder {
         }
     }
 
+    /// Seal the current chunk: exact-size copies of the scratch buffers,
+    /// which keep their capacity for the next chunk (no doubling growth,
+    /// no reallocation per chunk).
     fn cut(&mut self) {
         if self.heads.is_empty() {
             return;
         }
         self.chunks.push(Chunk {
-            heads: std::mem::take(&mut self.heads).into_boxed_slice(),
-            refs: std::mem::take(&mut self.refs).into_boxed_slice(),
-            eops: std::mem::take(&mut self.eops).into_boxed_slice(),
+            heads: Box::from(&self.heads[..]),
+            refs: Box::from(&self.refs[..]),
+            eops: Box::from(&self.eops[..]),
         });
+        self.heads.clear();
+        self.refs.clear();
+        self.eops.clear();
     }
 
     pub fn finish(mut self) -> Vec<Chunk> {
@@ -268,40 +359,50 @@ impl RunBuilder {
     }
 }
 
-/// A cursor over a sorted sequence of chunks (one source of a merge).
+/// A cursor over a sorted sequence of chunks (one source of a merge). The
+/// next head's bytenr is cached (`u64::MAX` at the end: bytenr + num_bytes
+/// cannot overflow, so no real head sits there).
 #[derive(Debug)]
 pub(crate) struct Cursor<'a> {
     chunks: Vec<&'a Chunk>,
     c: usize,
     i: usize,
+    next: u64,
 }
 
 impl<'a> Cursor<'a> {
     pub fn new(chunks: Vec<&'a Chunk>) -> Cursor<'a> {
-        let mut cur = Cursor { chunks, c: 0, i: 0 };
-        cur.skip_empty();
+        let mut cur = Cursor {
+            chunks,
+            c: 0,
+            i: 0,
+            next: u64::MAX,
+        };
+        cur.settle();
         cur
     }
 
-    fn skip_empty(&mut self) {
+    fn settle(&mut self) {
         while self.c < self.chunks.len() && self.i >= self.chunks[self.c].len() {
             self.c += 1;
             self.i = 0;
         }
+        self.next = match self.chunks.get(self.c) {
+            Some(ch) => ch.heads[self.i].bytenr,
+            None => u64::MAX,
+        };
     }
 
     #[inline]
     pub fn peek(&self) -> Option<u64> {
-        self.chunks
-            .get(self.c)
-            .map(|ch| ch.heads[self.i].bytenr)
+        (self.next != u64::MAX).then_some(self.next)
     }
 
     pub fn next_head(&mut self) -> Option<HeadRef<'a>> {
         let ch: &'a Chunk = self.chunks.get(self.c)?;
         let h = ch.head(self.i);
         self.i += 1;
-        self.skip_empty();
+        self.settle();
         Some(h)
     }
 }
@@ -395,13 +496,13 @@ pub(crate) fn merge_cursors<'a>(
     }
 }
 
-/// Build a run from staged ops `(op, stamp)`: sort (by a 16-byte key, not
-/// the ops themselves), merge at insert.
-pub(crate) fn build_run(staged: &mut [(crate::model::Op, u64)]) -> RunBuilder {
+/// Build a run from staged ops: sort by a 16-byte `(bytenr, index)` key
+/// (not the 88-byte ops), decode each op once, merge at insert.
+pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
     let mut order: Vec<(u64, u32)> = staged
         .iter()
         .enumerate()
-        .map(|(i, (op, _))| (op.bytenr, i as u32))
+        .map(|(i, w)| (w[0], i as u32))
         .collect();
     order.sort_unstable();
     let mut b = RunBuilder::new();
@@ -409,25 +510,24 @@ pub(crate) fn build_run(staged: &mut [(crate::model::Op, u64)]) -> RunBuilder {
     let mut i = 0;
     while i < order.len() {
         let bytenr = order[i].0;
-        let (op0, stamp0) = &staged[order[i].1 as usize];
-        let mut summary = HeadSummary::of_op(op0, *stamp0);
+        let mut summary: Option<HeadSummary> = None;
         scratch.clear();
-        let mut j = i;
-        while j < order.len() && order[j].0 == bytenr {
-            let (op, stamp) = &staged[order[j].1 as usize];
-            if j > i {
-                summary = summary.merge(HeadSummary::of_op(op, *stamp));
-            }
+        while i < order.len() && order[i].0 == bytenr {
+            let (op, stamp) = decode(&staged[order[i].1 as usize]);
+            let one = HeadSummary::of_op(&op, stamp);
+            summary = Some(match summary {
+                None => one,
+                Some(s) => s.merge(one),
+            });
             if let Some(key) = op.key {
                 scratch.push(PackedRef::new(key, op.seq, op.ref_mod()));
             }
-            j += 1;
+            i += 1;
         }
         if scratch.len() > 1 {
             merge_refs(&mut scratch);
         }
-        b.push(bytenr, &summary, &scratch);
-        i = j;
+        b.push(bytenr, &summary.expect("at least one op"), &scratch);
     }
     b
 }
@@ -474,10 +574,10 @@ mod tests {
             (mk(1, Action::DropRef, 5, 0), 0),
             (mk(2, Action::AddRef, 5, 4), 0),
         ];
-        let mut a = ops[..3].to_vec();
-        let mut b = ops[3..].to_vec();
-        let run_a = build_run(&mut a).finish();
-        let run_b = build_run(&mut b).finish();
+        let a: Vec<Staged> = ops[..3].iter().map(|(o, s)| encode(o, *s)).collect();
+        let b: Vec<Staged> = ops[3..].iter().map(|(o, s)| encode(o, *s)).collect();
+        let run_a = build_run(&a).finish();
+        let run_b = build_run(&b).finish();
         let mut got = Vec::new();
         merge_cursors(
             vec![

@@ -17,7 +17,7 @@ use refd_core::model::Op;
 use serde::Serialize;
 
 use crate::alloc::live_bytes;
-use crate::workload::{deal, generate, Stream, Workload};
+use crate::workload::{deal, generate, load_trace, Stream, Workload};
 
 /// Which implementation(s) to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -58,6 +58,14 @@ pub struct IngestArgs {
     /// RNG seed of the workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Capture directory for `--workload btrfs-trace` (before.txt.zst,
+    /// trace.txt.zst), e.g. ../shared/traces/reflink-1.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Check every op with ref-verify at ingest (the replay anchor is
+    /// "in memory, all ops verified").
+    #[arg(long)]
+    pub verify: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -117,7 +125,13 @@ pub struct ImplResult {
     started: Duration,
 }
 
-fn run_impl<S: DelayedRefStore>(store: S, stream: &Stream, per_thread: &[Vec<Op>], sample: usize) -> ImplResult {
+fn run_impl<S: DelayedRefStore>(
+    store: S,
+    stream: &Stream,
+    per_thread: &[Vec<Op>],
+    sample: usize,
+    verify: bool,
+) -> ImplResult {
     let name = store.name().to_string();
     let threads = per_thread.len();
     let tree = stream.tree.clone();
@@ -125,7 +139,11 @@ fn run_impl<S: DelayedRefStore>(store: S, stream: &Stream, per_thread: &[Vec<Op>
         .map(|_| Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds"))
         .collect();
     let before = live_bytes();
-    let engine = Engine::with_tree(store, tree, 1);
+    let mut engine = Engine::with_tree(store, tree, 1);
+    if verify {
+        engine.enable_verify();
+    }
+    let engine = engine;
     let barrier = Barrier::new(threads + 1);
     let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let elapsed = std::thread::scope(|s| {
@@ -164,6 +182,7 @@ fn run_impl<S: DelayedRefStore>(store: S, stream: &Stream, per_thread: &[Vec<Op>
     let layout = engine.store().layout();
     let stats = engine.store().stats();
     let total_ops: usize = per_thread.iter().map(Vec::len).sum();
+
     let t = Instant::now();
     let report = engine.commit();
     let commit = t.elapsed();
@@ -219,8 +238,17 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             args.ops, args.workload, args.extents
         );
     }
-    let stream = generate(args.workload, args.extents, args.ops, args.seed);
-    let per_thread = deal(&stream.ops, args.threads, false);
+    let (stream, by_bytenr) = if args.workload == Workload::BtrfsTrace {
+        let dir = args
+            .trace
+            .as_ref()
+            .ok_or("--workload btrfs-trace needs --trace DIR (a capture directory)")?;
+        // An extent's ops stay on one thread, in trace order.
+        (load_trace(dir, 16384)?, true)
+    } else {
+        (generate(args.workload, args.extents, args.ops, args.seed), false)
+    };
+    let per_thread = deal(&stream.ops, args.threads, by_bytenr);
     let mut lf = Vec::new();
     let mut mx = Vec::new();
     for round in 0..args.rounds {
@@ -228,13 +256,13 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             if !args.json {
                 eprintln!("round {}: lockfree...", round + 1);
             }
-            lf.push(run_impl(LockFreeStore::new(), &stream, &per_thread, args.sample));
+            lf.push(run_impl(LockFreeStore::new(), &stream, &per_thread, args.sample, args.verify));
         }
         if matches!(args.imp, Impl::Mutex | Impl::Both) {
             if !args.json {
                 eprintln!("round {}: mutex...", round + 1);
             }
-            mx.push(run_impl(MutexStore::new(), &stream, &per_thread, args.sample));
+            mx.push(run_impl(MutexStore::new(), &stream, &per_thread, args.sample, args.verify));
         }
     }
     let results: Vec<ImplResult> = [lf, mx]
@@ -262,8 +290,9 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             "workload": args.workload,
             "threads": args.threads,
             "extents": args.extents,
-            "ops": args.ops,
+            "ops": stream.ops.len(),
             "rounds": args.rounds,
+            "verify": args.verify,
             "lockfree_mops": get("lockfree").map(|r| r.mops),
             "mutex_mops": get("mutex").map(|r| r.mops),
             "ratio": ratio,
@@ -274,15 +303,23 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
         });
         println!("{v}");
     } else {
-        print_table(args, &results, ratio);
+        print_table(args, stream.ops.len(), &results, ratio);
     }
     Ok(())
 }
 
-fn print_table(args: &IngestArgs, results: &[ImplResult], ratio: Option<f64>) {
+fn print_table(args: &IngestArgs, ops: usize, results: &[ImplResult], ratio: Option<f64>) {
     println!(
-        "ingest: workload {:?}, {} extents, {} ops, {} threads, {} round(s), latency sampled 1/{}",
-        args.workload, args.extents, args.ops, args.threads, args.rounds, args.sample
+        "ingest: workload {:?}{}, {} ops, {} threads, {} round(s), latency sampled 1/{}",
+        args.workload,
+        match (&args.trace, args.workload) {
+            (Some(t), Workload::BtrfsTrace) => format!(" {}", t.display()),
+            _ => format!(", {} extents", args.extents),
+        },
+        ops,
+        args.threads,
+        args.rounds,
+        args.sample
     );
     println!(
         "{:<9} {:>8} {:>7} {:>7} {:>7} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>10}",

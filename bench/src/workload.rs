@@ -27,6 +27,9 @@ pub enum Workload {
     Reflink,
     /// Add/drop pairs on committed extents that merge away at insert.
     Cancel,
+    /// A kernel btrfs capture (`--trace DIR` with before/trace .zst files):
+    /// its ops parsed into memory first, then replayed as the load.
+    BtrfsTrace,
 }
 
 /// Roots a data extent is shared between (snapshots/reflinks).
@@ -126,7 +129,27 @@ pub fn generate(workload: Workload, extents: u64, ops: usize, seed: u64) -> Stre
         Workload::SnapshotFanout => snapshot_fanout(extents, ops, seed),
         Workload::Reflink => reflink(extents, ops, seed),
         Workload::Cancel => cancel(extents, ops, seed),
+        Workload::BtrfsTrace => unreachable!("btrfs-trace streams are loaded with load_trace"),
     }
+}
+
+/// Load a kernel capture directory (`before.txt.zst`, `trace.txt.zst`):
+/// the tree before and every op, parsed into memory before timing.
+pub fn load_trace(dir: &std::path::Path, nodesize: u64) -> Result<Stream, String> {
+    let (tree, _) = refd_btrfs::dump::load_dump(
+        dir.join("before.txt.zst"),
+        &refd_btrfs::dump::DumpOptions { nodesize },
+    )
+    .map_err(|e| format!("{}: {e}", dir.join("before.txt.zst").display()))?;
+    let trace = dir.join("trace.txt.zst");
+    let mut reader = refd_btrfs::trace::TraceReader::open(&trace, Default::default())
+        .map_err(|e| e.to_string())?;
+    let ops = reader
+        .ops()
+        .map(|t| t.map(|t| t.op))
+        .collect::<Result<Vec<Op>, _>>()
+        .map_err(|e| format!("{}: {e}", trace.display()))?;
+    Ok(Stream { tree, ops })
 }
 
 /// Few extents, each referenced from up to 4096 snapshot roots (tree

@@ -267,8 +267,11 @@ impl ExtentTree {
     /// Apply `(bytenr, item or removal)` changes sorted by bytenr. When the
     /// changes are a large share of the tree, the tree is rebuilt in one
     /// sorted merge (bulk-built B-tree) instead of one insert per change.
+    /// Unsorted input is applied one change at a time.
     pub fn apply_sorted(&mut self, changes: impl ExactSizeIterator<Item = (u64, Option<ExtentItem>)>) {
-        if changes.len() * 4 < self.items.len() {
+        let changes: Vec<(u64, Option<ExtentItem>)> = changes.collect();
+        let sorted = changes.windows(2).all(|w| w[0].0 < w[1].0);
+        if !sorted || changes.len() * 4 < self.items.len() {
             for (bytenr, item) in changes {
                 match item {
                     Some(item) => {
@@ -284,10 +287,7 @@ impl ExtentTree {
         let old = std::mem::take(&mut self.items);
         let mut old = old.into_iter().peekable();
         let mut merged: Vec<(u64, ExtentItem)> = Vec::with_capacity(old.len() + changes.len());
-        let mut last = None;
         for (bytenr, item) in changes {
-            debug_assert!(last.is_none_or(|l| l < bytenr), "changes must be sorted and unique");
-            last = Some(bytenr);
             while let Some((b, _)) = old.peek() {
                 if *b >= bytenr {
                     break;
@@ -382,6 +382,28 @@ mod tests {
         assert_eq!(item.keyed.len(), 1);
         item.check().unwrap();
         assert_eq!(item.backrefs().len() as u64, n - 1);
+    }
+
+    #[test]
+    fn apply_sorted_bulk_and_unsorted() {
+        let item = |n: u64| {
+            let mut i = ExtentItem::new(4096, ExtentKind::Data, 1);
+            i.add_ref(RefKey::ExtentData { root: 5, objectid: 256 + n, offset: 0 }, 1);
+            i
+        };
+        let mut t = ExtentTree::new();
+        for b in [1u64, 3, 5] {
+            t.insert(b << 12, item(b));
+        }
+        // Bulk: replace 3, remove 5, add 2 and 9.
+        t.apply_sorted(vec![(2 << 12, Some(item(2))), (3 << 12, Some(item(7))), (5 << 12, None), (9 << 12, Some(item(9)))].into_iter());
+        let keys: Vec<u64> = t.iter().map(|(b, _)| b >> 12).collect();
+        assert_eq!(keys, vec![1, 2, 3, 9]);
+        assert_eq!(t.get(3 << 12).unwrap().backrefs()[0].0, RefKey::ExtentData { root: 5, objectid: 263, offset: 0 });
+        // Unsorted input still applies every change.
+        t.apply_sorted(vec![(9 << 12, None), (4 << 12, Some(item(4))), (1 << 12, None)].into_iter());
+        let keys: Vec<u64> = t.iter().map(|(b, _)| b >> 12).collect();
+        assert_eq!(keys, vec![2, 3, 4]);
     }
 
     #[test]

@@ -19,7 +19,9 @@
 //!   (they are merged when the head is run, see [`Head::run_refs`]);
 //! - `total_ref_mod` is a sum;
 //! - `extent_op` flags are OR-ed; a key update is last-writer-wins by a
-//!   global stamp (btrfs replaces the key with the newer one);
+//!   global stamp (btrfs replaces the key with the newer one); an
+//!   extent_op applies only to the life it was queued in (see
+//!   [`PendingExtentOp`]);
 //! - an allocation (`ADD_EXTENT`) sets `must_insert_reserved` and defines
 //!   size and kind of the new extent; when a bytenr is freed and allocated
 //!   again before its head runs, the *latest* allocation (highest stamp)
@@ -30,7 +32,7 @@
 //!   run.
 //!
 //! Stamps come from one global counter that is touched only by
-//! allocations and key updates (rare), so real-time order is respected for
+//! allocations and extent_ops (rare), so real-time order is respected for
 //! exactly the fields that need an order.
 
 use crate::model::{Action, DiskKey, ExtentKind, Op, RefKey};
@@ -48,13 +50,28 @@ pub struct DelayedRef {
 }
 
 /// Pending extent_op of a head.
+///
+/// An extent_op belongs to the life of the extent it was queued in: when a
+/// bytenr is freed and allocated again before its head runs, an extent_op
+/// queued for the old life must not reach the new extent. Every extent_op
+/// carries a stamp, and at run time only those stamped at or after the
+/// latest allocation apply. `flags_stamp` is the latest stamp of an
+/// extent_op setting flags; that is exact because a single flag
+/// ([`crate::model::EXTENT_OP_FLAGS_SETTABLE`]) can be set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PendingExtentOp {
     /// Flags to OR into the extent item.
     pub flags_to_set: u64,
+    /// Stamp of the latest extent_op that set flags (0 = none).
+    pub flags_stamp: u64,
     /// New tree block key and the stamp that orders key updates.
     pub key: Option<(u64, DiskKey)>,
 }
+
+const _: () = assert!(
+    crate::model::EXTENT_OP_FLAGS_SETTABLE.count_ones() == 1,
+    "one flags_stamp per head is exact only for a single settable flag"
+);
 
 impl PendingExtentOp {
     /// Merge (commutative, associative).
@@ -65,8 +82,21 @@ impl PendingExtentOp {
         };
         PendingExtentOp {
             flags_to_set: self.flags_to_set | other.flags_to_set,
+            flags_stamp: self.flags_stamp.max(other.flags_stamp),
             key,
         }
+    }
+
+    /// The part that applies to the life allocated at `alloc_stamp` (0: no
+    /// allocation pending, everything applies).
+    pub fn for_life(self, alloc_stamp: u64) -> Option<PendingExtentOp> {
+        let flags = self.flags_stamp >= alloc_stamp && self.flags_to_set != 0;
+        let key = self.key.filter(|(stamp, _)| *stamp >= alloc_stamp);
+        (flags || key.is_some()).then_some(PendingExtentOp {
+            flags_to_set: if flags { self.flags_to_set } else { 0 },
+            flags_stamp: if flags { self.flags_stamp } else { 0 },
+            key,
+        })
     }
 }
 
@@ -93,14 +123,15 @@ pub struct HeadSummary {
 
 impl HeadSummary {
     /// The summary of one op. `stamp` must be non-zero for an allocation or
-    /// a key update and is ignored otherwise.
+    /// an op carrying an extent_op and is ignored otherwise.
     pub fn of_op(op: &Op, stamp: u64) -> HeadSummary {
         let is_alloc = op.action == Action::AddExtent;
         debug_assert!(!is_alloc || stamp != 0, "allocation without a stamp");
         let extent_op = op.extent_op.map(|e| {
-            debug_assert!(e.key.is_none() || stamp != 0, "key update without a stamp");
+            debug_assert!(stamp != 0, "extent_op without a stamp");
             PendingExtentOp {
                 flags_to_set: e.flags_to_set,
+                flags_stamp: if e.flags_to_set != 0 { stamp } else { 0 },
                 key: e.key.map(|k| (stamp, k)),
             }
         });
@@ -388,7 +419,7 @@ mod tests {
             )
             .unwrap(),
         ];
-        let stamps = [1, 0, 2, 0];
+        let stamps = [1, 0, 2, 3];
         let build = |order: &[usize]| {
             let mut h: Option<Head> = None;
             for &i in order {

@@ -22,8 +22,10 @@
 //!    extent_op is an error); all ref ops must name one size/kind, the
 //!    extent's; counts stay >= 0 and tree backrefs <= 1; reaching 0 refs
 //!    frees the extent.
-//! 6. extent_op flags are OR-ed in and the latest key (by stamp) is set; on
-//!    a data extent any extent_op is an error.
+//! 6. extent_op flags are OR-ed in and the latest key (by stamp) is set;
+//!    with an allocation only extent_ops stamped at or after it count (the
+//!    others belonged to a life that ended); on a data extent an applying
+//!    extent_op is an error.
 //! 7. An error quarantines the extent's ops for this commit: the tree is
 //!    unchanged for it.
 
@@ -81,7 +83,7 @@ impl Model {
     /// stamp.
     pub fn add(&mut self, op: &Op) {
         debug_assert!(op.check().is_ok());
-        let needs = op.action == Action::AddExtent || op.extent_op.is_some_and(|e| e.key.is_some());
+        let needs = op.action == Action::AddExtent || op.extent_op.is_some();
         let stamp = if needs {
             self.stamp += 1;
             self.stamp
@@ -122,11 +124,15 @@ impl Model {
                     *sums.entry((k, op.seq)).or_insert(0) += op.ref_mod();
                 }
             }
-            let alloc = ops
+            let alloc_at = ops
                 .iter()
                 .filter(|(o, _)| o.action == Action::AddExtent)
                 .max_by_key(|(_, s)| *s)
-                .map(|(o, _)| *o);
+                .map(|(o, s)| (*o, *s));
+            let alloc = alloc_at.map(|(o, _)| o);
+            // extent_ops of the life being committed: at or after the
+            // latest allocation.
+            let life = alloc_at.map_or(0, |(_, s)| s);
             let has_eop = ops.iter().any(|(o, _)| o.extent_op.is_some());
             if sums.values().all(|&s| s == 0) && alloc.is_none() && !has_eop {
                 continue;
@@ -147,14 +153,19 @@ impl Model {
             net.retain(|_, v| *v != 0);
             let eop_flags = ops
                 .iter()
+                .filter(|(_, s)| *s >= life)
                 .filter_map(|(o, _)| o.extent_op)
                 .fold(0, |f, e| f | e.flags_to_set);
             let eop_key = ops
                 .iter()
+                .filter(|(_, s)| *s >= life)
                 .filter_map(|(o, s)| o.extent_op.and_then(|e| e.key).map(|k| (*s, k)))
                 .max_by_key(|(s, _)| *s)
                 .map(|(_, k)| k);
-            match self.evaluate(bytenr, &ops, alloc, &net, has_eop, eop_flags, eop_key, generation) {
+            let applies_eop = ops
+                .iter()
+                .any(|(o, s)| *s >= life && o.extent_op.is_some_and(|e| !e.is_empty()));
+            match self.evaluate(bytenr, &ops, alloc, &net, has_eop, applies_eop, eop_flags, eop_key, generation) {
                 Ok(Some((new, freed))) => {
                     out.freed.extend(freed);
                     match new {
@@ -183,6 +194,7 @@ impl Model {
         alloc: Option<Op>,
         net: &BTreeMap<RefKey, i64>,
         has_eop: bool,
+        applies_eop: bool,
         eop_flags: u64,
         eop_key: Option<DiskKey>,
         generation: u64,
@@ -249,7 +261,7 @@ impl Model {
             }
             e
         };
-        if has_eop {
+        if applies_eop {
             if e.kind.is_data() {
                 return Err(());
             }

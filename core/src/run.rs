@@ -367,8 +367,14 @@ fn apply_net(bytenr: u64, item: &mut ExtentItem, net: &[(RefKey, i64)]) -> Resul
     Ok(())
 }
 
+/// Apply the head's extent_op to `item`, the life allocated at
+/// `head.summary.alloc_stamp` (extent_ops of earlier lives are dropped).
 fn apply_extent_op(bytenr: u64, item: &mut ExtentItem, head: &Head) -> Result<(), RunError> {
-    let Some(eop) = head.summary.extent_op else {
+    let Some(eop) = head
+        .summary
+        .extent_op
+        .and_then(|e| e.for_life(head.summary.alloc_stamp))
+    else {
         return Ok(());
     };
     if item.kind.is_data() {
@@ -584,6 +590,36 @@ mod tests {
         let mut h = head(&[(Action::DropRef, data(5), 0)], 4096, ExtentKind::Data);
         h.absorb(&alloc, 99);
         assert!(matches!(run_head(&tree, &h, 3, 0), Err(RunError::ReallocWhileReferenced { .. })));
+    }
+
+    /// Seen in the snapshots-1 kernel trace: FULL_BACKREF set by an
+    /// UPDATE_HEAD on a tree block, the block freed and allocated again, all
+    /// in one refd commit. The flag belonged to the old life; the new block
+    /// must not get it. An extent_op queued after the allocation applies.
+    #[test]
+    fn extent_op_applies_only_to_its_life() {
+        let kind = TREE;
+        let r256 = RefKey::TreeBlock { root: 256 };
+        let r258 = RefKey::TreeBlock { root: 258 };
+        let mut tree = ExtentTree::new();
+        let mut item = ExtentItem::new(16384, kind, 1);
+        item.add_ref(r256, 1);
+        tree.insert(1 << 30, item);
+        let full = ExtentOp { flags_to_set: BLOCK_FLAG_FULL_BACKREF, key: None };
+        let eop = Op::update_head(1 << 30, 16384, kind, full).unwrap();
+        let drop = Op::new(1 << 30, 16384, kind, Action::DropRef, r256, 0).unwrap();
+        let alloc = Op::new(1 << 30, 16384, kind, Action::AddExtent, r258, 0).unwrap();
+        let mut h = Head::of_op(&eop, 1);
+        h.absorb(&drop, 0);
+        h.absorb(&alloc, 2);
+        let e = effect(run_head(&tree, &h, 5, 0));
+        let new = e.item.unwrap();
+        assert_eq!(new.backrefs(), vec![(r258, 1)]);
+        assert!(!new.full_backref(), "old life's extent_op must not apply");
+        // The same extent_op queued after the allocation applies.
+        h.absorb(&eop, 3);
+        let e = effect(run_head(&tree, &h, 5, 0));
+        assert!(e.item.unwrap().full_backref());
     }
 
     #[test]

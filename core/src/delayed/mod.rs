@@ -126,17 +126,16 @@ pub trait DelayedRefStore: Send + Sync {
     fn reclaim_released(&self) {}
 }
 
-/// The global stamp counter ordering allocations and key updates (see
+/// The global stamp counter ordering allocations and extent_ops (see
 /// [`crate::head`]). Only those ops touch it.
 #[derive(Debug, Default)]
 pub struct StampClock(AtomicU64);
 
 impl StampClock {
-    /// The stamp of `op`: a fresh one for an allocation or a key update, 0
-    /// otherwise.
+    /// The stamp of `op`: a fresh one for an allocation or an op carrying
+    /// an extent_op, 0 otherwise.
     pub fn stamp(&self, op: &Op) -> u64 {
-        let needs = op.action == Action::AddExtent
-            || op.extent_op.is_some_and(|e| e.key.is_some());
+        let needs = op.action == Action::AddExtent || op.extent_op.is_some();
         if needs {
             self.0.fetch_add(1, Ordering::AcqRel) + 1
         } else {

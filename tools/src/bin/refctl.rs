@@ -1,0 +1,226 @@
+//! refctl: the refd command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use refd_btrfs::export::{write_canonical, write_dump_items};
+use refd_tools::replay::{load, replay, Impl, ReplayOptions, ReplayReport};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "refctl", version, about = "refd command line")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// btrfs conformance: replay kernel traces, export extent trees.
+    #[command(subcommand)]
+    Btrfs(BtrfsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BtrfsCmd {
+    /// Load BEFORE, feed every op of TRACE through refd, compare with AFTER.
+    /// Exit status 0 only on an exact match.
+    Replay(ReplayArgs),
+    /// Print refd's extent tree (BEFORE, plus TRACE replayed if given) in
+    /// dump-tree's extent-item format, or the canonical one-line form.
+    Export(ExportArgs),
+    /// Print a dump-tree file in the canonical one-line-per-extent form
+    /// (what replay compares), for diffing against `export --canonical`.
+    Normalize(NormalizeArgs),
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Extent tree before (`btrfs inspect-internal dump-tree -t extent`), .zst or text.
+    #[arg(long)]
+    before: PathBuf,
+    /// Delayed-ref events (ftrace text), .zst or text.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Delayed-ref store.
+    #[arg(long = "impl", value_enum, default_value = "lockfree")]
+    imp: Impl,
+    /// Check every op with ref-verify at ingest.
+    #[arg(long)]
+    verify: bool,
+    /// Ingest threads (the trace is partitioned by bytenr).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Commit after this many ops (0: only at the end).
+    #[arg(long, default_value_t = 20_000)]
+    commit_every: u64,
+    /// Tree block size of the filesystem (meta.json: nodesize).
+    #[arg(long, default_value_t = 16384)]
+    nodesize: u64,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Extent tree after, to compare with.
+    #[arg(long)]
+    after: PathBuf,
+    /// Mismatches shown in full (with the ops that touched the extent).
+    #[arg(long, default_value_t = 5)]
+    show: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    common: Common,
+    /// One canonical line per extent instead of dump-tree items.
+    #[arg(long)]
+    canonical: bool,
+}
+
+#[derive(Debug, Args)]
+struct NormalizeArgs {
+    /// dump-tree file, .zst or text.
+    file: PathBuf,
+    /// Tree block size.
+    #[arg(long, default_value_t = 16384)]
+    nodesize: u64,
+}
+
+fn options(c: &Common, after: Option<PathBuf>, progress: bool) -> Result<ReplayOptions, String> {
+    let trace = c.trace.clone().ok_or("--trace is required")?;
+    Ok(ReplayOptions {
+        before: c.before.clone(),
+        trace,
+        after,
+        imp: c.imp,
+        verify: c.verify,
+        threads: c.threads,
+        commit_every: c.commit_every,
+        nodesize: c.nodesize,
+        progress,
+    })
+}
+
+fn print_replay(r: &ReplayReport, json: bool) {
+    if json {
+        let v = serde_json::json!({
+            "impl": r.imp,
+            "threads": r.threads,
+            "verify": r.verify,
+            "ops": r.ops,
+            "extents": r.extents,
+            "extents_before": r.extents_before,
+            "extents_got": r.extents_got,
+            "mismatches": r.mismatches.len(),
+            "quarantined": r.quarantined.len(),
+            "verify_errors": r.verify_errors,
+            "commits": r.commits,
+            "elapsed_s": r.elapsed.as_secs_f64(),
+            "ops_per_sec": r.ops_per_sec(),
+            "trace_lines": r.trace_stats.lines,
+            "exact": r.exact(),
+        });
+        println!("{v}");
+        return;
+    }
+    println!(
+        "replay ({}, {} threads{}): {} ops, {} commits, {:.3} s, {:.0} ops/s",
+        r.imp,
+        r.threads,
+        if r.verify { ", ref-verify" } else { "" },
+        r.ops,
+        r.commits,
+        r.elapsed.as_secs_f64(),
+        r.ops_per_sec()
+    );
+    println!(
+        "extents: {} before, {} expected after, {} in refd; mismatches: {}; quarantined heads: {}; verify errors: {}",
+        r.extents_before,
+        r.extents,
+        r.extents_got,
+        r.mismatches.len(),
+        r.quarantined.len(),
+        r.verify_errors
+    );
+    for q in r.quarantined.iter().take(5) {
+        println!("quarantined (commit {}): {}", q.generation, q.error);
+    }
+    for e in &r.verify_samples {
+        println!("{e}");
+    }
+    for m in &r.mismatches {
+        if let Some(h) = r.histories.get(&m.bytenr()) {
+            println!("mismatch: {m}");
+            for item in h {
+                println!("    {item}");
+            }
+        }
+    }
+    if r.mismatches.len() > r.histories.len() {
+        println!("({} more mismatches not shown)", r.mismatches.len() - r.histories.len());
+    }
+    println!("{}", if r.exact() { "EXACT MATCH" } else { "MISMATCH" });
+}
+
+fn run(cli: Cli) -> Result<bool, String> {
+    match cli.cmd {
+        Cmd::Btrfs(BtrfsCmd::Replay(a)) => {
+            let opts = options(&a.common, Some(a.after.clone()), !a.json)?;
+            let r = replay(&opts, a.show).map_err(|e| e.to_string())?;
+            print_replay(&r, a.json);
+            Ok(r.exact())
+        }
+        Cmd::Btrfs(BtrfsCmd::Export(a)) => {
+            let tree = if a.common.trace.is_some() {
+                let opts = options(&a.common, None, false)?;
+                let r = replay(&opts, 0).map_err(|e| e.to_string())?;
+                if !r.exact() {
+                    eprintln!(
+                        "refctl: warning: {} quarantined heads, {} verify errors during replay",
+                        r.quarantined.len(),
+                        r.verify_errors
+                    );
+                }
+                r.tree
+            } else {
+                load(&a.common.before, a.common.nodesize).map_err(|e| e.to_string())?
+            };
+            let out = std::io::stdout().lock();
+            let res = if a.canonical {
+                write_canonical(&tree, out)
+            } else {
+                write_dump_items(&tree, a.common.nodesize, out)
+            };
+            res.map_err(|e| format!("writing to stdout: {e}"))?;
+            Ok(true)
+        }
+        Cmd::Btrfs(BtrfsCmd::Normalize(a)) => {
+            let tree = load(&a.file, a.nodesize).map_err(|e| e.to_string())?;
+            write_canonical(&tree, std::io::stdout().lock()).map_err(|e| format!("writing to stdout: {e}"))?;
+            Ok(true)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("refctl: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

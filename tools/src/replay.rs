@@ -1,0 +1,366 @@
+//! `refctl btrfs replay`: load a kernel extent tree, feed a kernel
+//! delayed-ref trace through refd, compare with the kernel's result.
+//!
+//! The trace is read streaming; ops are routed by bytenr to `threads`
+//! ingest workers over bounded channels (an extent's ops stay in trace
+//! order on one worker), and the dispatcher commits every `commit_every`
+//! ops while the workers keep ingesting, then once more at the end. On a
+//! mismatch the trace is read a second time to collect the ops and the
+//! kernel's `run_*` records of the first mismatched extents.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc::sync_channel;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use refd_btrfs::compare::{compare, Mismatch};
+use refd_btrfs::dump::{load_dump, DumpError, DumpOptions};
+use refd_btrfs::open::OpenError;
+use refd_btrfs::trace::{RunEvent, TraceError, TraceItem, TraceOptions, TraceReader, TraceStats};
+use refd_core::delayed::lockfree::LockFreeStore;
+use refd_core::delayed::mutex::MutexStore;
+use refd_core::delayed::DelayedRefStore;
+use refd_core::engine::{Engine, EngineError, QuarantinedHead};
+use refd_core::extent_tree::ExtentTree;
+use refd_core::model::Op;
+
+/// Ops sent to a worker at once.
+pub const BATCH_OPS: usize = 1024;
+/// Batches queued per worker before the reader waits (back-pressure).
+pub const QUEUE_BATCHES: usize = 64;
+/// Verify errors kept in full (all are counted).
+pub const ERRORS_KEPT: usize = 20;
+/// Trace items kept per mismatched extent for the diagnosis.
+pub const HISTORY_KEPT: usize = 64;
+
+/// Which delayed-ref store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Impl {
+    /// The lock-free store.
+    Lockfree,
+    /// The mutex baseline.
+    Mutex,
+}
+
+/// What to replay and how.
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    /// dump-tree of the extent tree before.
+    pub before: PathBuf,
+    /// ftrace text of the delayed-ref events.
+    pub trace: PathBuf,
+    /// dump-tree after (None: replay only, no comparison).
+    pub after: Option<PathBuf>,
+    /// Store.
+    pub imp: Impl,
+    /// ref-verify every op.
+    pub verify: bool,
+    /// Ingest threads.
+    pub threads: usize,
+    /// Commit after this many ops (0: only at the end).
+    pub commit_every: u64,
+    /// Tree block size.
+    pub nodesize: u64,
+    /// Print progress to stderr.
+    pub progress: bool,
+}
+
+/// Why a replay could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// A dump could not be loaded.
+    #[error("{path}: {source}")]
+    Dump {
+        /// Which file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: DumpError,
+    },
+    /// The trace could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The trace is malformed.
+    #[error("{path}: {source}")]
+    Trace {
+        /// Which file.
+        path: PathBuf,
+        /// Why (with the line).
+        #[source]
+        source: TraceError,
+    },
+    /// Options out of range.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// One item of an extent's history, for the diagnosis.
+#[derive(Clone, Debug)]
+pub enum HistoryItem {
+    /// An op queued by the kernel (trace line, pid).
+    Op {
+        /// Line of the head event.
+        line: u64,
+        /// Task.
+        pid: u32,
+        /// The op.
+        op: Op,
+    },
+    /// What the kernel ran after merging.
+    Run(RunEvent),
+}
+
+/// What a replay found.
+#[derive(Debug)]
+pub struct ReplayReport {
+    /// Store name.
+    pub imp: &'static str,
+    /// Ingest threads.
+    pub threads: usize,
+    /// ref-verify was on.
+    pub verify: bool,
+    /// Ops fed.
+    pub ops: u64,
+    /// Extents in before.
+    pub extents_before: usize,
+    /// Extents compared (in after).
+    pub extents: usize,
+    /// Extents in refd's tree at the end.
+    pub extents_got: usize,
+    /// Commits run.
+    pub commits: u64,
+    /// From the start of the trace to the end of the final commit.
+    pub elapsed: Duration,
+    /// The tree refd ended with.
+    pub tree: ExtentTree,
+    /// Every mismatch.
+    pub mismatches: Vec<Mismatch>,
+    /// Heads refused by commits.
+    pub quarantined: Vec<QuarantinedHead>,
+    /// ref-verify refusals (count).
+    pub verify_errors: u64,
+    /// The first refusals in full.
+    pub verify_samples: Vec<String>,
+    /// History of the first mismatched extents.
+    pub histories: BTreeMap<u64, Vec<HistoryItem>>,
+    /// Trace reader statistics.
+    pub trace_stats: TraceStats,
+}
+
+impl ReplayReport {
+    /// Ops per second over the whole replay.
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// True when refd reproduced the kernel's result exactly, with no
+    /// refused op or head.
+    pub fn exact(&self) -> bool {
+        self.mismatches.is_empty() && self.quarantined.is_empty() && self.verify_errors == 0
+    }
+}
+
+/// Load a dump with the file named in errors.
+pub fn load(path: &PathBuf, nodesize: u64) -> Result<ExtentTree, ReplayError> {
+    load_dump(path, &DumpOptions { nodesize })
+        .map(|(tree, _)| tree)
+        .map_err(|source| ReplayError::Dump {
+            path: path.clone(),
+            source,
+        })
+}
+
+/// Run a replay.
+pub fn replay(opts: &ReplayOptions, show: usize) -> Result<ReplayReport, ReplayError> {
+    if opts.threads == 0 {
+        return Err(ReplayError::Usage("--threads must be at least 1".into()));
+    }
+    if opts.progress {
+        eprintln!("loading {}...", opts.before.display());
+    }
+    let before = load(&opts.before, opts.nodesize)?;
+    let extents_before = before.len();
+    let mut report = match opts.imp {
+        Impl::Lockfree => run(Engine::with_tree(LockFreeStore::new(), before, 0), opts)?,
+        Impl::Mutex => run(Engine::with_tree(MutexStore::new(), before, 0), opts)?,
+    };
+    report.extents_before = extents_before;
+    if let Some(after_path) = &opts.after {
+        if opts.progress {
+            eprintln!("loading {}...", after_path.display());
+        }
+        let after = load(after_path, opts.nodesize)?;
+        report.extents = after.len();
+        report.mismatches = compare(&after, &report.tree);
+        if !report.mismatches.is_empty() && show > 0 {
+            let wanted: Vec<u64> = report.mismatches.iter().take(show).map(Mismatch::bytenr).collect();
+            report.histories = histories(&opts.trace, &wanted)?;
+        }
+    }
+    Ok(report)
+}
+
+fn worker_of(bytenr: u64, threads: usize) -> usize {
+    ((bytenr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % threads
+}
+
+fn run<S: DelayedRefStore>(mut engine: Engine<S>, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    if opts.verify {
+        engine.enable_verify();
+    }
+    let engine = engine;
+    let verify_errors = Mutex::new((0u64, Vec::<String>::new()));
+    let mut reader = TraceReader::open(&opts.trace, TraceOptions::default())?;
+    let started = Instant::now();
+    let mut ops = 0u64;
+    let mut commits = 0u64;
+    let mut quarantined: Vec<QuarantinedHead> = Vec::new();
+    let mut trace_error = None;
+    std::thread::scope(|s| {
+        let mut senders = Vec::with_capacity(opts.threads);
+        for _ in 0..opts.threads {
+            let (tx, rx) = sync_channel::<Vec<Op>>(QUEUE_BATCHES);
+            senders.push(tx);
+            let (engine, verify_errors) = (&engine, &verify_errors);
+            s.spawn(move || {
+                let mut h = engine.handle().expect("one ingest handle per replay worker");
+                for batch in rx {
+                    for op in &batch {
+                        match h.add(op) {
+                            Ok(()) => {}
+                            Err(e) => {
+                                let mut v = verify_errors.lock().unwrap_or_else(|p| p.into_inner());
+                                v.0 += 1;
+                                if v.1.len() < ERRORS_KEPT {
+                                    v.1.push(match e {
+                                        EngineError::Verify(v) => v.to_string(),
+                                        other => other.to_string(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        let mut batches: Vec<Vec<Op>> = (0..opts.threads).map(|_| Vec::with_capacity(BATCH_OPS)).collect();
+        let mut next_commit = opts.commit_every;
+        for item in reader.ops() {
+            let traced = match item {
+                Ok(t) => t,
+                Err(e) => {
+                    trace_error = Some(e);
+                    break;
+                }
+            };
+            let t = worker_of(traced.op.bytenr, opts.threads);
+            batches[t].push(traced.op);
+            if batches[t].len() == BATCH_OPS {
+                let full = std::mem::replace(&mut batches[t], Vec::with_capacity(BATCH_OPS));
+                if senders[t].send(full).is_err() {
+                    break;
+                }
+            }
+            ops += 1;
+            if opts.commit_every > 0 && ops == next_commit {
+                next_commit += opts.commit_every;
+                let r = engine.commit();
+                commits += 1;
+                quarantined.extend(r.quarantined);
+                if opts.progress {
+                    eprint!("\r{ops} ops, {commits} commits");
+                }
+            }
+        }
+        for (t, batch) in batches.into_iter().enumerate() {
+            if !batch.is_empty() {
+                let _ = senders[t].send(batch);
+            }
+        }
+        drop(senders);
+    });
+    if let Some(source) = trace_error {
+        return Err(ReplayError::Trace {
+            path: opts.trace.clone(),
+            source,
+        });
+    }
+    let r = engine.commit();
+    commits += 1;
+    quarantined.extend(r.quarantined);
+    let elapsed = started.elapsed();
+    if opts.progress {
+        eprintln!("\r{ops} ops, {commits} commits in {elapsed:.2?}");
+    }
+    let (verify_count, verify_samples) = verify_errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    let tree = engine.tree().clone();
+    Ok(ReplayReport {
+        imp: engine.store().name(),
+        threads: opts.threads,
+        verify: opts.verify,
+        ops,
+        extents_before: 0,
+        extents: 0,
+        extents_got: tree.len(),
+        commits,
+        elapsed,
+        tree,
+        mismatches: Vec::new(),
+        quarantined,
+        verify_errors: verify_count,
+        verify_samples,
+        histories: BTreeMap::new(),
+        trace_stats: reader.into_stats(),
+    })
+}
+
+/// Second pass over the trace: the ops and run records of `bytenrs`.
+fn histories(trace: &PathBuf, bytenrs: &[u64]) -> Result<BTreeMap<u64, Vec<HistoryItem>>, ReplayError> {
+    let mut out: BTreeMap<u64, VecDeque<HistoryItem>> = bytenrs.iter().map(|&b| (b, VecDeque::new())).collect();
+    let reader = TraceReader::open(trace, TraceOptions::default())?;
+    for item in reader {
+        let item = item.map_err(|source| ReplayError::Trace {
+            path: trace.clone(),
+            source,
+        })?;
+        let (bytenr, h) = match item {
+            TraceItem::Op(t) => (
+                t.op.bytenr,
+                HistoryItem::Op {
+                    line: t.head_line,
+                    pid: t.pid,
+                    op: t.op,
+                },
+            ),
+            TraceItem::Run(r) => {
+                let b = match r {
+                    RunEvent::Ref { op, .. } => op.bytenr,
+                    RunEvent::Head { bytenr, .. } => bytenr,
+                };
+                (b, HistoryItem::Run(r))
+            }
+        };
+        if let Some(v) = out.get_mut(&bytenr) {
+            if v.len() == HISTORY_KEPT {
+                v.pop_front();
+            }
+            v.push_back(h);
+        }
+    }
+    Ok(out.into_iter().map(|(b, v)| (b, v.into())).collect())
+}
+
+impl std::fmt::Display for HistoryItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HistoryItem::Op { line, pid, op } => write!(f, "line {line} pid {pid}: queued {op}"),
+            HistoryItem::Run(RunEvent::Ref { line, pid, op, .. }) => {
+                write!(f, "line {line} pid {pid}: kernel ran {op}")
+            }
+            HistoryItem::Run(RunEvent::Head { line, pid, .. }) => {
+                write!(f, "line {line} pid {pid}: kernel finished the head")
+            }
+        }
+    }
+}

@@ -145,7 +145,9 @@ fn run_impl<S: DelayedRefStore>(
     }
     let engine = engine;
     let barrier = Barrier::new(threads + 1);
-    let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let elapsed = std::thread::scope(|s| {
         for (t, (ops, hist)) in per_thread.iter().zip(hists.iter_mut()).enumerate() {
             let (engine, barrier) = (&engine, &barrier);
@@ -161,7 +163,7 @@ fn run_impl<S: DelayedRefStore>(
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    if x % sample as u64 == 0 {
+                    if x.is_multiple_of(sample as u64) {
                         let t = Instant::now();
                         h.add(op).expect("valid op");
                         hist.saturating_record(t.elapsed().as_nanos() as u64);
@@ -246,7 +248,10 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
         // An extent's ops stay on one thread, in trace order.
         (load_trace(dir, 16384)?, true)
     } else {
-        (generate(args.workload, args.extents, args.ops, args.seed), false)
+        (
+            generate(args.workload, args.extents, args.ops, args.seed),
+            false,
+        )
     };
     let per_thread = deal(&stream.ops, args.threads, by_bytenr);
     let mut lf = Vec::new();
@@ -256,13 +261,25 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             if !args.json {
                 eprintln!("round {}: lockfree...", round + 1);
             }
-            lf.push(run_impl(LockFreeStore::new(), &stream, &per_thread, args.sample, args.verify));
+            lf.push(run_impl(
+                LockFreeStore::new(),
+                &stream,
+                &per_thread,
+                args.sample,
+                args.verify,
+            ));
         }
         if matches!(args.imp, Impl::Mutex | Impl::Both) {
             if !args.json {
                 eprintln!("round {}: mutex...", round + 1);
             }
-            mx.push(run_impl(MutexStore::new(), &stream, &per_thread, args.sample, args.verify));
+            mx.push(run_impl(
+                MutexStore::new(),
+                &stream,
+                &per_thread,
+                args.sample,
+                args.verify,
+            ));
         }
     }
     let results: Vec<ImplResult> = [lf, mx]
@@ -275,7 +292,10 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
     }
     for r in &results {
         if r.quarantined != 0 {
-            return Err(format!("{}: {} heads quarantined on a valid stream", r.name, r.quarantined));
+            return Err(format!(
+                "{}: {} heads quarantined on a valid stream",
+                r.name, r.quarantined
+            ));
         }
     }
     let get = |n: &str| results.iter().find(|r| r.name == n);
@@ -283,7 +303,9 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
         (Some(a), Some(b)) => Some(a.mops / b.mops),
         _ => None,
     };
-    let primary = get("lockfree").or(get("mutex")).expect("one implementation ran");
+    let primary = get("lockfree")
+        .or(get("mutex"))
+        .expect("one implementation ran");
     if args.json {
         let v = serde_json::json!({
             "bench": "ingest",
@@ -323,7 +345,18 @@ fn print_table(args: &IngestArgs, ops: usize, results: &[ImplResult], ratio: Opt
     );
     println!(
         "{:<9} {:>8} {:>7} {:>7} {:>7} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>10}",
-        "impl", "Mops/s", "p50ns", "p90ns", "p99ns", "p99.9ns", "p99.99ns", "max ns", "B/ref", "heads", "refs", "commit ms"
+        "impl",
+        "Mops/s",
+        "p50ns",
+        "p90ns",
+        "p99ns",
+        "p99.9ns",
+        "p99.99ns",
+        "max ns",
+        "B/ref",
+        "heads",
+        "refs",
+        "commit ms"
     );
     for r in results {
         println!(
@@ -370,8 +403,13 @@ fn write_hlog(path: &PathBuf, results: &[ImplResult]) -> std::io::Result<()> {
             .map_err(std::io::Error::other)?;
         for r in results {
             if let Some(h) = &r.hist {
-                w.write_histogram(h, r.started, Duration::from_secs_f64(r.ingest_s), Tag::new(&r.name))
-                    .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+                w.write_histogram(
+                    h,
+                    r.started,
+                    Duration::from_secs_f64(r.ingest_s),
+                    Tag::new(&r.name),
+                )
+                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
             }
         }
     }

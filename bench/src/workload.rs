@@ -79,7 +79,12 @@ fn op(e: u64, action: Action, r: u64) -> Op {
 
 /// ±1 ops on extents picked by `pick`, valid in order: per extent a count
 /// per root (tree keys at most 1).
-fn random_walk(extents: u64, ops: usize, seed: u64, mut pick: impl FnMut(&mut SmallRng) -> u64) -> Stream {
+fn random_walk(
+    extents: u64,
+    ops: usize,
+    seed: u64,
+    mut pick: impl FnMut(&mut SmallRng) -> u64,
+) -> Stream {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut counts = vec![0u8; (extents * ROOTS) as usize];
     let mut live = vec![false; extents as usize];
@@ -169,7 +174,11 @@ fn snapshot_fanout(extents: u64, ops: usize, seed: u64) -> Stream {
         let e = rng.gen_range(0..n);
         let r = rng.gen_range(1..roots);
         let h = &mut held[(e * roots + r) as usize];
-        out.push(fanout_op(e, if *h { Action::DropRef } else { Action::AddRef }, r));
+        out.push(fanout_op(
+            e,
+            if *h { Action::DropRef } else { Action::AddRef },
+            r,
+        ));
         *h = !*h;
     }
     Stream {
@@ -179,9 +188,13 @@ fn snapshot_fanout(extents: u64, ops: usize, seed: u64) -> Stream {
 }
 
 fn fanout_op(e: u64, action: Action, r: u64) -> Op {
-    let tree = e % 2 == 0;
+    let tree = e.is_multiple_of(2);
     let (nb, kind, key) = if tree {
-        (16384, ExtentKind::Tree { level: 1 }, RefKey::TreeBlock { root: 256 + r })
+        (
+            16384,
+            ExtentKind::Tree { level: 1 },
+            RefKey::TreeBlock { root: 256 + r },
+        )
     } else {
         (
             131072,
@@ -276,7 +289,9 @@ fn cancel(extents: u64, ops: usize, seed: u64) -> Stream {
 /// one stream in order (needed for trace replay with verify); otherwise
 /// round-robin.
 pub fn deal(ops: &[Op], threads: usize, by_bytenr: bool) -> Vec<Vec<Op>> {
-    let mut out: Vec<Vec<Op>> = (0..threads).map(|_| Vec::with_capacity(ops.len() / threads + 1)).collect();
+    let mut out: Vec<Vec<Op>> = (0..threads)
+        .map(|_| Vec::with_capacity(ops.len() / threads + 1))
+        .collect();
     for (i, op) in ops.iter().enumerate() {
         let t = if by_bytenr {
             ((op.bytenr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % threads
@@ -312,7 +327,11 @@ mod tests {
                 h.add(op).unwrap();
             }
             let r = e.commit();
-            assert!(r.quarantined.is_empty(), "{w:?}: {:?}", r.quarantined.first());
+            assert!(
+                r.quarantined.is_empty(),
+                "{w:?}: {:?}",
+                r.quarantined.first()
+            );
             e.tree().check().unwrap();
         }
     }

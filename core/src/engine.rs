@@ -119,7 +119,7 @@ impl<'a, S: DelayedRefStore> EngineHandle<'a, S> {
     pub fn add(&mut self, op: &Op) -> Result<(), EngineError> {
         op.check().map_err(StoreError::from)?;
         if let Some(v) = &self.engine.verify {
-            v.check(op).map_err(Box::new)?;
+            v.check(op)?;
         }
         self.inner.add(op)?;
         Ok(())
@@ -280,14 +280,19 @@ impl<S: DelayedRefStore> Engine<S> {
         }
         {
             let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
-            w.tree.apply_sorted(effects.into_iter().map(|e| (e.bytenr, e.item)));
+            w.tree
+                .apply_sorted(effects.into_iter().map(|e| (e.bytenr, e.item)));
             w.generation = generation;
             self.store.release(held);
             // A refused head's ops were checked by ref-verify one by one;
             // put the shadow back in line with tree + pending.
             if let Some(v) = &self.verify {
                 for q in &report.quarantined {
-                    v.resync(q.head.bytenr, &w.tree, self.store.pending(q.head.bytenr).as_ref());
+                    v.resync(
+                        q.head.bytenr,
+                        &w.tree,
+                        self.store.pending(q.head.bytenr).as_ref(),
+                    );
                 }
             }
         }
@@ -395,7 +400,10 @@ mod tests {
         h.add(&data(8192, Action::AddExtent, 5)).unwrap();
         let r = e.commit();
         assert_eq!(r.quarantined.len(), 1);
-        assert!(matches!(r.quarantined[0].error, RunError::DropMissingRef { .. }));
+        assert!(matches!(
+            r.quarantined[0].error,
+            RunError::DropMissingRef { .. }
+        ));
         assert_eq!(e.tree().get(4096).unwrap().refs, 2, "tree untouched");
         assert!(e.tree().get(8192).is_some());
         assert_eq!(e.quarantined().len(), 1);
@@ -435,10 +443,23 @@ mod tests {
     fn overlapping_heads_out_of_selection_order() {
         let e = Engine::new(MutexStore::new());
         let mut h = e.handle().unwrap();
-        let big = Op::new(1 << 20, 64 << 10, ExtentKind::Data, Action::AddExtent, RefKey::ExtentData { root: 5, objectid: 257, offset: 0 }, 0).unwrap();
+        let big = Op::new(
+            1 << 20,
+            64 << 10,
+            ExtentKind::Data,
+            Action::AddExtent,
+            RefKey::ExtentData {
+                root: 5,
+                objectid: 257,
+                offset: 0,
+            },
+            0,
+        )
+        .unwrap();
         h.add(&big).unwrap();
         for i in 1..8u64 {
-            h.add(&data((1 << 20) + i * 4096, Action::AddExtent, 5)).unwrap();
+            h.add(&data((1 << 20) + i * 4096, Action::AddExtent, 5))
+                .unwrap();
         }
         let r = e.commit();
         assert_eq!(r.applied, 8);

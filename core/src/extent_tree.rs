@@ -20,8 +20,7 @@
 use std::collections::BTreeMap;
 
 use crate::model::{
-    DiskKey, ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF, EXTENT_FLAG_DATA,
-    EXTENT_FLAG_TREE_BLOCK,
+    DiskKey, ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK,
 };
 
 /// Largest extent item (header + inline refs) before new backrefs are keyed.
@@ -122,7 +121,11 @@ impl ExtentItem {
         if self.tree_key.is_some() {
             n += TREE_BLOCK_INFO_BYTES;
         }
-        n + self.inline.iter().map(|(k, _)| k.inline_bytes()).sum::<usize>()
+        n + self
+            .inline
+            .iter()
+            .map(|(k, _)| k.inline_bytes())
+            .sum::<usize>()
     }
 
     /// Count of one backref (0 if absent).
@@ -134,9 +137,13 @@ impl ExtentItem {
 
     /// All backrefs with counts, sorted by key (inline and keyed merged).
     pub fn backrefs(&self) -> Vec<(RefKey, u64)> {
-        let mut all: Vec<(RefKey, u64)> =
-            self.inline.iter().chain(self.keyed.iter()).copied().collect();
-        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut all: Vec<(RefKey, u64)> = self
+            .inline
+            .iter()
+            .chain(self.keyed.iter())
+            .copied()
+            .collect();
+        all.sort_unstable_by_key(|a| a.0);
         all
     }
 
@@ -170,7 +177,10 @@ impl ExtentItem {
                 return;
             }
         }
-        assert!(delta > 0, "add_ref of a missing backref with negative delta");
+        assert!(
+            delta > 0,
+            "add_ref of a missing backref with negative delta"
+        );
         let inline_fits = self.item_bytes() + key.inline_bytes() <= INLINE_ITEM_BYTES_MAX;
         let list = if inline_fits {
             &mut self.inline
@@ -268,7 +278,10 @@ impl ExtentTree {
     /// changes are a large share of the tree, the tree is rebuilt in one
     /// sorted merge (bulk-built B-tree) instead of one insert per change.
     /// Unsorted input is applied one change at a time.
-    pub fn apply_sorted(&mut self, changes: impl ExactSizeIterator<Item = (u64, Option<ExtentItem>)>) {
+    pub fn apply_sorted(
+        &mut self,
+        changes: impl ExactSizeIterator<Item = (u64, Option<ExtentItem>)>,
+    ) {
         let changes: Vec<(u64, Option<ExtentItem>)> = changes.collect();
         let sorted = changes.windows(2).all(|w| w[0].0 < w[1].0);
         if !sorted || changes.len() * 4 < self.items.len() {
@@ -388,7 +401,14 @@ mod tests {
     fn apply_sorted_bulk_and_unsorted() {
         let item = |n: u64| {
             let mut i = ExtentItem::new(4096, ExtentKind::Data, 1);
-            i.add_ref(RefKey::ExtentData { root: 5, objectid: 256 + n, offset: 0 }, 1);
+            i.add_ref(
+                RefKey::ExtentData {
+                    root: 5,
+                    objectid: 256 + n,
+                    offset: 0,
+                },
+                1,
+            );
             i
         };
         let mut t = ExtentTree::new();
@@ -396,12 +416,29 @@ mod tests {
             t.insert(b << 12, item(b));
         }
         // Bulk: replace 3, remove 5, add 2 and 9.
-        t.apply_sorted(vec![(2 << 12, Some(item(2))), (3 << 12, Some(item(7))), (5 << 12, None), (9 << 12, Some(item(9)))].into_iter());
+        t.apply_sorted(
+            vec![
+                (2 << 12, Some(item(2))),
+                (3 << 12, Some(item(7))),
+                (5 << 12, None),
+                (9 << 12, Some(item(9))),
+            ]
+            .into_iter(),
+        );
         let keys: Vec<u64> = t.iter().map(|(b, _)| b >> 12).collect();
         assert_eq!(keys, vec![1, 2, 3, 9]);
-        assert_eq!(t.get(3 << 12).unwrap().backrefs()[0].0, RefKey::ExtentData { root: 5, objectid: 263, offset: 0 });
+        assert_eq!(
+            t.get(3 << 12).unwrap().backrefs()[0].0,
+            RefKey::ExtentData {
+                root: 5,
+                objectid: 263,
+                offset: 0
+            }
+        );
         // Unsorted input still applies every change.
-        t.apply_sorted(vec![(9 << 12, None), (4 << 12, Some(item(4))), (1 << 12, None)].into_iter());
+        t.apply_sorted(
+            vec![(9 << 12, None), (4 << 12, Some(item(4))), (1 << 12, None)].into_iter(),
+        );
         let keys: Vec<u64> = t.iter().map(|(b, _)| b >> 12).collect();
         assert_eq!(keys, vec![2, 3, 4]);
     }

@@ -273,14 +273,7 @@ impl Head {
             }
             Err(i) => {
                 if ref_mod != 0 {
-                    self.refs.insert(
-                        i,
-                        DelayedRef {
-                            key,
-                            seq,
-                            ref_mod,
-                        },
-                    );
+                    self.refs.insert(i, DelayedRef { key, seq, ref_mod });
                 }
             }
         }
@@ -298,8 +291,10 @@ impl Head {
         let (mut i, mut j) = (0, 0);
         let (a, b) = (&self.refs, &other.refs);
         while i < a.len() || j < b.len() {
-            let take_a = j >= b.len() || (i < a.len() && (a[i].key, a[i].seq) <= (b[j].key, b[j].seq));
-            let take_b = i >= a.len() || (j < b.len() && (b[j].key, b[j].seq) <= (a[i].key, a[i].seq));
+            let take_a =
+                j >= b.len() || (i < a.len() && (a[i].key, a[i].seq) <= (b[j].key, b[j].seq));
+            let take_b =
+                i >= a.len() || (j < b.len() && (b[j].key, b[j].seq) <= (a[i].key, a[i].seq));
             if take_a && take_b {
                 let m = a[i].ref_mod + b[j].ref_mod;
                 if m != 0 {
@@ -384,7 +379,10 @@ mod tests {
     fn same_seq_merges_at_insert_and_cancels() {
         let mut h = Head::of_op(&tree_op(Action::AddRef, 5, 0), 0);
         h.absorb(&tree_op(Action::DropRef, 5, 0), 0);
-        assert!(h.refs.is_empty(), "opposite actions with the same seq cancel");
+        assert!(
+            h.refs.is_empty(),
+            "opposite actions with the same seq cancel"
+        );
         assert_eq!(h.summary.total_ref_mod, 0);
         h.absorb(&tree_op(Action::AddRef, 5, 0), 0);
         h.absorb(&tree_op(Action::AddRef, 5, 0), 0);
@@ -398,7 +396,11 @@ mod tests {
         h.absorb(&tree_op(Action::DropRef, 5, 2), 0);
         assert_eq!(h.refs.len(), 2, "different seq are not merged at insert");
         assert_eq!(h.run_refs(0), RunRefs::Ready(vec![]));
-        assert_eq!(h.run_refs(3), RunRefs::Ready(vec![]), "barrier above both seqs");
+        assert_eq!(
+            h.run_refs(3),
+            RunRefs::Ready(vec![]),
+            "barrier above both seqs"
+        );
         assert_eq!(h.run_refs(2), RunRefs::Held { seq: 2, barrier: 2 });
     }
 

@@ -14,12 +14,12 @@
 //! - [`oracle`]: a simple sequential model used as the test oracle.
 pub mod barrier;
 pub mod delayed;
+pub mod engine;
 pub mod extent_tree;
 pub mod head;
 pub mod interlock;
 pub mod model;
+pub mod oracle;
 pub mod run;
 mod sync;
-pub mod engine;
-pub mod oracle;
 pub mod verify;

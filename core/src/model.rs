@@ -545,7 +545,10 @@ impl RawOp {
             let shared = matches!(self.ref_type, SHARED_BLOCK_REF_KEY | SHARED_DATA_REF_KEY);
             if !matches!(
                 self.ref_type,
-                TREE_BLOCK_REF_KEY | EXTENT_DATA_REF_KEY | SHARED_BLOCK_REF_KEY | SHARED_DATA_REF_KEY
+                TREE_BLOCK_REF_KEY
+                    | EXTENT_DATA_REF_KEY
+                    | SHARED_BLOCK_REF_KEY
+                    | SHARED_DATA_REF_KEY
             ) {
                 return Err(OpError::UnknownRefType {
                     bytenr,
@@ -819,8 +822,15 @@ mod tests {
         assert_eq!(ok.key.unwrap().type_code(), EXTENT_DATA_REF_KEY);
         assert_eq!(RawOp::from(&ok), raw());
 
-        let cases: Vec<(RawOp, fn(&OpError) -> bool)> = vec![
-            (RawOp { num_bytes: 0, ..raw() }, |e| matches!(e, OpError::ZeroNumBytes { .. })),
+        type Case = (RawOp, fn(&OpError) -> bool);
+        let cases: Vec<Case> = vec![
+            (
+                RawOp {
+                    num_bytes: 0,
+                    ..raw()
+                },
+                |e| matches!(e, OpError::ZeroNumBytes { .. }),
+            ),
             (
                 RawOp {
                     bytenr: u64::MAX,
@@ -838,9 +848,23 @@ mod tests {
                 },
                 |e| matches!(e, OpError::LevelOutOfRange { level: 8, .. }),
             ),
-            (RawOp { action: 9, ..raw() }, |e| matches!(e, OpError::UnknownAction { .. })),
-            (RawOp { ref_type: 7, ..raw() }, |e| matches!(e, OpError::UnknownRefType { .. })),
-            (RawOp { parent: 8192, ..raw() }, |e| matches!(e, OpError::ParentAndRoot { .. })),
+            (RawOp { action: 9, ..raw() }, |e| {
+                matches!(e, OpError::UnknownAction { .. })
+            }),
+            (
+                RawOp {
+                    ref_type: 7,
+                    ..raw()
+                },
+                |e| matches!(e, OpError::UnknownRefType { .. }),
+            ),
+            (
+                RawOp {
+                    parent: 8192,
+                    ..raw()
+                },
+                |e| matches!(e, OpError::ParentAndRoot { .. }),
+            ),
             (
                 RawOp {
                     ref_type: SHARED_DATA_REF_KEY,
@@ -850,7 +874,9 @@ mod tests {
                 },
                 |e| matches!(e, OpError::ParentAndRoot { .. }),
             ),
-            (RawOp { root: 0, ..raw() }, |e| matches!(e, OpError::MissingRoot { .. })),
+            (RawOp { root: 0, ..raw() }, |e| {
+                matches!(e, OpError::MissingRoot { .. })
+            }),
             (
                 RawOp {
                     ref_type: TREE_BLOCK_REF_KEY,

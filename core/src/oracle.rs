@@ -165,7 +165,17 @@ impl Model {
             let applies_eop = ops
                 .iter()
                 .any(|(o, s)| *s >= life && o.extent_op.is_some_and(|e| !e.is_empty()));
-            match self.evaluate(bytenr, &ops, alloc, &net, has_eop, applies_eop, eop_flags, eop_key, generation) {
+            match self.evaluate(
+                bytenr,
+                &ops,
+                alloc,
+                &net,
+                has_eop,
+                applies_eop,
+                eop_flags,
+                eop_key,
+                generation,
+            ) {
                 Ok(Some((new, freed))) => {
                     out.freed.extend(freed);
                     match new {

@@ -105,7 +105,9 @@ pub enum RunError {
         got_kind: ExtentKind,
     },
     /// Ops without an allocation disagree on size or kind.
-    #[error("extent {bytenr}: pending ops disagree on the extent's size or kind and none allocates it")]
+    #[error(
+        "extent {bytenr}: pending ops disagree on the extent's size or kind and none allocates it"
+    )]
     MixedShapes {
         /// Extent.
         bytenr: u64,
@@ -544,17 +546,37 @@ mod tests {
         item.add_ref(tree_root, 1);
         tree.insert(1 << 30, item);
         // Drop of a ref that does not exist.
-        let h = head(&[(Action::DropRef, RefKey::TreeBlock { root: 7 }, 0)], 1 << 30, TREE);
-        assert!(matches!(run_head(&tree, &h, 2, 0), Err(RunError::DropMissingRef { .. })));
+        let h = head(
+            &[(Action::DropRef, RefKey::TreeBlock { root: 7 }, 0)],
+            1 << 30,
+            TREE,
+        );
+        assert!(matches!(
+            run_head(&tree, &h, 2, 0),
+            Err(RunError::DropMissingRef { .. })
+        ));
         // Second ref of the same key on a tree block.
         let h = head(&[(Action::AddRef, tree_root, 0)], 1 << 30, TREE);
-        assert!(matches!(run_head(&tree, &h, 2, 0), Err(RunError::DuplicateTreeRef { .. })));
+        assert!(matches!(
+            run_head(&tree, &h, 2, 0),
+            Err(RunError::DuplicateTreeRef { .. })
+        ));
         // Add to a freed extent without ADD_EXTENT.
         let h = head(&[(Action::AddRef, tree_root, 0)], 2 << 30, TREE);
-        assert!(matches!(run_head(&tree, &h, 2, 0), Err(RunError::AddToMissingExtent { .. })));
+        assert!(matches!(
+            run_head(&tree, &h, 2, 0),
+            Err(RunError::AddToMissingExtent { .. })
+        ));
         // Wrong level.
-        let h = head(&[(Action::DropRef, tree_root, 0)], 1 << 30, ExtentKind::Tree { level: 1 });
-        assert!(matches!(run_head(&tree, &h, 2, 0), Err(RunError::ShapeMismatch { .. })));
+        let h = head(
+            &[(Action::DropRef, tree_root, 0)],
+            1 << 30,
+            ExtentKind::Tree { level: 1 },
+        );
+        assert!(matches!(
+            run_head(&tree, &h, 2, 0),
+            Err(RunError::ShapeMismatch { .. })
+        ));
     }
 
     #[test]
@@ -568,17 +590,42 @@ mod tests {
         let mut item = ExtentItem::new(8192, ExtentKind::Data, 1);
         item.add_ref(data(5), 2);
         tree.insert(4096, item);
-        let h = head(&[(Action::DropRef, data(5), 0), (Action::DropRef, data(5), 0)], 4096, ExtentKind::Data);
+        let h = head(
+            &[(Action::DropRef, data(5), 0), (Action::DropRef, data(5), 0)],
+            4096,
+            ExtentKind::Data,
+        );
         let e = effect(run_head(&tree, &h, 2, 0));
         assert_eq!(e.item, None);
-        assert_eq!(e.freed, vec![FreedExtent { bytenr: 4096, num_bytes: 8192, kind: ExtentKind::Data }]);
+        assert_eq!(
+            e.freed,
+            vec![FreedExtent {
+                bytenr: 4096,
+                num_bytes: 8192,
+                kind: ExtentKind::Data
+            }]
+        );
 
         // Freed and re-allocated as a tree block in the same head.
-        let mut h = head(&[(Action::DropRef, data(5), 0), (Action::DropRef, data(5), 0)], 4096, ExtentKind::Data);
-        let alloc = Op::new(4096, 16384, TREE, Action::AddExtent, RefKey::TreeBlock { root: 2 }, 0)
-            .unwrap()
-            .with_extent_op(ExtentOp { flags_to_set: BLOCK_FLAG_FULL_BACKREF, key: None })
-            .unwrap();
+        let mut h = head(
+            &[(Action::DropRef, data(5), 0), (Action::DropRef, data(5), 0)],
+            4096,
+            ExtentKind::Data,
+        );
+        let alloc = Op::new(
+            4096,
+            16384,
+            TREE,
+            Action::AddExtent,
+            RefKey::TreeBlock { root: 2 },
+            0,
+        )
+        .unwrap()
+        .with_extent_op(ExtentOp {
+            flags_to_set: BLOCK_FLAG_FULL_BACKREF,
+            key: None,
+        })
+        .unwrap();
         h.absorb(&alloc, 99);
         let e = effect(run_head(&tree, &h, 3, 0));
         let item = e.item.unwrap();
@@ -589,7 +636,10 @@ mod tests {
         // Re-allocated while the old life is still referenced.
         let mut h = head(&[(Action::DropRef, data(5), 0)], 4096, ExtentKind::Data);
         h.absorb(&alloc, 99);
-        assert!(matches!(run_head(&tree, &h, 3, 0), Err(RunError::ReallocWhileReferenced { .. })));
+        assert!(matches!(
+            run_head(&tree, &h, 3, 0),
+            Err(RunError::ReallocWhileReferenced { .. })
+        ));
     }
 
     /// Seen in the snapshots-1 kernel trace: FULL_BACKREF set by an
@@ -605,7 +655,10 @@ mod tests {
         let mut item = ExtentItem::new(16384, kind, 1);
         item.add_ref(r256, 1);
         tree.insert(1 << 30, item);
-        let full = ExtentOp { flags_to_set: BLOCK_FLAG_FULL_BACKREF, key: None };
+        let full = ExtentOp {
+            flags_to_set: BLOCK_FLAG_FULL_BACKREF,
+            key: None,
+        };
         let eop = Op::update_head(1 << 30, 16384, kind, full).unwrap();
         let drop = Op::new(1 << 30, 16384, kind, Action::DropRef, r256, 0).unwrap();
         let alloc = Op::new(1 << 30, 16384, kind, Action::AddExtent, r258, 0).unwrap();
@@ -624,8 +677,17 @@ mod tests {
 
     #[test]
     fn select_ref_head_cursor_wraps_and_clusters() {
-        let mk = |b: u64| head(&[(Action::AddExtent, RefKey::TreeBlock { root: 5 }, 0)], b, TREE);
-        let heads: Vec<Head> = [16384u64, 32768, 65536, 131072].into_iter().map(mk).collect();
+        let mk = |b: u64| {
+            head(
+                &[(Action::AddExtent, RefKey::TreeBlock { root: 5 }, 0)],
+                b,
+                TREE,
+            )
+        };
+        let heads: Vec<Head> = [16384u64, 32768, 65536, 131072]
+            .into_iter()
+            .map(mk)
+            .collect();
         let mut q = RunQueue::new(&heads, 40000);
         assert_eq!(q.select(), Some(2), "first head at or after the cursor");
         assert_eq!(q.cursor, 65536 + 16384, "cursor moves past the extent");

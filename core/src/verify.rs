@@ -59,7 +59,11 @@ pub struct BlockEntry {
 impl fmt::Display for BlockEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = self.kind.map_or("unknown".to_string(), |k| k.to_string());
-        writeln!(f, "  block: {} bytes, {kind}, refs {}", self.num_bytes, self.refs)?;
+        writeln!(
+            f,
+            "  block: {} bytes, {kind}, refs {}",
+            self.num_bytes, self.refs
+        )?;
         for (k, c) in &self.backrefs {
             writeln!(f, "    {k} count {c}")?;
         }
@@ -93,10 +97,14 @@ pub enum Violation {
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Violation::ReallocatedReferenced => "re-allocated a block that still has references to it",
+            Violation::ReallocatedReferenced => {
+                "re-allocated a block that still has references to it"
+            }
             Violation::NoEntry => "action on a block that has no existing entry",
             Violation::ZeroRefs => "action on a block that has 0 total references",
-            Violation::DuplicateTreeRef => "attempting to add another ref for an existing ref on a tree block",
+            Violation::DuplicateTreeRef => {
+                "attempting to add another ref for an existing ref on a tree block"
+            }
             Violation::DropMissing => "dropping a ref the block does not have",
             Violation::ShapeMismatch => "op names a different size or kind than the block has",
             Violation::ExtentOpOnData => "extent_op on a data block",
@@ -133,7 +141,9 @@ impl RefVerify {
     /// An empty shadow.
     pub fn new() -> RefVerify {
         RefVerify {
-            shards: (0..VERIFY_SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
+            shards: (0..VERIFY_SHARDS)
+                .map(|_| Mutex::new(BTreeMap::new()))
+                .collect(),
             serial: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -211,15 +221,17 @@ impl RefVerify {
 
     /// Check `op` against the shadow and record it. On a violation nothing
     /// is recorded.
-    pub fn check(&self, op: &Op) -> Result<(), VerifyError> {
+    pub fn check(&self, op: &Op) -> Result<(), Box<VerifyError>> {
         let serial = self
             .serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut shard = self.shard(op.bytenr);
-        let fail = |violation: Violation, block: Option<&BlockEntry>| VerifyError {
-            violation,
-            op: *op,
-            block: block.cloned().unwrap_or_default(),
+        let fail = |violation: Violation, block: Option<&BlockEntry>| {
+            Box::new(VerifyError {
+                violation,
+                op: *op,
+                block: block.cloned().unwrap_or_default(),
+            })
         };
         let entry = shard.get(&op.bytenr);
         match op.action {
@@ -309,23 +321,43 @@ mod tests {
         let v = RefVerify::new();
         let r5 = RefKey::TreeBlock { root: 5 };
         let r7 = RefKey::TreeBlock { root: 7 };
-        assert_eq!(v.check(&op(Action::AddRef, r5)).unwrap_err().violation, Violation::NoEntry);
+        assert_eq!(
+            v.check(&op(Action::AddRef, r5)).unwrap_err().violation,
+            Violation::NoEntry
+        );
         v.check(&op(Action::AddExtent, r5)).unwrap();
         let e = v.check(&op(Action::AddRef, r5)).unwrap_err();
         assert_eq!(e.violation, Violation::DuplicateTreeRef);
         assert_eq!(e.block.history.len(), 1, "error carries the history");
         assert!(e.to_string().contains("ADD_EXTENT"));
-        assert_eq!(v.check(&op(Action::DropRef, r7)).unwrap_err().violation, Violation::DropMissing);
+        assert_eq!(
+            v.check(&op(Action::DropRef, r7)).unwrap_err().violation,
+            Violation::DropMissing
+        );
         assert_eq!(
             v.check(&op(Action::AddExtent, r7)).unwrap_err().violation,
             Violation::ReallocatedReferenced
         );
         v.check(&op(Action::DropRef, r5)).unwrap();
-        assert_eq!(v.check(&op(Action::AddRef, r7)).unwrap_err().violation, Violation::ZeroRefs);
+        assert_eq!(
+            v.check(&op(Action::AddRef, r7)).unwrap_err().violation,
+            Violation::ZeroRefs
+        );
         // Freed: re-allocation with another level is fine.
-        let relevel = Op::new(1 << 20, 16384, ExtentKind::Tree { level: 2 }, Action::AddExtent, r7, 0).unwrap();
+        let relevel = Op::new(
+            1 << 20,
+            16384,
+            ExtentKind::Tree { level: 2 },
+            Action::AddExtent,
+            r7,
+            0,
+        )
+        .unwrap();
         v.check(&relevel).unwrap();
-        assert_eq!(v.check(&op(Action::AddRef, r5)).unwrap_err().violation, Violation::ShapeMismatch);
+        assert_eq!(
+            v.check(&op(Action::AddRef, r5)).unwrap_err().violation,
+            Violation::ShapeMismatch
+        );
     }
 
     #[test]
@@ -336,7 +368,8 @@ mod tests {
         tree.insert(1 << 20, item);
         let v = RefVerify::rebuild(&tree, &[]);
         assert_eq!(v.blocks(), 1);
-        v.check(&op(Action::DropRef, RefKey::TreeBlock { root: 5 })).unwrap();
+        v.check(&op(Action::DropRef, RefKey::TreeBlock { root: 5 }))
+            .unwrap();
         assert_eq!(v.block(1 << 20).unwrap().refs, 0);
     }
 }

@@ -8,12 +8,21 @@ use refd_core::delayed::lockfree::LockFreeStore;
 use refd_core::delayed::mutex::MutexStore;
 use refd_core::delayed::DelayedRefStore;
 use refd_core::engine::{CommitReport, Engine};
-use refd_core::model::{Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF};
+use refd_core::model::{
+    Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF,
+};
 use refd_core::oracle::{normalize_tree, Model, ModelCommit};
 
 #[derive(Clone, Debug)]
 enum Cmd {
-    Op { b: u8, act: u8, key: u8, seq: u8, shape: u8, eop: u8 },
+    Op {
+        b: u8,
+        act: u8,
+        key: u8,
+        seq: u8,
+        shape: u8,
+        eop: u8,
+    },
     Commit,
     Acquire,
     Release,
@@ -33,14 +42,26 @@ fn cmd() -> impl Strategy<Value = Cmd> {
 /// other kind (re-allocation with another kind/size).
 fn build(b: u8, act: u8, key: u8, seq: u8, shape: u8, eop: u8, cur_seq: u64) -> Op {
     let bytenr = (u64::from(b) + 1) << 20;
-    let tree_bytenr = b % 2 == 0;
-    let is_tree = if shape == 9 { !tree_bytenr } else { tree_bytenr };
+    let tree_bytenr = b.is_multiple_of(2);
+    let is_tree = if shape == 9 {
+        !tree_bytenr
+    } else {
+        tree_bytenr
+    };
     let kind = if is_tree {
-        ExtentKind::Tree { level: if shape == 8 { 1 } else { 0 } }
+        ExtentKind::Tree {
+            level: if shape == 8 { 1 } else { 0 },
+        }
     } else {
         ExtentKind::Data
     };
-    let num_bytes = if is_tree { 16384 } else if shape == 7 { 8192 } else { 4096 };
+    let num_bytes = if is_tree {
+        16384
+    } else if shape == 7 {
+        8192
+    } else {
+        4096
+    };
     let action = match act {
         0..=6 => Action::AddRef,
         7..=14 => Action::DropRef,
@@ -54,24 +75,61 @@ fn build(b: u8, act: u8, key: u8, seq: u8, shape: u8, eop: u8, cur_seq: u64) -> 
         _ => u64::from(seq),
     };
     if action == Action::UpdateHead {
-        let key = if eop % 2 == 0 && is_tree { Some(DiskKey { objectid: u64::from(eop), item_type: 1, offset: 0 }) } else { None };
+        let key = if eop.is_multiple_of(2) && is_tree {
+            Some(DiskKey {
+                objectid: u64::from(eop),
+                item_type: 1,
+                offset: 0,
+            })
+        } else {
+            None
+        };
         let flags = if eop < 6 { BLOCK_FLAG_FULL_BACKREF } else { 0 };
-        let flags = if key.is_none() { BLOCK_FLAG_FULL_BACKREF } else { flags };
-        return Op::update_head(bytenr, num_bytes, kind, ExtentOp { flags_to_set: flags, key }).unwrap();
+        let flags = if key.is_none() {
+            BLOCK_FLAG_FULL_BACKREF
+        } else {
+            flags
+        };
+        return Op::update_head(
+            bytenr,
+            num_bytes,
+            kind,
+            ExtentOp {
+                flags_to_set: flags,
+                key,
+            },
+        )
+        .unwrap();
     }
     let k = u64::from(key % 4);
     let key = if is_tree {
-        if key < 8 { RefKey::TreeBlock { root: 5 + k } } else { RefKey::SharedBlock { parent: (k + 1) << 14 } }
+        if key < 8 {
+            RefKey::TreeBlock { root: 5 + k }
+        } else {
+            RefKey::SharedBlock {
+                parent: (k + 1) << 14,
+            }
+        }
     } else if key < 9 {
-        RefKey::ExtentData { root: 5 + k % 2, objectid: 257 + k / 2, offset: 0 }
+        RefKey::ExtentData {
+            root: 5 + k % 2,
+            objectid: 257 + k / 2,
+            offset: 0,
+        }
     } else {
-        RefKey::SharedData { parent: (k + 1) << 14 }
+        RefKey::SharedData {
+            parent: (k + 1) << 14,
+        }
     };
     let op = Op::new(bytenr, num_bytes, kind, action, key, seq).unwrap();
     if action == Action::AddExtent && is_tree && eop < 3 {
         op.with_extent_op(ExtentOp {
             flags_to_set: if eop == 0 { BLOCK_FLAG_FULL_BACKREF } else { 0 },
-            key: Some(DiskKey { objectid: u64::from(eop) + 256, item_type: 84, offset: 0 }),
+            key: Some(DiskKey {
+                objectid: u64::from(eop) + 256,
+                item_type: 84,
+                offset: 0,
+            }),
         })
         .unwrap()
     } else {
@@ -84,14 +142,27 @@ fn summary(r: &CommitReport) -> ModelCommit {
     freed.sort_unstable();
     let mut quarantined: Vec<u64> = r.quarantined.iter().map(|q| q.head.bytenr).collect();
     quarantined.sort_unstable();
-    ModelCommit { freed, quarantined, held: Vec::new() }
+    ModelCommit {
+        freed,
+        quarantined,
+        held: Vec::new(),
+    }
 }
 
-fn check_equal<A: DelayedRefStore, B: DelayedRefStore>(lf: &Engine<A>, mx: &Engine<B>, model: &Model, step: usize) {
+fn check_equal<A: DelayedRefStore, B: DelayedRefStore>(
+    lf: &Engine<A>,
+    mx: &Engine<B>,
+    model: &Model,
+    step: usize,
+) {
     let t_lf = normalize_tree(&lf.tree());
     let t_mx = normalize_tree(&mx.tree());
     assert_eq!(t_lf, t_mx, "lockfree vs mutex tree after step {step}");
-    assert_eq!(t_lf, model.normalized(), "engine vs model tree after step {step}");
+    assert_eq!(
+        t_lf,
+        model.normalized(),
+        "engine vs model tree after step {step}"
+    );
     lf.tree().check().expect("tree invariants");
 }
 
@@ -104,15 +175,34 @@ fn run(cmds: Vec<Cmd>, staging: usize) {
     let mut guards = (Vec::new(), Vec::new());
     for (step, c) in cmds.into_iter().enumerate() {
         match c {
-            Cmd::Op { b, act, key, seq, shape, eop } => {
+            Cmd::Op {
+                b,
+                act,
+                key,
+                seq,
+                shape,
+                eop,
+            } => {
                 let op = build(b, act, key, seq, shape, eop, lf.barrier().current());
                 lf_handles[step % 2].add(&op).unwrap();
                 mx_handle.add(&op).unwrap();
                 model.add(&op);
                 let refs = model.lookup(op.bytenr);
-                assert_eq!(lf.lookup_extent_ref(op.bytenr).refs, refs, "lockfree lookup at step {step}");
-                assert_eq!(mx.lookup_extent_ref(op.bytenr).refs, refs, "mutex lookup at step {step}");
-                assert_eq!(lf.store().pending(op.bytenr), mx.store().pending(op.bytenr), "pending head at step {step}");
+                assert_eq!(
+                    lf.lookup_extent_ref(op.bytenr).refs,
+                    refs,
+                    "lockfree lookup at step {step}"
+                );
+                assert_eq!(
+                    mx.lookup_extent_ref(op.bytenr).refs,
+                    refs,
+                    "mutex lookup at step {step}"
+                );
+                assert_eq!(
+                    lf.store().pending(op.bytenr),
+                    mx.store().pending(op.bytenr),
+                    "pending head at step {step}"
+                );
             }
             Cmd::Commit => {
                 let barrier = lf.barrier().lowest();
@@ -120,12 +210,21 @@ fn run(cmds: Vec<Cmd>, staging: usize) {
                 let r_lf = lf.commit();
                 let r_mx = mx.commit();
                 let m = model.commit(barrier);
-                assert_eq!(r_lf.quarantined, r_mx.quarantined, "quarantine (with errors) at step {step}");
+                assert_eq!(
+                    r_lf.quarantined, r_mx.quarantined,
+                    "quarantine (with errors) at step {step}"
+                );
                 assert_eq!(r_lf.freed, r_mx.freed, "freed at step {step}");
-                assert_eq!((r_lf.held, r_lf.applied, r_lf.noop), (r_mx.held, r_mx.applied, r_mx.noop));
+                assert_eq!(
+                    (r_lf.held, r_lf.applied, r_lf.noop),
+                    (r_mx.held, r_mx.applied, r_mx.noop)
+                );
                 let s = summary(&r_lf);
                 assert_eq!(s.freed, m.freed, "freed vs model at step {step}");
-                assert_eq!(s.quarantined, m.quarantined, "quarantined vs model at step {step}");
+                assert_eq!(
+                    s.quarantined, m.quarantined,
+                    "quarantined vs model at step {step}"
+                );
                 assert_eq!(r_lf.held, m.held.len(), "held vs model at step {step}");
                 check_equal(&lf, &mx, &model, step);
             }
@@ -171,8 +270,13 @@ fn seq_merge_regression_4_2_engine() {
         let mut h = e.handle().unwrap();
         let key = RefKey::TreeBlock { root: 5 };
         let kind = ExtentKind::Tree { level: 0 };
-        for (action, seq) in [(Action::AddExtent, 0), (Action::DropRef, 1), (Action::AddExtent, 2)] {
-            h.add(&Op::new(1 << 30, 16384, kind, action, key, seq).unwrap()).unwrap();
+        for (action, seq) in [
+            (Action::AddExtent, 0),
+            (Action::DropRef, 1),
+            (Action::AddExtent, 2),
+        ] {
+            h.add(&Op::new(1 << 30, 16384, kind, action, key, seq).unwrap())
+                .unwrap();
         }
         let r = e.commit();
         assert!(r.quarantined.is_empty(), "{:?}", r.quarantined);

@@ -217,7 +217,11 @@ fn stress<S: DelayedRefStore>(store: S, seed: u64) {
     let r = engine.commit();
     assert!(r.quarantined.is_empty(), "seed {seed}");
     assert_eq!(engine.barrier().active(), 0);
-    assert_eq!(engine.store().stats().heads, 0, "seed {seed}: work left pending");
+    assert_eq!(
+        engine.store().stats().heads,
+        0,
+        "seed {seed}: work left pending"
+    );
 
     let mut model = Model::new();
     for j in 0..SHARED_EXTENTS {
@@ -253,7 +257,10 @@ fn stress<S: DelayedRefStore>(store: S, seed: u64) {
         lookups.load(Ordering::SeqCst),
         started.elapsed()
     );
-    assert!(commits.load(Ordering::SeqCst) > 3, "commits ran concurrently with ingest");
+    assert!(
+        commits.load(Ordering::SeqCst) > 3,
+        "commits ran concurrently with ingest"
+    );
 }
 
 fn seed() -> u64 {

@@ -194,7 +194,12 @@ pub fn replay(opts: &ReplayOptions, show: usize) -> Result<ReplayReport, ReplayE
         report.extents = after.len();
         report.mismatches = compare(&after, &report.tree);
         if !report.mismatches.is_empty() && show > 0 {
-            let wanted: Vec<u64> = report.mismatches.iter().take(show).map(Mismatch::bytenr).collect();
+            let wanted: Vec<u64> = report
+                .mismatches
+                .iter()
+                .take(show)
+                .map(Mismatch::bytenr)
+                .collect();
             report.histories = histories(&opts.trace, &wanted)?;
         }
     }
@@ -205,7 +210,10 @@ fn worker_of(bytenr: u64, threads: usize) -> usize {
     ((bytenr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % threads
 }
 
-fn run<S: DelayedRefStore>(mut engine: Engine<S>, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+fn run<S: DelayedRefStore>(
+    mut engine: Engine<S>,
+    opts: &ReplayOptions,
+) -> Result<ReplayReport, ReplayError> {
     if opts.verify {
         engine.enable_verify();
     }
@@ -224,7 +232,9 @@ fn run<S: DelayedRefStore>(mut engine: Engine<S>, opts: &ReplayOptions) -> Resul
             senders.push(tx);
             let (engine, verify_errors) = (&engine, &verify_errors);
             s.spawn(move || {
-                let mut h = engine.handle().expect("one ingest handle per replay worker");
+                let mut h = engine
+                    .handle()
+                    .expect("one ingest handle per replay worker");
                 for batch in rx {
                     for op in &batch {
                         match h.add(op) {
@@ -244,7 +254,9 @@ fn run<S: DelayedRefStore>(mut engine: Engine<S>, opts: &ReplayOptions) -> Resul
                 }
             });
         }
-        let mut batches: Vec<Vec<Op>> = (0..opts.threads).map(|_| Vec::with_capacity(BATCH_OPS)).collect();
+        let mut batches: Vec<Vec<Op>> = (0..opts.threads)
+            .map(|_| Vec::with_capacity(BATCH_OPS))
+            .collect();
         let mut next_commit = opts.commit_every;
         for item in reader.ops() {
             let traced = match item {
@@ -293,7 +305,9 @@ fn run<S: DelayedRefStore>(mut engine: Engine<S>, opts: &ReplayOptions) -> Resul
     if opts.progress {
         eprintln!("\r{ops} ops, {commits} commits in {elapsed:.2?}");
     }
-    let (verify_count, verify_samples) = verify_errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (verify_count, verify_samples) = verify_errors
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
     let tree = engine.tree().clone();
     Ok(ReplayReport {
         imp: engine.store().name(),
@@ -316,8 +330,12 @@ fn run<S: DelayedRefStore>(mut engine: Engine<S>, opts: &ReplayOptions) -> Resul
 }
 
 /// Second pass over the trace: the ops and run records of `bytenrs`.
-fn histories(trace: &PathBuf, bytenrs: &[u64]) -> Result<BTreeMap<u64, Vec<HistoryItem>>, ReplayError> {
-    let mut out: BTreeMap<u64, VecDeque<HistoryItem>> = bytenrs.iter().map(|&b| (b, VecDeque::new())).collect();
+fn histories(
+    trace: &PathBuf,
+    bytenrs: &[u64],
+) -> Result<BTreeMap<u64, Vec<HistoryItem>>, ReplayError> {
+    let mut out: BTreeMap<u64, VecDeque<HistoryItem>> =
+        bytenrs.iter().map(|&b| (b, VecDeque::new())).collect();
     let reader = TraceReader::open(trace, TraceOptions::default())?;
     for item in reader {
         let item = item.map_err(|source| ReplayError::Trace {

@@ -2,13 +2,16 @@
 //! replay` to an exact match with both stores, with ref-verify, and with
 //! several threads and frequent commits. Runs the real binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn captures() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces");
     let Ok(entries) = std::fs::read_dir(&dir) else {
-        panic!("kernel captures not found at {}: the default test run needs ../shared/traces", dir.display());
+        panic!(
+            "kernel captures not found at {}: the default test run needs ../shared/traces",
+            dir.display()
+        );
     };
     let mut out: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -19,7 +22,7 @@ fn captures() -> Vec<PathBuf> {
     out
 }
 
-fn replay(dir: &PathBuf, extra: &[&str]) -> serde_json::Value {
+fn replay(dir: &Path, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_refctl"))
         .args(["btrfs", "replay", "--json", "--before"])
         .arg(dir.join("before.txt.zst"))
@@ -52,11 +55,23 @@ fn every_capture_matches_the_kernel() {
         for extra in [
             &["--impl", "lockfree", "--verify"][..],
             &["--impl", "mutex", "--verify"][..],
-            &["--impl", "lockfree", "--threads", "4", "--commit-every", "3000"][..],
+            &[
+                "--impl",
+                "lockfree",
+                "--threads",
+                "4",
+                "--commit-every",
+                "3000",
+            ][..],
             &["--impl", "mutex", "--threads", "1", "--commit-every", "0"][..],
         ] {
             let v = replay(&dir, extra);
-            eprintln!("{}: {extra:?}: {} ops, {:.0} ops/s", dir.display(), v["ops"], v["ops_per_sec"].as_f64().unwrap_or(0.0));
+            eprintln!(
+                "{}: {extra:?}: {} ops, {:.0} ops/s",
+                dir.display(),
+                v["ops"],
+                v["ops_per_sec"].as_f64().unwrap_or(0.0)
+            );
         }
     }
 }
@@ -71,11 +86,18 @@ fn corrupt_input_is_a_clear_error() {
     std::fs::write(tmp.join("trace.txt.zst"), &trace[..trace.len() / 2]).unwrap();
     // A dump with a garbled line.
     let text = zstd_decode_file(&dir.join("before.txt.zst"));
-    assert!(text.contains("refs 1 gen"), "the dump has the field we garble");
+    assert!(
+        text.contains("refs 1 gen"),
+        "the dump has the field we garble"
+    );
     let text = text.replacen("refs 1 gen", "refs x gen", 1);
     std::fs::write(tmp.join("garbled.txt"), text).unwrap();
     for (before, trace, what) in [
-        (dir.join("before.txt.zst"), tmp.join("trace.txt.zst"), "line"),
+        (
+            dir.join("before.txt.zst"),
+            tmp.join("trace.txt.zst"),
+            "line",
+        ),
         (tmp.join("garbled.txt"), dir.join("trace.txt.zst"), "line"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_refctl"))

@@ -55,10 +55,10 @@ use std::sync::{Mutex, OnceLock};
 use crossbeam_skiplist::SkipMap;
 use crossbeam_utils::CachePadded;
 
+use super::gate::{parity, Generation, ShardGate};
 use super::packed::{build_run, merge_cursors, Chunk, Cursor, HeadRef, PackedRef, RunBuilder};
 use super::{merge_heads, DelayedRefStore, IngestHandle, StampClock, StoreError};
 use crate::head::Head;
-use super::gate::{parity, Generation, ShardGate};
 use crate::model::Op;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -273,7 +273,11 @@ impl TxnIndex {
                 .take(COMPACT_FANOUT)
                 .collect();
             let is_top = self.runs.iter().all(|e| e.value().level <= level);
-            let out_level = if ids.len() == COMPACT_FANOUT { level + 1 } else { level };
+            let out_level = if ids.len() == COMPACT_FANOUT {
+                level + 1
+            } else {
+                level
+            };
             if ids.len() == COMPACT_FANOUT || (is_top && ids.len() >= 2 && level > 0) {
                 let mut b = RunBuilder::new();
                 {
@@ -357,7 +361,10 @@ impl LockFreeStore {
     /// A store with `shards` ingest shards staging `staging_ops` ops each
     /// (small values exercise hand-off and compaction in tests).
     pub fn with_config(shards: usize, staging_ops: usize) -> LockFreeStore {
-        assert!(shards > 0 && staging_ops > 0, "shards and staging_ops must be > 0");
+        assert!(
+            shards > 0 && staging_ops > 0,
+            "shards and staging_ops must be > 0"
+        );
         let shards = (0..shards)
             .map(|_| {
                 CachePadded::new(Shard {
@@ -379,9 +386,7 @@ impl LockFreeStore {
 
     /// Runs currently in the live index (for tests and reports).
     pub fn live_runs(&self) -> usize {
-        self.index[parity(self.gen.live())]
-            .runs
-            .len()
+        self.index[parity(self.gen.live())].runs.len()
     }
 
     /// What the live index holds: `(runs, heads stored, refs stored,
@@ -394,7 +399,12 @@ impl LockFreeStore {
             st.runs += 1;
             st.heads += r.value().heads;
             st.refs += r.value().refs;
-            st.chunk_bytes += r.value().chunks.iter().map(Chunk::heap_bytes).sum::<usize>();
+            st.chunk_bytes += r
+                .value()
+                .chunks
+                .iter()
+                .map(Chunk::heap_bytes)
+                .sum::<usize>();
         }
         st
     }
@@ -420,7 +430,11 @@ impl LockFreeStore {
         let mut scratch: Vec<PackedRef> = Vec::new();
         for h in &carry {
             scratch.clear();
-            scratch.extend(h.refs.iter().map(|r| PackedRef::new(r.key, r.seq, r.ref_mod)));
+            scratch.extend(
+                h.refs
+                    .iter()
+                    .map(|r| PackedRef::new(r.key, r.seq, r.ref_mod)),
+            );
             cb.push(h.bytenr, &h.summary, &scratch);
         }
         staged_runs.push(cb.finish());
@@ -486,7 +500,11 @@ impl LockFreeHandle<'_> {
     fn enter(&self) -> u64 {
         let shard = &self.store.shards[self.shard];
         shard.gate.enter(&self.store.gen, |p| {
-            debug_assert_eq!(shard.staging[p].len.load(Ordering::SeqCst), 0, "unreleased buffer");
+            debug_assert_eq!(
+                shard.staging[p].len.load(Ordering::SeqCst),
+                0,
+                "unreleased buffer"
+            );
         })
     }
 
@@ -560,8 +578,7 @@ impl DelayedRefStore for LockFreeStore {
 
     fn handle(&self) -> Result<LockFreeHandle<'_>, StoreError> {
         for (i, s) in self.shards.iter().enumerate() {
-            if s
-                .claimed
+            if s.claimed
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
@@ -603,7 +620,12 @@ impl DelayedRefStore for LockFreeStore {
                     heads.push(Head::of_op(op, *stamp));
                 }
             }
-            heads.extend(idx.lock_carry().iter().filter(|h| h.bytenr == bytenr).cloned());
+            heads.extend(
+                idx.lock_carry()
+                    .iter()
+                    .filter(|h| h.bytenr == bytenr)
+                    .cloned(),
+            );
             heads
         });
         let all: Vec<Head> = parts.into_iter().flatten().collect();
@@ -658,14 +680,18 @@ impl DelayedRefStore for LockFreeStore {
     fn release(&self, held: Vec<Head>) {
         let live = self.gen.live();
         let g = live - 1;
-        assert_eq!(self.released.load(Ordering::SeqCst), g - 1, "release without freeze");
+        assert_eq!(
+            self.released.load(Ordering::SeqCst),
+            g - 1,
+            "release without freeze"
+        );
         let idx = &self.index[parity(g)];
         idx.begin_change();
         self.released.store(g, Ordering::SeqCst);
         for shard in self.shards.iter() {
-            shard
-                .gate
-                .retire(g, || shard.staging[parity(g)].len.store(0, Ordering::SeqCst));
+            shard.gate.retire(g, || {
+                shard.staging[parity(g)].len.store(0, Ordering::SeqCst)
+            });
         }
         idx.end_change();
         // Hidden now (released = g); the runs are freed by
@@ -739,7 +765,11 @@ mod tests {
         let mut h2 = lf.handle().unwrap();
         let mut hm = mx.handle().unwrap();
         for (i, op) in all.iter().enumerate() {
-            if i % 2 == 0 { h1.add(op).unwrap() } else { h2.add(op).unwrap() }
+            if i % 2 == 0 {
+                h1.add(op).unwrap()
+            } else {
+                h2.add(op).unwrap()
+            }
             hm.add(op).unwrap();
             if i % 301 == 0 {
                 let b = op.bytenr;

@@ -145,7 +145,10 @@ impl DelayedRefStore for MutexStore {
     fn freeze(&self) -> Vec<Head> {
         let frozen = {
             let mut inner = self.lock();
-            assert!(inner.frozen.is_none(), "freeze while a transaction is frozen");
+            assert!(
+                inner.frozen.is_none(),
+                "freeze while a transaction is frozen"
+            );
             let live = std::mem::take(&mut inner.live);
             let frozen = Arc::new(live);
             inner.frozen = Some(frozen.clone());

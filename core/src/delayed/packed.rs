@@ -49,7 +49,17 @@ pub(crate) fn encode(op: &Op, stamp: u64) -> Staged {
         | (has_key << 26)
         | (ktype << 32);
     [
-        op.bytenr, op.num_bytes, k1, k2, k3, op.seq, stamp, meta, eflags, kobj, koff,
+        op.bytenr,
+        op.num_bytes,
+        k1,
+        k2,
+        k3,
+        op.seq,
+        stamp,
+        meta,
+        eflags,
+        kobj,
+        koff,
     ]
 }
 
@@ -91,7 +101,6 @@ pub(crate) fn decode(w: &Staged) -> (Op, u64) {
     };
     (op, w[6])
 }
-
 
 /// Heads per chunk (bounds one allocation and one binary search).
 pub(crate) const CHUNK_HEADS_MAX: usize = 512;
@@ -217,7 +226,7 @@ pub(crate) struct HeadRef<'a> {
 }
 
 impl HeadRef<'_> {
-    pub fn to_head(&self) -> Head {
+    pub fn to_head(self) -> Head {
         Head {
             bytenr: self.bytenr,
             summary: self.summary,
@@ -542,8 +551,16 @@ mod tests {
         let keys = [
             RefKey::TreeBlock { root: 3 },
             RefKey::TreeBlock { root: 9 },
-            RefKey::ExtentData { root: 1, objectid: 2, offset: 9 },
-            RefKey::ExtentData { root: 1, objectid: 3, offset: 0 },
+            RefKey::ExtentData {
+                root: 1,
+                objectid: 2,
+                offset: 9,
+            },
+            RefKey::ExtentData {
+                root: 1,
+                objectid: 3,
+                offset: 0,
+            },
             RefKey::SharedBlock { parent: 1 },
             RefKey::SharedData { parent: 1 },
         ];
@@ -563,7 +580,11 @@ mod tests {
 
     #[test]
     fn build_and_merge_runs_agree_with_heads() {
-        let data = |root| RefKey::ExtentData { root, objectid: 300, offset: 0 };
+        let data = |root| RefKey::ExtentData {
+            root,
+            objectid: 300,
+            offset: 0,
+        };
         let mk = |b: u64, a: Action, root: u64, seq: u64| {
             Op::new(b * 4096, 4096, ExtentKind::Data, a, data(root), seq).unwrap()
         };

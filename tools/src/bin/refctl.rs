@@ -167,7 +167,10 @@ fn print_replay(r: &ReplayReport, json: bool) {
         }
     }
     if r.mismatches.len() > r.histories.len() {
-        println!("({} more mismatches not shown)", r.mismatches.len() - r.histories.len());
+        println!(
+            "({} more mismatches not shown)",
+            r.mismatches.len() - r.histories.len()
+        );
     }
     println!("{}", if r.exact() { "EXACT MATCH" } else { "MISMATCH" });
 }
@@ -206,7 +209,8 @@ fn run(cli: Cli) -> Result<bool, String> {
         }
         Cmd::Btrfs(BtrfsCmd::Normalize(a)) => {
             let tree = load(&a.file, a.nodesize).map_err(|e| e.to_string())?;
-            write_canonical(&tree, std::io::stdout().lock()).map_err(|e| format!("writing to stdout: {e}"))?;
+            write_canonical(&tree, std::io::stdout().lock())
+                .map_err(|e| format!("writing to stdout: {e}"))?;
             Ok(true)
         }
     }

@@ -62,6 +62,10 @@ pub struct IngestArgs {
     /// trace.txt.zst), e.g. ../shared/traces/reflink-1.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// Lock-free store: top-level merge ratio (memory vs throughput, see
+    /// refd_core::delayed::lockfree::TOP_MERGE_RATIO).
+    #[arg(long, default_value_t = refd_core::delayed::lockfree::TOP_MERGE_RATIO)]
+    pub top_merge_ratio: usize,
     /// Check every op with ref-verify at ingest (the replay anchor is
     /// "in memory, all ops verified").
     #[arg(long)]
@@ -315,6 +319,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             "ops": stream.ops.len(),
             "rounds": args.rounds,
             "verify": args.verify,
+            "top_merge_ratio": args.top_merge_ratio,
             "lockfree_mops": get("lockfree").map(|r| r.mops),
             "mutex_mops": get("mutex").map(|r| r.mops),
             "ratio": ratio,

@@ -68,7 +68,7 @@ fn layout_for(len_bytes: usize) -> Result<Layout, AlignedBufError> {
     if len_bytes == 0 {
         return Err(AlignedBufError::ZeroLength);
     }
-    if len_bytes % BLOCK_BYTES != 0 {
+    if !len_bytes.is_multiple_of(BLOCK_BYTES) {
         return Err(AlignedBufError::NotBlockMultiple { len_bytes });
     }
     if len_bytes > ALIGNED_BUF_BYTES_MAX {

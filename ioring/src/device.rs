@@ -83,7 +83,7 @@ impl Geometry {
             });
         }
         let block_bytes = BLOCK_BYTES as u64;
-        if self.size_bytes == 0 || self.size_bytes % block_bytes != 0 {
+        if self.size_bytes == 0 || !self.size_bytes.is_multiple_of(block_bytes) {
             return Err(GeometryError::SizeNotMultiple {
                 size_bytes: self.size_bytes,
                 block_bytes,
@@ -94,7 +94,7 @@ impl Geometry {
 
     /// True if `value` is a multiple of the logical block size.
     pub fn is_block_aligned(&self, value: u64) -> bool {
-        value % u64::from(self.logical_block_bytes) == 0
+        value.is_multiple_of(u64::from(self.logical_block_bytes))
     }
 }
 

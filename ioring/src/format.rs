@@ -26,9 +26,10 @@ pub mod node;
 pub mod superblock;
 
 pub use log_batch::{
-    batch_bytes_for, decode_batch, decode_batch_header, encode_batch, BatchHeader, BatchView,
-    Records, LOG_BATCH_BYTES_MAX, LOG_BATCH_HEADER_BYTES, LOG_BATCH_MAGIC, LOG_BATCH_VERSION,
-    LOG_RECORD_LEN_BYTES,
+    batch_bytes_for, batch_bytes_for_payload, decode_batch, decode_batch_header, encode_batch,
+    framed_record_bytes, record_len_prefix_bytes, BatchHeader, BatchView, Records,
+    LOG_BATCH_BYTES_MAX, LOG_BATCH_HEADER_BYTES, LOG_BATCH_MAGIC, LOG_BATCH_VERSION,
+    LOG_RECORD_LEN_BYTES_MAX,
 };
 pub use node::{
     NodeHeader, NODE_BYTES, NODE_HEADER_BYTES, NODE_ITEMS_BYTES, NODE_MAGIC, NODE_VERSION,

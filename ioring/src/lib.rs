@@ -20,6 +20,9 @@
 //!   sector, EIO and bit-flip injection, reproducible from a seed.
 //! - [`format`](mod@format): superblock, log batch framing and node header, byte by byte
 //!   as documented in `docs/format.md`.
+//! - [`log`](mod@log): the durable ref log: [`RefLog`] (group commit of
+//!   opaque records into the circular log region, trim, failure latch) and
+//!   [`replay`] (recovery), as documented in `docs/log.md`.
 //!
 //! Rules every caller must know:
 //!
@@ -36,6 +39,7 @@
 pub mod aligned;
 pub mod device;
 pub mod format;
+pub mod log;
 pub mod sim;
 pub mod storage;
 pub mod uring;
@@ -46,6 +50,10 @@ mod test_support;
 
 pub use aligned::{AlignedBuf, AlignedBufError, BLOCK_BYTES};
 pub use device::{Device, DeviceError, DeviceKind, FileAllocation, Geometry, GeometryError};
+pub use log::{
+    replay, Durability, LogBounds, LogConfig, LogError, LogPosition, LogStats, Lsn, RecoveryReport,
+    RefLog, Replay, Ticket,
+};
 pub use sim::{CrashPolicy, FaultPlan, SimConfig, SimCounters, SimError, SimStorage};
 pub use storage::{IoFailure, IoOp, Storage, StorageError};
 pub use uring::{UringConfig, UringSetupError, UringStats, UringStorage};

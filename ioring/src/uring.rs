@@ -112,7 +112,7 @@ impl UringConfig {
             });
         }
         if self.slot_bytes == 0
-            || self.slot_bytes % BLOCK_BYTES != 0
+            || !self.slot_bytes.is_multiple_of(BLOCK_BYTES)
             || self.slot_bytes > SLOT_BYTES_MAX
         {
             return Err(UringSetupError::InvalidConfig {

@@ -31,14 +31,17 @@ use crate::format::{block_checksum, BlockKind, FormatError, FsId, CHECKSUM_OFFSE
 
 /// Magic of a log batch header.
 pub const LOG_BATCH_MAGIC: [u8; 8] = *b"REFDLOG1";
-/// Layout version written and read by this build.
-pub const LOG_BATCH_VERSION: u32 = 1;
+/// Layout version written and read by this build. Version 2 frames each
+/// record with a varint length (version 1 used a fixed 4-byte length).
+pub const LOG_BATCH_VERSION: u32 = 2;
 /// Size of the batch header in bytes; the payload starts right after it.
 pub const LOG_BATCH_HEADER_BYTES: usize = 80;
 /// Largest batch in bytes (16 MiB), header and padding included.
 pub const LOG_BATCH_BYTES_MAX: usize = 16 << 20;
-/// Size of the length prefix of each record.
-pub const LOG_RECORD_LEN_BYTES: usize = 4;
+/// Largest length prefix of a record: an unsigned LEB128 varint of a `u32`
+/// (1 byte for bodies shorter than 128 bytes, 2 below 16 KiB, 3 below
+/// 2 MiB, 4 for anything that fits in a batch).
+pub const LOG_RECORD_LEN_BYTES_MAX: usize = 5;
 
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 12;
@@ -111,14 +114,68 @@ pub struct Records<'a> {
     left: u32,
 }
 
+/// Bytes of the varint length prefix of a record body of `len_bytes`.
+pub fn record_len_prefix_bytes(len_bytes: usize) -> usize {
+    let mut n = 1;
+    let mut v = len_bytes >> 7;
+    while v != 0 {
+        n += 1;
+        v >>= 7;
+    }
+    n
+}
+
+/// Bytes a record body of `len_bytes` occupies in a payload: its varint
+/// length prefix plus the body.
+pub fn framed_record_bytes(len_bytes: usize) -> usize {
+    record_len_prefix_bytes(len_bytes) + len_bytes
+}
+
+/// Writes the varint length prefix of `len` at `buf[at..]`; returns the
+/// number of bytes written. The caller sized `buf` with
+/// [`record_len_prefix_bytes`].
+fn put_varint(buf: &mut [u8], at: usize, len: u32) -> usize {
+    let mut v = len;
+    let mut i = at;
+    loop {
+        let low = (v & 0x7F) as u8;
+        v >>= 7;
+        if v == 0 {
+            buf[i] = low;
+            return i + 1 - at;
+        }
+        buf[i] = low | 0x80;
+        i += 1;
+    }
+}
+
+/// Reads a minimal (canonical) LEB128 `u32` at the start of `buf`: returns
+/// the value and the bytes it took, or `None` if it is truncated, longer
+/// than [`LOG_RECORD_LEN_BYTES_MAX`] bytes, overflows `u32` or is not the
+/// shortest encoding (the encoder only writes shortest encodings, so any
+/// other form is corruption, never accepted silently).
+fn get_varint(buf: &[u8]) -> Option<(u32, usize)> {
+    let mut value: u64 = 0;
+    for (i, &b) in buf.iter().take(LOG_RECORD_LEN_BYTES_MAX).enumerate() {
+        value |= u64::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            let used = i + 1;
+            // A zero final byte after the first is a non-minimal encoding.
+            if used > 1 && b == 0 {
+                return None;
+            }
+            return u32::try_from(value).ok().map(|v| (v, used));
+        }
+    }
+    None
+}
+
 /// Splits one record off `rest`, or `None` if the framing is broken.
 fn split_record(rest: &[u8]) -> Option<(&[u8], &[u8])> {
-    if rest.len() < LOG_RECORD_LEN_BYTES {
-        return None;
-    }
-    let len = get_u32(rest, 0) as usize;
-    let body = rest.get(LOG_RECORD_LEN_BYTES..LOG_RECORD_LEN_BYTES.checked_add(len)?)?;
-    Some((body, &rest[LOG_RECORD_LEN_BYTES + len..]))
+    let (len, prefix) = get_varint(rest)?;
+    let end = prefix.checked_add(len as usize)?;
+    let body = rest.get(prefix..end)?;
+    Some((body, &rest[end..]))
 }
 
 impl<'a> Iterator for Records<'a> {
@@ -145,13 +202,18 @@ impl ExactSizeIterator for Records<'_> {}
 /// padding), or `None` if it would exceed [`LOG_BATCH_BYTES_MAX`]. Lets the
 /// log writer check for space before encoding.
 pub fn batch_bytes_for(records: &[&[u8]]) -> Option<usize> {
-    let mut total = LOG_BATCH_HEADER_BYTES;
+    let mut payload_bytes: usize = 0;
     for r in records {
-        total = total
-            .checked_add(LOG_RECORD_LEN_BYTES)?
-            .checked_add(r.len())?;
+        payload_bytes = payload_bytes.checked_add(framed_record_bytes(r.len()))?;
     }
-    let total = round_up_to_block(total)?;
+    batch_bytes_for_payload(payload_bytes)
+}
+
+/// Bytes a batch whose payload (framed records) is `payload_bytes` long
+/// occupies on disk, or `None` above [`LOG_BATCH_BYTES_MAX`]. With
+/// [`framed_record_bytes`] this lets a writer size a batch incrementally.
+pub fn batch_bytes_for_payload(payload_bytes: usize) -> Option<usize> {
+    let total = round_up_to_block(LOG_BATCH_HEADER_BYTES.checked_add(payload_bytes)?)?;
     (total <= LOG_BATCH_BYTES_MAX).then_some(total)
 }
 
@@ -165,8 +227,9 @@ fn invalid(addr: u64, field: &'static str, reason: String) -> FormatError {
 }
 
 /// Encodes one batch for logical log offset `log_offset` (a multiple of
-/// 4096). Each record is written as a u32 little-endian length followed by
-/// its bytes; records may be empty; zero records is allowed.
+/// 4096). Each record is written as its length (unsigned LEB128 varint,
+/// shortest form) followed by its bytes; records may be empty; zero records
+/// is allowed.
 pub fn encode_batch(
     fs_id: &FsId,
     lsn: u64,
@@ -174,7 +237,7 @@ pub fn encode_batch(
     log_offset: u64,
     records: &[&[u8]],
 ) -> Result<AlignedBuf, FormatError> {
-    if log_offset % BLOCK_BYTES as u64 != 0 {
+    if !log_offset.is_multiple_of(BLOCK_BYTES as u64) {
         return Err(invalid(
             log_offset,
             "log_offset",
@@ -203,8 +266,7 @@ pub fn encode_batch(
     let mut at = LOG_BATCH_HEADER_BYTES;
     for r in records {
         // Lengths fit in u32: the whole batch is at most 16 MiB.
-        put_u32(&mut buf, at, r.len() as u32);
-        at += LOG_RECORD_LEN_BYTES;
+        at += put_varint(&mut buf, at, r.len() as u32);
         put_bytes(&mut buf, at, r);
         at += r.len();
     }
@@ -299,7 +361,10 @@ pub fn decode_batch_header(
         ));
     }
     let batch_bytes = header.batch_bytes as usize;
-    if batch_bytes == 0 || batch_bytes % BLOCK_BYTES != 0 || batch_bytes > LOG_BATCH_BYTES_MAX {
+    if batch_bytes == 0
+        || !batch_bytes.is_multiple_of(BLOCK_BYTES)
+        || batch_bytes > LOG_BATCH_BYTES_MAX
+    {
         return Err(invalid(
             addr,
             "batch_bytes",
@@ -417,7 +482,8 @@ mod tests {
         let decoded: Vec<&[u8]> = view.records().collect();
         assert_eq!(decoded, records);
         assert_eq!(view.records().len(), 4);
-        assert_eq!(view.payload().len(), 4 * 4 + 5 + 10_000 + 5);
+        // Varint prefixes: 1 + 1 + 2 + 1 bytes.
+        assert_eq!(view.payload().len(), 5 + 5 + 10_000 + 5);
 
         let empty = encode_batch(&FS, 1, 1, 0, &[]).expect("encode");
         assert_eq!(empty.len(), 4096);
@@ -453,8 +519,72 @@ mod tests {
             .collect();
         assert_eq!(
             header,
-            "524546444c4f4731798eb6fa01000000abababababababababababababababab02010000000000000403000000000000005000000000000000100000060000000100000026fbc3d80000000000000000020000006869"
+            "524546444c4f473118b52a5f02000000abababababababababababababababab02010000000000000403000000000000005000000000000000100000030000000100000004363d4e0000000000000000026869000000"
         );
+    }
+
+    #[test]
+    fn varint_lengths() {
+        for (len, prefix) in [
+            (0usize, 1usize),
+            (1, 1),
+            (127, 1),
+            (128, 2),
+            (16_383, 2),
+            (16_384, 3),
+            ((1 << 21) - 1, 3),
+            (1 << 21, 4),
+            ((1 << 28) - 1, 4),
+            (1 << 28, 5),
+            (u32::MAX as usize, 5),
+        ] {
+            assert_eq!(record_len_prefix_bytes(len), prefix, "len {len}");
+            assert_eq!(framed_record_bytes(len), prefix + len);
+            let mut buf = [0xAAu8; 8];
+            let n = put_varint(&mut buf, 1, len as u32);
+            assert_eq!(n, prefix, "len {len}");
+            assert_eq!(
+                get_varint(&buf[1..]),
+                Some((len as u32, prefix)),
+                "len {len}"
+            );
+        }
+        // Non-minimal, overlong, overflowing and truncated forms are refused.
+        assert_eq!(get_varint(&[0x80, 0x00]), None);
+        assert_eq!(get_varint(&[0x81, 0x80, 0x00]), None);
+        assert_eq!(get_varint(&[0xFF, 0xFF, 0xFF, 0xFF, 0x10]), None);
+        assert_eq!(get_varint(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x01]), None);
+        assert_eq!(get_varint(&[0x80]), None);
+        assert_eq!(get_varint(&[]), None);
+        assert_eq!(
+            get_varint(&[0xFF, 0xFF, 0xFF, 0xFF, 0x0F]),
+            Some((u32::MAX, 5))
+        );
+        assert_eq!(batch_bytes_for_payload(0), Some(4096));
+        assert_eq!(batch_bytes_for_payload(4096 - 80), Some(4096));
+        assert_eq!(batch_bytes_for_payload(4097 - 80), Some(8192));
+        assert_eq!(batch_bytes_for_payload(LOG_BATCH_BYTES_MAX), None);
+    }
+
+    #[test]
+    fn non_minimal_record_length_is_refused() {
+        // "hi" framed as 0x82 0x00 (a two-byte encoding of 2), checksums
+        // recomputed: the framing is corrupt even though both CRCs match.
+        let mut buf = encode_batch(&FS, 1, 1, 0, &[b"hi!"]).expect("encode");
+        buf[LOG_BATCH_HEADER_BYTES] = 0x82;
+        buf[LOG_BATCH_HEADER_BYTES + 1] = 0x00;
+        buf[LOG_BATCH_HEADER_BYTES + 2] = b'h';
+        buf[LOG_BATCH_HEADER_BYTES + 3] = b'i';
+        let crc = crc32c::crc32c(&buf[LOG_BATCH_HEADER_BYTES..]);
+        put_u32(&mut buf, OFF_PAYLOAD_CRC, crc);
+        reseal_header(&mut buf);
+        assert!(matches!(
+            decode_batch(&buf, &FS, 0),
+            Err(FormatError::Invalid {
+                field: "record framing",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -475,7 +605,7 @@ mod tests {
                 ..
             })
         ));
-        let fits = vec![0u8; LOG_BATCH_BYTES_MAX - LOG_BATCH_HEADER_BYTES - LOG_RECORD_LEN_BYTES];
+        let fits = vec![0u8; LOG_BATCH_BYTES_MAX - LOG_BATCH_HEADER_BYTES - 4];
         assert_eq!(batch_bytes_for(&[&fits]), Some(LOG_BATCH_BYTES_MAX));
     }
 

@@ -65,7 +65,7 @@ fn invalid(addr: u64, field: &'static str, reason: String) -> FormatError {
 
 impl NodeHeader {
     fn validate(&self) -> Result<(), FormatError> {
-        if self.addr % 4096 != 0 {
+        if !self.addr.is_multiple_of(4096) {
             return Err(invalid(
                 self.addr,
                 "addr",

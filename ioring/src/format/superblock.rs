@@ -168,9 +168,9 @@ impl Superblock {
         // Log region: block aligned, after the superblocks, inside the device.
         let log_end = region_end(addr, "log_bytes", self.log_start, self.log_bytes)?;
         if self.log_start < SUPERBLOCK_REGION_BYTES
-            || self.log_start % FORMAT_BLOCK != 0
+            || !self.log_start.is_multiple_of(FORMAT_BLOCK)
             || self.log_bytes == 0
-            || self.log_bytes % FORMAT_BLOCK != 0
+            || !self.log_bytes.is_multiple_of(FORMAT_BLOCK)
             || log_end > size
         {
             return Err(invalid(
@@ -192,8 +192,8 @@ impl Superblock {
             self.node_region_bytes,
         )?;
         if self.node_region_start < SUPERBLOCK_REGION_BYTES
-            || self.node_region_start % FORMAT_BLOCK != 0
-            || self.node_region_bytes % NODE_BYTES as u64 != 0
+            || !self.node_region_start.is_multiple_of(FORMAT_BLOCK)
+            || !self.node_region_bytes.is_multiple_of(NODE_BYTES as u64)
             || nodes_end > size
         {
             return Err(invalid(
@@ -222,8 +222,8 @@ impl Superblock {
 
         // Log positions: block aligned, head <= tail, at most one log's worth
         // of live batches.
-        if self.log_head_offset % FORMAT_BLOCK != 0
-            || self.log_tail_offset % FORMAT_BLOCK != 0
+        if !self.log_head_offset.is_multiple_of(FORMAT_BLOCK)
+            || !self.log_tail_offset.is_multiple_of(FORMAT_BLOCK)
             || self.log_head_offset > self.log_tail_offset
             || self.log_tail_offset - self.log_head_offset > self.log_bytes
         {
@@ -270,7 +270,7 @@ impl Superblock {
                 self.tree_root_addr,
                 NODE_BYTES as u64,
             )?;
-            if self.tree_root_addr % FORMAT_BLOCK != 0
+            if !self.tree_root_addr.is_multiple_of(FORMAT_BLOCK)
                 || self.tree_root_addr < self.node_region_start
                 || root_end > nodes_end
             {
@@ -296,7 +296,7 @@ impl Superblock {
         }
 
         // Allocator.
-        if self.alloc_next_unallocated % FORMAT_BLOCK != 0
+        if !self.alloc_next_unallocated.is_multiple_of(FORMAT_BLOCK)
             || self.alloc_next_unallocated < self.node_region_start
             || self.alloc_next_unallocated > nodes_end
         {
@@ -324,10 +324,10 @@ impl Superblock {
                 self.free_space_bitmap_addr,
                 self.free_space_bitmap_bytes,
             )?;
-            if self.free_space_bitmap_addr % FORMAT_BLOCK != 0
+            if !self.free_space_bitmap_addr.is_multiple_of(FORMAT_BLOCK)
                 || self.free_space_bitmap_addr < SUPERBLOCK_REGION_BYTES
                 || self.free_space_bitmap_bytes == 0
-                || self.free_space_bitmap_bytes % FORMAT_BLOCK != 0
+                || !self.free_space_bitmap_bytes.is_multiple_of(FORMAT_BLOCK)
                 || end > size
             {
                 return Err(invalid(

@@ -1,0 +1,854 @@
+//! Unit tests of the log: ring wrap, bounds, back-pressure, trim, failure
+//! latch and replay edge cases, on [`SimStorage`].
+
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use super::*;
+use crate::format::{FsId, Superblock, NODE_BYTES};
+use crate::{CrashPolicy, FaultPlan, Geometry, IoFailure, SimConfig, SimStorage, Storage};
+use crate::{IoOp, StorageError};
+
+const FS: FsId = FsId([0x5A; 16]);
+const LOG_START: u64 = 8192;
+
+fn superblock(geometry: Geometry, log_bytes: u64, generation: u64, b: LogBounds) -> Superblock {
+    let node_region_start = LOG_START + log_bytes;
+    let mut sb = Superblock {
+        fs_id: FS,
+        generation,
+        geometry,
+        node_bytes: NODE_BYTES as u32,
+        flags: 0,
+        log_start: LOG_START,
+        log_bytes,
+        log_head_offset: 0,
+        log_head_lsn: 1,
+        log_tail_offset: 0,
+        log_tail_lsn: 0,
+        node_region_start,
+        node_region_bytes: NODE_BYTES as u64,
+        tree_root_addr: 0,
+        tree_root_generation: 0,
+        tree_root_level: 0,
+        alloc_next_unallocated: node_region_start,
+        free_space_bitmap_addr: 0,
+        free_space_bitmap_bytes: 0,
+        last_txn_id: generation,
+    };
+    b.apply_to(&mut sb);
+    sb
+}
+
+fn sim(log_bytes: u64, seed: u64) -> Arc<SimStorage> {
+    let size = LOG_START + log_bytes + NODE_BYTES as u64;
+    Arc::new(SimStorage::new(SimConfig::new(size, seed)).expect("sim"))
+}
+
+fn open_log<S: Storage>(storage: S, sb: &Superblock, config: LogConfig) -> (RefLog<S>, Replay) {
+    let r = replay(&storage, sb).expect("replay");
+    let log = RefLog::open(storage, sb, &r, config).expect("open");
+    (log, r)
+}
+
+fn fresh(log_bytes: u64, config: LogConfig) -> (RefLog<Arc<SimStorage>>, Superblock) {
+    let dev = sim(log_bytes, 1);
+    let sb = superblock(dev.geometry(), log_bytes, 1, LogBounds::empty());
+    let (log, r) = open_log(dev, &sb, config);
+    assert_eq!(r.record_count(), 0);
+    assert_eq!(
+        r.end(),
+        LogPosition {
+            lsn: Lsn(1),
+            offset: 0
+        }
+    );
+    (log, sb)
+}
+
+fn record(id: u64, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len)
+        .map(|i| (id as usize * 131 + i * 7) as u8)
+        .collect();
+    let n = len.min(8);
+    v[..n].copy_from_slice(&id.to_le_bytes()[..n]);
+    v
+}
+
+fn replayed(r: &Replay) -> Vec<(Lsn, Vec<u8>)> {
+    r.records().map(|x| (x.lsn, x.data.to_vec())).collect()
+}
+
+/// Writes the superblock of a checkpoint covering everything below `upto`,
+/// then trims: the order the engine must follow.
+fn checkpoint<S: Storage>(log: &RefLog<S>, sb: &mut Superblock, upto: Lsn) {
+    let bounds = log.bounds(upto).expect("bounds");
+    sb.generation += 1;
+    bounds.apply_to(sb);
+    let block = sb.encode().expect("encode superblock");
+    log.storage()
+        .write_durable(sb.addr(), &block)
+        .expect("write superblock");
+    let head = log.trim(upto).expect("trim");
+    assert_eq!(head.lsn, upto);
+    assert_eq!(head.offset, bounds.head_offset);
+}
+
+#[test]
+fn append_sync_replay_round_trip() {
+    let (log, sb) = fresh(1 << 20, LogConfig::default());
+    let t1 = log.append(b"one").expect("append");
+    let t2 = log.append(b"").expect("append");
+    assert_eq!(t1.lsn(), Lsn(1));
+    assert_eq!(t2.lsn(), Lsn(1), "both queued in the open batch");
+    assert!(!t1.is_durable());
+    assert_eq!(log.durable_lsn(), Lsn(0));
+    assert_eq!(t2.wait().expect("wait"), Lsn(1));
+    assert!(t1.is_durable());
+    let lsn = log.append_durable(b"three").expect("append durable");
+    assert_eq!(lsn, Lsn(2));
+    assert_eq!(log.sync().expect("sync"), Lsn(2));
+    let stats = log.stats();
+    assert_eq!(stats.batches_written, 2);
+    assert_eq!(stats.records_written, 3);
+    assert_eq!(stats.batch_bytes_written, 8192);
+    assert_eq!(stats.queued_records, 0);
+    assert_eq!(log.used_bytes(), 8192);
+    assert_eq!(log.free_bytes(), (1 << 20) - 8192);
+
+    let dev = Arc::clone(log.storage());
+    let r = replay(&dev, &sb).expect("replay");
+    assert_eq!(
+        replayed(&r),
+        vec![
+            (Lsn(1), b"one".to_vec()),
+            (Lsn(1), vec![]),
+            (Lsn(2), b"three".to_vec())
+        ]
+    );
+    assert_eq!(
+        r.end(),
+        LogPosition {
+            lsn: Lsn(3),
+            offset: 8192
+        }
+    );
+    assert!(matches!(
+        r.report().stop,
+        StopCause::Format(crate::format::FormatError::BadMagic { .. })
+    ));
+    assert_eq!(r.report().beyond_superblock_tail, 2);
+    assert_eq!(r.batches()[0].txn_id, sb.last_txn_id + 1);
+    // Replay only reads: a second run is identical.
+    assert_eq!(replay(&dev, &sb).expect("replay again"), r);
+    let text = r.report().to_string();
+    assert!(
+        text.contains("2 batches") && text.contains("lsn 3"),
+        "{text}"
+    );
+}
+
+#[test]
+fn config_and_record_bounds() {
+    for (config, field) in [
+        (
+            LogConfig {
+                batch_bytes_max: 1000,
+                ..LogConfig::default()
+            },
+            "batch_bytes_max",
+        ),
+        (
+            LogConfig {
+                batch_bytes_max: 32 << 20,
+                ..LogConfig::default()
+            },
+            "batch_bytes_max",
+        ),
+        (
+            LogConfig {
+                queued_records_max: 0,
+                ..LogConfig::default()
+            },
+            "queued_records_max",
+        ),
+        (
+            LogConfig {
+                queued_bytes_max: 0,
+                ..LogConfig::default()
+            },
+            "queued_bytes_max",
+        ),
+    ] {
+        match config.check() {
+            Err(LogError::Config { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("expected Config error for {field}, got {other:?}"),
+        }
+    }
+    // A 64 KiB log caps batches at 32 KiB whatever the config says.
+    let (log, _) = fresh(64 << 10, LogConfig::default());
+    assert_eq!(log.batch_bytes_cap(), 32 << 10);
+    let max = log.record_bytes_max();
+    // 3-byte varint prefix for bodies of 16 KiB and more.
+    assert_eq!(max, (32 << 10) - 80 - 3);
+    match log.append(&vec![0u8; max + 1]) {
+        Err(LogError::RecordTooLarge {
+            len_bytes,
+            record_bytes_max,
+            log_bytes,
+            ..
+        }) => {
+            assert_eq!(
+                (len_bytes, record_bytes_max, log_bytes),
+                (max + 1, max, 64 << 10)
+            );
+        }
+        other => panic!("expected RecordTooLarge, got {other:?}"),
+    }
+    assert!(log.failure().is_none(), "bad input does not latch");
+    assert_eq!(
+        log.append_durable(&vec![7u8; max]).expect("largest"),
+        Lsn(1)
+    );
+    assert_eq!(log.stats().batch_bytes_written, 32 << 10);
+    // A log region below the minimum is refused.
+    let dev = sim(64 << 10, 2);
+    let sb = superblock(dev.geometry(), 4096, 1, LogBounds::empty());
+    assert!(matches!(replay(&dev, &sb), Err(LogError::Region { .. })));
+}
+
+#[test]
+fn batch_cap_splits_batches_and_respects_bytes_max() {
+    let config = LogConfig {
+        batch_bytes_max: 8192,
+        ..LogConfig::default()
+    };
+    let (log, sb) = fresh(1 << 20, config);
+    // 1000-byte records: 8 fit in an 8 KiB batch (80 + 8 * 1002 = 8096).
+    let tickets: Vec<_> = (0..20)
+        .map(|i| log.append(&record(i, 1000)).expect("append"))
+        .collect();
+    let lsns: Vec<u64> = tickets.iter().map(|t| t.lsn().get()).collect();
+    assert_eq!(&lsns[..9], &[1, 1, 1, 1, 1, 1, 1, 1, 2]);
+    assert_eq!(lsns[19], 3);
+    tickets[19].wait().expect("wait");
+    let stats = log.stats();
+    assert_eq!(stats.batches_written, 3);
+    assert_eq!(stats.records_per_batch_max, 8);
+    let r = replay(log.storage(), &sb).expect("replay");
+    let ids: Vec<u64> = r
+        .records()
+        .map(|x| u64::from_le_bytes(x.data[..8].try_into().expect("id")))
+        .collect();
+    assert_eq!(ids, (0..20).collect::<Vec<_>>());
+    assert!(r.batches().iter().all(|b| b.batch_bytes <= 8192));
+}
+
+#[test]
+fn ring_wraps_with_lap_skips_over_many_laps() {
+    // 64 KiB log, 32 KiB batch cap: records of varying size so that
+    // batches end at every block position and some do not fit before the
+    // physical end.
+    let log_bytes = 64 << 10;
+    let (log, mut sb) = fresh(log_bytes, LogConfig::default());
+    let dev = Arc::clone(log.storage());
+    let mut rng = crate::rng::Rng::new(7);
+    let mut expected: Vec<(Lsn, Vec<u8>)> = Vec::new();
+    let mut id = 0u64;
+    for round in 0..300 {
+        let n = 1 + rng.below(6);
+        let mut tickets = Vec::new();
+        for _ in 0..n {
+            let len = if rng.chance(0.3) {
+                4000 + rng.below(20_000) as usize
+            } else {
+                rng.below(300) as usize
+            };
+            if log.used_bytes() + 2 * (len as u64 + 4096) + 4096 > log_bytes {
+                log.sync().expect("sync");
+                checkpoint(&log, &mut sb, log.durable_lsn().next());
+                expected.clear();
+            }
+            let rec = record(id, len);
+            id += 1;
+            let t = log.append(&rec).expect("append");
+            expected.push((t.lsn(), rec));
+            tickets.push(t);
+        }
+        tickets.last().expect("ticket").wait().expect("wait");
+        // Replay from the last checkpoint returns exactly what is live.
+        let r = replay(&dev, &sb).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(replayed(&r), expected, "round {round}");
+        assert_eq!(r.end().lsn, log.durable_lsn().next());
+        // Sometimes checkpoint at a random durable LSN.
+        if rng.chance(0.3) {
+            let head = log.head().lsn.get();
+            let upto = Lsn(head + rng.below(log.durable_lsn().get() + 2 - head));
+            checkpoint(&log, &mut sb, upto);
+            expected.retain(|(lsn, _)| *lsn >= upto);
+        }
+    }
+    let stats = log.stats();
+    assert!(
+        stats.batch_bytes_written > 20 * log_bytes,
+        "many laps: {stats:?}"
+    );
+    assert!(stats.skipped_bytes > 0, "lap skips exercised: {stats:?}");
+    assert_eq!(stats.space_waits, 0);
+}
+
+#[test]
+fn replay_follows_a_lap_skip_at_the_head() {
+    // Fill the first lap to 4 KiB before its end, checkpoint there, then
+    // append a batch too large for the 4 KiB: it goes to the next lap start
+    // and the superblock's head points at the skipped space.
+    let log_bytes = 64 << 10;
+    let (log, mut sb) = fresh(log_bytes, LogConfig::default());
+    for i in 0..15 {
+        log.append_durable(&record(i, 4000)).expect("append");
+    }
+    assert_eq!(log.used_bytes(), 15 * 4096);
+    checkpoint(&log, &mut sb, Lsn(16));
+    assert_eq!(sb.log_head_offset, 15 * 4096);
+    let lsn = log.append_durable(&record(99, 6000)).expect("append");
+    assert_eq!(lsn, Lsn(16));
+    assert_eq!(log.stats().skipped_bytes, 4096);
+    assert_eq!(log.used_bytes(), 4096 + 8192);
+    let r = replay(log.storage(), &sb).expect("replay");
+    assert_eq!(replayed(&r), vec![(Lsn(16), record(99, 6000))]);
+    assert_eq!(r.report().skipped_bytes, 4096);
+    assert_eq!(r.batches()[0].log_offset, log_bytes);
+    assert_eq!(
+        r.end(),
+        LogPosition {
+            lsn: Lsn(17),
+            offset: log_bytes + 8192
+        }
+    );
+    // Reopen from that replay and continue.
+    let dev = Arc::clone(log.storage());
+    drop(log);
+    let (log, r2) = open_log(Arc::clone(&dev), &sb, LogConfig::default());
+    assert_eq!(r2, r);
+    assert_eq!(log.append_durable(b"next").expect("append"), Lsn(17));
+    let r3 = replay(&dev, &sb).expect("replay");
+    assert_eq!(r3.record_count(), 2);
+}
+
+#[test]
+fn a_full_ring_blocks_appends_until_trim() {
+    let log_bytes = 32 << 10;
+    let (log, mut sb) = fresh(log_bytes, LogConfig::default());
+    for i in 0..8 {
+        log.append_durable(&record(i, 4000)).expect("append");
+    }
+    assert_eq!(log.used_bytes(), log_bytes);
+    assert_eq!(log.free_bytes(), 0);
+    let (tx, rx) = mpsc::channel();
+    let appender = {
+        let log = log.clone();
+        thread::spawn(move || {
+            let r = log.append_durable(&record(8, 100));
+            tx.send(r.map(|l| l.get()).map_err(|e| e.to_string()))
+                .expect("send");
+        })
+    };
+    wait_until("the append to wait for space", || {
+        log.stats().space_waits == 1
+    });
+    thread::sleep(Duration::from_millis(20));
+    assert!(rx.try_recv().is_err(), "must wait for space");
+    assert_eq!(log.stats().queued_records, 0, "nothing assigned yet");
+    // Trim is refused above the durable LSN.
+    assert!(matches!(
+        log.trim(Lsn(10)),
+        Err(LogError::TrimBeyondDurable { .. })
+    ));
+    checkpoint(&log, &mut sb, Lsn(3));
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).expect("woken"),
+        Ok(9)
+    );
+    appender.join().expect("join");
+    assert_eq!(
+        log.head(),
+        LogPosition {
+            lsn: Lsn(3),
+            offset: 8192
+        }
+    );
+    assert!(log.used_bytes() <= log_bytes);
+    // Trim at or below the head is a no-op; bounds below it are refused.
+    assert_eq!(log.trim(Lsn(2)).expect("noop").lsn, Lsn(3));
+    assert!(matches!(
+        log.bounds(Lsn(2)),
+        Err(LogError::AlreadyTrimmed { .. })
+    ));
+    let r = replay(log.storage(), &sb).expect("replay");
+    assert_eq!(r.batches().first().map(|b| b.lsn), Some(Lsn(3)));
+    assert_eq!(r.end().lsn, Lsn(10));
+}
+
+#[test]
+fn a_blocked_append_writes_pending_batches_so_they_can_be_trimmed() {
+    // Two 16 KiB batches of queued (not durable) records fill a 32 KiB
+    // ring. The next append must make them durable itself, then wait.
+    let log_bytes = 32 << 10;
+    let (log, mut sb) = fresh(log_bytes, LogConfig::default());
+    let tickets: Vec<_> = (0..8)
+        .map(|i| log.append(&record(i, 4000)).expect("append"))
+        .collect();
+    assert_eq!(tickets[7].lsn(), Lsn(2));
+    assert_eq!(log.used_bytes(), log_bytes);
+    assert_eq!(log.durable_lsn(), Lsn(0));
+    let appender = {
+        let log = log.clone();
+        thread::spawn(move || log.append(&record(8, 4000)).map(|t| t.lsn()))
+    };
+    wait_until("pending batches to be written", || {
+        log.durable_lsn() == Lsn(2)
+    });
+    wait_until("the append to wait for space", || {
+        log.stats().space_waits == 1
+    });
+    assert!(tickets.iter().all(Ticket::is_durable));
+    checkpoint(&log, &mut sb, Lsn(2));
+    assert_eq!(appender.join().expect("join").expect("append"), Lsn(3));
+    log.sync().expect("sync");
+    let r = replay(log.storage(), &sb).expect("replay");
+    assert_eq!(
+        r.record_count(),
+        5,
+        "the four records of batch 2, and the ninth"
+    );
+}
+
+/// A storage whose log writes block until the test opens the gate, and
+/// which counts the writes that reached it.
+struct Gate {
+    inner: Arc<SimStorage>,
+    state: Mutex<(bool, u64)>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn new(inner: Arc<SimStorage>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            state: Mutex::new((false, 0)),
+            cv: Condvar::new(),
+        })
+    }
+    fn pass(&self) {
+        let mut st = self.state.lock().expect("gate");
+        st.1 += 1;
+        self.cv.notify_all();
+        while !st.0 {
+            st = self.cv.wait(st).expect("gate");
+        }
+    }
+    fn open(&self) {
+        self.state.lock().expect("gate").0 = true;
+        self.cv.notify_all();
+    }
+    fn wait_arrivals(&self, n: u64) {
+        let mut st = self.state.lock().expect("gate");
+        while st.1 < n {
+            st = self.cv.wait(st).expect("gate");
+        }
+    }
+}
+
+impl Storage for Gate {
+    fn device_name(&self) -> &str {
+        self.inner.device_name()
+    }
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        self.pass();
+        self.inner.write_batch(writes)
+    }
+    fn write_durable(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        self.pass();
+        self.inner.write_durable(offset, data)
+    }
+    fn read_batch(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), StorageError> {
+        self.inner.read_batch(reads)
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        self.inner.flush()
+    }
+    fn failure(&self) -> Option<IoFailure> {
+        self.inner.failure()
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn queue_bounds_apply_back_pressure() {
+    let dev = sim(1 << 20, 3);
+    let gate = Gate::new(Arc::clone(&dev));
+    let sb = superblock(dev.geometry(), 1 << 20, 1, LogBounds::empty());
+    let config = LogConfig {
+        queued_records_max: 4,
+        queued_bytes_max: 1 << 20,
+        ..LogConfig::default()
+    };
+    let (log, _) = open_log(Arc::clone(&gate), &sb, config);
+    // A leader blocks in the write of batch 1 (one record, still queued).
+    let leader = {
+        let log = log.clone();
+        thread::spawn(move || log.append_durable(b"first").map(|l| l.get()))
+    };
+    gate.wait_arrivals(1);
+    // Three more fit under the bound of 4; the fifth record blocks.
+    let appender = {
+        let log = log.clone();
+        thread::spawn(move || {
+            let mut lsns = Vec::new();
+            for i in 0..4u64 {
+                lsns.push(log.append(&record(i, 10)).expect("append").lsn().get());
+            }
+            lsns
+        })
+    };
+    wait_until("the appender to block", || {
+        log.stats().backpressure_waits == 1
+    });
+    assert_eq!(log.stats().queued_records, 4);
+    assert!(!appender.is_finished());
+    gate.open();
+    assert_eq!(leader.join().expect("leader").expect("durable"), 1);
+    assert_eq!(appender.join().expect("appender"), vec![2, 2, 2, 2]);
+    log.sync().expect("sync");
+
+    // Byte bound: with 100 bytes allowed, a 60-byte record waits for the
+    // previous one; a record over the bound passes when the queue is empty.
+    let dev = sim(1 << 20, 4);
+    let sb = superblock(dev.geometry(), 1 << 20, 1, LogBounds::empty());
+    let config = LogConfig {
+        queued_bytes_max: 100,
+        ..LogConfig::default()
+    };
+    let (log, _) = open_log(dev, &sb, config);
+    let big = log.append(&[1u8; 500]).expect("alone it passes");
+    assert_eq!(log.stats().queued_bytes, 502);
+    // No leader is active, so the blocked appender writes batch 1 itself.
+    let second = log.append(&[2u8; 60]).expect("append");
+    assert!(big.is_durable());
+    assert_eq!(second.lsn(), Lsn(2));
+    assert_eq!(log.stats().backpressure_waits, 1);
+    assert_eq!(log.stats().queued_bytes, 61);
+}
+
+#[test]
+fn concurrent_waiters_share_one_write() {
+    const WAITERS: usize = 6;
+    let dev = sim(1 << 20, 5);
+    let gate = Gate::new(Arc::clone(&dev));
+    let sb = superblock(dev.geometry(), 1 << 20, 1, LogBounds::empty());
+    let (log, _) = open_log(Arc::clone(&gate), &sb, LogConfig::default());
+    let first = {
+        let log = log.clone();
+        thread::spawn(move || log.append_durable(b"leader").expect("append"))
+    };
+    gate.wait_arrivals(1);
+    let writes_before = dev.counters().writes;
+    let others: Vec<_> = (0..WAITERS)
+        .map(|i| {
+            let log = log.clone();
+            thread::spawn(move || log.append_durable(&record(i as u64, 32)).expect("append"))
+        })
+        .collect();
+    wait_until("all submitters to queue", || {
+        log.stats().queued_records == WAITERS as u64 + 1
+    });
+    gate.open();
+    assert_eq!(first.join().expect("join"), Lsn(1));
+    for h in others {
+        assert_eq!(h.join().expect("join"), Lsn(2));
+    }
+    let stats = log.stats();
+    assert_eq!(stats.batches_written, 2);
+    assert_eq!(stats.records_per_batch_max, WAITERS as u64);
+    assert_eq!(dev.counters().writes - writes_before, 2);
+}
+
+#[test]
+fn seal_gives_an_exact_cut() {
+    let (log, mut sb) = fresh(1 << 20, LogConfig::default());
+    let before: Vec<_> = (0..3)
+        .map(|i| log.append(&record(i, 32)).expect("append"))
+        .collect();
+    let cut = log.seal();
+    assert_eq!(cut, Lsn(2));
+    assert_eq!(log.seal(), cut, "sealing an empty log changes nothing");
+    let after = log.append(&record(3, 32)).expect("append");
+    assert!(before.iter().all(|t| t.lsn() < cut));
+    assert_eq!(after.lsn(), cut);
+    log.wait_for(cut.prev()).expect("durable below the cut");
+    assert!(!after.is_durable());
+    checkpoint(&log, &mut sb, cut);
+    log.sync().expect("sync");
+    let r = replay(log.storage(), &sb).expect("replay");
+    assert_eq!(replayed(&r), vec![(cut, record(3, 32))]);
+}
+
+#[test]
+fn txn_id_change_seals_the_batch() {
+    let (log, sb) = fresh(1 << 20, LogConfig::default());
+    let a = log.append(b"a").expect("append");
+    log.set_txn_id(log.txn_id() + 5).expect("txn");
+    let b = log.append(b"b").expect("append");
+    assert_eq!((a.lsn(), b.lsn()), (Lsn(1), Lsn(2)));
+    assert!(matches!(
+        log.set_txn_id(0),
+        Err(LogError::TxnIdBackwards { .. })
+    ));
+    log.sync().expect("sync");
+    let r = replay(log.storage(), &sb).expect("replay");
+    let txns: Vec<u64> = r.records().map(|x| x.txn_id).collect();
+    assert_eq!(txns, vec![sb.last_txn_id + 1, sb.last_txn_id + 6]);
+}
+
+#[test]
+fn write_eio_latches_and_acknowledges_nothing_more() {
+    for durability in [Durability::WriteDurable, Durability::WriteThenFlush] {
+        let config = LogConfig {
+            durability,
+            ..LogConfig::default()
+        };
+        let (log, sb) = fresh(1 << 20, config);
+        let dev = Arc::clone(log.storage());
+        log.append_durable(b"acked").expect("first");
+        let pending = log.append(b"lost").expect("queued");
+        dev.set_fault_plan(FaultPlan {
+            write_eio_at: Some(1),
+            ..FaultPlan::default()
+        });
+        let err = pending.wait().expect_err("write fails");
+        match &err {
+            LogError::Failed {
+                device,
+                op,
+                offset,
+                lsn,
+                cause,
+                ..
+            } => {
+                assert_eq!(device, dev.device_name());
+                let expected_op = match durability {
+                    Durability::WriteDurable => IoOp::WriteDurable,
+                    Durability::WriteThenFlush => IoOp::Write,
+                };
+                assert_eq!(*op, expected_op);
+                assert_eq!(*offset, LOG_START + 4096);
+                assert_eq!(*lsn, Lsn(2));
+                assert_eq!(cause.raw_os_error(), Some(libc::EIO));
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        assert!(err
+            .to_string()
+            .contains("nothing after the last durable batch"));
+        // Latched: later appends and syncs fail, the durable LSN stays.
+        assert!(log.append(b"later").expect_err("latched").is_failed());
+        assert!(log.sync().expect_err("latched").is_failed());
+        assert!(pending.wait().expect_err("still failed").is_failed());
+        assert_eq!(log.durable_lsn(), Lsn(1));
+        assert!(log.failure().is_some_and(|e| e.is_failed()));
+        // After a crash the acknowledged record is there; the failed batch
+        // may or may not be, depending on what reached the media.
+        for policy in [CrashPolicy::KeepAll, CrashPolicy::LoseAll] {
+            let crashed = dev.crash_with(policy);
+            let r = replay(&crashed, &sb).expect("replay");
+            let recs = replayed(&r);
+            assert_eq!(recs[0], (Lsn(1), b"acked".to_vec()));
+            assert!(recs.len() <= 2);
+        }
+    }
+}
+
+#[test]
+fn flush_eio_latches_every_waiter() {
+    let config = LogConfig {
+        durability: Durability::WriteThenFlush,
+        ..LogConfig::default()
+    };
+    let dev = sim(1 << 20, 6);
+    let gate = Gate::new(Arc::clone(&dev));
+    let sb = superblock(dev.geometry(), 1 << 20, 1, LogBounds::empty());
+    let (log, _) = open_log(Arc::clone(&gate), &sb, config);
+    dev.set_fault_plan(FaultPlan {
+        flush_eio_at: Some(1),
+        ..FaultPlan::default()
+    });
+    let leader = {
+        let log = log.clone();
+        thread::spawn(move || log.append_durable(b"x"))
+    };
+    gate.wait_arrivals(1);
+    let waiters: Vec<_> = (0..4)
+        .map(|i| {
+            let log = log.clone();
+            thread::spawn(move || log.append_durable(&record(i, 16)))
+        })
+        .collect();
+    wait_until("waiters to queue", || log.stats().queued_records == 5);
+    gate.open();
+    match leader.join().expect("join") {
+        Err(LogError::Failed { op, .. }) => assert_eq!(op, IoOp::Flush),
+        other => panic!("expected a flush failure, got {other:?}"),
+    }
+    for w in waiters {
+        match w.join().expect("join") {
+            Err(LogError::Failed { op, .. }) => assert_eq!(op, IoOp::Flush),
+            other => panic!("expected the latched flush failure, got {other:?}"),
+        }
+    }
+    assert_eq!(log.durable_lsn(), Lsn(0));
+    assert_eq!(log.stats().batches_written, 0);
+}
+
+#[test]
+fn a_failed_storage_fails_open() {
+    let dev = sim(1 << 20, 7);
+    let sb = superblock(dev.geometry(), 1 << 20, 1, LogBounds::empty());
+    let r = replay(&dev, &sb).expect("replay");
+    dev.set_fault_plan(FaultPlan {
+        flush_eio_at: Some(1),
+        ..FaultPlan::default()
+    });
+    match RefLog::open(Arc::clone(&dev), &sb, &r, LogConfig::default()) {
+        Err(LogError::Failed {
+            op: IoOp::Flush, ..
+        }) => {}
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
+#[test]
+fn replay_distinguishes_clean_end_from_corruption() {
+    let (log, mut sb) = fresh(1 << 20, LogConfig::default());
+    let dev = Arc::clone(log.storage());
+    for i in 0..4 {
+        log.append_durable(&record(i, 5000)).expect("append");
+    }
+    // Superblock records batches 1..=2 as durable; 3 and 4 come after.
+    let b = log.bounds(Lsn(1)).expect("bounds");
+    let tail2 = LogBounds {
+        tail_lsn: Lsn(2),
+        tail_offset: 2 * 8192,
+        ..b
+    };
+    tail2.apply_to(&mut sb);
+    assert_eq!(replay(&dev, &sb).expect("replay").record_count(), 4);
+
+    // Damage batch 4 (after the tail): a clean end, reported as truncated.
+    let damaged = dev.crash_with(CrashPolicy::KeepAll);
+    damaged
+        .flip_bit(LOG_START + 3 * 8192 + 5000, 3)
+        .expect("flip");
+    let r = replay(&damaged, &sb).expect("clean end");
+    assert_eq!(r.record_count(), 3);
+    assert!(matches!(
+        r.report().stop,
+        StopCause::Format(crate::format::FormatError::Torn { lsn: 4, .. })
+    ));
+    assert_eq!(
+        r.report().truncated,
+        Some(TruncatedBatch {
+            lsn: Lsn(4),
+            log_offset: 3 * 8192,
+            batch_bytes: 8192
+        })
+    );
+    assert_eq!(r.report().beyond_superblock_tail, 1);
+    // Reopening overwrites the torn batch.
+    let damaged = Arc::new(damaged);
+    let (log2, _) = open_log(Arc::clone(&damaged), &sb, LogConfig::default());
+    assert_eq!(log2.append_durable(b"new 4").expect("append"), Lsn(4));
+    let r = replay(&damaged, &sb).expect("replay");
+    assert_eq!(r.record_count(), 4);
+    assert_eq!(r.records().last().map(|x| x.data), Some(&b"new 4"[..]));
+
+    // Damage batch 2 (at the tail): corruption.
+    let damaged = dev.crash_with(CrashPolicy::KeepAll);
+    damaged.flip_bit(LOG_START + 8192 + 100, 0).expect("flip");
+    match replay(&damaged, &sb) {
+        Err(LogError::Corrupt {
+            lsn,
+            log_offset,
+            tail_lsn,
+            ..
+        }) => assert_eq!((lsn, log_offset, tail_lsn), (Lsn(2), 8192, Lsn(2))),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // A superblock whose tail offset disagrees with the chain.
+    let mut wrong = sb.clone();
+    wrong.log_tail_offset = 2 * 8192 + 4096;
+    assert!(matches!(
+        replay(&dev, &wrong),
+        Err(LogError::TailMismatch { .. })
+    ));
+    // A read error is reported, not mistaken for the end of the log.
+    dev.set_fault_plan(FaultPlan {
+        read_eio_at: Some(1),
+        ..FaultPlan::default()
+    });
+    match replay(&dev, &sb) {
+        Err(LogError::ReplayRead { source, .. }) => {
+            assert!(matches!(source, StorageError::Io { .. }));
+        }
+        other => panic!("expected ReplayRead, got {other:?}"),
+    }
+    // A replay of another superblock is refused by open.
+    let r = replay(&dev, &sb).expect("replay");
+    let mut other = sb.clone();
+    other.fs_id = FsId([1; 16]);
+    assert!(matches!(
+        RefLog::open(Arc::clone(&dev), &other, &r, LogConfig::default()),
+        Err(LogError::ReplayMismatch { .. })
+    ));
+}
+
+#[test]
+fn an_append_waiting_for_space_fails_when_the_storage_fails() {
+    let log_bytes = 32 << 10;
+    let (log, _) = fresh(log_bytes, LogConfig::default());
+    let dev = Arc::clone(log.storage());
+    for i in 0..8 {
+        log.append_durable(&record(i, 4000)).expect("append");
+    }
+    let appender = {
+        let log = log.clone();
+        thread::spawn(move || log.append(b"no room").map(|t| t.lsn()))
+    };
+    wait_until("the append to wait for space", || {
+        log.stats().space_waits == 1
+    });
+    // The engine's next superblock write fails: no trim will ever come.
+    dev.set_fault_plan(FaultPlan {
+        write_eio_at: Some(1),
+        ..FaultPlan::default()
+    });
+    assert!(dev.write_durable(0, &[0u8; 4096]).is_err());
+    match appender.join().expect("join") {
+        Err(LogError::Failed { offset, lsn, .. }) => assert_eq!((offset, lsn), (0, Lsn(9))),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert!(log.append(b"x").expect_err("latched").is_failed());
+}

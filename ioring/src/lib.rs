@@ -20,6 +20,9 @@
 //!   sector, EIO and bit-flip injection, reproducible from a seed.
 //! - [`format`](mod@format): superblock, log batch framing and node header, byte by byte
 //!   as documented in `docs/format.md`.
+//! - [`btree`]: the copy-on-write B+tree ([`BTree`]) with its node
+//!   allocator, bounded node cache and fsck walk, as documented in
+//!   `docs/btree.md`.
 //! - [`log`](mod@log): the durable ref log: [`RefLog`] (group commit of
 //!   opaque records into the circular log region, trim, failure latch) and
 //!   [`replay`] (recovery), as documented in `docs/log.md`.
@@ -37,6 +40,7 @@
 //!   written after a failure may be acknowledged.
 
 pub mod aligned;
+pub mod btree;
 pub mod device;
 pub mod format;
 pub mod log;
@@ -49,6 +53,10 @@ mod rng;
 mod test_support;
 
 pub use aligned::{AlignedBuf, AlignedBufError, BLOCK_BYTES};
+pub use btree::{
+    AllocInfo, ApplyReport, BTree, BTreeError, CommitInfo, Key, RootInfo, TreeCheck, TreeConfig,
+    TreeLocation,
+};
 pub use device::{Device, DeviceError, DeviceKind, FileAllocation, Geometry, GeometryError};
 pub use log::{
     replay, Durability, LogBounds, LogConfig, LogError, LogPosition, LogStats, Lsn, RecoveryReport,

@@ -1,0 +1,550 @@
+//! Node allocator: one bit per 16 KiB node slot of the node region, kept in
+//! memory, persisted at every commit as a copy-on-write **bitmap run** in
+//! the node region itself (`docs/btree.md`, "Allocator").
+//!
+//! States of a slot, in memory:
+//!
+//! - *free*: bit clear; may be handed out.
+//! - *allocated*: bit set. Reachable from the committed root, dirty (written
+//!   by the open transaction), part of the committed bitmap run, or
+//!   *pending*: freed by a commit whose superblock is not yet known durable.
+//!
+//! The persisted bitmap of a commit describes the state *after* that commit
+//! is durable: reachable nodes plus its own run; pending slots are clear in
+//! it (nothing reachable from the new superblock uses them). A committed
+//! slot is never handed out again before [`Allocator::release_pending`],
+//! which the caller calls after the superblock write; so a crash at any
+//! point leaves every node of the previous superblock intact.
+//!
+//! Bitmap run layout: `ceil(node_count / BITMAP_BITS_PER_NODE)` consecutive
+//! nodes, each a node header (owner [`BITMAP_OWNER`], level 0, `item_count`
+//! = bitmap bytes in this node) followed by bitmap bytes, bit `i % 8` of
+//! byte `i / 8` (LSB first) for slot `i`.
+
+use std::collections::BTreeMap;
+
+use crate::btree::error::BTreeError;
+use crate::format::{FsId, NodeHeader, NODE_BYTES, NODE_HEADER_BYTES, NODE_ITEMS_BYTES};
+
+/// Owner id written in the header of bitmap nodes (not a tree id).
+pub const BITMAP_OWNER: u64 = u64::MAX;
+/// Slots described by one bitmap node.
+pub const BITMAP_BITS_PER_NODE: u64 = NODE_ITEMS_BYTES as u64 * 8;
+const NODE: u64 = NODE_BYTES as u64;
+
+/// Allocator state that goes into the superblock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AllocInfo {
+    /// First byte address in the node region never allocated
+    /// (superblock `alloc_next_unallocated`).
+    pub next_unallocated: u64,
+    /// Byte address of the bitmap run, 0 if none (empty tree)
+    /// (superblock `free_space_bitmap_addr`).
+    pub bitmap_addr: u64,
+    /// Length of the bitmap run in bytes (superblock
+    /// `free_space_bitmap_bytes`).
+    pub bitmap_bytes: u64,
+}
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub(crate) struct Allocator {
+    region_start: u64,
+    region_bytes: u64,
+    node_count: u64,
+    /// Bit per slot; see the module docs for what "set" means.
+    bits: Vec<u64>,
+    /// Slot index of the high-water mark (`next_unallocated`).
+    hwm: u64,
+    /// First-fit hint: no free slot below it (below `hwm`).
+    cursor: u64,
+    /// Committed slots freed by the open transaction.
+    txn_freed: Vec<u64>,
+    /// Slots freed by commits, by commit generation, not yet released.
+    pending: BTreeMap<u64, Vec<u64>>,
+    /// Committed bitmap run: first slot and slot count.
+    run: Option<(u64, u64)>,
+}
+
+impl Allocator {
+    /// Slots in a region; errors unless the region is 4096-aligned whole
+    /// nodes and non-empty.
+    fn node_count_of(region_start: u64, region_bytes: u64) -> Result<u64, BTreeError> {
+        if !region_start.is_multiple_of(4096)
+            || region_bytes == 0
+            || !region_bytes.is_multiple_of(NODE)
+            || region_start.checked_add(region_bytes).is_none()
+        {
+            return Err(BTreeError::Config {
+                field: "node region",
+                reason: format!(
+                    "{region_start}+{region_bytes} must be 4096-aligned, non-empty whole nodes"
+                ),
+            });
+        }
+        Ok(region_bytes / NODE)
+    }
+
+    /// An allocator with every slot free (fresh format).
+    pub(crate) fn empty(region_start: u64, region_bytes: u64) -> Result<Self, BTreeError> {
+        let node_count = Self::node_count_of(region_start, region_bytes)?;
+        Ok(Allocator {
+            region_start,
+            region_bytes,
+            node_count,
+            bits: vec![0; node_count.div_ceil(64) as usize],
+            hwm: 0,
+            cursor: 0,
+            txn_freed: Vec::new(),
+            pending: BTreeMap::new(),
+            run: None,
+        })
+    }
+
+    pub(crate) fn node_count(&self) -> u64 {
+        self.node_count
+    }
+
+    /// Slots of a bitmap run for this region.
+    pub(crate) fn run_nodes(&self) -> u64 {
+        self.node_count.div_ceil(BITMAP_BITS_PER_NODE)
+    }
+
+    pub(crate) fn addr_of(&self, slot: u64) -> u64 {
+        self.region_start + slot * NODE
+    }
+
+    /// Slot of a node address, or `None` if it is not a slot start inside
+    /// the region.
+    pub(crate) fn slot_of(&self, addr: u64) -> Option<u64> {
+        let off = addr.checked_sub(self.region_start)?;
+        (off.is_multiple_of(NODE) && off / NODE < self.node_count).then_some(off / NODE)
+    }
+
+    pub(crate) fn is_set(&self, slot: u64) -> bool {
+        self.bits
+            .get((slot / 64) as usize)
+            .is_some_and(|w| w & (1 << (slot % 64)) != 0)
+    }
+
+    fn set(&mut self, slot: u64) {
+        self.bits[(slot / 64) as usize] |= 1 << (slot % 64);
+    }
+
+    fn clear(&mut self, slot: u64) {
+        self.bits[(slot / 64) as usize] &= !(1 << (slot % 64));
+        self.cursor = self.cursor.min(slot);
+    }
+
+    fn no_space(&self, nodes_needed: u64) -> BTreeError {
+        BTreeError::NoSpace {
+            region_start: self.region_start,
+            region_bytes: self.region_bytes,
+            nodes_needed,
+        }
+    }
+
+    /// Allocates one slot: the lowest free slot below the high-water mark,
+    /// else the high-water mark. Returns its byte address.
+    pub(crate) fn alloc(&mut self) -> Result<u64, BTreeError> {
+        let mut word = (self.cursor / 64) as usize;
+        let hwm_word = self.hwm.div_ceil(64) as usize;
+        while word < hwm_word {
+            let free = !self.bits[word];
+            if free != 0 {
+                let slot = word as u64 * 64 + u64::from(free.trailing_zeros());
+                if slot < self.hwm {
+                    self.set(slot);
+                    self.cursor = slot + 1;
+                    return Ok(self.addr_of(slot));
+                }
+                break;
+            }
+            word += 1;
+        }
+        self.cursor = self.hwm;
+        if self.hwm >= self.node_count {
+            return Err(self.no_space(1));
+        }
+        let slot = self.hwm;
+        self.hwm += 1;
+        self.set(slot);
+        self.cursor = self.hwm;
+        Ok(self.addr_of(slot))
+    }
+
+    /// Allocates `count` consecutive slots (first fit, else at the
+    /// high-water mark) and returns the first slot.
+    fn alloc_run(&mut self, count: u64) -> Result<u64, BTreeError> {
+        let mut start = 0u64;
+        let mut len = 0u64;
+        for slot in 0..self.hwm {
+            if self.is_set(slot) {
+                len = 0;
+                start = slot + 1;
+            } else {
+                len += 1;
+                if len == count {
+                    break;
+                }
+            }
+        }
+        if len < count {
+            // The free tail below the high-water mark continues above it.
+            if start + count > self.node_count {
+                return Err(self.no_space(count));
+            }
+            self.hwm = self.hwm.max(start + count);
+        }
+        for slot in start..start + count {
+            self.set(slot);
+        }
+        Ok(start)
+    }
+
+    /// Frees a slot allocated by the open transaction and never committed:
+    /// reusable at once.
+    pub(crate) fn free_dirty(&mut self, addr: u64) -> Result<(), BTreeError> {
+        let slot = self.checked_slot(addr)?;
+        self.clear(slot);
+        Ok(())
+    }
+
+    /// Frees a committed slot: it stays allocated until the commit that
+    /// drops it is durable and released.
+    pub(crate) fn free_committed(&mut self, addr: u64) -> Result<(), BTreeError> {
+        let slot = self.checked_slot(addr)?;
+        self.txn_freed.push(slot);
+        Ok(())
+    }
+
+    fn checked_slot(&self, addr: u64) -> Result<u64, BTreeError> {
+        match self.slot_of(addr) {
+            Some(slot) if self.is_set(slot) => Ok(slot),
+            _ => Err(BTreeError::internal(format!(
+                "free of node {addr}, which is not an allocated slot"
+            ))),
+        }
+    }
+
+    /// Forgets the open transaction: `dirty` slots are freed, committed
+    /// slots freed by it stay allocated.
+    pub(crate) fn abort(&mut self, dirty: impl IntoIterator<Item = u64>) -> Result<(), BTreeError> {
+        for addr in dirty {
+            self.free_dirty(addr)?;
+        }
+        self.txn_freed.clear();
+        Ok(())
+    }
+
+    /// Commit step 1: replaces the bitmap run (the old one becomes pending
+    /// with the slots freed by the transaction) and returns the new run's
+    /// first slot, or `None` for an empty tree (no run).
+    pub(crate) fn prepare_commit(&mut self, tree_empty: bool) -> Result<Option<u64>, BTreeError> {
+        if let Some((first, count)) = self.run.take() {
+            self.txn_freed.extend(first..first + count);
+        }
+        if tree_empty {
+            return Ok(None);
+        }
+        let count = self.run_nodes();
+        let first = self.alloc_run(count)?;
+        self.run = Some((first, count));
+        Ok(Some(first))
+    }
+
+    /// Commit step 2: encodes the bitmap run of the state after this commit
+    /// (allocated minus pending minus freed by this commit) into sealed
+    /// nodes, in address order.
+    pub(crate) fn encode_run(
+        &self,
+        fs_id: FsId,
+        generation: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, BTreeError> {
+        let Some((first, count)) = self.run else {
+            return Ok(Vec::new());
+        };
+        let mut bits = self.bits.clone();
+        let pending = self.pending.values().flatten().chain(&self.txn_freed);
+        for &slot in pending {
+            bits[(slot / 64) as usize] &= !(1 << (slot % 64));
+        }
+        let bitmap_bytes_total = self.node_count.div_ceil(8);
+        let mut out = Vec::with_capacity(count as usize);
+        for k in 0..count {
+            let mut buf = vec![0u8; NODE_BYTES];
+            let first_byte = k * NODE_ITEMS_BYTES as u64;
+            let n = (bitmap_bytes_total - first_byte).min(NODE_ITEMS_BYTES as u64);
+            for i in 0..n {
+                let byte_index = first_byte + i;
+                let word = bits[(byte_index / 8) as usize];
+                buf[NODE_HEADER_BYTES + i as usize] = (word >> ((byte_index % 8) * 8)) as u8;
+            }
+            let addr = self.addr_of(first + k);
+            NodeHeader {
+                fs_id,
+                addr,
+                generation,
+                owner: BITMAP_OWNER,
+                item_count: n as u32,
+                level: 0,
+            }
+            .seal(&mut buf)
+            .map_err(|source| BTreeError::Node {
+                addr,
+                expected_generation: generation,
+                source,
+            })?;
+            out.push((addr, buf));
+        }
+        Ok(out)
+    }
+
+    /// Commit step 3 (after the writes and flush succeeded): the slots
+    /// freed by the transaction become pending under `generation`.
+    pub(crate) fn finish_commit(&mut self, generation: u64) {
+        let freed = std::mem::take(&mut self.txn_freed);
+        if !freed.is_empty() {
+            self.pending.entry(generation).or_default().extend(freed);
+        }
+        self.cursor = 0;
+    }
+
+    /// Releases the slots freed by every commit up to `generation`; returns
+    /// their addresses (the caller drops them from the cache).
+    pub(crate) fn release_pending(&mut self, generation: u64) -> Vec<u64> {
+        let later = self.pending.split_off(&generation.saturating_add(1));
+        let released = std::mem::replace(&mut self.pending, later);
+        let mut addrs = Vec::new();
+        for slot in released.into_values().flatten() {
+            self.clear(slot);
+            addrs.push(self.addr_of(slot));
+        }
+        addrs
+    }
+
+    /// Slots pending release, over all commits.
+    pub(crate) fn pending_slots(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pending.values().flatten().copied()
+    }
+
+    /// Slots freed by the open transaction (still allocated).
+    pub(crate) fn txn_freed_slots(&self) -> &[u64] {
+        &self.txn_freed
+    }
+
+    /// The superblock fields for the current committed state.
+    pub(crate) fn info(&self) -> AllocInfo {
+        match self.run {
+            Some((first, count)) => AllocInfo {
+                next_unallocated: self.addr_of(self.hwm),
+                bitmap_addr: self.addr_of(first),
+                bitmap_bytes: count * NODE,
+            },
+            None => AllocInfo {
+                next_unallocated: self.addr_of(self.hwm),
+                bitmap_addr: 0,
+                bitmap_bytes: 0,
+            },
+        }
+    }
+
+    /// The committed bitmap run, as slots.
+    pub(crate) fn run(&self) -> Option<(u64, u64)> {
+        self.run
+    }
+
+    /// Slots currently set, in order.
+    pub(crate) fn set_slots(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.hwm).filter(|&s| self.is_set(s))
+    }
+
+    /// Rebuilds the allocator from a committed bitmap run read from disk.
+    /// `read` reads `len` bytes at an address. Every bitmap node is checked
+    /// (header, owner, generation = `generation`, item count), and the
+    /// bitmap must be consistent with the run and the high-water mark.
+    pub(crate) fn load(
+        region_start: u64,
+        region_bytes: u64,
+        info: AllocInfo,
+        fs_id: &FsId,
+        generation: u64,
+        read: impl FnOnce(u64, &mut [u8]) -> Result<(), BTreeError>,
+    ) -> Result<Self, BTreeError> {
+        let mut a = Self::empty(region_start, region_bytes)?;
+        let hwm_slot = match info.next_unallocated.checked_sub(region_start) {
+            Some(off) if off.is_multiple_of(NODE) && off / NODE <= a.node_count => off / NODE,
+            _ => {
+                return Err(BTreeError::Config {
+                    field: "alloc_next_unallocated",
+                    reason: format!(
+                    "{} is not a slot boundary of the node region {region_start}+{region_bytes}",
+                    info.next_unallocated
+                ),
+                })
+            }
+        };
+        a.hwm = hwm_slot;
+        if info.bitmap_addr == 0 {
+            if info.bitmap_bytes != 0 {
+                return Err(BTreeError::Config {
+                    field: "free_space_bitmap_bytes",
+                    reason: "non-zero without a bitmap".to_string(),
+                });
+            }
+            return Ok(a);
+        }
+        let count = a.run_nodes();
+        let first = match a.slot_of(info.bitmap_addr) {
+            Some(first) if info.bitmap_bytes == count * NODE && first + count <= hwm_slot => first,
+            _ => {
+                return Err(BTreeError::corrupt(
+                    info.bitmap_addr,
+                    generation,
+                    format!(
+                        "bitmap run {}+{} is not {count} node(s) below the high-water mark {}",
+                        info.bitmap_addr, info.bitmap_bytes, info.next_unallocated
+                    ),
+                ))
+            }
+        };
+        let mut buf = vec![0u8; (count * NODE) as usize];
+        read(info.bitmap_addr, &mut buf)?;
+        let bitmap_bytes_total = a.node_count.div_ceil(8);
+        for k in 0..count {
+            let addr = a.addr_of(first + k);
+            let node = &buf[(k * NODE) as usize..((k + 1) * NODE) as usize];
+            let err = |source| BTreeError::Node {
+                addr,
+                expected_generation: generation,
+                source,
+            };
+            let h = NodeHeader::decode(node, fs_id, addr).map_err(err)?;
+            h.check_generation(generation).map_err(err)?;
+            let first_byte = k * NODE_ITEMS_BYTES as u64;
+            let n = (bitmap_bytes_total - first_byte).min(NODE_ITEMS_BYTES as u64);
+            if h.owner != BITMAP_OWNER || h.level != 0 || u64::from(h.item_count) != n {
+                return Err(BTreeError::corrupt(
+                    addr,
+                    generation,
+                    format!(
+                        "bitmap node has owner {}, level {}, {} bytes; expected owner {BITMAP_OWNER}, \
+                         level 0, {n} bytes",
+                        h.owner, h.level, h.item_count
+                    ),
+                ));
+            }
+            let items = &node[NODE_HEADER_BYTES..];
+            if items[n as usize..].iter().any(|&b| b != 0) {
+                return Err(BTreeError::corrupt(
+                    addr,
+                    generation,
+                    "bitmap node has non-zero bytes after its bitmap",
+                ));
+            }
+            for i in 0..n {
+                let byte = items[i as usize];
+                for bit in 0..8 {
+                    if byte & (1 << bit) != 0 {
+                        let slot = (first_byte + i) * 8 + bit;
+                        if slot >= hwm_slot {
+                            return Err(BTreeError::corrupt(
+                                addr,
+                                generation,
+                                format!(
+                                    "bitmap marks slot {slot} allocated, at or above the \
+                                     high-water mark slot {hwm_slot}"
+                                ),
+                            ));
+                        }
+                        a.set(slot);
+                    }
+                }
+            }
+        }
+        for slot in first..first + count {
+            if !a.is_set(slot) {
+                return Err(BTreeError::corrupt(
+                    info.bitmap_addr,
+                    generation,
+                    format!("bitmap does not mark its own slot {slot} allocated"),
+                ));
+            }
+        }
+        a.run = Some((first, count));
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FS: FsId = FsId([9; 16]);
+
+    #[test]
+    fn alloc_first_fit_and_pending() {
+        let mut a = Allocator::empty(1 << 20, 8 * NODE).expect("alloc");
+        let x: Vec<u64> = (0..3).map(|_| a.alloc().expect("alloc")).collect();
+        assert_eq!(x, vec![1 << 20, (1 << 20) + NODE, (1 << 20) + 2 * NODE]);
+        a.free_dirty(x[1]).expect("free");
+        assert_eq!(a.alloc().expect("alloc"), x[1], "dirty slot reused at once");
+        a.free_committed(x[0]).expect("free");
+        assert_eq!(a.alloc().expect("alloc"), (1 << 20) + 3 * NODE);
+        assert_eq!(a.prepare_commit(false).expect("run"), Some(4));
+        a.finish_commit(5);
+        assert!(a.is_set(0), "pending until released");
+        assert_eq!(a.release_pending(4), Vec::<u64>::new());
+        assert_eq!(a.release_pending(5), vec![1 << 20]);
+        assert_eq!(a.alloc().expect("alloc"), 1 << 20);
+        for _ in 0..3 {
+            a.alloc().expect("alloc");
+        }
+        assert!(matches!(a.alloc(), Err(BTreeError::NoSpace { .. })));
+        assert!(matches!(
+            a.free_dirty((1 << 20) + 100 * NODE),
+            Err(BTreeError::Internal { .. })
+        ));
+    }
+
+    #[test]
+    fn bitmap_round_trip() {
+        let region = (BITMAP_BITS_PER_NODE + 100) * NODE;
+        let mut a = Allocator::empty(1 << 20, region).expect("alloc");
+        assert_eq!(a.run_nodes(), 2);
+        let addrs: Vec<u64> = (0..50).map(|_| a.alloc().expect("alloc")).collect();
+        a.free_committed(addrs[3]).expect("free");
+        let first = a.prepare_commit(false).expect("run").expect("some");
+        assert_eq!(first, 50);
+        let run = a.encode_run(FS, 7).expect("encode");
+        a.finish_commit(7);
+        let info = a.info();
+        let mut image = Vec::new();
+        for (_, b) in &run {
+            image.extend_from_slice(b);
+        }
+        let loaded = Allocator::load(1 << 20, region, info, &FS, 7, |addr, buf| {
+            assert_eq!(addr, info.bitmap_addr);
+            buf.copy_from_slice(&image);
+            Ok(())
+        })
+        .expect("load");
+        let expect: Vec<u64> = (0..52).filter(|&s| s != 3).collect();
+        assert_eq!(loaded.set_slots().collect::<Vec<_>>(), expect);
+        assert_eq!(loaded.info(), info);
+        // Wrong generation is refused.
+        assert!(Allocator::load(1 << 20, region, info, &FS, 8, |_, buf| {
+            buf.copy_from_slice(&image);
+            Ok(())
+        })
+        .is_err());
+        // A flipped bit anywhere is refused.
+        let mut bad = image.clone();
+        bad[NODE_HEADER_BYTES + 40] ^= 1;
+        assert!(Allocator::load(1 << 20, region, info, &FS, 7, |_, buf| {
+            buf.copy_from_slice(&bad);
+            Ok(())
+        })
+        .is_err());
+    }
+}

@@ -266,7 +266,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
                 eprintln!("round {}: lockfree...", round + 1);
             }
             lf.push(run_impl(
-                LockFreeStore::new(),
+                LockFreeStore::new().with_top_merge_ratio(args.top_merge_ratio),
                 &stream,
                 &per_thread,
                 args.sample,

@@ -832,6 +832,25 @@ mod tests {
         assert_eq!(lf.freeze(), mx.freeze());
     }
 
+    /// The top-merge ratio trades throughput for memory: a larger ratio
+    /// merges top-level runs of less similar size, so fewer duplicate heads
+    /// are stored for the same ops.
+    #[test]
+    fn top_merge_ratio_changes_what_is_stored() {
+        let all = ops(20_000);
+        let stored = |ratio: usize| {
+            let lf = LockFreeStore::with_config(2, 64).with_top_merge_ratio(ratio);
+            let mut h = lf.handle().unwrap();
+            for op in &all {
+                h.add(op).unwrap();
+            }
+            lf.index_stats()
+        };
+        let (eager, lazy) = (stored(1_000_000), stored(1));
+        assert!(eager.heads < lazy.heads, "eager {eager:?} lazy {lazy:?}");
+        assert!(eager.runs <= lazy.runs);
+    }
+
     #[test]
     fn shards_are_exclusive() {
         let lf = LockFreeStore::with_config(2, 8);

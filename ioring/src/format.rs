@@ -240,6 +240,73 @@ pub enum FormatError {
     },
 }
 
+/// Offset of the format version in the preamble every block shares: magic
+/// (8 bytes) at 0, checksum at [`CHECKSUM_OFFSET`], version at 12, file
+/// system id at 16.
+pub(crate) const PREAMBLE_OFF_VERSION: usize = 12;
+/// Offset of the file system id in the shared preamble.
+pub(crate) const PREAMBLE_OFF_FS_ID: usize = 16;
+
+/// Check the preamble every block shares, in order: length (at least
+/// `need_bytes`), magic, checksum, version, and the file system id when
+/// `fs_id` is given (a superblock carries the id of record and checks its
+/// own). Returns the first `need_bytes` of `buf`.
+pub(crate) fn check_preamble<'a>(
+    buf: &'a [u8],
+    what: BlockKind,
+    addr: u64,
+    need_bytes: usize,
+    magic: [u8; 8],
+    version: u32,
+    fs_id: Option<&FsId>,
+) -> Result<&'a [u8], FormatError> {
+    use le::{get_array, get_u32};
+    if buf.len() < need_bytes {
+        return Err(FormatError::Truncated {
+            what,
+            addr,
+            len_bytes: buf.len(),
+            need_bytes,
+        });
+    }
+    let b = &buf[..need_bytes];
+    let found: [u8; 8] = get_array(b, 0);
+    if found != magic {
+        return Err(FormatError::BadMagic { what, addr, found });
+    }
+    let stored = get_u32(b, CHECKSUM_OFFSET);
+    let computed = block_checksum(b);
+    if stored != computed {
+        return Err(FormatError::BadChecksum {
+            what,
+            addr,
+            stored,
+            computed,
+        });
+    }
+    let found = get_u32(b, PREAMBLE_OFF_VERSION);
+    if found != version {
+        return Err(FormatError::UnsupportedVersion {
+            what,
+            addr,
+            found,
+            supported: version,
+        });
+    }
+    if let Some(expected) = fs_id {
+        let found = FsId(get_array(b, PREAMBLE_OFF_FS_ID));
+        if found != *expected {
+            return Err(FormatError::ForeignFs {
+                what,
+                addr,
+                expected: *expected,
+                found,
+            });
+        }
+    }
+    Ok(b)
+}
+
 /// CRC-32C of `buf` with the four checksum bytes at [`CHECKSUM_OFFSET`]
 /// taken as zero. `buf` must be longer than 12 bytes (callers check).
 pub(crate) fn block_checksum(buf: &[u8]) -> u32 {

@@ -26,8 +26,10 @@
 //! whole batch, and they let a torn payload be told apart from a torn header.
 
 use crate::aligned::{round_up_to_block, AlignedBuf, BLOCK_BYTES};
-use crate::format::le::{get_array, get_u32, get_u64, put_bytes, put_u32, put_u64};
-use crate::format::{block_checksum, BlockKind, FormatError, FsId, CHECKSUM_OFFSET};
+use crate::format::le::{get_u32, get_u64, put_bytes, put_u32, put_u64};
+use crate::format::{
+    block_checksum, check_preamble, BlockKind, FormatError, FsId, CHECKSUM_OFFSET,
+};
 
 /// Magic of a log batch header.
 pub const LOG_BATCH_MAGIC: [u8; 8] = *b"REFDLOG1";
@@ -44,8 +46,8 @@ pub const LOG_BATCH_BYTES_MAX: usize = 16 << 20;
 pub const LOG_RECORD_LEN_BYTES_MAX: usize = 5;
 
 const OFF_MAGIC: usize = 0;
-const OFF_VERSION: usize = 12;
-const OFF_FS_ID: usize = 16;
+const OFF_VERSION: usize = crate::format::PREAMBLE_OFF_VERSION;
+const OFF_FS_ID: usize = crate::format::PREAMBLE_OFF_FS_ID;
 const OFF_LSN: usize = 32;
 const OFF_TXN_ID: usize = 40;
 const OFF_LOG_OFFSET: usize = 48;
@@ -298,53 +300,17 @@ pub fn decode_batch_header(
 ) -> Result<BatchHeader, FormatError> {
     let what = BlockKind::LogBatch;
     let addr = expected_log_offset;
-    if buf.len() < LOG_BATCH_HEADER_BYTES {
-        return Err(FormatError::Truncated {
-            what,
-            addr,
-            len_bytes: buf.len(),
-            need_bytes: LOG_BATCH_HEADER_BYTES,
-        });
-    }
-    let h = &buf[..LOG_BATCH_HEADER_BYTES];
-    let magic: [u8; 8] = get_array(h, OFF_MAGIC);
-    if magic != LOG_BATCH_MAGIC {
-        return Err(FormatError::BadMagic {
-            what,
-            addr,
-            found: magic,
-        });
-    }
-    let stored = get_u32(h, CHECKSUM_OFFSET);
-    let computed = block_checksum(h);
-    if stored != computed {
-        return Err(FormatError::BadChecksum {
-            what,
-            addr,
-            stored,
-            computed,
-        });
-    }
-    let version = get_u32(h, OFF_VERSION);
-    if version != LOG_BATCH_VERSION {
-        return Err(FormatError::UnsupportedVersion {
-            what,
-            addr,
-            found: version,
-            supported: LOG_BATCH_VERSION,
-        });
-    }
-    let found_fs = FsId(get_array(h, OFF_FS_ID));
-    if found_fs != *fs_id {
-        return Err(FormatError::ForeignFs {
-            what,
-            addr,
-            expected: *fs_id,
-            found: found_fs,
-        });
-    }
+    let h = check_preamble(
+        buf,
+        what,
+        addr,
+        LOG_BATCH_HEADER_BYTES,
+        LOG_BATCH_MAGIC,
+        LOG_BATCH_VERSION,
+        Some(fs_id),
+    )?;
     let header = BatchHeader {
-        fs_id: found_fs,
+        fs_id: *fs_id,
         lsn: get_u64(h, OFF_LSN),
         txn_id: get_u64(h, OFF_TXN_ID),
         log_offset: get_u64(h, OFF_LOG_OFFSET),

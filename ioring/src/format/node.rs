@@ -11,8 +11,10 @@
 //! decoding, [`NodeHeader::check_generation`] compares it, which catches a
 //! lost write (the old node still at that address with a valid checksum).
 
-use crate::format::le::{get_array, get_u32, get_u64, get_u8, put_bytes, put_u32, put_u64, put_u8};
-use crate::format::{block_checksum, BlockKind, FormatError, FsId, CHECKSUM_OFFSET};
+use crate::format::le::{get_u32, get_u64, get_u8, put_bytes, put_u32, put_u64, put_u8};
+use crate::format::{
+    block_checksum, check_preamble, BlockKind, FormatError, FsId, CHECKSUM_OFFSET,
+};
 
 /// Magic of a node.
 pub const NODE_MAGIC: [u8; 8] = *b"REFDNODE";
@@ -28,8 +30,8 @@ pub const NODE_ITEMS_BYTES: usize = NODE_BYTES - NODE_HEADER_BYTES;
 pub const TREE_LEVEL_MAX: u8 = 7;
 
 const OFF_MAGIC: usize = 0;
-const OFF_VERSION: usize = 12;
-const OFF_FS_ID: usize = 16;
+const OFF_VERSION: usize = crate::format::PREAMBLE_OFF_VERSION;
+const OFF_FS_ID: usize = crate::format::PREAMBLE_OFF_FS_ID;
 const OFF_ADDR: usize = 32;
 const OFF_GENERATION: usize = 40;
 const OFF_OWNER: usize = 48;
@@ -141,51 +143,15 @@ impl NodeHeader {
     ) -> Result<NodeHeader, FormatError> {
         let what = BlockKind::Node;
         let addr = expected_addr;
-        if node.len() < NODE_BYTES {
-            return Err(FormatError::Truncated {
-                what,
-                addr,
-                len_bytes: node.len(),
-                need_bytes: NODE_BYTES,
-            });
-        }
-        let node = &node[..NODE_BYTES];
-        let magic: [u8; 8] = get_array(node, OFF_MAGIC);
-        if magic != NODE_MAGIC {
-            return Err(FormatError::BadMagic {
-                what,
-                addr,
-                found: magic,
-            });
-        }
-        let stored = get_u32(node, CHECKSUM_OFFSET);
-        let computed = block_checksum(node);
-        if stored != computed {
-            return Err(FormatError::BadChecksum {
-                what,
-                addr,
-                stored,
-                computed,
-            });
-        }
-        let version = get_u32(node, OFF_VERSION);
-        if version != NODE_VERSION {
-            return Err(FormatError::UnsupportedVersion {
-                what,
-                addr,
-                found: version,
-                supported: NODE_VERSION,
-            });
-        }
-        let found_fs = FsId(get_array(node, OFF_FS_ID));
-        if found_fs != *fs_id {
-            return Err(FormatError::ForeignFs {
-                what,
-                addr,
-                expected: *fs_id,
-                found: found_fs,
-            });
-        }
+        let node = check_preamble(
+            node,
+            what,
+            addr,
+            NODE_BYTES,
+            NODE_MAGIC,
+            NODE_VERSION,
+            Some(fs_id),
+        )?;
         let claimed = get_u64(node, OFF_ADDR);
         if claimed != expected_addr {
             return Err(FormatError::WrongAddress {
@@ -205,7 +171,7 @@ impl NodeHeader {
             ));
         }
         let header = NodeHeader {
-            fs_id: found_fs,
+            fs_id: *fs_id,
             addr: claimed,
             generation: get_u64(node, OFF_GENERATION),
             owner: get_u64(node, OFF_OWNER),

@@ -14,7 +14,8 @@
 use crate::device::Geometry;
 use crate::format::le::{get_array, get_u32, get_u64, get_u8, put_bytes, put_u32, put_u64, put_u8};
 use crate::format::{
-    block_checksum, BlockKind, FormatError, FsId, CHECKSUM_OFFSET, NODE_BYTES, TREE_LEVEL_MAX,
+    block_checksum, check_preamble, BlockKind, FormatError, FsId, CHECKSUM_OFFSET, NODE_BYTES,
+    TREE_LEVEL_MAX,
 };
 
 /// Magic of a superblock.
@@ -35,8 +36,8 @@ pub const SUPERBLOCK_FLAGS_KNOWN: u64 = SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
 
 // Field offsets (see docs/format.md).
 const OFF_MAGIC: usize = 0;
-const OFF_VERSION: usize = 12;
-const OFF_FS_ID: usize = 16;
+const OFF_VERSION: usize = crate::format::PREAMBLE_OFF_VERSION;
+const OFF_FS_ID: usize = crate::format::PREAMBLE_OFF_FS_ID;
 const OFF_GENERATION: usize = 32;
 const OFF_SELF_ADDR: usize = 40;
 const OFF_DEVICE_BYTES: usize = 48;
@@ -398,42 +399,15 @@ impl Superblock {
                 format!("{expected_addr} is not a superblock slot (0 or 4096)"),
             ));
         };
-        if buf.len() < SUPERBLOCK_BYTES {
-            return Err(FormatError::Truncated {
-                what,
-                addr: expected_addr,
-                len_bytes: buf.len(),
-                need_bytes: SUPERBLOCK_BYTES,
-            });
-        }
-        let b = &buf[..SUPERBLOCK_BYTES];
-        let magic: [u8; 8] = get_array(b, OFF_MAGIC);
-        if magic != SUPERBLOCK_MAGIC {
-            return Err(FormatError::BadMagic {
-                what,
-                addr: expected_addr,
-                found: magic,
-            });
-        }
-        let stored = get_u32(b, CHECKSUM_OFFSET);
-        let computed = block_checksum(b);
-        if stored != computed {
-            return Err(FormatError::BadChecksum {
-                what,
-                addr: expected_addr,
-                stored,
-                computed,
-            });
-        }
-        let version = get_u32(b, OFF_VERSION);
-        if version != SUPERBLOCK_VERSION {
-            return Err(FormatError::UnsupportedVersion {
-                what,
-                addr: expected_addr,
-                found: version,
-                supported: SUPERBLOCK_VERSION,
-            });
-        }
+        let b = check_preamble(
+            buf,
+            what,
+            expected_addr,
+            SUPERBLOCK_BYTES,
+            SUPERBLOCK_MAGIC,
+            SUPERBLOCK_VERSION,
+            None,
+        )?;
         let self_addr = get_u64(b, OFF_SELF_ADDR);
         if self_addr != expected_addr {
             return Err(FormatError::WrongAddress {

@@ -294,7 +294,7 @@ pub fn deal(ops: &[Op], threads: usize, by_bytenr: bool) -> Vec<Vec<Op>> {
         .collect();
     for (i, op) in ops.iter().enumerate() {
         let t = if by_bytenr {
-            ((op.bytenr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % threads
+            refd_core::model::partition(op.bytenr, threads)
         } else {
             i % threads
         };

@@ -54,6 +54,15 @@ pub const SHARED_BLOCK_REF_KEY: u8 = 182;
 /// See [`TREE_BLOCK_REF_KEY`].
 pub const SHARED_DATA_REF_KEY: u8 = 184;
 
+/// Which of `parts` partitions an extent belongs to: a multiplicative hash
+/// of the bytenr (in 4 KiB units), so neighbouring extents spread out while
+/// all ops of one extent land in one partition (one ingest worker, one
+/// ref-verify shard). `parts` must be at least 1.
+pub fn partition(bytenr: u64, parts: usize) -> usize {
+    debug_assert!(parts > 0);
+    (((bytenr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % parts.max(1) as u64) as usize
+}
+
 /// What an extent is: data, or a tree block at a level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ExtentKind {

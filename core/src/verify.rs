@@ -149,8 +149,7 @@ impl RefVerify {
     }
 
     fn shard(&self, bytenr: u64) -> MutexGuard<'_, BTreeMap<u64, BlockEntry>> {
-        let h = (bytenr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
-        self.shards[h as usize % VERIFY_SHARDS]
+        self.shards[crate::model::partition(bytenr, VERIFY_SHARDS)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }

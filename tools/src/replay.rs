@@ -23,7 +23,7 @@ use refd_core::delayed::mutex::MutexStore;
 use refd_core::delayed::DelayedRefStore;
 use refd_core::engine::{Engine, EngineError, QuarantinedHead};
 use refd_core::extent_tree::ExtentTree;
-use refd_core::model::Op;
+use refd_core::model::{partition, Op};
 
 /// Ops sent to a worker at once.
 pub const BATCH_OPS: usize = 1024;
@@ -206,10 +206,6 @@ pub fn replay(opts: &ReplayOptions, show: usize) -> Result<ReplayReport, ReplayE
     Ok(report)
 }
 
-fn worker_of(bytenr: u64, threads: usize) -> usize {
-    ((bytenr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % threads
-}
-
 fn run<S: DelayedRefStore>(
     mut engine: Engine<S>,
     opts: &ReplayOptions,
@@ -266,7 +262,7 @@ fn run<S: DelayedRefStore>(
                     break;
                 }
             };
-            let t = worker_of(traced.op.bytenr, opts.threads);
+            let t = partition(traced.op.bytenr, opts.threads);
             batches[t].push(traced.op);
             if batches[t].len() == BATCH_OPS {
                 let full = std::mem::replace(&mut batches[t], Vec::with_capacity(BATCH_OPS));

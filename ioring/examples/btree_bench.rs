@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use refd_ioring::btree::{BTree, Change, Key, TreeConfig};
-use refd_ioring::format::{FsId, Superblock, NODE_BYTES};
+use refd_ioring::format::{FsId, Layout, Superblock, NODE_BYTES};
 use refd_ioring::{Device, FileAllocation, Storage, UringConfig, UringStorage};
 
 const REGION_START: u64 = 16384;
@@ -79,28 +79,16 @@ fn run(
     path: &std::path::Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let dev = UringStorage::new(device, UringConfig::default())?;
-    let mut sb = Superblock {
-        fs_id: FsId([0xB7; 16]),
-        generation: 1,
-        geometry: dev.geometry(),
-        node_bytes: NODE_BYTES as u32,
-        flags: 0,
-        log_start: 8192,
-        log_bytes: 8192,
-        log_head_offset: 0,
-        log_head_lsn: 1,
-        log_tail_offset: 0,
-        log_tail_lsn: 0,
-        node_region_start: REGION_START,
-        node_region_bytes: region_bytes,
-        tree_root_addr: 0,
-        tree_root_generation: 0,
-        tree_root_level: 0,
-        alloc_next_unallocated: REGION_START,
-        free_space_bitmap_addr: 0,
-        free_space_bitmap_bytes: 0,
-        last_txn_id: 0,
-    };
+    let mut sb = Superblock::empty(
+        FsId([0xB7; 16]),
+        dev.geometry(),
+        Layout {
+            log_start: 8192,
+            log_bytes: 8192,
+            node_region_start: REGION_START,
+            node_region_bytes: region_bytes,
+        },
+    );
     dev.write_durable(sb.addr(), &sb.encode()?)?;
     let config = TreeConfig {
         cache_bytes: 64 << 20,

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use refd_ioring::format::{FsId, Superblock, NODE_BYTES};
+use refd_ioring::format::{FsId, Layout, Superblock, NODE_BYTES};
 use refd_ioring::{
     replay, Device, Durability, FileAllocation, LogBounds, LogConfig, RefLog, Storage, UringConfig,
     UringStorage,
@@ -84,26 +84,17 @@ fn parse_args() -> Result<Args, String> {
 fn superblock(dev: &UringStorage, log_bytes: u64) -> Superblock {
     let node_region_start = LOG_START + log_bytes;
     let mut sb = Superblock {
-        fs_id: FsId([0xBE; 16]),
-        generation: 1,
-        geometry: dev.geometry(),
-        node_bytes: NODE_BYTES as u32,
-        flags: 0,
-        log_start: LOG_START,
-        log_bytes,
-        log_head_offset: 0,
-        log_head_lsn: 1,
-        log_tail_offset: 0,
-        log_tail_lsn: 0,
-        node_region_start,
-        node_region_bytes: NODE_BYTES as u64,
-        tree_root_addr: 0,
-        tree_root_generation: 0,
-        tree_root_level: 0,
-        alloc_next_unallocated: node_region_start,
-        free_space_bitmap_addr: 0,
-        free_space_bitmap_bytes: 0,
         last_txn_id: 1,
+        ..Superblock::empty(
+            FsId([0xBE; 16]),
+            dev.geometry(),
+            Layout {
+                log_start: LOG_START,
+                log_bytes,
+                node_region_start,
+                node_region_bytes: NODE_BYTES as u64,
+            },
+        )
     };
     LogBounds::empty().apply_to(&mut sb);
     sb

@@ -36,8 +36,8 @@ pub use node::{
     TREE_LEVEL_MAX,
 };
 pub use superblock::{
-    pick_newest, superblock_addr_for_generation, Superblock, SuperblockChoice, SUPERBLOCK_BYTES,
-    SUPERBLOCK_FLAGS_KNOWN, SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_MAGIC,
+    pick_newest, superblock_addr_for_generation, Layout, Superblock, SuperblockChoice,
+    SUPERBLOCK_BYTES, SUPERBLOCK_FLAGS_KNOWN, SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_MAGIC,
     SUPERBLOCK_REGION_BYTES, SUPERBLOCK_SLOT_ADDRS, SUPERBLOCK_VERSION,
 };
 

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use common::{read_superblock, write_superblock, CrashAt, Gen, FS};
 use refd_ioring::btree::{BTree, Change, Key, TreeConfig};
-use refd_ioring::format::{Superblock, NODE_BYTES};
+use refd_ioring::format::{Layout, Superblock, NODE_BYTES};
 use refd_ioring::{SimConfig, SimStorage, Storage};
 
 const REGION_START: u64 = 16384;
@@ -35,28 +35,16 @@ fn config() -> TreeConfig {
 }
 
 fn format(sim: &SimStorage) -> Superblock {
-    let sb = Superblock {
-        fs_id: FS,
-        generation: 1,
-        geometry: sim.geometry(),
-        node_bytes: NODE_BYTES as u32,
-        flags: 0,
-        log_start: 8192,
-        log_bytes: 8192,
-        log_head_offset: 0,
-        log_head_lsn: 1,
-        log_tail_offset: 0,
-        log_tail_lsn: 0,
-        node_region_start: REGION_START,
-        node_region_bytes: REGION_NODES * NODE_BYTES as u64,
-        tree_root_addr: 0,
-        tree_root_generation: 0,
-        tree_root_level: 0,
-        alloc_next_unallocated: REGION_START,
-        free_space_bitmap_addr: 0,
-        free_space_bitmap_bytes: 0,
-        last_txn_id: 0,
-    };
+    let sb = Superblock::empty(
+        FS,
+        sim.geometry(),
+        Layout {
+            log_start: 8192,
+            log_bytes: 8192,
+            node_region_start: REGION_START,
+            node_region_bytes: REGION_NODES * NODE_BYTES as u64,
+        },
+    );
     write_superblock(sim, &sb).expect("format");
     sb
 }

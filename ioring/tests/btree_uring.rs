@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use common::{read_superblock, write_superblock, Gen, FS};
 use refd_ioring::btree::{BTree, Change, Key, TreeConfig};
-use refd_ioring::format::{Superblock, NODE_BYTES};
+use refd_ioring::format::{Layout, Superblock};
 use refd_ioring::{Device, DeviceError, FileAllocation, Storage, UringConfig, UringStorage};
 
 const REGION_START: u64 = 16384;
@@ -49,28 +49,16 @@ fn commit_reopen_check_on_a_file() {
         }
         Err(e) => panic!("create {}: {e}", path.display()),
     };
-    let mut sb = Superblock {
-        fs_id: FS,
-        generation: 1,
-        geometry: dev.geometry(),
-        node_bytes: NODE_BYTES as u32,
-        flags: 0,
-        log_start: 8192,
-        log_bytes: 8192,
-        log_head_offset: 0,
-        log_head_lsn: 1,
-        log_tail_offset: 0,
-        log_tail_lsn: 0,
-        node_region_start: REGION_START,
-        node_region_bytes: REGION_BYTES,
-        tree_root_addr: 0,
-        tree_root_generation: 0,
-        tree_root_level: 0,
-        alloc_next_unallocated: REGION_START,
-        free_space_bitmap_addr: 0,
-        free_space_bitmap_bytes: 0,
-        last_txn_id: 0,
-    };
+    let mut sb = Superblock::empty(
+        FS,
+        dev.geometry(),
+        Layout {
+            log_start: 8192,
+            log_bytes: 8192,
+            node_region_start: REGION_START,
+            node_region_bytes: REGION_BYTES,
+        },
+    );
     write_superblock(&dev, &sb).expect("format");
     let tree = BTree::open_superblock(dev, &sb, config()).expect("open");
     let mut model: BTreeMap<Key, Vec<u8>> = BTreeMap::new();

@@ -11,7 +11,7 @@
 
 use refd_ioring::format::{
     decode_batch, decode_batch_header, encode_batch, pick_newest, superblock_addr_for_generation,
-    FormatError, FsId, Superblock, NODE_BYTES, SUPERBLOCK_BYTES, SUPERBLOCK_SLOT_ADDRS,
+    FormatError, FsId, Layout, Superblock, SUPERBLOCK_BYTES, SUPERBLOCK_SLOT_ADDRS,
 };
 use refd_ioring::{CrashPolicy, Geometry, SimConfig, SimStorage, Storage};
 
@@ -44,26 +44,22 @@ fn physical(log_offset: u64) -> u64 {
 fn superblock(geometry: Geometry, generation: u64, head: u64, head_lsn: u64) -> Superblock {
     let node_region_start = LOG_START + LOG_BYTES;
     Superblock {
-        fs_id: FS,
         generation,
-        geometry,
-        node_bytes: NODE_BYTES as u32,
-        flags: 0,
-        log_start: LOG_START,
-        log_bytes: LOG_BYTES,
         log_head_offset: head,
         log_head_lsn: head_lsn,
         log_tail_offset: head,
         log_tail_lsn: head_lsn - 1,
-        node_region_start,
-        node_region_bytes: 2 << 20,
-        tree_root_addr: 0,
-        tree_root_generation: 0,
-        tree_root_level: 0,
-        alloc_next_unallocated: node_region_start,
-        free_space_bitmap_addr: 0,
-        free_space_bitmap_bytes: 0,
         last_txn_id: generation,
+        ..Superblock::empty(
+            FS,
+            geometry,
+            Layout {
+                log_start: LOG_START,
+                log_bytes: LOG_BYTES,
+                node_region_start,
+                node_region_bytes: 2 << 20,
+            },
+        )
     }
 }
 

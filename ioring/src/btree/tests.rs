@@ -10,35 +10,23 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::*;
-use crate::format::{FsId, Superblock, NODE_BYTES};
+use crate::format::{FsId, Layout, Superblock, NODE_BYTES};
 use crate::{Geometry, SimConfig, SimStorage, Storage};
 
 const FS: FsId = FsId([0x5E; 16]);
 const REGION_START: u64 = 16384;
 
 fn superblock(geometry: Geometry, region_bytes: u64) -> Superblock {
-    Superblock {
-        fs_id: FS,
-        generation: 1,
+    Superblock::empty(
+        FS,
         geometry,
-        node_bytes: NODE_BYTES as u32,
-        flags: 0,
-        log_start: 8192,
-        log_bytes: 8192,
-        log_head_offset: 0,
-        log_head_lsn: 1,
-        log_tail_offset: 0,
-        log_tail_lsn: 0,
-        node_region_start: REGION_START,
-        node_region_bytes: region_bytes,
-        tree_root_addr: 0,
-        tree_root_generation: 0,
-        tree_root_level: 0,
-        alloc_next_unallocated: REGION_START,
-        free_space_bitmap_addr: 0,
-        free_space_bitmap_bytes: 0,
-        last_txn_id: 0,
-    }
+        Layout {
+            log_start: 8192,
+            log_bytes: 8192,
+            node_region_start: REGION_START,
+            node_region_bytes: region_bytes,
+        },
+    )
 }
 
 struct Fixture {

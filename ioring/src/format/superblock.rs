@@ -136,7 +136,49 @@ fn region_end(addr: u64, field: &'static str, start: u64, len: u64) -> Result<u6
         .ok_or_else(|| invalid(addr, field, format!("{start} + {len} overflows")))
 }
 
+/// Where the ref log and the node region sit on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// First byte of the log region.
+    pub log_start: u64,
+    /// Size of the log region.
+    pub log_bytes: u64,
+    /// First byte of the node region.
+    pub node_region_start: u64,
+    /// Size of the node region (a multiple of the node size).
+    pub node_region_bytes: u64,
+}
+
 impl Superblock {
+    /// The superblock of a freshly formatted device: generation 1, an
+    /// empty log (the next batch is LSN 1 at log offset 0), an empty tree,
+    /// nothing allocated. Override fields with struct update syntax where a
+    /// caller needs more; [`Superblock::validate`] checks the result.
+    pub fn empty(fs_id: FsId, geometry: Geometry, layout: Layout) -> Superblock {
+        Superblock {
+            fs_id,
+            generation: 1,
+            geometry,
+            node_bytes: NODE_BYTES as u32,
+            flags: 0,
+            log_start: layout.log_start,
+            log_bytes: layout.log_bytes,
+            log_head_offset: 0,
+            log_head_lsn: 1,
+            log_tail_offset: 0,
+            log_tail_lsn: 0,
+            node_region_start: layout.node_region_start,
+            node_region_bytes: layout.node_region_bytes,
+            tree_root_addr: 0,
+            tree_root_generation: 0,
+            tree_root_level: 0,
+            alloc_next_unallocated: layout.node_region_start,
+            free_space_bitmap_addr: 0,
+            free_space_bitmap_bytes: 0,
+            last_txn_id: 0,
+        }
+    }
+
     /// The slot address this superblock must be written to and read from.
     pub fn addr(&self) -> u64 {
         superblock_addr_for_generation(self.generation)

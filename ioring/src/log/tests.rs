@@ -7,7 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use super::*;
-use crate::format::{FsId, Superblock, NODE_BYTES};
+use crate::format::{FsId, Layout, Superblock, NODE_BYTES};
 use crate::{CrashPolicy, FaultPlan, Geometry, IoFailure, SimConfig, SimStorage, Storage};
 use crate::{IoOp, StorageError};
 
@@ -17,26 +17,18 @@ const LOG_START: u64 = 8192;
 fn superblock(geometry: Geometry, log_bytes: u64, generation: u64, b: LogBounds) -> Superblock {
     let node_region_start = LOG_START + log_bytes;
     let mut sb = Superblock {
-        fs_id: FS,
         generation,
-        geometry,
-        node_bytes: NODE_BYTES as u32,
-        flags: 0,
-        log_start: LOG_START,
-        log_bytes,
-        log_head_offset: 0,
-        log_head_lsn: 1,
-        log_tail_offset: 0,
-        log_tail_lsn: 0,
-        node_region_start,
-        node_region_bytes: NODE_BYTES as u64,
-        tree_root_addr: 0,
-        tree_root_generation: 0,
-        tree_root_level: 0,
-        alloc_next_unallocated: node_region_start,
-        free_space_bitmap_addr: 0,
-        free_space_bitmap_bytes: 0,
         last_txn_id: generation,
+        ..Superblock::empty(
+            FS,
+            geometry,
+            Layout {
+                log_start: LOG_START,
+                log_bytes,
+                node_region_start,
+                node_region_bytes: NODE_BYTES as u64,
+            },
+        )
     };
     b.apply_to(&mut sb);
     sb

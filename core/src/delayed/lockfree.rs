@@ -288,7 +288,7 @@ impl TxnIndex {
                 {
                     let entries: Vec<_> = ids.iter().filter_map(|id| self.runs.get(id)).collect();
                     let cursors = entries.iter().map(|e| e.value().cursor()).collect();
-                    merge_cursors(cursors, |bytenr, s, refs| b.push(bytenr, s, refs));
+                    merge_cursors(cursors, |m| b.push_merged(m));
                 }
                 let (heads, refs) = (b.heads_total, b.refs_total);
                 let chunks = b.finish();
@@ -482,13 +482,7 @@ impl LockFreeStore {
         let entries: Vec<_> = idx.runs.iter().collect();
         let mut cursors: Vec<Cursor<'_>> = entries.iter().map(|e| e.value().cursor()).collect();
         cursors.extend(staged_runs.iter().map(|r| Cursor::new(r.iter().collect())));
-        merge_cursors(cursors, |bytenr, summary, refs| {
-            emit(HeadRef {
-                bytenr,
-                summary: *summary,
-                refs,
-            })
-        });
+        merge_cursors(cursors, |m| emit(m.head_ref()));
     }
 
     /// Visible generations `released+1 ..= live`, read consistently.

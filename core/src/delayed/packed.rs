@@ -251,19 +251,15 @@ impl Chunk {
             + std::mem::size_of_val(&*self.eops)
     }
 
-    pub fn head(&self, i: usize) -> HeadRef<'_> {
+    /// Head `i` as stored (no unpacking).
+    pub fn raw(&self, i: usize) -> RawHead<'_> {
         let h = &self.heads[i];
         let start = if i == 0 {
             0
         } else {
             self.heads[i - 1].ref_end as usize
         };
-        let kind = if h.bits & IS_DATA != 0 {
-            ExtentKind::Data
-        } else {
-            ExtentKind::Tree { level: h.level }
-        };
-        let extent_op = if h.bits & HAS_EOP != 0 {
+        let eop = if h.bits & HAS_EOP != 0 {
             let j = self
                 .eops
                 .binary_search_by_key(&h.bytenr, |e| e.0)
@@ -271,6 +267,46 @@ impl Chunk {
             Some(self.eops[j].1)
         } else {
             None
+        };
+        RawHead {
+            head: h,
+            refs: &self.refs[start..h.ref_end as usize],
+            eop,
+        }
+    }
+
+    pub fn head(&self, i: usize) -> HeadRef<'_> {
+        self.raw(i).to_ref()
+    }
+
+    pub fn find(&self, bytenr: u64) -> Option<HeadRef<'_>> {
+        self.heads
+            .binary_search_by_key(&bytenr, |h| h.bytenr)
+            .ok()
+            .map(|i| self.head(i))
+    }
+}
+
+/// A head as stored in a chunk: the packed head, its refs and extent_op.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawHead<'a> {
+    head: &'a PackedHead,
+    refs: &'a [PackedRef],
+    eop: Option<PendingExtentOp>,
+}
+
+impl<'a> RawHead<'a> {
+    pub fn bytenr(&self) -> u64 {
+        self.head.bytenr
+    }
+
+    /// Unpack the summary.
+    pub fn to_ref(self) -> HeadRef<'a> {
+        let h = self.head;
+        let kind = if h.bits & IS_DATA != 0 {
+            ExtentKind::Data
+        } else {
+            ExtentKind::Tree { level: h.level }
         };
         HeadRef {
             bytenr: h.bytenr,
@@ -281,17 +317,46 @@ impl Chunk {
                 mixed: h.bits & MIXED != 0,
                 alloc_stamp: h.alloc_stamp,
                 total_ref_mod: h.total_ref_mod,
-                extent_op,
+                extent_op: self.eop,
             },
-            refs: &self.refs[start..h.ref_end as usize],
+            refs: self.refs,
         }
     }
+}
 
-    pub fn find(&self, bytenr: u64) -> Option<HeadRef<'_>> {
-        self.heads
-            .binary_search_by_key(&bytenr, |h| h.bytenr)
-            .ok()
-            .map(|i| self.head(i))
+/// One merged head out of [`merge_cursors`]: a head found in a single
+/// source is passed through as stored (compaction copies it without
+/// unpacking); heads of several sources are merged.
+#[derive(Debug)]
+pub(crate) enum Merged<'a, 'b> {
+    /// Only one source had this bytenr.
+    Single(RawHead<'a>),
+    /// Several sources, merged.
+    Combined {
+        /// Extent.
+        bytenr: u64,
+        /// Merged summary.
+        summary: HeadSummary,
+        /// Merged refs (sorted, no zeros).
+        refs: &'b [PackedRef],
+    },
+}
+
+impl<'a> Merged<'a, '_> {
+    /// As a borrowed head (unpacking a single source's summary).
+    pub fn head_ref(&self) -> HeadRef<'_> {
+        match self {
+            Merged::Single(raw) => raw.to_ref(),
+            Merged::Combined {
+                bytenr,
+                summary,
+                refs,
+            } => HeadRef {
+                bytenr: *bytenr,
+                summary: *summary,
+                refs,
+            },
+        }
     }
 }
 
@@ -331,10 +396,38 @@ impl RunBuilder {
             return;
         }
         debug_assert!(refs.iter().all(|r| r.ref_mod != 0));
+        self.append(
+            PackedHead::pack(bytenr, summary, 0),
+            refs,
+            summary.extent_op,
+        );
+    }
+
+    /// Append a merged head, copying a single source's packed head as is.
+    pub fn push_merged(&mut self, m: Merged<'_, '_>) {
+        match m {
+            Merged::Single(raw) => {
+                debug_assert!(
+                    self.last.is_none_or(|l| l < raw.bytenr()),
+                    "heads out of order"
+                );
+                self.last = Some(raw.bytenr());
+                self.append(*raw.head, raw.refs, raw.eop);
+            }
+            Merged::Combined {
+                bytenr,
+                summary,
+                refs,
+            } => self.push(bytenr, &summary, refs),
+        }
+    }
+
+    fn append(&mut self, mut head: PackedHead, refs: &[PackedRef], eop: Option<PendingExtentOp>) {
         self.refs.extend_from_slice(refs);
-        let ref_end = u32::try_from(self.refs.len()).expect("chunk refs fit u32");
-        self.heads.push(PackedHead::pack(bytenr, summary, ref_end));
-        if let Some(e) = summary.extent_op {
+        head.ref_end = u32::try_from(self.refs.len()).expect("chunk refs fit u32");
+        let bytenr = head.bytenr;
+        self.heads.push(head);
+        if let Some(e) = eop {
             self.eops.push((bytenr, e));
         }
         self.heads_total += 1;
@@ -407,9 +500,9 @@ impl<'a> Cursor<'a> {
         (self.next != u64::MAX).then_some(self.next)
     }
 
-    pub fn next_head(&mut self) -> Option<HeadRef<'a>> {
+    pub fn next_raw(&mut self) -> Option<RawHead<'a>> {
         let ch: &'a Chunk = self.chunks.get(self.c)?;
-        let h = ch.head(self.i);
+        let h = ch.raw(self.i);
         self.i += 1;
         self.settle();
         Some(h)
@@ -434,12 +527,12 @@ pub(crate) fn merge_refs(scratch: &mut Vec<PackedRef>) {
 }
 
 /// k-way merge of sorted sources by bytenr; `emit` gets each merged head
-/// once, in ascending bytenr order. A linear scan picks the minimum for a
+/// once, in ascending bytenr order (a head of one source as stored). A linear scan picks the minimum for a
 /// few sources (compaction merges 4), a heap for many (a commit merges
 /// every run and staging batch).
 pub(crate) fn merge_cursors<'a>(
     mut cursors: Vec<Cursor<'a>>,
-    mut emit: impl FnMut(u64, &HeadSummary, &[PackedRef]),
+    mut emit: impl FnMut(Merged<'a, '_>),
 ) {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
@@ -480,20 +573,25 @@ pub(crate) fn merge_cursors<'a>(
             }
             min
         };
-        let first = cursors[same[0]].next_head().expect("peeked");
+        let first = cursors[same[0]].next_raw().expect("peeked");
         if same.len() == 1 {
-            emit(bytenr, &first.summary, first.refs);
+            emit(Merged::Single(first));
         } else {
+            let first = first.to_ref();
             let mut summary = first.summary;
             scratch.clear();
             scratch.extend_from_slice(first.refs);
             for &j in &same[1..] {
-                let other = cursors[j].next_head().expect("peeked");
+                let other = cursors[j].next_raw().expect("peeked").to_ref();
                 summary = summary.merge(other.summary);
                 scratch.extend_from_slice(other.refs);
             }
             merge_refs(&mut scratch);
-            emit(bytenr, &summary, &scratch);
+            emit(Merged::Combined {
+                bytenr,
+                summary,
+                refs: &scratch,
+            });
         }
         if !linear {
             for &j in &same {
@@ -605,16 +703,7 @@ mod tests {
                 Cursor::new(run_a.iter().collect()),
                 Cursor::new(run_b.iter().collect()),
             ],
-            |bytenr, s, refs| {
-                got.push(
-                    HeadRef {
-                        bytenr,
-                        summary: *s,
-                        refs,
-                    }
-                    .to_head(),
-                )
-            },
+            |m| got.push(m.head_ref().to_head()),
         );
         let mut want: Vec<Head> = Vec::new();
         for (op, stamp) in &ops {

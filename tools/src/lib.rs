@@ -4,4 +4,5 @@
 //! - [`replay`]: replay a kernel btrfs delayed-ref trace through refd and
 //!   compare with the kernel's extent tree.
 
+pub mod device;
 pub mod replay;

@@ -30,8 +30,9 @@ use refd_core::extent_tree::{ExtentItem, ExtentTree};
 use refd_core::model::{Op, OpError};
 use refd_ioring::btree::{BTree, BTreeError, Change, Key, TreeCheck, TreeConfig};
 use refd_ioring::format::{
-    pick_newest, FormatError, FsId, Layout, Superblock, NODE_BYTES, SUPERBLOCK_BYTES,
-    SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES, SUPERBLOCK_SLOT_ADDRS,
+    pick_newest, FormatError, FsId, Layout, Superblock, SuperblockChoice, NODE_BYTES,
+    SUPERBLOCK_BYTES, SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES,
+    SUPERBLOCK_SLOT_ADDRS,
 };
 use refd_ioring::log::{replay, LogConfig, LogError, Lsn, RecoveryReport, RefLog};
 use refd_ioring::{Storage, StorageError};
@@ -294,6 +295,50 @@ fn write_superblock<S: Storage>(storage: &S, sb: &Superblock) -> Result<()> {
         })
 }
 
+/// Read both superblock copies of `storage` and pick the newest valid one
+/// (the choice also says which copies were rejected and why).
+pub fn read_newest_superblock<S: Storage + ?Sized>(storage: &S) -> Result<SuperblockChoice> {
+    let device = storage.device_name().to_string();
+    let mut slots = [vec![0u8; SUPERBLOCK_BYTES], vec![0u8; SUPERBLOCK_BYTES]];
+    for (addr, buf) in SUPERBLOCK_SLOT_ADDRS.iter().zip(slots.iter_mut()) {
+        storage
+            .read(*addr, buf)
+            .map_err(|source| DurableError::Storage {
+                context: format!("{device}: read superblock slot at {addr}"),
+                source,
+            })?;
+    }
+    pick_newest(&slots[0], &slots[1]).map_err(|source| DurableError::Format {
+        context: format!("{device}: no valid superblock"),
+        source,
+    })
+}
+
+/// Load every extent item of a committed B+tree into an in-memory extent
+/// tree (every item is decoded and checked).
+pub fn load_extents<S: Storage>(tree: &BTree<S>, device: &str) -> Result<ExtentTree> {
+    let mut loader = ExtentLoader::new();
+    for item in tree.range(..) {
+        let (key, value) = item.map_err(|source| DurableError::Tree {
+            context: format!("{device}: load extent items"),
+            source,
+        })?;
+        loader
+            .push(&key, &value)
+            .map_err(|source| DurableError::Items {
+                context: format!(
+                    "{device}: item ({} {} {})",
+                    key.objectid, key.item_type, key.offset
+                ),
+                source,
+            })?;
+    }
+    loader.finish().map_err(|source| DurableError::Items {
+        context: format!("{device}: last extent item"),
+        source,
+    })
+}
+
 impl<S: Storage + Clone> DurableEngine<S> {
     /// Writes a fresh file system on `storage`: both superblock copies
     /// (generations 1 and 2), an empty log and an empty tree. Destroys
@@ -364,19 +409,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
     /// during recovery recovers again from the same superblock.
     pub fn open(storage: S, options: OpenOptions) -> Result<(Self, RecoveryInfo)> {
         let device = storage.device_name().to_string();
-        let mut slots = [vec![0u8; SUPERBLOCK_BYTES], vec![0u8; SUPERBLOCK_BYTES]];
-        for (addr, buf) in SUPERBLOCK_SLOT_ADDRS.iter().zip(slots.iter_mut()) {
-            storage
-                .read(*addr, buf)
-                .map_err(|source| DurableError::Storage {
-                    context: format!("{device}: read superblock slot at {addr}"),
-                    source,
-                })?;
-        }
-        let choice = pick_newest(&slots[0], &slots[1]).map_err(|source| DurableError::Format {
-            context: format!("{device}: no valid superblock"),
-            source,
-        })?;
+        let choice = read_newest_superblock(&storage)?;
         let sb = choice.superblock;
         let tree =
             BTree::open_superblock(storage.clone(), &sb, options.tree).map_err(|source| {
@@ -388,26 +421,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
                     source,
                 }
             })?;
-        let mut loader = ExtentLoader::new();
-        for item in tree.range(..) {
-            let (key, value) = item.map_err(|source| DurableError::Tree {
-                context: format!("{device}: load extent items"),
-                source,
-            })?;
-            loader
-                .push(&key, &value)
-                .map_err(|source| DurableError::Items {
-                    context: format!(
-                        "{device}: item ({} {} {})",
-                        key.objectid, key.item_type, key.offset
-                    ),
-                    source,
-                })?;
-        }
-        let extents = loader.finish().map_err(|source| DurableError::Items {
-            context: format!("{device}: last extent item"),
-            source,
-        })?;
+        let extents = load_extents(&tree, &device)?;
         let extents_loaded = extents.len();
         let replayed = replay(&storage, &sb).map_err(|source| DurableError::Log {
             context: format!("{device}: replay from generation {}", sb.generation),

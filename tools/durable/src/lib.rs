@@ -15,5 +15,6 @@ pub mod engine;
 
 pub use codec::CodecError;
 pub use engine::{
-    CommitSummary, DurableEngine, DurableError, FormatOptions, OpenOptions, RecoveryInfo, Ticket,
+    load_extents, read_newest_superblock, CommitSummary, DurableEngine, DurableError,
+    FormatOptions, OpenOptions, RecoveryInfo, Ticket,
 };

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use refd_btrfs::export::{write_canonical, write_dump_items};
+use refd_tools::device;
 use refd_tools::replay::{load, replay, Impl, ReplayOptions, ReplayReport};
 
 #[global_allocator]
@@ -23,6 +24,49 @@ enum Cmd {
     /// btrfs conformance: replay kernel traces, export extent trees.
     #[command(subcommand)]
     Btrfs(BtrfsCmd),
+    /// Format PATH (a block device or a file; a file is created with
+    /// --size). Refuses to overwrite a refd file system without --force.
+    Format(FormatArgs),
+    /// Check PATH read-only: superblocks, every tree node, every extent
+    /// (refs = sum of backrefs), the allocator and the log. Exit status 0
+    /// only when clean.
+    Fsck(FsckArgs),
+    /// Print the committed extent tree of PATH in dump-tree's extent-item
+    /// format (ops still only in the log are counted by fsck).
+    Dump(DumpArgs),
+}
+
+#[derive(Debug, Args)]
+struct FormatArgs {
+    /// Block device or file.
+    path: PathBuf,
+    /// Create the file with this size (e.g. 1G) if PATH does not exist.
+    #[arg(long)]
+    size: Option<String>,
+    /// Log region size (default: 1/8 of the device).
+    #[arg(long)]
+    log_bytes: Option<String>,
+    /// Overwrite an existing refd file system.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct FsckArgs {
+    /// Block device or file.
+    path: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct DumpArgs {
+    /// Block device or file.
+    path: PathBuf,
+    /// Size printed for tree blocks (METADATA_ITEM).
+    #[arg(long, default_value_t = 16384)]
+    nodesize: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,6 +249,58 @@ fn run(cli: Cli) -> Result<bool, String> {
                 write_dump_items(&tree, a.common.nodesize, out)
             };
             res.map_err(|e| format!("writing to stdout: {e}"))?;
+            Ok(true)
+        }
+        Cmd::Format(a) => {
+            let size = a.size.as_deref().map(device::parse_size).transpose()?;
+            let log_bytes = a.log_bytes.as_deref().map(device::parse_size).transpose()?;
+            let f = device::format(&a.path, size, log_bytes, a.force)?;
+            let sb = &f.superblock;
+            println!(
+                "{} {}: {} bytes, log {} bytes at {}, node region {} bytes at {}, generation {}",
+                if f.created {
+                    "created and formatted"
+                } else {
+                    "formatted"
+                },
+                a.path.display(),
+                sb.geometry.size_bytes,
+                sb.log_bytes,
+                sb.log_start,
+                sb.node_region_bytes,
+                sb.node_region_start,
+                sb.generation
+            );
+            Ok(true)
+        }
+        Cmd::Fsck(a) => {
+            let r = device::fsck(&a.path)?;
+            if a.json {
+                let mut v = serde_json::to_value(&r).map_err(|e| e.to_string())?;
+                v["clean"] = serde_json::Value::Bool(r.clean());
+                println!("{v}");
+            } else {
+                println!(
+                    "{}: superblock generation {} (slot {}); tree {} levels, {} nodes, {} items; {} extents, {} refs; log: {} batches, {} ops to replay ({})",
+                    r.device, r.generation, r.slot, r.tree_levels, r.tree_nodes, r.tree_items, r.extents, r.refs, r.log_batches, r.log_records, r.log_end
+                );
+                for s in &r.rejected_superblocks {
+                    println!("superblock copy rejected: {s}");
+                }
+                for p in &r.problems {
+                    println!("PROBLEM: {p}");
+                }
+                if r.problem_count > r.problems.len() {
+                    println!("({} more problems)", r.problem_count - r.problems.len());
+                }
+                println!("{}", if r.clean() { "CLEAN" } else { "NOT CLEAN" });
+            }
+            Ok(r.clean())
+        }
+        Cmd::Dump(a) => {
+            let tree = device::committed_tree(&a.path)?;
+            write_dump_items(&tree, a.nodesize, std::io::stdout().lock())
+                .map_err(|e| format!("writing to stdout: {e}"))?;
             Ok(true)
         }
         Cmd::Btrfs(BtrfsCmd::Normalize(a)) => {

@@ -1,0 +1,282 @@
+//! `refctl format`, `refctl fsck`, `refctl dump`: a refd device (a raw
+//! block device or a file) opened through io_uring with O_DIRECT.
+//!
+//! fsck and dump only read: they never open the device for writing through
+//! the durable engine (whose recovery writes a superblock), so they can be
+//! run on a device that needs recovery, and say what recovery would replay.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use refd_core::extent_tree::ExtentTree;
+use refd_durable::codec::decode_op;
+use refd_durable::{load_extents, read_newest_superblock, DurableEngine, FormatOptions};
+use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
+use refd_ioring::format::Superblock;
+use refd_ioring::{replay, Device, FileAllocation, UringConfig, UringStorage};
+
+/// Problems reported in full (all are counted).
+pub const PROBLEMS_SHOWN_MAX: usize = 100;
+
+type Dev = Arc<UringStorage>;
+
+fn open(path: &Path) -> Result<Dev, String> {
+    let device = Device::open(path, 0).map_err(|e| e.to_string())?;
+    let storage = UringStorage::new(device, UringConfig::default())
+        .map_err(|e| format!("{}: io_uring setup: {e}", path.display()))?;
+    Ok(Arc::new(storage))
+}
+
+/// Parse a size like `64M`, `2G`, `4096` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("size {s:?}: unknown unit {c:?} (K, M, G, T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?}: not a number"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?}: too large"))
+}
+
+/// What `format` did.
+#[derive(Debug)]
+pub struct Formatted {
+    /// The new superblock.
+    pub superblock: Superblock,
+    /// The file was created.
+    pub created: bool,
+}
+
+/// Format `path` (creating a file of `size` if it does not exist). An
+/// existing refd file system is only overwritten with `force`.
+pub fn format(
+    path: &Path,
+    size: Option<u64>,
+    log_bytes: Option<u64>,
+    force: bool,
+) -> Result<Formatted, String> {
+    let created = !path.exists();
+    let storage: Dev = if created {
+        let size = size.ok_or_else(|| {
+            format!(
+                "{} does not exist: give --size to create it",
+                path.display()
+            )
+        })?;
+        let device =
+            Device::create_file(path, size, FileAllocation::Reserve).map_err(|e| e.to_string())?;
+        Arc::new(
+            UringStorage::new(device, UringConfig::default())
+                .map_err(|e| format!("{}: io_uring setup: {e}", path.display()))?,
+        )
+    } else {
+        if size.is_some() {
+            return Err(format!(
+                "{} exists: --size only creates new files",
+                path.display()
+            ));
+        }
+        open(path)?
+    };
+    if !force {
+        if let Ok(choice) = read_newest_superblock(&storage) {
+            return Err(format!(
+                "{} holds a refd file system (superblock generation {}): use --force to overwrite it",
+                path.display(),
+                choice.superblock.generation
+            ));
+        }
+    }
+    let superblock = DurableEngine::format(
+        &storage,
+        FormatOptions {
+            log_bytes,
+            fs_id: None,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Formatted {
+        superblock,
+        created,
+    })
+}
+
+/// What fsck found.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct FsckReport {
+    /// Device path.
+    pub device: String,
+    /// Newest valid superblock generation.
+    pub generation: u64,
+    /// Its slot.
+    pub slot: usize,
+    /// Superblock copies rejected, with why.
+    pub rejected_superblocks: Vec<String>,
+    /// Nodes walked.
+    pub tree_nodes: u64,
+    /// Tree levels.
+    pub tree_levels: u8,
+    /// B+tree items.
+    pub tree_items: u64,
+    /// Extents.
+    pub extents: usize,
+    /// Sum of refs.
+    pub refs: u64,
+    /// Log batches that replay would apply.
+    pub log_batches: usize,
+    /// Log records (ops) that replay would apply.
+    pub log_records: usize,
+    /// Where and why log replay stops.
+    pub log_end: String,
+    /// Everything wrong (at most [`PROBLEMS_SHOWN_MAX`]).
+    pub problems: Vec<String>,
+    /// Count of problems.
+    pub problem_count: usize,
+}
+
+impl FsckReport {
+    fn problem(&mut self, p: String) {
+        self.problem_count += 1;
+        if self.problems.len() < PROBLEMS_SHOWN_MAX {
+            self.problems.push(p);
+        }
+    }
+
+    /// True when nothing is wrong.
+    pub fn clean(&self) -> bool {
+        self.problem_count == 0
+    }
+}
+
+/// A device opened read-only: storage, newest superblock, and the tree with
+/// its committed extents when they could be loaded.
+struct Loaded {
+    storage: Dev,
+    sb: Superblock,
+    tree: Option<(BTree<Dev>, ExtentTree)>,
+}
+
+/// Open the newest superblock, the tree and the committed extents, read
+/// only. Problems found on the way are recorded in `report`.
+fn load(path: &Path, report: &mut FsckReport) -> Result<Loaded, String> {
+    let storage = open(path)?;
+    report.device = path.display().to_string();
+    let choice = read_newest_superblock(&storage).map_err(|e| e.to_string())?;
+    for (slot, why) in &choice.rejected {
+        report
+            .rejected_superblocks
+            .push(format!("slot {slot}: {why}"));
+    }
+    let sb = choice.superblock;
+    report.generation = sb.generation;
+    report.slot = choice.slot;
+    let tree = match BTree::open_superblock(storage.clone(), &sb, TreeConfig::default()) {
+        Ok(t) => t,
+        Err(e) => {
+            report.problem(format!("extent tree of generation {}: {e}", sb.generation));
+            return Ok(Loaded {
+                storage,
+                sb,
+                tree: None,
+            });
+        }
+    };
+    match load_extents(&tree, &report.device) {
+        Ok(extents) => Ok(Loaded {
+            storage,
+            sb,
+            tree: Some((tree, extents)),
+        }),
+        Err(e) => {
+            report.problem(e.to_string());
+            Ok(Loaded {
+                storage,
+                sb,
+                tree: Some((tree, ExtentTree::new())),
+            })
+        }
+    }
+}
+
+/// Check a device: superblocks, every tree node (checksum, address, key
+/// order, generation, no node referenced twice, allocator agreement), every
+/// extent (refs = sum of backrefs, counts, kinds) and the log (what
+/// recovery would replay, every record decodable).
+pub fn fsck(path: &Path) -> Result<FsckReport, String> {
+    let mut report = FsckReport::default();
+    let Loaded { storage, sb, tree } = load(path, &mut report)?;
+    if let Some((tree, extents)) = tree {
+        match tree.check() {
+            Ok(TreeCheck {
+                nodes,
+                levels,
+                items,
+                ..
+            }) => {
+                report.tree_nodes = nodes;
+                report.tree_levels = levels;
+                report.tree_items = items;
+            }
+            Err(e) => report.problem(format!("extent tree: {e}")),
+        }
+        report.extents = extents.len();
+        report.refs = extents.total_refs();
+        for (bytenr, item) in extents.iter() {
+            if let Err(e) = item.check() {
+                report.problem(format!("extent {bytenr}: {e}"));
+            }
+        }
+    }
+    match replay(&*storage, &sb) {
+        Ok(r) => {
+            report.log_batches = r.batches().len();
+            report.log_end = r.report().to_string();
+            for rec in r.records() {
+                report.log_records += 1;
+                if let Err(e) = decode_op(rec.data) {
+                    report.problem(format!("log record at LSN {}: {e}", rec.lsn.get()));
+                }
+            }
+        }
+        Err(e) => report.problem(format!("log: {e}")),
+    }
+    Ok(report)
+}
+
+/// The committed extent tree of a device (read only).
+pub fn committed_tree(path: &Path) -> Result<ExtentTree, String> {
+    let mut report = FsckReport::default();
+    let loaded = load(path, &mut report)?;
+    match (loaded.tree, report.problems.first()) {
+        (Some((_, extents)), None) => Ok(extents),
+        (_, Some(p)) => Err(format!("{}: {p} (run refctl fsck)", path.display())),
+        (None, None) => Err(format!("{}: no extent tree", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -5,6 +5,7 @@
 //! noisy: compare within a run, not across runs).
 
 mod alloc;
+mod crash;
 mod ingest;
 mod workload;
 
@@ -24,12 +25,36 @@ struct Cli {
 enum Cmd {
     /// Ingest throughput, latency, memory per pending ref and commit time.
     Ingest(ingest::IngestArgs),
+    /// Real crashes: kill a durable ingest process with SIGKILL, N rounds;
+    /// check every acknowledged op survives exactly once. Destroys the
+    /// device's content.
+    Crash(crash::CrashArgs),
+    /// The process `crash` kills (internal).
+    #[command(hide = true)]
+    CrashChild(crash::ChildArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let res = match &cli.cmd {
         Cmd::Ingest(a) => ingest::run(a),
+        Cmd::Crash(a) => crash::run(a).and_then(|r| {
+            if a.json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                println!(
+                    "crash: {} rounds, {} ops acknowledged, {} lost, {} duplicated, {} unacknowledged but present (allowed), verify {}, {} extents, {:.1} s",
+                    r.rounds, r.acked, r.lost, r.duplicated, r.unacked_present,
+                    if r.verify_clean { "clean" } else { "FAILED" }, r.extents, r.elapsed_s
+                );
+            }
+            if r.lost == 0 && r.duplicated == 0 && r.verify_clean {
+                Ok(())
+            } else {
+                Err("acknowledged ops were lost or duplicated, or the device does not verify".into())
+            }
+        }),
+        Cmd::CrashChild(a) => crash::child(a),
     };
     if let Err(e) = res {
         eprintln!("refd-bench: {e}");

@@ -6,6 +6,7 @@
 
 mod alloc;
 mod crash;
+mod durable;
 mod ingest;
 mod workload;
 
@@ -29,6 +30,10 @@ enum Cmd {
     /// check every acknowledged op survives exactly once. Destroys the
     /// device's content.
     Crash(crash::CrashArgs),
+    /// Durable ingest on a device: ops/s, ack latency, commits/s, log and
+    /// tree bytes per op, beside the device's own durable write rate.
+    /// Destroys the device's content.
+    Durable(durable::DurableArgs),
     /// The process `crash` kills (internal).
     #[command(hide = true)]
     CrashChild(crash::ChildArgs),
@@ -55,6 +60,19 @@ fn main() {
             }
         }),
         Cmd::CrashChild(a) => crash::child(a),
+        Cmd::Durable(a) => durable::run(a).and_then(|r| {
+            if a.json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                println!(
+                    "durable: {} ops in {:.2} s = {:.0} durable ops/s; ack p50 {:.2} ms p99 {:.2} ms max {:.1} ms; {} commits ({:.2}/s, longest {:.0} ms); log {:.1} B/op ({:.0} MB/s), tree {:.1} B/op; device durable sequential write {:.0} MB/s",
+                    r.ops, r.ingest_s, r.durable_ops_per_sec, r.p50_ack_ms, r.p99_ack_ms, r.max_ack_ms,
+                    r.commits, r.commits_per_sec, r.commit_ms_max, r.log_bytes_per_op, r.log_mb_per_sec,
+                    r.tree_bytes_per_op, r.device_durable_mb_per_sec
+                );
+            }
+            Ok(())
+        }),
     };
     if let Err(e) = res {
         eprintln!("refd-bench: {e}");

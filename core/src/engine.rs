@@ -227,10 +227,32 @@ impl<S: DelayedRefStore> Engine<S> {
 
     /// Freeze the live transaction and run it into the tree.
     pub fn commit(&self) -> CommitReport {
-        let _serial = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.run_frozen(self.freeze())
+    }
+
+    /// First half of [`Engine::commit`]: freeze the live transaction (new
+    /// ops go to the next one from here on) and hold the commit lock until
+    /// [`Engine::run_frozen`]. A durable layer cuts its log atomically with
+    /// this step and runs the rest without stalling ingest.
+    pub fn freeze(&self) -> Frozen<'_> {
+        let serial = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = Instant::now();
         let heads = self.store.freeze();
-        let freeze_time = t0.elapsed();
+        Frozen {
+            _serial: serial,
+            heads,
+            freeze_time: t0.elapsed(),
+        }
+    }
+
+    /// Second half of [`Engine::commit`]: run the frozen heads into the
+    /// tree and release the frozen transaction.
+    pub fn run_frozen(&self, frozen: Frozen<'_>) -> CommitReport {
+        let Frozen {
+            _serial,
+            heads,
+            freeze_time,
+        } = frozen;
         let barrier = self.barrier.lowest();
 
         let t1 = Instant::now();
@@ -308,6 +330,23 @@ impl<S: DelayedRefStore> Engine<S> {
             }
         }
         report
+    }
+}
+
+/// A frozen transaction between [`Engine::freeze`] and
+/// [`Engine::run_frozen`]; holds the commit lock.
+#[derive(Debug)]
+pub struct Frozen<'a> {
+    _serial: std::sync::MutexGuard<'a, ()>,
+    heads: Vec<Head>,
+    freeze_time: Duration,
+}
+
+impl Frozen<'_> {
+    /// The frozen heads, sorted by bytenr: every extent this commit can
+    /// change.
+    pub fn heads(&self) -> &[Head] {
+        &self.heads
     }
 }
 
@@ -424,6 +463,25 @@ mod tests {
         let r = e.commit();
         assert_eq!(r.freed.len(), 1);
         assert!(e.tree().get(4096).is_none());
+    }
+
+    #[test]
+    fn freeze_then_run_lets_ingest_continue() {
+        let e = Engine::new(LockFreeStore::with_config(4, 8));
+        let mut h = e.handle().unwrap();
+        h.add(&data(4096, Action::AddExtent, 5)).unwrap();
+        let frozen = e.freeze();
+        assert_eq!(frozen.heads().len(), 1);
+        // Ingest goes on into the next transaction while the frozen one is
+        // still pending, and lookups see both.
+        h.add(&data(4096, Action::AddRef, 6)).unwrap();
+        assert_eq!(e.lookup_extent_ref(4096).refs, 2);
+        let r = e.run_frozen(frozen);
+        assert_eq!(r.applied, 1);
+        assert_eq!(e.tree().get(4096).unwrap().refs, 1);
+        assert_eq!(e.lookup_extent_ref(4096).refs, 2);
+        assert_eq!(e.commit().applied, 1);
+        assert_eq!(e.tree().get(4096).unwrap().refs, 2);
     }
 
     #[test]

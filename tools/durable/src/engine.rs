@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use refd_core::delayed::lockfree::LockFreeStore;
-use refd_core::delayed::DelayedRefStore;
 use refd_core::engine::{CommitReport, Engine, EngineError, ExtentRefs, TreeRead};
 use refd_core::extent_tree::{ExtentItem, ExtentTree};
 use refd_core::model::{Op, OpError};
@@ -620,25 +619,25 @@ impl<S: Storage + Clone> DurableEngine<S> {
         if barriers > 0 {
             return Err(DurableError::BarrierHeld { barriers });
         }
-        // 1. Cut + freeze, atomically w.r.t. ingest. Core's Engine freezes
-        // inside commit(), so the write lock covers the whole in-memory
-        // commit (v1 cost: ingest waits for it).
-        let (cut, before, core) = {
+        // 1. Cut + freeze, atomically w.r.t. ingest: every op with an LSN
+        // below the cut is in the frozen transaction, every later op in the
+        // next one. Only this step holds the ingest lock; running the
+        // frozen heads does not stall ingest.
+        let (cut, frozen) = {
             let _cut = self.cut.write().unwrap_or_else(|e| e.into_inner());
-            let cut = self.log.seal();
-            let touched: Vec<u64> = self
-                .engine
-                .store()
-                .pending_all()
-                .iter()
-                .map(|h| h.bytenr)
-                .collect();
-            let before: Vec<(u64, Option<ExtentItem>)> = {
-                let tree = self.engine.tree();
-                touched.iter().map(|&b| (b, tree.get(b).cloned())).collect()
-            };
-            (cut, before, self.engine.commit())
+            (self.log.seal(), self.engine.freeze())
         };
+        // The tree changes only in commits, and this one holds the core
+        // commit lock: these are the items before this commit.
+        let before: Vec<(u64, Option<ExtentItem>)> = {
+            let tree = self.engine.tree();
+            frozen
+                .heads()
+                .iter()
+                .map(|h| (h.bytenr, tree.get(h.bytenr).cloned()))
+                .collect()
+        };
+        let core = self.engine.run_frozen(frozen);
         self.commit_tail(st, cut, before, core)
             .map_err(|e| self.latch(e))
     }

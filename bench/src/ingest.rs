@@ -238,6 +238,12 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
     if args.threads == 0 || args.sample == 0 || args.rounds == 0 || args.extents == 0 {
         return Err("--threads, --sample, --rounds and --extents must be at least 1".into());
     }
+    let shards = refd_core::delayed::lockfree::SHARDS_DEFAULT;
+    if args.threads > shards {
+        return Err(format!(
+            "--threads must be at most {shards} (one ingest shard each)"
+        ));
+    }
     if !args.json {
         eprintln!(
             "generating {} ops of {:?} over {} extents...",

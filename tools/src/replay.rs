@@ -173,8 +173,11 @@ pub fn load(path: &PathBuf, nodesize: u64) -> Result<ExtentTree, ReplayError> {
 
 /// Run a replay.
 pub fn replay(opts: &ReplayOptions, show: usize) -> Result<ReplayReport, ReplayError> {
-    if opts.threads == 0 {
-        return Err(ReplayError::Usage("--threads must be at least 1".into()));
+    let shards = refd_core::delayed::lockfree::SHARDS_DEFAULT;
+    if opts.threads == 0 || opts.threads > shards {
+        return Err(ReplayError::Usage(format!(
+            "--threads must be between 1 and {shards} (one ingest shard each)"
+        )));
     }
     if opts.progress {
         eprintln!("loading {}...", opts.before.display());

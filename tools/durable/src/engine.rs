@@ -459,6 +459,10 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 ),
             });
         }
+        // Each admitted append claims one ingest shard of the lock-free
+        // store for its engine add: admitting more appends than there are
+        // shards would fail them with ShardsExhausted instead of waiting.
+        let appenders_max = appenders_max.min(refd_core::delayed::lockfree::SHARDS_DEFAULT);
         // A commit lost in the crash may have written nodes stamped
         // sb.generation + 1 (never more: commit g + 2 waits for g + 1's
         // superblock). Claim that generation with a durable superblock that

@@ -590,34 +590,16 @@ impl<S: Storage> Inner<S> {
                 .write(physical, &buf)
                 .and_then(|()| self.storage.flush()),
         };
-        io_result.map_err(|e| self.storage_failure(e, batch.lsn, physical, buf.len() as u64))
-    }
-
-    fn storage_failure(&self, e: StorageError, lsn: Lsn, offset: u64, len_bytes: u64) -> LogError {
-        match e {
-            StorageError::Failed {
-                device,
-                op,
-                offset,
-                len_bytes,
-                cause,
-            } => LogError::Failed {
-                device,
-                op,
-                offset,
-                len_bytes,
-                lsn,
-                cause,
-            },
-            other => LogError::Failed {
-                device: self.storage.device_name().to_string(),
-                op: IoOp::Write,
-                offset,
-                len_bytes,
-                lsn,
-                cause: Arc::new(io::Error::new(io::ErrorKind::InvalidInput, other)),
-            },
-        }
+        io_result.map_err(|e| {
+            storage_failure(
+                e,
+                self.storage.device_name(),
+                IoOp::Write,
+                batch.lsn,
+                physical,
+                buf.len() as u64,
+            )
+        })
     }
 
     /// Blocks until `target` is durable, leading writes when nobody else is.
@@ -688,31 +670,7 @@ impl<S: Storage> RefLog<S> {
         let batch_bytes_cap = ring.batch_bytes_cap(config.batch_bytes_max);
         let record_bytes_max = record_bytes_max_for(batch_bytes_cap);
         storage.flush().map_err(|e| {
-            let lsn = report.end.lsn;
-            match e {
-                StorageError::Failed {
-                    device,
-                    op,
-                    offset,
-                    len_bytes,
-                    cause,
-                } => LogError::Failed {
-                    device,
-                    op,
-                    offset,
-                    len_bytes,
-                    lsn,
-                    cause,
-                },
-                other => LogError::Failed {
-                    device: storage.device_name().to_string(),
-                    op: IoOp::Flush,
-                    offset: 0,
-                    len_bytes: 0,
-                    lsn,
-                    cause: Arc::new(io::Error::other(other)),
-                },
-            }
+            storage_failure(e, storage.device_name(), IoOp::Flush, report.end.lsn, 0, 0)
         })?;
         let spans: VecDeque<Span> = replay
             .batches()
@@ -940,6 +898,44 @@ fn record_bytes_max_for(cap: usize) -> usize {
         })
         .max()
         .unwrap_or(0)
+}
+
+/// The log's view of a storage error: a latched storage failure keeps its
+/// device, operation and range and gains the batch's LSN; any other storage
+/// error (an argument the storage refused: misaligned, out of bounds) is
+/// reported as a failure of `op` at `offset` on `device`.
+fn storage_failure(
+    e: StorageError,
+    device: &str,
+    op: IoOp,
+    lsn: Lsn,
+    offset: u64,
+    len_bytes: u64,
+) -> LogError {
+    match e {
+        StorageError::Failed {
+            device,
+            op,
+            offset,
+            len_bytes,
+            cause,
+        } => LogError::Failed {
+            device,
+            op,
+            offset,
+            len_bytes,
+            lsn,
+            cause,
+        },
+        other => LogError::Failed {
+            device: device.to_string(),
+            op,
+            offset,
+            len_bytes,
+            lsn,
+            cause: Arc::new(io::Error::new(io::ErrorKind::InvalidInput, other)),
+        },
+    }
 }
 
 #[cfg(test)]

@@ -118,6 +118,25 @@ impl Drop for CacheRef<'_> {
     }
 }
 
+/// Unload `slot`, whose interlock the caller took with no references
+/// (`try_interlock_norefs`): mark it dead, drop its node, remove it from the
+/// map and the byte count, and release the interlock. The release is "with
+/// error": a reader who referenced the slot while the interlock was held
+/// finds CHECK still set, takes the load path and sees the slot dead
+/// (HAMMER's hammer_put_interlock(lock, error)); clearing CHECK would tell
+/// it the node was loaded when it is gone.
+fn unload(inner: &mut Inner, slot: &Slot) {
+    let freed = {
+        let mut st = slot.state();
+        st.dead = true;
+        st.node = None;
+        std::mem::take(&mut st.mem_bytes)
+    };
+    inner.map.remove(&slot.addr);
+    inner.bytes -= freed;
+    slot.interlock.put_interlock(true);
+}
+
 impl NodeCache {
     pub(crate) fn new(budget_bytes: usize) -> Self {
         NodeCache {
@@ -284,20 +303,7 @@ impl NodeCache {
                 // In use: it is queued again when released.
                 continue;
             }
-            let freed = {
-                let mut st = slot.state();
-                st.dead = true;
-                st.node = None;
-                std::mem::take(&mut st.mem_bytes)
-            };
-            inner.map.remove(&addr);
-            inner.bytes -= freed;
-            // The node is gone: release "with error" so that a reader who
-            // referenced the slot while we held the interlock finds CHECK
-            // still set, takes the load path and sees the slot dead
-            // (HAMMER's hammer_put_interlock(lock, error)). Clearing CHECK
-            // here told such a reader the node was loaded when it was not.
-            slot.interlock.put_interlock(true);
+            unload(&mut inner, &slot);
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -339,16 +345,7 @@ impl NodeCache {
                 "node {addr} is invalidated while a reader uses it"
             )));
         }
-        let freed = {
-            let mut st = slot.state();
-            st.dead = true;
-            st.node = None;
-            std::mem::take(&mut st.mem_bytes)
-        };
-        inner.map.remove(&addr);
-        inner.bytes -= freed;
-        // Unloaded: keep CHECK for any late referrer (see evict_over_budget).
-        slot.interlock.put_interlock(true);
+        unload(&mut inner, &slot);
         Ok(())
     }
 

@@ -61,11 +61,11 @@ pub struct ChildArgs {
     pub round: u64,
 }
 
-fn storage(path: &Path) -> Result<Arc<UringStorage>, String> {
-    let device = Device::open(path, 0).map_err(|e| e.to_string())?;
-    UringStorage::new(device, UringConfig::default())
+/// Open a device or file for the durable engine (errors name the device).
+pub(crate) fn open_device(path: &Path) -> Result<Arc<UringStorage>, String> {
+    UringStorage::open(path, 0, UringConfig::default())
         .map(Arc::new)
-        .map_err(|e| format!("{}: io_uring setup: {e}", path.display()))
+        .map_err(|e| e.to_string())
 }
 
 fn extent_of(id: u64) -> u64 {
@@ -95,7 +95,7 @@ fn op_of(id: u64) -> Op {
 
 /// The child: recover, then ingest until killed.
 pub fn child(args: &ChildArgs) -> Result<(), String> {
-    let (engine, _) = DurableEngine::open(storage(&args.device)?, OpenOptions::default())
+    let (engine, _) = DurableEngine::open(open_device(&args.device)?, OpenOptions::default())
         .map_err(|e| e.to_string())?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -144,7 +144,8 @@ pub fn run(args: &CrashArgs) -> Result<CrashReport, String> {
         Device::create_file(path, DEVICE_BYTES_DEFAULT, FileAllocation::Reserve)
             .map_err(|e| e.to_string())?;
     }
-    DurableEngine::format(&storage(path)?, FormatOptions::default()).map_err(|e| e.to_string())?;
+    DurableEngine::format(&open_device(path)?, FormatOptions::default())
+        .map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
     let mut rng = SmallRng::seed_from_u64(args.seed);
     let mut acked: Vec<u64> = Vec::new();
@@ -190,8 +191,8 @@ pub fn run(args: &CrashArgs) -> Result<CrashReport, String> {
         acked.extend(got);
     }
     // Recover once more and check.
-    let (engine, info) =
-        DurableEngine::open(storage(path)?, OpenOptions::default()).map_err(|e| e.to_string())?;
+    let (engine, info) = DurableEngine::open(open_device(path)?, OpenOptions::default())
+        .map_err(|e| e.to_string())?;
     if !args.json {
         eprintln!("recovery: {info}");
     }

@@ -7,12 +7,12 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use refd_durable::{DurableEngine, FormatOptions, OpenOptions};
-use refd_ioring::{Device, FileAllocation, Storage, UringConfig, UringStorage};
+use refd_ioring::{Device, FileAllocation, Storage, UringStorage};
 
 use crate::workload::{deal, generate, Workload};
 
@@ -84,13 +84,6 @@ pub struct DurableReport {
     pub log_mb_per_sec: f64,
 }
 
-fn storage(path: &PathBuf) -> Result<Arc<UringStorage>, String> {
-    let device = Device::open(path, 0).map_err(|e| e.to_string())?;
-    UringStorage::new(device, UringConfig::default())
-        .map(Arc::new)
-        .map_err(|e| format!("{}: io_uring setup: {e}", path.display()))
-}
-
 /// The device's own durable sequential write rate: 256 KiB durable writes
 /// (RWF_DSYNC) for about a second at the end of the device.
 fn device_rate(s: &UringStorage) -> Result<f64, String> {
@@ -123,7 +116,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         Device::create_file(path, DEVICE_BYTES_DEFAULT, FileAllocation::Reserve)
             .map_err(|e| e.to_string())?;
     }
-    let dev = storage(path)?;
+    let dev = crate::crash::open_device(path)?;
     let device_mb = device_rate(&dev)?;
     DurableEngine::format(&dev, FormatOptions::default()).map_err(|e| e.to_string())?;
     let (engine, _) =

@@ -21,10 +21,9 @@ pub const PROBLEMS_SHOWN_MAX: usize = 100;
 type Dev = Arc<UringStorage>;
 
 fn open(path: &Path) -> Result<Dev, String> {
-    let device = Device::open(path, 0).map_err(|e| e.to_string())?;
-    let storage = UringStorage::new(device, UringConfig::default())
-        .map_err(|e| format!("{}: io_uring setup: {e}", path.display()))?;
-    Ok(Arc::new(storage))
+    UringStorage::open(path, 0, UringConfig::default())
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 /// Parse a size like `64M`, `2G`, `4096` (binary units).

@@ -232,16 +232,24 @@ impl<S: DelayedRefStore> Engine<S> {
 
     /// First half of [`Engine::commit`]: freeze the live transaction (new
     /// ops go to the next one from here on) and hold the commit lock until
-    /// [`Engine::run_frozen`]. A durable layer cuts its log atomically with
-    /// this step and runs the rest without stalling ingest.
+    /// [`Engine::run_frozen`]. Same as `self.seal().merge()`.
     pub fn freeze(&self) -> Frozen<'_> {
+        self.seal().merge()
+    }
+
+    /// Seal the live transaction without merging it: new ops go to the next
+    /// one from here on. Cheap (microseconds), so a durable layer cuts its
+    /// log atomically with this step, then merges ([`Sealed::merge`]) and
+    /// runs the rest while ingest goes on. Holds the commit lock until
+    /// [`Engine::run_frozen`].
+    pub fn seal(&self) -> Sealed<'_, S> {
         let serial = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = Instant::now();
-        let heads = self.store.freeze();
-        Frozen {
-            _serial: serial,
-            heads,
-            freeze_time: t0.elapsed(),
+        self.store.seal();
+        Sealed {
+            engine: self,
+            serial,
+            t0,
         }
     }
 
@@ -330,6 +338,27 @@ impl<S: DelayedRefStore> Engine<S> {
             }
         }
         report
+    }
+}
+
+/// A sealed transaction between [`Engine::seal`] and [`Sealed::merge`];
+/// holds the commit lock.
+#[derive(Debug)]
+pub struct Sealed<'a, S: DelayedRefStore> {
+    engine: &'a Engine<S>,
+    serial: std::sync::MutexGuard<'a, ()>,
+    t0: Instant,
+}
+
+impl<'a, S: DelayedRefStore> Sealed<'a, S> {
+    /// Merge the sealed transaction into heads sorted by bytenr.
+    pub fn merge(self) -> Frozen<'a> {
+        let heads = self.engine.store.sealed_heads();
+        Frozen {
+            _serial: self.serial,
+            heads,
+            freeze_time: self.t0.elapsed(),
+        }
     }
 }
 
@@ -482,6 +511,41 @@ mod tests {
         assert_eq!(e.lookup_extent_ref(4096).refs, 2);
         assert_eq!(e.commit().applied, 1);
         assert_eq!(e.tree().get(4096).unwrap().refs, 2);
+    }
+
+    /// Ops added between the seal and the merge belong to the next
+    /// transaction, in both stores, and lookups see them all along.
+    fn seal_splits_ingest<S: DelayedRefStore>(store: S) {
+        let e = Engine::new(store);
+        let mut h = e.handle().unwrap();
+        h.add(&data(4096, Action::AddExtent, 5)).unwrap();
+        let sealed = e.seal();
+        h.add(&data(4096, Action::AddRef, 6)).unwrap();
+        h.add(&data(8192, Action::AddExtent, 5)).unwrap();
+        assert_eq!(e.lookup_extent_ref(4096).refs, 2);
+        let frozen = sealed.merge();
+        let heads: Vec<(u64, i64)> = frozen
+            .heads()
+            .iter()
+            .map(|h| (h.bytenr, h.summary.total_ref_mod))
+            .collect();
+        assert_eq!(heads, vec![(4096, 1)], "only the op before the seal");
+        h.add(&data(4096, Action::AddRef, 7)).unwrap();
+        assert_eq!(e.run_frozen(frozen).applied, 1);
+        assert_eq!(e.lookup_extent_ref(4096).refs, 3);
+        assert_eq!(e.commit().applied, 2);
+        assert_eq!(e.tree().get(4096).unwrap().refs, 3);
+        assert_eq!(e.tree().get(8192).unwrap().refs, 1);
+    }
+
+    #[test]
+    fn seal_splits_ingest_mutex() {
+        seal_splits_ingest(MutexStore::new());
+    }
+
+    #[test]
+    fn seal_splits_ingest_lockfree() {
+        seal_splits_ingest(LockFreeStore::with_config(4, 2));
     }
 
     #[test]

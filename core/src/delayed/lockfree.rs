@@ -676,7 +676,7 @@ impl DelayedRefStore for LockFreeStore {
         merge_heads(parts.into_iter().flatten().collect())
     }
 
-    fn freeze(&self) -> Vec<Head> {
+    fn seal(&self) {
         assert_eq!(
             self.released.load(Ordering::SeqCst),
             self.gen.live() - 1,
@@ -686,8 +686,17 @@ impl DelayedRefStore for LockFreeStore {
         for shard in self.shards.iter() {
             shard.gate.quiesce(g);
         }
-        // Generation g is quiescent: nothing writes its buffers until
-        // release; readers may still read them.
+    }
+
+    fn sealed_heads(&self) -> Vec<Head> {
+        let g = self.gen.live() - 1;
+        assert_eq!(
+            self.released.load(Ordering::SeqCst),
+            g - 1,
+            "sealed_heads without seal"
+        );
+        // Generation g is quiescent (`seal`): nothing writes its buffers or
+        // its index until release; readers may still read them.
         let mut out = Vec::new();
         self.merge_gen(g, |h| {
             let head = h.to_head();

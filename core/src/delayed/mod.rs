@@ -111,10 +111,23 @@ pub trait DelayedRefStore: Send + Sync {
         String::new()
     }
 
-    /// Freeze the live transaction and open a new one. Returns the frozen
-    /// heads merged and sorted by bytenr (no-op heads dropped). Only one
-    /// commit at a time: the engine serializes callers.
-    fn freeze(&self) -> Vec<Head>;
+    /// Seal the live transaction and open a new one: every op whose `add`
+    /// returned before this call is in the sealed transaction, every later
+    /// one in the new live transaction. Cheap (no merging), so a durable
+    /// layer can cut its log atomically with it without stalling ingest.
+    /// Only one commit at a time: the engine serializes callers.
+    fn seal(&self);
+
+    /// The sealed transaction's heads merged and sorted by bytenr (no-op
+    /// heads dropped). Called once after [`DelayedRefStore::seal`], while
+    /// ingest goes on into the new live transaction.
+    fn sealed_heads(&self) -> Vec<Head>;
+
+    /// [`DelayedRefStore::seal`] then [`DelayedRefStore::sealed_heads`].
+    fn freeze(&self) -> Vec<Head> {
+        self.seal();
+        self.sealed_heads()
+    }
 
     /// End the frozen transaction: hide it from lookups and requeue `held`
     /// heads into the live transaction. Called under the engine's tree write

@@ -142,18 +142,22 @@ impl DelayedRefStore for MutexStore {
         merge_heads(all)
     }
 
-    fn freeze(&self) -> Vec<Head> {
-        let frozen = {
-            let mut inner = self.lock();
-            assert!(
-                inner.frozen.is_none(),
-                "freeze while a transaction is frozen"
-            );
-            let live = std::mem::take(&mut inner.live);
-            let frozen = Arc::new(live);
-            inner.frozen = Some(frozen.clone());
-            frozen
-        };
+    fn seal(&self) {
+        let mut inner = self.lock();
+        assert!(
+            inner.frozen.is_none(),
+            "freeze while a transaction is frozen"
+        );
+        let live = std::mem::take(&mut inner.live);
+        inner.frozen = Some(Arc::new(live));
+    }
+
+    fn sealed_heads(&self) -> Vec<Head> {
+        let frozen = self
+            .lock()
+            .frozen
+            .clone()
+            .expect("sealed_heads without seal");
         // Convert outside the lock: ingest continues into the new live map.
         let mut out: Vec<Head> = frozen.iter().map(|(b, h)| h.to_head(*b)).collect();
         out.retain(|h| !h.is_noop());

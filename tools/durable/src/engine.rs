@@ -623,14 +623,15 @@ impl<S: Storage + Clone> DurableEngine<S> {
         if barriers > 0 {
             return Err(DurableError::BarrierHeld { barriers });
         }
-        // 1. Cut + freeze, atomically w.r.t. ingest: every op with an LSN
-        // below the cut is in the frozen transaction, every later op in the
-        // next one. Only this step holds the ingest lock; running the
-        // frozen heads does not stall ingest.
-        let (cut, frozen) = {
+        // 1. Cut + seal, atomically w.r.t. ingest: every op with an LSN
+        // below the cut is in the sealed transaction, every later op in the
+        // next one. Only this step (microseconds) holds the ingest lock;
+        // merging and running the frozen heads does not stall ingest.
+        let (cut, sealed) = {
             let _cut = self.cut.write().unwrap_or_else(|e| e.into_inner());
-            (self.log.seal(), self.engine.freeze())
+            (self.log.seal(), self.engine.seal())
         };
+        let frozen = sealed.merge();
         // The tree changes only in commits, and this one holds the core
         // commit lock: these are the items before this commit.
         let before: Vec<(u64, Option<ExtentItem>)> = {

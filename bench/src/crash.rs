@@ -198,7 +198,7 @@ pub fn run(args: &CrashArgs) -> Result<CrashReport, String> {
     }
     engine.commit().map_err(|e| e.to_string())?;
     let verify_clean = engine.verify().is_ok();
-    let tree = engine.tree();
+    let tree = engine.committed_extents().map_err(|e| e.to_string())?;
     let mut lost = 0;
     for &id in &acked {
         let key = RefKey::ExtentData {

@@ -1,20 +1,30 @@
 //! `refd-bench durable`: durable ingest on a device. Ops go through the
 //! durable engine (logged, acknowledged when durable, committed into the
-//! on-device B+tree on an interval); measured: durable ops/s, ack latency,
-//! commits/s, log and tree bytes written per op, and the device's own
-//! durable sequential write rate measured by this tool in the same run.
+//! on-device B+tree by the engine's own commit policy: interval, pending
+//! ops, log space, with back-pressure); measured: durable ops/s (overall
+//! and the worst second), ack latency, commits/s and the longest gap
+//! between commits, commit time per phase, log and tree bytes written per
+//! op, and the device's own durable sequential write rate measured by this
+//! tool in the same run.
+//!
+//! With `--ops N` the ops are generated before timing and dealt to the
+//! threads by bytenr; with `--duration-s S` each thread generates its own
+//! endless random walk over its share of the extents while it runs (the
+//! generator's cost, about 20 ns per op, is inside the measurement).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
-use refd_durable::{DurableEngine, FormatOptions, OpenOptions};
+use refd_core::model::Op;
+use refd_durable::{CommitPolicy, DurableEngine, FormatOptions, OpenOptions};
 use refd_ioring::{Device, FileAllocation, Storage, UringStorage};
 
-use crate::workload::{deal, generate, Workload};
+use crate::workload::{deal, generate, Walk, Workload};
 
 /// Size of a device file the benchmark creates.
 const DEVICE_BYTES_DEFAULT: u64 = 4 << 30;
@@ -30,21 +40,34 @@ pub struct DurableArgs {
     /// Ingest threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Workload.
+    /// Workload (`--duration-s`: uniform or zipf).
     #[arg(long, value_enum, default_value = "uniform")]
     pub workload: Workload,
     /// Distinct extents.
     #[arg(long, default_value_t = 1_000_000)]
     pub extents: u64,
-    /// Ops in total.
+    /// Ops in total, generated before timing (ignored with --duration-s).
     #[arg(long, default_value_t = 4_000_000)]
     pub ops: usize,
+    /// Run for this long instead, generating ops while running.
+    #[arg(long)]
+    pub duration_s: Option<f64>,
     /// Ops each thread keeps in flight (appended, not yet acknowledged).
     #[arg(long, default_value_t = 256)]
     pub window: usize,
-    /// Commit interval.
-    #[arg(long, default_value_t = 1000)]
+    /// Commit policy: longest time between commit starts.
+    #[arg(long, default_value_t = CommitPolicy::default().interval_ms)]
     pub commit_interval_ms: u64,
+    /// Commit policy: most pending ops before a commit starts.
+    #[arg(long, default_value_t = CommitPolicy::default().pending_ops_trigger)]
+    pub pending_ops_trigger: u64,
+    /// Commit policy: target commit length (sets the pending-op trigger
+    /// from the measured commit time per op).
+    #[arg(long, default_value_t = CommitPolicy::default().commit_target_ms)]
+    pub commit_target_ms: u64,
+    /// Bound of the engine's in-memory extent cache (extents).
+    #[arg(long, default_value_t = OpenOptions::default().cache_extents_max)]
+    pub cache_extents: usize,
     /// RNG seed of the workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -62,26 +85,49 @@ pub struct DurableReport {
     pub ingest_s: f64,
     /// Acknowledged ops per second.
     pub durable_ops_per_sec: f64,
+    /// The worst whole second of the run (acknowledged ops in it).
+    pub durable_ops_per_sec_min_1s: f64,
+    /// Acknowledged ops in each whole second of the run.
+    pub acked_by_second: Vec<u64>,
     /// Ack latency p50 (ms).
     pub p50_ack_ms: f64,
     /// Ack latency p99 (ms).
     pub p99_ack_ms: f64,
+    /// Ack latency p99.9 (ms).
+    pub p999_ack_ms: f64,
     /// Ack latency max (ms).
     pub max_ack_ms: f64,
     /// Commits during the ingest.
     pub commits: u64,
-    /// Commits per second.
+    /// Commits per second of ingest.
     pub commits_per_sec: f64,
+    /// Longest time between two commit starts (ms).
+    pub commit_gap_ms_max: f64,
     /// Longest commit (ms).
     pub commit_ms_max: f64,
+    /// Mean commit (ms).
+    pub commit_ms_mean: f64,
+    /// Mean ops per commit.
+    pub commit_ops_mean: f64,
+    /// Mean time per commit step (ms): freeze, items, run, apply, write,
+    /// superblock.
+    pub commit_phase_ms_mean: [f64; 6],
+    /// Measured commit time per op (ns), the commit policy's estimate.
+    pub commit_ns_per_op: f64,
+    /// The pending-op trigger the policy ended at.
+    pub commit_trigger_ops: u64,
+    /// Commits started by interval / pending ops / log space.
+    pub commits_by_interval_pending_log: [u64; 3],
     /// Log bytes written (batches) per acknowledged op.
     pub log_bytes_per_op: f64,
     /// B+tree bytes written per op.
     pub tree_bytes_per_op: f64,
     /// The device's durable sequential write rate (this run, same tool).
     pub device_durable_mb_per_sec: f64,
-    /// durable MB/s of refd's log writes / the device's rate.
+    /// Log write rate (MB/s).
     pub log_mb_per_sec: f64,
+    /// Extents in the cache at the end.
+    pub extents_cached: usize,
 }
 
 /// The device's own durable sequential write rate: 256 KiB durable writes
@@ -103,13 +149,69 @@ fn device_rate(s: &UringStorage) -> Result<f64, String> {
     Ok(written as f64 / t.elapsed().as_secs_f64() / 1e6)
 }
 
+/// Where one ingest thread's ops come from.
+enum Source<'a> {
+    Slice(std::slice::Iter<'a, Op>),
+    Walk(Walk, Instant),
+}
+
+impl Iterator for Source<'_> {
+    type Item = Op;
+    fn next(&mut self) -> Option<Op> {
+        match self {
+            Source::Slice(it) => it.next().copied(),
+            Source::Walk(w, deadline) => (Instant::now() < *deadline).then(|| w.next_op()),
+        }
+    }
+}
+
+/// One ingest thread: keep `window` ops in flight, record ack latencies,
+/// count acknowledgements in `acked`.
+fn ingest<S: Storage + Clone>(
+    engine: &DurableEngine<S>,
+    ops: impl Iterator<Item = Op>,
+    window: usize,
+    acked: &AtomicU64,
+) -> Result<Histogram<u64>, String> {
+    let mut h =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).map_err(|e| e.to_string())?;
+    let mut inflight = VecDeque::with_capacity(window);
+    let mut n = 0u64;
+    for op in ops {
+        let t = Instant::now();
+        let ticket = engine.add(&op).map_err(|e| e.to_string())?;
+        inflight.push_back((t, ticket));
+        if inflight.len() >= window {
+            let (t, ticket) = inflight.pop_front().expect("window is non-empty");
+            ticket.wait().map_err(|e| e.to_string())?;
+            h.saturating_record(t.elapsed().as_nanos() as u64);
+            n += 1;
+            if n.is_multiple_of(1024) {
+                acked.fetch_add(1024, Ordering::Relaxed);
+            }
+        }
+    }
+    for (t, ticket) in inflight {
+        ticket.wait().map_err(|e| e.to_string())?;
+        h.saturating_record(t.elapsed().as_nanos() as u64);
+    }
+    Ok(h)
+}
+
 /// Run `durable`.
 pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     if args.threads == 0 || args.window == 0 {
         return Err("--threads and --window must be at least 1".into());
     }
+    let walks = args.duration_s.is_some();
+    if walks && !matches!(args.workload, Workload::Uniform | Workload::Zipf) {
+        return Err("--duration-s runs the uniform and zipf workloads".into());
+    }
     if args.workload == Workload::BtrfsTrace {
         return Err("durable runs the generated workloads".into());
+    }
+    if args.duration_s.is_some_and(|d| !(d > 0.0 && d.is_finite())) {
+        return Err("--duration-s must be a positive number of seconds".into());
     }
     let path = &args.device;
     if !path.exists() {
@@ -119,67 +221,94 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     let dev = crate::crash::open_device(path)?;
     let device_mb = device_rate(&dev)?;
     DurableEngine::format(&dev, FormatOptions::default()).map_err(|e| e.to_string())?;
-    let (engine, _) =
-        DurableEngine::open(dev, OpenOptions::default()).map_err(|e| e.to_string())?;
-    if !args.json {
-        eprintln!("generating {} ops of {:?}...", args.ops, args.workload);
-    }
-    let stream = generate(args.workload, args.extents, args.ops, args.seed);
-    let per_thread = deal(&stream.ops, args.threads, true);
+    let options = OpenOptions {
+        cache_extents_max: args.cache_extents,
+        policy: CommitPolicy {
+            interval_ms: args.commit_interval_ms,
+            pending_ops_trigger: args.pending_ops_trigger,
+            commit_target_ms: args.commit_target_ms,
+            ..CommitPolicy::default()
+        },
+        ..OpenOptions::default()
+    };
+    let (engine, _) = DurableEngine::open(dev, options).map_err(|e| e.to_string())?;
+    let per_thread: Vec<Vec<Op>> = if walks {
+        Vec::new()
+    } else {
+        if !args.json {
+            eprintln!("generating {} ops of {:?}...", args.ops, args.workload);
+        }
+        let stream = generate(args.workload, args.extents, args.ops, args.seed);
+        deal(&stream.ops, args.threads, true)
+    };
     let log_before = engine.log().stats();
-    let stop = AtomicBool::new(false);
-    let commits = AtomicU64::new(0);
-    let nodes_written = AtomicU64::new(0);
-    let commit_ms_max = Mutex::new(0f64);
+    let acked: Vec<CachePadded<AtomicU64>> = (0..args.threads)
+        .map(|_| CachePadded::new(AtomicU64::new(0)))
+        .collect();
+    let done = AtomicBool::new(false);
     let barrier = Barrier::new(args.threads + 1);
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).map_err(|e| e.to_string())?;
-    let started = Instant::now();
-    let results: Vec<Result<Histogram<u64>, String>> = std::thread::scope(|s| {
-        let committer = s.spawn(|| -> Result<(), String> {
-            while !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(args.commit_interval_ms));
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let t = Instant::now();
-                let r = engine.commit().map_err(|e| e.to_string())?;
-                let ms = t.elapsed().as_secs_f64() * 1e3;
-                let mut m = commit_ms_max.lock().unwrap_or_else(|p| p.into_inner());
-                *m = m.max(ms);
-                commits.fetch_add(1, Ordering::SeqCst);
-                nodes_written.fetch_add(r.nodes_written, Ordering::SeqCst);
-            }
-            Ok(())
-        });
-        let workers: Vec<_> = per_thread
-            .iter()
-            .map(|ops| {
-                let (engine, barrier) = (&engine, &barrier);
-                s.spawn(move || -> Result<Histogram<u64>, String> {
-                    let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
-                        .map_err(|e| e.to_string())?;
-                    let mut inflight = VecDeque::with_capacity(args.window);
+    let mut per_second: Vec<u64> = Vec::new();
+    let mut started = Instant::now();
+    let (results, committed) = std::thread::scope(|s| {
+        let committer = s.spawn(|| engine.run_committer().map_err(|e| e.to_string()));
+        let workers: Vec<_> = (0..args.threads)
+            .map(|t| {
+                let (engine, barrier, acked) = (&engine, &barrier, &acked[t]);
+                let ops = per_thread.get(t);
+                s.spawn(move || {
                     barrier.wait();
-                    for op in ops {
-                        let t = Instant::now();
-                        let ticket = engine.add(op).map_err(|e| e.to_string())?;
-                        inflight.push_back((t, ticket));
-                        if inflight.len() >= args.window {
-                            let (t, ticket) = inflight.pop_front().expect("window is non-empty");
-                            ticket.wait().map_err(|e| e.to_string())?;
-                            h.saturating_record(t.elapsed().as_nanos() as u64);
-                        }
-                    }
-                    for (t, ticket) in inflight {
-                        ticket.wait().map_err(|e| e.to_string())?;
-                        h.saturating_record(t.elapsed().as_nanos() as u64);
-                    }
-                    Ok(h)
+                    let source = match args.duration_s {
+                        Some(d) => Source::Walk(
+                            Walk::new(
+                                args.workload,
+                                args.extents / args.threads as u64,
+                                args.seed * 1000 + t as u64,
+                                args.threads as u64,
+                                t as u64,
+                            )
+                            .expect("uniform or zipf"),
+                            Instant::now() + Duration::from_secs_f64(d),
+                        ),
+                        None => Source::Slice(ops.map_or([].iter(), |o| o.iter())),
+                    };
+                    ingest(engine, source, args.window, acked)
                 })
             })
             .collect();
         barrier.wait();
+        started = Instant::now();
+        // Progress, and the acknowledged ops of every whole second.
+        let sampler = s.spawn(|| {
+            let mut seconds = Vec::new();
+            let mut last = 0u64;
+            let mut tick = started;
+            while !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+                if tick.elapsed() < Duration::from_secs(1) || done.load(Ordering::SeqCst) {
+                    continue;
+                }
+                tick += Duration::from_secs(1);
+                let now: u64 = acked.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+                seconds.push(now - last);
+                last = now;
+                if !args.json && seconds.len() % 5 == 0 {
+                    let t = engine.commit_totals();
+                    eprintln!(
+                        "{:>4} s: {:.2} M acked, {:.0} ops/s in the last second, {} commits, \
+                         {} pending (trigger {})",
+                        seconds.len(),
+                        now as f64 / 1e6,
+                        seconds.last().copied().unwrap_or(0),
+                        t.commits,
+                        engine.pending_ops(),
+                        engine.commit_trigger_ops(),
+                    );
+                }
+            }
+            seconds
+        });
         let out: Vec<_> = workers
             .into_iter()
             .map(|w| {
@@ -187,41 +316,55 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
                     .unwrap_or_else(|_| Err("ingest thread panicked".into()))
             })
             .collect();
-        stop.store(true, Ordering::SeqCst);
+        let ingest_s = started.elapsed();
+        done.store(true, Ordering::SeqCst);
+        let commits_during = engine.commit_totals().commits;
+        per_second = sampler.join().unwrap_or_default();
+        engine.stop_committer();
         let committed = committer
             .join()
             .unwrap_or_else(|_| Err("committer panicked".into()));
-        let mut out = out;
-        if let Err(e) = committed {
-            out.push(Err(e));
-        }
-        out
+        ((out, ingest_s, commits_during), committed)
     });
-    let ingest = started.elapsed();
+    let (results, ingest, commits_during) = results;
     for r in results {
         hist.add(r?).map_err(|e| format!("{e:?}"))?;
     }
+    let stats = committed?;
+    let totals = engine.commit_totals();
     let log_after = engine.log().stats();
     let ops = hist.len();
-    let commits = commits.load(Ordering::SeqCst);
     let log_bytes = log_after.batch_bytes_written - log_before.batch_bytes_written;
-    let tree_bytes = nodes_written.load(Ordering::SeqCst) * refd_ioring::format::NODE_BYTES as u64;
-    let commit_ms_max = commit_ms_max
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
+    let tree_bytes = totals.nodes_written * refd_ioring::format::NODE_BYTES as u64;
+    let commits = totals.commits.max(1) as f64;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let p = &totals.phases;
+    let extents_cached = engine.cached_extents().len();
     Ok(DurableReport {
         ops,
         ingest_s: ingest.as_secs_f64(),
         durable_ops_per_sec: ops as f64 / ingest.as_secs_f64(),
+        durable_ops_per_sec_min_1s: per_second.iter().copied().min().unwrap_or(0) as f64,
+        acked_by_second: per_second,
         p50_ack_ms: hist.value_at_quantile(0.5) as f64 / 1e6,
         p99_ack_ms: hist.value_at_quantile(0.99) as f64 / 1e6,
+        p999_ack_ms: hist.value_at_quantile(0.999) as f64 / 1e6,
         max_ack_ms: hist.max() as f64 / 1e6,
-        commits,
-        commits_per_sec: commits as f64 / ingest.as_secs_f64(),
-        commit_ms_max,
+        commits: commits_during,
+        commits_per_sec: commits_during as f64 / ingest.as_secs_f64(),
+        commit_gap_ms_max: ms(totals.gap_max),
+        commit_ms_max: ms(totals.longest),
+        commit_ms_mean: ms(p.total) / commits,
+        commit_ops_mean: totals.ops as f64 / commits,
+        commit_phase_ms_mean: [p.freeze, p.items, p.run, p.apply, p.write, p.superblock]
+            .map(|d| ms(d) / commits),
+        commit_ns_per_op: engine.commit_cost_ps_per_op() as f64 / 1e3,
+        commit_trigger_ops: engine.commit_trigger_ops(),
+        commits_by_interval_pending_log: [stats.by_interval, stats.by_pending, stats.by_log],
         log_bytes_per_op: log_bytes as f64 / ops.max(1) as f64,
         tree_bytes_per_op: tree_bytes as f64 / ops.max(1) as f64,
         device_durable_mb_per_sec: device_mb,
         log_mb_per_sec: log_bytes as f64 / ingest.as_secs_f64() / 1e6,
+        extents_cached,
     })
 }

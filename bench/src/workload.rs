@@ -77,60 +77,98 @@ fn op(e: u64, action: Action, r: u64) -> Op {
     Op::new(bytenr(e), nb, kind, action, key_of(e, tree, r), 0).expect("generator builds valid ops")
 }
 
-/// ±1 ops on extents picked by `pick`, valid in order: per extent a count
-/// per root (tree keys at most 1).
-fn random_walk(
-    extents: u64,
-    ops: usize,
-    seed: u64,
-    mut pick: impl FnMut(&mut SmallRng) -> u64,
-) -> Stream {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let mut counts = vec![0u8; (extents * ROOTS) as usize];
-    let mut live = vec![false; extents as usize];
-    let mut out = Vec::with_capacity(ops);
-    while out.len() < ops {
-        let e = pick(&mut rng);
-        let c = &mut counts[(e * ROOTS) as usize..((e + 1) * ROOTS) as usize];
-        let r = rng.gen_range(0..ROOTS);
-        if !live[e as usize] {
-            live[e as usize] = true;
+/// How a [`Walk`] picks its next extent.
+#[derive(Debug)]
+enum Pick {
+    Uniform(u64),
+    Zipf(Zipf<f64>),
+}
+
+/// An endless stream of ±1 ops on extents picked uniformly or by Zipf,
+/// valid in order: per extent a count per root (tree keys at most 1). A
+/// walk may own every `stride`-th extent from `offset` only, so that
+/// several walks (one per thread) are valid in any interleaving.
+#[derive(Debug)]
+pub struct Walk {
+    rng: SmallRng,
+    pick: Pick,
+    counts: Vec<u8>,
+    live: Vec<bool>,
+    stride: u64,
+    offset: u64,
+}
+
+impl Walk {
+    /// A walk of `workload` (uniform or zipf; `None` for the others) over
+    /// the extents `offset + k × stride` for `k < extents`.
+    pub fn new(
+        workload: Workload,
+        extents: u64,
+        seed: u64,
+        stride: u64,
+        offset: u64,
+    ) -> Option<Walk> {
+        let extents = extents.max(1);
+        let pick = match workload {
+            Workload::Uniform => Pick::Uniform(extents),
+            Workload::Zipf => Pick::Zipf(Zipf::new(extents, 0.99).expect("zipf parameters")),
+            _ => return None,
+        };
+        Some(Walk {
+            rng: SmallRng::seed_from_u64(seed),
+            pick,
+            counts: vec![0u8; (extents * ROOTS) as usize],
+            live: vec![false; extents as usize],
+            stride: stride.max(1),
+            offset,
+        })
+    }
+
+    /// The next op.
+    pub fn next_op(&mut self) -> Op {
+        let k = match &self.pick {
+            Pick::Uniform(n) => self.rng.gen_range(0..*n),
+            Pick::Zipf(z) => z.sample(&mut self.rng) as u64 - 1,
+        };
+        let e = self.offset + k * self.stride;
+        let c = &mut self.counts[(k * ROOTS) as usize..((k + 1) * ROOTS) as usize];
+        let r = self.rng.gen_range(0..ROOTS);
+        if !self.live[k as usize] {
+            self.live[k as usize] = true;
             c[r as usize] = 1;
-            out.push(op(e, Action::AddExtent, r));
-            continue;
+            return op(e, Action::AddExtent, r);
         }
         let max = if is_tree(e) { 1 } else { 200 };
-        if rng.gen_bool(0.55) && c[r as usize] < max {
+        if self.rng.gen_bool(0.55) && c[r as usize] < max {
             c[r as usize] += 1;
-            out.push(op(e, Action::AddRef, r));
-        } else {
-            // Drop a held ref (there is one: the extent is live).
-            let start = rng.gen_range(0..ROOTS);
-            let r = (0..ROOTS)
-                .map(|i| (start + i) % ROOTS)
-                .find(|&r| c[r as usize] > 0)
-                .expect("a live extent holds a ref");
-            c[r as usize] -= 1;
-            out.push(op(e, Action::DropRef, r));
-            if c.iter().all(|&x| x == 0) {
-                live[e as usize] = false;
-            }
+            return op(e, Action::AddRef, r);
         }
+        // Drop a held ref (there is one: the extent is live).
+        let start = self.rng.gen_range(0..ROOTS);
+        let r = (0..ROOTS)
+            .map(|i| (start + i) % ROOTS)
+            .find(|&r| c[r as usize] > 0)
+            .expect("a live extent holds a ref");
+        c[r as usize] -= 1;
+        if c.iter().all(|&x| x == 0) {
+            self.live[k as usize] = false;
+        }
+        op(e, Action::DropRef, r)
     }
+}
+
+fn random_walk(workload: Workload, extents: u64, ops: usize, seed: u64) -> Stream {
+    let mut walk = Walk::new(workload, extents, seed, 1, 0).expect("a random-walk workload");
     Stream {
         tree: ExtentTree::new(),
-        ops: out,
+        ops: (0..ops).map(|_| walk.next_op()).collect(),
     }
 }
 
 /// Generate `ops` ops of `workload` over `extents` extents.
 pub fn generate(workload: Workload, extents: u64, ops: usize, seed: u64) -> Stream {
     match workload {
-        Workload::Uniform => random_walk(extents, ops, seed, |rng| rng.gen_range(0..extents)),
-        Workload::Zipf => {
-            let z = Zipf::new(extents, 0.99).expect("zipf parameters");
-            random_walk(extents, ops, seed, move |rng| z.sample(rng) as u64 - 1)
-        }
+        Workload::Uniform | Workload::Zipf => random_walk(workload, extents, ops, seed),
         Workload::SnapshotFanout => snapshot_fanout(extents, ops, seed),
         Workload::Reflink => reflink(extents, ops, seed),
         Workload::Cancel => cancel(extents, ops, seed),

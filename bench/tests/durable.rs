@@ -44,5 +44,43 @@ fn durable_bench_reports() {
     ] {
         assert!(v[k].as_f64().is_some_and(|x| x >= 0.0), "{k}: {v}");
     }
+    // A timed run with generated walks and a small pending-op trigger: the
+    // policy commits by count, every op is acknowledged.
+    let out = Command::new(env!("CARGO_BIN_EXE_refd-bench"))
+        .args([
+            "durable",
+            "--extents",
+            "2000",
+            "--duration-s",
+            "1.5",
+            "--pending-ops-trigger",
+            "4096",
+            "--json",
+            "--device",
+        ])
+        .arg(&dev)
+        .output()
+        .expect("run refd-bench durable --duration-s");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "bad JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(out.status.success(), "{v}");
+    assert!(v["ops"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert!(
+        v["commits_by_interval_pending_log"][1]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{v}"
+    );
+    assert!(
+        v["acked_by_second"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "{v}"
+    );
     std::fs::remove_file(&dev).unwrap();
 }

@@ -9,6 +9,18 @@
 //!  lookup_extent_ref(b) = committed refs + pending total_ref_mod
 //! ```
 //!
+//! # Partial trees
+//!
+//! The engine's tree may be a bounded cache of a committed tree held
+//! elsewhere (refd-durable keeps it in an on-device B+tree, which can be
+//! larger than memory). The caller then loads the committed item of every
+//! frozen head into the engine's tree between [`Engine::seal`] and
+//! [`Engine::run_frozen`] ([`Engine::cache_committed`]: a head whose item
+//! is not loaded runs as if the extent did not exist) and drops items
+//! between commits ([`Engine::evict_committed`]). [`Engine::lookup_extent_ref`]
+//! and [`Engine::tree`] then cover only the items held; the caller serves
+//! lookups of the others from the full tree.
+//!
 //! Ingest never takes the tree lock. Lookups take the tree read lock for
 //! the duration of a lookup; commits take the write lock only to apply
 //! precomputed effects and release the frozen transaction, so a lookup sees
@@ -70,6 +82,10 @@ pub struct CommitReport {
     pub freed: Vec<FreedExtent>,
     /// Heads refused.
     pub quarantined: Vec<QuarantinedHead>,
+    /// For every applied head in bytenr order: its extent's item before
+    /// this commit (`None`: none). The items after are in the tree. A
+    /// durable layer writes the difference; others may drop this.
+    pub displaced: Vec<(u64, Option<ExtentItem>)>,
     /// Time to freeze and merge the transaction.
     pub freeze_time: Duration,
     /// Time to run heads (compute effects).
@@ -94,6 +110,8 @@ pub struct ExtentRefs {
 struct TreeState {
     tree: ExtentTree,
     generation: u64,
+    /// Clock hand of [`Engine::evict_committed`].
+    evict_from: u64,
 }
 
 /// The engine over store `S`.
@@ -150,7 +168,11 @@ impl<S: DelayedRefStore> Engine<S> {
     pub fn with_tree(store: S, tree: ExtentTree, generation: u64) -> Engine<S> {
         Engine {
             store,
-            tree: RwLock::new(TreeState { tree, generation }),
+            tree: RwLock::new(TreeState {
+                tree,
+                generation,
+                evict_from: 0,
+            }),
             barrier: SeqBarrier::new(),
             verify: None,
             commit_lock: Mutex::new(()),
@@ -198,6 +220,32 @@ impl<S: DelayedRefStore> Engine<S> {
     /// Generation of the last commit.
     pub fn generation(&self) -> u64 {
         self.tree().0.generation
+    }
+
+    /// Partial trees: put items of the committed state into the engine's
+    /// tree. The caller guarantees each equals the committed item of its
+    /// bytenr (it was read from where the full tree lives, and no commit
+    /// ran since). See the module docs.
+    pub fn cache_committed(&self, items: impl IntoIterator<Item = (u64, ExtentItem)>) {
+        let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
+        for (bytenr, item) in items {
+            w.tree.insert(bytenr, item);
+        }
+    }
+
+    /// Partial trees: drop committed items until at most `keep` remain,
+    /// sweeping bytenr order like a clock hand from where the last call
+    /// stopped. Only between commits, when the full tree (held by the
+    /// caller) already has this engine's last commit. Returns the items
+    /// dropped.
+    pub fn evict_committed(&self, keep: usize) -> usize {
+        let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
+        let n = w.tree.len().saturating_sub(keep);
+        if n > 0 {
+            let from = w.evict_from;
+            w.evict_from = w.tree.evict(from, n);
+        }
+        n
     }
 
     /// Quarantined heads kept (newest last, at most [`QUARANTINE_KEEP`]).
@@ -310,7 +358,8 @@ impl<S: DelayedRefStore> Engine<S> {
         }
         {
             let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
-            w.tree
+            report.displaced = w
+                .tree
                 .apply_sorted(effects.into_iter().map(|e| (e.bytenr, e.item)));
             w.generation = generation;
             self.store.release(held);

@@ -274,28 +274,28 @@ impl ExtentTree {
         self.items.insert(bytenr, item)
     }
 
-    /// Apply `(bytenr, item or removal)` changes sorted by bytenr. When the
-    /// changes are a large share of the tree, the tree is rebuilt in one
-    /// sorted merge (bulk-built B-tree) instead of one insert per change.
-    /// Unsorted input is applied one change at a time.
+    /// Apply `(bytenr, item or removal)` changes sorted by bytenr, and
+    /// return what each change displaced, in the order of the changes
+    /// (moved out, not copied: a durable layer diffs them against the new
+    /// items). When the changes are a large share of the tree, the tree is
+    /// rebuilt in one sorted merge (bulk-built B-tree) instead of one
+    /// insert per change. Unsorted input is applied one change at a time.
     pub fn apply_sorted(
         &mut self,
         changes: impl ExactSizeIterator<Item = (u64, Option<ExtentItem>)>,
-    ) {
+    ) -> Vec<(u64, Option<ExtentItem>)> {
         let changes: Vec<(u64, Option<ExtentItem>)> = changes.collect();
+        let mut displaced = Vec::with_capacity(changes.len());
         let sorted = changes.windows(2).all(|w| w[0].0 < w[1].0);
         if !sorted || changes.len() * 4 < self.items.len() {
             for (bytenr, item) in changes {
-                match item {
-                    Some(item) => {
-                        self.insert(bytenr, item);
-                    }
-                    None => {
-                        self.remove(bytenr);
-                    }
-                }
+                let old = match item {
+                    Some(item) => self.insert(bytenr, item),
+                    None => self.remove(bytenr),
+                };
+                displaced.push((bytenr, old));
             }
-            return;
+            return displaced;
         }
         let old = std::mem::take(&mut self.items);
         let mut old = old.into_iter().peekable();
@@ -307,9 +307,8 @@ impl ExtentTree {
                 }
                 merged.extend(old.next());
             }
-            if old.peek().is_some_and(|(b, _)| *b == bytenr) {
-                old.next();
-            }
+            let was = old.next_if(|(b, _)| *b == bytenr).map(|(_, item)| item);
+            displaced.push((bytenr, was));
             if let Some(item) = item {
                 debug_assert_eq!(item.check(), Ok(()), "extent {bytenr}");
                 merged.push((bytenr, item));
@@ -317,6 +316,23 @@ impl ExtentTree {
         }
         merged.extend(old);
         self.items = merged.into_iter().collect();
+        displaced
+    }
+
+    /// Remove `n` items (or all there are), the first at or after `from`
+    /// in bytenr order, wrapping around to the start; returns the bytenr
+    /// after the last removed one (a clock hand for the next call).
+    pub fn evict(&mut self, from: u64, n: usize) -> u64 {
+        let n = n.min(self.items.len());
+        let mut victims: Vec<u64> = self.items.range(from..).map(|(b, _)| *b).take(n).collect();
+        if victims.len() < n {
+            let rest = n - victims.len();
+            victims.extend(self.items.range(..from).map(|(b, _)| *b).take(rest));
+        }
+        for b in &victims {
+            self.items.remove(b);
+        }
+        victims.last().map_or(from, |b| b.wrapping_add(1))
     }
 
     /// Remove the item at `bytenr`.
@@ -364,6 +380,34 @@ impl ExtentTree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evict_sweeps_like_a_clock_hand() {
+        let mut t = ExtentTree::new();
+        for b in 1..=10u64 {
+            let mut item = ExtentItem::new(1, ExtentKind::Data, 1);
+            item.add_ref(
+                RefKey::ExtentData {
+                    root: 5,
+                    objectid: b,
+                    offset: 0,
+                },
+                1,
+            );
+            t.insert(b * 10, item);
+        }
+        let hand = t.evict(35, 4);
+        assert_eq!(hand, 71);
+        let left: Vec<u64> = t.iter().map(|(b, _)| b).collect();
+        assert_eq!(left, [10, 20, 30, 80, 90, 100]);
+        // Wraps around past the end.
+        let hand = t.evict(hand, 4);
+        assert_eq!(hand, 11);
+        assert_eq!(t.iter().map(|(b, _)| b).collect::<Vec<_>>(), [20, 30]);
+        assert_eq!(t.evict(hand, 99), 31);
+        assert!(t.is_empty());
+        assert_eq!(t.evict(7, 1), 7, "nothing to evict");
+    }
 
     #[test]
     fn inline_then_keyed() {
@@ -416,7 +460,7 @@ mod tests {
             t.insert(b << 12, item(b));
         }
         // Bulk: replace 3, remove 5, add 2 and 9.
-        t.apply_sorted(
+        let displaced = t.apply_sorted(
             vec![
                 (2 << 12, Some(item(2))),
                 (3 << 12, Some(item(7))),
@@ -428,6 +472,15 @@ mod tests {
         let keys: Vec<u64> = t.iter().map(|(b, _)| b >> 12).collect();
         assert_eq!(keys, vec![1, 2, 3, 9]);
         assert_eq!(
+            displaced,
+            vec![
+                (2 << 12, None),
+                (3 << 12, Some(item(3))),
+                (5 << 12, Some(item(5))),
+                (9 << 12, None)
+            ]
+        );
+        assert_eq!(
             t.get(3 << 12).unwrap().backrefs()[0].0,
             RefKey::ExtentData {
                 root: 5,
@@ -436,8 +489,16 @@ mod tests {
             }
         );
         // Unsorted input still applies every change.
-        t.apply_sorted(
+        let displaced = t.apply_sorted(
             vec![(9 << 12, None), (4 << 12, Some(item(4))), (1 << 12, None)].into_iter(),
+        );
+        assert_eq!(
+            displaced,
+            vec![
+                (9 << 12, Some(item(9))),
+                (4 << 12, None),
+                (1 << 12, Some(item(1)))
+            ]
         );
         let keys: Vec<u64> = t.iter().map(|(b, _)| b >> 12).collect();
         assert_eq!(keys, vec![2, 3, 4]);

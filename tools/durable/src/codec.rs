@@ -571,12 +571,12 @@ fn decode_keyed_ref(bytenr: u64, key: &Key, value: &[u8]) -> Result<(RefKey, u64
 }
 
 /// Rebuilds extent items from B+tree items in key order, one extent at a
-/// time. Feed every item with [`ExtentLoader::push`], then
-/// [`ExtentLoader::finish`].
+/// time, streaming: [`ExtentLoader::push`] every item, and take each
+/// extent, decoded and checked, as soon as the next one begins; the last
+/// one comes from [`ExtentLoader::finish`]. Memory is one extent.
 #[derive(Debug, Default)]
 pub struct ExtentLoader {
     current: Option<(u64, ExtentItem)>,
-    tree: ExtentTree,
 }
 
 impl ExtentLoader {
@@ -585,29 +585,36 @@ impl ExtentLoader {
         Self::default()
     }
 
-    fn flush(&mut self) -> Result<(), CodecError> {
-        if let Some((bytenr, mut item)) = self.current.take() {
-            item.keyed.sort_unstable_by_key(|a| a.0);
-            item.check()
-                .map_err(|source| CodecError::Item { bytenr, source })?;
-            self.tree.insert(bytenr, item);
-        }
-        Ok(())
+    fn complete(&mut self) -> Result<Option<(u64, ExtentItem)>, CodecError> {
+        let Some((bytenr, mut item)) = self.current.take() else {
+            return Ok(None);
+        };
+        item.keyed.sort_unstable_by_key(|a| a.0);
+        item.check()
+            .map_err(|source| CodecError::Item { bytenr, source })?;
+        Ok(Some((bytenr, item)))
     }
 
-    /// Takes the next item; keys must ascend.
-    pub fn push(&mut self, key: &Key, value: &[u8]) -> Result<(), CodecError> {
+    /// Takes the next item (keys must ascend). Returns the previous extent
+    /// when `key` begins a new one.
+    pub fn push(
+        &mut self,
+        key: &Key,
+        value: &[u8],
+    ) -> Result<Option<(u64, ExtentItem)>, CodecError> {
         let bytenr = key.objectid;
         if key.item_type < TREE_BLOCK_REF_KEY {
-            self.flush()?;
-            if self.tree.get(bytenr).is_some() {
+            // Extent items sort before keyed backrefs, so a second extent
+            // item of one bytenr follows the first directly.
+            if self.current.as_ref().is_some_and(|(b, _)| *b == bytenr) {
                 return Err(CodecError::Extent {
                     bytenr,
                     reason: "two extent items".into(),
                 });
             }
+            let done = self.complete()?;
             self.current = Some((bytenr, decode_item_value(bytenr, key, value)?));
-            return Ok(());
+            return Ok(done);
         }
         let (ref_key, count) = decode_keyed_ref(bytenr, key, value)?;
         let Some((cur, item)) = self.current.as_mut() else {
@@ -626,13 +633,29 @@ impl ExtentLoader {
         // the value is authoritative.
         item.keyed.push((ref_key, count));
         item.refs = item.refs.saturating_add(count);
-        Ok(())
+        Ok(None)
     }
 
-    /// The extent tree built so far, after checking the last extent.
-    pub fn finish(mut self) -> Result<ExtentTree, CodecError> {
-        self.flush()?;
-        Ok(self.tree)
+    /// The last extent, checked.
+    pub fn finish(mut self) -> Result<Option<(u64, ExtentItem)>, CodecError> {
+        self.complete()
+    }
+
+    /// Every extent of `items` (ascending keys) in one in-memory tree.
+    pub fn load_all<'a>(
+        items: impl IntoIterator<Item = (&'a Key, &'a [u8])>,
+    ) -> Result<ExtentTree, CodecError> {
+        let mut l = ExtentLoader::new();
+        let mut tree = ExtentTree::new();
+        for (k, v) in items {
+            if let Some((b, item)) = l.push(k, v)? {
+                tree.insert(b, item);
+            }
+        }
+        if let Some((b, item)) = l.finish()? {
+            tree.insert(b, item);
+        }
+        Ok(tree)
     }
 }
 
@@ -644,26 +667,41 @@ pub fn diff_extent(
     after: Option<&ExtentItem>,
     out: &mut Vec<(Key, Change)>,
 ) -> Result<(), CodecError> {
-    let old: BTreeMap<Key, Vec<u8>> = match before {
-        Some(i) => encode_extent(bytenr, i)?.into_iter().collect(),
-        None => BTreeMap::new(),
+    let old = match before {
+        Some(i) => encode_extent(bytenr, i)?,
+        None => Vec::new(),
     };
-    let new: BTreeMap<Key, Vec<u8>> = match after {
-        Some(i) => encode_extent(bytenr, i)?.into_iter().collect(),
-        None => BTreeMap::new(),
+    let new = match after {
+        Some(i) => encode_extent(bytenr, i)?,
+        None => Vec::new(),
     };
-    let mut keys: Vec<&Key> = old.keys().chain(new.keys()).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    for k in keys {
-        match (old.get(k), new.get(k)) {
-            (Some(a), Some(b)) if a == b => {}
-            (_, Some(b)) => out.push((*k, Change::Put(b.clone()))),
-            (Some(_), None) => out.push((*k, Change::Delete)),
-            (None, None) => {}
+    // Both are sorted by key: merge them.
+    let (mut old, mut new) = (old.into_iter().peekable(), new.into_iter().peekable());
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => return Ok(()),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(a), Some(b)) => a.0.cmp(&b.0),
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let (k, _) = old.next().expect("peeked");
+                out.push((k, Change::Delete));
+            }
+            std::cmp::Ordering::Greater => {
+                let (k, v) = new.next().expect("peeked");
+                out.push((k, Change::Put(v)));
+            }
+            std::cmp::Ordering::Equal => {
+                let (_, a) = old.next().expect("peeked");
+                let (k, b) = new.next().expect("peeked");
+                if a != b {
+                    out.push((k, Change::Put(b)));
+                }
+            }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -849,11 +887,7 @@ mod tests {
     }
 
     fn load(items: &[(Key, Vec<u8>)]) -> Result<ExtentTree, CodecError> {
-        let mut l = ExtentLoader::new();
-        for (k, v) in items {
-            l.push(k, v)?;
-        }
-        l.finish()
+        ExtentLoader::load_all(items.iter().map(|(k, v)| (k, v.as_slice())))
     }
 
     #[test]
@@ -954,11 +988,7 @@ mod tests {
             (k, v),
             (Key::new(k.objectid, k.item_type, k.offset + 1), extra),
         ];
-        let mut l = ExtentLoader::new();
-        for (k, v) in &forged {
-            l.push(k, v).unwrap();
-        }
-        let t = l.finish().unwrap();
+        let t = load(&forged).unwrap();
         assert_eq!(t.get(4096).unwrap().refs, 2);
     }
 

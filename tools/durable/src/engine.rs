@@ -13,19 +13,25 @@
 //! - nothing is acknowledged after a failed write or flush: the first
 //!   failure latches and every later call returns [`DurableError::Failed`].
 //!
-//! v1 limitation: the committed extent tree is held in memory in full (the
-//! core engine runs heads against an in-memory [`ExtentTree`]); `open`
-//! loads every extent item. Trees larger than memory need the core engine
-//! to read items through the B+tree instead.
+//! The committed extent tree lives in the B+tree, which may be larger than
+//! memory; the core engine's tree is a bounded cache of it (core's
+//! "partial trees"): `open` warms it with up to
+//! [`OpenOptions::cache_extents_max`] extents, a commit reads the items of
+//! the frozen heads it misses through the B+tree's node cache, and evicts
+//! down to the bound afterwards. Lookups read the cache, else the B+tree
+//! ([`DurableEngine::lookup_extent_ref`]).
 
-use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use refd_core::delayed::lockfree::LockFreeStore;
+use refd_core::delayed::DelayedRefStore;
 use refd_core::engine::{CommitReport, Engine, EngineError, ExtentRefs, TreeRead};
 use refd_core::extent_tree::{ExtentItem, ExtentTree};
+use refd_core::head::Head;
 use refd_core::model::{Op, OpError};
 use refd_ioring::btree::{BTree, BTreeError, Change, Key, TreeCheck, TreeConfig};
 use refd_ioring::format::{
@@ -37,6 +43,7 @@ use refd_ioring::log::{replay, LogConfig, LogError, Lsn, RecoveryReport, RefLog}
 use refd_ioring::{Storage, StorageError};
 
 use crate::codec::{self, CodecError, ExtentLoader};
+use crate::policy::{CommitPolicy, CommitterFlags};
 
 /// Default log region: this fraction of the device ...
 pub const LOG_DEVICE_FRACTION: u64 = 8;
@@ -46,6 +53,12 @@ pub const LOG_BYTES_MIN_DEFAULT: u64 = 64 << 20;
 pub const NODE_REGION_NODES_MIN: u64 = 16;
 /// Fewest concurrent appends a log must admit (see [`DurableEngine::add`]).
 pub const APPENDERS_MIN: usize = 2;
+/// Default bound of the in-memory extent cache (extents; about 150 bytes
+/// each plus their backrefs).
+pub const CACHE_EXTENTS_DEFAULT: usize = 2_000_000;
+/// Extents read from the B+tree per thread below which a commit reads its
+/// misses on one thread.
+const PARALLEL_READ_MIN_EXTENTS: usize = 4096;
 const BLOCK: u64 = 4096;
 
 /// Errors of the durable engine, with the step that failed.
@@ -149,12 +162,28 @@ pub struct FormatOptions {
 }
 
 /// Configuration of an opened engine.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct OpenOptions {
     /// The ref log.
     pub log: LogConfig,
-    /// The B+tree.
+    /// The B+tree (its node cache bounds the memory of tree reads).
     pub tree: TreeConfig,
+    /// Bound of the in-memory extent cache, in extents. A commit's frozen
+    /// heads are held in it beyond the bound until the commit ends.
+    pub cache_extents_max: usize,
+    /// When to commit and when ingest waits (`crate::policy`).
+    pub policy: CommitPolicy,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            log: LogConfig::default(),
+            tree: TreeConfig::default(),
+            cache_extents_max: CACHE_EXTENTS_DEFAULT,
+            policy: CommitPolicy::default(),
+        }
+    }
 }
 
 /// What [`DurableEngine::open`] found and did.
@@ -167,8 +196,9 @@ pub struct RecoveryInfo {
     /// Rejected superblock copies and why (normal after a torn write, or
     /// with a freshly formatted device's older copy).
     pub superblock_rejected: Vec<String>,
-    /// Extent items loaded from the B+tree.
-    pub extents_loaded: usize,
+    /// Extents read into the in-memory cache (at most
+    /// [`OpenOptions::cache_extents_max`]).
+    pub extents_cached: usize,
     /// Ops replayed from the log into the core engine (now pending).
     pub ops_replayed: usize,
     /// The log's replay report: where and why the log ended.
@@ -182,11 +212,11 @@ impl fmt::Display for RecoveryInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "recovered from superblock generation {} (slot {}), {} extents, {} ops replayed, \
-             claimed generation {}; log: {}",
+            "recovered from superblock generation {} (slot {}), {} extents cached, {} ops \
+             replayed, claimed generation {}; log: {}",
             self.superblock_generation,
             self.superblock_slot,
-            self.extents_loaded,
+            self.extents_cached,
             self.ops_replayed,
             self.claimed_generation,
             self.replay
@@ -211,6 +241,78 @@ pub struct CommitSummary {
     pub item_changes: usize,
     /// B+tree nodes written (including the free-space bitmap).
     pub nodes_written: u64,
+    /// Extents of frozen heads read from the B+tree (cache misses).
+    pub extents_read: usize,
+    /// Extents evicted from the cache after the commit.
+    pub extents_evicted: usize,
+    /// Ops in the committed transaction.
+    pub ops: u64,
+    /// Where the time went.
+    pub phases: CommitPhases,
+}
+
+/// Totals over every commit since open ([`DurableEngine::commit_totals`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitTotals {
+    /// Successful commits.
+    pub commits: u64,
+    /// Ops committed.
+    pub ops: u64,
+    /// B+tree nodes written.
+    pub nodes_written: u64,
+    /// B+tree item changes.
+    pub item_changes: u64,
+    /// Extents read from the B+tree (cache misses).
+    pub extents_read: u64,
+    /// Longest commit.
+    pub longest: Duration,
+    /// Longest time between the starts of two consecutive commits.
+    pub gap_max: Duration,
+    /// Time per step, summed.
+    pub phases: CommitPhases,
+    last_start: Option<Instant>,
+}
+
+impl CommitTotals {
+    fn add(&mut self, start: Instant, s: &CommitSummary) {
+        self.commits += 1;
+        self.ops += s.ops;
+        self.nodes_written += s.nodes_written;
+        self.item_changes += s.item_changes as u64;
+        self.extents_read += s.extents_read as u64;
+        self.longest = self.longest.max(s.phases.total);
+        if let Some(last) = self.last_start {
+            self.gap_max = self.gap_max.max(start.duration_since(last));
+        }
+        self.last_start = Some(start);
+        let (p, q) = (&mut self.phases, &s.phases);
+        p.freeze += q.freeze;
+        p.items += q.items;
+        p.run += q.run;
+        p.apply += q.apply;
+        p.write += q.write;
+        p.superblock += q.superblock;
+        p.total += q.total;
+    }
+}
+
+/// Wall time of each step of a commit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitPhases {
+    /// Seal (the only step that stops ingest) and merge into heads.
+    pub freeze: Duration,
+    /// Committed items of the frozen heads (cache, else B+tree reads).
+    pub items: Duration,
+    /// Core: run heads, apply to the cache.
+    pub run: Duration,
+    /// Wait for the log below the cut; item diffs; B+tree apply.
+    pub apply: Duration,
+    /// B+tree node writes + flush.
+    pub write: Duration,
+    /// Superblock, release, trim.
+    pub superblock: Duration,
+    /// The whole commit.
+    pub total: Duration,
 }
 
 /// An acknowledged-when-durable op: [`Ticket::wait`] returns once its log
@@ -239,11 +341,12 @@ impl<S: Storage> Ticket<S> {
 }
 
 #[derive(Debug)]
-struct CommitState {
+pub(crate) struct CommitState {
     /// The last durable superblock.
     sb: Superblock,
     /// Generation of the next commit.
     next_generation: u64,
+    totals: CommitTotals,
 }
 
 /// The durable delayed-ref engine over storage `S` (a cheap handle such as
@@ -259,8 +362,28 @@ pub struct DurableEngine<S: Storage + Clone> {
     /// Appends in flight (admission, see [`DurableEngine::add`]).
     appenders: AtomicUsize,
     appenders_max: usize,
-    commit: Mutex<CommitState>,
+    pub(crate) commit: Mutex<CommitState>,
     failed: Mutex<Option<Arc<str>>>,
+    /// Bytenrs of the running commit's frozen heads (sorted), from the
+    /// moment their items are cached until the B+tree has the commit's
+    /// changes: a cache miss among them means "no item" (see
+    /// [`DurableEngine::lookup_extent_ref`]). Empty between commits and
+    /// while the cache is complete.
+    inflight: RwLock<Arc<Vec<u64>>>,
+    cache_extents_max: usize,
+    /// The cache holds the whole committed tree (open loaded all of it and
+    /// nothing was evicted since): a miss is an extent without item, and
+    /// nothing is read from the B+tree.
+    cache_complete: AtomicBool,
+    pub(crate) policy: CommitPolicy,
+    /// Ops added since the last seal (counted under the cut lock).
+    pub(crate) pending_ops: AtomicU64,
+    /// Pending ops that start a commit (`crate::policy`).
+    pub(crate) trigger_ops: AtomicU64,
+    /// Measured commit time per op, picoseconds (0: not yet measured).
+    pub(crate) op_cost_ps: AtomicU64,
+    pub(crate) committer: Mutex<CommitterFlags>,
+    pub(crate) committer_cv: Condvar,
 }
 
 impl<S: Storage + Clone> fmt::Debug for DurableEngine<S> {
@@ -272,7 +395,7 @@ impl<S: Storage + Clone> fmt::Debug for DurableEngine<S> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -313,28 +436,98 @@ pub fn read_newest_superblock<S: Storage + ?Sized>(storage: &S) -> Result<Superb
     })
 }
 
-/// Load every extent item of a committed B+tree into an in-memory extent
-/// tree (every item is decoded and checked).
-pub fn load_extents<S: Storage>(tree: &BTree<S>, device: &str) -> Result<ExtentTree> {
+/// Calls `f` with every extent of `tree` whose bytenr is in `bytenrs`,
+/// in bytenr order, decoded and checked (one extent in memory at a time),
+/// until `f` breaks.
+pub fn scan_extents<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    bytenrs: std::ops::RangeInclusive<u64>,
+    mut f: impl FnMut(u64, ExtentItem) -> ControlFlow<()>,
+) -> Result<()> {
+    let items_err = |key: Option<Key>| {
+        let context = match key {
+            Some(k) => format!(
+                "{device}: item ({} {} {})",
+                k.objectid, k.item_type, k.offset
+            ),
+            None => format!("{device}: last extent item"),
+        };
+        move |source| DurableError::Items { context, source }
+    };
     let mut loader = ExtentLoader::new();
-    for item in tree.range(..) {
+    let range = Key::new(*bytenrs.start(), 0, 0)..=Key::new(*bytenrs.end(), u8::MAX, u64::MAX);
+    for item in tree.range(range) {
         let (key, value) = item.map_err(|source| DurableError::Tree {
-            context: format!("{device}: load extent items"),
+            context: format!("{device}: read extent items"),
             source,
         })?;
-        loader
-            .push(&key, &value)
-            .map_err(|source| DurableError::Items {
-                context: format!(
-                    "{device}: item ({} {} {})",
-                    key.objectid, key.item_type, key.offset
-                ),
-                source,
-            })?;
+        if let Some((bytenr, item)) = loader.push(&key, &value).map_err(items_err(Some(key)))? {
+            if f(bytenr, item).is_break() {
+                return Ok(());
+            }
+        }
     }
-    loader.finish().map_err(|source| DurableError::Items {
-        context: format!("{device}: last extent item"),
-        source,
+    if let Some((bytenr, item)) = loader.finish().map_err(items_err(None))? {
+        let _ = f(bytenr, item);
+    }
+    Ok(())
+}
+
+/// Load every extent item of a committed B+tree into an in-memory extent
+/// tree (every item is decoded and checked). Needs memory for all of them:
+/// for tools and tests; the engine reads through [`scan_extents`].
+pub fn load_extents<S: Storage>(tree: &BTree<S>, device: &str) -> Result<ExtentTree> {
+    let mut out = ExtentTree::new();
+    scan_extents(tree, device, 0..=u64::MAX, |b, item| {
+        out.insert(b, item);
+        ControlFlow::Continue(())
+    })?;
+    Ok(out)
+}
+
+/// The committed item of `bytenr` in `tree`.
+fn read_extent<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    bytenr: u64,
+) -> Result<Option<ExtentItem>> {
+    let mut found = None;
+    scan_extents(tree, device, bytenr..=bytenr, |b, item| {
+        debug_assert_eq!(b, bytenr);
+        found = Some(item);
+        ControlFlow::Break(())
+    })?;
+    Ok(found)
+}
+
+/// The committed items of `bytenrs`, read on up to one thread per core.
+fn read_extents<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    bytenrs: &[u64],
+) -> Result<Vec<Option<ExtentItem>>> {
+    let read = |part: &[u64]| -> Result<Vec<Option<ExtentItem>>> {
+        part.iter().map(|&b| read_extent(tree, device, b)).collect()
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(bytenrs.len() / PARALLEL_READ_MIN_EXTENTS)
+        .max(1);
+    if workers == 1 {
+        return read(bytenrs);
+    }
+    let per = bytenrs.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = bytenrs
+            .chunks(per)
+            .map(|part| s.spawn(move || read(part)))
+            .collect();
+        let mut out = Vec::with_capacity(bytenrs.len());
+        for p in parts {
+            out.extend(p.join().expect("extent reader panicked")?);
+        }
+        Ok(out)
     })
 }
 
@@ -401,10 +594,11 @@ impl<S: Storage + Clone> DurableEngine<S> {
         Ok(sb)
     }
 
-    /// Mounts: newest valid superblock, B+tree, every extent item into the
-    /// core engine's in-memory tree, log replay (every replayed op becomes
-    /// pending), `RefLog::open`, then a durable superblock that claims the
-    /// next generation. Reads only until `RefLog::open`'s flush, so a crash
+    /// Mounts: newest valid superblock, B+tree, up to
+    /// [`OpenOptions::cache_extents_max`] extents into the core engine's
+    /// cache, log replay (every replayed op becomes pending),
+    /// `RefLog::open`, then a durable superblock that claims the next
+    /// generation. Reads only until `RefLog::open`'s flush, so a crash
     /// during recovery recovers again from the same superblock.
     pub fn open(storage: S, options: OpenOptions) -> Result<(Self, RecoveryInfo)> {
         let device = storage.device_name().to_string();
@@ -420,13 +614,28 @@ impl<S: Storage + Clone> DurableEngine<S> {
                     source,
                 }
             })?;
-        let extents = load_extents(&tree, &device)?;
-        let extents_loaded = extents.len();
+        let mut cached = ExtentTree::new();
+        let mut cache_complete = true;
+        scan_extents(&tree, &device, 0..=u64::MAX, |b, item| {
+            if cached.len() >= options.cache_extents_max {
+                cache_complete = false;
+                return ControlFlow::Break(());
+            }
+            cached.insert(b, item);
+            ControlFlow::Continue(())
+        })?;
+        let extents_cached = cached.len();
         let replayed = replay(&storage, &sb).map_err(|source| DurableError::Log {
             context: format!("{device}: replay from generation {}", sb.generation),
             source,
         })?;
-        let engine = Engine::with_tree(LockFreeStore::new(), extents, sb.generation);
+        // A commit lost in the crash may have written nodes stamped
+        // sb.generation + 1 (never more: commit g + 2 waits for g + 1's
+        // superblock). Below, a durable superblock claims that generation,
+        // so the next commit is claimed + 1, and so is the core engine's
+        // (the generation stamped into extent items).
+        let claimed_generation = sb.generation + 1;
+        let engine = Engine::with_tree(LockFreeStore::new(), cached, claimed_generation);
         let mut ops_replayed = 0;
         {
             let mut h = engine.handle()?;
@@ -463,14 +672,12 @@ impl<S: Storage + Clone> DurableEngine<S> {
         // store for its engine add: admitting more appends than there are
         // shards would fail them with ShardsExhausted instead of waiting.
         let appenders_max = appenders_max.min(refd_core::delayed::lockfree::SHARDS_DEFAULT);
-        // A commit lost in the crash may have written nodes stamped
-        // sb.generation + 1 (never more: commit g + 2 waits for g + 1's
-        // superblock). Claim that generation with a durable superblock that
-        // changes nothing else, so every later commit's nodes have a
-        // generation no lost write can carry (docs/btree.md caveat). The
-        // claim goes to the other slot, never over the copy we recovered.
+        // Claim sb.generation + 1 with a durable superblock that changes
+        // nothing else, so every later commit's nodes have a generation no
+        // lost write can carry (docs/btree.md caveat). The claim goes to
+        // the other slot, never over the copy we recovered.
         let mut claim = sb.clone();
-        claim.generation = sb.generation + 1;
+        claim.generation = claimed_generation;
         claim.flags &= !SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
         write_superblock(&storage, &claim)?;
         let info = RecoveryInfo {
@@ -481,7 +688,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 .iter()
                 .map(|(slot, e)| format!("slot {slot}: {e}"))
                 .collect(),
-            extents_loaded,
+            extents_cached,
             ops_replayed,
             replay: replayed.report().clone(),
             claimed_generation: claim.generation,
@@ -498,9 +705,20 @@ impl<S: Storage + Clone> DurableEngine<S> {
             commit: Mutex::new(CommitState {
                 sb: claim,
                 next_generation,
+                totals: CommitTotals::default(),
             }),
             failed: Mutex::new(None),
+            inflight: RwLock::new(Arc::new(Vec::new())),
+            cache_extents_max: options.cache_extents_max,
+            cache_complete: AtomicBool::new(cache_complete),
+            policy: options.policy,
+            pending_ops: AtomicU64::new(ops_replayed as u64),
+            trigger_ops: AtomicU64::new(options.policy.pending_ops_trigger),
+            op_cost_ps: AtomicU64::new(0),
+            committer: Mutex::new(CommitterFlags::default()),
+            committer_cv: Condvar::new(),
         };
+        engine.record_commit(0, Duration::ZERO);
         Ok((engine, info))
     }
 
@@ -557,7 +775,10 @@ impl<S: Storage + Clone> DurableEngine<S> {
             if k <= self.appenders_max && self.log.free_bytes() >= need {
                 let r = self.add_locked(op, &record);
                 self.appenders.fetch_sub(1, Ordering::SeqCst);
-                return r;
+                drop(ingest);
+                let (ticket, pending) = r?;
+                self.after_add(pending)?;
+                return Ok(ticket);
             }
             self.appenders.fetch_sub(1, Ordering::SeqCst);
             drop(ingest);
@@ -570,12 +791,16 @@ impl<S: Storage + Clone> DurableEngine<S> {
     }
 
     /// Engine add + log append, under the read side of the cut lock.
-    fn add_locked(&self, op: &Op, record: &[u8]) -> Result<Ticket<S>> {
+    /// Returns the ticket and the ops now pending.
+    fn add_locked(&self, op: &Op, record: &[u8]) -> Result<(Ticket<S>, u64)> {
         // The engine first: it may refuse the op, and nothing may be logged
         // that the engine does not hold.
         self.engine.handle()?.add(op)?;
         match self.log.append(record) {
-            Ok(t) => Ok(Ticket(t)),
+            Ok(t) => Ok((
+                Ticket(t),
+                self.pending_ops.fetch_add(1, Ordering::Relaxed) + 1,
+            )),
             // The engine now holds an op that is not logged: fatal.
             Err(source) => Err(self.latch(DurableError::Log {
                 context: format!("append {op}"),
@@ -614,7 +839,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
         self.commit_locked(&mut st)
     }
 
-    fn commit_locked(&self, st: &mut CommitState) -> Result<CommitSummary> {
+    pub(crate) fn commit_locked(&self, st: &mut CommitState) -> Result<CommitSummary> {
         self.check_failed()?;
         // Heads held back by a seq barrier are requeued in memory, but the
         // trim at the end of this commit would drop their log records: v1
@@ -627,35 +852,91 @@ impl<S: Storage + Clone> DurableEngine<S> {
         // below the cut is in the sealed transaction, every later op in the
         // next one. Only this step (microseconds) holds the ingest lock;
         // merging and running the frozen heads does not stall ingest.
-        let (cut, sealed) = {
+        let t0 = Instant::now();
+        let (cut, sealed, ops) = {
             let _cut = self.cut.write().unwrap_or_else(|e| e.into_inner());
-            (self.log.seal(), self.engine.seal())
+            let ops = self.pending_ops.swap(0, Ordering::Relaxed);
+            (self.log.seal(), self.engine.seal(), ops)
         };
         let frozen = sealed.merge();
-        // The tree changes only in commits, and this one holds the core
-        // commit lock: these are the items before this commit.
-        let before: Vec<(u64, Option<ExtentItem>)> = {
+        let mut phases = CommitPhases {
+            freeze: t0.elapsed(),
+            ..CommitPhases::default()
+        };
+        // The committed items of every frozen head: the cache's, else the
+        // B+tree's (the tree changes only in commits, and this one holds
+        // the core commit lock). A failure here leaves a frozen
+        // transaction that cannot run: fatal like any commit failure.
+        let t1 = Instant::now();
+        let extents_read = self
+            .cache_frozen(frozen.heads())
+            .map_err(|e| self.latch(e))?;
+        phases.items = t1.elapsed();
+        let t2 = Instant::now();
+        let core = self.engine.run_frozen(frozen);
+        phases.run = t2.elapsed();
+        let mut summary = self
+            .commit_tail(st, cut, core, &mut phases)
+            .map_err(|e| self.latch(e))?;
+        phases.total = t0.elapsed();
+        self.record_commit(ops, phases.total);
+        summary.extents_read = extents_read;
+        summary.ops = ops;
+        summary.phases = phases;
+        st.totals.add(t0, &summary);
+        Ok(summary)
+    }
+
+    /// Makes the committed item of every frozen head's bytenr cached (the
+    /// core engine runs heads against its cache): when the cache is not
+    /// complete, the misses are read from the B+tree, and the bytenrs are
+    /// published as the running commit's in-flight set. Returns how many
+    /// were read.
+    fn cache_frozen(&self, heads: &[Head]) -> Result<usize> {
+        if self.cache_complete.load(Ordering::Acquire) {
+            // Every miss is an extent without item; the in-flight set is
+            // not needed either (a miss means the same at every moment).
+            return Ok(0);
+        }
+        let misses: Vec<u64> = {
             let tree = self.engine.tree();
-            frozen
-                .heads()
+            heads
                 .iter()
-                .map(|h| (h.bytenr, tree.get(h.bytenr).cloned()))
+                .map(|h| h.bytenr)
+                .filter(|&b| tree.get(b).is_none())
                 .collect()
         };
-        let core = self.engine.run_frozen(frozen);
-        self.commit_tail(st, cut, before, core)
-            .map_err(|e| self.latch(e))
+        let read = read_extents(&self.tree, self.storage.device_name(), &misses)?;
+        self.engine.cache_committed(
+            misses
+                .iter()
+                .zip(read)
+                .filter_map(|(&b, item)| item.map(|i| (b, i))),
+        );
+        // Only now: a miss among these bytenrs means "no item".
+        *self.inflight.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(heads.iter().map(|h| h.bytenr).collect());
+        Ok(misses.len())
     }
 
     fn commit_tail(
         &self,
         st: &mut CommitState,
         cut: Lsn,
-        before: Vec<(u64, Option<ExtentItem>)>,
-        core: CommitReport,
+        mut core: CommitReport,
+        phases: &mut CommitPhases,
     ) -> Result<CommitSummary> {
+        let t_apply = Instant::now();
         let device = self.storage.device_name();
         let generation = st.next_generation;
+        if core.generation != generation {
+            return Err(DurableError::Inconsistent {
+                reason: format!(
+                    "commit {generation}: the core engine ran generation {}",
+                    core.generation
+                ),
+            });
+        }
         if core.held > 0 {
             // A barrier was taken between the check and the freeze.
             return Err(DurableError::Inconsistent {
@@ -673,20 +954,12 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 context: format!("commit {generation}: wait for LSN {}", cut.prev().get()),
                 source,
             })?;
-        // 3. Tree nodes: the items of every extent that changed.
+        // 3. Tree nodes: the items of every extent the core engine changed
+        // (its displaced items against the cache's new ones).
         let mut changes: Vec<(Key, Change)> = Vec::new();
         {
             let tree = self.engine.tree();
-            let seen: BTreeSet<u64> = before.iter().map(|(b, _)| *b).collect();
-            if let Some(f) = core.freed.iter().find(|f| !seen.contains(&f.bytenr)) {
-                return Err(DurableError::Inconsistent {
-                    reason: format!(
-                        "commit {generation}: freed extent {} was not pending",
-                        f.bytenr
-                    ),
-                });
-            }
-            for (bytenr, old) in &before {
+            for (bytenr, old) in &std::mem::take(&mut core.displaced) {
                 let new = tree.get(*bytenr);
                 if old.as_ref() != new {
                     codec::diff_extent(*bytenr, old.as_ref(), new, &mut changes).map_err(
@@ -707,10 +980,29 @@ impl<S: Storage + Clone> DurableEngine<S> {
         self.tree
             .apply_sorted(changes)
             .map_err(tree_err("apply item changes"))?;
+        // The B+tree (working tree) has this commit: lookups may read it
+        // for any bytenr again, and the cache may shrink.
+        *self.inflight.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Vec::new());
+        let cached = self.engine.tree().len();
+        let extents_evicted = if cached > self.cache_extents_max {
+            // From here on misses must be read from the B+tree. Set before
+            // the eviction: a lookup that misses an evicted item then reads
+            // the B+tree, which already has this commit.
+            self.cache_complete.store(false, Ordering::Release);
+            // Down to 7/8 of the bound, so that not every commit evicts.
+            self.engine
+                .evict_committed(self.cache_extents_max - self.cache_extents_max / 8)
+        } else {
+            0
+        };
+        phases.apply = t_apply.elapsed();
+        let t_write = Instant::now();
         let info = self
             .tree
             .commit(generation)
             .map_err(tree_err("write nodes"))?;
+        phases.write = t_write.elapsed();
+        let t_sb = Instant::now();
         // 4. The superblock: the commit point.
         let mut sb = st.sb.clone();
         info.apply_to(&mut sb);
@@ -732,24 +1024,63 @@ impl<S: Storage + Clone> DurableEngine<S> {
             context: format!("commit {generation}: trim to {}", cut.get()),
             source,
         })?;
+        phases.superblock = t_sb.elapsed();
         Ok(CommitSummary {
             generation,
             cut,
             core,
             item_changes,
             nodes_written: info.nodes_written,
+            extents_read: 0,
+            extents_evicted,
+            ops: 0,
+            phases: CommitPhases::default(),
         })
     }
 
-    /// Would-be reference count of `bytenr`: committed tree + pending ops.
-    pub fn lookup_extent_ref(&self, bytenr: u64) -> ExtentRefs {
-        self.engine.lookup_extent_ref(bytenr)
+    /// Would-be reference count of `bytenr`: committed item + pending ops,
+    /// each acknowledged op counted exactly once (as in core: the core
+    /// tree's read lock is held across the lookup, and a commit moves ops
+    /// from pending to the cache under its write lock). The committed item
+    /// comes from the cache, else from the B+tree, except for the running
+    /// commit's frozen heads, which are all cached until the B+tree has
+    /// their changes: a miss among them is an extent without item.
+    pub fn lookup_extent_ref(&self, bytenr: u64) -> Result<ExtentRefs> {
+        let tree = self.engine.tree();
+        let committed = match tree.get(bytenr) {
+            Some(item) => Some(item.clone()),
+            None if self.cache_complete.load(Ordering::Acquire) => None,
+            None => {
+                let inflight = Arc::clone(&self.inflight.read().unwrap_or_else(|e| e.into_inner()));
+                if inflight.binary_search(&bytenr).is_ok() {
+                    None
+                } else {
+                    read_extent(&self.tree, self.storage.device_name(), bytenr)?
+                }
+            }
+        };
+        let pending = self.engine.store().pending(bytenr);
+        drop(tree);
+        let refs = committed.as_ref().map_or(0, |c| c.refs as i64)
+            + pending.as_ref().map_or(0, |h| h.summary.total_ref_mod);
+        Ok(ExtentRefs {
+            committed,
+            pending: pending.map(|h| h.summary),
+            refs,
+        })
     }
 
-    /// The committed extent tree (in memory; equal to the on-disk tree
-    /// after every successful commit).
-    pub fn tree(&self) -> TreeRead<'_> {
+    /// The in-memory extent cache (a subset of the committed tree; every
+    /// item in it equals the B+tree's after each successful commit).
+    pub fn cached_extents(&self) -> TreeRead<'_> {
         self.engine.tree()
+    }
+
+    /// Every committed extent, read from the B+tree into memory (for tools
+    /// and tests: needs memory for the whole tree). Takes the commit lock.
+    pub fn committed_extents(&self) -> Result<ExtentTree> {
+        let _st = lock(&self.commit);
+        load_extents(&self.tree, self.storage.device_name())
     }
 
     /// The core engine (lookups, pending store, quarantine).
@@ -767,58 +1098,54 @@ impl<S: Storage + Clone> DurableEngine<S> {
         &self.tree
     }
 
+    /// Totals over every commit since open (waits for a running commit).
+    pub fn commit_totals(&self) -> CommitTotals {
+        lock(&self.commit).totals
+    }
+
     /// The last durable superblock.
     pub fn superblock(&self) -> Superblock {
         lock(&self.commit).sb.clone()
     }
 
-    /// fsck: the in-memory tree's invariants, the B+tree's on-disk walk,
-    /// and that the B+tree items decode to exactly the in-memory tree.
-    /// Call between commits (it takes the commit lock).
+    /// fsck: the B+tree's on-disk walk, every extent item decoded and
+    /// checked (streaming: memory is one extent), and every cached extent
+    /// equal to the B+tree's. Call between commits (it takes the commit
+    /// lock).
     pub fn verify(&self) -> Result<TreeCheck> {
         let _st = lock(&self.commit);
-        let tree = self.engine.tree();
-        tree.check()
-            .map_err(|(bytenr, e)| DurableError::Inconsistent {
-                reason: format!("in-memory extent {bytenr}: {e}"),
-            })?;
+        let device = self.storage.device_name();
         let check = self.tree.check().map_err(|source| DurableError::Tree {
-            context: "check".into(),
+            context: format!("{device}: check"),
             source,
         })?;
-        let mut loader = ExtentLoader::new();
-        for item in self.tree.range(..) {
-            let (key, value) = item.map_err(|source| DurableError::Tree {
-                context: "verify: read items".into(),
-                source,
-            })?;
-            loader
-                .push(&key, &value)
-                .map_err(|source| DurableError::Items {
-                    context: "verify".into(),
-                    source,
-                })?;
+        let cached = self.engine.tree();
+        let mut matched = 0usize;
+        let mut differs = None;
+        scan_extents(&self.tree, device, 0..=u64::MAX, |b, item| {
+            if let Some(c) = cached.get(b) {
+                if *c != item {
+                    differs = Some(b);
+                    return ControlFlow::Break(());
+                }
+                matched += 1;
+            }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(b) = differs {
+            return Err(DurableError::Inconsistent {
+                reason: format!("extent {b}: the cached item differs from the B+tree's"),
+            });
         }
-        let on_disk: ExtentTree = loader.finish().map_err(|source| DurableError::Items {
-            context: "verify".into(),
-            source,
-        })?;
-        if on_disk != *tree {
-            let diff = tree
+        if matched != cached.len() {
+            let missing = cached
                 .iter()
-                .find(|(b, i)| on_disk.get(*b) != Some(*i))
                 .map(|(b, _)| b)
-                .or_else(|| {
-                    on_disk
-                        .iter()
-                        .find(|(b, _)| tree.get(*b).is_none())
-                        .map(|(b, _)| b)
-                });
+                .find(|&b| read_extent(&self.tree, device, b).ok().flatten().is_none());
             return Err(DurableError::Inconsistent {
                 reason: format!(
-                    "B+tree holds {} extents, memory {}; first difference at {diff:?}",
-                    on_disk.len(),
-                    tree.len()
+                    "{} cached extents are not in the B+tree, the first at {missing:?}",
+                    cached.len() - matched
                 ),
             });
         }

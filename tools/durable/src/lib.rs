@@ -4,7 +4,10 @@
 //!   items (btrfs-like keys and inline/keyed backrefs).
 //! - [`engine`]: [`DurableEngine`]: format, open (recovery), ingest with
 //!   tickets, commit (checkpoint) in the order of `docs/log.md` and
-//!   `docs/btree.md`; a failure latches.
+//!   `docs/btree.md`; a failure latches; the extent cache over the
+//!   B+tree.
+//! - [`policy`]: when to commit (interval, pending ops, log space) and
+//!   back-pressure; the committer loop.
 //!
 //! `docs/durable.md` describes the ordering, recovery and what v1 does not
 //! do yet. Vocabulary follows btrfs (head, extent item, inline/keyed
@@ -12,9 +15,11 @@
 
 pub mod codec;
 pub mod engine;
+pub mod policy;
 
 pub use codec::CodecError;
 pub use engine::{
-    load_extents, read_newest_superblock, CommitSummary, DurableEngine, DurableError,
-    FormatOptions, OpenOptions, RecoveryInfo, Ticket,
+    load_extents, read_newest_superblock, scan_extents, CommitPhases, CommitSummary, CommitTotals,
+    DurableEngine, DurableError, FormatOptions, OpenOptions, RecoveryInfo, Ticket,
 };
+pub use policy::{CommitPolicy, CommitterStats};

@@ -124,18 +124,25 @@ struct Issued {
     ticket: Option<Ticket<Dev>>,
 }
 
-fn options() -> OpenOptions {
+/// The in-memory extent cache bound for `seed`: none, smaller than the
+/// extents used, or all of them; commits and lookups then read the B+tree.
+fn cache_for(seed: u64) -> usize {
+    [0, 2, EXTENTS as usize + 2, 1 << 20][(seed % 4) as usize]
+}
+
+fn options(cache_extents_max: usize) -> OpenOptions {
     OpenOptions {
         log: LogConfig {
             batch_bytes_max: BATCH_BYTES_MAX,
             ..LogConfig::default()
         },
+        cache_extents_max,
         ..OpenOptions::default()
     }
 }
 
-fn open(dev: &Dev) -> Result<DurableEngine<Dev>, String> {
-    DurableEngine::open(Arc::clone(dev), options())
+fn open(dev: &Dev, cache_extents_max: usize) -> Result<DurableEngine<Dev>, String> {
+    DurableEngine::open(Arc::clone(dev), options(cache_extents_max))
         .map(|(e, _info)| e)
         .map_err(|e| format!("open: {e}"))
 }
@@ -158,7 +165,9 @@ fn check_recovered(
     }
     e.verify()
         .map_err(|x| format!("verify after recovery: {x}"))?;
-    let tree = e.tree();
+    let tree = e
+        .committed_extents()
+        .map_err(|x| format!("read the committed tree: {x}"))?;
     let mut bytenrs: Vec<u64> = model.keys.keys().map(|k| k.0).collect();
     bytenrs.extend(tree.iter().map(|(b, _)| b));
     bytenrs.sort_unstable();
@@ -324,7 +333,7 @@ fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
     .map_err(|e| format!("format: {e}"))?;
     let mut model = Model::default();
     {
-        let e = open(&dev)?;
+        let e = open(&dev, cache_for(seed))?;
         for i in 0..EXTENTS {
             e.add_durable(&op(bytenr(i), Action::AddExtent, BASE_OBJECTID + i))
                 .map_err(|x| format!("allocate: {x}"))?;
@@ -363,13 +372,13 @@ fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
                     ..FaultPlan::default()
                 }
             });
-            if open(&dev).is_ok() {
+            if open(&dev, cache_for(seed)).is_ok() {
                 return Err("open succeeded through an injected failure".into());
             }
             tally.open_crashes += 1;
             dev = Arc::new(dev.crash());
         }
-        let e = open(&dev)?;
+        let e = open(&dev, cache_for(seed))?;
         check_recovered(&e, &mut model, tally)?;
         // The failure to inject.
         let plan = if g.percent(70) {
@@ -416,7 +425,7 @@ fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
         drop(e);
         dev = Arc::new(dev.crash());
     }
-    let e = open(&dev)?;
+    let e = open(&dev, cache_for(seed))?;
     check_recovered(&e, &mut model, tally)
 }
 
@@ -466,12 +475,16 @@ fn threaded_cut_and_back_pressure() {
             },
         )
         .expect("format");
-        let e = open(&dev).expect("open");
+        let e = open(&dev, cache_for(seed)).expect("open");
         for i in 0..EXTENTS {
             e.add_durable(&op(bytenr(i), Action::AddExtent, BASE_OBJECTID + i))
                 .expect("allocate");
         }
         let done = std::sync::atomic::AtomicBool::new(false);
+        // Adds begun per extent: a lookup may never count more.
+        let begun: Vec<std::sync::atomic::AtomicU64> = (0..EXTENTS)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
         // (bytenr, objectid, acknowledged)
         let results: Vec<Vec<(u64, u64, bool)>> = std::thread::scope(|s| {
             let committer = s.spawn(|| {
@@ -483,21 +496,39 @@ fn threaded_cut_and_back_pressure() {
             });
             let workers: Vec<_> = (0..THREADS)
                 .map(|t| {
-                    let e = &e;
+                    let (e, begun) = (&e, &begun);
                     s.spawn(move || {
                         let mut g = Gen(seed * 31 + t);
                         let mut out = Vec::new();
                         let mut tickets = Vec::new();
+                        let mut mine = [0u64; EXTENTS as usize];
                         for n in 0..OPS {
-                            let b = bytenr(g.below(EXTENTS));
+                            let i = g.below(EXTENTS);
+                            let b = bytenr(i);
                             let obj = (t + 1) << 32 | n;
                             let o = op(b, Action::AddRef, obj);
+                            begun[i as usize].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             if g.percent(50) {
                                 e.add_durable(&o).expect("add_durable");
                                 out.push((b, obj, true));
                             } else {
                                 tickets.push((b, obj, e.add(&o).expect("add")));
                             }
+                            mine[i as usize] += 1;
+                            // Every op counted exactly once by lookups,
+                            // across commits, evictions and tree reads:
+                            // our own adds (and the allocation) are seen,
+                            // and no more adds than were begun.
+                            let refs = e.lookup_extent_ref(b).expect("lookup").refs as u64;
+                            let most =
+                                1 + begun[i as usize].load(std::sync::atomic::Ordering::SeqCst);
+                            assert!(
+                                (1 + mine[i as usize]..=most).contains(&refs),
+                                "seed {seed}: extent {i}: lookup counts {refs}, own adds {}, \
+                                 begun {}",
+                                mine[i as usize],
+                                most - 1
+                            );
                         }
                         for (b, obj, t) in tickets {
                             out.push((b, obj, t.is_durable()));
@@ -506,21 +537,23 @@ fn threaded_cut_and_back_pressure() {
                     })
                 })
                 .collect();
-            let r = workers
-                .into_iter()
-                .map(|w| w.join().expect("worker"))
-                .collect();
+            // Stop the committer before any worker panic is resumed, or the
+            // scope would wait for it forever.
+            let joined: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
             done.store(true, std::sync::atomic::Ordering::SeqCst);
             committer.join().expect("committer");
-            r
+            joined
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
         });
         let crashed: Dev = Arc::new(dev.crash());
         drop(e);
-        let e = open(&crashed).unwrap_or_else(|x| panic!("seed {seed}: {x}"));
+        let e = open(&crashed, cache_for(seed)).unwrap_or_else(|x| panic!("seed {seed}: {x}"));
         let s = e.commit().expect("commit after recovery");
         assert!(s.core.quarantined.is_empty(), "seed {seed}");
         e.verify().unwrap_or_else(|x| panic!("seed {seed}: {x}"));
-        let tree = e.tree();
+        let tree = e.committed_extents().expect("committed tree");
         let mut expected_min = [1u64; EXTENTS as usize];
         let mut expected_max = [1u64; EXTENTS as usize];
         for (b, obj, acked) in results.iter().flatten() {

@@ -1,0 +1,421 @@
+//! When to commit, and when ingest must wait: the commit policy and the
+//! committer loop of [`DurableEngine`].
+//!
+//! btrfs commits a transaction every `commit_interval` seconds, and
+//! throttles a task adding delayed refs when running the pending ones
+//! would take a second or more (`btrfs_should_throttle_delayed_refs`:
+//! `avg_delayed_ref_runtime × entries ≥ NSEC_PER_SEC`); the throttled task
+//! then runs refs itself. refd does the same with whole commits, which run
+//! while ingest goes on (only the seal stops it, for microseconds):
+//!
+//! - **interval**: a commit starts at least every
+//!   [`CommitPolicy::interval_ms`] while ops are pending, measured start
+//!   to start (a commit longer than the interval is followed at once);
+//! - **pending ops**: a commit starts when the pending ops reach
+//!   [`DurableEngine::commit_trigger_ops`]: the fewer of
+//!   [`CommitPolicy::pending_ops_trigger`] and the ops whose commit is
+//!   estimated to take [`CommitPolicy::commit_target_ms`] (the measured
+//!   time per op of earlier large commits, like btrfs's average runtime);
+//! - **log space**: a commit starts when the log is
+//!   [`CommitPolicy::log_used_pct_trigger`] percent full;
+//! - **back-pressure**: an add that finds twice the trigger pending (the
+//!   memory bound: the running commit's transaction plus a full next one)
+//!   waits for the running commit, or commits itself if none runs, like
+//!   btrfs's throttled task. An add that finds no log space does the same
+//!   (see [`DurableEngine::add`]).
+//!
+//! Ops are counted under the cut lock, so the count of a transaction is
+//! exact. Triggers are checked every [`POLICY_CHECK_OPS`] ops per engine,
+//! so the hot path costs one shared counter increment.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use refd_ioring::Storage;
+
+use crate::engine::{lock, DurableEngine, DurableError, Result};
+
+/// Triggers are checked when the pending-op count crosses a multiple of
+/// this.
+pub const POLICY_CHECK_OPS: u64 = 1024;
+/// Commits with fewer frozen ops do not update the time-per-op estimate
+/// (their fixed costs would dominate it).
+pub const ESTIMATE_OPS_MIN: u64 = 64 * 1024;
+/// The pending-op trigger never goes below this.
+pub const TRIGGER_OPS_MIN: u64 = 64 * 1024;
+
+/// When to commit (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitPolicy {
+    /// Longest time between commit starts while ops are pending.
+    pub interval_ms: u64,
+    /// Most ops pending before a commit starts.
+    pub pending_ops_trigger: u64,
+    /// Target length of one commit: fewer ops trigger a commit when the
+    /// measured time per op says a commit of the pending ones would take
+    /// longer.
+    pub commit_target_ms: u64,
+    /// Log fill (percent of the log region) that starts a commit.
+    pub log_used_pct_trigger: u64,
+}
+
+impl Default for CommitPolicy {
+    fn default() -> Self {
+        CommitPolicy {
+            interval_ms: 1000,
+            pending_ops_trigger: 4_000_000,
+            commit_target_ms: 1000,
+            log_used_pct_trigger: 50,
+        }
+    }
+}
+
+/// What [`DurableEngine::run_committer`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitterStats {
+    /// Commits run by the committer.
+    pub commits: u64,
+    /// ... of which the interval started.
+    pub by_interval: u64,
+    /// ... of which the pending-op count started.
+    pub by_pending: u64,
+    /// ... of which log space started.
+    pub by_log: u64,
+    /// Ticks skipped because a seq barrier was held.
+    pub barrier_skips: u64,
+}
+
+/// Committer wake-up state, behind `DurableEngine::committer`.
+#[derive(Debug, Default)]
+pub(crate) struct CommitterFlags {
+    pub stop: bool,
+    pub kicked: bool,
+}
+
+/// Why the committer commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Interval,
+    Pending,
+    Log,
+}
+
+impl<S: Storage + Clone> DurableEngine<S> {
+    /// The pending-op count that starts a commit now (see the module docs).
+    pub fn commit_trigger_ops(&self) -> u64 {
+        self.trigger_ops.load(Ordering::Relaxed)
+    }
+
+    /// Ops pending (added since the last seal), counted exactly.
+    pub fn pending_ops(&self) -> u64 {
+        self.pending_ops.load(Ordering::Relaxed)
+    }
+
+    /// Called by an add that made `pending` ops pending, outside the cut
+    /// lock: wake the committer, or apply back-pressure.
+    pub(crate) fn after_add(&self, pending: u64) -> Result<()> {
+        if !pending.is_multiple_of(POLICY_CHECK_OPS) {
+            return Ok(());
+        }
+        let trigger = self.commit_trigger_ops();
+        if pending >= 2 * trigger {
+            return self.throttle(2 * trigger);
+        }
+        if pending >= trigger || self.log_trigger() {
+            self.kick_committer();
+        }
+        Ok(())
+    }
+
+    fn log_trigger(&self) -> bool {
+        let log = self.log();
+        log.used_bytes() * 100 >= log.log_bytes() * self.policy.log_used_pct_trigger
+    }
+
+    /// Back-pressure: wait for the running commit; if the pending ops are
+    /// still at `bound` after it, commit here.
+    fn throttle(&self, bound: u64) -> Result<()> {
+        let mut st = lock(&self.commit);
+        if self.pending_ops() < bound {
+            return Ok(());
+        }
+        match self.commit_locked(&mut st) {
+            Ok(_) => Ok(()),
+            // Held heads cannot be committed yet: let ingest go on (the
+            // barrier holder is expected to release soon).
+            Err(DurableError::BarrierHeld { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Update the time-per-op estimate with a commit of `ops` frozen ops
+    /// that took `took`, and the pending-op trigger with it.
+    pub(crate) fn record_commit(&self, ops: u64, took: Duration) {
+        if ops >= ESTIMATE_OPS_MIN {
+            let now_ps = (took.as_nanos() as u64).saturating_mul(1000) / ops;
+            let old_ps = self.op_cost_ps.load(Ordering::Relaxed);
+            // Average with the previous estimate (btrfs averages its
+            // runtime the same way: (old + new) / 2 with weights 3:1).
+            let ps = if old_ps == 0 {
+                now_ps
+            } else {
+                (3 * old_ps + now_ps) / 4
+            };
+            self.op_cost_ps.store(ps.max(1), Ordering::Relaxed);
+        }
+        let ps = self.op_cost_ps.load(Ordering::Relaxed);
+        let by_time = self
+            .policy
+            .commit_target_ms
+            .saturating_mul(1_000_000_000)
+            .checked_div(ps)
+            .unwrap_or(u64::MAX);
+        let trigger = by_time
+            .min(self.policy.pending_ops_trigger)
+            .max(TRIGGER_OPS_MIN.min(self.policy.pending_ops_trigger).max(1));
+        self.trigger_ops.store(trigger, Ordering::Relaxed);
+    }
+
+    /// The measured commit time per op (picoseconds; 0 until a commit of
+    /// at least [`ESTIMATE_OPS_MIN`] ops).
+    pub fn commit_cost_ps_per_op(&self) -> u64 {
+        self.op_cost_ps.load(Ordering::Relaxed)
+    }
+
+    fn kick_committer(&self) {
+        let mut f = lock(&self.committer);
+        if !f.kicked {
+            f.kicked = true;
+            self.committer_cv.notify_all();
+        }
+    }
+
+    /// Asks [`DurableEngine::run_committer`] to return.
+    pub fn stop_committer(&self) {
+        lock(&self.committer).stop = true;
+        self.committer_cv.notify_all();
+    }
+
+    /// Runs the commit policy on this thread until
+    /// [`DurableEngine::stop_committer`] (then commits what is pending and
+    /// returns) or the first failed commit (returned; the engine is
+    /// latched). Run one per engine, e.g. on a scoped thread.
+    pub fn run_committer(&self) -> Result<CommitterStats> {
+        let interval = Duration::from_millis(self.policy.interval_ms.max(1));
+        let mut stats = CommitterStats::default();
+        let mut last_start = Instant::now();
+        loop {
+            let reason = {
+                let mut f = lock(&self.committer);
+                loop {
+                    if f.stop {
+                        break None;
+                    }
+                    if std::mem::take(&mut f.kicked) {
+                        break Some(if self.log_trigger() {
+                            Reason::Log
+                        } else {
+                            Reason::Pending
+                        });
+                    }
+                    let due = last_start + interval;
+                    let now = Instant::now();
+                    if now >= due {
+                        break Some(Reason::Interval);
+                    }
+                    f = self
+                        .committer_cv
+                        .wait_timeout(f, due - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            };
+            let Some(reason) = reason else {
+                lock(&self.committer).stop = false;
+                if self.pending_ops() > 0 {
+                    self.commit_for_committer(&mut stats)?;
+                }
+                return Ok(stats);
+            };
+            last_start = Instant::now();
+            if self.pending_ops() == 0 && !self.log_trigger() {
+                continue;
+            }
+            if self.commit_for_committer(&mut stats)? {
+                match reason {
+                    Reason::Interval => stats.by_interval += 1,
+                    Reason::Pending => stats.by_pending += 1,
+                    Reason::Log => stats.by_log += 1,
+                }
+            }
+        }
+    }
+
+    /// One commit of the committer; false when a barrier held it back.
+    fn commit_for_committer(&self, stats: &mut CommitterStats) -> Result<bool> {
+        match self.commit() {
+            Ok(_) => {
+                stats.commits += 1;
+                Ok(true)
+            }
+            Err(DurableError::BarrierHeld { .. }) => {
+                stats.barrier_skips += 1;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use refd_core::model::{Action, ExtentKind, Op, RefKey};
+    use refd_ioring::format::FsId;
+    use refd_ioring::log::LogConfig;
+    use refd_ioring::{SimConfig, SimStorage};
+
+    use super::*;
+    use crate::engine::{FormatOptions, OpenOptions};
+
+    type Dev = Arc<SimStorage>;
+
+    fn open(policy: CommitPolicy) -> DurableEngine<Dev> {
+        let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(32 << 20, 3)).unwrap());
+        DurableEngine::format(
+            &dev,
+            FormatOptions {
+                log_bytes: Some(8 << 20),
+                fs_id: Some(FsId([9; 16])),
+            },
+        )
+        .unwrap();
+        let options = OpenOptions {
+            log: LogConfig {
+                batch_bytes_max: 64 << 10,
+                ..LogConfig::default()
+            },
+            policy,
+            ..OpenOptions::default()
+        };
+        DurableEngine::open(dev, options).unwrap().0
+    }
+
+    /// Op `n` of a valid stream: extent `n % 64` allocated first, then
+    /// refs from distinct inodes.
+    fn op(n: u64) -> Op {
+        let e = n % 64;
+        let action = if n < 64 {
+            Action::AddExtent
+        } else {
+            Action::AddRef
+        };
+        Op::new(
+            (1 << 30) + e * 4096,
+            4096,
+            ExtentKind::Data,
+            action,
+            RefKey::ExtentData {
+                root: 5,
+                objectid: 256 + n,
+                offset: 0,
+            },
+            0,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn pending_ops_trigger_and_back_pressure() {
+        let e = open(CommitPolicy {
+            interval_ms: 60_000,
+            pending_ops_trigger: 2048,
+            ..CommitPolicy::default()
+        });
+        assert_eq!(e.commit_trigger_ops(), 2048);
+        let stats = std::thread::scope(|s| {
+            let committer = s.spawn(|| e.run_committer());
+            for n in 0..40_000 {
+                e.add(&op(n)).unwrap();
+                // Back-pressure: never more than twice the trigger (plus
+                // the ops between two checks) pending.
+                assert!(e.pending_ops() <= 2 * 2048 + POLICY_CHECK_OPS, "{n}");
+            }
+            e.stop_committer();
+            committer.join().unwrap().unwrap()
+        });
+        assert!(stats.by_pending > 0, "{stats:?}");
+        assert_eq!(stats.by_interval, 0, "{stats:?}");
+        assert_eq!(e.pending_ops(), 0, "stop commits what is pending");
+        let all = e.committed_extents().unwrap();
+        assert_eq!(all.total_refs(), 40_000);
+        e.verify().unwrap();
+    }
+
+    #[test]
+    fn throttle_commits_inline_without_a_committer() {
+        let e = open(CommitPolicy {
+            interval_ms: 60_000,
+            pending_ops_trigger: 1024,
+            ..CommitPolicy::default()
+        });
+        for n in 0..10_000 {
+            e.add(&op(n)).unwrap();
+            assert!(e.pending_ops() <= 2 * 1024 + POLICY_CHECK_OPS, "{n}");
+        }
+        assert!(e.commit_totals().commits >= 4);
+    }
+
+    #[test]
+    fn interval_commits_and_stop() {
+        let e = open(CommitPolicy {
+            interval_ms: 20,
+            ..CommitPolicy::default()
+        });
+        let stats = std::thread::scope(|s| {
+            let committer = s.spawn(|| e.run_committer());
+            for n in 0..100 {
+                e.add_durable(&op(n)).unwrap();
+            }
+            // Ops pending for at least two intervals are committed.
+            let t = Instant::now();
+            while e.pending_ops() > 0 && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            e.stop_committer();
+            committer.join().unwrap().unwrap()
+        });
+        assert!(stats.by_interval >= 1, "{stats:?}");
+        assert_eq!(e.pending_ops(), 0);
+        assert_eq!(e.committed_extents().unwrap().total_refs(), 100);
+    }
+
+    #[test]
+    fn trigger_follows_measured_commit_time() {
+        let e = open(CommitPolicy {
+            pending_ops_trigger: 10_000_000,
+            commit_target_ms: 1000,
+            ..CommitPolicy::default()
+        });
+        // 1 µs per op: a 1 s commit is a million ops.
+        e.record_commit(
+            ESTIMATE_OPS_MIN,
+            Duration::from_nanos(ESTIMATE_OPS_MIN * 1000),
+        );
+        assert_eq!(e.commit_trigger_ops(), 1_000_000);
+        // Small commits do not move the estimate.
+        e.record_commit(10, Duration::from_secs(1));
+        assert_eq!(e.commit_trigger_ops(), 1_000_000);
+        // 5 µs per op, averaged 3:1 with the old 1 µs: 2 µs.
+        e.record_commit(
+            ESTIMATE_OPS_MIN,
+            Duration::from_nanos(ESTIMATE_OPS_MIN * 5000),
+        );
+        assert_eq!(e.commit_cost_ps_per_op(), 2_000_000);
+        assert_eq!(e.commit_trigger_ops(), 500_000);
+        // Never below the floor.
+        e.record_commit(ESTIMATE_OPS_MIN, Duration::from_secs(100));
+        assert!(e.commit_trigger_ops() >= TRIGGER_OPS_MIN);
+    }
+}

@@ -68,6 +68,9 @@ pub struct DurableArgs {
     /// Bound of the engine's in-memory extent cache (extents).
     #[arg(long, default_value_t = OpenOptions::default().cache_extents_max)]
     pub cache_extents: usize,
+    /// The B+tree's node cache (MiB).
+    #[arg(long, default_value_t = OpenOptions::default().tree.cache_bytes >> 20)]
+    pub node_cache_mb: usize,
     /// RNG seed of the workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -221,7 +224,12 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     let dev = crate::crash::open_device(path)?;
     let device_mb = device_rate(&dev)?;
     DurableEngine::format(&dev, FormatOptions::default()).map_err(|e| e.to_string())?;
+    let defaults = OpenOptions::default();
     let options = OpenOptions {
+        tree: refd_ioring::btree::TreeConfig {
+            cache_bytes: args.node_cache_mb << 20,
+            ..defaults.tree
+        },
         cache_extents_max: args.cache_extents,
         policy: CommitPolicy {
             interval_ms: args.commit_interval_ms,
@@ -229,7 +237,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
             commit_target_ms: args.commit_target_ms,
             ..CommitPolicy::default()
         },
-        ..OpenOptions::default()
+        ..defaults
     };
     let (engine, _) = DurableEngine::open(dev, options).map_err(|e| e.to_string())?;
     let per_thread: Vec<Vec<Op>> = if walks {

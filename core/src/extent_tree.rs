@@ -277,9 +277,11 @@ impl ExtentTree {
     /// Apply `(bytenr, item or removal)` changes sorted by bytenr, and
     /// return what each change displaced, in the order of the changes
     /// (moved out, not copied: a durable layer diffs them against the new
-    /// items). When the changes are a large share of the tree, the tree is
-    /// rebuilt in one sorted merge (bulk-built B-tree) instead of one
-    /// insert per change. Unsorted input is applied one change at a time.
+    /// items). When there are at least as many changes as items, the tree
+    /// is rebuilt in one sorted merge (bulk-built B-tree) instead of one
+    /// insert per change; below that, in-place replacement wins (a rebuild
+    /// copies every item into freshly faulted memory). Unsorted input is
+    /// applied one change at a time.
     pub fn apply_sorted(
         &mut self,
         changes: impl ExactSizeIterator<Item = (u64, Option<ExtentItem>)>,
@@ -287,7 +289,7 @@ impl ExtentTree {
         let changes: Vec<(u64, Option<ExtentItem>)> = changes.collect();
         let mut displaced = Vec::with_capacity(changes.len());
         let sorted = changes.windows(2).all(|w| w[0].0 < w[1].0);
-        if !sorted || changes.len() * 4 < self.items.len() {
+        if !sorted || changes.len() < self.items.len() {
             for (bytenr, item) in changes {
                 let old = match item {
                     Some(item) => self.insert(bytenr, item),

@@ -53,6 +53,10 @@ pub const LOG_BYTES_MIN_DEFAULT: u64 = 64 << 20;
 pub const NODE_REGION_NODES_MIN: u64 = 16;
 /// Fewest concurrent appends a log must admit (see [`DurableEngine::add`]).
 pub const APPENDERS_MIN: usize = 2;
+/// Default node cache of the B+tree: a uniformly updated tree of a
+/// million extents is about 100 MiB of leaves, and a commit that must read
+/// evicted leaves back reads them one at a time.
+pub const NODE_CACHE_BYTES_DEFAULT: usize = 256 << 20;
 /// Default bound of the in-memory extent cache (extents; about 150 bytes
 /// each plus their backrefs).
 pub const CACHE_EXTENTS_DEFAULT: usize = 2_000_000;
@@ -179,7 +183,10 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             log: LogConfig::default(),
-            tree: TreeConfig::default(),
+            tree: TreeConfig {
+                cache_bytes: NODE_CACHE_BYTES_DEFAULT,
+                ..TreeConfig::default()
+            },
             cache_extents_max: CACHE_EXTENTS_DEFAULT,
             policy: CommitPolicy::default(),
         }
@@ -956,10 +963,12 @@ impl<S: Storage + Clone> DurableEngine<S> {
             })?;
         // 3. Tree nodes: the items of every extent the core engine changed
         // (its displaced items against the cache's new ones).
-        let mut changes: Vec<(Key, Change)> = Vec::new();
+        let displaced = std::mem::take(&mut core.displaced);
+        // Most extents change only their extent item.
+        let mut changes: Vec<(Key, Change)> = Vec::with_capacity(displaced.len() * 9 / 8);
         {
             let tree = self.engine.tree();
-            for (bytenr, old) in &std::mem::take(&mut core.displaced) {
+            for (bytenr, old) in &displaced {
                 let new = tree.get(*bytenr);
                 if old.as_ref() != new {
                     codec::diff_extent(*bytenr, old.as_ref(), new, &mut changes).map_err(

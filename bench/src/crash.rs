@@ -20,7 +20,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
 use refd_durable::{DurableEngine, FormatOptions, OpenOptions};
-use refd_ioring::{Device, FileAllocation, UringConfig, UringStorage};
+use refd_ioring::{
+    Device, DeviceError, FileAllocation, UringConfig, UringSetupError, UringStorage,
+};
 
 /// Ids of one round: round r uses `r * ROUND_IDS ..`.
 const ROUND_IDS: u64 = 1 << 32;
@@ -28,6 +30,8 @@ const ROUND_IDS: u64 = 1 << 32;
 const COMMIT_EVERY: u64 = 1000;
 /// Size of a device file the benchmark creates.
 const DEVICE_BYTES_DEFAULT: u64 = 256 << 20;
+/// How long opening a busy block device is retried (see [`open_device`]).
+const BUSY_RETRY: Duration = Duration::from_secs(5);
 
 /// Arguments of `crash`.
 #[derive(Debug, clap::Args)]
@@ -63,9 +67,20 @@ pub struct ChildArgs {
 
 /// Open a device or file for the durable engine (errors name the device).
 pub(crate) fn open_device(path: &Path) -> Result<Arc<UringStorage>, String> {
-    UringStorage::open(path, 0, UringConfig::default())
-        .map(Arc::new)
-        .map_err(|e| e.to_string())
+    // A killed process's exclusive open of a block device is released only
+    // when the kernel has torn down its io_uring (asynchronously, after the
+    // in-flight I/O): a restart right after a SIGKILL may find the device
+    // busy for a moment.
+    let deadline = Instant::now() + BUSY_RETRY;
+    loop {
+        match UringStorage::open(path, 0, UringConfig::default()) {
+            Ok(s) => return Ok(Arc::new(s)),
+            Err(UringSetupError::Device(DeviceError::Busy { .. })) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 fn extent_of(id: u64) -> u64 {

@@ -49,8 +49,7 @@ pub mod storage;
 pub mod uring;
 
 mod rng;
-#[cfg(test)]
-mod test_support;
+pub mod test_support;
 
 pub use aligned::{AlignedBuf, AlignedBufError, BLOCK_BYTES};
 pub use btree::{

@@ -1,9 +1,10 @@
-//! Test scaffolding: scratch directories that support `O_DIRECT`, loop
-//! devices that are always detached, and a deterministic data generator.
+//! Test scaffolding, shared by the tests of every refd crate: scratch
+//! directories that support `O_DIRECT`, and loop devices that are always
+//! detached (`losetup -d` on drop, also when the test panics).
 //!
 //! Tests that need something the machine may not offer (root, `losetup`, a
-//! file system with `O_DIRECT`) print why they are skipped and return; they
-//! never fail because of the environment.
+//! file system with `O_DIRECT`) print why they are skipped and fall back
+//! or return; they never fail because of the environment.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(test)]
 use crate::rng::Rng;
 
 static SCRATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -18,7 +20,7 @@ static SCRATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// A scratch directory removed on drop, on a file system that supports
 /// `O_DIRECT` (tmpfs may not, so `/tmp` is not used).
 #[derive(Debug)]
-pub(crate) struct Scratch {
+pub struct Scratch {
     dir: PathBuf,
 }
 
@@ -48,7 +50,7 @@ fn supports_direct_io(dir: &Path) -> bool {
 impl Scratch {
     /// Creates a fresh directory, or prints a skip reason and returns `None`
     /// if no candidate base supports `O_DIRECT`.
-    pub(crate) fn new(label: &str) -> Option<Self> {
+    pub fn new(label: &str) -> Option<Self> {
         let n = SCRATCH_COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("refd-ioring-{label}-{}-{n}", std::process::id());
         let mut reasons = Vec::new();
@@ -68,7 +70,8 @@ impl Scratch {
         None
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    /// The directory.
+    pub fn path(&self) -> &Path {
         &self.dir
     }
 }
@@ -83,7 +86,7 @@ impl Drop for Scratch {
 /// `losetup -f --show --direct-io=on` and detached with `losetup -d` on drop,
 /// also when the test panics.
 #[derive(Debug)]
-pub(crate) struct LoopDevice {
+pub struct LoopDevice {
     dev: PathBuf,
     backing: PathBuf,
 }
@@ -96,7 +99,7 @@ fn is_root() -> bool {
 impl LoopDevice {
     /// Attaches a loop device over a new `size_bytes` file, or prints a skip
     /// reason and returns `None` (not root, no `losetup`, no free device).
-    pub(crate) fn attach(scratch: &Scratch, file_name: &str, size_bytes: u64) -> Option<Self> {
+    pub fn attach(scratch: &Scratch, file_name: &str, size_bytes: u64) -> Option<Self> {
         if !is_root() {
             eprintln!("SKIP loop device: not running as root");
             return None;
@@ -147,14 +150,15 @@ impl LoopDevice {
         None
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    /// The block device (`/dev/loopN`).
+    pub fn path(&self) -> &Path {
         &self.dev
     }
 
     /// Truncates the backing file to `size_bytes` and tells the loop driver
     /// (`losetup -c`), so the block device shrinks or grows underneath any
     /// open user. Returns false (with a printed reason) if that failed.
-    pub(crate) fn resize(&self, size_bytes: u64) -> bool {
+    pub fn resize(&self, size_bytes: u64) -> bool {
         let resized = OpenOptions::new()
             .write(true)
             .open(&self.backing)
@@ -196,6 +200,7 @@ impl Drop for LoopDevice {
 }
 
 /// Deterministic pseudo-random bytes for test data.
+#[cfg(test)]
 pub(crate) fn random_bytes(rng: &mut Rng, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
     rng.fill_bytes(&mut out);

@@ -1,14 +1,16 @@
-//! A plain round trip of the durable engine on [`UringStorage`] over a
-//! regular file opened with `O_DIRECT` under the target dir: format, open,
+//! A plain round trip of the durable engine on [`UringStorage`], over a
+//! direct-io loop device (as root) and over a regular file opened with
+//! `O_DIRECT` under the target dir: format, open,
 //! ops and a commit, more durable ops left in the log, close, reopen
 //! (recovery replays them), compare, verify, commit again. Skips (printing
 //! why) where the file system has no `O_DIRECT`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
 use refd_durable::{DurableEngine, FormatOptions, OpenOptions};
+use refd_ioring::test_support::{LoopDevice, Scratch};
 use refd_ioring::{Device, DeviceError, FileAllocation, UringConfig, UringStorage};
 
 const SIZE: u64 = 640 << 20;
@@ -56,14 +58,36 @@ fn round_trip_on_a_file() {
     let path = dir.join(format!("dev-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let _cleanup = Cleanup(path.clone());
-    let dev = match Device::create_file(&path, SIZE, FileAllocation::Sparse) {
-        Ok(device) => Arc::new(UringStorage::new(device, UringConfig::default()).expect("ring")),
+    match Device::create_file(&path, SIZE, FileAllocation::Sparse) {
+        Ok(device) => drop(device),
         Err(e @ DeviceError::DirectIoUnsupported { .. }) => {
             eprintln!("SKIP: {e}: the file system under the target dir has no O_DIRECT");
             return;
         }
         Err(e) => panic!("create {}: {e}", path.display()),
+    }
+    round_trip(&path);
+}
+
+/// The same on a direct-io loop device (block device: BLKGETSIZE64,
+/// O_EXCL), when running as root with `losetup`; detached on drop.
+#[test]
+fn round_trip_on_a_loop_device() {
+    let Some(scratch) = Scratch::new("durable-loop") else {
+        return;
     };
+    let Some(dev) = LoopDevice::attach(&scratch, "backing", SIZE) else {
+        return;
+    };
+    round_trip(dev.path());
+}
+
+fn open(path: &Path) -> Arc<UringStorage> {
+    Arc::new(UringStorage::open(path, SIZE, UringConfig::default()).expect("open device"))
+}
+
+fn round_trip(path: &Path) {
+    let dev = open(path);
     let sb = DurableEngine::format(&dev, FormatOptions::default()).expect("format");
     assert_eq!(sb.log_bytes, 80 << 20, "1/8 of 640 MiB");
     let (e, info) = DurableEngine::open(Arc::clone(&dev), OpenOptions::default()).expect("open");
@@ -99,11 +123,13 @@ fn round_trip_on_a_file() {
         .collect();
     assert_eq!(refs_before, vec![300, 2, 0]);
     e.verify().expect("verify");
+    // Everything holding the device goes (a ticket holds the log), or a
+    // block device's exclusive open fails.
+    drop(last);
     drop(e);
     drop(dev);
 
-    let device = Device::open(&path, SIZE).expect("reopen file");
-    let dev = Arc::new(UringStorage::new(device, UringConfig::default()).expect("ring"));
+    let dev = open(path);
     // A cache of 100 extents for a tree of 400: lookups and the commit
     // read the rest through the B+tree.
     let options = OpenOptions {

@@ -71,6 +71,10 @@ pub struct DurableArgs {
     /// The B+tree's node cache (MiB).
     #[arg(long, default_value_t = OpenOptions::default().tree.cache_bytes >> 20)]
     pub node_cache_mb: usize,
+    /// With --duration-s: after the run, queue this many more ops with no
+    /// commit trigger and time one commit of them alone (0: skip).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub probe_ops: u64,
     /// RNG seed of the workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -131,6 +135,14 @@ pub struct DurableReport {
     pub log_mb_per_sec: f64,
     /// Extents in the cache at the end.
     pub extents_cached: usize,
+    /// The probe (`--probe-ops`): ops in the one commit timed alone.
+    pub probe_commit_ops: u64,
+    /// ... its heads (extents touched).
+    pub probe_commit_heads: usize,
+    /// ... its length (ms).
+    pub probe_commit_ms: f64,
+    /// ... per step (ms): freeze, items, run, apply, write, superblock.
+    pub probe_commit_phase_ms: [f64; 6],
 }
 
 /// The device's own durable sequential write rate: 256 KiB durable writes
@@ -172,7 +184,7 @@ impl Iterator for Source<'_> {
 /// count acknowledgements in `acked`.
 fn ingest<S: Storage + Clone>(
     engine: &DurableEngine<S>,
-    ops: impl Iterator<Item = Op>,
+    ops: &mut impl Iterator<Item = Op>,
     window: usize,
     acked: &AtomicU64,
 ) -> Result<Histogram<u64>, String> {
@@ -281,7 +293,8 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
                         ),
                         None => Source::Slice(ops.map_or([].iter(), |o| o.iter())),
                     };
-                    ingest(engine, source, args.window, acked)
+                    let mut source = source;
+                    ingest(engine, &mut source, args.window, acked).map(|h| (h, source))
                 })
             })
             .collect();
@@ -335,10 +348,20 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         ((out, ingest_s, commits_during), committed)
     });
     let (results, ingest, commits_during) = results;
+    let mut walks = Vec::new();
     for r in results {
-        hist.add(r?).map_err(|e| format!("{e:?}"))?;
+        let (h, source) = r?;
+        hist.add(h).map_err(|e| format!("{e:?}"))?;
+        if let Source::Walk(w, _) = source {
+            walks.push(w);
+        }
     }
     let stats = committed?;
+    let probe = if walks.is_empty() || args.probe_ops == 0 {
+        None
+    } else {
+        Some(probe_commit(&engine, walks, args.probe_ops, args.json)?)
+    };
     let totals = engine.commit_totals();
     let log_after = engine.log().stats();
     let ops = hist.len();
@@ -374,5 +397,63 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         device_durable_mb_per_sec: device_mb,
         log_mb_per_sec: log_bytes as f64 / ingest.as_secs_f64() / 1e6,
         extents_cached,
+        probe_commit_ops: probe.as_ref().map_or(0, |p| p.ops),
+        probe_commit_heads: probe.as_ref().map_or(0, |p| p.core.heads),
+        probe_commit_ms: probe.as_ref().map_or(0.0, |p| ms(p.phases.total)),
+        probe_commit_phase_ms: probe.as_ref().map_or([0.0; 6], |p| {
+            let q = &p.phases;
+            [q.freeze, q.items, q.run, q.apply, q.write, q.superblock].map(ms)
+        }),
     })
+}
+
+/// Queue `ops` more ops (the walks go on, one thread each) with every
+/// commit trigger off, wait until they are durable, and time one commit of
+/// them with nothing else running: "a commit of N pending refs".
+fn probe_commit<S: Storage + Clone>(
+    engine: &DurableEngine<S>,
+    walks: Vec<Walk>,
+    ops: u64,
+    quiet: bool,
+) -> Result<refd_durable::CommitSummary, String> {
+    let policy = engine.policy();
+    engine.set_policy(CommitPolicy {
+        pending_ops_trigger: u64::MAX,
+        commit_target_ms: u64::MAX,
+        log_used_pct_trigger: 100,
+        ..policy
+    });
+    let per = ops / walks.len() as u64;
+    std::thread::scope(|s| {
+        let threads: Vec<_> = walks
+            .into_iter()
+            .map(|mut w| {
+                s.spawn(move || -> Result<(), String> {
+                    let mut last = None;
+                    for _ in 0..per {
+                        last = Some(engine.add(&w.next_op()).map_err(|e| e.to_string())?);
+                    }
+                    if let Some(t) = last {
+                        t.wait().map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        threads.into_iter().try_for_each(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err("probe thread panicked".into()))
+        })
+    })?;
+    let summary = engine.commit().map_err(|e| e.to_string())?;
+    engine.set_policy(policy);
+    if !quiet {
+        eprintln!(
+            "probe: one commit of {} pending ops ({} heads) alone took {:.0} ms",
+            summary.ops,
+            summary.core.heads,
+            summary.phases.total.as_secs_f64() * 1e3
+        );
+    }
+    Ok(summary)
 }

@@ -382,7 +382,7 @@ pub struct DurableEngine<S: Storage + Clone> {
     /// nothing was evicted since): a miss is an extent without item, and
     /// nothing is read from the B+tree.
     cache_complete: AtomicBool,
-    pub(crate) policy: CommitPolicy,
+    pub(crate) policy: Mutex<CommitPolicy>,
     /// Ops added since the last seal (counted under the cut lock).
     pub(crate) pending_ops: AtomicU64,
     /// Pending ops that start a commit (`crate::policy`).
@@ -506,6 +506,56 @@ fn read_extent<S: Storage>(
         ControlFlow::Break(())
     })?;
     Ok(found)
+}
+
+/// Changed extents per thread below which a commit diffs on one thread.
+const PARALLEL_DIFF_MIN_EXTENTS: usize = 16 * 1024;
+
+/// The B+tree changes of a commit: for each `(bytenr, item before)` of
+/// `displaced` (sorted by bytenr), from that item to `tree`'s, on up to one
+/// thread per core. Sorted by key without sorting: keys begin with the
+/// bytenr, and the parts are concatenated in order.
+fn diff_all(
+    tree: &ExtentTree,
+    displaced: &[(u64, Option<ExtentItem>)],
+) -> Result<Vec<(Key, Change)>, (u64, CodecError)> {
+    let diff = |part: &[(u64, Option<ExtentItem>)]| {
+        // Most extents change only their extent item.
+        let mut out = Vec::with_capacity(part.len() * 9 / 8);
+        for (bytenr, old) in part {
+            let new = tree.get(*bytenr);
+            if old.as_ref() != new {
+                codec::diff_extent(*bytenr, old.as_ref(), new, &mut out)
+                    .map_err(|e| (*bytenr, e))?;
+            }
+        }
+        Ok(out)
+    };
+    debug_assert!(displaced.windows(2).all(|w| w[0].0 < w[1].0));
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(displaced.len() / PARALLEL_DIFF_MIN_EXTENTS)
+        .max(1);
+    if workers == 1 {
+        return diff(displaced);
+    }
+    let per = displaced.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = displaced
+            .chunks(per)
+            .map(|part| s.spawn(move || diff(part)))
+            .collect();
+        let mut out = Vec::new();
+        for p in parts {
+            let part = p.join().expect("diff worker panicked")?;
+            if out.is_empty() {
+                out = part;
+            } else {
+                out.extend(part);
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// The committed items of `bytenrs`, read on up to one thread per core.
@@ -718,7 +768,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
             inflight: RwLock::new(Arc::new(Vec::new())),
             cache_extents_max: options.cache_extents_max,
             cache_complete: AtomicBool::new(cache_complete),
-            policy: options.policy,
+            policy: Mutex::new(options.policy),
             pending_ops: AtomicU64::new(ops_replayed as u64),
             trigger_ops: AtomicU64::new(options.policy.pending_ops_trigger),
             op_cost_ps: AtomicU64::new(0),
@@ -964,23 +1014,14 @@ impl<S: Storage + Clone> DurableEngine<S> {
         // 3. Tree nodes: the items of every extent the core engine changed
         // (its displaced items against the cache's new ones).
         let displaced = std::mem::take(&mut core.displaced);
-        // Most extents change only their extent item.
-        let mut changes: Vec<(Key, Change)> = Vec::with_capacity(displaced.len() * 9 / 8);
-        {
+        let changes = {
             let tree = self.engine.tree();
-            for (bytenr, old) in &displaced {
-                let new = tree.get(*bytenr);
-                if old.as_ref() != new {
-                    codec::diff_extent(*bytenr, old.as_ref(), new, &mut changes).map_err(
-                        |source| DurableError::Items {
-                            context: format!("commit {generation}: extent {bytenr}"),
-                            source,
-                        },
-                    )?;
-                }
-            }
-        }
-        changes.sort_by_key(|c| c.0);
+            diff_all(&tree, &displaced).map_err(|(bytenr, source)| DurableError::Items {
+                context: format!("commit {generation}: extent {bytenr}"),
+                source,
+            })?
+        };
+        drop(displaced);
         let item_changes = changes.len();
         let tree_err = |what: &str| {
             let context = format!("{device}: commit {generation}: {what}");

@@ -101,6 +101,19 @@ enum Reason {
 }
 
 impl<S: Storage + Clone> DurableEngine<S> {
+    /// The commit policy in force.
+    pub fn policy(&self) -> CommitPolicy {
+        *lock(&self.policy)
+    }
+
+    /// Replaces the commit policy (the pending-op trigger is recomputed at
+    /// once; a running committer takes a new interval after its next
+    /// wake-up).
+    pub fn set_policy(&self, policy: CommitPolicy) {
+        *lock(&self.policy) = policy;
+        self.record_commit(0, Duration::ZERO);
+    }
+
     /// The pending-op count that starts a commit now (see the module docs).
     pub fn commit_trigger_ops(&self) -> u64 {
         self.trigger_ops.load(Ordering::Relaxed)
@@ -118,8 +131,9 @@ impl<S: Storage + Clone> DurableEngine<S> {
             return Ok(());
         }
         let trigger = self.commit_trigger_ops();
-        if pending >= 2 * trigger {
-            return self.throttle(2 * trigger);
+        let bound = trigger.saturating_mul(2);
+        if pending >= bound {
+            return self.throttle(bound);
         }
         if pending >= trigger || self.log_trigger() {
             self.kick_committer();
@@ -129,7 +143,8 @@ impl<S: Storage + Clone> DurableEngine<S> {
 
     fn log_trigger(&self) -> bool {
         let log = self.log();
-        log.used_bytes() * 100 >= log.log_bytes() * self.policy.log_used_pct_trigger
+        let pct = self.policy().log_used_pct_trigger;
+        log.used_bytes() * 100 >= log.log_bytes() * pct
     }
 
     /// Back-pressure: wait for the running commit; if the pending ops are
@@ -164,15 +179,15 @@ impl<S: Storage + Clone> DurableEngine<S> {
             self.op_cost_ps.store(ps.max(1), Ordering::Relaxed);
         }
         let ps = self.op_cost_ps.load(Ordering::Relaxed);
-        let by_time = self
-            .policy
+        let policy = self.policy();
+        let by_time = policy
             .commit_target_ms
             .saturating_mul(1_000_000_000)
             .checked_div(ps)
             .unwrap_or(u64::MAX);
         let trigger = by_time
-            .min(self.policy.pending_ops_trigger)
-            .max(TRIGGER_OPS_MIN.min(self.policy.pending_ops_trigger).max(1));
+            .min(policy.pending_ops_trigger)
+            .max(TRIGGER_OPS_MIN.min(policy.pending_ops_trigger).max(1));
         self.trigger_ops.store(trigger, Ordering::Relaxed);
     }
 
@@ -201,7 +216,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
     /// returns) or the first failed commit (returned; the engine is
     /// latched). Run one per engine, e.g. on a scoped thread.
     pub fn run_committer(&self) -> Result<CommitterStats> {
-        let interval = Duration::from_millis(self.policy.interval_ms.max(1));
+        let interval = Duration::from_millis(self.policy().interval_ms.max(1));
         let mut stats = CommitterStats::default();
         let mut last_start = Instant::now();
         loop {

@@ -5,12 +5,15 @@
 //! the durable engine (whose recovery writes a superblock), so they can be
 //! run on a device that needs recovery, and say what recovery would replay.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
 use refd_core::extent_tree::ExtentTree;
 use refd_durable::codec::decode_op;
-use refd_durable::{load_extents, read_newest_superblock, DurableEngine, FormatOptions};
+use refd_durable::{
+    load_extents, read_newest_superblock, scan_extents, DurableEngine, FormatOptions,
+};
 use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
 use refd_ioring::format::Superblock;
 use refd_ioring::{replay, Device, FileAllocation, UringConfig, UringStorage};
@@ -159,16 +162,16 @@ impl FsckReport {
     }
 }
 
-/// A device opened read-only: storage, newest superblock, and the tree with
-/// its committed extents when they could be loaded.
+/// A device opened read-only: storage, newest superblock, and the tree when
+/// it could be opened.
 struct Loaded {
     storage: Dev,
     sb: Superblock,
-    tree: Option<(BTree<Dev>, ExtentTree)>,
+    tree: Option<BTree<Dev>>,
 }
 
-/// Open the newest superblock, the tree and the committed extents, read
-/// only. Problems found on the way are recorded in `report`.
+/// Open the newest superblock and the tree, read only. Problems found on
+/// the way are recorded in `report`.
 fn load(path: &Path, report: &mut FsckReport) -> Result<Loaded, String> {
     let storage = open(path)?;
     report.device = path.display().to_string();
@@ -182,41 +185,24 @@ fn load(path: &Path, report: &mut FsckReport) -> Result<Loaded, String> {
     report.generation = sb.generation;
     report.slot = choice.slot;
     let tree = match BTree::open_superblock(storage.clone(), &sb, TreeConfig::default()) {
-        Ok(t) => t,
+        Ok(t) => Some(t),
         Err(e) => {
             report.problem(format!("extent tree of generation {}: {e}", sb.generation));
-            return Ok(Loaded {
-                storage,
-                sb,
-                tree: None,
-            });
+            None
         }
     };
-    match load_extents(&tree, &report.device) {
-        Ok(extents) => Ok(Loaded {
-            storage,
-            sb,
-            tree: Some((tree, extents)),
-        }),
-        Err(e) => {
-            report.problem(e.to_string());
-            Ok(Loaded {
-                storage,
-                sb,
-                tree: Some((tree, ExtentTree::new())),
-            })
-        }
-    }
+    Ok(Loaded { storage, sb, tree })
 }
 
 /// Check a device: superblocks, every tree node (checksum, address, key
 /// order, generation, no node referenced twice, allocator agreement), every
 /// extent (refs = sum of backrefs, counts, kinds) and the log (what
-/// recovery would replay, every record decodable).
+/// recovery would replay, every record decodable). Streams the extents:
+/// memory does not grow with the tree.
 pub fn fsck(path: &Path) -> Result<FsckReport, String> {
     let mut report = FsckReport::default();
     let Loaded { storage, sb, tree } = load(path, &mut report)?;
-    if let Some((tree, extents)) = tree {
+    if let Some(tree) = tree {
         match tree.check() {
             Ok(TreeCheck {
                 nodes,
@@ -230,12 +216,16 @@ pub fn fsck(path: &Path) -> Result<FsckReport, String> {
             }
             Err(e) => report.problem(format!("extent tree: {e}")),
         }
-        report.extents = extents.len();
-        report.refs = extents.total_refs();
-        for (bytenr, item) in extents.iter() {
-            if let Err(e) = item.check() {
-                report.problem(format!("extent {bytenr}: {e}"));
-            }
+        let (mut extents, mut refs) = (0usize, 0u64);
+        let scanned = scan_extents(&tree, &report.device, 0..=u64::MAX, |_, item| {
+            extents += 1;
+            refs += item.refs;
+            ControlFlow::Continue(())
+        });
+        report.extents = extents;
+        report.refs = refs;
+        if let Err(e) = scanned {
+            report.problem(e.to_string());
         }
     }
     match replay(&*storage, &sb) {
@@ -259,7 +249,8 @@ pub fn committed_tree(path: &Path) -> Result<ExtentTree, String> {
     let mut report = FsckReport::default();
     let loaded = load(path, &mut report)?;
     match (loaded.tree, report.problems.first()) {
-        (Some((_, extents)), None) => Ok(extents),
+        (Some(tree), None) => load_extents(&tree, &report.device)
+            .map_err(|e| format!("{}: {e} (run refctl fsck)", path.display())),
         (_, Some(p)) => Err(format!("{}: {p} (run refctl fsck)", path.display())),
         (None, None) => Err(format!("{}: no extent tree", path.display())),
     }

@@ -78,6 +78,9 @@ pub struct CommitReport {
     pub noop: usize,
     /// Heads held back by a seq barrier (requeued).
     pub held: usize,
+    /// Those heads, as requeued (a durable layer keeps them on disk: their
+    /// log records are trimmed with the rest of the transaction).
+    pub held_heads: Vec<Head>,
     /// Extents freed.
     pub freed: Vec<FreedExtent>,
     /// Heads refused.
@@ -248,6 +251,13 @@ impl<S: DelayedRefStore> Engine<S> {
         n
     }
 
+    /// Queue whole heads into the live transaction (re-stamped, see
+    /// [`DelayedRefStore::requeue`]): recovery of the heads a durable
+    /// commit held. Before any op is added.
+    pub fn requeue(&self, heads: Vec<Head>) {
+        self.store.requeue(heads);
+    }
+
     /// Quarantined heads kept (newest last, at most [`QUARANTINE_KEEP`]).
     pub fn quarantined(&self) -> Vec<QuarantinedHead> {
         self.quarantine
@@ -338,6 +348,7 @@ impl<S: DelayedRefStore> Engine<S> {
         report.applied = effects.len();
         report.held = held_idx.len();
         let held: Vec<Head> = held_idx.iter().map(|&i| heads[i].clone()).collect();
+        report.held_heads = held.clone();
         report.quarantined = quarantined_idx
             .into_iter()
             .map(|(i, error)| QuarantinedHead {
@@ -595,6 +606,71 @@ mod tests {
     #[test]
     fn seal_splits_ingest_lockfree() {
         seal_splits_ingest(LockFreeStore::with_config(4, 2));
+    }
+
+    /// Heads held by a barrier, requeued into a fresh store (recovery of a
+    /// durable commit's held heads) with an older clock's stamps, stay
+    /// older than the ops added after them: an extent_op queued later still
+    /// applies to the held allocation's life.
+    fn requeue_keeps_stamp_order<S: DelayedRefStore>(mk: impl Fn() -> S) {
+        use crate::model::{ExtentOp, BLOCK_FLAG_FULL_BACKREF};
+        let tree_op = |b: u64, seq: u64| {
+            Op::new(
+                b,
+                16384,
+                ExtentKind::Tree { level: 0 },
+                Action::AddExtent,
+                RefKey::TreeBlock { root: 5 },
+                seq,
+            )
+            .unwrap()
+        };
+        let a = Engine::new(mk());
+        let mut h = a.handle().unwrap();
+        // Push the clock: the held allocation gets a high stamp.
+        for i in 1..=20u64 {
+            h.add(&tree_op(i << 20, 0)).unwrap();
+        }
+        let guard = a.barrier().acquire();
+        h.add(&tree_op(4096, a.barrier().current())).unwrap();
+        let r = a.commit();
+        assert_eq!((r.applied, r.held, r.held_heads.len()), (20, 1, 1));
+        assert!(r.held_heads[0].summary.alloc_stamp > 20);
+        drop(guard);
+
+        let b = Engine::with_tree(mk(), a.tree().clone(), r.generation);
+        b.requeue(r.held_heads.clone());
+        assert_eq!(
+            b.lookup_extent_ref(4096).refs,
+            1,
+            "requeued head is pending"
+        );
+        let flags = Op::update_head(
+            4096,
+            16384,
+            ExtentKind::Tree { level: 0 },
+            ExtentOp {
+                flags_to_set: BLOCK_FLAG_FULL_BACKREF,
+                key: None,
+            },
+        )
+        .unwrap();
+        b.handle().unwrap().add(&flags).unwrap();
+        let rb = b.commit();
+        assert_eq!((rb.applied, rb.held, rb.quarantined.len()), (1, 0, 0));
+        let item = b.tree().get(4096).cloned().unwrap();
+        assert_eq!(item.refs, 1);
+        assert!(item.full_backref(), "the later extent_op applies");
+    }
+
+    #[test]
+    fn requeue_keeps_stamp_order_mutex() {
+        requeue_keeps_stamp_order(MutexStore::new);
+    }
+
+    #[test]
+    fn requeue_keeps_stamp_order_lockfree() {
+        requeue_keeps_stamp_order(|| LockFreeStore::with_config(4, 2));
     }
 
     #[test]

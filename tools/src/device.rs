@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use refd_core::extent_tree::ExtentTree;
 use refd_durable::codec::decode_op;
+use refd_durable::codec::EXTENT_BYTENR_MAX;
 use refd_durable::{
-    load_extents, read_newest_superblock, scan_extents, DurableEngine, FormatOptions,
+    load_extents, read_held, read_newest_superblock, scan_extents, DurableEngine, FormatOptions,
 };
 use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
 use refd_ioring::format::Superblock;
@@ -136,6 +137,8 @@ pub struct FsckReport {
     pub extents: usize,
     /// Sum of refs.
     pub refs: u64,
+    /// Heads the last commit held back (seq barrier), pending on disk.
+    pub held_heads: usize,
     /// Log batches that replay would apply.
     pub log_batches: usize,
     /// Log records (ops) that replay would apply.
@@ -217,7 +220,7 @@ pub fn fsck(path: &Path) -> Result<FsckReport, String> {
             Err(e) => report.problem(format!("extent tree: {e}")),
         }
         let (mut extents, mut refs) = (0usize, 0u64);
-        let scanned = scan_extents(&tree, &report.device, 0..=u64::MAX, |_, item| {
+        let scanned = scan_extents(&tree, &report.device, 0..=EXTENT_BYTENR_MAX, |_, item| {
             extents += 1;
             refs += item.refs;
             ControlFlow::Continue(())
@@ -226,6 +229,10 @@ pub fn fsck(path: &Path) -> Result<FsckReport, String> {
         report.refs = refs;
         if let Err(e) = scanned {
             report.problem(e.to_string());
+        }
+        match read_held(&tree, &report.device) {
+            Ok((heads, _)) => report.held_heads = heads.len(),
+            Err(e) => report.problem(e.to_string()),
         }
     }
     match replay(&*storage, &sb) {

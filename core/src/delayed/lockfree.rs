@@ -721,6 +721,14 @@ impl DelayedRefStore for LockFreeStore {
         }
     }
 
+    fn requeue(&self, mut heads: Vec<Head>) {
+        super::restamp(&mut heads, &self.clock);
+        let next = &self.index[parity(self.gen.live())];
+        next.begin_change();
+        next.lock_carry().extend(heads);
+        next.end_change();
+    }
+
     fn release(&self, held: Vec<Head>) {
         let live = self.gen.live();
         let g = live - 1;

@@ -137,6 +137,53 @@ pub trait DelayedRefStore: Send + Sync {
     /// Free what the last release hid (called outside the tree lock, before
     /// the next freeze). Stores that free inside `release` need nothing.
     fn reclaim_released(&self) {}
+
+    /// Queue whole heads into the live transaction, as a commit requeues
+    /// heads held by a seq barrier: for recovery, which reloads the heads a
+    /// durable commit held. Their stamps come from an earlier clock, so
+    /// they are re-stamped from this store's clock in their old order
+    /// ([`restamp`]). Call it before any op is added, so that the requeued
+    /// heads stay older than every op.
+    fn requeue(&self, heads: Vec<Head>);
+}
+
+/// Re-stamp `heads` from `clock`: every distinct non-zero stamp gets a
+/// fresh one, in the order of the old stamps, so that "latest allocation
+/// wins" and extent_op ordering are kept among them.
+pub fn restamp(heads: &mut [Head], clock: &StampClock) {
+    let mut old: Vec<u64> = heads
+        .iter()
+        .flat_map(|h| {
+            let s = &h.summary;
+            let e = s.extent_op.as_ref();
+            [
+                s.alloc_stamp,
+                e.map_or(0, |e| e.flags_stamp),
+                e.and_then(|e| e.key.map(|k| k.0)).unwrap_or(0),
+            ]
+        })
+        .filter(|&s| s != 0)
+        .collect();
+    old.sort_unstable();
+    old.dedup();
+    let new: Vec<u64> = old.iter().map(|_| clock.next()).collect();
+    let map = |s: u64| {
+        if s == 0 {
+            0
+        } else {
+            new[old.binary_search(&s).expect("every stamp was collected")]
+        }
+    };
+    for h in heads {
+        let s = &mut h.summary;
+        s.alloc_stamp = map(s.alloc_stamp);
+        if let Some(e) = s.extent_op.as_mut() {
+            e.flags_stamp = map(e.flags_stamp);
+            if let Some(k) = e.key.as_mut() {
+                k.0 = map(k.0);
+            }
+        }
+    }
 }
 
 /// The global stamp counter ordering allocations and extent_ops (see
@@ -145,12 +192,17 @@ pub trait DelayedRefStore: Send + Sync {
 pub struct StampClock(AtomicU64);
 
 impl StampClock {
+    /// A fresh stamp.
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
     /// The stamp of `op`: a fresh one for an allocation or an op carrying
     /// an extent_op, 0 otherwise.
     pub fn stamp(&self, op: &Op) -> u64 {
         let needs = op.action == Action::AddExtent || op.extent_op.is_some();
         if needs {
-            self.0.fetch_add(1, Ordering::AcqRel) + 1
+            self.next()
         } else {
             0
         }

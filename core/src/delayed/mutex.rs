@@ -164,10 +164,22 @@ impl DelayedRefStore for MutexStore {
         out
     }
 
+    fn requeue(&self, mut heads: Vec<Head>) {
+        super::restamp(&mut heads, &self.clock);
+        let mut inner = self.lock();
+        Self::merge_into_live(&mut inner, heads);
+    }
+
     fn release(&self, held: Vec<Head>) {
         let mut inner = self.lock();
         inner.released = inner.frozen.take();
-        for h in held {
+        Self::merge_into_live(&mut inner, held);
+    }
+}
+
+impl MutexStore {
+    fn merge_into_live(inner: &mut Inner, heads: Vec<Head>) {
+        for h in heads {
             match inner.live.get_mut(&h.bytenr) {
                 Some(live) => {
                     let mut merged = live.to_head(h.bytenr);

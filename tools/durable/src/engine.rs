@@ -136,13 +136,6 @@ pub enum DurableError {
         /// What differs.
         reason: String,
     },
-    /// A seq barrier is held: v1 cannot commit (nothing was changed;
-    /// release the barrier and retry).
-    #[error("{barriers} seq barriers held: the durable engine cannot commit held heads yet")]
-    BarrierHeld {
-        /// Barriers held.
-        barriers: usize,
-    },
     /// An earlier write or flush failed: nothing more is acknowledged;
     /// reopen the device (recovery replays the log).
     #[error("durable engine failed earlier, acknowledging nothing more: {first}")]
@@ -208,6 +201,8 @@ pub struct RecoveryInfo {
     pub extents_cached: usize,
     /// Ops replayed from the log into the core engine (now pending).
     pub ops_replayed: usize,
+    /// Heads the last commit held back (seq barrier), requeued (pending).
+    pub heads_held: usize,
     /// The log's replay report: where and why the log ended.
     pub replay: RecoveryReport,
     /// Generation written at open to claim any generation a lost commit
@@ -219,11 +214,12 @@ impl fmt::Display for RecoveryInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "recovered from superblock generation {} (slot {}), {} extents cached, {} ops \
-             replayed, claimed generation {}; log: {}",
+            "recovered from superblock generation {} (slot {}), {} extents cached, {} held \
+             heads requeued, {} ops replayed, claimed generation {}; log: {}",
             self.superblock_generation,
             self.superblock_slot,
             self.extents_cached,
+            self.heads_held,
             self.ops_replayed,
             self.claimed_generation,
             self.replay
@@ -353,6 +349,8 @@ pub(crate) struct CommitState {
     sb: Superblock,
     /// Generation of the next commit.
     next_generation: u64,
+    /// Chunks of the held-heads stream in the committed B+tree.
+    held_chunks: usize,
     totals: CommitTotals,
 }
 
@@ -486,11 +484,48 @@ pub fn scan_extents<S: Storage>(
 /// for tools and tests; the engine reads through [`scan_extents`].
 pub fn load_extents<S: Storage>(tree: &BTree<S>, device: &str) -> Result<ExtentTree> {
     let mut out = ExtentTree::new();
-    scan_extents(tree, device, 0..=u64::MAX, |b, item| {
+    scan_extents(tree, device, 0..=codec::EXTENT_BYTENR_MAX, |b, item| {
         out.insert(b, item);
         ControlFlow::Continue(())
     })?;
     Ok(out)
+}
+
+/// The held-heads stream of a committed B+tree, decoded, and its chunk
+/// count (chunks must be numbered 0, 1, ... without a gap).
+pub fn read_held<S: Storage>(tree: &BTree<S>, device: &str) -> Result<(Vec<Head>, usize)> {
+    let mut stream = Vec::new();
+    let mut chunks = 0u64;
+    let range = Key::new(codec::HELD_OBJECTID, codec::HELD_HEADS_KEY, 0)
+        ..=Key::new(codec::HELD_OBJECTID, codec::HELD_HEADS_KEY, u64::MAX);
+    for item in tree.range(range) {
+        let (key, value) = item.map_err(|source| DurableError::Tree {
+            context: format!("{device}: read held heads"),
+            source,
+        })?;
+        if key.offset != chunks {
+            return Err(DurableError::Items {
+                context: format!(
+                    "{device}: held heads chunk {} where {chunks} is due",
+                    key.offset
+                ),
+                source: CodecError::Invalid {
+                    field: "held heads chunk",
+                    value: key.offset,
+                },
+            });
+        }
+        stream.extend_from_slice(&value);
+        chunks += 1;
+    }
+    if chunks == 0 {
+        return Ok((Vec::new(), 0));
+    }
+    let heads = codec::decode_held(&stream).map_err(|source| DurableError::Items {
+        context: format!("{device}: held heads ({chunks} chunks)"),
+        source,
+    })?;
+    Ok((heads, chunks as usize))
 }
 
 /// The committed item of `bytenr` in `tree`.
@@ -673,7 +708,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
             })?;
         let mut cached = ExtentTree::new();
         let mut cache_complete = true;
-        scan_extents(&tree, &device, 0..=u64::MAX, |b, item| {
+        scan_extents(&tree, &device, 0..=codec::EXTENT_BYTENR_MAX, |b, item| {
             if cached.len() >= options.cache_extents_max {
                 cache_complete = false;
                 return ControlFlow::Break(());
@@ -693,6 +728,12 @@ impl<S: Storage + Clone> DurableEngine<S> {
         // (the generation stamped into extent items).
         let claimed_generation = sb.generation + 1;
         let engine = Engine::with_tree(LockFreeStore::new(), cached, claimed_generation);
+        // Heads the last commit held (seq barrier) go back first: their ops
+        // are older than every op in the log after the commit.
+        let (held, held_chunks) = read_held(&tree, &device)?;
+        let heads_held = held.len();
+        let held_refs: usize = held.iter().map(|h| h.refs.len().max(1)).sum();
+        engine.requeue(held);
         let mut ops_replayed = 0;
         {
             let mut h = engine.handle()?;
@@ -747,6 +788,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 .collect(),
             extents_cached,
             ops_replayed,
+            heads_held,
             replay: replayed.report().clone(),
             claimed_generation: claim.generation,
         };
@@ -763,13 +805,14 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 sb: claim,
                 next_generation,
                 totals: CommitTotals::default(),
+                held_chunks,
             }),
             failed: Mutex::new(None),
             inflight: RwLock::new(Arc::new(Vec::new())),
             cache_extents_max: options.cache_extents_max,
             cache_complete: AtomicBool::new(cache_complete),
             policy: Mutex::new(options.policy),
-            pending_ops: AtomicU64::new(ops_replayed as u64),
+            pending_ops: AtomicU64::new((ops_replayed + held_refs) as u64),
             trigger_ops: AtomicU64::new(options.policy.pending_ops_trigger),
             op_cost_ps: AtomicU64::new(0),
             committer: Mutex::new(CommitterFlags::default()),
@@ -898,13 +941,6 @@ impl<S: Storage + Clone> DurableEngine<S> {
 
     pub(crate) fn commit_locked(&self, st: &mut CommitState) -> Result<CommitSummary> {
         self.check_failed()?;
-        // Heads held back by a seq barrier are requeued in memory, but the
-        // trim at the end of this commit would drop their log records: v1
-        // refuses to commit while a barrier is held.
-        let barriers = self.engine.barrier().active();
-        if barriers > 0 {
-            return Err(DurableError::BarrierHeld { barriers });
-        }
         // 1. Cut + seal, atomically w.r.t. ingest: every op with an LSN
         // below the cut is in the sealed transaction, every later op in the
         // next one. Only this step (microseconds) holds the ingest lock;
@@ -941,6 +977,16 @@ impl<S: Storage + Clone> DurableEngine<S> {
         summary.ops = ops;
         summary.phases = phases;
         st.totals.add(t0, &summary);
+        // Requeued held heads are pending again (so the interval commits
+        // them once the barrier is gone).
+        let held_refs: usize = summary
+            .core
+            .held_heads
+            .iter()
+            .map(|h| h.refs.len().max(1))
+            .sum();
+        self.pending_ops
+            .fetch_add(held_refs as u64, Ordering::Relaxed);
         Ok(summary)
     }
 
@@ -994,16 +1040,6 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 ),
             });
         }
-        if core.held > 0 {
-            // A barrier was taken between the check and the freeze.
-            return Err(DurableError::Inconsistent {
-                reason: format!(
-                    "commit {generation}: {} heads held by a seq barrier taken during the \
-                     commit; their log records cannot be trimmed",
-                    core.held
-                ),
-            });
-        }
         // 2. Every record below the cut is durable.
         self.log
             .wait_for(cut.prev())
@@ -1014,7 +1050,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
         // 3. Tree nodes: the items of every extent the core engine changed
         // (its displaced items against the cache's new ones).
         let displaced = std::mem::take(&mut core.displaced);
-        let changes = {
+        let mut changes = {
             let tree = self.engine.tree();
             diff_all(&tree, &displaced).map_err(|(bytenr, source)| DurableError::Items {
                 context: format!("commit {generation}: extent {bytenr}"),
@@ -1022,6 +1058,25 @@ impl<S: Storage + Clone> DurableEngine<S> {
             })?
         };
         drop(displaced);
+        // Heads a seq barrier held are requeued in memory, and their log
+        // records are trimmed below: the B+tree keeps them instead (the
+        // whole held set replaces the last commit's), and recovery
+        // requeues them before replaying the log.
+        let held = if core.held_heads.is_empty() {
+            Vec::new()
+        } else {
+            codec::held_items(&codec::encode_held(&core.held_heads))
+        };
+        let held_chunks = held.len();
+        for (k, v) in held {
+            changes.push((k, Change::Put(v)));
+        }
+        for i in held_chunks..st.held_chunks {
+            changes.push((
+                Key::new(codec::HELD_OBJECTID, codec::HELD_HEADS_KEY, i as u64),
+                Change::Delete,
+            ));
+        }
         let item_changes = changes.len();
         let tree_err = |what: &str| {
             let context = format!("{device}: commit {generation}: {what}");
@@ -1066,6 +1121,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
         write_superblock(&self.storage, &sb)?;
         st.sb = sb;
         st.next_generation = generation + 1;
+        st.held_chunks = held_chunks;
         // 5. Only now: the dropped nodes and the log space are reusable.
         self.tree
             .release_pending(generation)
@@ -1159,8 +1215,8 @@ impl<S: Storage + Clone> DurableEngine<S> {
     }
 
     /// fsck: the B+tree's on-disk walk, every extent item decoded and
-    /// checked (streaming: memory is one extent), and every cached extent
-    /// equal to the B+tree's. Call between commits (it takes the commit
+    /// checked (streaming: memory is one extent), the held heads decoded,
+    /// and every cached extent equal to the B+tree's. Call between commits (it takes the commit
     /// lock).
     pub fn verify(&self) -> Result<TreeCheck> {
         let _st = lock(&self.commit);
@@ -1169,19 +1225,25 @@ impl<S: Storage + Clone> DurableEngine<S> {
             context: format!("{device}: check"),
             source,
         })?;
+        read_held(&self.tree, device)?;
         let cached = self.engine.tree();
         let mut matched = 0usize;
         let mut differs = None;
-        scan_extents(&self.tree, device, 0..=u64::MAX, |b, item| {
-            if let Some(c) = cached.get(b) {
-                if *c != item {
-                    differs = Some(b);
-                    return ControlFlow::Break(());
+        scan_extents(
+            &self.tree,
+            device,
+            0..=codec::EXTENT_BYTENR_MAX,
+            |b, item| {
+                if let Some(c) = cached.get(b) {
+                    if *c != item {
+                        differs = Some(b);
+                        return ControlFlow::Break(());
+                    }
+                    matched += 1;
                 }
-                matched += 1;
-            }
-            ControlFlow::Continue(())
-        })?;
+                ControlFlow::Continue(())
+            },
+        )?;
         if let Some(b) = differs {
             return Err(DurableError::Inconsistent {
                 reason: format!("extent {b}: the cached item differs from the B+tree's"),
@@ -1222,19 +1284,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(sb.generation, 2);
-        let opts = OpenOptions {
-            log: LogConfig {
-                batch_bytes_max: 64 << 10,
-                ..LogConfig::default()
-            },
-            ..OpenOptions::default()
-        };
-        let (e, info) = DurableEngine::open(Arc::clone(&dev), opts).unwrap();
+        let (e, info) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
         assert_eq!(
             (info.superblock_generation, info.claimed_generation),
             (2, 3)
         );
         (dev, e)
+    }
+
+    fn opts() -> OpenOptions {
+        OpenOptions {
+            log: LogConfig {
+                batch_bytes_max: 64 << 10,
+                ..LogConfig::default()
+            },
+            ..OpenOptions::default()
+        }
     }
 
     fn data(action: Action, objectid: u64) -> Op {
@@ -1254,15 +1319,9 @@ mod tests {
     }
 
     #[test]
-    fn commit_generations_and_barrier() {
+    fn commit_generations() {
         let (_dev, e) = setup();
         e.add_durable(&data(Action::AddExtent, 1)).unwrap();
-        let guard = e.core().barrier().acquire();
-        assert!(matches!(
-            e.commit(),
-            Err(DurableError::BarrierHeld { barriers: 1 })
-        ));
-        drop(guard);
         let s = e.commit().unwrap();
         assert_eq!(s.generation, 4, "one past the claimed generation");
         assert_eq!(e.superblock().generation, 4);
@@ -1273,6 +1332,56 @@ mod tests {
         bad.num_bytes = 0;
         assert!(matches!(e.add(&bad), Err(DurableError::Op(_))));
         assert!(e.failure().is_none());
+    }
+
+    /// Heads a seq barrier holds are committed into the B+tree (their log
+    /// records are trimmed), survive a power loss, are requeued by
+    /// recovery and run by the next commit, exactly once.
+    #[test]
+    fn held_heads_survive_a_crash() {
+        let (dev, e) = setup();
+        e.add_durable(&data(Action::AddExtent, 1)).unwrap();
+        e.commit().unwrap();
+        let guard = e.core().barrier().acquire();
+        let mut op = data(Action::AddRef, 2);
+        op.seq = e.core().barrier().current();
+        e.add_durable(&op).unwrap();
+        e.add_durable(&data(Action::AddRef, 3)).unwrap();
+        let s = e.commit().unwrap();
+        assert_eq!((s.core.held, s.core.applied), (1, 0), "{:?}", s.core);
+        assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 3);
+        // Committed again while still held: the held set is rewritten.
+        let s = e.commit().unwrap();
+        assert_eq!(s.core.held, 1);
+        assert_eq!(read_held(e.btree(), "sim").unwrap().0.len(), 1);
+        e.verify().unwrap();
+        assert_eq!(e.log().used_bytes(), 0, "the held ops' records are trimmed");
+        drop(guard);
+
+        let crashed: Dev = Arc::new(dev.crash());
+        drop(e);
+        let (e, info) = DurableEngine::open(Arc::clone(&crashed), opts()).unwrap();
+        assert_eq!((info.heads_held, info.ops_replayed), (1, 0), "{info}");
+        assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 3);
+        let s = e.commit().unwrap();
+        assert_eq!((s.core.held, s.core.applied), (0, 1));
+        let item = e
+            .committed_extents()
+            .unwrap()
+            .get(1 << 20)
+            .cloned()
+            .unwrap();
+        assert_eq!(item.refs, 3);
+        for obj in 1..=3 {
+            assert_eq!(item.count(&data(Action::AddRef, obj).key.unwrap()), 1);
+        }
+        // The held set is gone from the B+tree.
+        assert_eq!(read_held(e.btree(), "sim").unwrap(), (Vec::new(), 0));
+        e.verify().unwrap();
+        drop(e);
+        let (e, info) = DurableEngine::open(crashed, opts()).unwrap();
+        assert_eq!(info.heads_held, 0);
+        assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 3);
     }
 
     #[test]

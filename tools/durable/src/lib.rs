@@ -19,7 +19,7 @@ pub mod policy;
 
 pub use codec::CodecError;
 pub use engine::{
-    load_extents, read_newest_superblock, scan_extents, CommitPhases, CommitSummary, CommitTotals,
-    DurableEngine, DurableError, FormatOptions, OpenOptions, RecoveryInfo, Ticket,
+    load_extents, read_held, read_newest_superblock, scan_extents, CommitPhases, CommitSummary,
+    CommitTotals, DurableEngine, DurableError, FormatOptions, OpenOptions, RecoveryInfo, Ticket,
 };
 pub use policy::{CommitPolicy, CommitterStats};

@@ -114,6 +114,9 @@ struct Tally {
     commits: u64,
     keyed_refs_seen: u64,
     extents_freed: u64,
+    barriers: u64,
+    heads_held: u64,
+    heads_requeued: u64,
 }
 
 /// One issued op of the current incarnation.
@@ -220,12 +223,24 @@ fn workload(
     tally: &mut Tally,
 ) {
     // No commit on a full log here: `add` commits by itself (back-pressure).
+    // A seq barrier comes and goes: while it is held, some refs carry its
+    // seq, and commits hold their heads (kept in the B+tree, requeued by
+    // recovery).
+    let mut barrier = None;
     for _ in 0..STEPS {
+        if g.percent(3) {
+            barrier = match barrier {
+                Some(_) => None,
+                None => Some(e.core().barrier().acquire()),
+            };
+            tally.barriers += 1;
+        }
         if g.percent(5) {
             match e.commit() {
                 Ok(summary) => {
                     tally.commits += 1;
                     tally.extents_freed += summary.core.freed.len() as u64;
+                    tally.heads_held += summary.core.held as u64;
                     if g.percent(10) {
                         if let Err(x) = e.verify() {
                             panic!("verify after commit: {x}");
@@ -267,7 +282,10 @@ fn workload(
             (false, true) => Action::AddExtent,
             (false, false) => Action::AddRef,
         };
-        let o = op(k.0, action, k.1);
+        let mut o = op(k.0, action, k.1);
+        if barrier.is_some() && !fresh && g.percent(50) {
+            o.seq = e.core().barrier().current();
+        }
         // Mark the model now: a drop is issued only once per key.
         model
             .keys
@@ -378,7 +396,9 @@ fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
             tally.open_crashes += 1;
             dev = Arc::new(dev.crash());
         }
-        let e = open(&dev, cache_for(seed))?;
+        let (e, info) = DurableEngine::open(Arc::clone(&dev), options(cache_for(seed)))
+            .map_err(|e| format!("open: {e}"))?;
+        tally.heads_requeued += info.heads_held as u64;
         check_recovered(&e, &mut model, tally)?;
         // The failure to inject.
         let plan = if g.percent(70) {
@@ -453,6 +473,7 @@ fn deterministic_crashes() {
     assert!(tally.failures_injected > 0 && tally.acked > 0 && tally.unknown > 0);
     assert!(tally.keyed_refs_seen > 0, "keyed backrefs never exercised");
     assert!(tally.extents_freed > 0, "no extent was ever freed");
+    assert!(tally.heads_requeued > 0, "no held head was ever recovered");
 }
 
 /// Real threads: ingest threads add unique refs (durably or not) while a

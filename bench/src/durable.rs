@@ -449,10 +449,13 @@ fn probe_commit<S: Storage + Clone>(
     engine.set_policy(policy);
     if !quiet {
         eprintln!(
-            "probe: one commit of {} pending ops ({} heads) alone took {:.0} ms",
+            "probe: one commit of {} pending ops ({} heads) alone took {:.0} ms (core: run heads \
+             {:.0} ms, apply to the cache {:.0} ms)",
             summary.ops,
             summary.core.heads,
-            summary.phases.total.as_secs_f64() * 1e3
+            summary.phases.total.as_secs_f64() * 1e3,
+            summary.core.run_time.as_secs_f64() * 1e3,
+            summary.core.apply_time.as_secs_f64() * 1e3,
         );
     }
     Ok(summary)

@@ -473,10 +473,13 @@ fn run_heads(
             .enumerate()
             .map(|(k, part)| s.spawn(move || run_range(k * per, part)))
             .collect();
-        parts
-            .into_iter()
-            .flat_map(|p| p.join().expect("run worker panicked"))
-            .collect()
+        // Sized once: the outcomes are large (items), and growing a vector
+        // of them by doubling copies them into freshly faulted memory.
+        let mut out = Vec::with_capacity(heads.len());
+        for p in parts {
+            out.extend(p.join().expect("run worker panicked"));
+        }
+        out
     })
 }
 

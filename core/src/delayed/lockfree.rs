@@ -697,7 +697,21 @@ impl DelayedRefStore for LockFreeStore {
         );
         // Generation g is quiescent (`seal`): nothing writes its buffers or
         // its index until release; readers may still read them.
-        let mut out = Vec::new();
+        // Heads stored over the runs bound the merged count from above
+        // (staged ops add at most one head each): sized once instead of
+        // grown by doubling.
+        let idx = &self.index[parity(g)];
+        let stored: usize = idx.runs.iter().map(|r| r.value().heads).sum();
+        let staged: usize = self
+            .shards
+            .iter()
+            .filter(|s| s.gate.holds(g))
+            .map(|s| {
+                let st = &s.staging[parity(g)];
+                st.len.load(Ordering::Acquire).min(st.slots().len())
+            })
+            .sum();
+        let mut out = Vec::with_capacity(stored + staged + idx.lock_carry().len());
         self.merge_gen(g, |h| {
             let head = h.to_head();
             if !head.is_noop() {

@@ -383,6 +383,9 @@ pub struct DurableEngine<S: Storage + Clone> {
     pub(crate) policy: Mutex<CommitPolicy>,
     /// Ops added since the last seal (counted under the cut lock).
     pub(crate) pending_ops: AtomicU64,
+    /// Heads the last commit (or recovery) requeued because a seq barrier
+    /// held them.
+    pub(crate) heads_held: AtomicU64,
     /// Pending ops that start a commit (`crate::policy`).
     pub(crate) trigger_ops: AtomicU64,
     /// Measured commit time per op, picoseconds (0: not yet measured).
@@ -732,7 +735,6 @@ impl<S: Storage + Clone> DurableEngine<S> {
         // are older than every op in the log after the commit.
         let (held, held_chunks) = read_held(&tree, &device)?;
         let heads_held = held.len();
-        let held_refs: usize = held.iter().map(|h| h.refs.len().max(1)).sum();
         engine.requeue(held);
         let mut ops_replayed = 0;
         {
@@ -812,7 +814,8 @@ impl<S: Storage + Clone> DurableEngine<S> {
             cache_extents_max: options.cache_extents_max,
             cache_complete: AtomicBool::new(cache_complete),
             policy: Mutex::new(options.policy),
-            pending_ops: AtomicU64::new((ops_replayed + held_refs) as u64),
+            pending_ops: AtomicU64::new(ops_replayed as u64),
+            heads_held: AtomicU64::new(heads_held as u64),
             trigger_ops: AtomicU64::new(options.policy.pending_ops_trigger),
             op_cost_ps: AtomicU64::new(0),
             committer: Mutex::new(CommitterFlags::default()),
@@ -977,16 +980,12 @@ impl<S: Storage + Clone> DurableEngine<S> {
         summary.ops = ops;
         summary.phases = phases;
         st.totals.add(t0, &summary);
-        // Requeued held heads are pending again (so the interval commits
-        // them once the barrier is gone).
-        let held_refs: usize = summary
-            .core
-            .held_heads
-            .iter()
-            .map(|h| h.refs.len().max(1))
-            .sum();
-        self.pending_ops
-            .fetch_add(held_refs as u64, Ordering::Relaxed);
+        // Requeued held heads are pending again: the interval commits them
+        // once the barrier is gone. They do not count toward back-pressure
+        // (committing again would not free them; the barrier holder
+        // bounds them).
+        self.heads_held
+            .store(summary.core.held as u64, Ordering::Relaxed);
         Ok(summary)
     }
 

@@ -125,6 +125,13 @@ impl<S: Storage + Clone> DurableEngine<S> {
         self.pending_ops.load(Ordering::Relaxed)
     }
 
+    /// Heads the last commit (or recovery) requeued because a seq barrier
+    /// held them: pending too, committed by the interval (not counted in
+    /// [`DurableEngine::pending_ops`] or back-pressure).
+    pub fn heads_held(&self) -> u64 {
+        self.heads_held.load(Ordering::Relaxed)
+    }
+
     /// Called by an add that made `pending` ops pending, outside the cut
     /// lock: wake the committer, or apply back-pressure.
     pub(crate) fn after_add(&self, pending: u64) -> Result<()> {
@@ -242,13 +249,13 @@ impl<S: Storage + Clone> DurableEngine<S> {
             };
             let Some(reason) = reason else {
                 lock(&self.committer).stop = false;
-                if self.pending_ops() > 0 {
+                if self.pending_ops() > 0 || self.heads_held() > 0 {
                     self.commit_for_committer(&mut stats)?;
                 }
                 return Ok(stats);
             };
             last_start = Instant::now();
-            if self.pending_ops() == 0 && !self.log_trigger() {
+            if self.pending_ops() == 0 && self.heads_held() == 0 && !self.log_trigger() {
                 continue;
             }
             if self.commit_for_committer(&mut stats)? {
@@ -392,6 +399,38 @@ mod tests {
         assert!(stats.by_interval >= 1, "{stats:?}");
         assert_eq!(e.pending_ops(), 0);
         assert_eq!(e.committed_extents().unwrap().total_refs(), 100);
+    }
+
+    /// Held heads are committed by the interval once the barrier goes, and
+    /// do not count toward back-pressure while held.
+    #[test]
+    fn interval_commits_held_heads_after_the_barrier() {
+        let e = open(CommitPolicy {
+            interval_ms: 10,
+            ..CommitPolicy::default()
+        });
+        let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+            let t = Instant::now();
+            while !f() {
+                assert!(t.elapsed() < Duration::from_secs(10), "timed out: {what}");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        std::thread::scope(|s| {
+            let committer = s.spawn(|| e.run_committer());
+            e.add_durable(&op(0)).unwrap();
+            let guard = e.core().barrier().acquire();
+            let mut held = op(64);
+            held.seq = e.core().barrier().current();
+            e.add_durable(&held).unwrap();
+            wait_for("a commit holds the head", &|| e.heads_held() == 1);
+            assert_eq!(e.pending_ops(), 0, "held heads are not pending ops");
+            drop(guard);
+            wait_for("the interval runs it", &|| e.heads_held() == 0);
+            e.stop_committer();
+            committer.join().unwrap().unwrap();
+        });
+        assert_eq!(e.committed_extents().unwrap().total_refs(), 2);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! O_DIRECT file; every acknowledged op must survive recovery exactly once
 //! and the device must verify.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
 use refd_ioring::test_support::{LoopDevice, Scratch};
 
@@ -32,27 +33,11 @@ fn sigkill_rounds_on_a_loop_device() {
 }
 
 fn sigkill_rounds(dev: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_refd-bench"))
-        .args([
-            "crash",
-            "--rounds",
-            "4",
-            "--kill-after-ms-max",
-            "300",
-            "--json",
-            "--device",
-        ])
-        .arg(dev)
-        .output()
-        .expect("run refd-bench crash");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(out.status.success(), "{v}");
+    let (v, ok) = common::run_json(
+        &["crash", "--rounds", "4", "--kill-after-ms-max", "300"],
+        dev,
+    );
+    assert!(ok, "{v}");
     assert_eq!(v["rounds"], 4);
     assert_eq!(v["lost"], 0, "{v}");
     assert_eq!(v["duplicated"], 0, "{v}");

@@ -2,15 +2,15 @@
 //! every field the issue asks for (a small run: figures are measured by the
 //! benchmark itself, never asserted here).
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn durable_bench_reports() {
     let dev = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("durable-{}.img", std::process::id()));
     let _ = std::fs::remove_file(&dev);
-    let out = Command::new(env!("CARGO_BIN_EXE_refd-bench"))
-        .args([
+    let (v, ok) = common::run_json(
+        &[
             "durable",
             "--extents",
             "2000",
@@ -18,20 +18,10 @@ fn durable_bench_reports() {
             "20000",
             "--commit-interval-ms",
             "50",
-            "--json",
-            "--device",
-        ])
-        .arg(&dev)
-        .output()
-        .expect("run refd-bench durable");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(out.status.success(), "{v}");
+        ],
+        &dev,
+    );
+    assert!(ok, "{v}");
     assert_eq!(v["ops"], 20000, "every op acknowledged: {v}");
     for k in [
         "durable_ops_per_sec",
@@ -46,8 +36,8 @@ fn durable_bench_reports() {
     }
     // A timed run with generated walks and a small pending-op trigger: the
     // policy commits by count, every op is acknowledged.
-    let out = Command::new(env!("CARGO_BIN_EXE_refd-bench"))
-        .args([
+    let (v, ok) = common::run_json(
+        &[
             "durable",
             "--extents",
             "2000",
@@ -55,32 +45,17 @@ fn durable_bench_reports() {
             "1.5",
             "--pending-ops-trigger",
             "4096",
-            "--json",
-            "--device",
-        ])
-        .arg(&dev)
-        .output()
-        .expect("run refd-bench durable --duration-s");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(out.status.success(), "{v}");
+            "--probe-ops",
+            "10000",
+        ],
+        &dev,
+    );
+    assert!(ok, "{v}");
     assert!(v["ops"].as_u64().is_some_and(|n| n > 0), "{v}");
-    assert!(
-        v["commits_by_interval_pending_log"][1]
-            .as_u64()
-            .is_some_and(|n| n > 0),
-        "{v}"
-    );
-    assert!(
-        v["acked_by_second"]
-            .as_array()
-            .is_some_and(|a| !a.is_empty()),
-        "{v}"
-    );
+    let by_pending = &v["commits_by_interval_pending_log"][1];
+    assert!(by_pending.as_u64().is_some_and(|n| n > 0), "{v}");
+    let seconds = &v["acked_by_second"];
+    assert!(seconds.as_array().is_some_and(|a| !a.is_empty()), "{v}");
+    assert_eq!(v["probe_commit_ops"], 10000, "{v}");
     std::fs::remove_file(&dev).unwrap();
 }

@@ -549,6 +549,41 @@ fn read_extent<S: Storage>(
 /// Changed extents per thread below which a commit diffs on one thread.
 const PARALLEL_DIFF_MIN_EXTENTS: usize = 16 * 1024;
 
+/// `f` over `items` cut into one contiguous part per core (at least
+/// `per_worker_min` items each, else on this thread), outputs concatenated
+/// in order; the first error (in part order) is returned.
+fn par_chunks<T: Sync, R: Send, E: Send>(
+    items: &[T],
+    per_worker_min: usize,
+    f: impl Fn(&[T]) -> std::result::Result<Vec<R>, E> + Sync,
+) -> std::result::Result<Vec<R>, E> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len() / per_worker_min.max(1))
+        .max(1);
+    if workers == 1 {
+        return f(items);
+    }
+    let per = items.len().div_ceil(workers);
+    let f = &f;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items
+            .chunks(per)
+            .map(|part| s.spawn(move || f(part)))
+            .collect();
+        let mut out: Vec<R> = Vec::new();
+        for p in parts {
+            let part = p.join().expect("commit worker panicked")?;
+            if out.is_empty() {
+                out = part;
+            } else {
+                out.extend(part);
+            }
+        }
+        Ok(out)
+    })
+}
+
 /// The B+tree changes of a commit: for each `(bytenr, item before)` of
 /// `displaced` (sorted by bytenr), from that item to `tree`'s, on up to one
 /// thread per core. Sorted by key without sorting: keys begin with the
@@ -557,7 +592,8 @@ fn diff_all(
     tree: &ExtentTree,
     displaced: &[(u64, Option<ExtentItem>)],
 ) -> Result<Vec<(Key, Change)>, (u64, CodecError)> {
-    let diff = |part: &[(u64, Option<ExtentItem>)]| {
+    debug_assert!(displaced.windows(2).all(|w| w[0].0 < w[1].0));
+    par_chunks(displaced, PARALLEL_DIFF_MIN_EXTENTS, |part| {
         // Most extents change only their extent item.
         let mut out = Vec::with_capacity(part.len() * 9 / 8);
         for (bytenr, old) in part {
@@ -565,31 +601,6 @@ fn diff_all(
             if old.as_ref() != new {
                 codec::diff_extent(*bytenr, old.as_ref(), new, &mut out)
                     .map_err(|e| (*bytenr, e))?;
-            }
-        }
-        Ok(out)
-    };
-    debug_assert!(displaced.windows(2).all(|w| w[0].0 < w[1].0));
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(displaced.len() / PARALLEL_DIFF_MIN_EXTENTS)
-        .max(1);
-    if workers == 1 {
-        return diff(displaced);
-    }
-    let per = displaced.len().div_ceil(workers);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = displaced
-            .chunks(per)
-            .map(|part| s.spawn(move || diff(part)))
-            .collect();
-        let mut out = Vec::new();
-        for p in parts {
-            let part = p.join().expect("diff worker panicked")?;
-            if out.is_empty() {
-                out = part;
-            } else {
-                out.extend(part);
             }
         }
         Ok(out)
@@ -602,27 +613,8 @@ fn read_extents<S: Storage>(
     device: &str,
     bytenrs: &[u64],
 ) -> Result<Vec<Option<ExtentItem>>> {
-    let read = |part: &[u64]| -> Result<Vec<Option<ExtentItem>>> {
+    par_chunks(bytenrs, PARALLEL_READ_MIN_EXTENTS, |part| {
         part.iter().map(|&b| read_extent(tree, device, b)).collect()
-    };
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(bytenrs.len() / PARALLEL_READ_MIN_EXTENTS)
-        .max(1);
-    if workers == 1 {
-        return read(bytenrs);
-    }
-    let per = bytenrs.len().div_ceil(workers);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = bytenrs
-            .chunks(per)
-            .map(|part| s.spawn(move || read(part)))
-            .collect();
-        let mut out = Vec::with_capacity(bytenrs.len());
-        for p in parts {
-            out.extend(p.join().expect("extent reader panicked")?);
-        }
-        Ok(out)
     })
 }
 

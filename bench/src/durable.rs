@@ -116,9 +116,9 @@ pub struct DurableReport {
     pub commit_ms_mean: f64,
     /// Mean ops per commit.
     pub commit_ops_mean: f64,
-    /// Mean time per commit step (ms): freeze, items, run, apply, write,
-    /// superblock.
-    pub commit_phase_ms_mean: [f64; 6],
+    /// Mean time per commit step (ms): freeze, items, run, diff, apply,
+    /// write, superblock.
+    pub commit_phase_ms_mean: [f64; 7],
     /// Measured commit time per op (ns), the commit policy's estimate.
     pub commit_ns_per_op: f64,
     /// The pending-op trigger the policy ended at.
@@ -141,8 +141,9 @@ pub struct DurableReport {
     pub probe_commit_heads: usize,
     /// ... its length (ms).
     pub probe_commit_ms: f64,
-    /// ... per step (ms): freeze, items, run, apply, write, superblock.
-    pub probe_commit_phase_ms: [f64; 6],
+    /// ... per step (ms): freeze, items, run, diff, apply, write,
+    /// superblock.
+    pub probe_commit_phase_ms: [f64; 7],
 }
 
 /// The device's own durable sequential write rate: 256 KiB durable writes
@@ -387,8 +388,16 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         commit_ms_max: ms(totals.longest),
         commit_ms_mean: ms(p.total) / commits,
         commit_ops_mean: totals.ops as f64 / commits,
-        commit_phase_ms_mean: [p.freeze, p.items, p.run, p.apply, p.write, p.superblock]
-            .map(|d| ms(d) / commits),
+        commit_phase_ms_mean: [
+            p.freeze,
+            p.items,
+            p.run,
+            p.diff,
+            p.apply,
+            p.write,
+            p.superblock,
+        ]
+        .map(|d| ms(d) / commits),
         commit_ns_per_op: engine.commit_cost_ps_per_op() as f64 / 1e3,
         commit_trigger_ops: engine.commit_trigger_ops(),
         commits_by_interval_pending_log: [stats.by_interval, stats.by_pending, stats.by_log],
@@ -400,9 +409,18 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         probe_commit_ops: probe.as_ref().map_or(0, |p| p.ops),
         probe_commit_heads: probe.as_ref().map_or(0, |p| p.core.heads),
         probe_commit_ms: probe.as_ref().map_or(0.0, |p| ms(p.phases.total)),
-        probe_commit_phase_ms: probe.as_ref().map_or([0.0; 6], |p| {
+        probe_commit_phase_ms: probe.as_ref().map_or([0.0; 7], |p| {
             let q = &p.phases;
-            [q.freeze, q.items, q.run, q.apply, q.write, q.superblock].map(ms)
+            [
+                q.freeze,
+                q.items,
+                q.run,
+                q.diff,
+                q.apply,
+                q.write,
+                q.superblock,
+            ]
+            .map(ms)
         }),
     })
 }

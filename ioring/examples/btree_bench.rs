@@ -3,14 +3,16 @@
 //! ```text
 //! cargo run --release -p refd-ioring --example btree_bench -- \
 //!     [--items 1000000] [--value-bytes 64] [--chunk 100000] [--region-mib 512] \
-//!     [--dir target/refd-btree-bench]
+//!     [--updates 600000] [--rounds 3] [--dir target/refd-btree-bench]
 //! ```
 //!
 //! Applies `--items` sorted inserts of `--value-bytes`-byte values with
 //! `apply_sorted` in chunks of `--chunk`, commits once (all dirty nodes in
 //! address order, then a flush), writes the superblock durably, and prints
-//! the time of each phase; then reopens and runs `check`. Measures; asserts
-//! nothing.
+//! the time of each phase; then `--rounds` transactions of `--updates`
+//! replaced values spread evenly over the keys (a durable commit's shape
+//! under uniform load: every leaf touched), one `apply_sorted` and one
+//! commit each; then reopens and runs `check`. Measures; asserts nothing.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +28,8 @@ struct Args {
     value_bytes: usize,
     chunk: u64,
     region_mib: u64,
+    updates: u64,
+    rounds: u64,
     dir: PathBuf,
 }
 
@@ -35,6 +39,8 @@ fn parse_args() -> Result<Args, String> {
         value_bytes: 64,
         chunk: 100_000,
         region_mib: 512,
+        updates: 0,
+        rounds: 3,
         dir: PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../target/refd-btree-bench"
@@ -53,6 +59,8 @@ fn parse_args() -> Result<Args, String> {
             "--value-bytes" => a.value_bytes = num()? as usize,
             "--chunk" => a.chunk = num()?.max(1),
             "--region-mib" => a.region_mib = num()?.max(1),
+            "--updates" => a.updates = num()?,
+            "--rounds" => a.rounds = num()?,
             "--dir" => a.dir = PathBuf::from(&value),
             _ => return Err(format!("unknown flag {flag}")),
         }
@@ -91,7 +99,7 @@ fn run(
     );
     dev.write_durable(sb.addr(), &sb.encode()?)?;
     let config = TreeConfig {
-        cache_bytes: 64 << 20,
+        cache_bytes: 256 << 20,
         ..TreeConfig::default()
     };
     let tree = BTree::open_superblock(dev, &sb, config)?;
@@ -127,6 +135,37 @@ fn run(
     tree.release_pending(sb.generation)?;
     let sb_s = t_sb.elapsed().as_secs_f64();
     let total_s = started.elapsed().as_secs_f64();
+    let mut update_lines = Vec::new();
+    if args.updates > 0 && args.items > 0 {
+        let step = (args.items / args.updates.min(args.items)).max(1);
+        for round in 0..args.rounds {
+            let changes: Vec<(Key, Change)> = (0..args.items)
+                .step_by(step as usize)
+                .map(|i| {
+                    let mut v = vec![1u8; args.value_bytes];
+                    let n = v.len().min(8);
+                    v[..n].copy_from_slice(&(i ^ round).to_le_bytes()[..n]);
+                    (Key::new(i * 4096, 168, 4096), Change::Put(v))
+                })
+                .collect();
+            let n = changes.len();
+            let t0 = Instant::now();
+            tree.apply_sorted(changes)?;
+            let apply = t0.elapsed().as_secs_f64();
+            sb.generation += 1;
+            let t1 = Instant::now();
+            let info = tree.commit(sb.generation)?;
+            let commit = t1.elapsed().as_secs_f64();
+            info.apply_to(&mut sb);
+            tree.storage().write_durable(sb.addr(), &sb.encode()?)?;
+            tree.release_pending(sb.generation)?;
+            update_lines.push(format!(
+                "  update round {round}: {n} replaced values, apply_sorted {apply:.3} s, \
+                 commit {commit:.3} s ({} nodes)",
+                info.nodes_written
+            ));
+        }
+    }
     drop(tree);
 
     let device = Device::open(path, REGION_START + region_bytes)?;
@@ -151,6 +190,9 @@ fn run(
         total_s - build_s,
         args.items as f64 / (total_s - build_s)
     );
+    for l in &update_lines {
+        println!("{l}");
+    }
     println!(
         "  tree: {} levels, {} leaves, {} nodes, {} items; reopen + check {check_s:.3} s",
         check.levels, check.leaves, check.nodes, check.items

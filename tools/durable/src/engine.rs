@@ -292,6 +292,7 @@ impl CommitTotals {
         p.freeze += q.freeze;
         p.items += q.items;
         p.run += q.run;
+        p.diff += q.diff;
         p.apply += q.apply;
         p.write += q.write;
         p.superblock += q.superblock;
@@ -308,7 +309,10 @@ pub struct CommitPhases {
     pub items: Duration,
     /// Core: run heads, apply to the cache.
     pub run: Duration,
-    /// Wait for the log below the cut; item diffs; B+tree apply.
+    /// Wait for the log below the cut; item diffs (changed extents
+    /// against their displaced items, encoded).
+    pub diff: Duration,
+    /// B+tree apply of the item changes; cache eviction.
     pub apply: Duration,
     /// B+tree node writes + flush.
     pub write: Duration,
@@ -1049,6 +1053,8 @@ impl<S: Storage + Clone> DurableEngine<S> {
             })?
         };
         drop(displaced);
+        phases.diff = t_apply.elapsed();
+        let t_apply = Instant::now();
         // Heads a seq barrier held are requeued in memory, and their log
         // records are trimmed below: the B+tree keeps them instead (the
         // whole held set replaces the last commit's), and recovery

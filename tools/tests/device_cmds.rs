@@ -54,7 +54,8 @@ fn data(bytenr: u64, action: Action, objectid: u64) -> Op {
     .unwrap()
 }
 
-/// Write 50 extents (one with 300 refs, spilling into keyed items), commit,
+/// Write 50 extents (one with 300 refs, spilling into keyed items), commit
+/// with one ref held by a seq barrier (kept in the tree as a held head),
 /// then queue more ops that stay only in the log.
 fn populate(p: &Path) {
     let device = Device::open(p, 0).expect("open image");
@@ -71,6 +72,13 @@ fn populate(p: &Path) {
             .unwrap();
     }
     engine.commit().expect("commit");
+    let barrier = engine.core().barrier().acquire();
+    let mut held = data((1 << 30) + 4096, Action::AddRef, 5000);
+    held.seq = engine.core().barrier().current();
+    engine.add_durable(&held).unwrap();
+    let s = engine.commit().expect("commit with a held head");
+    assert_eq!(s.core.held, 1);
+    drop(barrier);
     for e in 0..5u64 {
         engine
             .add_durable(&data((1 << 30) + e * 4096, Action::AddRef, 999))
@@ -96,6 +104,7 @@ fn format_fsck_dump_and_corruption() {
     assert_eq!(v["clean"], true);
     assert_eq!(v["extents"], 50);
     assert_eq!(v["refs"], 350);
+    assert_eq!(v["held_heads"], 1);
     assert_eq!(
         v["log_records"], 5,
         "ops only in the log are what recovery would replay: {v}"

@@ -48,7 +48,6 @@ pub mod sim;
 pub mod storage;
 pub mod uring;
 
-mod rng;
 pub mod test_support;
 
 pub use aligned::{AlignedBuf, AlignedBufError, BLOCK_BYTES};

@@ -23,8 +23,10 @@
 //! unknown), and a failed flush leaves pending data pending, so a later
 //! crash may persist any part of it. [`SimStorage::flip_bit`] corrupts media.
 //!
-//! Everything random derives from [`SimConfig::seed`] through a portable
-//! PRNG, so a failing seed reproduces the same crash image on every machine.
+//! Everything random derives from [`SimConfig::seed`] through
+//! `rand_chacha`'s [`ChaCha8Rng`], whose output is value-stable across
+//! platforms and releases, so a failing seed reproduces the same crash
+//! image on every machine.
 //! Pending versions per sector are bounded by [`PENDING_VERSIONS_MAX`]; older
 //! ones are dropped, as a real cache coalesces rewrites of the same sector.
 
@@ -33,8 +35,10 @@ use std::io;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
+
 use crate::device::{Geometry, GeometryError};
-use crate::rng::Rng;
 use crate::storage::{
     check_range, check_read_batch, check_write_batch, FailureLatch, IoFailure, IoOp, Storage,
     StorageError,
@@ -200,7 +204,7 @@ struct SimState {
     current: Vec<u8>,
     /// Unflushed versions per sector index, oldest first.
     pending: BTreeMap<u64, Vec<Box<[u8]>>>,
-    rng: Rng,
+    rng: ChaCha8Rng,
     faults: FaultTargets,
     counters: SimCounters,
 }
@@ -235,7 +239,7 @@ impl SimStorage {
                 size_bytes: config.geometry.size_bytes,
             });
         }
-        let rng = Rng::new(config.seed);
+        let rng = ChaCha8Rng::seed_from_u64(config.seed);
         Ok(Self {
             state: Mutex::new(SimState {
                 current: image.clone(),
@@ -331,15 +335,15 @@ impl SimStorage {
                 CrashPolicy::LoseAll => {}
                 CrashPolicy::KeepAll => target.copy_from_slice(latest),
                 CrashPolicy::Random => {
-                    let pick = rng.below(versions.len() as u64 + 1) as usize;
+                    let pick = rng.gen_range(0..=versions.len());
                     if pick == 0 {
                         continue;
                     }
                     let new = &versions[pick - 1];
-                    if units > 1 && rng.chance(self.config.torn_probability) {
+                    if units > 1 && rng.gen_bool(self.config.torn_probability) {
                         // Prefix of the new version over the content it
                         // replaced (the previous version, or the media).
-                        let cut = unit * (1 + rng.below(units as u64 - 1) as usize);
+                        let cut = unit * rng.gen_range(1..units);
                         if pick >= 2 {
                             target.copy_from_slice(&versions[pick - 2]);
                         }
@@ -350,7 +354,7 @@ impl SimStorage {
                 }
             }
         }
-        let seed = rng.next_u64();
+        let seed = rng.gen::<u64>();
         drop(st);
         let config = SimConfig {
             seed,
@@ -360,7 +364,7 @@ impl SimStorage {
             current: image.clone(),
             durable: image,
             pending: BTreeMap::new(),
-            rng: Rng::new(seed),
+            rng: ChaCha8Rng::seed_from_u64(seed),
             faults: FaultTargets {
                 write_at: None,
                 flush_at: None,
@@ -410,8 +414,8 @@ impl SimStorage {
         }
         let (offset, bit) = {
             let mut st = self.state();
-            let offset = range.start + st.rng.below(range.end - range.start);
-            (offset, st.rng.below(8) as u8)
+            let offset = st.rng.gen_range(range);
+            (offset, st.rng.gen_range(0..8u8))
         };
         self.flip_bit(offset, bit)?;
         Ok((offset, bit))
@@ -709,7 +713,7 @@ mod tests {
     fn crashes_are_reproducible_from_the_seed() {
         let run = |seed: u64| {
             let s = sim(seed);
-            let mut rng = Rng::new(seed);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
             for i in 0..64u64 {
                 let data = random_bytes(&mut rng, 4096);
                 s.write(i * 4096, &data).expect("w");

@@ -13,7 +13,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[cfg(test)]
-use crate::rng::Rng;
+use rand::RngCore as _;
+#[cfg(test)]
+use rand_chacha::ChaCha8Rng;
 
 static SCRATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -201,7 +203,7 @@ impl Drop for LoopDevice {
 
 /// Deterministic pseudo-random bytes for test data.
 #[cfg(test)]
-pub(crate) fn random_bytes(rng: &mut Rng, len: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(rng: &mut ChaCha8Rng, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
     rng.fill_bytes(&mut out);
     out

@@ -895,8 +895,9 @@ impl Storage for UringStorage {
 mod tests {
     use super::*;
     use crate::device::FileAllocation;
-    use crate::rng::Rng;
     use crate::test_support::{random_bytes, LoopDevice, Scratch};
+    use rand::{Rng as _, SeedableRng as _};
+    use rand_chacha::ChaCha8Rng;
     use std::collections::BTreeMap;
     use std::io::Read as _;
     use std::os::unix::fs::FileExt as _;
@@ -1025,13 +1026,13 @@ mod tests {
         let s = &t.storage;
         let block = u64::from(s.geometry().logical_block_bytes);
         let mut model = vec![0u8; size_bytes as usize];
-        let mut rng = Rng::new(0x5EED);
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5EED);
         for round in 0..40 {
             // Non-overlapping entries: pick distinct 64 KiB regions.
-            let entries = 1 + rng.below(12) as usize;
+            let entries = rng.gen_range(1..=12);
             let mut regions: Vec<u64> = Vec::new();
             while regions.len() < entries {
-                let r = rng.below(size_bytes / (64 << 10));
+                let r = rng.gen_range(0..size_bytes / (64 << 10));
                 if !regions.contains(&r) {
                     regions.push(r);
                 }
@@ -1040,8 +1041,8 @@ mod tests {
                 .iter()
                 .map(|r| {
                     let blocks_max = (64 << 10) / block;
-                    let first = rng.below(blocks_max);
-                    let count = 1 + rng.below(blocks_max - first);
+                    let first = rng.gen_range(0..blocks_max);
+                    let count = rng.gen_range(1..=blocks_max - first);
                     let offset = r * (64 << 10) + first * block;
                     (offset, random_bytes(&mut rng, (count * block) as usize))
                 })
@@ -1108,7 +1109,7 @@ mod tests {
         };
         let s = file_storage(&scratch, "plain.img", 1 << 20, config);
         assert!(!s.uses_fixed_buffers());
-        let mut rng = Rng::new(3);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
         let raw = random_bytes(&mut rng, 3 * 4096 + 3);
         let data = &raw[3..];
         s.write(4096, data).expect("write");
@@ -1183,7 +1184,7 @@ mod tests {
         std::thread::scope(|scope| {
             for id in 0..threads {
                 scope.spawn(move || {
-                    let mut rng = Rng::new(100 + id);
+                    let mut rng = ChaCha8Rng::seed_from_u64(100 + id);
                     for i in 0..24u64 {
                         let offset = id * region + (i % 16) * (region / 16);
                         let mut data = random_bytes(&mut rng, 16 << 10);
@@ -1215,7 +1216,7 @@ mod tests {
             return;
         };
         let path = scratch.path().join("durable.img");
-        let mut rng = Rng::new(11);
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
         let a = random_bytes(&mut rng, 64 << 10);
         let b = random_bytes(&mut rng, 4096);
         {
@@ -1577,13 +1578,13 @@ mod tests {
                 register_buffers: true,
             },
         );
-        let mut rng = Rng::new(99);
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
         let blocks = (16 << 20) / 4096u64;
         let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         for _ in 0..2 {
             let mut chosen: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
             while chosen.len() < 300 {
-                let b = rng.below(blocks);
+                let b = rng.gen_range(0..blocks);
                 chosen
                     .entry(b)
                     .or_insert_with(|| random_bytes(&mut rng, 4096));

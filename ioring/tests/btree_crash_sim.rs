@@ -103,7 +103,7 @@ struct Outcome {
 }
 
 fn run_seed(seed: u64) -> Result<Outcome, String> {
-    let mut g = Gen(seed);
+    let mut g = Gen::new(seed);
     let sim = SimStorage::new(SimConfig::new(
         REGION_START + REGION_NODES * NODE_BYTES as u64,
         seed,

@@ -62,7 +62,7 @@ fn commit_reopen_check_on_a_file() {
     write_superblock(&dev, &sb).expect("format");
     let tree = BTree::open_superblock(dev, &sb, config()).expect("open");
     let mut model: BTreeMap<Key, Vec<u8>> = BTreeMap::new();
-    let mut g = Gen(42);
+    let mut g = Gen::new(42);
     let changes: Vec<_> = (0..50_000u64)
         .map(|i| {
             let v = vec![(i % 256) as u8; 64];

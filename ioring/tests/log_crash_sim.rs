@@ -360,7 +360,7 @@ impl Run<'_> {
 }
 
 fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
-    let mut gen = Gen(seed);
+    let mut gen = Gen::new(seed);
     let (log_bytes, config) = config_for(&mut gen, seed);
     let mut sim_config = SimConfig::new(device_bytes(log_bytes), seed);
     sim_config.torn_probability = [0.0, 0.2, 0.5][gen.below(3) as usize];
@@ -515,7 +515,7 @@ fn threaded_crashes() {
     let started = Instant::now();
     let mut crashed_runs = 0;
     for seed in 0..seeds {
-        let mut gen = Gen(seed ^ 0x7EAD);
+        let mut gen = Gen::new(seed ^ 0x7EAD);
         let log_bytes = [64u64 << 10, 256 << 10][gen.below(2) as usize];
         let config = LogConfig {
             batch_bytes_max: 16 << 10,
@@ -552,7 +552,7 @@ fn threaded_crashes() {
                 let submitted = Arc::clone(&submitted);
                 let acked = Arc::clone(&acked);
                 let storage = Arc::clone(&storage);
-                let mut gen = Gen(seed * 31 + t);
+                let mut gen = Gen::new(seed * 31 + t);
                 thread::spawn(move || {
                     let mut window: Vec<(u64, Ticket<Arc<CrashAt>>)> = Vec::new();
                     for i in 0..PER_THREAD {

@@ -101,7 +101,7 @@ fn append_wrap_reopen_replay_on_a_file() {
             let log = log.clone();
             let acked = Arc::clone(&acked);
             thread::spawn(move || {
-                let mut gen = Gen(t);
+                let mut gen = Gen::new(t);
                 let mut window = Vec::new();
                 for i in 0..PER_THREAD {
                     let id = (t << 32) | i;

@@ -9,6 +9,8 @@
 //! This is also the reference for how the log and recovery are expected to
 //! use `Storage`, `encode_batch`/`decode_batch` and `pick_newest`.
 
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
 use refd_ioring::format::{
     decode_batch, decode_batch_header, encode_batch, pick_newest, superblock_addr_for_generation,
     FormatError, FsId, Layout, Superblock, SUPERBLOCK_BYTES, SUPERBLOCK_SLOT_ADDRS,
@@ -19,23 +21,6 @@ const DEVICE_BYTES: u64 = 4 << 20;
 const LOG_START: u64 = 8192;
 const LOG_BYTES: u64 = 1 << 20;
 const FS: FsId = FsId([9; 16]);
-
-/// Small deterministic generator for the test's own choices.
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self) -> u64 {
-        // SplitMix64.
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn physical(log_offset: u64) -> u64 {
     LOG_START + log_offset % LOG_BYTES
@@ -75,11 +60,11 @@ struct Written {
     records: Vec<Vec<u8>>,
 }
 
-fn append(dev: &SimStorage, gen: &mut Gen, lsn: u64, log_offset: u64) -> Written {
-    let count = 1 + gen.below(6) as usize;
+fn append(dev: &SimStorage, gen: &mut ChaCha8Rng, lsn: u64, log_offset: u64) -> Written {
+    let count = gen.gen_range(1..=6);
     let records: Vec<Vec<u8>> = (0..count)
         .map(|i| {
-            let len = gen.below(6000) as usize;
+            let len = gen.gen_range(0..6000);
             (0..len)
                 .map(|j| (lsn as usize * 31 + i * 7 + j) as u8)
                 .collect()
@@ -135,7 +120,7 @@ fn replay_after_crash_returns_every_acknowledged_batch() {
         config.torn_probability = 0.3;
         let dev = SimStorage::new(config).expect("sim");
         let geometry = dev.geometry();
-        let mut gen = Gen(seed);
+        let mut gen = ChaCha8Rng::seed_from_u64(seed);
 
         // An earlier lap: batches at logical offsets 0.. filling the region.
         let mut lsn = 1u64;
@@ -160,16 +145,16 @@ fn replay_after_crash_returns_every_acknowledged_batch() {
         let mut written = Vec::new();
         let mut acked = 0usize;
         let mut offset = head;
-        let batches = 1 + gen.below(20);
+        let batches = gen.gen_range(1..=20);
         for _ in 0..batches {
             let w = append(&dev, &mut gen, lsn, offset);
             offset += encoded_len(&w);
             lsn += 1;
             written.push(w);
-            if gen.below(3) == 0 {
+            if gen.gen_ratio(1, 3) {
                 dev.flush().expect("flush");
                 acked = written.len();
-                if gen.below(2) == 0 {
+                if gen.gen_bool(0.5) {
                     sb_generation += 1;
                     write_superblock_durable(
                         &dev,
@@ -179,7 +164,7 @@ fn replay_after_crash_returns_every_acknowledged_batch() {
             }
         }
         // Sometimes a superblock write is in the volatile cache at the crash.
-        let unflushed_sb = gen.below(2) == 0;
+        let unflushed_sb = gen.gen_bool(0.5);
         if unflushed_sb {
             let sb = superblock(geometry, sb_generation + 1, head, head_lsn);
             dev.write(sb.addr(), &sb.encode().expect("encode"))

@@ -6,6 +6,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
+
 use super::*;
 use crate::format::{FsId, Layout, Superblock, NODE_BYTES};
 use crate::{CrashPolicy, FaultPlan, Geometry, IoFailure, SimConfig, SimStorage, Storage};
@@ -246,17 +249,17 @@ fn ring_wraps_with_lap_skips_over_many_laps() {
     let log_bytes = 64 << 10;
     let (log, mut sb) = fresh(log_bytes, LogConfig::default());
     let dev = Arc::clone(log.storage());
-    let mut rng = crate::rng::Rng::new(7);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut expected: Vec<(Lsn, Vec<u8>)> = Vec::new();
     let mut id = 0u64;
     for round in 0..300 {
-        let n = 1 + rng.below(6);
+        let n = rng.gen_range(1..=6);
         let mut tickets = Vec::new();
         for _ in 0..n {
-            let len = if rng.chance(0.3) {
-                4000 + rng.below(20_000) as usize
+            let len = if rng.gen_bool(0.3) {
+                rng.gen_range(4000..24_000)
             } else {
-                rng.below(300) as usize
+                rng.gen_range(0..300)
             };
             if log.used_bytes() + 2 * (len as u64 + 4096) + 4096 > log_bytes {
                 log.sync().expect("sync");
@@ -275,9 +278,9 @@ fn ring_wraps_with_lap_skips_over_many_laps() {
         assert_eq!(replayed(&r), expected, "round {round}");
         assert_eq!(r.end().lsn, log.durable_lsn().next());
         // Sometimes checkpoint at a random durable LSN.
-        if rng.chance(0.3) {
+        if rng.gen_bool(0.3) {
             let head = log.head().lsn.get();
-            let upto = Lsn(head + rng.below(log.durable_lsn().get() + 2 - head));
+            let upto = Lsn(rng.gen_range(head..log.durable_lsn().get() + 2));
             checkpoint(&log, &mut sb, upto);
             expected.retain(|(lsn, _)| *lsn >= upto);
         }

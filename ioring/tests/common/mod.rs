@@ -8,6 +8,8 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
 use refd_ioring::format::{
     pick_newest, FsId, Layout, Superblock, NODE_BYTES, SUPERBLOCK_BYTES, SUPERBLOCK_SLOT_ADDRS,
 };
@@ -16,25 +18,23 @@ use refd_ioring::{Geometry, IoFailure, IoOp, LogBounds, SimStorage, Storage, Sto
 pub const FS: FsId = FsId([0x3C; 16]);
 pub const LOG_START: u64 = 8192;
 
-/// SplitMix64: the test's own seeded choices.
+/// The test's own seeded choices: `rand_chacha`'s [`ChaCha8Rng`]
+/// (value-stable across platforms and releases) with the two helpers the
+/// tests use everywhere.
 #[derive(Debug, Clone)]
-pub struct Gen(pub u64);
+pub struct Gen(ChaCha8Rng);
 
 impl Gen {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    pub fn new(seed: u64) -> Self {
+        Self(ChaCha8Rng::seed_from_u64(seed))
     }
     /// Uniform in `0..n` (`n > 0`).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.gen_range(0..n)
     }
-    /// True with probability `percent / 100`.
-    pub fn percent(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
+    /// True with probability `percent / 100` (`percent <= 100`).
+    pub fn percent(&mut self, percent: u32) -> bool {
+        self.0.gen_ratio(percent, 100)
     }
 }
 

@@ -25,6 +25,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
 use refd_durable::{DurableEngine, FormatOptions, OpenOptions, Ticket};
 use refd_ioring::format::FsId;
@@ -49,21 +51,20 @@ const PRELOAD_HOT_REFS: u64 = 135;
 
 type Dev = Arc<SimStorage>;
 
-/// SplitMix64.
-struct Gen(u64);
+/// The seeded choices: `rand_chacha`'s [`ChaCha8Rng`] (value-stable across
+/// platforms and releases) with the helpers used below.
+struct Gen(ChaCha8Rng);
 impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    fn new(seed: u64) -> Self {
+        Self(ChaCha8Rng::seed_from_u64(seed))
     }
+    /// Uniform in `0..n` (`n > 0`).
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.gen_range(0..n)
     }
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
+    /// True with probability `p / 100` (`p <= 100`).
+    fn percent(&mut self, p: u32) -> bool {
+        self.0.gen_ratio(p, 100)
     }
 }
 
@@ -337,7 +338,7 @@ fn workload(
 }
 
 fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
-    let mut g = Gen(seed);
+    let mut g = Gen::new(seed);
     let dev: Dev = Arc::new(
         SimStorage::new(SimConfig::new(DEVICE_BYTES, seed)).map_err(|e| format!("sim: {e}"))?,
     );
@@ -470,6 +471,10 @@ fn deterministic_crashes() {
         }
     }
     eprintln!("{tally:?} in {:?}", start.elapsed());
+    if std::env::var_os("REFD_DURABLE_SIM_SEED").is_some() {
+        // One seed reruns a failure; the coverage tallies are for the set.
+        return;
+    }
     assert!(tally.failures_injected > 0 && tally.acked > 0 && tally.unknown > 0);
     assert!(tally.keyed_refs_seen > 0, "keyed backrefs never exercised");
     assert!(tally.extents_freed > 0, "no extent was ever freed");
@@ -509,7 +514,7 @@ fn threaded_cut_and_back_pressure() {
         // (bytenr, objectid, acknowledged)
         let results: Vec<Vec<(u64, u64, bool)>> = std::thread::scope(|s| {
             let committer = s.spawn(|| {
-                let mut g = Gen(seed ^ 0xC0);
+                let mut g = Gen::new(seed ^ 0xC0);
                 while !done.load(std::sync::atomic::Ordering::SeqCst) {
                     e.commit().expect("commit");
                     std::thread::sleep(std::time::Duration::from_micros(g.below(300)));
@@ -519,7 +524,7 @@ fn threaded_cut_and_back_pressure() {
                 .map(|t| {
                     let (e, begun) = (&e, &begun);
                     s.spawn(move || {
-                        let mut g = Gen(seed * 31 + t);
+                        let mut g = Gen::new(seed * 31 + t);
                         let mut out = Vec::new();
                         let mut tickets = Vec::new();
                         let mut mine = [0u64; EXTENTS as usize];

@@ -34,7 +34,7 @@ use crate::delayed::{DelayedRefStore, IngestHandle, StoreError};
 use crate::extent_tree::{ExtentItem, ExtentTree};
 use crate::head::{Head, HeadSummary};
 use crate::model::Op;
-use crate::run::{run_head, FreedExtent, HeadEffect, HeadOutcome, RunError, RunQueue};
+use crate::run::{run_head_on, FreedExtent, HeadEffect, HeadOutcome, RunError, RunQueue};
 use crate::verify::{RefVerify, VerifyError};
 
 /// Quarantined heads kept by the engine for inspection (older ones are
@@ -454,8 +454,14 @@ fn run_heads(
     let run_range = |base: usize, part: &[Head]| {
         let mut out = Vec::with_capacity(part.len());
         let mut queue = RunQueue::new(part, 0);
+        // Heads come out nearly in bytenr order: walk the tree.
+        let mut walker = tree.walker();
         while let Some(i) = queue.select() {
-            out.push((base + i, run_head(tree, &part[i], generation, barrier)));
+            let committed = walker.get(part[i].bytenr);
+            out.push((
+                base + i,
+                run_head_on(committed, &part[i], generation, barrier),
+            ));
         }
         out
     };

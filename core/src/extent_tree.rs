@@ -251,6 +251,49 @@ fn find(list: &[(RefKey, u64)], key: &RefKey) -> Option<u64> {
         .map(|i| list[i].1)
 }
 
+/// Entries a [`Walker`] steps over before it searches again instead.
+const WALK_STEPS_MAX: usize = 8;
+
+/// See [`ExtentTree::walker`].
+#[derive(Debug)]
+pub struct Walker<'a> {
+    tree: &'a ExtentTree,
+    /// Entries with bytenr ≥ `at`.
+    next: std::iter::Peekable<std::collections::btree_map::Range<'a, u64, ExtentItem>>,
+    at: u64,
+}
+
+impl<'a> Walker<'a> {
+    /// The item at `bytenr` (as [`ExtentTree::get`]).
+    pub fn get(&mut self, bytenr: u64) -> Option<&'a ExtentItem> {
+        if bytenr < self.at {
+            self.seek(bytenr);
+        }
+        let mut steps = 0;
+        while let Some((&b, _)) = self.next.peek() {
+            if b >= bytenr {
+                break;
+            }
+            if steps == WALK_STEPS_MAX {
+                self.seek(bytenr);
+                break;
+            }
+            self.next.next();
+            steps += 1;
+        }
+        self.at = bytenr;
+        match self.next.peek() {
+            Some((&b, item)) if b == bytenr => Some(*item),
+            _ => None,
+        }
+    }
+
+    fn seek(&mut self, bytenr: u64) {
+        self.next = self.tree.items.range(bytenr..).peekable();
+        self.at = bytenr;
+    }
+}
+
 /// The extent tree: extent items by bytenr.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExtentTree {
@@ -289,6 +332,9 @@ impl ExtentTree {
         let changes: Vec<(u64, Option<ExtentItem>)> = changes.collect();
         let mut displaced = Vec::with_capacity(changes.len());
         let sorted = changes.windows(2).all(|w| w[0].0 < w[1].0);
+        if sorted && changes.len() < self.items.len() && changes.len() * 8 >= self.items.len() {
+            return self.apply_walking(changes);
+        }
         if !sorted || changes.len() < self.items.len() {
             for (bytenr, item) in changes {
                 let old = match item {
@@ -318,6 +364,53 @@ impl ExtentTree {
         }
         merged.extend(old);
         self.items = merged.into_iter().collect();
+        displaced
+    }
+
+    /// [`ExtentTree::apply_sorted`] for sorted changes dense in the tree:
+    /// replacements in place during one ordered walk (no search from the
+    /// root per change), then the few removals and insertions.
+    fn apply_walking(
+        &mut self,
+        changes: Vec<(u64, Option<ExtentItem>)>,
+    ) -> Vec<(u64, Option<ExtentItem>)> {
+        let mut displaced: Vec<(u64, Option<ExtentItem>)> = Vec::with_capacity(changes.len());
+        let (Some(first), Some(last)) = (changes.first(), changes.last()) else {
+            return displaced;
+        };
+        let mut removes: Vec<usize> = Vec::new();
+        let mut inserts: Vec<(u64, ExtentItem)> = Vec::new();
+        {
+            let mut walk = self.items.range_mut(first.0..=last.0).peekable();
+            for (bytenr, item) in changes {
+                while walk.peek().is_some_and(|(b, _)| **b < bytenr) {
+                    walk.next();
+                }
+                let present = walk.peek_mut().filter(|(b, _)| **b == bytenr);
+                match (present, item) {
+                    (Some((_, old)), Some(new)) => {
+                        debug_assert_eq!(new.check(), Ok(()), "extent {bytenr}");
+                        displaced.push((bytenr, Some(std::mem::replace(&mut **old, new))));
+                    }
+                    (Some(_), None) => {
+                        removes.push(displaced.len());
+                        displaced.push((bytenr, None));
+                    }
+                    (None, Some(new)) => {
+                        inserts.push((bytenr, new));
+                        displaced.push((bytenr, None));
+                    }
+                    (None, None) => displaced.push((bytenr, None)),
+                }
+            }
+        }
+        for i in removes {
+            let bytenr = displaced[i].0;
+            displaced[i].1 = self.items.remove(&bytenr);
+        }
+        for (bytenr, item) in inserts {
+            self.insert(bytenr, item);
+        }
         displaced
     }
 
@@ -357,6 +450,18 @@ impl ExtentTree {
         self.items.iter().map(|(b, i)| (*b, i))
     }
 
+    /// A lookup cursor for ascending bytenrs: [`Walker::get`] answers like
+    /// [`ExtentTree::get`], stepping forward through the tree instead of
+    /// searching from the root when the next bytenr is close behind the
+    /// last (a commit's heads are sorted).
+    pub fn walker(&self) -> Walker<'_> {
+        Walker {
+            tree: self,
+            next: self.items.range(0..).peekable(),
+            at: 0,
+        }
+    }
+
     /// Extents with bytenr in `range`, in order.
     pub fn range(
         &self,
@@ -382,6 +487,90 @@ impl ExtentTree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every apply path (walking, per change, bulk rebuild) gives the same
+    /// tree and displaced items as one change at a time.
+    #[test]
+    fn apply_paths_agree() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+        let item = |n: u64| {
+            let mut i = ExtentItem::new(1, ExtentKind::Data, 1);
+            i.add_ref(
+                RefKey::ExtentData {
+                    root: 5,
+                    objectid: n,
+                    offset: 0,
+                },
+                1 + (n % 3) as i64,
+            );
+            i
+        };
+        for round in 0..300 {
+            let mut t = ExtentTree::new();
+            for _ in 0..rng.gen_range(0..400) {
+                let b = rng.gen_range(0..1000u64);
+                t.insert(b, item(b));
+            }
+            // From sparse to denser than the tree.
+            let n = [1, 10, 60, 200, 900][round % 5];
+            let mut bs: Vec<u64> = (0..n).map(|_| rng.gen_range(0..1000u64)).collect();
+            bs.sort_unstable();
+            bs.dedup();
+            let changes: Vec<(u64, Option<ExtentItem>)> = bs
+                .iter()
+                .map(|&b| (b, rng.gen_bool(0.7).then(|| item(b + 7))))
+                .collect();
+            let mut want = t.clone();
+            let want_displaced: Vec<(u64, Option<ExtentItem>)> = changes
+                .iter()
+                .map(|(b, i)| {
+                    let old = match i {
+                        Some(i) => want.insert(*b, i.clone()),
+                        None => want.remove(*b),
+                    };
+                    (*b, old)
+                })
+                .collect();
+            let displaced = t.apply_sorted(changes.into_iter());
+            assert_eq!(t, want, "round {round}");
+            assert_eq!(displaced, want_displaced, "round {round}");
+        }
+    }
+
+    /// A walker answers every lookup like `get`: ascending runs, small and
+    /// large gaps, repeats and steps back.
+    #[test]
+    fn walker_agrees_with_get() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let mut t = ExtentTree::new();
+        for _ in 0..2000 {
+            let b = rng.gen_range(0..20_000u64);
+            let mut item = ExtentItem::new(1, ExtentKind::Data, 1);
+            item.add_ref(
+                RefKey::ExtentData {
+                    root: 5,
+                    objectid: b,
+                    offset: 0,
+                },
+                1,
+            );
+            t.insert(b, item);
+        }
+        let mut w = t.walker();
+        let mut b = 0u64;
+        for _ in 0..50_000 {
+            b = match rng.gen_range(0..10) {
+                0 => rng.gen_range(0..20_000),
+                1 => b,
+                2 => b.saturating_sub(rng.gen_range(0..50)),
+                3 => b + rng.gen_range(0..5_000),
+                _ => b + rng.gen_range(0..20),
+            };
+            assert_eq!(w.get(b), t.get(b), "bytenr {b}");
+        }
+    }
 
     #[test]
     fn evict_sweeps_like_a_clock_hand() {

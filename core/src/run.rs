@@ -159,13 +159,23 @@ pub fn run_head(
     generation: u64,
     barrier: u64,
 ) -> Result<HeadOutcome, RunError> {
+    run_head_on(tree.get(head.bytenr), head, generation, barrier)
+}
+
+/// [`run_head`] with the committed item of the head's extent already
+/// looked up (`None`: the extent has no item).
+pub fn run_head_on(
+    committed: Option<&ExtentItem>,
+    head: &Head,
+    generation: u64,
+    barrier: u64,
+) -> Result<HeadOutcome, RunError> {
     let net = match head.run_refs(barrier) {
         RunRefs::Held { seq, barrier } => return Ok(HeadOutcome::Held { seq, barrier }),
         RunRefs::Ready(net) => net,
     };
     let bytenr = head.bytenr;
     let s = &head.summary;
-    let committed = tree.get(bytenr);
     if s.must_insert_reserved() {
         return run_allocation(head, committed, &net, generation).map(HeadOutcome::Effect);
     }

@@ -48,6 +48,7 @@ pub mod sim;
 pub mod storage;
 pub mod uring;
 
+#[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 
 pub use aligned::{AlignedBuf, AlignedBufError, BLOCK_BYTES};

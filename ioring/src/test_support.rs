@@ -1,6 +1,7 @@
-//! Test scaffolding, shared by the tests of every refd crate: scratch
-//! directories that support `O_DIRECT`, and loop devices that are always
-//! detached (`losetup -d` on drop, also when the test panics).
+//! Test scaffolding for this crate's tests and, with the `test-support`
+//! feature (enabled by the other crates' dev-dependencies), for theirs:
+//! scratch directories that support `O_DIRECT`, and loop devices that are
+//! always detached (`losetup -d` on drop, also when the test panics).
 //!
 //! Tests that need something the machine may not offer (root, `losetup`, a
 //! file system with `O_DIRECT`) print why they are skipped and fall back

@@ -9,12 +9,10 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
-use refd_core::extent_tree::ExtentTree;
+use refd_btrfs::export::DumpWriter;
 use refd_durable::codec::decode_op;
 use refd_durable::codec::EXTENT_BYTENR_MAX;
-use refd_durable::{
-    load_extents, read_held, read_newest_superblock, scan_extents, DurableEngine, FormatOptions,
-};
+use refd_durable::{read_held, read_newest_superblock, scan_extents, DurableEngine, FormatOptions};
 use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
 use refd_ioring::format::Superblock;
 use refd_ioring::{replay, Device, FileAllocation, UringConfig, UringStorage};
@@ -251,16 +249,38 @@ pub fn fsck(path: &Path) -> Result<FsckReport, String> {
     Ok(report)
 }
 
-/// The committed extent tree of a device (read only).
-pub fn committed_tree(path: &Path) -> Result<ExtentTree, String> {
+/// Writes the committed extent tree of a device (read only) in dump-tree's
+/// extent item format, streaming: memory is one extent however large the
+/// tree. Refuses a device whose superblock or tree cannot be opened; an
+/// item that does not decode ends the dump with an error after the extents
+/// before it.
+pub fn dump(path: &Path, nodesize: u64, out: impl std::io::Write) -> Result<(), String> {
     let mut report = FsckReport::default();
     let loaded = load(path, &mut report)?;
-    match (loaded.tree, report.problems.first()) {
-        (Some(tree), None) => load_extents(&tree, &report.device)
-            .map_err(|e| format!("{}: {e} (run refctl fsck)", path.display())),
-        (_, Some(p)) => Err(format!("{}: {p} (run refctl fsck)", path.display())),
-        (None, None) => Err(format!("{}: no extent tree", path.display())),
-    }
+    let tree = match (loaded.tree, report.problems.first()) {
+        (Some(tree), None) => tree,
+        (_, Some(p)) => return Err(format!("{}: {p} (run refctl fsck)", path.display())),
+        (None, None) => return Err(format!("{}: no extent tree", path.display())),
+    };
+    let mut writer = DumpWriter::new(nodesize, out);
+    let mut written = Ok(());
+    scan_extents(
+        &tree,
+        &report.device,
+        0..=EXTENT_BYTENR_MAX,
+        |bytenr, item| {
+            written = writer.push(bytenr, &item);
+            if written.is_ok() {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        },
+    )
+    .map_err(|e| format!("{}: {e} (run refctl fsck)", path.display()))?;
+    written
+        .and_then(|()| writer.finish())
+        .map_err(|e| format!("writing the dump: {e}"))
 }
 
 #[cfg(test)]

@@ -94,6 +94,7 @@ fn write_flags(s: &mut String, flags: u64) {
 }
 
 /// Writes items into simulated dense leaves.
+#[derive(Debug)]
 struct LeafPacker {
     data_bytes: u64,
     used: u64,
@@ -224,19 +225,48 @@ fn dump_extent(s: &mut String, leaf: &mut LeafPacker, bytenr: u64, item: &Extent
     }
 }
 
+/// Writes extents one at a time, in ascending bytenr order, in dump-tree's
+/// extent item format (see [`write_dump_items`]): for trees streamed from
+/// a device, memory is one extent.
+#[derive(Debug)]
+pub struct DumpWriter<W: Write> {
+    out: BufWriter<W>,
+    leaf: LeafPacker,
+    line: String,
+}
+
+impl<W: Write> DumpWriter<W> {
+    /// A writer whose simulated leaves are `nodesize` bytes.
+    pub fn new(nodesize: u64, out: W) -> Self {
+        DumpWriter {
+            out: BufWriter::new(out),
+            leaf: LeafPacker::new(nodesize),
+            line: String::new(),
+        }
+    }
+
+    /// The next extent (bytenrs must ascend).
+    pub fn push(&mut self, bytenr: u64, item: &ExtentItem) -> io::Result<()> {
+        self.line.clear();
+        dump_extent(&mut self.line, &mut self.leaf, bytenr, item);
+        self.out.write_all(self.line.as_bytes())
+    }
+
+    /// Flush.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// Write every extent of `tree` in dump-tree's extent item format (see the
 /// module doc for what differs from a real dump). `nodesize` sizes the
 /// simulated leaves.
 pub fn write_dump_items<W: Write>(tree: &ExtentTree, nodesize: u64, out: W) -> io::Result<()> {
-    let mut out = BufWriter::new(out);
-    let mut leaf = LeafPacker::new(nodesize);
-    let mut s = String::new();
+    let mut w = DumpWriter::new(nodesize, out);
     for (bytenr, item) in tree.iter() {
-        s.clear();
-        dump_extent(&mut s, &mut leaf, bytenr, item);
-        out.write_all(s.as_bytes())?;
+        w.push(bytenr, item)?;
     }
-    out.flush()
+    w.finish()
 }
 
 /// Append the canonical line of one extent (without the newline).

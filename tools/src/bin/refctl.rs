@@ -298,9 +298,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             Ok(r.clean())
         }
         Cmd::Dump(a) => {
-            let tree = device::committed_tree(&a.path)?;
-            write_dump_items(&tree, a.nodesize, std::io::stdout().lock())
-                .map_err(|e| format!("writing to stdout: {e}"))?;
+            device::dump(&a.path, a.nodesize, std::io::stdout().lock())?;
             Ok(true)
         }
         Cmd::Btrfs(BtrfsCmd::Normalize(a)) => {

@@ -75,6 +75,11 @@ pub struct DurableArgs {
     /// commit trigger and time one commit of them alone (0: skip).
     #[arg(long, default_value_t = 1_000_000)]
     pub probe_ops: u64,
+    /// With --duration-s: at the end, queue this many more ops with no
+    /// commit trigger, close the engine and time the recovery that replays
+    /// them (0: skip).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub recovery_ops: u64,
     /// RNG seed of the workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -144,6 +149,10 @@ pub struct DurableReport {
     /// ... per step (ms): freeze, items, run, diff, apply, write,
     /// superblock.
     pub probe_commit_phase_ms: [f64; 7],
+    /// Ops replayed by the timed recovery (`--recovery-ops`).
+    pub recovery_ops: usize,
+    /// Its `DurableEngine::open` (ms): superblock, cache warm-up, replay.
+    pub recovery_ms: f64,
 }
 
 /// The device's own durable sequential write rate: 256 KiB durable writes
@@ -361,7 +370,12 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     let probe = if walks.is_empty() || args.probe_ops == 0 {
         None
     } else {
-        Some(probe_commit(&engine, walks, args.probe_ops, args.json)?)
+        Some(probe_commit(
+            &engine,
+            &mut walks,
+            args.probe_ops,
+            args.json,
+        )?)
     };
     let totals = engine.commit_totals();
     let log_after = engine.log().stats();
@@ -372,7 +386,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let p = &totals.phases;
     let extents_cached = engine.cached_extents().len();
-    Ok(DurableReport {
+    let mut report = DurableReport {
         ops,
         ingest_s: ingest.as_secs_f64(),
         durable_ops_per_sec: ops as f64 / ingest.as_secs_f64(),
@@ -422,30 +436,47 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
             ]
             .map(ms)
         }),
-    })
+        recovery_ops: 0,
+        recovery_ms: 0.0,
+    };
+    if !walks.is_empty() && args.recovery_ops > 0 {
+        engine.set_policy(untriggered(engine.policy()));
+        queue(&engine, &mut walks, args.recovery_ops)?;
+        drop(engine);
+        let dev = crate::crash::open_device(path)?;
+        let t = Instant::now();
+        let (_engine, info) = DurableEngine::open(dev, options).map_err(|e| e.to_string())?;
+        report.recovery_ms = ms(t.elapsed());
+        report.recovery_ops = info.ops_replayed;
+        if !args.json {
+            eprintln!("recovery: {info}; took {:.0} ms", report.recovery_ms);
+        }
+    }
+    Ok(report)
 }
 
-/// Queue `ops` more ops (the walks go on, one thread each) with every
-/// commit trigger off, wait until they are durable, and time one commit of
-/// them with nothing else running: "a commit of N pending refs".
-fn probe_commit<S: Storage + Clone>(
-    engine: &DurableEngine<S>,
-    walks: Vec<Walk>,
-    ops: u64,
-    quiet: bool,
-) -> Result<refd_durable::CommitSummary, String> {
-    let policy = engine.policy();
-    engine.set_policy(CommitPolicy {
+/// `policy` with every commit trigger but the interval off.
+fn untriggered(policy: CommitPolicy) -> CommitPolicy {
+    CommitPolicy {
         pending_ops_trigger: u64::MAX,
         commit_target_ms: u64::MAX,
         log_used_pct_trigger: 100,
         ..policy
-    });
+    }
+}
+
+/// Queue `ops` more ops (the walks go on, one thread each) and wait until
+/// they are durable.
+fn queue<S: Storage + Clone>(
+    engine: &DurableEngine<S>,
+    walks: &mut [Walk],
+    ops: u64,
+) -> Result<(), String> {
     let per = ops / walks.len() as u64;
     std::thread::scope(|s| {
         let threads: Vec<_> = walks
-            .into_iter()
-            .map(|mut w| {
+            .iter_mut()
+            .map(|w| {
                 s.spawn(move || -> Result<(), String> {
                     let mut last = None;
                     for _ in 0..per {
@@ -460,9 +491,23 @@ fn probe_commit<S: Storage + Clone>(
             .collect();
         threads.into_iter().try_for_each(|t| {
             t.join()
-                .unwrap_or_else(|_| Err("probe thread panicked".into()))
+                .unwrap_or_else(|_| Err("ingest thread panicked".into()))
         })
-    })?;
+    })
+}
+
+/// Queue `ops` more ops (the walks go on, one thread each) with every
+/// commit trigger off, wait until they are durable, and time one commit of
+/// them with nothing else running: "a commit of N pending refs".
+fn probe_commit<S: Storage + Clone>(
+    engine: &DurableEngine<S>,
+    walks: &mut [Walk],
+    ops: u64,
+    quiet: bool,
+) -> Result<refd_durable::CommitSummary, String> {
+    let policy = engine.policy();
+    engine.set_policy(untriggered(policy));
+    queue(engine, walks, ops)?;
     let summary = engine.commit().map_err(|e| e.to_string())?;
     engine.set_policy(policy);
     if !quiet {

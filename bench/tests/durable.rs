@@ -47,6 +47,8 @@ fn durable_bench_reports() {
             "4096",
             "--probe-ops",
             "10000",
+            "--recovery-ops",
+            "10000",
         ],
         &dev,
     );
@@ -57,5 +59,6 @@ fn durable_bench_reports() {
     let seconds = &v["acked_by_second"];
     assert!(seconds.as_array().is_some_and(|a| !a.is_empty()), "{v}");
     assert_eq!(v["probe_commit_ops"], 10000, "{v}");
+    assert_eq!(v["recovery_ops"], 10000, "{v}");
     std::fs::remove_file(&dev).unwrap();
 }

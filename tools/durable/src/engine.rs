@@ -535,95 +535,22 @@ pub fn read_held<S: Storage>(tree: &BTree<S>, device: &str) -> Result<(Vec<Head>
     Ok((heads, chunks as usize))
 }
 
-/// Replayed ops handed to a replay worker at once.
-const REPLAY_BATCH_OPS: usize = 1024;
-/// Batches queued per replay worker (back-pressure on the decoder).
-const REPLAY_QUEUE_BATCHES: usize = 16;
-/// Most replay workers.
-const REPLAY_WORKERS_MAX: usize = 4;
-
-/// Decodes every replayed record and adds its op to `engine` (pending), on
-/// up to one worker per core. Ops are routed by bytenr
-/// (`model::partition`), so each extent's ops are added by one worker in
-/// log order: allocations and extent_ops take their stamps in the same
-/// order as a single-threaded replay, and merging is commutative across
-/// extents. Returns the ops replayed.
+/// Decodes every replayed record and adds its op to `engine` (pending), in
+/// log order. (Routing ops by bytenr to one worker per core was measured
+/// at the same speed on this 2-core machine: the decoding reader is the
+/// bound, so replay stays on one thread.)
 fn replay_ops(engine: &Engine<LockFreeStore>, replayed: &refd_ioring::Replay) -> Result<usize> {
-    let decode = |rec: &refd_ioring::log::ReplayedRecord<'_>| {
-        codec::decode_op(rec.data).map_err(|source| DurableError::Record {
+    let mut h = engine.handle()?;
+    let mut n = 0;
+    for rec in replayed.records() {
+        let op = codec::decode_op(rec.data).map_err(|source| DurableError::Record {
             lsn: rec.lsn.get(),
             source,
-        })
-    };
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(REPLAY_WORKERS_MAX);
-    if workers == 1 {
-        let mut h = engine.handle()?;
-        let mut n = 0;
-        for rec in replayed.records() {
-            h.add(&decode(&rec)?)?;
-            n += 1;
-        }
-        return Ok(n);
+        })?;
+        h.add(&op)?;
+        n += 1;
     }
-    std::thread::scope(|s| {
-        let mut senders = Vec::with_capacity(workers);
-        let mut joins = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Op>>(REPLAY_QUEUE_BATCHES);
-            senders.push(tx);
-            joins.push(s.spawn(move || -> Result<(), EngineError> {
-                let mut h = engine.handle()?;
-                for batch in rx {
-                    for op in &batch {
-                        h.add(op)?;
-                    }
-                }
-                Ok(())
-            }));
-        }
-        let mut batches: Vec<Vec<Op>> = (0..workers)
-            .map(|_| Vec::with_capacity(REPLAY_BATCH_OPS))
-            .collect();
-        let mut n = 0;
-        let mut routed = Ok(());
-        for rec in replayed.records() {
-            let op = match decode(&rec) {
-                Ok(op) => op,
-                Err(e) => {
-                    routed = Err(e);
-                    break;
-                }
-            };
-            let w = refd_core::model::partition(op.bytenr, workers);
-            batches[w].push(op);
-            n += 1;
-            if batches[w].len() == REPLAY_BATCH_OPS {
-                let full = std::mem::replace(&mut batches[w], Vec::with_capacity(REPLAY_BATCH_OPS));
-                if senders[w].send(full).is_err() {
-                    // The worker stopped on an error, reported below.
-                    break;
-                }
-            }
-        }
-        for (tx, batch) in senders.iter().zip(batches) {
-            if !batch.is_empty() {
-                let _ = tx.send(batch);
-            }
-        }
-        drop(senders);
-        let mut worked = Ok(());
-        for j in joins {
-            let r = j.join().expect("replay worker panicked");
-            if worked.is_ok() {
-                worked = r;
-            }
-        }
-        routed?;
-        worked?;
-        Ok(n)
-    })
+    Ok(n)
 }
 
 /// The committed item of `bytenr` in `tree`.
@@ -1461,9 +1388,9 @@ mod tests {
         assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 3);
     }
 
-    /// Replay (parallel, routed by bytenr) keeps each extent's ops in log
-    /// order: after a crash, the latest of several allocations of one
-    /// bytenr still wins, for many extents at once.
+    /// Replay keeps each extent's ops in log order: after a crash, the
+    /// latest of several allocations of one bytenr still wins, for many
+    /// extents at once.
     #[test]
     fn replay_keeps_each_extents_order() {
         let (dev, e) = setup();
@@ -1482,10 +1409,8 @@ mod tests {
             )
             .unwrap()
         };
-        // Each pass over all extents, and one op between the last two, so
-        // that an extent's two allocations are far apart in the log and at
-        // positions of different parity (a router ignoring bytenrs would
-        // give them to different workers).
+        // Each pass over all extents: an extent's two allocations are far
+        // apart in the log.
         let bytenr = |i: u64| (1 << 30) + i * (1 << 20);
         for i in 0..3000u64 {
             e.add(&op(bytenr(i), 4096, Action::AddExtent)).unwrap();

@@ -540,9 +540,10 @@ pub fn encode_held(heads: &[Head]) -> Vec<u8> {
     out
 }
 
-/// Decodes a held-heads stream: the whole input must be consumed, refs of
-/// a head strictly ascending by (key, seq) with non-zero ref_mods, heads
-/// strictly ascending by bytenr.
+/// Decodes a held-heads stream: the whole input must be consumed, at least
+/// one head, heads strictly ascending by bytenr, refs of a head strictly
+/// ascending by (key, seq) with non-zero ref_mods summing to its
+/// total_ref_mod.
 pub fn decode_held(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
     let mut r = Reader::new(buf);
     let version = r.u8("held stream version")?;
@@ -553,6 +554,13 @@ pub fn decode_held(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
         });
     }
     let count = r.varint("held head count")?;
+    if count == 0 {
+        // An empty held set is stored as no stream at all.
+        return Err(CodecError::Invalid {
+            field: "held head count",
+            value: 0,
+        });
+    }
     let mut heads: Vec<Head> = Vec::new();
     for _ in 0..count {
         let bytenr = r.varint("held bytenr")?;
@@ -622,6 +630,16 @@ pub fn decode_held(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
                 });
             }
             refs.push(DelayedRef { key, seq, ref_mod });
+        }
+        // A head's total is the sum of its refs (both merge additively).
+        let sum = refs
+            .iter()
+            .try_fold(0i64, |acc, r| acc.checked_add(r.ref_mod));
+        if sum != Some(total_ref_mod) {
+            return Err(CodecError::Invalid {
+                field: "held total_ref_mod (not the sum of the refs)",
+                value: bytenr,
+            });
         }
         heads.push(Head {
             bytenr,
@@ -1108,6 +1126,13 @@ mod tests {
             }
             let heads = refd_core::delayed::merge_heads(heads);
             let stream = encode_held(&heads);
+            if heads.is_empty() {
+                assert!(
+                    decode_held(&stream).is_err(),
+                    "no stream is stored for no heads"
+                );
+                continue;
+            }
             assert_eq!(decode_held(&stream).unwrap(), heads, "round {round}");
             let joined: Vec<u8> = held_items(&stream)
                 .into_iter()
@@ -1135,6 +1160,7 @@ mod tests {
                 ref_mod: 1,
             })
             .collect();
+        big.summary.total_ref_mod = 1999;
         let stream = encode_held(std::slice::from_ref(&big));
         assert!(held_items(&stream).len() > 1);
         assert_eq!(decode_held(&stream).unwrap(), vec![big]);

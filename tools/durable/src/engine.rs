@@ -33,7 +33,7 @@ use refd_core::engine::{CommitReport, Engine, EngineError, ExtentRefs, TreeRead}
 use refd_core::extent_tree::{ExtentItem, ExtentTree};
 use refd_core::head::Head;
 use refd_core::model::{Op, OpError};
-use refd_ioring::btree::{BTree, BTreeError, Change, Key, TreeCheck, TreeConfig};
+use refd_ioring::btree::{BTree, BTreeError, Change, Key, TreeCheck, TreeConfig, VALUE_BYTES_MAX};
 use refd_ioring::format::{
     pick_newest, FormatError, FsId, Layout, Superblock, SuperblockChoice, NODE_BYTES,
     SUPERBLOCK_BYTES, SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES,
@@ -510,14 +510,20 @@ pub fn read_held<S: Storage>(tree: &BTree<S>, device: &str) -> Result<(Vec<Head>
             context: format!("{device}: read held heads"),
             source,
         })?;
-        if key.offset != chunks {
+        // Chunks are numbered from 0 without a gap, and only the last may
+        // be short (`codec::held_items`).
+        let short_before = stream.len() as u64 != chunks * VALUE_BYTES_MAX as u64;
+        if key.offset != chunks || short_before || value.is_empty() {
             return Err(DurableError::Items {
                 context: format!(
-                    "{device}: held heads chunk {} where {chunks} is due",
-                    key.offset
+                    "{device}: held heads chunk {} of {} bytes where chunk {chunks} is due after \
+                     {} full chunks",
+                    key.offset,
+                    value.len(),
+                    chunks
                 ),
                 source: CodecError::Invalid {
-                    field: "held heads chunk",
+                    field: "held heads chunk (number or length)",
                     value: key.offset,
                 },
             });
@@ -535,6 +541,24 @@ pub fn read_held<S: Storage>(tree: &BTree<S>, device: &str) -> Result<(Vec<Head>
     Ok((heads, chunks as usize))
 }
 
+/// Seq barriers live in memory: none survives a crash, and the new
+/// engine's barrier counter restarts at 0, so a recovered ref's seq would
+/// hold it behind every new barrier until the counter passed it. Recovery
+/// clears the seqs of requeued heads (their refs of one key then merge, as
+/// they would at run time with no barrier) and of replayed ops.
+fn forget_seq(head: &mut Head) {
+    let mut refs: Vec<refd_core::head::DelayedRef> = Vec::with_capacity(head.refs.len());
+    // Sorted by (key, seq): the refs of one key are adjacent.
+    for r in head.refs.drain(..) {
+        match refs.last_mut() {
+            Some(last) if last.key == r.key => last.ref_mod += r.ref_mod,
+            _ => refs.push(refd_core::head::DelayedRef { seq: 0, ..r }),
+        }
+    }
+    refs.retain(|r| r.ref_mod != 0);
+    head.refs = refs;
+}
+
 /// Decodes every replayed record and adds its op to `engine` (pending), in
 /// log order. (Routing ops by bytenr to one worker per core was measured
 /// at the same speed on this 2-core machine: the decoding reader is the
@@ -543,10 +567,11 @@ fn replay_ops(engine: &Engine<LockFreeStore>, replayed: &refd_ioring::Replay) ->
     let mut h = engine.handle()?;
     let mut n = 0;
     for rec in replayed.records() {
-        let op = codec::decode_op(rec.data).map_err(|source| DurableError::Record {
+        let mut op = codec::decode_op(rec.data).map_err(|source| DurableError::Record {
             lsn: rec.lsn.get(),
             source,
         })?;
+        op.seq = 0; // see `forget_seq`
         h.add(&op)?;
         n += 1;
     }
@@ -747,7 +772,8 @@ impl<S: Storage + Clone> DurableEngine<S> {
         let engine = Engine::with_tree(LockFreeStore::new(), cached, claimed_generation);
         // Heads the last commit held (seq barrier) go back first: their ops
         // are older than every op in the log after the commit.
-        let (held, held_chunks) = read_held(&tree, &device)?;
+        let (mut held, held_chunks) = read_held(&tree, &device)?;
+        held.iter_mut().for_each(forget_seq);
         let heads_held = held.len();
         engine.requeue(held);
         let ops_replayed = replay_ops(&engine, &replayed)?;
@@ -868,7 +894,11 @@ impl<S: Storage + Clone> DurableEngine<S> {
     /// for every append in flight (`2 × batch cap` each: a lap skip plus a
     /// batch), and at most [`DurableEngine::appenders_max`] run at once;
     /// otherwise the caller commits (or waits for the running commit) and
-    /// retries.
+    /// retries. After the op is queued, the commit policy may make the
+    /// caller wait for (or run) a commit (`crate::policy`); if that commit
+    /// fails, the error is returned although the op was queued and logged:
+    /// the engine is then latched, and the op is one more unacknowledged
+    /// op (present after recovery at most once).
     pub fn add(&self, op: &Op) -> Result<Ticket<S>> {
         self.check_failed()?;
         op.check()?;
@@ -1193,7 +1223,10 @@ impl<S: Storage + Clone> DurableEngine<S> {
         load_extents(&self.tree, self.storage.device_name())
     }
 
-    /// The core engine (lookups, pending store, quarantine).
+    /// The core engine (pending store, barrier, quarantine). Its tree is
+    /// the extent cache, not the whole committed tree: use this engine's
+    /// `lookup_extent_ref`, `add` and `commit`, not core's (which would
+    /// count from the cache only, or skip the log).
     pub fn core(&self) -> &Engine<LockFreeStore> {
         &self.engine
     }
@@ -1367,6 +1400,9 @@ mod tests {
         let (e, info) = DurableEngine::open(Arc::clone(&crashed), opts()).unwrap();
         assert_eq!((info.heads_held, info.ops_replayed), (1, 0), "{info}");
         assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 3);
+        // A barrier of the new engine (its counter restarted) does not hold
+        // the recovered head: recovery forgot its seq.
+        let _new_barrier = e.core().barrier().acquire();
         let s = e.commit().unwrap();
         assert_eq!((s.core.held, s.core.applied), (0, 1));
         let item = e

@@ -25,8 +25,9 @@
 //!   (see [`DurableEngine::add`]).
 //!
 //! Ops are counted under the cut lock, so the count of a transaction is
-//! exact. Triggers are checked every [`POLICY_CHECK_OPS`] ops per engine,
-//! so the hot path costs one shared counter increment.
+//! exact. Triggers are checked every [`POLICY_CHECK_OPS`] ops per engine
+//! (or every `trigger` ops when the trigger is smaller), so the hot path
+//! costs one shared counter increment.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -135,10 +136,10 @@ impl<S: Storage + Clone> DurableEngine<S> {
     /// Called by an add that made `pending` ops pending, outside the cut
     /// lock: wake the committer, or apply back-pressure.
     pub(crate) fn after_add(&self, pending: u64) -> Result<()> {
-        if !pending.is_multiple_of(POLICY_CHECK_OPS) {
+        let trigger = self.commit_trigger_ops();
+        if !pending.is_multiple_of(POLICY_CHECK_OPS.min(trigger).max(1)) {
             return Ok(());
         }
-        let trigger = self.commit_trigger_ops();
         let bound = trigger.saturating_mul(2);
         if pending >= bound {
             return self.throttle(bound);
@@ -151,8 +152,8 @@ impl<S: Storage + Clone> DurableEngine<S> {
 
     fn log_trigger(&self) -> bool {
         let log = self.log();
-        let pct = self.policy().log_used_pct_trigger;
-        log.used_bytes() * 100 >= log.log_bytes() * pct
+        let pct = u128::from(self.policy().log_used_pct_trigger);
+        u128::from(log.used_bytes()) * 100 >= u128::from(log.log_bytes()) * pct
     }
 
     /// Back-pressure: wait for the running commit; if the pending ops are
@@ -218,7 +219,6 @@ impl<S: Storage + Clone> DurableEngine<S> {
     /// returns) or the first failed commit (returned; the engine is
     /// latched). Run one per engine, e.g. on a scoped thread.
     pub fn run_committer(&self) -> Result<CommitterStats> {
-        let interval = Duration::from_millis(self.policy().interval_ms.max(1));
         let mut stats = CommitterStats::default();
         let mut last_start = Instant::now();
         loop {
@@ -235,27 +235,31 @@ impl<S: Storage + Clone> DurableEngine<S> {
                             Reason::Pending
                         });
                     }
-                    let due = last_start + interval;
+                    // Read each time: `set_policy` may change it. An
+                    // interval too large to add is "never".
+                    let interval = Duration::from_millis(self.policy().interval_ms.max(1));
                     let now = Instant::now();
-                    if now >= due {
-                        break Some(Reason::Interval);
-                    }
-                    f = self
-                        .committer_cv
-                        .wait_timeout(f, due - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    f = match last_start.checked_add(interval) {
+                        Some(due) if now >= due => break Some(Reason::Interval),
+                        Some(due) => {
+                            self.committer_cv
+                                .wait_timeout(f, due - now)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0
+                        }
+                        None => self.committer_cv.wait(f).unwrap_or_else(|e| e.into_inner()),
+                    };
                 }
             };
             let Some(reason) = reason else {
                 lock(&self.committer).stop = false;
-                if self.pending_ops() > 0 || self.heads_held() > 0 {
+                if self.commit_due() {
                     self.commit_for_committer(&mut stats)?;
                 }
                 return Ok(stats);
             };
             last_start = Instant::now();
-            if self.pending_ops() == 0 && self.heads_held() == 0 && !self.log_trigger() {
+            if !self.commit_due() && !self.log_trigger() {
                 continue;
             }
             if self.commit_for_committer(&mut stats)? {
@@ -266,6 +270,13 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 }
             }
         }
+    }
+
+    /// Something a commit would change: pending ops, or held heads whose
+    /// barriers are all gone (while one is held, committing them again
+    /// would only rewrite the same held set).
+    fn commit_due(&self) -> bool {
+        self.pending_ops() > 0 || (self.heads_held() > 0 && self.core().barrier().active() == 0)
     }
 
     /// One commit of the committer.

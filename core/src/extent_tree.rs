@@ -488,24 +488,27 @@ impl ExtentTree {
 mod tests {
     use super::*;
 
+    /// A data extent item with one ref of `count` from inode `objectid`.
+    fn data_item(objectid: u64, count: i64) -> ExtentItem {
+        let mut i = ExtentItem::new(1, ExtentKind::Data, 1);
+        i.add_ref(
+            RefKey::ExtentData {
+                root: 5,
+                objectid,
+                offset: 0,
+            },
+            count,
+        );
+        i
+    }
+
     /// Every apply path (walking, per change, bulk rebuild) gives the same
     /// tree and displaced items as one change at a time.
     #[test]
     fn apply_paths_agree() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
-        let item = |n: u64| {
-            let mut i = ExtentItem::new(1, ExtentKind::Data, 1);
-            i.add_ref(
-                RefKey::ExtentData {
-                    root: 5,
-                    objectid: n,
-                    offset: 0,
-                },
-                1 + (n % 3) as i64,
-            );
-            i
-        };
+        let item = |n: u64| data_item(n, 1 + (n % 3) as i64);
         for round in 0..300 {
             let mut t = ExtentTree::new();
             for _ in 0..rng.gen_range(0..400) {
@@ -547,16 +550,7 @@ mod tests {
         let mut t = ExtentTree::new();
         for _ in 0..2000 {
             let b = rng.gen_range(0..20_000u64);
-            let mut item = ExtentItem::new(1, ExtentKind::Data, 1);
-            item.add_ref(
-                RefKey::ExtentData {
-                    root: 5,
-                    objectid: b,
-                    offset: 0,
-                },
-                1,
-            );
-            t.insert(b, item);
+            t.insert(b, data_item(b, 1));
         }
         let mut w = t.walker();
         let mut b = 0u64;
@@ -576,16 +570,7 @@ mod tests {
     fn evict_sweeps_like_a_clock_hand() {
         let mut t = ExtentTree::new();
         for b in 1..=10u64 {
-            let mut item = ExtentItem::new(1, ExtentKind::Data, 1);
-            item.add_ref(
-                RefKey::ExtentData {
-                    root: 5,
-                    objectid: b,
-                    offset: 0,
-                },
-                1,
-            );
-            t.insert(b * 10, item);
+            t.insert(b * 10, data_item(b, 1));
         }
         let hand = t.evict(35, 4);
         assert_eq!(hand, 71);

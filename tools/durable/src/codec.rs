@@ -836,18 +836,12 @@ impl ExtentLoader {
             return Ok(done);
         }
         let (ref_key, count) = decode_keyed_ref(bytenr, key, value)?;
-        let Some((cur, item)) = self.current.as_mut() else {
+        let Some((_, item)) = self.current.as_mut().filter(|(cur, _)| *cur == bytenr) else {
             return Err(CodecError::Extent {
                 bytenr,
                 reason: format!("keyed backref '{ref_key}' without an extent item"),
             });
         };
-        if *cur != bytenr {
-            return Err(CodecError::Extent {
-                bytenr,
-                reason: format!("keyed backref '{ref_key}' without an extent item"),
-            });
-        }
         // For EXTENT_DATA_REF the key offset is a (possibly probed) hash;
         // the value is authoritative.
         item.keyed.push((ref_key, count));

@@ -31,7 +31,7 @@ use refd_core::delayed::lockfree::LockFreeStore;
 use refd_core::delayed::DelayedRefStore;
 use refd_core::engine::{CommitReport, Engine, EngineError, ExtentRefs, TreeRead};
 use refd_core::extent_tree::{ExtentItem, ExtentTree};
-use refd_core::head::Head;
+use refd_core::head::{DelayedRef, Head, RunRefs};
 use refd_core::model::{Op, OpError};
 use refd_ioring::btree::{BTree, BTreeError, Change, Key, TreeCheck, TreeConfig, VALUE_BYTES_MAX};
 use refd_ioring::format::{
@@ -547,16 +547,17 @@ pub fn read_held<S: Storage>(tree: &BTree<S>, device: &str) -> Result<(Vec<Head>
 /// clears the seqs of requeued heads (their refs of one key then merge, as
 /// they would at run time with no barrier) and of replayed ops.
 fn forget_seq(head: &mut Head) {
-    let mut refs: Vec<refd_core::head::DelayedRef> = Vec::with_capacity(head.refs.len());
-    // Sorted by (key, seq): the refs of one key are adjacent.
-    for r in head.refs.drain(..) {
-        match refs.last_mut() {
-            Some(last) if last.key == r.key => last.ref_mod += r.ref_mod,
-            _ => refs.push(refd_core::head::DelayedRef { seq: 0, ..r }),
-        }
+    // The net refs a run with no barrier merges (non-zero, sorted by key).
+    if let RunRefs::Ready(net) = head.run_refs(0) {
+        head.refs = net
+            .into_iter()
+            .map(|(key, ref_mod)| DelayedRef {
+                key,
+                seq: 0,
+                ref_mod,
+            })
+            .collect();
     }
-    refs.retain(|r| r.ref_mod != 0);
-    head.refs = refs;
 }
 
 /// Decodes every replayed record and adds its op to `engine` (pending), in

@@ -11,11 +11,11 @@ use refd_ioring::test_support::{LoopDevice, Scratch};
 
 #[test]
 fn sigkill_rounds_on_a_file() {
-    let dev = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("crash-{}.img", std::process::id()));
-    let _ = std::fs::remove_file(&dev);
-    sigkill_rounds(&dev);
-    std::fs::remove_file(&dev).unwrap();
+    // Removed with the device file on drop, also when the test fails.
+    let Some(scratch) = Scratch::new("crash-file") else {
+        return;
+    };
+    sigkill_rounds(&scratch.path().join("crash.img"));
 }
 
 /// On a loop device (block device, O_EXCL: each killed child's exclusive

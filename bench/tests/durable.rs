@@ -4,11 +4,15 @@
 
 mod common;
 
+use refd_ioring::test_support::Scratch;
+
 #[test]
 fn durable_bench_reports() {
-    let dev = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("durable-{}.img", std::process::id()));
-    let _ = std::fs::remove_file(&dev);
+    // Removed with the device file on drop, also when the test fails.
+    let Some(scratch) = Scratch::new("durable-bench") else {
+        return;
+    };
+    let dev = scratch.path().join("durable.img");
     let (v, ok) = common::run_json(
         &[
             "durable",
@@ -60,5 +64,4 @@ fn durable_bench_reports() {
     assert!(seconds.as_array().is_some_and(|a| !a.is_empty()), "{v}");
     assert_eq!(v["probe_commit_ops"], 10000, "{v}");
     assert_eq!(v["recovery_ops"], 10000, "{v}");
-    std::fs::remove_file(&dev).unwrap();
 }

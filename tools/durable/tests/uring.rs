@@ -1,27 +1,19 @@
 //! A plain round trip of the durable engine on [`UringStorage`], over a
 //! direct-io loop device (as root) and over a regular file opened with
-//! `O_DIRECT` under the target dir: format, open,
+//! `O_DIRECT` in a scratch directory (`test_support::Scratch`): format, open,
 //! ops and a commit, more durable ops left in the log, close, reopen
 //! (recovery replays them), compare, verify, commit again. Skips (printing
 //! why) where the file system has no `O_DIRECT`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
 use refd_durable::{DurableEngine, FormatOptions, OpenOptions};
 use refd_ioring::test_support::{LoopDevice, Scratch};
-use refd_ioring::{Device, DeviceError, FileAllocation, UringConfig, UringStorage};
+use refd_ioring::{Device, FileAllocation, UringConfig, UringStorage};
 
 const SIZE: u64 = 640 << 20;
-
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn data(b: u64, action: Action, objectid: u64) -> Op {
     Op::new(
@@ -53,19 +45,15 @@ fn tree_block(b: u64, action: Action, root: u64) -> Op {
 
 #[test]
 fn round_trip_on_a_file() {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("refd-durable-uring");
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    let path = dir.join(format!("dev-{}", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let _cleanup = Cleanup(path.clone());
-    match Device::create_file(&path, SIZE, FileAllocation::Sparse) {
-        Ok(device) => drop(device),
-        Err(e @ DeviceError::DirectIoUnsupported { .. }) => {
-            eprintln!("SKIP: {e}: the file system under the target dir has no O_DIRECT");
-            return;
-        }
-        Err(e) => panic!("create {}: {e}", path.display()),
-    }
+    // A directory on a file system with O_DIRECT (skips, saying why, if
+    // there is none), removed with the device file on drop.
+    let Some(scratch) = Scratch::new("durable-file") else {
+        return;
+    };
+    let path = scratch.path().join("dev");
+    let device = Device::create_file(&path, SIZE, FileAllocation::Sparse)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    drop(device);
     round_trip(&path);
 }
 

@@ -132,6 +132,9 @@ pub struct DurableReport {
     pub commits_by_interval_pending_log: [u64; 3],
     /// Log bytes written (batches) per acknowledged op.
     pub log_bytes_per_op: f64,
+    /// Log batches written per second (group commits: one durable write
+    /// each, one at a time).
+    pub log_batches_per_sec: f64,
     /// B+tree bytes written per op.
     pub tree_bytes_per_op: f64,
     /// The device's durable sequential write rate (this run, same tool).
@@ -416,6 +419,8 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         commit_trigger_ops: engine.commit_trigger_ops(),
         commits_by_interval_pending_log: [stats.by_interval, stats.by_pending, stats.by_log],
         log_bytes_per_op: log_bytes as f64 / ops.max(1) as f64,
+        log_batches_per_sec: (log_after.batches_written - log_before.batches_written) as f64
+            / ingest.as_secs_f64(),
         tree_bytes_per_op: tree_bytes as f64 / ops.max(1) as f64,
         device_durable_mb_per_sec: device_mb,
         log_mb_per_sec: log_bytes as f64 / ingest.as_secs_f64() / 1e6,

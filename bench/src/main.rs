@@ -40,7 +40,11 @@ enum Cmd {
 }
 
 fn main() {
+    refd_tools::alloc::tune();
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Ingest(_)) {
+        alloc::count_live();
+    }
     let res = match &cli.cmd {
         Cmd::Ingest(a) => ingest::run(a),
         Cmd::Crash(a) => crash::run(a).and_then(|r| {
@@ -69,13 +73,13 @@ fn main() {
                     "durable: {} ops in {:.2} s = {:.0} durable ops/s (worst second {:.0}); ack p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.1} ms\n  \
                      {} commits ({:.2}/s, longest gap {:.0} ms; by interval/pending/log {:?}); commit mean {:.0} ms, max {:.0} ms, {:.0} ops, {:.0} ns/op; \
                      phases ms: freeze {:.1} items {:.1} run {:.1} diff {:.1} apply {:.1} write {:.1} superblock {:.1}\n  \
-                     log {:.1} B/op ({:.0} MB/s), tree {:.1} B/op; device durable sequential write {:.0} MB/s; {} extents cached",
+                     log {:.1} B/op ({:.0} MB/s, {:.0} batches/s), tree {:.1} B/op; device durable sequential write {:.0} MB/s; {} extents cached",
                     r.ops, r.ingest_s, r.durable_ops_per_sec, r.durable_ops_per_sec_min_1s,
                     r.p50_ack_ms, r.p99_ack_ms, r.p999_ack_ms, r.max_ack_ms,
                     r.commits, r.commits_per_sec, r.commit_gap_ms_max, r.commits_by_interval_pending_log,
                     r.commit_ms_mean, r.commit_ms_max, r.commit_ops_mean, r.commit_ns_per_op,
                     p[0], p[1], p[2], p[3], p[4], p[5], p[6],
-                    r.log_bytes_per_op, r.log_mb_per_sec, r.tree_bytes_per_op,
+                    r.log_bytes_per_op, r.log_mb_per_sec, r.log_batches_per_sec, r.tree_bytes_per_op,
                     r.device_durable_mb_per_sec, r.extents_cached
                 );
             }

@@ -92,8 +92,9 @@ enum Pick {
 pub struct Walk {
     rng: SmallRng,
     pick: Pick,
+    /// Refs held per (extent, root); an extent is live while any is held
+    /// (one cache line per op, not two).
     counts: Vec<u8>,
-    live: Vec<bool>,
     stride: u64,
     offset: u64,
 }
@@ -118,7 +119,6 @@ impl Walk {
             rng: SmallRng::seed_from_u64(seed),
             pick,
             counts: vec![0u8; (extents * ROOTS) as usize],
-            live: vec![false; extents as usize],
             stride: stride.max(1),
             offset,
         })
@@ -133,8 +133,7 @@ impl Walk {
         let e = self.offset + k * self.stride;
         let c = &mut self.counts[(k * ROOTS) as usize..((k + 1) * ROOTS) as usize];
         let r = self.rng.gen_range(0..ROOTS);
-        if !self.live[k as usize] {
-            self.live[k as usize] = true;
+        if c.iter().all(|&x| x == 0) {
             c[r as usize] = 1;
             return op(e, Action::AddExtent, r);
         }
@@ -150,9 +149,6 @@ impl Walk {
             .find(|&r| c[r as usize] > 0)
             .expect("a live extent holds a ref");
         c[r as usize] -= 1;
-        if c.iter().all(|&x| x == 0) {
-            self.live[k as usize] = false;
-        }
         op(e, Action::DropRef, r)
     }
 }

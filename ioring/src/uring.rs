@@ -2,14 +2,22 @@
 //!
 //! # Design
 //!
-//! One ring per device, behind a mutex: a call locks the engine, submits its
-//! whole batch with bounded concurrency, waits for every completion and
-//! unlocks. Calls from several threads are therefore serialized, which is
-//! what makes the durability rule simple: when `flush` runs, no write is in
-//! flight, so the `Fsync` it submits covers exactly the writes that completed
-//! before it (never relying on the completion order of unlinked SQEs). The
-//! group commit above batches many records into one call, so the lock is not
-//! the bottleneck.
+//! A few rings per device ([`UringConfig::rings`]), each behind its own
+//! mutex: a call takes a free ring (or waits for one), submits its whole
+//! batch with bounded concurrency, waits for every completion and unlocks.
+//! More than one ring lets a small durable log write proceed while a
+//! commit's large node write or a cache-miss read holds another one; with
+//! a single ring the log's group commit waited behind ~100 MB of node
+//! writes every commit.
+//!
+//! The durability rule needs no ordering between rings: a `flush` submits
+//! one `Fsync` after every write of *its own call chain* completed, and the
+//! [`Storage`] contract promises only the writes that completed before
+//! `flush` was called, whichever ring carried them (a device cache flush
+//! covers every completed write). A write still in flight on another ring
+//! is not covered, and nothing relies on it: each caller flushes (or writes
+//! `RWF_DSYNC`) after its own writes completed, never relying on the
+//! completion order of unlinked SQEs.
 //!
 //! **Buffers.** The engine owns a pool of `queue_depth` slots of
 //! `slot_bytes` each, carved from one [`AlignedBuf`] and registered with the
@@ -52,7 +60,8 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -69,6 +78,8 @@ pub const QUEUE_DEPTH_MAX: u32 = 1024;
 pub const SLOT_BYTES_MAX: usize = 8 << 20;
 /// Largest accepted buffer pool, `queue_depth * slot_bytes` (256 MiB).
 pub const POOL_BYTES_MAX: usize = 256 << 20;
+/// Largest accepted [`UringConfig::rings`] (the pool bound applies per ring).
+pub const RINGS_MAX: u32 = 8;
 /// Most resubmissions (short transfer or `EAGAIN`/`EINTR`) of one chunk.
 pub const RESUBMITS_MAX: u32 = 64;
 /// Most consecutive transient `io_uring_enter` failures before the ring is
@@ -89,6 +100,9 @@ pub struct UringConfig {
     /// Register the slots as fixed buffers (falls back to plain
     /// `Read`/`Write` if the kernel refuses).
     pub register_buffers: bool,
+    /// Rings (each with its own pool), `1..=RINGS_MAX`: calls from
+    /// different threads run on different rings when one is free.
+    pub rings: u32,
 }
 
 impl Default for UringConfig {
@@ -97,6 +111,7 @@ impl Default for UringConfig {
             queue_depth: 32,
             slot_bytes: 128 << 10,
             register_buffers: true,
+            rings: 2,
         }
     }
 }
@@ -119,6 +134,13 @@ impl UringConfig {
                 field: "slot_bytes",
                 value: self.slot_bytes as u64,
                 expected: "a multiple of 4096 in 4096..=8 MiB",
+            });
+        }
+        if self.rings == 0 || self.rings > RINGS_MAX {
+            return Err(UringSetupError::InvalidConfig {
+                field: "rings",
+                value: u64::from(self.rings),
+                expected: "1..=8",
             });
         }
         let pool_bytes = self.slot_bytes.checked_mul(self.queue_depth as usize);
@@ -718,9 +740,11 @@ impl Drop for Engine {
 
 /// [`Storage`] on an io_uring over a [`Device`]; see the module docs.
 pub struct UringStorage {
-    // Field order matters: the engine (ring and pool) is dropped before the
-    // device's file descriptor is closed.
-    engine: Mutex<Engine>,
+    // Field order matters: the engines (rings and pools) are dropped before
+    // the device's file descriptor is closed.
+    engines: Box<[Mutex<Engine>]>,
+    /// Which ring a call waits for when none is free (round robin).
+    next: AtomicUsize,
     latch: FailureLatch,
     device: Device,
     name: String,
@@ -757,10 +781,13 @@ impl UringStorage {
     pub fn new(device: Device, config: UringConfig) -> Result<Self, UringSetupError> {
         config.check()?;
         let name = device.path().display().to_string();
-        let engine = Engine::new(device.as_raw_fd(), &config, &name)?;
-        let fixed_buffers = engine.fixed;
+        let engines = (0..config.rings)
+            .map(|_| Engine::new(device.as_raw_fd(), &config, &name).map(Mutex::new))
+            .collect::<Result<Box<[_]>, _>>()?;
+        let fixed_buffers = engines.iter().all(|e| e.lock().is_ok_and(|e| e.fixed));
         Ok(Self {
-            engine: Mutex::new(engine),
+            engines,
+            next: AtomicUsize::new(0),
             latch: FailureLatch::new(),
             geometry: device.geometry(),
             device,
@@ -780,31 +807,56 @@ impl UringStorage {
         self.config
     }
 
-    /// True if the slots are registered fixed buffers (`WriteFixed` /
-    /// `ReadFixed`), false if plain `Write`/`Read` are used.
+    /// True if every ring's slots are registered fixed buffers
+    /// (`WriteFixed` / `ReadFixed`), false if plain `Write`/`Read` are used
+    /// on any.
     pub fn uses_fixed_buffers(&self) -> bool {
         self.fixed_buffers
     }
 
-    /// Counters since open.
+    /// Counters since open, summed over the rings (`in_flight_max`: the
+    /// highest of any one ring).
     pub fn stats(&self) -> UringStats {
-        match self.engine.lock() {
-            Ok(engine) => engine.stats,
-            Err(poisoned) => poisoned.into_inner().stats,
+        let mut sum = UringStats::default();
+        for e in self.engines.iter() {
+            let s = match e.lock() {
+                Ok(engine) => engine.stats,
+                Err(poisoned) => poisoned.into_inner().stats,
+            };
+            sum.write_chunks += s.write_chunks;
+            sum.read_chunks += s.read_chunks;
+            sum.flushes += s.flushes;
+            sum.bytes_written += s.bytes_written;
+            sum.bytes_read += s.bytes_read;
+            sum.short_resubmits += s.short_resubmits;
+            sum.retries += s.retries;
+            sum.in_flight_max = sum.in_flight_max.max(s.in_flight_max);
         }
+        sum
     }
 
+    /// A free ring, else the next one in turn (waiting for it).
     fn lock(&self, op: IoOp) -> Result<MutexGuard<'_, Engine>, StorageError> {
-        self.engine.lock().map_err(|_| {
-            self.latch.trip(IoFailure {
-                device: self.name.clone(),
-                op,
-                offset: 0,
-                len_bytes: 0,
-                cause: Arc::new(io::Error::other(
-                    "io_uring engine poisoned by a panic during an earlier call",
-                )),
-            })
+        for e in self.engines.iter() {
+            match e.try_lock() {
+                Ok(guard) => return Ok(guard),
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Poisoned(_)) => return Err(self.poisoned(op)),
+            }
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.engines.len();
+        self.engines[i].lock().map_err(|_| self.poisoned(op))
+    }
+
+    fn poisoned(&self, op: IoOp) -> StorageError {
+        self.latch.trip(IoFailure {
+            device: self.name.clone(),
+            op,
+            offset: 0,
+            len_bytes: 0,
+            cause: Arc::new(io::Error::other(
+                "io_uring engine poisoned by a panic during an earlier call",
+            )),
         })
     }
 
@@ -973,6 +1025,15 @@ mod tests {
                 queue_depth: 1024,
                 slot_bytes: SLOT_BYTES_MAX,
                 register_buffers: true,
+                rings: 1,
+            },
+            UringConfig {
+                rings: 0,
+                ..UringConfig::default()
+            },
+            UringConfig {
+                rings: RINGS_MAX + 1,
+                ..UringConfig::default()
             },
         ];
         for config in bad {
@@ -981,6 +1042,36 @@ mod tests {
                 "{config:?}"
             );
         }
+    }
+
+    /// A durable write (the log's) proceeds while another call holds a
+    /// ring (a commit's node write), and a flush too; with one ring both
+    /// wait.
+    #[test]
+    fn a_busy_ring_does_not_block_other_calls() {
+        let Some(t) = target("busy ring", 1 << 20, UringConfig::default()) else {
+            return;
+        };
+        let s = &t.storage;
+        assert_eq!(s.engines.len(), 2);
+        let held = s.engines[0].lock().expect("ring 0");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let w = s.write_durable(4096, &[7u8; 4096]);
+                let f = s.flush();
+                let _ = tx.send((w, f));
+            });
+            let r = rx.recv_timeout(std::time::Duration::from_secs(10));
+            // Before any assertion: a blocked call waits for this lock.
+            drop(held);
+            let (w, f) = r.expect("a call waited behind a busy ring");
+            w.expect("durable write");
+            f.expect("flush");
+        });
+        let mut back = [0u8; 4096];
+        s.read(4096, &mut back).expect("read back");
+        assert_eq!(back, [7u8; 4096]);
     }
 
     #[test]
@@ -1019,6 +1110,7 @@ mod tests {
             queue_depth: 4,
             slot_bytes: 16 << 10,
             register_buffers: true,
+            ..UringConfig::default()
         };
         let Some(t) = target("uring-random", size_bytes, config) else {
             return;
@@ -1103,6 +1195,7 @@ mod tests {
             queue_depth: 8,
             slot_bytes: 8192,
             register_buffers: false,
+            ..UringConfig::default()
         };
         let Some(scratch) = Scratch::new("uring-plain") else {
             return;
@@ -1174,6 +1267,7 @@ mod tests {
             queue_depth: 8,
             slot_bytes: 32 << 10,
             register_buffers: true,
+            ..UringConfig::default()
         };
         let Some(t) = target("uring-threads", size_bytes, config) else {
             return;
@@ -1226,6 +1320,7 @@ mod tests {
                     queue_depth: 4,
                     slot_bytes: 16 << 10,
                     register_buffers: true,
+                    ..UringConfig::default()
                 },
             )
             .expect("storage");
@@ -1543,6 +1638,7 @@ mod tests {
                 queue_depth: 8,
                 slot_bytes: 8192,
                 register_buffers: true,
+                ..UringConfig::default()
             },
         )
         .expect("storage");
@@ -1576,6 +1672,7 @@ mod tests {
                 queue_depth: 16,
                 slot_bytes: 4096,
                 register_buffers: true,
+                ..UringConfig::default()
             },
         );
         let mut rng = ChaCha8Rng::seed_from_u64(99);

@@ -4,5 +4,6 @@
 //! - [`replay`]: replay a kernel btrfs delayed-ref trace through refd and
 //!   compare with the kernel's extent tree.
 
+pub mod alloc;
 pub mod device;
 pub mod replay;

@@ -31,6 +31,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -226,6 +227,11 @@ struct Inner<S: Storage> {
     /// Signalled on every durable advance, leader step-down, trim and
     /// failure.
     changed: Condvar,
+    /// Mirrors of `used_bytes` and `failed.is_some()`, stored under the
+    /// lock by every section that changes them ([`Inner::publish`]), so
+    /// that the per-op checks of a caller need not take the lock.
+    used_mirror: AtomicU64,
+    failed_mirror: AtomicBool,
 }
 
 /// The append side of the ref log; see the module docs of
@@ -316,6 +322,7 @@ impl<S: Storage> Drop for LeaderGuard<'_, S> {
                 cause: Arc::new(io::Error::other("the log leader panicked while writing")),
             });
         }
+        self.inner.publish(&st);
         drop(st);
         self.inner.changed.notify_all();
     }
@@ -327,6 +334,15 @@ impl<S: Storage> Inner<S> {
         // panic (there is no I/O under the lock), so a poisoned lock still
         // guards a consistent state.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores the lock-free mirrors of `st` (call under the lock after a
+    /// change to the assigned end, the head or the failure).
+    fn publish(&self, st: &State) {
+        self.used_mirror
+            .store(st.assigned_end() - st.head.offset, Ordering::Release);
+        self.failed_mirror
+            .store(st.failed.is_some(), Ordering::Release);
     }
 
     fn wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
@@ -399,6 +415,7 @@ impl<S: Storage> Inner<S> {
         st.queued_records += 1;
         st.queued_bytes += framed;
         st.check();
+        self.publish(&st);
         Ok(lsn)
     }
 
@@ -436,6 +453,7 @@ impl<S: Storage> Inner<S> {
                     lsn: st.durable_lsn.next(),
                     cause: f.cause,
                 });
+                self.publish(&st);
                 self.changed.notify_all();
             }
         }
@@ -544,6 +562,7 @@ impl<S: Storage> Inner<S> {
             }
         }
         st.check();
+        self.publish(&st);
         self.changed.notify_all();
         st
     }
@@ -700,8 +719,11 @@ impl<S: Storage> RefLog<S> {
             log_bytes: ring.len,
         };
         state.check();
+        let used = state.assigned_end() - state.head.offset;
         Ok(Self {
             inner: Arc::new(Inner {
+                used_mirror: AtomicU64::new(used),
+                failed_mirror: AtomicBool::new(false),
                 fs_id: sb.fs_id,
                 storage,
                 ring,
@@ -796,6 +818,7 @@ impl<S: Storage> RefLog<S> {
         }
         st.head = LogPosition { lsn: upto, offset };
         st.check();
+        self.inner.publish(&st);
         let head = st.head;
         drop(st);
         self.inner.changed.notify_all();
@@ -805,9 +828,11 @@ impl<S: Storage> RefLog<S> {
     /// Bytes of the region in use: from the head to the end of everything
     /// assigned (durable, in flight, queued and the open batch, including
     /// lap skips). Never exceeds [`RefLog::log_bytes`].
+    /// Lock-free: the value stored by the last change under the lock (a
+    /// caller that must see a given append's bytes orders its read after
+    /// that append, as [`RefLog::append`]'s return does for its own).
     pub fn used_bytes(&self) -> u64 {
-        let st = self.inner.lock();
-        st.assigned_end() - st.head.offset
+        self.inner.used_mirror.load(Ordering::Acquire)
     }
 
     /// Bytes of the region not in use: `log_bytes - used_bytes`. Appends
@@ -870,6 +895,9 @@ impl<S: Storage> RefLog<S> {
 
     /// The latched failure, if any.
     pub fn failure(&self) -> Option<LogError> {
+        if !self.inner.failed_mirror.load(Ordering::Acquire) {
+            return None;
+        }
         self.inner.lock().failed.clone()
     }
 

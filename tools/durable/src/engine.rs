@@ -24,7 +24,7 @@
 use std::fmt;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use refd_core::delayed::lockfree::LockFreeStore;
@@ -64,6 +64,13 @@ pub const CACHE_EXTENTS_DEFAULT: usize = 2_000_000;
 /// misses on one thread.
 const PARALLEL_READ_MIN_EXTENTS: usize = 4096;
 const BLOCK: u64 = 4096;
+
+thread_local! {
+    /// Each thread's op record buffer for [`DurableEngine::add`] (the log
+    /// copies the record into its batch; no allocation per op).
+    static RECORD: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(Vec::with_capacity(codec::OP_RECORD_BYTES_MAX));
+}
 
 /// Errors of the durable engine, with the step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -372,7 +379,7 @@ pub struct DurableEngine<S: Storage + Clone> {
     appenders: AtomicUsize,
     appenders_max: usize,
     pub(crate) commit: Mutex<CommitState>,
-    failed: Mutex<Option<Arc<str>>>,
+    failed: OnceLock<Arc<str>>,
     /// Bytenrs of the running commit's frozen heads (sorted), from the
     /// moment their items are cached until the B+tree has the commit's
     /// changes: a cache miss among them means "no item" (see
@@ -839,7 +846,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 totals: CommitTotals::default(),
                 held_chunks,
             }),
-            failed: Mutex::new(None),
+            failed: OnceLock::new(),
             inflight: RwLock::new(Arc::new(Vec::new())),
             cache_extents_max: options.cache_extents_max,
             cache_complete: AtomicBool::new(cache_complete),
@@ -858,8 +865,8 @@ impl<S: Storage + Clone> DurableEngine<S> {
     /// The first failure, if the engine has failed (its own latch, the
     /// log's or the storage's).
     pub fn failure(&self) -> Option<Arc<str>> {
-        if let Some(f) = lock(&self.failed).clone() {
-            return Some(f);
+        if let Some(f) = self.failed.get() {
+            return Some(f.clone());
         }
         if let Some(e) = self.log.failure() {
             return Some(format!("log: {e}").into());
@@ -878,10 +885,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
 
     /// Latches `e` as the first failure (if none yet) and returns it.
     fn latch(&self, e: DurableError) -> DurableError {
-        let mut f = lock(&self.failed);
-        if f.is_none() {
-            *f = Some(e.to_string().into());
-        }
+        self.failed.get_or_init(|| e.to_string().into());
         e
     }
 
@@ -903,14 +907,21 @@ impl<S: Storage + Clone> DurableEngine<S> {
     pub fn add(&self, op: &Op) -> Result<Ticket<S>> {
         self.check_failed()?;
         op.check()?;
-        let record = codec::op_record(op);
+        RECORD.with_borrow_mut(|record| {
+            record.clear();
+            codec::encode_op(op, record);
+            self.add_record(op, record)
+        })
+    }
+
+    fn add_record(&self, op: &Op, record: &[u8]) -> Result<Ticket<S>> {
         let per_append = 2 * self.log.batch_bytes_cap() as u64;
         loop {
             let ingest = self.cut.read().unwrap_or_else(|e| e.into_inner());
             let k = self.appenders.fetch_add(1, Ordering::SeqCst) + 1;
             let need = per_append * k as u64;
             if k <= self.appenders_max && self.log.free_bytes() >= need {
-                let r = self.add_locked(op, &record);
+                let r = self.add_locked(op, record);
                 self.appenders.fetch_sub(1, Ordering::SeqCst);
                 drop(ingest);
                 let (ticket, pending) = r?;

@@ -227,11 +227,14 @@ struct Inner<S: Storage> {
     /// Signalled on every durable advance, leader step-down, trim and
     /// failure.
     changed: Condvar,
-    /// Mirrors of `used_bytes` and `failed.is_some()`, stored under the
+    /// Mirrors of `used_bytes` and `failed.is_some()` (and `durable_lsn`
+    /// below), stored under the
     /// lock by every section that changes them ([`Inner::publish`]), so
     /// that the per-op checks of a caller need not take the lock.
     used_mirror: AtomicU64,
     failed_mirror: AtomicBool,
+    /// Mirror of `durable_lsn`, for [`Ticket::is_durable`].
+    durable_mirror: AtomicU64,
 }
 
 /// The append side of the ref log; see the module docs of
@@ -291,9 +294,9 @@ impl<S: Storage> Ticket<S> {
         Ok(self.lsn)
     }
 
-    /// True if the record is durable now (never blocks).
+    /// True if the record is durable now (never blocks, takes no lock).
     pub fn is_durable(&self) -> bool {
-        self.inner.lock().durable_lsn >= self.lsn
+        self.inner.durable_mirror.load(Ordering::Acquire) >= self.lsn.0
     }
 }
 
@@ -343,6 +346,8 @@ impl<S: Storage> Inner<S> {
             .store(st.assigned_end() - st.head.offset, Ordering::Release);
         self.failed_mirror
             .store(st.failed.is_some(), Ordering::Release);
+        self.durable_mirror
+            .store(st.durable_lsn.0, Ordering::Release);
     }
 
     fn wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
@@ -724,6 +729,7 @@ impl<S: Storage> RefLog<S> {
             inner: Arc::new(Inner {
                 used_mirror: AtomicU64::new(used),
                 failed_mirror: AtomicBool::new(false),
+                durable_mirror: AtomicU64::new(state.durable_lsn.0),
                 fs_id: sb.fs_id,
                 storage,
                 ring,

@@ -125,16 +125,18 @@ impl Drop for CacheRef<'_> {
 /// finds CHECK still set, takes the load path and sees the slot dead
 /// (HAMMER's hammer_put_interlock(lock, error)); clearing CHECK would tell
 /// it the node was loaded when it is gone.
-fn unload(inner: &mut Inner, slot: &Slot) {
-    let freed = {
+/// Removes `slot` from the cache and returns its node, for the caller to
+/// drop (outside the cache's locks: a leaf holds hundreds of values).
+fn unload(inner: &mut Inner, slot: &Slot) -> Option<Arc<Node>> {
+    let (node, freed) = {
         let mut st = slot.state();
         st.dead = true;
-        st.node = None;
-        std::mem::take(&mut st.mem_bytes)
+        (st.node.take(), std::mem::take(&mut st.mem_bytes))
     };
     inner.map.remove(&slot.addr);
     inner.bytes -= freed;
     slot.interlock.put_interlock(true);
+    node
 }
 
 impl NodeCache {
@@ -333,20 +335,20 @@ impl NodeCache {
         Ok(())
     }
 
-    /// Drops the node at `addr` (its slot was freed or is being reused). It
-    /// must not be in use: the writer calls this with every reader excluded.
-    pub(crate) fn invalidate(&self, addr: u64) -> Result<(), BTreeError> {
+    /// Removes the node at `addr` (its slot was freed or is being reused)
+    /// and returns it for the caller to drop. It must not be in use: the
+    /// writer calls this with every reader excluded.
+    pub(crate) fn invalidate(&self, addr: u64) -> Result<Option<Arc<Node>>, BTreeError> {
         let mut inner = self.inner();
         let Some(slot) = inner.map.get(&addr).cloned() else {
-            return Ok(());
+            return Ok(None);
         };
         if !slot.interlock.try_interlock_norefs() {
             return Err(BTreeError::internal(format!(
                 "node {addr} is invalidated while a reader uses it"
             )));
         }
-        unload(&mut inner, &slot);
-        Ok(())
+        Ok(unload(&mut inner, &slot))
     }
 
     pub(crate) fn stats(&self) -> CacheStats {

@@ -711,15 +711,33 @@ impl<S: Storage> BTree<S> {
     /// Makes the nodes freed by every commit up to `generation` reusable.
     /// Call it only after the superblock of that commit is durable. Returns
     /// the number of nodes released.
+    ///
+    /// The released nodes still cached are dropped on a short-lived thread
+    /// (a uniformly updated tree of a million extents releases ~10k
+    /// leaves, millions of values: ~70 ms of frees measured on the
+    /// committing thread, which delayed the next commit).
     pub fn release_pending(&self, generation: u64) -> Result<u64, BTreeError> {
         let mut st = self.write_state()?;
         let released = st.alloc.release_pending(generation);
+        let mut nodes = Vec::with_capacity(released.len());
         for addr in &released {
-            self.cache.invalidate(*addr)?;
+            nodes.extend(self.cache.invalidate(*addr)?);
+        }
+        drop(st);
+        if nodes.len() >= DEFERRED_DROP_NODES_MIN {
+            // If the thread cannot be started, the closure (and the nodes)
+            // is dropped here instead.
+            let _ = std::thread::Builder::new()
+                .name("refd-node-drop".into())
+                .spawn(move || drop(nodes));
         }
         Ok(released.len() as u64)
     }
 }
+
+/// Released nodes from which [`BTree::release_pending`] drops them on
+/// another thread.
+const DEFERRED_DROP_NODES_MIN: usize = 256;
 
 fn before_end(key: &Key, end: &Bound<Key>) -> bool {
     match end {

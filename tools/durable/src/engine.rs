@@ -54,9 +54,13 @@ pub const NODE_REGION_NODES_MIN: u64 = 16;
 /// Fewest concurrent appends a log must admit (see [`DurableEngine::add`]).
 pub const APPENDERS_MIN: usize = 2;
 /// Default node cache of the B+tree: a uniformly updated tree of a
-/// million extents is about 100 MiB of leaves, and a commit that must read
-/// evicted leaves back reads them one at a time.
-pub const NODE_CACHE_BYTES_DEFAULT: usize = 256 << 20;
+/// million extents is about 100–160 MiB of leaves, and a commit
+/// copy-on-writes every one of them while the old ones are still cached, so
+/// it needs about twice the tree; a commit that must read evicted leaves
+/// back reads them one at a time. Measured (40 s, 1M extents, loop device):
+/// the B+tree apply step took 241 ms per commit with 256 MiB, 120 ms with
+/// 512 MiB, and ingest no longer stalled for whole seconds.
+pub const NODE_CACHE_BYTES_DEFAULT: usize = 512 << 20;
 /// Default bound of the in-memory extent cache (extents; about 150 bytes
 /// each plus their backrefs).
 pub const CACHE_EXTENTS_DEFAULT: usize = 2_000_000;
@@ -651,8 +655,10 @@ fn diff_all(
     par_chunks(displaced, PARALLEL_DIFF_MIN_EXTENTS, |part| {
         // Most extents change only their extent item.
         let mut out = Vec::with_capacity(part.len() * 9 / 8);
+        // Sorted bytenrs: walk the tree instead of a search per extent.
+        let mut walker = tree.walker();
         for (bytenr, old) in part {
-            let new = tree.get(*bytenr);
+            let new = walker.get(*bytenr);
             if old.as_ref() != new {
                 codec::diff_extent(*bytenr, old.as_ref(), new, &mut out)
                     .map_err(|e| (*bytenr, e))?;

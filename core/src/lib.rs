@@ -12,6 +12,7 @@
 //! - [`verify`]: the ref-verify shadow;
 //! - [`interlock`]: HAMMER's refcount + interlock word;
 //! - [`oracle`]: a simple sequential model used as the test oracle.
+pub mod background;
 pub mod barrier;
 pub mod delayed;
 pub mod engine;

@@ -633,39 +633,82 @@ impl<S: Storage> BTree<S> {
         order.extend(run.iter().enumerate().map(|(i, (a, _))| (*a, Some(i))));
         order.sort_unstable_by_key(|&(a, _)| a);
         let batch_nodes = self.config.write_batch_nodes;
-        let mut buf = vec![0u8; batch_nodes.min(order.len()).max(1) * NODE_BYTES];
-        for chunk in order.chunks(batch_nodes) {
-            for (i, &(addr, run_index)) in chunk.iter().enumerate() {
-                let slice = &mut buf[i * NODE_BYTES..(i + 1) * NODE_BYTES];
-                match run_index {
-                    Some(r) => slice.copy_from_slice(&run[r].1),
-                    None => {
-                        let Some(node) = st.dirty.get(&addr) else {
-                            return Err(BTreeError::internal(format!(
-                                "dirty node {addr} vanished"
-                            )));
-                        };
-                        node.encode_into(slice, self.fs_id, addr, self.config.owner)?;
+        let buf_bytes = batch_nodes.min(order.len()).max(1) * NODE_BYTES;
+        let write_err = |chunk: &[(u64, Option<usize>)], e| {
+            BTreeError::storage(
+                format!(
+                    "write {} node(s) at {}..{} for generation {generation}",
+                    chunk.len(),
+                    chunk[0].0,
+                    chunk[chunk.len() - 1].0 + NODE_BYTES as u64
+                ),
+                e,
+            )
+        };
+        // Nodes are encoded on this thread while a writer thread writes the
+        // previous batch (two buffers), and adjacent addresses go out as one
+        // write: encoding and I/O overlap, and a batch of mostly contiguous
+        // slots is a few large writes instead of one per node.
+        let dirty = &st.dirty;
+        std::thread::scope(|scope| -> Result<(), BTreeError> {
+            let (to_writer, batches) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(1);
+            let (to_encoder, free_bufs) = std::sync::mpsc::channel::<Vec<u8>>();
+            let order = &order;
+            let writer = scope.spawn(move || -> Result<(), BTreeError> {
+                for (buf, k) in batches {
+                    let chunk = &order[k * batch_nodes..((k + 1) * batch_nodes).min(order.len())];
+                    let mut writes: Vec<(u64, &[u8])> = Vec::new();
+                    let mut i = 0;
+                    while i < chunk.len() {
+                        let mut j = i + 1;
+                        while j < chunk.len() && chunk[j].0 == chunk[j - 1].0 + NODE_BYTES as u64 {
+                            j += 1;
+                        }
+                        writes.push((chunk[i].0, &buf[i * NODE_BYTES..j * NODE_BYTES]));
+                        i = j;
+                    }
+                    self.storage
+                        .write_batch(&writes)
+                        .map_err(|e| write_err(chunk, e))?;
+                    drop(writes);
+                    // The encoder may be gone (it failed): nothing to return.
+                    let _ = to_encoder.send(buf);
+                }
+                Ok(())
+            });
+            let mut spare = 2usize;
+            for (k, chunk) in order.chunks(batch_nodes).enumerate() {
+                let mut buf = if spare > 0 {
+                    spare -= 1;
+                    vec![0u8; buf_bytes]
+                } else {
+                    match free_bufs.recv() {
+                        Ok(buf) => buf,
+                        // The writer stopped on an error: its join says which.
+                        Err(_) => break,
+                    }
+                };
+                for (i, &(addr, run_index)) in chunk.iter().enumerate() {
+                    let slice = &mut buf[i * NODE_BYTES..(i + 1) * NODE_BYTES];
+                    match run_index {
+                        Some(r) => slice.copy_from_slice(&run[r].1),
+                        None => {
+                            let Some(node) = dirty.get(&addr) else {
+                                return Err(BTreeError::internal(format!(
+                                    "dirty node {addr} vanished"
+                                )));
+                            };
+                            node.encode_into(slice, self.fs_id, addr, self.config.owner)?;
+                        }
                     }
                 }
+                if to_writer.send((buf, k)).is_err() {
+                    break;
+                }
             }
-            let writes: Vec<(u64, &[u8])> = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, &(addr, _))| (addr, &buf[i * NODE_BYTES..(i + 1) * NODE_BYTES]))
-                .collect();
-            self.storage.write_batch(&writes).map_err(|e| {
-                BTreeError::storage(
-                    format!(
-                        "write {} node(s) at {}..{} for generation {generation}",
-                        writes.len(),
-                        chunk[0].0,
-                        chunk[chunk.len() - 1].0 + NODE_BYTES as u64
-                    ),
-                    e,
-                )
-            })?;
-        }
+            drop(to_writer);
+            writer.join().expect("node writer panicked")
+        })?;
         self.storage.flush().map_err(|e| {
             BTreeError::storage(format!("flush after writing generation {generation}"), e)
         })?;
@@ -725,11 +768,7 @@ impl<S: Storage> BTree<S> {
         }
         drop(st);
         if nodes.len() >= DEFERRED_DROP_NODES_MIN {
-            // If the thread cannot be started, the closure (and the nodes)
-            // is dropped here instead.
-            let _ = std::thread::Builder::new()
-                .name("refd-node-drop".into())
-                .spawn(move || drop(nodes));
+            refd_core::background::drop_later(nodes);
         }
         Ok(released.len() as u64)
     }

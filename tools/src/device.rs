@@ -8,6 +8,7 @@
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use refd_btrfs::export::DumpWriter;
 use refd_durable::codec::decode_op;
@@ -195,15 +196,73 @@ fn load(path: &Path, report: &mut FsckReport) -> Result<Loaded, String> {
     Ok(Loaded { storage, sb, tree })
 }
 
+/// Items (extents, log records) between two clock reads of [`Progress`].
+const PROGRESS_CHECK_ITEMS: usize = 16 * 1024;
+
+/// Progress lines of a long `fsck` or `dump`, for a person watching:
+/// nothing until a step has run for [`Progress::EVERY`], then one line
+/// per period (so small devices print nothing).
+pub struct Progress {
+    print: Box<dyn FnMut(&str)>,
+    every: Duration,
+    start: Instant,
+    last: Instant,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("every", &self.every)
+            .field("start", &self.start)
+            .finish()
+    }
+}
+
+impl Progress {
+    /// Time between two lines.
+    pub const EVERY: Duration = Duration::from_secs(2);
+
+    /// Lines go to `print` (e.g. a function that writes them to stderr),
+    /// one per [`Progress::EVERY`] at most.
+    pub fn new(print: impl FnMut(&str) + 'static) -> Progress {
+        Progress::with_period(print, Self::EVERY)
+    }
+
+    /// [`Progress::new`] with another period.
+    pub fn with_period(print: impl FnMut(&str) + 'static, every: Duration) -> Progress {
+        let now = Instant::now();
+        Progress {
+            print: Box::new(print),
+            every,
+            start: now,
+            last: now,
+        }
+    }
+
+    /// Prints `what()` (with the time since the start) if a period passed.
+    fn tick(&mut self, what: impl FnOnce() -> String) {
+        let now = Instant::now();
+        if now.duration_since(self.last) >= self.every {
+            self.last = now;
+            (self.print)(&format!(
+                "{} ({:.0} s)",
+                what(),
+                now.duration_since(self.start).as_secs_f64()
+            ));
+        }
+    }
+}
+
 /// Check a device: superblocks, every tree node (checksum, address, key
 /// order, generation, no node referenced twice, allocator agreement), every
 /// extent (refs = sum of backrefs, counts, kinds) and the log (what
 /// recovery would replay, every record decodable). Streams the extents:
 /// memory does not grow with the tree.
-pub fn fsck(path: &Path) -> Result<FsckReport, String> {
+pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> {
     let mut report = FsckReport::default();
     let Loaded { storage, sb, tree } = load(path, &mut report)?;
     if let Some(tree) = tree {
+        progress.tick(|| "checking every tree node".to_string());
         match tree.check() {
             Ok(TreeCheck {
                 nodes,
@@ -218,9 +277,12 @@ pub fn fsck(path: &Path) -> Result<FsckReport, String> {
             Err(e) => report.problem(format!("extent tree: {e}")),
         }
         let (mut extents, mut refs) = (0usize, 0u64);
-        let scanned = scan_extents(&tree, &report.device, 0..=EXTENT_BYTENR_MAX, |_, item| {
+        let scanned = scan_extents(&tree, &report.device, 0..=EXTENT_BYTENR_MAX, |b, item| {
             extents += 1;
             refs += item.refs;
+            if extents.is_multiple_of(PROGRESS_CHECK_ITEMS) {
+                progress.tick(|| format!("checked {extents} extents (bytenr {b})"));
+            }
             ControlFlow::Continue(())
         });
         report.extents = extents;
@@ -233,12 +295,17 @@ pub fn fsck(path: &Path) -> Result<FsckReport, String> {
             Err(e) => report.problem(e.to_string()),
         }
     }
+    progress.tick(|| "reading the log".to_string());
     match replay(&*storage, &sb) {
         Ok(r) => {
             report.log_batches = r.batches().len();
             report.log_end = r.report().to_string();
             for rec in r.records() {
                 report.log_records += 1;
+                if report.log_records.is_multiple_of(PROGRESS_CHECK_ITEMS) {
+                    let n = report.log_records;
+                    progress.tick(|| format!("decoded {n} log records"));
+                }
                 if let Err(e) = decode_op(rec.data) {
                     report.problem(format!("log record at LSN {}: {e}", rec.lsn.get()));
                 }
@@ -254,7 +321,12 @@ pub fn fsck(path: &Path) -> Result<FsckReport, String> {
 /// tree. Refuses a device whose superblock or tree cannot be opened; an
 /// item that does not decode ends the dump with an error after the extents
 /// before it.
-pub fn dump(path: &Path, nodesize: u64, out: impl std::io::Write) -> Result<(), String> {
+pub fn dump(
+    path: &Path,
+    nodesize: u64,
+    out: impl std::io::Write,
+    progress: &mut Progress,
+) -> Result<(), String> {
     let mut report = FsckReport::default();
     let loaded = load(path, &mut report)?;
     let tree = match (loaded.tree, report.problems.first()) {
@@ -264,11 +336,16 @@ pub fn dump(path: &Path, nodesize: u64, out: impl std::io::Write) -> Result<(), 
     };
     let mut writer = DumpWriter::new(nodesize, out);
     let mut written = Ok(());
+    let mut extents = 0usize;
     scan_extents(
         &tree,
         &report.device,
         0..=EXTENT_BYTENR_MAX,
         |bytenr, item| {
+            extents += 1;
+            if extents.is_multiple_of(PROGRESS_CHECK_ITEMS) {
+                progress.tick(|| format!("dumped {extents} extents (bytenr {bytenr})"));
+            }
             written = writer.push(bytenr, &item);
             if written.is_ok() {
                 ControlFlow::Continue(())
@@ -285,7 +362,31 @@ pub fn dump(path: &Path, nodesize: u64, out: impl std::io::Write) -> Result<(), 
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, Progress};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    #[test]
+    fn progress_prints_once_per_period() {
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = Arc::clone(&lines);
+        let mut quiet = Progress::with_period(
+            move |l: &str| sink.lock().unwrap().push(l.to_string()),
+            Duration::from_secs(3600),
+        );
+        quiet.tick(|| "never".into());
+        assert!(lines.lock().unwrap().is_empty(), "nothing within a period");
+        let sink = Arc::clone(&lines);
+        let mut every = Progress::with_period(
+            move |l: &str| sink.lock().unwrap().push(l.to_string()),
+            Duration::ZERO,
+        );
+        every.tick(|| "checked 1 extents".into());
+        every.tick(|| "checked 2 extents".into());
+        let got = lines.lock().unwrap().clone();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[1].starts_with("checked 2 extents ("), "{got:?}");
+    }
 
     #[test]
     fn sizes() {

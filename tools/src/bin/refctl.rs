@@ -274,7 +274,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             Ok(true)
         }
         Cmd::Fsck(a) => {
-            let r = device::fsck(&a.path)?;
+            let r = device::fsck(&a.path, &mut device::Progress::new(progress_line))?;
             if a.json {
                 let mut v = serde_json::to_value(&r).map_err(|e| e.to_string())?;
                 v["clean"] = serde_json::Value::Bool(r.clean());
@@ -298,7 +298,12 @@ fn run(cli: Cli) -> Result<bool, String> {
             Ok(r.clean())
         }
         Cmd::Dump(a) => {
-            device::dump(&a.path, a.nodesize, std::io::stdout().lock())?;
+            device::dump(
+                &a.path,
+                a.nodesize,
+                std::io::stdout().lock(),
+                &mut device::Progress::new(progress_line),
+            )?;
             Ok(true)
         }
         Cmd::Btrfs(BtrfsCmd::Normalize(a)) => {
@@ -308,6 +313,12 @@ fn run(cli: Cli) -> Result<bool, String> {
             Ok(true)
         }
     }
+}
+
+/// A progress line of a long command, on stderr (stdout carries the
+/// result).
+fn progress_line(line: &str) {
+    eprintln!("refctl: {line}");
 }
 
 fn main() -> ExitCode {

@@ -347,9 +347,9 @@ fn count_u32(bytenr: u64, key: RefKey, count: u64) -> Result<u32, CodecError> {
     u32::try_from(count).map_err(|_| CodecError::CountTooLarge { bytenr, key, count })
 }
 
-/// Encodes the extent item of `bytenr` and its keyed backrefs as B+tree
-/// items, sorted by key.
-pub fn encode_extent(bytenr: u64, item: &ExtentItem) -> Result<Vec<(Key, Vec<u8>)>, CodecError> {
+/// The extent item alone (with its inline backrefs): the first item of
+/// [`encode_extent`]. The whole item is checked.
+pub fn encode_extent_item(bytenr: u64, item: &ExtentItem) -> Result<(Key, Vec<u8>), CodecError> {
     item.check()
         .map_err(|source| CodecError::Item { bytenr, source })?;
     let mut v = Vec::with_capacity(item.item_bytes());
@@ -396,7 +396,13 @@ pub fn encode_extent(bytenr: u64, item: &ExtentItem) -> Result<Vec<(Key, Vec<u8>
             max_bytes: VALUE_BYTES_MAX,
         });
     }
-    let mut out = vec![(item_key(bytenr, item.num_bytes, item.kind), v)];
+    Ok((item_key(bytenr, item.num_bytes, item.kind), v))
+}
+
+/// Encodes the extent item of `bytenr` and its keyed backrefs as B+tree
+/// items, sorted by key.
+pub fn encode_extent(bytenr: u64, item: &ExtentItem) -> Result<Vec<(Key, Vec<u8>)>, CodecError> {
+    let mut out = vec![encode_extent_item(bytenr, item)?];
     let mut keyed: BTreeMap<Key, Vec<u8>> = BTreeMap::new();
     for &(key, count) in &item.keyed {
         let (mut k, value) = match key {
@@ -890,9 +896,7 @@ pub fn diff_extent(
             && item_key(bytenr, b.num_bytes, b.kind) == item_key(bytenr, a.num_bytes, a.kind)
             && b != a
         {
-            let mut new = encode_extent(bytenr, a)?;
-            debug_assert_eq!(new.len(), 1);
-            let (k, v) = new.pop().expect("an extent item");
+            let (k, v) = encode_extent_item(bytenr, a)?;
             out.push((k, Change::Put(v)));
             return Ok(());
         }

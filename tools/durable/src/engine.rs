@@ -284,7 +284,8 @@ pub struct CommitTotals {
     pub gap_max: Duration,
     /// Time per step, summed.
     pub phases: CommitPhases,
-    last_start: Option<Instant>,
+    /// When the latest commit started.
+    pub last_start: Option<Instant>,
 }
 
 impl CommitTotals {
@@ -366,7 +367,6 @@ pub(crate) struct CommitState {
     next_generation: u64,
     /// Chunks of the held-heads stream in the committed B+tree.
     held_chunks: usize,
-    totals: CommitTotals,
 }
 
 /// The durable delayed-ref engine over storage `S` (a cheap handle such as
@@ -383,6 +383,9 @@ pub struct DurableEngine<S: Storage + Clone> {
     appenders: AtomicUsize,
     appenders_max: usize,
     pub(crate) commit: Mutex<CommitState>,
+    /// Updated at the end of each commit, under its own lock: reading
+    /// the totals does not wait for a running commit.
+    totals: Mutex<CommitTotals>,
     failed: OnceLock<Arc<str>>,
     /// Bytenrs of the running commit's frozen heads (sorted), from the
     /// moment their items are cached until the B+tree has the commit's
@@ -849,9 +852,9 @@ impl<S: Storage + Clone> DurableEngine<S> {
             commit: Mutex::new(CommitState {
                 sb: claim,
                 next_generation,
-                totals: CommitTotals::default(),
                 held_chunks,
             }),
+            totals: Mutex::new(CommitTotals::default()),
             failed: OnceLock::new(),
             inflight: RwLock::new(Arc::new(Vec::new())),
             cache_extents_max: options.cache_extents_max,
@@ -1030,7 +1033,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
         summary.extents_read = extents_read;
         summary.ops = ops;
         summary.phases = phases;
-        st.totals.add(t0, &summary);
+        lock(&self.totals).add(t0, &summary);
         // Requeued held heads are pending again: the interval commits them
         // once the barrier is gone. They do not count toward back-pressure
         // (committing again would not free them; the barrier holder
@@ -1260,9 +1263,10 @@ impl<S: Storage + Clone> DurableEngine<S> {
         &self.tree
     }
 
-    /// Totals over every commit since open (waits for a running commit).
+    /// Totals over every commit since open (never waits for a running
+    /// commit: it is counted once it ends).
     pub fn commit_totals(&self) -> CommitTotals {
-        lock(&self.commit).totals
+        *lock(&self.totals)
     }
 
     /// The last durable superblock.

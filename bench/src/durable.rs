@@ -250,6 +250,11 @@ fn ingest<S: Storage + Clone>(
     Ok(h)
 }
 
+/// A progress line of a long step (recovery), on stderr.
+fn progress_line(line: &str) {
+    eprintln!("refd-bench: {line}");
+}
+
 /// See [`DurableReport::commit_gap_ms_max_after_warmup`].
 const WARMUP: Duration = Duration::from_secs(10);
 
@@ -283,6 +288,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
             ..defaults.tree
         },
         cache_extents_max: args.cache_extents,
+        progress: (!args.json).then_some(progress_line as fn(&str)),
         policy: CommitPolicy {
             interval_ms: args.commit_interval_ms,
             pending_ops_trigger: args.pending_ops_trigger,

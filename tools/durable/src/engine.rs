@@ -44,6 +44,7 @@ use refd_ioring::{Storage, StorageError};
 
 use crate::codec::{self, CodecError, ExtentLoader};
 use crate::policy::{CommitPolicy, CommitterFlags};
+use crate::progress::{Progress, PROGRESS_CHECK_ITEMS};
 
 /// Default log region: this fraction of the device ...
 pub const LOG_DEVICE_FRACTION: u64 = 8;
@@ -181,6 +182,10 @@ pub struct OpenOptions {
     pub cache_extents_max: usize,
     /// When to commit and when ingest waits (`crate::policy`).
     pub policy: CommitPolicy,
+    /// Where recovery's progress lines go (extents cached, log records
+    /// replayed), one per [`Progress::EVERY`] of a long open; `None`:
+    /// silent.
+    pub progress: Option<fn(&str)>,
 }
 
 impl Default for OpenOptions {
@@ -193,6 +198,7 @@ impl Default for OpenOptions {
             },
             cache_extents_max: CACHE_EXTENTS_DEFAULT,
             policy: CommitPolicy::default(),
+            progress: None,
         }
     }
 }
@@ -578,10 +584,18 @@ fn forget_seq(head: &mut Head) {
 /// log order. (Routing ops by bytenr to one worker per core was measured
 /// at the same speed on this 2-core machine: the decoding reader is the
 /// bound, so replay stays on one thread.)
-fn replay_ops(engine: &Engine<LockFreeStore>, replayed: &refd_ioring::Replay) -> Result<usize> {
+fn replay_ops(
+    engine: &Engine<LockFreeStore>,
+    replayed: &refd_ioring::Replay,
+    progress: &mut Progress,
+    device: &str,
+) -> Result<usize> {
     let mut h = engine.handle()?;
-    let mut n = 0;
+    let mut n: usize = 0;
     for rec in replayed.records() {
+        if n > 0 && n.is_multiple_of(PROGRESS_CHECK_ITEMS) {
+            progress.tick(|| format!("{device}: recovery: {n} log records replayed"));
+        }
         let mut op = codec::decode_op(rec.data).map_err(|source| DurableError::Record {
             lsn: rec.lsn.get(),
             source,
@@ -765,6 +779,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
                     source,
                 }
             })?;
+        let mut progress = Progress::new(options.progress.unwrap_or(|_| {}));
         let mut cached = ExtentTree::new();
         let mut cache_complete = true;
         scan_extents(&tree, &device, 0..=codec::EXTENT_BYTENR_MAX, |b, item| {
@@ -773,8 +788,13 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 return ControlFlow::Break(());
             }
             cached.insert(b, item);
+            if cached.len().is_multiple_of(PROGRESS_CHECK_ITEMS) {
+                let n = cached.len();
+                progress.tick(|| format!("{device}: recovery: {n} extents cached (bytenr {b})"));
+            }
             ControlFlow::Continue(())
         })?;
+        progress.tick(|| format!("{device}: recovery: reading the log"));
         let extents_cached = cached.len();
         let replayed = replay(&storage, &sb).map_err(|source| DurableError::Log {
             context: format!("{device}: replay from generation {}", sb.generation),
@@ -793,7 +813,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
         held.iter_mut().for_each(forget_seq);
         let heads_held = held.len();
         engine.requeue(held);
-        let ops_replayed = replay_ops(&engine, &replayed)?;
+        let ops_replayed = replay_ops(&engine, &replayed, &mut progress, &device)?;
         let log = RefLog::open(storage.clone(), &sb, &replayed, options.log).map_err(|source| {
             DurableError::Log {
                 context: format!("{device}: open log"),

@@ -16,6 +16,7 @@
 pub mod codec;
 pub mod engine;
 pub mod policy;
+pub mod progress;
 
 pub use codec::CodecError;
 pub use engine::{

@@ -55,6 +55,10 @@ pub struct DurableArgs {
     /// Ops each thread keeps in flight (appended, not yet acknowledged).
     #[arg(long, default_value_t = 256)]
     pub window: usize,
+    /// With --duration-s: offer at most this many ops per second in total
+    /// (split evenly over the threads; 0: as fast as acks allow).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// Commit policy: longest time between commit starts.
     #[arg(long, default_value_t = CommitPolicy::default().interval_ms)]
     pub commit_interval_ms: u64,
@@ -185,15 +189,43 @@ fn device_rate(s: &UringStorage) -> Result<f64, String> {
 /// Where one ingest thread's ops come from.
 enum Source<'a> {
     Slice(std::slice::Iter<'a, Op>),
-    Walk(Walk, Instant),
+    Walk(Paced),
 }
+
+/// A walk until a deadline, at most `rate` ops per second.
+struct Paced {
+    walk: Walk,
+    deadline: Instant,
+    start: Instant,
+    /// Ops per second of this thread; 0: unpaced.
+    rate: f64,
+    n: u64,
+}
+
+/// Ops between two clock reads of a [`Paced`] source.
+const PACE_CHECK_OPS: u64 = 256;
 
 impl Iterator for Source<'_> {
     type Item = Op;
     fn next(&mut self) -> Option<Op> {
         match self {
             Source::Slice(it) => it.next().copied(),
-            Source::Walk(w, deadline) => (Instant::now() < *deadline).then(|| w.next_op()),
+            Source::Walk(p) => {
+                if p.n.is_multiple_of(PACE_CHECK_OPS) {
+                    let now = Instant::now();
+                    if now >= p.deadline {
+                        return None;
+                    }
+                    if p.rate > 0.0 {
+                        let due = p.start + Duration::from_secs_f64(p.n as f64 / p.rate);
+                        if due > now {
+                            std::thread::sleep(due - now);
+                        }
+                    }
+                }
+                p.n += 1;
+                Some(p.walk.next_op())
+            }
         }
     }
 }
@@ -270,6 +302,12 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     if args.workload == Workload::BtrfsTrace {
         return Err("durable runs the generated workloads".into());
     }
+    if !(args.rate >= 0.0 && args.rate.is_finite()) {
+        return Err("--rate must be a number of ops per second, 0 or more".into());
+    }
+    if args.rate > 0.0 && args.duration_s.is_none() {
+        return Err("--rate paces the --duration-s workloads".into());
+    }
     if args.duration_s.is_some_and(|d| !(d > 0.0 && d.is_finite())) {
         return Err("--duration-s must be a positive number of seconds".into());
     }
@@ -327,8 +365,8 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
                 s.spawn(move || {
                     barrier.wait();
                     let source = match args.duration_s {
-                        Some(d) => Source::Walk(
-                            Walk::new(
+                        Some(d) => Source::Walk(Paced {
+                            walk: Walk::new(
                                 args.workload,
                                 args.extents / args.threads as u64,
                                 args.seed * 1000 + t as u64,
@@ -336,8 +374,11 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
                                 t as u64,
                             )
                             .expect("uniform or zipf"),
-                            Instant::now() + Duration::from_secs_f64(d),
-                        ),
+                            deadline: Instant::now() + Duration::from_secs_f64(d),
+                            start: Instant::now(),
+                            rate: args.rate / args.threads as f64,
+                            n: 0,
+                        }),
                         None => Source::Slice(ops.map_or([].iter(), |o| o.iter())),
                     };
                     let mut source = source;
@@ -414,8 +455,8 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     for r in results {
         let (h, source) = r?;
         hist.add(h).map_err(|e| format!("{e:?}"))?;
-        if let Source::Walk(w, _) = source {
-            walks.push(w);
+        if let Source::Walk(p) = source {
+            walks.push(p.walk);
         }
     }
     let stats = committed?;

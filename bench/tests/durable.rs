@@ -64,4 +64,26 @@ fn durable_bench_reports() {
     assert!(seconds.as_array().is_some_and(|a| !a.is_empty()), "{v}");
     assert_eq!(v["probe_commit_ops"], 10000, "{v}");
     assert_eq!(v["recovery_ops"], 10000, "{v}");
+    // A paced run offers at most --rate ops per second (an upper bound
+    // only: how many it reaches depends on the machine).
+    let (v, ok) = common::run_json(
+        &[
+            "durable",
+            "--extents",
+            "2000",
+            "--duration-s",
+            "1",
+            "--rate",
+            "5000",
+        ],
+        &dev,
+    );
+    assert!(ok, "{v}");
+    let ops = v["ops"].as_u64().expect("ops");
+    // 5000 ops in the second; each of the 2 threads checks its pace (and
+    // the deadline) every 256 ops, so each may run up to two steps over.
+    assert!(
+        ops > 0 && ops <= 5000 + 2 * 2 * 256,
+        "{ops} ops at --rate 5000: {v}"
+    );
 }

@@ -397,9 +397,7 @@ impl<S: DelayedRefStore> Engine<S> {
                 q.push_back(h.clone());
             }
         }
-        if heads.len() >= DROP_LATER_HEADS_MIN {
-            crate::background::drop_later(heads);
-        }
+        crate::background::drop_later(heads, crate::background::SMALL_ITEMS_MIN);
         report
     }
 }
@@ -444,10 +442,6 @@ impl Frozen<'_> {
 
 /// Heads per worker below which a commit runs heads on one thread.
 pub const PARALLEL_RUN_MIN_HEADS: usize = 32 * 1024;
-
-/// Frozen heads from which a commit frees them on another thread
-/// ([`crate::background::drop_later`]).
-const DROP_LATER_HEADS_MIN: usize = 64 * 1024;
 
 /// Run every head against the committed tree: heads are taken with
 /// btrfs's selection (cursor, clustering) over contiguous bytenr ranges,

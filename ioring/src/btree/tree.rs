@@ -767,9 +767,7 @@ impl<S: Storage> BTree<S> {
             nodes.extend(self.cache.invalidate(*addr)?);
         }
         drop(st);
-        if nodes.len() >= DEFERRED_DROP_NODES_MIN {
-            refd_core::background::drop_later(nodes);
-        }
+        refd_core::background::drop_later(nodes, DEFERRED_DROP_NODES_MIN);
         Ok(released.len() as u64)
     }
 }

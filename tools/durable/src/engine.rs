@@ -1131,7 +1131,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
             })?
         };
         // The items before: hundreds of thousands of frees, off this path.
-        refd_core::background::drop_later(displaced);
+        refd_core::background::drop_later(displaced, refd_core::background::SMALL_ITEMS_MIN);
         phases.diff = t_apply.elapsed();
         let t_apply = Instant::now();
         // Heads a seq barrier held are requeued in memory, and their log

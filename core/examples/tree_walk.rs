@@ -80,7 +80,7 @@ fn main() {
         one_t.push(t.elapsed());
         let c = batch(round as u64 + 1);
         let t = Instant::now();
-        let displaced = tree.apply_sorted(c.into_iter());
+        let displaced = tree.apply_sorted(c);
         sorted_t.push(t.elapsed());
         drop(displaced);
     }

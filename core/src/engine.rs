@@ -34,7 +34,7 @@ use crate::delayed::{DelayedRefStore, IngestHandle, StoreError};
 use crate::extent_tree::{ExtentItem, ExtentTree};
 use crate::head::{Head, HeadSummary};
 use crate::model::Op;
-use crate::run::{run_head_on, FreedExtent, HeadEffect, HeadOutcome, RunError, RunQueue};
+use crate::run::{run_head_on, FreedExtent, HeadOutcome, RunError, RunQueue};
 use crate::verify::{RefVerify, VerifyError};
 
 /// Quarantined heads kept by the engine for inspection (older ones are
@@ -314,6 +314,17 @@ impl<S: DelayedRefStore> Engine<S> {
     /// Second half of [`Engine::commit`]: run the frozen heads into the
     /// tree and release the frozen transaction.
     pub fn run_frozen(&self, frozen: Frozen<'_>) -> CommitReport {
+        self.run_frozen_with(frozen, &()).0
+    }
+
+    /// [`Engine::run_frozen`], showing every applied head to `sink` on
+    /// the run worker that ran it (see [`RunSink`]). Returns the workers'
+    /// parts in bytenr-range order.
+    pub fn run_frozen_with<K: RunSink>(
+        &self,
+        frozen: Frozen<'_>,
+        sink: &K,
+    ) -> (CommitReport, Vec<K::Part>) {
         let Frozen {
             _serial,
             heads,
@@ -331,19 +342,26 @@ impl<S: DelayedRefStore> Engine<S> {
             freeze_time,
             ..CommitReport::default()
         };
-        let outcomes = run_heads(&read.tree, &heads, generation, barrier);
-        let mut effects: Vec<HeadEffect> = Vec::with_capacity(heads.len());
+        let parts = run_heads(&read.tree, &heads, generation, barrier, sink);
+        drop(read);
+        // Concatenated in part order: the parts are ascending bytenr
+        // ranges. Moved once (the first part's vector is reused).
+        let mut effects: Vec<(u64, Option<ExtentItem>)> = Vec::new();
         let mut held_idx: Vec<usize> = Vec::new();
         let mut quarantined_idx: Vec<(usize, RunError)> = Vec::new();
-        for (i, outcome) in outcomes {
-            match outcome {
-                Ok(HeadOutcome::Effect(e)) => effects.push(e),
-                Ok(HeadOutcome::Noop) => report.noop += 1,
-                Ok(HeadOutcome::Held { .. }) => held_idx.push(i),
-                Err(error) => quarantined_idx.push((i, error)),
+        let mut sinks = Vec::with_capacity(parts.len());
+        for part in parts {
+            if effects.is_empty() {
+                effects = part.effects;
+            } else {
+                effects.extend(part.effects);
             }
+            report.freed.extend(part.freed);
+            report.noop += part.noop;
+            held_idx.extend(part.held);
+            quarantined_idx.extend(part.quarantined);
+            sinks.push(part.sink);
         }
-        drop(read);
         report.run_time = t1.elapsed();
         report.applied = effects.len();
         report.held = held_idx.len();
@@ -362,16 +380,17 @@ impl<S: DelayedRefStore> Engine<S> {
         // Head selection moves its cursor past each extent (btrfs
         // clustering), so a head inside a larger neighbour's range (a reused
         // bytenr with another size) is selected after the wrap-around:
-        // effects are nearly, not fully, sorted.
-        effects.sort_by_key(|e| e.bytenr);
-        for e in &effects {
-            report.freed.extend_from_slice(&e.freed);
+        // effects are nearly, not fully, sorted. Stable: an effect's freed
+        // extents keep their order (all have the head's bytenr).
+        if !effects.is_sorted_by_key(|e| e.0) {
+            effects.sort_by_key(|e| e.0);
+        }
+        if !report.freed.is_sorted_by_key(|f| f.bytenr) {
+            report.freed.sort_by_key(|f| f.bytenr);
         }
         {
             let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
-            report.displaced = w
-                .tree
-                .apply_sorted(effects.into_iter().map(|e| (e.bytenr, e.item)));
+            report.displaced = w.tree.apply_sorted(effects);
             w.generation = generation;
             self.store.release(held);
             // A refused head's ops were checked by ref-verify one by one;
@@ -398,7 +417,7 @@ impl<S: DelayedRefStore> Engine<S> {
             }
         }
         crate::background::drop_later(heads, crate::background::SMALL_ITEMS_MIN);
-        report
+        (report, sinks)
     }
 }
 
@@ -443,26 +462,90 @@ impl Frozen<'_> {
 /// Heads per worker below which a commit runs heads on one thread.
 pub const PARALLEL_RUN_MIN_HEADS: usize = 32 * 1024;
 
+/// What one run worker did over its part of a commit's heads.
+#[derive(Debug)]
+struct RunPart<P> {
+    /// `(bytenr, item after)` of every applied head, in selection order.
+    effects: Vec<(u64, Option<ExtentItem>)>,
+    /// Extents the applied heads freed, in selection order.
+    freed: Vec<FreedExtent>,
+    /// Heads whose refs all cancelled.
+    noop: usize,
+    /// Indices (among all frozen heads) of heads a seq barrier held.
+    held: Vec<usize>,
+    /// Indices of refused heads, and why.
+    quarantined: Vec<(usize, RunError)>,
+    /// The sink's state for this worker.
+    sink: P,
+}
+
+/// What a commit's run shows its caller, head by head: a durable layer
+/// encodes its tree changes there, on the run's workers while both items
+/// are in cache, instead of in a second pass over the tree.
+pub trait RunSink: Sync {
+    /// One worker's state.
+    type Part: Send;
+    /// A worker's state before it runs `heads` heads.
+    fn part(&self, heads: usize) -> Self::Part;
+    /// Head of extent `bytenr` was applied: `before` is the committed
+    /// item, `after` the item this commit puts in its place (`None`: no
+    /// item). Called right after the new item was computed, before the
+    /// tree changes. Within a worker, heads come in btrfs's selection
+    /// order: nearly, not always, ascending (see [`RunQueue`]); workers
+    /// take ascending bytenr ranges.
+    fn effect(
+        &self,
+        part: &mut Self::Part,
+        bytenr: u64,
+        before: Option<&ExtentItem>,
+        after: Option<&ExtentItem>,
+    );
+}
+
+/// No sink: [`Engine::run_frozen`].
+impl RunSink for () {
+    type Part = ();
+    fn part(&self, _heads: usize) {}
+    fn effect(&self, _: &mut (), _: u64, _: Option<&ExtentItem>, _: Option<&ExtentItem>) {}
+}
+
 /// Run every head against the committed tree: heads are taken with
 /// btrfs's selection (cursor, clustering) over contiguous bytenr ranges,
-/// one range per worker (the tree is only read), results in bytenr order.
-fn run_heads(
+/// one range per worker (the tree is only read), parts in bytenr order.
+/// `sink` sees every applied head on its worker.
+fn run_heads<K: RunSink>(
     tree: &ExtentTree,
     heads: &[Head],
     generation: u64,
     barrier: u64,
-) -> Vec<(usize, Result<HeadOutcome, RunError>)> {
+    sink: &K,
+) -> Vec<RunPart<K::Part>> {
     let run_range = |base: usize, part: &[Head]| {
-        let mut out = Vec::with_capacity(part.len());
+        let mut out = RunPart {
+            // Sized once: items are large, and growing a vector of them by
+            // doubling copies them into freshly faulted memory.
+            effects: Vec::with_capacity(part.len()),
+            freed: Vec::new(),
+            noop: 0,
+            held: Vec::new(),
+            quarantined: Vec::new(),
+            sink: sink.part(part.len()),
+        };
         let mut queue = RunQueue::new(part, 0);
         // Heads come out nearly in bytenr order: walk the tree.
         let mut walker = tree.walker();
         while let Some(i) = queue.select() {
             let committed = walker.get(part[i].bytenr);
-            out.push((
-                base + i,
-                run_head_on(committed, &part[i], generation, barrier),
-            ));
+            match run_head_on(committed, &part[i], generation, barrier) {
+                Ok(HeadOutcome::Effect(e)) => {
+                    sink.effect(&mut out.sink, e.bytenr, committed, e.item.as_ref());
+                    out.freed.extend(e.freed);
+                    out.effects.push((e.bytenr, e.item));
+                }
+                Ok(HeadOutcome::Noop) => out.noop += 1,
+                Ok(HeadOutcome::Held { .. }) => out.held.push(base + i),
+                Err(error) => out.quarantined.push((base + i, error)),
+            }
         }
         out
     };
@@ -471,7 +554,7 @@ fn run_heads(
         .min(heads.len() / PARALLEL_RUN_MIN_HEADS)
         .max(1);
     if workers == 1 {
-        return run_range(0, heads);
+        return vec![run_range(0, heads)];
     }
     let per = heads.len().div_ceil(workers);
     std::thread::scope(|s| {
@@ -480,13 +563,10 @@ fn run_heads(
             .enumerate()
             .map(|(k, part)| s.spawn(move || run_range(k * per, part)))
             .collect();
-        // Sized once: the outcomes are large (items), and growing a vector
-        // of them by doubling copies them into freshly faulted memory.
-        let mut out = Vec::with_capacity(heads.len());
-        for p in parts {
-            out.extend(p.join().expect("run worker panicked"));
-        }
-        out
+        parts
+            .into_iter()
+            .map(|p| p.join().expect("run worker panicked"))
+            .collect()
     })
 }
 
@@ -722,6 +802,93 @@ mod tests {
         assert_eq!(r.applied, 8);
         assert_eq!(e.tree().len(), 8, "every effect applied");
         e.tree().check().unwrap();
+    }
+
+    /// What a recording sink saw: `(bytenr, before, after)` per head.
+    type Seen = Vec<(u64, Option<ExtentItem>, Option<ExtentItem>)>;
+
+    struct Record;
+
+    impl RunSink for Record {
+        type Part = Seen;
+        fn part(&self, _heads: usize) -> Seen {
+            Vec::new()
+        }
+        fn effect(
+            &self,
+            part: &mut Seen,
+            bytenr: u64,
+            before: Option<&ExtentItem>,
+            after: Option<&ExtentItem>,
+        ) {
+            part.push((bytenr, before.cloned(), after.cloned()));
+        }
+    }
+
+    /// A commit big enough for every run worker, with overlapping extents
+    /// (selection wraps around inside a part) and cancelled, freed, new
+    /// and changed extents: the sink sees every applied head once, with
+    /// its item before and after, and the displaced items are the items
+    /// before.
+    #[test]
+    fn run_sink_sees_every_applied_head() {
+        let e = Engine::new(LockFreeStore::with_config(2, 8));
+        let mut h = e.handle().unwrap();
+        let heads = 2 * PARALLEL_RUN_MIN_HEADS as u64 + 100;
+        let at = |i: u64| (1 << 30) + i * (16 << 10);
+        let big = |i: u64, action| {
+            let key = RefKey::ExtentData {
+                root: 5,
+                objectid: 300,
+                offset: 0,
+            };
+            Op::new(at(i) + 4096, 64 << 10, ExtentKind::Data, action, key, 0).unwrap()
+        };
+        for i in 0..heads {
+            h.add(&data(at(i), Action::AddExtent, 5)).unwrap();
+        }
+        // Inside both workers' ranges: a 64 KiB extent over the next four.
+        for i in [10, heads - 10] {
+            h.add(&big(i, Action::AddExtent)).unwrap();
+        }
+        e.commit();
+        let before = e.tree().clone();
+        for i in 0..heads {
+            match i % 4 {
+                0 => h.add(&data(at(i), Action::AddRef, 6)).unwrap(),
+                1 => h.add(&data(at(i), Action::DropRef, 5)).unwrap(),
+                2 => {
+                    h.add(&data(at(i), Action::AddRef, 7)).unwrap();
+                    h.add(&data(at(i), Action::DropRef, 7)).unwrap();
+                }
+                _ => {}
+            }
+            h.add(&data(at(i) + 8192, Action::AddExtent, 5)).unwrap();
+        }
+        h.add(&big(10, Action::AddRef)).unwrap();
+        let (report, parts) = e.run_frozen_with(e.freeze(), &Record);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            parts.len(),
+            workers.min(3 * heads as usize / PARALLEL_RUN_MIN_HEADS)
+        );
+        let mut seen: Seen = parts.into_iter().flatten().collect();
+        assert!(
+            !seen.is_sorted_by_key(|s| s.0),
+            "selection wrapped around inside a part"
+        );
+        seen.sort_by_key(|s| s.0);
+        let after = e.tree();
+        assert_eq!(seen.len(), report.applied);
+        assert_eq!(report.applied as u64, heads / 4 * 2 + heads + 1);
+        for (bytenr, was, now) in &seen {
+            assert_eq!(was.as_ref(), before.get(*bytenr), "before {bytenr}");
+            assert_eq!(now.as_ref(), after.get(*bytenr), "after {bytenr}");
+        }
+        let displaced: Vec<(u64, Option<ExtentItem>)> =
+            seen.into_iter().map(|(b, was, _)| (b, was)).collect();
+        assert_eq!(report.displaced, displaced);
+        after.check().unwrap();
     }
 
     #[test]

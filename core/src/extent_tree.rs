@@ -318,100 +318,90 @@ impl ExtentTree {
     }
 
     /// Apply `(bytenr, item or removal)` changes sorted by bytenr, and
-    /// return what each change displaced, in the order of the changes
-    /// (moved out, not copied: a durable layer diffs them against the new
-    /// items). When there are at least as many changes as items, the tree
-    /// is rebuilt in one sorted merge (bulk-built B-tree) instead of one
-    /// insert per change; below that, in-place replacement wins (a rebuild
-    /// copies every item into freshly faulted memory). Unsorted input is
-    /// applied one change at a time.
+    /// return what each change displaced, in the order of the changes: the
+    /// same vector, each slot now holding the item that was at its bytenr
+    /// (moved out, not copied: a durable layer may diff them against the
+    /// new items; no second vector is allocated). When there are at least
+    /// as many changes as items, the tree is rebuilt in one sorted merge
+    /// (bulk-built B-tree) instead of one insert per change; below that,
+    /// in-place replacement wins (a rebuild copies every item into freshly
+    /// faulted memory). Unsorted input is applied one change at a time.
     pub fn apply_sorted(
         &mut self,
-        changes: impl ExactSizeIterator<Item = (u64, Option<ExtentItem>)>,
+        mut changes: Vec<(u64, Option<ExtentItem>)>,
     ) -> Vec<(u64, Option<ExtentItem>)> {
-        let changes: Vec<(u64, Option<ExtentItem>)> = changes.collect();
-        let mut displaced = Vec::with_capacity(changes.len());
         let sorted = changes.windows(2).all(|w| w[0].0 < w[1].0);
         if sorted && changes.len() < self.items.len() && changes.len() * 8 >= self.items.len() {
-            return self.apply_walking(changes);
+            self.apply_walking(&mut changes);
+            return changes;
         }
         if !sorted || changes.len() < self.items.len() {
-            for (bytenr, item) in changes {
-                let old = match item {
-                    Some(item) => self.insert(bytenr, item),
-                    None => self.remove(bytenr),
+            for (bytenr, slot) in changes.iter_mut() {
+                *slot = match slot.take() {
+                    Some(item) => self.insert(*bytenr, item),
+                    None => self.remove(*bytenr),
                 };
-                displaced.push((bytenr, old));
             }
-            return displaced;
+            return changes;
         }
         let old = std::mem::take(&mut self.items);
         let mut old = old.into_iter().peekable();
         let mut merged: Vec<(u64, ExtentItem)> = Vec::with_capacity(old.len() + changes.len());
-        for (bytenr, item) in changes {
+        for (bytenr, slot) in changes.iter_mut() {
             while let Some((b, _)) = old.peek() {
-                if *b >= bytenr {
+                if *b >= *bytenr {
                     break;
                 }
                 merged.extend(old.next());
             }
-            let was = old.next_if(|(b, _)| *b == bytenr).map(|(_, item)| item);
-            displaced.push((bytenr, was));
-            if let Some(item) = item {
+            let was = old.next_if(|(b, _)| *b == *bytenr).map(|(_, item)| item);
+            if let Some(item) = slot.take() {
                 debug_assert_eq!(item.check(), Ok(()), "extent {bytenr}");
-                merged.push((bytenr, item));
+                merged.push((*bytenr, item));
             }
+            *slot = was;
         }
         merged.extend(old);
         self.items = merged.into_iter().collect();
-        displaced
+        changes
     }
 
     /// [`ExtentTree::apply_sorted`] for sorted changes dense in the tree:
-    /// replacements in place during one ordered walk (no search from the
-    /// root per change), then the few removals and insertions.
-    fn apply_walking(
-        &mut self,
-        changes: Vec<(u64, Option<ExtentItem>)>,
-    ) -> Vec<(u64, Option<ExtentItem>)> {
-        let mut displaced: Vec<(u64, Option<ExtentItem>)> = Vec::with_capacity(changes.len());
-        let (Some(first), Some(last)) = (changes.first(), changes.last()) else {
-            return displaced;
+    /// replacements swapped in place during one ordered walk (no search
+    /// from the root per change), then the few removals and insertions.
+    fn apply_walking(&mut self, changes: &mut [(u64, Option<ExtentItem>)]) {
+        let (Some(&(first, _)), Some(&(last, _))) = (changes.first(), changes.last()) else {
+            return;
         };
         let mut removes: Vec<usize> = Vec::new();
-        let mut inserts: Vec<(u64, ExtentItem)> = Vec::new();
+        let mut inserts: Vec<usize> = Vec::new();
         {
-            let mut walk = self.items.range_mut(first.0..=last.0).peekable();
-            for (bytenr, item) in changes {
-                while walk.peek().is_some_and(|(b, _)| **b < bytenr) {
+            let mut walk = self.items.range_mut(first..=last).peekable();
+            for (i, (bytenr, slot)) in changes.iter_mut().enumerate() {
+                while walk.peek().is_some_and(|(b, _)| **b < *bytenr) {
                     walk.next();
                 }
-                let present = walk.peek_mut().filter(|(b, _)| **b == bytenr);
-                match (present, item) {
+                let present = walk.peek_mut().filter(|(b, _)| **b == *bytenr);
+                match (present, slot.as_mut()) {
                     (Some((_, old)), Some(new)) => {
                         debug_assert_eq!(new.check(), Ok(()), "extent {bytenr}");
-                        displaced.push((bytenr, Some(std::mem::replace(&mut **old, new))));
+                        std::mem::swap(&mut **old, new);
                     }
-                    (Some(_), None) => {
-                        removes.push(displaced.len());
-                        displaced.push((bytenr, None));
-                    }
-                    (None, Some(new)) => {
-                        inserts.push((bytenr, new));
-                        displaced.push((bytenr, None));
-                    }
-                    (None, None) => displaced.push((bytenr, None)),
+                    (Some(_), None) => removes.push(i),
+                    (None, Some(_)) => inserts.push(i),
+                    (None, None) => {}
                 }
             }
         }
         for i in removes {
-            let bytenr = displaced[i].0;
-            displaced[i].1 = self.items.remove(&bytenr);
+            changes[i].1 = self.items.remove(&changes[i].0);
         }
-        for (bytenr, item) in inserts {
-            self.insert(bytenr, item);
+        for i in inserts {
+            let (bytenr, slot) = &mut changes[i];
+            let item = slot.take().expect("an insertion has an item");
+            // Absent (the walk did not find it): nothing is displaced.
+            self.insert(*bytenr, item);
         }
-        displaced
     }
 
     /// Remove `n` items (or all there are), the first at or after `from`
@@ -535,7 +525,7 @@ mod tests {
                     (*b, old)
                 })
                 .collect();
-            let displaced = t.apply_sorted(changes.into_iter());
+            let displaced = t.apply_sorted(changes);
             assert_eq!(t, want, "round {round}");
             assert_eq!(displaced, want_displaced, "round {round}");
         }
@@ -636,15 +626,12 @@ mod tests {
             t.insert(b << 12, item(b));
         }
         // Bulk: replace 3, remove 5, add 2 and 9.
-        let displaced = t.apply_sorted(
-            vec![
-                (2 << 12, Some(item(2))),
-                (3 << 12, Some(item(7))),
-                (5 << 12, None),
-                (9 << 12, Some(item(9))),
-            ]
-            .into_iter(),
-        );
+        let displaced = t.apply_sorted(vec![
+            (2 << 12, Some(item(2))),
+            (3 << 12, Some(item(7))),
+            (5 << 12, None),
+            (9 << 12, Some(item(9))),
+        ]);
         let keys: Vec<u64> = t.iter().map(|(b, _)| b >> 12).collect();
         assert_eq!(keys, vec![1, 2, 3, 9]);
         assert_eq!(
@@ -665,9 +652,11 @@ mod tests {
             }
         );
         // Unsorted input still applies every change.
-        let displaced = t.apply_sorted(
-            vec![(9 << 12, None), (4 << 12, Some(item(4))), (1 << 12, None)].into_iter(),
-        );
+        let displaced = t.apply_sorted(vec![
+            (9 << 12, None),
+            (4 << 12, Some(item(4))),
+            (1 << 12, None),
+        ]);
         assert_eq!(
             displaced,
             vec![

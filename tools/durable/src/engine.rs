@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use refd_core::delayed::lockfree::LockFreeStore;
 use refd_core::delayed::DelayedRefStore;
-use refd_core::engine::{CommitReport, Engine, EngineError, ExtentRefs, TreeRead};
+use refd_core::engine::{CommitReport, Engine, EngineError, ExtentRefs, RunSink, TreeRead};
 use refd_core::extent_tree::{ExtentItem, ExtentTree};
 use refd_core::head::{DelayedRef, Head, RunRefs};
 use refd_core::model::{Op, OpError};
@@ -325,10 +325,11 @@ pub struct CommitPhases {
     pub freeze: Duration,
     /// Committed items of the frozen heads (cache, else B+tree reads).
     pub items: Duration,
-    /// Core: run heads, apply to the cache.
+    /// Core: run heads (each changed extent's B+tree changes encoded on
+    /// the run's workers as it runs), apply to the cache.
     pub run: Duration,
-    /// Wait for the log below the cut; item diffs (changed extents
-    /// against their displaced items, encoded).
+    /// Wait for the log below the cut; the run workers' item changes
+    /// joined into one sorted list.
     pub diff: Duration,
     /// B+tree apply of the item changes; cache eviction.
     pub apply: Duration,
@@ -622,9 +623,6 @@ fn read_extent<S: Storage>(
     Ok(found)
 }
 
-/// Changed extents per thread below which a commit diffs on one thread.
-const PARALLEL_DIFF_MIN_EXTENTS: usize = 16 * 1024;
-
 /// `f` over `items` cut into one contiguous part per core (at least
 /// `per_worker_min` items each, else on this thread), outputs concatenated
 /// in order; the first error (in part order) is returned.
@@ -660,29 +658,67 @@ fn par_chunks<T: Sync, R: Send, E: Send>(
     })
 }
 
-/// The B+tree changes of a commit: for each `(bytenr, item before)` of
-/// `displaced` (sorted by bytenr), from that item to `tree`'s, on up to one
-/// thread per core. Sorted by key without sorting: keys begin with the
-/// bytenr, and the parts are concatenated in order.
-fn diff_all(
-    tree: &ExtentTree,
-    displaced: &[(u64, Option<ExtentItem>)],
-) -> Result<Vec<(Key, Change)>, (u64, CodecError)> {
-    debug_assert!(displaced.windows(2).all(|w| w[0].0 < w[1].0));
-    par_chunks(displaced, PARALLEL_DIFF_MIN_EXTENTS, |part| {
-        // Most extents change only their extent item.
-        let mut out = Vec::with_capacity(part.len() * 9 / 8);
-        // Sorted bytenrs: walk the tree instead of a search per extent.
-        let mut walker = tree.walker();
-        for (bytenr, old) in part {
-            let new = walker.get(*bytenr);
-            if old.as_ref() != new {
-                codec::diff_extent(*bytenr, old.as_ref(), new, &mut out)
-                    .map_err(|e| (*bytenr, e))?;
-            }
+/// The B+tree changes of a commit, encoded on the core run's workers as
+/// each head runs ([`RunSink`]): each changed extent from its committed
+/// item to its new one.
+struct ItemDiff;
+
+/// One run worker's item changes, in its selection order.
+#[derive(Debug)]
+struct ItemDiffPart {
+    changes: Vec<(Key, Change)>,
+    /// The first extent that could not be encoded (the rest of the part is
+    /// skipped: the commit fails).
+    error: Option<(u64, CodecError)>,
+}
+
+impl RunSink for ItemDiff {
+    type Part = ItemDiffPart;
+
+    fn part(&self, heads: usize) -> ItemDiffPart {
+        ItemDiffPart {
+            // Most extents change only their extent item.
+            changes: Vec::with_capacity(heads + heads / 8),
+            error: None,
         }
-        Ok(out)
-    })
+    }
+
+    fn effect(
+        &self,
+        part: &mut ItemDiffPart,
+        bytenr: u64,
+        before: Option<&ExtentItem>,
+        after: Option<&ExtentItem>,
+    ) {
+        if part.error.is_some() || before == after {
+            return;
+        }
+        if let Err(e) = codec::diff_extent(bytenr, before, after, &mut part.changes) {
+            part.error = Some((bytenr, e));
+        }
+    }
+}
+
+/// The run workers' item changes as one list sorted by key (keys begin
+/// with the bytenr, and the parts cover ascending bytenr ranges: sorted by
+/// concatenation, except after a rare wrap-around of head selection); the
+/// first error in part order.
+fn join_item_diffs(parts: Vec<ItemDiffPart>) -> Result<Vec<(Key, Change)>, (u64, CodecError)> {
+    let mut changes: Vec<(Key, Change)> = Vec::new();
+    for part in parts {
+        if let Some(e) = part.error {
+            return Err(e);
+        }
+        if changes.is_empty() {
+            changes = part.changes;
+        } else {
+            changes.extend(part.changes);
+        }
+    }
+    if !changes.is_sorted_by(|a, b| a.0 < b.0) {
+        changes.sort_unstable_by_key(|c| c.0);
+    }
+    Ok(changes)
 }
 
 /// The committed items of `bytenrs`, read on up to one thread per core.
@@ -1043,10 +1079,10 @@ impl<S: Storage + Clone> DurableEngine<S> {
             .map_err(|e| self.latch(e))?;
         phases.items = t1.elapsed();
         let t2 = Instant::now();
-        let core = self.engine.run_frozen(frozen);
+        let (core, diffs) = self.engine.run_frozen_with(frozen, &ItemDiff);
         phases.run = t2.elapsed();
         let mut summary = self
-            .commit_tail(st, cut, core, &mut phases)
+            .commit_tail(st, cut, core, diffs, &mut phases)
             .map_err(|e| self.latch(e))?;
         phases.total = t0.elapsed();
         self.record_commit(ops, phases.total);
@@ -1100,6 +1136,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
         st: &mut CommitState,
         cut: Lsn,
         mut core: CommitReport,
+        diffs: Vec<ItemDiffPart>,
         phases: &mut CommitPhases,
     ) -> Result<CommitSummary> {
         let t_apply = Instant::now();
@@ -1120,18 +1157,18 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 context: format!("commit {generation}: wait for LSN {}", cut.prev().get()),
                 source,
             })?;
-        // 3. Tree nodes: the items of every extent the core engine changed
-        // (its displaced items against the cache's new ones).
-        let displaced = std::mem::take(&mut core.displaced);
-        let mut changes = {
-            let tree = self.engine.tree();
-            diff_all(&tree, &displaced).map_err(|(bytenr, source)| DurableError::Items {
+        // The items before: hundreds of thousands of frees, off this path.
+        refd_core::background::drop_later(
+            std::mem::take(&mut core.displaced),
+            refd_core::background::SMALL_ITEMS_MIN,
+        );
+        // 3. Tree nodes: the items of every extent the core engine changed,
+        // encoded by its run workers.
+        let mut changes =
+            join_item_diffs(diffs).map_err(|(bytenr, source)| DurableError::Items {
                 context: format!("commit {generation}: extent {bytenr}"),
                 source,
-            })?
-        };
-        // The items before: hundreds of thousands of frees, off this path.
-        refd_core::background::drop_later(displaced, refd_core::background::SMALL_ITEMS_MIN);
+            })?;
         phases.diff = t_apply.elapsed();
         let t_apply = Instant::now();
         // Heads a seq barrier held are requeued in memory, and their log
@@ -1465,6 +1502,50 @@ mod tests {
         let (e, info) = DurableEngine::open(crashed, opts()).unwrap();
         assert_eq!(info.heads_held, 0);
         assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 3);
+    }
+
+    /// A commit big enough for every run worker, with overlapping extents
+    /// (head selection wraps around inside a worker's part, so its item
+    /// changes come out of key order): the B+tree gets exactly the
+    /// cache's items.
+    #[test]
+    fn parallel_run_item_changes_reach_the_btree() {
+        let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(64 << 20, 1)).unwrap());
+        DurableEngine::format(
+            &dev,
+            FormatOptions {
+                log_bytes: Some(16 << 20),
+                fs_id: Some(FsId([7; 16])),
+            },
+        )
+        .unwrap();
+        let (e, _) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
+        let heads = 2 * refd_core::engine::PARALLEL_RUN_MIN_HEADS as u64 + 100;
+        let at = |i: u64| (1u64 << 30) + i * (16 << 10);
+        let op = |bytenr: u64, num_bytes: u64, action: Action, root: u64| {
+            let key = RefKey::ExtentData {
+                root,
+                objectid: 257,
+                offset: 0,
+            };
+            Op::new(bytenr, num_bytes, ExtentKind::Data, action, key, 0).unwrap()
+        };
+        for round in 0..2 {
+            for i in 0..heads {
+                let action = [Action::AddExtent, Action::AddRef][round];
+                e.add(&op(at(i), 4096, action, 5 + round as u64)).unwrap();
+            }
+            // In both workers' ranges: a 64 KiB extent over the next four.
+            for i in [10, heads - 10] {
+                let action = [Action::AddExtent, Action::AddRef][round];
+                e.add(&op(at(i) + 4096, 64 << 10, action, 5 + round as u64))
+                    .unwrap();
+            }
+            let s = e.commit().unwrap();
+            assert_eq!(s.core.applied as u64, heads + 2, "round {round}");
+            assert_eq!(e.committed_extents().unwrap(), *e.cached_extents());
+            e.verify().unwrap();
+        }
     }
 
     /// Replay keeps each extent's ops in log order: after a crash, the

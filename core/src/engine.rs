@@ -29,6 +29,8 @@
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use crate::barrier::SeqBarrier;
 use crate::delayed::{DelayedRefStore, IngestHandle, StoreError};
 use crate::extent_tree::{ExtentItem, ExtentTree};
@@ -85,10 +87,11 @@ pub struct CommitReport {
     pub freed: Vec<FreedExtent>,
     /// Heads refused.
     pub quarantined: Vec<QuarantinedHead>,
-    /// For every applied head in bytenr order: its extent's item before
-    /// this commit (`None`: none). The items after are in the tree. A
-    /// durable layer writes the difference; others may drop this.
-    pub displaced: Vec<(u64, Option<ExtentItem>)>,
+    /// For every applied head: its extent's item before this commit
+    /// (`None`: none), one list per run worker, each in bytenr order, the
+    /// lists in ascending bytenr ranges. The items after are in the tree.
+    /// Moved out of the tree, so they are freed wherever this is dropped.
+    pub displaced: Vec<Vec<(u64, Option<ExtentItem>)>>,
     /// Time to freeze and merge the transaction.
     pub freeze_time: Duration,
     /// Time to run heads (compute effects).
@@ -344,18 +347,16 @@ impl<S: DelayedRefStore> Engine<S> {
         };
         let parts = run_heads(&read.tree, &heads, generation, barrier, sink);
         drop(read);
-        // Concatenated in part order: the parts are ascending bytenr
-        // ranges. Moved once (the first part's vector is reused).
-        let mut effects: Vec<(u64, Option<ExtentItem>)> = Vec::new();
+        // Kept per part (ascending bytenr ranges), never concatenated:
+        // items are large, and a joined vector would copy them all into
+        // freshly faulted memory.
+        let mut effects: Vec<Vec<(u64, Option<ExtentItem>)>> = Vec::with_capacity(parts.len());
         let mut held_idx: Vec<usize> = Vec::new();
         let mut quarantined_idx: Vec<(usize, RunError)> = Vec::new();
         let mut sinks = Vec::with_capacity(parts.len());
         for part in parts {
-            if effects.is_empty() {
-                effects = part.effects;
-            } else {
-                effects.extend(part.effects);
-            }
+            report.applied += part.effects.len();
+            effects.push(part.effects);
             report.freed.extend(part.freed);
             report.noop += part.noop;
             held_idx.extend(part.held);
@@ -363,7 +364,6 @@ impl<S: DelayedRefStore> Engine<S> {
             sinks.push(part.sink);
         }
         report.run_time = t1.elapsed();
-        report.applied = effects.len();
         report.held = held_idx.len();
         let held: Vec<Head> = held_idx.iter().map(|&i| heads[i].clone()).collect();
         report.held_heads = held.clone();
@@ -382,15 +382,20 @@ impl<S: DelayedRefStore> Engine<S> {
         // bytenr with another size) is selected after the wrap-around:
         // effects are nearly, not fully, sorted. Stable: an effect's freed
         // extents keep their order (all have the head's bytenr).
-        if !effects.is_sorted_by_key(|e| e.0) {
-            effects.sort_by_key(|e| e.0);
+        for part in &mut effects {
+            if !part.is_sorted_by_key(|e| e.0) {
+                part.sort_by_key(|e| e.0);
+            }
         }
         if !report.freed.is_sorted_by_key(|f| f.bytenr) {
             report.freed.sort_by_key(|f| f.bytenr);
         }
         {
             let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
-            report.displaced = w.tree.apply_sorted(effects);
+            report.displaced = effects
+                .into_iter()
+                .map(|part| w.tree.apply_sorted(part))
+                .collect();
             w.generation = generation;
             self.store.release(held);
             // A refused head's ops were checked by ref-verify one by one;
@@ -556,18 +561,16 @@ fn run_heads<K: RunSink>(
     if workers == 1 {
         return vec![run_range(0, heads)];
     }
+    // On rayon's pool: its threads live on, and with them their allocator
+    // state. A thread started per commit gets fresh allocator pages, and
+    // the kernel faults and zeroes them again for every commit (the items
+    // and encodings a run allocates are hundreds of MB).
     let per = heads.len().div_ceil(workers);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = heads
-            .chunks(per)
-            .enumerate()
-            .map(|(k, part)| s.spawn(move || run_range(k * per, part)))
-            .collect();
-        parts
-            .into_iter()
-            .map(|p| p.join().expect("run worker panicked"))
-            .collect()
-    })
+    heads
+        .par_chunks(per)
+        .enumerate()
+        .map(|(k, part)| run_range(k * per, part))
+        .collect()
 }
 
 /// Read guard over the committed tree.
@@ -887,7 +890,7 @@ mod tests {
         }
         let displaced: Vec<(u64, Option<ExtentItem>)> =
             seen.into_iter().map(|(b, was, _)| (b, was)).collect();
-        assert_eq!(report.displaced, displaced);
+        assert_eq!(report.displaced.concat(), displaced);
         after.check().unwrap();
     }
 

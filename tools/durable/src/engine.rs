@@ -663,10 +663,13 @@ fn par_chunks<T: Sync, R: Send, E: Send>(
 /// item to its new one.
 struct ItemDiff;
 
+/// B+tree changes of items, by key.
+type ItemChanges = Vec<(Key, Change)>;
+
 /// One run worker's item changes, in its selection order.
 #[derive(Debug)]
 struct ItemDiffPart {
-    changes: Vec<(Key, Change)>,
+    changes: ItemChanges,
     /// The first extent that could not be encoded (the rest of the part is
     /// skipped: the commit fails).
     error: Option<(u64, CodecError)>,
@@ -699,26 +702,24 @@ impl RunSink for ItemDiff {
     }
 }
 
-/// The run workers' item changes as one list sorted by key (keys begin
-/// with the bytenr, and the parts cover ascending bytenr ranges: sorted by
-/// concatenation, except after a rare wrap-around of head selection); the
-/// first error in part order.
-fn join_item_diffs(parts: Vec<ItemDiffPart>) -> Result<Vec<(Key, Change)>, (u64, CodecError)> {
-    let mut changes: Vec<(Key, Change)> = Vec::new();
+/// The run workers' item changes, each part sorted by key (keys begin
+/// with the bytenr, and a part is in bytenr order except after a rare
+/// wrap-around of head selection); the parts cover ascending bytenr ranges,
+/// so applied one after the other they are one ascending list. Not joined:
+/// that would copy them all. The first error in part order.
+fn sorted_item_diffs(parts: Vec<ItemDiffPart>) -> Result<Vec<ItemChanges>, (u64, CodecError)> {
+    let mut sorted = Vec::with_capacity(parts.len());
     for part in parts {
         if let Some(e) = part.error {
             return Err(e);
         }
-        if changes.is_empty() {
-            changes = part.changes;
-        } else {
-            changes.extend(part.changes);
+        let mut changes = part.changes;
+        if !changes.is_sorted_by(|a, b| a.0 < b.0) {
+            changes.sort_unstable_by_key(|c| c.0);
         }
+        sorted.push(changes);
     }
-    if !changes.is_sorted_by(|a, b| a.0 < b.0) {
-        changes.sort_unstable_by_key(|c| c.0);
-    }
-    Ok(changes)
+    Ok(sorted)
 }
 
 /// The committed items of `bytenrs`, read on up to one thread per core.
@@ -1158,14 +1159,14 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 source,
             })?;
         // The items before: hundreds of thousands of frees, off this path.
-        refd_core::background::drop_later(
-            std::mem::take(&mut core.displaced),
-            refd_core::background::SMALL_ITEMS_MIN,
-        );
+        let displaced = std::mem::take(&mut core.displaced);
+        if displaced.iter().map(Vec::len).sum::<usize>() >= refd_core::background::SMALL_ITEMS_MIN {
+            refd_core::background::drop_later(displaced, 0);
+        }
         // 3. Tree nodes: the items of every extent the core engine changed,
         // encoded by its run workers.
-        let mut changes =
-            join_item_diffs(diffs).map_err(|(bytenr, source)| DurableError::Items {
+        let mut parts =
+            sorted_item_diffs(diffs).map_err(|(bytenr, source)| DurableError::Items {
                 context: format!("commit {generation}: extent {bytenr}"),
                 source,
             })?;
@@ -1174,30 +1175,35 @@ impl<S: Storage + Clone> DurableEngine<S> {
         // Heads a seq barrier held are requeued in memory, and their log
         // records are trimmed below: the B+tree keeps them instead (the
         // whole held set replaces the last commit's), and recovery
-        // requeues them before replaying the log.
+        // requeues them before replaying the log. Their keys sort after
+        // every extent's.
         let held = if core.held_heads.is_empty() {
             Vec::new()
         } else {
             codec::held_items(&codec::encode_held(&core.held_heads))
         };
         let held_chunks = held.len();
-        for (k, v) in held {
-            changes.push((k, Change::Put(v)));
-        }
+        let mut held_changes: ItemChanges =
+            held.into_iter().map(|(k, v)| (k, Change::Put(v))).collect();
         for i in held_chunks..st.held_chunks {
-            changes.push((
+            held_changes.push((
                 Key::new(codec::HELD_OBJECTID, codec::HELD_HEADS_KEY, i as u64),
                 Change::Delete,
             ));
         }
-        let item_changes = changes.len();
+        parts.push(held_changes);
+        let item_changes = parts.iter().map(Vec::len).sum();
         let tree_err = |what: &str| {
             let context = format!("{device}: commit {generation}: {what}");
             move |source| DurableError::Tree { context, source }
         };
-        self.tree
-            .apply_sorted(changes)
-            .map_err(tree_err("apply item changes"))?;
+        for changes in parts {
+            if !changes.is_empty() {
+                self.tree
+                    .apply_sorted(changes)
+                    .map_err(tree_err("apply item changes"))?;
+            }
+        }
         // The B+tree (working tree) has this commit: lookups may read it
         // for any bytenr again, and the cache may shrink.
         *self.inflight.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Vec::new());

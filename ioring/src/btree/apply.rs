@@ -87,19 +87,24 @@ fn check_value(key: &Key, value: &[u8]) -> Result<(), BTreeError> {
     Ok(())
 }
 
-/// Merges sorted `changes` into sorted `items`.
-fn merge_leaf(
-    items: Vec<LeafItem>,
+/// Merges sorted `changes` into sorted `items` (`len` of them). `owned`
+/// turns a kept item into an owned one: the identity when the items are
+/// ours, a clone when they are borrowed from a committed node; items that
+/// a change replaces or deletes are never copied.
+fn merge_leaf<T: std::borrow::Borrow<LeafItem>>(
+    items: impl Iterator<Item = T>,
+    len: usize,
+    owned: impl Fn(T) -> LeafItem,
     changes: &mut [(Key, Change)],
     report: &mut ApplyReport,
 ) -> Vec<LeafItem> {
-    let mut out = Vec::with_capacity(items.len() + changes.len());
-    let mut it = items.into_iter().peekable();
+    let mut out = Vec::with_capacity(len + changes.len());
+    let mut it = items.peekable();
     for (key, change) in changes.iter_mut() {
-        while let Some(item) = it.next_if(|x| x.0 < *key) {
-            out.push(item);
+        while let Some(item) = it.next_if(|x| x.borrow().0 < *key) {
+            out.push(owned(item));
         }
-        let existed = it.next_if(|x| x.0 == *key).is_some();
+        let existed = it.next_if(|x| x.borrow().0 == *key).is_some();
         match change {
             Change::Put(value) => {
                 if existed {
@@ -118,7 +123,7 @@ fn merge_leaf(
             }
         }
     }
-    out.extend(it);
+    out.extend(it.map(owned));
     out
 }
 
@@ -215,7 +220,7 @@ impl<S: Storage> BTree<S> {
         }
         let (pieces, level) = match st.root {
             None => {
-                let items = merge_leaf(Vec::new(), changes, report);
+                let items = merge_leaf(std::iter::empty::<LeafItem>(), 0, |i| i, changes, report);
                 if items.is_empty() {
                     return Ok(());
                 }
@@ -247,11 +252,21 @@ impl<S: Storage> BTree<S> {
                     report.absent += changes.len() as u64;
                     return Ok(None);
                 }
-                let items = match self.take(st, ptr, node)?.body {
-                    Body::Leaf(items) => items,
-                    Body::Internal(_) => return Err(self.level_mismatch(ptr)),
+                let merged = if st.dirty.contains_key(&ptr.addr) {
+                    // Written by this commit: ours, its items are moved.
+                    let items = match self.take(st, ptr, node)?.body {
+                        Body::Leaf(items) => items,
+                        Body::Internal(_) => return Err(self.level_mismatch(ptr)),
+                    };
+                    let len = items.len();
+                    merge_leaf(items.into_iter(), len, |i| i, changes, report)
+                } else {
+                    // Committed: it stays as it is until this commit is
+                    // durable (readers may hold it), so only the items
+                    // kept are copied, not the ones being replaced.
+                    self.retire(st, ptr.addr)?;
+                    merge_leaf(items.iter(), items.len(), LeafItem::clone, changes, report)
                 };
-                let merged = merge_leaf(items, changes, report);
                 if merged.is_empty() {
                     return Ok(Some(Vec::new()));
                 }

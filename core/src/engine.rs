@@ -36,7 +36,7 @@ use crate::delayed::{DelayedRefStore, IngestHandle, StoreError};
 use crate::extent_tree::{ExtentItem, ExtentTree};
 use crate::head::{Head, HeadSummary};
 use crate::model::Op;
-use crate::run::{run_head_on, FreedExtent, HeadOutcome, RunError, RunQueue};
+use crate::run::{run_head_with, FreedExtent, HeadOutcome, RunError, RunQueue};
 use crate::verify::{RefVerify, VerifyError};
 
 /// Quarantined heads kept by the engine for inspection (older ones are
@@ -539,9 +539,10 @@ fn run_heads<K: RunSink>(
         let mut queue = RunQueue::new(part, 0);
         // Heads come out nearly in bytenr order: walk the tree.
         let mut walker = tree.walker();
+        let mut net = Vec::new();
         while let Some(i) = queue.select() {
             let committed = walker.get(part[i].bytenr);
-            match run_head_on(committed, &part[i], generation, barrier) {
+            match run_head_with(committed, &part[i], generation, barrier, &mut net) {
                 Ok(HeadOutcome::Effect(e)) => {
                     sink.effect(&mut out.sink, e.bytenr, committed, e.item.as_ref());
                     out.freed.extend(e.freed);

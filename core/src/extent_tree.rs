@@ -115,6 +115,22 @@ impl ExtentItem {
         }
     }
 
+    /// A copy with room for `more` inline backrefs without reallocating.
+    pub fn clone_with_room(&self, more: usize) -> ExtentItem {
+        let mut inline = Vec::with_capacity(self.inline.len() + more);
+        inline.extend_from_slice(&self.inline);
+        ExtentItem {
+            num_bytes: self.num_bytes,
+            kind: self.kind,
+            refs: self.refs,
+            flags: self.flags,
+            generation: self.generation,
+            tree_key: self.tree_key,
+            inline,
+            keyed: self.keyed.clone(),
+        }
+    }
+
     /// Encoded size of the item with its inline refs, as btrfs lays it out.
     pub fn item_bytes(&self) -> usize {
         let mut n = ITEM_HEADER_BYTES;
@@ -605,6 +621,14 @@ mod tests {
         assert_eq!(item.keyed.len(), 1);
         item.check().unwrap();
         assert_eq!(item.backrefs().len() as u64, n - 1);
+    }
+
+    #[test]
+    fn clone_with_room_is_a_clone() {
+        let item = data_item(3, 2);
+        let copy = item.clone_with_room(4);
+        assert_eq!(copy, item);
+        assert!(copy.inline.capacity() >= item.inline.len() + 4);
     }
 
     #[test]

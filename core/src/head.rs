@@ -329,15 +329,26 @@ impl Head {
     /// key become one net change, so the 4.2 regression (an ADD run before
     /// the DROP it should cancel) cannot happen.
     pub fn run_refs(&self, barrier: u64) -> RunRefs {
+        let mut net = Vec::with_capacity(self.refs.len());
+        match self.run_refs_into(barrier, &mut net) {
+            Some(held) => held,
+            None => RunRefs::Ready(net),
+        }
+    }
+
+    /// [`Head::run_refs`] into `net` (cleared first; a commit's run worker
+    /// reuses one vector for all its heads): `None` when ready (the net
+    /// changes are in `net`), else the [`RunRefs::Held`] answer.
+    pub fn run_refs_into(&self, barrier: u64, net: &mut Vec<(RefKey, i64)>) -> Option<RunRefs> {
+        net.clear();
         if barrier != 0 {
             if let Some(r) = self.refs.iter().find(|r| r.seq != 0 && r.seq >= barrier) {
-                return RunRefs::Held {
+                return Some(RunRefs::Held {
                     seq: r.seq,
                     barrier,
-                };
+                });
             }
         }
-        let mut net: Vec<(RefKey, i64)> = Vec::with_capacity(self.refs.len());
         for r in &self.refs {
             match net.last_mut() {
                 Some((k, m)) if *k == r.key => *m += r.ref_mod,
@@ -345,7 +356,7 @@ impl Head {
             }
         }
         net.retain(|(_, m)| *m != 0);
-        RunRefs::Ready(net)
+        None
     }
 
     /// Check the head invariants (sorted, unique, no zero refs).

@@ -170,14 +170,26 @@ pub fn run_head_on(
     generation: u64,
     barrier: u64,
 ) -> Result<HeadOutcome, RunError> {
-    let net = match head.run_refs(barrier) {
-        RunRefs::Held { seq, barrier } => return Ok(HeadOutcome::Held { seq, barrier }),
-        RunRefs::Ready(net) => net,
-    };
+    run_head_with(committed, head, generation, barrier, &mut Vec::new())
+}
+
+/// [`run_head_on`] with a scratch vector for the head's net changes (a
+/// commit's run worker reuses one for all its heads).
+pub fn run_head_with(
+    committed: Option<&ExtentItem>,
+    head: &Head,
+    generation: u64,
+    barrier: u64,
+    net: &mut Vec<(RefKey, i64)>,
+) -> Result<HeadOutcome, RunError> {
+    if let Some(RunRefs::Held { seq, barrier }) = head.run_refs_into(barrier, net) {
+        return Ok(HeadOutcome::Held { seq, barrier });
+    }
+    let net: &[(RefKey, i64)] = net;
     let bytenr = head.bytenr;
     let s = &head.summary;
     if s.must_insert_reserved() {
-        return run_allocation(head, committed, &net, generation).map(HeadOutcome::Effect);
+        return run_allocation(head, committed, net, generation).map(HeadOutcome::Effect);
     }
     let Some(old) = committed else {
         if let Some(&(key, m)) = net.iter().find(|(_, m)| *m > 0) {
@@ -216,8 +228,10 @@ pub fn run_head_on(
             });
         }
     }
-    let mut item = old.clone();
-    apply_net(bytenr, &mut item, &net)?;
+    // Room for every added backref: inserting into an exact-size clone
+    // would reallocate it.
+    let mut item = old.clone_with_room(net.iter().filter(|(_, m)| *m > 0).count());
+    apply_net(bytenr, &mut item, net)?;
     apply_extent_op(bytenr, &mut item, head)?;
     let mut freed = Vec::new();
     let item = if item.refs == 0 {

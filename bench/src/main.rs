@@ -73,14 +73,15 @@ fn main() {
                     "durable: {} ops in {:.2} s = {:.0} durable ops/s (worst second {:.0}); ack p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.1} ms\n  \
                      {} commits ({:.2}/s, longest gap {:.0} ms, {:.0} ms after the first 10 s; by interval/pending/log {:?}); commit mean {:.0} ms, max {:.0} ms, {:.0} ops, {:.0} ns/op; \
                      phases ms: freeze {:.1} items {:.1} run {:.1} diff {:.1} apply {:.1} write {:.1} superblock {:.1}\n  \
-                     log {:.1} B/op ({:.0} MB/s, {:.0} batches/s), tree {:.1} B/op; device durable sequential write {:.0} MB/s; {} extents cached",
+                     log {:.1} B/op ({:.0} MB/s, {:.0} batches/s), tree {:.1} B/op; device durable sequential write {:.0} MB/s; {} extents cached; \
+                     heap prefaulted {} MiB in {:.1} s",
                     r.ops, r.ingest_s, r.durable_ops_per_sec, r.durable_ops_per_sec_min_1s,
                     r.p50_ack_ms, r.p99_ack_ms, r.p999_ack_ms, r.max_ack_ms,
                     r.commits, r.commits_per_sec, r.commit_gap_ms_max, r.commit_gap_ms_max_after_warmup, r.commits_by_interval_pending_log,
                     r.commit_ms_mean, r.commit_ms_max, r.commit_ops_mean, r.commit_ns_per_op,
                     p[0], p[1], p[2], p[3], p[4], p[5], p[6],
                     r.log_bytes_per_op, r.log_mb_per_sec, r.log_batches_per_sec, r.tree_bytes_per_op,
-                    r.device_durable_mb_per_sec, r.extents_cached
+                    r.device_durable_mb_per_sec, r.extents_cached, r.prefault_mib, r.prefault_s
                 );
             }
             Ok(())

@@ -22,11 +22,14 @@ fn durable_bench_reports() {
             "20000",
             "--commit-interval-ms",
             "50",
+            "--prefault-mib",
+            "8",
         ],
         &dev,
     );
     assert!(ok, "{v}");
     assert_eq!(v["ops"], 20000, "every op acknowledged: {v}");
+    assert_eq!(v["prefault_mib"], 8, "{v}");
     for k in [
         "durable_ops_per_sec",
         "p50_ack_ms",
@@ -53,6 +56,8 @@ fn durable_bench_reports() {
             "10000",
             "--recovery-ops",
             "10000",
+            "--prefault-mib",
+            "0",
         ],
         &dev,
     );
@@ -75,6 +80,8 @@ fn durable_bench_reports() {
             "1",
             "--rate",
             "5000",
+            "--prefault-mib",
+            "0",
         ],
         &dev,
     );

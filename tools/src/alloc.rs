@@ -26,3 +26,37 @@ pub fn tune() {
     // option, and it may be called at any time, from any thread.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as _) };
 }
+
+/// Bytes per allocation of [`prefault`]: large enough to come straight
+/// from mimalloc's arenas, so the memory is free for any size class after.
+const PREFAULT_CHUNK_BYTES: usize = 4 << 20;
+
+/// Page size assumed when touching memory (the smallest on x86_64 and
+/// aarch64; touching more often than needed is harmless).
+const TOUCH_STRIDE_BYTES: usize = 4096;
+
+/// Allocates `bytes` of heap, touches every page, and frees it again:
+/// mimalloc keeps freed memory committed for [`PURGE_DELAY_MS`], so what a
+/// process allocates next (while it stays in use) is served from pages the
+/// kernel has already faulted in and zeroed. Run it just before a working
+/// set of about that size is built, e.g. before a durable engine starts
+/// its first commits: first-touch page faults are slow on VMs (measured on
+/// the 2-core VM of `docs/benchmarks.md`: ~2.8 s per GiB), and on a fresh
+/// device the first commit built its memory that way (1.2-1.5 s for 0.5-1M
+/// ops; ~0.2 s after prefaulting 2 GiB). Returns how long it took.
+pub fn prefault(bytes: usize) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    let chunks: Vec<Vec<u8>> = (0..bytes.div_ceil(PREFAULT_CHUNK_BYTES))
+        .map(|_| {
+            let mut chunk = vec![0u8; PREFAULT_CHUNK_BYTES];
+            // calloc-like allocations may skip writing: touch each page.
+            for i in (0..chunk.len()).step_by(TOUCH_STRIDE_BYTES) {
+                chunk[i] = 1;
+            }
+            std::hint::black_box(&mut chunk);
+            chunk
+        })
+        .collect();
+    drop(chunks);
+    t.elapsed()
+}

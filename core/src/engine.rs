@@ -26,7 +26,7 @@
 //! precomputed effects and release the frozen transaction, so a lookup sees
 //! every acknowledged op exactly once (in the tree, or pending).
 
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -328,6 +328,19 @@ impl<S: DelayedRefStore> Engine<S> {
         frozen: Frozen<'_>,
         sink: &K,
     ) -> (CommitReport, Vec<K::Part>) {
+        let (ran, parts) = self.run_frozen_parts(frozen, sink);
+        (ran.apply(), parts)
+    }
+
+    /// The first half of [`Engine::run_frozen_with`]: run every head (the
+    /// tree is only read), without applying the effects yet; see
+    /// [`Ran::apply`]. A durable layer writes its own tree while the cache
+    /// is applied.
+    pub fn run_frozen_parts<'a, K: RunSink>(
+        &'a self,
+        frozen: Frozen<'a>,
+        sink: &K,
+    ) -> (Ran<'a, S>, Vec<K::Part>) {
         let Frozen {
             _serial,
             heads,
@@ -375,7 +388,52 @@ impl<S: DelayedRefStore> Engine<S> {
                 head: heads[i].clone(),
             })
             .collect();
+        (
+            Ran {
+                engine: self,
+                _serial,
+                heads,
+                report,
+                effects,
+                held,
+            },
+            sinks,
+        )
+    }
+}
 
+/// A commit between [`Engine::run_frozen_parts`] and [`Ran::apply`]: every
+/// head has run, nothing is applied yet. Holds the commit lock.
+#[derive(Debug)]
+pub struct Ran<'a, S: DelayedRefStore> {
+    engine: &'a Engine<S>,
+    _serial: std::sync::MutexGuard<'a, ()>,
+    heads: Vec<Head>,
+    report: CommitReport,
+    effects: Vec<Vec<(u64, Option<ExtentItem>)>>,
+    held: Vec<Head>,
+}
+
+impl<S: DelayedRefStore> Ran<'_, S> {
+    /// The commit so far: generation, counts, held heads, quarantine (the
+    /// displaced items and the apply time come with [`Ran::apply`]).
+    pub fn report(&self) -> &CommitReport {
+        &self.report
+    }
+
+    /// Apply the effects to the tree under its write lock, release the
+    /// frozen transaction and requeue the held heads: the second half of
+    /// [`Engine::run_frozen_with`].
+    pub fn apply(self) -> CommitReport {
+        let Ran {
+            engine,
+            _serial,
+            heads,
+            mut report,
+            mut effects,
+            held,
+        } = self;
+        let generation = report.generation;
         let t2 = Instant::now();
         // Head selection moves its cursor past each extent (btrfs
         // clustering), so a head inside a larger neighbour's range (a reused
@@ -391,29 +449,29 @@ impl<S: DelayedRefStore> Engine<S> {
             report.freed.sort_by_key(|f| f.bytenr);
         }
         {
-            let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            let mut w = engine.tree.write().unwrap_or_else(|e| e.into_inner());
             report.displaced = effects
                 .into_iter()
                 .map(|part| w.tree.apply_sorted(part))
                 .collect();
             w.generation = generation;
-            self.store.release(held);
+            engine.store.release(held);
             // A refused head's ops were checked by ref-verify one by one;
             // put the shadow back in line with tree + pending.
-            if let Some(v) = &self.verify {
+            if let Some(v) = &engine.verify {
                 for q in &report.quarantined {
                     v.resync(
                         q.head.bytenr,
                         &w.tree,
-                        self.store.pending(q.head.bytenr).as_ref(),
+                        engine.store.pending(q.head.bytenr).as_ref(),
                     );
                 }
             }
         }
         report.apply_time = t2.elapsed();
-        self.store.reclaim_released();
+        engine.store.reclaim_released();
         if !report.quarantined.is_empty() {
-            let mut q = self.quarantine.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = engine.quarantine.lock().unwrap_or_else(|e| e.into_inner());
             for h in &report.quarantined {
                 if q.len() == QUARANTINE_KEEP {
                     q.pop_front();
@@ -422,7 +480,7 @@ impl<S: DelayedRefStore> Engine<S> {
             }
         }
         crate::background::drop_later(heads, crate::background::SMALL_ITEMS_MIN);
-        (report, sinks)
+        report
     }
 }
 
@@ -562,16 +620,65 @@ fn run_heads<K: RunSink>(
     if workers == 1 {
         return vec![run_range(0, heads)];
     }
-    // On rayon's pool: its threads live on, and with them their allocator
-    // state. A thread started per commit gets fresh allocator pages, and
-    // the kernel faults and zeroes them again for every commit (the items
-    // and encodings a run allocates are hundreds of MB).
     let per = heads.len().div_ceil(workers);
-    heads
-        .par_chunks(per)
-        .enumerate()
-        .map(|(k, part)| run_range(k * per, part))
-        .collect()
+    match run_pool() {
+        Some(pool) => pool.install(|| {
+            heads
+                .par_chunks(per)
+                .enumerate()
+                .map(|(k, part)| run_range(k * per, part))
+                .collect()
+        }),
+        None => heads
+            .chunks(per)
+            .enumerate()
+            .map(|(k, part)| run_range(k * per, part))
+            .collect(),
+    }
+}
+
+/// Runs `background` on one of the commit run's workers while `here` runs
+/// on the calling thread, and returns both results once both are done
+/// (without workers: `background`, then `here`, on this thread). A durable
+/// layer writes its B+tree while the core applies its cache. The workers
+/// live on, so what `background` allocates comes from warm allocator state.
+pub fn alongside<A: Send, B>(
+    background: impl FnOnce() -> A + Send,
+    here: impl FnOnce() -> B,
+) -> (A, B) {
+    match run_pool() {
+        None => {
+            let a = background();
+            (a, here())
+        }
+        Some(pool) => {
+            let mut a = None;
+            let b = pool.in_place_scope(|s| {
+                s.spawn(|_| a = Some(background()));
+                here()
+            });
+            (a.expect("a scope ends after its spawned work"), b)
+        }
+    }
+}
+
+/// The commit run's workers: one thread per core, named `refd-run-N`,
+/// started on first use and kept for the life of the process, and with
+/// them their allocator state. (A thread started per commit got fresh
+/// allocator pages, which the kernel faulted in and zeroed again for every
+/// commit: the items and encodings a run allocates are hundreds of MB.)
+/// `None` if the threads cannot be started: runs then use the calling
+/// thread alone.
+fn run_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .thread_name(|i| format!("refd-run-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
 }
 
 /// Read guard over the committed tree.

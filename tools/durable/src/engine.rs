@@ -326,12 +326,14 @@ pub struct CommitPhases {
     /// Committed items of the frozen heads (cache, else B+tree reads).
     pub items: Duration,
     /// Core: run heads (each changed extent's B+tree changes encoded on
-    /// the run's workers as it runs), apply to the cache.
+    /// the run's workers as it runs).
     pub run: Duration,
-    /// Wait for the log below the cut; the run workers' item changes
-    /// joined into one sorted list.
+    /// Wait for the log below the cut; each run worker's item changes in
+    /// key order (part of `apply`: on a commit worker, alongside the
+    /// core's cache apply).
     pub diff: Duration,
-    /// B+tree apply of the item changes; cache eviction.
+    /// B+tree apply of the item changes (on a commit worker) alongside
+    /// the core's apply to its cache (here); cache eviction.
     pub apply: Duration,
     /// B+tree node writes + flush.
     pub write: Duration,
@@ -662,6 +664,17 @@ fn par_chunks<T: Sync, R: Send, E: Send>(
 /// each head runs ([`RunSink`]): each changed extent from its committed
 /// item to its new one.
 struct ItemDiff;
+
+/// What the B+tree side of a commit did (`DurableEngine::apply_items`).
+#[derive(Debug)]
+struct AppliedItems {
+    /// Item puts and deletes applied.
+    item_changes: usize,
+    /// Chunks of held heads now in the B+tree.
+    held_chunks: usize,
+    /// Time to wait for the log and sort the changes.
+    diff: Duration,
+}
 
 /// B+tree changes of items, by key.
 type ItemChanges = Vec<(Key, Change)>;
@@ -1080,10 +1093,23 @@ impl<S: Storage + Clone> DurableEngine<S> {
             .map_err(|e| self.latch(e))?;
         phases.items = t1.elapsed();
         let t2 = Instant::now();
-        let (core, diffs) = self.engine.run_frozen_with(frozen, &ItemDiff);
+        let (ran, diffs) = self.engine.run_frozen_parts(frozen, &ItemDiff);
         phases.run = t2.elapsed();
-        let mut summary = self
-            .commit_tail(st, cut, core, diffs, &mut phases)
+        // The B+tree gets the item changes on a commit worker while the
+        // core applies the same commit to its cache here. Lookups never
+        // read the B+tree for a frozen extent until both are done (the
+        // in-flight set, see `cache_frozen`), and the B+tree changes no
+        // other extent.
+        let t3 = Instant::now();
+        let held_heads = ran.report().held_heads.clone();
+        let held_chunks_before = st.held_chunks;
+        let (items, core) = refd_core::engine::alongside(
+            || self.apply_items(cut, diffs, &held_heads, held_chunks_before),
+            || ran.apply(),
+        );
+        phases.apply = t3.elapsed();
+        let mut summary = items
+            .and_then(|items| self.commit_tail(st, cut, core, items, &mut phases))
             .map_err(|e| self.latch(e))?;
         phases.total = t0.elapsed();
         self.record_commit(ops, phases.total);
@@ -1132,15 +1158,87 @@ impl<S: Storage + Clone> DurableEngine<S> {
         Ok(misses.len())
     }
 
+    /// The B+tree side of a commit (on a commit worker, see
+    /// `commit_locked`): once every record below the cut is durable, the
+    /// run workers' item changes and the held heads go into the working
+    /// B+tree.
+    fn apply_items(
+        &self,
+        cut: Lsn,
+        diffs: Vec<ItemDiffPart>,
+        held_heads: &[Head],
+        held_chunks_before: usize,
+    ) -> Result<AppliedItems> {
+        let t = Instant::now();
+        let device = self.storage.device_name();
+        // 2. Every record below the cut is durable.
+        self.log
+            .wait_for(cut.prev())
+            .map_err(|source| DurableError::Log {
+                context: format!(
+                    "commit at cut {}: wait for LSN {}",
+                    cut.get(),
+                    cut.prev().get()
+                ),
+                source,
+            })?;
+        // 3. Tree nodes: the items of every extent the core engine changed,
+        // encoded by its run workers.
+        let mut parts =
+            sorted_item_diffs(diffs).map_err(|(bytenr, source)| DurableError::Items {
+                context: format!("commit at cut {}: extent {bytenr}", cut.get()),
+                source,
+            })?;
+        let diff = t.elapsed();
+        // Heads a seq barrier held are requeued in memory, and their log
+        // records are trimmed below: the B+tree keeps them instead (the
+        // whole held set replaces the last commit's), and recovery
+        // requeues them before replaying the log. Their keys sort after
+        // every extent's.
+        let held = if held_heads.is_empty() {
+            Vec::new()
+        } else {
+            codec::held_items(&codec::encode_held(held_heads))
+        };
+        let held_chunks = held.len();
+        let mut held_changes: ItemChanges =
+            held.into_iter().map(|(k, v)| (k, Change::Put(v))).collect();
+        for i in held_chunks..held_chunks_before {
+            held_changes.push((
+                Key::new(codec::HELD_OBJECTID, codec::HELD_HEADS_KEY, i as u64),
+                Change::Delete,
+            ));
+        }
+        parts.push(held_changes);
+        let item_changes = parts.iter().map(Vec::len).sum();
+        for changes in parts {
+            if !changes.is_empty() {
+                self.tree
+                    .apply_sorted(changes)
+                    .map_err(|source| DurableError::Tree {
+                        context: format!(
+                            "{device}: commit at cut {}: apply item changes",
+                            cut.get()
+                        ),
+                        source,
+                    })?;
+            }
+        }
+        Ok(AppliedItems {
+            item_changes,
+            held_chunks,
+            diff,
+        })
+    }
+
     fn commit_tail(
         &self,
         st: &mut CommitState,
         cut: Lsn,
         mut core: CommitReport,
-        diffs: Vec<ItemDiffPart>,
+        items: AppliedItems,
         phases: &mut CommitPhases,
     ) -> Result<CommitSummary> {
-        let t_apply = Instant::now();
         let device = self.storage.device_name();
         let generation = st.next_generation;
         if core.generation != generation {
@@ -1151,59 +1249,22 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 ),
             });
         }
-        // 2. Every record below the cut is durable.
-        self.log
-            .wait_for(cut.prev())
-            .map_err(|source| DurableError::Log {
-                context: format!("commit {generation}: wait for LSN {}", cut.prev().get()),
-                source,
-            })?;
+        phases.diff = items.diff;
+        let AppliedItems {
+            item_changes,
+            held_chunks,
+            ..
+        } = items;
         // The items before: hundreds of thousands of frees, off this path.
         let displaced = std::mem::take(&mut core.displaced);
         if displaced.iter().map(Vec::len).sum::<usize>() >= refd_core::background::SMALL_ITEMS_MIN {
             refd_core::background::drop_later(displaced, 0);
         }
-        // 3. Tree nodes: the items of every extent the core engine changed,
-        // encoded by its run workers.
-        let mut parts =
-            sorted_item_diffs(diffs).map_err(|(bytenr, source)| DurableError::Items {
-                context: format!("commit {generation}: extent {bytenr}"),
-                source,
-            })?;
-        phases.diff = t_apply.elapsed();
-        let t_apply = Instant::now();
-        // Heads a seq barrier held are requeued in memory, and their log
-        // records are trimmed below: the B+tree keeps them instead (the
-        // whole held set replaces the last commit's), and recovery
-        // requeues them before replaying the log. Their keys sort after
-        // every extent's.
-        let held = if core.held_heads.is_empty() {
-            Vec::new()
-        } else {
-            codec::held_items(&codec::encode_held(&core.held_heads))
-        };
-        let held_chunks = held.len();
-        let mut held_changes: ItemChanges =
-            held.into_iter().map(|(k, v)| (k, Change::Put(v))).collect();
-        for i in held_chunks..st.held_chunks {
-            held_changes.push((
-                Key::new(codec::HELD_OBJECTID, codec::HELD_HEADS_KEY, i as u64),
-                Change::Delete,
-            ));
-        }
-        parts.push(held_changes);
-        let item_changes = parts.iter().map(Vec::len).sum();
         let tree_err = |what: &str| {
             let context = format!("{device}: commit {generation}: {what}");
             move |source| DurableError::Tree { context, source }
         };
-        for changes in parts {
-            if !changes.is_empty() {
-                self.tree
-                    .apply_sorted(changes)
-                    .map_err(tree_err("apply item changes"))?;
-            }
-        }
+        let t_apply = Instant::now();
         // The B+tree (working tree) has this commit: lookups may read it
         // for any bytenr again, and the cache may shrink.
         *self.inflight.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Vec::new());
@@ -1219,7 +1280,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
         } else {
             0
         };
-        phases.apply = t_apply.elapsed();
+        phases.apply += t_apply.elapsed();
         let t_write = Instant::now();
         let info = self
             .tree

@@ -1103,8 +1103,9 @@ impl<S: Storage + Clone> DurableEngine<S> {
         let t3 = Instant::now();
         let held_heads = ran.report().held_heads.clone();
         let held_chunks_before = st.held_chunks;
+        let generation = st.next_generation;
         let (items, core) = refd_core::engine::alongside(
-            || self.apply_items(cut, diffs, &held_heads, held_chunks_before),
+            || self.apply_items(generation, cut, diffs, &held_heads, held_chunks_before),
             || ran.apply(),
         );
         phases.apply = t3.elapsed();
@@ -1164,6 +1165,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
     /// B+tree.
     fn apply_items(
         &self,
+        generation: u64,
         cut: Lsn,
         diffs: Vec<ItemDiffPart>,
         held_heads: &[Head],
@@ -1175,18 +1177,14 @@ impl<S: Storage + Clone> DurableEngine<S> {
         self.log
             .wait_for(cut.prev())
             .map_err(|source| DurableError::Log {
-                context: format!(
-                    "commit at cut {}: wait for LSN {}",
-                    cut.get(),
-                    cut.prev().get()
-                ),
+                context: format!("commit {generation}: wait for LSN {}", cut.prev().get()),
                 source,
             })?;
         // 3. Tree nodes: the items of every extent the core engine changed,
         // encoded by its run workers.
         let mut parts =
             sorted_item_diffs(diffs).map_err(|(bytenr, source)| DurableError::Items {
-                context: format!("commit at cut {}: extent {bytenr}", cut.get()),
+                context: format!("commit {generation}: extent {bytenr}"),
                 source,
             })?;
         let diff = t.elapsed();
@@ -1216,10 +1214,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 self.tree
                     .apply_sorted(changes)
                     .map_err(|source| DurableError::Tree {
-                        context: format!(
-                            "{device}: commit at cut {}: apply item changes",
-                            cut.get()
-                        ),
+                        context: format!("{device}: commit {generation}: apply item changes"),
                         source,
                     })?;
             }

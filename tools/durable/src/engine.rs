@@ -1452,16 +1452,23 @@ mod tests {
 
     type Dev = Arc<SimStorage>;
 
-    fn setup() -> (Dev, DurableEngine<Dev>) {
-        let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(8 << 20, 1)).unwrap());
+    /// A simulated device of `dev_bytes`, formatted with a log of
+    /// `log_bytes`.
+    fn formatted(dev_bytes: u64, log_bytes: u64) -> (Dev, Superblock) {
+        let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(dev_bytes, 1)).unwrap());
         let sb = DurableEngine::format(
             &dev,
             FormatOptions {
-                log_bytes: Some(1 << 20),
+                log_bytes: Some(log_bytes),
                 fs_id: Some(FsId([7; 16])),
             },
         )
         .unwrap();
+        (dev, sb)
+    }
+
+    fn setup() -> (Dev, DurableEngine<Dev>) {
+        let (dev, sb) = formatted(8 << 20, 1 << 20);
         assert_eq!(sb.generation, 2);
         let (e, info) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
         assert_eq!(
@@ -1572,16 +1579,8 @@ mod tests {
     /// cache's items.
     #[test]
     fn parallel_run_item_changes_reach_the_btree() {
-        let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(64 << 20, 1)).unwrap());
-        DurableEngine::format(
-            &dev,
-            FormatOptions {
-                log_bytes: Some(16 << 20),
-                fs_id: Some(FsId([7; 16])),
-            },
-        )
-        .unwrap();
-        let (e, _) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
+        let (dev, _) = formatted(64 << 20, 16 << 20);
+        let (e, _) = DurableEngine::open(dev, opts()).unwrap();
         let heads = 2 * refd_core::engine::PARALLEL_RUN_MIN_HEADS as u64 + 100;
         let at = |i: u64| (1u64 << 30) + i * (16 << 10);
         let op = |bytenr: u64, num_bytes: u64, action: Action, root: u64| {

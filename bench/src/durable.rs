@@ -84,9 +84,10 @@ pub struct DurableArgs {
     /// them (0: skip).
     #[arg(long, default_value_t = 1_000_000)]
     pub recovery_ops: u64,
-    /// Heap touched and freed before the engine opens (MiB; 0: none), so
-    /// that the first commits reuse memory the kernel has already faulted
-    /// in (see `refd_tools::alloc::prefault`).
+    /// Heap touched and freed before the engine opens (MiB; 0: none; at
+    /// most half the available memory), so that the first commits reuse
+    /// memory the kernel has already faulted in (see
+    /// `refd_tools::alloc::prefault`).
     #[arg(long, default_value_t = PREFAULT_MIB_DEFAULT)]
     pub prefault_mib: usize,
     /// RNG seed of the workload.
@@ -105,8 +106,9 @@ pub const PREFAULT_MIB_DEFAULT: usize = 2048;
 /// What `durable` measured.
 #[derive(Debug, serde::Serialize)]
 pub struct DurableReport {
-    /// Heap prefaulted before the engine opened (MiB), and how long it
-    /// took (s; not part of any figure below).
+    /// Heap prefaulted before the engine opened (MiB: `--prefault-mib`, at
+    /// most half the available memory), and how long it took (s; not part
+    /// of any figure below).
     pub prefault_mib: usize,
     /// See `prefault_mib`.
     pub prefault_s: f64,
@@ -350,11 +352,17 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         },
         ..defaults
     };
-    let prefault_s = if args.prefault_mib > 0 {
+    // At most half the memory available, so a small machine is not pushed
+    // into reclaim (or the OOM killer) by a default meant for this one.
+    let prefault_mib = match refd_tools::alloc::available_memory_bytes() {
+        Some(avail) => args.prefault_mib.min(((avail / 2) >> 20) as usize),
+        None => args.prefault_mib,
+    };
+    let prefault_s = if prefault_mib > 0 {
         if !args.json {
-            eprintln!("prefaulting {} MiB of heap...", args.prefault_mib);
+            eprintln!("prefaulting {prefault_mib} MiB of heap...");
         }
-        refd_tools::alloc::prefault(args.prefault_mib << 20).as_secs_f64()
+        refd_tools::alloc::prefault(prefault_mib << 20).as_secs_f64()
     } else {
         0.0
     };
@@ -503,7 +511,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     let p = &totals.phases;
     let extents_cached = engine.cached_extents().len();
     let mut report = DurableReport {
-        prefault_mib: args.prefault_mib,
+        prefault_mib,
         prefault_s,
         ops,
         ingest_s: ingest.as_secs_f64(),

@@ -60,3 +60,29 @@ pub fn prefault(bytes: usize) -> std::time::Duration {
     drop(chunks);
     t.elapsed()
 }
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is no
+/// such file or line): how much a prefault may take without pushing the
+/// machine into reclaim.
+pub fn available_memory_bytes() -> Option<u64> {
+    parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mem_available;
+
+    #[test]
+    fn mem_available_parses() {
+        let m = "MemTotal:       24683656 kB\nMemFree:        23762596 kB\nMemAvailable:   24246504 kB\n";
+        assert_eq!(parse_mem_available(m), Some(24_246_504 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+    }
+}

@@ -1394,17 +1394,31 @@ impl<S: Storage + Clone> DurableEngine<S> {
     }
 
     /// fsck: the B+tree's on-disk walk, every extent item decoded and
-    /// checked (streaming: memory is one extent), the held heads decoded,
-    /// and every cached extent equal to the B+tree's. Call between commits (it takes the commit
-    /// lock).
+    /// checked (streaming: memory is one extent), the held heads decoded
+    /// and as many as the engine holds since its last commit, and every
+    /// cached extent equal to the B+tree's. Call between commits (it
+    /// takes the commit lock).
     pub fn verify(&self) -> Result<TreeCheck> {
-        let _st = lock(&self.commit);
+        let st = lock(&self.commit);
         let device = self.storage.device_name();
         let check = self.tree.check().map_err(|source| DurableError::Tree {
             context: format!("{device}: check"),
             source,
         })?;
-        read_held(&self.tree, device)?;
+        // The held set on disk is the last commit's (or recovery's): as
+        // many heads, in as many chunks, as the engine holds in memory.
+        let (held, chunks) = read_held(&self.tree, device)?;
+        let in_memory = self.heads_held();
+        if chunks != st.held_chunks || held.len() as u64 != in_memory {
+            return Err(DurableError::Inconsistent {
+                reason: format!(
+                    "the B+tree keeps {} held heads in {chunks} chunks; the engine's last commit \
+                     held {in_memory} in {} chunks",
+                    held.len(),
+                    st.held_chunks
+                ),
+            });
+        }
         let cached = self.engine.tree();
         let mut matched = 0usize;
         let mut differs = None;
@@ -1549,6 +1563,7 @@ mod tests {
         let (e, info) = DurableEngine::open(Arc::clone(&crashed), opts()).unwrap();
         assert_eq!((info.heads_held, info.ops_replayed), (1, 0), "{info}");
         assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 3);
+        e.verify().unwrap();
         // A barrier of the new engine (its counter restarted) does not hold
         // the recovered head: recovery forgot its seq.
         let _new_barrier = e.core().barrier().acquire();

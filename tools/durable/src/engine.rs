@@ -1106,7 +1106,18 @@ impl<S: Storage + Clone> DurableEngine<S> {
         let generation = st.next_generation;
         let (items, core) = refd_core::engine::alongside(
             || self.apply_items(generation, cut, diffs, &held_heads, held_chunks_before),
-            || ran.apply(),
+            || {
+                let mut core = ran.apply();
+                // The items before: hundreds of thousands of frees, off
+                // this path, started while the B+tree side may still run.
+                let displaced = std::mem::take(&mut core.displaced);
+                if displaced.iter().map(Vec::len).sum::<usize>()
+                    >= refd_core::background::SMALL_ITEMS_MIN
+                {
+                    refd_core::background::drop_later(displaced, 0);
+                }
+                core
+            },
         );
         phases.apply = t3.elapsed();
         let mut summary = items
@@ -1230,7 +1241,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
         &self,
         st: &mut CommitState,
         cut: Lsn,
-        mut core: CommitReport,
+        core: CommitReport,
         items: AppliedItems,
         phases: &mut CommitPhases,
     ) -> Result<CommitSummary> {
@@ -1250,11 +1261,6 @@ impl<S: Storage + Clone> DurableEngine<S> {
             held_chunks,
             ..
         } = items;
-        // The items before: hundreds of thousands of frees, off this path.
-        let displaced = std::mem::take(&mut core.displaced);
-        if displaced.iter().map(Vec::len).sum::<usize>() >= refd_core::background::SMALL_ITEMS_MIN {
-            refd_core::background::drop_later(displaced, 0);
-        }
         let tree_err = |what: &str| {
             let context = format!("{device}: commit {generation}: {what}");
             move |source| DurableError::Tree { context, source }

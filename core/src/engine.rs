@@ -613,26 +613,38 @@ fn run_heads<K: RunSink>(
         }
         out
     };
+    in_parts(heads, PARALLEL_RUN_MIN_HEADS, run_range)
+}
+
+/// `f(offset, part)` over `items` cut into one contiguous part per core
+/// (at least `per_worker_min` items each; a single part runs on this
+/// thread), on the commit run's workers; results in part order. `offset`
+/// is the index of the part's first item.
+pub fn in_parts<T: Sync, R: Send>(
+    items: &[T],
+    per_worker_min: usize,
+    f: impl Fn(usize, &[T]) -> R + Sync,
+) -> Vec<R> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(heads.len() / PARALLEL_RUN_MIN_HEADS)
+        .min(items.len() / per_worker_min.max(1))
         .max(1);
     if workers == 1 {
-        return vec![run_range(0, heads)];
+        return vec![f(0, items)];
     }
-    let per = heads.len().div_ceil(workers);
+    let per = items.len().div_ceil(workers);
     match run_pool() {
         Some(pool) => pool.install(|| {
-            heads
+            items
                 .par_chunks(per)
                 .enumerate()
-                .map(|(k, part)| run_range(k * per, part))
+                .map(|(k, part)| f(k * per, part))
                 .collect()
         }),
-        None => heads
+        None => items
             .chunks(per)
             .enumerate()
-            .map(|(k, part)| run_range(k * per, part))
+            .map(|(k, part)| f(k * per, part))
             .collect(),
     }
 }

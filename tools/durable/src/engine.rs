@@ -626,38 +626,24 @@ fn read_extent<S: Storage>(
 }
 
 /// `f` over `items` cut into one contiguous part per core (at least
-/// `per_worker_min` items each, else on this thread), outputs concatenated
-/// in order; the first error (in part order) is returned.
+/// `per_worker_min` items each, else on this thread; on the commit run's
+/// workers, `refd_core::engine::in_parts`), outputs concatenated in order;
+/// the first error (in part order) is returned.
 fn par_chunks<T: Sync, R: Send, E: Send>(
     items: &[T],
     per_worker_min: usize,
     f: impl Fn(&[T]) -> std::result::Result<Vec<R>, E> + Sync,
 ) -> std::result::Result<Vec<R>, E> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(items.len() / per_worker_min.max(1))
-        .max(1);
-    if workers == 1 {
-        return f(items);
-    }
-    let per = items.len().div_ceil(workers);
-    let f = &f;
-    std::thread::scope(|s| {
-        let parts: Vec<_> = items
-            .chunks(per)
-            .map(|part| s.spawn(move || f(part)))
-            .collect();
-        let mut out: Vec<R> = Vec::new();
-        for p in parts {
-            let part = p.join().expect("commit worker panicked")?;
-            if out.is_empty() {
-                out = part;
-            } else {
-                out.extend(part);
-            }
+    let mut out: Vec<R> = Vec::new();
+    for part in refd_core::engine::in_parts(items, per_worker_min, |_, part| f(part)) {
+        let part = part?;
+        if out.is_empty() {
+            out = part;
+        } else {
+            out.extend(part);
         }
-        Ok(out)
-    })
+    }
+    Ok(out)
 }
 
 /// The B+tree changes of a commit, encoded on the core run's workers as

@@ -143,6 +143,13 @@ pub struct DurableReport {
     pub commit_gap_ms_max_after_warmup: f64,
     /// Longest commit (ms).
     pub commit_ms_max: f64,
+    /// The longest commit's steps (ms), as `commit_phase_ms_mean`.
+    pub commit_longest_phase_ms: [f64; 7],
+    /// The longest commit's ops.
+    pub commit_longest_ops: u64,
+    /// When the longest commit started, in seconds since ingest started
+    /// (negative: before, e.g. recovery's).
+    pub commit_longest_at_s: f64,
     /// Mean commit (ms).
     pub commit_ms_mean: f64,
     /// Mean ops per commit.
@@ -531,18 +538,18 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
             .map(|w| ms(w[1] - w[0]))
             .fold(0.0, f64::max),
         commit_ms_max: ms(totals.longest),
+        commit_longest_phase_ms: phase_ms(&totals.longest_phases),
+        commit_longest_ops: totals.longest_ops,
+        commit_longest_at_s: totals.longest_start.map_or(0.0, |t| {
+            if t >= started {
+                (t - started).as_secs_f64()
+            } else {
+                -(started - t).as_secs_f64()
+            }
+        }),
         commit_ms_mean: ms(p.total) / commits,
         commit_ops_mean: totals.ops as f64 / commits,
-        commit_phase_ms_mean: [
-            p.freeze,
-            p.items,
-            p.run,
-            p.diff,
-            p.apply,
-            p.write,
-            p.superblock,
-        ]
-        .map(|d| ms(d) / commits),
+        commit_phase_ms_mean: phase_ms(p).map(|d| d / commits),
         commit_ns_per_op: engine.commit_cost_ps_per_op() as f64 / 1e3,
         commit_trigger_ops: engine.commit_trigger_ops(),
         commits_by_interval_pending_log: [stats.by_interval, stats.by_pending, stats.by_log],
@@ -556,19 +563,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         probe_commit_ops: probe.as_ref().map_or(0, |p| p.ops),
         probe_commit_heads: probe.as_ref().map_or(0, |p| p.core.heads),
         probe_commit_ms: probe.as_ref().map_or(0.0, |p| ms(p.phases.total)),
-        probe_commit_phase_ms: probe.as_ref().map_or([0.0; 7], |p| {
-            let q = &p.phases;
-            [
-                q.freeze,
-                q.items,
-                q.run,
-                q.diff,
-                q.apply,
-                q.write,
-                q.superblock,
-            ]
-            .map(ms)
-        }),
+        probe_commit_phase_ms: probe.as_ref().map_or([0.0; 7], |p| phase_ms(&p.phases)),
         recovery_ops: 0,
         recovery_ms: 0.0,
     };
@@ -596,6 +591,21 @@ fn untriggered(policy: CommitPolicy) -> CommitPolicy {
         log_used_pct_trigger: 100,
         ..policy
     }
+}
+
+/// A commit's steps in ms, in the order of
+/// [`DurableReport::commit_phase_ms_mean`].
+fn phase_ms(p: &refd_durable::CommitPhases) -> [f64; 7] {
+    [
+        p.freeze,
+        p.items,
+        p.run,
+        p.diff,
+        p.apply,
+        p.write,
+        p.superblock,
+    ]
+    .map(|d| d.as_secs_f64() * 1e3)
 }
 
 /// Queue `ops` more ops (the walks go on, one thread each) and wait until

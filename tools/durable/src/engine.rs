@@ -286,6 +286,12 @@ pub struct CommitTotals {
     pub extents_read: u64,
     /// Longest commit.
     pub longest: Duration,
+    /// Its steps, ops and start (to tell what made it long).
+    pub longest_phases: CommitPhases,
+    /// Ops of the longest commit.
+    pub longest_ops: u64,
+    /// When the longest commit started.
+    pub longest_start: Option<Instant>,
     /// Longest time between the starts of two consecutive commits.
     pub gap_max: Duration,
     /// Time per step, summed.
@@ -301,7 +307,12 @@ impl CommitTotals {
         self.nodes_written += s.nodes_written;
         self.item_changes += s.item_changes as u64;
         self.extents_read += s.extents_read as u64;
-        self.longest = self.longest.max(s.phases.total);
+        if s.phases.total >= self.longest {
+            self.longest = s.phases.total;
+            self.longest_phases = s.phases;
+            self.longest_ops = s.ops;
+            self.longest_start = Some(start);
+        }
         if let Some(last) = self.last_start {
             self.gap_max = self.gap_max.max(start.duration_since(last));
         }

@@ -5,25 +5,37 @@
 /// libmimalloc-sys does not name it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Milliseconds freed memory stays committed (mimalloc's default is 1000
-/// in v3, 10 in v2).
-pub const PURGE_DELAY_MS: i64 = 60_000;
+/// `mi_option_purge_delay` value: never return freed memory to the
+/// kernel (mimalloc's default is 1000 ms in v3, 10 ms in v2).
+pub const PURGE_DELAY_MS: i64 = -1;
 
-/// Keep freed memory committed for [`PURGE_DELAY_MS`] before mimalloc
-/// returns it to the kernel. A durable commit frees and reallocates
-/// hundreds of MB every second (frozen heads, displaced items, item
-/// changes, B+tree nodes); purged sooner, that memory is faulted in again
-/// and the kernel zeroes it (measured, `refd-bench durable`, 1M extents:
-/// at mimalloc's 1 s default 166k huge-page faults and ~15% of all CPU in
-/// `clear_page_erms` over 10 s; at 10 s, 1,000-1,300 huge-page faults and
-/// ~100k small ones over 40 s, ~10% of all CPU; at 60 s, 822 huge-page
-/// faults and 14k small ones over 60 s, as many as the process's peak
-/// footprint (never purging: 760 and 2k over 40 s)). Memory idle for
-/// longer is still returned. Call first thing in `main`.
+/// Keep freed memory committed for the life of the process: mimalloc
+/// never returns it to the kernel ([`PURGE_DELAY_MS`]). A durable commit
+/// frees and reallocates hundreds of MB every second (frozen heads,
+/// displaced items, item changes, B+tree nodes); returned, that memory is
+/// faulted in again and the kernel zeroes it.
+///
+/// No delay is long enough: mimalloc v3 keeps one purge deadline per
+/// arena, set by the first free after the last purge, and at that
+/// deadline purges every free slice of the arena, however recently it was
+/// freed. Under steady load that is every `delay`, and what a commit
+/// freed a moment before is faulted in again by the next one. Measured
+/// with `refd-bench durable` (1M extents, 150 s, 2 threads), the 60 s
+/// delay used before: RSS fell by 190-740 MB at 62, 68, 122 and 128 s,
+/// each time followed by 10-25k page faults, and the longest commit
+/// (1.20 s against a mean of 0.81 s) started at 124 s. Earlier figures
+/// (60 s of that run): at mimalloc's 1 s default, 166k huge-page faults
+/// and ~15% of all CPU in `clear_page_erms` over 10 s; at 10 s, 1,000-1,300
+/// huge-page faults and ~100k small ones over 40 s.
+///
+/// The process holds its peak heap: refd's memory is bounded by design
+/// (node cache, pending ops under back-pressure, one commit's working
+/// set), so that peak is bounded too. Call first thing in `main`.
 pub fn tune() {
     // SAFETY: mi_option_set only stores the value in mimalloc's option
     // table (read on each purge decision); any value is valid for this
-    // option, and it may be called at any time, from any thread.
+    // option (negative: never purge), and it may be called at any time,
+    // from any thread.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as _) };
 }
 
@@ -36,9 +48,9 @@ const PREFAULT_CHUNK_BYTES: usize = 4 << 20;
 const TOUCH_STRIDE_BYTES: usize = 4096;
 
 /// Allocates `bytes` of heap, touches every page, and frees it again:
-/// mimalloc keeps freed memory committed for [`PURGE_DELAY_MS`], so what a
-/// process allocates next (while it stays in use) is served from pages the
-/// kernel has already faulted in and zeroed. Run it just before a working
+/// after [`tune`] mimalloc keeps freed memory committed, so what a process
+/// allocates next is served from pages the kernel has already faulted in
+/// and zeroed. Run it just before a working
 /// set of about that size is built, e.g. before a durable engine starts
 /// its first commits: first-touch page faults are slow on VMs (measured on
 /// the 2-core VM of `docs/benchmarks.md`: ~2.8 s per GiB), and on a fresh

@@ -50,12 +50,12 @@ const TOUCH_STRIDE_BYTES: usize = 4096;
 /// Allocates `bytes` of heap, touches every page, and frees it again:
 /// after [`tune`] mimalloc keeps freed memory committed, so what a process
 /// allocates next is served from pages the kernel has already faulted in
-/// and zeroed. Run it just before a working
-/// set of about that size is built, e.g. before a durable engine starts
-/// its first commits: first-touch page faults are slow on VMs (measured on
-/// the 2-core VM of `docs/benchmarks.md`: ~2.8 s per GiB), and on a fresh
-/// device the first commit built its memory that way (1.2-1.5 s for 0.5-1M
-/// ops; ~0.2 s after prefaulting 2 GiB). Returns how long it took.
+/// and zeroed. Run it just before a working set of about that size is
+/// built, e.g. before a durable engine starts its first commits:
+/// first-touch page faults are slow on VMs (measured on the 2-core VM of
+/// `docs/benchmarks.md`: ~2.8 s per GiB), and on a fresh device the first
+/// commit built its memory that way (1.2-1.5 s for 0.5-1M ops; ~0.2 s
+/// after prefaulting 2 GiB). Returns how long it took.
 pub fn prefault(bytes: usize) -> std::time::Duration {
     let t = std::time::Instant::now();
     let chunks: Vec<Vec<u8>> = (0..bytes.div_ceil(PREFAULT_CHUNK_BYTES))

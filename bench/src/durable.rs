@@ -537,7 +537,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
             .filter(|w| w[1] >= started + WARMUP)
             .map(|w| ms(w[1] - w[0]))
             .fold(0.0, f64::max),
-        commit_ms_max: ms(totals.longest),
+        commit_ms_max: ms(totals.longest_phases.total),
         commit_longest_phase_ms: phase_ms(&totals.longest_phases),
         commit_longest_ops: totals.longest_ops,
         commit_longest_at_s: totals.longest_start.map_or(0.0, |t| {

@@ -284,9 +284,8 @@ pub struct CommitTotals {
     pub item_changes: u64,
     /// Extents read from the B+tree (cache misses).
     pub extents_read: u64,
-    /// Longest commit.
-    pub longest: Duration,
-    /// Its steps, ops and start (to tell what made it long).
+    /// The longest commit's steps (`total`: its length), to tell what
+    /// made it long.
     pub longest_phases: CommitPhases,
     /// Ops of the longest commit.
     pub longest_ops: u64,
@@ -307,8 +306,7 @@ impl CommitTotals {
         self.nodes_written += s.nodes_written;
         self.item_changes += s.item_changes as u64;
         self.extents_read += s.extents_read as u64;
-        if s.phases.total >= self.longest {
-            self.longest = s.phases.total;
+        if s.phases.total >= self.longest_phases.total {
             self.longest_phases = s.phases;
             self.longest_ops = s.ops;
             self.longest_start = Some(start);

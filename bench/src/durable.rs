@@ -87,7 +87,7 @@ pub struct DurableArgs {
     /// Heap touched and freed before the engine opens (MiB; 0: none; at
     /// most half the available memory), so that the first commits reuse
     /// memory the kernel has already faulted in (see
-    /// `refd_tools::alloc::prefault`).
+    /// `refd_alloc::prefault`).
     #[arg(long, default_value_t = PREFAULT_MIB_DEFAULT)]
     pub prefault_mib: usize,
     /// RNG seed of the workload.
@@ -361,7 +361,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     };
     // At most half the memory available, so a small machine is not pushed
     // into reclaim (or the OOM killer) by a default meant for this one.
-    let prefault_mib = match refd_tools::alloc::available_memory_bytes() {
+    let prefault_mib = match refd_alloc::available_memory_bytes() {
         Some(avail) => args.prefault_mib.min(((avail / 2) >> 20) as usize),
         None => args.prefault_mib,
     };
@@ -369,7 +369,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         if !args.json {
             eprintln!("prefaulting {prefault_mib} MiB of heap...");
         }
-        refd_tools::alloc::prefault(prefault_mib << 20).as_secs_f64()
+        refd_alloc::prefault(prefault_mib << 20).as_secs_f64()
     } else {
         0.0
     };

@@ -16,7 +16,7 @@ use refd_core::engine::Engine;
 use refd_core::model::Op;
 use serde::Serialize;
 
-use crate::alloc::live_bytes;
+use refd_alloc::live_bytes;
 use crate::workload::{deal, generate, load_trace, Stream, Workload};
 
 /// Which implementation(s) to run.

@@ -4,7 +4,6 @@
 //! side by side in one run and prints their ratio (these machines are
 //! noisy: compare within a run, not across runs).
 
-mod alloc;
 mod crash;
 mod durable;
 mod ingest;
@@ -13,7 +12,7 @@ mod workload;
 use clap::{Parser, Subcommand};
 
 #[global_allocator]
-static GLOBAL: alloc::Counting = alloc::Counting;
+static GLOBAL: refd_alloc::Counting = refd_alloc::Counting;
 
 #[derive(Debug, Parser)]
 #[command(name = "refd-bench", version, about = "refd benchmarks")]
@@ -40,10 +39,10 @@ enum Cmd {
 }
 
 fn main() {
-    refd_tools::alloc::tune();
+    refd_alloc::tune();
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Ingest(_)) {
-        alloc::count_live();
+        refd_alloc::count_live();
     }
     let res = match &cli.cmd {
         Cmd::Ingest(a) => ingest::run(a),

@@ -479,7 +479,7 @@ impl<S: DelayedRefStore> Ran<'_, S> {
                 q.push_back(h.clone());
             }
         }
-        crate::background::drop_later(heads, crate::background::SMALL_ITEMS_MIN);
+        refd_sync::background::drop_later(heads, refd_sync::background::SMALL_ITEMS_MIN);
         report
     }
 }

@@ -10,17 +10,13 @@
 //! - [`extent_tree`]: the in-memory extent tree (what btrfs stores);
 //! - [`engine`]: ingest, lookups, commits, quarantine, ref-verify glue;
 //! - [`verify`]: the ref-verify shadow;
-//! - [`interlock`]: HAMMER's refcount + interlock word;
 //! - [`oracle`]: a simple sequential model used as the test oracle.
-pub mod background;
 pub mod barrier;
 pub mod delayed;
 pub mod engine;
 pub mod extent_tree;
 pub mod head;
-pub mod interlock;
 pub mod model;
 pub mod oracle;
 pub mod run;
-mod sync;
 pub mod verify;

@@ -27,8 +27,8 @@
 //! the committer parks (the interlock's WANTED bit), it does not spin.
 //! Model-checked with loom below.
 
-use crate::interlock::Interlock;
-use crate::sync::{fence, AtomicU64, Ordering};
+use refd_sync::interlock::Interlock;
+use refd_sync::shim::{fence, AtomicU64, Ordering};
 
 /// The live transaction generation (starts at 1).
 #[derive(Debug)]

@@ -40,7 +40,7 @@
 //! # Transaction hand-off
 //!
 //! Each shard has a buffer per transaction parity; each buffer has a
-//! refcount interlock ([`crate::interlock`]). An ingester takes a reference
+//! refcount interlock ([`refd_sync::interlock`]). An ingester takes a reference
 //! on the buffer of the generation it read, then re-reads the generation
 //! (both SeqCst); the committer stores the new generation, then waits for
 //! the count of every old buffer to reach zero. Either the ingester sees

@@ -1,6 +1,6 @@
 //! Bounded cache of clean (committed) nodes, keyed by address.
 //!
-//! Every slot carries a [`refd_core::interlock::Interlock`]: its count is
+//! Every slot carries a [`refd_sync::interlock::Interlock`]: its count is
 //! the number of readers using the node right now. As in HAMMER:
 //!
 //! - **0->1** ([`Interlock::ref_interlock`] returns true): the caller holds
@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use refd_core::interlock::Interlock;
+use refd_sync::interlock::Interlock;
 
 use crate::btree::error::BTreeError;
 use crate::btree::node::Node;

@@ -767,7 +767,7 @@ impl<S: Storage> BTree<S> {
             nodes.extend(self.cache.invalidate(*addr)?);
         }
         drop(st);
-        refd_core::background::drop_later(nodes, DEFERRED_DROP_NODES_MIN);
+        refd_sync::background::drop_later(nodes, DEFERRED_DROP_NODES_MIN);
         Ok(released.len() as u64)
     }
 }

@@ -27,9 +27,9 @@
 //! condition variable; whoever clears `LOCKED` or drops the count to 0 with
 //! `WANTED` set wakes them. The parking mutex is taken only on those slow
 //! paths. Model-checked with loom (`RUSTFLAGS="--cfg loom" cargo test -p
-//! refd-core --release --lib interlock`).
+//! refd-sync --release --lib interlock`).
 
-use crate::sync::{AtomicU32, Condvar, Mutex, Ordering};
+use crate::shim::{AtomicU32, Condvar, Mutex, Ordering};
 
 const LOCKED: u32 = 0x4000_0000;
 const WANTED: u32 = 0x2000_0000;

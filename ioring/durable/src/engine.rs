@@ -1107,9 +1107,9 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 // this path, started while the B+tree side may still run.
                 let displaced = std::mem::take(&mut core.displaced);
                 if displaced.iter().map(Vec::len).sum::<usize>()
-                    >= refd_core::background::SMALL_ITEMS_MIN
+                    >= refd_sync::background::SMALL_ITEMS_MIN
                 {
-                    refd_core::background::drop_later(displaced, 0);
+                    refd_sync::background::drop_later(displaced, 0);
                 }
                 core
             },

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use refd_btrfs::export::{write_canonical, write_dump_items};
-use refd_tools::device;
-use refd_tools::replay::{load, replay, Impl, ReplayOptions, ReplayReport};
+use refd_ctl::device;
+use refd_ctl::replay::{load, replay, Impl, ReplayOptions, ReplayReport};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: refd_alloc::MiMalloc = refd_alloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(name = "refctl", version, about = "refd command line")]
@@ -322,7 +322,7 @@ fn progress_line(line: &str) {
 }
 
 fn main() -> ExitCode {
-    refd_tools::alloc::tune();
+    refd_alloc::tune();
     let cli = Cli::parse();
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,1 @@
+//! refd-proto: the wire codec (docs/protocol.md); being written.

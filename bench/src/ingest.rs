@@ -16,8 +16,8 @@ use refd_core::engine::Engine;
 use refd_core::model::Op;
 use serde::Serialize;
 
-use refd_alloc::live_bytes;
 use crate::workload::{deal, generate, load_trace, Stream, Workload};
+use refd_alloc::live_bytes;
 
 /// Which implementation(s) to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

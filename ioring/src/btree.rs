@@ -9,7 +9,8 @@
 //!
 //! Files:
 //!
-//! - [`node`]: keys, the in-memory node, the item layout inside
+//! - `key`: [`Key`] and its encoding;
+//! - [`node`]: the in-memory node, the item layout inside
 //!   a 16 KiB node, split planning;
 //! - `alloc`: the node allocator and its persisted bitmap run;
 //! - `cache`: the bounded node cache (refcount + interlock per node);
@@ -37,6 +38,7 @@ mod apply;
 mod cache;
 mod check;
 mod error;
+mod key;
 pub mod node;
 mod tree;
 
@@ -48,8 +50,9 @@ pub use apply::{ApplyReport, Change};
 pub use cache::CacheStats;
 pub use check::TreeCheck;
 pub use error::BTreeError;
+pub use key::{Key, KEY_BYTES};
 pub use node::{
-    Key, INTERNAL_CHILDREN_MAX, INTERNAL_ITEM_BYTES, KEY_BYTES, LEAF_ITEM_BYTES_MAX,
-    LEAF_ITEM_OVERHEAD_BYTES, NODE_FILL_MIN_BYTES, VALUE_BYTES_MAX,
+    INTERNAL_CHILDREN_MAX, INTERNAL_ITEM_BYTES, LEAF_ITEM_BYTES_MAX, LEAF_ITEM_OVERHEAD_BYTES,
+    NODE_FILL_MIN_BYTES, VALUE_BYTES_MAX,
 };
 pub use tree::{BTree, CommitInfo, Range, RootInfo, TreeConfig, TreeLocation};

@@ -68,7 +68,7 @@ pub const CACHE_EXTENTS_DEFAULT: usize = 2_000_000;
 /// Extents read from the B+tree per thread below which a commit reads its
 /// misses on one thread.
 const PARALLEL_READ_MIN_EXTENTS: usize = 4096;
-const BLOCK: u64 = 4096;
+const BLOCK: u64 = refd_ioring::BLOCK_BYTES as u64;
 
 thread_local! {
     /// Each thread's op record buffer for [`DurableEngine::add`] (the log

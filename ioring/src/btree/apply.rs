@@ -29,8 +29,9 @@
 use std::sync::Arc;
 
 use crate::btree::error::BTreeError;
+use crate::btree::key::Key;
 use crate::btree::node::{
-    leaf_item_bytes, plan_split, Body, Child, Key, LeafItem, Node, INTERNAL_ITEM_BYTES,
+    leaf_item_bytes, plan_split, Body, Child, LeafItem, Node, INTERNAL_ITEM_BYTES,
     NODE_FILL_MIN_BYTES, VALUE_BYTES_MAX,
 };
 use crate::btree::tree::{BTree, Ptr, State};

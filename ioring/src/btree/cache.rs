@@ -368,7 +368,7 @@ impl NodeCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::btree::node::Key;
+    use crate::btree::key::Key;
     use std::sync::atomic::AtomicUsize;
 
     fn leaf(i: u64) -> Node {

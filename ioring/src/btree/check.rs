@@ -4,7 +4,8 @@ use std::collections::HashSet;
 
 use crate::btree::alloc::Allocator;
 use crate::btree::error::BTreeError;
-use crate::btree::node::{Body, Key, Node, NODE_FILL_MIN_BYTES};
+use crate::btree::key::Key;
+use crate::btree::node::{Body, Node, NODE_FILL_MIN_BYTES};
 use crate::btree::tree::BTree;
 use crate::format::NODE_BYTES;
 use crate::storage::Storage;

@@ -1,7 +1,7 @@
 //! [`BTreeError`]: every way a tree operation can fail, with the address,
 //! generation or key a user needs to act on it.
 
-use crate::btree::node::Key;
+use crate::btree::key::Key;
 use crate::format::FormatError;
 use crate::storage::StorageError;
 

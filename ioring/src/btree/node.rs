@@ -1,4 +1,4 @@
-//! Keys, the in-memory node and the item layout inside a 16 KiB node
+//! The in-memory node and the item layout inside a 16 KiB node
 //! (`docs/format.md`, "B+tree items").
 //!
 //! Items are packed from the start of the items area in ascending key order
@@ -14,15 +14,13 @@
 //! [`NodeHeader::decode`]) before anything in it is used; decoding never
 //! panics and reports every inconsistency with the node's address.
 
-use std::fmt;
 use std::ops::Range;
 
 use crate::btree::error::BTreeError;
-use crate::format::le::{get_u64, get_u8, put_u64, put_u8};
+use crate::btree::key::{Key, KEY_BYTES};
+use crate::format::le::{get_u64, put_u64};
 use crate::format::{FsId, NodeHeader, NODE_BYTES, NODE_HEADER_BYTES, NODE_ITEMS_BYTES};
 
-/// Encoded size of a [`Key`].
-pub const KEY_BYTES: usize = 17;
 /// Bytes of a leaf item besides its value: key and `value_len`.
 pub const LEAF_ITEM_OVERHEAD_BYTES: usize = KEY_BYTES + 2;
 /// Bytes of an internal item: key, child address, child generation.
@@ -38,53 +36,6 @@ pub const INTERNAL_CHILDREN_MAX: usize = NODE_ITEMS_BYTES / INTERNAL_ITEM_BYTES;
 /// A non-root node with fewer item bytes than this is underfull and is
 /// merged with a neighbour when a mutation touches it.
 pub const NODE_FILL_MIN_BYTES: usize = NODE_ITEMS_BYTES / 4;
-
-/// A btrfs-style key, ordered by `(objectid, item_type, offset)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Key {
-    /// Object id (for the extent tree: the bytenr).
-    pub objectid: u64,
-    /// Item type.
-    pub item_type: u8,
-    /// Offset (meaning depends on the item type).
-    pub offset: u64,
-}
-
-impl Key {
-    /// A key from its three fields.
-    pub const fn new(objectid: u64, item_type: u8, offset: u64) -> Self {
-        Key {
-            objectid,
-            item_type,
-            offset,
-        }
-    }
-
-    /// The smallest key.
-    pub const MIN: Key = Key::new(0, 0, 0);
-    /// The largest key.
-    pub const MAX: Key = Key::new(u64::MAX, u8::MAX, u64::MAX);
-
-    fn encode(&self, buf: &mut [u8], at: usize) {
-        put_u64(buf, at, self.objectid);
-        put_u8(buf, at + 8, self.item_type);
-        put_u64(buf, at + 9, self.offset);
-    }
-
-    fn decode(buf: &[u8], at: usize) -> Key {
-        Key {
-            objectid: get_u64(buf, at),
-            item_type: get_u8(buf, at + 8),
-            offset: get_u64(buf, at + 9),
-        }
-    }
-}
-
-impl fmt::Display for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "({} {} {})", self.objectid, self.item_type, self.offset)
-    }
-}
 
 /// A pointer from an internal node to a child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

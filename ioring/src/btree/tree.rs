@@ -24,7 +24,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::btree::alloc::{AllocInfo, Allocator};
 use crate::btree::cache::{CacheRef, CacheStats, NodeCache};
 use crate::btree::error::BTreeError;
-use crate::btree::node::{route, Body, Key, LeafItem, Node};
+use crate::btree::key::Key;
+use crate::btree::node::{route, Body, LeafItem, Node};
 use crate::format::{FsId, Superblock, NODE_BYTES};
 use crate::storage::Storage;
 

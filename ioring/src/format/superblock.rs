@@ -11,6 +11,7 @@
 //! [`superblock_addr_for_generation`]. The superblock is the commit point of
 //! a checkpoint.
 
+use crate::aligned::BLOCK_BYTES;
 use crate::device::Geometry;
 use crate::format::le::{get_array, get_u32, get_u64, get_u8, put_bytes, put_u32, put_u64, put_u8};
 use crate::format::{
@@ -23,9 +24,9 @@ pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"REFDSB01";
 /// Layout version written and read by this build.
 pub const SUPERBLOCK_VERSION: u32 = 1;
 /// Size of a superblock copy in bytes.
-pub const SUPERBLOCK_BYTES: usize = 4096;
+pub const SUPERBLOCK_BYTES: usize = BLOCK_BYTES;
 /// Byte addresses of the two superblock slots.
-pub const SUPERBLOCK_SLOT_ADDRS: [u64; 2] = [0, 4096];
+pub const SUPERBLOCK_SLOT_ADDRS: [u64; 2] = [0, SUPERBLOCK_BYTES as u64];
 /// Bytes reserved at the start of the device for the two slots; the log and
 /// node regions start at or after this.
 pub const SUPERBLOCK_REGION_BYTES: u64 = 8192;
@@ -63,8 +64,6 @@ const OFF_BITMAP_ADDR: usize = 176;
 const OFF_BITMAP_BYTES: usize = 184;
 const OFF_LAST_TXN_ID: usize = 192;
 const OFF_RESERVED_TAIL: usize = 200;
-
-const FORMAT_BLOCK: u64 = 4096;
 
 /// Decoded superblock. Byte layout in `docs/format.md`; the address it must
 /// live at is derived from `generation` ([`Superblock::addr`]).
@@ -211,9 +210,9 @@ impl Superblock {
         // Log region: block aligned, after the superblocks, inside the device.
         let log_end = region_end(addr, "log_bytes", self.log_start, self.log_bytes)?;
         if self.log_start < SUPERBLOCK_REGION_BYTES
-            || !self.log_start.is_multiple_of(FORMAT_BLOCK)
+            || !self.log_start.is_multiple_of(BLOCK_BYTES as u64)
             || self.log_bytes == 0
-            || !self.log_bytes.is_multiple_of(FORMAT_BLOCK)
+            || !self.log_bytes.is_multiple_of(BLOCK_BYTES as u64)
             || log_end > size
         {
             return Err(invalid(
@@ -235,7 +234,7 @@ impl Superblock {
             self.node_region_bytes,
         )?;
         if self.node_region_start < SUPERBLOCK_REGION_BYTES
-            || !self.node_region_start.is_multiple_of(FORMAT_BLOCK)
+            || !self.node_region_start.is_multiple_of(BLOCK_BYTES as u64)
             || !self.node_region_bytes.is_multiple_of(NODE_BYTES as u64)
             || nodes_end > size
         {
@@ -265,8 +264,8 @@ impl Superblock {
 
         // Log positions: block aligned, head <= tail, at most one log's worth
         // of live batches.
-        if !self.log_head_offset.is_multiple_of(FORMAT_BLOCK)
-            || !self.log_tail_offset.is_multiple_of(FORMAT_BLOCK)
+        if !self.log_head_offset.is_multiple_of(BLOCK_BYTES as u64)
+            || !self.log_tail_offset.is_multiple_of(BLOCK_BYTES as u64)
             || self.log_head_offset > self.log_tail_offset
             || self.log_tail_offset - self.log_head_offset > self.log_bytes
         {
@@ -313,7 +312,7 @@ impl Superblock {
                 self.tree_root_addr,
                 NODE_BYTES as u64,
             )?;
-            if !self.tree_root_addr.is_multiple_of(FORMAT_BLOCK)
+            if !self.tree_root_addr.is_multiple_of(BLOCK_BYTES as u64)
                 || self.tree_root_addr < self.node_region_start
                 || root_end > nodes_end
             {
@@ -339,7 +338,9 @@ impl Superblock {
         }
 
         // Allocator.
-        if !self.alloc_next_unallocated.is_multiple_of(FORMAT_BLOCK)
+        if !self
+            .alloc_next_unallocated
+            .is_multiple_of(BLOCK_BYTES as u64)
             || self.alloc_next_unallocated < self.node_region_start
             || self.alloc_next_unallocated > nodes_end
         {
@@ -367,10 +368,14 @@ impl Superblock {
                 self.free_space_bitmap_addr,
                 self.free_space_bitmap_bytes,
             )?;
-            if !self.free_space_bitmap_addr.is_multiple_of(FORMAT_BLOCK)
+            if !self
+                .free_space_bitmap_addr
+                .is_multiple_of(BLOCK_BYTES as u64)
                 || self.free_space_bitmap_addr < SUPERBLOCK_REGION_BYTES
                 || self.free_space_bitmap_bytes == 0
-                || !self.free_space_bitmap_bytes.is_multiple_of(FORMAT_BLOCK)
+                || !self
+                    .free_space_bitmap_bytes
+                    .is_multiple_of(BLOCK_BYTES as u64)
                 || end > size
             {
                 return Err(invalid(

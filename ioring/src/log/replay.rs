@@ -25,6 +25,7 @@ use std::fmt;
 
 use super::ring::Ring;
 use super::{LogBounds, LogError, LogPosition, Lsn};
+use crate::aligned::BLOCK_BYTES;
 use crate::format::{
     decode_batch, decode_batch_header, BatchHeader, FormatError, FsId, Superblock,
 };
@@ -33,8 +34,6 @@ use crate::storage::Storage;
 /// Bytes replay reads at a time (bounded by the batch size, the region end
 /// and the ring), so that a log of small batches is read in large I/Os.
 pub const REPLAY_READ_BYTES: usize = 1 << 20;
-
-const BLOCK: u64 = 4096;
 
 /// Why replay did not accept a batch at a position.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -359,13 +358,13 @@ fn attempt<S: Storage + ?Sized>(
     larger_than: u64,
     out: &mut Collector,
 ) -> Result<Attempt, LogError> {
-    if offset + BLOCK > reader.limit {
+    if offset + BLOCK_BYTES as u64 > reader.limit {
         return Ok(Attempt::Refused(
             StopCause::RegionFull { log_offset: offset },
             None,
         ));
     }
-    let first = reader.get(offset, BLOCK as usize, lsn)?;
+    let first = reader.get(offset, BLOCK_BYTES, lsn)?;
     let header = match decode_batch_header(first, fs_id, offset) {
         Ok(h) => h,
         Err(e) => return Ok(Attempt::Refused(StopCause::Format(e), None)),

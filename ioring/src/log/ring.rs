@@ -13,11 +13,9 @@
 use crate::aligned::BLOCK_BYTES;
 use crate::format::LOG_BATCH_BYTES_MAX;
 
-const BLOCK: u64 = BLOCK_BYTES as u64;
-
 /// Smallest log region the log accepts: two blocks, so that half the region
 /// holds at least one batch.
-pub(crate) const RING_BYTES_MIN: u64 = 2 * BLOCK;
+pub(crate) const RING_BYTES_MIN: u64 = 2 * (BLOCK_BYTES as u64);
 
 /// The log region: `len` bytes at byte address `start`. Both are multiples
 /// of 4096 and `len >= RING_BYTES_MIN` (checked by the constructors' callers
@@ -31,7 +29,7 @@ pub(crate) struct Ring {
 impl Ring {
     /// The region, or a description of what is wrong with it.
     pub(crate) fn new(start: u64, len: u64) -> Result<Self, String> {
-        if !start.is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) {
+        if !start.is_multiple_of(BLOCK_BYTES as u64) || !len.is_multiple_of(BLOCK_BYTES as u64) {
             return Err(format!(
                 "log region at {start} of {len} bytes is not 4096-aligned"
             ));
@@ -66,7 +64,8 @@ impl Ring {
     /// Largest batch: `config_max` capped by the format's limit and by half
     /// the region (rounded down to a block).
     pub(crate) fn batch_bytes_cap(&self, config_max: usize) -> usize {
-        let half = (self.len / 2 / BLOCK * BLOCK).min(usize::MAX as u64) as usize;
+        let half = (self.len / 2 / (BLOCK_BYTES as u64) * (BLOCK_BYTES as u64))
+            .min(usize::MAX as u64) as usize;
         config_max.min(LOG_BATCH_BYTES_MAX).min(half)
     }
 
@@ -90,6 +89,8 @@ impl Ring {
 
 #[cfg(test)]
 mod tests {
+    /// One block, as u64.
+    const BLOCK: u64 = crate::aligned::BLOCK_BYTES as u64;
     use super::*;
 
     #[test]

@@ -416,18 +416,19 @@ pub enum LogError {
         /// Where the replayed batch ends.
         found_offset: u64,
     },
-    /// An internal invariant of the log does not hold (a bug); reported
-    /// instead of panicking.
-    #[error("ref log internal error: {reason}")]
-    Internal {
-        /// What does not hold.
-        reason: String,
-    },
 }
 
 impl LogError {
     /// True for [`LogError::Failed`]: the log acknowledges nothing more.
     pub fn is_failed(&self) -> bool {
         matches!(self, LogError::Failed { .. })
+    }
+
+    /// The device offset of the failed I/O this error is about, if any.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            LogError::Failed { offset, .. } | LogError::ReplayRead { offset, .. } => Some(*offset),
+            _ => None,
+        }
     }
 }

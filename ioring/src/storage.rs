@@ -180,6 +180,17 @@ impl StorageError {
         matches!(self, StorageError::Failed { .. })
     }
 
+    /// The device offset of the I/O this error is about.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            StorageError::Misaligned { offset, .. }
+            | StorageError::OutOfBounds { offset, .. }
+            | StorageError::Io { offset, .. }
+            | StorageError::Failed { offset, .. } => Some(*offset),
+            StorageError::Overlap { first_offset, .. } => Some(*first_offset),
+        }
+    }
+
     fn from_failure(failure: &IoFailure) -> Self {
         StorageError::Failed {
             device: failure.device.clone(),

@@ -205,7 +205,10 @@ impl Allocator {
     /// Frees a slot allocated by the open transaction and never committed:
     /// reusable at once.
     pub(crate) fn free_dirty(&mut self, addr: u64) -> Result<(), BTreeError> {
-        let slot = self.checked_slot(addr)?;
+        // A dirty node was allocated by this transaction: its slot is set.
+        let slot = self.slot_of(addr).filter(|&s| self.is_set(s));
+        let slot =
+            slot.unwrap_or_else(|| panic!("free of dirty node {addr}, not an allocated slot"));
         self.clear(slot);
         Ok(())
     }
@@ -218,12 +221,16 @@ impl Allocator {
         Ok(())
     }
 
+    /// The slot of committed node `addr`, which the tree references: a
+    /// slot the bitmap read from the device says is free is corruption.
     fn checked_slot(&self, addr: u64) -> Result<u64, BTreeError> {
         match self.slot_of(addr) {
             Some(slot) if self.is_set(slot) => Ok(slot),
-            _ => Err(BTreeError::internal(format!(
-                "free of node {addr}, which is not an allocated slot"
-            ))),
+            _ => Err(BTreeError::corrupt(
+                addr,
+                0,
+                "the tree references this node but the allocator bitmap has its slot free",
+            )),
         }
     }
 
@@ -502,8 +509,8 @@ mod tests {
         }
         assert!(matches!(a.alloc(), Err(BTreeError::NoSpace { .. })));
         assert!(matches!(
-            a.free_dirty((1 << 20) + 100 * NODE),
-            Err(BTreeError::Internal { .. })
+            a.free_committed((1 << 20) + 100 * NODE),
+            Err(BTreeError::Corrupt { .. })
         ));
     }
 

@@ -257,7 +257,8 @@ impl<S: Storage> BTree<S> {
                     // Written by this commit: ours, its items are moved.
                     let items = match self.take(st, ptr, node)?.body {
                         Body::Leaf(items) => items,
-                        Body::Internal(_) => return Err(self.level_mismatch(ptr)),
+                        // Levels are checked on every read.
+                        Body::Internal(_) => unreachable!("leaf {} became internal", ptr.addr),
                     };
                     let len = items.len();
                     merge_leaf(items.into_iter(), len, |i| i, changes, report)
@@ -317,13 +318,6 @@ impl<S: Storage> BTree<S> {
         }
     }
 
-    fn level_mismatch(&self, ptr: Ptr) -> BTreeError {
-        BTreeError::internal(format!(
-            "node {} changed kind while being rewritten at level {}",
-            ptr.addr, ptr.level
-        ))
-    }
-
     /// Takes ownership of the content of node `ptr` (already loaded as
     /// `node`) and retires its slot.
     fn take(&self, st: &mut State, ptr: Ptr, node: Arc<Node>) -> Result<Node, BTreeError> {
@@ -374,9 +368,7 @@ impl<S: Storage> BTree<S> {
                 let mut it = items.into_iter();
                 for r in plan {
                     let chunk: Vec<LeafItem> = it.by_ref().take(r.len()).collect();
-                    let Some(key) = chunk.first().map(|i| i.0) else {
-                        return Err(BTreeError::internal("empty split piece"));
-                    };
+                    let key = chunk.first().expect("plan_split gives non-empty pieces").0;
                     let addr = self.alloc_node(st)?;
                     self.pin(st, addr, Node::leaf(chunk));
                     pieces.push(Piece { key, addr });
@@ -387,9 +379,10 @@ impl<S: Storage> BTree<S> {
                 let plan = plan_split(&sizes, NODE_ITEMS_BYTES);
                 for r in plan {
                     let chunk = children[r].to_vec();
-                    let Some(key) = chunk.first().map(|c| c.key) else {
-                        return Err(BTreeError::internal("empty split piece"));
-                    };
+                    let key = chunk
+                        .first()
+                        .expect("plan_split gives non-empty pieces")
+                        .key;
                     let addr = self.alloc_node(st)?;
                     self.pin(st, addr, Node::internal(level, chunk));
                     pieces.push(Piece { key, addr });
@@ -442,12 +435,11 @@ impl<S: Storage> BTree<S> {
                     a.extend(b);
                     Body::Internal(a)
                 }
-                _ => {
-                    return Err(BTreeError::internal(format!(
-                        "siblings {} and {} at level {child_level} differ in kind",
-                        lp.addr, rp.addr
-                    )))
-                }
+                // Both were read at `child_level`, checked on read.
+                _ => unreachable!(
+                    "siblings {} and {} at level {child_level} differ in kind",
+                    lp.addr, rp.addr
+                ),
             };
             let pieces = self.write_pieces(st, child_level, body)?;
             children.splice(l..=r, pieces.into_iter().map(Piece::child));

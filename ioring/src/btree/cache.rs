@@ -192,14 +192,8 @@ impl NodeCache {
                             node,
                         });
                     }
-                    None => {
-                        // Cannot happen: a referenced slot without CHECK is
-                        // loaded. Drop the reference and report.
-                        self.release_failed(&slot);
-                        return Err(BTreeError::internal(format!(
-                            "cache slot {addr} referenced but not loaded"
-                        )));
-                    }
+                    // A referenced slot without CHECK is loaded.
+                    None => unreachable!("cache slot {addr} referenced but not loaded"),
                 }
             }
             // We hold the interlock (0->1, or a failed load left CHECK).
@@ -256,12 +250,6 @@ impl NodeCache {
                     return Err(e);
                 }
             }
-        }
-    }
-
-    fn release_failed(&self, slot: &Arc<Slot>) {
-        if slot.interlock.rel_interlock(false) {
-            slot.interlock.rel_interlock_done();
         }
     }
 
@@ -343,11 +331,10 @@ impl NodeCache {
         let Some(slot) = inner.map.get(&addr).cloned() else {
             return Ok(None);
         };
-        if !slot.interlock.try_interlock_norefs() {
-            return Err(BTreeError::internal(format!(
-                "node {addr} is invalidated while a reader uses it"
-            )));
-        }
+        assert!(
+            slot.interlock.try_interlock_norefs(),
+            "node {addr} is invalidated while a reader uses it"
+        );
         Ok(unload(&mut inner, &slot))
     }
 
@@ -404,7 +391,7 @@ mod tests {
         cache.get(2, load(2)).expect("get");
         assert_eq!(loads.load(Ordering::SeqCst), 5, "2 was kept (most recent)");
         // A failed load leaves nothing behind and the next get retries.
-        let err = cache.get(9, || Err(BTreeError::internal("boom")));
+        let err = cache.get(9, || Err(BTreeError::corrupt(9, 0, "boom")));
         assert!(err.is_err());
         cache.get(9, load(9)).expect("retry loads");
         assert!(cache.invalidate(9).is_ok());

@@ -129,12 +129,6 @@ pub enum BTreeError {
         #[source]
         source: Box<BTreeError>,
     },
-    /// A broken internal invariant, reported instead of a panic.
-    #[error("b+tree: internal error: {reason}")]
-    Internal {
-        /// What broke.
-        reason: String,
-    },
 }
 
 impl BTreeError {
@@ -153,9 +147,14 @@ impl BTreeError {
         }
     }
 
-    pub(crate) fn internal(reason: impl Into<String>) -> Self {
-        BTreeError::Internal {
-            reason: reason.into(),
+    /// The device offset this error is about (the failed I/O, or the
+    /// node), if any: for messages that name where a device failed.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            BTreeError::Storage { source, .. } => source.offset(),
+            BTreeError::Node { addr, .. } | BTreeError::Corrupt { addr, .. } => Some(*addr),
+            BTreeError::Failed { source, .. } => source.offset(),
+            _ => None,
         }
     }
 }

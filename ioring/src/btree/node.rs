@@ -143,27 +143,20 @@ impl Node {
         addr: u64,
         owner: u64,
     ) -> Result<(), BTreeError> {
-        if buf.len() != NODE_BYTES {
-            return Err(BTreeError::internal(format!(
-                "node buffer of {} bytes for node at {addr}",
-                buf.len()
-            )));
-        }
+        assert_eq!(buf.len(), NODE_BYTES, "node buffer for node at {addr}");
         let used = self.used_bytes();
-        if used > NODE_ITEMS_BYTES {
-            return Err(BTreeError::internal(format!(
-                "node at {addr} holds {used} item bytes, more than {NODE_ITEMS_BYTES}"
-            )));
-        }
+        assert!(
+            used <= NODE_ITEMS_BYTES,
+            "node at {addr} holds {used} item bytes, more than {NODE_ITEMS_BYTES}"
+        );
         let items = &mut buf[NODE_HEADER_BYTES..];
         let mut at = 0;
         match &self.body {
             Body::Leaf(leaf) => {
                 for (key, value) in leaf {
                     key.encode(items, at);
-                    let len = u16::try_from(value.len()).map_err(|_| {
-                        BTreeError::internal(format!("value of {} bytes in a leaf", value.len()))
-                    })?;
+                    // Values are at most VALUE_BYTES_MAX (checked on insert).
+                    let len = u16::try_from(value.len()).expect("leaf value above u16::MAX");
                     items[at + KEY_BYTES..at + KEY_BYTES + 2].copy_from_slice(&len.to_le_bytes());
                     at += LEAF_ITEM_OVERHEAD_BYTES;
                     items[at..at + value.len()].copy_from_slice(value);

@@ -606,9 +606,7 @@ impl<S: Storage> BTree<S> {
         let mut addrs: Vec<u64> = st.dirty.keys().copied().collect();
         addrs.sort_unstable();
         for addr in &addrs {
-            let Some(arc) = st.dirty.get_mut(addr) else {
-                return Err(BTreeError::internal(format!("dirty node {addr} vanished")));
-            };
+            let arc = st.dirty.get_mut(addr).expect("dirty node vanished");
             let node = Arc::make_mut(arc);
             node.generation = generation;
             if let Body::Internal(children) = &mut node.body {
@@ -694,11 +692,7 @@ impl<S: Storage> BTree<S> {
                     match run_index {
                         Some(r) => slice.copy_from_slice(&run[r].1),
                         None => {
-                            let Some(node) = dirty.get(&addr) else {
-                                return Err(BTreeError::internal(format!(
-                                    "dirty node {addr} vanished"
-                                )));
-                            };
+                            let node = dirty.get(&addr).expect("dirty node vanished");
                             node.encode_into(slice, self.fs_id, addr, self.config.owner)?;
                         }
                     }

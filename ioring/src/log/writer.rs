@@ -161,17 +161,15 @@ impl State {
         }
         // head.lsn < upto <= durable + 1, and spans hold head.lsn..=durable.
         let index = (upto.0 - 1 - self.head.lsn.0) as usize;
-        match self.spans.get(index) {
-            Some(span) if span.lsn == upto.prev() => Ok(span.offset + span.bytes),
-            _ => Err(LogError::Internal {
-                reason: format!(
-                    "no span for {} (head {}, durable {})",
-                    upto.prev(),
-                    self.head.lsn,
-                    self.durable_lsn
-                ),
-            }),
-        }
+        let span = self.spans.get(index);
+        assert!(
+            span.is_some_and(|s| s.lsn == upto.prev()),
+            "no span for {} (head {}, durable {})",
+            upto.prev(),
+            self.head.lsn,
+            self.durable_lsn
+        );
+        Ok(span.map_or(0, |s| s.offset + s.bytes))
     }
 
     /// Debug-build check of the invariants in the module docs.
@@ -406,17 +404,9 @@ impl<S: Storage> Inner<S> {
             self.seal(&mut st);
             self.open_batch(&mut st, framed);
         }
-        let lsn = match st.open.as_mut() {
-            Some(open) => {
-                open.push(record, framed);
-                open.lsn
-            }
-            None => {
-                return Err(LogError::Internal {
-                    reason: "no open batch after opening one".into(),
-                })
-            }
-        };
+        let open = st.open.as_mut().expect("a batch is open after open_batch");
+        open.push(record, framed);
+        let lsn = open.lsn;
         st.queued_records += 1;
         st.queued_bytes += framed;
         st.check();
@@ -512,14 +502,14 @@ impl<S: Storage> Inner<S> {
         let end = batch.end();
         // `append` assigns a batch only where it ends at most one region
         // past the head, and the head only moves forward.
-        if end > st.head.offset + self.ring.len && st.failed.is_none() {
-            st.failed = Some(LogError::Internal {
-                reason: format!(
-                    "{} at log offset {} ends at {end}, past head {} + {} bytes",
-                    batch.lsn, batch.offset, st.head.offset, self.ring.len
-                ),
-            });
-        }
+        assert!(
+            end <= st.head.offset + self.ring.len,
+            "{} at log offset {} ends at {end}, past head {} + {} bytes",
+            batch.lsn,
+            batch.offset,
+            st.head.offset,
+            self.ring.len
+        );
         let result = match st.failed.clone() {
             Some(e) => Err(e),
             None => {

@@ -1,0 +1,218 @@
+//! The held-heads stream: the heads a seq barrier held at a commit, kept
+//! in the B+tree in chunks (their log records are trimmed).
+
+use refd_core::head::{DelayedRef, Head, HeadSummary, PendingExtentOp};
+use refd_core::model::{DiskKey, ExtentKind};
+use refd_ioring::btree::{Key, VALUE_BYTES_MAX};
+
+use super::{get_ref_key, put_ref_key, put_varint, CodecError, Reader};
+
+/// Objectid of the held-heads items (no extent can start there: an extent
+/// at `u64::MAX` would end past the address space).
+pub const HELD_OBJECTID: u64 = u64::MAX;
+/// Item type of the held-heads items: `(HELD_OBJECTID, HELD_HEADS_KEY, i)`
+/// holds chunk `i` of the held-heads stream.
+pub const HELD_HEADS_KEY: u8 = 240;
+/// Largest bytenr an extent item can have (see [`HELD_OBJECTID`]).
+pub const EXTENT_BYTENR_MAX: u64 = u64::MAX - 1;
+/// Version byte at the start of the held-heads stream.
+const HELD_STREAM_VERSION: u8 = 1;
+const HELD_SHAPE_KNOWN: u8 = 0x01;
+const HELD_MIXED: u8 = 0x02;
+const HELD_EXTENT_OP: u8 = 0x04;
+const HELD_EXTENT_OP_KEY: u8 = 0x08;
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Encodes the heads a commit held back (seq barrier) as one stream: a
+/// version byte, the head count, then each head (see `docs/durable.md`,
+/// "Held heads"). Stored in the B+tree in chunks ([`held_items`]).
+pub fn encode_held(heads: &[Head]) -> Vec<u8> {
+    let mut out = vec![HELD_STREAM_VERSION];
+    put_varint(&mut out, heads.len() as u64);
+    for h in heads {
+        let s = &h.summary;
+        put_varint(&mut out, h.bytenr);
+        put_varint(&mut out, s.num_bytes);
+        match s.kind {
+            ExtentKind::Data => out.push(0),
+            ExtentKind::Tree { level } => {
+                out.push(1);
+                out.push(level);
+            }
+        }
+        let mut flags = 0;
+        if s.shape_known {
+            flags |= HELD_SHAPE_KNOWN;
+        }
+        if s.mixed {
+            flags |= HELD_MIXED;
+        }
+        if let Some(e) = &s.extent_op {
+            flags |= HELD_EXTENT_OP;
+            if e.key.is_some() {
+                flags |= HELD_EXTENT_OP_KEY;
+            }
+        }
+        out.push(flags);
+        put_varint(&mut out, s.alloc_stamp);
+        put_varint(&mut out, zigzag(s.total_ref_mod));
+        if let Some(e) = &s.extent_op {
+            put_varint(&mut out, e.flags_to_set);
+            put_varint(&mut out, e.flags_stamp);
+            if let Some((stamp, k)) = e.key {
+                put_varint(&mut out, stamp);
+                put_varint(&mut out, k.objectid);
+                out.push(k.item_type);
+                put_varint(&mut out, k.offset);
+            }
+        }
+        put_varint(&mut out, h.refs.len() as u64);
+        for r in &h.refs {
+            put_ref_key(&mut out, r.key);
+            put_varint(&mut out, r.seq);
+            put_varint(&mut out, zigzag(r.ref_mod));
+        }
+    }
+    out
+}
+
+/// Decodes a held-heads stream: the whole input must be consumed, at least
+/// one head, heads strictly ascending by bytenr, refs of a head strictly
+/// ascending by (key, seq) with non-zero ref_mods summing to its
+/// total_ref_mod.
+pub fn decode_held(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
+    let mut r = Reader::new(buf);
+    let version = r.u8("held stream version")?;
+    if version != HELD_STREAM_VERSION {
+        return Err(CodecError::Invalid {
+            field: "held stream version",
+            value: u64::from(version),
+        });
+    }
+    let count = r.varint("held head count")?;
+    if count == 0 {
+        // An empty held set is stored as no stream at all.
+        return Err(CodecError::Invalid {
+            field: "held head count",
+            value: 0,
+        });
+    }
+    let mut heads: Vec<Head> = Vec::new();
+    for _ in 0..count {
+        let bytenr = r.varint("held bytenr")?;
+        if heads.last().is_some_and(|h| h.bytenr >= bytenr) || bytenr > EXTENT_BYTENR_MAX {
+            return Err(CodecError::Invalid {
+                field: "held bytenr (order)",
+                value: bytenr,
+            });
+        }
+        let num_bytes = r.varint("held num_bytes")?;
+        let kind = match r.u8("held kind")? {
+            0 => ExtentKind::Data,
+            1 => ExtentKind::Tree {
+                level: r.u8("held level")?,
+            },
+            other => {
+                return Err(CodecError::Invalid {
+                    field: "held kind",
+                    value: u64::from(other),
+                })
+            }
+        };
+        let flags = r.u8("held flags")?;
+        let known = HELD_SHAPE_KNOWN | HELD_MIXED | HELD_EXTENT_OP | HELD_EXTENT_OP_KEY;
+        if flags & !known != 0 || (flags & HELD_EXTENT_OP_KEY != 0 && flags & HELD_EXTENT_OP == 0) {
+            return Err(CodecError::Invalid {
+                field: "held flags",
+                value: u64::from(flags),
+            });
+        }
+        let alloc_stamp = r.varint("held alloc stamp")?;
+        let total_ref_mod = unzigzag(r.varint("held total_ref_mod")?);
+        let extent_op = if flags & HELD_EXTENT_OP != 0 {
+            let flags_to_set = r.varint("held extent_op flags")?;
+            let flags_stamp = r.varint("held extent_op flags stamp")?;
+            let key = if flags & HELD_EXTENT_OP_KEY != 0 {
+                let stamp = r.varint("held extent_op key stamp")?;
+                Some((
+                    stamp,
+                    DiskKey {
+                        objectid: r.varint("held extent_op key objectid")?,
+                        item_type: r.u8("held extent_op key type")?,
+                        offset: r.varint("held extent_op key offset")?,
+                    },
+                ))
+            } else {
+                None
+            };
+            Some(PendingExtentOp {
+                flags_to_set,
+                flags_stamp,
+                key,
+            })
+        } else {
+            None
+        };
+        let nrefs = r.varint("held ref count")?;
+        let mut refs: Vec<DelayedRef> = Vec::new();
+        for _ in 0..nrefs {
+            let key = get_ref_key(&mut r)?;
+            let seq = r.varint("held ref seq")?;
+            let ref_mod = unzigzag(r.varint("held ref_mod")?);
+            if ref_mod == 0 || refs.last().is_some_and(|p| (p.key, p.seq) >= (key, seq)) {
+                return Err(CodecError::Invalid {
+                    field: "held ref (zero or order)",
+                    value: bytenr,
+                });
+            }
+            refs.push(DelayedRef { key, seq, ref_mod });
+        }
+        // A head's total is the sum of its refs (both merge additively).
+        let sum = refs
+            .iter()
+            .try_fold(0i64, |acc, r| acc.checked_add(r.ref_mod));
+        if sum != Some(total_ref_mod) {
+            return Err(CodecError::Invalid {
+                field: "held total_ref_mod (not the sum of the refs)",
+                value: bytenr,
+            });
+        }
+        heads.push(Head {
+            bytenr,
+            summary: HeadSummary {
+                num_bytes,
+                kind,
+                shape_known: flags & HELD_SHAPE_KNOWN != 0,
+                mixed: flags & HELD_MIXED != 0,
+                alloc_stamp,
+                total_ref_mod,
+                extent_op,
+            },
+            refs,
+        });
+    }
+    r.finish("held heads")?;
+    Ok(heads)
+}
+
+/// The B+tree items of a held-heads stream: chunks of at most
+/// `VALUE_BYTES_MAX` bytes at `(HELD_OBJECTID, HELD_HEADS_KEY, i)`.
+pub fn held_items(stream: &[u8]) -> Vec<(Key, Vec<u8>)> {
+    stream
+        .chunks(VALUE_BYTES_MAX)
+        .enumerate()
+        .map(|(i, c)| {
+            (
+                Key::new(HELD_OBJECTID, HELD_HEADS_KEY, i as u64),
+                c.to_vec(),
+            )
+        })
+        .collect()
+}

@@ -424,6 +424,14 @@ impl LogError {
         matches!(self, LogError::Failed { .. })
     }
 
+    /// The device this error names, if any.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            LogError::Failed { device, .. } | LogError::Region { device, .. } => Some(device),
+            _ => None,
+        }
+    }
+
     /// The device offset of the failed I/O this error is about, if any.
     pub fn offset(&self) -> Option<u64> {
         match self {

@@ -1,26 +1,42 @@
-//! refd's durable engine, first slice: acknowledged ops survive any crash.
+//! refd's durable engine: acknowledged ops survive any crash.
 //!
-//! - [`codec`]: the bytes: op records in the log, extent items as B+tree
-//!   items (btrfs-like keys and inline/keyed backrefs).
-//! - [`engine`]: [`DurableEngine`]: format, open (recovery), ingest with
-//!   tickets, commit (checkpoint) in the order of `docs/log.md` and
-//!   `docs/btree.md`; a failure latches; the extent cache over the
-//!   B+tree.
+//! An op's path, by file:
+//! - [`engine`] (`engine/ingest.rs`): validated, queued in the core
+//!   engine and appended to the ref log; acknowledged through its
+//!   [`Ticket`] once the log record is durable;
+//! - [`codec`]: the bytes: op records in the log, extent items and held
+//!   heads as B+tree items;
 //! - [`policy`]: when to commit (interval, pending ops, log space) and
-//!   back-pressure; the committer loop.
+//!   when ingest must wait, as pure decisions; [`committer`]: the loop
+//!   that acts on them over an injected clock;
+//! - [`engine`] (`engine/commit.rs`): the commit (checkpoint) in the order
+//!   of `docs/log.md` and `docs/btree.md`; `engine/open.rs`: format,
+//!   mount and recovery; `engine/read.rs`: lookups of committed state;
+//!   `engine/verify.rs`: fsck of a live engine;
+//! - [`error`]: one error enum per operation; [`stats`]: what open and
+//!   commits report.
 //!
-//! `docs/durable.md` describes the ordering, recovery and what v1 does not
-//! do yet. Vocabulary follows btrfs (head, extent item, inline/keyed
-//! backref) and the ioring docs (cut, seal, trim, generation).
+//! `docs/durable.md` describes the ordering and recovery. Vocabulary
+//! follows btrfs (head, extent item, inline/keyed backref) and the ioring
+//! docs (cut, seal, trim, generation).
 
 pub mod codec;
+pub mod committer;
 pub mod engine;
+pub mod error;
 pub mod policy;
 pub mod progress;
+pub mod stats;
 
 pub use codec::CodecError;
+pub use committer::{Clock, Committer, CommitterStats, ManualClock, SystemClock};
+pub use engine::open::read_newest_superblock;
 pub use engine::{
-    load_extents, read_held, read_newest_superblock, scan_extents, CommitPhases, CommitSummary,
-    CommitTotals, DurableEngine, DurableError, FormatOptions, OpenOptions, RecoveryInfo, Ticket,
+    load_extents, read_held, scan_extents, DurableEngine, FormatOptions, OpenOptions, Ticket,
 };
-pub use policy::{CommitPolicy, CommitterStats};
+pub use error::{
+    AddError, CommitError, CommitStep, Failure, FormatDeviceError, OpenError, ReadError,
+    VerifyError,
+};
+pub use policy::{CommitPolicy, PolicyInput, Reason};
+pub use stats::{CommitPhases, CommitSummary, CommitTotals, RecoveryInfo};

@@ -4,7 +4,9 @@
 //! trimmed many times), allocates a few data extents, then runs several
 //! *incarnations*: open (recovery), check the recovered state against the
 //! model, run a random mix of `add_durable`, `add` (ticket kept), drops of
-//! live refs and commits, with an `EIO` injected at a seeded write or flush
+//! live refs and commits (explicit ones, and the committer's interval
+//! trigger on a manual clock advanced by a seeded amount each step), with
+//! an `EIO` injected at a seeded write or flush
 //! (the storage latches; nothing after it is acknowledged), then lose power
 //! (`SimStorage::crash`: unflushed sectors kept, lost or torn at random).
 //! Sometimes the power is lost again during the next `open`.
@@ -28,7 +30,9 @@ use std::sync::Arc;
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
-use refd_durable::{DurableEngine, FormatOptions, OpenOptions, Ticket};
+use refd_durable::{
+    CommitPolicy, Committer, DurableEngine, FormatOptions, ManualClock, OpenOptions, Ticket,
+};
 use refd_ioring::format::FsId;
 use refd_ioring::{FaultPlan, LogConfig, SimConfig, SimStorage};
 
@@ -48,6 +52,12 @@ const BASE_OBJECTID: u64 = 1 << 40;
 const SHORT_LIVED_BASE: u64 = 1 << 40;
 /// Refs added to extent 0 before the crashes start (~140 fit inline).
 const PRELOAD_HOT_REFS: u64 = 135;
+/// Commit interval of the committer; each workload step advances its
+/// manual clock by up to [`STEP_MS_MAX`], so the interval trigger fires
+/// about every 20 steps, at seeded moments.
+const INTERVAL_MS: u64 = 500;
+/// See [`INTERVAL_MS`].
+const STEP_MS_MAX: u64 = 50;
 
 type Dev = Arc<SimStorage>;
 
@@ -141,6 +151,10 @@ fn options(cache_extents_max: usize) -> OpenOptions {
             ..LogConfig::default()
         },
         cache_extents_max,
+        policy: CommitPolicy {
+            interval_ms: INTERVAL_MS,
+            ..CommitPolicy::default()
+        },
         ..OpenOptions::default()
     }
 }
@@ -228,7 +242,15 @@ fn workload(
     // seq, and commits hold their heads (kept in the B+tree, requeued by
     // recovery).
     let mut barrier = None;
+    let clock = ManualClock::new();
+    let mut committer = Committer::new(e, &clock);
     for _ in 0..STEPS {
+        clock.advance(std::time::Duration::from_millis(g.below(STEP_MS_MAX + 1)));
+        match committer.tick() {
+            Ok(Some(_)) => tally.commits += 1,
+            Ok(None) => {}
+            Err(_) => return,
+        }
         if g.percent(3) {
             barrier = match barrier {
                 Some(_) => None,
@@ -236,7 +258,7 @@ fn workload(
             };
             tally.barriers += 1;
         }
-        if g.percent(5) {
+        if g.percent(2) {
             match e.commit() {
                 Ok(summary) => {
                     tally.commits += 1;

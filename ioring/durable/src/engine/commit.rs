@@ -1,0 +1,374 @@
+//! A commit (checkpoint): cut the log and seal the core transaction
+//! atomically with respect to ingest, run the frozen heads against their
+//! committed items, write the item changes into the copy-on-write B+tree,
+//! then the superblock (the commit point), then release and trim. Every
+//! failure latches the engine.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use refd_core::delayed::DelayedRefStore;
+use refd_core::engine::{CommitReport, RunSink};
+use refd_core::extent_tree::ExtentItem;
+use refd_core::head::Head;
+use refd_ioring::btree::{Change, Key};
+use refd_ioring::format::SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
+use refd_ioring::log::Lsn;
+use refd_ioring::Storage;
+
+use super::open::write_superblock;
+use super::read::read_extents;
+use super::{lock, CommitState, DurableEngine};
+use crate::codec::{self, CodecError};
+use crate::error::{CommitError, CommitStep, Failure};
+use crate::stats::{CommitPhases, CommitSummary};
+
+/// The B+tree changes of a commit, encoded on the core run's workers as
+/// each head runs ([`RunSink`]): each changed extent from its committed
+/// item to its new one.
+struct ItemDiff;
+
+/// What the B+tree side of a commit did (`DurableEngine::apply_items`).
+#[derive(Debug)]
+struct AppliedItems {
+    /// Item puts and deletes applied.
+    item_changes: usize,
+    /// Chunks of held heads now in the B+tree.
+    held_chunks: usize,
+    /// Time to wait for the log and sort the changes.
+    diff: Duration,
+}
+
+/// B+tree changes of items, by key.
+type ItemChanges = Vec<(Key, Change)>;
+
+/// One run worker's item changes, in its selection order.
+#[derive(Debug)]
+struct ItemDiffPart {
+    changes: ItemChanges,
+    /// The first extent that could not be encoded (the rest of the part is
+    /// skipped: the commit fails).
+    error: Option<(u64, CodecError)>,
+}
+
+impl RunSink for ItemDiff {
+    type Part = ItemDiffPart;
+
+    fn part(&self, heads: usize) -> ItemDiffPart {
+        ItemDiffPart {
+            // Most extents change only their extent item.
+            changes: Vec::with_capacity(heads + heads / 8),
+            error: None,
+        }
+    }
+
+    fn effect(
+        &self,
+        part: &mut ItemDiffPart,
+        bytenr: u64,
+        before: Option<&ExtentItem>,
+        after: Option<&ExtentItem>,
+    ) {
+        if part.error.is_some() || before == after {
+            return;
+        }
+        if let Err(e) = codec::diff_extent(bytenr, before, after, &mut part.changes) {
+            part.error = Some((bytenr, e));
+        }
+    }
+}
+
+/// The run workers' item changes, each part sorted by key (keys begin
+/// with the bytenr, and a part is in bytenr order except after a rare
+/// wrap-around of head selection); the parts cover ascending bytenr ranges,
+/// so applied one after the other they are one ascending list. Not joined:
+/// that would copy them all. The first error in part order.
+fn sorted_item_diffs(parts: Vec<ItemDiffPart>) -> Result<Vec<ItemChanges>, (u64, CodecError)> {
+    let mut sorted = Vec::with_capacity(parts.len());
+    for part in parts {
+        if let Some(e) = part.error {
+            return Err(e);
+        }
+        let mut changes = part.changes;
+        if !changes.is_sorted_by(|a, b| a.0 < b.0) {
+            changes.sort_unstable_by_key(|c| c.0);
+        }
+        sorted.push(changes);
+    }
+    Ok(sorted)
+}
+
+impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
+    /// Checkpoint: every op added before the call becomes part of the
+    /// on-disk extent tree and its log space is released. See
+    /// `docs/durable.md` for the order of steps.
+    pub fn commit(&self) -> Result<CommitSummary, CommitError> {
+        self.check_failed().map_err(CommitError::Failed)?;
+        let mut st = lock(&self.commit);
+        self.commit_locked(&mut st)
+    }
+
+    /// Latches `failure` as the failure of `step` of commit `generation`.
+    fn fail(&self, generation: u64, step: CommitStep, failure: Failure) -> CommitError {
+        CommitError::Step {
+            generation,
+            step,
+            failure: self.latch(failure),
+        }
+    }
+
+    pub(super) fn commit_locked(&self, st: &mut CommitState) -> Result<CommitSummary, CommitError> {
+        self.check_failed().map_err(CommitError::Failed)?;
+        let generation = st.next_generation;
+        // 1. Cut + seal, atomically w.r.t. ingest: every op with an LSN
+        // below the cut is in the sealed transaction, every later op in the
+        // next one. Only this step (microseconds) holds the ingest lock;
+        // merging and running the frozen heads does not stall ingest.
+        let t0 = Instant::now();
+        let (cut, sealed, ops) = {
+            let _cut = self.cut.write().unwrap_or_else(|e| e.into_inner());
+            let ops = self.pending_ops.swap(0, Ordering::Relaxed);
+            (self.log.seal(), self.engine.seal(), ops)
+        };
+        let frozen = sealed.merge();
+        let mut phases = CommitPhases {
+            freeze: t0.elapsed(),
+            ..CommitPhases::default()
+        };
+        // The committed items of every frozen head: the cache's, else the
+        // B+tree's (the tree changes only in commits, and this one holds
+        // the core commit lock). A failure here leaves a frozen
+        // transaction that cannot run: fatal like any commit failure.
+        let t1 = Instant::now();
+        let extents_read = self.cache_frozen(frozen.heads()).map_err(|e| {
+            let failure = Failure::new(self.device_name(), "read committed items", e.offset(), &e);
+            self.fail(generation, CommitStep::ReadItems, failure)
+        })?;
+        phases.items = t1.elapsed();
+        let t2 = Instant::now();
+        let (ran, diffs) = self.engine.run_frozen_parts(frozen, &ItemDiff);
+        phases.run = t2.elapsed();
+        // The B+tree gets the item changes on a commit worker while the
+        // core applies the same commit to its cache here. Lookups never
+        // read the B+tree for a frozen extent until both are done (the
+        // in-flight set, see `cache_frozen`), and the B+tree changes no
+        // other extent.
+        let t3 = Instant::now();
+        let held_heads = ran.report().held_heads.clone();
+        let held_chunks_before = st.held_chunks;
+        let (items, core) = refd_core::engine::alongside(
+            || self.apply_items(generation, cut, diffs, &held_heads, held_chunks_before),
+            || {
+                let mut core = ran.apply();
+                // The items before: hundreds of thousands of frees, off
+                // this path, started while the B+tree side may still run.
+                let displaced = std::mem::take(&mut core.displaced);
+                if displaced.iter().map(Vec::len).sum::<usize>()
+                    >= refd_sync::background::SMALL_ITEMS_MIN
+                {
+                    refd_sync::background::drop_later(displaced, 0);
+                }
+                core
+            },
+        );
+        phases.apply = t3.elapsed();
+        let mut summary = self.commit_tail(st, cut, core, items?, &mut phases)?;
+        phases.total = t0.elapsed();
+        self.record_commit(ops, phases.total);
+        summary.extents_read = extents_read;
+        summary.ops = ops;
+        summary.phases = phases;
+        lock(&self.totals).add(t0, &summary);
+        // Requeued held heads are pending again: the interval commits them
+        // once the barrier is gone. They do not count toward back-pressure
+        // (committing again would not free them; the barrier holder
+        // bounds them).
+        self.heads_held
+            .store(summary.core.held as u64, Ordering::Relaxed);
+        Ok(summary)
+    }
+
+    /// Makes the committed item of every frozen head's bytenr cached (the
+    /// core engine runs heads against its cache): when the cache is not
+    /// complete, the misses are read from the B+tree, and the bytenrs are
+    /// published as the running commit's in-flight set. Returns how many
+    /// were read.
+    fn cache_frozen(&self, heads: &[Head]) -> Result<usize, crate::error::ReadError> {
+        if self.cache_complete.load(Ordering::Acquire) {
+            // Every miss is an extent without item; the in-flight set is
+            // not needed either (a miss means the same at every moment).
+            return Ok(0);
+        }
+        let misses: Vec<u64> = {
+            let tree = self.engine.tree();
+            heads
+                .iter()
+                .map(|h| h.bytenr)
+                .filter(|&b| tree.get(b).is_none())
+                .collect()
+        };
+        let read = read_extents(&self.tree, self.storage.device_name(), &misses)?;
+        self.engine.cache_committed(
+            misses
+                .iter()
+                .zip(read)
+                .filter_map(|(&b, item)| item.map(|i| (b, i))),
+        );
+        // Only now: a miss among these bytenrs means "no item".
+        *self.inflight.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(heads.iter().map(|h| h.bytenr).collect());
+        Ok(misses.len())
+    }
+
+    /// The B+tree side of a commit (on a commit worker, see
+    /// `commit_locked`): once every record below the cut is durable, the
+    /// run workers' item changes and the held heads go into the working
+    /// B+tree.
+    fn apply_items(
+        &self,
+        generation: u64,
+        cut: Lsn,
+        diffs: Vec<ItemDiffPart>,
+        held_heads: &[Head],
+        held_chunks_before: usize,
+    ) -> Result<AppliedItems, CommitError> {
+        let t = Instant::now();
+        let device = self.storage.device_name();
+        // 2. Every record below the cut is durable.
+        self.log.wait_for(cut.prev()).map_err(|e| {
+            let operation = format!("wait for LSN {}", cut.prev().get());
+            let failure = Failure::of_log(device, operation, &e);
+            self.fail(generation, CommitStep::WaitLog, failure)
+        })?;
+        // 3. Tree nodes: the items of every extent the core engine changed,
+        // encoded by its run workers.
+        let mut parts = sorted_item_diffs(diffs).map_err(|(bytenr, e)| {
+            let failure = Failure::new(device, format!("encode extent {bytenr}"), None, &e);
+            self.fail(generation, CommitStep::EncodeItems, failure)
+        })?;
+        let diff = t.elapsed();
+        // Heads a seq barrier held are requeued in memory, and their log
+        // records are trimmed below: the B+tree keeps them instead (the
+        // whole held set replaces the last commit's), and recovery
+        // requeues them before replaying the log. Their keys sort after
+        // every extent's.
+        let held = if held_heads.is_empty() {
+            Vec::new()
+        } else {
+            codec::held_items(&codec::encode_held(held_heads))
+        };
+        let held_chunks = held.len();
+        let mut held_changes: ItemChanges =
+            held.into_iter().map(|(k, v)| (k, Change::Put(v))).collect();
+        for i in held_chunks..held_chunks_before {
+            held_changes.push((
+                Key::new(codec::HELD_OBJECTID, codec::HELD_HEADS_KEY, i as u64),
+                Change::Delete,
+            ));
+        }
+        parts.push(held_changes);
+        let item_changes = parts.iter().map(Vec::len).sum();
+        for changes in parts {
+            if !changes.is_empty() {
+                self.tree.apply_sorted(changes).map_err(|e| {
+                    let failure = Failure::new(device, "apply item changes", e.offset(), &e);
+                    self.fail(generation, CommitStep::ApplyItems, failure)
+                })?;
+            }
+        }
+        Ok(AppliedItems {
+            item_changes,
+            held_chunks,
+            diff,
+        })
+    }
+
+    fn commit_tail(
+        &self,
+        st: &mut CommitState,
+        cut: Lsn,
+        core: CommitReport,
+        items: AppliedItems,
+        phases: &mut CommitPhases,
+    ) -> Result<CommitSummary, CommitError> {
+        let device = self.storage.device_name();
+        let generation = st.next_generation;
+        assert_eq!(
+            core.generation, generation,
+            "the core engine ran another generation than the durable commit"
+        );
+        phases.diff = items.diff;
+        let t_apply = Instant::now();
+        // The B+tree (working tree) has this commit: lookups may read it
+        // for any bytenr again, and the cache may shrink.
+        *self.inflight.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Vec::new());
+        let cached = self.engine.tree().len();
+        let extents_evicted = if cached > self.cache_extents_max {
+            // From here on misses must be read from the B+tree. Set before
+            // the eviction: a lookup that misses an evicted item then reads
+            // the B+tree, which already has this commit.
+            self.cache_complete.store(false, Ordering::Release);
+            // Down to 7/8 of the bound, so that not every commit evicts.
+            self.engine
+                .evict_committed(self.cache_extents_max - self.cache_extents_max / 8)
+        } else {
+            0
+        };
+        phases.apply += t_apply.elapsed();
+        let fail = |step: CommitStep, failure: Failure| self.fail(generation, step, failure);
+        let t_write = Instant::now();
+        let info = self.tree.commit(generation).map_err(|e| {
+            fail(
+                CommitStep::WriteNodes,
+                Failure::new(device, "write nodes", e.offset(), &e),
+            )
+        })?;
+        phases.write = t_write.elapsed();
+        let t_sb = Instant::now();
+        // 4. The superblock: the commit point.
+        let mut sb = st.sb.clone();
+        info.apply_to(&mut sb);
+        let bounds = self.log.bounds(cut).map_err(|e| {
+            let operation = format!("log bounds at cut {}", cut.get());
+            fail(
+                CommitStep::LogBounds,
+                Failure::of_log(device, operation, &e),
+            )
+        })?;
+        bounds.apply_to(&mut sb);
+        sb.generation = generation;
+        sb.flags &= !SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
+        write_superblock(&self.storage, &sb).map_err(|e| {
+            let operation = format!("write superblock generation {generation}");
+            fail(
+                CommitStep::WriteSuperblock,
+                Failure::new(device, operation, e.offset(), &e),
+            )
+        })?;
+        st.sb = sb;
+        st.next_generation = generation + 1;
+        st.held_chunks = items.held_chunks;
+        // 5. Only now: the dropped nodes and the log space are reusable.
+        self.tree.release_pending(generation).map_err(|e| {
+            let failure = Failure::new(device, "release dropped nodes", e.offset(), &e);
+            fail(CommitStep::ReleaseNodes, failure)
+        })?;
+        self.log.trim(cut).map_err(|e| {
+            let operation = format!("trim to {}", cut.get());
+            fail(CommitStep::TrimLog, Failure::of_log(device, operation, &e))
+        })?;
+        phases.superblock = t_sb.elapsed();
+        Ok(CommitSummary {
+            generation,
+            cut,
+            core,
+            item_changes: items.item_changes,
+            nodes_written: info.nodes_written,
+            extents_read: 0,
+            extents_evicted,
+            ops: 0,
+            phases: CommitPhases::default(),
+        })
+    }
+}

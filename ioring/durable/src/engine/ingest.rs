@@ -1,0 +1,149 @@
+//! Ingest: an op is validated, queued in the core engine and appended to
+//! the log under the read side of the cut lock, and acknowledged once its
+//! log record is durable ([`Ticket`]). Admission bounds the appends in
+//! flight by log space; the commit policy bounds the pending ops.
+
+use std::sync::atomic::Ordering;
+
+use refd_core::delayed::DelayedRefStore;
+use refd_core::model::Op;
+use refd_ioring::log::Lsn;
+use refd_ioring::Storage;
+
+use super::{lock, DurableEngine, Ticket};
+use crate::codec;
+use crate::error::{AddError, Failure};
+use crate::policy::CommitPolicy;
+
+thread_local! {
+    /// Each thread's op record buffer for [`DurableEngine::add`] (the log
+    /// copies the record into its batch; no allocation per op).
+    static RECORD: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(Vec::with_capacity(codec::OP_RECORD_BYTES_MAX));
+}
+
+impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
+    pub(crate) fn check_failed(&self) -> Result<(), Failure> {
+        match self.failure() {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues `op`: appends its record to the log and adds it to the core
+    /// engine (visible to lookups at once). The op is acknowledged only
+    /// when the returned ticket's [`Ticket::wait`] succeeds.
+    ///
+    /// Back-pressure: an append must never wait for log space while it
+    /// holds the cut lock (the commit that would free the space needs the
+    /// lock: deadlock). So an append proceeds only while the log has room
+    /// for every append in flight (`2 × batch cap` each: a lap skip plus a
+    /// batch), and at most [`DurableEngine::appenders_max`] run at once;
+    /// otherwise the caller commits (or waits for the running commit) and
+    /// retries. After the op is queued, the commit policy may make the
+    /// caller wait for (or run) a commit (`crate::policy`); if that commit
+    /// fails, the error is returned although the op was queued and logged:
+    /// the engine is then latched, and the op is one more unacknowledged
+    /// op (present after recovery at most once).
+    pub fn add(&self, op: &Op) -> Result<Ticket<S>, AddError> {
+        self.check_failed().map_err(AddError::Failed)?;
+        op.check()?;
+        RECORD.with_borrow_mut(|record| {
+            record.clear();
+            codec::encode_op(op, record);
+            debug_assert_eq!(codec::decode_op(record).as_ref(), Ok(op));
+            self.add_record(op, record)
+        })
+    }
+
+    /// [`DurableEngine::add`] and wait: returns once the op is durable.
+    pub fn add_durable(&self, op: &Op) -> Result<Lsn, AddError> {
+        let ticket = self.add(op)?;
+        ticket.wait().map_err(|f| AddError::Failed(self.latch(f)))
+    }
+
+    fn add_record(&self, op: &Op, record: &[u8]) -> Result<Ticket<S>, AddError> {
+        let per_append = 2 * self.log.batch_bytes_cap() as u64;
+        loop {
+            let ingest = self.cut.read().unwrap_or_else(|e| e.into_inner());
+            let k = self.appenders.fetch_add(1, Ordering::SeqCst) + 1;
+            let need = per_append * k as u64;
+            if k <= self.appenders_max && self.log.free_bytes() >= need {
+                let r = self.add_locked(op, record);
+                self.appenders.fetch_sub(1, Ordering::SeqCst);
+                drop(ingest);
+                let (ticket, pending) = r?;
+                self.after_add(pending)?;
+                return Ok(ticket);
+            }
+            self.appenders.fetch_sub(1, Ordering::SeqCst);
+            drop(ingest);
+            if k > self.appenders_max {
+                std::thread::yield_now();
+            } else {
+                self.make_room(need)?;
+            }
+        }
+    }
+
+    /// Engine add + log append, under the read side of the cut lock.
+    /// Returns the ticket and the ops now pending.
+    fn add_locked(&self, op: &Op, record: &[u8]) -> Result<(Ticket<S>, u64), AddError> {
+        // The engine first: it may refuse the op, and nothing may be logged
+        // that the engine does not hold.
+        self.engine.handle()?.add(op)?;
+        match self.log.append(record) {
+            Ok(t) => Ok((
+                Ticket(t),
+                self.pending_ops.fetch_add(1, Ordering::Relaxed) + 1,
+            )),
+            // The engine now holds an op that is not logged: fatal.
+            Err(e) => {
+                let failure =
+                    Failure::of_log(self.device_name(), format!("log append of {op}"), &e);
+                Err(AddError::Failed(self.latch(failure)))
+            }
+        }
+    }
+
+    /// Commits unless another commit already left `need` bytes free.
+    fn make_room(&self, need: u64) -> Result<(), AddError> {
+        self.check_failed().map_err(AddError::Failed)?;
+        let mut st = lock(&self.commit);
+        if self.log.free_bytes() >= need {
+            return Ok(());
+        }
+        self.commit_locked(&mut st)?;
+        Ok(())
+    }
+
+    /// Called by an add that made `pending` ops pending, outside the cut
+    /// lock: wake the committer, or apply back-pressure.
+    fn after_add(&self, pending: u64) -> Result<(), AddError> {
+        let trigger = self.commit_trigger_ops();
+        if !CommitPolicy::check_now(pending, trigger) {
+            return Ok(());
+        }
+        if CommitPolicy::throttles(pending, trigger) {
+            return self.throttle(trigger);
+        }
+        let log_full = self
+            .policy()
+            .log_full(self.log.used_bytes(), self.log.log_bytes());
+        if pending >= trigger || log_full {
+            self.kick_committer();
+        }
+        Ok(())
+    }
+
+    /// Back-pressure: wait for the running commit; if the pending ops
+    /// still throttle after it, commit here.
+    fn throttle(&self, trigger: u64) -> Result<(), AddError> {
+        let mut st = lock(&self.commit);
+        if !CommitPolicy::throttles(self.pending_ops(), trigger) {
+            return Ok(());
+        }
+        self.commit_locked(&mut st)?;
+        Ok(())
+    }
+}

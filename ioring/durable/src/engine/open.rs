@@ -1,0 +1,372 @@
+//! Format, mount and recovery: the newest valid superblock, the B+tree,
+//! the extent cache, the held heads, log replay, then a superblock that
+//! claims the next generation.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use refd_core::delayed::DelayedRefStore;
+use refd_core::engine::Engine;
+use refd_core::extent_tree::ExtentTree;
+use refd_core::head::{DelayedRef, Head, RunRefs};
+use refd_ioring::btree::BTree;
+use refd_ioring::format::{
+    pick_newest, FsId, Layout, Superblock, SuperblockChoice, NODE_BYTES, SUPERBLOCK_BYTES,
+    SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES, SUPERBLOCK_SLOT_ADDRS,
+};
+use refd_ioring::log::{replay, RefLog};
+use refd_ioring::{Storage, StorageError, BLOCK_BYTES};
+
+use super::read::{read_held, scan_extents};
+use super::{
+    CommitState, CommitterFlags, DurableEngine, FormatOptions, OpenOptions, APPENDERS_MIN,
+    LOG_BYTES_MIN_DEFAULT, LOG_DEVICE_FRACTION, NODE_REGION_NODES_MIN,
+};
+use crate::codec;
+use crate::error::{FormatDeviceError, OpenError};
+use crate::progress::{Progress, PROGRESS_CHECK_ITEMS};
+use crate::stats::{CommitTotals, RecoveryInfo};
+
+/// Writes `sb` durably to its slot.
+pub(super) fn write_superblock<S: Storage>(
+    storage: &S,
+    sb: &Superblock,
+) -> Result<(), StorageError> {
+    // Every superblock the engine writes was validated when it was built
+    // from a valid one: a refused encode is a bug.
+    let buf = sb
+        .encode()
+        .expect("a superblock derived from a valid one encodes");
+    debug_assert_eq!(
+        Superblock::decode(&buf, sb.addr()).as_ref().ok(),
+        Some(sb),
+        "the superblock decodes to what was encoded"
+    );
+    storage.write_durable(sb.addr(), &buf)
+}
+
+/// Read both superblock copies of `storage` and pick the newest valid one
+/// (the choice also says which copies were rejected and why).
+pub fn read_newest_superblock<S: Storage + ?Sized>(
+    storage: &S,
+) -> Result<SuperblockChoice, OpenError> {
+    let device = storage.device_name().to_string();
+    let mut slots = [vec![0u8; SUPERBLOCK_BYTES], vec![0u8; SUPERBLOCK_BYTES]];
+    for (addr, buf) in SUPERBLOCK_SLOT_ADDRS.iter().zip(slots.iter_mut()) {
+        storage
+            .read(*addr, buf)
+            .map_err(|source| OpenError::ReadSuperblock {
+                device: device.clone(),
+                addr: *addr,
+                source,
+            })?;
+    }
+    pick_newest(&slots[0], &slots[1]).map_err(|source| OpenError::NoSuperblock { device, source })
+}
+
+/// Seq barriers live in memory: none survives a crash, and the new
+/// engine's barrier counter restarts at 0, so a recovered ref's seq would
+/// hold it behind every new barrier until the counter passed it. Recovery
+/// clears the seqs of requeued heads (their refs of one key then merge, as
+/// they would at run time with no barrier) and of replayed ops.
+fn forget_seq(head: &mut Head) {
+    // The net refs a run with no barrier merges (non-zero, sorted by key).
+    if let RunRefs::Ready(net) = head.run_refs(0) {
+        head.refs = net
+            .into_iter()
+            .map(|(key, ref_mod)| DelayedRef {
+                key,
+                seq: 0,
+                ref_mod,
+            })
+            .collect();
+    }
+}
+
+/// Decodes every replayed record and adds its op to `engine` (pending), in
+/// log order. (Routing ops by bytenr to one worker per core was measured
+/// at the same speed on this 2-core machine: the decoding reader is the
+/// bound, so replay stays on one thread.)
+fn replay_ops<D: DelayedRefStore>(
+    engine: &Engine<D>,
+    replayed: &refd_ioring::Replay,
+    progress: &mut Progress,
+    device: &str,
+) -> Result<usize, OpenError> {
+    let refused = |lsn: u64| {
+        move |source| OpenError::Refused {
+            device: device.to_string(),
+            lsn,
+            source,
+        }
+    };
+    let mut h = engine.handle().map_err(refused(0))?;
+    let mut n: usize = 0;
+    for rec in replayed.records() {
+        if n > 0 && n.is_multiple_of(PROGRESS_CHECK_ITEMS) {
+            progress.tick(|| format!("{device}: recovery: {n} log records replayed"));
+        }
+        let lsn = rec.lsn.get();
+        let mut op = codec::decode_op(rec.data).map_err(|source| OpenError::Record {
+            device: device.to_string(),
+            lsn,
+            source,
+        })?;
+        op.seq = 0; // see `forget_seq`
+        h.add(&op).map_err(refused(lsn))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+impl<S: Storage + Clone> DurableEngine<S> {
+    /// Writes a fresh file system on `storage`: both superblock copies
+    /// (generations 1 and 2), an empty log and an empty tree. Destroys
+    /// whatever the device held. Returns the newest superblock.
+    pub fn format(storage: &S, options: FormatOptions) -> Result<Superblock, FormatDeviceError> {
+        let geometry = storage.geometry();
+        let device = storage.device_name().to_string();
+        let block = BLOCK_BYTES as u64;
+        let size = geometry.size_bytes / block * block;
+        let layout = |reason: String| FormatDeviceError::Layout {
+            device: device.clone(),
+            reason,
+        };
+        let avail = size.saturating_sub(SUPERBLOCK_REGION_BYTES);
+        let log_bytes = match options.log_bytes {
+            Some(b) => b,
+            None => {
+                (size / LOG_DEVICE_FRACTION)
+                    .max(LOG_BYTES_MIN_DEFAULT.min(avail / 2))
+                    .min(avail / 2)
+                    / block
+                    * block
+            }
+        };
+        if log_bytes < 2 * block || log_bytes % block != 0 {
+            return Err(layout(format!(
+                "log of {log_bytes} bytes: need a multiple of {block}, at least {}",
+                2 * block
+            )));
+        }
+        let log_start = SUPERBLOCK_REGION_BYTES;
+        let node_region_start = log_start + log_bytes;
+        let node = NODE_BYTES as u64;
+        let node_region_bytes = size.saturating_sub(node_region_start) / node * node;
+        if node_region_bytes < NODE_REGION_NODES_MIN * node {
+            return Err(layout(format!(
+                "{size} bytes with a {log_bytes}-byte log leave {node_region_bytes} bytes for \
+                 nodes; need at least {NODE_REGION_NODES_MIN} nodes"
+            )));
+        }
+        let fs_id = match options.fs_id {
+            Some(id) => id,
+            None => FsId::generate().map_err(|source| FormatDeviceError::FsId {
+                device: device.clone(),
+                source,
+            })?,
+        };
+        let mut sb = Superblock::empty(
+            fs_id,
+            geometry,
+            Layout {
+                log_start,
+                log_bytes,
+                node_region_start,
+                node_region_bytes,
+            },
+        );
+        sb.validate()
+            .map_err(|source| FormatDeviceError::Superblock {
+                device: device.clone(),
+                source,
+            })?;
+        // Both copies, so no leftover of an earlier format is picked.
+        for generation in [1, 2] {
+            sb.generation = generation;
+            write_superblock(storage, &sb).map_err(|source| FormatDeviceError::Write {
+                device: device.clone(),
+                addr: sb.addr(),
+                source,
+            })?;
+        }
+        Ok(sb)
+    }
+
+    /// Mounts the device with the lock-free store (see
+    /// [`DurableEngine::open_with_store`]).
+    pub fn open(storage: S, options: OpenOptions) -> Result<(Self, RecoveryInfo), OpenError> {
+        Self::open_with_store(storage, options)
+    }
+}
+
+impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
+    /// Mounts: newest valid superblock, B+tree, up to
+    /// [`OpenOptions::cache_extents_max`] extents into the core engine's
+    /// cache, log replay (every replayed op becomes pending),
+    /// `RefLog::open`, then a durable superblock that claims the next
+    /// generation. Reads only until `RefLog::open`'s flush, so a crash
+    /// during recovery recovers again from the same superblock.
+    pub fn open_with_store(
+        storage: S,
+        options: OpenOptions,
+    ) -> Result<(Self, RecoveryInfo), OpenError> {
+        let device = storage.device_name().to_string();
+        let choice = read_newest_superblock(&storage)?;
+        let sb = choice.superblock;
+        let tree =
+            BTree::open_superblock(storage.clone(), &sb, options.tree).map_err(|source| {
+                OpenError::Tree {
+                    device: device.clone(),
+                    generation: sb.generation,
+                    source: Box::new(source),
+                }
+            })?;
+        let mut progress = Progress::new(options.progress.unwrap_or(|_| {}));
+        let (cached, cache_complete) =
+            warm_cache(&tree, &device, options.cache_extents_max, &mut progress)?;
+        let extents_cached = cached.len();
+        progress.tick(|| format!("{device}: recovery: reading the log"));
+        let replayed = replay(&storage, &sb).map_err(|source| OpenError::Replay {
+            device: device.clone(),
+            generation: sb.generation,
+            source,
+        })?;
+        // A commit lost in the crash may have written nodes stamped
+        // sb.generation + 1 (never more: commit g + 2 waits for g + 1's
+        // superblock). Below, a durable superblock claims that generation,
+        // so the next commit is claimed + 1, and so is the core engine's
+        // (the generation stamped into extent items).
+        let claimed_generation = sb.generation + 1;
+        let mut engine = Engine::with_tree(D::default(), cached, claimed_generation);
+        // Heads the last commit held (seq barrier) go back first: their ops
+        // are older than every op in the log after the commit.
+        let (mut held, held_chunks) = read_held(&tree, &device)?;
+        held.iter_mut().for_each(forget_seq);
+        let heads_held = held.len();
+        engine.requeue(held);
+        if options.verify {
+            // Before replay, so that the shadow checks every replayed op
+            // against the committed tree plus the held heads.
+            engine.enable_verify();
+        }
+        let ops_replayed = replay_ops(&engine, &replayed, &mut progress, &device)?;
+        let log = RefLog::open(storage.clone(), &sb, &replayed, options.log).map_err(|source| {
+            OpenError::Log {
+                device: device.clone(),
+                source,
+            }
+        })?;
+        let appenders_max = appenders_max(&log, &sb, &device)?;
+        // Claim sb.generation + 1 with a durable superblock that changes
+        // nothing else, so every later commit's nodes have a generation no
+        // lost write can carry (docs/btree.md caveat). The claim goes to
+        // the other slot, never over the copy we recovered.
+        let mut claim = sb.clone();
+        claim.generation = claimed_generation;
+        claim.flags &= !SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
+        write_superblock(&storage, &claim).map_err(|source| OpenError::WriteSuperblock {
+            device: device.clone(),
+            generation: claimed_generation,
+            addr: claim.addr(),
+            source,
+        })?;
+        let info = RecoveryInfo {
+            superblock_generation: sb.generation,
+            superblock_slot: choice.slot,
+            superblock_rejected: choice
+                .rejected
+                .iter()
+                .map(|(slot, e)| format!("slot {slot}: {e}"))
+                .collect(),
+            extents_cached,
+            ops_replayed,
+            heads_held,
+            replay: replayed.report().clone(),
+            claimed_generation: claim.generation,
+        };
+        let next_generation = claim.generation + 1;
+        let engine = DurableEngine {
+            storage,
+            engine,
+            log,
+            tree,
+            cut: RwLock::new(()),
+            appenders: AtomicUsize::new(0),
+            appenders_max,
+            commit: Mutex::new(CommitState {
+                sb: claim,
+                next_generation,
+                held_chunks,
+            }),
+            totals: Mutex::new(CommitTotals::default()),
+            failed: OnceLock::new(),
+            inflight: RwLock::new(Arc::new(Vec::new())),
+            cache_extents_max: options.cache_extents_max,
+            cache_complete: AtomicBool::new(cache_complete),
+            policy: Mutex::new(options.policy),
+            pending_ops: AtomicU64::new(ops_replayed as u64),
+            heads_held: AtomicU64::new(heads_held as u64),
+            trigger_ops: AtomicU64::new(options.policy.pending_ops_trigger),
+            op_cost_ps: AtomicU64::new(0),
+            committer: Mutex::new(CommitterFlags::default()),
+            committer_cv: Condvar::new(),
+        };
+        engine.record_commit(0, Duration::ZERO);
+        Ok((engine, info))
+    }
+}
+
+/// Up to `max` committed extents into a new cache; true if that is all of
+/// them.
+fn warm_cache<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    max: usize,
+    progress: &mut Progress,
+) -> Result<(ExtentTree, bool), OpenError> {
+    let mut cached = ExtentTree::new();
+    let mut complete = true;
+    scan_extents(tree, device, 0..=codec::EXTENT_BYTENR_MAX, |b, item| {
+        if cached.len() >= max {
+            complete = false;
+            return ControlFlow::Break(());
+        }
+        cached.insert(b, item);
+        if cached.len().is_multiple_of(PROGRESS_CHECK_ITEMS) {
+            let n = cached.len();
+            progress.tick(|| format!("{device}: recovery: {n} extents cached (bytenr {b})"));
+        }
+        ControlFlow::Continue(())
+    })?;
+    Ok((cached, complete))
+}
+
+/// Concurrent appends the log admits: each needs `2 × batch cap` bytes in
+/// flight, and the log must leave room for a quarter of it in use.
+fn appenders_max<S: Storage>(
+    log: &RefLog<S>,
+    sb: &Superblock,
+    device: &str,
+) -> Result<usize, OpenError> {
+    let cap = log.batch_bytes_cap() as u64;
+    let appenders_max = usize::try_from(sb.log_bytes / (4 * cap)).unwrap_or(usize::MAX);
+    if appenders_max < APPENDERS_MIN {
+        return Err(OpenError::Layout {
+            device: device.to_string(),
+            reason: format!(
+                "log of {} bytes with batches up to {cap} bytes admits {appenders_max} \
+                 concurrent appends, need {APPENDERS_MIN}: lower \
+                 LogConfig::batch_bytes_max to at most {}",
+                sb.log_bytes,
+                sb.log_bytes / (4 * APPENDERS_MIN as u64)
+            ),
+        });
+    }
+    // Each admitted append claims one ingest shard of the lock-free store
+    // for its engine add: admitting more appends than there are shards
+    // would fail them with ShardsExhausted instead of waiting.
+    Ok(appenders_max.min(refd_core::delayed::lockfree::SHARDS_DEFAULT))
+}

@@ -1,0 +1,188 @@
+//! Reads of committed state: extents streamed from the B+tree (decoded and
+//! checked one at a time), the held-heads stream, and
+//! [`DurableEngine::lookup_extent_ref`] (committed + pending).
+
+use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use refd_core::delayed::DelayedRefStore;
+use refd_core::engine::ExtentRefs;
+use refd_core::extent_tree::{ExtentItem, ExtentTree};
+use refd_core::head::Head;
+use refd_ioring::btree::{BTree, Key, VALUE_BYTES_MAX};
+use refd_ioring::Storage;
+
+use super::{lock, DurableEngine};
+use crate::codec::{self, ExtentLoader};
+use crate::error::ReadError;
+
+/// Extents read from the B+tree per thread below which a commit reads its
+/// misses on one thread.
+const PARALLEL_READ_MIN_EXTENTS: usize = 4096;
+
+/// Calls `f` with every extent of `tree` whose bytenr is in `bytenrs`,
+/// in bytenr order, decoded and checked (one extent in memory at a time),
+/// until `f` breaks.
+pub fn scan_extents<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    bytenrs: std::ops::RangeInclusive<u64>,
+    mut f: impl FnMut(u64, ExtentItem) -> ControlFlow<()>,
+) -> Result<(), ReadError> {
+    let items_err = |key: Option<Key>| {
+        move |source| ReadError::Items {
+            device: device.to_string(),
+            key,
+            source,
+        }
+    };
+    let mut loader = ExtentLoader::new();
+    let range = Key::new(*bytenrs.start(), 0, 0)..=Key::new(*bytenrs.end(), u8::MAX, u64::MAX);
+    for item in tree.range(range) {
+        let (key, value) = item.map_err(|source| ReadError::Tree {
+            device: device.to_string(),
+            what: "extent items",
+            source: Box::new(source),
+        })?;
+        if let Some((bytenr, item)) = loader.push(&key, &value).map_err(items_err(Some(key)))? {
+            if f(bytenr, item).is_break() {
+                return Ok(());
+            }
+        }
+    }
+    if let Some((bytenr, item)) = loader.finish().map_err(items_err(None))? {
+        let _ = f(bytenr, item);
+    }
+    Ok(())
+}
+
+/// Load every extent item of a committed B+tree into an in-memory extent
+/// tree (every item is decoded and checked). Needs memory for all of them:
+/// for tools and tests; the engine reads through [`scan_extents`].
+pub fn load_extents<S: Storage>(tree: &BTree<S>, device: &str) -> Result<ExtentTree, ReadError> {
+    let mut out = ExtentTree::new();
+    scan_extents(tree, device, 0..=codec::EXTENT_BYTENR_MAX, |b, item| {
+        out.insert(b, item);
+        ControlFlow::Continue(())
+    })?;
+    Ok(out)
+}
+
+/// The held-heads stream of a committed B+tree, decoded, and its chunk
+/// count (chunks must be numbered 0, 1, ... without a gap).
+pub fn read_held<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+) -> Result<(Vec<Head>, usize), ReadError> {
+    let mut stream = Vec::new();
+    let mut chunks = 0u64;
+    let range = Key::new(codec::HELD_OBJECTID, codec::HELD_HEADS_KEY, 0)
+        ..=Key::new(codec::HELD_OBJECTID, codec::HELD_HEADS_KEY, u64::MAX);
+    for item in tree.range(range) {
+        let (key, value) = item.map_err(|source| ReadError::Tree {
+            device: device.to_string(),
+            what: "held heads",
+            source: Box::new(source),
+        })?;
+        // Chunks are numbered from 0 without a gap, and only the last may
+        // be short (`codec::held_items`).
+        let short_before = stream.len() as u64 != chunks * VALUE_BYTES_MAX as u64;
+        if key.offset != chunks || short_before || value.is_empty() {
+            return Err(ReadError::HeldChunk {
+                device: device.to_string(),
+                chunk: key.offset,
+                expected: chunks,
+                len_bytes: value.len(),
+            });
+        }
+        stream.extend_from_slice(&value);
+        chunks += 1;
+    }
+    if chunks == 0 {
+        return Ok((Vec::new(), 0));
+    }
+    let heads = codec::decode_held(&stream).map_err(|source| ReadError::Held {
+        device: device.to_string(),
+        chunks: chunks as usize,
+        source,
+    })?;
+    Ok((heads, chunks as usize))
+}
+
+/// The committed item of `bytenr` in `tree`.
+pub(super) fn read_extent<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    bytenr: u64,
+) -> Result<Option<ExtentItem>, ReadError> {
+    let mut found = None;
+    scan_extents(tree, device, bytenr..=bytenr, |b, item| {
+        debug_assert_eq!(b, bytenr);
+        found = Some(item);
+        ControlFlow::Break(())
+    })?;
+    Ok(found)
+}
+
+/// The committed items of `bytenrs`, read on up to one thread per core
+/// (the commit run's workers, `refd_core::engine::in_parts`; at least
+/// [`PARALLEL_READ_MIN_EXTENTS`] per part, else on this thread), in
+/// order; the first error (in part order) is returned.
+pub(super) fn read_extents<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    bytenrs: &[u64],
+) -> Result<Vec<Option<ExtentItem>>, ReadError> {
+    let parts = refd_core::engine::in_parts(bytenrs, PARALLEL_READ_MIN_EXTENTS, |_, part| {
+        part.iter()
+            .map(|&b| read_extent(tree, device, b))
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let mut out: Vec<Option<ExtentItem>> = Vec::with_capacity(bytenrs.len());
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(out)
+}
+
+impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
+    /// Would-be reference count of `bytenr`: committed item + pending ops,
+    /// each acknowledged op counted exactly once (as in core: the core
+    /// tree's read lock is held across the lookup, and a commit moves ops
+    /// from pending to the cache under its write lock). The committed item
+    /// comes from the cache, else from the B+tree, except for the running
+    /// commit's frozen heads, which are all cached until the B+tree has
+    /// their changes: a miss among them is an extent without item.
+    pub fn lookup_extent_ref(&self, bytenr: u64) -> Result<ExtentRefs, ReadError> {
+        let tree = self.engine.tree();
+        let committed = match tree.get(bytenr) {
+            Some(item) => Some(item.clone()),
+            None if self.cache_complete.load(Ordering::Acquire) => None,
+            None => {
+                let inflight = Arc::clone(&self.inflight.read().unwrap_or_else(|e| e.into_inner()));
+                if inflight.binary_search(&bytenr).is_ok() {
+                    None
+                } else {
+                    read_extent(&self.tree, self.storage.device_name(), bytenr)?
+                }
+            }
+        };
+        let pending = self.engine.store().pending(bytenr);
+        drop(tree);
+        let refs = committed.as_ref().map_or(0, |c| c.refs as i64)
+            + pending.as_ref().map_or(0, |h| h.summary.total_ref_mod);
+        Ok(ExtentRefs {
+            committed,
+            pending: pending.map(|h| h.summary),
+            refs,
+        })
+    }
+
+    /// Every committed extent, read from the B+tree into memory (for tools
+    /// and tests: needs memory for the whole tree). Takes the commit lock.
+    pub fn committed_extents(&self) -> Result<ExtentTree, ReadError> {
+        let _st = lock(&self.commit);
+        load_extents(&self.tree, self.storage.device_name())
+    }
+}

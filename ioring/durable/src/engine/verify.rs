@@ -1,0 +1,72 @@
+//! [`DurableEngine::verify`]: fsck of a live engine between commits.
+
+use std::ops::ControlFlow;
+
+use refd_core::delayed::DelayedRefStore;
+use refd_ioring::btree::TreeCheck;
+use refd_ioring::Storage;
+
+use super::read::{read_extent, read_held, scan_extents};
+use super::{lock, DurableEngine};
+use crate::codec;
+use crate::error::VerifyError;
+
+impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
+    /// fsck: the B+tree's on-disk walk, every extent item decoded and
+    /// checked (streaming: memory is one extent), the held heads decoded
+    /// and as many as the engine holds since its last commit, and every
+    /// cached extent equal to the B+tree's. Call between commits (it
+    /// takes the commit lock).
+    pub fn verify(&self) -> Result<TreeCheck, VerifyError> {
+        let st = lock(&self.commit);
+        let device = self.storage.device_name();
+        let check = self.tree.check().map_err(|source| VerifyError::Check {
+            device: device.to_string(),
+            source: Box::new(source),
+        })?;
+        // The held set on disk is the last commit's (or recovery's): as
+        // many heads, in as many chunks, as the engine holds in memory.
+        let (held, chunks) = read_held(&self.tree, device)?;
+        let in_memory = self.heads_held();
+        if chunks != st.held_chunks || held.len() as u64 != in_memory {
+            return Err(VerifyError::Held {
+                on_disk: held.len(),
+                chunks,
+                in_memory,
+                in_memory_chunks: st.held_chunks,
+            });
+        }
+        let cached = self.engine.tree();
+        let mut matched = 0usize;
+        let mut differs = None;
+        scan_extents(
+            &self.tree,
+            device,
+            0..=codec::EXTENT_BYTENR_MAX,
+            |b, item| {
+                if let Some(c) = cached.get(b) {
+                    if *c != item {
+                        differs = Some(b);
+                        return ControlFlow::Break(());
+                    }
+                    matched += 1;
+                }
+                ControlFlow::Continue(())
+            },
+        )?;
+        if let Some(bytenr) = differs {
+            return Err(VerifyError::CacheDiffers { bytenr });
+        }
+        if matched != cached.len() {
+            let first = cached
+                .iter()
+                .map(|(b, _)| b)
+                .find(|&b| read_extent(&self.tree, device, b).ok().flatten().is_none());
+            return Err(VerifyError::CacheMissing {
+                count: cached.len() - matched,
+                first,
+            });
+        }
+        Ok(check)
+    }
+}

@@ -1,0 +1,421 @@
+//! Errors of the durable engine, one enum per operation (format, open,
+//! add, commit, read, verify), each with the fields a caller can act on:
+//! which device, which offset, which extent, which step. A broken
+//! invariant is asserted, not returned; corruption read from the device is
+//! an error.
+//!
+//! [`Failure`] is what the engine latches when a write or flush fails (or a
+//! commit cannot finish): every later add and commit returns it, and the
+//! daemon sends it to its clients as `FAILED`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use refd_core::engine::EngineError;
+use refd_core::model::OpError;
+use refd_ioring::btree::{BTreeError, Key};
+use refd_ioring::format::FormatError;
+use refd_ioring::log::LogError;
+use refd_ioring::{IoFailure, StorageError};
+
+use crate::codec::CodecError;
+
+/// The first failure of a durable engine: after it nothing more is
+/// acknowledged until the device is opened again (recovery replays the
+/// log).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{device}: {operation} failed{}: {cause}", at(*.offset))]
+pub struct Failure {
+    /// The device.
+    pub device: String,
+    /// What was being done (e.g. "commit 12: write nodes", "log append").
+    pub operation: String,
+    /// The device offset of the failed I/O, when one is known.
+    pub offset: Option<u64>,
+    /// The error, as text (the first failure is shared by every caller).
+    pub cause: Arc<str>,
+}
+
+fn at(offset: Option<u64>) -> String {
+    offset.map_or_else(String::new, |o| format!(" at offset {o}"))
+}
+
+impl Failure {
+    /// A failure of `operation` on `device` caused by `cause`, at `offset`.
+    pub fn new(
+        device: &str,
+        operation: impl Into<String>,
+        offset: Option<u64>,
+        cause: &dyn fmt::Display,
+    ) -> Self {
+        Failure {
+            device: device.to_string(),
+            operation: operation.into(),
+            offset,
+            cause: cause.to_string().into(),
+        }
+    }
+
+    /// The storage's own latch.
+    pub(crate) fn of_io(f: &IoFailure) -> Self {
+        Failure::new(&f.device, f.op.to_string(), Some(f.offset), &f.cause)
+    }
+
+    pub(crate) fn of_log(device: &str, operation: impl Into<String>, e: &LogError) -> Self {
+        Failure::new(device, operation, e.offset(), e)
+    }
+}
+
+/// Errors of [`crate::DurableEngine::format`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatDeviceError {
+    /// The device cannot hold the requested layout.
+    #[error("layout of {device}: {reason}")]
+    Layout {
+        /// Device.
+        device: String,
+        /// Why.
+        reason: String,
+    },
+    /// No random file system id could be generated.
+    #[error("{device}: generate a file system id: {source}")]
+    FsId {
+        /// Device.
+        device: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The new superblock is not valid for this device.
+    #[error("{device}: new superblock: {source}")]
+    Superblock {
+        /// Device.
+        device: String,
+        /// Cause.
+        source: FormatError,
+    },
+    /// Writing a superblock copy failed.
+    #[error("{device}: write superblock at {addr}: {source}")]
+    Write {
+        /// Device.
+        device: String,
+        /// Address of the copy.
+        addr: u64,
+        /// Cause.
+        source: StorageError,
+    },
+}
+
+/// Errors reading committed state from the B+tree (lookups, scans, the
+/// held heads): the device returned an error or bytes that do not decode.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The B+tree could not be read.
+    #[error("{device}: read {what}: {source}")]
+    Tree {
+        /// Device.
+        device: String,
+        /// What was read.
+        what: &'static str,
+        /// Cause (names the node and offset).
+        source: Box<BTreeError>,
+    },
+    /// Extent items that do not decode or break an item invariant.
+    #[error("{device}: extent items at {}: {source}", key_text(*.key))]
+    Items {
+        /// Device.
+        device: String,
+        /// The item being decoded (`None`: the end of the last extent).
+        key: Option<Key>,
+        /// Cause.
+        source: CodecError,
+    },
+    /// A chunk of the held-heads stream is missing, out of order or of
+    /// the wrong length.
+    #[error(
+        "{device}: held heads chunk {chunk} of {len_bytes} bytes where chunk {expected} is due \
+         after {expected} full chunks"
+    )]
+    HeldChunk {
+        /// Device.
+        device: String,
+        /// Chunk number found.
+        chunk: u64,
+        /// Chunk number due.
+        expected: u64,
+        /// Its length.
+        len_bytes: usize,
+    },
+    /// The held-heads stream does not decode.
+    #[error("{device}: held heads ({chunks} chunks): {source}")]
+    Held {
+        /// Device.
+        device: String,
+        /// Chunks read.
+        chunks: usize,
+        /// Cause.
+        source: CodecError,
+    },
+}
+
+fn key_text(key: Option<Key>) -> String {
+    key.map_or_else(|| "the end of the last extent".into(), |k| k.to_string())
+}
+
+impl ReadError {
+    /// The device offset this error is about, if any.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            ReadError::Tree { source, .. } => source.offset(),
+            _ => None,
+        }
+    }
+}
+
+/// Errors of [`crate::DurableEngine::open`] (mount and recovery). Nothing
+/// is written before the log's open flush, so a failed open can be retried.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// A superblock slot could not be read.
+    #[error("{device}: read superblock slot at {addr}: {source}")]
+    ReadSuperblock {
+        /// Device.
+        device: String,
+        /// Slot address.
+        addr: u64,
+        /// Cause.
+        source: StorageError,
+    },
+    /// Neither superblock copy is valid: not a refd device, or both damaged.
+    #[error("{device}: no valid superblock: {source}")]
+    NoSuperblock {
+        /// Device.
+        device: String,
+        /// Why the copies were rejected.
+        source: FormatError,
+    },
+    /// The B+tree of the superblock could not be opened.
+    #[error("{device}: open B+tree of superblock generation {generation}: {source}")]
+    Tree {
+        /// Device.
+        device: String,
+        /// Superblock generation.
+        generation: u64,
+        /// Cause.
+        source: Box<BTreeError>,
+    },
+    /// Committed state could not be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The log could not be replayed (damaged before its durable tail, or
+    /// unreadable).
+    #[error("{device}: replay the log of generation {generation}: {source}")]
+    Replay {
+        /// Device.
+        device: String,
+        /// Superblock generation.
+        generation: u64,
+        /// Cause.
+        source: LogError,
+    },
+    /// A replayed log record does not decode.
+    #[error("{device}: log record in the batch of LSN {lsn}: {source}")]
+    Record {
+        /// Device.
+        device: String,
+        /// LSN of its batch.
+        lsn: u64,
+        /// Cause.
+        source: CodecError,
+    },
+    /// The core engine refused a replayed op.
+    #[error("{device}: replayed op of LSN {lsn} refused: {source}")]
+    Refused {
+        /// Device.
+        device: String,
+        /// LSN of its batch.
+        lsn: u64,
+        /// Cause.
+        source: EngineError,
+    },
+    /// The log could not be opened for appending.
+    #[error("{device}: open the log: {source}")]
+    Log {
+        /// Device.
+        device: String,
+        /// Cause.
+        source: LogError,
+    },
+    /// The log's configuration does not suit its region.
+    #[error("{device}: {reason}")]
+    Layout {
+        /// Device.
+        device: String,
+        /// Why.
+        reason: String,
+    },
+    /// The superblock claiming the next generation could not be written.
+    #[error("{device}: write superblock generation {generation} at {addr}: {source}")]
+    WriteSuperblock {
+        /// Device.
+        device: String,
+        /// Generation claimed.
+        generation: u64,
+        /// Slot address.
+        addr: u64,
+        /// Cause.
+        source: StorageError,
+    },
+}
+
+/// Errors of [`crate::DurableEngine::add`] and its batch forms.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AddError {
+    /// The op is malformed (nothing was logged).
+    #[error("op refused: {0}")]
+    Op(#[from] OpError),
+    /// The core engine refused the op: ref-verify, or no ingest shard
+    /// (nothing was logged).
+    #[error("op refused by the engine: {0}")]
+    Refused(#[from] EngineError),
+    /// Op `index` of a batch is refused (nothing of the batch was logged).
+    #[error("op {index} of the batch refused: {source}")]
+    InBatch {
+        /// The op's index in the batch.
+        index: usize,
+        /// Why.
+        source: Box<AddError>,
+    },
+    /// The engine failed (now or earlier): nothing more is acknowledged.
+    /// An op that was already queued when the failure happened is one more
+    /// unacknowledged op, present after recovery at most once.
+    #[error("durable engine failed, acknowledging nothing more: {0}")]
+    Failed(Failure),
+}
+
+/// A step of a commit, for [`CommitError::Step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommitStep {
+    /// Reading the committed items of the frozen heads from the B+tree.
+    ReadItems,
+    /// Waiting for the log below the cut to be durable.
+    WaitLog,
+    /// Encoding the extents' item changes.
+    EncodeItems,
+    /// Applying item changes to the working B+tree.
+    ApplyItems,
+    /// Writing the B+tree's nodes and flushing them.
+    WriteNodes,
+    /// Computing the log bounds for the superblock.
+    LogBounds,
+    /// Writing the superblock (the commit point).
+    WriteSuperblock,
+    /// Releasing the nodes the commit dropped.
+    ReleaseNodes,
+    /// Trimming the log.
+    TrimLog,
+}
+
+impl fmt::Display for CommitStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CommitStep::ReadItems => "read committed items",
+            CommitStep::WaitLog => "wait for the log",
+            CommitStep::EncodeItems => "encode item changes",
+            CommitStep::ApplyItems => "apply item changes",
+            CommitStep::WriteNodes => "write nodes",
+            CommitStep::LogBounds => "log bounds",
+            CommitStep::WriteSuperblock => "write superblock",
+            CommitStep::ReleaseNodes => "release dropped nodes",
+            CommitStep::TrimLog => "trim the log",
+        })
+    }
+}
+
+/// Errors of [`crate::DurableEngine::commit`]. Every commit failure latches
+/// the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// The engine failed earlier: nothing more is acknowledged.
+    #[error("durable engine failed earlier, acknowledging nothing more: {0}")]
+    Failed(Failure),
+    /// This commit failed at `step`; the engine is now latched with it.
+    #[error("commit {generation}: {step}: {failure}")]
+    Step {
+        /// Generation being committed.
+        generation: u64,
+        /// The step.
+        step: CommitStep,
+        /// The failure latched.
+        failure: Failure,
+    },
+}
+
+impl CommitError {
+    /// The failure the engine latched.
+    pub fn failure(&self) -> &Failure {
+        match self {
+            CommitError::Failed(f) | CommitError::Step { failure: f, .. } => f,
+        }
+    }
+}
+
+impl From<CommitError> for AddError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Failed(f) | CommitError::Step { failure: f, .. } => AddError::Failed(f),
+        }
+    }
+}
+
+/// Errors of [`crate::DurableEngine::verify`]: on-disk and in-memory state
+/// disagree, or the device does not read back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// The B+tree's own check failed.
+    #[error("{device}: B+tree check: {source}")]
+    Check {
+        /// Device.
+        device: String,
+        /// Cause.
+        source: Box<BTreeError>,
+    },
+    /// Committed state could not be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The held heads on disk are not the engine's.
+    #[error(
+        "the B+tree keeps {on_disk} held heads in {chunks} chunks; the engine's last commit held \
+         {in_memory} in {in_memory_chunks} chunks"
+    )]
+    Held {
+        /// Heads on disk.
+        on_disk: usize,
+        /// Their chunks.
+        chunks: usize,
+        /// Heads the engine holds.
+        in_memory: u64,
+        /// Chunks the engine's last commit wrote.
+        in_memory_chunks: usize,
+    },
+    /// A cached extent differs from the B+tree's.
+    #[error("extent {bytenr}: the cached item differs from the B+tree's")]
+    CacheDiffers {
+        /// Extent.
+        bytenr: u64,
+    },
+    /// Cached extents are missing from the B+tree.
+    #[error("{count} cached extents are not in the B+tree, the first at {first:?}")]
+    CacheMissing {
+        /// How many.
+        count: usize,
+        /// The first found.
+        first: Option<u64>,
+    },
+}

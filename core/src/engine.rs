@@ -149,17 +149,19 @@ impl<'a, S: DelayedRefStore> EngineHandle<'a, S> {
         Ok(())
     }
 
-    /// Queue several ops. Without verify they are queued together; with
-    /// verify one by one, stopping at the first refused op (the ones before
-    /// it are queued).
-    pub fn add_batch(&mut self, ops: &[Op]) -> Result<(), EngineError> {
-        if self.engine.verify.is_some() {
-            for op in ops {
-                self.add(op)?;
-            }
-            return Ok(());
+    /// Queue several ops, all or none: every op is validated (and, with
+    /// ref-verify, checked against the shadow in order, see
+    /// [`RefVerify::check_batch`]) before any is queued. On a refusal,
+    /// nothing is queued and the refused op's index is returned.
+    pub fn add_batch(&mut self, ops: &[Op]) -> Result<(), (usize, EngineError)> {
+        for (i, op) in ops.iter().enumerate() {
+            op.check().map_err(|e| (i, StoreError::from(e).into()))?;
         }
-        self.inner.add_batch(ops)?;
+        if let Some(v) = &self.engine.verify {
+            v.check_batch(ops).map_err(|(i, e)| (i, e.into()))?;
+        }
+        // Validated above: the store refuses nothing of a valid batch.
+        self.inner.add_batch(ops).map_err(|e| (0, e.into()))?;
         Ok(())
     }
 }

@@ -221,90 +221,142 @@ impl RefVerify {
     /// Check `op` against the shadow and record it. On a violation nothing
     /// is recorded.
     pub fn check(&self, op: &Op) -> Result<(), Box<VerifyError>> {
-        let serial = self
-            .serial
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let serial = self.next_serial();
         let mut shard = self.shard(op.bytenr);
-        let fail = |violation: Violation, block: Option<&BlockEntry>| {
-            Box::new(VerifyError {
-                violation,
-                op: *op,
-                block: block.cloned().unwrap_or_default(),
-            })
-        };
-        let entry = shard.get(&op.bytenr);
-        match op.action {
-            Action::AddExtent => {
-                if let Some(e) = entry {
-                    if e.refs > 0 {
-                        return Err(fail(Violation::ReallocatedReferenced, Some(e)));
-                    }
+        check_in(&mut shard, op, serial)
+    }
+
+    /// Check every op of `ops`, in order (a later op sees what the earlier
+    /// ones did), and record them all, or none: on the first violation the
+    /// shadow of every block the batch touched is restored and the index
+    /// of the refused op is returned. The shards the batch touches are
+    /// locked in ascending order for the whole check, so single-op checks
+    /// on other threads see the batch entirely or not at all.
+    pub fn check_batch(&self, ops: &[Op]) -> Result<(), (usize, Box<VerifyError>)> {
+        let shard_of = |bytenr: u64| crate::model::partition(bytenr, VERIFY_SHARDS);
+        let mut indexes: Vec<usize> = ops.iter().map(|op| shard_of(op.bytenr)).collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, BTreeMap<u64, BlockEntry>>)> = indexes
+            .iter()
+            .map(|&i| (i, self.shards[i].lock().unwrap_or_else(|e| e.into_inner())))
+            .collect();
+        let mut saved: BTreeMap<u64, Option<BlockEntry>> = BTreeMap::new();
+        for (index, op) in ops.iter().enumerate() {
+            let g = guards
+                .binary_search_by_key(&shard_of(op.bytenr), |(i, _)| *i)
+                .expect("every touched shard is locked");
+            let map = &mut guards[g].1;
+            saved
+                .entry(op.bytenr)
+                .or_insert_with(|| map.get(&op.bytenr).cloned());
+            if let Err(e) = check_in(map, op, self.next_serial()) {
+                for (bytenr, before) in saved {
+                    let g = guards
+                        .binary_search_by_key(&shard_of(bytenr), |(i, _)| *i)
+                        .expect("every touched shard is locked");
+                    match before {
+                        Some(entry) => guards[g].1.insert(bytenr, entry),
+                        None => guards[g].1.remove(&bytenr),
+                    };
                 }
-            }
-            _ => {
-                let Some(e) = entry else {
-                    return Err(fail(Violation::NoEntry, None));
-                };
-                if e.refs == 0 {
-                    return Err(fail(Violation::ZeroRefs, Some(e)));
-                }
-                let shape_ok = e.kind == Some(op.kind) && e.num_bytes == op.num_bytes;
-                let data_shape_ok = e.kind.is_some_and(|k| k.is_data() == op.kind.is_data())
-                    && e.num_bytes == op.num_bytes;
-                // An extent_op names no level (btrfs does not print one).
-                let ok = if op.action == Action::UpdateHead {
-                    data_shape_ok
-                } else {
-                    shape_ok
-                };
-                if !ok {
-                    return Err(fail(Violation::ShapeMismatch, Some(e)));
-                }
-                if op.action == Action::UpdateHead
-                    && op.kind.is_data()
-                    && op.extent_op.is_some_and(|x| x.flags_to_set != 0)
-                {
-                    return Err(fail(Violation::ExtentOpOnData, Some(e)));
-                }
-                if let Some(key) = op.key {
-                    let have = e.backrefs.get(&key).copied().unwrap_or(0);
-                    if op.action == Action::DropRef && have == 0 {
-                        return Err(fail(Violation::DropMissing, Some(e)));
-                    }
-                    if op.action == Action::AddRef && key.is_tree() && have >= 1 {
-                        return Err(fail(Violation::DuplicateTreeRef, Some(e)));
-                    }
-                }
+                return Err((index, e));
             }
         }
-        // Record.
-        let e = shard.entry(op.bytenr).or_default();
-        if op.action == Action::AddExtent {
-            *e = BlockEntry {
-                num_bytes: op.num_bytes,
-                kind: Some(op.kind),
-                ..BlockEntry::default()
-            };
-        }
-        if let Some(key) = op.key {
-            let c = e.backrefs.entry(key).or_insert(0);
-            if op.ref_mod() > 0 {
-                *c += 1;
-                e.refs += 1;
-            } else {
-                *c -= 1;
-                e.refs -= 1;
-                if *c == 0 {
-                    e.backrefs.remove(&key);
-                }
-            }
-        }
-        if e.history.len() == HISTORY_MAX {
-            e.history.pop_front();
-        }
-        e.history.push_back(ActionRecord { serial, op: *op });
         Ok(())
     }
+
+    fn next_serial(&self) -> u64 {
+        self.serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// [`RefVerify::check`] against the (locked) shard map holding `op`'s block.
+fn check_in(
+    shard: &mut BTreeMap<u64, BlockEntry>,
+    op: &Op,
+    serial: u64,
+) -> Result<(), Box<VerifyError>> {
+    let fail = |violation: Violation, block: Option<&BlockEntry>| {
+        Box::new(VerifyError {
+            violation,
+            op: *op,
+            block: block.cloned().unwrap_or_default(),
+        })
+    };
+    let entry = shard.get(&op.bytenr);
+    match op.action {
+        Action::AddExtent => {
+            if let Some(e) = entry {
+                if e.refs > 0 {
+                    return Err(fail(Violation::ReallocatedReferenced, Some(e)));
+                }
+            }
+        }
+        _ => {
+            let Some(e) = entry else {
+                return Err(fail(Violation::NoEntry, None));
+            };
+            if e.refs == 0 {
+                return Err(fail(Violation::ZeroRefs, Some(e)));
+            }
+            let shape_ok = e.kind == Some(op.kind) && e.num_bytes == op.num_bytes;
+            let data_shape_ok = e.kind.is_some_and(|k| k.is_data() == op.kind.is_data())
+                && e.num_bytes == op.num_bytes;
+            // An extent_op names no level (btrfs does not print one).
+            let ok = if op.action == Action::UpdateHead {
+                data_shape_ok
+            } else {
+                shape_ok
+            };
+            if !ok {
+                return Err(fail(Violation::ShapeMismatch, Some(e)));
+            }
+            if op.action == Action::UpdateHead
+                && op.kind.is_data()
+                && op.extent_op.is_some_and(|x| x.flags_to_set != 0)
+            {
+                return Err(fail(Violation::ExtentOpOnData, Some(e)));
+            }
+            if let Some(key) = op.key {
+                let have = e.backrefs.get(&key).copied().unwrap_or(0);
+                if op.action == Action::DropRef && have == 0 {
+                    return Err(fail(Violation::DropMissing, Some(e)));
+                }
+                if op.action == Action::AddRef && key.is_tree() && have >= 1 {
+                    return Err(fail(Violation::DuplicateTreeRef, Some(e)));
+                }
+            }
+        }
+    }
+    // Record.
+    let e = shard.entry(op.bytenr).or_default();
+    if op.action == Action::AddExtent {
+        *e = BlockEntry {
+            num_bytes: op.num_bytes,
+            kind: Some(op.kind),
+            ..BlockEntry::default()
+        };
+    }
+    if let Some(key) = op.key {
+        let c = e.backrefs.entry(key).or_insert(0);
+        if op.ref_mod() > 0 {
+            *c += 1;
+            e.refs += 1;
+        } else {
+            *c -= 1;
+            e.refs -= 1;
+            if *c == 0 {
+                e.backrefs.remove(&key);
+            }
+        }
+    }
+    if e.history.len() == HISTORY_MAX {
+        e.history.pop_front();
+    }
+    e.history.push_back(ActionRecord { serial, op: *op });
+    Ok(())
 }
 
 #[cfg(test)]
@@ -357,6 +409,35 @@ mod tests {
             v.check(&op(Action::AddRef, r5)).unwrap_err().violation,
             Violation::ShapeMismatch
         );
+    }
+
+    /// A batch is checked in order (its second op sees its first) and
+    /// recorded all or nothing: a refused op restores every block the
+    /// batch touched, also one it had created.
+    #[test]
+    fn batch_is_all_or_nothing() {
+        let v = RefVerify::new();
+        let r5 = RefKey::TreeBlock { root: 5 };
+        let r7 = RefKey::TreeBlock { root: 7 };
+        let other = |a: Action, key: RefKey| {
+            Op::new(9 << 20, 16384, ExtentKind::Tree { level: 0 }, a, key, 0).unwrap()
+        };
+        v.check(&op(Action::AddExtent, r5)).unwrap();
+        let before = v.block(1 << 20);
+        let batch = [
+            op(Action::AddRef, r7),
+            other(Action::AddExtent, r5),
+            op(Action::DropRef, r5),
+            op(Action::DropRef, r5), // refused: r5 was just dropped
+        ];
+        let (index, e) = v.check_batch(&batch).unwrap_err();
+        assert_eq!((index, e.violation), (3, Violation::DropMissing));
+        assert_eq!(v.block(1 << 20), before, "restored");
+        assert_eq!(v.block(9 << 20), None, "created by the batch: removed");
+        // The same batch without its bad op is recorded whole.
+        v.check_batch(&batch[..3]).unwrap();
+        assert_eq!(v.block(1 << 20).unwrap().refs, 1);
+        assert_eq!(v.block(9 << 20).unwrap().refs, 1);
     }
 
     #[test]

@@ -419,3 +419,96 @@ pub enum VerifyError {
         first: Option<u64>,
     },
 }
+
+/// Errors of [`crate::DurableEngine::submit`]: a session's batch, applied
+/// all or nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// The session or request number refuses it (nothing applied).
+    #[error(transparent)]
+    Session(#[from] crate::service::SessionError),
+    /// Op `index` is malformed or refused by the engine (ref-verify);
+    /// nothing of the batch was applied or logged.
+    #[error("op {index} of the batch refused: {source}")]
+    Refused {
+        /// The op's index in the batch.
+        index: usize,
+        /// Why.
+        source: EngineError,
+    },
+    /// The batch's log record does not fit one log batch.
+    #[error("a batch of {ops} ops needs a {bytes}-byte log record; the log holds at most {max}")]
+    TooLarge {
+        /// Ops in the batch.
+        ops: usize,
+        /// Its record.
+        bytes: usize,
+        /// Largest record.
+        max: usize,
+    },
+    /// The engine failed (now or earlier): nothing more is acknowledged.
+    #[error("durable engine failed, acknowledging nothing more: {0}")]
+    Failed(Failure),
+}
+
+impl From<AddError> for SubmitError {
+    fn from(e: AddError) -> Self {
+        match e {
+            AddError::Failed(f) => SubmitError::Failed(f),
+            AddError::Refused(source) => SubmitError::Refused { index: 0, source },
+            AddError::Op(op) => SubmitError::Refused {
+                index: 0,
+                source: EngineError::Store(op.into()),
+            },
+            AddError::InBatch { index, source } => match SubmitError::from(*source) {
+                SubmitError::Refused { source, .. } => SubmitError::Refused { index, source },
+                other => other,
+            },
+        }
+    }
+}
+
+/// Errors of the freed-list consumer and session requests
+/// ([`crate::DurableEngine::register_session`],
+/// [`crate::DurableEngine::subscribe_freed`],
+/// [`crate::DurableEngine::ack_freed`], [`crate::DurableEngine::read_freed`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// No consumer has this id.
+    #[error("freed-list consumer {consumer} is not subscribed")]
+    ConsumerUnknown {
+        /// Consumer id.
+        consumer: u64,
+    },
+    /// [`crate::service::CONSUMERS_MAX`] consumers are subscribed.
+    #[error("{max} freed-list consumers are subscribed already")]
+    ConsumersFull {
+        /// The bound.
+        max: usize,
+    },
+    /// A consumer name must be 1..=64 bytes.
+    #[error("consumer name of {len} bytes: must be 1..=64")]
+    BadName {
+        /// Its length.
+        len: usize,
+    },
+    /// The cursor is at or below a generation whose freed list was dropped
+    /// (retention bound): extents were missed.
+    #[error(
+        "freed lists up to generation {dropped_upto} were dropped; the oldest kept is {oldest:?}"
+    )]
+    FreedExpired {
+        /// Newest dropped generation.
+        dropped_upto: u64,
+        /// Oldest kept.
+        oldest: Option<u64>,
+    },
+    /// Freed lists could not be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The engine failed (now or earlier): nothing more is acknowledged.
+    #[error("durable engine failed, acknowledging nothing more: {0}")]
+    Failed(Failure),
+}

@@ -13,6 +13,9 @@
 //!   of `docs/log.md` and `docs/btree.md`; `engine/open.rs`: format,
 //!   mount and recovery; `engine/read.rs`: lookups of committed state;
 //!   `engine/verify.rs`: fsck of a live engine;
+//! - [`service`] (and `engine/service.rs`): the daemon's state beside the
+//!   extent tree: client sessions (exactly-once SUBMIT batches) and the
+//!   freed lists with their consumers;
 //! - [`error`]: one error enum per operation; [`stats`]: what open and
 //!   commits report.
 //!
@@ -26,17 +29,20 @@ pub mod engine;
 pub mod error;
 pub mod policy;
 pub mod progress;
+pub mod service;
 pub mod stats;
 
 pub use codec::CodecError;
 pub use committer::{Clock, Committer, CommitterStats, ManualClock, SystemClock};
 pub use engine::open::read_newest_superblock;
 pub use engine::{
-    load_extents, read_held, scan_extents, DurableEngine, FormatOptions, OpenOptions, Ticket,
+    load_extents, read_held, read_service, scan_extents, DurableEngine, FormatOptions, FreedPage,
+    OpenOptions, ServiceStats, Submitted, Ticket,
 };
 pub use error::{
     AddError, CommitError, CommitStep, Failure, FormatDeviceError, OpenError, ReadError,
-    VerifyError,
+    ServiceError, SubmitError, VerifyError,
 };
 pub use policy::{CommitPolicy, PolicyInput, Reason};
+pub use service::{Consumer, ServiceOptions, SessionError};
 pub use stats::{CommitPhases, CommitSummary, CommitTotals, RecoveryInfo};

@@ -177,10 +177,12 @@ impl CommitPolicy {
             .max(TRIGGER_OPS_MIN.min(self.pending_ops_trigger).max(1))
     }
 
-    /// Whether an add that made `pending` ops pending checks the triggers
-    /// (every [`POLICY_CHECK_OPS`], or every `trigger` when smaller).
-    pub fn check_now(pending: u64, trigger: u64) -> bool {
-        pending.is_multiple_of(POLICY_CHECK_OPS.min(trigger).max(1))
+    /// Whether an add that took the pending ops from `before` to `after`
+    /// checks the triggers: when it crossed a multiple of
+    /// [`POLICY_CHECK_OPS`] (or of `trigger` when smaller).
+    pub fn check_now(before: u64, after: u64, trigger: u64) -> bool {
+        let every = POLICY_CHECK_OPS.min(trigger).max(1);
+        after / every != before / every
     }
 
     /// Back-pressure: the pending ops reached twice the trigger (the
@@ -299,10 +301,14 @@ mod tests {
     fn back_pressure_at_twice_the_trigger() {
         assert!(!CommitPolicy::throttles(1999, 1000));
         assert!(CommitPolicy::throttles(2000, 1000));
-        assert!(CommitPolicy::check_now(2048, 1 << 20));
-        assert!(!CommitPolicy::check_now(2047, 1 << 20));
+        assert!(CommitPolicy::check_now(2047, 2048, 1 << 20));
+        assert!(!CommitPolicy::check_now(2046, 2047, 1 << 20));
         assert!(
-            CommitPolicy::check_now(7, 7),
+            CommitPolicy::check_now(1000, 5000, 1 << 20),
+            "a batch that crosses a multiple"
+        );
+        assert!(
+            CommitPolicy::check_now(6, 7, 7),
             "small triggers are checked at their multiples"
         );
     }

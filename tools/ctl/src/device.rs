@@ -10,11 +10,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use refd_btrfs::export::DumpWriter;
-use refd_durable::codec::decode_op;
 use refd_durable::codec::EXTENT_BYTENR_MAX;
+use refd_durable::codec::{decode_record, Record};
 pub use refd_durable::progress::Progress;
 use refd_durable::progress::PROGRESS_CHECK_ITEMS;
-use refd_durable::{read_held, read_newest_superblock, scan_extents, DurableEngine, FormatOptions};
+use refd_durable::{
+    read_held, read_newest_superblock, read_service, scan_extents, DurableEngine, FormatOptions,
+};
 use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
 use refd_ioring::format::Superblock;
 use refd_ioring::{replay, Device, FileAllocation, UringConfig, UringStorage};
@@ -141,8 +143,18 @@ pub struct FsckReport {
     pub held_heads: usize,
     /// Log batches that replay would apply.
     pub log_batches: usize,
-    /// Log records (ops) that replay would apply.
+    /// Log records that replay would apply.
     pub log_records: usize,
+    /// Ops in them.
+    pub log_ops: usize,
+    /// Client sessions kept (exactly-once SUBMIT replies).
+    pub sessions: usize,
+    /// Freed-list consumers.
+    pub consumers: usize,
+    /// Freed lists kept.
+    pub freed_lists: usize,
+    /// Freed extents kept.
+    pub freed_extents: u64,
     /// Where and why log replay stops.
     pub log_end: String,
     /// Everything wrong (at most [`PROBLEMS_SHOWN_MAX`]).
@@ -238,6 +250,15 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
             Ok((heads, _)) => report.held_heads = heads.len(),
             Err(e) => report.problem(e.to_string()),
         }
+        match read_service(&tree, &report.device) {
+            Ok(s) => {
+                report.sessions = s.sessions;
+                report.consumers = s.consumers.len();
+                report.freed_lists = s.freed_lists;
+                report.freed_extents = s.freed_extents;
+            }
+            Err(e) => report.problem(e.to_string()),
+        }
     }
     progress.tick(|| "reading the log".to_string());
     match replay(&*storage, &sb) {
@@ -250,8 +271,11 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
                     let n = report.log_records;
                     progress.tick(|| format!("decoded {n} log records"));
                 }
-                if let Err(e) = decode_op(rec.data) {
-                    report.problem(format!("log record at LSN {}: {e}", rec.lsn.get()));
+                match decode_record(rec.data) {
+                    Ok(Record::Op(_)) => report.log_ops += 1,
+                    Ok(Record::Submit { ops, .. }) => report.log_ops += ops.len(),
+                    Ok(_) => {}
+                    Err(e) => report.problem(format!("log record at LSN {}: {e}", rec.lsn.get())),
                 }
             }
         }

@@ -109,6 +109,11 @@ fn format_fsck_dump_and_corruption() {
         v["log_records"], 5,
         "ops only in the log are what recovery would replay: {v}"
     );
+    assert_eq!(v["log_ops"], 5, "one op per record: {v}");
+    assert_eq!(
+        (v["sessions"].clone(), v["freed_extents"].clone()),
+        (0.into(), 0.into())
+    );
     assert!(
         v["tree_items"].as_u64().unwrap() > 50,
         "keyed backref items: {v}"

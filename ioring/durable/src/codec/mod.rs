@@ -19,7 +19,9 @@
 //! Map: `varint.rs` (LEB128 and the bounds-checked [`Reader`]), `op.rs`
 //! (op records), `item.rs` (extent items: encode, decode, [`ExtentLoader`]),
 //! `held.rs` (the held-heads stream), `diff.rs` (an extent's B+tree
-//! changes from its item before to its item after).
+//! changes from its item before to its item after), `record.rs` (the
+//! other log records: SUBMIT batches, sessions, freed-list consumers),
+//! `service.rs` (the daemon's state as B+tree items).
 
 /// Why bytes could not be decoded (or an item not encoded).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -105,6 +107,8 @@ mod diff;
 mod held;
 mod item;
 mod op;
+pub mod record;
+pub mod service;
 #[cfg(test)]
 mod tests;
 mod varint;
@@ -118,4 +122,5 @@ pub use item::{
     EXTENT_ITEM_KEY, METADATA_ITEM_KEY,
 };
 pub use op::{decode_op, encode_op, op_record, OP_RECORD_BYTES_MAX};
+pub use record::{decode_record, encode_record, encode_submit, Record};
 pub(crate) use varint::{get_ref_key, put_ref_key, put_varint, Reader};

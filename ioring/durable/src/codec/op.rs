@@ -12,7 +12,9 @@ const OP_DATA: u8 = 0x08;
 const OP_SEQ: u8 = 0x10;
 const OP_EXTENT_OP: u8 = 0x20;
 const OP_EXTENT_OP_KEY: u8 = 0x40;
-const OP_RESERVED: u8 = 0x80;
+/// Never set in an op record: a first byte with it is another kind of
+/// record (`record.rs`).
+pub(crate) const OP_RESERVED: u8 = 0x80;
 
 /// Encodes `op` as one log record (see `docs/durable.md`, "Op record").
 pub fn encode_op(op: &Op, out: &mut Vec<u8>) {
@@ -63,6 +65,14 @@ pub fn op_record(op: &Op) -> Vec<u8> {
 /// pass [`Op::check`].
 pub fn decode_op(buf: &[u8]) -> Result<Op, CodecError> {
     let mut r = Reader::new(buf);
+    let op = read_op(&mut r)?;
+    r.finish("op record")?;
+    Ok(op)
+}
+
+/// Reads one op (self-delimiting: the flags byte says which fields
+/// follow) and checks it.
+pub(crate) fn read_op(r: &mut Reader<'_>) -> Result<Op, CodecError> {
     let flags = r.u8("op flags")?;
     if flags & OP_RESERVED != 0 || (flags & OP_EXTENT_OP_KEY != 0 && flags & OP_EXTENT_OP == 0) {
         return Err(CodecError::Invalid {
@@ -86,7 +96,7 @@ pub fn decode_op(buf: &[u8]) -> Result<Op, CodecError> {
     let key = if action == Action::UpdateHead {
         None
     } else {
-        Some(get_ref_key(&mut r)?)
+        Some(get_ref_key(r)?)
     };
     let seq = if flags & OP_SEQ != 0 {
         let seq = r.varint("seq")?;
@@ -115,7 +125,6 @@ pub fn decode_op(buf: &[u8]) -> Result<Op, CodecError> {
     } else {
         None
     };
-    r.finish("op record")?;
     let op = Op {
         bytenr,
         num_bytes,

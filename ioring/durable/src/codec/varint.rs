@@ -75,6 +75,25 @@ impl<'a> Reader<'a> {
         Err(CodecError::BadVarint { field, at: start })
     }
 
+    /// Bytes not read yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len() - self.at
+    }
+
+    /// The next `len` bytes.
+    pub(crate) fn slice(
+        &mut self,
+        len: usize,
+        field: &'static str,
+    ) -> Result<&'a [u8], CodecError> {
+        let s = self
+            .buf
+            .get(self.at..self.at.saturating_add(len))
+            .ok_or(CodecError::Truncated { field, at: self.at })?;
+        self.at += len;
+        Ok(s)
+    }
+
     pub(crate) fn finish(&self, what: &'static str) -> Result<(), CodecError> {
         match self.buf.len() - self.at {
             0 => Ok(()),

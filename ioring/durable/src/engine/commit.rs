@@ -126,10 +126,11 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         // next one. Only this step (microseconds) holds the ingest lock;
         // merging and running the frozen heads does not stall ingest.
         let t0 = Instant::now();
-        let (cut, sealed, ops) = {
+        let (cut, sealed, ops, snap) = {
             let _cut = self.cut.write().unwrap_or_else(|e| e.into_inner());
             let ops = self.pending_ops.swap(0, Ordering::Relaxed);
-            (self.log.seal(), self.engine.seal(), ops)
+            let snap = self.service_snapshot();
+            (self.log.seal(), self.engine.seal(), ops, snap)
         };
         let frozen = sealed.merge();
         let mut phases = CommitPhases {
@@ -157,8 +158,13 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let t3 = Instant::now();
         let held_heads = ran.report().held_heads.clone();
         let held_chunks_before = st.held_chunks;
+        let (service, dropped, freed_list) =
+            self.service_changes(&snap, generation, &ran.report().freed);
         let (items, core) = refd_core::engine::alongside(
-            || self.apply_items(generation, cut, diffs, &held_heads, held_chunks_before),
+            || {
+                let held = (held_heads.as_slice(), held_chunks_before);
+                self.apply_items(generation, cut, diffs, held, service)
+            },
             || {
                 let mut core = ran.apply();
                 // The items before: hundreds of thousands of frees, off
@@ -174,6 +180,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         );
         phases.apply = t3.elapsed();
         let mut summary = self.commit_tail(st, cut, core, items?, &mut phases)?;
+        self.service_committed(generation, freed_list, &dropped);
         phases.total = t0.elapsed();
         self.record_commit(ops, phases.total);
         summary.extents_read = extents_read;
@@ -223,15 +230,16 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
 
     /// The B+tree side of a commit (on a commit worker, see
     /// `commit_locked`): once every record below the cut is durable, the
-    /// run workers' item changes and the held heads go into the working
-    /// B+tree.
+    /// run workers' item changes, the held heads (and how many chunks the
+    /// last commit kept of them) and the service state at the cut go into
+    /// the working B+tree.
     fn apply_items(
         &self,
         generation: u64,
         cut: Lsn,
         diffs: Vec<ItemDiffPart>,
-        held_heads: &[Head],
-        held_chunks_before: usize,
+        (held_heads, held_chunks_before): (&[Head], usize),
+        service: ItemChanges,
     ) -> Result<AppliedItems, CommitError> {
         let t = Instant::now();
         let device = self.storage.device_name();
@@ -268,6 +276,8 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             ));
         }
         parts.push(held_changes);
+        // The service items sort after the held heads'.
+        parts.push(service);
         let item_changes = parts.iter().map(Vec::len).sum();
         for changes in parts {
             if !changes.is_empty() {

@@ -4,6 +4,7 @@
 //! flight by log space; the commit policy bounds the pending ops.
 
 use std::sync::atomic::Ordering;
+use std::sync::RwLockReadGuard;
 
 use refd_core::delayed::DelayedRefStore;
 use refd_core::model::Op;
@@ -63,21 +64,50 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     }
 
     fn add_record(&self, op: &Op, record: &[u8]) -> Result<Ticket<S>, AddError> {
+        let admitted = self.admit().map_err(AddError::Failed)?;
+        // The engine first: it may refuse the op, and nothing may be logged
+        // that the engine does not hold.
+        self.engine.handle()?.add(op)?;
+        let ticket = self
+            .append(record, || format!("log append of {op}"))
+            .map_err(AddError::Failed)?;
+        let pending = self.pending_ops.fetch_add(1, Ordering::Relaxed);
+        drop(admitted);
+        self.after_add(pending, pending + 1)
+            .map_err(AddError::Failed)?;
+        Ok(ticket)
+    }
+
+    /// Appends `record` to the log (admitted, under the cut lock): a
+    /// failure latches, since the engine already holds what it records.
+    pub(super) fn append(
+        &self,
+        record: &[u8],
+        what: impl FnOnce() -> String,
+    ) -> Result<Ticket<S>, Failure> {
+        self.log.append(record).map(Ticket).map_err(|e| {
+            let failure = Failure::of_log(self.device_name(), what(), &e);
+            self.latch(failure)
+        })
+    }
+
+    /// Admission of one append: waits (committing if need be) until the
+    /// log has room for every append in flight plus this one, and returns
+    /// with the cut lock's read side held (see [`DurableEngine::add`]).
+    pub(super) fn admit(&self) -> Result<Admitted<'_, S, D>, Failure> {
         let per_append = 2 * self.log.batch_bytes_cap() as u64;
         loop {
-            let ingest = self.cut.read().unwrap_or_else(|e| e.into_inner());
+            let cut = self.cut.read().unwrap_or_else(|e| e.into_inner());
             let k = self.appenders.fetch_add(1, Ordering::SeqCst) + 1;
+            let admitted = Admitted {
+                engine: self,
+                _cut: cut,
+            };
             let need = per_append * k as u64;
             if k <= self.appenders_max && self.log.free_bytes() >= need {
-                let r = self.add_locked(op, record);
-                self.appenders.fetch_sub(1, Ordering::SeqCst);
-                drop(ingest);
-                let (ticket, pending) = r?;
-                self.after_add(pending)?;
-                return Ok(ticket);
+                return Ok(admitted);
             }
-            self.appenders.fetch_sub(1, Ordering::SeqCst);
-            drop(ingest);
+            drop(admitted);
             if k > self.appenders_max {
                 std::thread::yield_now();
             } else {
@@ -86,51 +116,33 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         }
     }
 
-    /// Engine add + log append, under the read side of the cut lock.
-    /// Returns the ticket and the ops now pending.
-    fn add_locked(&self, op: &Op, record: &[u8]) -> Result<(Ticket<S>, u64), AddError> {
-        // The engine first: it may refuse the op, and nothing may be logged
-        // that the engine does not hold.
-        self.engine.handle()?.add(op)?;
-        match self.log.append(record) {
-            Ok(t) => Ok((
-                Ticket(t),
-                self.pending_ops.fetch_add(1, Ordering::Relaxed) + 1,
-            )),
-            // The engine now holds an op that is not logged: fatal.
-            Err(e) => {
-                let failure =
-                    Failure::of_log(self.device_name(), format!("log append of {op}"), &e);
-                Err(AddError::Failed(self.latch(failure)))
-            }
-        }
-    }
-
     /// Commits unless another commit already left `need` bytes free.
-    fn make_room(&self, need: u64) -> Result<(), AddError> {
-        self.check_failed().map_err(AddError::Failed)?;
+    fn make_room(&self, need: u64) -> Result<(), Failure> {
+        self.check_failed()?;
         let mut st = lock(&self.commit);
         if self.log.free_bytes() >= need {
             return Ok(());
         }
-        self.commit_locked(&mut st)?;
+        self.commit_locked(&mut st)
+            .map_err(|e| e.failure().clone())?;
         Ok(())
     }
 
-    /// Called by an add that made `pending` ops pending, outside the cut
-    /// lock: wake the committer, or apply back-pressure.
-    fn after_add(&self, pending: u64) -> Result<(), AddError> {
+    /// Called by an add that took the pending ops from `before` to
+    /// `after`, outside the cut lock: wake the committer, or apply
+    /// back-pressure.
+    pub(super) fn after_add(&self, before: u64, after: u64) -> Result<(), Failure> {
         let trigger = self.commit_trigger_ops();
-        if !CommitPolicy::check_now(pending, trigger) {
+        if !CommitPolicy::check_now(before, after, trigger) {
             return Ok(());
         }
-        if CommitPolicy::throttles(pending, trigger) {
+        if CommitPolicy::throttles(after, trigger) {
             return self.throttle(trigger);
         }
         let log_full = self
             .policy()
             .log_full(self.log.used_bytes(), self.log.log_bytes());
-        if pending >= trigger || log_full {
+        if after >= trigger || log_full {
             self.kick_committer();
         }
         Ok(())
@@ -138,12 +150,27 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
 
     /// Back-pressure: wait for the running commit; if the pending ops
     /// still throttle after it, commit here.
-    fn throttle(&self, trigger: u64) -> Result<(), AddError> {
+    fn throttle(&self, trigger: u64) -> Result<(), Failure> {
         let mut st = lock(&self.commit);
         if !CommitPolicy::throttles(self.pending_ops(), trigger) {
             return Ok(());
         }
-        self.commit_locked(&mut st)?;
+        self.commit_locked(&mut st)
+            .map_err(|e| e.failure().clone())?;
         Ok(())
+    }
+}
+
+/// An admitted append: the cut lock's read side and one appender slot,
+/// given back on drop.
+pub(super) struct Admitted<'a, S: Storage + Clone, D: DelayedRefStore> {
+    engine: &'a DurableEngine<S, D>,
+    _cut: RwLockReadGuard<'a, ()>,
+}
+
+impl<S: Storage + Clone, D: DelayedRefStore> Drop for Admitted<'_, S, D> {
+    fn drop(&mut self) {
+        // Before the cut lock's read side goes (the field drops after).
+        self.engine.appenders.fetch_sub(1, Ordering::SeqCst);
     }
 }

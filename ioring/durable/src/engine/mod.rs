@@ -43,15 +43,18 @@ use refd_ioring::Storage;
 use crate::committer::{Committer, CommitterStats, SystemClock};
 use crate::error::{CommitError, Failure};
 use crate::policy::{self, CommitPolicy, PolicyInput};
+use crate::service::{Service, ServiceOptions};
 use crate::stats::CommitTotals;
 
 mod commit;
 mod ingest;
 pub(crate) mod open;
 mod read;
+mod service;
 mod verify;
 
 pub use read::{load_extents, read_held, scan_extents};
+pub use service::{read_service, FreedPage, ServiceStats, Submitted};
 
 /// Default log region: this fraction of the device ...
 pub const LOG_DEVICE_FRACTION: u64 = 8;
@@ -98,6 +101,8 @@ pub struct OpenOptions {
     /// Turn on ref-verify: every op is checked against a shadow of the
     /// extent tree before it is queued (refused ops are never logged).
     pub verify: bool,
+    /// Bounds of the daemon's state (sessions, freed lists).
+    pub service: ServiceOptions,
     /// Where recovery's progress lines go (extents cached, log records
     /// replayed), one per [`crate::progress::Progress::EVERY`] of a long
     /// open; `None`: silent.
@@ -115,6 +120,7 @@ impl Default for OpenOptions {
             cache_extents_max: CACHE_EXTENTS_DEFAULT,
             policy: CommitPolicy::default(),
             verify: false,
+            service: ServiceOptions::default(),
             progress: None,
         }
     }
@@ -204,6 +210,8 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     op_cost_ps: AtomicU64,
     pub(crate) committer: Mutex<CommitterFlags>,
     pub(crate) committer_cv: Condvar,
+    /// Sessions and freed-list consumers (taken after the cut lock).
+    service: Mutex<Service>,
 }
 
 impl<S: Storage + Clone, D: DelayedRefStore> fmt::Debug for DurableEngine<S, D> {

@@ -20,13 +20,16 @@ use refd_ioring::log::{replay, RefLog};
 use refd_ioring::{Storage, StorageError, BLOCK_BYTES};
 
 use super::read::{read_held, scan_extents};
+use super::service::load_service;
 use super::{
     CommitState, CommitterFlags, DurableEngine, FormatOptions, OpenOptions, APPENDERS_MIN,
     LOG_BYTES_MIN_DEFAULT, LOG_DEVICE_FRACTION, NODE_REGION_NODES_MIN,
 };
-use crate::codec;
+use crate::codec::service::SessionReply;
+use crate::codec::{self, Record};
 use crate::error::{FormatDeviceError, OpenError};
 use crate::progress::{Progress, PROGRESS_CHECK_ITEMS};
+use crate::service::Service;
 use crate::stats::{CommitTotals, RecoveryInfo};
 
 /// Writes `sb` durably to its slot.
@@ -85,12 +88,15 @@ fn forget_seq(head: &mut Head) {
     }
 }
 
-/// Decodes every replayed record and adds its op to `engine` (pending), in
-/// log order. (Routing ops by bytenr to one worker per core was measured
-/// at the same speed on this 2-core machine: the decoding reader is the
+/// Decodes every replayed record, in log order: ops are added to `engine`
+/// (pending), SUBMIT batches too (and their replies kept by their
+/// sessions), service records applied to `service`. Returns the ops
+/// replayed. (Routing ops by bytenr to one worker per core was measured at
+/// the same speed on this 2-core machine: the decoding reader is the
 /// bound, so replay stays on one thread.)
-fn replay_ops<D: DelayedRefStore>(
+fn replay_records<D: DelayedRefStore>(
     engine: &Engine<D>,
+    service: &mut Service,
     replayed: &refd_ioring::Replay,
     progress: &mut Progress,
     device: &str,
@@ -109,14 +115,39 @@ fn replay_ops<D: DelayedRefStore>(
             progress.tick(|| format!("{device}: recovery: {n} log records replayed"));
         }
         let lsn = rec.lsn.get();
-        let mut op = codec::decode_op(rec.data).map_err(|source| OpenError::Record {
+        let record = codec::decode_record(rec.data).map_err(|source| OpenError::Record {
             device: device.to_string(),
             lsn,
             source,
         })?;
-        op.seq = 0; // see `forget_seq`
-        h.add(&op).map_err(refused(lsn))?;
-        n += 1;
+        match record {
+            Record::Op(mut op) => {
+                op.seq = 0; // see `forget_seq`
+                h.add(&op).map_err(refused(lsn))?;
+                n += 1;
+            }
+            Record::Submit {
+                session,
+                request,
+                mut ops,
+            } => {
+                ops.iter_mut().for_each(|op| op.seq = 0);
+                h.add_batch(&ops).map_err(|(_, e)| refused(lsn)(e))?;
+                let reply = SessionReply {
+                    request,
+                    lsn,
+                    ops: ops.len() as u32,
+                };
+                service.record_submit(session, reply);
+                n += ops.len();
+            }
+            Record::Register { session } => service.register_id(session),
+            Record::Subscribe { consumer, name } => service.subscribe(consumer, &name, 0),
+            Record::FreedAck {
+                consumer,
+                generation,
+            } => service.ack(consumer, generation),
+        }
     }
     Ok(n)
 }
@@ -252,7 +283,10 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             // against the committed tree plus the held heads.
             engine.enable_verify();
         }
-        let ops_replayed = replay_ops(&engine, &replayed, &mut progress, &device)?;
+        let mut service = Service::new(options.service);
+        load_service(&tree, &device, &mut service)?;
+        let ops_replayed =
+            replay_records(&engine, &mut service, &replayed, &mut progress, &device)?;
         let log = RefLog::open(storage.clone(), &sb, &replayed, options.log).map_err(|source| {
             OpenError::Log {
                 device: device.clone(),
@@ -313,6 +347,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             op_cost_ps: AtomicU64::new(0),
             committer: Mutex::new(CommitterFlags::default()),
             committer_cv: Condvar::new(),
+            service: Mutex::new(service),
         };
         engine.record_commit(0, Duration::ZERO);
         Ok((engine, info))

@@ -1,0 +1,559 @@
+//! The daemon's requests on the engine: SUBMIT batches of a session
+//! (exactly once), session registration, and the freed-list consumers
+//! (`crate::service` holds the state; this file logs its changes and
+//! writes it at commits).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use refd_core::delayed::DelayedRefStore;
+use refd_core::model::Op;
+use refd_core::run::FreedExtent;
+use refd_ioring::btree::{BTree, Change, Key};
+use refd_ioring::log::Lsn;
+use refd_ioring::Storage;
+
+use super::{lock, DurableEngine, Ticket};
+use crate::codec::record::{submit_record_bytes_max, CONSUMER_NAME_BYTES_MAX};
+use crate::codec::service::{
+    self as items, ConsumerItem, FreedEntry, MetaItem, SessionItem, SessionReply, CONSUMER_KEY,
+    FREED_KEY, SERVICE_OBJECTID, SESSION_KEY,
+};
+use crate::codec::{encode_record, encode_submit, Record};
+use crate::error::{Failure, ReadError, ServiceError, SubmitError};
+use crate::service::{Admission, Consumer, FreedList, Service, Snapshot, CONSUMERS_MAX};
+
+thread_local! {
+    /// Each thread's SUBMIT record buffer (the log copies it into its
+    /// batch; the buffer is reused).
+    static SUBMIT_RECORD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What [`DurableEngine::submit`] did.
+#[derive(Debug)]
+pub enum Submitted<S: Storage> {
+    /// Applied and logged now; durable once the ticket says so.
+    Queued {
+        /// The batch's log ticket.
+        ticket: Ticket<S>,
+        /// Ops applied.
+        ops: u32,
+    },
+    /// The request number was applied before: nothing was applied now.
+    /// Its batch is durable once `lsn` is ([`DurableEngine::wait_durable`]).
+    Duplicate {
+        /// LSN of the batch that applied it.
+        lsn: Lsn,
+        /// Ops it applied.
+        ops: u32,
+    },
+}
+
+/// A page of freed extents ([`DurableEngine::read_freed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreedPage {
+    /// `(generation, extent)`, in commit order.
+    pub extents: Vec<(u64, FreedEntry)>,
+    /// The cursor for the next page: generation and index within it.
+    pub next: (u64, u32),
+    /// More extents are kept after this page.
+    pub more: bool,
+    /// The oldest generation whose list is kept (0: none).
+    pub oldest_kept: u64,
+}
+
+/// What the service keeps (for stats).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Sessions kept.
+    pub sessions: usize,
+    /// Sessions ever registered.
+    pub sessions_registered: u64,
+    /// Their bound.
+    pub sessions_max: usize,
+    /// Consumers and their acknowledgements.
+    pub consumers: Vec<Consumer>,
+    /// Freed lists kept.
+    pub freed_lists: usize,
+    /// Freed extents kept.
+    pub freed_extents: u64,
+    /// Their bound.
+    pub freed_kept_max: u64,
+    /// Oldest generation kept.
+    pub freed_oldest: Option<u64>,
+}
+
+impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
+    /// Applies `ops` of `session`'s request `request`, all or nothing,
+    /// exactly once: a request number the session already logged is not
+    /// applied again ([`Submitted::Duplicate`] carries its reply). The
+    /// batch is one log record, so after a crash it is entirely present or
+    /// absent, together with its request number.
+    pub fn submit(
+        &self,
+        session: u64,
+        request: u64,
+        ops: &[Op],
+    ) -> Result<Submitted<S>, SubmitError> {
+        self.check_failed().map_err(SubmitError::Failed)?;
+        let max = self.log.record_bytes_max();
+        if submit_record_bytes_max(ops.len()) > max {
+            // Only then encode to see whether it really is too large.
+            let mut record = Vec::new();
+            encode_submit(session, request, ops, &mut record);
+            if record.len() > max {
+                return Err(SubmitError::TooLarge {
+                    ops: ops.len(),
+                    bytes: record.len(),
+                    max,
+                });
+            }
+        }
+        SUBMIT_RECORD.with_borrow_mut(|record| {
+            record.clear();
+            encode_submit(session, request, ops, record);
+            self.submit_record(session, request, ops, record)
+        })
+    }
+
+    fn submit_record(
+        &self,
+        session: u64,
+        request: u64,
+        ops: &[Op],
+        record: &[u8],
+    ) -> Result<Submitted<S>, SubmitError> {
+        let admitted = self.admit().map_err(SubmitError::Failed)?;
+        // The service lock is held from the check of the request number to
+        // its reply being kept: a retry on another connection waits here,
+        // then finds it.
+        let mut service = lock(&self.service);
+        if let Admission::Duplicate(reply) = service.admit(session, request)? {
+            return Ok(Submitted::Duplicate {
+                lsn: Lsn(reply.lsn),
+                ops: reply.ops,
+            });
+        }
+        // The engine first: it may refuse an op, and nothing may be logged
+        // that the engine does not hold. (A handle is always available:
+        // admission bounds the appends in flight below the shards.)
+        let mut handle = self
+            .engine
+            .handle()
+            .map_err(|source| SubmitError::Refused { index: 0, source })?;
+        handle
+            .add_batch(ops)
+            .map_err(|(index, source)| SubmitError::Refused { index, source })?;
+        drop(handle);
+        let ticket = self
+            .append(record, || {
+                format!("log append of request {request} of session {session}")
+            })
+            .map_err(SubmitError::Failed)?;
+        let n = ops.len() as u64;
+        service.record_submit(
+            session,
+            SessionReply {
+                request,
+                lsn: ticket.lsn().get(),
+                ops: n as u32,
+            },
+        );
+        let before = self.pending_ops.fetch_add(n, Ordering::Relaxed);
+        drop(service);
+        drop(admitted);
+        self.after_add(before, before + n)
+            .map_err(SubmitError::Failed)?;
+        Ok(Submitted::Queued {
+            ticket,
+            ops: n as u32,
+        })
+    }
+
+    /// Returns once the log is durable up to `lsn` (a duplicate SUBMIT's
+    /// reply waits for its original batch).
+    pub fn wait_durable(&self, lsn: Lsn) -> Result<(), Failure> {
+        self.log.wait_for(lsn).map_err(|e| {
+            let failure = Failure::of_log(
+                self.device_name(),
+                format!("wait for LSN {}", lsn.get()),
+                &e,
+            );
+            self.latch(failure)
+        })
+    }
+
+    /// Logs one service record (admitted, with the service lock held by
+    /// the caller through `f`, which changes the state and returns the
+    /// record).
+    fn log_service<T>(
+        &self,
+        f: impl FnOnce(&mut Service) -> Result<(T, Option<Record>), ServiceError>,
+    ) -> Result<(T, Option<Ticket<S>>), ServiceError> {
+        self.check_failed().map_err(ServiceError::Failed)?;
+        let admitted = self.admit().map_err(ServiceError::Failed)?;
+        let mut service = lock(&self.service);
+        let (value, record) = f(&mut service)?;
+        let ticket = match record {
+            Some(record) => {
+                let mut buf = Vec::with_capacity(32);
+                encode_record(&record, &mut buf);
+                let what = || format!("log append of {record:?}");
+                Some(self.append(&buf, what).map_err(ServiceError::Failed)?)
+            }
+            None => None,
+        };
+        drop(service);
+        drop(admitted);
+        Ok((value, ticket))
+    }
+
+    /// Registers a new session (evicting the least recently used one at
+    /// the bound). The session exists once the ticket is durable.
+    pub fn register_session(&self) -> Result<(u64, Ticket<S>), ServiceError> {
+        let (session, ticket) = self.log_service(|service| {
+            let session = service.register();
+            Ok((session, Some(Record::Register { session })))
+        })?;
+        Ok((session, ticket.expect("a registration is logged")))
+    }
+
+    /// Subscribes a freed-list consumer by name (or finds it): its id and
+    /// last acknowledged generation; durable once the ticket (if any) is.
+    pub fn subscribe_freed(
+        &self,
+        name: &str,
+    ) -> Result<(Consumer, Option<Ticket<S>>), ServiceError> {
+        if name.is_empty() || name.len() > CONSUMER_NAME_BYTES_MAX {
+            return Err(ServiceError::BadName { len: name.len() });
+        }
+        self.log_service(|service| {
+            if let Some(c) = service.consumer_by_name(name) {
+                return Ok((c.clone(), None));
+            }
+            let consumer = service
+                .next_consumer()
+                .ok_or(ServiceError::ConsumersFull { max: CONSUMERS_MAX })?;
+            service.subscribe(consumer, name, 0);
+            let c = service.consumer(consumer).expect("just subscribed").clone();
+            let record = Record::Subscribe {
+                consumer,
+                name: name.to_string(),
+            };
+            Ok((c, Some(record)))
+        })
+    }
+
+    /// Acknowledges every freed list up to `generation` (at most the last
+    /// committed one) for `consumer`: lists every consumer acknowledged are
+    /// dropped by the next commits. Returns the acknowledged generation;
+    /// durable once the ticket (if any) is.
+    pub fn ack_freed(
+        &self,
+        consumer: u64,
+        generation: u64,
+    ) -> Result<(u64, Option<Ticket<S>>), ServiceError> {
+        let committed = self.superblock().generation;
+        self.log_service(|service| {
+            let Some(c) = service.consumer(consumer) else {
+                return Err(ServiceError::ConsumerUnknown { consumer });
+            };
+            let generation = generation.min(committed);
+            if generation <= c.acked {
+                return Ok((c.acked, None));
+            }
+            service.ack(consumer, generation);
+            Ok((
+                generation,
+                Some(Record::FreedAck {
+                    consumer,
+                    generation,
+                }),
+            ))
+        })
+    }
+
+    /// Up to `max` freed extents from cursor `(generation, index)`: the
+    /// extents freed by commit `generation` from its `index`-th on, then by
+    /// later commits, in commit order.
+    pub fn read_freed(
+        &self,
+        generation: u64,
+        index: u32,
+        max: usize,
+    ) -> Result<FreedPage, ServiceError> {
+        let (lists, dropped_upto, oldest): (Vec<(u64, FreedList)>, u64, Option<u64>) = {
+            let service = lock(&self.service);
+            let lists = service
+                .freed()
+                .range(generation..)
+                .map(|(g, l)| (*g, *l))
+                .collect();
+            (lists, service.freed_dropped_upto(), service.freed_oldest())
+        };
+        let expired = || ServiceError::FreedExpired {
+            dropped_upto,
+            oldest,
+        };
+        if generation <= dropped_upto {
+            return Err(expired());
+        }
+        let device = self.device_name();
+        let mut page = FreedPage {
+            extents: Vec::new(),
+            next: (generation, index),
+            more: false,
+            oldest_kept: oldest.unwrap_or(0),
+        };
+        for (g, list) in lists {
+            if page.extents.len() >= max {
+                page.more = true;
+                break;
+            }
+            let skip = if g == generation { index as u64 } else { 0 };
+            if skip >= list.extents {
+                page.next = (g + 1, 0);
+                continue;
+            }
+            let entries = read_freed_list(&self.tree, device, g)?;
+            if entries.len() as u64 != list.extents {
+                // Dropped by a commit since the index was read.
+                return Err(expired());
+            }
+            let take = (max - page.extents.len()).min(entries.len() - skip as usize);
+            page.extents.extend(
+                entries[skip as usize..skip as usize + take]
+                    .iter()
+                    .map(|e| (g, *e)),
+            );
+            let end = skip as usize + take;
+            page.next = if end == entries.len() {
+                (g + 1, 0)
+            } else {
+                page.more = true;
+                (g, end as u32)
+            };
+            if page.more {
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    /// What the service keeps.
+    pub fn service_stats(&self) -> ServiceStats {
+        let service = lock(&self.service);
+        ServiceStats {
+            sessions: service.sessions(),
+            sessions_registered: service.next_session() - 1,
+            sessions_max: service.options().sessions_max,
+            consumers: service.consumers(),
+            freed_lists: service.freed().len(),
+            freed_extents: service.freed_extents(),
+            freed_kept_max: service.options().freed_kept_max,
+            freed_oldest: service.freed_oldest(),
+        }
+    }
+
+    /// The service's changes at a commit's cut (under the cut's write
+    /// lock).
+    pub(super) fn service_snapshot(&self) -> Snapshot {
+        lock(&self.service).snapshot()
+    }
+
+    /// The B+tree changes of the service state for commit `generation`:
+    /// the snapshot's sessions, consumers and counters, this commit's freed
+    /// list, and the freed lists it drops (returned too), in key order.
+    pub(super) fn service_changes(
+        &self,
+        snap: &Snapshot,
+        generation: u64,
+        freed: &[FreedExtent],
+    ) -> (Vec<(Key, Change)>, Vec<u64>, Option<FreedList>) {
+        let service = lock(&self.service);
+        let dropped = service.freed_to_drop(freed.len() as u64, &snap.acked);
+        let mut changes: Vec<(Key, Change)> = Vec::new();
+        for (id, s) in &snap.sessions {
+            let change = match s {
+                Some(s) => Change::Put(items::encode_session(s)),
+                None => Change::Delete,
+            };
+            changes.push((items::session_key(*id), change));
+        }
+        for g in &dropped {
+            let list = service.freed()[g];
+            for chunk in 0..list.chunks {
+                changes.push((items::freed_key(*g, chunk), Change::Delete));
+            }
+        }
+        drop(service);
+        let added = (!freed.is_empty()).then(|| {
+            let entries: Vec<FreedEntry> = freed
+                .iter()
+                .map(|f| FreedEntry {
+                    bytenr: f.bytenr,
+                    num_bytes: f.num_bytes,
+                    kind: f.kind,
+                })
+                .collect();
+            let chunks = items::encode_freed_chunks(&entries);
+            let list = FreedList {
+                extents: entries.len() as u64,
+                chunks: chunks.len() as u64,
+            };
+            for (i, value) in chunks.into_iter().enumerate() {
+                changes.push((items::freed_key(generation, i as u64), Change::Put(value)));
+            }
+            list
+        });
+        for (id, c) in &snap.consumers {
+            changes.push((
+                items::consumer_key(*id),
+                Change::Put(items::encode_consumer(c)),
+            ));
+        }
+        let mut meta = snap.meta;
+        if let Some(&newest) = dropped.last() {
+            let mut m = meta.unwrap_or(snap.meta_at_cut);
+            m.freed_dropped_upto = m.freed_dropped_upto.max(newest);
+            meta = Some(m);
+        }
+        if let Some(m) = meta {
+            changes.push((items::meta_key(), Change::Put(items::encode_meta(&m))));
+        }
+        debug_assert!(
+            changes.windows(2).all(|w| w[0].0 < w[1].0),
+            "service changes in key order"
+        );
+        (changes, dropped, added)
+    }
+
+    /// After commit `generation` is durable: its freed list is kept, the
+    /// dropped ones are gone.
+    pub(super) fn service_committed(
+        &self,
+        generation: u64,
+        added: Option<FreedList>,
+        dropped: &[u64],
+    ) {
+        lock(&self.service).freed_committed(generation, added, dropped);
+    }
+}
+
+/// The freed list of commit `generation`, read from the B+tree.
+fn read_freed_list<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    generation: u64,
+) -> Result<Vec<FreedEntry>, ReadError> {
+    let range = items::freed_key(generation, 0)
+        ..=Key::new(
+            SERVICE_OBJECTID,
+            FREED_KEY,
+            generation << items::FREED_CHUNK_BITS | ((1 << items::FREED_CHUNK_BITS) - 1),
+        );
+    let mut out = Vec::new();
+    for item in tree.range(range) {
+        let (key, value) = item.map_err(|source| ReadError::Tree {
+            device: device.to_string(),
+            what: "freed lists",
+            source: Box::new(source),
+        })?;
+        out.extend(
+            items::decode_freed_chunk(&value).map_err(|source| ReadError::Items {
+                device: device.to_string(),
+                key: Some(key),
+                source,
+            })?,
+        );
+    }
+    Ok(out)
+}
+
+/// What a committed B+tree holds of the service state (for fsck): every
+/// item decoded and checked.
+pub fn read_service<S: Storage>(tree: &BTree<S>, device: &str) -> Result<ServiceStats, ReadError> {
+    let mut service = Service::new(crate::service::ServiceOptions {
+        sessions_max: usize::MAX,
+        ..Default::default()
+    });
+    load_service(tree, device, &mut service)?;
+    Ok(ServiceStats {
+        sessions: service.sessions(),
+        sessions_registered: service.next_session() - 1,
+        sessions_max: 0,
+        consumers: service.consumers(),
+        freed_lists: service.freed().len(),
+        freed_extents: service.freed_extents(),
+        freed_kept_max: 0,
+        freed_oldest: service.freed_oldest(),
+    })
+}
+
+/// The service state a committed B+tree holds (sessions, consumers,
+/// counters, the index of the freed lists), read at open.
+pub(super) fn load_service<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    service: &mut Service,
+) -> Result<(), ReadError> {
+    let tree_err = |source| ReadError::Tree {
+        device: device.to_string(),
+        what: "service items",
+        source: Box::new(source),
+    };
+    let items_err = |key: Key| {
+        move |source| ReadError::Items {
+            device: device.to_string(),
+            key: Some(key),
+            source,
+        }
+    };
+    let mut sessions: Vec<(u64, SessionItem)> = Vec::new();
+    let mut consumers: Vec<(u64, ConsumerItem)> = Vec::new();
+    let mut freed: BTreeMap<u64, FreedList> = BTreeMap::new();
+    let mut meta: Option<MetaItem> = None;
+    let range = Key::new(SERVICE_OBJECTID, SESSION_KEY, 0)..=Key::MAX;
+    for item in tree.range(range) {
+        let (key, value) = item.map_err(tree_err)?;
+        match key.item_type {
+            SESSION_KEY => sessions.push((
+                key.offset,
+                items::decode_session(&value).map_err(items_err(key))?,
+            )),
+            FREED_KEY => {
+                let (g, chunk) = items::freed_key_parts(key.offset);
+                let n = items::decode_freed_chunk(&value)
+                    .map_err(items_err(key))?
+                    .len() as u64;
+                let list = freed.entry(g).or_insert(FreedList {
+                    extents: 0,
+                    chunks: 0,
+                });
+                if chunk != list.chunks {
+                    return Err(items_err(key)(crate::codec::CodecError::Invalid {
+                        field: "freed chunk number",
+                        value: chunk,
+                    }));
+                }
+                list.extents += n;
+                list.chunks += 1;
+            }
+            CONSUMER_KEY => consumers.push((
+                key.offset,
+                items::decode_consumer(&value).map_err(items_err(key))?,
+            )),
+            items::META_KEY if key.offset == 0 => {
+                meta = Some(items::decode_meta(&value).map_err(items_err(key))?)
+            }
+            other => {
+                return Err(items_err(key)(crate::codec::CodecError::Invalid {
+                    field: "service item type",
+                    value: u64::from(other),
+                }))
+            }
+        }
+    }
+    service.load(meta, sessions, consumers, freed);
+    Ok(())
+}

@@ -1,0 +1,310 @@
+//! The daemon's durable state on the simulated device: SUBMIT batches are
+//! exactly once and all or nothing across power losses, sessions and
+//! consumers survive through commits and through log replay alike, and
+//! freed lists are kept, paged, acknowledged and bounded.
+
+use std::sync::Arc;
+
+use refd_core::delayed::mutex::MutexStore;
+use refd_core::model::{Action, ExtentKind, Op, RefKey};
+use refd_durable::{
+    DurableEngine, FormatOptions, OpenOptions, ServiceError, ServiceOptions, SessionError,
+    SubmitError, Submitted,
+};
+use refd_ioring::format::FsId;
+use refd_ioring::{LogConfig, SimConfig, SimStorage};
+
+type Dev = Arc<SimStorage>;
+
+fn device() -> Dev {
+    let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(16 << 20, 5)).unwrap());
+    DurableEngine::format(
+        &dev,
+        FormatOptions {
+            log_bytes: Some(4 << 20),
+            fs_id: Some(FsId([3; 16])),
+        },
+    )
+    .unwrap();
+    dev
+}
+
+fn options(service: ServiceOptions) -> OpenOptions {
+    OpenOptions {
+        log: LogConfig {
+            batch_bytes_max: 256 << 10,
+            ..LogConfig::default()
+        },
+        service,
+        ..OpenOptions::default()
+    }
+}
+
+fn open(dev: &Dev, service: ServiceOptions) -> DurableEngine<Dev> {
+    DurableEngine::open(Arc::clone(dev), options(service))
+        .unwrap()
+        .0
+}
+
+fn data(action: Action, bytenr: u64, objectid: u64) -> Op {
+    let key = RefKey::ExtentData {
+        root: 5,
+        objectid,
+        offset: 0,
+    };
+    Op::new(bytenr, 4096, ExtentKind::Data, action, key, 0).unwrap()
+}
+
+fn refs(e: &DurableEngine<Dev>, bytenr: u64) -> i64 {
+    e.lookup_extent_ref(bytenr).unwrap().refs
+}
+
+fn queued(s: Submitted<Dev>) -> u64 {
+    match s {
+        Submitted::Queued { ticket, .. } => ticket.wait().unwrap().get(),
+        Submitted::Duplicate { .. } => panic!("not a duplicate"),
+    }
+}
+
+/// A retried SUBMIT is never applied twice: not before a commit, not after
+/// one, not after a power loss with or without a commit in between.
+#[test]
+fn a_retried_submit_is_applied_once() {
+    let dev = device();
+    let e = open(&dev, ServiceOptions::default());
+    let (s, t) = e.register_session().unwrap();
+    t.wait().unwrap();
+    let alloc = [data(Action::AddExtent, 1 << 20, 1)];
+    let lsn1 = queued(e.submit(s, 1, &alloc).unwrap());
+    let batch2: Vec<Op> = (2..10).map(|o| data(Action::AddRef, 1 << 20, o)).collect();
+    let lsn2 = queued(e.submit(s, 2, &batch2).unwrap());
+    let dup = |e: &DurableEngine<Dev>, r: u64, ops: &[Op], lsn: u64| match e.submit(s, r, ops) {
+        Ok(Submitted::Duplicate { lsn: l, ops: n }) => {
+            assert_eq!((l.get(), n as usize), (lsn, ops.len()))
+        }
+        other => panic!("request {r}: {other:?}"),
+    };
+    dup(&e, 2, &batch2, lsn2);
+    assert_eq!(refs(&e, 1 << 20), 9);
+    // Replayed from the log only.
+    let crashed: Dev = Arc::new(dev.crash());
+    drop(e);
+    let e = open(&crashed, ServiceOptions::default());
+    dup(&e, 1, &alloc, lsn1);
+    dup(&e, 2, &batch2, lsn2);
+    assert_eq!(refs(&e, 1 << 20), 9);
+    // Kept by a commit, the log trimmed.
+    e.commit().unwrap();
+    assert_eq!(e.log().used_bytes(), 0);
+    let crashed: Dev = Arc::new(crashed.crash());
+    drop(e);
+    let e = open(&crashed, ServiceOptions::default());
+    dup(&e, 2, &batch2, lsn2);
+    assert_eq!(refs(&e, 1 << 20), 9);
+    // New request numbers apply; unknown sessions are refused.
+    queued(
+        e.submit(s, 3, &[data(Action::DropRef, 1 << 20, 9)])
+            .unwrap(),
+    );
+    assert_eq!(refs(&e, 1 << 20), 8);
+    assert!(matches!(
+        e.submit(s + 1, 1, &alloc),
+        Err(SubmitError::Session(SessionError::Unknown { .. }))
+    ));
+    e.commit().unwrap();
+    e.verify().unwrap();
+}
+
+/// An invalid op refuses the whole batch: nothing is applied or logged,
+/// and the request number stays unused.
+#[test]
+fn a_refused_batch_applies_nothing() {
+    let dev = device();
+    let mut o = options(ServiceOptions::default());
+    o.verify = true;
+    let e = DurableEngine::open(Arc::clone(&dev), o).unwrap().0;
+    let (s, t) = e.register_session().unwrap();
+    t.wait().unwrap();
+    queued(
+        e.submit(s, 1, &[data(Action::AddExtent, 1 << 20, 1)])
+            .unwrap(),
+    );
+    let used = e.log().used_bytes();
+    let bad = [
+        data(Action::AddRef, 1 << 20, 2),
+        data(Action::AddRef, 1 << 20, 3),
+        data(Action::DropRef, 1 << 20, 77), // no such backref
+    ];
+    match e.submit(s, 2, &bad) {
+        Err(SubmitError::Refused { index: 2, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(refs(&e, 1 << 20), 1, "nothing of the batch applied");
+    assert_eq!(e.log().used_bytes(), used, "nothing logged");
+    // The same request number with a valid batch applies now.
+    queued(e.submit(s, 2, &bad[..2]).unwrap());
+    assert_eq!(refs(&e, 1 << 20), 3);
+}
+
+/// A batch lost in a power loss before it was durable is lost whole;
+/// retried under the same request number after recovery, it applies once.
+#[test]
+fn an_unacknowledged_batch_is_all_or_nothing() {
+    let dev = device();
+    let e = open(&dev, ServiceOptions::default());
+    let (s, t) = e.register_session().unwrap();
+    t.wait().unwrap();
+    queued(
+        e.submit(s, 1, &[data(Action::AddExtent, 1 << 20, 1)])
+            .unwrap(),
+    );
+    let batch: Vec<Op> = (2..=2000)
+        .map(|o| data(Action::AddRef, 1 << 20, o))
+        .collect();
+    // Queued, never waited for: the power loss may keep or lose it.
+    let _ = e.submit(s, 2, &batch).unwrap();
+    let crashed: Dev = Arc::new(dev.crash());
+    drop(e);
+    let e = open(&crashed, ServiceOptions::default());
+    let before = refs(&e, 1 << 20);
+    assert!(before == 1 || before == 2000, "all or nothing: {before}");
+    match e.submit(s, 2, &batch).unwrap() {
+        Submitted::Duplicate { .. } => assert_eq!(before, 2000),
+        Submitted::Queued { ticket, .. } => {
+            ticket.wait().unwrap();
+            assert_eq!(before, 1);
+        }
+    }
+    assert_eq!(refs(&e, 1 << 20), 2000);
+}
+
+/// The least recently used session is evicted at the bound, and recovery
+/// (replay, or commit + replay) evicts the same one.
+#[test]
+fn eviction_replays_identically() {
+    let dev = device();
+    let bound = ServiceOptions {
+        sessions_max: 2,
+        ..ServiceOptions::default()
+    };
+    let e = open(&dev, bound);
+    let a = e.register_session().unwrap().0;
+    let b = e.register_session().unwrap().0;
+    queued(
+        e.submit(a, 1, &[data(Action::AddExtent, 1 << 20, 1)])
+            .unwrap(),
+    );
+    e.commit().unwrap();
+    let c = e.register_session().unwrap().0; // evicts b
+    let (_, t) = e.register_session().unwrap(); // evicts a
+    t.wait().unwrap();
+    let evicted = |e: &DurableEngine<Dev>, s: u64| {
+        matches!(
+            e.submit(s, 9, &[data(Action::AddRef, 1 << 20, 9)]),
+            Err(SubmitError::Session(SessionError::Evicted { .. }))
+        )
+    };
+    assert!(evicted(&e, a) && evicted(&e, b) && !evicted(&e, c));
+    let crashed: Dev = Arc::new(dev.crash());
+    drop(e);
+    let e = open(&crashed, bound);
+    assert!(evicted(&e, a) && evicted(&e, b));
+    assert_eq!(e.service_stats().sessions, 2);
+    assert_eq!(e.service_stats().sessions_registered, 4);
+}
+
+/// Freed lists: kept by the commit that freed, paged by cursor, durable,
+/// dropped once every consumer acknowledged them, bounded.
+#[test]
+fn freed_lists_are_durable_and_bounded() {
+    let dev = device();
+    let bound = ServiceOptions {
+        freed_kept_max: 700,
+        ..ServiceOptions::default()
+    };
+    let e = open(&dev, bound);
+    let (consumer, t) = e.subscribe_freed("space-map").unwrap();
+    t.unwrap().wait().unwrap();
+    assert_eq!(consumer.acked, 0);
+    let at = |i: u64| (1 << 30) + i * 4096;
+    for i in 0..600 {
+        e.add(&data(Action::AddExtent, at(i), 1)).unwrap();
+    }
+    e.commit().unwrap();
+    for i in 0..600 {
+        e.add(&data(Action::DropRef, at(i), 1)).unwrap();
+    }
+    let g1 = e.commit().unwrap().generation;
+    // Page through it.
+    let mut cursor = (consumer.acked + 1, 0u32);
+    let mut seen = Vec::new();
+    loop {
+        let page = e.read_freed(cursor.0, cursor.1, 250).unwrap();
+        seen.extend(page.extents.iter().map(|(g, x)| (*g, x.bytenr)));
+        cursor = page.next;
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 600);
+    assert!(seen.iter().all(|&(g, _)| g == g1));
+    // Survives a power loss.
+    let crashed: Dev = Arc::new(dev.crash());
+    drop(e);
+    let e = open(&crashed, bound);
+    assert_eq!(e.read_freed(g1, 599, 10).unwrap().extents.len(), 1);
+    let c = e.subscribe_freed("space-map").unwrap();
+    assert_eq!(
+        (c.0.id, c.1.is_none()),
+        (consumer.id, true),
+        "found by name"
+    );
+    // 600 more freed would pass the bound of 700: the oldest list goes,
+    // and a consumer behind it is told.
+    for i in 600..1200 {
+        e.add(&data(Action::AddExtent, at(i), 1)).unwrap();
+    }
+    e.commit().unwrap();
+    for i in 600..1200 {
+        e.add(&data(Action::DropRef, at(i), 1)).unwrap();
+    }
+    let g2 = e.commit().unwrap().generation;
+    assert!(matches!(
+        e.read_freed(g1, 0, 10),
+        Err(ServiceError::FreedExpired { .. })
+    ));
+    assert_eq!(e.read_freed(g2, 0, 1000).unwrap().extents.len(), 600);
+    // Acknowledged: dropped by the next commit.
+    let (acked, t) = e.ack_freed(consumer.id, g2).unwrap();
+    t.unwrap().wait().unwrap();
+    assert_eq!(acked, g2);
+    e.add_durable(&data(Action::AddExtent, at(5000), 1))
+        .unwrap();
+    e.commit().unwrap();
+    assert_eq!(e.service_stats().freed_extents, 0);
+    assert!(matches!(
+        e.ack_freed(consumer.id + 1, 1),
+        Err(ServiceError::ConsumerUnknown { .. })
+    ));
+    e.verify().unwrap();
+}
+
+/// The mutex store serves the same engine.
+#[test]
+fn the_mutex_store_is_durable_too() {
+    let dev = device();
+    let e: DurableEngine<Dev, MutexStore> =
+        DurableEngine::open_with_store(Arc::clone(&dev), options(ServiceOptions::default()))
+            .unwrap()
+            .0;
+    let (s, _) = e.register_session().unwrap();
+    match e
+        .submit(s, 1, &[data(Action::AddExtent, 1 << 20, 1)])
+        .unwrap()
+    {
+        Submitted::Queued { ticket, .. } => ticket.wait().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    e.commit().unwrap();
+    assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 1);
+}

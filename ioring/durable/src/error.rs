@@ -488,6 +488,14 @@ pub enum ServiceError {
         /// The bound.
         max: usize,
     },
+    /// A FREED_ACK of a generation not committed yet.
+    #[error("cannot acknowledge generation {generation}: the last committed one is {committed}")]
+    AckBeyondCommitted {
+        /// Generation given.
+        generation: u64,
+        /// Last committed.
+        committed: u64,
+    },
     /// A consumer name must be 1..=64 bytes.
     #[error("consumer name of {len} bytes: must be 1..=64")]
     BadName {

@@ -44,5 +44,5 @@ pub use error::{
     ServiceError, SubmitError, VerifyError,
 };
 pub use policy::{CommitPolicy, PolicyInput, Reason};
-pub use service::{Consumer, ServiceOptions, SessionError};
+pub use service::{Admission, Consumer, ServiceOptions, SessionError};
 pub use stats::{CommitPhases, CommitSummary, CommitTotals, RecoveryInfo};

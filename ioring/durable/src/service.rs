@@ -15,7 +15,7 @@
 //! bounded by [`CONSUMERS_MAX`]; freed lists by
 //! [`ServiceOptions::freed_kept_max`] extents.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::codec::service::{
@@ -88,18 +88,18 @@ pub enum SessionError {
         /// Session id.
         session: u64,
     },
-    /// Below the oldest kept request number: whether it was applied can no
-    /// longer be told.
+    /// At or below `highest - kept`: whether it was applied can no longer
+    /// be told.
     #[error(
-        "request {request} of session {session} is older than the oldest kept reply \
-         ({oldest}); its outcome can no longer be told"
+        "request {request} of session {session} is below the oldest request number still \
+         answered for ({oldest}); its outcome can no longer be told"
     )]
     TooOld {
         /// Session id.
         session: u64,
         /// Request number.
         request: u64,
-        /// Oldest kept request number.
+        /// The lowest request number still answered for.
         oldest: u64,
     },
     /// Request numbers start at 1.
@@ -262,6 +262,17 @@ impl Service {
         self.dirty_sessions.insert(id);
     }
 
+    /// Whether `session` is kept.
+    pub(crate) fn check(&self, session: u64) -> Result<(), SessionError> {
+        if self.sessions.contains_key(&session) {
+            Ok(())
+        } else if session == 0 || session >= self.meta.next_session {
+            Err(SessionError::Unknown { session })
+        } else {
+            Err(SessionError::Evicted { session })
+        }
+    }
+
     /// What request `request` of `session` is.
     pub(crate) fn admit(&self, session: u64, request: u64) -> Result<Admission, SessionError> {
         if request == 0 {
@@ -277,14 +288,19 @@ impl Service {
         if let Some(r) = s.replies.iter().find(|r| r.request == request) {
             return Ok(Admission::Duplicate(*r));
         }
-        match s.replies.first() {
-            Some(oldest) if request < oldest.request => Err(SessionError::TooOld {
+        // The window is one of request numbers (`docs/protocol.md`,
+        // "Exactly once"): replies above `highest - kept` are kept, so a
+        // number at or below it may have been applied and forgotten.
+        let highest = s.replies.last().map_or(0, |r| r.request);
+        let kept = self.options.session_replies_kept as u64;
+        if highest > kept && request <= highest - kept {
+            return Err(SessionError::TooOld {
                 session,
                 request,
-                oldest: oldest.request,
-            }),
-            _ => Ok(Admission::New),
+                oldest: highest - kept + 1,
+            });
         }
+        Ok(Admission::New)
     }
 
     /// Records the reply of a logged SUBMIT (also on replay; a session
@@ -299,15 +315,13 @@ impl Service {
         self.lru.remove(&s.last_use);
         s.last_use = last_use;
         if !s.replies.iter().any(|r| r.request == reply.request) {
-            // Rising by request number (a refused request can be retried
-            // later with a number below the newest kept one).
+            // Rising by request number (numbers may be logged out of
+            // order); only those above `highest - kept` are kept.
             let at = s.replies.partition_point(|r| r.request < reply.request);
             s.replies.insert(at, reply);
-            let mut replies = VecDeque::from(std::mem::take(&mut s.replies));
-            while replies.len() > kept {
-                replies.pop_front();
-            }
-            s.replies = replies.into();
+            let highest = s.replies.last().map_or(0, |r| r.request);
+            let floor = highest.saturating_sub(kept as u64);
+            s.replies.retain(|r| r.request > floor);
         }
         self.lru.insert(last_use, session);
         self.dirty_sessions.insert(session);
@@ -499,6 +513,21 @@ mod tests {
             })
         );
         assert_eq!(s.admit(a, 7), Ok(Admission::New), "a gap is fine");
+        // Numbers logged out of order: a lower one still in the window is
+        // kept, and dropped once the window passes it.
+        s.record_submit(a, reply(10));
+        assert_eq!(s.admit(a, 8), Ok(Admission::New), "8 > 10 - 3");
+        s.record_submit(a, reply(8));
+        assert_eq!(s.admit(a, 8), Ok(Admission::Duplicate(reply(8))));
+        s.record_submit(a, reply(12));
+        assert_eq!(
+            s.admit(a, 8),
+            Err(SessionError::TooOld {
+                session: a,
+                request: 8,
+                oldest: 10
+            })
+        );
         assert_eq!(s.admit(99, 1), Err(SessionError::Unknown { session: 99 }));
         assert_eq!(s.admit(0, 1), Err(SessionError::Unknown { session: 0 }));
     }

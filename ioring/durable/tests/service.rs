@@ -286,6 +286,10 @@ fn freed_lists_are_durable_and_bounded() {
         e.ack_freed(consumer.id + 1, 1),
         Err(ServiceError::ConsumerUnknown { .. })
     ));
+    assert!(matches!(
+        e.ack_freed(consumer.id, e.superblock().generation + 1),
+        Err(ServiceError::AckBeyondCommitted { .. })
+    ));
     e.verify().unwrap();
 }
 

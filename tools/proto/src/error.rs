@@ -329,9 +329,19 @@ pub enum BodyError {
         /// Length of the valid prefix.
         valid_up_to: usize,
     },
-    /// A SUBMIT with `op_count` 0 (the wire answer is `TOO_MANY_OPS`).
+    /// A SUBMIT with `op_count` 0 (the wire answer is `TOO_MANY_OPS`),
+    /// from a check without the server's limit.
     #[error("SUBMIT request: op_count is 0")]
     NoOps,
+    /// A SUBMIT with `op_count` 0 or above the server's `submit_ops_max`
+    /// (`TOO_MANY_OPS`, `detail` = `submit_ops_max`).
+    #[error("SUBMIT request: op_count {op_count} outside 1..={submit_ops_max}")]
+    TooManyOps {
+        /// The `op_count` received.
+        op_count: u32,
+        /// The server's limit.
+        submit_ops_max: u32,
+    },
     /// An opcode outside the spec's table.
     #[error("unknown opcode {opcode:#04x}")]
     UnknownOpcode {
@@ -353,7 +363,7 @@ impl BodyError {
     /// The wire error a server answers this with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            BodyError::NoOps => ErrorCode::TooManyOps,
+            BodyError::NoOps | BodyError::TooManyOps { .. } => ErrorCode::TooManyOps,
             BodyError::UnknownOpcode { .. } | BodyError::ErrorOpcodeInRequest => {
                 ErrorCode::UnknownOpcode
             }
@@ -361,10 +371,17 @@ impl BodyError {
         }
     }
 
-    /// The error body a server sends for it (`detail` 0: for
-    /// `TOO_MANY_OPS` the server sets it to its `submit_ops_max`).
+    /// The error body a server sends for it: `detail` is
+    /// `submit_ops_max` for [`BodyError::TooManyOps`], else 0 (for
+    /// [`BodyError::NoOps`] the server sets it to its `submit_ops_max`).
     pub fn error_body(&self) -> ErrorBody {
-        ErrorBody::new(self.code(), &self.to_string())
+        let body = ErrorBody::new(self.code(), &self.to_string());
+        match *self {
+            BodyError::TooManyOps { submit_ops_max, .. } => {
+                body.with_detail(u64::from(submit_ops_max))
+            }
+            _ => body,
+        }
     }
 }
 
@@ -411,6 +428,14 @@ impl ErrorBody {
             detail: bytenr,
             ..ErrorBody::new(ErrorCode::InvalidOp, message)
         }
+    }
+
+    /// `UNSUPPORTED_VERSION` for a server speaking `lowest..=highest`:
+    /// `detail` = `highest`, `index` = `lowest` (frame level and HELLO).
+    pub fn unsupported_version(lowest: u16, highest: u16, message: &str) -> Self {
+        ErrorBody::new(ErrorCode::UnsupportedVersion, message)
+            .with_detail(u64::from(highest))
+            .with_index(u32::from(lowest))
     }
 
     /// The same error with `detail` set.

@@ -337,9 +337,9 @@ impl FrameError {
             FrameError::TooLarge { body_bytes_max, .. } => {
                 body.with_detail(u64::from(body_bytes_max))
             }
-            FrameError::UnsupportedVersion { .. } => body
-                .with_detail(u64::from(VERSION))
-                .with_index(u32::from(VERSION)),
+            FrameError::UnsupportedVersion { .. } => {
+                ErrorBody::unsupported_version(VERSION, VERSION, &body.message)
+            }
             _ => body,
         }
     }
@@ -585,16 +585,18 @@ mod tests {
         let mut b = good;
         b[0] = b'X';
         b[4] = 9;
-        assert!(matches!(
-            decode_header(&b, 16),
-            Err(FrameError::BadMagic { .. })
-        ));
+        let e = decode_header(&b, 16).unwrap_err();
+        assert!(matches!(e, FrameError::BadMagic { .. }));
+        // Errors before the header checksum passed carry request id 0.
+        assert_eq!(e.request_id(), None);
+        assert_eq!(e.reply_request_id(), 0);
         // Version before the checksum.
         let mut b = good;
         b[4] = 2;
         let e = decode_header(&b, 16).unwrap_err();
         assert_eq!(e, FrameError::UnsupportedVersion { found: 2 });
         assert_eq!(e.request_id(), None);
+        assert_eq!(e.reply_request_id(), 0);
         assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
         // Checksum before flags and size.
         let mut b = good;
@@ -617,9 +619,17 @@ mod tests {
             }
         );
         assert_eq!(e.code(), ErrorCode::BadFrame);
-        // Direction is part of check 4.
+        // Direction is part of check 4: a REPLY flag on a request (or a
+        // reply without it) is BAD_FRAME, which closes.
         let e = decode_header_expecting(&good, 16, Direction::Request).unwrap_err();
         assert!(matches!(e, FrameError::WrongDirection { .. }));
+        assert_eq!(e.code(), ErrorCode::BadFrame);
+        assert!(e.code().closes_connection());
+        assert_eq!(e.reply_request_id(), 0x0123_4567_89AB_CDEF);
+        let mut request = good;
+        request[7] = 0;
+        let e = decode_header_expecting(&refit(request), 16, Direction::Reply).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::BadFrame);
         // Reserved before size.
         let mut b = good;
         b[25] = 1;

@@ -11,8 +11,9 @@
 //! - [`decoder`]: [`FrameDecoder`], an incremental frame reader that
 //!   never holds more than one header plus the body limit;
 //! - [`message`]: the request and reply body of every opcode, with the
-//!   spec's limits as constants; SUBMIT has a zero-copy
-//!   [`SubmitRequest::parse`] for the server;
+//!   spec's limits as constants, one file per group of opcodes; SUBMIT
+//!   has a zero-copy [`SubmitRequest::parse_limited`] for the server,
+//!   which runs the spec's SUBMIT checks in order;
 //! - [`op`]: the 56-byte [`WireOp`] of a SUBMIT (plain numbers; the server
 //!   validates their meaning);
 //! - [`error`]: wire error codes ([`ErrorCode`], [`OpErrorCode`]), the

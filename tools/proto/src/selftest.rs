@@ -224,6 +224,26 @@ fn check_error(
 
 /// The borrowing SUBMIT parser agrees with the owned decoder.
 fn check_submit_view(body: &[u8], owned_ok: bool) {
+    // With the server's limit: the same verdict, except that a body the
+    // unlimited parse accepts may carry too many ops (checked before the
+    // request number and flags, so a limited refusal of another kind
+    // means the unlimited parse refused too).
+    const LIMIT: u32 = 8;
+    match (
+        SubmitRequest::parse_limited(body, LIMIT),
+        SubmitRequest::parse(body),
+    ) {
+        (Ok(limited), unlimited) => assert_eq!(Ok(limited), unlimited),
+        (Err(BodyError::TooManyOps { op_count, .. }), unlimited) => {
+            assert!(op_count == 0 || op_count > LIMIT);
+            let _ = touch(&BodyError::TooManyOps {
+                op_count,
+                submit_ops_max: LIMIT,
+            });
+            assert!(op_count > 0 || unlimited == Err(BodyError::NoOps));
+        }
+        (Err(limited), unlimited) => assert!(unlimited.is_err(), "{limited}"),
+    }
     match SubmitRequest::parse(body) {
         Ok(view) => {
             assert!(owned_ok, "parse accepted what decode refused");

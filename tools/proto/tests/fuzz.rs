@@ -249,7 +249,7 @@ fn gen_variable_reply(rng: &mut SmallRng) -> Reply {
             bytenr: num(rng),
             num_bytes: num(rng),
             refs: num(rng) as i64,
-            item_flags: num(rng),
+            item_flags: num(rng) & ITEM_FLAGS_KNOWN,
             kind: rng.gen(),
             level: rng.gen(),
             more: rng.gen(),

@@ -187,6 +187,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         summary.ops = ops;
         summary.phases = phases;
         lock(&self.totals).add(t0, &summary);
+        if let Some(hook) = self.commit_hook.get() {
+            hook(&summary);
+        }
         // Requeued held heads are pending again: the interval commits them
         // once the barrier is gone. They do not count toward back-pressure
         // (committing again would not free them; the barrier holder

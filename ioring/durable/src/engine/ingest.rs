@@ -64,7 +64,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     }
 
     fn add_record(&self, op: &Op, record: &[u8]) -> Result<Ticket<S>, AddError> {
-        let admitted = self.admit().map_err(AddError::Failed)?;
+        let admitted = self.admit_append().map_err(AddError::Failed)?;
         // The engine first: it may refuse the op, and nothing may be logged
         // that the engine does not hold.
         self.engine.handle()?.add(op)?;
@@ -94,7 +94,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// Admission of one append: waits (committing if need be) until the
     /// log has room for every append in flight plus this one, and returns
     /// with the cut lock's read side held (see [`DurableEngine::add`]).
-    pub(super) fn admit(&self) -> Result<Admitted<'_, S, D>, Failure> {
+    pub(super) fn admit_append(&self) -> Result<Admitted<'_, S, D>, Failure> {
         let per_append = 2 * self.log.batch_bytes_cap() as u64;
         loop {
             let cut = self.cut.read().unwrap_or_else(|e| e.into_inner());

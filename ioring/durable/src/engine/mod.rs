@@ -44,7 +44,7 @@ use crate::committer::{Committer, CommitterStats, SystemClock};
 use crate::error::{CommitError, Failure};
 use crate::policy::{self, CommitPolicy, PolicyInput};
 use crate::service::{Service, ServiceOptions};
-use crate::stats::CommitTotals;
+use crate::stats::{CommitSummary, CommitTotals};
 
 mod commit;
 mod ingest;
@@ -212,7 +212,12 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     pub(crate) committer_cv: Condvar,
     /// Sessions and freed-list consumers (taken after the cut lock).
     service: Mutex<Service>,
+    /// Called with every successful commit's summary.
+    commit_hook: OnceLock<CommitHook>,
 }
+
+/// See [`DurableEngine::set_commit_hook`].
+type CommitHook = Box<dyn Fn(&CommitSummary) + Send + Sync>;
 
 impl<S: Storage + Clone, D: DelayedRefStore> fmt::Debug for DurableEngine<S, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -363,6 +368,13 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
 
     pub(crate) fn take_kick(&self) -> bool {
         std::mem::take(&mut lock(&self.committer).kicked)
+    }
+
+    /// Calls `hook` with the summary of every successful commit from now
+    /// on, on the committing thread (keep it short: metrics, logs). Set
+    /// once; later calls are ignored (returns false).
+    pub fn set_commit_hook(&self, hook: impl Fn(&CommitSummary) + Send + Sync + 'static) -> bool {
+        self.commit_hook.set(Box::new(hook)).is_ok()
     }
 
     /// Asks a running committer ([`DurableEngine::run_committer`]) to

@@ -155,6 +155,23 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// commit's frozen heads, which are all cached until the B+tree has
     /// their changes: a miss among them is an extent without item.
     pub fn lookup_extent_ref(&self, bytenr: u64) -> Result<ExtentRefs, ReadError> {
+        let (committed, pending) = self.extent_state(bytenr)?;
+        let refs = committed.as_ref().map_or(0, |c| c.refs as i64)
+            + pending.as_ref().map_or(0, |h| h.summary.total_ref_mod);
+        Ok(ExtentRefs {
+            committed,
+            pending: pending.map(|h| h.summary),
+            refs,
+        })
+    }
+
+    /// The committed item and the pending head of `bytenr`, read together
+    /// exactly as [`DurableEngine::lookup_extent_ref`] reads them (each
+    /// acknowledged op in exactly one of the two): what BACKREFS lists.
+    pub fn extent_state(
+        &self,
+        bytenr: u64,
+    ) -> Result<(Option<ExtentItem>, Option<Head>), ReadError> {
         let tree = self.engine.tree();
         let committed = match tree.get(bytenr) {
             Some(item) => Some(item.clone()),
@@ -170,13 +187,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         };
         let pending = self.engine.store().pending(bytenr);
         drop(tree);
-        let refs = committed.as_ref().map_or(0, |c| c.refs as i64)
-            + pending.as_ref().map_or(0, |h| h.summary.total_ref_mod);
-        Ok(ExtentRefs {
-            committed,
-            pending: pending.map(|h| h.summary),
-            refs,
-        })
+        Ok((committed, pending))
     }
 
     /// Every committed extent, read from the B+tree into memory (for tools

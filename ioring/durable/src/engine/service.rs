@@ -21,7 +21,8 @@ use crate::codec::service::{
 };
 use crate::codec::{encode_record, encode_submit, Record};
 use crate::error::{Failure, ReadError, ServiceError, SubmitError};
-use crate::service::{Admission, Consumer, FreedList, Service, Snapshot, CONSUMERS_MAX};
+pub use crate::service::Admission;
+use crate::service::{Consumer, FreedList, Service, Snapshot, CONSUMERS_MAX};
 
 thread_local! {
     /// Each thread's SUBMIT record buffer (the log copies it into its
@@ -123,7 +124,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         ops: &[Op],
         record: &[u8],
     ) -> Result<Submitted<S>, SubmitError> {
-        let admitted = self.admit().map_err(SubmitError::Failed)?;
+        let admitted = self.admit_append().map_err(SubmitError::Failed)?;
         // The service lock is held from the check of the request number to
         // its reply being kept: a retry on another connection waits here,
         // then finds it.
@@ -170,6 +171,23 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         })
     }
 
+    /// What request `request` of `session` is now (a duplicate's stored
+    /// reply, a new request, or a session error). [`DurableEngine::submit`]
+    /// checks again under the same lock it logs under.
+    pub fn admit(
+        &self,
+        session: u64,
+        request: u64,
+    ) -> Result<Admission, crate::service::SessionError> {
+        lock(&self.service).admit(session, request)
+    }
+
+    /// Whether `session` is registered and kept (barriers of an evicted
+    /// session are released).
+    pub fn check_session(&self, session: u64) -> Result<(), crate::service::SessionError> {
+        lock(&self.service).check(session)
+    }
+
     /// Returns once the log is durable up to `lsn` (a duplicate SUBMIT's
     /// reply waits for its original batch).
     pub fn wait_durable(&self, lsn: Lsn) -> Result<(), Failure> {
@@ -191,7 +209,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         f: impl FnOnce(&mut Service) -> Result<(T, Option<Record>), ServiceError>,
     ) -> Result<(T, Option<Ticket<S>>), ServiceError> {
         self.check_failed().map_err(ServiceError::Failed)?;
-        let admitted = self.admit().map_err(ServiceError::Failed)?;
+        let admitted = self.admit_append().map_err(ServiceError::Failed)?;
         let mut service = lock(&self.service);
         let (value, record) = f(&mut service)?;
         let ticket = match record {
@@ -244,8 +262,8 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         })
     }
 
-    /// Acknowledges every freed list up to `generation` (at most the last
-    /// committed one) for `consumer`: lists every consumer acknowledged are
+    /// Acknowledges every freed list up to `generation` (the last committed
+    /// one at most) for `consumer`: lists every consumer acknowledged are
     /// dropped by the next commits. Returns the acknowledged generation;
     /// durable once the ticket (if any) is.
     pub fn ack_freed(
@@ -258,7 +276,12 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             let Some(c) = service.consumer(consumer) else {
                 return Err(ServiceError::ConsumerUnknown { consumer });
             };
-            let generation = generation.min(committed);
+            if generation > committed {
+                return Err(ServiceError::AckBeyondCommitted {
+                    generation,
+                    committed,
+                });
+            }
             if generation <= c.acked {
                 return Ok((c.acked, None));
             }

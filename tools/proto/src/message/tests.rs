@@ -5,7 +5,7 @@ use super::*;
 use crate::dispatch::{encode_reply, encode_request, Reply, Request};
 use crate::error::{ErrorBody, ErrorCode};
 use crate::frame::{decode_header, HEADER_BYTES};
-use crate::op::{ACTION_ADD_EXTENT, ACTION_ADD_REF};
+use crate::op::{WireOp, ACTION_ADD_EXTENT, ACTION_ADD_REF, OP_BYTES};
 
 fn enc<M: Message>(m: &M) -> Vec<u8> {
     let mut out = Vec::new();
@@ -93,6 +93,7 @@ fn submit_refusals() {
     ));
     assert_eq!(e.code(), ErrorCode::BadRequest);
     // Sizes: one byte short or long, a short fixed part, a huge count.
+    // (Size first, so the size errors below win over everything else.)
     let good = body(1, 0, 3);
     for bad in [&good[..good.len() - 1], &good[..10]] {
         assert!(matches!(
@@ -121,6 +122,55 @@ fn submit_refusals() {
     reserved[24 + 55] = 1;
     let view = SubmitRequest::parse(&reserved).unwrap();
     assert_eq!(view.op(0).unwrap().reserved, 0x100);
+}
+
+#[test]
+fn submit_checks_run_in_spec_order() {
+    let op = WireOp::shared_data_ref(ACTION_ADD_REF, 1, 2, 3);
+    let body = |n: u64, flags: u32, ops: usize| {
+        let mut out = Vec::new();
+        encode_submit(1, n, flags, &vec![op; ops], &mut out);
+        out
+    };
+    // Size before everything: a short body with op_count 0, number 0 and
+    // bad flags is BAD_REQUEST for its size.
+    let mut short = body(0, 4, 0);
+    short[16..20].copy_from_slice(&1u32.to_le_bytes());
+    assert!(matches!(
+        SubmitRequest::parse_limited(&short, 8),
+        Err(BodyError::WrongSize { .. })
+    ));
+    // op_count before request_number and flags, with the server's limit.
+    for (ops, max) in [(0, 8), (9, 8)] {
+        let e = SubmitRequest::parse_limited(&body(0, 4, ops), max).unwrap_err();
+        assert_eq!(
+            e,
+            BodyError::TooManyOps {
+                op_count: ops as u32,
+                submit_ops_max: max
+            }
+        );
+        assert_eq!(e.code(), ErrorCode::TooManyOps);
+        assert_eq!(e.error_body().detail, u64::from(max));
+    }
+    assert_eq!(
+        SubmitRequest::parse(&body(0, 4, 0)).unwrap_err(),
+        BodyError::NoOps
+    );
+    // request_number before flags.
+    let e = SubmitRequest::parse_limited(&body(0, 4, 8), 8).unwrap_err();
+    assert!(matches!(
+        e,
+        BodyError::OutOfRange {
+            field: "request_number",
+            ..
+        }
+    ));
+    let e = SubmitRequest::parse_limited(&body(1, 4, 8), 8).unwrap_err();
+    assert!(matches!(e, BodyError::UnknownBits { bits: 4, .. }));
+    assert_eq!(e.code(), ErrorCode::BadRequest);
+    let ok = body(1, 3, 8);
+    assert_eq!(SubmitRequest::parse_limited(&ok, 8).unwrap().op_count(), 8);
 }
 
 #[test]
@@ -173,9 +223,22 @@ fn hello_request_layout_and_limits() {
         HelloRequest::decode(&b[..13]),
         Err(BodyError::WrongSize { .. })
     ));
+    assert_eq!(
+        HelloRequest::decode(&bad_name).unwrap_err().code(),
+        ErrorCode::BadRequest
+    );
     // An empty version range is the server's UNSUPPORTED_VERSION, not ours.
     let empty_range = HelloRequest::new(3, 1, b"", "").unwrap();
     round_trip(&empty_range);
+    assert_eq!(empty_range.choose_version(1, 5), None);
+    assert_eq!(h.choose_version(1, 1), Some(1));
+    assert_eq!(h.choose_version(2, 9), Some(3));
+    assert_eq!(h.choose_version(4, 9), None);
+    let e = ErrorBody::unsupported_version(1, 2, "no");
+    assert_eq!(
+        (e.code, e.detail, e.index),
+        (ErrorCode::UnsupportedVersion, 2, 1)
+    );
 }
 
 #[test]
@@ -246,8 +309,8 @@ fn lookup_layouts_and_limits() {
         [le(2, 4), le(0, 4), le(0x1000, 8), le(0x2000, 8)].concat()
     );
     assert!(LookupRequest::new(vec![]).is_err());
-    assert!(LookupRequest::new(vec![0; 65537]).is_err());
-    let max = LookupRequest::new(vec![7; 65536]).unwrap();
+    assert!(LookupRequest::new(vec![0; 16385]).is_err());
+    let max = LookupRequest::new(vec![7; 16384]).unwrap();
     round_trip(&max);
     let zero = LookupRequest { bytenrs: vec![] };
     assert!(matches!(
@@ -259,10 +322,23 @@ fn lookup_layouts_and_limits() {
         })
     ));
     let mut over = vec![0u8; 8];
-    over[..4].copy_from_slice(&65537u32.to_le_bytes());
+    over[..4].copy_from_slice(&16385u32.to_le_bytes());
     assert!(matches!(
         LookupRequest::decode(&over),
         Err(BodyError::OutOfRange { .. })
+    ));
+    // The reply's count has the request's range; a whole reply fits 1 MiB.
+    let full = LookupReply {
+        entries: vec![LookupEntry::default(); 16384],
+    };
+    assert!(enc(&full).len() <= 1 << 20);
+    round_trip(&full);
+    let mut over = enc(&full);
+    over[..4].copy_from_slice(&16385u32.to_le_bytes());
+    over.extend_from_slice(&[0; LOOKUP_ENTRY_BYTES]);
+    assert!(matches!(
+        LookupReply::decode(&over),
+        Err(BodyError::OutOfRange { field: "count", .. })
     ));
 
     let entry = LookupEntry {
@@ -383,6 +459,28 @@ fn backrefs_reply_layout() {
     let mut bad = b.clone();
     bad[34] = 2;
     assert!(BackrefsReply::decode(&bad).is_err());
+    // item_flags: only DATA, TREE_BLOCK and FULL_BACKREF are defined.
+    let known = BackrefsReply {
+        item_flags: ITEM_FLAGS_KNOWN,
+        ..rep.clone()
+    };
+    round_trip(&known);
+    for bit in [4u64, 0x80, 0x200, 1 << 63] {
+        let mut bad = b.clone();
+        bad[24..32].copy_from_slice(&(1u64 | bit).to_le_bytes());
+        assert!(matches!(
+            BackrefsReply::decode(&bad),
+            Err(BodyError::UnknownBits {
+                field: "item_flags",
+                ..
+            })
+        ));
+    }
+    let full = BackrefsReply {
+        entries: vec![BackrefEntry::default(); 16384],
+        ..rep.clone()
+    };
+    assert!(enc(&full).len() <= 1 << 20);
     let mut bad = b;
     bad[41] = 1;
     assert!(matches!(
@@ -464,10 +562,10 @@ fn freed_page_and_ack_layouts() {
     let q = FreedRequest {
         generation: 9,
         index: 2,
-        max_extents: 32768,
+        max_extents: 16384,
     };
-    assert_eq!(round_trip(&q), [le(9, 8), le(2, 4), le(32768, 4)].concat());
-    for max_extents in [0, 32769] {
+    assert_eq!(round_trip(&q), [le(9, 8), le(2, 4), le(16384, 4)].concat());
+    for max_extents in [0, 16385] {
         let bad = FreedRequest { max_extents, ..q };
         assert!(FreedRequest::decode(&enc(&bad)).is_err());
     }
@@ -496,7 +594,13 @@ fn freed_page_and_ack_layouts() {
     bad[5] = 1;
     assert!(FreedReply::decode(&bad).is_err());
     let mut bad = b;
-    bad[0..4].copy_from_slice(&32769u32.to_le_bytes());
+    bad[0..4].copy_from_slice(&16385u32.to_le_bytes());
+    let full = FreedReply {
+        extents: vec![FreedExtent::default(); 16384],
+        ..rep.clone()
+    };
+    assert!(enc(&full).len() <= 1 << 20);
+    round_trip(&full);
     assert!(matches!(
         FreedReply::decode(&bad),
         Err(BodyError::OutOfRange { .. })

@@ -1,0 +1,367 @@
+//! One connection: a reader thread that decodes frames and handles each
+//! request as it arrives, and a writer thread that sends the replies in
+//! the order the requests were read, each once it may go (a SUBMIT's once
+//! its batch is durable). Between them a bounded queue: at
+//! `in_flight_max` replies, or `reply_bytes_max` bytes of them, the reader
+//! stops reading the socket until the writer catches up, so neither a slow
+//! reader of replies nor a slow device grows the daemon's memory; the
+//! client sees TCP (or unix socket) back-pressure.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use refd_core::delayed::DelayedRefStore;
+use refd_durable::Ticket;
+use refd_ioring::log::Lsn;
+use refd_proto::{encode_reply, Direction, ErrorBody, ErrorCode, FrameDecoder, Reply, FLAG_REPLY};
+
+use crate::config::{FRAME_TIMEOUT, READ_POLL, WRITE_TIMEOUT};
+use crate::device::Dev;
+use crate::handler::Handler;
+use crate::listen::Stream;
+use crate::server::Shared;
+
+/// What a reply waits for before it is sent.
+#[derive(Debug)]
+pub enum Wait {
+    /// Nothing.
+    None,
+    /// A batch's ticket.
+    Ticket(Ticket<Dev>),
+    /// The log up to an LSN (a duplicate's original batch).
+    Lsn(Lsn),
+}
+
+/// A reply in the queue.
+#[derive(Debug)]
+pub struct Pending {
+    /// The request's id.
+    pub request_id: u64,
+    /// What it waits for.
+    pub wait: Wait,
+    /// The reply (sent as an error if the wait fails).
+    pub reply: Reply,
+    /// Close the connection after sending it.
+    pub close: bool,
+}
+
+impl Pending {
+    /// A reply sent as soon as the ones before it.
+    pub fn now(request_id: u64, reply: Reply) -> Self {
+        Pending {
+            request_id,
+            wait: Wait::None,
+            reply,
+            close: false,
+        }
+    }
+
+    /// An error reply (closing the connection if its code does).
+    pub fn error(request_id: u64, body: ErrorBody) -> Self {
+        let close = body.code.closes_connection();
+        Pending {
+            request_id,
+            wait: Wait::None,
+            reply: Reply::Error(body),
+            close,
+        }
+    }
+
+    /// A reply sent once `wait` is over.
+    pub fn after(request_id: u64, wait: Wait, reply: Reply) -> Self {
+        Pending {
+            request_id,
+            wait,
+            reply,
+            close: false,
+        }
+    }
+}
+
+/// Bytes a reply takes in the queue, about (its body).
+fn reply_bytes(r: &Reply) -> usize {
+    64 + match r {
+        Reply::Lookup(l) => 48 * l.entries.len(),
+        Reply::Backrefs(b) => 40 * b.entries.len(),
+        Reply::Freed(f) => 32 * f.extents.len(),
+        Reply::Stats(s) => s.json.len(),
+        Reply::Ping(p) => p.payload.len(),
+        Reply::Error(e) => e.message.len(),
+        _ => 0,
+    }
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    items: VecDeque<Pending>,
+    /// [`reply_bytes`] of the queued replies.
+    bytes: usize,
+    /// The reader stopped: the writer ends once the queue is empty.
+    closed: bool,
+    /// The writer stopped (write error or a closing reply): the reader
+    /// ends too.
+    dead: bool,
+}
+
+/// The bounded reply queue of one connection.
+#[derive(Debug)]
+pub struct ReplyQueue {
+    state: Mutex<QueueState>,
+    cv: Condvar,
+    max_items: usize,
+    max_bytes: usize,
+}
+
+impl ReplyQueue {
+    fn new(max_items: usize, max_bytes: usize) -> Self {
+        ReplyQueue {
+            state: Mutex::new(QueueState::default()),
+            cv: Condvar::new(),
+            max_items: max_items.max(1),
+            max_bytes,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `p`, waiting while the queue is full; false once the writer
+    /// is dead. Returns whether it had to wait (back-pressure).
+    fn push(&self, p: Pending) -> (bool, bool) {
+        let mut st = self.lock();
+        let mut waited = false;
+        // A reply larger than the byte bound still goes, alone.
+        while (st.items.len() >= self.max_items
+            || (!st.items.is_empty() && st.bytes + reply_bytes(&p.reply) > self.max_bytes))
+            && !st.dead
+        {
+            waited = true;
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.dead {
+            return (false, waited);
+        }
+        st.bytes += reply_bytes(&p.reply);
+        st.items.push_back(p);
+        self.cv.notify_all();
+        (true, waited)
+    }
+
+    fn pop(&self) -> Option<Pending> {
+        let mut st = self.lock();
+        loop {
+            if let Some(p) = st.items.pop_front() {
+                st.bytes -= reply_bytes(&p.reply);
+                self.cv.notify_all();
+                return Some(p);
+            }
+            if st.closed || st.dead {
+                return None;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.cv.notify_all();
+    }
+
+    fn kill(&self) {
+        let mut st = self.lock();
+        st.dead = true;
+        st.items.clear();
+        st.bytes = 0;
+        self.cv.notify_all();
+    }
+
+    fn is_dead(&self) -> bool {
+        self.lock().dead
+    }
+}
+
+/// Serves one accepted connection until it ends; returns when both of its
+/// threads are done.
+pub fn serve<D: DelayedRefStore + 'static>(
+    shared: Arc<Shared<D>>,
+    stream: Stream,
+    peer: String,
+    requires_token: bool,
+) {
+    let writer_stream = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot clone the connection's socket");
+            return;
+        }
+    };
+    let _ = writer_stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let _ = stream.set_read_timeout(Some(READ_POLL));
+    let queue = Arc::new(ReplyQueue::new(
+        shared.config.in_flight_max as usize,
+        shared.config.reply_bytes_max,
+    ));
+    let writer = {
+        let (shared, queue) = (Arc::clone(&shared), Arc::clone(&queue));
+        std::thread::Builder::new()
+            .name("refd-conn-w".into())
+            .stack_size(256 << 10)
+            .spawn(move || write_loop(&shared, writer_stream, &queue))
+    };
+    let writer = match writer {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot start the connection's writer");
+            return;
+        }
+    };
+    read_loop(&shared, stream, &peer, requires_token, &queue);
+    queue.close();
+    let _ = writer.join();
+    tracing::debug!(%peer, "connection closed");
+}
+
+/// Why the reader stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Eof,
+    Closed,
+    Idle,
+    Stalled,
+    Shutdown,
+    ReadError,
+}
+
+fn read_loop<D: DelayedRefStore + 'static>(
+    shared: &Arc<Shared<D>>,
+    mut stream: Stream,
+    peer: &str,
+    requires_token: bool,
+    queue: &ReplyQueue,
+) {
+    let mut decoder = FrameDecoder::expecting(shared.config.frame_bytes_max, Direction::Request);
+    let mut handler = Handler::new(Arc::clone(shared), peer.to_string(), requires_token);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut last_activity = Instant::now();
+    let mut partial_since: Option<Instant> = None;
+    let end = 'conn: loop {
+        if shared.stopping() {
+            break End::Shutdown;
+        }
+        if queue.is_dead() {
+            break End::Closed;
+        }
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break End::Eof,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                let now = Instant::now();
+                if decoder.is_idle() && now - last_activity > shared.config.idle_timeout {
+                    break End::Idle;
+                }
+                if partial_since.is_some_and(|t| now - t > FRAME_TIMEOUT) {
+                    break End::Stalled;
+                }
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => break End::ReadError,
+        };
+        shared.metrics.bytes_in.inc_by(n as u64);
+        last_activity = Instant::now();
+        let mut input = &buf[..n];
+        loop {
+            match decoder.decode_from(&mut input) {
+                Ok(Some(frame)) => {
+                    let pending = handler.handle(frame);
+                    let close = pending.close;
+                    let (queued, waited) = queue.push(pending);
+                    if waited {
+                        shared.metrics.backpressure_waits.inc();
+                    }
+                    if !queued || close {
+                        break 'conn End::Closed;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let body = e.error_body();
+                    shared.metrics.error(body.code.name());
+                    tracing::info!(%peer, error = %e, "bad frame; closing the connection");
+                    queue.push(Pending::error(e.reply_request_id(), body));
+                    break 'conn End::Closed;
+                }
+            }
+        }
+        partial_since = if decoder.is_idle() {
+            None
+        } else {
+            partial_since.or(Some(last_activity))
+        };
+    };
+    match end {
+        End::Idle => tracing::info!(%peer, "idle connection closed"),
+        End::Stalled => tracing::info!(%peer, "a frame stalled half sent; connection closed"),
+        End::Shutdown => {
+            // Requests already read are answered; the client is told why
+            // the rest is not.
+            let body = ErrorBody::new(ErrorCode::ShuttingDown, "refd is shutting down");
+            queue.push(Pending::error(0, body));
+        }
+        _ => {}
+    }
+}
+
+fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, mut stream: Stream, queue: &ReplyQueue) {
+    let mut frame = Vec::with_capacity(4096);
+    while let Some(p) = queue.pop() {
+        let reply = match p.wait {
+            Wait::None => Ok(()),
+            Wait::Ticket(t) => t.wait().map(|_| ()),
+            Wait::Lsn(lsn) => shared.engine.wait_durable(lsn),
+        };
+        let reply = match reply {
+            Ok(()) => p.reply,
+            Err(failure) => Reply::Error(crate::handler::failed(&failure)),
+        };
+        if let Reply::Error(e) = &reply {
+            shared.metrics.error(e.code.name());
+        }
+        frame.clear();
+        encode_reply(p.request_id, &reply, &mut frame);
+        debug_assert!(frame[7] & FLAG_REPLY != 0);
+        if stream.write_all(&frame).is_err() {
+            break;
+        }
+        shared.metrics.bytes_out.inc_by(frame.len() as u64);
+        if p.close {
+            // Closing after an error: shut our side, then take what the
+            // client still sends for a moment, so that the close does not
+            // turn into a reset that loses the error frame.
+            linger(&mut stream);
+            break;
+        }
+    }
+    queue.kill();
+    stream.shutdown();
+}
+
+/// Half-closes `stream` and reads (and drops) what arrives for up to a
+/// second, until the peer closes too.
+pub fn linger(stream: &mut Stream) {
+    stream.shutdown_write();
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(100)));
+    let until = Instant::now() + std::time::Duration::from_secs(1);
+    let mut sink = [0u8; 4096];
+    while Instant::now() < until {
+        match stream.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+}

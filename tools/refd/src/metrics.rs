@@ -1,0 +1,355 @@
+//! Prometheus metrics (text exposition format 0.0.4, encoded by
+//! prometheus-client) on a small HTTP endpoint: `GET /metrics`.
+//!
+//! Counters the server increments as things happen (requests, errors,
+//! ops by kind, bytes, back-pressure); gauges and the engine's own
+//! counters are read from the engine at each scrape (the engine keeps
+//! totals; the difference since the last scrape is added to the
+//! counter, so counters never go back).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::prometheus_text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A label set of one label.
+type Label = Vec<(&'static str, String)>;
+
+/// A float gauge.
+type FGauge = Gauge<f64, AtomicU64>;
+
+/// Every metric of the daemon.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Ops applied, by action.
+    pub ops: Family<Label, Counter>,
+    /// SUBMIT batches applied.
+    pub batches: Counter,
+    /// SUBMITs answered from a session's kept replies.
+    pub duplicates: Counter,
+    /// Requests, by opcode.
+    pub requests: Family<Label, Counter>,
+    /// Error frames sent, by code.
+    pub errors: Family<Label, Counter>,
+    /// Bytes read from clients.
+    pub bytes_in: Counter,
+    /// Bytes written to clients.
+    pub bytes_out: Counter,
+    /// Times a connection stopped reading because its replies were not
+    /// taken (or not yet durable) fast enough.
+    pub backpressure_waits: Counter,
+    /// HELLOs with a wrong token.
+    pub auth_failures: Counter,
+    /// Connections served now.
+    pub connections: Gauge,
+    /// Connections accepted.
+    pub connections_accepted: Counter,
+    /// Connections refused (`--connections-max`).
+    pub connections_refused: Counter,
+    /// Commit duration.
+    pub commit_seconds: Histogram,
+    /// Time in each commit step, summed.
+    pub commit_phase_seconds: Family<Label, Counter<f64, AtomicU64>>,
+    /// Commits.
+    pub commits: Counter,
+    /// Ops committed.
+    pub commit_ops: Counter,
+    /// Engine gauges, read at each scrape.
+    pub pending_ops: Gauge,
+    /// Heads held back by a seq barrier.
+    pub heads_held: Gauge,
+    /// Log bytes in use.
+    pub log_used_bytes: Gauge,
+    /// Log region size.
+    pub log_bytes: Gauge,
+    /// Fill of the log (0..1).
+    pub log_fill: FGauge,
+    /// Extents in the in-memory cache.
+    pub cache_extents: Gauge,
+    /// B+tree node cache hits.
+    pub node_cache_hits: Counter,
+    /// B+tree node cache misses (node reads).
+    pub node_cache_misses: Counter,
+    /// Sessions kept.
+    pub sessions: Gauge,
+    /// Barriers held.
+    pub barriers: Gauge,
+    /// Freed extents kept on the device.
+    pub freed_kept: Gauge,
+    /// Last committed generation.
+    pub generation: Gauge,
+    /// 1 once the engine latched an I/O failure.
+    pub failed: Gauge,
+    last_hits: AtomicU64,
+    last_misses: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric, registered.
+    pub fn new() -> Self {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("refd")),
+            ops: Family::default(),
+            batches: Counter::default(),
+            duplicates: Counter::default(),
+            requests: Family::default(),
+            errors: Family::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            backpressure_waits: Counter::default(),
+            auth_failures: Counter::default(),
+            connections: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_refused: Counter::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            commit_phase_seconds: Family::default(),
+            commits: Counter::default(),
+            commit_ops: Counter::default(),
+            pending_ops: Gauge::default(),
+            heads_held: Gauge::default(),
+            log_used_bytes: Gauge::default(),
+            log_bytes: Gauge::default(),
+            log_fill: FGauge::default(),
+            cache_extents: Gauge::default(),
+            node_cache_hits: Counter::default(),
+            node_cache_misses: Counter::default(),
+            sessions: Gauge::default(),
+            barriers: Gauge::default(),
+            freed_kept: Gauge::default(),
+            generation: Gauge::default(),
+            failed: Gauge::default(),
+            last_hits: AtomicU64::new(0),
+            last_misses: AtomicU64::new(0),
+        };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
+            r.register("ingest_ops", "Ops applied, by action", m.ops.clone());
+            r.register(
+                "submit_batches",
+                "SUBMIT batches applied",
+                m.batches.clone(),
+            );
+            r.register(
+                "submit_duplicates",
+                "SUBMITs answered from a session's kept replies (not applied again)",
+                m.duplicates.clone(),
+            );
+            r.register("requests", "Requests, by opcode", m.requests.clone());
+            r.register("errors", "Error frames sent, by code", m.errors.clone());
+            r.register("bytes_in", "Bytes read from clients", m.bytes_in.clone());
+            r.register("bytes_out", "Bytes written to clients", m.bytes_out.clone());
+            r.register(
+                "backpressure_waits",
+                "Times a connection stopped reading until its replies went out",
+                m.backpressure_waits.clone(),
+            );
+            r.register(
+                "auth_failures",
+                "HELLOs with a wrong or missing token",
+                m.auth_failures.clone(),
+            );
+            r.register(
+                "connections",
+                "Connections served now",
+                m.connections.clone(),
+            );
+            r.register(
+                "connections_accepted",
+                "Connections accepted",
+                m.connections_accepted.clone(),
+            );
+            r.register(
+                "connections_refused",
+                "Connections refused at --connections-max",
+                m.connections_refused.clone(),
+            );
+            r.register(
+                "commit_seconds",
+                "Commit duration",
+                m.commit_seconds.clone(),
+            );
+            r.register(
+                "commit_phase_seconds",
+                "Time in each commit step",
+                m.commit_phase_seconds.clone(),
+            );
+            r.register("commits", "Commits", m.commits.clone());
+            r.register("commit_ops", "Ops committed", m.commit_ops.clone());
+            r.register(
+                "pending_ops",
+                "Ops added since the last commit's cut",
+                m.pending_ops.clone(),
+            );
+            r.register(
+                "heads_held",
+                "Heads held back by a seq barrier",
+                m.heads_held.clone(),
+            );
+            r.register(
+                "log_used_bytes",
+                "Ref log bytes in use",
+                m.log_used_bytes.clone(),
+            );
+            r.register("log_bytes", "Ref log region size", m.log_bytes.clone());
+            r.register("log_fill_ratio", "Ref log fill", m.log_fill.clone());
+            r.register(
+                "cache_extents",
+                "Extents in the in-memory cache",
+                m.cache_extents.clone(),
+            );
+            r.register(
+                "node_cache_hits",
+                "B+tree node cache hits",
+                m.node_cache_hits.clone(),
+            );
+            r.register(
+                "node_cache_misses",
+                "B+tree node cache misses",
+                m.node_cache_misses.clone(),
+            );
+            r.register("sessions", "Client sessions kept", m.sessions.clone());
+            r.register(
+                "barriers",
+                "Seq barriers held for clients",
+                m.barriers.clone(),
+            );
+            r.register(
+                "freed_kept_extents",
+                "Freed extents kept on the device",
+                m.freed_kept.clone(),
+            );
+            r.register(
+                "generation",
+                "Last committed generation",
+                m.generation.clone(),
+            );
+            r.register(
+                "failed",
+                "1 once an I/O failure latched the engine",
+                m.failed.clone(),
+            );
+        }
+        m
+    }
+
+    /// Counts one request of `opcode`.
+    pub fn request(&self, opcode: &'static str) {
+        self.requests
+            .get_or_create(&vec![("opcode", opcode.to_string())])
+            .inc();
+    }
+
+    /// Counts one error frame of `code`.
+    pub fn error(&self, code: &'static str) {
+        self.errors
+            .get_or_create(&vec![("code", code.to_string())])
+            .inc();
+    }
+
+    /// Counts `n` ops of `action`.
+    pub fn ops(&self, action: &'static str, n: u64) {
+        self.ops
+            .get_or_create(&vec![("action", action.to_string())])
+            .inc_by(n);
+    }
+
+    /// One commit's duration and steps.
+    pub fn commit(&self, summary: &refd_durable::CommitSummary) {
+        let p = &summary.phases;
+        self.commit_seconds.observe(p.total.as_secs_f64());
+        self.commits.inc();
+        self.commit_ops.inc_by(summary.ops);
+        for (name, d) in [
+            ("freeze", p.freeze),
+            ("items", p.items),
+            ("run", p.run),
+            ("diff", p.diff),
+            ("apply", p.apply),
+            ("write", p.write),
+            ("superblock", p.superblock),
+        ] {
+            self.commit_phase_seconds
+                .get_or_create(&vec![("phase", name.to_string())])
+                .inc_by(d.as_secs_f64());
+        }
+    }
+
+    /// The node cache's totals (counters get the difference).
+    pub fn node_cache(&self, hits: u64, misses: u64) {
+        let dh = hits.saturating_sub(self.last_hits.swap(hits, Ordering::Relaxed));
+        let dm = misses.saturating_sub(self.last_misses.swap(misses, Ordering::Relaxed));
+        self.node_cache_hits.inc_by(dh);
+        self.node_cache_misses.inc_by(dm);
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &r);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the process exits, calling
+/// `refresh` before each rendering. One request per connection, bounded
+/// in size and time.
+pub fn serve(listener: TcpListener, metrics: Arc<Metrics>, refresh: impl Fn() + Send + 'static) {
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { continue };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+        let response = match read_request_line(&mut s) {
+            Some(line) if line.starts_with("GET /metrics") => {
+                refresh();
+                let body = metrics.render();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; \
+                     charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            }
+            Some(_) => {
+                let body = "refd metrics: GET /metrics\n";
+                format!(
+                    "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            }
+            None => continue,
+        };
+        let _ = s.write_all(response.as_bytes());
+    }
+}
+
+/// The request line, reading at most 8 KiB of headers.
+fn read_request_line(s: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().next().map(str::to_string)
+}

@@ -1,0 +1,521 @@
+//! The server: opens the device and the durable engine, binds the
+//! listeners and the metrics endpoint, runs the committer and the barrier
+//! reaper, accepts connections (at most `--connections-max`), and stops
+//! gracefully: no new connections, every request already read answered,
+//! a last commit, exit.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use refd_core::delayed::lockfree::LockFreeStore;
+use refd_core::delayed::mutex::MutexStore;
+use refd_core::delayed::DelayedRefStore;
+use refd_durable::codec::record::SUBMIT_RECORD_OVERHEAD_BYTES_MAX;
+use refd_durable::codec::OP_RECORD_BYTES_MAX;
+use refd_durable::{CommitPolicy, DurableEngine, OpenOptions, RecoveryInfo, ServiceOptions};
+use refd_ioring::log::LogConfig;
+use refd_proto::{
+    encode_reply, Direction, ErrorBody, ErrorCode, FrameDecoder, HelloReply, Reply, OP_BYTES,
+    SUBMIT_FIXED_BYTES, VERSION,
+};
+
+use crate::barrier::Barriers;
+use crate::config::{ServeConfig, StoreImpl, BARRIERS_PER_SESSION_MAX, LOG_BATCH_BYTES_MAX};
+use crate::device::{open_device, Dev};
+use crate::listen::{Listener, Stream};
+use crate::metrics::Metrics;
+
+/// How often accept loops look at the stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(200);
+/// How long a stopping server waits for its connections to drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the server could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A bad configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The device cannot be served.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    /// Mount and recovery failed.
+    #[error("open {device}: {source}")]
+    Open {
+        /// Device.
+        device: String,
+        /// Cause.
+        source: Box<refd_durable::OpenError>,
+    },
+    /// A listener could not be bound.
+    #[error("listen {0}")]
+    Listen(String),
+    /// The engine failed; what was acknowledged is on the device, the log
+    /// replays the rest at the next start.
+    #[error("engine failed: {0}")]
+    Failed(refd_durable::Failure),
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Shared<D: DelayedRefStore> {
+    /// The engine.
+    pub engine: DurableEngine<Dev, D>,
+    /// The configuration.
+    pub config: ServeConfig,
+    /// Device path.
+    pub device: String,
+    /// Random per start.
+    pub server_id: u64,
+    /// Most ops in one SUBMIT.
+    pub submit_ops_max: u32,
+    /// Seq barrier leases.
+    pub barriers: Barriers,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// What recovery did.
+    pub recovery: RecoveryInfo,
+    /// When the server started.
+    pub started: Instant,
+    stopping: AtomicBool,
+    connections: AtomicUsize,
+    stop_signal: (Mutex<bool>, Condvar),
+}
+
+impl<D: DelayedRefStore> Shared<D> {
+    /// The server is stopping: no new connection, no new request.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Connections served now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The HELLO reply.
+    pub fn hello(&self) -> HelloReply {
+        HelloReply {
+            version: VERSION,
+            body_bytes_max: self.config.frame_bytes_max,
+            submit_ops_max: self.submit_ops_max,
+            in_flight_max: self.config.in_flight_max,
+            fs_id: self.engine.superblock().fs_id.0,
+            generation: self.engine.superblock().generation,
+            server_id: self.server_id,
+            barrier_lease_ms: self.config.barrier_lease_ms,
+            session_replies_kept: refd_durable::service::SESSION_REPLIES_KEPT_DEFAULT as u32,
+        }
+    }
+
+    /// Asks the server to stop (what SIGTERM does).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let (m, cv) = &self.stop_signal;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    fn wait_for_stop(&self) {
+        let (m, cv) = &self.stop_signal;
+        let mut stopped = m.lock().unwrap_or_else(|e| e.into_inner());
+        while !*stopped {
+            stopped = cv.wait(stopped).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn refresh_metrics(&self) {
+        let m = &self.metrics;
+        let e = &self.engine;
+        let log = e.log();
+        m.pending_ops.set(e.pending_ops() as i64);
+        m.heads_held.set(e.heads_held() as i64);
+        m.log_used_bytes.set(log.used_bytes() as i64);
+        m.log_bytes.set(log.log_bytes() as i64);
+        m.log_fill
+            .set(log.used_bytes() as f64 / log.log_bytes().max(1) as f64);
+        m.cache_extents.set(e.cached_extents().len() as i64);
+        let cache = e.btree().cache_stats();
+        m.node_cache(cache.hits, cache.misses);
+        let service = e.service_stats();
+        m.sessions.set(service.sessions as i64);
+        m.freed_kept.set(service.freed_extents as i64);
+        m.barriers.set(self.barriers.held() as i64);
+        m.connections.set(self.connections() as i64);
+        m.generation.set(e.superblock().generation as i64);
+        m.failed.set(i64::from(e.failure().is_some()));
+    }
+}
+
+/// A running server (any store), for `main` and for tests.
+pub trait Running: Send + Sync {
+    /// Asks it to stop.
+    fn stop(&self);
+    /// A function that asks it to stop, for another thread (signals).
+    fn stop_handle(&self) -> Arc<dyn Fn() + Send + Sync>;
+    /// Waits until it stopped; the outcome of its last commit.
+    fn wait(self: Box<Self>) -> Result<(), ServeError>;
+    /// The addresses it listens on.
+    fn addresses(&self) -> Vec<String>;
+    /// The metrics address, if any.
+    fn metrics_address(&self) -> Option<String>;
+    /// The one-line "ready" message.
+    fn ready_line(&self) -> String;
+}
+
+struct Server<D: DelayedRefStore> {
+    shared: Arc<Shared<D>>,
+    addresses: Vec<String>,
+    metrics_address: Option<String>,
+    ready: String,
+    threads: Vec<JoinHandle<()>>,
+    committer: Option<JoinHandle<Result<refd_durable::CommitterStats, refd_durable::CommitError>>>,
+    listeners: Arc<Vec<Listener>>,
+}
+
+/// Starts a server with `config`: returns once it is ready (listening).
+pub fn start(config: ServeConfig) -> Result<Box<dyn Running>, ServeError> {
+    config.check().map_err(ServeError::Config)?;
+    match config.store {
+        StoreImpl::Lockfree => start_with::<LockFreeStore>(config),
+        StoreImpl::Mutex => start_with::<MutexStore>(config),
+    }
+}
+
+fn start_with<D: DelayedRefStore + Default + 'static>(
+    config: ServeConfig,
+) -> Result<Box<dyn Running>, ServeError> {
+    let device = config.device.display().to_string();
+    let opened = open_device(&config.device, config.device_create_bytes)?;
+    if config.prefault_mib > 0 {
+        let mib = match refd_alloc::available_memory_bytes() {
+            Some(avail) => config.prefault_mib.min(((avail / 2) >> 20) as usize),
+            None => config.prefault_mib,
+        };
+        refd_alloc::prefault(mib << 20);
+    }
+    let options = OpenOptions {
+        log: LogConfig {
+            batch_bytes_max: LOG_BATCH_BYTES_MAX,
+            ..LogConfig::default()
+        },
+        policy: CommitPolicy {
+            interval_ms: config.commit_interval_ms,
+            ..CommitPolicy::default()
+        },
+        verify: config.verify,
+        service: ServiceOptions {
+            sessions_max: config.sessions_max,
+            freed_kept_max: config.freed_kept_max,
+            ..ServiceOptions::default()
+        },
+        progress: Some(|line| tracing::info!("{line}")),
+        ..OpenOptions::default()
+    };
+    let (engine, recovery) = DurableEngine::<Dev, D>::open_with_store(opened.storage, options)
+        .map_err(|source| ServeError::Open {
+            device: device.clone(),
+            source: Box::new(source),
+        })?;
+    let record_ops =
+        (engine.log().record_bytes_max() - SUBMIT_RECORD_OVERHEAD_BYTES_MAX) / OP_RECORD_BYTES_MAX;
+    let frame_ops = (config.frame_bytes_max as usize - SUBMIT_FIXED_BYTES) / OP_BYTES;
+    let submit_ops_max = record_ops.min(frame_ops).min(u32::MAX as usize) as u32;
+    let listeners: Vec<Listener> = config
+        .listen
+        .iter()
+        .map(Listener::bind)
+        .collect::<Result<_, _>>()
+        .map_err(ServeError::Listen)?;
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .map_err(|e| ServeError::Listen(format!("metrics {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let server_id = random_u64();
+    let metrics = Arc::new(Metrics::new());
+    {
+        let m = Arc::clone(&metrics);
+        engine.set_commit_hook(move |s| {
+            m.commit(s);
+            tracing::debug!(
+                generation = s.generation,
+                ops = s.ops,
+                ms = s.phases.total.as_secs_f64() * 1e3,
+                "commit"
+            );
+        });
+    }
+    let shared = Arc::new(Shared {
+        engine,
+        device: device.clone(),
+        server_id,
+        submit_ops_max,
+        barriers: Barriers::new(
+            Duration::from_millis(u64::from(config.barrier_lease_ms)),
+            BARRIERS_PER_SESSION_MAX,
+            random_u64(),
+        ),
+        metrics,
+        recovery,
+        started: Instant::now(),
+        stopping: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        stop_signal: (Mutex::new(false), Condvar::new()),
+        config,
+    });
+    let mut threads = Vec::new();
+    let committer = {
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("refd-committer".into())
+            .spawn(move || s.engine.run_committer())
+            .map_err(|e| ServeError::Config(format!("start the committer: {e}")))?
+    };
+    threads.push(spawn("refd-reaper", {
+        let s = Arc::clone(&shared);
+        move || reap(&s)
+    })?);
+    let metrics_address = match metrics_listener {
+        Some(l) => {
+            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let s = Arc::clone(&shared);
+            let m = Arc::clone(&shared.metrics);
+            // Serves until the process exits (not joined).
+            spawn("refd-metrics", move || {
+                crate::metrics::serve(l, m, move || s.refresh_metrics())
+            })?;
+            Some(addr)
+        }
+        None => None,
+    };
+    let listeners = Arc::new(listeners);
+    for i in 0..listeners.len() {
+        let (s, l) = (Arc::clone(&shared), Arc::clone(&listeners));
+        threads.push(spawn("refd-accept", move || accept_loop(&s, &l[i]))?);
+    }
+    let addresses: Vec<String> = listeners.iter().map(Listener::address).collect();
+    let r = &shared.recovery;
+    let ready = format!(
+        "refd ready: device {device} ({}, fs_id {}, store {}), recovered generation {} with {} \
+         ops replayed, {} held heads, now generation {}; listening on {}{}",
+        if opened.created {
+            "created and formatted"
+        } else {
+            "opened"
+        },
+        crate::stats::hex(&shared.engine.superblock().fs_id.0),
+        shared.engine.core().store().name(),
+        r.superblock_generation,
+        r.ops_replayed,
+        r.heads_held,
+        r.claimed_generation,
+        addresses.join(", "),
+        metrics_address
+            .as_ref()
+            .map(|a| format!("; metrics on http://{a}/metrics"))
+            .unwrap_or_default(),
+    );
+    tracing::info!(
+        device = %device,
+        created = opened.created,
+        ops_replayed = r.ops_replayed,
+        generation = r.claimed_generation,
+        listeners = %addresses.join(","),
+        "ready"
+    );
+    Ok(Box::new(Server {
+        shared,
+        addresses,
+        metrics_address,
+        ready,
+        threads,
+        committer: Some(committer),
+        listeners,
+    }))
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ServeError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| ServeError::Config(format!("start thread {name}: {e}")))
+}
+
+impl<D: DelayedRefStore + 'static> Running for Server<D> {
+    fn stop(&self) {
+        self.shared.stop();
+    }
+
+    fn stop_handle(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let s = Arc::clone(&self.shared);
+        Arc::new(move || s.stop())
+    }
+
+    fn wait(mut self: Box<Self>) -> Result<(), ServeError> {
+        self.shared.wait_for_stop();
+        tracing::info!("stopping: no new connections; answering what was received");
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        while self.shared.connections() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.shared.connections() > 0 {
+            tracing::warn!(
+                connections = self.shared.connections(),
+                "connections still open after the drain timeout"
+            );
+        }
+        for l in self.listeners.iter() {
+            l.remove();
+        }
+        self.shared.barriers.release_all();
+        self.shared.engine.stop_committer();
+        let committed = match self.committer.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r.map(|_| ()),
+            _ => Ok(()),
+        };
+        let result = committed
+            .and_then(|()| {
+                // Whatever the committer did not take (a held head whose
+                // barrier just went).
+                if self.shared.engine.pending_ops() > 0 {
+                    self.shared.engine.commit().map(|_| ())
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| ServeError::Failed(e.failure().clone()));
+        match &result {
+            Ok(()) => tracing::info!(
+                generation = self.shared.engine.superblock().generation,
+                "stopped: everything acknowledged is committed"
+            ),
+            Err(e) => tracing::error!(error = %e, "stopped with a failed engine"),
+        }
+        result
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.addresses.clone()
+    }
+
+    fn metrics_address(&self) -> Option<String> {
+        self.metrics_address.clone()
+    }
+
+    fn ready_line(&self) -> String {
+        self.ready.clone()
+    }
+}
+
+fn accept_loop<D: DelayedRefStore + 'static>(shared: &Arc<Shared<D>>, listener: &Listener) {
+    let requires_token = listener.is_tcp() && shared.config.token.is_some();
+    while !shared.stopping() {
+        let (stream, peer) = match listener.accept_timeout(ACCEPT_POLL) {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(listener = %listener.address(), error = %e, "accept failed");
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            }
+        };
+        let n = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        if n > shared.config.connections_max {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            shared.metrics.connections_refused.inc();
+            refuse(stream, shared.config.connections_max);
+            continue;
+        }
+        shared.metrics.connections_accepted.inc();
+        let s = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name("refd-conn".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                crate::conn::serve(Arc::clone(&s), stream, peer, requires_token);
+                s.connections.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(error = %e, "cannot start a connection thread");
+        }
+    }
+}
+
+/// Tells a connection over the bound why it is closed: `BUSY` as the
+/// answer to its HELLO (waited for up to a second).
+fn refuse(mut stream: Stream, max: usize) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut decoder = FrameDecoder::expecting(4096, Direction::Request);
+    let mut buf = [0u8; 1024];
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut request_id = 0;
+    while Instant::now() < until {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let mut input = &buf[..n];
+                if let Ok(Some(f)) = decoder.decode_from(&mut input) {
+                    request_id = f.header.request_id;
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let body = ErrorBody::new(
+        ErrorCode::Busy,
+        &format!("{max} connections are served already (--connections-max)"),
+    );
+    let mut frame = Vec::new();
+    encode_reply(request_id, &Reply::Error(body), &mut frame);
+    let _ = stream.write_all(&frame);
+    crate::conn::linger(&mut stream);
+    stream.shutdown();
+}
+
+/// Releases expired barrier leases and those of evicted sessions, every
+/// second, until the server stops.
+fn reap<D: DelayedRefStore>(shared: &Shared<D>) {
+    while !shared.stopping() {
+        std::thread::sleep(Duration::from_millis(250));
+        let expired = shared.barriers.expire(Instant::now());
+        if expired > 0 {
+            tracing::info!(expired, "seq barrier leases expired");
+        }
+        shared
+            .barriers
+            .retain_sessions(|session| shared.engine.check_session(session).is_ok());
+    }
+}
+
+/// A random u64 from the kernel (a time-based value if that fails).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut b)
+    }) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x5eed, |d| d.as_nanos() as u64),
+    }
+}

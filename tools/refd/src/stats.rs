@@ -1,0 +1,123 @@
+//! The STATS reply: one JSON object (fields listed in
+//! `tools/refd/README.md`, "STATS"), also what `refctl stats` prints.
+
+use refd_core::delayed::DelayedRefStore;
+use serde_json::{json, Value};
+
+use crate::server::Shared;
+
+/// The server's state now.
+pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
+    let e = &s.engine;
+    let totals = e.commit_totals();
+    let log = e.log();
+    let sb = e.superblock();
+    let service = e.service_stats();
+    let cache = e.btree().cache_stats();
+    let failure = e.failure().map(|f| {
+        json!({
+            "device": f.device,
+            "operation": f.operation,
+            "offset": f.offset,
+            "message": f.to_string(),
+        })
+    });
+    let phases_ms = |p: &refd_durable::CommitPhases| {
+        json!({
+            "freeze": p.freeze.as_secs_f64() * 1e3,
+            "items": p.items.as_secs_f64() * 1e3,
+            "run": p.run.as_secs_f64() * 1e3,
+            "diff": p.diff.as_secs_f64() * 1e3,
+            "apply": p.apply.as_secs_f64() * 1e3,
+            "write": p.write.as_secs_f64() * 1e3,
+            "superblock": p.superblock.as_secs_f64() * 1e3,
+            "total": p.total.as_secs_f64() * 1e3,
+        })
+    };
+    let m = &s.metrics;
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "server_id": s.server_id,
+        "uptime_s": s.started.elapsed().as_secs_f64(),
+        "device": s.device,
+        "fs_id": hex(&sb.fs_id.0),
+        "store": e.core().store().name(),
+        "verify": s.config.verify,
+        "dry_run": s.config.dry_run,
+        "failed": failure,
+        "engine": {
+            "generation": sb.generation,
+            "pending_ops": e.pending_ops(),
+            "heads_held": e.heads_held(),
+            "commit_trigger_ops": e.commit_trigger_ops(),
+            "commit_cost_ps_per_op": e.commit_cost_ps_per_op(),
+            "barriers_active": e.core().barrier().active(),
+            "barrier_seq": e.core().barrier().current(),
+            "quarantined": e.core().quarantined().len(),
+        },
+        "log": {
+            "bytes": log.log_bytes(),
+            "used_bytes": log.used_bytes(),
+            "durable_lsn": log.durable_lsn().get(),
+            "batch_bytes_cap": log.batch_bytes_cap(),
+        },
+        "commits": {
+            "count": totals.commits,
+            "ops": totals.ops,
+            "nodes_written": totals.nodes_written,
+            "item_changes": totals.item_changes,
+            "extents_read": totals.extents_read,
+            "gap_max_ms": totals.gap_max.as_secs_f64() * 1e3,
+            "phases_ms": phases_ms(&totals.phases),
+            "longest_ms": phases_ms(&totals.longest_phases),
+        },
+        "cache": {
+            "extents": e.cached_extents().len(),
+            "node_hits": cache.hits,
+            "node_misses": cache.misses,
+            "node_bytes": cache.bytes,
+        },
+        "sessions": {
+            "kept": service.sessions,
+            "max": service.sessions_max,
+            "registered": service.sessions_registered,
+        },
+        "freed": {
+            "lists": service.freed_lists,
+            "extents": service.freed_extents,
+            "kept_max": service.freed_kept_max,
+            "oldest_generation": service.freed_oldest,
+            "consumers": service.consumers.iter().map(|c| json!({
+                "id": c.id,
+                "name": c.name,
+                "acked_generation": c.acked,
+                "backlog_generations": sb.generation.saturating_sub(c.acked),
+            })).collect::<Vec<_>>(),
+        },
+        "barriers": {
+            "held": s.barriers.held(),
+            "lease_ms": s.config.barrier_lease_ms,
+        },
+        "connections": {
+            "open": s.connections(),
+            "max": s.config.connections_max,
+            "accepted": m.connections_accepted.get(),
+            "refused": m.connections_refused.get(),
+        },
+        "wire": {
+            "bytes_in": m.bytes_in.get(),
+            "bytes_out": m.bytes_out.get(),
+            "submit_batches": m.batches.get(),
+            "submit_duplicates": m.duplicates.get(),
+            "backpressure_waits": m.backpressure_waits.get(),
+            "auth_failures": m.auth_failures.get(),
+            "submit_ops_max": s.submit_ops_max,
+            "frame_bytes_max": s.config.frame_bytes_max,
+        },
+    })
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -7,6 +7,7 @@
 mod crash;
 mod durable;
 mod ingest;
+mod load;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,10 @@ enum Cmd {
     /// tree bytes per op, beside the device's own durable write rate.
     /// Destroys the device's content.
     Durable(durable::DurableArgs),
+    /// Load over the wire against a refd daemon (started, or --connect):
+    /// durable ops/s and SUBMIT latency as clients see them, LOOKUP
+    /// latency under load, the daemon's memory.
+    Load(load::LoadArgs),
     /// The process `crash` kills (internal).
     #[command(hide = true)]
     CrashChild(crash::ChildArgs),
@@ -63,6 +68,25 @@ fn main() {
             }
         }),
         Cmd::CrashChild(a) => crash::child(a),
+        Cmd::Load(a) => load::run(a).and_then(|r| {
+            if a.json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                println!(
+                    "load ({}, {} clients, batch {}, {}, store {}{}): {:.0} durable ops/s, {:.0} SUBMITs/s; SUBMIT p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.1} ms; {} errors; daemon RSS max {:.0} MiB{}",
+                    if r.open_loop { format!("open loop at {:.0} ops/s", r.rate) } else { format!("closed loop, {} in flight per client", r.pipeline) },
+                    r.clients, r.batch, serde_json::to_string(&r.workload).unwrap_or_default(), r.store,
+                    if r.dry_run { ", dry run" } else { "" },
+                    r.ops_per_sec, r.requests_per_sec, r.p50_ms, r.p99_ms, r.p999_ms, r.max_ms, r.errors,
+                    r.daemon_rss_max_bytes as f64 / (1 << 20) as f64,
+                    if r.lookups > 0 { format!("; LOOKUP p50 {:.3} ms p99 {:.3} ms max {:.2} ms ({} lookups)", r.lookup_p50_ms, r.lookup_p99_ms, r.lookup_max_ms, r.lookups) } else { String::new() }
+                );
+            }
+            match r.daemon_exit {
+                Some(0) | None => Ok(()),
+                Some(code) => Err(format!("the daemon exited with status {code} after SIGTERM")),
+            }
+        }),
         Cmd::Durable(a) => durable::run(a).and_then(|r| {
             if a.json {
                 println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);

@@ -157,6 +157,8 @@ pub(crate) struct Service {
     dirty_sessions: BTreeSet<u64>,
     dirty_consumers: BTreeSet<u64>,
     meta_dirty: bool,
+    /// Request numbers being applied now (checked, not yet logged).
+    claimed: std::collections::HashSet<(u64, u64)>,
     /// Freed lists kept on the device, by generation.
     freed: BTreeMap<u64, FreedList>,
     freed_extents: u64,
@@ -178,6 +180,7 @@ impl Service {
             dirty_sessions: BTreeSet::new(),
             dirty_consumers: BTreeSet::new(),
             meta_dirty: false,
+            claimed: std::collections::HashSet::new(),
             freed: BTreeMap::new(),
             freed_extents: 0,
         }
@@ -301,6 +304,17 @@ impl Service {
             });
         }
         Ok(Admission::New)
+    }
+
+    /// Claims `request` of `session` while it is applied; false if another
+    /// thread has it.
+    pub(crate) fn claim(&mut self, session: u64, request: u64) -> bool {
+        self.claimed.insert((session, request))
+    }
+
+    /// Ends a [`Service::claim`].
+    pub(crate) fn unclaim(&mut self, session: u64, request: u64) {
+        self.claimed.remove(&(session, request));
     }
 
     /// Records the reply of a logged SUBMIT (also on replay; a session

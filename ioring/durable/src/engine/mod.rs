@@ -212,6 +212,8 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     pub(crate) committer_cv: Condvar,
     /// Sessions and freed-list consumers (taken after the cut lock).
     service: Mutex<Service>,
+    /// Signalled when a SUBMIT's claim on its request number ends.
+    service_cv: Condvar,
     /// Called with every successful commit's summary.
     commit_hook: OnceLock<CommitHook>,
 }

@@ -348,6 +348,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             committer: Mutex::new(CommitterFlags::default()),
             committer_cv: Condvar::new(),
             service: Mutex::new(service),
+            service_cv: Condvar::new(),
             commit_hook: OnceLock::new(),
         };
         engine.record_commit(0, Duration::ZERO);

@@ -125,27 +125,47 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         record: &[u8],
     ) -> Result<Submitted<S>, SubmitError> {
         let admitted = self.admit_append().map_err(SubmitError::Failed)?;
-        // The service lock is held from the check of the request number to
-        // its reply being kept: a retry on another connection waits here,
-        // then finds it.
+        // The request number is claimed from its check to its reply being
+        // kept: a copy of it on another connection (a retry) waits, then
+        // finds it kept. Other requests go on meanwhile: the ops are added
+        // to the engine outside the service lock.
         let mut service = lock(&self.service);
-        if let Admission::Duplicate(reply) = service.admit(session, request)? {
-            return Ok(Submitted::Duplicate {
-                lsn: Lsn(reply.lsn),
-                ops: reply.ops,
-            });
+        loop {
+            match service.admit(session, request)? {
+                Admission::Duplicate(reply) => {
+                    return Ok(Submitted::Duplicate {
+                        lsn: Lsn(reply.lsn),
+                        ops: reply.ops,
+                    })
+                }
+                Admission::New if service.claim(session, request) => break,
+                Admission::New => {
+                    service = self
+                        .service_cv
+                        .wait(service)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+            }
         }
+        drop(service);
         // The engine first: it may refuse an op, and nothing may be logged
         // that the engine does not hold. (A handle is always available:
         // admission bounds the appends in flight below the shards.)
-        let mut handle = self
+        let added = self
             .engine
             .handle()
-            .map_err(|source| SubmitError::Refused { index: 0, source })?;
-        handle
-            .add_batch(ops)
-            .map_err(|(index, source)| SubmitError::Refused { index, source })?;
-        drop(handle);
+            .map_err(|source| SubmitError::Refused { index: 0, source })
+            .and_then(|mut h| {
+                h.add_batch(ops)
+                    .map_err(|(index, source)| SubmitError::Refused { index, source })
+            });
+        let mut service = lock(&self.service);
+        service.unclaim(session, request);
+        self.service_cv.notify_all();
+        added?;
+        // Appended under the service lock: the log's order of SUBMIT
+        // records is the order their replies are kept in (replay repeats
+        // it exactly).
         let ticket = self
             .append(record, || {
                 format!("log append of request {request} of session {session}")

@@ -82,7 +82,11 @@ impl Daemon {
             .arg(&target.device)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
-            .args(["--metrics", "off"])
+            .args(if args.contains(&"--metrics") {
+                &[][..]
+            } else {
+                &["--metrics", "off"][..]
+            })
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

@@ -1,0 +1,498 @@
+//! The daemon against clients that misbehave and environments that
+//! refuse: slow readers, half frames, many connections, a second daemon,
+//! a device that is not refd's, a symlinked socket path, a latched I/O
+//! failure; and its metrics checked by Prometheus's own promtool.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use refd_proto::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A client that sends and never reads its replies cannot grow the
+/// daemon's memory, and others are served meanwhile; more clients than
+/// cores are served side by side.
+#[test]
+fn a_client_that_never_reads_is_bounded() {
+    let Some(t) = Target::new("refd-slow", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut good, _) = Raw::hello(&d.socket);
+    let s = good.register();
+    let x = 1 << 30;
+    assert!(matches!(
+        good.submit(s, 1, &[data(ACTION_ADD_EXTENT, x, 1)]),
+        Reply::Submit(_)
+    ));
+    let rss_before = d.rss_bytes();
+    // The greedy client: big LOOKUP replies, never read.
+    let (mut greedy, _) = Raw::hello(&d.socket);
+    greedy
+        .stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let bytenrs: Vec<u64> = (0..16384).map(|i| x + i * 4096).collect();
+    let mut frame = Vec::new();
+    encode_request(
+        7,
+        &Request::Lookup(LookupRequest::new(bytenrs).unwrap()),
+        &mut frame,
+    );
+    let mut sent = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match greedy.stream.write_all(&frame) {
+            Ok(()) => sent += 1,
+            Err(_) => break, // the daemon stopped reading: back-pressure
+        }
+    }
+    assert!(sent < 5_000, "the daemon kept reading {sent} requests");
+    // Meanwhile others are served, several at once (more than the cores).
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let socket = d.socket.clone();
+            std::thread::spawn(move || {
+                let (mut c, _) = Raw::hello(&socket);
+                for _ in 0..20 {
+                    assert_eq!(c.refs(1 << 30), 1);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let grown = d.rss_bytes().saturating_sub(rss_before);
+    assert!(
+        grown < 256 * MIB,
+        "RSS grew by {grown} bytes for one slow reader"
+    );
+    drop(greedy);
+    assert_eq!(good.refs(x), 1);
+}
+
+/// Half a frame, then silence: the connection is closed after the frame
+/// timeout, and the daemon serves everyone else meanwhile.
+#[test]
+fn a_half_sent_frame_is_dropped() {
+    let Some(t) = Target::new("refd-half", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut half, _) = Raw::hello(&d.socket);
+    let mut frame = Vec::new();
+    encode_request(
+        3,
+        &Request::Ping(PingRequest::new(b"abcdef").unwrap()),
+        &mut frame,
+    );
+    half.send_raw(&frame[..HEADER_BYTES + 2]);
+    let (mut other, _) = Raw::hello(&d.socket);
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        assert!(matches!(
+            other.call(&Request::Ping(PingRequest::new(b"x").unwrap())),
+            Reply::Ping(_)
+        ));
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "others were not held up"
+    );
+    // Closed by the daemon (frame timeout 10 s).
+    assert!(half.try_recv().is_none());
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(8) && waited < Duration::from_secs(25),
+        "closed after {waited:?}"
+    );
+}
+
+/// A thousand connections opened and dropped (some mid-HELLO), then the
+/// daemon still serves; past --connections-max a connection gets BUSY.
+#[test]
+fn a_thousand_connections_and_the_bound() {
+    let Some(t) = Target::new("refd-conns", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &["--connections-max", "64"]);
+    for i in 0..1000 {
+        let mut s = UnixStream::connect(&d.socket).expect("connect");
+        if i % 3 == 0 {
+            let mut f = Vec::new();
+            let hello = HelloRequest {
+                version_min: 1,
+                version_max: 1,
+                token: Vec::new(),
+                name: "x".into(),
+            };
+            encode_request(1, &Request::Hello(hello), &mut f);
+            let _ = s.write_all(&f[..f.len() / 2]);
+        }
+        drop(s);
+    }
+    // Wait until the daemon has let them all go (BUSY meanwhile).
+    let t0 = Instant::now();
+    let mut c = loop {
+        let mut c = Raw::connect(&d.socket);
+        let hello = HelloRequest {
+            version_min: 1,
+            version_max: 1,
+            token: Vec::new(),
+            name: "after".into(),
+        };
+        match c.call(&Request::Hello(hello)) {
+            Reply::Hello(_) => break c,
+            r => assert_eq!(code(&r), Some(ErrorCode::Busy)),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "still busy");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    while c.stats()["connections"]["open"].as_u64() != Some(1) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", c.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Fill up to the bound; the next one is refused with BUSY.
+    let held: Vec<Raw> = (0..63).map(|_| Raw::hello(&d.socket).0).collect();
+    let mut over = Raw::connect(&d.socket);
+    let hello = HelloRequest {
+        version_min: 1,
+        version_max: 1,
+        token: Vec::new(),
+        name: "one too many".into(),
+    };
+    let id = over.send(&Request::Hello(hello));
+    let (rid, r) = over.recv();
+    assert_eq!((rid, code(&r)), (id, Some(ErrorCode::Busy)));
+    drop(held);
+    let st = c.stats();
+    assert!(st["connections"]["refused"].as_u64().unwrap() >= 1, "{st}");
+}
+
+/// One daemon per device; never a device that is not refd's; never a
+/// socket through a symlink or over a file.
+#[test]
+fn refusals_at_start() {
+    let Some(t) = Target::new("refd-refuse", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_refd"))
+            .arg("serve")
+            .args(["--metrics", "off"])
+            .args(args)
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("run refd")
+    };
+    let dev = t.device.to_str().unwrap();
+    let sock2 = t.scratch.path().join("second.sock");
+    let out = run(&["--device", dev, "--listen", sock2.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("in use"), "{err}");
+    // The socket of a live daemon is not taken over.
+    let other = t.scratch.path().join("other.img");
+    let out = run(&[
+        "--device",
+        other.to_str().unwrap(),
+        "--device-size",
+        "64M",
+        "--listen",
+        d.socket.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("listening on it already"),
+        "{err}"
+    );
+    drop(d);
+    // Not a refd device: refused, and left as it was.
+    let junk = t.scratch.path().join("junk.img");
+    std::fs::write(&junk, vec![0xabu8; 8 << 20]).unwrap();
+    let out = run(&[
+        "--device",
+        junk.to_str().unwrap(),
+        "--listen",
+        sock2.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("refctl format --force"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&junk).unwrap().iter().all(|&b| b == 0xab),
+        "untouched"
+    );
+    // A symlink at the socket path, or a regular file.
+    let target_file = t.scratch.path().join("precious.txt");
+    std::fs::write(&target_file, b"keep me").unwrap();
+    let link = t.scratch.path().join("link.sock");
+    std::os::unix::fs::symlink(&target_file, &link).unwrap();
+    for path in [&link, &target_file] {
+        let out = run(&["--device", dev, "--listen", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+    }
+    assert_eq!(std::fs::read(&target_file).unwrap(), b"keep me");
+    // A TCP listener off loopback without a token.
+    let out = run(&["--device", dev, "--listen", "tcp:0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--token-file"),
+        "{err}"
+    );
+}
+
+/// TCP with a token: the token is required and failures are counted.
+#[test]
+fn tcp_needs_the_token() {
+    let Some(t) = Target::new("refd-token", 128 * MIB, false) else {
+        return;
+    };
+    let token = t.scratch.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let d = Daemon::start(
+        &t,
+        &[
+            "--listen",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let hello = |tok: &[u8]| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut f = Vec::new();
+        let h = HelloRequest {
+            version_min: 1,
+            version_max: 1,
+            token: tok.to_vec(),
+            name: "tcp".into(),
+        };
+        encode_request(1, &Request::Hello(h), &mut f);
+        s.write_all(&f).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        let mut dec = FrameDecoder::expecting(BODY_BYTES_MAX_DEFAULT, Direction::Reply);
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed without a reply");
+            got.extend_from_slice(&buf[..n]);
+            let mut input = &got[..];
+            if let Some(f) = dec.decode_from(&mut input).unwrap() {
+                return Reply::decode(f.header.opcode, &f.body).unwrap();
+            }
+            got.clear();
+        }
+    };
+    assert_eq!(code(&hello(b"wrong")), Some(ErrorCode::AuthFailed));
+    assert!(matches!(hello(b"s3cret"), Reply::Hello(_)));
+    // The unix listener relies on the socket's 0660 mode instead.
+    let (mut c, _) = Raw::hello(&d.socket);
+    assert_eq!(c.stats()["wire"]["auth_failures"], 1);
+    let mode = std::fs::metadata(&d.socket).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o660);
+}
+
+/// `promtool check metrics` (Prometheus's own linter) accepts the metrics
+/// endpoint; skipped where promtool is not installed.
+#[test]
+fn metrics_pass_promtool() {
+    if Command::new("promtool").arg("--version").output().is_err() {
+        eprintln!(
+            "SKIP metrics_pass_promtool: promtool is not installed (apt-get install prometheus)"
+        );
+        return;
+    }
+    let Some(t) = Target::new("refd-metrics", 128 * MIB, false) else {
+        return;
+    };
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let d = Daemon::start(&t, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    assert!(matches!(
+        c.submit(s, 1, &[data(ACTION_ADD_EXTENT, 1 << 30, 1)]),
+        Reply::Submit(_)
+    ));
+    c.commit();
+    let _ = c.call(&Request::Ping(PingRequest::new(b"").unwrap()));
+    let body = http_get(port, "/metrics");
+    for name in [
+        "refd_ingest_ops_total",
+        "refd_commit_seconds_bucket",
+        "refd_log_used_bytes",
+        "refd_connections ",
+        "refd_failed 0",
+        "refd_requests_total{opcode=\"SUBMIT\"}",
+    ] {
+        assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let i = out.find("\r\n\r\n").unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out[i + 4..].to_string()
+}
+
+/// An I/O error latches the engine: every later write gets FAILED naming
+/// the device, the offset and the operation, reads of committed state and
+/// STATS still work, and STATS shows the failure. The device: a loop
+/// device over a sparse file on a tmpfs that is then filled up, so that
+/// the first write into a hole fails (ENOSPC, an I/O error on the loop
+/// device). Needs root, losetup and mount; skipped otherwise.
+#[test]
+fn an_io_error_latches_and_reads_go_on() {
+    let Some(scratch) = refd_ioring::test_support::Scratch::new("refd-eio") else {
+        return;
+    };
+    let Some(full) = FullDevice::new(&scratch) else {
+        return;
+    };
+    let t = Target {
+        loop_dev: None,
+        device: full.dev.clone(),
+        scratch,
+    };
+    let d = Daemon::start(&t, &["--commit-interval-ms", "600000"]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let r = c.call(&Request::Register(RegisterRequest));
+    let Reply::Error(e) = r else {
+        panic!("REGISTER should fail on a full device: {r:?}")
+    };
+    assert_eq!(e.code, ErrorCode::Failed);
+    let dev = full.dev.display().to_string();
+    assert!(
+        e.message.contains(&dev) && e.message.contains("offset"),
+        "{e:?}"
+    );
+    assert_ne!(e.detail, u64::MAX, "the offset is named: {e:?}");
+    // Every later write fails the same way, at once.
+    let r = c.submit(1, 1, &[data(ACTION_ADD_EXTENT, 1 << 30, 1)]);
+    assert!(
+        matches!(
+            code(&r),
+            Some(ErrorCode::Failed | ErrorCode::SessionUnknown)
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        code(&c.call(&Request::Commit(CommitRequest))),
+        Some(ErrorCode::Failed)
+    );
+    // Reads go on.
+    assert_eq!(c.refs(1 << 30), 0);
+    let st = c.stats();
+    assert_eq!(st["failed"]["device"], dev.as_str(), "{st}");
+    assert!(
+        st["failed"]["message"].as_str().unwrap().contains("offset"),
+        "{st}"
+    );
+}
+
+/// A loop device over a sparse file on a tmpfs filled to the brim.
+struct FullDevice {
+    mount: std::path::PathBuf,
+    dev: std::path::PathBuf,
+}
+
+impl FullDevice {
+    fn new(scratch: &refd_ioring::test_support::Scratch) -> Option<FullDevice> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP an_io_error_latches: not root");
+            return None;
+        }
+        let mount = scratch.path().join("tmpfs");
+        std::fs::create_dir_all(&mount).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(&mount)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIP an_io_error_latches: cannot mount a tmpfs");
+            return None;
+        }
+        let file = mount.join("dev.img");
+        let f = std::fs::File::create(&file).ok()?;
+        f.set_len(256 * MIB).ok()?;
+        drop(f);
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("SKIP an_io_error_latches: losetup failed");
+            let _ = Command::new("umount").arg(&mount).status();
+            return None;
+        }
+        let dev = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let me = FullDevice { mount, dev };
+        let storage = std::sync::Arc::new(
+            refd_ioring::UringStorage::open(&me.dev, 0, refd_ioring::UringConfig::default())
+                .ok()?,
+        );
+        refd_durable::DurableEngine::format(&storage, refd_durable::FormatOptions::default())
+            .ok()?;
+        drop(storage);
+        // Fill the tmpfs: every hole of the device is now unwritable.
+        let mut filler = std::fs::File::create(me.mount.join("filler")).ok()?;
+        let chunk = vec![1u8; 1 << 20];
+        while filler.write_all(&chunk).is_ok() {}
+        Some(me)
+    }
+}
+
+impl Drop for FullDevice {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}

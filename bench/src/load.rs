@@ -90,6 +90,12 @@ pub struct LoadArgs {
     /// Distinct extents.
     #[arg(long, default_value_t = 1_000_000)]
     pub extents: u64,
+    /// No daemon and no wire: the same durable engine (opened with the
+    /// daemon's options on --device), the same sessions and batches, from
+    /// --clients threads in this process: the ceiling the wire is measured
+    /// against.
+    #[arg(long)]
+    pub in_process: bool,
     /// Single-op SUBMITs through refd-client's coalescing `add` from
     /// --clients threads (each waits for its op to be durable).
     #[arg(long)]
@@ -411,6 +417,9 @@ pub fn run(a: &LoadArgs) -> Result<LoadReport, String> {
     if !matches!(a.workload, Workload::Uniform | Workload::Zipf) {
         return Err("load runs the uniform or zipf workload (the others come later)".into());
     }
+    if a.in_process {
+        return in_process(a);
+    }
     let spawned = match &a.connect {
         Some(_) => None,
         None => Some(Spawned::start(a)?),
@@ -449,6 +458,20 @@ fn drive(a: &LoadArgs, socket: &std::path::Path) -> Result<LoadReport, String> {
         let (a, socket, tally) = (a.clone(), socket.to_path_buf(), Arc::clone(&tally));
         std::thread::spawn(move || lookup_client(&a, &socket, &tally))
     });
+    measure(a, tally, threads, lookup, open_loop)
+}
+
+type Clients = Vec<std::thread::JoinHandle<Result<(), String>>>;
+
+/// Warm-up, the measured time with a progress line per second, then the
+/// report from what the clients counted.
+fn measure(
+    a: &LoadArgs,
+    tally: Arc<Tally>,
+    threads: Clients,
+    lookup: Option<std::thread::JoinHandle<Result<Histogram<u64>, String>>>,
+    open_loop: bool,
+) -> Result<LoadReport, String> {
     std::thread::sleep(Duration::from_secs_f64(a.warmup_s));
     *tally.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     tally.measuring.store(true, Ordering::SeqCst);
@@ -644,6 +667,82 @@ fn batch_client(
     }
     let _ = conn.stream.shutdown(std::net::Shutdown::Both);
     receiver.join().map_err(|_| "receiver panicked")?
+}
+
+/// `--in-process`: the daemon's engine without the daemon.
+fn in_process(a: &LoadArgs) -> Result<LoadReport, String> {
+    use refd_core::delayed::lockfree::LockFreeStore;
+    use refd_durable::{DurableEngine, Submitted};
+    let device = a
+        .device
+        .clone()
+        .ok_or("--in-process needs --device (a refd device, or a path to create)")?;
+    let opened =
+        refd::device::open_device(&device, a.device_gib << 30).map_err(|e| e.to_string())?;
+    if a.daemon_prefault_mib > 0 {
+        let mib = match refd_alloc::available_memory_bytes() {
+            Some(avail) => a.daemon_prefault_mib.min(((avail / 2) >> 20) as usize),
+            None => a.daemon_prefault_mib,
+        };
+        refd_alloc::prefault(mib << 20);
+    }
+    let options = refd::server::engine_options(&refd::ServeConfig::default());
+    let (engine, _) = DurableEngine::<_, LockFreeStore>::open_with_store(opened.storage, options)
+        .map_err(|e| e.to_string())?;
+    let engine = Arc::new(engine);
+    let committer = {
+        let e = Arc::clone(&engine);
+        std::thread::spawn(move || e.run_committer().map(|_| ()).map_err(|e| e.to_string()))
+    };
+    let tally = Arc::new(Tally::new());
+    let mut threads = Vec::new();
+    for client in 0..a.clients {
+        let (a, e, tally) = (a.clone(), Arc::clone(&engine), Arc::clone(&tally));
+        threads.push(std::thread::spawn(move || -> Result<(), String> {
+            let (session, t) = e.register_session().map_err(|e| e.to_string())?;
+            t.wait().map_err(|e| e.to_string())?;
+            let extents = (a.extents / a.clients as u64).max(1);
+            let seed = a.seed.wrapping_add(client as u64 * 7919);
+            let mut walk = Walk::new(a.workload, extents, seed, a.clients as u64, client as u64)
+                .ok_or("workload")?;
+            let mut local = histogram();
+            let mut inflight = std::collections::VecDeque::new();
+            let mut ops = Vec::with_capacity(a.batch);
+            let mut request = 0u64;
+            while !tally.stop.load(Ordering::Relaxed) {
+                while inflight.len() >= a.pipeline {
+                    let (start, ticket): (Instant, refd_durable::Ticket<_>) =
+                        inflight.pop_front().expect("pipeline");
+                    ticket.wait().map_err(|e| e.to_string())?;
+                    tally.acked(a.batch as u64, start.elapsed(), &mut local);
+                }
+                ops.clear();
+                ops.extend((0..a.batch).map(|_| walk.next_op()));
+                request += 1;
+                let start = Instant::now();
+                match e
+                    .submit(session, request, &ops)
+                    .map_err(|e| e.to_string())?
+                {
+                    Submitted::Queued { ticket, .. } => inflight.push_back((start, ticket)),
+                    Submitted::Duplicate { .. } => {
+                        return Err("a new request was a duplicate".into())
+                    }
+                }
+            }
+            for (start, ticket) in inflight {
+                ticket.wait().map_err(|e| e.to_string())?;
+                tally.acked(a.batch as u64, start.elapsed(), &mut local);
+            }
+            tally.merge(&local);
+            Ok(())
+        }));
+    }
+    let mut report = measure(a, tally, threads, None, false)?;
+    engine.stop_committer();
+    committer.join().map_err(|_| "the committer panicked")??;
+    report.store = "in-process".into();
+    Ok(report)
 }
 
 fn encode_frame_submit(id: u64, session: u64, request: u64, ops: &[WireOp], out: &mut Vec<u8>) {

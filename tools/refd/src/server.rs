@@ -199,24 +199,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         };
         refd_alloc::prefault(mib << 20);
     }
-    let options = OpenOptions {
-        log: LogConfig {
-            batch_bytes_max: LOG_BATCH_BYTES_MAX,
-            ..LogConfig::default()
-        },
-        policy: CommitPolicy {
-            interval_ms: config.commit_interval_ms,
-            ..CommitPolicy::default()
-        },
-        verify: config.verify,
-        service: ServiceOptions {
-            sessions_max: config.sessions_max,
-            freed_kept_max: config.freed_kept_max,
-            ..ServiceOptions::default()
-        },
-        progress: Some(|line| tracing::info!("{line}")),
-        ..OpenOptions::default()
-    };
+    let options = engine_options(&config);
     let (engine, recovery) = DurableEngine::<Dev, D>::open_with_store(opened.storage, options)
         .map_err(|source| ServeError::Open {
             device: device.clone(),
@@ -340,6 +323,29 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         committer: Some(committer),
         listeners,
     }))
+}
+
+/// The durable engine's options for `config` (also what `refd-bench load
+/// --in-process` opens its engine with, so both measure the same engine).
+pub fn engine_options(config: &ServeConfig) -> OpenOptions {
+    OpenOptions {
+        log: LogConfig {
+            batch_bytes_max: LOG_BATCH_BYTES_MAX,
+            ..LogConfig::default()
+        },
+        policy: CommitPolicy {
+            interval_ms: config.commit_interval_ms,
+            ..CommitPolicy::default()
+        },
+        verify: config.verify,
+        service: ServiceOptions {
+            sessions_max: config.sessions_max,
+            freed_kept_max: config.freed_kept_max,
+            ..ServiceOptions::default()
+        },
+        progress: Some(|line| tracing::info!("{line}")),
+        ..OpenOptions::default()
+    }
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ServeError> {

@@ -21,6 +21,11 @@ pub const BLOCK_BYTES: usize = 4096;
 /// length field must not turn into a huge allocation.
 pub const ALIGNED_BUF_BYTES_MAX: usize = 1 << 30;
 
+// Every supported logical block size (a power of two up to 4096) divides
+// BLOCK_BYTES, and `round_up_to_block` masks with it.
+const _: () = assert!(BLOCK_BYTES.is_power_of_two());
+const _: () = assert!(ALIGNED_BUF_BYTES_MAX.is_multiple_of(BLOCK_BYTES));
+
 /// Why an [`AlignedBuf`] could not be created.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AlignedBufError {

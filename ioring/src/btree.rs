@@ -33,7 +33,7 @@
 //!   the bitmap run, nodes pending release and the open transaction's dirty
 //!   nodes.
 
-mod alloc;
+pub(crate) mod alloc;
 mod apply;
 mod cache;
 mod check;
@@ -52,7 +52,7 @@ pub use check::TreeCheck;
 pub use error::BTreeError;
 pub use key::{Key, KEY_BYTES};
 pub use node::{
-    INTERNAL_CHILDREN_MAX, INTERNAL_ITEM_BYTES, LEAF_ITEM_BYTES_MAX, LEAF_ITEM_OVERHEAD_BYTES,
-    NODE_FILL_MIN_BYTES, VALUE_BYTES_MAX,
+    INTERNAL_CHILDREN_MAX, INTERNAL_ITEM_BYTES, LEAF_ITEMS_MAX, LEAF_ITEM_BYTES_MAX,
+    LEAF_ITEM_OVERHEAD_BYTES, NODE_FILL_MIN_BYTES, VALUE_BYTES_MAX,
 };
 pub use tree::{BTree, CommitInfo, Range, RootInfo, TreeConfig, TreeLocation};

@@ -247,6 +247,11 @@ pub(crate) const PREAMBLE_OFF_VERSION: usize = 12;
 /// Offset of the file system id in the shared preamble.
 pub(crate) const PREAMBLE_OFF_FS_ID: usize = 16;
 
+// The preamble: magic (8), checksum (4), version (4), fs id (16), packed.
+const _: () = assert!(CHECKSUM_OFFSET == 8);
+const _: () = assert!(CHECKSUM_OFFSET + 4 == PREAMBLE_OFF_VERSION);
+const _: () = assert!(PREAMBLE_OFF_VERSION + 4 == PREAMBLE_OFF_FS_ID);
+
 /// Check the preamble every block shares, in order: length (at least
 /// `need_bytes`), magic, checksum, version, and the file system id when
 /// `fs_id` is given (a superblock carries the id of record and checks its

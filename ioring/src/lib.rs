@@ -26,6 +26,9 @@
 //! - [`log`](mod@log): the durable ref log: [`RefLog`] (group commit of
 //!   opaque records into the circular log region, trim, failure latch) and
 //!   [`replay`] (recovery), as documented in `docs/log.md`.
+//! - [`selftest`]: the round-trip contract of every on-device decoder,
+//!   shared by the property test `tests/fuzz_decoders.rs` and the
+//!   cargo-fuzz targets in `fuzz/` (`docs/fuzzing.md`).
 //!
 //! Rules every caller must know:
 //!
@@ -44,6 +47,7 @@ pub mod btree;
 pub mod device;
 pub mod format;
 pub mod log;
+pub mod selftest;
 pub mod sim;
 pub mod storage;
 pub mod uring;

@@ -17,7 +17,10 @@
 //!   extent tree: client sessions (exactly-once SUBMIT batches) and the
 //!   freed lists with their consumers;
 //! - [`error`]: one error enum per operation; [`stats`]: what open and
-//!   commits report.
+//!   commits report;
+//! - [`selftest`]: the round-trip contract of the decoders above, shared
+//!   by the property test `tests/fuzz_decoders.rs` and the cargo-fuzz
+//!   targets in `fuzz/` (`docs/fuzzing.md`).
 //!
 //! `docs/durable.md` describes the ordering and recovery. Vocabulary
 //! follows btrfs (head, extent item, inline/keyed backref) and the ioring
@@ -29,6 +32,7 @@ pub mod engine;
 pub mod error;
 pub mod policy;
 pub mod progress;
+pub mod selftest;
 pub mod service;
 pub mod stats;
 

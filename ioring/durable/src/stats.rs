@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use refd_core::engine::CommitReport;
 use refd_ioring::log::{Lsn, RecoveryReport};
 
-/// What [`DurableEngine::open`] found and did.
+/// What [`DurableEngine::open`](crate::DurableEngine::open) found and did.
 #[derive(Debug, Clone)]
 pub struct RecoveryInfo {
     /// Generation of the superblock recovery started from.
@@ -53,7 +53,7 @@ impl fmt::Display for RecoveryInfo {
     }
 }
 
-/// What one [`DurableEngine::commit`] did.
+/// What one [`DurableEngine::commit`](crate::DurableEngine::commit) did.
 #[derive(Debug, Clone)]
 pub struct CommitSummary {
     /// Superblock generation written (the commit point).
@@ -76,7 +76,7 @@ pub struct CommitSummary {
     pub phases: CommitPhases,
 }
 
-/// Totals over every commit since open ([`DurableEngine::commit_totals`]).
+/// Totals over every commit since open ([`DurableEngine::commit_totals`](crate::DurableEngine::commit_totals)).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CommitTotals {
     /// Successful commits.

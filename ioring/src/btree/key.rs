@@ -8,6 +8,7 @@ use crate::format::le::{get_u64, get_u8, put_u64, put_u8};
 
 /// Encoded size of a [`Key`]: `objectid u64 | item_type u8 | offset u64`.
 pub const KEY_BYTES: usize = 17;
+const _: () = assert!(KEY_BYTES == 8 + 1 + 8);
 
 /// A btrfs-style key, ordered by `(objectid, item_type, offset)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

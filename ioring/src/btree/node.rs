@@ -33,9 +33,23 @@ pub const LEAF_ITEM_BYTES_MAX: usize = NODE_ITEMS_BYTES / 4;
 pub const VALUE_BYTES_MAX: usize = LEAF_ITEM_BYTES_MAX - LEAF_ITEM_OVERHEAD_BYTES;
 /// Most children of an internal node (494).
 pub const INTERNAL_CHILDREN_MAX: usize = NODE_ITEMS_BYTES / INTERNAL_ITEM_BYTES;
+/// Most items of a leaf (858): every item takes at least its key and its
+/// value length. A leaf claiming more is corrupt and is refused before
+/// anything is allocated for its items.
+pub const LEAF_ITEMS_MAX: usize = NODE_ITEMS_BYTES / LEAF_ITEM_OVERHEAD_BYTES;
 /// A non-root node with fewer item bytes than this is underfull and is
 /// merged with a neighbour when a mutation touches it.
 pub const NODE_FILL_MIN_BYTES: usize = NODE_ITEMS_BYTES / 4;
+
+// `plan_split` keeps every piece at least a quarter full only if every
+// item takes at most a quarter of the items area.
+const _: () = assert!(4 * LEAF_ITEM_BYTES_MAX <= NODE_ITEMS_BYTES);
+const _: () = assert!(4 * INTERNAL_ITEM_BYTES <= NODE_ITEMS_BYTES);
+// `value_len` is a u16.
+const _: () = assert!(VALUE_BYTES_MAX <= u16::MAX as usize);
+// The numbers the docs give (`docs/format.md`, `docs/btree.md`).
+const _: () = assert!(VALUE_BYTES_MAX == 4061 && INTERNAL_CHILDREN_MAX == 494);
+const _: () = assert!(LEAF_ITEMS_MAX == 858);
 
 /// A pointer from an internal node to a child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,7 +199,15 @@ impl Node {
             addr,
             expected_generation: self.generation,
             source,
-        })
+        })?;
+        debug_assert_eq!(
+            Node::decode(buf, &fs_id, addr, self.generation, self.level, owner)
+                .map_err(|e| e.to_string())
+                .as_ref(),
+            Ok(self),
+            "an encoded node must decode to itself"
+        );
+        Ok(())
     }
 
     /// Decodes the node read from `addr`: header checks, the generation the
@@ -228,6 +250,13 @@ impl Node {
         let items = &buf[NODE_HEADER_BYTES..NODE_BYTES];
         let mut at = 0usize;
         let body = if header.level == 0 {
+            // The header allows a count up to the bytes of the items area;
+            // a leaf holds far fewer items. Bound it before allocating.
+            if count > LEAF_ITEMS_MAX {
+                return Err(corrupt(format!(
+                    "{count} leaf items, maximum {LEAF_ITEMS_MAX}"
+                )));
+            }
             let mut leaf = Vec::with_capacity(count);
             for i in 0..count {
                 if at + LEAF_ITEM_OVERHEAD_BYTES > items.len() {
@@ -505,6 +534,35 @@ mod tests {
         let mut b = vec![0u8; NODE_BYTES];
         reseal(&mut b, 600, 1);
         assert!(Node::decode(&b, &FS, 0x4000, 3, 1, 1).is_err());
+    }
+
+    /// Found by the `node` fuzz target's property test: a forged leaf
+    /// `item_count` of 13490 (valid for the header, which allows up to
+    /// the items area's 16320 bytes) sized a 647 KB item vector before
+    /// the items ran past the node. Now refused before any allocation.
+    #[test]
+    fn forged_leaf_item_count_is_refused_before_allocating() {
+        let node = Node::leaf(vec![(Key::new(1, 0, 0), vec![1; 10])]);
+        let mut buf = vec![0u8; NODE_BYTES];
+        node.encode_into(&mut buf, FS, 0x4000, 1).expect("encode");
+        for count in [LEAF_ITEMS_MAX as u32 + 1, 13490, NODE_ITEMS_BYTES as u32] {
+            NodeHeader {
+                fs_id: FS,
+                addr: 0x4000,
+                generation: 0,
+                owner: 1,
+                item_count: count,
+                level: 0,
+            }
+            .seal(&mut buf)
+            .expect("seal");
+            match Node::decode(&buf, &FS, 0x4000, 0, 0, 1) {
+                Err(BTreeError::Corrupt { reason, .. }) => {
+                    assert!(reason.contains("maximum 858"), "{reason}")
+                }
+                other => panic!("count {count}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -660,3 +660,26 @@ fn pending_frees_are_not_reused_before_release() {
     );
     t.check().expect("check");
 }
+
+/// Found while writing the `bitmap` fuzz target: the allocator sizes its
+/// bit per slot from the node region the superblock claims, and nothing
+/// compared that region with the device, so a checksum-valid superblock
+/// claiming a 2^60-byte device made `open` try to allocate 8 TiB (an
+/// abort, not an error). The region must now end inside the device.
+#[test]
+fn node_region_beyond_the_device_is_refused_before_allocating() {
+    let f = Fixture::new(8, 1 << 20);
+    let mut sb = f.sb.clone();
+    sb.geometry.size_bytes = 1 << 60;
+    sb.node_region_bytes = (1 << 60) - (1 << 20);
+    sb.validate().expect("a valid superblock on its own");
+    match BTree::open_superblock(Arc::clone(&f.dev), &sb, f.config) {
+        Err(BTreeError::Config { field, reason }) => {
+            assert_eq!(field, "node region");
+            assert!(reason.contains("beyond the device"), "{reason}");
+        }
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a region beyond the device opened"),
+    }
+    f.open();
+}

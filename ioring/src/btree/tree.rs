@@ -257,6 +257,22 @@ impl<S: Storage> BTree<S> {
                 ),
             });
         }
+        // The allocator holds a bit per slot of the region: a region that
+        // a corrupt superblock claims beyond the device must be refused
+        // before it sizes that allocation.
+        let device_bytes = storage.geometry().size_bytes;
+        let region_end = location
+            .node_region_start
+            .checked_add(location.node_region_bytes);
+        if region_end.is_none_or(|end| end > device_bytes) {
+            return Err(BTreeError::Config {
+                field: "node region",
+                reason: format!(
+                    "{}+{} ends beyond the device's {device_bytes} bytes",
+                    location.node_region_start, location.node_region_bytes
+                ),
+            });
+        }
         let alloc = Allocator::load(
             location.node_region_start,
             location.node_region_bytes,

@@ -51,11 +51,31 @@ const OFF_FS_ID: usize = crate::format::PREAMBLE_OFF_FS_ID;
 const OFF_LSN: usize = 32;
 const OFF_TXN_ID: usize = 40;
 const OFF_LOG_OFFSET: usize = 48;
-const OFF_BATCH_BYTES: usize = 56;
-const OFF_PAYLOAD_BYTES: usize = 60;
-const OFF_RECORD_COUNT: usize = 64;
-const OFF_PAYLOAD_CRC: usize = 68;
+pub(crate) const OFF_BATCH_BYTES: usize = 56;
+pub(crate) const OFF_PAYLOAD_BYTES: usize = 60;
+pub(crate) const OFF_RECORD_COUNT: usize = 64;
+pub(crate) const OFF_PAYLOAD_CRC: usize = 68;
 const OFF_RESERVED: usize = 72;
+
+// Header fields are packed in order after the preamble; the reserved word
+// ends the header, which fits in the first block (`decode_batch_header`
+// reads only that block).
+const _: () = assert!(OFF_MAGIC + 8 == CHECKSUM_OFFSET && OFF_FS_ID + 16 == OFF_LSN);
+const _: () = assert!(OFF_LSN + 8 == OFF_TXN_ID && OFF_TXN_ID + 8 == OFF_LOG_OFFSET);
+const _: () = assert!(OFF_LOG_OFFSET + 8 == OFF_BATCH_BYTES);
+const _: () = assert!(OFF_BATCH_BYTES + 4 == OFF_PAYLOAD_BYTES);
+const _: () = assert!(OFF_PAYLOAD_BYTES + 4 == OFF_RECORD_COUNT);
+const _: () = assert!(OFF_RECORD_COUNT + 4 == OFF_PAYLOAD_CRC);
+const _: () = assert!(OFF_PAYLOAD_CRC + 4 == OFF_RESERVED);
+const _: () = assert!(OFF_RESERVED + 8 == LOG_BATCH_HEADER_BYTES);
+const _: () = assert!(LOG_BATCH_HEADER_BYTES <= BLOCK_BYTES);
+// Batches are whole blocks; their size (and so every length and count in
+// them) fits the u32 header fields; one fits an aligned buffer.
+const _: () = assert!(LOG_BATCH_BYTES_MAX.is_multiple_of(BLOCK_BYTES));
+const _: () = assert!(LOG_BATCH_BYTES_MAX <= u32::MAX as usize);
+const _: () = assert!(LOG_BATCH_BYTES_MAX <= crate::aligned::ALIGNED_BUF_BYTES_MAX);
+// A varint of LOG_RECORD_LEN_BYTES_MAX bytes holds any u32 length.
+const _: () = assert!(7 * LOG_RECORD_LEN_BYTES_MAX >= 32);
 
 /// Decoded batch header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,7 +306,33 @@ pub fn encode_batch(
     put_u32(&mut buf, OFF_PAYLOAD_CRC, payload_crc);
     let header_crc = block_checksum(&buf[..LOG_BATCH_HEADER_BYTES]);
     put_u32(&mut buf, CHECKSUM_OFFSET, header_crc);
+    debug_assert!(
+        decodes_to(&buf, fs_id, lsn, txn_id, log_offset, records),
+        "an encoded log batch must decode to its records"
+    );
     Ok(buf)
+}
+
+/// Whether `buf` decodes as the batch `encode_batch` was asked for: the
+/// postcondition of [`encode_batch`] (debug builds).
+fn decodes_to(
+    buf: &[u8],
+    fs_id: &FsId,
+    lsn: u64,
+    txn_id: u64,
+    log_offset: u64,
+    records: &[&[u8]],
+) -> bool {
+    let Ok(view) = decode_batch(buf, fs_id, log_offset) else {
+        return false;
+    };
+    let h = view.header;
+    h.lsn == lsn
+        && h.txn_id == txn_id
+        && h.log_offset == log_offset
+        && h.batch_bytes as usize == buf.len()
+        && view.records().len() == records.len()
+        && view.records().zip(records).all(|(a, b)| a == *b)
 }
 
 /// Decodes and verifies the header at the start of `buf` (at least

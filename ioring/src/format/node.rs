@@ -11,6 +11,7 @@
 //! decoding, [`NodeHeader::check_generation`] compares it, which catches a
 //! lost write (the old node still at that address with a valid checksum).
 
+use crate::aligned::BLOCK_BYTES;
 use crate::format::le::{get_u32, get_u64, get_u8, put_bytes, put_u32, put_u64, put_u8};
 use crate::format::{
     block_checksum, check_preamble, BlockKind, FormatError, FsId, CHECKSUM_OFFSET,
@@ -38,6 +39,24 @@ const OFF_OWNER: usize = 48;
 const OFF_ITEM_COUNT: usize = 56;
 const OFF_LEVEL: usize = 60;
 const OFF_RESERVED: usize = 61;
+
+// A node is whole blocks, and header + items area is exactly the node.
+const _: () = assert!(NODE_BYTES.is_multiple_of(BLOCK_BYTES));
+const _: () = assert!(NODE_HEADER_BYTES + NODE_ITEMS_BYTES == NODE_BYTES);
+// Header fields follow the shared preamble, in order, without overlap, and
+// the reserved tail ends the header.
+const _: () = assert!(OFF_MAGIC + 8 == crate::format::CHECKSUM_OFFSET);
+const _: () = assert!(OFF_FS_ID + 16 == OFF_ADDR);
+const _: () = assert!(OFF_ADDR + 8 == OFF_GENERATION);
+const _: () = assert!(OFF_GENERATION + 8 == OFF_OWNER);
+const _: () = assert!(OFF_OWNER + 8 == OFF_ITEM_COUNT);
+const _: () = assert!(OFF_ITEM_COUNT + 4 == OFF_LEVEL);
+const _: () = assert!(OFF_LEVEL + 1 == OFF_RESERVED);
+const _: () = assert!(OFF_RESERVED < NODE_HEADER_BYTES);
+// `item_count` (u32) can count every byte of the items area; the checksum
+// needs more than the 12 preamble bytes to cover.
+const _: () = assert!(NODE_ITEMS_BYTES <= u32::MAX as usize);
+const _: () = assert!(NODE_HEADER_BYTES > crate::format::CHECKSUM_OFFSET + 4);
 
 /// Decoded node header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +148,11 @@ impl NodeHeader {
         put_u8(node, OFF_LEVEL, self.level);
         let crc = block_checksum(node);
         put_u32(node, CHECKSUM_OFFSET, crc);
+        debug_assert_eq!(
+            NodeHeader::decode(node, &self.fs_id, self.addr),
+            Ok(*self),
+            "a sealed node header must decode to itself"
+        );
         Ok(())
     }
 

@@ -65,6 +65,45 @@ const OFF_BITMAP_BYTES: usize = 184;
 const OFF_LAST_TXN_ID: usize = 192;
 const OFF_RESERVED_TAIL: usize = 200;
 
+// The two slots are consecutive blocks filling the superblock region, and
+// the log and node regions (which start at or after the region) stay
+// block-aligned.
+const _: () = assert!(SUPERBLOCK_BYTES.is_multiple_of(BLOCK_BYTES));
+const _: () = assert!(SUPERBLOCK_SLOT_ADDRS[0] == 0);
+const _: () =
+    assert!(SUPERBLOCK_SLOT_ADDRS[1] == SUPERBLOCK_SLOT_ADDRS[0] + SUPERBLOCK_BYTES as u64);
+const _: () =
+    assert!(SUPERBLOCK_REGION_BYTES == SUPERBLOCK_SLOT_ADDRS[1] + SUPERBLOCK_BYTES as u64);
+const _: () = assert!(SUPERBLOCK_REGION_BYTES.is_multiple_of(BLOCK_BYTES as u64));
+const _: () = assert!(SUPERBLOCK_FLAGS_KNOWN & SUPERBLOCK_FLAG_CLEAN_UNMOUNT != 0);
+// Fields are packed in order after the preamble and end before the
+// reserved tail, which ends the block.
+const _: () = assert!(OFF_MAGIC + 8 == CHECKSUM_OFFSET && OFF_FS_ID + 16 == OFF_GENERATION);
+const _: () = assert!(OFF_GENERATION + 8 == OFF_SELF_ADDR && OFF_SELF_ADDR + 8 == OFF_DEVICE_BYTES);
+const _: () = assert!(OFF_DEVICE_BYTES + 8 == OFF_LOGICAL_BLOCK);
+const _: () = assert!(OFF_LOGICAL_BLOCK + 4 == OFF_PHYSICAL_BLOCK);
+const _: () = assert!(OFF_PHYSICAL_BLOCK + 4 == OFF_NODE_BYTES);
+const _: () = assert!(OFF_NODE_BYTES + 4 == OFF_RESERVED0 && OFF_RESERVED0 + 4 == OFF_FLAGS);
+const _: () = assert!(OFF_FLAGS + 8 == OFF_LOG_START && OFF_LOG_START + 8 == OFF_LOG_BYTES);
+const _: () = assert!(OFF_LOG_BYTES + 8 == OFF_LOG_HEAD_OFFSET);
+const _: () = assert!(OFF_LOG_HEAD_OFFSET + 8 == OFF_LOG_HEAD_LSN);
+const _: () = assert!(OFF_LOG_HEAD_LSN + 8 == OFF_LOG_TAIL_OFFSET);
+const _: () = assert!(OFF_LOG_TAIL_OFFSET + 8 == OFF_LOG_TAIL_LSN);
+const _: () = assert!(OFF_LOG_TAIL_LSN + 8 == OFF_NODE_REGION_START);
+const _: () = assert!(OFF_NODE_REGION_START + 8 == OFF_NODE_REGION_BYTES);
+const _: () = assert!(OFF_NODE_REGION_BYTES + 8 == OFF_TREE_ROOT_ADDR);
+const _: () = assert!(OFF_TREE_ROOT_ADDR + 8 == OFF_TREE_ROOT_GENERATION);
+const _: () = assert!(OFF_TREE_ROOT_GENERATION + 8 == OFF_TREE_ROOT_LEVEL);
+const _: () = assert!(OFF_TREE_ROOT_LEVEL + 1 == OFF_RESERVED1);
+const _: () = assert!(OFF_RESERVED1 + 7 == OFF_ALLOC_NEXT);
+const _: () = assert!(OFF_ALLOC_NEXT + 8 == OFF_BITMAP_ADDR);
+const _: () = assert!(OFF_BITMAP_ADDR + 8 == OFF_BITMAP_BYTES);
+const _: () = assert!(OFF_BITMAP_BYTES + 8 == OFF_LAST_TXN_ID);
+const _: () = assert!(OFF_LAST_TXN_ID + 8 == OFF_RESERVED_TAIL);
+const _: () = assert!(OFF_RESERVED_TAIL < SUPERBLOCK_BYTES);
+// `node_bytes` is stored as a u32.
+const _: () = assert!(NODE_BYTES <= u32::MAX as usize);
+
 /// Decoded superblock. Byte layout in `docs/format.md`; the address it must
 /// live at is derived from `generation` ([`Superblock::addr`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -428,6 +467,11 @@ impl Superblock {
         put_u64(&mut b, OFF_LAST_TXN_ID, self.last_txn_id);
         let crc = block_checksum(&b);
         put_u32(&mut b, CHECKSUM_OFFSET, crc);
+        debug_assert_eq!(
+            Superblock::decode(&b, self.addr()).as_ref(),
+            Ok(self),
+            "an encoded superblock must decode to itself"
+        );
         Ok(b)
     }
 
@@ -476,7 +520,9 @@ impl Superblock {
         }
         let reserved_zero = get_u32(b, OFF_RESERVED0) == 0
             && b[OFF_RESERVED1..OFF_ALLOC_NEXT].iter().all(|&x| x == 0)
-            && b[OFF_RESERVED_TAIL..].iter().all(|&x| x == 0);
+            // A slice comparison (memcmp): cheap also in debug builds,
+            // where `encode` decodes every superblock it writes.
+            && b[OFF_RESERVED_TAIL..] == [0u8; SUPERBLOCK_BYTES - OFF_RESERVED_TAIL];
         if !reserved_zero {
             return Err(invalid(
                 expected_addr,

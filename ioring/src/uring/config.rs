@@ -8,7 +8,7 @@ use crate::device::DeviceError;
 
 use super::{POOL_BYTES_MAX, QUEUE_DEPTH_MAX, RINGS_MAX, SLOT_BYTES_MAX};
 
-/// Tunables of [`UringStorage`].
+/// Tunables of [`UringStorage`](super::UringStorage).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UringConfig {
     /// Ring size and bound on I/Os in flight, `1..=QUEUE_DEPTH_MAX`.
@@ -74,7 +74,7 @@ impl UringConfig {
     }
 }
 
-/// Errors creating a [`UringStorage`].
+/// Errors creating a [`UringStorage`](super::UringStorage).
 #[derive(Debug, thiserror::Error)]
 pub enum UringSetupError {
     /// A configuration field is out of bounds.
@@ -112,7 +112,7 @@ pub enum UringSetupError {
     },
 }
 
-/// Counters of one [`UringStorage`] since it was opened.
+/// Counters of one [`UringStorage`](super::UringStorage) since it was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UringStats {
     /// Write chunks completed (a chunk is at most one slot).

@@ -20,7 +20,7 @@
 //! completion order of unlinked SQEs.
 //!
 //! **Buffers.** Each ring owns a pool of `queue_depth` slots of
-//! `slot_bytes` each, carved from one [`AlignedBuf`] and registered with the
+//! `slot_bytes` each, carved from one [`AlignedBuf`](crate::AlignedBuf) and registered with the
 //! ring as fixed buffers. Every I/O goes through a slot: a write copies the
 //! caller's bytes into the slot and issues `WriteFixed`; a read issues
 //! `ReadFixed` and copies out on completion. Larger entries are split into

@@ -17,7 +17,10 @@
 //! - [`oracle`]: the simple sequential applier that is the reference
 //!   semantics for replaying a trace;
 //! - [`progs`]: btrfs-progs naming conventions (tree ids, key types, the
-//!   `EXTENT_DATA_REF` hash).
+//!   `EXTENT_DATA_REF` hash);
+//! - [`selftest`]: the round-trip contract of the two parsers, shared by
+//!   the property test `tests/fuzz_decoders.rs` and the cargo-fuzz targets
+//!   in `fuzz/` (`docs/fuzzing.md`).
 //!
 //! Vocabulary follows btrfs (head, ref, extent_op, seq, FULL_BACKREF).
 
@@ -28,6 +31,7 @@ mod lex;
 pub mod open;
 pub mod oracle;
 pub mod progs;
+pub mod selftest;
 pub mod trace;
 
 pub use lex::{LineSample, Tally, LINE_BYTES_MAX, SAMPLES_MAX};

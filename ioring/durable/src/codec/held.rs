@@ -17,6 +17,11 @@ pub const HELD_HEADS_KEY: u8 = 240;
 pub const EXTENT_BYTENR_MAX: u64 = u64::MAX - 1;
 /// Version byte at the start of the held-heads stream.
 const HELD_STREAM_VERSION: u8 = 1;
+
+// Held-heads items sort after every extent's items: no extent item has
+// their objectid, and their type is above every extent and backref type.
+const _: () = assert!(EXTENT_BYTENR_MAX < HELD_OBJECTID);
+const _: () = assert!(HELD_HEADS_KEY > refd_core::model::SHARED_DATA_REF_KEY);
 const HELD_SHAPE_KNOWN: u8 = 0x01;
 const HELD_MIXED: u8 = 0x02;
 const HELD_EXTENT_OP: u8 = 0x04;
@@ -80,6 +85,10 @@ pub fn encode_held(heads: &[Head]) -> Vec<u8> {
             put_varint(&mut out, zigzag(r.ref_mod));
         }
     }
+    debug_assert!(
+        heads.is_empty() || decode_held(&out).as_deref() == Ok(heads),
+        "an encoded held-heads stream must decode to its heads"
+    );
     out
 }
 

@@ -21,6 +21,15 @@ pub const METADATA_ITEM_KEY: u8 = 169;
 /// Header flag bit: a tree block key follows.
 const ITEM_HAS_TREE_KEY: u8 = 0x01;
 
+// An extent's items sort as the loader reads them: its extent item (data
+// or tree block) first, then its keyed backrefs, which the loader tells
+// apart by `item_type < TREE_BLOCK_REF_KEY`.
+const _: () = assert!(EXTENT_ITEM_KEY < METADATA_ITEM_KEY);
+const _: () = assert!(METADATA_ITEM_KEY < TREE_BLOCK_REF_KEY);
+const _: () = assert!(TREE_BLOCK_REF_KEY < EXTENT_DATA_REF_KEY);
+const _: () = assert!(EXTENT_DATA_REF_KEY < SHARED_BLOCK_REF_KEY);
+const _: () = assert!(SHARED_BLOCK_REF_KEY < SHARED_DATA_REF_KEY);
+
 /// The B+tree key of the extent item of `bytenr`.
 pub fn item_key(bytenr: u64, num_bytes: u64, kind: ExtentKind) -> Key {
     match kind {
@@ -96,7 +105,29 @@ pub fn encode_extent_item(bytenr: u64, item: &ExtentItem) -> Result<(Key, Vec<u8
             max_bytes: VALUE_BYTES_MAX,
         });
     }
-    Ok((item_key(bytenr, item.num_bytes, item.kind), v))
+    let key = item_key(bytenr, item.num_bytes, item.kind);
+    debug_assert!(
+        decodes_to_item(bytenr, &key, &v, item),
+        "an encoded extent item must decode to the item (extent {bytenr})"
+    );
+    Ok((key, v))
+}
+
+/// Whether the extent item value `v` decodes to the item-level fields and
+/// inline backrefs of `item` (the keyed backrefs are items of their own):
+/// the postcondition of [`encode_extent_item`] (debug builds).
+fn decodes_to_item(bytenr: u64, key: &Key, v: &[u8], item: &ExtentItem) -> bool {
+    decode_item_value(bytenr, key, v).is_ok_and(|d| {
+        (d.num_bytes, d.kind, d.flags, d.generation, d.tree_key)
+            == (
+                item.num_bytes,
+                item.kind,
+                item.flags,
+                item.generation,
+                item.tree_key,
+            )
+            && d.inline == item.inline
+    })
 }
 
 /// Encodes the extent item of `bytenr` and its keyed backrefs as B+tree
@@ -141,6 +172,14 @@ pub fn encode_extent(bytenr: u64, item: &ExtentItem) -> Result<Vec<(Key, Vec<u8>
         keyed.insert(k, value);
     }
     out.extend(keyed);
+    debug_assert!(
+        {
+            let mut l = ExtentLoader::new();
+            out.iter().all(|(k, v)| matches!(l.push(k, v), Ok(None)))
+                && l.finish().ok() == Some(Some((bytenr, item.clone())))
+        },
+        "encoded extent items must load back to the extent (extent {bytenr})"
+    );
     Ok(out)
 }
 
@@ -262,10 +301,14 @@ fn decode_keyed_ref(bytenr: u64, key: &Key, value: &[u8]) -> Result<(RefKey, u64
 /// Rebuilds extent items from B+tree items in key order, one extent at a
 /// time, streaming: [`ExtentLoader::push`] every item, and take each
 /// extent, decoded and checked, as soon as the next one begins; the last
-/// one comes from [`ExtentLoader::finish`]. Memory is one extent.
+/// one comes from [`ExtentLoader::finish`]. Memory is one extent. Keys
+/// must ascend strictly; any other order is refused, so an extent is
+/// never returned twice or out of order.
 #[derive(Debug, Default)]
 pub struct ExtentLoader {
     current: Option<(u64, ExtentItem)>,
+    /// Key of the previous item.
+    last_key: Option<Key>,
 }
 
 impl ExtentLoader {
@@ -292,6 +335,13 @@ impl ExtentLoader {
         value: &[u8],
     ) -> Result<Option<(u64, ExtentItem)>, CodecError> {
         let bytenr = key.objectid;
+        if let Some(last) = self.last_key.filter(|last| last >= key) {
+            return Err(CodecError::Extent {
+                bytenr,
+                reason: format!("item {key} does not follow item {last} in key order"),
+            });
+        }
+        self.last_key = Some(*key);
         if key.item_type < TREE_BLOCK_REF_KEY {
             // Extent items sort before keyed backrefs, so a second extent
             // item of one bytenr follows the first directly.

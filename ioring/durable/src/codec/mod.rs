@@ -1,22 +1,22 @@
 //! Bytes of the durable engine: op records in the log and extent items in
 //! the B+tree. Specified in `docs/durable.md` ("Op record", "Extent items").
 //!
-//! **Op records.** One log record holds one [`Op`]: a flags byte, then
+//! **Op records.** One log record holds one [`Op`](refd_core::model::Op): a flags byte, then
 //! unsigned LEB128 varints for the numbers, so a common data-ref op is 10-20
 //! bytes. [`decode_op`] never panics: any malformed input (truncated,
 //! overlong varint, unknown bits, trailing bytes, an op that fails
-//! [`Op::check`]) is a typed [`CodecError`].
+//! [`Op::check`](refd_core::model::Op::check)) is a typed [`CodecError`].
 //!
 //! **Extent items.** btrfs-like: one B+tree item per extent, keyed
 //! `(bytenr, EXTENT_ITEM 168, num_bytes)` for data and
 //! `(bytenr, METADATA_ITEM 169, level)` for tree blocks, whose value holds
 //! the flags, generation, the tree block key and the *inline* backrefs (laid
 //! out exactly as btrfs's inline refs, so the value is never larger than
-//! what [`ExtentItem::item_bytes`] budgets); *keyed* backrefs are separate
+//! what [`ExtentItem::item_bytes`](refd_core::extent_tree::ExtentItem::item_bytes) budgets); *keyed* backrefs are separate
 //! items `(bytenr, 176 | 178 | 182 | 184, root | hash | parent)`. `refs` is
 //! not stored: it is the sum of the backref counts and is recomputed.
 //!
-//! Map: `varint.rs` (LEB128 and the bounds-checked [`Reader`]), `op.rs`
+//! Map: `varint.rs` (LEB128 and the bounds-checked `Reader`), `op.rs`
 //! (op records), `item.rs` (extent items: encode, decode, [`ExtentLoader`]),
 //! `held.rs` (the held-heads stream), `diff.rs` (an extent's B+tree
 //! changes from its item before to its item after), `record.rs` (the
@@ -85,7 +85,7 @@ pub enum CodecError {
         bytenr: u64,
         /// Encoded length.
         len_bytes: usize,
-        /// Limit ([`VALUE_BYTES_MAX`]).
+        /// Limit ([`VALUE_BYTES_MAX`](refd_ioring::btree::VALUE_BYTES_MAX)).
         max_bytes: usize,
     },
     /// A data backref count above `u32::MAX` (btrfs stores counts as u32).

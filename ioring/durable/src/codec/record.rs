@@ -4,7 +4,7 @@
 //! acknowledgements. All are replayed by recovery, in log order.
 //!
 //! The first byte tells them apart: an op record's flags byte never has
-//! bit 7 set ([`super::op`]), so every other record starts with a kind
+//! bit 7 set (`op.rs`), so every other record starts with a kind
 //! byte that has it:
 //!
 //! | kind | record | then (varints unless said) |
@@ -156,7 +156,8 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, CodecError> {
                     value: count,
                 });
             }
-            let mut ops = Vec::with_capacity(count as usize);
+            // Grown as ops decode: a forged count costs no memory up front.
+            let mut ops = Vec::with_capacity((count as usize).min(1024));
             for _ in 0..count {
                 ops.push(read_op(&mut r)?);
             }

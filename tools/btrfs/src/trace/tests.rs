@@ -2,7 +2,7 @@
 //! anomalies in strict and lenient modes.
 
 use super::*;
-use refd_core::model::{ExtentKind, RefKey};
+use refd_core::model::{Action, ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF};
 
 const FSID: &str = "cfafdca2-1111-2222-3333-444455556666";
 
@@ -501,4 +501,74 @@ fn truncated_zst_is_an_io_error_with_position() {
         matches!(err, TraceError::Io { line, offset, .. } if line > 1 && offset > 0),
         "{err}"
     );
+}
+
+/// Found by the `trace` property test (a `\r` inserted before the `:`
+/// after the fsid): the first event's fsid was kept through `show`, which
+/// drops trailing whitespace and replaces invalid UTF-8, and compared
+/// with each later event's raw bytes. A capture whose fsid ends in `\r`
+/// or is not UTF-8 was refused at its second event with `OtherFsid`
+/// naming the same fsid twice; fsids differing only in such bytes were
+/// reported under one name. They are now kept escaped and compared one
+/// to one.
+#[test]
+fn regression_fsid_compared_byte_for_byte() {
+    for fsid in [
+        "1260dcc0-55e9-453f-8dbf-2e1d81813d6c\r",
+        "a\u{FFFD}b",
+        "x\ty",
+    ] {
+        let text = [
+            head("a-1", 4096, "ADD_DELAYED_EXTENT", 1),
+            dref(
+                "a-1",
+                4096,
+                "ADD_DELAYED_REF",
+                "0(-)",
+                "5(FS_TREE)",
+                "EXTENT_DATA_REF",
+            ),
+        ]
+        .concat()
+        .replace(FSID, fsid);
+        let (items, stats) = read(&text, Strictness::Strict);
+        assert_eq!(items.len(), 1, "{fsid:?}: {items:?}");
+        assert!(items[0].is_ok(), "{fsid:?}: {items:?}");
+        assert_eq!(stats.fsid, Some(fsid.as_bytes().escape_ascii().to_string()));
+    }
+    // Invalid UTF-8 on both lines.
+    let mut raw = (head("a-1", 4096, "ADD_DELAYED_REF", 1)
+        + &dref(
+            "a-1",
+            4096,
+            "ADD_DELAYED_REF",
+            "0(-)",
+            "5(FS_TREE)",
+            "EXTENT_DATA_REF",
+        ))
+        .into_bytes();
+    let mut at = 0;
+    while let Some(i) = raw[at..]
+        .windows(FSID.len())
+        .position(|w| w == FSID.as_bytes())
+    {
+        raw[at + i] = 0xFF;
+        at += i + 1;
+    }
+    let mut r = TraceReader::new(&raw[..], TraceOptions::default());
+    assert!(r.next().expect("an item").is_ok());
+    assert_eq!(
+        r.stats().fsid.as_deref(),
+        Some("\\xfffafdca2-1111-2222-3333-444455556666")
+    );
+    // Different fsids that `show` would have printed alike are told apart.
+    let text = head("a-1", 4096, "ADD_DELAYED_REF", 1)
+        + &head("b-2", 4096, "ADD_DELAYED_REF", 1).replace(FSID, &format!("{FSID}\r"));
+    match error(&text) {
+        TraceError::OtherFsid { fsid, expected, .. } => {
+            assert_eq!(expected, FSID);
+            assert_eq!(fsid, format!("{FSID}\\r"));
+        }
+        other => panic!("{other}"),
+    }
 }

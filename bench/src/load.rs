@@ -241,17 +241,16 @@ struct Spawned {
 
 impl Spawned {
     fn start(a: &LoadArgs) -> Result<Spawned, String> {
-        let refd = match &a.refd {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()
-                .map_err(|e| e.to_string())?
-                .with_file_name("refd"),
+        // The refd binary given, or the one beside this binary, else this
+        // binary's own copy of `refd serve` (the same library code).
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        let (refd, own) = match &a.refd {
+            Some(p) => (p.clone(), false),
+            None if me.with_file_name("refd").exists() => (me.with_file_name("refd"), false),
+            None => (me, true),
         };
         if !refd.exists() {
-            return Err(format!(
-                "{} not found: build it (cargo build --release -p refd) or give --refd",
-                refd.display()
-            ));
+            return Err(format!("{} not found (--refd)", refd.display()));
         }
         let dir = std::env::temp_dir().join(format!("refd-bench-{}", std::process::id()));
         let dir = if PathBuf::from("/var/tmp").exists() {
@@ -269,7 +268,7 @@ impl Spawned {
         };
         let socket = dir.join("refd.sock");
         let mut cmd = Command::new(&refd);
-        cmd.arg("serve")
+        cmd.arg(if own { "refd-serve" } else { "serve" })
             .arg("--device")
             .arg(&device)
             .arg("--device-size")

@@ -38,6 +38,10 @@ enum Cmd {
     /// durable ops/s and SUBMIT latency as clients see them, LOOKUP
     /// latency under load, the daemon's memory.
     Load(load::LoadArgs),
+    /// `refd serve`, for the daemons `load` starts when no `refd` binary
+    /// is beside this one (internal).
+    #[command(hide = true, name = "refd-serve")]
+    RefdServe(refd::cli::Serve),
     /// The process `crash` kills (internal).
     #[command(hide = true)]
     CrashChild(crash::ChildArgs),
@@ -68,6 +72,7 @@ fn main() {
             }
         }),
         Cmd::CrashChild(a) => crash::child(a),
+        Cmd::RefdServe(a) => refd::cli::serve(a.clone()),
         Cmd::Load(a) => load::run(a).and_then(|r| {
             if a.json {
                 println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);

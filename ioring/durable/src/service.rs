@@ -161,6 +161,9 @@ pub(crate) struct Service {
     claimed: std::collections::HashSet<(u64, u64)>,
     /// Freed lists kept on the device, by generation.
     freed: BTreeMap<u64, FreedList>,
+    /// The last committed generation (with `freed`: a reader sees a
+    /// commit's list exactly when it sees its generation).
+    committed: u64,
     freed_extents: u64,
 }
 
@@ -182,6 +185,7 @@ impl Service {
             meta_dirty: false,
             claimed: std::collections::HashSet::new(),
             freed: BTreeMap::new(),
+            committed: 0,
             freed_extents: 0,
         }
     }
@@ -471,13 +475,25 @@ impl Service {
         drop
     }
 
-    /// After a commit: its list is kept, the dropped ones are gone.
+    /// The last committed generation.
+    pub(crate) fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// The generation the device holds at open.
+    pub(crate) fn set_committed(&mut self, generation: u64) {
+        self.committed = generation;
+    }
+
+    /// After commit `generation`: its list is kept, the dropped ones are
+    /// gone.
     pub(crate) fn freed_committed(
         &mut self,
         generation: u64,
         added: Option<FreedList>,
         dropped: &[u64],
     ) {
+        self.committed = self.committed.max(generation);
         for g in dropped {
             if let Some(list) = self.freed.remove(g) {
                 self.freed_extents -= list.extents;

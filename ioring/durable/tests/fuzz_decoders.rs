@@ -346,6 +346,7 @@ fn random_record(rng: &mut ChaCha8Rng) -> Record {
             Record::Subscribe {
                 consumer: wide(rng, 64),
                 name,
+                acked: wide(rng, 64),
             }
         }
         _ => Record::FreedAck {

@@ -125,7 +125,7 @@ pub enum Error {
         submit: Option<SubmitTicket>,
     },
     /// The server answered with an error frame.
-    #[error("{request}: server error {}: {} (index {}, detail {}, outcome {outcome:?})", error.code, error.message, error.index, error.detail)]
+    #[error("{request}: {}{}: {}{}", error.code.name(), subcode_text(error), error.message, outcome_text(*outcome))]
     Server {
         /// The request.
         request: &'static str,
@@ -247,5 +247,24 @@ pub(crate) fn submit_error_outcome(code: ErrorCode, resent: bool) -> Outcome {
         ErrorCode::SessionUnknown | ErrorCode::SessionEvicted if resent => Outcome::Unknown,
         ErrorCode::RequestTooOld | ErrorCode::Failed | ErrorCode::Internal => Outcome::Unknown,
         _ => Outcome::NotApplied,
+    }
+}
+
+/// ` (op N: SUBCODE)` for an error about one op of a SUBMIT.
+fn subcode_text(e: &ErrorBody) -> String {
+    let mut out = String::new();
+    if let Some(code) = e.op_error() {
+        out.push_str(&format!("/{}", code.name()));
+    }
+    if e.index != refd_proto::INDEX_NONE {
+        out.push_str(&format!(" (op {})", e.index));
+    }
+    out
+}
+
+fn outcome_text(o: Outcome) -> &'static str {
+    match o {
+        Outcome::NotApplied => "",
+        Outcome::Unknown => " (outcome unknown: the request may have been applied)",
     }
 }

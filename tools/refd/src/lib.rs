@@ -15,6 +15,7 @@
 //! `config.rs` (every bound).
 
 pub mod barrier;
+pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod device;

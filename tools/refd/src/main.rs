@@ -1,15 +1,8 @@
 //! `refd serve`: the daemon. See `tools/refd/README.md`.
 
-use std::io::Write;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use refd::{Listen, LogFormat, ServeConfig, StoreImpl};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 
 #[global_allocator]
 static GLOBAL: refd_alloc::MiMalloc = refd_alloc::MiMalloc;
@@ -28,206 +21,13 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serve a device over the refd protocol (docs/protocol.md).
-    Serve(Serve),
-}
-
-#[derive(Debug, clap::Args)]
-struct Serve {
-    /// The device: a block device or a file. A path that does not exist
-    /// becomes a new file device (see --device-size), formatted; an
-    /// existing device without a refd file system is refused.
-    #[arg(long, default_value = refd::config::DEVICE_DEFAULT)]
-    device: PathBuf,
-    /// Size of a device file created on first start (K, M, G, T).
-    #[arg(long, default_value = "1G")]
-    device_size: String,
-    /// Where to listen: unix:PATH, tcp:HOST:PORT or a bare path (a unix
-    /// socket); repeatable. Default unix:./refd.sock.
-    #[arg(long = "listen")]
-    listen: Vec<Listen>,
-    /// Prometheus metrics endpoint (HOST:PORT), or "off".
-    #[arg(long, default_value = refd::config::METRICS_DEFAULT)]
-    metrics: String,
-    /// Longest time between commits while ops are pending.
-    #[arg(long, default_value_t = 1000)]
-    commit_interval_ms: u64,
-    /// The delayed-ref store.
-    #[arg(long = "impl", value_enum, default_value_t = StoreImpl::Lockfree)]
-    store: StoreImpl,
-    /// ref-verify: check every op against a shadow of the extent tree
-    /// before it is queued.
-    #[arg(long)]
-    verify: bool,
-    /// A file holding the token clients give in HELLO (required on TCP
-    /// listeners; a TCP listener off loopback refuses to start without it).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Client sessions kept (the least recently used is evicted).
-    #[arg(long, default_value_t = refd_durable::service::SESSIONS_MAX_DEFAULT)]
-    sessions_max: usize,
-    /// Connections served at once.
-    #[arg(long, default_value_t = refd::config::CONNECTIONS_MAX_DEFAULT)]
-    connections_max: usize,
-    /// Largest request frame body accepted (bytes).
-    #[arg(long, default_value_t = refd_proto::BODY_BYTES_MAX_DEFAULT)]
-    frame_bytes_max: u32,
-    /// Seq barrier lease (released unless renewed within it).
-    #[arg(long, default_value_t = refd::config::BARRIER_LEASE_MS_DEFAULT)]
-    barrier_lease_ms: u32,
-    /// Idle connections are closed after this many seconds.
-    #[arg(long, default_value_t = refd::config::IDLE_TIMEOUT_S_DEFAULT)]
-    idle_timeout_s: u64,
-    /// Freed extents kept on the device for consumers.
-    #[arg(long, default_value_t = refd_durable::service::FREED_KEPT_MAX_DEFAULT)]
-    freed_kept_max: u64,
-    /// Heap touched before the engine opens (MiB; 0: none), so that the
-    /// first commits reuse memory the kernel already faulted in.
-    #[arg(long, default_value_t = 0)]
-    prefault_mib: usize,
-    /// Decode and answer every request but apply nothing (SUBMITs are
-    /// validated and acknowledged at once): measures clients and the wire.
-    #[arg(long)]
-    dry_run: bool,
-    /// Log lines as human text or JSON (level from RUST_LOG, default info).
-    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
-    log_format: LogFormat,
-}
-
-fn config(a: Serve) -> Result<ServeConfig, String> {
-    let token = match &a.token_file {
-        Some(p) => {
-            let mut t = std::fs::read(p).map_err(|e| format!("token file {}: {e}", p.display()))?;
-            while t.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                t.pop();
-            }
-            if t.is_empty() || t.len() > refd_proto::HELLO_TOKEN_BYTES_MAX {
-                return Err(format!(
-                    "token file {}: the token must be 1..={} bytes",
-                    p.display(),
-                    refd_proto::HELLO_TOKEN_BYTES_MAX
-                ));
-            }
-            Some(t)
-        }
-        None => None,
-    };
-    let metrics = match a.metrics.as_str() {
-        "off" | "none" | "" => None,
-        m => Some(
-            m.parse::<SocketAddr>()
-                .map_err(|e| format!("--metrics {m:?}: {e}"))?,
-        ),
-    };
-    let defaults = ServeConfig::default();
-    Ok(ServeConfig {
-        device: a.device,
-        device_create_bytes: parse_size(&a.device_size)?,
-        listen: if a.listen.is_empty() {
-            defaults.listen.clone()
-        } else {
-            a.listen
-        },
-        metrics,
-        commit_interval_ms: a.commit_interval_ms,
-        store: a.store,
-        verify: a.verify,
-        token,
-        sessions_max: a.sessions_max,
-        connections_max: a.connections_max,
-        frame_bytes_max: a.frame_bytes_max,
-        barrier_lease_ms: a.barrier_lease_ms,
-        idle_timeout: Duration::from_secs(a.idle_timeout_s),
-        freed_kept_max: a.freed_kept_max,
-        prefault_mib: a.prefault_mib,
-        dry_run: a.dry_run,
-        log_format: a.log_format,
-        ..defaults
-    })
-}
-
-/// `64M`, `1G`, `4096` (binary units).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("size {s:?}: unknown unit {c:?}")),
-            };
-            (&s[..s.len() - 1], m)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("size {s:?}: not a size"))
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// systemd's readiness notification (`Type=notify`), if it asked for one.
-fn notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = PathBuf::from(path);
-    if path.to_string_lossy().starts_with('@') {
-        return; // Abstract sockets: not used by the unit shipped here.
-    }
-    if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
-        let _ = s.send_to(b"READY=1\n", &path);
-    }
-}
-
-fn serve(a: Serve) -> Result<(), String> {
-    init_logging(a.log_format);
-    refd_alloc::tune();
-    let config = config(a)?;
-    let server = refd::start(config).map_err(|e| e.to_string())?;
-    println!("{}", server.ready_line());
-    let _ = std::io::stdout().flush();
-    notify_ready();
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signals: {e}"))?;
-    let stop = server.stop_handle();
-    std::thread::spawn(move || {
-        let mut seen = 0;
-        for sig in signals.forever() {
-            seen += 1;
-            if seen == 1 {
-                tracing::info!(signal = sig, "stopping gracefully (again to exit at once)");
-                stop();
-            } else {
-                tracing::warn!(
-                    signal = sig,
-                    "exiting at once; the log replays at the next start"
-                );
-                std::process::exit(1);
-            }
-        }
-    });
-    server.wait().map_err(|e| e.to_string())
+    Serve(refd::cli::Serve),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => refd::cli::serve(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

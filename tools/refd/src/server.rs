@@ -105,8 +105,8 @@ impl<D: DelayedRefStore> Shared<D> {
             body_bytes_max: self.config.frame_bytes_max,
             submit_ops_max: self.submit_ops_max,
             in_flight_max: self.config.in_flight_max,
-            fs_id: self.engine.superblock().fs_id.0,
-            generation: self.engine.superblock().generation,
+            fs_id: self.engine.fs_id().0,
+            generation: self.engine.generation(),
             server_id: self.server_id,
             barrier_lease_ms: self.config.barrier_lease_ms,
             session_replies_kept: refd_durable::service::SESSION_REPLIES_KEPT_DEFAULT as u32,
@@ -147,7 +147,7 @@ impl<D: DelayedRefStore> Shared<D> {
         m.freed_kept.set(service.freed_extents as i64);
         m.barriers.set(self.barriers.held() as i64);
         m.connections.set(self.connections() as i64);
-        m.generation.set(e.superblock().generation as i64);
+        m.generation.set(e.generation() as i64);
         m.failed.set(i64::from(e.failure().is_some()));
     }
 }
@@ -294,7 +294,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         } else {
             "opened"
         },
-        crate::stats::hex(&shared.engine.superblock().fs_id.0),
+        crate::stats::hex(&shared.engine.fs_id().0),
         shared.engine.core().store().name(),
         r.superblock_generation,
         r.ops_replayed,

@@ -11,7 +11,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
     let e = &s.engine;
     let totals = e.commit_totals();
     let log = e.log();
-    let sb = e.superblock();
+    let generation = e.generation();
     let service = e.service_stats();
     let cache = e.btree().cache_stats();
     let failure = e.failure().map(|f| {
@@ -40,13 +40,13 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
         "server_id": s.server_id,
         "uptime_s": s.started.elapsed().as_secs_f64(),
         "device": s.device,
-        "fs_id": hex(&sb.fs_id.0),
+        "fs_id": hex(&e.fs_id().0),
         "store": e.core().store().name(),
         "verify": s.config.verify,
         "dry_run": s.config.dry_run,
         "failed": failure,
         "engine": {
-            "generation": sb.generation,
+            "generation": generation,
             "pending_ops": e.pending_ops(),
             "heads_held": e.heads_held(),
             "commit_trigger_ops": e.commit_trigger_ops(),
@@ -91,7 +91,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
                 "id": c.id,
                 "name": c.name,
                 "acked_generation": c.acked,
-                "backlog_generations": sb.generation.saturating_sub(c.acked),
+                "backlog_generations": generation.saturating_sub(c.acked),
             })).collect::<Vec<_>>(),
         },
         "barriers": {

@@ -440,7 +440,9 @@ fn kill9_and_retry_is_exactly_once() {
                 let session = sessions[ci as usize];
                 let mut pending = std::mem::take(&mut unanswered[ci as usize]);
                 let mut r = next_request[ci as usize];
-                let base = objectid + ci * 1_000_000 + round as u64 * 100_000;
+                // Disjoint objectids per client and round (each round runs
+                // up to ~20 s of batches of 32).
+                let base = objectid + ci * 1_000_000_000 + round as u64 * 50_000_000;
                 std::thread::spawn(move || {
                     let (mut c, _) = Raw::hello(&socket);
                     // First, the retries of what the last round left

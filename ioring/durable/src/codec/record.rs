@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | `0x81` | SUBMIT | `session`, `request`, `op_count`, then `op_count` op records |
 //! | `0x82` | REGISTER | `session` |
-//! | `0x83` | SUBSCRIBE | `consumer`, `name_len`, `name` (UTF-8 bytes, 1..=64) |
+//! | `0x83` | SUBSCRIBE | `consumer`, `name_len`, `name` (UTF-8 bytes, 1..=64), `acked` |
 //! | `0x84` | FREED_ACK | `consumer`, `generation` |
 //!
 //! A SUBMIT is one record, so one log batch holds it whole: after a crash
@@ -68,6 +68,9 @@ pub enum Record {
         consumer: u64,
         /// Its name.
         name: String,
+        /// The generation it starts acknowledged up to (the newest dropped
+        /// list's: it never starts behind what is kept).
+        acked: u64,
     },
     /// A consumer acknowledged every freed list up to `generation`.
     FreedAck {
@@ -112,11 +115,16 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
             out.push(RECORD_REGISTER);
             put_varint(out, *session);
         }
-        Record::Subscribe { consumer, name } => {
+        Record::Subscribe {
+            consumer,
+            name,
+            acked,
+        } => {
             out.push(RECORD_SUBSCRIBE);
             put_varint(out, *consumer);
             put_varint(out, name.len() as u64);
             out.extend_from_slice(name.as_bytes());
+            put_varint(out, *acked);
         }
         Record::FreedAck {
             consumer,
@@ -186,7 +194,12 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, CodecError> {
                     value: len,
                 })?
                 .to_string();
-            Record::Subscribe { consumer, name }
+            let acked = r.varint("acked generation")?;
+            Record::Subscribe {
+                consumer,
+                name,
+                acked,
+            }
         }
         RECORD_FREED_ACK => Record::FreedAck {
             consumer: r.varint("consumer")?,

@@ -181,6 +181,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         phases.apply = t3.elapsed();
         let mut summary = self.commit_tail(st, cut, core, items?, &mut phases)?;
         self.service_committed(generation, freed_list, &dropped);
+        self.generation.store(generation, Ordering::Release);
         phases.total = t0.elapsed();
         self.record_commit(ops, phases.total);
         summary.extents_read = extents_read;

@@ -216,6 +216,10 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     service_cv: Condvar,
     /// Called with every successful commit's summary.
     commit_hook: OnceLock<CommitHook>,
+    /// The last durable superblock's generation (lock-free copy).
+    generation: AtomicU64,
+    /// The file system id.
+    fs_id: refd_ioring::format::FsId,
 }
 
 /// See [`DurableEngine::set_commit_hook`].
@@ -290,9 +294,20 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         *lock(&self.totals)
     }
 
-    /// The last durable superblock.
+    /// The last durable superblock (waits for a running commit; see
+    /// [`DurableEngine::generation`]).
     pub fn superblock(&self) -> Superblock {
         lock(&self.commit).sb.clone()
+    }
+
+    /// The last committed generation (never waits for a running commit).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The file system id.
+    pub fn fs_id(&self) -> refd_ioring::format::FsId {
+        self.fs_id
     }
 
     /// Concurrent appends admitted at once (`log_bytes / (4 × batch cap)`).

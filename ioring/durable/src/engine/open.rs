@@ -142,7 +142,11 @@ fn replay_records<D: DelayedRefStore>(
                 n += ops.len();
             }
             Record::Register { session } => service.register_id(session),
-            Record::Subscribe { consumer, name } => service.subscribe(consumer, &name, 0),
+            Record::Subscribe {
+                consumer,
+                name,
+                acked,
+            } => service.subscribe(consumer, &name, acked),
             Record::FreedAck {
                 consumer,
                 generation,
@@ -285,6 +289,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         }
         let mut service = Service::new(options.service);
         load_service(&tree, &device, &mut service)?;
+        service.set_committed(claimed_generation);
         let ops_replayed =
             replay_records(&engine, &mut service, &replayed, &mut progress, &device)?;
         let log = RefLog::open(storage.clone(), &sb, &replayed, options.log).map_err(|source| {
@@ -350,6 +355,8 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             service: Mutex::new(service),
             service_cv: Condvar::new(),
             commit_hook: OnceLock::new(),
+            generation: AtomicU64::new(claimed_generation),
+            fs_id: sb.fs_id,
         };
         engine.record_commit(0, Duration::ZERO);
         Ok((engine, info))

@@ -272,11 +272,15 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             let consumer = service
                 .next_consumer()
                 .ok_or(ServiceError::ConsumersFull { max: CONSUMERS_MAX })?;
-            service.subscribe(consumer, name, 0);
+            // Acknowledged up to the newest dropped list: it starts with
+            // what is kept, never behind it.
+            let acked = service.freed_dropped_upto();
+            service.subscribe(consumer, name, acked);
             let c = service.consumer(consumer).expect("just subscribed").clone();
             let record = Record::Subscribe {
                 consumer,
                 name: name.to_string(),
+                acked,
             };
             Ok((c, Some(record)))
         })
@@ -291,8 +295,8 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         consumer: u64,
         generation: u64,
     ) -> Result<(u64, Option<Ticket<S>>), ServiceError> {
-        let committed = self.superblock().generation;
         self.log_service(|service| {
+            let committed = service.committed();
             let Some(c) = service.consumer(consumer) else {
                 return Err(ServiceError::ConsumerUnknown { consumer });
             };
@@ -325,14 +329,20 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         index: u32,
         max: usize,
     ) -> Result<FreedPage, ServiceError> {
-        let (lists, dropped_upto, oldest): (Vec<(u64, FreedList)>, u64, Option<u64>) = {
+        let (lists, dropped_upto, oldest, committed) = {
             let service = lock(&self.service);
-            let lists = service
+            let lists: Vec<(u64, FreedList)> = service
                 .freed()
                 .range(generation..)
                 .map(|(g, l)| (*g, *l))
                 .collect();
-            (lists, service.freed_dropped_upto(), service.freed_oldest())
+            let committed = service.committed();
+            (
+                lists,
+                service.freed_dropped_upto(),
+                service.freed_oldest(),
+                committed,
+            )
         };
         let expired = || ServiceError::FreedExpired {
             dropped_upto,
@@ -379,6 +389,12 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             if page.more {
                 break;
             }
+        }
+        // Everything up to the last committed generation was read: the
+        // cursor moves past it (a consumer may acknowledge it), even when
+        // its last commits freed nothing.
+        if !page.more && page.next.0 <= committed {
+            page.next = (committed + 1, 0);
         }
         Ok(page)
     }

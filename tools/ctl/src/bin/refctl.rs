@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use refd_btrfs::export::{write_canonical, write_dump_items};
+use refd_ctl::client::{self, ClientCmd};
 use refd_ctl::device;
 use refd_ctl::replay::{load, replay, Impl, ReplayOptions, ReplayReport};
 
@@ -34,6 +35,9 @@ enum Cmd {
     /// Print the committed extent tree of PATH in dump-tree's extent-item
     /// format (ops still only in the log are counted by fsck).
     Dump(DumpArgs),
+    /// Client commands: talk to a running refd (--connect ADDR).
+    #[command(flatten)]
+    Client(ClientCmd),
 }
 
 #[derive(Debug, Args)]
@@ -306,6 +310,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             )?;
             Ok(true)
         }
+        Cmd::Client(c) => client::run_to_stdout(c).map_err(|e| e.to_string()),
         Cmd::Btrfs(BtrfsCmd::Normalize(a)) => {
             let tree = load(&a.file, a.nodesize).map_err(|e| e.to_string())?;
             write_canonical(&tree, std::io::stdout().lock())

@@ -180,6 +180,8 @@ struct Tally {
     by_second: Mutex<Vec<u64>>,
     start: Mutex<Option<Instant>>,
     latency: Mutex<Histogram<u64>>,
+    /// SUBMIT latencies since the last progress line.
+    interval: Mutex<Histogram<u64>>,
 }
 
 impl Tally {
@@ -193,6 +195,7 @@ impl Tally {
             by_second: Mutex::new(Vec::new()),
             start: Mutex::new(None),
             latency: Mutex::new(histogram()),
+            interval: Mutex::new(histogram()),
         }
     }
 
@@ -202,7 +205,13 @@ impl Tally {
         }
         self.ops.fetch_add(ops, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let _ = local.record(latency.as_nanos().max(1) as u64);
+        let ns = latency.as_nanos().max(1) as u64;
+        let _ = local.record(ns);
+        let _ = self
+            .interval
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(ns);
         if let Some(start) = *self.start.lock().unwrap_or_else(|e| e.into_inner()) {
             let s = start.elapsed().as_secs() as usize;
             let mut b = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
@@ -283,6 +292,16 @@ impl Spawned {
             .stderr(Stdio::inherit());
         if a.dry_run {
             cmd.arg("--dry-run");
+        }
+        // The daemon stops (SIGTERM) if this process dies first.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
+        // sets a flag of the child between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
         }
         let mut child = cmd
             .spawn()
@@ -457,21 +476,47 @@ fn drive(a: &LoadArgs, socket: &std::path::Path) -> Result<LoadReport, String> {
         let (a, socket, tally) = (a.clone(), socket.to_path_buf(), Arc::clone(&tally));
         std::thread::spawn(move || lookup_client(&a, &socket, &tally))
     });
-    measure(a, tally, threads, lookup, open_loop)
+    measure(a, Some(socket), tally, threads, lookup, open_loop)
 }
 
 type Clients = Vec<std::thread::JoinHandle<Result<(), String>>>;
+
+/// `, N commits, M waits` since the last call: the daemon's commits and
+/// back-pressure waits (connections that stopped reading), from STATS.
+fn daemon_progress(c: &mut Conn, prev: &mut (u64, u64)) -> Option<String> {
+    let Reply::Stats(s) = c.call(9, &Request::Stats(refd_proto::StatsRequest)).ok()? else {
+        return None;
+    };
+    let v: serde_json::Value = serde_json::from_str(&s.json).ok()?;
+    let commits = v["commits"]["count"].as_u64()?;
+    let waits =
+        v["wire"]["backpressure_waits"].as_u64()? + v["engine"]["throttle_waits"].as_u64()?;
+    let line = format!(
+        ", {} commits, {} back-pressure waits, {} pending",
+        commits - prev.0,
+        waits - prev.1,
+        v["engine"]["pending_ops"]
+    );
+    *prev = (commits, waits);
+    Some(line)
+}
 
 /// Warm-up, the measured time with a progress line per second, then the
 /// report from what the clients counted.
 fn measure(
     a: &LoadArgs,
+    socket: Option<&std::path::Path>,
     tally: Arc<Tally>,
     threads: Clients,
     lookup: Option<std::thread::JoinHandle<Result<Histogram<u64>, String>>>,
     open_loop: bool,
 ) -> Result<LoadReport, String> {
     std::thread::sleep(Duration::from_secs_f64(a.warmup_s));
+    // The daemon's counters for the progress line (a connection of its own).
+    let mut stats = match (a.json, socket) {
+        (false, Some(s)) => Conn::open(s).ok().map(|(c, _)| (c, (0u64, 0u64))),
+        _ => None,
+    };
     *tally.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     tally.measuring.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
@@ -484,10 +529,21 @@ fn measure(
             let ops = tally.ops.load(Ordering::Relaxed);
             let now = Instant::now();
             let rate = (ops - last.0) as f64 / (now - last.1).as_secs_f64();
+            let h = std::mem::replace(
+                &mut *tally.interval.lock().unwrap_or_else(|e| e.into_inner()),
+                histogram(),
+            );
+            let daemon = stats.as_mut().map_or(String::new(), |(c, prev)| {
+                daemon_progress(c, prev).unwrap_or_default()
+            });
             eprintln!(
-                "load: {:5.1} s  {:>10.0} ops/s  ({} errors)",
+                "load: {:5.1} s  {:>10.0} ops/s  SUBMIT p50 {:.2} ms p99 {:.2} ms max {:.1} ms{}  ({} errors)",
                 t0.elapsed().as_secs_f64(),
                 rate,
+                ms(&h, 0.5),
+                ms(&h, 0.99),
+                h.max() as f64 / 1e6,
+                daemon,
                 tally.errors.load(Ordering::Relaxed)
             );
             last = (ops, now);
@@ -737,7 +793,7 @@ fn in_process(a: &LoadArgs) -> Result<LoadReport, String> {
             Ok(())
         }));
     }
-    let mut report = measure(a, tally, threads, None, false)?;
+    let mut report = measure(a, None, tally, threads, None, false)?;
     engine.stop_committer();
     committer.join().map_err(|_| "the committer panicked")??;
     report.store = "in-process".into();

@@ -157,10 +157,29 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .log_internal_errors(false)
+        .with_writer(|| LossyStderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Standard error that drops what it cannot write: a daemon whose stderr
+/// was closed (a pipe whose reader went away) keeps serving, and its
+/// threads never panic on a log line.
+#[derive(Debug, Clone, Copy)]
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 
@@ -184,7 +203,8 @@ pub fn serve(a: Serve) -> Result<(), String> {
     refd_alloc::tune();
     let config = config(a)?;
     let server = crate::start(config).map_err(|e| e.to_string())?;
-    println!("{}", server.ready_line());
+    // Not `println!`: a closed stdout must not stop the daemon.
+    let _ = writeln!(std::io::stdout(), "{}", server.ready_line());
     let _ = std::io::stdout().flush();
     notify_ready();
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signals: {e}"))?;
@@ -194,8 +214,10 @@ pub fn serve(a: Serve) -> Result<(), String> {
         for sig in signals.forever() {
             seen += 1;
             if seen == 1 {
-                tracing::info!(signal = sig, "stopping gracefully (again to exit at once)");
+                // First stop, then say so: nothing may keep the stop from
+                // happening.
                 stop();
+                tracing::info!(signal = sig, "stopping gracefully (again to exit at once)");
             } else {
                 tracing::warn!(
                     signal = sig,

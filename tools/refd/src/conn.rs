@@ -318,11 +318,15 @@ fn read_loop<D: DelayedRefStore + 'static>(
 fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, mut stream: Stream, queue: &ReplyQueue) {
     let mut frame = Vec::with_capacity(4096);
     while let Some(p) = queue.pop() {
+        let t0 = Instant::now();
         let reply = match p.wait {
             Wait::None => Ok(()),
             Wait::Ticket(t) => t.wait().map(|_| ()),
             Wait::Lsn(lsn) => shared.engine.wait_durable(lsn),
         };
+        if t0.elapsed() > std::time::Duration::from_millis(5) {
+            tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "slow durable wait");
+        }
         let reply = match reply {
             Ok(()) => p.reply,
             Err(failure) => Reply::Error(crate::handler::failed(&failure)),

@@ -232,11 +232,15 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
             return Ok(Pending::now(id, reply(0, 0)));
         }
         let m = &self.shared.metrics;
-        match self
+        let t = std::time::Instant::now();
+        let submitted = self
             .shared
             .engine
-            .submit(view.session_id, view.request_number, &self.ops)
-        {
+            .submit(view.session_id, view.request_number, &self.ops);
+        if t.elapsed() > std::time::Duration::from_millis(5) {
+            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "slow engine submit");
+        }
+        match submitted {
             Ok(Submitted::Queued { ticket, .. }) => {
                 m.batches.inc();
                 for (action, n) in [

@@ -54,6 +54,8 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "barriers_active": e.core().barrier().active(),
             "barrier_seq": e.core().barrier().current(),
             "quarantined": e.core().quarantined().len(),
+            "throttle_waits": e.throttled().0,
+            "throttle_wait_ms": e.throttled().1.as_secs_f64() * 1e3,
         },
         "log": {
             "bytes": log.log_bytes(),

@@ -496,3 +496,53 @@ impl Drop for FullDevice {
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
     }
 }
+
+/// A daemon whose stdout and stderr readers went away (a closed pipe)
+/// keeps serving and still stops on SIGTERM with status 0: no thread may
+/// die on a log line (a regression: the signal thread panicked writing
+/// its log line, and the daemon never stopped).
+#[test]
+fn closed_output_does_not_wedge_the_daemon() {
+    let Some(t) = Target::new("refd-pipes", 128 * MIB, false) else {
+        return;
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refd"))
+        .arg("serve")
+        .arg("--device")
+        .arg(&t.device)
+        .arg("--listen")
+        .arg(format!("unix:{}", t.socket().display()))
+        .args(["--metrics", "off"])
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 10];
+    out.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"refd ready");
+    drop(out);
+    drop(child.stderr.take());
+    // Served, with logging going nowhere.
+    let (mut c, _) = Raw::hello(&t.socket());
+    let s = c.register();
+    assert!(matches!(
+        c.submit(s, 1, &[data(ACTION_ADD_EXTENT, 1 << 30, 1)]),
+        Reply::Submit(_)
+    ));
+    drop(c);
+    signal(&child, libc::SIGTERM);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("refd did not stop on SIGTERM with its output closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}

@@ -151,6 +151,8 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// Back-pressure: wait for the running commit; if the pending ops
     /// still throttle after it, commit here.
     fn throttle(&self, trigger: u64) -> Result<(), Failure> {
+        let t = std::time::Instant::now();
+        let _count = ThrottleTimer(self, t);
         let mut st = lock(&self.commit);
         if !CommitPolicy::throttles(self.pending_ops(), trigger) {
             return Ok(());
@@ -158,6 +160,20 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         self.commit_locked(&mut st)
             .map_err(|e| e.failure().clone())?;
         Ok(())
+    }
+}
+
+/// Counts one throttled add and the time it waited, when it ends.
+struct ThrottleTimer<'a, S: Storage + Clone, D: DelayedRefStore>(
+    &'a DurableEngine<S, D>,
+    std::time::Instant,
+);
+
+impl<S: Storage + Clone, D: DelayedRefStore> Drop for ThrottleTimer<'_, S, D> {
+    fn drop(&mut self) {
+        self.0.throttled.fetch_add(1, Ordering::Relaxed);
+        let ns = self.1.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.0.throttled_ns.fetch_add(ns, Ordering::Relaxed);
     }
 }
 

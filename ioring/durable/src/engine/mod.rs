@@ -220,6 +220,10 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     generation: AtomicU64,
     /// The file system id.
     fs_id: refd_ioring::format::FsId,
+    /// Adds that back-pressure made wait for (or run) a commit, and how
+    /// long they waited in all (ns).
+    throttled: AtomicU64,
+    throttled_ns: AtomicU64,
 }
 
 /// See [`DurableEngine::set_commit_hook`].
@@ -308,6 +312,15 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// The file system id.
     pub fn fs_id(&self) -> refd_ioring::format::FsId {
         self.fs_id
+    }
+
+    /// Adds that back-pressure (twice the pending-op trigger) made wait
+    /// for, or run, a commit; and their waiting time in all.
+    pub fn throttled(&self) -> (u64, std::time::Duration) {
+        (
+            self.throttled.load(Ordering::Relaxed),
+            std::time::Duration::from_nanos(self.throttled_ns.load(Ordering::Relaxed)),
+        )
     }
 
     /// Concurrent appends admitted at once (`log_bytes / (4 × batch cap)`).

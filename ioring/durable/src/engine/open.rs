@@ -357,6 +357,8 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             commit_hook: OnceLock::new(),
             generation: AtomicU64::new(claimed_generation),
             fs_id: sb.fs_id,
+            throttled: AtomicU64::new(0),
+            throttled_ns: AtomicU64::new(0),
         };
         engine.record_commit(0, Duration::ZERO);
         Ok((engine, info))

@@ -128,6 +128,10 @@ pub struct LoadReport {
     pub batch: usize,
     /// Batches in flight per client (closed loop).
     pub pipeline: usize,
+    /// `--coalesce`: one op per caller thread through the client's
+    /// coalescing (`clients` threads, one shared client); `pipeline` is
+    /// unused and a "SUBMIT" is one caller's op.
+    pub coalesce: bool,
     /// Measured seconds.
     pub duration_s: f64,
     /// Acknowledged (durable) ops per second.
@@ -573,6 +577,7 @@ fn measure(
         clients: a.clients,
         batch: if a.coalesce { 1 } else { a.batch },
         pipeline: a.pipeline,
+        coalesce: a.coalesce,
         duration_s: measured,
         ops_per_sec: ops as f64 / measured,
         requests_per_sec: tally.requests.load(Ordering::Relaxed) as f64 / measured,

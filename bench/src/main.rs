@@ -79,7 +79,7 @@ fn main() {
             } else {
                 println!(
                     "load ({}, {} clients, batch {}, {}, store {}{}): {:.0} durable ops/s, {:.0} SUBMITs/s; SUBMIT p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.1} ms; {} errors; daemon RSS max {:.0} MiB{}",
-                    if r.open_loop { format!("open loop at {:.0} ops/s", r.rate) } else { format!("closed loop, {} in flight per client", r.pipeline) },
+                    if r.open_loop { format!("open loop at {:.0} ops/s", r.rate) } else if r.coalesce { "closed loop, one op per caller, coalesced".to_string() } else { format!("closed loop, {} in flight per client", r.pipeline) },
                     r.clients, r.batch, serde_json::to_string(&r.workload).unwrap_or_default(), r.store,
                     if r.dry_run { ", dry run" } else { "" },
                     r.ops_per_sec, r.requests_per_sec, r.p50_ms, r.p99_ms, r.p999_ms, r.max_ms, r.errors,

@@ -495,11 +495,13 @@ fn daemon_progress(c: &mut Conn, prev: &mut (u64, u64)) -> Option<String> {
     let commits = v["commits"]["count"].as_u64()?;
     let waits =
         v["wire"]["backpressure_waits"].as_u64()? + v["engine"]["throttle_waits"].as_u64()?;
+    let rss = v["process"]["resident_bytes"].as_u64().unwrap_or(0);
     let line = format!(
-        ", {} commits, {} back-pressure waits, {} pending",
+        ", {} commits, {} back-pressure waits, {} pending, daemon RSS {} MiB",
         commits - prev.0,
         waits - prev.1,
-        v["engine"]["pending_ops"]
+        v["engine"]["pending_ops"],
+        rss >> 20
     );
     *prev = (commits, waits);
     Some(line)

@@ -45,6 +45,8 @@ pub struct Pending {
     pub reply: Reply,
     /// Close the connection after sending it.
     pub close: bool,
+    /// When the request was read.
+    pub received: Instant,
 }
 
 impl Pending {
@@ -55,6 +57,7 @@ impl Pending {
             wait: Wait::None,
             reply,
             close: false,
+            received: Instant::now(),
         }
     }
 
@@ -66,6 +69,7 @@ impl Pending {
             wait: Wait::None,
             reply: Reply::Error(body),
             close,
+            received: Instant::now(),
         }
     }
 
@@ -76,6 +80,7 @@ impl Pending {
             wait,
             reply,
             close: false,
+            received: Instant::now(),
         }
     }
 }
@@ -276,7 +281,9 @@ fn read_loop<D: DelayedRefStore + 'static>(
         loop {
             match decoder.decode_from(&mut input) {
                 Ok(Some(frame)) => {
-                    let pending = handler.handle(frame);
+                    let received = Instant::now();
+                    let mut pending = handler.handle(frame);
+                    pending.received = received;
                     let close = pending.close;
                     let (queued, waited) = queue.push(pending);
                     if waited {
@@ -341,6 +348,10 @@ fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, mut stream: Stream, queue:
             break;
         }
         shared.metrics.bytes_out.inc_by(frame.len() as u64);
+        if matches!(reply, Reply::Submit(_)) {
+            let seconds = p.received.elapsed().as_secs_f64();
+            shared.metrics.submit_seconds.observe(seconds);
+        }
         if p.close {
             // Closing after an error: shut our side, then take what the
             // client still sends for a moment, so that the close does not

@@ -55,6 +55,9 @@ pub struct Metrics {
     pub connections_accepted: Counter,
     /// Connections refused (`--connections-max`).
     pub connections_refused: Counter,
+    /// Time from reading a SUBMIT to writing its reply (for a durable
+    /// SUBMIT: its ack latency inside the daemon).
+    pub submit_seconds: Histogram,
     /// Commit duration.
     pub commit_seconds: Histogram,
     /// Time in each commit step, summed.
@@ -89,6 +92,8 @@ pub struct Metrics {
     pub generation: Gauge,
     /// 1 once the engine latched an I/O failure.
     pub failed: Gauge,
+    /// The daemon's resident memory (`/proc/self/statm`).
+    pub resident_bytes: Gauge,
     last_hits: AtomicU64,
     last_misses: AtomicU64,
 }
@@ -116,6 +121,7 @@ impl Metrics {
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_refused: Counter::default(),
+            submit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             commit_phase_seconds: Family::default(),
             commits: Counter::default(),
@@ -133,6 +139,7 @@ impl Metrics {
             freed_kept: Gauge::default(),
             generation: Gauge::default(),
             failed: Gauge::default(),
+            resident_bytes: Gauge::default(),
             last_hits: AtomicU64::new(0),
             last_misses: AtomicU64::new(0),
         };
@@ -177,6 +184,11 @@ impl Metrics {
                 "connections_refused",
                 "Connections refused at --connections-max",
                 m.connections_refused.clone(),
+            );
+            r.register(
+                "submit_seconds",
+                "Time from reading a SUBMIT to writing its reply",
+                m.submit_seconds.clone(),
             );
             r.register(
                 "commit_seconds",
@@ -243,8 +255,20 @@ impl Metrics {
                 "1 once an I/O failure latched the engine",
                 m.failed.clone(),
             );
+            r.register(
+                "resident_memory_bytes",
+                "Resident memory of the daemon",
+                m.resident_bytes.clone(),
+            );
         }
         m
+    }
+
+    /// Sets the gauges read from the process itself.
+    pub fn process(&self) {
+        if let Some(bytes) = resident_bytes() {
+            self.resident_bytes.set(bytes as i64);
+        }
     }
 
     /// Counts one request of `opcode`.
@@ -352,4 +376,14 @@ fn read_request_line(s: &mut TcpStream) -> Option<String> {
     }
     let text = String::from_utf8_lossy(&buf);
     text.lines().next().map(str::to_string)
+}
+
+/// The process's resident memory: `/proc/self/statm`'s second field, in
+/// pages. `None` where that file cannot be read.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok().filter(|&p| p > 0)?)
 }

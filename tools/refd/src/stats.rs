@@ -45,6 +45,9 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
         "verify": s.config.verify,
         "dry_run": s.config.dry_run,
         "failed": failure,
+        "process": {
+            "resident_bytes": crate::metrics::resident_bytes(),
+        },
         "engine": {
             "generation": generation,
             "pending_ops": e.pending_ops(),

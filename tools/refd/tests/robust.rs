@@ -343,6 +343,14 @@ fn metrics_pass_promtool() {
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");
     }
+    let value = |name: &str| -> f64 {
+        let line = body.lines().find(|l| l.starts_with(name));
+        let line = line.unwrap_or_else(|| panic!("{name} missing:\n{body}"));
+        line[name.len()..].trim().parse().unwrap()
+    };
+    // The SUBMIT's ack latency was observed; the daemon's memory is read.
+    assert!(value("refd_submit_seconds_count ") >= 1.0);
+    assert!(value("refd_resident_memory_bytes ") > f64::from(1u32 << 20));
     let mut p = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

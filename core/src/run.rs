@@ -387,9 +387,7 @@ fn apply_net(bytenr: u64, item: &mut ExtentItem, net: &[(RefKey, i64)]) -> Resul
             });
         }
     }
-    for &(key, m) in net {
-        item.add_ref(key, m);
-    }
+    item.add_refs(net);
     Ok(())
 }
 

@@ -360,29 +360,30 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
             .engine
             .extent_state(b.bytenr)
             .map_err(|e| internal(&e))?;
-        let (counts, shape, refs) = merged_backrefs(committed.as_ref(), pending.as_ref());
         let after = b
             .after
             .map(|k| wire_key_order(k.ref_type, k.k1, k.k2, k.k3));
-        let mut entries = Vec::new();
-        let mut more = false;
-        for (key, count) in counts {
-            let (ref_type, k1, k2, k3) = wire_key(key);
-            if after.is_some_and(|a| wire_key_order(ref_type, k1, k2, k3) <= a) {
-                continue;
-            }
-            if entries.len() == b.max_entries as usize {
-                more = true;
-                break;
-            }
-            entries.push(BackrefEntry {
-                ref_type,
-                count,
-                k1,
-                k2,
-                k3,
-            });
-        }
+        let page = merged_backrefs(
+            committed.as_ref(),
+            pending.as_ref(),
+            after,
+            b.max_entries as usize,
+        );
+        let (shape, refs, more) = (page.shape, page.refs, page.more);
+        let entries = page
+            .counts
+            .into_iter()
+            .map(|(key, count)| {
+                let (ref_type, k1, k2, k3) = wire_key(key);
+                BackrefEntry {
+                    ref_type,
+                    count,
+                    k1,
+                    k2,
+                    k3,
+                }
+            })
+            .collect();
         Ok(BackrefsReply {
             bytenr: b.bytenr,
             num_bytes: shape.map_or(0, |s| s.0),
@@ -459,23 +460,65 @@ fn action_name(a: Action) -> &'static str {
     }
 }
 
+/// One page of an extent's backrefs: see [`merged_backrefs`].
+#[derive(Debug)]
+struct BackrefsPage {
+    /// Committed + pending count per backref after the cursor, in key
+    /// order, zero counts left out; at most the page size.
+    counts: Vec<(RefKey, i64)>,
+    /// More non-zero backrefs follow.
+    more: bool,
+    /// Size and kind, if known.
+    shape: Option<(u64, ExtentKind)>,
+    /// Committed refs + pending ref_mod.
+    refs: i64,
+}
+
 /// Committed + pending backrefs of an extent (pending refs merged across
-/// seq; zero counts left out), its shape and its refs.
-#[allow(clippy::type_complexity)]
+/// seq; zero counts left out) after the wire key `after`, at most
+/// `max_entries` of them, with its shape and its refs. The committed
+/// lists are sorted, so a page costs a binary search and a merge of what
+/// it returns (plus sorting the pending refs after the cursor): an extent
+/// with a million backrefs is paged through in linear time, not a full
+/// rebuild per page.
 fn merged_backrefs(
     committed: Option<&ExtentItem>,
     pending: Option<&Head>,
-) -> (Vec<(RefKey, i64)>, Option<(u64, ExtentKind)>, i64) {
-    let mut counts: std::collections::BTreeMap<RefKey, i64> = std::collections::BTreeMap::new();
-    if let Some(c) = committed {
-        for (key, n) in c.backrefs() {
-            *counts.entry(key).or_insert(0) += n as i64;
+    after: Option<(u8, u64, u64, u64)>,
+    max_entries: usize,
+) -> BackrefsPage {
+    let past = |key: &RefKey| after.is_none_or(|a| wire_key(*key) > a);
+    let empty: &[(RefKey, u64)] = &[];
+    let (inline, keyed) = committed.map_or((empty, empty), |c| (&c.inline[..], &c.keyed[..]));
+    let tail = |list: &[(RefKey, u64)]| list.partition_point(|(k, _)| !past(k));
+    let signed = |&(k, n): &(RefKey, u64)| (k, n as i64);
+    let (inline, keyed) = (&inline[tail(inline)..], &keyed[tail(keyed)..]);
+    let mut pending_refs: Vec<(RefKey, i64)> = pending
+        .map(|h| {
+            h.refs
+                .iter()
+                .filter(|r| past(&r.key))
+                .map(|r| (r.key, r.ref_mod))
+                .collect()
+        })
+        .unwrap_or_default();
+    pending_refs.sort_by_key(|&(k, _)| k);
+    let mut counts = Vec::new();
+    let mut more = false;
+    let mut merged =
+        merge_by_key(merge_by_key(inline.iter().map(signed), keyed.iter().map(signed)), pending_refs).peekable();
+    while let Some((key, mut sum)) = merged.next() {
+        while let Some((_, n)) = merged.next_if(|(k, _)| *k == key) {
+            sum += n;
         }
-    }
-    if let Some(h) = pending {
-        for r in &h.refs {
-            *counts.entry(r.key).or_insert(0) += r.ref_mod;
+        if sum == 0 {
+            continue;
         }
+        if counts.len() == max_entries {
+            more = true;
+            break;
+        }
+        counts.push((key, sum));
     }
     let summary = pending.map(|h| &h.summary);
     let shape = summary
@@ -486,11 +529,25 @@ fn merged_backrefs(
             .filter(|s| s.shape_known)
             .map(|s| (s.num_bytes, s.kind)));
     let refs = committed.map_or(0, |c| c.refs as i64) + summary.map_or(0, |s| s.total_ref_mod);
-    (
-        counts.into_iter().filter(|(_, n)| *n != 0).collect(),
+    BackrefsPage {
+        counts,
+        more,
         shape,
         refs,
-    )
+    }
+}
+
+/// Two iterators sorted by key, merged (equal keys both kept, `a`'s first).
+fn merge_by_key(
+    a: impl IntoIterator<Item = (RefKey, i64)>,
+    b: impl IntoIterator<Item = (RefKey, i64)>,
+) -> impl Iterator<Item = (RefKey, i64)> {
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.0 < x.0 => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 /// A backref key on the wire: `(ref_type, k1, k2, k3)`.
@@ -590,6 +647,61 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b""));
     }
 
+    /// Paging through an extent with inline, keyed and pending backrefs
+    /// (some cancelling to zero) gives, page by page, exactly the sums
+    /// of a full merge.
+    #[test]
+    fn backrefs_pages_are_the_full_merge() {
+        let key = |n: u64| {
+            if n.is_multiple_of(7) {
+                RefKey::SharedData { parent: n << 12 }
+            } else {
+                RefKey::ExtentData {
+                    root: 5,
+                    objectid: n,
+                    offset: 0,
+                }
+            }
+        };
+        let mut item = ExtentItem::new(4096, ExtentKind::Data, 1);
+        for n in (0..3000).step_by(2) {
+            item.add_ref(key(n), 1 + (n % 3) as i64);
+        }
+        assert!(!item.inline.is_empty() && !item.keyed.is_empty());
+        let first = Op::new(1 << 20, 4096, ExtentKind::Data, Action::AddRef, key(1), 0).unwrap();
+        let mut head = Head::of_op(&first, 0);
+        let mut full: std::collections::BTreeMap<RefKey, i64> = item
+            .backrefs()
+            .into_iter()
+            .map(|(k, n)| (k, n as i64))
+            .collect();
+        *full.entry(key(1)).or_insert(0) += 1;
+        for n in (0..3000).step_by(3) {
+            // Drops of committed refs (some to zero) and new adds, at
+            // two seqs each.
+            let have = item.count(&key(n)) as i64;
+            let delta = if have > 0 { -have } else { 1 };
+            head.add_ref(key(n), 1, delta);
+            head.add_ref(key(n), 2, 1);
+            *full.entry(key(n)).or_insert(0) += delta + 1;
+        }
+        let want: Vec<(RefKey, i64)> = full.into_iter().filter(|&(_, n)| n != 0).collect();
+        for page_size in [1, 7, 500, 5000] {
+            let mut got = Vec::new();
+            let mut after = None;
+            loop {
+                let page = merged_backrefs(Some(&item), Some(&head), after, page_size);
+                assert!(page.counts.len() <= page_size);
+                after = page.counts.last().map(|&(k, _)| wire_key(k));
+                got.extend(page.counts);
+                if !page.more {
+                    break;
+                }
+            }
+            assert_eq!(got, want, "pages of {page_size}");
+        }
+    }
+
     #[test]
     fn backrefs_merge_committed_and_pending() {
         let mut item = ExtentItem::new(4096, ExtentKind::Data, 1);
@@ -606,9 +718,10 @@ mod tests {
         );
         head.add_ref(a, 3, -1);
         head.add_ref(b, 0, 1);
-        let (counts, shape, refs) = merged_backrefs(Some(&item), Some(&head));
-        assert_eq!(counts, vec![(b, 1)], "a: 2 - 1 - 1 = 0, left out");
-        assert_eq!(shape, Some((4096, ExtentKind::Data)));
-        assert_eq!(refs, 2 - 1);
+        let page = merged_backrefs(Some(&item), Some(&head), None, 16);
+        assert_eq!(page.counts, vec![(b, 1)], "a: 2 - 1 - 1 = 0, left out");
+        assert!(!page.more);
+        assert_eq!(page.shape, Some((4096, ExtentKind::Data)));
+        assert_eq!(page.refs, 2 - 1);
     }
 }

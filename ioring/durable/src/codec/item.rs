@@ -134,44 +134,29 @@ fn decodes_to_item(bytenr: u64, key: &Key, v: &[u8], item: &ExtentItem) -> bool 
 /// items, sorted by key.
 pub fn encode_extent(bytenr: u64, item: &ExtentItem) -> Result<Vec<(Key, Vec<u8>)>, CodecError> {
     let mut out = vec![encode_extent_item(bytenr, item)?];
-    let mut keyed: BTreeMap<Key, Vec<u8>> = BTreeMap::new();
-    for &(key, count) in &item.keyed {
-        let (mut k, value) = match key {
-            RefKey::TreeBlock { root } => (Key::new(bytenr, TREE_BLOCK_REF_KEY, root), Vec::new()),
-            RefKey::SharedBlock { parent } => {
-                (Key::new(bytenr, SHARED_BLOCK_REF_KEY, parent), Vec::new())
+    let mut home = item
+        .keyed
+        .iter()
+        .map(|&(key, count)| keyed_backref_item(bytenr, key, count))
+        .collect::<Result<Vec<_>, _>>()?;
+    home.sort_unstable_by_key(|h| h.0);
+    if home.windows(2).all(|w| w[0].0 != w[1].0) {
+        // No collision: every backref at its home key (the common case,
+        // without a map of hundreds of thousands of entries).
+        out.extend(home);
+    } else {
+        // Probe past a hash collision (only EXTENT_DATA_REF can collide),
+        // in the order of the keyed backrefs.
+        let mut keyed: BTreeMap<Key, Vec<u8>> = BTreeMap::new();
+        for &(key, count) in &item.keyed {
+            let (mut k, value) = keyed_backref_item(bytenr, key, count)?;
+            while keyed.contains_key(&k) {
+                k.offset = k.offset.wrapping_add(1);
             }
-            RefKey::SharedData { parent } => (
-                Key::new(bytenr, SHARED_DATA_REF_KEY, parent),
-                count_u32(bytenr, key, count)?.to_le_bytes().to_vec(),
-            ),
-            RefKey::ExtentData {
-                root,
-                objectid,
-                offset,
-            } => {
-                let mut v = Vec::with_capacity(28);
-                v.extend_from_slice(&root.to_le_bytes());
-                v.extend_from_slice(&objectid.to_le_bytes());
-                v.extend_from_slice(&offset.to_le_bytes());
-                v.extend_from_slice(&count_u32(bytenr, key, count)?.to_le_bytes());
-                (
-                    Key::new(
-                        bytenr,
-                        EXTENT_DATA_REF_KEY,
-                        hash_extent_data_ref(root, objectid, offset),
-                    ),
-                    v,
-                )
-            }
-        };
-        // Probe past a hash collision (only EXTENT_DATA_REF can collide).
-        while keyed.contains_key(&k) {
-            k.offset = k.offset.wrapping_add(1);
+            keyed.insert(k, value);
         }
-        keyed.insert(k, value);
+        out.extend(keyed);
     }
-    out.extend(keyed);
     debug_assert!(
         {
             let mut l = ExtentLoader::new();
@@ -181,6 +166,64 @@ pub fn encode_extent(bytenr: u64, item: &ExtentItem) -> Result<Vec<(Key, Vec<u8>
         "encoded extent items must load back to the extent (extent {bytenr})"
     );
     Ok(out)
+}
+
+/// The B+tree item of one keyed backref, at its home key: for an
+/// `EXTENT_DATA_REF` the hash of (root, objectid, offset), which
+/// [`encode_extent`] moves past a collision.
+pub(super) fn keyed_backref_item(
+    bytenr: u64,
+    key: RefKey,
+    count: u64,
+) -> Result<(Key, Vec<u8>), CodecError> {
+    Ok(match key {
+        RefKey::TreeBlock { root } => (Key::new(bytenr, TREE_BLOCK_REF_KEY, root), Vec::new()),
+        RefKey::SharedBlock { parent } => {
+            (Key::new(bytenr, SHARED_BLOCK_REF_KEY, parent), Vec::new())
+        }
+        RefKey::SharedData { parent } => (
+            Key::new(bytenr, SHARED_DATA_REF_KEY, parent),
+            count_u32(bytenr, key, count)?.to_le_bytes().to_vec(),
+        ),
+        RefKey::ExtentData {
+            root,
+            objectid,
+            offset,
+        } => {
+            let mut v = Vec::with_capacity(28);
+            v.extend_from_slice(&root.to_le_bytes());
+            v.extend_from_slice(&objectid.to_le_bytes());
+            v.extend_from_slice(&offset.to_le_bytes());
+            v.extend_from_slice(&count_u32(bytenr, key, count)?.to_le_bytes());
+            (
+                Key::new(
+                    bytenr,
+                    EXTENT_DATA_REF_KEY,
+                    hash_extent_data_ref(root, objectid, offset),
+                ),
+                v,
+            )
+        }
+    })
+}
+
+/// Whether no two `EXTENT_DATA_REF`s of `keyed` share a hash: then every
+/// keyed backref is at its home key ([`keyed_backref_item`]; nothing was
+/// moved by a collision).
+pub(super) fn keyed_at_home(keyed: &[(RefKey, u64)]) -> bool {
+    let mut hashes: Vec<u64> = keyed
+        .iter()
+        .filter_map(|&(k, _)| match k {
+            RefKey::ExtentData {
+                root,
+                objectid,
+                offset,
+            } => Some(hash_extent_data_ref(root, objectid, offset)),
+            _ => None,
+        })
+        .collect();
+    hashes.sort_unstable();
+    hashes.windows(2).all(|w| w[0] != w[1])
 }
 
 fn decode_item_value(bytenr: u64, key: &Key, value: &[u8]) -> Result<ExtentItem, CodecError> {

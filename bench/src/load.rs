@@ -15,10 +15,9 @@
 //! (`--lookups`) measures single-bytenr LOOKUPs while the load runs.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +29,7 @@ use refd_proto::{
     Reply, Request, WireOp,
 };
 
+use crate::spawn::{DaemonSpec, Spawned};
 use crate::workload::{Walk, Workload};
 
 /// Arguments of `load`.
@@ -243,129 +243,6 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1e6
 }
 
-/// A daemon `load` started.
-struct Spawned {
-    child: Child,
-    socket: PathBuf,
-    /// A device file made for the run (removed at the end).
-    temp_device: Option<PathBuf>,
-    rss_max: Arc<AtomicU64>,
-}
-
-impl Spawned {
-    fn start(a: &LoadArgs) -> Result<Spawned, String> {
-        // The refd binary given, or the one beside this binary, else this
-        // binary's own copy of `refd serve` (the same library code).
-        let me = std::env::current_exe().map_err(|e| e.to_string())?;
-        let (refd, own) = match &a.refd {
-            Some(p) => (p.clone(), false),
-            None if me.with_file_name("refd").exists() => (me.with_file_name("refd"), false),
-            None => (me, true),
-        };
-        if !refd.exists() {
-            return Err(format!("{} not found (--refd)", refd.display()));
-        }
-        let dir = std::env::temp_dir().join(format!("refd-bench-{}", std::process::id()));
-        let dir = if PathBuf::from("/var/tmp").exists() {
-            PathBuf::from("/var/tmp").join(format!("refd-bench-{}", std::process::id()))
-        } else {
-            dir
-        };
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let (device, temp_device) = match &a.device {
-            Some(d) => (d.clone(), None),
-            None => {
-                let d = dir.join("refd.img");
-                (d.clone(), Some(d))
-            }
-        };
-        let socket = dir.join("refd.sock");
-        let mut cmd = Command::new(&refd);
-        cmd.arg(if own { "refd-serve" } else { "serve" })
-            .arg("--device")
-            .arg(&device)
-            .arg("--device-size")
-            .arg(format!("{}G", a.device_gib))
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .args(["--metrics", "off", "--impl", &a.store])
-            .arg("--prefault-mib")
-            .arg(a.daemon_prefault_mib.to_string())
-            .args(&a.refd_args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if a.dry_run {
-            cmd.arg("--dry-run");
-        }
-        // The daemon stops (SIGTERM) if this process dies first.
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
-        // sets a flag of the child between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", refd.display()))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        match lines.next() {
-            Some(Ok(line)) if line.starts_with("refd ready") => {
-                if !a.json {
-                    eprintln!("{line}");
-                }
-            }
-            other => {
-                let _ = child.kill();
-                return Err(format!("refd did not become ready: {other:?}"));
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        let rss_max = Arc::new(AtomicU64::new(0));
-        let (pid, rss) = (child.id(), Arc::clone(&rss_max));
-        std::thread::spawn(move || loop {
-            let Some(r) = rss_bytes(pid) else { return };
-            rss.fetch_max(r, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(100));
-        });
-        Ok(Spawned {
-            child,
-            socket,
-            temp_device,
-            rss_max,
-        })
-    }
-
-    /// SIGTERM, and the exit status.
-    fn stop(mut self) -> Option<i32> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().ok().and_then(|s| s.code());
-        if let Some(d) = &self.temp_device {
-            let _ = std::fs::remove_file(d);
-            if let Some(dir) = d.parent() {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        }
-        status
-    }
-}
-
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
 /// A raw protocol connection: HELLO done.
 struct Conn {
     stream: UnixStream,
@@ -444,11 +321,24 @@ pub fn run(a: &LoadArgs) -> Result<LoadReport, String> {
     }
     let spawned = match &a.connect {
         Some(_) => None,
-        None => Some(Spawned::start(a)?),
+        None => Some(Spawned::start(&DaemonSpec {
+            refd: a.refd.clone(),
+            device: a.device.clone(),
+            device_gib: a.device_gib,
+            store: a.store.clone(),
+            prefault_mib: a.daemon_prefault_mib,
+            args: a
+                .refd_args
+                .iter()
+                .cloned()
+                .chain(a.dry_run.then(|| "--dry-run".to_string()))
+                .collect(),
+            quiet: a.json,
+        })?),
     };
     let socket = match (&a.connect, &spawned) {
         (Some(addr), _) => PathBuf::from(addr.strip_prefix("unix:").unwrap_or(addr)),
-        (None, Some(s)) => s.socket.clone(),
+        (None, Some(s)) => s.socket().to_path_buf(),
         (None, None) => unreachable!(),
     };
     let result = drive(a, &socket);

@@ -5,9 +5,11 @@
 //! noisy: compare within a run, not across runs).
 
 mod crash;
+mod daemon_crash;
 mod durable;
 mod ingest;
 mod load;
+mod spawn;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +44,12 @@ enum Cmd {
     /// is beside this one (internal).
     #[command(hide = true, name = "refd-serve")]
     RefdServe(refd::cli::Serve),
+    /// Real daemon crashes: kill -9 a refd daemon under pipelined load
+    /// from several clients, restart, retry, N rounds; check every
+    /// acknowledged op is present exactly once, the freed lists are
+    /// complete and right, and the device verifies. Destroys the device's
+    /// content.
+    DaemonCrash(daemon_crash::DaemonCrashArgs),
     /// The process `crash` kills (internal).
     #[command(hide = true)]
     CrashChild(crash::ChildArgs),
@@ -72,6 +80,24 @@ fn main() {
             }
         }),
         Cmd::CrashChild(a) => crash::child(a),
+        Cmd::DaemonCrash(a) => daemon_crash::run(a).and_then(|r| {
+            if a.json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                println!(
+                    "daemon-crash: {} kills; {} SUBMITs ({} ops) acknowledged, {} resent after an unknown outcome, {} answered as duplicates; lost {}, duplicated {}, unexpected {}, dropped but present {}; freed {} expected, {} missing, {} twice, {} still referenced; live extents wrong {}; generation {}; daemon exit {:?}; device verifies: {}; {:.1} s",
+                    r.rounds, r.batches_acked, r.ops_acked, r.resubmits, r.duplicate_answers,
+                    r.lost, r.duplicated, r.unexpected, r.dropped_present, r.freed_expected, r.freed_missing,
+                    r.freed_twice, r.freed_wrong, r.live_wrong, r.generation, r.daemon_exit,
+                    r.verify_clean, r.elapsed_s
+                );
+            }
+            if r.ok {
+                Ok(())
+            } else {
+                Err("acknowledged ops were lost or duplicated, a freed list is wrong, or the device does not verify".into())
+            }
+        }),
         Cmd::RefdServe(a) => refd::cli::serve(a.clone()),
         Cmd::Load(a) => load::run(a).and_then(|r| {
             if a.json {

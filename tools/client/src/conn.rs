@@ -460,7 +460,13 @@ fn read_one_frame(
             Err(e) => return Ok(Err(e)),
         }
         let want = decoder.wanted().clamp(1, buf.len());
-        let n = stream.read(&mut buf[..want])?;
+        let n = match stream.read(&mut buf[..want]) {
+            // Linux fails a read with a timeout with EINTR after a signal
+            // or a stop and continue of the process, even without a
+            // handler: read again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

@@ -368,7 +368,10 @@ fn read_request_line(s: &mut TcpStream) -> Option<String> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        let n = s.read(&mut chunk).ok()?;
+        let n = match s.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.ok()?,
+        };
         if n == 0 {
             break;
         }

@@ -52,6 +52,14 @@ pub enum ServeError {
         /// Cause.
         source: Box<refd_durable::OpenError>,
     },
+    /// The commit of the replayed log failed.
+    #[error("commit the replayed log of {device}: {source}")]
+    Replay {
+        /// Device.
+        device: String,
+        /// Cause.
+        source: Box<refd_durable::CommitError>,
+    },
     /// A listener could not be bound.
     #[error("listen {0}")]
     Listen(String),
@@ -206,6 +214,23 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
             device: device.clone(),
             source: Box::new(source),
         })?;
+    // The replayed log is committed before serving, as a btrfs mount
+    // commits its log replay: a daemon that crashes again before its first
+    // interval commit (a crash loop) does not replay an ever longer log.
+    let replay_commit = if recovery.ops_replayed > 0 {
+        tracing::info!(
+            ops = recovery.ops_replayed,
+            "committing the replayed log before serving"
+        );
+        let t = Instant::now();
+        let s = engine.commit().map_err(|source| ServeError::Replay {
+            device: device.clone(),
+            source: Box::new(source),
+        })?;
+        Some((s.generation, t.elapsed()))
+    } else {
+        None
+    };
     let record_ops =
         (engine.log().record_bytes_max() - SUBMIT_RECORD_OVERHEAD_BYTES_MAX) / OP_RECORD_BYTES_MAX;
     let frame_ops = (config.frame_bytes_max as usize - SUBMIT_FIXED_BYTES) / OP_BYTES;
@@ -289,7 +314,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
     let r = &shared.recovery;
     let ready = format!(
         "refd ready: device {device} ({}, fs_id {}, store {}), recovered generation {} with {} \
-         ops replayed, {} held heads, now generation {}; listening on {}{}",
+         ops replayed{}, {} held heads, now generation {}; listening on {}{}",
         if opened.created {
             "created and formatted"
         } else {
@@ -299,8 +324,14 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         shared.engine.core().store().name(),
         r.superblock_generation,
         r.ops_replayed,
+        replay_commit
+            .map(|(g, t)| format!(
+                " (committed as generation {g} in {:.0} ms)",
+                t.as_secs_f64() * 1e3
+            ))
+            .unwrap_or_default(),
         r.heads_held,
-        r.claimed_generation,
+        shared.engine.generation(),
         addresses.join(", "),
         metrics_address
             .as_ref()
@@ -311,7 +342,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         device = %device,
         created = opened.created,
         ops_replayed = r.ops_replayed,
-        generation = r.claimed_generation,
+        generation = shared.engine.generation(),
         listeners = %addresses.join(","),
         "ready"
     );
@@ -482,7 +513,9 @@ fn refuse(mut stream: Stream, max: usize) {
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(_) => break,
         }

@@ -172,7 +172,8 @@ pub(crate) fn connect(address: &Address, timeout: Duration) -> io::Result<Stream
                     Ok(s) => return Ok(Stream::Unix(s)),
                     // A signal of the caller's: try again at once (a new
                     // socket each time).
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted && Instant::now() < deadline => {}
+                    Err(e)
+                        if e.kind() == io::ErrorKind::Interrupted && Instant::now() < deadline => {}
                     Err(e) if unix_retryable(&e) && Instant::now() + pause < deadline => {
                         std::thread::sleep(pause);
                         pause = (pause * 2).min(UNIX_RETRY_PAUSE_MAX);

@@ -505,8 +505,11 @@ fn merged_backrefs(
     pending_refs.sort_by_key(|&(k, _)| k);
     let mut counts = Vec::new();
     let mut more = false;
-    let mut merged =
-        merge_by_key(merge_by_key(inline.iter().map(signed), keyed.iter().map(signed)), pending_refs).peekable();
+    let mut merged = merge_by_key(
+        merge_by_key(inline.iter().map(signed), keyed.iter().map(signed)),
+        pending_refs,
+    )
+    .peekable();
     while let Some((key, mut sum)) = merged.next() {
         while let Some((_, n)) = merged.next_if(|(k, _)| *k == key) {
             sum += n;

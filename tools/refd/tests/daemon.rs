@@ -134,7 +134,10 @@ fn every_request_does_what_the_protocol_says() {
     let st = c.stats();
     assert_eq!(st["sessions"]["kept"], 1, "{st}");
     assert_eq!(st["freed"]["consumers"][0]["acked_generation"], g, "{st}");
-    assert!(st["process"]["resident_bytes"].as_u64() > Some(1 << 20), "{st}");
+    assert!(
+        st["process"]["resident_bytes"].as_u64() > Some(1 << 20),
+        "{st}"
+    );
     let Reply::Ping(p) = c.call(&Request::Ping(PingRequest::new(b"hi").unwrap())) else {
         panic!()
     };

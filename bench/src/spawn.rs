@@ -193,23 +193,12 @@ impl Launch {
         std::thread::spawn(move || for _ in lines {});
         let (pid, rss) = (child.id(), Arc::clone(rss_max));
         std::thread::spawn(move || loop {
-            let Some(r) = rss_bytes(pid) else { return };
+            let Some(r) = refd::metrics::resident_bytes(Some(pid)) else {
+                return;
+            };
             rss.fetch_max(r, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(100));
         });
         Ok(child)
     }
-}
-
-/// The resident size of process `pid` (`VmRSS`).
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
 }

@@ -61,6 +61,40 @@ struct Tally {
     heap_max: usize,
 }
 
+impl Tally {
+    /// Checks and counts one decode of an input changed by mutation `m`
+    /// (0: none): it held at most `bound` heap bytes; an unmutated input
+    /// decodes (back to `want`, if given); a mutated one decodes or is a
+    /// typed error.
+    fn count<T: PartialEq + std::fmt::Debug, E: std::fmt::Display>(
+        &mut self,
+        what: &str,
+        m: usize,
+        (decoded, heap_bytes): (Result<T, E>, usize),
+        bound: usize,
+        want: Option<&T>,
+    ) {
+        self.by_mutation[m] += 1;
+        assert!(
+            heap_bytes <= bound,
+            "{what} decode held {heap_bytes} > {bound}"
+        );
+        self.heap_max = self.heap_max.max(heap_bytes);
+        match decoded {
+            Ok(back) => {
+                self.ok += 1;
+                if let Some(want) = want.filter(|_| m == 0) {
+                    assert_eq!(&back, want);
+                }
+            }
+            Err(e) => {
+                assert_ne!(m, 0, "valid {what} refused: {e}");
+                self.errors += 1;
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------ generators
 
 /// Uniform below `2^k` for a random `k` in `1..bits`.
@@ -293,22 +327,8 @@ fn op_records_decode_to_typed_errors_or_round_trip() {
             continue;
         }
         let m = mutate_bytes(&mut rng, &mut rec);
-        t.by_mutation[m] += 1;
-        let (decoded, heap_bytes) = heap::peak_of(|| op_round_trip(&rec));
-        assert!(heap_bytes <= 1024, "op decode held {heap_bytes} heap bytes");
-        t.heap_max = t.heap_max.max(heap_bytes);
-        match decoded {
-            Ok(back) => {
-                t.ok += 1;
-                if m == 0 {
-                    assert_eq!(back, op);
-                }
-            }
-            Err(e) => {
-                assert_ne!(m, 0, "valid op refused: {e}");
-                t.errors += 1;
-            }
-        }
+        let decoded = heap::peak_of(|| op_round_trip(&rec));
+        t.count("op", m, decoded, 1024, Some(&op));
     }
     println!("op records: {cases} cases: {t:?}");
     assert!(t.by_mutation[..9].iter().all(|&n| n > cases / 20));
@@ -370,27 +390,10 @@ fn log_records_decode_to_typed_errors_or_round_trip() {
             continue;
         }
         let m = mutate_bytes(&mut rng, &mut buf);
-        t.by_mutation[m] += 1;
-        let (decoded, heap_bytes) = heap::peak_of(|| record_round_trip(&buf));
+        let decoded = heap::peak_of(|| record_round_trip(&buf));
         // A SUBMIT's ops: at most one per 3 bytes, each an `Op` in memory.
         let bound = 2 * (buf.len() / 3 + 1) * std::mem::size_of::<Op>() + 2 * buf.len() + 1024;
-        assert!(
-            heap_bytes <= bound,
-            "record decode held {heap_bytes} > {bound}"
-        );
-        t.heap_max = t.heap_max.max(heap_bytes);
-        match decoded {
-            Ok(back) => {
-                t.ok += 1;
-                if m == 0 {
-                    assert_eq!(back, record);
-                }
-            }
-            Err(e) => {
-                assert_ne!(m, 0, "valid record refused: {e}");
-                t.errors += 1;
-            }
-        }
+        t.count("record", m, decoded, bound, Some(&record));
     }
     println!("log records: {cases} cases: {t:?}");
     assert!(t.by_mutation[..9].iter().all(|&n| n > cases / 20));
@@ -478,21 +481,9 @@ fn service_items_decode_to_typed_errors_or_round_trip() {
         }
         let m = mutate_bytes(&mut rng, &mut value);
         value.truncate(refd_ioring::btree::VALUE_BYTES_MAX);
-        t.by_mutation[m] += 1;
-        let (decoded, heap_bytes) = heap::peak_of(|| service_round_trip(item_type, &value));
+        let decoded = heap::peak_of(|| service_round_trip(item_type, &value));
         let bound = 16 * value.len() + 8192;
-        assert!(
-            heap_bytes <= bound,
-            "service decode held {heap_bytes} > {bound}"
-        );
-        t.heap_max = t.heap_max.max(heap_bytes);
-        match decoded {
-            Ok(_) => t.ok += 1,
-            Err(e) => {
-                assert_ne!(m, 0, "valid item refused: {e}");
-                t.errors += 1;
-            }
-        }
+        t.count("service", m, decoded, bound, None);
     }
     println!("service items: {cases} cases: {t:?}");
     assert!(t.by_mutation[..9].iter().all(|&n| n > cases / 20));
@@ -514,28 +505,11 @@ fn held_heads_decode_to_typed_errors_or_round_trip() {
             continue;
         }
         let m = mutate_bytes(&mut rng, &mut stream);
-        t.by_mutation[m] += 1;
-        let (decoded, heap_bytes) = heap::peak_of(|| held_round_trip(&stream));
+        let decoded = heap::peak_of(|| held_round_trip(&stream));
         // Decoded heads and their re-encoding: a small multiple of the
         // stream, never sized by a count read from it.
         let bound = 64 * stream.len() + 4096;
-        assert!(
-            heap_bytes <= bound,
-            "held decode held {heap_bytes} > {bound}"
-        );
-        t.heap_max = t.heap_max.max(heap_bytes);
-        match decoded {
-            Ok(back) => {
-                t.ok += 1;
-                if m == 0 {
-                    assert_eq!(back, heads);
-                }
-            }
-            Err(e) => {
-                assert_ne!(m, 0, "valid stream refused: {e}");
-                t.errors += 1;
-            }
-        }
+        t.count("held", m, decoded, bound, Some(&heads));
     }
     println!("held heads: {cases} cases: {t:?}");
     assert!(t.by_mutation[..9].iter().all(|&n| n > cases / 20));
@@ -637,27 +611,13 @@ fn extent_items_load_to_typed_errors_or_round_trip() {
             continue;
         }
         let m = mutate_items(&mut rng, &mut items);
-        t.by_mutation[m] += 1;
         let input_bytes: usize = items.iter().map(|(_, v)| v.len() + 64).sum();
-        let (decoded, heap_bytes) = heap::peak_of(|| items_round_trip(&items));
+        let decoded = heap::peak_of(|| items_round_trip(&items));
         // The extents, the check's copies of them (a tree, `load_all`'s
         // tree, the re-encoded and the sorted items): a small multiple of
         // the input, never sized by a count read from it.
         let bound = 64 * input_bytes + 8192;
-        assert!(heap_bytes <= bound, "item load held {heap_bytes} > {bound}");
-        t.heap_max = t.heap_max.max(heap_bytes);
-        match decoded {
-            Ok(back) => {
-                t.ok += 1;
-                if m == 0 {
-                    assert_eq!(back, extents);
-                }
-            }
-            Err(e) => {
-                assert_ne!(m, 0, "valid items refused: {e}");
-                t.errors += 1;
-            }
-        }
+        t.count("item", m, decoded, bound, Some(&extents));
     }
     println!("extent items: {cases} cases: {t:?}");
     assert!(t.by_mutation.iter().all(|&n| n > cases / 40));

@@ -266,7 +266,7 @@ impl Metrics {
 
     /// Sets the gauges read from the process itself.
     pub fn process(&self) {
-        if let Some(bytes) = resident_bytes() {
+        if let Some(bytes) = resident_bytes(None) {
             self.resident_bytes.set(bytes as i64);
         }
     }
@@ -381,10 +381,15 @@ fn read_request_line(s: &mut TcpStream) -> Option<String> {
     text.lines().next().map(str::to_string)
 }
 
-/// The process's resident memory: `/proc/self/statm`'s second field, in
-/// pages. `None` where that file cannot be read.
-pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+/// The resident memory of process `pid` (`None`: this one):
+/// `/proc/PID/statm`'s second field, in pages. `None` where that file
+/// cannot be read (no such process, no `/proc`).
+pub fn resident_bytes(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/statm"),
+        None => "/proc/self/statm".to_string(),
+    };
+    let statm = std::fs::read_to_string(path).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf only reads a configuration value.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -46,7 +46,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
         "dry_run": s.config.dry_run,
         "failed": failure,
         "process": {
-            "resident_bytes": crate::metrics::resident_bytes(),
+            "resident_bytes": crate::metrics::resident_bytes(None),
         },
         "engine": {
             "generation": generation,

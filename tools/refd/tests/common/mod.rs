@@ -144,14 +144,7 @@ impl Daemon {
 
     /// Resident memory of the daemon (bytes).
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        refd::metrics::resident_bytes(Some(self.child.id())).unwrap_or(0)
     }
 }
 

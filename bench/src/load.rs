@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use refd_proto::{
@@ -29,16 +31,24 @@ use refd_proto::{
     Reply, Request, WireOp,
 };
 
+use crate::hist::{
+    histogram, hlog_interval, ms, record, HlogFile, HlogWriter, Kind, KindSummary, Mix, KINDS,
+};
 use crate::spawn::{DaemonSpec, Spawned};
 use crate::workload::{Walk, Workload};
 
 /// Arguments of `load`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
-    /// A running daemon's address (unix:PATH, tcp:HOST:PORT or a path);
-    /// without it a daemon is started (see --device, --refd).
-    #[arg(long)]
+    /// A running daemon's address (unix:PATH or a path); without it a
+    /// daemon is started (as with --spawn).
+    #[arg(long, conflicts_with = "spawn")]
     pub connect: Option<String>,
+    /// Start `refd serve` on --device (or a new file), wait for its ready
+    /// line, stop it at the end with SIGTERM and check its exit status
+    /// (the default without --connect).
+    #[arg(long)]
+    pub spawn: bool,
     /// With no --connect: the device of the daemon started (created as a
     /// file if missing; default: a new file in /var/tmp, removed after).
     #[arg(long)]
@@ -72,12 +82,30 @@ pub struct LoadArgs {
     /// Closed loop: batches each client keeps in flight.
     #[arg(long, default_value_t = 2)]
     pub pipeline: usize,
-    /// Open loop at this many ops per second in all (0: closed loop).
-    #[arg(long, default_value_t = 0.0)]
+    /// Open loop at this many SUBMITted ops per second in all (0: closed
+    /// loop); the other kinds of --mix are scheduled between the SUBMITs
+    /// in their share.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "closed")]
     pub rate: f64,
     /// Closed loop (the default without --rate).
     #[arg(long)]
     pub closed: bool,
+    /// Open loop: most requests one client keeps unanswered; a sender that
+    /// reaches it waits (latency still runs from the scheduled start).
+    #[arg(long, default_value_t = 1024)]
+    pub in_flight_max: usize,
+    /// The request kinds and their shares: KIND=WEIGHT,... of submit,
+    /// lookup (one bytenr), backrefs (first page of one extent), commit.
+    #[arg(long, default_value = "submit=100")]
+    pub mix: Mix,
+    /// Write the interval log (HdrHistogram `.hlog`, one interval per
+    /// second, one histogram per request kind tagged with its name).
+    #[arg(long)]
+    pub hlog: Option<PathBuf>,
+    /// Write each request kind's percentile distribution
+    /// (HdrHistogram `.hgrm`, ms) to DIR/KIND.hgrm.
+    #[arg(long)]
+    pub hgrm: Option<PathBuf>,
     /// Measured time.
     #[arg(long, default_value_t = 20.0)]
     pub duration_s: f64,
@@ -112,15 +140,19 @@ pub struct LoadArgs {
     pub json: bool,
 }
 
-/// Open loop: most SUBMITs one client keeps unanswered.
-const OPEN_LOOP_IN_FLIGHT_MAX: usize = 1024;
+/// Entries of a BACKREFS page asked for (`--mix backrefs=`).
+const BACKREFS_PAGE_ENTRIES: u32 = 64;
 
 /// What `load` measured.
 #[derive(Debug, serde::Serialize)]
 pub struct LoadReport {
+    /// Which loop ran: "open" (scheduled requests, latency from each one's
+    /// scheduled start) or "closed" (latency from the send).
+    #[serde(rename = "loop")]
+    pub loop_kind: &'static str,
     /// Open loop (latency from the scheduled start).
     pub open_loop: bool,
-    /// Requested ops/s (open loop).
+    /// Requested SUBMITted ops/s (open loop).
     pub rate: f64,
     /// Clients.
     pub clients: usize,
@@ -128,6 +160,8 @@ pub struct LoadReport {
     pub batch: usize,
     /// Batches in flight per client (closed loop).
     pub pipeline: usize,
+    /// The request kinds' shares (`--mix`).
+    pub mix: String,
     /// `--coalesce`: one op per caller thread through the client's
     /// coalescing (`clients` threads, one shared client); `pipeline` is
     /// unused and a "SUBMIT" is one caller's op.
@@ -138,7 +172,7 @@ pub struct LoadReport {
     pub ops_per_sec: f64,
     /// SUBMITs acknowledged per second.
     pub requests_per_sec: f64,
-    /// SUBMIT latency.
+    /// SUBMIT latency (open loop: from the scheduled start).
     pub p50_ms: f64,
     /// SUBMIT latency.
     pub p99_ms: f64,
@@ -146,16 +180,21 @@ pub struct LoadReport {
     pub p999_ms: f64,
     /// SUBMIT latency.
     pub max_ms: f64,
+    /// Per request kind (submit, lookup, backrefs, commit): requests,
+    /// rates and latency (open loop: from the scheduled start).
+    pub kinds: BTreeMap<&'static str, KindSummary>,
+    /// SUBMIT latency from the send instead of the scheduled start (what
+    /// an uncorrected generator reports; the same as `kinds.submit` in a
+    /// closed loop).
+    pub submit_uncorrected: KindSummary,
     /// Acknowledged ops in each whole second.
     pub ops_by_second: Vec<u64>,
-    /// LOOKUPs measured.
-    pub lookups: u64,
-    /// LOOKUP latency.
-    pub lookup_p50_ms: f64,
-    /// LOOKUP latency.
-    pub lookup_p99_ms: f64,
-    /// LOOKUP latency.
-    pub lookup_max_ms: f64,
+    /// Each second of the measured time.
+    pub seconds: Vec<Second>,
+    /// Commits the daemon made during the measured time (from STATS).
+    pub commits: u64,
+    /// Back-pressure waits during the measured time (from STATS).
+    pub backpressure_waits: u64,
     /// Error replies.
     pub errors: u64,
     /// Largest resident memory of the daemon started (0: not started).
@@ -170,6 +209,44 @@ pub struct LoadReport {
     pub dry_run: bool,
     /// Daemon exit status after SIGTERM (started daemons).
     pub daemon_exit: Option<i32>,
+    /// `btrfs-trace`: extents of the kernel's `after` dump compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_extents: Option<u64>,
+    /// `btrfs-trace`: extents whose answer differs from the kernel's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mismatches: Option<u64>,
+}
+
+/// One second of a run (the progress line's figures).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Second {
+    /// End of the second, from the start of the measured time.
+    pub t_s: f64,
+    /// SUBMITted ops acknowledged per second in it.
+    pub ops_per_sec: f64,
+    /// SUBMIT latency in it.
+    pub p50_ms: f64,
+    /// SUBMIT latency in it.
+    pub p99_ms: f64,
+    /// Commits in it (`None`: no STATS).
+    pub commits: Option<u64>,
+    /// Back-pressure waits in it (`None`: no STATS).
+    pub backpressure_waits: Option<u64>,
+}
+
+/// One client's own histograms (merged into the [`Tally`] at its end).
+struct Local {
+    kinds: [Histogram<u64>; KINDS],
+    uncorrected: Histogram<u64>,
+}
+
+impl Local {
+    fn new() -> Self {
+        Local {
+            kinds: std::array::from_fn(|_| histogram()),
+            uncorrected: histogram(),
+        }
+    }
 }
 
 /// Shared counters of a run.
@@ -178,14 +255,16 @@ struct Tally {
     measuring: AtomicBool,
     stop: AtomicBool,
     ops: AtomicU64,
-    requests: AtomicU64,
     errors: AtomicU64,
     /// Acknowledged ops per second since the start of measuring.
     by_second: Mutex<Vec<u64>>,
     start: Mutex<Option<Instant>>,
-    latency: Mutex<Histogram<u64>>,
-    /// SUBMIT latencies since the last progress line.
-    interval: Mutex<Histogram<u64>>,
+    /// Per kind, the whole measured time.
+    latency: Mutex<[Histogram<u64>; KINDS]>,
+    /// SUBMIT latency from the send.
+    uncorrected: Mutex<Histogram<u64>>,
+    /// Per kind, since the last interval (progress line, `.hlog`).
+    interval: Mutex<[Histogram<u64>; KINDS]>,
 }
 
 impl Tally {
@@ -194,28 +273,35 @@ impl Tally {
             measuring: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             ops: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             by_second: Mutex::new(Vec::new()),
             start: Mutex::new(None),
-            latency: Mutex::new(histogram()),
-            interval: Mutex::new(histogram()),
+            latency: Mutex::new(std::array::from_fn(|_| histogram())),
+            uncorrected: Mutex::new(histogram()),
+            interval: Mutex::new(std::array::from_fn(|_| histogram())),
         }
     }
 
-    fn acked(&self, ops: u64, latency: Duration, local: &mut Histogram<u64>) {
-        if !self.measuring.load(Ordering::Relaxed) {
+    /// A reply to a request of `kind` carrying `ops` ops, scheduled at
+    /// `intended` and sent at `sent` (the same in a closed loop).
+    fn answered(&self, kind: Kind, ops: u64, intended: Instant, sent: Instant, local: &mut Local) {
+        let now = Instant::now();
+        let ns = (now - intended).as_nanos() as u64;
+        {
+            // Under the interval's lock, so that every value of the run is
+            // in exactly one interval (see `stop_measuring`).
+            let mut interval = self.interval.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.measuring.load(Ordering::Relaxed) {
+                return;
+            }
+            record(&mut interval[kind.index()], ns);
+            record(&mut local.kinds[kind.index()], ns);
+        }
+        if kind != Kind::Submit {
             return;
         }
+        record(&mut local.uncorrected, (now - sent).as_nanos() as u64);
         self.ops.fetch_add(ops, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let ns = latency.as_nanos().max(1) as u64;
-        let _ = local.record(ns);
-        let _ = self
-            .interval
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(ns);
         if let Some(start) = *self.start.lock().unwrap_or_else(|e| e.into_inner()) {
             let s = start.elapsed().as_secs() as usize;
             let mut b = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,21 +312,32 @@ impl Tally {
         }
     }
 
-    fn merge(&self, local: &Histogram<u64>) {
+    fn merge(&self, local: &Local) {
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        for (all, mine) in l.iter_mut().zip(&local.kinds) {
+            let _ = all.add(mine);
+        }
         let _ = self
-            .latency
+            .uncorrected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add(local);
+            .add(&local.uncorrected);
     }
-}
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("histogram bounds")
-}
+    /// Ends the measured time: the last interval's histograms.
+    fn stop_measuring(&self) -> [Histogram<u64>; KINDS] {
+        let mut interval = self.interval.lock().unwrap_or_else(|e| e.into_inner());
+        self.measuring.store(false, Ordering::SeqCst);
+        std::mem::replace(&mut *interval, std::array::from_fn(|_| histogram()))
+    }
 
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1e6
+    /// The interval histograms so far, replaced by empty ones.
+    fn take_interval(&self) -> [Histogram<u64>; KINDS] {
+        std::mem::replace(
+            &mut *self.interval.lock().unwrap_or_else(|e| e.into_inner()),
+            std::array::from_fn(|_| histogram()),
+        )
+    }
 }
 
 /// A raw protocol connection: HELLO done.
@@ -310,8 +407,11 @@ impl Conn {
 
 /// Runs `load`.
 pub fn run(a: &LoadArgs) -> Result<LoadReport, String> {
-    if a.clients == 0 || a.batch == 0 || a.pipeline == 0 {
-        return Err("--clients, --batch and --pipeline must be at least 1".into());
+    if a.clients == 0 || a.batch == 0 || a.pipeline == 0 || a.in_flight_max == 0 {
+        return Err("--clients, --batch, --pipeline and --in-flight-max must be at least 1".into());
+    }
+    if a.rate > 0.0 && a.mix.weights[Kind::Submit.index()] == 0 {
+        return Err("--rate counts SUBMITted ops: --mix needs submit".into());
     }
     if !matches!(a.workload, Workload::Uniform | Workload::Zipf) {
         return Err("load runs the uniform or zipf workload (the others come later)".into());
@@ -319,6 +419,15 @@ pub fn run(a: &LoadArgs) -> Result<LoadReport, String> {
     if a.in_process {
         return in_process(a);
     }
+    with_daemon(a, |socket| drive(a, socket))
+}
+
+/// Runs `body` against the daemon at --connect, or one started for it
+/// (stopped after, its exit status and largest RSS in the report).
+fn with_daemon(
+    a: &LoadArgs,
+    body: impl FnOnce(&std::path::Path) -> Result<LoadReport, String>,
+) -> Result<LoadReport, String> {
     let spawned = match &a.connect {
         Some(_) => None,
         None => Some(Spawned::start(&DaemonSpec {
@@ -339,9 +448,9 @@ pub fn run(a: &LoadArgs) -> Result<LoadReport, String> {
     let socket = match (&a.connect, &spawned) {
         (Some(addr), _) => PathBuf::from(addr.strip_prefix("unix:").unwrap_or(addr)),
         (None, Some(s)) => s.socket().to_path_buf(),
-        (None, None) => unreachable!(),
+        (None, None) => unreachable!("a daemon is started without --connect"),
     };
-    let result = drive(a, &socket);
+    let result = body(&socket);
     let rss = spawned
         .as_ref()
         .map_or(0, |s| s.rss_max.load(Ordering::Relaxed));
@@ -366,97 +475,223 @@ fn drive(a: &LoadArgs, socket: &std::path::Path) -> Result<LoadReport, String> {
             }
         }));
     }
-    let lookup = (a.lookups > 0).then(|| {
+    if a.lookups > 0 {
         let (a, socket, tally) = (a.clone(), socket.to_path_buf(), Arc::clone(&tally));
-        std::thread::spawn(move || lookup_client(&a, &socket, &tally))
-    });
-    measure(a, Some(socket), tally, threads, lookup, open_loop)
+        threads.push(std::thread::spawn(move || {
+            lookup_client(&a, &socket, &tally)
+        }));
+    }
+    measure(a, Some(socket), tally, threads, open_loop)
 }
 
 type Clients = Vec<std::thread::JoinHandle<Result<(), String>>>;
 
-/// `, N commits, M waits` since the last call: the daemon's commits and
-/// back-pressure waits (connections that stopped reading), from STATS.
-fn daemon_progress(c: &mut Conn, prev: &mut (u64, u64)) -> Option<String> {
+/// The daemon's counters the progress line shows, from STATS.
+#[derive(Debug, Clone, Copy)]
+struct DaemonCounters {
+    commits: u64,
+    /// Back-pressure waits: connections that stopped reading, and the
+    /// engine's throttle.
+    waits: u64,
+    pending_ops: u64,
+    resident_bytes: u64,
+}
+
+fn daemon_counters(c: &mut Conn) -> Option<DaemonCounters> {
     let Reply::Stats(s) = c.call(9, &Request::Stats(refd_proto::StatsRequest)).ok()? else {
         return None;
     };
     let v: serde_json::Value = serde_json::from_str(&s.json).ok()?;
-    let commits = v["commits"]["count"].as_u64()?;
-    let waits =
-        v["wire"]["backpressure_waits"].as_u64()? + v["engine"]["throttle_waits"].as_u64()?;
-    let rss = v["process"]["resident_bytes"].as_u64().unwrap_or(0);
-    let line = format!(
-        ", {} commits, {} back-pressure waits, {} pending, daemon RSS {} MiB",
-        commits - prev.0,
-        waits - prev.1,
-        v["engine"]["pending_ops"],
-        rss >> 20
-    );
-    *prev = (commits, waits);
-    Some(line)
+    Some(DaemonCounters {
+        commits: v["commits"]["count"].as_u64()?,
+        waits: v["wire"]["backpressure_waits"].as_u64()?
+            + v["engine"]["throttle_waits"].as_u64()?,
+        pending_ops: v["engine"]["pending_ops"].as_u64().unwrap_or(0),
+        resident_bytes: v["process"]["resident_bytes"].as_u64().unwrap_or(0),
+    })
 }
 
-/// Warm-up, the measured time with a progress line per second, then the
-/// report from what the clients counted.
+/// The measured time second by second: the progress line, an `.hlog`
+/// interval and a [`Second`] each.
+struct Clock {
+    t0: Instant,
+    /// SUBMITted ops acknowledged, and when, at the last tick.
+    last: (u64, Instant),
+    /// A connection for STATS.
+    stats: Option<Conn>,
+    first: Option<DaemonCounters>,
+    prev: Option<DaemonCounters>,
+    seconds: Vec<Second>,
+    /// Quiet (`--json`).
+    quiet: bool,
+}
+
+impl Clock {
+    fn start(socket: Option<&std::path::Path>, quiet: bool) -> Clock {
+        let mut stats = socket.and_then(|s| Conn::open(s).ok().map(|(c, _)| c));
+        let first = stats.as_mut().and_then(daemon_counters);
+        let t0 = Instant::now();
+        Clock {
+            t0,
+            last: (0, t0),
+            stats,
+            first,
+            prev: first,
+            seconds: Vec::new(),
+            quiet,
+        }
+    }
+
+    /// The end of a second: `hists` are its latencies.
+    fn tick(
+        &mut self,
+        tally: &Tally,
+        hists: &[Histogram<u64>; KINDS],
+        hlog: Option<&mut HlogWriter<'_>>,
+    ) -> Result<(), String> {
+        let now = Instant::now();
+        let ops = tally.ops.load(Ordering::Relaxed);
+        let counters = self.stats.as_mut().and_then(daemon_counters);
+        let delta = counters
+            .zip(self.prev)
+            .map(|(c, p)| (c.commits - p.commits, c.waits - p.waits));
+        self.prev = counters.or(self.prev);
+        let h = &hists[Kind::Submit.index()];
+        let second = Second {
+            t_s: (now - self.t0).as_secs_f64(),
+            ops_per_sec: (ops - self.last.0) as f64 / (now - self.last.1).as_secs_f64(),
+            p50_ms: ms(h, 0.5),
+            p99_ms: ms(h, 0.99),
+            commits: delta.map(|d| d.0),
+            backpressure_waits: delta.map(|d| d.1),
+        };
+        let written = match hlog {
+            Some(w) if hists.iter().any(|h| !h.is_empty()) => {
+                hlog_interval(w, hists, self.last.1 - self.t0, now - self.last.1)
+            }
+            _ => Ok(()),
+        };
+        if !self.quiet {
+            progress_line(&second, h, counters, delta, tally);
+        }
+        self.seconds.push(second);
+        self.last = (ops, now);
+        written
+    }
+
+    /// The daemon's commits and back-pressure waits since the start.
+    fn totals(&mut self) -> (u64, u64) {
+        let end = self.stats.as_mut().and_then(daemon_counters).or(self.prev);
+        end.zip(self.first)
+            .map_or((0, 0), |(e, f)| (e.commits - f.commits, e.waits - f.waits))
+    }
+}
+
+/// Warm-up, the measured time with a progress line and an `.hlog`
+/// interval per second, then the report from what the clients counted.
 fn measure(
     a: &LoadArgs,
     socket: Option<&std::path::Path>,
     tally: Arc<Tally>,
     threads: Clients,
-    lookup: Option<std::thread::JoinHandle<Result<Histogram<u64>, String>>>,
     open_loop: bool,
 ) -> Result<LoadReport, String> {
     std::thread::sleep(Duration::from_secs_f64(a.warmup_s));
-    // The daemon's counters for the progress line (a connection of its own).
-    let mut stats = match (a.json, socket) {
-        (false, Some(s)) => Conn::open(s).ok().map(|(c, _)| (c, (0u64, 0u64))),
-        _ => None,
-    };
+    let mut hlog_file = a.hlog.as_deref().map(HlogFile::create).transpose()?;
+    let wall_start = std::time::SystemTime::now();
+    let mut clock = Clock::start(socket, a.json);
     *tally.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     tally.measuring.store(true, Ordering::SeqCst);
-    let t0 = Instant::now();
-    let mut last = (0u64, t0);
-    while t0.elapsed().as_secs_f64() < a.duration_s {
+    let mut hlog = match hlog_file.as_mut() {
+        Some(f) => Some(f.begin(wall_start)?),
+        None => None,
+    };
+    let mut failed = None;
+    while clock.t0.elapsed().as_secs_f64() < a.duration_s {
         std::thread::sleep(Duration::from_millis(1000).min(Duration::from_secs_f64(
-            (a.duration_s - t0.elapsed().as_secs_f64()).max(0.001),
+            (a.duration_s - clock.t0.elapsed().as_secs_f64()).max(0.001),
         )));
-        if !a.json {
-            let ops = tally.ops.load(Ordering::Relaxed);
-            let now = Instant::now();
-            let rate = (ops - last.0) as f64 / (now - last.1).as_secs_f64();
-            let h = std::mem::replace(
-                &mut *tally.interval.lock().unwrap_or_else(|e| e.into_inner()),
-                histogram(),
-            );
-            let daemon = stats.as_mut().map_or(String::new(), |(c, prev)| {
-                daemon_progress(c, prev).unwrap_or_default()
-            });
-            eprintln!(
-                "load: {:5.1} s  {:>10.0} ops/s  SUBMIT p50 {:.2} ms p99 {:.2} ms max {:.1} ms{}  ({} errors)",
-                t0.elapsed().as_secs_f64(),
-                rate,
-                ms(&h, 0.5),
-                ms(&h, 0.99),
-                h.max() as f64 / 1e6,
-                daemon,
-                tally.errors.load(Ordering::Relaxed)
-            );
-            last = (ops, now);
+        if let Err(e) = clock.tick(&tally, &tally.take_interval(), hlog.as_mut()) {
+            failed.get_or_insert(e);
         }
     }
-    tally.measuring.store(false, Ordering::SeqCst);
-    let measured = t0.elapsed().as_secs_f64();
+    // The few answers between the last tick and the end go into the log
+    // too (an interval of their own), so that it holds every value.
+    let rest = tally.stop_measuring();
+    let measured = clock.t0.elapsed().as_secs_f64();
     tally.stop.store(true, Ordering::SeqCst);
-    let mut lookups = histogram();
+    if let Some(w) = hlog.as_mut().filter(|_| rest.iter().any(|h| !h.is_empty())) {
+        let (offset, length) = (clock.last.1 - clock.t0, clock.last.1.elapsed());
+        if let Err(e) = hlog_interval(w, &rest, offset, length) {
+            failed.get_or_insert(e);
+        }
+    }
+    drop(hlog);
     for t in threads {
         t.join().map_err(|_| "a client panicked")??;
     }
-    if let Some(l) = lookup {
-        lookups = l.join().map_err(|_| "the lookup client panicked")??;
+    if let Some(e) = failed {
+        return Err(e);
     }
-    let h = tally.latency.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = hlog_file {
+        f.finish()?;
+    }
+    let mut report = summarize(a, &tally, measured, open_loop)?;
+    (report.commits, report.backpressure_waits) = clock.totals();
+    report.seconds = clock.seconds;
+    Ok(report)
+}
+
+/// The progress line of one second (stderr).
+fn progress_line(
+    s: &Second,
+    h: &Histogram<u64>,
+    counters: Option<DaemonCounters>,
+    delta: Option<(u64, u64)>,
+    tally: &Tally,
+) {
+    let daemon = match (counters, delta) {
+        (Some(c), Some((commits, waits))) => format!(
+            ", {commits} commits, {waits} back-pressure waits, {} pending, daemon RSS {} MiB",
+            c.pending_ops,
+            c.resident_bytes >> 20
+        ),
+        _ => String::new(),
+    };
+    eprintln!(
+        "load: {:5.1} s  {:>10.0} ops/s  SUBMIT p50 {:.2} ms p99 {:.2} ms max {:.1} ms{}  ({} errors)",
+        s.t_s,
+        s.ops_per_sec,
+        s.p50_ms,
+        s.p99_ms,
+        h.max() as f64 / crate::hist::NS_PER_MS,
+        daemon,
+        tally.errors.load(Ordering::Relaxed)
+    );
+}
+
+/// The report from the tally at the end of a run (and the `.hgrm` files).
+fn summarize(
+    a: &LoadArgs,
+    tally: &Tally,
+    measured: f64,
+    open_loop: bool,
+) -> Result<LoadReport, String> {
+    let latency = tally.latency.lock().unwrap_or_else(|e| e.into_inner());
+    let uncorrected = tally.uncorrected.lock().unwrap_or_else(|e| e.into_inner());
     let ops = tally.ops.load(Ordering::Relaxed);
+    if let Some(dir) = &a.hgrm {
+        write_hgrms(dir, &latency, &uncorrected)?;
+    }
+    let mut kinds = BTreeMap::new();
+    for kind in Kind::ALL {
+        let h = &latency[kind.index()];
+        if a.mix.weights[kind.index()] > 0 || !h.is_empty() {
+            let kind_ops = if kind == Kind::Submit { ops } else { 0 };
+            kinds.insert(kind.name(), KindSummary::of(h, kind_ops, measured));
+        }
+    }
+    let submit = KindSummary::of(&latency[Kind::Submit.index()], ops, measured);
     let mut by_second = tally
         .by_second
         .lock()
@@ -464,24 +699,27 @@ fn measure(
         .clone();
     by_second.truncate(measured as usize);
     Ok(LoadReport {
+        loop_kind: if open_loop { "open" } else { "closed" },
         open_loop,
         rate: a.rate,
         clients: a.clients,
         batch: if a.coalesce { 1 } else { a.batch },
         pipeline: a.pipeline,
+        mix: a.mix.to_string(),
         coalesce: a.coalesce,
         duration_s: measured,
-        ops_per_sec: ops as f64 / measured,
-        requests_per_sec: tally.requests.load(Ordering::Relaxed) as f64 / measured,
-        p50_ms: ms(&h, 0.5),
-        p99_ms: ms(&h, 0.99),
-        p999_ms: ms(&h, 0.999),
-        max_ms: h.max() as f64 / 1e6,
+        ops_per_sec: submit.ops_per_sec,
+        requests_per_sec: submit.requests_per_sec,
+        p50_ms: submit.p50_ms,
+        p99_ms: submit.p99_ms,
+        p999_ms: submit.p999_ms,
+        max_ms: submit.max_ms,
+        kinds,
+        submit_uncorrected: KindSummary::of(&uncorrected, ops, measured),
         ops_by_second: by_second,
-        lookups: lookups.len(),
-        lookup_p50_ms: ms(&lookups, 0.5),
-        lookup_p99_ms: ms(&lookups, 0.99),
-        lookup_max_ms: lookups.max() as f64 / 1e6,
+        seconds: Vec::new(),
+        commits: 0,
+        backpressure_waits: 0,
         errors: tally.errors.load(Ordering::Relaxed),
         daemon_rss_max_bytes: 0,
         store: a.store.clone(),
@@ -489,16 +727,181 @@ fn measure(
         extents: a.extents,
         dry_run: a.dry_run,
         daemon_exit: None,
+        trace_extents: None,
+        mismatches: None,
     })
 }
 
-/// In-flight SUBMITs of one client: request id → (start, ops).
+/// DIR/KIND.hgrm for each kind with requests, and
+/// DIR/submit-uncorrected.hgrm (SUBMIT latency from the send).
+fn write_hgrms(
+    dir: &std::path::Path,
+    latency: &[Histogram<u64>; KINDS],
+    uncorrected: &Histogram<u64>,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let files = Kind::ALL
+        .iter()
+        .map(|k| (k.name(), &latency[k.index()]))
+        .chain([("submit-uncorrected", uncorrected)])
+        .filter(|(_, h)| !h.is_empty());
+    for (name, h) in files {
+        let path = dir.join(format!("{name}.hgrm"));
+        let mut f = std::fs::File::create(&path)
+            .map(std::io::BufWriter::new)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::hist::write_hgrm(h, &mut f)
+            .and_then(|()| f.flush())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A request of one client awaiting its reply.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    kind: Kind,
+    /// When it was due (open loop: its scheduled start; closed loop: the
+    /// send).
+    intended: Instant,
+    sent: Instant,
+    /// Ops it carries (SUBMIT).
+    ops: u64,
+}
+
+/// In-flight requests of one client: request id → what it was.
 #[derive(Debug, Default)]
 struct InFlight {
-    map: Mutex<HashMap<u64, (Instant, u64)>>,
+    map: Mutex<HashMap<u64, Pending>>,
     freed: Condvar,
 }
 
+impl InFlight {
+    fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Whether `reply` answers a request of `kind` (anything else, an ERROR
+/// reply included, counts as an error).
+fn answers(kind: Kind, reply: &Reply) -> bool {
+    matches!(
+        (kind, reply),
+        (Kind::Submit, Reply::Submit(_))
+            | (Kind::Lookup, Reply::Lookup(_))
+            | (Kind::Backrefs, Reply::Backrefs(_))
+            | (Kind::Commit, Reply::Commit(_))
+    )
+}
+
+/// Matches replies to requests until the connection closes.
+fn receive(mut rconn: Conn, inflight: &InFlight, tally: &Tally) -> Result<(), String> {
+    let mut local = Local::new();
+    // Until the sender closes, or the daemon stops.
+    while let Ok((id, reply)) = rconn.recv() {
+        let entry = inflight
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        inflight.freed.notify_all();
+        let Some(p) = entry else { continue };
+        if answers(p.kind, &reply) {
+            tally.answered(p.kind, p.ops, p.intended, p.sent, &mut local);
+        } else {
+            tally.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    tally.merge(&local);
+    Ok(())
+}
+
+/// What one client sends: its share of the extents and the mix.
+struct Requests {
+    walk: Walk,
+    kinds: crate::hist::MixCursor,
+    rng: rand::rngs::SmallRng,
+    extents: u64,
+    session: u64,
+    batch: usize,
+    /// SUBMITs sent (their request numbers in the session).
+    submits: u64,
+    ops: Vec<WireOp>,
+}
+
+impl Requests {
+    /// The next request's kind and frame (in `frame`), and its ops.
+    fn next(&mut self, id: u64, frame: &mut Vec<u8>) -> Result<(Kind, u64), String> {
+        let kind = self.kinds.next().unwrap_or(Kind::Submit);
+        frame.clear();
+        // Extents of every client are looked up, not only its own.
+        let bytenr = crate::workload::extent_bytenr(self.rng.gen_range(0..self.extents));
+        let request = match kind {
+            Kind::Submit => {
+                self.submits += 1;
+                self.ops.clear();
+                let walk = &mut self.walk;
+                self.ops
+                    .extend((0..self.batch).map(|_| refd::ops::wire(&walk.next_op())));
+                encode_frame_submit(id, self.session, self.submits, &self.ops, frame);
+                return Ok((kind, self.batch as u64));
+            }
+            Kind::Lookup => {
+                Request::Lookup(LookupRequest::new(vec![bytenr]).map_err(|e| e.to_string())?)
+            }
+            Kind::Backrefs => Request::Backrefs(refd_proto::BackrefsRequest {
+                bytenr,
+                max_entries: BACKREFS_PAGE_ENTRIES,
+                after: None,
+            }),
+            Kind::Commit => Request::Commit(refd_proto::CommitRequest),
+        };
+        refd_proto::encode_request(id, &request, frame);
+        Ok((kind, 0))
+    }
+}
+
+impl Requests {
+    /// Client `client`'s requests in `session`, SUBMITs of `batch` ops.
+    fn new(a: &LoadArgs, client: usize, session: u64, batch: usize) -> Result<Requests, String> {
+        let seed = a.seed.wrapping_add(client as u64 * 7919);
+        let share = (a.extents / a.clients as u64).max(1);
+        Ok(Requests {
+            walk: Walk::new(a.workload, share, seed, a.clients as u64, client as u64)
+                .ok_or("workload")?,
+            kinds: a.mix.cursor(),
+            rng: rand::rngs::SmallRng::seed_from_u64(seed ^ 0x100c),
+            extents: a.extents.max(1),
+            session,
+            batch,
+            submits: 0,
+            ops: Vec::with_capacity(batch),
+        })
+    }
+}
+
+/// A new connection and session: the sending side, the receiving side
+/// and the largest SUBMIT the daemon takes.
+fn open_session(socket: &std::path::Path) -> Result<(Conn, Conn, u64, usize), String> {
+    let (mut conn, hello) = Conn::open(socket)?;
+    let session = match conn.call(1, &Request::Register(refd_proto::RegisterRequest))? {
+        Reply::Register(r) => r.session_id,
+        other => return Err(format!("REGISTER: {other:?}")),
+    };
+    let rconn = Conn {
+        stream: conn
+            .stream
+            .try_clone()
+            .map_err(|e| format!("clone socket: {e}"))?,
+        decoder: FrameDecoder::expecting(refd_proto::BODY_BYTES_MAX_DEFAULT, Direction::Reply),
+        rest: Vec::new(),
+        buf: vec![0; 64 << 10],
+    };
+    Ok((conn, rconn, session, hello.submit_ops_max as usize))
+}
+
+/// One client: a sender (this thread) that schedules (open loop) or
+/// pipelines (closed loop) requests, and a receiver thread.
 fn batch_client(
     a: &LoadArgs,
     socket: &std::path::Path,
@@ -506,81 +909,36 @@ fn batch_client(
     tally: &Arc<Tally>,
     open_loop: bool,
 ) -> Result<(), String> {
-    let (mut conn, hello) = Conn::open(socket)?;
-    let session = match conn.call(1, &Request::Register(refd_proto::RegisterRequest))? {
-        Reply::Register(r) => r.session_id,
-        other => return Err(format!("REGISTER: {other:?}")),
-    };
-    let batch = a.batch.min(hello.submit_ops_max as usize);
-    let reader = conn
-        .stream
-        .try_clone()
-        .map_err(|e| format!("clone socket: {e}"))?;
+    let (mut conn, rconn, session, submit_ops_max) = open_session(socket)?;
+    let batch = a.batch.min(submit_ops_max);
     let inflight = Arc::new(InFlight::default());
     let receiver = {
         let (tally, inflight) = (Arc::clone(tally), Arc::clone(&inflight));
-        let mut rconn = Conn {
-            stream: reader,
-            decoder: FrameDecoder::expecting(refd_proto::BODY_BYTES_MAX_DEFAULT, Direction::Reply),
-            rest: Vec::new(),
-            buf: vec![0; 64 << 10],
-        };
-        std::thread::spawn(move || -> Result<(), String> {
-            let mut local = histogram();
-            // Until the sender closes, or the daemon stops.
-            while let Ok((id, reply)) = rconn.recv() {
-                let entry = inflight
-                    .map
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                inflight.freed.notify_all();
-                let Some((start, ops)) = entry else { continue };
-                match reply {
-                    Reply::Submit(_) => tally.acked(ops, start.elapsed(), &mut local),
-                    _ => {
-                        tally.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            tally.merge(&local);
-            Ok(())
-        })
+        std::thread::spawn(move || receive(rconn, &inflight, &tally))
     };
-    let extents = (a.extents / a.clients as u64).max(1);
-    let mut walk = Walk::new(
-        a.workload,
-        extents,
-        a.seed.wrapping_add(client as u64 * 7919),
-        a.clients as u64,
-        client as u64,
-    )
-    .ok_or("workload")?;
-    let mut ops: Vec<WireOp> = Vec::with_capacity(batch);
+    let mut requests = Requests::new(a, client, session, batch)?;
     let mut frame = Vec::with_capacity(64 + batch * refd_proto::OP_BYTES);
-    // Open loop: this client's share of the rate, one batch every `every`.
-    let every = Duration::from_secs_f64(batch as f64 * a.clients as f64 / a.rate.max(1e-9));
+    // Open loop: this client's share of the requests, one every `every_s`
+    // (SUBMITs at --rate ops/s in all, the other kinds in their share).
+    let every_s = a.clients as f64 * batch as f64 * a.mix.submit_share() / a.rate.max(1e-9);
+    let bound = if open_loop {
+        a.in_flight_max
+    } else {
+        a.pipeline
+    };
     let t0 = Instant::now();
-    let mut request: u64 = 0;
+    let mut sent: u64 = 0;
     while !tally.stop.load(Ordering::Relaxed) {
-        let start = if open_loop {
-            let due = t0 + every * request as u32;
+        let due = t0 + Duration::from_secs_f64(every_s * sent as f64);
+        if open_loop {
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
             }
-            due
-        } else {
-            Instant::now()
-        };
+        }
+        // Closed loop: the pipeline; open loop: a bound, never reached
+        // while the daemon keeps up (latency still runs from `due`).
         {
-            // Closed loop: the pipeline; open loop: a bound, never reached
-            // while the daemon keeps up (latency still runs from `start`).
-            let bound = if open_loop {
-                OPEN_LOOP_IN_FLIGHT_MAX
-            } else {
-                a.pipeline
-            };
             let mut m = inflight.map.lock().unwrap_or_else(|e| e.into_inner());
             while m.len() >= bound && !tally.stop.load(Ordering::Relaxed) {
                 m = inflight
@@ -590,31 +948,29 @@ fn batch_client(
                     .0;
             }
         }
-        let start = if open_loop { start } else { Instant::now() };
-        request += 1;
-        ops.clear();
-        ops.extend((0..batch).map(|_| refd::ops::wire(&walk.next_op())));
-        frame.clear();
-        let id = request + 1;
-        encode_frame_submit(id, session, request, &ops, &mut frame);
+        sent += 1;
+        let id = sent + 1;
+        let (kind, ops) = requests.next(id, &mut frame)?;
+        let now = Instant::now();
+        let intended = if open_loop { due } else { now };
+        let pending = Pending {
+            kind,
+            intended,
+            sent: now,
+            ops,
+        };
         inflight
             .map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (start, batch as u64));
+            .insert(id, pending);
         if conn.stream.write_all(&frame).is_err() {
             break;
         }
     }
     // Let the last replies come in, then close.
     let until = Instant::now() + Duration::from_secs(30);
-    while !inflight
-        .map
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_empty()
-        && Instant::now() < until
-    {
+    while inflight.len() > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(5));
     }
     let _ = conn.stream.shutdown(std::net::Shutdown::Both);
@@ -657,7 +1013,7 @@ fn in_process(a: &LoadArgs) -> Result<LoadReport, String> {
             let seed = a.seed.wrapping_add(client as u64 * 7919);
             let mut walk = Walk::new(a.workload, extents, seed, a.clients as u64, client as u64)
                 .ok_or("workload")?;
-            let mut local = histogram();
+            let mut local = Local::new();
             let mut inflight = std::collections::VecDeque::new();
             let mut ops = Vec::with_capacity(a.batch);
             let mut request = 0u64;
@@ -666,7 +1022,7 @@ fn in_process(a: &LoadArgs) -> Result<LoadReport, String> {
                     let (start, ticket): (Instant, refd_durable::Ticket<_>) =
                         inflight.pop_front().expect("pipeline");
                     ticket.wait().map_err(|e| e.to_string())?;
-                    tally.acked(a.batch as u64, start.elapsed(), &mut local);
+                    tally.answered(Kind::Submit, a.batch as u64, start, start, &mut local);
                 }
                 ops.clear();
                 ops.extend((0..a.batch).map(|_| walk.next_op()));
@@ -684,13 +1040,13 @@ fn in_process(a: &LoadArgs) -> Result<LoadReport, String> {
             }
             for (start, ticket) in inflight {
                 ticket.wait().map_err(|e| e.to_string())?;
-                tally.acked(a.batch as u64, start.elapsed(), &mut local);
+                tally.answered(Kind::Submit, a.batch as u64, start, start, &mut local);
             }
             tally.merge(&local);
             Ok(())
         }));
     }
-    let mut report = measure(a, None, tally, threads, None, false)?;
+    let mut report = measure(a, None, tally, threads, false)?;
     engine.stop_committer();
     committer.join().map_err(|_| "the committer panicked")??;
     report.store = "in-process".into();
@@ -729,12 +1085,12 @@ fn coalescing_client(
         client as u64,
     )
     .ok_or("workload")?;
-    let mut local = histogram();
+    let mut local = Local::new();
     while !tally.stop.load(Ordering::Relaxed) {
         let op = refd::ops::wire(&walk.next_op());
         let start = Instant::now();
         match c.add(op) {
-            Ok(_) => tally.acked(1, start.elapsed(), &mut local),
+            Ok(_) => tally.answered(Kind::Submit, 1, start, start, &mut local),
             Err(_) => {
                 tally.errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -744,14 +1100,12 @@ fn coalescing_client(
     Ok(())
 }
 
-fn lookup_client(
-    a: &LoadArgs,
-    socket: &std::path::Path,
-    tally: &Tally,
-) -> Result<Histogram<u64>, String> {
+/// `--lookups`: single-bytenr LOOKUPs at a fixed rate from a connection
+/// of its own, one at a time, timed from the send (the lookup kind).
+fn lookup_client(a: &LoadArgs, socket: &std::path::Path, tally: &Tally) -> Result<(), String> {
     let (mut conn, _) = Conn::open(socket)?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(a.seed ^ 0x100c);
-    let mut h = histogram();
+    let mut local = Local::new();
     let every = Duration::from_secs_f64(1.0 / a.lookups as f64);
     let mut next = Instant::now();
     let mut id = 10u64;
@@ -762,20 +1116,65 @@ fn lookup_client(
         }
         next += every;
         id += 1;
-        // Extents are 16 KiB apart from 1 GiB (`workload`).
-        let bytenr = (1u64 << 30) + rng.gen_range(0..a.extents) * 16384;
+        let bytenr = crate::workload::extent_bytenr(rng.gen_range(0..a.extents.max(1)));
         let req = Request::Lookup(LookupRequest::new(vec![bytenr]).map_err(|e| e.to_string())?);
         let start = Instant::now();
         match conn.call(id, &req)? {
-            Reply::Lookup(_) => {
-                if tally.measuring.load(Ordering::Relaxed) {
-                    let _ = h.record(start.elapsed().as_nanos().max(1) as u64);
-                }
-            }
+            Reply::Lookup(_) => tally.answered(Kind::Lookup, 0, start, start, &mut local),
             _ => {
                 tally.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    Ok(h)
+    tally.merge(&local);
+    Ok(())
+}
+
+/// The end-of-run summary on stdout (without --json): which loop ran,
+/// then one line per request kind.
+pub fn print_summary(r: &LoadReport) {
+    let which = if r.open_loop {
+        format!(
+            "open loop at {:.0} ops/s (latency from each request's scheduled start)",
+            r.rate
+        )
+    } else if r.coalesce {
+        "closed loop, one op per caller, coalesced (latency from the send)".to_string()
+    } else {
+        format!(
+            "closed loop, {} in flight per client (latency from the send)",
+            r.pipeline
+        )
+    };
+    println!(
+        "load: {which}; {} clients, batch {}, mix {}, {}, store {}{}; {:.1} s measured",
+        r.clients,
+        r.batch,
+        r.mix,
+        serde_json::to_string(&r.workload).unwrap_or_default(),
+        r.store,
+        if r.dry_run { ", dry run" } else { "" },
+        r.duration_s
+    );
+    println!(
+        "  {:.0} durable ops/s; {} commits, {} back-pressure waits; {} errors; daemon RSS max {:.0} MiB",
+        r.ops_per_sec,
+        r.commits,
+        r.backpressure_waits,
+        r.errors,
+        r.daemon_rss_max_bytes as f64 / (1 << 20) as f64
+    );
+    let rows = r.kinds.iter().map(|(k, s)| (k.to_string(), s)).chain(
+        r.open_loop
+            .then(|| ("submit, from the send".to_string(), &r.submit_uncorrected)),
+    );
+    for (name, s) in rows {
+        println!(
+            "  {name:<22} {:>9.0} req/s  p50 {:8.3} ms  p99 {:8.3} ms  p99.9 {:8.3} ms  max {:8.1} ms",
+            s.requests_per_sec, s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms
+        );
+    }
+    if let (Some(extents), Some(mismatches)) = (r.trace_extents, r.mismatches) {
+        println!("  btrfs-trace: {extents} extents of the kernel's after dump compared, {mismatches} mismatches");
+    }
 }

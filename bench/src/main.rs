@@ -7,6 +7,7 @@
 mod crash;
 mod daemon_crash;
 mod durable;
+mod hist;
 mod ingest;
 mod load;
 mod spawn;
@@ -103,15 +104,13 @@ fn main() {
             if a.json {
                 println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
             } else {
-                println!(
-                    "load ({}, {} clients, batch {}, {}, store {}{}): {:.0} durable ops/s, {:.0} SUBMITs/s; SUBMIT p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.1} ms; {} errors; daemon RSS max {:.0} MiB{}",
-                    if r.open_loop { format!("open loop at {:.0} ops/s", r.rate) } else if r.coalesce { "closed loop, one op per caller, coalesced".to_string() } else { format!("closed loop, {} in flight per client", r.pipeline) },
-                    r.clients, r.batch, serde_json::to_string(&r.workload).unwrap_or_default(), r.store,
-                    if r.dry_run { ", dry run" } else { "" },
-                    r.ops_per_sec, r.requests_per_sec, r.p50_ms, r.p99_ms, r.p999_ms, r.max_ms, r.errors,
-                    r.daemon_rss_max_bytes as f64 / (1 << 20) as f64,
-                    if r.lookups > 0 { format!("; LOOKUP p50 {:.3} ms p99 {:.3} ms max {:.2} ms ({} lookups)", r.lookup_p50_ms, r.lookup_p99_ms, r.lookup_max_ms, r.lookups) } else { String::new() }
-                );
+                load::print_summary(&r);
+            }
+            if r.mismatches.unwrap_or(0) > 0 {
+                return Err(format!(
+                    "{} extents differ from the kernel's after dump",
+                    r.mismatches.unwrap_or(0)
+                ));
             }
             match r.daemon_exit {
                 Some(0) | None => Ok(()),

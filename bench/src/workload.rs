@@ -50,6 +50,12 @@ fn bytenr(e: u64) -> u64 {
     BASE + e * 16384
 }
 
+/// The bytenr of extent `e` of the uniform and zipf walks (what `load`
+/// looks up).
+pub fn extent_bytenr(e: u64) -> u64 {
+    bytenr(e)
+}
+
 fn key_of(e: u64, tree: bool, r: u64) -> RefKey {
     if tree {
         RefKey::TreeBlock { root: 5 + r }

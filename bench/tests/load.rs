@@ -1,0 +1,265 @@
+//! `refd-bench load` against a real daemon: the open loop's
+//! coordinated-omission correction (a daemon stopped with SIGSTOP for a
+//! second must show in the latency), and the `.hgrm` / `.hlog` outputs
+//! read back and checked against the JSON summary.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+use hdrhistogram::serialization::Deserializer;
+use hdrhistogram::Histogram;
+use refd_ioring::test_support::Scratch;
+
+/// A `refd serve` (this package's own copy) on a file device, listening
+/// on a unix socket; killed on drop.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let socket = dir.join("refd.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_refd-bench"))
+            .arg("refd-serve")
+            .arg("--device")
+            .arg(dir.join("refd.img"))
+            .args(["--device-size", "1G", "--metrics", "off"])
+            .args(["--prefault-mib", "0"])
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start refd-bench refd-serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = lines.next();
+        assert!(
+            matches!(&ready, Some(Ok(l)) if l.starts_with("refd ready")),
+            "{ready:?}"
+        );
+        std::thread::spawn(move || for _ in lines {});
+        Daemon { child, socket }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill({sig})");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn load(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_refd-bench"))
+        .arg("load")
+        .args(args)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start refd-bench load")
+}
+
+fn json_of(child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().expect("wait for refd-bench load");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "refd-bench load failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {stdout}"))
+}
+
+/// Open loop at 200 SUBMITs/s for 5 s, one client that keeps at most one
+/// request in flight; the daemon is stopped (SIGSTOP) for 1 s in the
+/// middle. The ~200 requests due during the pause each wait until it ends,
+/// so about a fifth of the run's latencies are 0..1 s: p99 ≥ 500 ms. An
+/// uncorrected generator (latency from the send; the run's
+/// `submit_uncorrected`) sends one request into the pause and the rest
+/// after it, and reports a p99 of a few ms: this test fails on it.
+#[test]
+fn open_loop_latency_includes_a_stopped_daemon() {
+    let Some(scratch) = Scratch::new("load-sigstop") else {
+        return;
+    };
+    let daemon = Daemon::start(scratch.path());
+    let connect = format!("unix:{}", daemon.socket.display());
+    let run = load(&[
+        "--connect",
+        &connect,
+        "--rate",
+        "3200",
+        "--batch",
+        "16",
+        "--clients",
+        "1",
+        "--in-flight-max",
+        "1",
+        "--extents",
+        "10000",
+        "--duration-s",
+        "5",
+        "--warmup-s",
+        "0",
+    ]);
+    std::thread::sleep(Duration::from_millis(2000));
+    daemon.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1000));
+    daemon.signal(libc::SIGCONT);
+    let v = json_of(run);
+    assert_eq!(v["loop"], "open", "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    let submit = &v["kinds"]["submit"];
+    assert!(submit["requests"].as_u64().unwrap() >= 800, "{v}");
+    let p99 = submit["p99_ms"].as_f64().unwrap();
+    assert!(
+        p99 >= 500.0,
+        "p99 {p99} ms does not show the 1 s pause: {v}"
+    );
+    assert!(submit["max_ms"].as_f64().unwrap() >= 900.0, "{v}");
+    // What the same run measured from the send: the test would fail on it.
+    let uncorrected = v["submit_uncorrected"]["p99_ms"].as_f64().unwrap();
+    assert!(
+        uncorrected < 500.0,
+        "from the send p99 is {uncorrected} ms: the test would not tell the two apart: {v}"
+    );
+}
+
+/// Sums an interval log's histograms per tag, read with the
+/// hdrhistogram crate's own log iterator and deserializer.
+fn read_hlog(path: &Path) -> (std::collections::BTreeMap<String, Histogram<u64>>, usize) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut by_tag = std::collections::BTreeMap::new();
+    let mut intervals = 0;
+    let mut de = Deserializer::new();
+    for entry in IntervalLogIterator::new(&bytes) {
+        let LogEntry::Interval(i) = entry.unwrap_or_else(|e| panic!("hlog: {e:?}")) else {
+            continue;
+        };
+        intervals += 1;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(i.encoded_histogram())
+            .unwrap();
+        let h: Histogram<u64> = de.deserialize(&mut &raw[..]).unwrap();
+        let tag = i.tag().map(|t| t.as_str().to_string()).unwrap_or_default();
+        by_tag
+            .entry(tag)
+            .or_insert_with(|| Histogram::<u64>::new_from(&h))
+            .add(&h)
+            .unwrap();
+    }
+    (by_tag, intervals)
+}
+
+/// The rows of an `.hgrm`: (value ms, percentile, total count).
+fn read_hgrm(path: &Path) -> (Vec<(f64, f64, u64)>, String) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let rows = text
+        .lines()
+        .skip(2)
+        .take_while(|l| !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    (rows, text)
+}
+
+/// A short closed-loop run with every request kind, an `.hlog` and the
+/// `.hgrm`s: each read back agrees with the JSON summary.
+#[test]
+fn hgrm_and_hlog_agree_with_the_json_summary() {
+    let Some(scratch) = Scratch::new("load-hlog") else {
+        return;
+    };
+    let (hlog, hgrm) = (scratch.path().join("run.hlog"), scratch.path().join("hgrm"));
+    let device = scratch.path().join("refd.img");
+    let v = json_of(load(&[
+        "--spawn",
+        "--device",
+        device.to_str().unwrap(),
+        "--device-gib",
+        "1",
+        "--daemon-prefault-mib",
+        "0",
+        "--clients",
+        "2",
+        "--batch",
+        "64",
+        "--extents",
+        "10000",
+        "--mix",
+        "submit=90,lookup=6,backrefs=3,commit=1",
+        "--duration-s",
+        "3",
+        "--warmup-s",
+        "0.5",
+        "--hlog",
+        hlog.to_str().unwrap(),
+        "--hgrm",
+        hgrm.to_str().unwrap(),
+    ]));
+    assert_eq!(v["loop"], "closed", "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["daemon_exit"], 0, "{v}");
+    let (by_tag, intervals) = read_hlog(&hlog);
+    assert!((3..=5).contains(&intervals.min(4)), "{intervals} intervals");
+    for kind in ["submit", "lookup", "backrefs", "commit"] {
+        let s = &v["kinds"][kind];
+        let requests = s["requests"].as_u64().unwrap();
+        assert!(requests > 0, "{kind}: {v}");
+        let h = &by_tag[kind];
+        assert_eq!(h.len(), requests, "{kind}: hlog count");
+        for (q, field) in [(0.5, "p50_ms"), (0.99, "p99_ms"), (0.999, "p999_ms")] {
+            assert_eq!(
+                h.value_at_quantile(q) as f64 / 1e6,
+                s[field].as_f64().unwrap(),
+                "{kind} {field}"
+            );
+        }
+        assert_eq!(
+            h.max() as f64 / 1e6,
+            s["max_ms"].as_f64().unwrap(),
+            "{kind}"
+        );
+        let (rows, text) = read_hgrm(&hgrm.join(format!("{kind}.hgrm")));
+        let last = rows.last().unwrap();
+        assert_eq!(last.1, 1.0, "{kind}: {text}");
+        assert_eq!(last.2, requests, "{kind}: {text}");
+        assert!(
+            (last.0 - s["max_ms"].as_f64().unwrap()).abs() < 0.001,
+            "{kind}: {text}"
+        );
+        // The JSON p99 lies between the rows either side of 0.99.
+        let p99 = s["p99_ms"].as_f64().unwrap();
+        let below = rows
+            .iter()
+            .filter(|r| r.1 < 0.99)
+            .map(|r| r.0)
+            .fold(0.0, f64::max);
+        let above = rows.iter().find(|r| r.1 >= 0.99).unwrap().0;
+        assert!(
+            below <= p99 + 0.001 && p99 <= above + 0.001,
+            "{kind} p99 {p99}: {text}"
+        );
+    }
+}

@@ -118,6 +118,10 @@ pub struct LoadArgs {
     /// Distinct extents.
     #[arg(long, default_value_t = 1_000_000)]
     pub extents: u64,
+    /// btrfs-trace: the kernel capture (before, trace and after .txt.zst,
+    /// e.g. ../shared/traces/qgroups-1).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
     /// No daemon and no wire: the same durable engine (opened with the
     /// daemon's options on --device), the same sessions and batches, from
     /// --clients threads in this process: the ceiling the wire is measured
@@ -203,16 +207,14 @@ pub struct LoadReport {
     pub store: String,
     /// Workload.
     pub workload: Workload,
-    /// Extents.
+    /// Extents (btrfs-trace: of the kernel's `after` dump, compared).
     pub extents: u64,
     /// The daemon ran with --dry-run.
     pub dry_run: bool,
     /// Daemon exit status after SIGTERM (started daemons).
     pub daemon_exit: Option<i32>,
-    /// `btrfs-trace`: extents of the kernel's `after` dump compared.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trace_extents: Option<u64>,
-    /// `btrfs-trace`: extents whose answer differs from the kernel's.
+    /// `btrfs-trace`: extents whose answer differs from the kernel's
+    /// `after` dump (then `extents` counts the dump's extents).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mismatches: Option<u64>,
 }
@@ -235,13 +237,13 @@ pub struct Second {
 }
 
 /// One client's own histograms (merged into the [`Tally`] at its end).
-struct Local {
+pub(crate) struct Local {
     kinds: [Histogram<u64>; KINDS],
     uncorrected: Histogram<u64>,
 }
 
 impl Local {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Local {
             kinds: std::array::from_fn(|_| histogram()),
             uncorrected: histogram(),
@@ -251,8 +253,8 @@ impl Local {
 
 /// Shared counters of a run.
 #[derive(Debug)]
-struct Tally {
-    measuring: AtomicBool,
+pub(crate) struct Tally {
+    pub(crate) measuring: AtomicBool,
     stop: AtomicBool,
     ops: AtomicU64,
     errors: AtomicU64,
@@ -268,7 +270,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Tally {
             measuring: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -284,7 +286,14 @@ impl Tally {
 
     /// A reply to a request of `kind` carrying `ops` ops, scheduled at
     /// `intended` and sent at `sent` (the same in a closed loop).
-    fn answered(&self, kind: Kind, ops: u64, intended: Instant, sent: Instant, local: &mut Local) {
+    pub(crate) fn answered(
+        &self,
+        kind: Kind,
+        ops: u64,
+        intended: Instant,
+        sent: Instant,
+        local: &mut Local,
+    ) {
         let now = Instant::now();
         let ns = (now - intended).as_nanos() as u64;
         {
@@ -312,7 +321,7 @@ impl Tally {
         }
     }
 
-    fn merge(&self, local: &Local) {
+    pub(crate) fn merge(&self, local: &Local) {
         let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
         for (all, mine) in l.iter_mut().zip(&local.kinds) {
             let _ = all.add(mine);
@@ -413,8 +422,14 @@ pub fn run(a: &LoadArgs) -> Result<LoadReport, String> {
     if a.rate > 0.0 && a.mix.weights[Kind::Submit.index()] == 0 {
         return Err("--rate counts SUBMITted ops: --mix needs submit".into());
     }
+    if a.workload == Workload::BtrfsTrace {
+        return with_daemon(a, |socket| crate::wire_trace::run(a, socket));
+    }
     if !matches!(a.workload, Workload::Uniform | Workload::Zipf) {
-        return Err("load runs the uniform or zipf workload (the others come later)".into());
+        return Err(
+            "load runs the uniform, zipf or btrfs-trace workload (snapshot-fanout, reflink and cancel are ingest's)"
+                .into(),
+        );
     }
     if a.in_process {
         return in_process(a);
@@ -671,7 +686,7 @@ fn progress_line(
 }
 
 /// The report from the tally at the end of a run (and the `.hgrm` files).
-fn summarize(
+pub(crate) fn summarize(
     a: &LoadArgs,
     tally: &Tally,
     measured: f64,
@@ -727,7 +742,6 @@ fn summarize(
         extents: a.extents,
         dry_run: a.dry_run,
         daemon_exit: None,
-        trace_extents: None,
         mismatches: None,
     })
 }
@@ -1174,7 +1188,10 @@ pub fn print_summary(r: &LoadReport) {
             s.requests_per_sec, s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms
         );
     }
-    if let (Some(extents), Some(mismatches)) = (r.trace_extents, r.mismatches) {
-        println!("  btrfs-trace: {extents} extents of the kernel's after dump compared, {mismatches} mismatches");
+    if let Some(mismatches) = r.mismatches {
+        println!(
+            "  btrfs-trace: {} extents of the kernel's after dump, {mismatches} mismatches",
+            r.extents
+        );
     }
 }

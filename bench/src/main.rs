@@ -11,6 +11,7 @@ mod hist;
 mod ingest;
 mod load;
 mod spawn;
+mod wire_trace;
 mod workload;
 
 use clap::{Parser, Subcommand};

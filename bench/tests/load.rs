@@ -263,3 +263,90 @@ fn hgrm_and_hlog_agree_with_the_json_summary() {
         );
     }
 }
+
+fn captures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces")
+}
+
+fn trace_run(capture: &Path, device: &Path) -> (serde_json::Value, bool) {
+    let out = Command::new(env!("CARGO_BIN_EXE_refd-bench"))
+        .args(["load", "--workload", "btrfs-trace", "--json", "--trace"])
+        .arg(capture)
+        .arg("--device")
+        .arg(device)
+        .args([
+            "--device-gib",
+            "1",
+            "--daemon-prefault-mib",
+            "0",
+            "--batch",
+            "256",
+        ])
+        .output()
+        .expect("run refd-bench load");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{}: bad JSON ({e}): {stdout}\n{}",
+            capture.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (v, out.status.success())
+}
+
+/// Every kernel capture replayed through a daemon over the wire (before
+/// through SUBMIT, the trace with its seqs through barriers, a COMMIT)
+/// ends with exactly the kernel's `after` extents, read back by BACKREFS.
+#[test]
+fn btrfs_traces_replay_exactly_over_the_wire() {
+    let dir = captures_dir();
+    let mut captures: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("kernel captures at {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("trace.txt.zst").exists())
+        .collect();
+    captures.sort();
+    assert!(!captures.is_empty(), "no captures in {}", dir.display());
+    for capture in captures {
+        let Some(scratch) = Scratch::new("load-trace") else {
+            return;
+        };
+        let (v, ok) = trace_run(&capture, &scratch.path().join("refd.img"));
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(capture.join("meta.json")).unwrap()).unwrap();
+        assert!(ok, "{}: {v}", capture.display());
+        let after = &meta["extents_after"];
+        let extents =
+            after["extent_items"].as_u64().unwrap() + after["metadata_items"].as_u64().unwrap();
+        assert_eq!(v["extents"], extents, "{}: {v}", capture.display());
+        assert_eq!(v["errors"], 0, "{}: {v}", capture.display());
+        assert_eq!(v["daemon_exit"], 0, "{}: {v}", capture.display());
+        assert!(
+            v["kinds"]["submit"]["requests"].as_u64().unwrap() > 0,
+            "{v}"
+        );
+    }
+}
+
+/// The comparison can fail: a capture whose `after` is another capture's
+/// reports mismatches and exits non-zero.
+#[test]
+fn btrfs_trace_against_a_wrong_after_reports_mismatches() {
+    let Some(scratch) = Scratch::new("load-trace-wrong") else {
+        return;
+    };
+    let dir = captures_dir();
+    let capture = scratch.path().join("capture");
+    std::fs::create_dir_all(&capture).unwrap();
+    for (file, from) in [
+        ("before.txt.zst", "qgroups-1"),
+        ("trace.txt.zst", "qgroups-1"),
+        ("after.txt.zst", "dedupe-1"),
+    ] {
+        std::os::unix::fs::symlink(dir.join(from).join(file), capture.join(file)).unwrap();
+    }
+    let (v, ok) = trace_run(&capture, &scratch.path().join("refd.img"));
+    assert!(!ok, "{v}");
+    assert!(v["mismatches"].as_u64().unwrap() > 0, "{v}");
+}

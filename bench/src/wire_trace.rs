@@ -1,0 +1,365 @@
+//! `refd-bench load --workload btrfs-trace`: a kernel capture replayed
+//! through a refd daemon over the wire, and the daemon's answers compared
+//! with the kernel's own result, as `refctl btrfs replay` does in-process.
+//!
+//! 1. The capture's `before` dump goes in through SUBMIT: per extent an
+//!    `ADD_EXTENT` of its first backref (with the `FULL_BACKREF`
+//!    extent_op where the kernel's item has it), then an `ADD_REF` per
+//!    further reference; then a COMMIT. Not timed.
+//! 2. The trace (the measured part): its ops in trace order, routed by
+//!    bytenr to `--clients` connections (so an extent's ops keep their
+//!    order), SUBMITs of `--batch` ops, each waiting until durable. The
+//!    kernel's tree-mod-log seqs go through the barrier requests: the
+//!    first op of a new kernel seq acquires a barrier, whose seq the ops
+//!    of that kernel seq then carry, so commits in between keep them
+//!    pending as btrfs keeps refs newer than a held seq; at most
+//!    [`BARRIERS_HELD_MAX`] are held (the oldest released first), all
+//!    are released at the end. Then a COMMIT.
+//! 3. Every extent of the kernel's `after` dump, and every bytenr the
+//!    dump or the trace named, is read back with BACKREFS (all pages):
+//!    the extents the daemon has are compared with `after` extent by
+//!    extent (`refd_btrfs::compare`: size, kind and level, refs, the
+//!    multiset of backrefs, `FULL_BACKREF`); an extent of the daemon's
+//!    that `after` does not have counts as a mismatch too. Every extent
+//!    the daemon holds came from the dump or the trace, so this is the
+//!    whole tree. Exact match required.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::time::Instant;
+
+use refd_btrfs::compare::compare;
+use refd_client::{Client, ClientConfig, SubmitOptions};
+use refd_core::extent_tree::{ExtentItem, ExtentTree};
+use refd_core::model::{
+    partition, Action, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF,
+};
+use refd_proto::{ErrorCode, WireOp, BACKREFS_KIND_UNKNOWN, KIND_DATA, KIND_TREE_BLOCK};
+
+use crate::hist::Kind;
+use crate::load::{summarize, LoadArgs, LoadReport, Local, Tally};
+
+/// Barriers the replay holds at once (a session may hold 64).
+pub const BARRIERS_HELD_MAX: usize = 8;
+/// Batches queued per connection before the dispatcher waits.
+const QUEUE_BATCHES: usize = 16;
+/// Mismatches printed on stderr (all are counted).
+const MISMATCHES_SHOWN: usize = 10;
+/// Block size of the captures (`meta.json` `nodesize`).
+const NODESIZE: u64 = 16384;
+
+/// Runs the capture at `--trace` against the daemon at `socket`.
+pub fn run(a: &LoadArgs, socket: &Path) -> Result<LoadReport, String> {
+    let dir = a
+        .trace
+        .as_deref()
+        .ok_or("btrfs-trace needs --trace DIR (a capture: before, trace and after .txt.zst)")?;
+    if a.hlog.is_some() {
+        return Err("--hlog is for the timed workloads, not btrfs-trace".into());
+    }
+    let stream = crate::workload::load_trace(dir, NODESIZE)?;
+    let after_path = dir.join("after.txt.zst");
+    let (after, _) = refd_btrfs::dump::load_dump(
+        &after_path,
+        &refd_btrfs::dump::DumpOptions { nodesize: NODESIZE },
+    )
+    .map_err(|e| format!("{}: {e}", after_path.display()))?;
+    let addr = format!("unix:{}", socket.display());
+    let connect = || Client::connect(&addr, ClientConfig::default()).map_err(|e| e.to_string());
+    let control = connect()?;
+    let batch = a.batch.min(control.hello().submit_ops_max as usize).max(1);
+    submit_all(&control, &before_ops(&stream.tree)?, batch)?;
+    control
+        .commit()
+        .map_err(|e| format!("COMMIT after before: {e}"))?;
+    if !a.json {
+        eprintln!(
+            "btrfs-trace: {} extents of before loaded; replaying {} ops",
+            stream.tree.len(),
+            stream.ops.len()
+        );
+    }
+    let commits_before = commits(&control)?;
+    let tally = Tally::new();
+    tally.measuring.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    replay(a, &connect, &control, &stream.ops, batch, &tally)?;
+    let started = Instant::now();
+    control.commit().map_err(|e| format!("final COMMIT: {e}"))?;
+    let mut local = Local::new();
+    tally.answered(Kind::Commit, 0, started, started, &mut local);
+    tally.merge(&local);
+    tally.measuring.store(false, Ordering::SeqCst);
+    let measured = t0.elapsed().as_secs_f64();
+    let touched: BTreeSet<u64> = stream
+        .tree
+        .iter()
+        .map(|(b, _)| b)
+        .chain(stream.ops.iter().map(|o| o.bytenr))
+        .chain(after.iter().map(|(b, _)| b))
+        .collect();
+    let got = read_back(&connect, &touched, a.clients)?;
+    let mismatches = compare(&after, &got);
+    if !a.json {
+        for m in mismatches.iter().take(MISMATCHES_SHOWN) {
+            eprintln!("btrfs-trace mismatch: {m}");
+        }
+    }
+    let commits = commits(&control)? - commits_before;
+    let mut report = summarize(a, &tally, measured, false)?;
+    report.pipeline = 1;
+    report.commits = commits;
+    report.extents = after.len() as u64;
+    report.mismatches = Some(mismatches.len() as u64);
+    Ok(report)
+}
+
+/// The daemon's commits so far (STATS).
+fn commits(c: &Client) -> Result<u64, String> {
+    let json = c.stats().map_err(|e| format!("STATS: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| format!("STATS: {e}"))?;
+    v["commits"]["count"]
+        .as_u64()
+        .ok_or_else(|| "STATS: no commits.count".to_string())
+}
+
+/// The ops that build `tree` from nothing, extent by extent.
+fn before_ops(tree: &ExtentTree) -> Result<Vec<WireOp>, String> {
+    let mut out = Vec::new();
+    for (bytenr, item) in tree.iter() {
+        let mut first = true;
+        for (key, count) in item.backrefs() {
+            for _ in 0..count {
+                let action = if first {
+                    Action::AddExtent
+                } else {
+                    Action::AddRef
+                };
+                let mut op = Op::new(bytenr, item.num_bytes, item.kind, action, key, 0)
+                    .map_err(|e| format!("before: extent {bytenr}: {e}"))?;
+                if first && item.full_backref() && !item.kind.is_data() {
+                    op.extent_op = Some(ExtentOp {
+                        flags_to_set: BLOCK_FLAG_FULL_BACKREF,
+                        key: None,
+                    });
+                }
+                first = false;
+                out.push(refd::ops::wire(&op));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// SUBMITs of `ops` in order, `batch` at a time, each waited for.
+fn submit_all(c: &Client, ops: &[WireOp], batch: usize) -> Result<(), String> {
+    for chunk in ops.chunks(batch) {
+        c.submit(chunk, SubmitOptions::default())
+            .map_err(|e| format!("SUBMIT: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The kernel's tree-mod-log seqs mapped to barriers of the daemon.
+struct Barriers<'a> {
+    control: &'a Client,
+    /// Kernel seq → the daemon's seq of the barrier acquired for it.
+    seqs: BTreeMap<u64, u64>,
+    /// Barriers held, oldest first.
+    held: VecDeque<u64>,
+    acquired: u64,
+}
+
+impl Barriers<'_> {
+    /// The daemon's seq for kernel seq `seq` (0 stays 0).
+    fn map(&mut self, seq: u64) -> Result<u64, String> {
+        if seq == 0 {
+            return Ok(0);
+        }
+        if let Some(&d) = self.seqs.get(&seq) {
+            return Ok(d);
+        }
+        let r = self
+            .control
+            .barrier_acquire()
+            .map_err(|e| format!("BARRIER_ACQUIRE: {e}"))?;
+        self.acquired += 1;
+        self.seqs.insert(seq, r.seq);
+        self.held.push_back(r.barrier_id);
+        if self.held.len() > BARRIERS_HELD_MAX {
+            self.release_oldest()?;
+        }
+        Ok(r.seq)
+    }
+
+    fn release_oldest(&mut self) -> Result<(), String> {
+        let Some(id) = self.held.pop_front() else {
+            return Ok(());
+        };
+        match self.control.barrier_release(id) {
+            // A lease that ran out released it already.
+            Err(e) if e.code() != Some(ErrorCode::BarrierUnknown) => {
+                Err(format!("BARRIER_RELEASE: {e}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The trace's ops through `clients` connections; barriers through
+/// `control`.
+fn replay(
+    a: &LoadArgs,
+    connect: &(dyn Fn() -> Result<Client, String> + Sync),
+    control: &Client,
+    ops: &[Op],
+    batch: usize,
+    tally: &Tally,
+) -> Result<(), String> {
+    let clients = a.clients.max(1);
+    let mut barriers = Barriers {
+        control,
+        seqs: BTreeMap::new(),
+        held: VecDeque::new(),
+        acquired: 0,
+    };
+    std::thread::scope(|s| -> Result<(), String> {
+        let mut senders = Vec::with_capacity(clients);
+        let mut workers = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            let (tx, rx) = sync_channel::<Vec<WireOp>>(QUEUE_BATCHES);
+            let client = connect()?;
+            senders.push(tx);
+            workers.push(s.spawn(move || submit_worker(&client, &rx, tally)));
+        }
+        let mut batches: Vec<Vec<WireOp>> = vec![Vec::with_capacity(batch); clients];
+        let mut failed = None;
+        for op in ops {
+            let mut w = refd::ops::wire(op);
+            match barriers.map(op.seq) {
+                Ok(seq) => w.seq = seq,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            let t = partition(op.bytenr, clients);
+            batches[t].push(w);
+            if batches[t].len() == batch {
+                let full = std::mem::replace(&mut batches[t], Vec::with_capacity(batch));
+                if senders[t].send(full).is_err() {
+                    break; // the worker failed: its error is returned below
+                }
+            }
+        }
+        for (t, rest) in batches.into_iter().enumerate() {
+            if !rest.is_empty() && failed.is_none() {
+                let _ = senders[t].send(rest);
+            }
+        }
+        drop(senders);
+        for w in workers {
+            w.join().map_err(|_| "a replay connection panicked")??;
+        }
+        failed.map_or(Ok(()), Err)
+    })?;
+    while !barriers.held.is_empty() {
+        barriers.release_oldest()?;
+    }
+    if !a.json && barriers.acquired > 0 {
+        eprintln!(
+            "btrfs-trace: {} kernel seqs, {} barriers acquired",
+            barriers.seqs.len(),
+            barriers.acquired
+        );
+    }
+    Ok(())
+}
+
+/// One connection of the replay: each batch a SUBMIT, waited for.
+fn submit_worker(c: &Client, rx: &Receiver<Vec<WireOp>>, tally: &Tally) -> Result<(), String> {
+    let mut local = Local::new();
+    let result = rx.iter().try_for_each(|ops| {
+        let start = Instant::now();
+        c.submit(&ops, SubmitOptions::default())
+            .map_err(|e| format!("SUBMIT: {e}"))?;
+        tally.answered(Kind::Submit, ops.len() as u64, start, start, &mut local);
+        Ok(())
+    });
+    tally.merge(&local);
+    result
+}
+
+/// BACKREFS of every bytenr in `bytenrs` (from `threads` connections): the
+/// extents the daemon has, as an extent tree.
+fn read_back(
+    connect: &(dyn Fn() -> Result<Client, String> + Sync),
+    bytenrs: &BTreeSet<u64>,
+    threads: usize,
+) -> Result<ExtentTree, String> {
+    let all: Vec<u64> = bytenrs.iter().copied().collect();
+    let per = all.len().div_ceil(threads.max(1)).max(1);
+    let parts = std::thread::scope(|s| {
+        let handles: Vec<_> = all
+            .chunks(per)
+            .map(|chunk| {
+                s.spawn(move || -> Result<Vec<(u64, ExtentItem)>, String> {
+                    let c = connect()?;
+                    let mut out = Vec::new();
+                    for &b in chunk {
+                        if let Some(item) = extent_of(&c, b)? {
+                            out.push((b, item));
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "a BACKREFS reader panicked".to_string())?
+            })
+            .collect::<Result<Vec<_>, String>>()
+    })?;
+    let mut tree = ExtentTree::new();
+    for (b, item) in parts.into_iter().flatten() {
+        tree.insert(b, item);
+    }
+    Ok(tree)
+}
+
+/// The daemon's extent at `bytenr` as an [`ExtentItem`] (`None`: it has
+/// none). A backref the item cannot hold (an unknown type, a count of 0
+/// or less) is an error: the daemon answered something no extent is.
+fn extent_of(c: &Client, bytenr: u64) -> Result<Option<ExtentItem>, String> {
+    let b = c
+        .backrefs(bytenr)
+        .map_err(|e| format!("BACKREFS {bytenr}: {e}"))?;
+    let kind = match b.kind {
+        BACKREFS_KIND_UNKNOWN if b.refs == 0 && b.entries.is_empty() => return Ok(None),
+        KIND_DATA => ExtentKind::Data,
+        KIND_TREE_BLOCK => ExtentKind::Tree { level: b.level },
+        other => {
+            return Err(format!(
+                "BACKREFS {bytenr}: kind {other} with refs {}",
+                b.refs
+            ))
+        }
+    };
+    let mut item = ExtentItem::new(b.num_bytes, kind, 0);
+    for e in &b.entries {
+        let key = RefKey::from_words(e.ref_type, e.k1, e.k2, e.k3)
+            .ok_or_else(|| format!("BACKREFS {bytenr}: backref type {}", e.ref_type))?;
+        if e.count <= 0 {
+            return Err(format!("BACKREFS {bytenr}: {key:?} count {}", e.count));
+        }
+        item.add_ref(key, e.count);
+    }
+    item.refs = u64::try_from(b.refs).map_err(|_| format!("BACKREFS {bytenr}: refs {}", b.refs))?;
+    item.flags |= b.item_flags & BLOCK_FLAG_FULL_BACKREF;
+    Ok(Some(item))
+}

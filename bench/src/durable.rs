@@ -29,7 +29,7 @@ use crate::workload::{deal, generate, Walk, Workload};
 /// Size of a device file the benchmark creates.
 const DEVICE_BYTES_DEFAULT: u64 = 4 << 30;
 /// Block written per durable write when measuring the device.
-const PROBE_BLOCK_BYTES: usize = 256 << 10;
+pub(crate) const PROBE_BLOCK_BYTES: usize = 256 << 10;
 
 /// Arguments of `durable`.
 #[derive(Debug, clap::Args)]
@@ -193,7 +193,7 @@ pub struct DurableReport {
 
 /// The device's own durable sequential write rate: 256 KiB durable writes
 /// (RWF_DSYNC) for about a second at the end of the device.
-fn device_rate(s: &UringStorage) -> Result<f64, String> {
+pub(crate) fn device_rate(s: &UringStorage) -> Result<f64, String> {
     let size = s.geometry().size_bytes;
     let block = vec![0xA5u8; PROBE_BLOCK_BYTES];
     let blocks = (size / 4 / PROBE_BLOCK_BYTES as u64).max(1);

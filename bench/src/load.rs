@@ -199,6 +199,10 @@ pub struct LoadReport {
     pub commits: u64,
     /// Back-pressure waits during the measured time (from STATS).
     pub backpressure_waits: u64,
+    /// Bytes written to the device per second in the measured time
+    /// (`None`: the device is not a block device, whose
+    /// `/sys/block/NAME/stat` counts them).
+    pub device_write_mb_per_sec: Option<f64>,
     /// Error replies.
     pub errors: u64,
     /// Largest resident memory of the daemon started (0: not started).
@@ -539,12 +543,45 @@ struct Clock {
     seconds: Vec<Second>,
     /// Quiet (`--json`).
     quiet: bool,
+    /// The device's `/sys/block/NAME/stat` and its sectors written at the
+    /// start (block devices only).
+    device_stat: Option<(PathBuf, u64)>,
+}
+
+/// `/sys/block/NAME/stat` of a block device (`None`: not one).
+fn block_stat_path(device: &std::path::Path) -> Option<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let real = std::fs::canonicalize(device).ok()?;
+    if !std::fs::metadata(&real).ok()?.file_type().is_block_device() {
+        return None;
+    }
+    let stat = PathBuf::from("/sys/block")
+        .join(real.file_name()?)
+        .join("stat");
+    stat.exists().then_some(stat)
+}
+
+/// Sectors (512 bytes) written, from a block device's `stat` (field 7).
+fn sectors_written(stat: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(stat)
+        .ok()?
+        .split_whitespace()
+        .nth(6)?
+        .parse()
+        .ok()
 }
 
 impl Clock {
-    fn start(socket: Option<&std::path::Path>, quiet: bool) -> Clock {
+    fn start(
+        socket: Option<&std::path::Path>,
+        device: Option<&std::path::Path>,
+        quiet: bool,
+    ) -> Clock {
         let mut stats = socket.and_then(|s| Conn::open(s).ok().map(|(c, _)| c));
         let first = stats.as_mut().and_then(daemon_counters);
+        let device_stat = device
+            .and_then(block_stat_path)
+            .and_then(|p| sectors_written(&p).map(|n| (p, n)));
         let t0 = Instant::now();
         Clock {
             t0,
@@ -554,7 +591,15 @@ impl Clock {
             prev: first,
             seconds: Vec::new(),
             quiet,
+            device_stat,
         }
+    }
+
+    /// MB written to the device per second since the start.
+    fn device_write_mb_per_sec(&self) -> Option<f64> {
+        let (stat, first) = self.device_stat.as_ref()?;
+        let sectors = sectors_written(stat)?.checked_sub(*first)?;
+        Some(sectors as f64 * 512.0 / 1e6 / self.t0.elapsed().as_secs_f64())
     }
 
     /// The end of a second: `hists` are its latencies.
@@ -614,7 +659,7 @@ fn measure(
     std::thread::sleep(Duration::from_secs_f64(a.warmup_s));
     let mut hlog_file = a.hlog.as_deref().map(HlogFile::create).transpose()?;
     let wall_start = std::time::SystemTime::now();
-    let mut clock = Clock::start(socket, a.json);
+    let mut clock = Clock::start(socket, a.device.as_deref(), a.json);
     *tally.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     tally.measuring.store(true, Ordering::SeqCst);
     let mut hlog = match hlog_file.as_mut() {
@@ -634,6 +679,7 @@ fn measure(
     // too (an interval of their own), so that it holds every value.
     let rest = tally.stop_measuring();
     let measured = clock.t0.elapsed().as_secs_f64();
+    let device_mb = clock.device_write_mb_per_sec();
     tally.stop.store(true, Ordering::SeqCst);
     if let Some(w) = hlog.as_mut().filter(|_| rest.iter().any(|h| !h.is_empty())) {
         let (offset, length) = (clock.last.1 - clock.t0, clock.last.1.elapsed());
@@ -653,6 +699,7 @@ fn measure(
     }
     let mut report = summarize(a, &tally, measured, open_loop)?;
     (report.commits, report.backpressure_waits) = clock.totals();
+    report.device_write_mb_per_sec = device_mb;
     report.seconds = clock.seconds;
     Ok(report)
 }
@@ -735,6 +782,7 @@ pub(crate) fn summarize(
         seconds: Vec::new(),
         commits: 0,
         backpressure_waits: 0,
+        device_write_mb_per_sec: None,
         errors: tally.errors.load(Ordering::Relaxed),
         daemon_rss_max_bytes: 0,
         store: a.store.clone(),

@@ -4,6 +4,7 @@
 //! side by side in one run and prints their ratio (these machines are
 //! noisy: compare within a run, not across runs).
 
+mod compare;
 mod crash;
 mod daemon_crash;
 mod durable;
@@ -52,6 +53,12 @@ enum Cmd {
     /// complete and right, and the device verifies. Destroys the device's
     /// content.
     DaemonCrash(daemon_crash::DaemonCrashArgs),
+    /// refd against what one would use instead, one table: the refd
+    /// daemon (lock-free and mutex stores), the in-process engine,
+    /// RocksDB synced merges, the device's durable write ceiling and the
+    /// kernel btrfs anchor, in alternating rounds on one device.
+    /// Destroys nothing but what it makes (an image file, a loop device).
+    Compare(compare::CompareArgs),
     /// The process `crash` kills (internal).
     #[command(hide = true)]
     CrashChild(crash::ChildArgs),
@@ -117,6 +124,18 @@ fn main() {
                 Some(0) | None => Ok(()),
                 Some(code) => Err(format!("the daemon exited with status {code} after SIGTERM")),
             }
+        }),
+        Cmd::Compare(a) => compare::run(a).and_then(|r| {
+            let table = compare::markdown(&r);
+            if let Some(path) = &a.markdown {
+                std::fs::write(path, &table).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            if a.json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                print!("{table}");
+            }
+            Ok(())
         }),
         Cmd::Durable(a) => durable::run(a).and_then(|r| {
             if a.json {

@@ -102,6 +102,10 @@ pub struct LoadArgs {
     /// second, one histogram per request kind tagged with its name).
     #[arg(long)]
     pub hlog: Option<PathBuf>,
+    /// Write an HTML report to DIR (index.html with SVG charts, the
+    /// `.hgrm` files and report.json).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     /// Write each request kind's percentile distribution
     /// (HdrHistogram `.hgrm`, ms) to DIR/KIND.hgrm.
     #[arg(long)]
@@ -217,6 +221,11 @@ pub struct LoadReport {
     pub dry_run: bool,
     /// Daemon exit status after SIGTERM (started daemons).
     pub daemon_exit: Option<i32>,
+    /// The device (or the address connected to).
+    pub device: String,
+    /// Each kind's latency over the measured time (for `--report`).
+    #[serde(skip)]
+    pub latency: Option<Box<[Histogram<u64>; KINDS]>>,
     /// `btrfs-trace`: extents whose answer differs from the kernel's
     /// `after` dump (then `extents` counts the dump's extents).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -418,8 +427,18 @@ impl Conn {
     }
 }
 
-/// Runs `load`.
+/// Runs `load` (and writes `--report`).
 pub fn run(a: &LoadArgs) -> Result<LoadReport, String> {
+    let mut r = run_load(a)?;
+    if let Some(dir) = &a.report {
+        let latency = r.latency.take().ok_or("no latency histograms")?;
+        crate::report::write(dir, &r, &latency)?;
+        r.latency = Some(latency);
+    }
+    Ok(r)
+}
+
+fn run_load(a: &LoadArgs) -> Result<LoadReport, String> {
     if a.clients == 0 || a.batch == 0 || a.pipeline == 0 || a.in_flight_max == 0 {
         return Err("--clients, --batch, --pipeline and --in-flight-max must be at least 1".into());
     }
@@ -473,8 +492,12 @@ fn with_daemon(
     let rss = spawned
         .as_ref()
         .map_or(0, |s| s.rss_max.load(Ordering::Relaxed));
+    let device = spawned.as_ref().map(|s| s.device().display().to_string());
     let exit = spawned.map(Spawned::stop).and_then(|s| s);
     let mut report = result?;
+    if let Some(d) = device {
+        report.device = d;
+    }
     report.daemon_rss_max_bytes = rss;
     report.daemon_exit = exit;
     Ok(report)
@@ -743,7 +766,7 @@ pub(crate) fn summarize(
     let uncorrected = tally.uncorrected.lock().unwrap_or_else(|e| e.into_inner());
     let ops = tally.ops.load(Ordering::Relaxed);
     if let Some(dir) = &a.hgrm {
-        write_hgrms(dir, &latency, &uncorrected)?;
+        write_hgrms(dir, &latency, Some(&uncorrected))?;
     }
     let mut kinds = BTreeMap::new();
     for kind in Kind::ALL {
@@ -790,22 +813,28 @@ pub(crate) fn summarize(
         extents: a.extents,
         dry_run: a.dry_run,
         daemon_exit: None,
+        device: match (&a.connect, &a.device) {
+            (Some(addr), _) => format!("a daemon at {addr}"),
+            (None, Some(d)) => d.display().to_string(),
+            (None, None) => "a new file".into(),
+        },
+        latency: Some(Box::new(latency.clone())),
         mismatches: None,
     })
 }
 
 /// DIR/KIND.hgrm for each kind with requests, and
 /// DIR/submit-uncorrected.hgrm (SUBMIT latency from the send).
-fn write_hgrms(
+pub(crate) fn write_hgrms(
     dir: &std::path::Path,
     latency: &[Histogram<u64>; KINDS],
-    uncorrected: &Histogram<u64>,
+    uncorrected: Option<&Histogram<u64>>,
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let files = Kind::ALL
         .iter()
         .map(|k| (k.name(), &latency[k.index()]))
-        .chain([("submit-uncorrected", uncorrected)])
+        .chain(uncorrected.map(|h| ("submit-uncorrected", h)))
         .filter(|(_, h)| !h.is_empty());
     for (name, h) in files {
         let path = dir.join(format!("{name}.hgrm"));

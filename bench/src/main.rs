@@ -11,6 +11,7 @@ mod durable;
 mod hist;
 mod ingest;
 mod load;
+mod report;
 mod spawn;
 mod wire_trace;
 mod workload;

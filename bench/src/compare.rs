@@ -74,6 +74,10 @@ pub struct CompareArgs {
     /// Write the markdown table to this file too.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Write an HTML report to DIR (index.html with the table and a chart,
+    /// compare.json, compare.md).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -704,4 +708,145 @@ pub fn markdown(r: &CompareReport) -> String {
         r.elapsed_s
     ));
     s
+}
+
+/// Writes DIR/index.html (the table, a bar chart of ops/s per row on a
+/// log axis, the machine and the build), DIR/compare.json and
+/// DIR/compare.md.
+pub fn write_report(dir: &Path, r: &CompareReport) -> Result<(), String> {
+    use crate::report::{build_rows, escape, machine, table, STYLE};
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let put = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    put(
+        "compare.json",
+        &serde_json::to_string_pretty(r).map_err(|e| e.to_string())?,
+    )?;
+    put("compare.md", &markdown(r))?;
+    let mut h = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>refd-bench compare</title>\
+         <style>{STYLE}</style></head><body>\n<h1>refd-bench compare</h1>\n<p class=\"lead\">{}</p>\n",
+        escape(&summary(r))
+    );
+    h.push_str(&bar_chart(r)?);
+    h.push_str(&html_table(r));
+    h.push_str("<h2>Machine</h2>\n");
+    h.push_str(&table(&machine(&r.device)));
+    h.push_str("<h2>Build</h2>\n");
+    h.push_str(&table(&build_rows()));
+    h.push_str("<p class=\"files\">Files: <a href=\"compare.json\">compare.json</a>, <a href=\"compare.md\">compare.md</a>.</p>\n</body></html>\n");
+    put("index.html", &h)
+}
+
+fn summary(r: &CompareReport) -> String {
+    let num = |v: Option<f64>| v.map_or("—".to_string(), |x| format!("{x:.2}"));
+    format!(
+        "refd lock-free / refd mutex: {} (target ≥ 4); refd lock-free / RocksDB: {} (target ≥ 40). \
+         {} round(s) of {} s per row, rows alternating, on {}; {:.0} s in all.",
+        num(r.lockfree_over_mutex),
+        num(r.lockfree_over_rocksdb),
+        r.rounds,
+        r.duration_s,
+        r.device,
+        r.elapsed_s
+    )
+}
+
+fn html_table(r: &CompareReport) -> String {
+    use crate::report::escape;
+    let mut t = String::from(
+        "<table>\n<tr><th>row</th><th>ops/s (median)</th><th>rounds</th><th>p99 ms</th>\
+         <th>device MB/s</th><th>× refd lock-free</th><th>how</th></tr>\n",
+    );
+    let num = |v: Option<f64>, d: usize| v.map_or("—".to_string(), |x| format!("{x:.d$}"));
+    for row in &r.rows {
+        if let Some(why) = &row.skipped {
+            t.push_str(&format!(
+                "<tr><td>{}</td><td colspan=\"5\">skipped: {}</td><td>{}</td></tr>\n",
+                row.name,
+                escape(why),
+                escape(&row.how)
+            ));
+            continue;
+        }
+        let rounds: Vec<String> = row
+            .ops_per_sec_rounds
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect();
+        let ratio = match (row.name, row.ratio_to_refd) {
+            ("device", Some(x)) => format!("refd writes {:.1}% of it", x * 100.0),
+            (_, Some(x)) => format!("{x:.4}"),
+            (_, None) => "—".into(),
+        };
+        t.push_str(&format!(
+            "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>\n",
+            row.name,
+            num(row.ops_per_sec, 0),
+            rounds.join(", "),
+            num(row.p99_ms, 2),
+            num(row.mb_per_sec, 0),
+            ratio,
+            escape(&row.how)
+        ));
+    }
+    t.push_str("</table>\n");
+    t
+}
+
+/// Ops/s of each measured row, bars on a log axis.
+fn bar_chart(r: &CompareReport) -> Result<String, String> {
+    use crate::report::draw_err;
+    use plotters::prelude::*;
+    let bars: Vec<(&str, f64)> = r
+        .rows
+        .iter()
+        .filter_map(|row| row.ops_per_sec.map(|o| (row.name, o.max(1.0))))
+        .collect();
+    if bars.is_empty() {
+        return Ok(String::new());
+    }
+    let top = bars.iter().map(|b| b.1).fold(10.0, f64::max) * 3.0;
+    let names: Vec<String> = bars.iter().map(|b| b.0.to_string()).collect();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (960, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(80)
+            .build_cartesian_2d(0f64..bars.len() as f64, (1f64..top).log_scale())
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(bars.len() * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                if (x - i as f64 - 0.5).abs() < 0.26 {
+                    names.get(i).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc("ops/s (log)")
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()
+            .map_err(draw_err)?;
+        let blue = RGBColor(31, 119, 180);
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                Rectangle::new(
+                    [(i as f64 + 0.15, 1.0), (i as f64 + 0.85, b.1)],
+                    blue.filled(),
+                )
+            }))
+            .map_err(draw_err)?;
+        root.present().map_err(draw_err)?;
+    }
+    Ok(svg)
 }

@@ -131,6 +131,9 @@ fn main() {
             if let Some(path) = &a.markdown {
                 std::fs::write(path, &table).map_err(|e| format!("{}: {e}", path.display()))?;
             }
+            if let Some(dir) = &a.report {
+                compare::write_report(dir, &r)?;
+            }
             if a.json {
                 println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
             } else {

@@ -82,7 +82,8 @@ fn html(r: &LoadReport, latency: &[Histogram<u64>; KINDS]) -> Result<String, Str
     Ok(h)
 }
 
-const STYLE: &str = "body{font-family:sans-serif;margin:24px auto;max-width:1000px;color:#222}\
+pub(crate) const STYLE: &str =
+    "body{font-family:sans-serif;margin:24px auto;max-width:1000px;color:#222}\
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}\
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;\
 text-align:left;font-size:14px}th{background:#f2f2f2}td.n{text-align:right;\
@@ -112,14 +113,14 @@ fn headline(r: &LoadReport) -> String {
     )
 }
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
 }
 
-fn table(rows: &[(String, String)]) -> String {
+pub(crate) fn table(rows: &[(String, String)]) -> String {
     let mut t = String::from("<table>\n");
     for (k, v) in rows {
         let _ = writeln!(t, "<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(v));
@@ -169,7 +170,7 @@ fn percentile_label(x: f64) -> String {
     }
 }
 
-fn draw_err(e: impl std::fmt::Display) -> String {
+pub(crate) fn draw_err(e: impl std::fmt::Display) -> String {
     format!("chart: {e}")
 }
 
@@ -382,6 +383,11 @@ fn run_rows(r: &LoadReport) -> Vec<(String, String)> {
 }
 
 fn machine_rows(r: &LoadReport) -> Vec<(String, String)> {
+    machine(&r.device)
+}
+
+/// The machine: CPU model, cores, memory, kernel, `device`.
+pub(crate) fn machine(device: &str) -> Vec<(String, String)> {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
     let cpu = cpuinfo
@@ -404,11 +410,11 @@ fn machine_rows(r: &LoadReport) -> Vec<(String, String)> {
             "kernel".into(),
             read("/proc/sys/kernel/osrelease").trim().to_string(),
         ),
-        ("device".into(), r.device.clone()),
+        ("device".into(), device.to_string()),
     ]
 }
 
-fn build_rows() -> Vec<(String, String)> {
+pub(crate) fn build_rows() -> Vec<(String, String)> {
     vec![
         ("refd-bench".into(), env!("CARGO_PKG_VERSION").to_string()),
         (

@@ -16,6 +16,8 @@ fn compare_short_reports_every_row() {
         .arg(&anchor)
         .arg("--markdown")
         .arg(&markdown)
+        .arg("--report")
+        .arg(dir.join("report"))
         .output()
         .expect("run refd-bench compare");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -63,5 +65,19 @@ fn compare_short_reports_every_row() {
         "{table}"
     );
     assert!(table.contains("refd lock-free / refd mutex"), "{table}");
+    let html = std::fs::read_to_string(dir.join("report/index.html")).unwrap();
+    assert!(
+        html.contains("<svg") && html.contains("refd-lockfree"),
+        "{html}"
+    );
+    assert_eq!(
+        html.matches("<tr>").count(),
+        7 + 5 + 3,
+        "table, machine, build rows"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report/compare.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["rows"], v["rows"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -270,7 +270,7 @@ fn plan(a: &CompareArgs) -> Plan {
             extents: a.extents,
             device_gib: a.device_gib,
             prefault_mib: a.daemon_prefault_mib,
-            anchor_n: 20_000,
+            anchor_n: 10_000,
             anchor_k: 4,
         }
     }

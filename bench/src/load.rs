@@ -4,25 +4,30 @@
 //! Each client is one connection with its own session and its own share
 //! of the extents (a [`Walk`] over every `clients`-th extent, so that
 //! every client's ops are valid in any interleaving): a sender thread
-//! builds SUBMIT batches and a receiver thread matches replies to them.
-//! Closed loop (`--closed`): each client keeps `--pipeline` batches in
-//! flight, latency runs from the send. Open loop (`--rate`): batches are
-//! scheduled at fixed intervals and latency runs from the scheduled start,
-//! not from the send, so a stall is charged to every batch that should
-//! have gone during it (the coordinated-omission correction of wrk2).
-//! `--coalesce` instead runs `--clients` threads that each submit one op
-//! at a time through `refd-client`'s coalescing `add`. A lookup thread
+//! sends requests of the `--mix` kinds (SUBMIT batches, LOOKUP, BACKREFS,
+//! COMMIT) and a receiver thread matches replies to them. Closed loop
+//! (`--closed`): each client keeps `--pipeline` requests in flight,
+//! latency runs from the send. Open loop (`--rate`): requests are
+//! scheduled at fixed intervals and latency runs from the scheduled
+//! start, not from the send, so a stall is charged to every request that
+//! should have gone during it (the coordinated-omission correction of
+//! wrk2); the latency from the send is kept beside it. `--coalesce`
+//! instead runs `--clients` threads that each submit one op at a time
+//! through `refd-client`'s coalescing `add`. A lookup thread
 //! (`--lookups`) measures single-bytenr LOOKUPs while the load runs.
+//!
+//! Every answer is recorded per kind in HdrHistograms (see [`crate::hist`]):
+//! the whole run's (JSON, `.hgrm`, `--report`) and each second's (the
+//! progress line, the `.hlog` interval log). `--workload btrfs-trace` is
+//! [`crate::wire_trace`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-
-use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};

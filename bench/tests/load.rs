@@ -222,7 +222,7 @@ fn hgrm_and_hlog_agree_with_the_json_summary() {
     assert_eq!(v["errors"], 0, "{v}");
     assert_eq!(v["daemon_exit"], 0, "{v}");
     let (by_tag, intervals) = read_hlog(&hlog);
-    assert!((3..=5).contains(&intervals.min(4)), "{intervals} intervals");
+    assert!(intervals >= 3, "{intervals} intervals in a 3 s run");
     for kind in ["submit", "lookup", "backrefs", "commit"] {
         let s = &v["kinds"][kind];
         let requests = s["requests"].as_u64().unwrap();

@@ -658,6 +658,30 @@ fn anchor_rate(path: &Path) -> Result<f64, String> {
     Ok(ops / seconds)
 }
 
+/// A measured row's cells: ops/s (median), the rounds, p99 ms, device
+/// MB/s and the ratio to refd lock-free.
+fn cells(row: &Row) -> [String; 5] {
+    let num = |v: Option<f64>, d: usize| v.map_or("—".to_string(), |x| format!("{x:.d$}"));
+    let rounds: Vec<String> = row
+        .ops_per_sec_rounds
+        .iter()
+        .map(|x| format!("{x:.0}"))
+        .collect();
+    let ratio = match (row.name, row.ratio_to_refd) {
+        ("device", Some(x)) => format!("refd writes {:.1}% of it", x * 100.0),
+        (_, Some(x)) if x >= 0.01 => format!("{x:.2}"),
+        (_, Some(x)) => format!("{x:.4} (1/{:.0})", 1.0 / x),
+        (_, None) => "—".into(),
+    };
+    [
+        num(row.ops_per_sec, 0),
+        rounds.join(", "),
+        num(row.p99_ms, 2),
+        num(row.mb_per_sec, 0),
+        ratio,
+    ]
+}
+
 /// The table in markdown.
 pub fn markdown(r: &CompareReport) -> String {
     let mut s = String::new();
@@ -667,36 +691,19 @@ pub fn markdown(r: &CompareReport) -> String {
     s.push_str("|---|---|---|---|---|---|---|\n");
     let num = |v: Option<f64>, d: usize| v.map_or("—".to_string(), |x| format!("{x:.d$}"));
     for row in &r.rows {
-        if let Some(why) = &row.skipped {
-            s.push_str(&format!(
-                "| {} | skipped: {} | | | | | {} |\n",
+        let how = row.how.replace('|', "/");
+        match &row.skipped {
+            Some(why) => s.push_str(&format!(
+                "| {} | skipped: {} | | | | | {how} |\n",
                 row.name,
-                why.replace('|', "/"),
-                row.how.replace('|', "/")
-            ));
-            continue;
+                why.replace('|', "/")
+            )),
+            None => s.push_str(&format!(
+                "| {} | {} | {how} |\n",
+                row.name,
+                cells(row).join(" | ")
+            )),
         }
-        let rounds: Vec<String> = row
-            .ops_per_sec_rounds
-            .iter()
-            .map(|x| format!("{x:.0}"))
-            .collect();
-        let ratio = match (row.name, row.ratio_to_refd) {
-            ("device", Some(x)) => format!("refd writes {:.1}% of it", x * 100.0),
-            (_, Some(x)) if x >= 0.01 => format!("{x:.2}"),
-            (_, Some(x)) => format!("{x:.4} (1/{:.0})", 1.0 / x),
-            (_, None) => "—".into(),
-        };
-        s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
-            row.name,
-            num(row.ops_per_sec, 0),
-            rounds.join(", "),
-            num(row.p99_ms, 2),
-            num(row.mb_per_sec, 0),
-            ratio,
-            row.how.replace('|', "/")
-        ));
     }
     s.push_str(&format!(
         "\nrefd lock-free / refd mutex: {} (target ≥ 4); refd lock-free / RocksDB: {} (target ≥ 40); {} rounds of {} s per row on {}; {:.0} s in all.\n",
@@ -760,36 +767,17 @@ fn html_table(r: &CompareReport) -> String {
         "<table>\n<tr><th>row</th><th>ops/s (median)</th><th>rounds</th><th>p99 ms</th>\
          <th>device MB/s</th><th>× refd lock-free</th><th>how</th></tr>\n",
     );
-    let num = |v: Option<f64>, d: usize| v.map_or("—".to_string(), |x| format!("{x:.d$}"));
     for row in &r.rows {
-        if let Some(why) = &row.skipped {
-            t.push_str(&format!(
-                "<tr><td>{}</td><td colspan=\"5\">skipped: {}</td><td>{}</td></tr>\n",
-                row.name,
-                escape(why),
-                escape(&row.how)
-            ));
-            continue;
-        }
-        let rounds: Vec<String> = row
-            .ops_per_sec_rounds
-            .iter()
-            .map(|x| format!("{x:.0}"))
-            .collect();
-        let ratio = match (row.name, row.ratio_to_refd) {
-            ("device", Some(x)) => format!("refd writes {:.1}% of it", x * 100.0),
-            (_, Some(x)) => format!("{x:.4}"),
-            (_, None) => "—".into(),
+        let middle = match &row.skipped {
+            Some(why) => format!("<td colspan=\"5\">skipped: {}</td>", escape(why)),
+            None => cells(row)
+                .iter()
+                .map(|c| format!("<td class=\"n\">{}</td>", escape(c)))
+                .collect(),
         };
         t.push_str(&format!(
-            "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
-             <td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>\n",
+            "<tr><td>{}</td>{middle}<td>{}</td></tr>\n",
             row.name,
-            num(row.ops_per_sec, 0),
-            rounds.join(", "),
-            num(row.p99_ms, 2),
-            num(row.mb_per_sec, 0),
-            ratio,
             escape(&row.how)
         ));
     }

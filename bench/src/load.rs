@@ -153,6 +153,9 @@ pub struct LoadArgs {
     pub json: bool,
 }
 
+/// Longest wait for a STATS answer of the progress line.
+const STATS_TIMEOUT: Duration = Duration::from_millis(300);
+
 /// Entries of a BACKREFS page asked for (`--mix backrefs=`).
 const BACKREFS_PAGE_ENTRIES: u32 = 64;
 
@@ -377,8 +380,21 @@ struct Conn {
 
 impl Conn {
     fn open(socket: &std::path::Path) -> Result<(Conn, refd_proto::HelloReply), String> {
+        Conn::open_with_timeout(socket, None)
+    }
+
+    /// [`Conn::open`] whose reads and writes (HELLO's included) give up
+    /// after `timeout`.
+    fn open_with_timeout(
+        socket: &std::path::Path,
+        timeout: Option<Duration>,
+    ) -> Result<(Conn, refd_proto::HelloReply), String> {
         let stream =
             UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+        stream
+            .set_read_timeout(timeout)
+            .and_then(|()| stream.set_write_timeout(timeout))
+            .map_err(|e| format!("{}: {e}", socket.display()))?;
         let mut c = Conn {
             stream,
             decoder: FrameDecoder::expecting(refd_proto::BODY_BYTES_MAX_DEFAULT, Direction::Reply),
@@ -564,7 +580,10 @@ struct Clock {
     t0: Instant,
     /// SUBMITted ops acknowledged, and when, at the last tick.
     last: (u64, Instant),
-    /// A connection for STATS.
+    /// The daemon's socket, and a connection for STATS (dropped when a
+    /// STATS does not answer within [`STATS_TIMEOUT`], opened again at
+    /// the next tick), so that a stopped daemon does not stop the clock.
+    socket: Option<PathBuf>,
     stats: Option<Conn>,
     first: Option<DaemonCounters>,
     prev: Option<DaemonCounters>,
@@ -605,22 +624,42 @@ impl Clock {
         device: Option<&std::path::Path>,
         quiet: bool,
     ) -> Clock {
-        let mut stats = socket.and_then(|s| Conn::open(s).ok().map(|(c, _)| c));
-        let first = stats.as_mut().and_then(daemon_counters);
         let device_stat = device
             .and_then(block_stat_path)
             .and_then(|p| sectors_written(&p).map(|n| (p, n)));
-        let t0 = Instant::now();
-        Clock {
-            t0,
-            last: (0, t0),
-            stats,
-            first,
-            prev: first,
+        let mut clock = Clock {
+            t0: Instant::now(),
+            last: (0, Instant::now()),
+            socket: socket.map(std::path::Path::to_path_buf),
+            stats: None,
+            first: None,
+            prev: None,
             seconds: Vec::new(),
             quiet,
             device_stat,
+        };
+        clock.first = clock.poll();
+        clock.prev = clock.first;
+        clock.t0 = Instant::now();
+        clock.last = (0, clock.t0);
+        clock
+    }
+
+    /// The daemon's counters now (`None`: no daemon, or it did not answer
+    /// in time).
+    fn poll(&mut self) -> Option<DaemonCounters> {
+        if self.stats.is_none() {
+            let socket = self.socket.as_deref()?;
+            self.stats = Conn::open_with_timeout(socket, Some(STATS_TIMEOUT))
+                .ok()
+                .map(|(c, _)| c);
         }
+        let counters = self.stats.as_mut().and_then(daemon_counters);
+        if counters.is_none() {
+            // A late reply must not be read as the next one's.
+            self.stats = None;
+        }
+        counters
     }
 
     /// MB written to the device per second since the start.
@@ -639,7 +678,7 @@ impl Clock {
     ) -> Result<(), String> {
         let now = Instant::now();
         let ops = tally.ops.load(Ordering::Relaxed);
-        let counters = self.stats.as_mut().and_then(daemon_counters);
+        let counters = self.poll();
         let delta = counters
             .zip(self.prev)
             .map(|(c, p)| (c.commits - p.commits, c.waits - p.waits));
@@ -669,7 +708,7 @@ impl Clock {
 
     /// The daemon's commits and back-pressure waits since the start.
     fn totals(&mut self) -> (u64, u64) {
-        let end = self.stats.as_mut().and_then(daemon_counters).or(self.prev);
+        let end = self.poll().or(self.prev);
         end.zip(self.first)
             .map_or((0, 0), |(e, f)| (e.commits - f.commits, e.waits - f.waits))
     }

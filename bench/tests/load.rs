@@ -131,6 +131,18 @@ fn open_loop_latency_includes_a_stopped_daemon() {
         "p99 {p99} ms does not show the 1 s pause: {v}"
     );
     assert!(submit["max_ms"].as_f64().unwrap() >= 900.0, "{v}");
+    // The progress clock kept ticking while the daemon was stopped (its
+    // STATS gave up instead of waiting for the daemon).
+    let ticks: Vec<f64> = v["seconds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["t_s"].as_f64().unwrap())
+        .collect();
+    assert!(
+        ticks.windows(2).all(|w| w[1] - w[0] < 1.8),
+        "a progress second took longer: {ticks:?}"
+    );
     // What the same run measured from the send: the test would fail on it.
     let uncorrected = v["submit_uncorrected"]["p99_ms"].as_f64().unwrap();
     assert!(

@@ -502,6 +502,12 @@ impl Drop for FullDevice {
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        // The scratch directory (declared after this in the test, so
+        // dropped first) could not be removed while the tmpfs was mounted
+        // in it: remove what is left now.
+        if let Some(parent) = self.mount.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
     }
 }
 

@@ -132,6 +132,10 @@ pub struct FaultPlan {
     pub flush_eio_at: Option<u64>,
     /// Fail the Nth read.
     pub read_eio_at: Option<u64>,
+    /// Bytes `start..end` are a media error: every read overlapping them
+    /// fails with `EIO` (as a sector torn by a power loss can read back),
+    /// until the plan is replaced.
+    pub unreadable: Option<(u64, u64)>,
 }
 
 /// Operation counters of a [`SimStorage`].
@@ -196,6 +200,7 @@ struct FaultTargets {
     write_at: Option<u64>,
     flush_at: Option<u64>,
     read_at: Option<u64>,
+    unreadable: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -250,6 +255,7 @@ impl SimStorage {
                     write_at: None,
                     flush_at: None,
                     read_at: None,
+                    unreadable: None,
                 },
                 counters: SimCounters::default(),
             }),
@@ -283,6 +289,7 @@ impl SimStorage {
             write_at: plan.write_eio_at.map(|n| c.writes.saturating_add(n)),
             flush_at: plan.flush_eio_at.map(|n| c.flushes.saturating_add(n)),
             read_at: plan.read_eio_at.map(|n| c.reads.saturating_add(n)),
+            unreadable: plan.unreadable,
         };
     }
 
@@ -369,6 +376,7 @@ impl SimStorage {
                 write_at: None,
                 flush_at: None,
                 read_at: None,
+                unreadable: None,
             },
             counters: SimCounters::default(),
         };
@@ -530,7 +538,12 @@ impl Storage for SimStorage {
                 continue;
             }
             st.counters.reads += 1;
-            if st.faults.read_at == Some(st.counters.reads) {
+            let end = *offset + buf.len() as u64;
+            let media_error = st
+                .faults
+                .unreadable
+                .is_some_and(|(from, to)| *offset < to && from < end);
+            if media_error || st.faults.read_at == Some(st.counters.reads) {
                 return Err(StorageError::Io {
                     device: self.config.name.clone(),
                     op: IoOp::Read,

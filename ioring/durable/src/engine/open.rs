@@ -213,6 +213,13 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 node_region_bytes,
             },
         );
+        // A random chain seed: no batch of an earlier format of the device
+        // (even with the same fs_id) chains to it.
+        let seed = FsId::generate().map_err(|source| FormatDeviceError::FsId {
+            device: device.clone(),
+            source,
+        })?;
+        sb.log_head_chain = u32::from_le_bytes([seed.0[0], seed.0[1], seed.0[2], seed.0[3]]);
         sb.validate()
             .map_err(|source| FormatDeviceError::Superblock {
                 device: device.clone(),

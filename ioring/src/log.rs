@@ -43,10 +43,12 @@
 //!   the batches below it writes [`RefLog::bounds`] into the superblock
 //!   *durably before* calling [`RefLog::trim`].
 //! - **Recovery**: [`replay`] reads from the superblock's head, returns every
-//!   record of every valid batch in LSN order, and stops at the first batch
-//!   that does not decode, with a [`RecoveryReport`] saying where and why. A
-//!   stop at or before the superblock's durable tail is
-//!   [`LogError::Corrupt`].
+//!   record of every valid batch of the chain in LSN order, and stops at the
+//!   first batch that does not decode, with a [`RecoveryReport`] saying
+//!   where and why, unless an intact later batch proves the damaged one
+//!   durable: that is corruption, [`LogError::Damaged`] in the default
+//!   [`RecoveryMode::Strict`] ([`replay_with`] takes the mode). A stop at
+//!   or before the superblock's durable tail is [`LogError::Corrupt`].
 //!
 //! Map: `ring.rs` (wrap arithmetic shared by writer and replay),
 //! `writer.rs` ([`RefLog`], [`Ticket`], group commit), `replay.rs`

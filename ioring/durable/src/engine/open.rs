@@ -12,11 +12,12 @@ use refd_core::engine::Engine;
 use refd_core::extent_tree::ExtentTree;
 use refd_core::head::{DelayedRef, Head, RunRefs};
 use refd_ioring::btree::BTree;
+use refd_ioring::format::RecoveryRecord;
 use refd_ioring::format::{
     pick_newest, FsId, Layout, Superblock, SuperblockChoice, NODE_BYTES, SUPERBLOCK_BYTES,
     SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES, SUPERBLOCK_SLOT_ADDRS,
 };
-use refd_ioring::log::{replay, RefLog};
+use refd_ioring::log::{replay_with, LogError, RecoveryMode, RefLog, Replay};
 use refd_ioring::{Storage, StorageError, BLOCK_BYTES};
 
 use super::read::{read_held, scan_extents};
@@ -271,11 +272,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             warm_cache(&tree, &device, options.cache_extents_max, &mut progress)?;
         let extents_cached = cached.len();
         progress.tick(|| format!("{device}: recovery: reading the log"));
-        let replayed = replay(&storage, &sb).map_err(|source| OpenError::Replay {
-            device: device.clone(),
-            generation: sb.generation,
-            source,
-        })?;
+        let (replayed, mut dropped) = replay_log(&storage, &sb, options.recovery_mode, &device)?;
         // A commit lost in the crash may have written nodes stamped
         // sb.generation + 1 (never more: commit g + 2 waits for g + 1's
         // superblock). Below, a durable superblock claims that generation,
@@ -313,6 +310,12 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         let mut claim = sb.clone();
         claim.generation = claimed_generation;
         claim.flags &= !SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
+        if let Some(record) = dropped.as_mut() {
+            // The operator's choice is recorded with the generation that
+            // made it; later superblocks carry it.
+            record.generation = claimed_generation;
+            claim.recovery = *record;
+        }
         write_superblock(&storage, &claim).map_err(|source| OpenError::WriteSuperblock {
             device: device.clone(),
             generation: claimed_generation,
@@ -331,6 +334,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             ops_replayed,
             heads_held,
             replay: replayed.report().clone(),
+            dropped,
             claimed_generation: claim.generation,
         };
         let next_generation = claim.generation + 1;
@@ -370,6 +374,71 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         engine.record_commit(0, Duration::ZERO);
         Ok((engine, info))
     }
+}
+
+/// Replays the log of `sb` in `mode`. A damaged log in strict mode is
+/// [`OpenError::LogDamaged`] with the ops that going on would lose; in the
+/// other modes, what was dropped becomes the superblock's recovery record
+/// (its generation set by the caller).
+pub(crate) fn replay_log<S: Storage + ?Sized>(
+    storage: &S,
+    sb: &Superblock,
+    mode: RecoveryMode,
+    device: &str,
+) -> Result<(Replay, Option<RecoveryRecord>), OpenError> {
+    let replay_error = |source| OpenError::Replay {
+        device: device.to_string(),
+        generation: sb.generation,
+        source,
+    };
+    let replayed = match replay_with(storage, sb, mode) {
+        Ok(r) => r,
+        Err(source @ LogError::Damaged { last, .. }) => {
+            let ops_after = replay_with(storage, sb, RecoveryMode::SkipCorrupt)
+                .map_or(0, |r| ops_in(&r, last.get().saturating_add(1)));
+            return Err(OpenError::LogDamaged {
+                device: device.to_string(),
+                generation: sb.generation,
+                ops_after,
+                source: Box::new(source),
+            });
+        }
+        Err(source) => return Err(replay_error(source)),
+    };
+    let Some(d) = replayed.report().dropped else {
+        return Ok((replayed, None));
+    };
+    // The intact batches tolerate-tail dropped: count their ops.
+    let dropped_ops = if d.intact_batches > 0 {
+        replay_with(storage, sb, RecoveryMode::SkipCorrupt)
+            .map_err(replay_error)
+            .map(|r| ops_in(&r, d.first.get()))?
+    } else {
+        0
+    };
+    let record = RecoveryRecord {
+        generation: 0,
+        mode: mode.record_code(),
+        dropped_batches: u32::try_from(d.batches).unwrap_or(u32::MAX),
+        dropped_first_lsn: d.first.get(),
+        dropped_last_lsn: d.last.get(),
+        dropped_ops,
+    };
+    Ok((replayed, Some(record)))
+}
+
+/// Ops in the records of `replayed` with an LSN of at least `from` (a
+/// record that does not decode counts none; replay itself reports it).
+pub fn ops_in(replayed: &Replay, from: u64) -> u64 {
+    replayed
+        .records()
+        .filter(|r| r.lsn.get() >= from)
+        .map(|r| match codec::decode_record(r.data) {
+            Ok(Record::Op(_)) => 1,
+            Ok(Record::Submit { ops, .. }) => ops.len() as u64,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Up to `max` committed extents into a new cache; true if that is all of

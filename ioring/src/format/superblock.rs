@@ -712,10 +712,17 @@ pub struct SuperblockChoice {
 /// [`FormatError::ForeignFs`]. Fails with [`FormatError::NoValidSuperblock`]
 /// when neither copy is valid.
 pub fn pick_newest(copy0: &[u8], copy1: &[u8]) -> Result<SuperblockChoice, FormatError> {
-    let decoded = [
+    pick_newest_decoded([
         Superblock::decode(copy0, SUPERBLOCK_SLOT_ADDRS[0]),
         Superblock::decode(copy1, SUPERBLOCK_SLOT_ADDRS[1]),
-    ];
+    ])
+}
+
+/// [`pick_newest`] of two copies already decoded (or not: a slot that could
+/// not be read is an `Err`, such as [`FormatError::Unreadable`]).
+pub fn pick_newest_decoded(
+    decoded: [Result<Superblock, FormatError>; 2],
+) -> Result<SuperblockChoice, FormatError> {
     match decoded {
         [Ok(a), Ok(b)] => {
             // Parity makes equal generations impossible.

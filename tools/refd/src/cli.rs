@@ -211,11 +211,15 @@ pub fn serve(a: Serve) -> Result<(), String> {
     refd_alloc::tune();
     let config = config(a)?;
     let server = crate::start(config).map_err(|e| e.to_string())?;
+    // The handlers are installed before the ready line: a SIGTERM sent
+    // as soon as it is read must stop the daemon gracefully, not kill it
+    // (seen: a test's SIGTERM right after the ready line, under load,
+    // ended the process by the default action).
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signals: {e}"))?;
     // Not `println!`: a closed stdout must not stop the daemon.
     let _ = writeln!(std::io::stdout(), "{}", server.ready_line());
     let _ = std::io::stdout().flush();
     notify_ready();
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signals: {e}"))?;
     let stop = server.stop_handle();
     std::thread::spawn(move || {
         let mut seen = 0;

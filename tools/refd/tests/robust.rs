@@ -623,6 +623,7 @@ fn a_damaged_log_stops_the_daemon_until_a_recovery_mode_is_chosen() {
     assert!(!t.socket().exists(), "nothing was served");
     let mut d = Daemon::start(&t, &["--recovery-mode", "skip-corrupt"]);
     assert!(d.ready.contains("4 ops replayed"), "{}", d.ready);
-    assert!(d.term().success());
+    let status = d.term();
+    assert!(status.success(), "{status}: {}", d.log());
     assert!(d.log().contains("DROPPED"), "{}", d.log());
 }

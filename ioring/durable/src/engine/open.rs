@@ -14,8 +14,9 @@ use refd_core::head::{DelayedRef, Head, RunRefs};
 use refd_ioring::btree::BTree;
 use refd_ioring::format::RecoveryRecord;
 use refd_ioring::format::{
-    pick_newest, FsId, Layout, Superblock, SuperblockChoice, NODE_BYTES, SUPERBLOCK_BYTES,
-    SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES, SUPERBLOCK_SLOT_ADDRS,
+    pick_newest_decoded, BlockKind, FormatError, FsId, Layout, Superblock, SuperblockChoice,
+    NODE_BYTES, SUPERBLOCK_BYTES, SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES,
+    SUPERBLOCK_SLOT_ADDRS,
 };
 use refd_ioring::log::{replay_with, LogError, RecoveryMode, RefLog, Replay};
 use refd_ioring::{Storage, StorageError, BLOCK_BYTES};
@@ -52,22 +53,29 @@ pub(super) fn write_superblock<S: Storage>(
 }
 
 /// Read both superblock copies of `storage` and pick the newest valid one
-/// (the choice also says which copies were rejected and why).
+/// (the choice also says which copies were rejected and why). A slot that
+/// cannot be read is a rejected copy ([`FormatError::Unreadable`]), not a
+/// failed open: one good copy is enough.
 pub fn read_newest_superblock<S: Storage + ?Sized>(
     storage: &S,
 ) -> Result<SuperblockChoice, OpenError> {
     let device = storage.device_name().to_string();
-    let mut slots = [vec![0u8; SUPERBLOCK_BYTES], vec![0u8; SUPERBLOCK_BYTES]];
-    for (addr, buf) in SUPERBLOCK_SLOT_ADDRS.iter().zip(slots.iter_mut()) {
-        storage
-            .read(*addr, buf)
-            .map_err(|source| OpenError::ReadSuperblock {
-                device: device.clone(),
-                addr: *addr,
-                source,
-            })?;
-    }
-    pick_newest(&slots[0], &slots[1]).map_err(|source| OpenError::NoSuperblock { device, source })
+    let read = |addr: u64| {
+        let mut buf = vec![0u8; SUPERBLOCK_BYTES];
+        match storage.read(addr, &mut buf) {
+            Ok(()) => Superblock::decode(&buf, addr),
+            Err(e) => Err(FormatError::Unreadable {
+                what: BlockKind::Superblock,
+                addr,
+                error: e.to_string(),
+            }),
+        }
+    };
+    pick_newest_decoded([
+        read(SUPERBLOCK_SLOT_ADDRS[0]),
+        read(SUPERBLOCK_SLOT_ADDRS[1]),
+    ])
+    .map_err(|source| OpenError::NoSuperblock { device, source })
 }
 
 /// Seq barriers live in memory: none survives a crash, and the new

@@ -338,3 +338,35 @@ fn a_rotten_batch_in_the_middle_of_the_log_is_refused_then_recovered_explicitly(
         assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, refs + 1);
     }
 }
+
+/// Review item 2: a superblock slot that reads back as a media error is a
+/// rejected copy, not a failed open: one good copy is enough. Both
+/// unreadable is NoSuperblock naming both.
+#[test]
+fn an_unreadable_superblock_slot_is_a_rejected_copy() {
+    let (dev, sb) = formatted(8 << 20, 1 << 20);
+    let older = refd_ioring::format::superblock_addr_for_generation(sb.generation - 1);
+    dev.set_fault_plan(FaultPlan {
+        unreadable: Some((older, older + 4096)),
+        ..FaultPlan::default()
+    });
+    let (_e, info) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
+    assert_eq!(info.superblock_generation, sb.generation);
+    assert!(
+        info.superblock_rejected
+            .iter()
+            .any(|r| r.contains("unreadable")),
+        "{info}"
+    );
+    drop(_e);
+    dev.set_fault_plan(FaultPlan {
+        unreadable: Some((0, 8192)),
+        ..FaultPlan::default()
+    });
+    match DurableEngine::open(Arc::clone(&dev), opts()) {
+        Err(OpenError::NoSuperblock { source, .. }) => {
+            assert!(source.to_string().contains("unreadable"), "{source}")
+        }
+        other => panic!("expected NoSuperblock, got {:?}", other.map(|(_, i)| i)),
+    }
+}

@@ -234,7 +234,17 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 device: device.clone(),
                 source,
             })?;
-        // Both copies, so no leftover of an earlier format is picked.
+        // Erase both slots first, durably, then write both copies: a
+        // format interrupted after the erase leaves the new file system or
+        // none, never the old one's superblock beside a new one (whose
+        // higher generation `pick_newest` would prefer).
+        storage
+            .write_durable(0, &[0u8; SUPERBLOCK_REGION_BYTES as usize])
+            .map_err(|source| FormatDeviceError::Write {
+                device: device.clone(),
+                addr: 0,
+                source,
+            })?;
         for generation in [1, 2] {
             sb.generation = generation;
             write_superblock(storage, &sb).map_err(|source| FormatDeviceError::Write {
@@ -267,6 +277,19 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         let device = storage.device_name().to_string();
         let choice = read_newest_superblock(&storage)?;
         let sb = choice.superblock;
+        // Every size in the superblock was checked against the device
+        // size it records; that must not exceed the real device.
+        let device_bytes = storage.geometry().size_bytes;
+        if sb.geometry.size_bytes > device_bytes {
+            return Err(OpenError::Layout {
+                device,
+                reason: format!(
+                    "superblock generation {} describes a {}-byte device, the device has {} \
+                     bytes (truncated image, or the superblock of another device)",
+                    sb.generation, sb.geometry.size_bytes, device_bytes
+                ),
+            });
+        }
         let tree =
             BTree::open_superblock(storage.clone(), &sb, options.tree).map_err(|source| {
                 OpenError::Tree {

@@ -370,3 +370,63 @@ fn an_unreadable_superblock_slot_is_a_rejected_copy() {
         other => panic!("expected NoSuperblock, got {:?}", other.map(|(_, i)| i)),
     }
 }
+
+/// Review item 4: a reformat interrupted at any of its writes after the
+/// first (a power loss right after it) never brings back the file system
+/// it replaced: open finds the new one or none. (It used to write the new
+/// generation 1 beside the old newest copy, which open then preferred.)
+/// A failed first write (the erase) leaves the old file system as it was.
+#[test]
+fn an_interrupted_reformat_never_brings_back_the_old_file_system() {
+    let (dev, _) = formatted(8 << 20, 1 << 20);
+    {
+        let (e, _) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
+        e.add_durable(&data(Action::AddExtent, 1)).unwrap();
+        for _ in 0..5 {
+            e.commit().unwrap();
+        }
+    }
+    let old = DurableEngine::open(Arc::new(dev.crash()), opts())
+        .unwrap()
+        .0
+        .superblock();
+    assert!(old.generation > 4);
+    let new_fs = FsId([9; 16]);
+    for fail_at in 1..=3u64 {
+        let d: Dev = Arc::new(dev.crash());
+        d.set_fault_plan(FaultPlan {
+            write_eio_at: Some(fail_at),
+            ..FaultPlan::default()
+        });
+        let formatted = DurableEngine::format(
+            &d,
+            FormatOptions {
+                log_bytes: Some(1 << 20),
+                fs_id: Some(new_fs),
+            },
+        );
+        assert!(formatted.is_err(), "write {fail_at} failed");
+        let after: Dev = Arc::new(d.crash());
+        match DurableEngine::open(after, opts()) {
+            Ok((e, _)) if fail_at == 1 => assert_eq!(e.superblock().fs_id, old.fs_id),
+            Ok((e, _)) => assert_eq!(e.superblock().fs_id, new_fs, "write {fail_at}"),
+            Err(OpenError::NoSuperblock { .. }) => {}
+            Err(e) => panic!("write {fail_at}: {e}"),
+        }
+    }
+}
+
+/// Review item 6: a superblock describing a larger device than the one it
+/// is read from (a truncated image) is refused before anything is sized
+/// from it.
+#[test]
+fn a_superblock_of_a_larger_device_is_refused() {
+    let (dev, _) = formatted(16 << 20, 1 << 20);
+    let mut image = dev.durable_image();
+    image.truncate(8 << 20);
+    let small: Dev = Arc::new(SimStorage::from_image(SimConfig::new(8 << 20, 1), image).unwrap());
+    match DurableEngine::open(small, opts()) {
+        Err(OpenError::Layout { reason, .. }) => assert!(reason.contains("16777216"), "{reason}"),
+        other => panic!("expected Layout, got {:?}", other.map(|(_, i)| i)),
+    }
+}

@@ -542,7 +542,8 @@ fn random_superblock(rng: &mut ChaCha8Rng) -> Superblock {
         log_head_lsn: head_lsn,
         log_tail_offset: tail,
         log_tail_lsn: head_lsn - 1 + rng.gen_range(0..100),
-        last_txn_id: rng.gen(),
+        last_txn_id: rng.gen_range(0..=refd_ioring::format::SUPERBLOCK_COUNTER_MAX),
+        log_head_chain: rng.gen(),
         ..Superblock::empty(
             FsId(rng.gen()),
             Geometry {
@@ -568,6 +569,17 @@ fn random_superblock(rng: &mut ChaCha8Rng) -> Superblock {
             sb.free_space_bitmap_addr = node_region_start;
             sb.free_space_bitmap_bytes = NODE_BYTES as u64;
         }
+    }
+    if rng.gen_bool(0.3) {
+        let first = rng.gen_range(1..=head_lsn);
+        sb.recovery = refd_ioring::format::RecoveryRecord {
+            generation: rng.gen_range(1..=generation),
+            mode: rng.gen_range(1..=2),
+            dropped_batches: rng.gen_range(1..1000),
+            dropped_first_lsn: first,
+            dropped_last_lsn: first + rng.gen_range(0..1000),
+            dropped_ops: rng.gen_range(0..1 << 20),
+        };
     }
     sb.validate().expect("generated superblock is valid");
     sb

@@ -140,7 +140,8 @@ pub enum StopCause {
     /// A batch there would end more than one region past the head, where
     /// the writer never writes (the chain already spans the region).
     #[error(
-        "no batch can start at log offset {log_offset}: it would end more than one log region          past the head"
+        "no batch can start at log offset {log_offset}: it would end more than one log region \
+         past the head"
     )]
     RegionFull {
         /// Where the next batch would start.

@@ -436,6 +436,24 @@ pub enum LogError {
         /// Why the first damaged batch does not decode.
         cause: Box<StopCause>,
     },
+    /// Where the log ends for this superblock, a valid batch of this file
+    /// system claims a later lap of the same place: the writer went on past
+    /// this superblock's head, which only a newer superblock (now lost or
+    /// rotten) allows. Going on would silently roll back what that
+    /// superblock committed.
+    #[error(
+        "log is ahead of the superblock: where {lsn} was expected at log offset {log_offset}, \
+         a batch written for log offset {found} (a later lap) was found: a newer superblock was \
+         lost; recovering from this one would roll back what it committed"
+    )]
+    AheadOfSuperblock {
+        /// LSN expected.
+        lsn: Lsn,
+        /// Logical offset expected.
+        log_offset: u64,
+        /// The later offset the batch there claims.
+        found: u64,
+    },
     /// The chain of batches passes the superblock's tail LSN at another
     /// offset than the superblock recorded.
     #[error(

@@ -816,6 +816,20 @@ struct Walk {
     /// The end is a place that could not be read (where batch `end.lsn`
     /// could be): the failed read.
     unreadable: Option<(u64, u64, StorageError)>,
+    /// At the end, a batch of this file system written for a later lap of
+    /// the same place: the log went on past this superblock (its offset).
+    ahead: Option<u64>,
+}
+
+/// The later-lap offset a batch at the end claims, if `cause` is a batch of
+/// this file system written for `expected + k * ring_len` (`k ≥ 1`).
+fn later_lap(cause: &StopCause, ring_len: u64) -> Option<u64> {
+    match cause {
+        StopCause::Format(FormatError::WrongAddress {
+            expected, found, ..
+        }) if found > expected && (found - expected).is_multiple_of(ring_len) => Some(*found),
+        _ => None,
+    }
 }
 
 /// Why the batch at `pos` was not accepted, at its place and at the next
@@ -930,7 +944,11 @@ fn walk<S: Storage + ?Sized>(
         } else {
             None
         };
-        let successor = if damaged.len() < DAMAGED_RANGES_MAX {
+        let ahead = later_lap(&refusal.cause, reader.ring.len).or_else(|| {
+            let (_, cause, _) = refusal.lap.as_ref()?;
+            later_lap(cause, reader.ring.len)
+        });
+        let successor = if damaged.len() < DAMAGED_RANGES_MAX && ahead.is_none() {
             find_successor(reader, &sb.fs_id, head.offset, expect, places, ignore_upto)
         } else {
             None
@@ -969,6 +987,7 @@ fn walk<S: Storage + ?Sized>(
             truncated,
             damaged,
             unreadable,
+            ahead,
         });
     }
 }
@@ -1044,9 +1063,20 @@ fn finish(
             });
         }
     }
+    // The log went on past this superblock: a newer one is lost.
+    if let Some(found) = walk.ahead {
+        if mode == RecoveryMode::Strict {
+            return Err(LogError::AheadOfSuperblock {
+                lsn: walk.end.lsn,
+                log_offset: walk.end.offset,
+                found,
+            });
+        }
+    }
     // Damage before the superblock's tail with no successor: acknowledged
-    // batches are missing up to the tail; an unreadable place may be.
-    if walk.end.lsn <= bounds.tail_lsn || walk.unreadable.is_some() {
+    // batches are missing up to the tail; an unreadable place or a log
+    // that went on may be.
+    if walk.end.lsn <= bounds.tail_lsn || walk.unreadable.is_some() || walk.ahead.is_some() {
         walk.damaged.push(DamagedRange {
             first: walk.end.lsn,
             last: bounds.tail_lsn.max(walk.end.lsn),

@@ -1047,3 +1047,28 @@ fn a_batch_of_an_earlier_format_with_the_same_fs_id_is_not_replayed() {
     assert_eq!(r.record_count(), 0);
     assert!(matches!(r.report().stop, StopCause::ChainMismatch { .. }));
 }
+
+/// Review item 5: recovering from an older superblock (the newest copy
+/// rotted) after the log has since wrapped over that superblock's head
+/// must not end the log "cleanly" there and silently roll back what the
+/// newer superblock committed: the batch found at the head claims a later
+/// lap, which only a newer superblock allows. Refused.
+#[test]
+fn a_superblock_older_than_the_log_is_refused() {
+    let log_bytes = 64 << 10;
+    let (log, mut sb) = fresh(log_bytes, LogConfig::default());
+    let old = sb.clone();
+    // 8192-byte batches: every lap puts batches at the same places.
+    for i in 0..12 {
+        let lsn = log.append_durable(&record(i, 5000)).expect("append");
+        checkpoint(&log, &mut sb, lsn.next());
+    }
+    let dev = log.storage();
+    assert_eq!(replay(dev, &sb).expect("newest").record_count(), 0);
+    match replay(dev, &old) {
+        Err(LogError::AheadOfSuperblock {
+            log_offset, found, ..
+        }) => assert_eq!((log_offset, found), (0, log_bytes)),
+        other => panic!("expected AheadOfSuperblock, got {other:?}"),
+    }
+}

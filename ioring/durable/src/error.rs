@@ -178,17 +178,8 @@ impl ReadError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {
-    /// A superblock slot could not be read.
-    #[error("{device}: read superblock slot at {addr}: {source}")]
-    ReadSuperblock {
-        /// Device.
-        device: String,
-        /// Slot address.
-        addr: u64,
-        /// Cause.
-        source: StorageError,
-    },
-    /// Neither superblock copy is valid: not a refd device, or both damaged.
+    /// Neither superblock copy is valid: not a refd device, or both damaged
+    /// (a slot that cannot be read counts as damaged).
     #[error("{device}: no valid superblock: {source}")]
     NoSuperblock {
         /// Device.

@@ -1142,10 +1142,9 @@ fn finish(
                     intact_batches: 0,
                     intact_records: 0,
                 });
-                // Damage with no successor (before the tail) is the end.
-                if first.successor.is_none() || walk.damaged.iter().any(|d| d.successor.is_none()) {
-                    walk.damaged.retain(|d| d.successor.is_some());
-                }
+                // Damage with no successor (before the tail, unreadable, a
+                // log ahead) is where the log ends: not a span to skip.
+                walk.damaged.retain(|d| d.successor.is_some());
             }
         }
     }

@@ -30,7 +30,8 @@ const ROUND_IDS: u64 = 1 << 32;
 const COMMIT_EVERY: u64 = 1000;
 /// Size of a device file the benchmark creates.
 const DEVICE_BYTES_DEFAULT: u64 = 256 << 20;
-/// How long opening a busy block device is retried (see [`open_device`]).
+/// How long opening a busy block device or a locked file is retried (see
+/// [`open_device`]).
 const BUSY_RETRY: Duration = Duration::from_secs(5);
 
 /// Arguments of `crash`.
@@ -67,15 +68,17 @@ pub struct ChildArgs {
 
 /// Open a device or file for the durable engine (errors name the device).
 pub(crate) fn open_device(path: &Path) -> Result<Arc<UringStorage>, String> {
-    // A killed process's exclusive open of a block device is released only
-    // when the kernel has torn down its io_uring (asynchronously, after the
-    // in-flight I/O): a restart right after a SIGKILL may find the device
-    // busy for a moment.
+    // A killed process's exclusive open of a block device (or flock of a
+    // file) is released only when the kernel has torn down its io_uring
+    // (asynchronously, after the in-flight I/O): a restart right after a
+    // SIGKILL may find the device busy for a moment.
     let deadline = Instant::now() + BUSY_RETRY;
     loop {
         match UringStorage::open(path, 0, UringConfig::default()) {
             Ok(s) => return Ok(Arc::new(s)),
-            Err(UringSetupError::Device(DeviceError::Busy { .. })) if Instant::now() < deadline => {
+            Err(UringSetupError::Device(DeviceError::Busy { .. } | DeviceError::Locked { .. }))
+                if Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(e.to_string()),

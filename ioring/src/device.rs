@@ -3,7 +3,11 @@
 //! A device is either a block device, opened `O_RDWR | O_DIRECT | O_EXCL` so
 //! that a mounted or otherwise claimed device is refused, or a regular file,
 //! opened `O_RDWR | O_DIRECT` (useful for tests and for running on top of a
-//! file system). Block device sizes come from the `BLKGETSIZE64`,
+//! file system) and locked with an exclusive `flock`, so that a second
+//! opener is refused ([`DeviceError::Locked`]). The lock belongs to the open
+//! file and lasts until its last reference goes, which includes I/O still in
+//! flight in the io_uring of a killed process: a restart cannot write over
+//! a batch that a dead process's late write could still land on. Block device sizes come from the `BLKGETSIZE64`,
 //! `BLKSSZGET` and `BLKPBSZGET` ioctls; a regular file reports its length and
 //! 4096-byte blocks, which satisfies the `O_DIRECT` rules of every Linux file
 //! system refd targets.
@@ -157,6 +161,19 @@ pub enum DeviceError {
     Busy {
         /// Device path.
         path: PathBuf,
+    },
+    /// The regular file is locked by another opener (another refd, a
+    /// `refctl` command, or a killed process whose I/O is still in flight):
+    /// `flock(LOCK_EX | LOCK_NB)` failed.
+    #[error(
+        "device file {path} is in use by another process (its exclusive lock is held): {source}"
+    )]
+    Locked {
+        /// Device path.
+        path: PathBuf,
+        /// The flock error (`EWOULDBLOCK` when held).
+        #[source]
+        source: io::Error,
     },
     /// Opening failed for another reason.
     #[error("cannot open {kind:?} {path}: {source}")]
@@ -337,6 +354,12 @@ impl Device {
                 file_type: "file whose type changed while it was being opened",
             });
         }
+        if kind == DeviceKind::RegularFile {
+            lock_exclusive(&file).map_err(|source| DeviceError::Locked {
+                path: path.clone(),
+                source,
+            })?;
+        }
         let geometry = match kind {
             DeviceKind::RegularFile => file_geometry(meta.len()),
             DeviceKind::BlockDevice => block_device_geometry(&file, &path)?,
@@ -446,6 +469,19 @@ fn block_device_geometry(file: &File, path: &Path) -> Result<Geometry, DeviceErr
         logical_block_bytes: u32::try_from(logical).unwrap_or(0),
         physical_block_bytes: physical,
     })
+}
+
+/// Takes the exclusive, non-blocking `flock` of `file`'s open file
+/// description (released when its last reference is closed).
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    // SAFETY: flock on a descriptor `file` keeps open for the call; it
+    // neither reads nor writes memory.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn open_error(path: &Path, kind: DeviceKind, source: io::Error) -> DeviceError {
@@ -608,6 +644,30 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Review item 1: a regular file gets no `O_EXCL`, so a second opener
+    /// (another process, or a restart while a killed process's I/O is
+    /// still in flight) must be refused by an exclusive lock held as long
+    /// as the open file (and any I/O in flight on it) lives.
+    #[test]
+    fn a_regular_file_is_opened_exclusively() {
+        let Some(scratch) = Scratch::new("device-file-lock") else {
+            return;
+        };
+        let path = scratch.path().join("dev.img");
+        let dev = Device::create_file(&path, 1 << 20, FileAllocation::Sparse).expect("create");
+        match Device::open(&path, 0) {
+            Err(DeviceError::Locked { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("expected Locked while created, got {other:?}"),
+        }
+        drop(dev);
+        let dev = Device::open(&path, 0).expect("open after close");
+        let err = Device::open(&path, 0).expect_err("a second opener is refused");
+        assert!(matches!(err, DeviceError::Locked { .. }), "{err:?}");
+        assert!(err.to_string().contains("in use"), "{err}");
+        drop(dev);
+        Device::open(&path, 0).expect("open after the first is closed");
     }
 
     #[test]

@@ -26,9 +26,9 @@ pub mod node;
 pub mod superblock;
 
 pub use log_batch::{
-    batch_bytes_for, batch_bytes_for_payload, decode_batch, decode_batch_header, encode_batch,
-    framed_record_bytes, record_len_prefix_bytes, BatchHeader, BatchView, Records,
-    LOG_BATCH_BYTES_MAX, LOG_BATCH_HEADER_BYTES, LOG_BATCH_MAGIC, LOG_BATCH_VERSION,
+    batch_bytes_for, batch_bytes_for_payload, batch_checksum, decode_batch, decode_batch_header,
+    encode_batch, framed_record_bytes, record_len_prefix_bytes, BatchHeader, BatchId, BatchView,
+    Records, LOG_BATCH_BYTES_MAX, LOG_BATCH_HEADER_BYTES, LOG_BATCH_MAGIC, LOG_BATCH_VERSION,
     LOG_RECORD_LEN_BYTES_MAX,
 };
 pub use node::{
@@ -36,9 +36,11 @@ pub use node::{
     TREE_LEVEL_MAX,
 };
 pub use superblock::{
-    pick_newest, superblock_addr_for_generation, Layout, Superblock, SuperblockChoice,
-    SUPERBLOCK_BYTES, SUPERBLOCK_FLAGS_KNOWN, SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_MAGIC,
-    SUPERBLOCK_REGION_BYTES, SUPERBLOCK_SLOT_ADDRS, SUPERBLOCK_VERSION,
+    pick_newest, pick_newest_decoded, superblock_addr_for_generation, Layout, RecoveryRecord,
+    Superblock, SuperblockChoice, LOG_INFLIGHT_BATCHES_MAX, RECOVERY_MODE_NONE,
+    RECOVERY_MODE_SKIP_CORRUPT, RECOVERY_MODE_TOLERATE_TAIL, SUPERBLOCK_BYTES,
+    SUPERBLOCK_COUNTER_MAX, SUPERBLOCK_FLAGS_KNOWN, SUPERBLOCK_FLAG_CLEAN_UNMOUNT,
+    SUPERBLOCK_MAGIC, SUPERBLOCK_REGION_BYTES, SUPERBLOCK_SLOT_ADDRS, SUPERBLOCK_VERSION,
 };
 
 /// Offset of the checksum field in every block.
@@ -101,6 +103,16 @@ impl fmt::Display for BlockKind {
 /// Why a block could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {
+    /// The device could not read the block (a media error).
+    #[error("{what} at {addr}: unreadable: {error}")]
+    Unreadable {
+        /// Block kind.
+        what: BlockKind,
+        /// Address read.
+        addr: u64,
+        /// The read error.
+        error: String,
+    },
     /// The buffer is shorter than the block needs.
     #[error("{what} at {addr}: buffer has {len_bytes} bytes, need {need_bytes}")]
     Truncated {

@@ -43,10 +43,12 @@
 //!   the batches below it writes [`RefLog::bounds`] into the superblock
 //!   *durably before* calling [`RefLog::trim`].
 //! - **Recovery**: [`replay`] reads from the superblock's head, returns every
-//!   record of every valid batch in LSN order, and stops at the first batch
-//!   that does not decode, with a [`RecoveryReport`] saying where and why. A
-//!   stop at or before the superblock's durable tail is
-//!   [`LogError::Corrupt`].
+//!   record of every valid batch of the chain in LSN order, and stops at the
+//!   first batch that does not decode, with a [`RecoveryReport`] saying
+//!   where and why, unless an intact later batch proves the damaged one
+//!   durable: that is corruption, [`LogError::Damaged`] in the default
+//!   [`RecoveryMode::Strict`] ([`replay_with`] takes the mode). A stop at
+//!   or before the superblock's durable tail is [`LogError::Corrupt`].
 //!
 //! Map: `ring.rs` (wrap arithmetic shared by writer and replay),
 //! `writer.rs` ([`RefLog`], [`Ticket`], group commit), `replay.rs`
@@ -66,8 +68,8 @@ mod tests;
 mod writer;
 
 pub use replay::{
-    replay, RecoveryReport, Replay, ReplayedBatch, ReplayedRecord, ReplayedRecords, StopCause,
-    TruncatedBatch,
+    replay, replay_with, DamagedRange, RecoveryMode, RecoveryReport, Replay, ReplayedBatch,
+    ReplayedRecord, ReplayedRecords, StopCause, TruncatedBatch, DAMAGED_RANGES_MAX,
 };
 pub use writer::{RefLog, Ticket};
 
@@ -137,17 +139,20 @@ pub struct LogBounds {
     pub tail_offset: u64,
     /// `log_tail_lsn`: the last durable batch (`head_lsn - 1` if none).
     pub tail_lsn: Lsn,
+    /// `log_head_chain`: the `prev_checksum` the batch at the head carries.
+    pub head_chain: u32,
 }
 
 impl LogBounds {
     /// The bounds of a freshly formatted, empty log: head at offset 0 with
-    /// LSN 1, tail LSN 0.
+    /// LSN 1, tail LSN 0, chain seed 0 (format writes a random seed).
     pub fn empty() -> Self {
         Self {
             head_offset: 0,
             head_lsn: Lsn(1),
             tail_offset: 0,
             tail_lsn: Lsn(0),
+            head_chain: 0,
         }
     }
 
@@ -158,6 +163,7 @@ impl LogBounds {
             head_lsn: Lsn(sb.log_head_lsn),
             tail_offset: sb.log_tail_offset,
             tail_lsn: Lsn(sb.log_tail_lsn),
+            head_chain: sb.log_head_chain,
         }
     }
 
@@ -167,6 +173,7 @@ impl LogBounds {
         sb.log_head_lsn = self.head_lsn.0;
         sb.log_tail_offset = self.tail_offset;
         sb.log_tail_lsn = self.tail_lsn.0;
+        sb.log_head_chain = self.head_chain;
     }
 }
 
@@ -401,6 +408,51 @@ pub enum LogError {
         tail_lsn: Lsn,
         /// Why the batch does not decode.
         cause: Box<StopCause>,
+    },
+    /// The log is damaged in the middle: batches `first..=last` do not
+    /// decode, but an intact batch follows them beyond the writer's
+    /// in-flight bound, so they were durable (and acknowledged): not a torn
+    /// tail. Refused in [`RecoveryMode::Strict`]; the other modes go on.
+    #[error(
+        "log corrupt: {first} ..= {last} at log offset {log_offset} unreadable ({cause}), but \
+         {intact_batches_after} intact batches ({intact_records_after} records, up to \
+         {intact_last}) follow them: acknowledged data would be lost; recover with an explicit \
+         recovery mode (tolerate-tail or skip-corrupt) to go on"
+    )]
+    Damaged {
+        /// First damaged LSN.
+        first: Lsn,
+        /// Last damaged LSN.
+        last: Lsn,
+        /// Logical log offset of the first damaged batch.
+        log_offset: u64,
+        /// Intact batches after the damage (to the real end of the log).
+        intact_batches_after: u64,
+        /// Records in them: what [`RecoveryMode::TolerateTail`] would drop
+        /// beyond the damaged batches.
+        intact_records_after: u64,
+        /// LSN of the last intact batch.
+        intact_last: Lsn,
+        /// Why the first damaged batch does not decode.
+        cause: Box<StopCause>,
+    },
+    /// Where the log ends for this superblock, a valid batch of this file
+    /// system claims a later lap of the same place: the writer went on past
+    /// this superblock's head, which only a newer superblock (now lost or
+    /// rotten) allows. Going on would silently roll back what that
+    /// superblock committed.
+    #[error(
+        "log is ahead of the superblock: where {lsn} was expected at log offset {log_offset}, \
+         a batch written for log offset {found} (a later lap) was found: a newer superblock was \
+         lost; recovering from this one would roll back what it committed"
+    )]
+    AheadOfSuperblock {
+        /// LSN expected.
+        lsn: Lsn,
+        /// Logical offset expected.
+        log_offset: u64,
+        /// The later offset the batch there claims.
+        found: u64,
     },
     /// The chain of batches passes the superblock's tail LSN at another
     /// offset than the superblock recorded.

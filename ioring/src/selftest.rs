@@ -40,7 +40,7 @@ use crate::format::log_batch::{
 };
 use crate::format::{
     block_checksum, decode_batch, decode_batch_header, encode_batch, pick_newest, BatchHeader,
-    FormatError, FsId, Layout, NodeHeader, Superblock, SuperblockChoice, CHECKSUM_OFFSET,
+    BatchId, FormatError, FsId, Layout, NodeHeader, Superblock, SuperblockChoice, CHECKSUM_OFFSET,
     LOG_BATCH_HEADER_BYTES, NODE_BYTES, NODE_HEADER_BYTES, NODE_ITEMS_BYTES, SUPERBLOCK_BYTES,
     SUPERBLOCK_SLOT_ADDRS,
 };
@@ -625,8 +625,11 @@ pub fn batch_round_trip(
     let records: Vec<&[u8]> = view.records().collect();
     assert_eq!(records.len(), h.record_count as usize);
     assert_eq!(view.payload().len(), h.payload_bytes as usize);
-    let again = encode_batch(fs_id, h.lsn, h.txn_id, h.log_offset, &records)
-        .expect("decoded records encode");
+    let id = BatchId {
+        prev_checksum: h.prev_checksum,
+        ..BatchId::new(fs_id, h.lsn, h.txn_id, h.log_offset)
+    };
+    let again = encode_batch(&id, &records).expect("decoded records encode");
     let again_h = decode_batch_header(&again, fs_id, log_offset).expect("re-encoded header");
     assert_eq!(
         (again_h.lsn, again_h.txn_id, again_h.log_offset),
@@ -702,7 +705,7 @@ pub fn fuzz_log_batch(data: &[u8]) {
             let [c0, c1, extra, payload @ ..] = rest else {
                 return;
             };
-            let mut buf = encode_batch(&fs, 1, 1, log_offset, &[])
+            let mut buf = encode_batch(&BatchId::new(&fs, 1, 1, log_offset), &[])
                 .expect("empty batch")
                 .to_vec();
             let used = LOG_BATCH_HEADER_BYTES + payload.len();
@@ -728,7 +731,7 @@ pub fn fuzz_log_batch(data: &[u8]) {
                 records.push(&tail[..len]);
                 r = &tail[len..];
             }
-            let Ok(buf) = encode_batch(&fs, 3, 2, log_offset, &records) else {
+            let Ok(buf) = encode_batch(&BatchId::new(&fs, 3, 2, log_offset), &records) else {
                 return;
             };
             let mut buf = buf.to_vec();
@@ -742,7 +745,8 @@ pub fn fuzz_log_batch(data: &[u8]) {
             let _ = batch_round_trip(&buf, &fs, log_offset);
         }
         _ => {
-            let template = encode_batch(&fs, 1, 1, log_offset, &[]).expect("empty batch");
+            let template =
+                encode_batch(&BatchId::new(&fs, 1, 1, log_offset), &[]).expect("empty batch");
             let mut buf = rest.to_vec();
             if buf.len() < LOG_BATCH_HEADER_BYTES {
                 buf.resize(LOG_BATCH_HEADER_BYTES, 0);

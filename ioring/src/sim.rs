@@ -132,6 +132,25 @@ pub struct FaultPlan {
     pub flush_eio_at: Option<u64>,
     /// Fail the Nth read.
     pub read_eio_at: Option<u64>,
+    /// Bytes `start..end` are a media error: every read overlapping them
+    /// fails with `EIO` (as a sector torn by a power loss can read back),
+    /// until the plan is replaced.
+    pub unreadable: Option<(u64, u64)>,
+    /// The Nth write is acknowledged (also a durable one) but never reaches
+    /// the device: a lost write.
+    pub lost_write_at: Option<u64>,
+    /// The Nth write is acknowledged but lands at byte address `.1`
+    /// (moved back to fit in the device) instead of its own, which keeps
+    /// its old content: a misdirected write.
+    pub misdirected_write_at: Option<(u64, u64)>,
+    /// The Nth read returns what the device held when the plan was
+    /// installed, not what was written since: a stale read.
+    pub stale_read_at: Option<u64>,
+    /// The Nth flush fails with `EIO` and every unflushed write is dropped
+    /// (its pages are "clean": a later flush succeeds without them), and the
+    /// device does **not** latch: Linux's fsync after a write-back error.
+    /// Whoever called the flush must latch the failure itself.
+    pub flush_eio_clean_at: Option<u64>,
 }
 
 /// Operation counters of a [`SimStorage`].
@@ -196,6 +215,29 @@ struct FaultTargets {
     write_at: Option<u64>,
     flush_at: Option<u64>,
     read_at: Option<u64>,
+    unreadable: Option<(u64, u64)>,
+    lost_write_at: Option<u64>,
+    misdirected_write_at: Option<(u64, u64)>,
+    stale_read_at: Option<u64>,
+    flush_clean_at: Option<u64>,
+    /// The device as it was when a plan with `stale_read_at` was installed.
+    stale: Option<Vec<u8>>,
+}
+
+impl FaultTargets {
+    fn none() -> Self {
+        FaultTargets {
+            write_at: None,
+            flush_at: None,
+            read_at: None,
+            unreadable: None,
+            lost_write_at: None,
+            misdirected_write_at: None,
+            stale_read_at: None,
+            flush_clean_at: None,
+            stale: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -246,11 +288,7 @@ impl SimStorage {
                 durable: image,
                 pending: BTreeMap::new(),
                 rng,
-                faults: FaultTargets {
-                    write_at: None,
-                    flush_at: None,
-                    read_at: None,
-                },
+                faults: FaultTargets::none(),
                 counters: SimCounters::default(),
             }),
             config,
@@ -283,6 +321,14 @@ impl SimStorage {
             write_at: plan.write_eio_at.map(|n| c.writes.saturating_add(n)),
             flush_at: plan.flush_eio_at.map(|n| c.flushes.saturating_add(n)),
             read_at: plan.read_eio_at.map(|n| c.reads.saturating_add(n)),
+            unreadable: plan.unreadable,
+            lost_write_at: plan.lost_write_at.map(|n| c.writes.saturating_add(n)),
+            misdirected_write_at: plan
+                .misdirected_write_at
+                .map(|(n, to)| (c.writes.saturating_add(n), to)),
+            stale_read_at: plan.stale_read_at.map(|n| c.reads.saturating_add(n)),
+            flush_clean_at: plan.flush_eio_clean_at.map(|n| c.flushes.saturating_add(n)),
+            stale: plan.stale_read_at.map(|_| st.current.clone()),
         };
     }
 
@@ -365,11 +411,7 @@ impl SimStorage {
             durable: image,
             pending: BTreeMap::new(),
             rng: ChaCha8Rng::seed_from_u64(seed),
-            faults: FaultTargets {
-                write_at: None,
-                flush_at: None,
-                read_at: None,
-            },
+            faults: FaultTargets::none(),
             counters: SimCounters::default(),
         };
         SimStorage {
@@ -431,6 +473,24 @@ impl SimStorage {
         }
     }
 
+    /// Where the write being counted lands: `None` for a lost write, another
+    /// address for a misdirected one, else its own `offset`.
+    fn silent_fault(&self, st: &SimState, offset: u64, len: usize) -> Option<u64> {
+        let n = st.counters.writes;
+        if st.faults.lost_write_at == Some(n) {
+            return None;
+        }
+        match st.faults.misdirected_write_at {
+            Some((at, to)) if at == n => {
+                let size = self.config.geometry.size_bytes;
+                let sector = self.sector_bytes();
+                let to = to.min(size.saturating_sub(len as u64)) / sector * sector;
+                Some(to)
+            }
+            _ => Some(offset),
+        }
+    }
+
     /// Applies one write to the volatile cache.
     fn cache_write(&self, st: &mut SimState, offset: u64, data: &[u8]) {
         let start = offset as usize;
@@ -476,7 +536,10 @@ impl Storage for SimStorage {
             } else {
                 st.counters.bytes_written += data.len() as u64;
             }
-            self.cache_write(&mut st, *offset, data);
+            let Some(at) = self.silent_fault(&st, *offset, data.len()) else {
+                continue;
+            };
+            self.cache_write(&mut st, at, data);
         }
         match failed {
             Some(f) => Err(self.latch.trip(f)),
@@ -508,6 +571,9 @@ impl Storage for SimStorage {
             )));
         }
         st.counters.bytes_written += data.len() as u64;
+        let Some(offset) = self.silent_fault(&st, offset, data.len()) else {
+            return Ok(());
+        };
         let start = offset as usize;
         st.current[start..start + data.len()].copy_from_slice(data);
         st.durable[start..start + data.len()].copy_from_slice(data);
@@ -530,7 +596,12 @@ impl Storage for SimStorage {
                 continue;
             }
             st.counters.reads += 1;
-            if st.faults.read_at == Some(st.counters.reads) {
+            let end = *offset + buf.len() as u64;
+            let media_error = st
+                .faults
+                .unreadable
+                .is_some_and(|(from, to)| *offset < to && from < end);
+            if media_error || st.faults.read_at == Some(st.counters.reads) {
                 return Err(StorageError::Io {
                     device: self.config.name.clone(),
                     op: IoOp::Read,
@@ -540,7 +611,11 @@ impl Storage for SimStorage {
                 });
             }
             let start = *offset as usize;
-            buf.copy_from_slice(&st.current[start..start + buf.len()]);
+            let source = match &st.faults.stale {
+                Some(old) if st.faults.stale_read_at == Some(st.counters.reads) => old,
+                _ => &st.current,
+            };
+            buf.copy_from_slice(&source[start..start + buf.len()]);
             st.counters.bytes_read += buf.len() as u64;
         }
         Ok(())
@@ -552,6 +627,25 @@ impl Storage for SimStorage {
         st.counters.flushes += 1;
         if st.faults.flush_at == Some(st.counters.flushes) {
             return Err(self.latch.trip(self.eio_failure(IoOp::Flush, 0, 0)));
+        }
+        if st.faults.flush_clean_at == Some(st.counters.flushes) {
+            // The unflushed writes are gone and their pages clean: the
+            // device forgets them and does not latch.
+            let sector = self.sector_bytes() as usize;
+            let pending = std::mem::take(&mut st.pending);
+            for index in pending.keys() {
+                let start = *index as usize * sector;
+                let old = st.durable[start..start + sector].to_vec();
+                st.current[start..start + sector].copy_from_slice(&old);
+            }
+            let f = self.eio_failure(IoOp::Flush, 0, 0);
+            return Err(StorageError::Io {
+                device: f.device,
+                op: IoOp::Flush,
+                offset: 0,
+                len_bytes: 0,
+                source: f.cause,
+            });
         }
         let sector = self.sector_bytes() as usize;
         let pending = std::mem::take(&mut st.pending);

@@ -25,7 +25,7 @@ use refd_ioring::btree::{
     VALUE_BYTES_MAX,
 };
 use refd_ioring::format::{
-    encode_batch, FormatError, FsId, Superblock, LOG_BATCH_HEADER_BYTES, NODE_BYTES,
+    encode_batch, BatchId, FormatError, FsId, Superblock, LOG_BATCH_HEADER_BYTES, NODE_BYTES,
     NODE_HEADER_BYTES, NODE_ITEMS_BYTES, SUPERBLOCK_BYTES, SUPERBLOCK_SLOT_ADDRS,
 };
 use refd_ioring::selftest::*;
@@ -542,7 +542,8 @@ fn random_superblock(rng: &mut ChaCha8Rng) -> Superblock {
         log_head_lsn: head_lsn,
         log_tail_offset: tail,
         log_tail_lsn: head_lsn - 1 + rng.gen_range(0..100),
-        last_txn_id: rng.gen(),
+        last_txn_id: rng.gen_range(0..=refd_ioring::format::SUPERBLOCK_COUNTER_MAX),
+        log_head_chain: rng.gen(),
         ..Superblock::empty(
             FsId(rng.gen()),
             Geometry {
@@ -568,6 +569,17 @@ fn random_superblock(rng: &mut ChaCha8Rng) -> Superblock {
             sb.free_space_bitmap_addr = node_region_start;
             sb.free_space_bitmap_bytes = NODE_BYTES as u64;
         }
+    }
+    if rng.gen_bool(0.3) {
+        let first = rng.gen_range(1..=head_lsn);
+        sb.recovery = refd_ioring::format::RecoveryRecord {
+            generation: rng.gen_range(1..=generation),
+            mode: rng.gen_range(1..=2),
+            dropped_batches: rng.gen_range(1..1000),
+            dropped_first_lsn: first,
+            dropped_last_lsn: first + rng.gen_range(0..1000),
+            dropped_ops: rng.gen_range(0..1 << 20),
+        };
     }
     sb.validate().expect("generated superblock is valid");
     sb
@@ -798,7 +810,7 @@ fn log_batches_decode_to_typed_errors_or_round_trip() {
         let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
         let log_offset = rng.gen_range(0..1u64 << 40) * 4096;
         let (lsn, txn_id) = (rng.gen(), rng.gen());
-        let mut buf = encode_batch(&FUZZ_FS_ID, lsn, txn_id, log_offset, &refs)
+        let mut buf = encode_batch(&BatchId::new(&FUZZ_FS_ID, lsn, txn_id, log_offset), &refs)
             .expect("encode")
             .to_vec();
         let payload_bytes = u32::from_le_bytes(buf[60..64].try_into().expect("4 bytes")) as usize;
@@ -904,7 +916,7 @@ fn write_fuzz_seeds() {
         // Raw mode at the first expected offset (0).
         let records = random_records(&mut rng);
         let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
-        let batch = encode_batch(&FUZZ_FS_ID, 1, 1, 0, &refs).expect("encode");
+        let batch = encode_batch(&BatchId::new(&FUZZ_FS_ID, 1, 1, 0), &refs).expect("encode");
         write("log_batch", i, 0, &batch);
         // Wrapped mode (steer bit 0) with the run's slots marked (bit 1):
         // region nodes, high-water mark, run slot, generation, bitmap.

@@ -88,6 +88,8 @@ fn stop_reason(cause: &StopCause) -> &'static str {
         StopCause::BeyondHead { .. } => "beyond head",
         StopCause::NotALapSkip { .. } => "not a lap skip",
         StopCause::RegionFull { .. } => "region full",
+        StopCause::ChainMismatch { .. } => "chain mismatch",
+        StopCause::Unreadable { .. } => "unreadable",
     }
 }
 

@@ -13,7 +13,7 @@ use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 use refd_ioring::format::{
     decode_batch, decode_batch_header, encode_batch, pick_newest, superblock_addr_for_generation,
-    FormatError, FsId, Layout, Superblock, SUPERBLOCK_BYTES, SUPERBLOCK_SLOT_ADDRS,
+    BatchId, FormatError, FsId, Layout, Superblock, SUPERBLOCK_BYTES, SUPERBLOCK_SLOT_ADDRS,
 };
 use refd_ioring::{CrashPolicy, Geometry, SimConfig, SimStorage, Storage};
 
@@ -71,7 +71,8 @@ fn append(dev: &SimStorage, gen: &mut ChaCha8Rng, lsn: u64, log_offset: u64) -> 
         })
         .collect();
     let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
-    let buf = encode_batch(&FS, lsn, lsn * 10, log_offset, &refs).expect("encode batch");
+    let buf =
+        encode_batch(&BatchId::new(&FS, lsn, lsn * 10, log_offset), &refs).expect("encode batch");
     assert!(buf.len() as u64 <= LOG_BYTES);
     dev.write(physical(log_offset), &buf).expect("append");
     Written {

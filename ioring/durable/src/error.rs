@@ -178,17 +178,8 @@ impl ReadError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {
-    /// A superblock slot could not be read.
-    #[error("{device}: read superblock slot at {addr}: {source}")]
-    ReadSuperblock {
-        /// Device.
-        device: String,
-        /// Slot address.
-        addr: u64,
-        /// Cause.
-        source: StorageError,
-    },
-    /// Neither superblock copy is valid: not a refd device, or both damaged.
+    /// Neither superblock copy is valid: not a refd device, or both damaged
+    /// (a slot that cannot be read counts as damaged).
     #[error("{device}: no valid superblock: {source}")]
     NoSuperblock {
         /// Device.
@@ -219,6 +210,27 @@ pub enum OpenError {
         generation: u64,
         /// Cause.
         source: LogError,
+    },
+    /// The log is damaged in the middle ([`LogError::Damaged`]): an intact
+    /// batch follows an unreadable one, so acknowledged ops were lost on
+    /// the device. Open refuses in [`refd_ioring::log::RecoveryMode::Strict`];
+    /// an operator may go on with another mode.
+    #[error(
+        "{device}: the log of superblock generation {generation} is damaged: {source}; going on \
+         would lose {ops_after} acknowledged ops of the intact batches after the damage (with \
+         tolerate-tail) besides those of the damaged batches: check with `refctl fsck`, then \
+         choose a recovery mode (`refd serve --recovery-mode tolerate-tail|skip-corrupt` or \
+         `refctl recover`)"
+    )]
+    LogDamaged {
+        /// Device.
+        device: String,
+        /// Superblock generation.
+        generation: u64,
+        /// Ops in the intact batches after the damage.
+        ops_after: u64,
+        /// The log's error (damaged LSNs, offset, cause).
+        source: Box<LogError>,
     },
     /// A replayed log record does not decode.
     #[error("{device}: log record in the batch of LSN {lsn}: {source}")]

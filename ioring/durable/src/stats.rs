@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use refd_core::engine::CommitReport;
+use refd_ioring::format::RecoveryRecord;
 use refd_ioring::log::{Lsn, RecoveryReport};
 
 /// What [`DurableEngine::open`](crate::DurableEngine::open) found and did.
@@ -25,8 +26,12 @@ pub struct RecoveryInfo {
     pub ops_replayed: usize,
     /// Heads the last commit held back (seq barrier), requeued (pending).
     pub heads_held: usize,
-    /// The log's replay report: where and why the log ended.
+    /// The log's replay report: where and why the log ended (and, after a
+    /// recovery mode gave something up, what it dropped).
     pub replay: RecoveryReport,
+    /// What an explicit recovery mode dropped, as recorded in the
+    /// superblock written at open (`None`: nothing dropped).
+    pub dropped: Option<RecoveryRecord>,
     /// Generation written at open to claim any generation a lost commit
     /// may have used (see `docs/durable.md`, "Generations").
     pub claimed_generation: u64,
@@ -48,6 +53,20 @@ impl fmt::Display for RecoveryInfo {
         )?;
         for r in &self.superblock_rejected {
             write!(f, "; rejected {r}")?;
+        }
+        if let Some(d) = &self.dropped {
+            write!(
+                f,
+                "; RECOVERY MODE {} DROPPED log batches lsn {}..={} ({} batches, {} acknowledged \
+                 ops of intact batches, plus those of damaged ones), recorded in superblock \
+                 generation {}",
+                self.replay.mode,
+                d.dropped_first_lsn,
+                d.dropped_last_lsn,
+                d.dropped_batches,
+                d.dropped_ops,
+                self.claimed_generation
+            )?;
         }
         Ok(())
     }

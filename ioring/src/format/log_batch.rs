@@ -33,9 +33,11 @@ use crate::format::{
 
 /// Magic of a log batch header.
 pub const LOG_BATCH_MAGIC: [u8; 8] = *b"REFDLOG1";
-/// Layout version written and read by this build. Version 2 frames each
-/// record with a varint length (version 1 used a fixed 4-byte length).
-pub const LOG_BATCH_VERSION: u32 = 2;
+/// Layout version written and read by this build. Version 2 framed each
+/// record with a varint length (version 1 used a fixed 4-byte length);
+/// version 3 chains every batch to the one before it (`prev_checksum`), so
+/// that replay can tell a torn tail from corruption in the middle of the log.
+pub const LOG_BATCH_VERSION: u32 = 3;
 /// Size of the batch header in bytes; the payload starts right after it.
 pub const LOG_BATCH_HEADER_BYTES: usize = 80;
 /// Largest batch in bytes (16 MiB), header and padding included.
@@ -55,7 +57,8 @@ pub(crate) const OFF_BATCH_BYTES: usize = 56;
 pub(crate) const OFF_PAYLOAD_BYTES: usize = 60;
 pub(crate) const OFF_RECORD_COUNT: usize = 64;
 pub(crate) const OFF_PAYLOAD_CRC: usize = 68;
-const OFF_RESERVED: usize = 72;
+pub(crate) const OFF_PREV_CHECKSUM: usize = 72;
+const OFF_RESERVED: usize = 76;
 
 // Header fields are packed in order after the preamble; the reserved word
 // ends the header, which fits in the first block (`decode_batch_header`
@@ -66,8 +69,9 @@ const _: () = assert!(OFF_LOG_OFFSET + 8 == OFF_BATCH_BYTES);
 const _: () = assert!(OFF_BATCH_BYTES + 4 == OFF_PAYLOAD_BYTES);
 const _: () = assert!(OFF_PAYLOAD_BYTES + 4 == OFF_RECORD_COUNT);
 const _: () = assert!(OFF_RECORD_COUNT + 4 == OFF_PAYLOAD_CRC);
-const _: () = assert!(OFF_PAYLOAD_CRC + 4 == OFF_RESERVED);
-const _: () = assert!(OFF_RESERVED + 8 == LOG_BATCH_HEADER_BYTES);
+const _: () = assert!(OFF_PAYLOAD_CRC + 4 == OFF_PREV_CHECKSUM);
+const _: () = assert!(OFF_PREV_CHECKSUM + 4 == OFF_RESERVED);
+const _: () = assert!(OFF_RESERVED + 4 == LOG_BATCH_HEADER_BYTES);
 const _: () = assert!(LOG_BATCH_HEADER_BYTES <= BLOCK_BYTES);
 // Batches are whole blocks; their size (and so every length and count in
 // them) fits the u32 header fields; one fits an aligned buffer.
@@ -96,6 +100,13 @@ pub struct BatchHeader {
     pub record_count: u32,
     /// CRC-32C of bytes `LOG_BATCH_HEADER_BYTES..batch_bytes`.
     pub payload_crc: u32,
+    /// The chain link: the header checksum of the batch before this one
+    /// (LSN - 1), or the superblock's `log_head_chain` seed for the first
+    /// batch of a fresh log.
+    pub prev_checksum: u32,
+    /// This header's own checksum (bytes 8..12): what the next batch's
+    /// `prev_checksum` must be.
+    pub checksum: u32,
 }
 
 impl BatchHeader {
@@ -248,17 +259,51 @@ fn invalid(addr: u64, field: &'static str, reason: String) -> FormatError {
     }
 }
 
+/// Identity of a batch to encode: where it goes and what it chains to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchId {
+    /// File system the batch belongs to.
+    pub fs_id: FsId,
+    /// Its LSN.
+    pub lsn: u64,
+    /// Transaction id of the commit writing it.
+    pub txn_id: u64,
+    /// Logical log offset (a multiple of 4096).
+    pub log_offset: u64,
+    /// Header checksum of the previous batch ([`BatchHeader::checksum`]),
+    /// or the superblock's `log_head_chain` for the first batch.
+    pub prev_checksum: u32,
+}
+
+impl BatchId {
+    /// A batch of `fs_id` with LSN `lsn` at `log_offset`, chained to
+    /// `prev_checksum` 0 (set [`BatchId::prev_checksum`] for a real chain).
+    pub fn new(fs_id: &FsId, lsn: u64, txn_id: u64, log_offset: u64) -> Self {
+        Self {
+            fs_id: *fs_id,
+            lsn,
+            txn_id,
+            log_offset,
+            prev_checksum: 0,
+        }
+    }
+}
+
 /// Encodes one batch for logical log offset `log_offset` (a multiple of
-/// 4096). Each record is written as its length (unsigned LEB128 varint,
-/// shortest form) followed by its bytes; records may be empty; zero records
-/// is allowed.
-pub fn encode_batch(
-    fs_id: &FsId,
-    lsn: u64,
-    txn_id: u64,
-    log_offset: u64,
-    records: &[&[u8]],
-) -> Result<AlignedBuf, FormatError> {
+/// 4096), chained to the batch before it by `prev_checksum`. Each record is
+/// written as its length (unsigned LEB128 varint, shortest form) followed
+/// by its bytes; records may be empty; zero records is allowed. The
+/// header's checksum (what the next batch chains to) is at bytes 8..12 of
+/// the result ([`batch_checksum`]).
+pub fn encode_batch(id: &BatchId, records: &[&[u8]]) -> Result<AlignedBuf, FormatError> {
+    let BatchId {
+        fs_id,
+        lsn,
+        txn_id,
+        log_offset,
+        prev_checksum,
+    } = *id;
+    let fs_id = &fs_id;
     if !log_offset.is_multiple_of(BLOCK_BYTES as u64) {
         return Err(invalid(
             log_offset,
@@ -304,32 +349,34 @@ pub fn encode_batch(
     put_u32(&mut buf, OFF_PAYLOAD_BYTES, payload_bytes);
     put_u32(&mut buf, OFF_RECORD_COUNT, record_count);
     put_u32(&mut buf, OFF_PAYLOAD_CRC, payload_crc);
+    put_u32(&mut buf, OFF_PREV_CHECKSUM, prev_checksum);
     let header_crc = block_checksum(&buf[..LOG_BATCH_HEADER_BYTES]);
     put_u32(&mut buf, CHECKSUM_OFFSET, header_crc);
     debug_assert!(
-        decodes_to(&buf, fs_id, lsn, txn_id, log_offset, records),
+        decodes_to(&buf, id, records),
         "an encoded log batch must decode to its records"
     );
     Ok(buf)
 }
 
+/// The header checksum of an encoded batch (bytes 8..12): the value the
+/// next batch's `prev_checksum` carries.
+pub fn batch_checksum(buf: &[u8]) -> u32 {
+    get_u32(buf, CHECKSUM_OFFSET)
+}
+
 /// Whether `buf` decodes as the batch `encode_batch` was asked for: the
 /// postcondition of [`encode_batch`] (debug builds).
-fn decodes_to(
-    buf: &[u8],
-    fs_id: &FsId,
-    lsn: u64,
-    txn_id: u64,
-    log_offset: u64,
-    records: &[&[u8]],
-) -> bool {
-    let Ok(view) = decode_batch(buf, fs_id, log_offset) else {
+fn decodes_to(buf: &[u8], id: &BatchId, records: &[&[u8]]) -> bool {
+    let Ok(view) = decode_batch(buf, &id.fs_id, id.log_offset) else {
         return false;
     };
     let h = view.header;
-    h.lsn == lsn
-        && h.txn_id == txn_id
-        && h.log_offset == log_offset
+    h.lsn == id.lsn
+        && h.txn_id == id.txn_id
+        && h.log_offset == id.log_offset
+        && h.prev_checksum == id.prev_checksum
+        && h.checksum == batch_checksum(buf)
         && h.batch_bytes as usize == buf.len()
         && view.records().len() == records.len()
         && view.records().zip(records).all(|(a, b)| a == *b)
@@ -364,8 +411,10 @@ pub fn decode_batch_header(
         payload_bytes: get_u32(h, OFF_PAYLOAD_BYTES),
         record_count: get_u32(h, OFF_RECORD_COUNT),
         payload_crc: get_u32(h, OFF_PAYLOAD_CRC),
+        prev_checksum: get_u32(h, OFF_PREV_CHECKSUM),
+        checksum: get_u32(h, CHECKSUM_OFFSET),
     };
-    if get_u64(h, OFF_RESERVED) != 0 {
+    if get_u32(h, OFF_RESERVED) != 0 {
         return Err(invalid(
             addr,
             "reserved",
@@ -473,6 +522,24 @@ mod tests {
 
     const FS: FsId = FsId([7; 16]);
 
+    /// `encode_batch` with a chain link of 0x5EED.
+    fn encode(
+        fs_id: &FsId,
+        lsn: u64,
+        txn_id: u64,
+        log_offset: u64,
+        records: &[&[u8]],
+    ) -> Result<AlignedBuf, FormatError> {
+        let id = BatchId {
+            fs_id: *fs_id,
+            lsn,
+            txn_id,
+            log_offset,
+            prev_checksum: 0x5EED,
+        };
+        encode_batch(&id, records)
+    }
+
     fn reseal_header(buf: &mut [u8]) {
         let crc = block_checksum(&buf[..LOG_BATCH_HEADER_BYTES]);
         put_u32(buf, CHECKSUM_OFFSET, crc);
@@ -482,7 +549,7 @@ mod tests {
     fn round_trip() {
         let big = vec![0xEEu8; 10_000];
         let records: Vec<&[u8]> = vec![b"alpha", b"", &big, b"omega"];
-        let buf = encode_batch(&FS, 42, 7, 8192, &records).expect("encode");
+        let buf = encode(&FS, 42, 7, 8192, &records).expect("encode");
         assert_eq!(buf.len(), batch_bytes_for(&records).expect("size"));
         assert_eq!(buf.len(), 12288);
         let view = decode_batch(&buf, &FS, 8192).expect("decode");
@@ -497,7 +564,7 @@ mod tests {
         // Varint prefixes: 1 + 1 + 2 + 1 bytes.
         assert_eq!(view.payload().len(), 5 + 5 + 10_000 + 5);
 
-        let empty = encode_batch(&FS, 1, 1, 0, &[]).expect("encode");
+        let empty = encode(&FS, 1, 1, 0, &[]).expect("encode");
         assert_eq!(empty.len(), 4096);
         assert_eq!(
             decode_batch(&empty, &FS, 0)
@@ -523,15 +590,14 @@ mod tests {
     /// `docs/format.md` and the version must change with it.
     #[test]
     fn golden_header_bytes() {
-        let buf =
-            encode_batch(&FsId([0xAB; 16]), 0x0102, 0x0304, 0x5000, &[b"hi"]).expect("encode");
+        let buf = encode(&FsId([0xAB; 16]), 0x0102, 0x0304, 0x5000, &[b"hi"]).expect("encode");
         let header: String = buf[..LOG_BATCH_HEADER_BYTES + 6]
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(
             header,
-            "524546444c4f473118b52a5f02000000abababababababababababababababab02010000000000000403000000000000005000000000000000100000030000000100000004363d4e0000000000000000026869000000"
+            "524546444c4f4731b2ce0f9703000000abababababababababababababababab02010000000000000403000000000000005000000000000000100000030000000100000004363d4eed5e000000000000026869000000"
         );
     }
 
@@ -582,7 +648,7 @@ mod tests {
     fn non_minimal_record_length_is_refused() {
         // "hi" framed as 0x82 0x00 (a two-byte encoding of 2), checksums
         // recomputed: the framing is corrupt even though both CRCs match.
-        let mut buf = encode_batch(&FS, 1, 1, 0, &[b"hi!"]).expect("encode");
+        let mut buf = encode(&FS, 1, 1, 0, &[b"hi!"]).expect("encode");
         buf[LOG_BATCH_HEADER_BYTES] = 0x82;
         buf[LOG_BATCH_HEADER_BYTES + 1] = 0x00;
         buf[LOG_BATCH_HEADER_BYTES + 2] = b'h';
@@ -602,7 +668,7 @@ mod tests {
     #[test]
     fn encode_limits() {
         assert!(matches!(
-            encode_batch(&FS, 1, 1, 100, &[]),
+            encode(&FS, 1, 1, 100, &[]),
             Err(FormatError::Invalid {
                 field: "log_offset",
                 ..
@@ -611,7 +677,7 @@ mod tests {
         let huge = vec![0u8; LOG_BATCH_BYTES_MAX];
         assert!(batch_bytes_for(&[&huge]).is_none());
         assert!(matches!(
-            encode_batch(&FS, 1, 1, 0, &[&huge]),
+            encode(&FS, 1, 1, 0, &[&huge]),
             Err(FormatError::Invalid {
                 field: "batch_bytes",
                 ..
@@ -624,7 +690,7 @@ mod tests {
     #[test]
     fn every_byte_flip_is_detected() {
         let payload = vec![0x11u8; 5000];
-        let buf = encode_batch(&FS, 9, 3, 4096, &[&payload, b"x"]).expect("encode");
+        let buf = encode(&FS, 9, 3, 4096, &[&payload, b"x"]).expect("encode");
         for i in 0..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x80;
@@ -651,7 +717,7 @@ mod tests {
     #[test]
     fn torn_stale_wrong_address_foreign() {
         let payload = vec![0x22u8; 9000];
-        let buf = encode_batch(&FS, 5, 2, 3 * 4096, &[&payload]).expect("encode");
+        let buf = encode(&FS, 5, 2, 3 * 4096, &[&payload]).expect("encode");
         // Torn: the first block is new, the rest still holds old zeros.
         let mut torn = buf.clone();
         torn[4096..].fill(0);
@@ -695,7 +761,7 @@ mod tests {
 
     #[test]
     fn corrupt_fields_with_valid_checksums_are_refused() {
-        let buf = encode_batch(&FS, 5, 2, 0, &[b"abc", b"defg"]).expect("encode");
+        let buf = encode(&FS, 5, 2, 0, &[b"abc", b"defg"]).expect("encode");
         type Mutation = Box<dyn Fn(&mut [u8])>;
         let cases: Vec<(&'static str, Mutation)> = vec![
             (
@@ -711,7 +777,7 @@ mod tests {
                 "payload_bytes",
                 Box::new(|b| put_u32(b, OFF_PAYLOAD_BYTES, 4096)),
             ),
-            ("reserved", Box::new(|b| put_u64(b, OFF_RESERVED, 1))),
+            ("reserved", Box::new(|b| put_u32(b, OFF_RESERVED, 1))),
             (
                 "record framing",
                 Box::new(|b| put_u32(b, OFF_RECORD_COUNT, 3)),

@@ -21,8 +21,10 @@ use crate::format::{
 
 /// Magic of a superblock.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"REFDSB01";
-/// Layout version written and read by this build.
-pub const SUPERBLOCK_VERSION: u32 = 1;
+/// Layout version written and read by this build. Version 2 added the log
+/// chain seed, the writer's in-flight bound and the recovery record
+/// (bytes 200..248).
+pub const SUPERBLOCK_VERSION: u32 = 2;
 /// Size of a superblock copy in bytes.
 pub const SUPERBLOCK_BYTES: usize = BLOCK_BYTES;
 /// Byte addresses of the two superblock slots.
@@ -63,7 +65,15 @@ const OFF_ALLOC_NEXT: usize = 168;
 const OFF_BITMAP_ADDR: usize = 176;
 const OFF_BITMAP_BYTES: usize = 184;
 const OFF_LAST_TXN_ID: usize = 192;
-const OFF_RESERVED_TAIL: usize = 200;
+const OFF_LOG_HEAD_CHAIN: usize = 200;
+const OFF_LOG_INFLIGHT_MAX: usize = 204;
+const OFF_RECOVERY_GENERATION: usize = 208;
+const OFF_RECOVERY_MODE: usize = 216;
+const OFF_RECOVERY_DROPPED_BATCHES: usize = 220;
+const OFF_RECOVERY_DROPPED_FIRST_LSN: usize = 224;
+const OFF_RECOVERY_DROPPED_LAST_LSN: usize = 232;
+const OFF_RECOVERY_DROPPED_OPS: usize = 240;
+const OFF_RESERVED_TAIL: usize = 248;
 
 // The two slots are consecutive blocks filling the superblock region, and
 // the log and node regions (which start at or after the region) stay
@@ -99,7 +109,15 @@ const _: () = assert!(OFF_RESERVED1 + 7 == OFF_ALLOC_NEXT);
 const _: () = assert!(OFF_ALLOC_NEXT + 8 == OFF_BITMAP_ADDR);
 const _: () = assert!(OFF_BITMAP_ADDR + 8 == OFF_BITMAP_BYTES);
 const _: () = assert!(OFF_BITMAP_BYTES + 8 == OFF_LAST_TXN_ID);
-const _: () = assert!(OFF_LAST_TXN_ID + 8 == OFF_RESERVED_TAIL);
+const _: () = assert!(OFF_LAST_TXN_ID + 8 == OFF_LOG_HEAD_CHAIN);
+const _: () = assert!(OFF_LOG_HEAD_CHAIN + 4 == OFF_LOG_INFLIGHT_MAX);
+const _: () = assert!(OFF_LOG_INFLIGHT_MAX + 4 == OFF_RECOVERY_GENERATION);
+const _: () = assert!(OFF_RECOVERY_GENERATION + 8 == OFF_RECOVERY_MODE);
+const _: () = assert!(OFF_RECOVERY_MODE + 4 == OFF_RECOVERY_DROPPED_BATCHES);
+const _: () = assert!(OFF_RECOVERY_DROPPED_BATCHES + 4 == OFF_RECOVERY_DROPPED_FIRST_LSN);
+const _: () = assert!(OFF_RECOVERY_DROPPED_FIRST_LSN + 8 == OFF_RECOVERY_DROPPED_LAST_LSN);
+const _: () = assert!(OFF_RECOVERY_DROPPED_LAST_LSN + 8 == OFF_RECOVERY_DROPPED_OPS);
+const _: () = assert!(OFF_RECOVERY_DROPPED_OPS + 8 == OFF_RESERVED_TAIL);
 const _: () = assert!(OFF_RESERVED_TAIL < SUPERBLOCK_BYTES);
 // `node_bytes` is stored as a u32.
 const _: () = assert!(NODE_BYTES <= u32::MAX as usize);
@@ -151,7 +169,62 @@ pub struct Superblock {
     pub free_space_bitmap_bytes: u64,
     /// Highest transaction id committed.
     pub last_txn_id: u64,
+    /// The log chain link the batch at `log_head_offset` must carry
+    /// (`prev_checksum`): the header checksum of the batch before it, or a
+    /// random seed written by format (so that batches of an earlier format
+    /// of the device never chain on, even with the same `fs_id`).
+    pub log_head_chain: u32,
+    /// Most batches the log writer has in flight (written, not yet known
+    /// durable) at any time: a damaged batch followed by an intact batch at
+    /// least this many LSNs later was durable, so it is corruption, not a
+    /// torn tail. Always [`LOG_INFLIGHT_BATCHES_MAX`] in this version.
+    pub log_inflight_max: u32,
+    /// The last recovery that dropped log batches by an operator's choice.
+    pub recovery: RecoveryRecord,
 }
+
+/// Largest value of the superblock's counters and offsets (`generation`,
+/// the log offsets and LSNs, `last_txn_id`, `device_bytes`): 2^62. Far
+/// beyond any real use (2^62 bytes of log at 1 GB/s take 146 years), and
+/// low enough that no sum of two of them (a log offset plus a region
+/// length, a generation plus one) overflows a `u64`, so a crafted
+/// superblock cannot make recovery's arithmetic wrap.
+pub const SUPERBLOCK_COUNTER_MAX: u64 = 1 << 62;
+
+/// The log writer's in-flight bound recorded by this version (the writer
+/// writes batch `n + 1` only after batch `n` is durable).
+pub const LOG_INFLIGHT_BATCHES_MAX: u32 = 1;
+
+/// What the last explicit recovery mode dropped (all zero: none ever did).
+/// Written by the recovery that dropped the batches and carried by every
+/// later superblock, so `refctl fsck` can say that data was given up and
+/// when.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveryRecord {
+    /// Generation of the superblock the recovery wrote (0: never).
+    pub generation: u64,
+    /// The recovery mode: [`RECOVERY_MODE_NONE`],
+    /// [`RECOVERY_MODE_TOLERATE_TAIL`] or [`RECOVERY_MODE_SKIP_CORRUPT`].
+    pub mode: u32,
+    /// Log batches dropped (damaged ones, and for tolerate-tail the intact
+    /// ones after them).
+    pub dropped_batches: u32,
+    /// LSN of the first batch dropped.
+    pub dropped_first_lsn: u64,
+    /// LSN of the last batch dropped.
+    pub dropped_last_lsn: u64,
+    /// Ops known lost: those of the intact batches dropped (a damaged
+    /// batch's ops cannot be counted).
+    pub dropped_ops: u64,
+}
+
+/// [`RecoveryRecord::mode`]: no recovery mode ever dropped anything.
+pub const RECOVERY_MODE_NONE: u32 = 0;
+/// [`RecoveryRecord::mode`]: everything from the first damaged batch on was
+/// dropped.
+pub const RECOVERY_MODE_TOLERATE_TAIL: u32 = 1;
+/// [`RecoveryRecord::mode`]: only the damaged batches were dropped.
+pub const RECOVERY_MODE_SKIP_CORRUPT: u32 = 2;
 
 /// Byte address of the slot that generation `generation` is written to.
 pub fn superblock_addr_for_generation(generation: u64) -> u64 {
@@ -214,6 +287,9 @@ impl Superblock {
             free_space_bitmap_addr: 0,
             free_space_bitmap_bytes: 0,
             last_txn_id: 0,
+            log_head_chain: 0,
+            log_inflight_max: LOG_INFLIGHT_BATCHES_MAX,
+            recovery: RecoveryRecord::default(),
         }
     }
 
@@ -227,6 +303,23 @@ impl Superblock {
     /// both call it, so an inconsistent superblock is never written.
     pub fn validate(&self) -> Result<(), FormatError> {
         let addr = self.addr();
+        for (field, value) in [
+            ("generation", self.generation),
+            ("device_bytes", self.geometry.size_bytes),
+            ("log_head_offset", self.log_head_offset),
+            ("log_tail_offset", self.log_tail_offset),
+            ("log_head_lsn", self.log_head_lsn),
+            ("log_tail_lsn", self.log_tail_lsn),
+            ("last_txn_id", self.last_txn_id),
+        ] {
+            if value > SUPERBLOCK_COUNTER_MAX {
+                return Err(invalid(
+                    addr,
+                    field,
+                    format!("{value} is above the limit {SUPERBLOCK_COUNTER_MAX}"),
+                ));
+            }
+        }
         let g = &self.geometry;
         g.check()
             .map_err(|e| invalid(addr, "geometry", e.to_string()))?;
@@ -428,6 +521,51 @@ impl Superblock {
                 ));
             }
         }
+        self.validate_log_chain_and_recovery()
+    }
+
+    /// The checks of the version 2 fields: the in-flight bound and the
+    /// recovery record.
+    fn validate_log_chain_and_recovery(&self) -> Result<(), FormatError> {
+        let addr = self.addr();
+        if self.log_inflight_max != LOG_INFLIGHT_BATCHES_MAX {
+            return Err(invalid(
+                addr,
+                "log_inflight_max",
+                format!(
+                    "{} (this version writes at most {LOG_INFLIGHT_BATCHES_MAX} batch in flight)",
+                    self.log_inflight_max
+                ),
+            ));
+        }
+        let r = &self.recovery;
+        let consistent = match r.mode {
+            RECOVERY_MODE_NONE => *r == RecoveryRecord::default(),
+            RECOVERY_MODE_TOLERATE_TAIL | RECOVERY_MODE_SKIP_CORRUPT => {
+                r.generation != 0
+                    && r.generation <= self.generation
+                    && r.dropped_batches != 0
+                    && r.dropped_first_lsn != 0
+                    && r.dropped_first_lsn <= r.dropped_last_lsn
+            }
+            _ => false,
+        };
+        if !consistent {
+            return Err(invalid(
+                addr,
+                "recovery",
+                format!(
+                    "mode {} generation {} dropped {} batches (lsn {}..={}), {} ops: not a \
+                     recovery record",
+                    r.mode,
+                    r.generation,
+                    r.dropped_batches,
+                    r.dropped_first_lsn,
+                    r.dropped_last_lsn,
+                    r.dropped_ops
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -465,6 +603,15 @@ impl Superblock {
         put_u64(&mut b, OFF_BITMAP_ADDR, self.free_space_bitmap_addr);
         put_u64(&mut b, OFF_BITMAP_BYTES, self.free_space_bitmap_bytes);
         put_u64(&mut b, OFF_LAST_TXN_ID, self.last_txn_id);
+        put_u32(&mut b, OFF_LOG_HEAD_CHAIN, self.log_head_chain);
+        put_u32(&mut b, OFF_LOG_INFLIGHT_MAX, self.log_inflight_max);
+        let r = &self.recovery;
+        put_u64(&mut b, OFF_RECOVERY_GENERATION, r.generation);
+        put_u32(&mut b, OFF_RECOVERY_MODE, r.mode);
+        put_u32(&mut b, OFF_RECOVERY_DROPPED_BATCHES, r.dropped_batches);
+        put_u64(&mut b, OFF_RECOVERY_DROPPED_FIRST_LSN, r.dropped_first_lsn);
+        put_u64(&mut b, OFF_RECOVERY_DROPPED_LAST_LSN, r.dropped_last_lsn);
+        put_u64(&mut b, OFF_RECOVERY_DROPPED_OPS, r.dropped_ops);
         let crc = block_checksum(&b);
         put_u32(&mut b, CHECKSUM_OFFSET, crc);
         debug_assert_eq!(
@@ -555,6 +702,16 @@ impl Superblock {
             free_space_bitmap_addr: get_u64(b, OFF_BITMAP_ADDR),
             free_space_bitmap_bytes: get_u64(b, OFF_BITMAP_BYTES),
             last_txn_id: get_u64(b, OFF_LAST_TXN_ID),
+            log_head_chain: get_u32(b, OFF_LOG_HEAD_CHAIN),
+            log_inflight_max: get_u32(b, OFF_LOG_INFLIGHT_MAX),
+            recovery: RecoveryRecord {
+                generation: get_u64(b, OFF_RECOVERY_GENERATION),
+                mode: get_u32(b, OFF_RECOVERY_MODE),
+                dropped_batches: get_u32(b, OFF_RECOVERY_DROPPED_BATCHES),
+                dropped_first_lsn: get_u64(b, OFF_RECOVERY_DROPPED_FIRST_LSN),
+                dropped_last_lsn: get_u64(b, OFF_RECOVERY_DROPPED_LAST_LSN),
+                dropped_ops: get_u64(b, OFF_RECOVERY_DROPPED_OPS),
+            },
         };
         sb.validate()?;
         Ok(sb)
@@ -580,10 +737,17 @@ pub struct SuperblockChoice {
 /// [`FormatError::ForeignFs`]. Fails with [`FormatError::NoValidSuperblock`]
 /// when neither copy is valid.
 pub fn pick_newest(copy0: &[u8], copy1: &[u8]) -> Result<SuperblockChoice, FormatError> {
-    let decoded = [
+    pick_newest_decoded([
         Superblock::decode(copy0, SUPERBLOCK_SLOT_ADDRS[0]),
         Superblock::decode(copy1, SUPERBLOCK_SLOT_ADDRS[1]),
-    ];
+    ])
+}
+
+/// [`pick_newest`] of two copies already decoded (or not: a slot that could
+/// not be read is an `Err`, such as [`FormatError::Unreadable`]).
+pub fn pick_newest_decoded(
+    decoded: [Result<Superblock, FormatError>; 2],
+) -> Result<SuperblockChoice, FormatError> {
     match decoded {
         [Ok(a), Ok(b)] => {
             // Parity makes equal generations impossible.
@@ -658,7 +822,41 @@ mod tests {
             free_space_bitmap_addr: 0,
             free_space_bitmap_bytes: 0,
             last_txn_id: 99,
+            log_head_chain: 0xC0FF_EE11,
+            log_inflight_max: LOG_INFLIGHT_BATCHES_MAX,
+            recovery: RecoveryRecord::default(),
         }
+    }
+
+    /// Review item 6: counters and offsets near 2^64 (which made recovery's
+    /// arithmetic overflow: a panic in debug builds, a wrap in release) are
+    /// refused by the decoder, with the field named.
+    #[test]
+    fn counters_near_the_top_of_u64_are_refused() {
+        type Set = fn(&mut Superblock);
+        let cases: [(&str, Set); 5] = [
+            ("generation", |sb| sb.generation = u64::MAX - 1),
+            ("log_head_offset", |sb| {
+                sb.log_head_offset = u64::MAX - 4095;
+                sb.log_tail_offset = u64::MAX - 4095;
+            }),
+            ("log_tail_lsn", |sb| sb.log_tail_lsn = u64::MAX),
+            ("last_txn_id", |sb| sb.last_txn_id = u64::MAX),
+            ("device_bytes", |sb| {
+                sb.geometry.size_bytes = u64::MAX - 4095
+            }),
+        ];
+        for (field, set) in cases {
+            let mut sb = sample(4);
+            set(&mut sb);
+            match sb.validate() {
+                Err(FormatError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: expected Invalid, got {other:?}"),
+            }
+        }
+        let mut sb = sample(4);
+        sb.generation = SUPERBLOCK_COUNTER_MAX;
+        assert!(sb.validate().is_ok());
     }
 
     #[test]
@@ -681,10 +879,10 @@ mod tests {
     #[test]
     fn golden_bytes() {
         let block = sample(3).encode().expect("encode");
-        let head: String = block[..200].iter().map(|b| format!("{b:02x}")).collect();
+        let head: String = block[..256].iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             head,
-            "5245464453423031716b015f01000000a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a50300000000000000001000000000000000000004000000000002000000100000004000000000000000000000000000000020000000000000000080000000000000300000000000000a0000000000000000900000000000000e00000000000000002080000000000000000002000000000060810000000000030000000000000002000000000000000020900000000000000000000000000000000000000000006300000000000000"
+            "52454644534230313dfde2fe02000000a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a50300000000000000001000000000000000000004000000000002000000100000004000000000000000000000000000000020000000000000000080000000000000300000000000000a0000000000000000900000000000000e0000000000000000208000000000000000000200000000006081000000000003000000000000000200000000000000002090000000000000000000000000000000000000000000630000000000000011eeffc001000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
         );
     }
 
@@ -712,12 +910,12 @@ mod tests {
         // buggy encoder) is still refused, with the field named.
         let sb = sample(3);
         let mut block = sb.encode().expect("encode");
-        put_u32(&mut block, OFF_VERSION, 2);
+        put_u32(&mut block, OFF_VERSION, 9);
         let crc = block_checksum(&block);
         put_u32(&mut block, CHECKSUM_OFFSET, crc);
         assert!(matches!(
             Superblock::decode(&block, sb.addr()),
-            Err(FormatError::UnsupportedVersion { found: 2, .. })
+            Err(FormatError::UnsupportedVersion { found: 9, .. })
         ));
 
         let mut block = sb.encode().expect("encode");

@@ -780,9 +780,38 @@ fn replay_distinguishes_clean_end_from_corruption() {
     assert_eq!(r.record_count(), 4);
     assert_eq!(r.records().last().map(|x| x.data), Some(&b"new 4"[..]));
 
-    // Damage batch 2 (at the tail): corruption.
+    // Damage batch 2 (at the tail), with batches 3 and 4 intact after it:
+    // corruption, refused with the damaged LSNs and what follows them.
     let damaged = dev.crash_with(CrashPolicy::KeepAll);
     damaged.flip_bit(LOG_START + 8192 + 100, 0).expect("flip");
+    match replay(&damaged, &sb) {
+        Err(LogError::Damaged {
+            first,
+            last,
+            log_offset,
+            intact_batches_after,
+            intact_records_after,
+            intact_last,
+            ..
+        }) => assert_eq!(
+            (
+                first,
+                last,
+                log_offset,
+                intact_batches_after,
+                intact_records_after,
+                intact_last
+            ),
+            (Lsn(2), Lsn(2), 8192, 2, 2, Lsn(4))
+        ),
+        other => panic!("expected Damaged, got {other:?}"),
+    }
+    // Batches 2 and 3 damaged, 4 intact but not reachable: batch 2's header
+    // is intact and nothing intact chains to it, so the superblock's tail
+    // is what proves it durable: Corrupt.
+    damaged
+        .flip_bit(LOG_START + 2 * 8192 + 100, 0)
+        .expect("flip");
     match replay(&damaged, &sb) {
         Err(LogError::Corrupt {
             lsn,
@@ -799,17 +828,45 @@ fn replay_distinguishes_clean_end_from_corruption() {
         replay(&dev, &wrong),
         Err(LogError::TailMismatch { .. })
     ));
-    // A read error is reported, not mistaken for the end of the log.
+    // A failed read-ahead is retried with the exact read: not an error.
     dev.set_fault_plan(FaultPlan {
         read_eio_at: Some(1),
         ..FaultPlan::default()
     });
+    assert_eq!(replay(&dev, &sb).expect("replay").record_count(), 4);
+    // A media error past the end of the log (in the read-ahead) is not
+    // an error either.
+    dev.set_fault_plan(FaultPlan {
+        unreadable: Some((LOG_START + 5 * 8192, LOG_START + 6 * 8192)),
+        ..FaultPlan::default()
+    });
+    assert_eq!(replay(&dev, &sb).expect("replay").record_count(), 4);
+    // A media error in batch 3, which batch 4 follows: damage.
+    dev.set_fault_plan(FaultPlan {
+        unreadable: Some((LOG_START + 2 * 8192, LOG_START + 2 * 8192 + 512)),
+        ..FaultPlan::default()
+    });
     match replay(&dev, &sb) {
-        Err(LogError::ReplayRead { source, .. }) => {
+        Err(LogError::Damaged { first, cause, .. }) => {
+            assert_eq!(first, Lsn(3));
+            assert!(matches!(*cause, StopCause::Unreadable { .. }), "{cause}");
+        }
+        other => panic!("expected Damaged, got {other:?}"),
+    }
+    // A media error in the last batch is reported, not mistaken for the
+    // end of the log.
+    dev.set_fault_plan(FaultPlan {
+        unreadable: Some((LOG_START + 3 * 8192, LOG_START + 3 * 8192 + 512)),
+        ..FaultPlan::default()
+    });
+    match replay(&dev, &sb) {
+        Err(LogError::ReplayRead { source, lsn, .. }) => {
+            assert_eq!(lsn, Lsn(4));
             assert!(matches!(source, StorageError::Io { .. }));
         }
         other => panic!("expected ReplayRead, got {other:?}"),
     }
+    dev.set_fault_plan(FaultPlan::default());
     // A replay of another superblock is refused by open.
     let r = replay(&dev, &sb).expect("replay");
     let mut other = sb.clone();
@@ -846,4 +903,172 @@ fn an_append_waiting_for_space_fails_when_the_storage_fails() {
         other => panic!("expected Failed, got {other:?}"),
     }
     assert!(log.append(b"x").expect_err("latched").is_failed());
+}
+
+/// Ten durable batches of 8192 bytes (one 5000-byte record each) after a
+/// checkpoint at LSN 1 whose superblock records no durable batch: all ten
+/// lie beyond the superblock's tail, as after a run without a checkpoint.
+fn ten_batches_beyond_the_tail() -> (Arc<SimStorage>, Superblock) {
+    let (log, sb) = fresh(1 << 20, LogConfig::default());
+    for i in 0..10 {
+        log.append_durable(&record(i, 5000)).expect("append");
+    }
+    (Arc::clone(log.storage()), sb)
+}
+
+/// The case: one bit flipped in the middle of the log beyond the
+/// superblock's tail (in a header or in a payload, of any batch but the
+/// last) used to be taken for a torn tail, and every later batch was
+/// dropped silently. Now strict replay refuses, naming the damage, and
+/// the recovery modes keep exactly the intact batches they promise.
+#[test]
+fn a_bit_flip_in_the_middle_of_the_log_is_corruption_not_a_torn_tail() {
+    let (dev, sb) = ten_batches_beyond_the_tail();
+    assert_eq!(replay(&dev, &sb).expect("replay").record_count(), 10);
+    // (batch index, byte in the batch): header fields, the header
+    // checksum, the chain link, the first payload byte, padding.
+    for (index, at) in [(0u64, 3u64), (3, 9), (4, 40), (4, 73), (5, 80), (8, 8000)] {
+        let damaged = dev.crash_with(CrashPolicy::KeepAll);
+        damaged
+            .flip_bit(LOG_START + index * 8192 + at, 2)
+            .expect("flip");
+        let lsn = Lsn(index + 1);
+        match replay(&damaged, &sb) {
+            Err(LogError::Damaged {
+                first,
+                last,
+                log_offset,
+                intact_batches_after,
+                intact_records_after,
+                intact_last,
+                ..
+            }) => assert_eq!(
+                (
+                    first,
+                    last,
+                    log_offset,
+                    intact_batches_after,
+                    intact_records_after
+                ),
+                (lsn, lsn, index * 8192, 9 - index, 9 - index),
+                "flip at batch {index} byte {at}: {intact_last}"
+            ),
+            other => panic!("flip at batch {index} byte {at}: expected Damaged, got {other:?}"),
+        }
+        let tail = replay_with(&damaged, &sb, RecoveryMode::TolerateTail).expect("tolerate");
+        assert_eq!(tail.record_count() as u64, index);
+        assert_eq!(tail.end().lsn, lsn);
+        let dropped = tail.report().dropped.expect("dropped");
+        assert_eq!((dropped.first, dropped.last), (lsn, Lsn(10)));
+        assert_eq!(
+            (dropped.batches, dropped.intact_records),
+            (10 - index, 9 - index)
+        );
+        let skip = replay_with(&damaged, &sb, RecoveryMode::SkipCorrupt).expect("skip");
+        let lsns: Vec<Lsn> = skip.records().map(|r| r.lsn).collect();
+        let expected: Vec<Lsn> = (1..=10).filter(|&l| l != lsn.0).map(Lsn).collect();
+        assert_eq!(lsns, expected, "skip-corrupt keeps every intact batch");
+        assert_eq!(skip.end().lsn, Lsn(11));
+        assert_eq!(skip.report().dropped.map(|d| d.batches), Some(1));
+        // Appending goes on after the last intact batch; a strict replay
+        // of the same superblock still finds the damage (the superblock
+        // still points before it) until a checkpoint covers it.
+        let damaged = Arc::new(damaged);
+        let log = RefLog::open(Arc::clone(&damaged), &sb, &skip, LogConfig::default())
+            .expect("open after skip-corrupt");
+        assert_eq!(log.append_durable(b"after").expect("append"), Lsn(11));
+        let mut sb2 = sb.clone();
+        checkpoint(&log, &mut sb2, Lsn(11));
+        let r = replay(&damaged, &sb2).expect("strict replay after the checkpoint");
+        assert_eq!(replayed(&r), vec![(Lsn(11), b"after".to_vec())]);
+    }
+}
+
+/// A torn write of the last batch (the one in flight) is still the clean
+/// end in strict mode: nothing intact follows it.
+#[test]
+fn a_torn_last_batch_is_still_a_clean_end() {
+    let (dev, sb) = ten_batches_beyond_the_tail();
+    for at in [3u64, 9, 73, 80, 6000] {
+        let damaged = dev.crash_with(CrashPolicy::KeepAll);
+        damaged
+            .flip_bit(LOG_START + 9 * 8192 + at, 1)
+            .expect("flip");
+        let r = replay(&damaged, &sb).expect("a torn tail is a clean end");
+        assert_eq!(r.record_count(), 9, "byte {at}");
+        assert!(r.report().damaged.is_empty());
+    }
+}
+
+/// Review item 3: a batch is identified by more than (fs_id, lsn,
+/// offset). After a recovery that stops at batch 3 and writes a new batch
+/// 3 of the old one's size, the old batches 4.. at the same offsets with
+/// the next LSNs are intact, but they chain to the old batch 3: replay
+/// must not bring them back.
+#[test]
+fn old_batches_do_not_come_back_after_their_lsn_and_offset_are_reused() {
+    let (dev, sb) = ten_batches_beyond_the_tail();
+    let damaged = Arc::new(dev.crash_with(CrashPolicy::KeepAll));
+    damaged
+        .flip_bit(LOG_START + 2 * 8192 + 100, 0)
+        .expect("flip");
+    let tail = replay_with(&*damaged, &sb, RecoveryMode::TolerateTail).expect("tolerate");
+    assert_eq!(tail.end().lsn, Lsn(3));
+    let log = RefLog::open(Arc::clone(&damaged), &sb, &tail, LogConfig::default()).expect("open");
+    assert_eq!(
+        log.append_durable(&record(100, 5000)).expect("append"),
+        Lsn(3)
+    );
+    // Power fails before a new batch 4 is written.
+    let after = damaged.crash_with(CrashPolicy::KeepAll);
+    let r = replay(&after, &sb).expect("the old batch 4 ends the log");
+    let ids: Vec<u64> = r
+        .records()
+        .map(|x| u64::from_le_bytes(x.data[..8].try_into().expect("8 bytes")))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![0, 1, 100],
+        "old batches 4..10 must not be replayed"
+    );
+    assert!(matches!(
+        r.report().stop,
+        StopCause::ChainMismatch { lsn: Lsn(4), .. }
+    ));
+}
+
+/// A batch of an earlier format of the device with the same fs_id and the
+/// next LSN at the head chains to the earlier format's seed: not replayed.
+#[test]
+fn a_batch_of_an_earlier_format_with_the_same_fs_id_is_not_replayed() {
+    let (dev, mut sb) = ten_batches_beyond_the_tail();
+    sb.log_head_chain ^= 1;
+    let r = replay(&*dev, &sb).expect("replay");
+    assert_eq!(r.record_count(), 0);
+    assert!(matches!(r.report().stop, StopCause::ChainMismatch { .. }));
+}
+
+/// Review item 5: recovering from an older superblock (the newest copy
+/// rotted) after the log has since wrapped over that superblock's head
+/// must not end the log "cleanly" there and silently roll back what the
+/// newer superblock committed: the batch found at the head claims a later
+/// lap, which only a newer superblock allows. Refused.
+#[test]
+fn a_superblock_older_than_the_log_is_refused() {
+    let log_bytes = 64 << 10;
+    let (log, mut sb) = fresh(log_bytes, LogConfig::default());
+    let old = sb.clone();
+    // 8192-byte batches: every lap puts batches at the same places.
+    for i in 0..12 {
+        let lsn = log.append_durable(&record(i, 5000)).expect("append");
+        checkpoint(&log, &mut sb, lsn.next());
+    }
+    let dev = log.storage();
+    assert_eq!(replay(dev, &sb).expect("newest").record_count(), 0);
+    match replay(dev, &old) {
+        Err(LogError::AheadOfSuperblock {
+            log_offset, found, ..
+        }) => assert_eq!((log_offset, found), (0, log_bytes)),
+        other => panic!("expected AheadOfSuperblock, got {other:?}"),
+    }
 }

@@ -39,8 +39,8 @@ use super::replay::Replay;
 use super::ring::Ring;
 use super::{Durability, LogBounds, LogConfig, LogError, LogPosition, LogStats, Lsn};
 use crate::format::{
-    batch_bytes_for_payload, encode_batch, framed_record_bytes, FsId, Superblock,
-    LOG_BATCH_HEADER_BYTES,
+    batch_bytes_for_payload, batch_checksum, encode_batch, framed_record_bytes, BatchId, FsId,
+    Superblock, LOG_BATCH_HEADER_BYTES,
 };
 use crate::storage::{IoOp, Storage, StorageError};
 
@@ -106,6 +106,8 @@ struct Span {
     lsn: Lsn,
     offset: u64,
     bytes: u64,
+    /// Its header checksum: the chain link of the batch after it.
+    checksum: u32,
 }
 
 #[derive(Debug)]
@@ -125,6 +127,11 @@ struct State {
     durable_lsn: Lsn,
     durable_end: u64,
     head: LogPosition,
+    /// Chain link the batch at the head carries (`log_head_chain`).
+    head_chain: u32,
+    /// Chain link of the next batch written: the checksum of the last
+    /// durable batch (of the head's if none since).
+    durable_chain: u32,
     spans: VecDeque<Span>,
     failed: Option<LogError>,
     stats: LogStats,
@@ -141,9 +148,10 @@ impl State {
         }
     }
 
-    /// Head offset a checkpoint covering every batch below `upto` records:
-    /// the end of batch `upto - 1`, or the current head offset.
-    fn head_offset_for(&self, upto: Lsn) -> Result<u64, LogError> {
+    /// Head offset and chain link a checkpoint covering every batch below
+    /// `upto` records: the end and checksum of batch `upto - 1`, or the
+    /// current head's.
+    fn head_for(&self, upto: Lsn) -> Result<(u64, u32), LogError> {
         if upto < self.head.lsn {
             return Err(LogError::AlreadyTrimmed {
                 lsn: upto,
@@ -157,7 +165,7 @@ impl State {
             });
         }
         if upto == self.head.lsn {
-            return Ok(self.head.offset);
+            return Ok((self.head.offset, self.head_chain));
         }
         // head.lsn < upto <= durable + 1, and spans hold head.lsn..=durable.
         let index = (upto.0 - 1 - self.head.lsn.0) as usize;
@@ -169,7 +177,7 @@ impl State {
             self.head.lsn,
             self.durable_lsn
         );
-        Ok(span.map_or(0, |s| s.offset + s.bytes))
+        Ok(span.map_or((0, 0), |s| (s.offset + s.bytes, s.checksum)))
     }
 
     /// Debug-build check of the invariants in the module docs.
@@ -510,6 +518,7 @@ impl<S: Storage> Inner<S> {
             st.head.offset,
             self.ring.len
         );
+        let prev_checksum = st.durable_chain;
         let result = match st.failed.clone() {
             Some(e) => Err(e),
             None => {
@@ -521,7 +530,7 @@ impl<S: Storage> Inner<S> {
                     lsn: batch.lsn,
                     armed: true,
                 };
-                let r = self.write(&batch);
+                let r = self.write(&batch, prev_checksum);
                 guard.armed = false;
                 drop(guard);
                 st = self.lock();
@@ -533,14 +542,16 @@ impl<S: Storage> Inner<S> {
         st.queued_records -= records;
         st.queued_bytes -= batch.payload_bytes;
         match result {
-            Ok(()) => {
+            Ok(checksum) => {
                 let bytes = batch.batch_bytes() as u64;
                 st.durable_lsn = batch.lsn;
                 st.durable_end = end;
+                st.durable_chain = checksum;
                 st.spans.push_back(Span {
                     lsn: batch.lsn,
                     offset: batch.offset,
                     bytes,
+                    checksum,
                 });
                 let s = &mut st.stats;
                 s.batches_written += 1;
@@ -562,9 +573,10 @@ impl<S: Storage> Inner<S> {
         st
     }
 
-    /// Encodes and durably writes one batch. Called by the leader only,
-    /// without the lock.
-    fn write(&self, batch: &PendingBatch) -> Result<(), LogError> {
+    /// Encodes and durably writes one batch chained to `prev_checksum` (the
+    /// batch before it is durable: one batch in flight); returns its header
+    /// checksum. Called by the leader only, without the lock.
+    fn write(&self, batch: &PendingBatch, prev_checksum: u32) -> Result<u32, LogError> {
         let physical = self.ring.physical(batch.offset);
         let expected = batch.batch_bytes();
         let fail = |op: IoOp, len_bytes: u64, cause: io::Error| LogError::Failed {
@@ -576,14 +588,15 @@ impl<S: Storage> Inner<S> {
             cause: Arc::new(cause),
         };
         let records = batch.records();
-        let buf = encode_batch(
-            &self.fs_id,
-            batch.lsn.0,
-            batch.txn_id,
-            batch.offset,
-            &records,
-        )
-        .map_err(|e| fail(IoOp::Write, expected as u64, io::Error::other(e)))?;
+        let id = BatchId {
+            fs_id: self.fs_id,
+            lsn: batch.lsn.0,
+            txn_id: batch.txn_id,
+            log_offset: batch.offset,
+            prev_checksum,
+        };
+        let buf = encode_batch(&id, &records)
+            .map_err(|e| fail(IoOp::Write, expected as u64, io::Error::other(e)))?;
         // Postconditions of the wrap rule and of the sizing done at append.
         if buf.len() != expected || (buf.len() as u64) > self.ring.contiguous(batch.offset) {
             return Err(fail(
@@ -613,7 +626,8 @@ impl<S: Storage> Inner<S> {
                 physical,
                 buf.len() as u64,
             )
-        })
+        })?;
+        Ok(batch_checksum(&buf))
     }
 
     /// Blocks until `target` is durable, leading writes when nobody else is.
@@ -687,12 +701,13 @@ impl<S: Storage> RefLog<S> {
             storage_failure(e, storage.device_name(), IoOp::Flush, report.end.lsn, 0, 0)
         })?;
         let spans: VecDeque<Span> = replay
-            .batches()
-            .iter()
-            .map(|b| Span {
-                lsn: b.lsn,
-                offset: b.log_offset,
-                bytes: u64::from(b.batch_bytes),
+            .spans()
+            .into_iter()
+            .map(|(lsn, offset, bytes, checksum)| Span {
+                lsn,
+                offset,
+                bytes,
+                checksum,
             })
             .collect();
         let end = report.end;
@@ -708,6 +723,8 @@ impl<S: Storage> RefLog<S> {
             durable_lsn: end.lsn.prev(),
             durable_end: end.offset,
             head,
+            head_chain: bounds.head_chain,
+            durable_chain: replay.end_chain(),
             spans,
             failed: None,
             stats: LogStats::default(),
@@ -788,12 +805,13 @@ impl<S: Storage> RefLog<S> {
     /// same `upto`.
     pub fn bounds(&self, upto: Lsn) -> Result<LogBounds, LogError> {
         let st = self.inner.lock();
-        let head_offset = st.head_offset_for(upto)?;
+        let (head_offset, head_chain) = st.head_for(upto)?;
         Ok(LogBounds {
             head_offset,
             head_lsn: upto,
             tail_offset: st.durable_end,
             tail_lsn: st.durable_lsn,
+            head_chain,
         })
     }
 
@@ -808,11 +826,12 @@ impl<S: Storage> RefLog<S> {
         if upto <= st.head.lsn {
             return Ok(st.head);
         }
-        let offset = st.head_offset_for(upto)?;
+        let (offset, chain) = st.head_for(upto)?;
         while st.spans.front().is_some_and(|s| s.lsn < upto) {
             st.spans.pop_front();
         }
         st.head = LogPosition { lsn: upto, offset };
+        st.head_chain = chain;
         st.check();
         self.inner.publish(&st);
         let head = st.head;

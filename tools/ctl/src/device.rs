@@ -15,10 +15,12 @@ use refd_durable::codec::{decode_record, Record};
 pub use refd_durable::progress::Progress;
 use refd_durable::progress::PROGRESS_CHECK_ITEMS;
 use refd_durable::{
-    read_held, read_newest_superblock, read_service, scan_extents, DurableEngine, FormatOptions,
+    ops_in, read_held, read_newest_superblock, read_service, scan_extents, DurableEngine,
+    FormatOptions, OpenOptions,
 };
 use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
-use refd_ioring::format::Superblock;
+use refd_ioring::format::{Superblock, RECOVERY_MODE_NONE};
+use refd_ioring::log::{replay_with, LogError, RecoveryMode};
 use refd_ioring::{replay, Device, FileAllocation, UringConfig, UringStorage};
 
 /// Problems reported in full (all are counted).
@@ -157,6 +159,9 @@ pub struct FsckReport {
     pub freed_extents: u64,
     /// Where and why log replay stops.
     pub log_end: String,
+    /// The superblock's record of an earlier recovery that dropped log
+    /// batches by an operator's choice (empty: none).
+    pub recovery_record: String,
     /// Everything wrong (at most [`PROBLEMS_SHOWN_MAX`]).
     pub problems: Vec<String>,
     /// Count of problems.
@@ -199,6 +204,19 @@ fn load(path: &Path, report: &mut FsckReport) -> Result<Loaded, String> {
     let sb = choice.superblock;
     report.generation = sb.generation;
     report.slot = choice.slot;
+    let r = &sb.recovery;
+    if r.mode != RECOVERY_MODE_NONE {
+        report.recovery_record = format!(
+            "superblock generation {} recovered with mode {} and dropped log batches lsn \
+             {}..={} ({} batches, {} acknowledged ops of intact batches)",
+            r.generation,
+            r.mode,
+            r.dropped_first_lsn,
+            r.dropped_last_lsn,
+            r.dropped_batches,
+            r.dropped_ops
+        );
+    }
     let tree = match BTree::open_superblock(storage.clone(), &sb, TreeConfig::default()) {
         Ok(t) => Some(t),
         Err(e) => {
@@ -279,9 +297,44 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
                 }
             }
         }
+        Err(e @ LogError::Damaged { last, .. }) => {
+            // What going on would lose: the ops of the intact batches
+            // after the damage.
+            let after = replay_with(&*storage, &sb, RecoveryMode::SkipCorrupt)
+                .map_or(0, |r| ops_in(&r, last.get().saturating_add(1)));
+            report.problem(format!(
+                "log: {e}; {after} acknowledged ops in the intact batches after the damage"
+            ));
+        }
         Err(e) => report.problem(format!("log: {e}")),
     }
     Ok(report)
+}
+
+/// What `refctl recover` did.
+#[derive(Debug)]
+pub struct Recovered {
+    /// What open found and dropped.
+    pub info: refd_durable::RecoveryInfo,
+    /// Generation of the commit that put the recovered log behind the head.
+    pub committed_generation: u64,
+}
+
+/// Opens the device with an explicit recovery `mode` (dropping what it
+/// gives up, recorded in the superblock) and commits the recovered ops, so
+/// that the next open (in strict mode) starts after the damage.
+pub fn recover(path: &Path, mode: RecoveryMode) -> Result<Recovered, String> {
+    let storage = open(path)?;
+    let options = OpenOptions {
+        recovery_mode: mode,
+        ..OpenOptions::default()
+    };
+    let (engine, info) = DurableEngine::open(storage, options).map_err(|e| e.to_string())?;
+    let summary = engine.commit().map_err(|e| e.to_string())?;
+    Ok(Recovered {
+        info,
+        committed_generation: summary.generation,
+    })
 }
 
 /// Writes the committed extent tree of a device (read only) in dump-tree's

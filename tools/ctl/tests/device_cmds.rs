@@ -178,3 +178,58 @@ fn flip(p: &Path, at: u64) {
     f.write_all(&b).unwrap();
     f.sync_all().unwrap();
 }
+
+/// The case on the real binaries: a bit flip in one of the
+/// acknowledged batches after the last commit (not the last one) made
+/// fsck say CLEAN with every later batch dropped. Now fsck fails naming
+/// the damage and the ops after it, open refuses, and `refctl recover
+/// --mode skip-corrupt` gives up exactly the damaged batch, recorded in
+/// the superblock.
+#[test]
+fn a_rotten_log_batch_is_reported_refused_and_recovered_explicitly() {
+    let p = image("rotten-log");
+    let path = p.to_str().unwrap();
+    assert_eq!(refctl(&["format", path, "--size", "64M"]).0, 0);
+    populate(&p);
+    let sb = {
+        let dev = Device::open(&p, 0).unwrap();
+        let s = UringStorage::new(dev, UringConfig::default()).unwrap();
+        refd_durable::read_newest_superblock(&s).unwrap().superblock
+    };
+    // The five one-op batches after the last commit, 4096 bytes each: a
+    // bit in the record of the second.
+    let batch = |i: u64| sb.log_start + (sb.log_head_offset + i * 4096) % sb.log_bytes;
+    flip(&p, batch(1) + 85);
+    let (code, v) = fsck_json(&p);
+    assert_eq!((code, v["clean"].clone()), (1, false.into()), "{v}");
+    let problems = v["problems"].to_string();
+    assert!(problems.contains("log corrupt"), "{problems}");
+    assert!(
+        problems.contains("3 acknowledged ops in the intact batches after the damage"),
+        "{problems}"
+    );
+    {
+        let dev = Device::open(&p, 0).unwrap();
+        let s = Arc::new(UringStorage::new(dev, UringConfig::default()).unwrap());
+        match DurableEngine::open(s, OpenOptions::default()) {
+            Err(e @ refd_durable::OpenError::LogDamaged { ops_after: 3, .. }) => {
+                assert!(e.to_string().contains("recovery-mode"), "{e}")
+            }
+            other => panic!("expected LogDamaged, got {:?}", other.map(|(_, i)| i)),
+        }
+    }
+    let (code, out, err) = refctl(&["recover", path, "--mode", "skip-corrupt"]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("DROPPED"), "{out}");
+    let (code, v) = fsck_json(&p);
+    assert_eq!(code, 0, "{v}");
+    // 350 committed, the held head and the four intact batches.
+    assert_eq!(v["refs"], 355, "{v}");
+    assert_eq!(v["log_ops"], 0, "{v}");
+    let record = v["recovery_record"].as_str().unwrap();
+    assert!(
+        record.contains("mode 2") && record.contains("1 batches"),
+        "{record}"
+    );
+    std::fs::remove_file(&p).unwrap();
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::{Listen, LogFormat, ServeConfig, StoreImpl};
+use crate::{Listen, LogFormat, RecoveryModeArg, ServeConfig, StoreImpl};
 
 /// `refd serve`'s flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -74,6 +74,13 @@ pub struct Serve {
     /// Log lines as human text or JSON (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+    /// What recovery does when the log is damaged in the middle (an
+    /// unreadable batch followed by intact ones: acknowledged ops lost on
+    /// the device): strict refuses to start; tolerate-tail and skip-corrupt
+    /// go on, dropping what they say, logged and recorded in the
+    /// superblock. Check with `refctl fsck` first.
+    #[arg(long, value_enum, default_value_t = RecoveryModeArg::Strict)]
+    pub recovery_mode: RecoveryModeArg,
 }
 
 fn config(a: Serve) -> Result<ServeConfig, String> {
@@ -124,6 +131,7 @@ fn config(a: Serve) -> Result<ServeConfig, String> {
         prefault_mib: a.prefault_mib,
         dry_run: a.dry_run,
         log_format: a.log_format,
+        recovery_mode: a.recovery_mode,
         ..defaults
     })
 }
@@ -203,11 +211,15 @@ pub fn serve(a: Serve) -> Result<(), String> {
     refd_alloc::tune();
     let config = config(a)?;
     let server = crate::start(config).map_err(|e| e.to_string())?;
+    // The handlers are installed before the ready line: a SIGTERM sent
+    // as soon as it is read must stop the daemon gracefully, not kill it
+    // (seen: a test's SIGTERM right after the ready line, under load,
+    // ended the process by the default action).
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signals: {e}"))?;
     // Not `println!`: a closed stdout must not stop the daemon.
     let _ = writeln!(std::io::stdout(), "{}", server.ready_line());
     let _ = std::io::stdout().flush();
     notify_ready();
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signals: {e}"))?;
     let stop = server.stop_handle();
     std::thread::spawn(move || {
         let mut seen = 0;

@@ -89,6 +89,33 @@ pub enum StoreImpl {
     Mutex,
 }
 
+/// What recovery does with a log damaged in the middle
+/// (`refd_ioring::log::RecoveryMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RecoveryModeArg {
+    /// Refuse to start (the default): nothing acknowledged is dropped
+    /// without an operator's decision.
+    #[default]
+    Strict,
+    /// Keep the log up to the first damaged batch; drop it and every batch
+    /// after it.
+    TolerateTail,
+    /// Drop only the damaged batches; keep every intact batch after them.
+    SkipCorrupt,
+}
+
+impl RecoveryModeArg {
+    /// The engine's mode.
+    pub fn mode(self) -> refd_ioring::log::RecoveryMode {
+        use refd_ioring::log::RecoveryMode as M;
+        match self {
+            RecoveryModeArg::Strict => M::Strict,
+            RecoveryModeArg::TolerateTail => M::TolerateTail,
+            RecoveryModeArg::SkipCorrupt => M::SkipCorrupt,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -141,6 +168,8 @@ pub struct ServeConfig {
     pub dry_run: bool,
     /// Print the ready line as JSON too.
     pub log_format: LogFormat,
+    /// What recovery does with a damaged log (default: refuse to start).
+    pub recovery_mode: RecoveryModeArg,
 }
 
 impl Default for ServeConfig {
@@ -165,6 +194,7 @@ impl Default for ServeConfig {
             prefault_mib: 0,
             dry_run: false,
             log_format: LogFormat::Human,
+            recovery_mode: RecoveryModeArg::Strict,
         }
     }
 }

@@ -119,6 +119,12 @@ fn try_open(path: &Path, create_bytes: u64) -> Result<Opened, DeviceError> {
                     reason: e.to_string(),
                 })
             }
+            Err(refd_ioring::DeviceError::Locked { source, .. }) => {
+                return Err(DeviceError::Locked {
+                    path: display,
+                    source,
+                })
+            }
             Err(e) => return Err(open_err(e.to_string())),
         };
         Arc::new(

@@ -26,5 +26,5 @@ pub mod ops;
 pub mod server;
 pub mod stats;
 
-pub use config::{Listen, LogFormat, ServeConfig, StoreImpl};
+pub use config::{Listen, LogFormat, RecoveryModeArg, ServeConfig, StoreImpl};
 pub use server::{start, Running, ServeError};

@@ -214,6 +214,16 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
             device: device.clone(),
             source: Box::new(source),
         })?;
+    if let Some(d) = &recovery.dropped {
+        tracing::warn!(
+            mode = %recovery.replay.mode,
+            first_lsn = d.dropped_first_lsn,
+            last_lsn = d.dropped_last_lsn,
+            batches = d.dropped_batches,
+            ops = d.dropped_ops,
+            "recovery mode dropped damaged log batches (recorded in the superblock): {recovery}"
+        );
+    }
     // The replayed log is committed before serving, as a btrfs mount
     // commits its log replay: a daemon that crashes again before its first
     // interval commit (a crash loop) does not replay an ever longer log.
@@ -376,6 +386,7 @@ pub fn engine_options(config: &ServeConfig) -> OpenOptions {
             ..ServiceOptions::default()
         },
         progress: Some(|line| tracing::info!("{line}")),
+        recovery_mode: config.recovery_mode.mode(),
         ..OpenOptions::default()
     }
 }

@@ -560,3 +560,76 @@ fn closed_output_does_not_wedge_the_daemon() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// A log damaged in the middle (a bit flipped in an acknowledged batch
+/// with intact batches after it): the daemon refuses to start, naming the
+/// damage and the way on; `--recovery-mode skip-corrupt` starts it,
+/// logging what was dropped.
+#[test]
+fn a_damaged_log_stops_the_daemon_until_a_recovery_mode_is_chosen() {
+    use refd_core::model::{Action, ExtentKind, Op, RefKey};
+    use refd_durable::{DurableEngine, OpenOptions};
+    use refd_ioring::{UringConfig, UringStorage};
+    let Some(t) = Target::new("refd-rotten-log", 64 * MIB, false) else {
+        return;
+    };
+    let sb = {
+        let s = std::sync::Arc::new(
+            UringStorage::open(&t.device, 0, UringConfig::default()).expect("open"),
+        );
+        let (e, _) = DurableEngine::open(std::sync::Arc::clone(&s), OpenOptions::default())
+            .expect("open engine");
+        for objectid in 0..5 {
+            let action = if objectid == 0 {
+                Action::AddExtent
+            } else {
+                Action::AddRef
+            };
+            let key = RefKey::ExtentData {
+                root: 5,
+                objectid,
+                offset: 0,
+            };
+            let op = Op::new(1 << 30, 4096, ExtentKind::Data, action, key, 0).unwrap();
+            e.add_durable(&op).expect("add");
+        }
+        e.superblock()
+    };
+    // One 4096-byte batch per op after the head: a bit of the second.
+    let at = sb.log_start + (sb.log_head_offset + 4096) % sb.log_bytes + 85;
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&t.device)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        b[0] ^= 0x04;
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&b).unwrap();
+        f.sync_all().unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_refd"))
+        .arg("serve")
+        .args(["--metrics", "off", "--device", t.device.to_str().unwrap()])
+        .arg("--listen")
+        .arg(format!("unix:{}", t.socket().display()))
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run refd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("log corrupt") && err.contains("--recovery-mode"),
+        "{err}"
+    );
+    assert!(!t.socket().exists(), "nothing was served");
+    let mut d = Daemon::start(&t, &["--recovery-mode", "skip-corrupt"]);
+    assert!(d.ready.contains("4 ops replayed"), "{}", d.ready);
+    let status = d.term();
+    assert!(status.success(), "{status}: {}", d.log());
+    assert!(d.log().contains("DROPPED"), "{}", d.log());
+}

@@ -37,7 +37,7 @@ use refd_core::delayed::DelayedRefStore;
 use refd_core::engine::{Engine, TreeRead};
 use refd_ioring::btree::{BTree, TreeConfig};
 use refd_ioring::format::Superblock;
-use refd_ioring::log::{LogConfig, Lsn, RefLog};
+use refd_ioring::log::{LogConfig, Lsn, RecoveryMode, RefLog};
 use refd_ioring::Storage;
 
 use crate::committer::{Committer, CommitterStats, SystemClock};
@@ -107,6 +107,11 @@ pub struct OpenOptions {
     /// replayed), one per [`crate::progress::Progress::EVERY`] of a long
     /// open; `None`: silent.
     pub progress: Option<fn(&str)>,
+    /// What recovery does with a log damaged in the middle (an unreadable
+    /// batch followed by intact ones): refuse ([`RecoveryMode::Strict`],
+    /// the default: [`crate::OpenError::LogDamaged`]) or drop what an
+    /// operator chose to give up, recorded in the superblock.
+    pub recovery_mode: RecoveryMode,
 }
 
 impl Default for OpenOptions {
@@ -122,6 +127,7 @@ impl Default for OpenOptions {
             verify: false,
             service: ServiceOptions::default(),
             progress: None,
+            recovery_mode: RecoveryMode::Strict,
         }
     }
 }

@@ -12,11 +12,13 @@ use refd_core::engine::Engine;
 use refd_core::extent_tree::ExtentTree;
 use refd_core::head::{DelayedRef, Head, RunRefs};
 use refd_ioring::btree::BTree;
+use refd_ioring::format::RecoveryRecord;
 use refd_ioring::format::{
-    pick_newest, FsId, Layout, Superblock, SuperblockChoice, NODE_BYTES, SUPERBLOCK_BYTES,
-    SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES, SUPERBLOCK_SLOT_ADDRS,
+    pick_newest_decoded, BlockKind, FormatError, FsId, Layout, Superblock, SuperblockChoice,
+    NODE_BYTES, SUPERBLOCK_BYTES, SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES,
+    SUPERBLOCK_SLOT_ADDRS,
 };
-use refd_ioring::log::{replay, RefLog};
+use refd_ioring::log::{replay_with, LogError, RecoveryMode, RefLog, Replay};
 use refd_ioring::{Storage, StorageError, BLOCK_BYTES};
 
 use super::read::{read_held, scan_extents};
@@ -51,22 +53,29 @@ pub(super) fn write_superblock<S: Storage>(
 }
 
 /// Read both superblock copies of `storage` and pick the newest valid one
-/// (the choice also says which copies were rejected and why).
+/// (the choice also says which copies were rejected and why). A slot that
+/// cannot be read is a rejected copy ([`FormatError::Unreadable`]), not a
+/// failed open: one good copy is enough.
 pub fn read_newest_superblock<S: Storage + ?Sized>(
     storage: &S,
 ) -> Result<SuperblockChoice, OpenError> {
     let device = storage.device_name().to_string();
-    let mut slots = [vec![0u8; SUPERBLOCK_BYTES], vec![0u8; SUPERBLOCK_BYTES]];
-    for (addr, buf) in SUPERBLOCK_SLOT_ADDRS.iter().zip(slots.iter_mut()) {
-        storage
-            .read(*addr, buf)
-            .map_err(|source| OpenError::ReadSuperblock {
-                device: device.clone(),
-                addr: *addr,
-                source,
-            })?;
-    }
-    pick_newest(&slots[0], &slots[1]).map_err(|source| OpenError::NoSuperblock { device, source })
+    let read = |addr: u64| {
+        let mut buf = vec![0u8; SUPERBLOCK_BYTES];
+        match storage.read(addr, &mut buf) {
+            Ok(()) => Superblock::decode(&buf, addr),
+            Err(e) => Err(FormatError::Unreadable {
+                what: BlockKind::Superblock,
+                addr,
+                error: e.to_string(),
+            }),
+        }
+    };
+    pick_newest_decoded([
+        read(SUPERBLOCK_SLOT_ADDRS[0]),
+        read(SUPERBLOCK_SLOT_ADDRS[1]),
+    ])
+    .map_err(|source| OpenError::NoSuperblock { device, source })
 }
 
 /// Seq barriers live in memory: none survives a crash, and the new
@@ -213,12 +222,29 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 node_region_bytes,
             },
         );
+        // A random chain seed: no batch of an earlier format of the device
+        // (even with the same fs_id) chains to it.
+        let seed = FsId::generate().map_err(|source| FormatDeviceError::FsId {
+            device: device.clone(),
+            source,
+        })?;
+        sb.log_head_chain = u32::from_le_bytes([seed.0[0], seed.0[1], seed.0[2], seed.0[3]]);
         sb.validate()
             .map_err(|source| FormatDeviceError::Superblock {
                 device: device.clone(),
                 source,
             })?;
-        // Both copies, so no leftover of an earlier format is picked.
+        // Erase both slots first, durably, then write both copies: a
+        // format interrupted after the erase leaves the new file system or
+        // none, never the old one's superblock beside a new one (whose
+        // higher generation `pick_newest` would prefer).
+        storage
+            .write_durable(0, &[0u8; SUPERBLOCK_REGION_BYTES as usize])
+            .map_err(|source| FormatDeviceError::Write {
+                device: device.clone(),
+                addr: 0,
+                source,
+            })?;
         for generation in [1, 2] {
             sb.generation = generation;
             write_superblock(storage, &sb).map_err(|source| FormatDeviceError::Write {
@@ -251,6 +277,19 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         let device = storage.device_name().to_string();
         let choice = read_newest_superblock(&storage)?;
         let sb = choice.superblock;
+        // Every size in the superblock was checked against the device
+        // size it records; that must not exceed the real device.
+        let device_bytes = storage.geometry().size_bytes;
+        if sb.geometry.size_bytes > device_bytes {
+            return Err(OpenError::Layout {
+                device,
+                reason: format!(
+                    "superblock generation {} describes a {}-byte device, the device has {} \
+                     bytes (truncated image, or the superblock of another device)",
+                    sb.generation, sb.geometry.size_bytes, device_bytes
+                ),
+            });
+        }
         let tree =
             BTree::open_superblock(storage.clone(), &sb, options.tree).map_err(|source| {
                 OpenError::Tree {
@@ -264,11 +303,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             warm_cache(&tree, &device, options.cache_extents_max, &mut progress)?;
         let extents_cached = cached.len();
         progress.tick(|| format!("{device}: recovery: reading the log"));
-        let replayed = replay(&storage, &sb).map_err(|source| OpenError::Replay {
-            device: device.clone(),
-            generation: sb.generation,
-            source,
-        })?;
+        let (replayed, mut dropped) = replay_log(&storage, &sb, options.recovery_mode, &device)?;
         // A commit lost in the crash may have written nodes stamped
         // sb.generation + 1 (never more: commit g + 2 waits for g + 1's
         // superblock). Below, a durable superblock claims that generation,
@@ -306,6 +341,12 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         let mut claim = sb.clone();
         claim.generation = claimed_generation;
         claim.flags &= !SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
+        if let Some(record) = dropped.as_mut() {
+            // The operator's choice is recorded with the generation that
+            // made it; later superblocks carry it.
+            record.generation = claimed_generation;
+            claim.recovery = *record;
+        }
         write_superblock(&storage, &claim).map_err(|source| OpenError::WriteSuperblock {
             device: device.clone(),
             generation: claimed_generation,
@@ -324,6 +365,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             ops_replayed,
             heads_held,
             replay: replayed.report().clone(),
+            dropped,
             claimed_generation: claim.generation,
         };
         let next_generation = claim.generation + 1;
@@ -363,6 +405,71 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         engine.record_commit(0, Duration::ZERO);
         Ok((engine, info))
     }
+}
+
+/// Replays the log of `sb` in `mode`. A damaged log in strict mode is
+/// [`OpenError::LogDamaged`] with the ops that going on would lose; in the
+/// other modes, what was dropped becomes the superblock's recovery record
+/// (its generation set by the caller).
+pub(crate) fn replay_log<S: Storage + ?Sized>(
+    storage: &S,
+    sb: &Superblock,
+    mode: RecoveryMode,
+    device: &str,
+) -> Result<(Replay, Option<RecoveryRecord>), OpenError> {
+    let replay_error = |source| OpenError::Replay {
+        device: device.to_string(),
+        generation: sb.generation,
+        source,
+    };
+    let replayed = match replay_with(storage, sb, mode) {
+        Ok(r) => r,
+        Err(source @ LogError::Damaged { last, .. }) => {
+            let ops_after = replay_with(storage, sb, RecoveryMode::SkipCorrupt)
+                .map_or(0, |r| ops_in(&r, last.get().saturating_add(1)));
+            return Err(OpenError::LogDamaged {
+                device: device.to_string(),
+                generation: sb.generation,
+                ops_after,
+                source: Box::new(source),
+            });
+        }
+        Err(source) => return Err(replay_error(source)),
+    };
+    let Some(d) = replayed.report().dropped else {
+        return Ok((replayed, None));
+    };
+    // The intact batches tolerate-tail dropped: count their ops.
+    let dropped_ops = if d.intact_batches > 0 {
+        replay_with(storage, sb, RecoveryMode::SkipCorrupt)
+            .map_err(replay_error)
+            .map(|r| ops_in(&r, d.first.get()))?
+    } else {
+        0
+    };
+    let record = RecoveryRecord {
+        generation: 0,
+        mode: mode.record_code(),
+        dropped_batches: u32::try_from(d.batches).unwrap_or(u32::MAX),
+        dropped_first_lsn: d.first.get(),
+        dropped_last_lsn: d.last.get(),
+        dropped_ops,
+    };
+    Ok((replayed, Some(record)))
+}
+
+/// Ops in the records of `replayed` with an LSN of at least `from` (a
+/// record that does not decode counts none; replay itself reports it).
+pub fn ops_in(replayed: &Replay, from: u64) -> u64 {
+    replayed
+        .records()
+        .filter(|r| r.lsn.get() >= from)
+        .map(|r| match codec::decode_record(r.data) {
+            Ok(Record::Op(_)) => 1,
+            Ok(Record::Submit { ops, .. }) => ops.len() as u64,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Up to `max` committed extents into a new cache; true if that is all of

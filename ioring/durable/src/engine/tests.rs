@@ -8,7 +8,7 @@ use refd_ioring::log::LogConfig;
 
 use super::read::read_held;
 use super::*;
-use crate::error::{AddError, CommitError};
+use crate::error::{AddError, CommitError, OpenError};
 use refd_core::model::{Action, ExtentKind, RefKey};
 use refd_ioring::{FaultPlan, SimConfig, SimStorage};
 
@@ -244,5 +244,189 @@ fn a_failed_write_latches() {
     match e.commit() {
         Err(CommitError::Failed(f)) => assert_eq!(f, first),
         r => panic!("{r:?}"),
+    }
+}
+
+/// Ten acknowledged batches (an allocation, then nine refs, one op per
+/// batch) and no checkpoint after them; then one bit of batch 5 rots.
+fn ten_acknowledged_batches_one_rotten() -> Dev {
+    let (dev, e) = setup();
+    e.add_durable(&data(Action::AddExtent, 1)).unwrap();
+    for objectid in 2..=10 {
+        e.add_durable(&data(Action::AddRef, objectid)).unwrap();
+    }
+    let crashed: Dev = Arc::new(dev.crash());
+    drop(e);
+    // Batch 5 (4096 bytes at log offset 4 * 4096): a bit of its record.
+    let log_start = refd_ioring::format::SUPERBLOCK_REGION_BYTES;
+    crashed.flip_bit(log_start + 4 * 4096 + 85, 3).unwrap();
+    crashed
+}
+
+/// The case on the engine: open refuses, naming the damaged LSNs
+/// and the acknowledged ops after them (it used to take the rotten batch
+/// for a torn tail and drop every later batch without a word); the
+/// recovery modes recover exactly what they promise and record the
+/// choice in the superblock.
+#[test]
+fn a_rotten_batch_in_the_middle_of_the_log_is_refused_then_recovered_explicitly() {
+    use refd_ioring::format::{RECOVERY_MODE_SKIP_CORRUPT, RECOVERY_MODE_TOLERATE_TAIL};
+    use refd_ioring::log::{LogError, Lsn, RecoveryMode};
+    let dev = ten_acknowledged_batches_one_rotten();
+    match DurableEngine::open(Arc::clone(&dev), opts()) {
+        Err(OpenError::LogDamaged {
+            ops_after, source, ..
+        }) => match *source {
+            LogError::Damaged { first, last, .. } => {
+                assert_eq!((first, last, ops_after), (Lsn(5), Lsn(5), 5))
+            }
+            other => panic!("expected Damaged, got {other:?}"),
+        },
+        other => panic!("expected LogDamaged, got {:?}", other.map(|(_, i)| i)),
+    }
+    for (mode, code, refs, ops, dropped, lost) in [
+        (
+            RecoveryMode::SkipCorrupt,
+            RECOVERY_MODE_SKIP_CORRUPT,
+            9,
+            9,
+            (5, 5, 1),
+            0,
+        ),
+        (
+            RecoveryMode::TolerateTail,
+            RECOVERY_MODE_TOLERATE_TAIL,
+            4,
+            4,
+            (5, 10, 6),
+            5,
+        ),
+    ] {
+        let dev: Dev = Arc::new(dev.crash());
+        let options = OpenOptions {
+            recovery_mode: mode,
+            ..opts()
+        };
+        let (e, info) = DurableEngine::open(Arc::clone(&dev), options).unwrap();
+        assert_eq!(info.ops_replayed, ops, "{mode}: {info}");
+        let record = info.dropped.expect("dropped");
+        assert_eq!(
+            (
+                record.mode,
+                record.dropped_first_lsn,
+                record.dropped_last_lsn
+            ),
+            (code, dropped.0, dropped.1)
+        );
+        assert_eq!(
+            (record.dropped_batches, record.dropped_ops),
+            (dropped.2, lost)
+        );
+        assert_eq!(record.generation, info.claimed_generation);
+        assert!(info.to_string().contains("DROPPED"), "{info}");
+        e.commit().unwrap();
+        assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, refs, "{mode}");
+        e.verify().unwrap();
+        // The choice stays recorded, and the device opens strictly again.
+        e.add_durable(&data(Action::AddRef, 11)).unwrap();
+        let again: Dev = Arc::new(dev.crash());
+        drop(e);
+        let (e, info) = DurableEngine::open(again, opts()).unwrap();
+        assert_eq!(info.ops_replayed, 1);
+        assert_eq!(e.superblock().recovery.mode, code);
+        e.commit().unwrap();
+        assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, refs + 1);
+    }
+}
+
+/// Review item 2: a superblock slot that reads back as a media error is a
+/// rejected copy, not a failed open: one good copy is enough. Both
+/// unreadable is NoSuperblock naming both.
+#[test]
+fn an_unreadable_superblock_slot_is_a_rejected_copy() {
+    let (dev, sb) = formatted(8 << 20, 1 << 20);
+    let older = refd_ioring::format::superblock_addr_for_generation(sb.generation - 1);
+    dev.set_fault_plan(FaultPlan {
+        unreadable: Some((older, older + 4096)),
+        ..FaultPlan::default()
+    });
+    let (_e, info) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
+    assert_eq!(info.superblock_generation, sb.generation);
+    assert!(
+        info.superblock_rejected
+            .iter()
+            .any(|r| r.contains("unreadable")),
+        "{info}"
+    );
+    drop(_e);
+    dev.set_fault_plan(FaultPlan {
+        unreadable: Some((0, 8192)),
+        ..FaultPlan::default()
+    });
+    match DurableEngine::open(Arc::clone(&dev), opts()) {
+        Err(OpenError::NoSuperblock { source, .. }) => {
+            assert!(source.to_string().contains("unreadable"), "{source}")
+        }
+        other => panic!("expected NoSuperblock, got {:?}", other.map(|(_, i)| i)),
+    }
+}
+
+/// Review item 4: a reformat interrupted at any of its writes after the
+/// first (a power loss right after it) never brings back the file system
+/// it replaced: open finds the new one or none. (It used to write the new
+/// generation 1 beside the old newest copy, which open then preferred.)
+/// A failed first write (the erase) leaves the old file system as it was.
+#[test]
+fn an_interrupted_reformat_never_brings_back_the_old_file_system() {
+    let (dev, _) = formatted(8 << 20, 1 << 20);
+    {
+        let (e, _) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
+        e.add_durable(&data(Action::AddExtent, 1)).unwrap();
+        for _ in 0..5 {
+            e.commit().unwrap();
+        }
+    }
+    let old = DurableEngine::open(Arc::new(dev.crash()), opts())
+        .unwrap()
+        .0
+        .superblock();
+    assert!(old.generation > 4);
+    let new_fs = FsId([9; 16]);
+    for fail_at in 1..=3u64 {
+        let d: Dev = Arc::new(dev.crash());
+        d.set_fault_plan(FaultPlan {
+            write_eio_at: Some(fail_at),
+            ..FaultPlan::default()
+        });
+        let formatted = DurableEngine::format(
+            &d,
+            FormatOptions {
+                log_bytes: Some(1 << 20),
+                fs_id: Some(new_fs),
+            },
+        );
+        assert!(formatted.is_err(), "write {fail_at} failed");
+        let after: Dev = Arc::new(d.crash());
+        match DurableEngine::open(after, opts()) {
+            Ok((e, _)) if fail_at == 1 => assert_eq!(e.superblock().fs_id, old.fs_id),
+            Ok((e, _)) => assert_eq!(e.superblock().fs_id, new_fs, "write {fail_at}"),
+            Err(OpenError::NoSuperblock { .. }) => {}
+            Err(e) => panic!("write {fail_at}: {e}"),
+        }
+    }
+}
+
+/// Review item 6: a superblock describing a larger device than the one it
+/// is read from (a truncated image) is refused before anything is sized
+/// from it.
+#[test]
+fn a_superblock_of_a_larger_device_is_refused() {
+    let (dev, _) = formatted(16 << 20, 1 << 20);
+    let mut image = dev.durable_image();
+    image.truncate(8 << 20);
+    let small: Dev = Arc::new(SimStorage::from_image(SimConfig::new(8 << 20, 1), image).unwrap());
+    match DurableEngine::open(small, opts()) {
+        Err(OpenError::Layout { reason, .. }) => assert!(reason.contains("16777216"), "{reason}"),
+        other => panic!("expected Layout, got {:?}", other.map(|(_, i)| i)),
     }
 }

@@ -35,6 +35,10 @@ enum Cmd {
     /// Print the committed extent tree of PATH in dump-tree's extent-item
     /// format (ops still only in the log are counted by fsck).
     Dump(DumpArgs),
+    /// Recover PATH whose log fsck reports damaged, giving up what --mode
+    /// says (recorded in the superblock), and commit: afterwards the
+    /// device opens normally.
+    Recover(RecoverArgs),
     /// Client commands: talk to a running refd (--connect ADDR).
     #[command(flatten)]
     Client(ClientCmd),
@@ -62,6 +66,16 @@ struct FsckArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RecoverArgs {
+    /// Block device or file.
+    path: PathBuf,
+    /// tolerate-tail: keep the log up to the first damaged batch, drop it
+    /// and everything after; skip-corrupt: drop only the damaged batches.
+    #[arg(long, value_parser = ["tolerate-tail", "skip-corrupt", "strict"])]
+    mode: String,
 }
 
 #[derive(Debug, Args)]
@@ -291,6 +305,9 @@ fn run(cli: Cli) -> Result<bool, String> {
                 for s in &r.rejected_superblocks {
                     println!("superblock copy rejected: {s}");
                 }
+                if !r.recovery_record.is_empty() {
+                    println!("earlier recovery: {}", r.recovery_record);
+                }
                 for p in &r.problems {
                     println!("PROBLEM: {p}");
                 }
@@ -300,6 +317,18 @@ fn run(cli: Cli) -> Result<bool, String> {
                 println!("{}", if r.clean() { "CLEAN" } else { "NOT CLEAN" });
             }
             Ok(r.clean())
+        }
+        Cmd::Recover(a) => {
+            let mode = refd_ioring::log::RecoveryMode::from_name(&a.mode)
+                .ok_or_else(|| format!("unknown recovery mode {:?}", a.mode))?;
+            let r = device::recover(&a.path, mode)?;
+            println!(
+                "{}: {}; committed as generation {}",
+                a.path.display(),
+                r.info,
+                r.committed_generation
+            );
+            Ok(true)
         }
         Cmd::Dump(a) => {
             device::dump(

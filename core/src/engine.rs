@@ -356,7 +356,7 @@ impl<S: DelayedRefStore> Engine<S> {
         let mut report = CommitReport {
             generation,
             heads: heads.len(),
-            refs: heads.iter().map(|h| h.refs.len()).sum(),
+            refs: heads.iter().map(Head::refs_changing).sum(),
             freeze_time,
             ..CommitReport::default()
         };

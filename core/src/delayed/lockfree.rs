@@ -621,11 +621,7 @@ impl LockFreeStore {
         let mut scratch: Vec<PackedRef> = Vec::new();
         for h in &carry {
             scratch.clear();
-            scratch.extend(
-                h.refs
-                    .iter()
-                    .map(|r| PackedRef::new(r.key, r.seq, r.ref_mod)),
-            );
+            scratch.extend(h.refs.iter().map(PackedRef::pack));
             cb.push(h.bytenr, &h.summary, &scratch);
         }
         staged_runs.push(cb.finish());

@@ -102,7 +102,7 @@ pub trait DelayedRefStore: Send + Sync {
         let all = self.pending_all();
         PendingStats {
             heads: all.len(),
-            refs: all.iter().map(|h| h.refs.len()).sum(),
+            refs: all.iter().map(Head::refs_changing).sum(),
         }
     }
 

@@ -844,6 +844,16 @@ impl DelayedRefStore for LockFreeStore {
             self.gen.live() - 1,
             "freeze while a transaction is frozen"
         );
+        // The generation about to open (live + 1) reuses the index of the
+        // released one (same parity). `reclaim_released` normally emptied
+        // it already, outside the engine's locks; it is an optional memory
+        // hook, so the reuse must not depend on it: empty the index here if
+        // it still holds the released generation's runs or carry (a few
+        // skiplist removals, the memory is reclaimed through the epoch).
+        let reused = &self.index[parity(self.gen.live() + 1)];
+        if !reused.runs.is_empty() || !reused.lock_carry().is_empty() {
+            reused.clear();
+        }
         let g = self.gen.advance();
         // No compaction of g starts from here; running ones are waited for
         // by `sealed_heads`, outside the caller's locks.
@@ -1048,6 +1058,30 @@ mod tests {
         let (eager, lazy) = (stored(1_000_000), stored(1));
         assert!(eager.heads < lazy.heads, "eager {eager:?} lazy {lazy:?}");
         assert!(eager.runs <= lazy.runs);
+    }
+
+    /// Issue 13 defect 4: index parity `g` is reused for `g + 2`; that used
+    /// to be safe only because the engine called `reclaim_released`, an
+    /// optional memory hook. Without it, generation `g`'s runs were merged
+    /// again into `g + 2`.
+    #[test]
+    fn generation_reuse_does_not_depend_on_reclaim() {
+        let lf = LockFreeStore::with_config(2, 2);
+        let mx = MutexStore::new();
+        let all = ops(300);
+        let mut hl = lf.handle().unwrap();
+        let mut hm = mx.handle().unwrap();
+        for round in 0..4 {
+            for op in &all {
+                hl.add(op).unwrap();
+                hm.add(op).unwrap();
+            }
+            lf.settle();
+            assert_eq!(lf.freeze(), mx.freeze(), "round {round}");
+            lf.release(Vec::new());
+            mx.release(Vec::new());
+            // No reclaim_released.
+        }
     }
 
     #[test]

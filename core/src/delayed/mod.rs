@@ -136,6 +136,8 @@ pub trait DelayedRefStore: Send + Sync {
 
     /// Free what the last release hid (called outside the tree lock, before
     /// the next freeze). Stores that free inside `release` need nothing.
+    /// Optional: a store must stay correct when it is never called (the
+    /// lock-free store empties a reused index in `seal` if it was not).
     fn reclaim_released(&self) {}
 
     /// Queue whole heads into the live transaction, as a commit requeues

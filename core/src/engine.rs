@@ -311,9 +311,22 @@ impl<S: DelayedRefStore> Engine<S> {
         self.store.seal();
         Sealed {
             engine: self,
-            serial,
+            serial: Some(serial),
             t0,
         }
+    }
+
+    /// End a commit that will not be applied (a [`Sealed`], [`Frozen`] or
+    /// [`Ran`] dropped or aborted): the sealed transaction is released with
+    /// all its heads requeued into the live one, as a seq barrier requeues
+    /// held heads, so its ops are committed by the next commit and lookups
+    /// see them throughout. The tree is unchanged.
+    fn abort_commit(&self, heads: Vec<Head>) {
+        {
+            let _w = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            self.store.release(heads);
+        }
+        self.store.reclaim_released();
     }
 
     /// Second half of [`Engine::commit`]: run the frozen heads into the
@@ -343,11 +356,7 @@ impl<S: DelayedRefStore> Engine<S> {
         frozen: Frozen<'a>,
         sink: &K,
     ) -> (Ran<'a, S>, Vec<K::Part>) {
-        let Frozen {
-            _serial,
-            heads,
-            freeze_time,
-        } = frozen;
+        let (_serial, heads, freeze_time) = frozen.take();
         let barrier = self.barrier.lowest();
 
         let t1 = Instant::now();
@@ -393,7 +402,7 @@ impl<S: DelayedRefStore> Engine<S> {
         (
             Ran {
                 engine: self,
-                _serial,
+                serial: Some(_serial),
                 heads,
                 report,
                 effects,
@@ -405,11 +414,13 @@ impl<S: DelayedRefStore> Engine<S> {
 }
 
 /// A commit between [`Engine::run_frozen_parts`] and [`Ran::apply`]: every
-/// head has run, nothing is applied yet. Holds the commit lock.
+/// head has run, nothing is applied yet. Holds the commit lock. Dropped
+/// without [`Ran::apply`], the commit is aborted ([`Ran::abort`]).
 #[derive(Debug)]
 pub struct Ran<'a, S: DelayedRefStore> {
     engine: &'a Engine<S>,
-    _serial: std::sync::MutexGuard<'a, ()>,
+    /// `None` once applied.
+    serial: Option<std::sync::MutexGuard<'a, ()>>,
     heads: Vec<Head>,
     report: CommitReport,
     effects: Vec<Vec<(u64, Option<ExtentItem>)>>,
@@ -426,15 +437,13 @@ impl<S: DelayedRefStore> Ran<'_, S> {
     /// Apply the effects to the tree under its write lock, release the
     /// frozen transaction and requeue the held heads: the second half of
     /// [`Engine::run_frozen_with`].
-    pub fn apply(self) -> CommitReport {
-        let Ran {
-            engine,
-            _serial,
-            heads,
-            mut report,
-            mut effects,
-            held,
-        } = self;
+    pub fn apply(mut self) -> CommitReport {
+        let engine = self.engine;
+        let _serial = self.serial.take();
+        let heads = std::mem::take(&mut self.heads);
+        let mut report = std::mem::take(&mut self.report);
+        let mut effects = std::mem::take(&mut self.effects);
+        let held = std::mem::take(&mut self.held);
         let generation = report.generation;
         let t2 = Instant::now();
         // Head selection moves its cursor past each extent (btrfs
@@ -486,37 +495,111 @@ impl<S: DelayedRefStore> Ran<'_, S> {
     }
 }
 
+impl<S: DelayedRefStore> Ran<'_, S> {
+    /// Abort the commit: nothing is applied, every head is requeued into
+    /// the live transaction (see [`Engine::abort_commit`]). Dropping a
+    /// `Ran` does the same.
+    pub fn abort(self) {}
+}
+
+impl<S: DelayedRefStore> Drop for Ran<'_, S> {
+    fn drop(&mut self) {
+        if self.serial.is_some() {
+            self.engine.abort_commit(std::mem::take(&mut self.heads));
+        }
+    }
+}
+
 /// A sealed transaction between [`Engine::seal`] and [`Sealed::merge`];
-/// holds the commit lock.
+/// holds the commit lock. Dropped without [`Sealed::merge`], the commit is
+/// aborted ([`Sealed::abort`]).
 #[derive(Debug)]
 pub struct Sealed<'a, S: DelayedRefStore> {
     engine: &'a Engine<S>,
-    serial: std::sync::MutexGuard<'a, ()>,
+    /// `None` once merged.
+    serial: Option<std::sync::MutexGuard<'a, ()>>,
     t0: Instant,
 }
 
 impl<'a, S: DelayedRefStore> Sealed<'a, S> {
     /// Merge the sealed transaction into heads sorted by bytenr.
-    pub fn merge(self) -> Frozen<'a> {
+    pub fn merge(mut self) -> Frozen<'a> {
         let heads = self.engine.store.sealed_heads();
         Frozen {
-            _serial: self.serial,
+            serial: self.serial.take(),
             heads,
             freeze_time: self.t0.elapsed(),
+            abort: self.engine,
+        }
+    }
+
+    /// Abort the commit: the sealed ops are requeued into the live
+    /// transaction (see [`Engine::abort_commit`]). Dropping a `Sealed`
+    /// does the same.
+    pub fn abort(self) {}
+}
+
+impl<S: DelayedRefStore> Drop for Sealed<'_, S> {
+    fn drop(&mut self) {
+        if self.serial.is_some() {
+            let heads = self.engine.store.sealed_heads();
+            self.engine.abort_commit(heads);
         }
     }
 }
 
-/// A frozen transaction between [`Engine::freeze`] and
-/// [`Engine::run_frozen`]; holds the commit lock.
-#[derive(Debug)]
-pub struct Frozen<'a> {
-    _serial: std::sync::MutexGuard<'a, ()>,
-    heads: Vec<Head>,
-    freeze_time: Duration,
+/// How a [`Frozen`] (which does not name the store type) aborts.
+trait AbortCommit: Sync {
+    fn abort(&self, heads: Vec<Head>);
 }
 
-impl Frozen<'_> {
+impl<S: DelayedRefStore> AbortCommit for Engine<S> {
+    fn abort(&self, heads: Vec<Head>) {
+        self.abort_commit(heads);
+    }
+}
+
+/// A frozen transaction between [`Engine::freeze`] and
+/// [`Engine::run_frozen`]; holds the commit lock. Dropped without being
+/// run, the commit is aborted ([`Frozen::abort`]).
+pub struct Frozen<'a> {
+    /// `None` once taken by the run.
+    serial: Option<std::sync::MutexGuard<'a, ()>>,
+    heads: Vec<Head>,
+    freeze_time: Duration,
+    abort: &'a dyn AbortCommit,
+}
+
+impl std::fmt::Debug for Frozen<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frozen")
+            .field("heads", &self.heads.len())
+            .field("freeze_time", &self.freeze_time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if self.serial.is_some() {
+            self.abort.abort(std::mem::take(&mut self.heads));
+        }
+    }
+}
+
+impl<'a> Frozen<'a> {
+    /// Abort the commit: the frozen heads are requeued into the live
+    /// transaction (see [`Engine::abort_commit`]). Dropping a `Frozen`
+    /// does the same.
+    pub fn abort(self) {}
+
+    /// The commit lock, heads and freeze time, for the run (the drop then
+    /// aborts nothing).
+    fn take(mut self) -> (std::sync::MutexGuard<'a, ()>, Vec<Head>, Duration) {
+        let serial = self.serial.take().expect("a frozen commit is run once");
+        (serial, std::mem::take(&mut self.heads), self.freeze_time)
+    }
+
     /// The frozen heads, sorted by bytenr: every extent this commit can
     /// change.
     pub fn heads(&self) -> &[Head] {
@@ -1014,6 +1097,54 @@ mod tests {
             seen.into_iter().map(|(b, was, _)| (b, was)).collect();
         assert_eq!(report.displaced.concat(), displaced);
         after.check().unwrap();
+    }
+
+    /// Issue 13 defect 5: a commit dropped at any stage (sealed, frozen,
+    /// ran) used to leave the store's transaction frozen, and the next
+    /// seal panicked. Now its ops go back to the live transaction: visible
+    /// to lookups, committed by the next commit, once.
+    fn aborted_commits_requeue<S: DelayedRefStore>(store: S) {
+        let e = Engine::new(store);
+        let mut h = e.handle().unwrap();
+        h.add(&data(4096, Action::AddExtent, 5)).unwrap();
+        h.add(&data(8192, Action::AddExtent, 5)).unwrap();
+        assert!(e.commit().quarantined.is_empty());
+        let gen = e.generation();
+        // Dropped (0..3), then aborted explicitly (3..6).
+        for stage in 0..6 {
+            h.add(&data(4096, Action::AddRef, 6 + stage)).unwrap();
+            let sealed = e.seal();
+            // Ingest goes on into the next transaction meanwhile.
+            h.add(&data(8192, Action::AddRef, 6 + stage)).unwrap();
+            match stage {
+                0 => drop(sealed),
+                1 => drop(sealed.merge()),
+                2 => drop(e.run_frozen_parts(sealed.merge(), &()).0),
+                3 => sealed.abort(),
+                4 => sealed.merge().abort(),
+                _ => e.run_frozen_parts(sealed.merge(), &()).0.abort(),
+            }
+            assert_eq!(e.generation(), gen, "aborted: tree unchanged");
+            assert_eq!(e.lookup_extent_ref(4096).refs, 2 + stage as i64);
+            assert_eq!(e.lookup_extent_ref(8192).refs, 2 + stage as i64);
+        }
+        let r = e.commit();
+        assert!(r.quarantined.is_empty(), "{:?}", r.quarantined);
+        for b in [4096, 8192] {
+            assert_eq!(e.tree().get(b).map(|i| i.refs), Some(7));
+            assert_eq!(e.lookup_extent_ref(b).refs, 7);
+        }
+        assert!(e.store().pending_all().is_empty());
+    }
+
+    #[test]
+    fn aborted_commits_requeue_mutex() {
+        aborted_commits_requeue(MutexStore::new());
+    }
+
+    #[test]
+    fn aborted_commits_requeue_lockfree() {
+        aborted_commits_requeue(LockFreeStore::with_config(2, 2));
     }
 
     #[test]

@@ -142,10 +142,13 @@ impl<'a, S: DelayedRefStore> EngineHandle<'a, S> {
     /// Queue one op (checked by ref-verify first when enabled).
     pub fn add(&mut self, op: &Op) -> Result<(), EngineError> {
         op.check().map_err(StoreError::from)?;
-        if let Some(v) = &self.engine.verify {
-            v.check(op)?;
+        let inner = &mut self.inner;
+        match &self.engine.verify {
+            // Queued while the block's shadow is locked: a commit's resync
+            // cannot erase the op between the check and the queueing.
+            Some(v) => v.check_with(op, || inner.add(op))??,
+            None => inner.add(op)?,
         }
-        self.inner.add(op)?;
         Ok(())
     }
 
@@ -157,11 +160,15 @@ impl<'a, S: DelayedRefStore> EngineHandle<'a, S> {
         for (i, op) in ops.iter().enumerate() {
             op.check().map_err(|e| (i, StoreError::from(e).into()))?;
         }
-        if let Some(v) = &self.engine.verify {
-            v.check_batch(ops).map_err(|(i, e)| (i, e.into()))?;
-        }
+        let inner = &mut self.inner;
         // Validated above: the store refuses nothing of a valid batch.
-        self.inner.add_batch(ops).map_err(|e| (0, e.into()))?;
+        match &self.engine.verify {
+            Some(v) => v
+                .check_batch_with(ops, || inner.add_batch(ops))
+                .map_err(|(i, e)| (i, e.into()))?
+                .map_err(|e| (0, e.into()))?,
+            None => inner.add_batch(ops).map_err(|e| (0, e.into()))?,
+        }
         Ok(())
     }
 }
@@ -471,11 +478,8 @@ impl<S: DelayedRefStore> Ran<'_, S> {
             // put the shadow back in line with tree + pending.
             if let Some(v) = &engine.verify {
                 for q in &report.quarantined {
-                    v.resync(
-                        q.head.bytenr,
-                        &w.tree,
-                        engine.store.pending(q.head.bytenr).as_ref(),
-                    );
+                    let bytenr = q.head.bytenr;
+                    v.resync_with(bytenr, &w.tree, || engine.store.pending(bytenr));
                 }
             }
         }
@@ -1145,6 +1149,102 @@ mod tests {
     #[test]
     fn aborted_commits_requeue_lockfree() {
         aborted_commits_requeue(LockFreeStore::with_config(2, 2));
+    }
+
+    /// A store that pauses an ingest thread inside `add` of one op (until
+    /// told to go, or 300 ms), to stage the race of issue 13 defect 6.
+    #[derive(Debug, Default)]
+    struct Pausing {
+        inner: MutexStore,
+        pause_on: Mutex<Option<Op>>,
+        paused: std::sync::atomic::AtomicBool,
+        go: std::sync::atomic::AtomicBool,
+    }
+
+    struct PausingHandle<'a>(&'a Pausing, crate::delayed::mutex::MutexHandle<'a>);
+
+    impl IngestHandle for PausingHandle<'_> {
+        fn add(&mut self, op: &Op) -> Result<(), StoreError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if *self.0.pause_on.lock().unwrap() == Some(*op) {
+                self.0.paused.store(true, SeqCst);
+                let t = Instant::now();
+                while !self.0.go.load(SeqCst) && t.elapsed() < Duration::from_millis(300) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            self.1.add(op)
+        }
+    }
+
+    impl DelayedRefStore for Pausing {
+        type Handle<'a> = PausingHandle<'a>;
+        fn name(&self) -> &'static str {
+            "pausing"
+        }
+        fn handle(&self) -> Result<PausingHandle<'_>, StoreError> {
+            Ok(PausingHandle(self, self.inner.handle()?))
+        }
+        fn pending(&self, bytenr: u64) -> Option<Head> {
+            self.inner.pending(bytenr)
+        }
+        fn pending_all(&self) -> Vec<Head> {
+            self.inner.pending_all()
+        }
+        fn seal(&self) {
+            self.inner.seal()
+        }
+        fn sealed_heads(&self) -> Vec<Head> {
+            self.inner.sealed_heads()
+        }
+        fn release(&self, held: Vec<Head>) {
+            self.inner.release(held)
+        }
+        fn requeue(&self, heads: Vec<Head>) {
+            self.inner.requeue(heads)
+        }
+    }
+
+    /// Issue 13 defect 6: an op ref-verify recorded but not yet queued when
+    /// a commit resynced its block (after quarantining another head of it)
+    /// was erased from the shadow, and a later valid drop of it refused.
+    #[test]
+    fn verify_resync_keeps_an_op_being_queued() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut e = Engine::new(Pausing::default());
+        e.enable_verify();
+        let b = 4096;
+        e.handle()
+            .unwrap()
+            .add(&data(b, Action::AddExtent, 5))
+            .unwrap();
+        assert!(e.commit().quarantined.is_empty());
+        // An invalid drop behind ref-verify's back: quarantined next commit.
+        e.store()
+            .handle()
+            .unwrap()
+            .add(&data(b, Action::DropRef, 9))
+            .unwrap();
+        let add6 = data(b, Action::AddRef, 6);
+        *e.store().pause_on.lock().unwrap() = Some(add6);
+        std::thread::scope(|s| {
+            let ingest = s.spawn(|| e.handle().unwrap().add(&add6));
+            while !e.store().paused.load(SeqCst) {
+                std::thread::yield_now();
+            }
+            // add6 is checked and recorded, not yet queued.
+            let r = e.commit();
+            e.store().go.store(true, SeqCst);
+            ingest.join().unwrap().unwrap();
+            assert_eq!(r.quarantined.len(), 1, "the invalid drop");
+        });
+        e.handle()
+            .unwrap()
+            .add(&data(b, Action::DropRef, 6))
+            .expect("a drop of a queued ref is valid");
+        let r = e.commit();
+        assert!(r.quarantined.is_empty(), "{:?}", r.quarantined);
+        assert_eq!(e.tree().get(b).map(|i| i.refs), Some(1));
     }
 
     #[test]

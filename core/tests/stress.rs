@@ -22,7 +22,17 @@ use refd_core::oracle::{normalize_tree, Model};
 const THREADS: u64 = 6;
 const OWN_EXTENTS: u64 = 64;
 const SHARED_EXTENTS: u64 = 16;
-const OPS_PER_THREAD: usize = 100_000;
+/// Ops per ingest thread; `REFD_STRESS_OPS` overrides it (CI runs the
+/// stress tests in a debug build, where its assertions on torn reads are
+/// live, with fewer ops).
+const OPS_PER_THREAD_DEFAULT: usize = 100_000;
+
+fn ops_per_thread() -> usize {
+    std::env::var("REFD_STRESS_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(OPS_PER_THREAD_DEFAULT)
+}
 
 fn shared_bytenr(j: u64) -> u64 {
     (1 << 40) + j * 4096
@@ -64,8 +74,8 @@ fn stream(t: u64, seed: u64, seq_of: impl Fn() -> u64) -> Vec<Op> {
     // Per own extent: None = free; Some((is_tree, level, roots held)).
     let mut own: Vec<Option<(bool, u8, Vec<u64>)>> = vec![None; OWN_EXTENTS as usize];
     let mut shared = vec![0u64; SHARED_EXTENTS as usize];
-    let mut ops = Vec::with_capacity(OPS_PER_THREAD);
-    while ops.len() < OPS_PER_THREAD {
+    let mut ops = Vec::with_capacity(ops_per_thread());
+    while ops.len() < ops_per_thread() {
         let seq = if rng.gen_bool(0.2) { seq_of() } else { 0 };
         if rng.gen_bool(0.3) {
             let j = rng.gen_range(0..SHARED_EXTENTS);
@@ -171,7 +181,7 @@ fn stress<S: DelayedRefStore>(store: S, seed: u64) {
                     let b = shared_bytenr(rng.gen_range(0..SHARED_EXTENTS));
                     let refs = engine.lookup_extent_ref(b).refs;
                     assert!(
-                        (1..=1 + (THREADS as i64) * OPS_PER_THREAD as i64).contains(&refs),
+                        (1..=1 + (THREADS as i64) * ops_per_thread() as i64).contains(&refs),
                         "seed {seed}: lookup({b}) = {refs}"
                     );
                     lookups.fetch_add(1, Ordering::SeqCst);

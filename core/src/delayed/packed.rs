@@ -64,8 +64,18 @@ pub(crate) fn encode(op: &Op, stamp: u64) -> Staged {
 }
 
 pub(crate) fn decode(w: &Staged) -> (Op, u64) {
+    try_decode(w).expect("a staged op written by its shard decodes")
+}
+
+/// [`decode`] of words a reader copied while the writer may have been
+/// reusing the slot: `None` when they are not one whole valid op (an
+/// unknown action, an op that fails [`Op::check`], an allocation or
+/// extent_op without a stamp). Such a read is retried by its caller (a
+/// slot is only reused inside an index change, see `lockfree.rs`); it
+/// must not reach the decoders' assertions first.
+pub(crate) fn try_decode(w: &Staged) -> Option<(Op, u64)> {
     let meta = w[7];
-    let action = Action::from_code(meta as u8).expect("staged op has a valid action");
+    let action = Action::from_code(meta as u8)?;
     let code = (meta >> 8) as u8;
     let kind = if (meta >> 24) & 1 == 1 {
         ExtentKind::Data
@@ -99,7 +109,9 @@ pub(crate) fn decode(w: &Staged) -> (Op, u64) {
         seq: w[5],
         extent_op,
     };
-    (op, w[6])
+    let stamp = w[6];
+    let needs_stamp = action == Action::AddExtent || extent_op.is_some();
+    (op.check().is_ok() && (stamp != 0 || !needs_stamp)).then_some((op, stamp))
 }
 
 /// Heads per chunk (bounds one allocation and one binary search).

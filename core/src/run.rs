@@ -773,6 +773,32 @@ mod tests {
         assert_eq!(e.item.unwrap().backrefs(), vec![(fs, 1), (csum, 1)]);
     }
 
+    /// Issue 13 defect 7 (the kind half): a data ref queued on a bytenr
+    /// that the head allocates as a tree block is a ref of the wrong kind,
+    /// not a re-allocation over a live extent (the error it used to get).
+    #[test]
+    fn wrong_kind_ref_of_a_new_life_is_a_kind_mismatch() {
+        let tree = ExtentTree::new();
+        let t = RefKey::TreeBlock { root: 2 };
+        let d = RefKey::ExtentData {
+            root: 5,
+            objectid: 257,
+            offset: 0,
+        };
+        let alloc = Op::new(4096, 16384, TREE, Action::AddExtent, t, 0).unwrap();
+        let add = Op::new(4096, 8192, ExtentKind::Data, Action::AddRef, d, 0).unwrap();
+        let mut h = Head::of_op(&alloc, 1);
+        h.absorb(&add, 0);
+        assert_eq!(
+            run_head(&tree, &h, 2, 0),
+            Err(RunError::RefKindMismatch {
+                bytenr: 4096,
+                kind: TREE,
+                key: d
+            })
+        );
+    }
+
     /// A data backref with count 2 dropped once is still referenced.
     #[test]
     fn realloc_counts_every_drop_of_the_old_life() {

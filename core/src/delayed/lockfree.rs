@@ -39,7 +39,17 @@
 //! its read retries. A staging slot reused after a hand-off can be read
 //! torn (words of two ops); such a read is always retried, and readers
 //! decode slots fallibly so a torn one never reaches an assertion first.
-//! Ingest never waits for readers.
+//!
+//! Reads complete in bounded time whatever the ingest rate: a read is
+//! tried once optimistically; if a change spoiled it, the reader asks for
+//! a quiet window (`hold_quiet`) in which no change of the index begins
+//! (hand-offs, compaction publishes and releases wait at `begin_change`),
+//! so it retries at most once per writer that had already begun. A long
+//! read (`pending_all`, `stats`) needs the window only to take a snapshot
+//! of the generation (the run entries, which keep compacted runs alive, a
+//! copy of the staged ops, the carry); the merge runs outside it. Ingest
+//! waits for a reader only at a hand-off that meets a quiet window, for at
+//! most the time of a lookup or a snapshot.
 //!
 //! # Transaction hand-off
 //!
@@ -201,6 +211,12 @@ struct TxnIndex {
     runs: SkipMap<u64, Run>,
     started: CachePadded<AtomicU64>,
     finished: CachePadded<AtomicU64>,
+    /// Readers that asked for a quiet window (see
+    /// [`TxnIndex::read_stable`]): no change begins while it is non-zero.
+    quiet: CachePadded<AtomicU64>,
+    /// Most attempts one read of this index took (tests and reports: the
+    /// bound of [`TxnIndex::read_stable`]).
+    read_attempts_max: AtomicU64,
     next_run: AtomicU64,
     /// See [`TOP_MERGE_RATIO`].
     top_merge_ratio: AtomicUsize,
@@ -216,7 +232,20 @@ struct TxnIndex {
 
 impl TxnIndex {
     fn begin_change(&self) {
-        self.started.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let mut spins = 0u32;
+            while self.quiet.load(Ordering::SeqCst) != 0 {
+                backoff(&mut spins);
+            }
+            self.started.fetch_add(1, Ordering::SeqCst);
+            // Dekker with `hold_quiet`: either the reader sees this change
+            // started (and waits for it), or this sees the reader's request.
+            if self.quiet.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            // A reader asked meanwhile: withdraw (nothing was changed).
+            self.finished.fetch_add(1, Ordering::SeqCst);
+        }
         // The writes of the change (and the staging slots reused after a
         // hand-off) must not become visible before `started` does: a
         // release RMW orders what comes before it, not after. With this
@@ -229,26 +258,61 @@ impl TxnIndex {
         self.finished.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Run `read` until it observed no change of this index.
+    /// Run `read` until it observed no change of this index. Optimistic
+    /// first ([`READ_OPTIMISTIC_MAX`] attempts, ingest unaffected); then,
+    /// so that a read completes whatever the ingest rate, in a quiet
+    /// window ([`TxnIndex::hold_quiet`]): hand-offs, compaction publishes
+    /// and releases of this index wait until the read is done, so the read
+    /// retries at most once per writer that had already begun.
     fn read_stable<T>(&self, mut read: impl FnMut() -> T) -> T {
-        let mut spins = 0u32;
-        loop {
-            let f = self.finished.load(Ordering::SeqCst);
-            if self.started.load(Ordering::SeqCst) != f {
-                spins += 1;
-                if spins > 64 {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-                continue;
-            }
-            let out = read();
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            if self.started.load(Ordering::SeqCst) == f {
+        let mut attempts = 0u64;
+        let note = |attempts: u64| {
+            self.read_attempts_max
+                .fetch_max(attempts, Ordering::Relaxed);
+        };
+        for _ in 0..READ_OPTIMISTIC_MAX {
+            attempts += 1;
+            if let Some(out) = self.try_read(&mut read, 64) {
+                note(attempts);
                 return out;
             }
         }
+        let _quiet = self.hold_quiet();
+        loop {
+            attempts += 1;
+            if let Some(out) = self.try_read(&mut read, u32::MAX) {
+                note(attempts);
+                return out;
+            }
+        }
+    }
+
+    /// One read of the index: waits (at most `spins_max` backoff steps)
+    /// for the changes in progress to finish, reads, and returns `None`
+    /// if a change began meanwhile.
+    fn try_read<T>(&self, read: &mut impl FnMut() -> T, spins_max: u32) -> Option<T> {
+        let mut spins = 0u32;
+        let f = loop {
+            let f = self.finished.load(Ordering::SeqCst);
+            if self.started.load(Ordering::SeqCst) == f {
+                break f;
+            }
+            if spins >= spins_max {
+                return None;
+            }
+            backoff(&mut spins);
+        };
+        let out = read();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        (self.started.load(Ordering::SeqCst) == f).then_some(out)
+    }
+
+    /// Ask for a quiet window: no change of this index begins until the
+    /// guard drops (changes already begun finish). Writers wait for it in
+    /// [`TxnIndex::begin_change`]; it lasts one read.
+    fn hold_quiet(&self) -> QuietGuard<'_> {
+        self.quiet.fetch_add(1, Ordering::SeqCst);
+        QuietGuard(self)
     }
 
     /// Insert a run (inside a change bracket).
@@ -414,6 +478,32 @@ impl TxnIndex {
 
     fn lock_carry(&self) -> std::sync::MutexGuard<'_, Vec<Head>> {
         self.carry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Optimistic attempts of a read before it asks for a quiet window (a
+/// failed attempt of a long read, such as `pending_all`, costs as much as
+/// the read: one).
+pub const READ_OPTIMISTIC_MAX: usize = 1;
+
+/// A quiet window on an index, see [`TxnIndex::hold_quiet`].
+struct QuietGuard<'a>(&'a TxnIndex);
+
+impl Drop for QuietGuard<'_> {
+    fn drop(&mut self) {
+        self.0.quiet.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One step of a bounded wait: spin, then yield, then sleep 50 µs.
+fn backoff(spins: &mut u32) {
+    *spins = spins.saturating_add(1);
+    if *spins < 64 {
+        std::hint::spin_loop();
+    } else if *spins < 128 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(std::time::Duration::from_micros(50));
     }
 }
 
@@ -602,6 +692,18 @@ impl LockFreeStore {
         self.compactor.settle();
     }
 
+    /// Most attempts any read of the store's indexes took so far: at most
+    /// [`READ_OPTIMISTIC_MAX`] optimistic ones, then one per writer that
+    /// had begun a change when the read asked for a quiet window (ingest
+    /// handles, the compactor, the committer) plus one.
+    pub fn read_attempts_max(&self) -> u64 {
+        self.index
+            .iter()
+            .map(|i| i.read_attempts_max.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Runs currently in the live index (for tests and reports).
     pub fn live_runs(&self) -> usize {
         self.index[parity(self.gen.live())].runs.len()
@@ -629,38 +731,46 @@ impl LockFreeStore {
 
     /// Everything of generation `g` merged (caller guarantees stability or
     /// wraps this in `read_stable`).
-    fn merge_gen(&self, g: u64, mut emit: impl FnMut(HeadRef<'_>)) {
+    fn merge_gen(&self, g: u64, emit: impl FnMut(HeadRef<'_>)) {
+        self.snapshot_gen(g).merge(emit);
+    }
+
+    /// What generation `g` holds, taken without merging: its runs (the
+    /// skiplist entries keep them alive after a compaction removes them),
+    /// a copy of its staged ops and its carry. Quick (no sorting or
+    /// merging), so a reader needs a consistent window only this long
+    /// (caller guarantees stability or wraps this in `read_stable`); the
+    /// merge runs afterwards, whatever ingest does meanwhile.
+    fn snapshot_gen(&self, g: u64) -> GenSnapshot<'_> {
         let idx = &self.index[parity(g)];
-        let mut staged_runs: Vec<Vec<Chunk>> = Vec::new();
-        let mut staged: Vec<Staged> = Vec::new();
+        let mut staged = Vec::new();
         for shard in self.shards.iter() {
             if !shard.gate.holds(g) {
                 continue;
             }
-            staged.clear();
-            shard.staging[parity(g)].read_all_whole(&mut staged);
-            if !staged.is_empty() {
-                staged_runs.push(build_run(&staged).finish());
+            let mut words = Vec::new();
+            shard.staging[parity(g)].read_all_whole(&mut words);
+            if !words.is_empty() {
+                staged.push(words);
             }
         }
-        let carry = merge_heads(idx.lock_carry().clone());
-        let mut cb = RunBuilder::new();
-        let mut scratch: Vec<PackedRef> = Vec::new();
-        for h in &carry {
-            scratch.clear();
-            scratch.extend(h.refs.iter().map(PackedRef::pack));
-            cb.push(h.bytenr, &h.summary, &scratch);
+        GenSnapshot {
+            runs: idx.runs.iter().collect(),
+            staged,
+            carry: idx.lock_carry().clone(),
         }
-        staged_runs.push(cb.finish());
-        let entries: Vec<_> = idx.runs.iter().collect();
-        let mut cursors: Vec<Cursor<'_>> = entries.iter().map(|e| e.value().cursor()).collect();
-        cursors.extend(staged_runs.iter().map(|r| Cursor::new(r.iter().collect())));
-        merge_cursors(cursors, |m| emit(m.head_ref()));
     }
 
-    /// Visible generations `released+1 ..= live`, read consistently.
+    /// Visible generations `released+1 ..= live`, read consistently. After
+    /// [`READ_OPTIMISTIC_MAX`] attempts spoiled by a release, both indexes
+    /// are held quiet, which holds off releases (they change an index)
+    /// until the read is done.
     fn read_visible<T>(&self, mut read_gen: impl FnMut(u64) -> T) -> Vec<T> {
+        let mut attempt = 0;
         loop {
+            let _quiet = (attempt >= READ_OPTIMISTIC_MAX)
+                .then(|| [self.index[0].hold_quiet(), self.index[1].hold_quiet()]);
+            attempt += 1;
             let released = self.released.load(Ordering::SeqCst);
             let live = self.gen.live();
             let out: Vec<T> = (released + 1..=live)
@@ -670,6 +780,36 @@ impl LockFreeStore {
                 return out;
             }
         }
+    }
+}
+
+/// One generation's contents, see [`LockFreeStore::snapshot_gen`].
+struct GenSnapshot<'a> {
+    runs: Vec<crossbeam_skiplist::map::Entry<'a, u64, Run>>,
+    staged: Vec<Vec<Staged>>,
+    carry: Vec<Head>,
+}
+
+impl GenSnapshot<'_> {
+    /// Merge everything in bytenr order (sorting the staged ops first).
+    fn merge(self, mut emit: impl FnMut(HeadRef<'_>)) {
+        let mut staged_runs: Vec<Vec<Chunk>> = self
+            .staged
+            .iter()
+            .map(|words| build_run(words).finish())
+            .collect();
+        let carry = merge_heads(self.carry);
+        let mut cb = RunBuilder::new();
+        let mut scratch: Vec<PackedRef> = Vec::new();
+        for h in &carry {
+            scratch.clear();
+            scratch.extend(h.refs.iter().map(PackedRef::pack));
+            cb.push(h.bytenr, &h.summary, &scratch);
+        }
+        staged_runs.push(cb.finish());
+        let mut cursors: Vec<Cursor<'_>> = self.runs.iter().map(|e| e.value().cursor()).collect();
+        cursors.extend(staged_runs.iter().map(|r| Cursor::new(r.iter().collect())));
+        merge_cursors(cursors, |m| emit(m.head_ref()));
     }
 }
 
@@ -857,12 +997,13 @@ impl DelayedRefStore for LockFreeStore {
     }
 
     fn pending_all(&self) -> Vec<Head> {
-        let parts = self.read_visible(|g| {
-            let mut out = Vec::new();
-            self.merge_gen(g, |h| out.push(h.to_head()));
-            out
-        });
-        merge_heads(parts.into_iter().flatten().collect())
+        // Consistent snapshots (short), merged outside the read window.
+        let snaps = self.read_visible(|g| self.snapshot_gen(g));
+        let mut all = Vec::new();
+        for snap in snaps {
+            snap.merge(|h| all.push(h.to_head()));
+        }
+        merge_heads(all)
     }
 
     fn seal(&self) {

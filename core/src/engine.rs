@@ -94,6 +94,10 @@ pub struct CommitReport {
     pub displaced: Vec<Vec<(u64, Option<ExtentItem>)>>,
     /// Time to freeze and merge the transaction.
     pub freeze_time: Duration,
+    /// Of which the store's seal (ingest cut over to the next transaction,
+    /// without waiting for adds in progress): what a durable layer holds
+    /// its ingest lock for.
+    pub seal_time: Duration,
     /// Time to run heads (compute effects).
     pub run_time: Duration,
     /// Time holding the tree write lock.
@@ -320,6 +324,7 @@ impl<S: DelayedRefStore> Engine<S> {
             engine: self,
             serial: Some(serial),
             t0,
+            seal_time: t0.elapsed(),
         }
     }
 
@@ -363,7 +368,7 @@ impl<S: DelayedRefStore> Engine<S> {
         frozen: Frozen<'a>,
         sink: &K,
     ) -> (Ran<'a, S>, Vec<K::Part>) {
-        let (_serial, heads, freeze_time) = frozen.take();
+        let (_serial, heads, freeze_time, seal_time) = frozen.take();
         let barrier = self.barrier.lowest();
 
         let t1 = Instant::now();
@@ -374,6 +379,7 @@ impl<S: DelayedRefStore> Engine<S> {
             heads: heads.len(),
             refs: heads.iter().map(Head::refs_changing).sum(),
             freeze_time,
+            seal_time,
             ..CommitReport::default()
         };
         let parts = run_heads(&read.tree, &heads, generation, barrier, sink);
@@ -523,6 +529,7 @@ pub struct Sealed<'a, S: DelayedRefStore> {
     /// `None` once merged.
     serial: Option<std::sync::MutexGuard<'a, ()>>,
     t0: Instant,
+    seal_time: Duration,
 }
 
 impl<'a, S: DelayedRefStore> Sealed<'a, S> {
@@ -533,6 +540,7 @@ impl<'a, S: DelayedRefStore> Sealed<'a, S> {
             serial: self.serial.take(),
             heads,
             freeze_time: self.t0.elapsed(),
+            seal_time: self.seal_time,
             abort: self.engine,
         }
     }
@@ -571,6 +579,7 @@ pub struct Frozen<'a> {
     serial: Option<std::sync::MutexGuard<'a, ()>>,
     heads: Vec<Head>,
     freeze_time: Duration,
+    seal_time: Duration,
     abort: &'a dyn AbortCommit,
 }
 
@@ -599,9 +608,10 @@ impl<'a> Frozen<'a> {
 
     /// The commit lock, heads and freeze time, for the run (the drop then
     /// aborts nothing).
-    fn take(mut self) -> (std::sync::MutexGuard<'a, ()>, Vec<Head>, Duration) {
+    fn take(mut self) -> (std::sync::MutexGuard<'a, ()>, Vec<Head>, Duration, Duration) {
         let serial = self.serial.take().expect("a frozen commit is run once");
-        (serial, std::mem::take(&mut self.heads), self.freeze_time)
+        let heads = std::mem::take(&mut self.heads);
+        (serial, heads, self.freeze_time, self.seal_time)
     }
 
     /// The frozen heads, sorted by bytenr: every extent this commit can

@@ -112,15 +112,19 @@ pub trait DelayedRefStore: Send + Sync {
     }
 
     /// Seal the live transaction and open a new one: every op whose `add`
-    /// returned before this call is in the sealed transaction, every later
-    /// one in the new live transaction. Cheap (no merging), so a durable
-    /// layer can cut its log atomically with it without stalling ingest.
-    /// Only one commit at a time: the engine serializes callers.
+    /// returned before this call is in the sealed transaction, every op
+    /// whose `add` starts after it returns in the new live transaction (an
+    /// add in progress meanwhile may land in either). Cheap (no merging,
+    /// and it does not wait for ingesters: [`DelayedRefStore::sealed_heads`]
+    /// does), so a durable layer can cut its log atomically with it
+    /// without stalling ingest. Only one commit at a time: the engine
+    /// serializes callers.
     fn seal(&self);
 
     /// The sealed transaction's heads merged and sorted by bytenr (no-op
-    /// heads dropped). Called once after [`DelayedRefStore::seal`], while
-    /// ingest goes on into the new live transaction.
+    /// heads dropped), once the adds in progress at the seal have
+    /// finished. Called once after [`DelayedRefStore::seal`], while ingest
+    /// goes on into the new live transaction.
     fn sealed_heads(&self) -> Vec<Head>;
 
     /// [`DelayedRefStore::seal`] then [`DelayedRefStore::sealed_heads`].

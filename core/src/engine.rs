@@ -1023,7 +1023,12 @@ mod tests {
         let r = e.commit();
         assert_eq!(r.applied, 8);
         assert_eq!(e.tree().len(), 8, "every effect applied");
-        e.tree().check().unwrap();
+        e.tree().check_items().unwrap();
+        // The extents overlap, and the tree check says so.
+        assert!(matches!(
+            e.tree().check(),
+            Err((b, crate::extent_tree::ItemError::Overlaps { prev, .. })) if b == (1 << 20) + 4096 && prev == 1 << 20
+        ));
     }
 
     /// What a recording sink saw: `(bytenr, before, after)` per head.
@@ -1110,7 +1115,8 @@ mod tests {
         let displaced: Vec<(u64, Option<ExtentItem>)> =
             seen.into_iter().map(|(b, was, _)| (b, was)).collect();
         assert_eq!(report.displaced.concat(), displaced);
-        after.check().unwrap();
+        after.check_items().unwrap();
+        assert!(after.check().is_err(), "the 64 KiB extents overlap");
     }
 
     /// Issue 13 defect 5: a commit dropped at any stage (sealed, frozen,

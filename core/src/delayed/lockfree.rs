@@ -13,20 +13,22 @@
 //!                       │ full: sort + merge at insert (packed.rs)
 //!                       ▼
 //!                 TxnIndex of the live transaction
-//!                   runs:   SkipMap<run_id, RunMeta>
-//!                   chunks: SkipMap<(run_id, first_bytenr), Chunk>
-//!                       │ size-tiered compaction (4 runs of a level → 1)
+//!                   runs: SkipMap<run_id, Run>  (Run: sorted chunks)
+//!                       │ size-tiered compaction on the background
+//!                       │ compactor (COMPACT_FANOUT = 8 runs of a level
+//!                       │ → 1; top-level runs of comparable size merge)
 //!                       ▼
 //!                 freeze: k-way merge of runs + staging, in bytenr order
 //! ```
 //!
 //! Each run is an immutable sorted sequence of packed heads and refs cut
-//! into chunks; the skiplists are the ordered, concurrently readable,
-//! epoch-reclaimed index of those chunks. Keys are never reused and values
-//! never replaced, and only the single compactor of an index removes
-//! entries, so the known races of crossbeam-skiplist 0.1.3 (`get` missing a
-//! key being replaced; `remove` returning `Some` to two threads) cannot
-//! matter here.
+//! into chunks (a `Vec` in the run); the skiplist is the ordered,
+//! concurrently readable, epoch-reclaimed index of the runs. Keys are never
+//! reused and values never replaced, and only the single compactor of an
+//! index removes entries, so the known races of crossbeam-skiplist 0.1.3
+//! (`get` missing a key being replaced; `remove` returning `Some` to two
+//! threads) cannot matter here. Measured throughput and memory are in
+//! `docs/benchmarks.md` (not repeated here: they move with every change).
 //!
 //! # Consistency for readers
 //!
@@ -84,9 +86,8 @@ pub const STAGING_OPS: usize = 4096;
 pub const COMPACT_FANOUT: usize = 8;
 /// Top-level runs merge when the smallest has at least 1/this of the
 /// largest's heads (default; see [`LockFreeStore::with_top_merge_ratio`]).
-/// Measured on 10M uniform ops over 1M extents, 2 threads: 4 gives ~8 Mops/s
-/// at ~97 B per pending ref, 8 gives ~4 Mops/s at ~58 B (every level-2 run
-/// then rewrites the top run).
+/// The trade-off (throughput against bytes per pending ref) is measured in
+/// `docs/benchmarks.md` ("top-merge ratio").
 pub const TOP_MERGE_RATIO: usize = 4;
 /// Levels with their own compaction token (deeper levels share the last).
 const LEVELS_MAX: usize = 16;

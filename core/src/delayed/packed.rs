@@ -553,9 +553,10 @@ pub(crate) fn merge_refs(scratch: &mut Vec<PackedRef>) {
 }
 
 /// k-way merge of sorted sources by bytenr; `emit` gets each merged head
-/// once, in ascending bytenr order (a head of one source as stored). A linear scan picks the minimum for a
-/// few sources (compaction merges 4), a heap for many (a commit merges
-/// every run and staging batch).
+/// once, in ascending bytenr order (a head of one source as stored). A
+/// linear scan picks the minimum for up to `LINEAR_MAX` = 8 sources
+/// (compaction merges `COMPACT_FANOUT` = 8), a heap for more (a commit
+/// merges every run and staging batch).
 pub(crate) fn merge_cursors<'a>(
     mut cursors: Vec<Cursor<'a>>,
     mut emit: impl FnMut(Merged<'a, '_>),

@@ -507,7 +507,7 @@ impl<S: DelayedRefStore> Ran<'_, S> {
 
 impl<S: DelayedRefStore> Ran<'_, S> {
     /// Abort the commit: nothing is applied, every head is requeued into
-    /// the live transaction (see [`Engine::abort_commit`]). Dropping a
+    /// the live transaction (as a seq barrier requeues held heads; the tree is unchanged). Dropping a
     /// `Ran` does the same.
     pub fn abort(self) {}
 }
@@ -546,7 +546,7 @@ impl<'a, S: DelayedRefStore> Sealed<'a, S> {
     }
 
     /// Abort the commit: the sealed ops are requeued into the live
-    /// transaction (see [`Engine::abort_commit`]). Dropping a `Sealed`
+    /// transaction (as a seq barrier requeues held heads; the tree is unchanged). Dropping a `Sealed`
     /// does the same.
     pub fn abort(self) {}
 }
@@ -602,7 +602,7 @@ impl Drop for Frozen<'_> {
 
 impl<'a> Frozen<'a> {
     /// Abort the commit: the frozen heads are requeued into the live
-    /// transaction (see [`Engine::abort_commit`]). Dropping a `Frozen`
+    /// transaction (as a seq barrier requeues held heads; the tree is unchanged). Dropping a `Frozen`
     /// does the same.
     pub fn abort(self) {}
 

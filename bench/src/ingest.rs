@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,6 +71,12 @@ pub struct IngestArgs {
     /// "in memory, all ops verified").
     #[arg(long)]
     pub verify: bool,
+    /// Commit every this many ms while ingest runs (0: one commit of
+    /// everything after ingest). Reports the seal times: how long each
+    /// commit's cut-over held ingest (what the durable engine holds its
+    /// ingest lock for).
+    #[arg(long, default_value_t = 0)]
+    pub commit_interval_ms: u64,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -103,11 +110,19 @@ pub struct ImplResult {
     pub run_ms: f64,
     /// Of which: apply under the tree lock.
     pub apply_ms: f64,
-    /// Heads committed.
+    /// Heads committed (by the final commit).
     pub committed_heads: usize,
+    /// Commits while ingest ran (`--commit-interval-ms`).
+    pub commits_during: usize,
+    /// Worst seal time over every commit of the run (those during ingest
+    /// and the final one), µs.
+    pub seal_max_us: f64,
+    /// p99 of the seal times, µs.
+    pub seal_p99_us: f64,
     /// The store's own description of its layout after ingest.
     pub layout: String,
-    /// Heads quarantined (must be 0: the streams are valid).
+    /// Heads quarantined by the final commit (must be 0 without
+    /// `--commit-interval-ms`: the streams are valid as a whole).
     pub quarantined: usize,
     /// Extents in the tree after commit.
     pub extents_after: usize,
@@ -135,6 +150,7 @@ fn run_impl<S: DelayedRefStore>(
     per_thread: &[Vec<Op>],
     sample: usize,
     verify: bool,
+    commit_interval_ms: u64,
 ) -> ImplResult {
     let name = store.name().to_string();
     let threads = per_thread.len();
@@ -149,12 +165,14 @@ fn run_impl<S: DelayedRefStore>(
     }
     let engine = engine;
     let barrier = Barrier::new(threads + 1);
+    let ingesting = AtomicUsize::new(threads);
+    let mut seals: Vec<Duration> = Vec::new();
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let elapsed = std::thread::scope(|s| {
         for (t, (ops, hist)) in per_thread.iter().zip(hists.iter_mut()).enumerate() {
-            let (engine, barrier) = (&engine, &barrier);
+            let (engine, barrier, ingesting) = (&engine, &barrier, &ingesting);
             let builder = std::thread::Builder::new().name(format!("ingest-{t}"));
             let spawned = builder.spawn_scoped(s, move || {
                 let mut h = engine.handle().expect("an ingest handle per thread");
@@ -175,15 +193,28 @@ fn run_impl<S: DelayedRefStore>(
                         h.add(op).expect("valid op");
                     }
                 }
+                ingesting.fetch_sub(1, Ordering::SeqCst);
             });
             spawned.expect("spawn an ingest thread");
         }
         barrier.wait();
         let t = Instant::now();
+        if commit_interval_ms > 0 {
+            // Commit on an interval while ingest runs (this thread).
+            while ingesting.load(Ordering::SeqCst) > 0 {
+                std::thread::sleep(Duration::from_millis(commit_interval_ms));
+                // A generated stream is valid as a whole, not cut at any
+                // point (a drop may precede its add on another thread), so
+                // commits during ingest may refuse heads: only the seal
+                // times are measured here.
+                seals.push(engine.commit().seal_time);
+            }
+        }
         // Scope joins the ingest threads before returning.
         t
     })
     .elapsed();
+    let commits_during = seals.len();
     let store_bytes = (live_bytes() - before) as i64;
     let layout = engine.store().layout();
     let stats = engine.store().stats();
@@ -192,6 +223,11 @@ fn run_impl<S: DelayedRefStore>(
     let t = Instant::now();
     let report = engine.commit();
     let commit = t.elapsed();
+    seals.push(report.seal_time);
+    seals.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let seal_max_us = seals.last().map_or(0.0, |&d| us(d));
+    let seal_p99_us = us(seals[(seals.len() * 99 / 100).min(seals.len() - 1)]);
     let mut hist = hists.pop().expect("at least one thread");
     for h in &hists {
         hist.add(h).expect("same bounds");
@@ -214,6 +250,9 @@ fn run_impl<S: DelayedRefStore>(
         run_ms: report.run_time.as_secs_f64() * 1e3,
         apply_ms: report.apply_time.as_secs_f64() * 1e3,
         committed_heads: report.heads,
+        commits_during,
+        seal_max_us,
+        seal_p99_us,
         quarantined: report.quarantined.len(),
         layout,
         extents_after,
@@ -277,6 +316,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
                 &per_thread,
                 args.sample,
                 args.verify,
+                args.commit_interval_ms,
             ));
         }
         if matches!(args.imp, Impl::Mutex | Impl::Both) {
@@ -289,6 +329,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
                 &per_thread,
                 args.sample,
                 args.verify,
+                args.commit_interval_ms,
             ));
         }
     }
@@ -301,7 +342,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
         write_hlog(path, &results).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     for r in &results {
-        if r.quarantined != 0 {
+        if r.quarantined != 0 && args.commit_interval_ms == 0 {
             return Err(format!(
                 "{}: {} heads quarantined on a valid stream",
                 r.name, r.quarantined
@@ -331,6 +372,8 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             "ratio": ratio,
             "bytes_per_pending_ref": primary.bytes_per_pending_ref,
             "commit_ms": primary.commit_ms,
+            "commit_interval_ms": args.commit_interval_ms,
+            "seal_max_us": primary.seal_max_us,
             "p99_ns": primary.p99_ns,
             "results": results,
         });
@@ -393,6 +436,13 @@ fn print_table(args: &IngestArgs, ops: usize, results: &[ImplResult], ratio: Opt
             r.committed_heads,
             r.extents_after,
             r.store_bytes as f64 / (1 << 20) as f64
+        );
+        println!(
+            "          seal: worst {:.0} µs, p99 {:.0} µs over {} commit(s) ({} during ingest)",
+            r.seal_max_us,
+            r.seal_p99_us,
+            r.commits_during + 1,
+            r.commits_during
         );
         if !r.layout.is_empty() {
             println!("          {}", r.layout);

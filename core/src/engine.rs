@@ -94,6 +94,10 @@ pub struct CommitReport {
     pub displaced: Vec<Vec<(u64, Option<ExtentItem>)>>,
     /// Time to freeze and merge the transaction.
     pub freeze_time: Duration,
+    /// Of which the store's seal (ingest cut over to the next transaction,
+    /// without waiting for adds in progress): what a durable layer holds
+    /// its ingest lock for.
+    pub seal_time: Duration,
     /// Time to run heads (compute effects).
     pub run_time: Duration,
     /// Time holding the tree write lock.
@@ -142,10 +146,13 @@ impl<'a, S: DelayedRefStore> EngineHandle<'a, S> {
     /// Queue one op (checked by ref-verify first when enabled).
     pub fn add(&mut self, op: &Op) -> Result<(), EngineError> {
         op.check().map_err(StoreError::from)?;
-        if let Some(v) = &self.engine.verify {
-            v.check(op)?;
+        let inner = &mut self.inner;
+        match &self.engine.verify {
+            // Queued while the block's shadow is locked: a commit's resync
+            // cannot erase the op between the check and the queueing.
+            Some(v) => v.check_with(op, || inner.add(op))??,
+            None => inner.add(op)?,
         }
-        self.inner.add(op)?;
         Ok(())
     }
 
@@ -157,11 +164,15 @@ impl<'a, S: DelayedRefStore> EngineHandle<'a, S> {
         for (i, op) in ops.iter().enumerate() {
             op.check().map_err(|e| (i, StoreError::from(e).into()))?;
         }
-        if let Some(v) = &self.engine.verify {
-            v.check_batch(ops).map_err(|(i, e)| (i, e.into()))?;
-        }
+        let inner = &mut self.inner;
         // Validated above: the store refuses nothing of a valid batch.
-        self.inner.add_batch(ops).map_err(|e| (0, e.into()))?;
+        match &self.engine.verify {
+            Some(v) => v
+                .check_batch_with(ops, || inner.add_batch(ops))
+                .map_err(|(i, e)| (i, e.into()))?
+                .map_err(|e| (0, e.into()))?,
+            None => inner.add_batch(ops).map_err(|e| (0, e.into()))?,
+        }
         Ok(())
     }
 }
@@ -311,9 +322,23 @@ impl<S: DelayedRefStore> Engine<S> {
         self.store.seal();
         Sealed {
             engine: self,
-            serial,
+            serial: Some(serial),
             t0,
+            seal_time: t0.elapsed(),
         }
+    }
+
+    /// End a commit that will not be applied (a [`Sealed`], [`Frozen`] or
+    /// [`Ran`] dropped or aborted): the sealed transaction is released with
+    /// all its heads requeued into the live one, as a seq barrier requeues
+    /// held heads, so its ops are committed by the next commit and lookups
+    /// see them throughout. The tree is unchanged.
+    fn abort_commit(&self, heads: Vec<Head>) {
+        {
+            let _w = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            self.store.release(heads);
+        }
+        self.store.reclaim_released();
     }
 
     /// Second half of [`Engine::commit`]: run the frozen heads into the
@@ -343,11 +368,7 @@ impl<S: DelayedRefStore> Engine<S> {
         frozen: Frozen<'a>,
         sink: &K,
     ) -> (Ran<'a, S>, Vec<K::Part>) {
-        let Frozen {
-            _serial,
-            heads,
-            freeze_time,
-        } = frozen;
+        let (_serial, heads, freeze_time, seal_time) = frozen.take();
         let barrier = self.barrier.lowest();
 
         let t1 = Instant::now();
@@ -356,8 +377,9 @@ impl<S: DelayedRefStore> Engine<S> {
         let mut report = CommitReport {
             generation,
             heads: heads.len(),
-            refs: heads.iter().map(|h| h.refs.len()).sum(),
+            refs: heads.iter().map(Head::refs_changing).sum(),
             freeze_time,
+            seal_time,
             ..CommitReport::default()
         };
         let parts = run_heads(&read.tree, &heads, generation, barrier, sink);
@@ -393,7 +415,7 @@ impl<S: DelayedRefStore> Engine<S> {
         (
             Ran {
                 engine: self,
-                _serial,
+                serial: Some(_serial),
                 heads,
                 report,
                 effects,
@@ -405,11 +427,13 @@ impl<S: DelayedRefStore> Engine<S> {
 }
 
 /// A commit between [`Engine::run_frozen_parts`] and [`Ran::apply`]: every
-/// head has run, nothing is applied yet. Holds the commit lock.
+/// head has run, nothing is applied yet. Holds the commit lock. Dropped
+/// without [`Ran::apply`], the commit is aborted ([`Ran::abort`]).
 #[derive(Debug)]
 pub struct Ran<'a, S: DelayedRefStore> {
     engine: &'a Engine<S>,
-    _serial: std::sync::MutexGuard<'a, ()>,
+    /// `None` once applied.
+    serial: Option<std::sync::MutexGuard<'a, ()>>,
     heads: Vec<Head>,
     report: CommitReport,
     effects: Vec<Vec<(u64, Option<ExtentItem>)>>,
@@ -426,15 +450,13 @@ impl<S: DelayedRefStore> Ran<'_, S> {
     /// Apply the effects to the tree under its write lock, release the
     /// frozen transaction and requeue the held heads: the second half of
     /// [`Engine::run_frozen_with`].
-    pub fn apply(self) -> CommitReport {
-        let Ran {
-            engine,
-            _serial,
-            heads,
-            mut report,
-            mut effects,
-            held,
-        } = self;
+    pub fn apply(mut self) -> CommitReport {
+        let engine = self.engine;
+        let _serial = self.serial.take();
+        let heads = std::mem::take(&mut self.heads);
+        let mut report = std::mem::take(&mut self.report);
+        let mut effects = std::mem::take(&mut self.effects);
+        let held = std::mem::take(&mut self.held);
         let generation = report.generation;
         let t2 = Instant::now();
         // Head selection moves its cursor past each extent (btrfs
@@ -462,11 +484,8 @@ impl<S: DelayedRefStore> Ran<'_, S> {
             // put the shadow back in line with tree + pending.
             if let Some(v) = &engine.verify {
                 for q in &report.quarantined {
-                    v.resync(
-                        q.head.bytenr,
-                        &w.tree,
-                        engine.store.pending(q.head.bytenr).as_ref(),
-                    );
+                    let bytenr = q.head.bytenr;
+                    v.resync_with(bytenr, &w.tree, || engine.store.pending(bytenr));
                 }
             }
         }
@@ -486,37 +505,115 @@ impl<S: DelayedRefStore> Ran<'_, S> {
     }
 }
 
-/// A sealed transaction between [`Engine::seal`] and [`Sealed::merge`];
-/// holds the commit lock.
-#[derive(Debug)]
-pub struct Sealed<'a, S: DelayedRefStore> {
-    engine: &'a Engine<S>,
-    serial: std::sync::MutexGuard<'a, ()>,
-    t0: Instant,
+impl<S: DelayedRefStore> Ran<'_, S> {
+    /// Abort the commit: nothing is applied, every head is requeued into
+    /// the live transaction (as a seq barrier requeues held heads; the tree is unchanged). Dropping a
+    /// `Ran` does the same.
+    pub fn abort(self) {}
 }
 
-impl<'a, S: DelayedRefStore> Sealed<'a, S> {
-    /// Merge the sealed transaction into heads sorted by bytenr.
-    pub fn merge(self) -> Frozen<'a> {
-        let heads = self.engine.store.sealed_heads();
-        Frozen {
-            _serial: self.serial,
-            heads,
-            freeze_time: self.t0.elapsed(),
+impl<S: DelayedRefStore> Drop for Ran<'_, S> {
+    fn drop(&mut self) {
+        if self.serial.is_some() {
+            self.engine.abort_commit(std::mem::take(&mut self.heads));
         }
     }
 }
 
-/// A frozen transaction between [`Engine::freeze`] and
-/// [`Engine::run_frozen`]; holds the commit lock.
+/// A sealed transaction between [`Engine::seal`] and [`Sealed::merge`];
+/// holds the commit lock. Dropped without [`Sealed::merge`], the commit is
+/// aborted ([`Sealed::abort`]).
 #[derive(Debug)]
-pub struct Frozen<'a> {
-    _serial: std::sync::MutexGuard<'a, ()>,
-    heads: Vec<Head>,
-    freeze_time: Duration,
+pub struct Sealed<'a, S: DelayedRefStore> {
+    engine: &'a Engine<S>,
+    /// `None` once merged.
+    serial: Option<std::sync::MutexGuard<'a, ()>>,
+    t0: Instant,
+    seal_time: Duration,
 }
 
-impl Frozen<'_> {
+impl<'a, S: DelayedRefStore> Sealed<'a, S> {
+    /// Merge the sealed transaction into heads sorted by bytenr.
+    pub fn merge(mut self) -> Frozen<'a> {
+        let heads = self.engine.store.sealed_heads();
+        Frozen {
+            serial: self.serial.take(),
+            heads,
+            freeze_time: self.t0.elapsed(),
+            seal_time: self.seal_time,
+            abort: self.engine,
+        }
+    }
+
+    /// Abort the commit: the sealed ops are requeued into the live
+    /// transaction (as a seq barrier requeues held heads; the tree is unchanged). Dropping a `Sealed`
+    /// does the same.
+    pub fn abort(self) {}
+}
+
+impl<S: DelayedRefStore> Drop for Sealed<'_, S> {
+    fn drop(&mut self) {
+        if self.serial.is_some() {
+            let heads = self.engine.store.sealed_heads();
+            self.engine.abort_commit(heads);
+        }
+    }
+}
+
+/// How a [`Frozen`] (which does not name the store type) aborts.
+trait AbortCommit: Sync {
+    fn abort(&self, heads: Vec<Head>);
+}
+
+impl<S: DelayedRefStore> AbortCommit for Engine<S> {
+    fn abort(&self, heads: Vec<Head>) {
+        self.abort_commit(heads);
+    }
+}
+
+/// A frozen transaction between [`Engine::freeze`] and
+/// [`Engine::run_frozen`]; holds the commit lock. Dropped without being
+/// run, the commit is aborted ([`Frozen::abort`]).
+pub struct Frozen<'a> {
+    /// `None` once taken by the run.
+    serial: Option<std::sync::MutexGuard<'a, ()>>,
+    heads: Vec<Head>,
+    freeze_time: Duration,
+    seal_time: Duration,
+    abort: &'a dyn AbortCommit,
+}
+
+impl std::fmt::Debug for Frozen<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frozen")
+            .field("heads", &self.heads.len())
+            .field("freeze_time", &self.freeze_time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if self.serial.is_some() {
+            self.abort.abort(std::mem::take(&mut self.heads));
+        }
+    }
+}
+
+impl<'a> Frozen<'a> {
+    /// Abort the commit: the frozen heads are requeued into the live
+    /// transaction (as a seq barrier requeues held heads; the tree is unchanged). Dropping a `Frozen`
+    /// does the same.
+    pub fn abort(self) {}
+
+    /// The commit lock, heads and freeze time, for the run (the drop then
+    /// aborts nothing).
+    fn take(mut self) -> (std::sync::MutexGuard<'a, ()>, Vec<Head>, Duration, Duration) {
+        let serial = self.serial.take().expect("a frozen commit is run once");
+        let heads = std::mem::take(&mut self.heads);
+        (serial, heads, self.freeze_time, self.seal_time)
+    }
+
     /// The frozen heads, sorted by bytenr: every extent this commit can
     /// change.
     pub fn heads(&self) -> &[Head] {
@@ -926,7 +1023,12 @@ mod tests {
         let r = e.commit();
         assert_eq!(r.applied, 8);
         assert_eq!(e.tree().len(), 8, "every effect applied");
-        e.tree().check().unwrap();
+        e.tree().check_items().unwrap();
+        // The extents overlap, and the tree check says so.
+        assert!(matches!(
+            e.tree().check(),
+            Err((b, crate::extent_tree::ItemError::Overlaps { prev, .. })) if b == (1 << 20) + 4096 && prev == 1 << 20
+        ));
     }
 
     /// What a recording sink saw: `(bytenr, before, after)` per head.
@@ -1013,7 +1115,152 @@ mod tests {
         let displaced: Vec<(u64, Option<ExtentItem>)> =
             seen.into_iter().map(|(b, was, _)| (b, was)).collect();
         assert_eq!(report.displaced.concat(), displaced);
-        after.check().unwrap();
+        after.check_items().unwrap();
+        assert!(after.check().is_err(), "the 64 KiB extents overlap");
+    }
+
+    /// Issue 13 defect 5: a commit dropped at any stage (sealed, frozen,
+    /// ran) used to leave the store's transaction frozen, and the next
+    /// seal panicked. Now its ops go back to the live transaction: visible
+    /// to lookups, committed by the next commit, once.
+    fn aborted_commits_requeue<S: DelayedRefStore>(store: S) {
+        let e = Engine::new(store);
+        let mut h = e.handle().unwrap();
+        h.add(&data(4096, Action::AddExtent, 5)).unwrap();
+        h.add(&data(8192, Action::AddExtent, 5)).unwrap();
+        assert!(e.commit().quarantined.is_empty());
+        let gen = e.generation();
+        // Dropped (0..3), then aborted explicitly (3..6).
+        for stage in 0..6 {
+            h.add(&data(4096, Action::AddRef, 6 + stage)).unwrap();
+            let sealed = e.seal();
+            // Ingest goes on into the next transaction meanwhile.
+            h.add(&data(8192, Action::AddRef, 6 + stage)).unwrap();
+            match stage {
+                0 => drop(sealed),
+                1 => drop(sealed.merge()),
+                2 => drop(e.run_frozen_parts(sealed.merge(), &()).0),
+                3 => sealed.abort(),
+                4 => sealed.merge().abort(),
+                _ => e.run_frozen_parts(sealed.merge(), &()).0.abort(),
+            }
+            assert_eq!(e.generation(), gen, "aborted: tree unchanged");
+            assert_eq!(e.lookup_extent_ref(4096).refs, 2 + stage as i64);
+            assert_eq!(e.lookup_extent_ref(8192).refs, 2 + stage as i64);
+        }
+        let r = e.commit();
+        assert!(r.quarantined.is_empty(), "{:?}", r.quarantined);
+        for b in [4096, 8192] {
+            assert_eq!(e.tree().get(b).map(|i| i.refs), Some(7));
+            assert_eq!(e.lookup_extent_ref(b).refs, 7);
+        }
+        assert!(e.store().pending_all().is_empty());
+    }
+
+    #[test]
+    fn aborted_commits_requeue_mutex() {
+        aborted_commits_requeue(MutexStore::new());
+    }
+
+    #[test]
+    fn aborted_commits_requeue_lockfree() {
+        aborted_commits_requeue(LockFreeStore::with_config(2, 2));
+    }
+
+    /// A store that pauses an ingest thread inside `add` of one op (until
+    /// told to go, or 300 ms), to stage the race of issue 13 defect 6.
+    #[derive(Debug, Default)]
+    struct Pausing {
+        inner: MutexStore,
+        pause_on: Mutex<Option<Op>>,
+        paused: std::sync::atomic::AtomicBool,
+        go: std::sync::atomic::AtomicBool,
+    }
+
+    struct PausingHandle<'a>(&'a Pausing, crate::delayed::mutex::MutexHandle<'a>);
+
+    impl IngestHandle for PausingHandle<'_> {
+        fn add(&mut self, op: &Op) -> Result<(), StoreError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if *self.0.pause_on.lock().unwrap() == Some(*op) {
+                self.0.paused.store(true, SeqCst);
+                let t = Instant::now();
+                while !self.0.go.load(SeqCst) && t.elapsed() < Duration::from_millis(300) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            self.1.add(op)
+        }
+    }
+
+    impl DelayedRefStore for Pausing {
+        type Handle<'a> = PausingHandle<'a>;
+        fn name(&self) -> &'static str {
+            "pausing"
+        }
+        fn handle(&self) -> Result<PausingHandle<'_>, StoreError> {
+            Ok(PausingHandle(self, self.inner.handle()?))
+        }
+        fn pending(&self, bytenr: u64) -> Option<Head> {
+            self.inner.pending(bytenr)
+        }
+        fn pending_all(&self) -> Vec<Head> {
+            self.inner.pending_all()
+        }
+        fn seal(&self) {
+            self.inner.seal()
+        }
+        fn sealed_heads(&self) -> Vec<Head> {
+            self.inner.sealed_heads()
+        }
+        fn release(&self, held: Vec<Head>) {
+            self.inner.release(held)
+        }
+        fn requeue(&self, heads: Vec<Head>) {
+            self.inner.requeue(heads)
+        }
+    }
+
+    /// Issue 13 defect 6: an op ref-verify recorded but not yet queued when
+    /// a commit resynced its block (after quarantining another head of it)
+    /// was erased from the shadow, and a later valid drop of it refused.
+    #[test]
+    fn verify_resync_keeps_an_op_being_queued() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut e = Engine::new(Pausing::default());
+        e.enable_verify();
+        let b = 4096;
+        e.handle()
+            .unwrap()
+            .add(&data(b, Action::AddExtent, 5))
+            .unwrap();
+        assert!(e.commit().quarantined.is_empty());
+        // An invalid drop behind ref-verify's back: quarantined next commit.
+        e.store()
+            .handle()
+            .unwrap()
+            .add(&data(b, Action::DropRef, 9))
+            .unwrap();
+        let add6 = data(b, Action::AddRef, 6);
+        *e.store().pause_on.lock().unwrap() = Some(add6);
+        std::thread::scope(|s| {
+            let ingest = s.spawn(|| e.handle().unwrap().add(&add6));
+            while !e.store().paused.load(SeqCst) {
+                std::thread::yield_now();
+            }
+            // add6 is checked and recorded, not yet queued.
+            let r = e.commit();
+            e.store().go.store(true, SeqCst);
+            ingest.join().unwrap().unwrap();
+            assert_eq!(r.quarantined.len(), 1, "the invalid drop");
+        });
+        e.handle()
+            .unwrap()
+            .add(&data(b, Action::DropRef, 6))
+            .expect("a drop of a queued ref is valid");
+        let r = e.commit();
+        assert!(r.quarantined.is_empty(), "{:?}", r.quarantined);
+        assert_eq!(e.tree().get(b).map(|i| i.refs), Some(1));
     }
 
     #[test]

@@ -37,16 +37,49 @@
 
 use crate::model::{Action, DiskKey, ExtentKind, Op, RefKey};
 
-/// One delayed ref of a head: a backref key, the seq it was queued with and
-/// its merged signed count (`ref_mod` with the sign of the action).
+/// One delayed ref of a head: a backref key, the seq it was queued with,
+/// its merged signed count (`ref_mod` with the sign of the action) and the
+/// gross count of drops merged into it.
+///
+/// `drops` is what merging at insert would otherwise lose: a drop and an
+/// add of one key cancel in `ref_mod`, but when the head also re-allocates
+/// the extent, the run must know whether the previous life's backrefs were
+/// dropped ([`crate::run`]). So a ref whose `ref_mod` cancelled to 0 stays
+/// in the head while `drops != 0`; it changes no count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DelayedRef {
     /// Backref key.
     pub key: RefKey,
     /// Tree-mod-log seq (0 = none).
     pub seq: u64,
-    /// Signed merged count: > 0 adds, < 0 drops; never 0 in a head.
+    /// Signed merged count: > 0 adds, < 0 drops.
     pub ref_mod: i64,
+    /// Drops merged into this ref (each `DROP` counts 1), `>= -ref_mod`;
+    /// a ref has `ref_mod != 0` or `drops != 0`.
+    pub drops: u64,
+}
+
+impl DelayedRef {
+    /// A ref with this `ref_mod` and the drops it implies (`-ref_mod` if
+    /// negative): one op's, or several of one action.
+    pub fn of_mod(key: RefKey, seq: u64, ref_mod: i64) -> DelayedRef {
+        DelayedRef {
+            key,
+            seq,
+            ref_mod,
+            drops: if ref_mod < 0 {
+                ref_mod.unsigned_abs()
+            } else {
+                0
+            },
+        }
+    }
+
+    /// True when the ref is kept in a head: it changes a count or records
+    /// drops.
+    pub fn is_kept(&self) -> bool {
+        self.ref_mod != 0 || self.drops != 0
+    }
 }
 
 /// Pending extent_op of a head.
@@ -211,7 +244,8 @@ pub struct Head {
     pub bytenr: u64,
     /// Head accounting.
     pub summary: HeadSummary,
-    /// Delayed refs sorted by `(key, seq)`, none with `ref_mod == 0`.
+    /// Delayed refs sorted by `(key, seq)`, each kept
+    /// ([`DelayedRef::is_kept`]).
     pub refs: Vec<DelayedRef>,
 }
 
@@ -236,11 +270,7 @@ impl Head {
     pub fn of_op(op: &Op, stamp: u64) -> Head {
         let mut refs = Vec::new();
         if let Some(key) = op.key {
-            refs.push(DelayedRef {
-                key,
-                seq: op.seq,
-                ref_mod: op.ref_mod(),
-            });
+            refs.push(DelayedRef::of_mod(key, op.seq, op.ref_mod()));
         }
         Head {
             bytenr: op.bytenr,
@@ -259,21 +289,28 @@ impl Head {
         }
     }
 
-    /// Add `ref_mod` to the ref `(key, seq)`: merge at insert.
+    /// Add `ref_mod` to the ref `(key, seq)`: merge at insert (a negative
+    /// `ref_mod` counts as that many drops).
     pub fn add_ref(&mut self, key: RefKey, seq: u64, ref_mod: i64) {
+        self.merge_ref(DelayedRef::of_mod(key, seq, ref_mod));
+    }
+
+    /// Merge `r` into the ref `(r.key, r.seq)` (counts and drops add).
+    pub fn merge_ref(&mut self, r: DelayedRef) {
         match self
             .refs
-            .binary_search_by(|r| (r.key, r.seq).cmp(&(key, seq)))
+            .binary_search_by(|x| (x.key, x.seq).cmp(&(r.key, r.seq)))
         {
             Ok(i) => {
-                self.refs[i].ref_mod += ref_mod;
-                if self.refs[i].ref_mod == 0 {
+                self.refs[i].ref_mod += r.ref_mod;
+                self.refs[i].drops += r.drops;
+                if !self.refs[i].is_kept() {
                     self.refs.remove(i);
                 }
             }
             Err(i) => {
-                if ref_mod != 0 {
-                    self.refs.insert(i, DelayedRef { key, seq, ref_mod });
+                if r.is_kept() {
+                    self.refs.insert(i, r);
                 }
             }
         }
@@ -296,9 +333,13 @@ impl Head {
             let take_b =
                 i >= a.len() || (j < b.len() && (b[j].key, b[j].seq) <= (a[i].key, a[i].seq));
             if take_a && take_b {
-                let m = a[i].ref_mod + b[j].ref_mod;
-                if m != 0 {
-                    out.push(DelayedRef { ref_mod: m, ..a[i] });
+                let m = DelayedRef {
+                    ref_mod: a[i].ref_mod + b[j].ref_mod,
+                    drops: a[i].drops + b[j].drops,
+                    ..a[i]
+                };
+                if m.is_kept() {
+                    out.push(m);
                 }
                 i += 1;
                 j += 1;
@@ -316,7 +357,23 @@ impl Head {
     /// True when the head changes nothing (all refs cancelled, no
     /// allocation, no extent_op). Such a head is dropped when run.
     pub fn is_noop(&self) -> bool {
-        self.refs.is_empty() && self.summary.alloc_stamp == 0 && self.summary.extent_op.is_none()
+        self.refs.iter().all(|r| r.ref_mod == 0)
+            && self.summary.alloc_stamp == 0
+            && self.summary.extent_op.is_none()
+    }
+
+    /// Gross drops of `key` over all its seqs.
+    pub fn drops_of(&self, key: &RefKey) -> u64 {
+        self.refs
+            .iter()
+            .filter(|r| r.key == *key)
+            .map(|r| r.drops)
+            .sum()
+    }
+
+    /// Refs that change a count (`ref_mod != 0`).
+    pub fn refs_changing(&self) -> usize {
+        self.refs.iter().filter(|r| r.ref_mod != 0).count()
     }
 
     /// Merge the refs across seq for running, as btrfs
@@ -342,7 +399,11 @@ impl Head {
     pub fn run_refs_into(&self, barrier: u64, net: &mut Vec<(RefKey, i64)>) -> Option<RunRefs> {
         net.clear();
         if barrier != 0 {
-            if let Some(r) = self.refs.iter().find(|r| r.seq != 0 && r.seq >= barrier) {
+            if let Some(r) = self
+                .refs
+                .iter()
+                .find(|r| r.ref_mod != 0 && r.seq != 0 && r.seq >= barrier)
+            {
                 return Some(RunRefs::Held {
                     seq: r.seq,
                     barrier,
@@ -359,9 +420,12 @@ impl Head {
         None
     }
 
-    /// Check the head invariants (sorted, unique, no zero refs).
+    /// Check the head invariants (sorted, unique, every ref kept, drops at
+    /// least the net drop).
     pub fn check(&self) -> bool {
-        self.refs.iter().all(|r| r.ref_mod != 0)
+        self.refs
+            .iter()
+            .all(|r| r.is_kept() && r.drops as i128 >= -(r.ref_mod as i128))
             && self
                 .refs
                 .windows(2)
@@ -390,15 +454,23 @@ mod tests {
     fn same_seq_merges_at_insert_and_cancels() {
         let mut h = Head::of_op(&tree_op(Action::AddRef, 5, 0), 0);
         h.absorb(&tree_op(Action::DropRef, 5, 0), 0);
-        assert!(
-            h.refs.is_empty(),
-            "opposite actions with the same seq cancel"
+        assert_eq!(
+            h.refs,
+            vec![DelayedRef {
+                key: RefKey::TreeBlock { root: 5 },
+                seq: 0,
+                ref_mod: 0,
+                drops: 1
+            }],
+            "opposite actions with the same seq cancel; the drop is counted"
         );
+        assert!(h.is_noop());
         assert_eq!(h.summary.total_ref_mod, 0);
         h.absorb(&tree_op(Action::AddRef, 5, 0), 0);
         h.absorb(&tree_op(Action::AddRef, 5, 0), 0);
         assert_eq!(h.refs.len(), 1);
         assert_eq!(h.refs[0].ref_mod, 2, "same action adds");
+        assert_eq!(h.refs[0].drops, 1);
     }
 
     #[test]

@@ -13,9 +13,14 @@
 //!    some `(key, seq)` with `seq != 0`, `seq >= B` has a non-zero sum.
 //! 3. Otherwise per-key nets (summed over seq) are applied at once.
 //! 4. With an allocation, the latest one (highest stamp) gives size and
-//!    kind; final counts are committed + net, which must be >= 0, of the
-//!    new kind where non-zero, and at most 1 for tree backrefs. The old
-//!    life (if any) is reported freed; so is the new one if it ends at 0.
+//!    kind. If the extent is committed, its life must end in this commit:
+//!    every committed backref needs at least as many DROP ops of its key
+//!    (counted one by one, whatever cancels) as its count; else the extent
+//!    was allocated while still referenced and is refused (the kernel's
+//!    -EEXIST). Final counts are committed + net, which must be >= 0, of
+//!    the new kind where non-zero, and at most 1 for tree backrefs. The
+//!    old life (if any) is reported freed; so is the new one if it ends
+//!    at 0.
 //! 5. Without allocation, if the per-key nets are all zero and there is no
 //!    extent_op, nothing happens (cancelled ops are not validated).
 //!    Otherwise the extent must exist (else adding, dropping or an
@@ -215,6 +220,13 @@ impl Model {
             let mut fin: BTreeMap<RefKey, i64> = BTreeMap::new();
             if let Some(c) = committed {
                 for (k, v) in &c.refs {
+                    let drops = ops
+                        .iter()
+                        .filter(|(o, _)| o.action == Action::DropRef && o.key == Some(*k))
+                        .count() as u64;
+                    if drops < *v {
+                        return Err(());
+                    }
                     fin.insert(*k, *v as i64);
                 }
                 freed.push((bytenr, c.num_bytes));

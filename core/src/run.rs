@@ -112,8 +112,9 @@ pub enum RunError {
         /// Extent.
         bytenr: u64,
     },
-    /// Re-allocated while backrefs of its previous life remain.
-    #[error("extent {bytenr}: re-allocated as {kind} while backref '{key}' (count {count}) of its previous life remains")]
+    /// Re-allocated while backrefs of its previous life remain (not all
+    /// dropped by the ops of the head that allocates it).
+    #[error("extent {bytenr}: allocated as {kind} while still referenced: backref '{key}' of its previous life keeps {count} reference(s) no op dropped")]
     ReallocWhileReferenced {
         /// Extent.
         bytenr: u64,
@@ -123,6 +124,17 @@ pub enum RunError {
         key: RefKey,
         /// Its count.
         count: u64,
+    },
+    /// A backref of the other kind than the extent (a data backref on a
+    /// tree block or the reverse).
+    #[error("extent {bytenr}: backref '{key}' does not fit the extent's kind ({kind})")]
+    RefKindMismatch {
+        /// Extent.
+        bytenr: u64,
+        /// The extent's kind.
+        kind: ExtentKind,
+        /// The backref.
+        key: RefKey,
     },
     /// A count does not fit.
     #[error("extent {bytenr}: reference count overflow on '{key}'")]
@@ -252,8 +264,22 @@ pub fn run_head_with(
 }
 
 /// A head with an allocation: the extent starts a new life with the size
-/// and kind of the latest allocation. Backrefs of the previous life (if the
-/// bytenr is still in the tree) must be dropped by the same head.
+/// and kind of the latest allocation.
+///
+/// If the bytenr is still in the tree, its previous life must end in this
+/// head: every backref it has must be dropped by the head's ops, counted
+/// gross ([`Head::drops_of`]), because a drop of the old life and an add of
+/// the new one with the same key cancel at insert. The kernel frees and
+/// re-allocates a bytenr within a transaction all the time; allocating one
+/// that is still referenced is a bug it meets with -EEXIST on the extent
+/// item insert. refd refuses such a head ([`RunError::ReallocWhileReferenced`]):
+/// it never builds an item mixing both lives, and never reports freed an
+/// extent that is still referenced.
+///
+/// When every old backref is dropped, an order of the ops exists in which
+/// the old life ends before the allocation, and the new life's counts are
+/// committed + net per key (the old life's part of the drops cancels its
+/// counts).
 fn run_allocation(
     head: &Head,
     committed: Option<&ExtentItem>,
@@ -262,37 +288,10 @@ fn run_allocation(
 ) -> Result<HeadEffect, RunError> {
     let bytenr = head.bytenr;
     let s = &head.summary;
-    // Final count per key = committed + net. For a valid stream the previous
-    // life's backrefs all reach zero here.
-    let mut item = ExtentItem::new(s.num_bytes, s.kind, generation);
-    let mut merged: Vec<(RefKey, i64)> = Vec::new();
     let old_refs = committed.map(|c| c.backrefs()).unwrap_or_default();
-    let (mut i, mut j) = (0, 0);
-    while i < old_refs.len() || j < net.len() {
-        let a = old_refs.get(i);
-        let b = net.get(j);
-        match (a, b) {
-            (Some(&(ka, ca)), Some(&(kb, mb))) if ka == kb => {
-                merged.push((ka, ca as i64 + mb));
-                i += 1;
-                j += 1;
-            }
-            (Some(&(ka, ca)), Some(&(kb, _))) if ka < kb => {
-                merged.push((ka, ca as i64));
-                i += 1;
-            }
-            (Some(&(ka, ca)), None) => {
-                merged.push((ka, ca as i64));
-                i += 1;
-            }
-            (_, Some(&(kb, mb))) => {
-                merged.push((kb, mb));
-                j += 1;
-            }
-            (None, None) => unreachable!("loop condition"),
-        }
-    }
-    for &(key, count) in &merged {
+    check_old_life_dropped(head, &old_refs)?;
+    let mut item = ExtentItem::new(s.num_bytes, s.kind, generation);
+    for (key, count) in final_counts(&old_refs, net) {
         if count < 0 {
             let have = committed.map_or(0, |c| c.count(&key));
             return Err(RunError::DropMissingRef {
@@ -306,11 +305,10 @@ fn run_allocation(
             continue;
         }
         if key.is_data() != s.kind.is_data() {
-            return Err(RunError::ReallocWhileReferenced {
+            return Err(RunError::RefKindMismatch {
                 bytenr,
                 kind: s.kind,
                 key,
-                count: count as u64,
             });
         }
         if key.is_tree() && count > 1 {
@@ -349,6 +347,58 @@ fn run_allocation(
     })
 }
 
+/// Refuse a re-allocation of a bytenr whose committed backrefs
+/// (`old_refs`, sorted by key) are not all dropped by `head`. Both lists
+/// are sorted by key: one merge walk.
+fn check_old_life_dropped(head: &Head, old_refs: &[(RefKey, u64)]) -> Result<(), RunError> {
+    let mut refs = head.refs.iter().peekable();
+    for &(key, count) in old_refs {
+        while refs.next_if(|r| r.key < key).is_some() {}
+        let mut drops = 0u64;
+        while let Some(r) = refs.next_if(|r| r.key == key) {
+            drops = drops.saturating_add(r.drops);
+        }
+        if drops < count {
+            return Err(RunError::ReallocWhileReferenced {
+                bytenr: head.bytenr,
+                kind: head.summary.kind,
+                key,
+                count: count - drops,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Committed counts plus net changes per key (both sorted by key).
+fn final_counts(old_refs: &[(RefKey, u64)], net: &[(RefKey, i64)]) -> Vec<(RefKey, i64)> {
+    let mut merged = Vec::with_capacity(old_refs.len() + net.len());
+    let (mut i, mut j) = (0, 0);
+    while i < old_refs.len() || j < net.len() {
+        match (old_refs.get(i), net.get(j)) {
+            (Some(&(ka, ca)), Some(&(kb, mb))) if ka == kb => {
+                merged.push((ka, ca as i64 + mb));
+                i += 1;
+                j += 1;
+            }
+            (Some(&(ka, ca)), Some(&(kb, _))) if ka < kb => {
+                merged.push((ka, ca as i64));
+                i += 1;
+            }
+            (Some(&(ka, ca)), None) => {
+                merged.push((ka, ca as i64));
+                i += 1;
+            }
+            (_, Some(&(kb, mb))) => {
+                merged.push((kb, mb));
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    merged
+}
+
 fn apply_net(bytenr: u64, item: &mut ExtentItem, net: &[(RefKey, i64)]) -> Result<(), RunError> {
     // Validate everything first, then change.
     for &(key, m) in net {
@@ -374,16 +424,10 @@ fn apply_net(bytenr: u64, item: &mut ExtentItem, net: &[(RefKey, i64)]) -> Resul
         if key.is_data() != item.kind.is_data() {
             // Op validation ties key kind to op kind and the shape check ties
             // op kind to the extent; keep the tree safe regardless.
-            return Err(RunError::ShapeMismatch {
+            return Err(RunError::RefKindMismatch {
                 bytenr,
-                want_bytes: item.num_bytes,
-                want_kind: item.kind,
-                got_bytes: item.num_bytes,
-                got_kind: if key.is_data() {
-                    ExtentKind::Data
-                } else {
-                    ExtentKind::Tree { level: 0 }
-                },
+                kind: item.kind,
+                key,
             });
         }
     }
@@ -662,6 +706,125 @@ mod tests {
             run_head(&tree, &h, 3, 0),
             Err(RunError::ReallocWhileReferenced { .. })
         ));
+    }
+
+    /// Issue 13 defect 1: a tree block still referenced by FS_TREE is
+    /// allocated again with a backref from CSUM_TREE. The kernel fails the
+    /// extent item insert (-EEXIST); refd used to build one item with both
+    /// lives' backrefs (`refs 2`) and report the old life freed.
+    #[test]
+    fn realloc_of_a_referenced_extent_is_refused() {
+        let fs = RefKey::TreeBlock { root: 5 };
+        let csum = RefKey::TreeBlock { root: 7 };
+        let bytenr = 30425088;
+        let mut tree = ExtentTree::new();
+        let mut item = ExtentItem::new(16384, TREE, 1);
+        item.add_ref(fs, 1);
+        tree.insert(bytenr, item);
+        let refused = |ops: &[(Action, RefKey, u64)], key: RefKey, count: u64| {
+            let h = head(ops, bytenr, TREE);
+            assert_eq!(
+                run_head(&tree, &h, 2, 0),
+                Err(RunError::ReallocWhileReferenced {
+                    bytenr,
+                    kind: TREE,
+                    key,
+                    count
+                }),
+                "{ops:?}"
+            );
+        };
+        // Allocated while FS_TREE still references it.
+        refused(&[(Action::AddExtent, csum, 0)], fs, 1);
+        // The new life's add and drop cancel at insert: the old life is
+        // still referenced, nothing is freed.
+        refused(
+            &[(Action::AddExtent, csum, 0), (Action::DropRef, csum, 0)],
+            fs,
+            1,
+        );
+        // The old life's drop and the new life's add of the same key cancel
+        // at insert: legal, the new life has the backref.
+        let h = head(
+            &[(Action::DropRef, fs, 0), (Action::AddExtent, fs, 0)],
+            bytenr,
+            TREE,
+        );
+        assert!(h.refs.iter().all(|r| r.ref_mod == 0));
+        let e = effect(run_head(&tree, &h, 2, 0));
+        let new = e.item.expect("the new life");
+        assert_eq!((new.backrefs(), new.generation), (vec![(fs, 1)], 2));
+        assert_eq!(e.freed.len(), 1, "the old life is freed");
+        // Dropped, re-allocated to CSUM_TREE, shared with FS_TREE again.
+        let e = effect(run_head(
+            &tree,
+            &head(
+                &[
+                    (Action::DropRef, fs, 0),
+                    (Action::AddExtent, csum, 0),
+                    (Action::AddRef, fs, 0),
+                ],
+                bytenr,
+                TREE,
+            ),
+            2,
+            0,
+        ));
+        assert_eq!(e.item.unwrap().backrefs(), vec![(fs, 1), (csum, 1)]);
+    }
+
+    /// Issue 13 defect 7 (the kind half): a data ref queued on a bytenr
+    /// that the head allocates as a tree block is a ref of the wrong kind,
+    /// not a re-allocation over a live extent (the error it used to get).
+    #[test]
+    fn wrong_kind_ref_of_a_new_life_is_a_kind_mismatch() {
+        let tree = ExtentTree::new();
+        let t = RefKey::TreeBlock { root: 2 };
+        let d = RefKey::ExtentData {
+            root: 5,
+            objectid: 257,
+            offset: 0,
+        };
+        let alloc = Op::new(4096, 16384, TREE, Action::AddExtent, t, 0).unwrap();
+        let add = Op::new(4096, 8192, ExtentKind::Data, Action::AddRef, d, 0).unwrap();
+        let mut h = Head::of_op(&alloc, 1);
+        h.absorb(&add, 0);
+        assert_eq!(
+            run_head(&tree, &h, 2, 0),
+            Err(RunError::RefKindMismatch {
+                bytenr: 4096,
+                kind: TREE,
+                key: d
+            })
+        );
+    }
+
+    /// A data backref with count 2 dropped once is still referenced.
+    #[test]
+    fn realloc_counts_every_drop_of_the_old_life() {
+        let a = RefKey::ExtentData {
+            root: 5,
+            objectid: 257,
+            offset: 0,
+        };
+        let mut tree = ExtentTree::new();
+        let mut item = ExtentItem::new(8192, ExtentKind::Data, 1);
+        item.add_ref(a, 2);
+        tree.insert(4096, item);
+        let once = [(Action::DropRef, a, 0), (Action::AddExtent, a, 0)];
+        assert!(matches!(
+            run_head(&tree, &head(&once, 4096, ExtentKind::Data), 2, 0),
+            Err(RunError::ReallocWhileReferenced { count: 1, .. })
+        ));
+        // Dropped twice (one at another seq), re-allocated, added again.
+        let twice = [
+            (Action::DropRef, a, 0),
+            (Action::DropRef, a, 3),
+            (Action::AddExtent, a, 0),
+            (Action::AddRef, a, 3),
+        ];
+        let e = effect(run_head(&tree, &head(&twice, 4096, ExtentKind::Data), 2, 0));
+        assert_eq!(e.item.unwrap().backrefs(), vec![(a, 2)]);
     }
 
     /// Seen in the snapshots-1 kernel trace: FULL_BACKREF set by an

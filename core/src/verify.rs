@@ -179,29 +179,25 @@ impl RefVerify {
     /// Reset one block's shadow to committed + `pending` (after a
     /// quarantine, or a rebuild).
     pub fn resync(&self, bytenr: u64, tree: &ExtentTree, pending: Option<&Head>) {
-        let mut e = match tree.get(bytenr) {
-            Some(item) => BlockEntry {
-                num_bytes: item.num_bytes,
-                kind: Some(item.kind),
-                refs: item.refs,
-                backrefs: item.backrefs().into_iter().collect(),
-                history: VecDeque::new(),
-            },
-            None => BlockEntry::default(),
-        };
-        if let Some(h) = pending {
-            if h.summary.shape_known {
-                e.num_bytes = h.summary.num_bytes;
-                e.kind = Some(h.summary.kind);
-            }
-            for r in &h.refs {
-                let c = e.backrefs.entry(r.key).or_insert(0);
-                *c = (*c as i64 + r.ref_mod).max(0) as u64;
-            }
-            e.backrefs.retain(|_, c| *c > 0);
-            e.refs = e.backrefs.values().sum();
-        }
+        let e = shadow_of(bytenr, tree, pending);
+        self.shard(bytenr).insert(bytenr, e);
+    }
+
+    /// [`RefVerify::resync`] with the pending head read by `pending` while
+    /// the block's shadow is locked. With ingest going through
+    /// [`RefVerify::check_with`], which queues an op while that lock is
+    /// held, every op the shadow recorded is either already in `pending`
+    /// or recorded after the reset: none is erased (an op recorded but not
+    /// yet queued when the pending head was read used to be, and later
+    /// valid drops of it were refused).
+    pub fn resync_with(
+        &self,
+        bytenr: u64,
+        tree: &ExtentTree,
+        pending: impl FnOnce() -> Option<Head>,
+    ) {
         let mut shard = self.shard(bytenr);
+        let e = shadow_of(bytenr, tree, pending().as_ref());
         shard.insert(bytenr, e);
     }
 
@@ -221,9 +217,21 @@ impl RefVerify {
     /// Check `op` against the shadow and record it. On a violation nothing
     /// is recorded.
     pub fn check(&self, op: &Op) -> Result<(), Box<VerifyError>> {
+        self.check_with(op, || ())
+    }
+
+    /// [`RefVerify::check`], then `queue` (which queues the op in the
+    /// store) while the block's shadow is still locked, so that a
+    /// [`RefVerify::resync_with`] of the block sees the op either in the
+    /// shadow and the store, or in neither. `queue` is not called on a
+    /// violation.
+    pub fn check_with<T>(&self, op: &Op, queue: impl FnOnce() -> T) -> Result<T, Box<VerifyError>> {
         let serial = self.next_serial();
         let mut shard = self.shard(op.bytenr);
-        check_in(&mut shard, op, serial)
+        check_in(&mut shard, op, serial)?;
+        let out = queue();
+        drop(shard);
+        Ok(out)
     }
 
     /// Check every op of `ops`, in order (a later op sees what the earlier
@@ -233,6 +241,16 @@ impl RefVerify {
     /// locked in ascending order for the whole check, so single-op checks
     /// on other threads see the batch entirely or not at all.
     pub fn check_batch(&self, ops: &[Op]) -> Result<(), (usize, Box<VerifyError>)> {
+        self.check_batch_with(ops, || ())
+    }
+
+    /// [`RefVerify::check_batch`], then `queue` while every touched shard
+    /// is still locked (see [`RefVerify::check_with`]).
+    pub fn check_batch_with<T>(
+        &self,
+        ops: &[Op],
+        queue: impl FnOnce() -> T,
+    ) -> Result<T, (usize, Box<VerifyError>)> {
         let shard_of = |bytenr: u64| crate::model::partition(bytenr, VERIFY_SHARDS);
         let mut indexes: Vec<usize> = ops.iter().map(|op| shard_of(op.bytenr)).collect();
         indexes.sort_unstable();
@@ -263,13 +281,42 @@ impl RefVerify {
                 return Err((index, e));
             }
         }
-        Ok(())
+        let out = queue();
+        drop(guards);
+        Ok(out)
     }
 
     fn next_serial(&self) -> u64 {
         self.serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// One block's shadow from its committed item and pending head.
+fn shadow_of(bytenr: u64, tree: &ExtentTree, pending: Option<&Head>) -> BlockEntry {
+    let mut e = match tree.get(bytenr) {
+        Some(item) => BlockEntry {
+            num_bytes: item.num_bytes,
+            kind: Some(item.kind),
+            refs: item.refs,
+            backrefs: item.backrefs().into_iter().collect(),
+            history: VecDeque::new(),
+        },
+        None => BlockEntry::default(),
+    };
+    if let Some(h) = pending {
+        if h.summary.shape_known {
+            e.num_bytes = h.summary.num_bytes;
+            e.kind = Some(h.summary.kind);
+        }
+        for r in &h.refs {
+            let c = e.backrefs.entry(r.key).or_insert(0);
+            *c = (*c as i64 + r.ref_mod).max(0) as u64;
+        }
+        e.backrefs.retain(|_, c| *c > 0);
+        e.refs = e.backrefs.values().sum();
+    }
+    e
 }
 
 /// [`RefVerify::check`] against the (locked) shard map holding `op`'s block.

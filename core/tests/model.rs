@@ -12,6 +12,7 @@ use refd_core::model::{
     Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF,
 };
 use refd_core::oracle::{normalize_tree, Model, ModelCommit};
+use refd_core::run::RunError;
 
 #[derive(Clone, Debug)]
 enum Cmd {
@@ -285,4 +286,67 @@ fn seq_merge_regression_4_2_engine() {
     }
     go(MutexStore::new());
     go(LockFreeStore::with_config(2, 2));
+}
+
+/// Run `commits` (each a list of ops, spread over two handles) through
+/// both stores and the model; everything must agree after each commit.
+/// Returns the lock-free engine's reports.
+fn agree(commits: &[Vec<Op>]) -> Vec<CommitReport> {
+    let lf = Engine::new(LockFreeStore::with_config(2, 2));
+    let mx = Engine::new(MutexStore::new());
+    let mut model = Model::new();
+    let mut reports = Vec::new();
+    {
+        let mut lf_h = [lf.handle().unwrap(), lf.handle().unwrap()];
+        let mut mx_h = mx.handle().unwrap();
+        for (n, ops) in commits.iter().enumerate() {
+            for (i, op) in ops.iter().enumerate() {
+                lf_h[i % 2].add(op).unwrap();
+                mx_h.add(op).unwrap();
+                model.add(op);
+            }
+            let (r_lf, r_mx, m) = (lf.commit(), mx.commit(), model.commit(0));
+            assert_eq!(r_lf.quarantined, r_mx.quarantined, "commit {n}");
+            assert_eq!(r_lf.freed, r_mx.freed, "commit {n}");
+            let s = summary(&r_lf);
+            assert_eq!((&s.freed, &s.quarantined), (&m.freed, &m.quarantined));
+            check_equal(&lf, &mx, &model, n);
+            reports.push(r_lf);
+        }
+    }
+    reports
+}
+
+/// Issue 13 defect 1 through the engine (both stores and the model): a
+/// tree block still referenced by FS_TREE allocated again with a backref
+/// from CSUM_TREE is quarantined, never merged, never reported freed; the
+/// same bytenr dropped and allocated again in one commit (drop and add of
+/// one key cancelling at insert, across shards) is a new life.
+#[test]
+fn realloc_while_referenced_is_quarantined_engine() {
+    let kind = ExtentKind::Tree { level: 0 };
+    let fs = RefKey::TreeBlock { root: 5 };
+    let csum = RefKey::TreeBlock { root: 7 };
+    let b = 30425088;
+    let op = |a, k| Op::new(b, 16384, kind, a, k, 0).unwrap();
+    let r = agree(&[
+        vec![op(Action::AddExtent, fs)],
+        vec![op(Action::AddExtent, csum)],
+        vec![op(Action::AddExtent, csum), op(Action::DropRef, csum)],
+        vec![op(Action::DropRef, fs), op(Action::AddExtent, fs)],
+    ]);
+    for q in [&r[1], &r[2]] {
+        assert_eq!(q.quarantined.len(), 1);
+        assert!(
+            matches!(
+                q.quarantined[0].error,
+                RunError::ReallocWhileReferenced { key, count: 1, .. } if key == fs
+            ),
+            "{:?}",
+            q.quarantined[0].error
+        );
+        assert!(q.freed.is_empty(), "a referenced extent is never freed");
+    }
+    assert!(r[3].quarantined.is_empty());
+    assert_eq!(r[3].freed.len(), 1, "the old life ends");
 }

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use refd_core::delayed::lockfree::LockFreeStore;
+use refd_core::delayed::lockfree::{LockFreeStore, READ_OPTIMISTIC_MAX};
 use refd_core::delayed::mutex::MutexStore;
-use refd_core::delayed::DelayedRefStore;
+use refd_core::delayed::{DelayedRefStore, IngestHandle};
 use refd_core::engine::Engine;
 use refd_core::extent_tree::{ExtentItem, ExtentTree};
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
@@ -22,7 +22,17 @@ use refd_core::oracle::{normalize_tree, Model};
 const THREADS: u64 = 6;
 const OWN_EXTENTS: u64 = 64;
 const SHARED_EXTENTS: u64 = 16;
-const OPS_PER_THREAD: usize = 100_000;
+/// Ops per ingest thread; `REFD_STRESS_OPS` overrides it (CI runs the
+/// stress tests in a debug build, where its assertions on torn reads are
+/// live, with fewer ops).
+const OPS_PER_THREAD_DEFAULT: usize = 100_000;
+
+fn ops_per_thread() -> usize {
+    std::env::var("REFD_STRESS_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(OPS_PER_THREAD_DEFAULT)
+}
 
 fn shared_bytenr(j: u64) -> u64 {
     (1 << 40) + j * 4096
@@ -64,8 +74,8 @@ fn stream(t: u64, seed: u64, seq_of: impl Fn() -> u64) -> Vec<Op> {
     // Per own extent: None = free; Some((is_tree, level, roots held)).
     let mut own: Vec<Option<(bool, u8, Vec<u64>)>> = vec![None; OWN_EXTENTS as usize];
     let mut shared = vec![0u64; SHARED_EXTENTS as usize];
-    let mut ops = Vec::with_capacity(OPS_PER_THREAD);
-    while ops.len() < OPS_PER_THREAD {
+    let mut ops = Vec::with_capacity(ops_per_thread());
+    while ops.len() < ops_per_thread() {
         let seq = if rng.gen_bool(0.2) { seq_of() } else { 0 };
         if rng.gen_bool(0.3) {
             let j = rng.gen_range(0..SHARED_EXTENTS);
@@ -171,7 +181,7 @@ fn stress<S: DelayedRefStore>(store: S, seed: u64) {
                     let b = shared_bytenr(rng.gen_range(0..SHARED_EXTENTS));
                     let refs = engine.lookup_extent_ref(b).refs;
                     assert!(
-                        (1..=1 + (THREADS as i64) * OPS_PER_THREAD as i64).contains(&refs),
+                        (1..=1 + (THREADS as i64) * ops_per_thread() as i64).contains(&refs),
                         "seed {seed}: lookup({b}) = {refs}"
                     );
                     lookups.fetch_add(1, Ordering::SeqCst);
@@ -293,4 +303,109 @@ fn stress_lockfree_default_staging() {
 #[test]
 fn stress_mutex() {
     stress(MutexStore::new(), seed());
+}
+
+/// Issue 13 defect 2: reads must complete in bounded time whatever the
+/// ingest rate. Four threads (on this 2-core machine: more than cores)
+/// ingest at full speed into the lock-free store while three readers run
+/// lookups, stats and pending_all. Each reader must complete
+/// [`READS_WANTED`] reads that started and ended while ingest ran; ingest
+/// stops as soon as they have, or after [`INGEST_OPS_MAX`] ops per thread,
+/// and the test fails if that came first. An optimistic read retried
+/// whenever a hand-off or compaction published during it, so a long one
+/// (pending_all, stats) starved until ingest stopped.
+#[test]
+fn reads_complete_under_full_ingest() {
+    const INGESTERS: u64 = 4;
+    const INGEST_OPS_MAX: u64 = 3_000_000;
+    const READS_WANTED: u64 = 1;
+    const EXTENTS: u64 = 50_000;
+    // 0: ingest warming up (reads not counted), 1: measuring, 2: done.
+    let phase = AtomicU64::new(0);
+    let store = LockFreeStore::new();
+    let done = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+    let ingested = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for kind in 0..3 {
+            let (store, phase, done) = (&store, &phase, &done);
+            s.spawn(move || {
+                let mut i = 0u64;
+                loop {
+                    let p0 = phase.load(Ordering::SeqCst);
+                    if p0 == 2 {
+                        break;
+                    }
+                    match kind {
+                        0 => drop(store.pending((i % EXTENTS) << 12)),
+                        1 => drop(store.stats()),
+                        _ => drop(store.pending_all()),
+                    }
+                    // Started and ended while ingest ran at full speed.
+                    if p0 == 1 && phase.load(Ordering::SeqCst) == 1 {
+                        done[kind].fetch_add(1, Ordering::SeqCst);
+                    }
+                    i += 1;
+                }
+            });
+        }
+        let ingesters: Vec<_> = (0..INGESTERS)
+            .map(|t| {
+                let (store, phase, ingested) = (&store, &phase, &ingested);
+                s.spawn(move || {
+                    let mut h = store.handle().unwrap();
+                    let mut rng = SmallRng::seed_from_u64(t);
+                    for i in 0..INGEST_OPS_MAX {
+                        if i % 1024 == 0 {
+                            match phase.load(Ordering::SeqCst) {
+                                0 if t == 0 && i >= 200_000 => phase.store(1, Ordering::SeqCst),
+                                2 => break,
+                                _ => {}
+                            }
+                        }
+                        let b = rng.gen_range(0..EXTENTS) << 12;
+                        let action = if i % 2 == 0 {
+                            Action::AddRef
+                        } else {
+                            Action::DropRef
+                        };
+                        h.add(&data(b, action, 5 + t, 0)).unwrap();
+                        ingested.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        while !ingesters.iter().all(|t| t.is_finished())
+            && !done
+                .iter()
+                .all(|d| d.load(Ordering::SeqCst) >= READS_WANTED)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        phase.store(2, Ordering::SeqCst);
+    });
+    let done: Vec<u64> = done.iter().map(|d| d.load(Ordering::SeqCst)).collect();
+    eprintln!(
+        "reads started and completed during ingest: lookups {}, stats {}, pending_all {}; {} ops ingested; most attempts of a read {}",
+        done[0],
+        done[1],
+        done[2],
+        ingested.load(Ordering::SeqCst),
+        store.read_attempts_max()
+    );
+    assert!(
+        done.iter().all(|&n| n >= READS_WANTED),
+        "reads starved by ingest: lookups {}, stats {}, pending_all {}",
+        done[0],
+        done[1],
+        done[2]
+    );
+    // Every read took a bounded number of attempts: the optimistic ones,
+    // then one per writer that could have begun a change (4 handles, the
+    // compactor) plus one.
+    let bound = READ_OPTIMISTIC_MAX as u64 + INGESTERS + 2;
+    assert!(
+        store.read_attempts_max() <= bound,
+        "a read took {} attempts (bound {bound})",
+        store.read_attempts_max()
+    );
 }

@@ -102,7 +102,7 @@ pub trait DelayedRefStore: Send + Sync {
         let all = self.pending_all();
         PendingStats {
             heads: all.len(),
-            refs: all.iter().map(|h| h.refs.len()).sum(),
+            refs: all.iter().map(Head::refs_changing).sum(),
         }
     }
 
@@ -112,15 +112,19 @@ pub trait DelayedRefStore: Send + Sync {
     }
 
     /// Seal the live transaction and open a new one: every op whose `add`
-    /// returned before this call is in the sealed transaction, every later
-    /// one in the new live transaction. Cheap (no merging), so a durable
-    /// layer can cut its log atomically with it without stalling ingest.
-    /// Only one commit at a time: the engine serializes callers.
+    /// returned before this call is in the sealed transaction, every op
+    /// whose `add` starts after it returns in the new live transaction (an
+    /// add in progress meanwhile may land in either). Cheap (no merging,
+    /// and it does not wait for ingesters: [`DelayedRefStore::sealed_heads`]
+    /// does), so a durable layer can cut its log atomically with it
+    /// without stalling ingest. Only one commit at a time: the engine
+    /// serializes callers.
     fn seal(&self);
 
     /// The sealed transaction's heads merged and sorted by bytenr (no-op
-    /// heads dropped). Called once after [`DelayedRefStore::seal`], while
-    /// ingest goes on into the new live transaction.
+    /// heads dropped), once the adds in progress at the seal have
+    /// finished. Called once after [`DelayedRefStore::seal`], while ingest
+    /// goes on into the new live transaction.
     fn sealed_heads(&self) -> Vec<Head>;
 
     /// [`DelayedRefStore::seal`] then [`DelayedRefStore::sealed_heads`].
@@ -136,6 +140,8 @@ pub trait DelayedRefStore: Send + Sync {
 
     /// Free what the last release hid (called outside the tree lock, before
     /// the next freeze). Stores that free inside `release` need nothing.
+    /// Optional: a store must stay correct when it is never called (the
+    /// lock-free store empties a reused index in `seal` if it was not).
     fn reclaim_released(&self) {}
 
     /// Queue whole heads into the live transaction, as a commit requeues

@@ -10,11 +10,12 @@ use super::{merge_heads, DelayedRefStore, IngestHandle, StampClock, StoreError};
 use crate::head::{DelayedRef, Head, HeadSummary};
 use crate::model::{Op, RefKey};
 
-/// A head as the baseline keeps it: summary plus a map of refs.
+/// A head as the baseline keeps it: summary plus a map of refs, each
+/// `(ref_mod, drops)` (see [`DelayedRef`]).
 #[derive(Clone, Debug)]
 struct MapHead {
     summary: HeadSummary,
-    refs: BTreeMap<(RefKey, u64), i64>,
+    refs: BTreeMap<(RefKey, u64), (i64, u64)>,
 }
 
 impl MapHead {
@@ -25,7 +26,12 @@ impl MapHead {
             refs: self
                 .refs
                 .iter()
-                .map(|(&(key, seq), &ref_mod)| DelayedRef { key, seq, ref_mod })
+                .map(|(&(key, seq), &(ref_mod, drops))| DelayedRef {
+                    key,
+                    seq,
+                    ref_mod,
+                    drops,
+                })
                 .collect(),
         }
     }
@@ -33,7 +39,11 @@ impl MapHead {
     fn of_head(h: &Head) -> MapHead {
         MapHead {
             summary: h.summary,
-            refs: h.refs.iter().map(|r| ((r.key, r.seq), r.ref_mod)).collect(),
+            refs: h
+                .refs
+                .iter()
+                .map(|r| ((r.key, r.seq), (r.ref_mod, r.drops)))
+                .collect(),
         }
     }
 }
@@ -80,9 +90,11 @@ impl IngestHandle for MutexHandle<'_> {
             Some(h) => {
                 h.summary = h.summary.merge(one);
                 if let Some(key) = op.key {
-                    let e = h.refs.entry((key, op.seq)).or_insert(0);
-                    *e += op.ref_mod();
-                    if *e == 0 {
+                    let one = DelayedRef::of_mod(key, op.seq, op.ref_mod());
+                    let e = h.refs.entry((key, op.seq)).or_insert((0, 0));
+                    e.0 += one.ref_mod;
+                    e.1 += one.drops;
+                    if *e == (0, 0) {
                         h.refs.remove(&(key, op.seq));
                     }
                 }
@@ -90,7 +102,8 @@ impl IngestHandle for MutexHandle<'_> {
             None => {
                 let mut refs = BTreeMap::new();
                 if let Some(key) = op.key {
-                    refs.insert((key, op.seq), op.ref_mod());
+                    let one = DelayedRef::of_mod(key, op.seq, op.ref_mod());
+                    refs.insert((key, op.seq), (one.ref_mod, one.drops));
                 }
                 inner.live.insert(op.bytenr, MapHead { summary: one, refs });
             }

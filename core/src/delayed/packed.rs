@@ -3,7 +3,7 @@
 //!
 //! A *run* is a sorted sequence of merged heads, cut into [`Chunk`]s of at
 //! most [`CHUNK_HEADS_MAX`] heads. A chunk holds its heads and their refs in
-//! two flat arrays (40 bytes per head, 40 per ref, no per-item allocation),
+//! two flat arrays (40 bytes per head, 48 per ref, no per-item allocation),
 //! plus a side table for the rare extent_ops. Merging sources (runs, sorted
 //! staging batches) is a k-way merge by bytenr that copies refs straight
 //! through when only one source has the head, and otherwise merges them in a
@@ -64,8 +64,18 @@ pub(crate) fn encode(op: &Op, stamp: u64) -> Staged {
 }
 
 pub(crate) fn decode(w: &Staged) -> (Op, u64) {
+    try_decode(w).expect("a staged op written by its shard decodes")
+}
+
+/// [`decode`] of words a reader copied while the writer may have been
+/// reusing the slot: `None` when they are not one whole valid op (an
+/// unknown action, an op that fails [`Op::check`], an allocation or
+/// extent_op without a stamp). Such a read is retried by its caller (a
+/// slot is only reused inside an index change, see `lockfree.rs`); it
+/// must not reach the decoders' assertions first.
+pub(crate) fn try_decode(w: &Staged) -> Option<(Op, u64)> {
     let meta = w[7];
-    let action = Action::from_code(meta as u8).expect("staged op has a valid action");
+    let action = Action::from_code(meta as u8)?;
     let code = (meta >> 8) as u8;
     let kind = if (meta >> 24) & 1 == 1 {
         ExtentKind::Data
@@ -99,7 +109,9 @@ pub(crate) fn decode(w: &Staged) -> (Op, u64) {
         seq: w[5],
         extent_op,
     };
-    (op, w[6])
+    let stamp = w[6];
+    let needs_stamp = action == Action::AddExtent || extent_op.is_some();
+    (op.check().is_ok() && (stamp != 0 || !needs_stamp)).then_some((op, stamp))
 }
 
 /// Heads per chunk (bounds one allocation and one binary search).
@@ -125,8 +137,9 @@ pub(crate) struct PackedHead {
     _pad: u16,
 }
 
-/// One delayed ref: 40 bytes. The backref type code sits in the top byte of
-/// `seq_code` (seqs are at most [`SEQ_MAX`]).
+/// One delayed ref: 48 bytes. The backref type code sits in the top byte of
+/// `seq_code` (seqs are at most [`SEQ_MAX`]); `drops` as in
+/// [`DelayedRef`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub(crate) struct PackedRef {
@@ -135,22 +148,33 @@ pub(crate) struct PackedRef {
     k3: u64,
     seq_code: u64,
     pub ref_mod: i64,
+    pub drops: u64,
 }
 
 const _: () = assert!(std::mem::size_of::<PackedHead>() == 40);
-const _: () = assert!(std::mem::size_of::<PackedRef>() == 40);
+const _: () = assert!(std::mem::size_of::<PackedRef>() == 48);
 
 impl PackedRef {
+    /// The ref of one op (`ref_mod` +1 or -1).
     pub fn new(key: RefKey, seq: u64, ref_mod: i64) -> PackedRef {
-        debug_assert!(seq <= SEQ_MAX);
-        let (k1, k2, k3) = key.words();
+        Self::pack(&DelayedRef::of_mod(key, seq, ref_mod))
+    }
+
+    pub fn pack(r: &DelayedRef) -> PackedRef {
+        debug_assert!(r.seq <= SEQ_MAX);
+        let (k1, k2, k3) = r.key.words();
         PackedRef {
             k1,
             k2,
             k3,
-            seq_code: (u64::from(key.type_code()) << 56) | seq,
-            ref_mod,
+            seq_code: (u64::from(r.key.type_code()) << 56) | r.seq,
+            ref_mod: r.ref_mod,
+            drops: r.drops,
         }
+    }
+
+    fn is_kept(&self) -> bool {
+        self.ref_mod != 0 || self.drops != 0
     }
 
     fn code(&self) -> u8 {
@@ -173,6 +197,7 @@ impl PackedRef {
                 .expect("packed ref holds a valid type code"),
             seq: self.seq(),
             ref_mod: self.ref_mod,
+            drops: self.drops,
         }
     }
 }
@@ -337,7 +362,7 @@ pub(crate) enum Merged<'a, 'b> {
         bytenr: u64,
         /// Merged summary.
         summary: HeadSummary,
-        /// Merged refs (sorted, no zeros).
+        /// Merged refs (sorted, each kept).
         refs: &'b [PackedRef],
     },
 }
@@ -395,7 +420,7 @@ impl RunBuilder {
         {
             return;
         }
-        debug_assert!(refs.iter().all(|r| r.ref_mod != 0));
+        debug_assert!(refs.iter().all(PackedRef::is_kept));
         self.append(
             PackedHead::pack(bytenr, summary, 0),
             refs,
@@ -509,27 +534,29 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Sort and merge packed refs of one head in place: sum equal `(key, seq)`,
-/// drop zeros.
+/// Sort and merge packed refs of one head in place: sum equal `(key, seq)`
+/// (ref_mod and drops), drop refs that are no longer kept.
 pub(crate) fn merge_refs(scratch: &mut Vec<PackedRef>) {
     scratch.sort_unstable_by_key(PackedRef::sort_key);
     let mut w = 0;
     for r in 0..scratch.len() {
         if w > 0 && scratch[w - 1].sort_key() == scratch[r].sort_key() {
             scratch[w - 1].ref_mod += scratch[r].ref_mod;
+            scratch[w - 1].drops += scratch[r].drops;
         } else {
             scratch[w] = scratch[r];
             w += 1;
         }
     }
     scratch.truncate(w);
-    scratch.retain(|r| r.ref_mod != 0);
+    scratch.retain(PackedRef::is_kept);
 }
 
 /// k-way merge of sorted sources by bytenr; `emit` gets each merged head
-/// once, in ascending bytenr order (a head of one source as stored). A linear scan picks the minimum for a
-/// few sources (compaction merges 4), a heap for many (a commit merges
-/// every run and staging batch).
+/// once, in ascending bytenr order (a head of one source as stored). A
+/// linear scan picks the minimum for up to `LINEAR_MAX` = 8 sources
+/// (compaction merges `COMPACT_FANOUT` = 8), a heap for more (a commit
+/// merges every run and staging batch).
 pub(crate) fn merge_cursors<'a>(
     mut cursors: Vec<Cursor<'a>>,
     mut emit: impl FnMut(Merged<'a, '_>),

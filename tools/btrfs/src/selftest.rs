@@ -87,7 +87,8 @@ pub fn dump_round_trip(
     // An extent takes an item line and a refs line at least.
     assert!(2 * stats.extents <= lines);
     assert!(stats.unrecognized.samples.len() <= crate::SAMPLES_MAX);
-    assert_eq!(tree.check(), Ok(()));
+    // Items are valid; a fuzzed dump may hold overlapping extents.
+    assert_eq!(tree.check_items(), Ok(()));
     let printed = print_dump(&tree, opts);
     let (again, _) = parse_dump(printed.as_bytes(), opts)
         .unwrap_or_else(|e| panic!("printed dump does not parse: {e}\n{printed}"));

@@ -15,8 +15,12 @@ pub const HELD_OBJECTID: u64 = u64::MAX;
 pub const HELD_HEADS_KEY: u8 = 240;
 /// Largest bytenr an extent item can have (see [`HELD_OBJECTID`]).
 pub const EXTENT_BYTENR_MAX: u64 = u64::MAX - 1;
-/// Version byte at the start of the held-heads stream.
-const HELD_STREAM_VERSION: u8 = 1;
+/// Version byte at the start of the held-heads stream. Version 2 added
+/// each ref's gross drop count; version 1 streams (written before) are
+/// still read, see [`decode_held`].
+const HELD_STREAM_VERSION: u8 = 2;
+/// The version without drop counts.
+const HELD_STREAM_VERSION_1: u8 = 1;
 
 // Held-heads items sort after every extent's items: no extent item has
 // their objectid, and their type is above every extent and backref type.
@@ -83,6 +87,7 @@ pub fn encode_held(heads: &[Head]) -> Vec<u8> {
             put_ref_key(&mut out, r.key);
             put_varint(&mut out, r.seq);
             put_varint(&mut out, zigzag(r.ref_mod));
+            put_varint(&mut out, r.drops);
         }
     }
     debug_assert!(
@@ -94,12 +99,16 @@ pub fn encode_held(heads: &[Head]) -> Vec<u8> {
 
 /// Decodes a held-heads stream: the whole input must be consumed, at least
 /// one head, heads strictly ascending by bytenr, refs of a head strictly
-/// ascending by (key, seq) with non-zero ref_mods summing to its
-/// total_ref_mod.
+/// ascending by (key, seq), each with a non-zero ref_mod or drop count
+/// (drops at least the net drop), ref_mods summing to its total_ref_mod.
+/// A version 1 stream has no drop counts: each ref gets the least its
+/// ref_mod implies (`max(0, -ref_mod)`), so a held re-allocation whose old
+/// life's drops cancelled against adds is refused when run rather than
+/// trusted.
 pub fn decode_held(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
     let mut r = Reader::new(buf);
     let version = r.u8("held stream version")?;
-    if version != HELD_STREAM_VERSION {
+    if version != HELD_STREAM_VERSION && version != HELD_STREAM_VERSION_1 {
         return Err(CodecError::Invalid {
             field: "held stream version",
             value: u64::from(version),
@@ -175,13 +184,31 @@ pub fn decode_held(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
             let key = get_ref_key(&mut r)?;
             let seq = r.varint("held ref seq")?;
             let ref_mod = unzigzag(r.varint("held ref_mod")?);
-            if ref_mod == 0 || refs.last().is_some_and(|p| (p.key, p.seq) >= (key, seq)) {
+            let drops = if version == HELD_STREAM_VERSION_1 {
+                if ref_mod < 0 {
+                    ref_mod.unsigned_abs()
+                } else {
+                    0
+                }
+            } else {
+                r.varint("held ref drops")?
+            };
+            let d = DelayedRef {
+                key,
+                seq,
+                ref_mod,
+                drops,
+            };
+            if !d.is_kept()
+                || i128::from(drops) < -i128::from(ref_mod)
+                || refs.last().is_some_and(|p| (p.key, p.seq) >= (key, seq))
+            {
                 return Err(CodecError::Invalid {
-                    field: "held ref (zero or order)",
+                    field: "held ref (zero, drops below the net drop, or order)",
                     value: bytenr,
                 });
             }
-            refs.push(DelayedRef { key, seq, ref_mod });
+            refs.push(d);
         }
         // A head's total is the sum of its refs (both merge additively).
         let sum = refs

@@ -222,6 +222,7 @@ fn held_heads_round_trip() {
             key: RefKey::TreeBlock { root: i },
             seq: 0,
             ref_mod: 1,
+            drops: i % 3,
         })
         .collect();
     big.summary.total_ref_mod = 1999;

@@ -139,8 +139,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         };
         // The committed items of every frozen head: the cache's, else the
         // B+tree's (the tree changes only in commits, and this one holds
-        // the core commit lock). A failure here leaves a frozen
-        // transaction that cannot run: fatal like any commit failure.
+        // the core commit lock). A failure here is fatal like any commit
+        // failure; the dropped frozen transaction is aborted (its heads
+        // requeued in the core store, see `refd_core::engine::Frozen`).
         let t1 = Instant::now();
         let extents_read = self.cache_frozen(frozen.heads()).map_err(|e| {
             let failure = Failure::new(self.device_name(), "read committed items", e.offset(), &e);

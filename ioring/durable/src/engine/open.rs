@@ -10,7 +10,7 @@ use std::time::Duration;
 use refd_core::delayed::DelayedRefStore;
 use refd_core::engine::Engine;
 use refd_core::extent_tree::ExtentTree;
-use refd_core::head::{DelayedRef, Head, RunRefs};
+use refd_core::head::{DelayedRef, Head};
 use refd_ioring::btree::BTree;
 use refd_ioring::format::RecoveryRecord;
 use refd_ioring::format::{
@@ -84,17 +84,20 @@ pub fn read_newest_superblock<S: Storage + ?Sized>(
 /// clears the seqs of requeued heads (their refs of one key then merge, as
 /// they would at run time with no barrier) and of replayed ops.
 fn forget_seq(head: &mut Head) {
-    // The net refs a run with no barrier merges (non-zero, sorted by key).
-    if let RunRefs::Ready(net) = head.run_refs(0) {
-        head.refs = net
-            .into_iter()
-            .map(|(key, ref_mod)| DelayedRef {
-                key,
-                seq: 0,
-                ref_mod,
-            })
-            .collect();
+    // One ref per key at seq 0: counts and drops summed over the seqs
+    // (refs are sorted by key, then seq).
+    let mut refs: Vec<DelayedRef> = Vec::with_capacity(head.refs.len());
+    for r in &head.refs {
+        match refs.last_mut() {
+            Some(last) if last.key == r.key => {
+                last.ref_mod += r.ref_mod;
+                last.drops += r.drops;
+            }
+            _ => refs.push(DelayedRef { seq: 0, ..*r }),
+        }
     }
+    refs.retain(DelayedRef::is_kept);
+    head.refs = refs;
 }
 
 /// Decodes every replayed record, in log order: ops are added to `engine`

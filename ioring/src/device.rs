@@ -473,6 +473,27 @@ fn block_device_geometry(file: &File, path: &Path) -> Result<Geometry, DeviceErr
 
 /// Takes the exclusive, non-blocking `flock` of `file`'s open file
 /// description (released when its last reference is closed).
+impl Device {
+    /// Releases the exclusive lock of a regular-file device now, instead of
+    /// when the last reference to the open file goes. Other references can
+    /// outlive our close: a child that another thread of this process is
+    /// starting holds a copy of every descriptor between its fork and its
+    /// exec, and an io_uring may hold the file for a while after its last
+    /// completion; a close followed at once by an open (in this process or
+    /// another) was then refused as [`DeviceError::Locked`]. Only for a
+    /// device with no I/O of ours in flight: the lock is what keeps a
+    /// restarted process from writing where a late write of ours could
+    /// still land. A killed process never gets here, and its lock lasts as
+    /// long as its I/O.
+    pub fn unlock_idle(&self) {
+        if self.kind == DeviceKind::RegularFile {
+            // SAFETY: flock on a descriptor `self.file` keeps open for the
+            // call; it neither reads nor writes memory.
+            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+}
+
 fn lock_exclusive(file: &File) -> io::Result<()> {
     // SAFETY: flock on a descriptor `file` keeps open for the call; it
     // neither reads nor writes memory.

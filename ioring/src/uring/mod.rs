@@ -114,6 +114,22 @@ pub struct UringStorage {
     fixed_buffers: bool,
 }
 
+impl Drop for UringStorage {
+    fn drop(&mut self) {
+        // With nothing in flight on any ring (every submitted I/O reaped,
+        // no ring broken with I/O abandoned in the kernel), the device's
+        // exclusive lock can go now; otherwise it stays with the open file
+        // until the kernel lets go of it (see `Device::unlock_idle`).
+        let idle = self.rings.iter_mut().all(|r| {
+            let r = r.get_mut().unwrap_or_else(|e| e.into_inner());
+            r.in_flight == 0 && !r.broken
+        });
+        if idle {
+            self.device.unlock_idle();
+        }
+    }
+}
+
 impl std::fmt::Debug for UringStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UringStorage")

@@ -773,3 +773,50 @@ fn many_random_blocks_large_batch() {
     }
     assert_eq!(s.stats().in_flight_max, 16);
 }
+
+/// A storage dropped with nothing in flight lets go of its file device's
+/// exclusive lock at once, whatever else still holds the open file: here
+/// the children another thread keeps starting (each holds a copy of every
+/// descriptor between its fork and its exec). Without the unlock at drop,
+/// an open right after a close was refused as Locked now and then (the
+/// daemon's tests saw it on an open right after a format, while other
+/// tests started daemons).
+#[test]
+fn reopen_right_after_a_clean_close_is_not_locked() {
+    let Some(scratch) = Scratch::new("uring-reopen") else {
+        return;
+    };
+    let path = scratch.path().join("reopen.img");
+    drop(Device::create_file(&path, 256 * 4096, FileAllocation::Sparse).expect("create"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawner = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 20_000 {
+                if let Ok(mut c) = std::process::Command::new("true").spawn() {
+                    let _ = c.wait();
+                }
+                n += 1;
+            }
+        })
+    };
+    let block = vec![0x5Au8; 64 << 10];
+    let mut failure = None;
+    for round in 0..300u64 {
+        match UringStorage::open(&path, 0, UringConfig::default()) {
+            Ok(s) => {
+                let at = (round % 16) * (64 << 10);
+                s.write_batch(&[(at, &block[..])]).expect("write");
+                drop(s);
+            }
+            Err(e) => {
+                failure = Some(format!("round {round}: reopen after a clean close: {e}"));
+                break;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spawner.join().expect("spawner");
+    assert!(failure.is_none(), "{}", failure.unwrap_or_default());
+}

@@ -589,6 +589,7 @@ fn untriggered(policy: CommitPolicy) -> CommitPolicy {
         pending_ops_trigger: u64::MAX,
         commit_target_ms: u64::MAX,
         log_used_pct_trigger: 100,
+        dirty_bytes_trigger: 0,
         ..policy
     }
 }

@@ -69,6 +69,10 @@ pub struct DurableArgs {
     /// from the measured commit time per op).
     #[arg(long, default_value_t = CommitPolicy::default().commit_target_ms)]
     pub commit_target_ms: u64,
+    /// Commit policy: dirty B+tree node bytes one commit is estimated to
+    /// pin before a commit starts (MiB; 0: no dirty-bytes trigger).
+    #[arg(long, default_value_t = CommitPolicy::default().dirty_bytes_trigger >> 20)]
+    pub dirty_trigger_mb: u64,
     /// Bound of the engine's in-memory extent cache (extents).
     #[arg(long, default_value_t = OpenOptions::default().cache_extents_max)]
     pub cache_extents: usize,
@@ -163,6 +167,21 @@ pub struct DurableReport {
     pub commit_trigger_ops: u64,
     /// Commits started by interval / pending ops / log space.
     pub commits_by_interval_pending_log: [u64; 3],
+    /// Commits started by the dirty-bytes trigger.
+    pub commits_by_dirty: u64,
+    /// The most dirty B+tree node bytes one commit of the ingest pinned.
+    pub commit_dirty_bytes_max: u64,
+    /// The policy's measured dirty node bytes per op at the end.
+    pub commit_dirty_bytes_per_op: u64,
+    /// The node cache's clean plus dirty bytes, largest sample (every
+    /// 20 ms during the ingest).
+    pub node_cache_bytes_max: u64,
+    /// The B+tree at the end of the ingest: its nodes × 16 KiB (a walk of
+    /// the whole tree, not timed).
+    pub tree_bytes: u64,
+    /// This process's resident memory, largest sample (every 20 ms
+    /// during the ingest; `/proc/self/statm`).
+    pub rss_max_bytes: u64,
     /// Log bytes written (batches) per acknowledged op.
     pub log_bytes_per_op: f64,
     /// Log batches written per second (group commits: one durable write
@@ -355,6 +374,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
             interval_ms: args.commit_interval_ms,
             pending_ops_trigger: args.pending_ops_trigger,
             commit_target_ms: args.commit_target_ms,
+            dirty_bytes_trigger: args.dirty_trigger_mb << 20,
             ..CommitPolicy::default()
         },
         ..defaults
@@ -392,6 +412,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).map_err(|e| e.to_string())?;
     let mut per_second: Vec<u64> = Vec::new();
+    let (mut rss_max, mut cache_max) = (0u64, 0u64);
     let mut commit_starts: Vec<Instant> = Vec::new();
     let mut started = Instant::now();
     let (results, committed) = std::thread::scope(|s| {
@@ -445,8 +466,12 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
             let mut seconds = Vec::new();
             let mut last = 0u64;
             let mut tick = started;
+            let (mut rss_max, mut cache_max) = (0u64, 0u64);
             while !done.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(20));
+                rss_max = rss_max.max(refd::metrics::resident_bytes(None).unwrap_or(0));
+                let c = engine.btree().cache_stats();
+                cache_max = cache_max.max(c.bytes + c.dirty_bytes);
                 if tick.elapsed() < Duration::from_secs(1) || done.load(Ordering::SeqCst) {
                     continue;
                 }
@@ -468,7 +493,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
                     );
                 }
             }
-            seconds
+            (seconds, rss_max, cache_max)
         });
         let out: Vec<_> = workers
             .into_iter()
@@ -479,8 +504,8 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
             .collect();
         let ingest_s = started.elapsed();
         done.store(true, Ordering::SeqCst);
-        let commits_during = engine.commit_totals().commits;
-        per_second = sampler.join().unwrap_or_default();
+        let commits_during = engine.commit_totals();
+        (per_second, rss_max, cache_max) = sampler.join().unwrap_or_default();
         commit_starts = starts.join().unwrap_or_default();
         engine.stop_committer();
         let committed = committer
@@ -488,7 +513,8 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
             .unwrap_or_else(|_| Err("committer panicked".into()));
         ((out, ingest_s, commits_during), committed)
     });
-    let (results, ingest, commits_during) = results;
+    let (results, ingest, totals_during) = results;
+    let commits_during = totals_during.commits;
     let mut walks = Vec::new();
     for r in results {
         let (h, source) = r?;
@@ -498,6 +524,12 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         }
     }
     let stats = committed?;
+    let tree_bytes = engine
+        .btree()
+        .check()
+        .map_err(|e| format!("tree check: {e}"))?
+        .nodes
+        * refd_ioring::format::NODE_BYTES as u64;
     let probe = if walks.is_empty() || args.probe_ops == 0 {
         None
     } else {
@@ -512,7 +544,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
     let log_after = engine.log().stats();
     let ops = hist.len();
     let log_bytes = log_after.batch_bytes_written - log_before.batch_bytes_written;
-    let tree_bytes = totals.nodes_written * refd_ioring::format::NODE_BYTES as u64;
+    let written_bytes = totals.nodes_written * refd_ioring::format::NODE_BYTES as u64;
     let commits = totals.commits.max(1) as f64;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let p = &totals.phases;
@@ -553,10 +585,16 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         commit_ns_per_op: engine.commit_cost_ps_per_op() as f64 / 1e3,
         commit_trigger_ops: engine.commit_trigger_ops(),
         commits_by_interval_pending_log: [stats.by_interval, stats.by_pending, stats.by_log],
+        commits_by_dirty: stats.by_dirty,
+        commit_dirty_bytes_max: totals_during.dirty_bytes_max,
+        commit_dirty_bytes_per_op: engine.commit_dirty_bytes_per_op(),
+        node_cache_bytes_max: cache_max,
+        rss_max_bytes: rss_max,
+        tree_bytes,
         log_bytes_per_op: log_bytes as f64 / ops.max(1) as f64,
         log_batches_per_sec: (log_after.batches_written - log_before.batches_written) as f64
             / ingest.as_secs_f64(),
-        tree_bytes_per_op: tree_bytes as f64 / ops.max(1) as f64,
+        tree_bytes_per_op: written_bytes as f64 / ops.max(1) as f64,
         device_durable_mb_per_sec: device_mb,
         log_mb_per_sec: log_bytes as f64 / ingest.as_secs_f64() / 1e6,
         extents_cached,
@@ -589,6 +627,7 @@ fn untriggered(policy: CommitPolicy) -> CommitPolicy {
         pending_ops_trigger: u64::MAX,
         commit_target_ms: u64::MAX,
         log_used_pct_trigger: 100,
+        dirty_bytes_trigger: 0,
         ..policy
     }
 }

@@ -83,6 +83,8 @@ pub struct CommitterStats {
     pub by_pending: u64,
     /// ... of which log space started.
     pub by_log: u64,
+    /// ... of which the dirty-bytes estimate started.
+    pub by_dirty: u64,
     /// Heads held back by a seq barrier over all its commits (kept in the
     /// B+tree by each commit, run by a later one).
     pub heads_held: u64,
@@ -133,6 +135,7 @@ impl<'e, S: Storage + Clone, D: DelayedRefStore, C: Clock> Committer<'e, S, D, C
                 Reason::Interval => self.stats.by_interval += 1,
                 Reason::Pending => self.stats.by_pending += 1,
                 Reason::Log => self.stats.by_log += 1,
+                Reason::Dirty => self.stats.by_dirty += 1,
             }
         }
         Ok(reason)
@@ -190,6 +193,7 @@ impl<'e, S: Storage + Clone, D: DelayedRefStore, C: Clock> Committer<'e, S, D, C
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -205,7 +209,15 @@ mod tests {
     type Dev = Arc<SimStorage>;
 
     fn open(policy: CommitPolicy) -> DurableEngine<Dev> {
-        let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(32 << 20, 3)).unwrap());
+        open_with(32 << 20, policy, refd_ioring::btree::TreeConfig::default())
+    }
+
+    fn open_with(
+        device_bytes: u64,
+        policy: CommitPolicy,
+        tree: refd_ioring::btree::TreeConfig,
+    ) -> DurableEngine<Dev> {
+        let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(device_bytes, 3)).unwrap());
         DurableEngine::format(
             &dev,
             FormatOptions {
@@ -220,6 +232,7 @@ mod tests {
                 ..LogConfig::default()
             },
             policy,
+            tree,
             ..OpenOptions::default()
         };
         DurableEngine::open(dev, options).unwrap().0
@@ -273,6 +286,85 @@ mod tests {
         assert_eq!(e.pending_ops(), 0, "stop commits what is pending");
         let all = e.committed_extents().unwrap();
         assert_eq!(all.total_refs(), 40_000);
+        e.verify().unwrap();
+    }
+
+    /// Uniform refs over a tree several times the node cache: the
+    /// dirty-bytes trigger starts the commits (the pending-op trigger is
+    /// far above), and once its estimate has seen the workload, no commit
+    /// pins more than twice the trigger's bytes (back-pressure). After
+    /// the change from sequential inserts to uniform refs the estimate
+    /// lags by four commits (measured: about 11, 11, 3.5 and 3.7 MiB at a
+    /// 1 MiB trigger): the first was sealed under the old estimate, the
+    /// second's ops were pending while the first ran, the next two
+    /// shrink toward the bound; then at most 1.8 MiB.
+    #[test]
+    fn dirty_bytes_trigger_bounds_a_commits_dirty_nodes() {
+        const EXTENTS: u64 = 131_072;
+        const REFS: u64 = 60_000;
+        const DIRTY_TRIGGER: u64 = 1 << 20;
+        const CACHE_BYTES: usize = 4 << 20;
+        let e = open_with(
+            64 << 20,
+            CommitPolicy {
+                interval_ms: 60_000,
+                pending_ops_trigger: 1 << 20,
+                dirty_bytes_trigger: DIRTY_TRIGGER,
+                ..CommitPolicy::default()
+            },
+            refd_ioring::btree::TreeConfig {
+                cache_bytes: CACHE_BYTES,
+                ..refd_ioring::btree::TreeConfig::default()
+            },
+        );
+        let uniform = Arc::new(AtomicBool::new(false));
+        let dirty = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (seen, phase) = (Arc::clone(&dirty), Arc::clone(&uniform));
+        e.set_commit_hook(move |s| {
+            if phase.load(Ordering::SeqCst) {
+                seen.lock().unwrap().push((s.ops, s.dirty_bytes));
+            }
+        });
+        let extent = |i: u64| (1 << 30) + i * 4096;
+        let mut x = 1u64;
+        let stats = std::thread::scope(|s| {
+            let committer = s.spawn(|| e.run_committer());
+            for n in 0..EXTENTS + REFS {
+                let (bytenr, action) = if n < EXTENTS {
+                    (extent(n), Action::AddExtent)
+                } else {
+                    uniform.store(true, Ordering::SeqCst);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (extent((x >> 33) % EXTENTS), Action::AddRef)
+                };
+                let key = RefKey::ExtentData {
+                    root: 5,
+                    objectid: 256 + n,
+                    offset: 0,
+                };
+                let op = Op::new(bytenr, 4096, ExtentKind::Data, action, key, 0).unwrap();
+                e.add(&op).unwrap();
+            }
+            e.stop_committer();
+            committer.join().unwrap().unwrap()
+        });
+        let tree = e.btree().check().unwrap();
+        let tree_bytes = tree.nodes * refd_ioring::format::NODE_BYTES as u64;
+        assert!(tree_bytes >= 3 * CACHE_BYTES as u64, "{tree:?}");
+        assert!(stats.by_dirty > 0, "{stats:?}");
+        assert!(stats.by_pending <= 1, "{stats:?}");
+        let dirty = dirty.lock().unwrap();
+        assert!(dirty.len() > 20, "{dirty:?}");
+        for (i, &(ops, bytes)) in dirty.iter().enumerate().skip(4) {
+            assert!(
+                bytes <= 2 * DIRTY_TRIGGER,
+                "uniform commit {i}: {ops} ops pinned {bytes} bytes: {dirty:?}"
+            );
+        }
+        assert!(e.btree().cache_stats().bytes <= CACHE_BYTES as u64);
+        assert_eq!(e.committed_extents().unwrap().total_refs(), EXTENTS + REFS);
         e.verify().unwrap();
     }
 
@@ -351,6 +443,7 @@ mod tests {
         let e = open(CommitPolicy {
             pending_ops_trigger: 10_000_000,
             commit_target_ms: 1000,
+            dirty_bytes_trigger: 0,
             ..CommitPolicy::default()
         });
         // Before any measurement, 2 µs per op is assumed: a 1 s commit is
@@ -362,20 +455,22 @@ mod tests {
         e.record_commit(
             ESTIMATE_OPS_MIN,
             Duration::from_nanos(ESTIMATE_OPS_MIN * 4000),
+            0,
         );
         assert_eq!(e.commit_trigger_ops(), 250_000);
         // Small commits do not move the estimate.
-        e.record_commit(10, Duration::from_secs(1));
+        e.record_commit(10, Duration::from_secs(1), 0);
         assert_eq!(e.commit_trigger_ops(), 250_000);
         // 8 µs per op, averaged 3:1 with the old 4 µs: 5 µs.
         e.record_commit(
             ESTIMATE_OPS_MIN,
             Duration::from_nanos(ESTIMATE_OPS_MIN * 8000),
+            0,
         );
         assert_eq!(e.commit_cost_ps_per_op(), 5_000_000);
         assert_eq!(e.commit_trigger_ops(), 200_000);
         // Never below the floor.
-        e.record_commit(ESTIMATE_OPS_MIN, Duration::from_secs(100));
+        e.record_commit(ESTIMATE_OPS_MIN, Duration::from_secs(100), 0);
         assert!(e.commit_trigger_ops() >= TRIGGER_OPS_MIN);
     }
 

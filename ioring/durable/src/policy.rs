@@ -21,9 +21,21 @@
 //!   [`OP_COST_PS_UNMEASURED`] before the first);
 //! - **log space**: a commit starts when the log is
 //!   [`CommitPolicy::log_used_pct_trigger`] percent full;
+//! - **dirty bytes**: a commit's apply pins every B+tree node it rewrites
+//!   until the commit writes it, so the pending ops whose commit is
+//!   estimated to dirty [`CommitPolicy::dirty_bytes_trigger`] bytes of
+//!   nodes start a commit: the trigger in force is also at most
+//!   `dirty_bytes_trigger` / the dirty node bytes per op measured on the
+//!   last commit of at least [`DIRTY_ESTIMATE_OPS_MIN`] ops
+//!   ([`DIRTY_BYTES_PER_OP_UNMEASURED`] before the first), never below
+//!   [`DIRTY_TRIGGER_OPS_MIN`]. Ops spread uniformly over a large tree
+//!   dirty about one leaf each, ops on few extents share their leaves (a
+//!   commit that pinned more than the trigger counts more, see
+//!   [`next_dirty_bytes_per_op`]);
 //! - **back-pressure** ([`CommitPolicy::throttles`]): an add that finds
 //!   twice the trigger pending (the memory bound: the running commit's
-//!   transaction plus a full next one) waits for the running commit, or
+//!   transaction plus a full next one; with the dirty-bytes trigger, a
+//!   commit of at most twice its estimate) waits for the running commit, or
 //!   commits itself if none runs, like btrfs's throttled task. An add that
 //!   finds no log space does the same (see `DurableEngine::add`).
 //!
@@ -50,6 +62,19 @@ pub const TRIGGER_OPS_MIN: u64 = 64 * 1024;
 /// touched, is the dearest. Without it the first commit ran every op of
 /// its first second: 1.8M ops in 1.7 s at 1.4M ops/s.
 pub const OP_COST_PS_UNMEASURED: u64 = 2_000_000;
+/// Dirty node bytes per op assumed until a commit has been measured: one
+/// full node per op (16 KiB encoded, about 20 KiB in memory), what ops
+/// spread over a tree of many more leaves than ops cost. The first commit
+/// of a busy engine is then small, and measured.
+pub const DIRTY_BYTES_PER_OP_UNMEASURED: u64 = 20 << 10;
+/// Commits with fewer frozen ops do not update the dirty-bytes-per-op
+/// estimate: a commit of a few ops dirties a whole root-to-leaf path per
+/// op, far more per op than a large one.
+pub const DIRTY_ESTIMATE_OPS_MIN: u64 = DIRTY_TRIGGER_OPS_MIN;
+/// The dirty-bytes trigger never takes the pending-op trigger below this
+/// (a commit's fixed costs, a superblock and two flushes, would dominate);
+/// it matters only for a trigger below 64 nodes' bytes.
+pub const DIRTY_TRIGGER_OPS_MIN: u64 = 64;
 
 /// How long after a commit start the committer wakes up for the next one,
 /// to start it within `interval`: early by 5% of it (at most 50 ms), so
@@ -61,6 +86,18 @@ pub const OP_COST_PS_UNMEASURED: u64 = 2_000_000;
 pub fn wake_after(interval: Duration) -> Duration {
     interval - (interval / 20).min(Duration::from_millis(50))
 }
+
+/// Default [`CommitPolicy::dirty_bytes_trigger`]: half the default node
+/// cache ([`crate::engine::NODE_CACHE_BYTES_DEFAULT`], whose budget counts
+/// dirty nodes too), 256 MiB. Back-pressure lets a commit have up to twice
+/// the trigger's ops, so a commit pins at most about the whole cache (the
+/// cache then evicts every clean node it can): memory stays within the
+/// node cache's budget. A quarter (128 MiB) was measured to start 35 of 48
+/// commits of the default 1M-extent `refd-bench durable` run, whose tree
+/// (196 MB) fits the cache and whose commits pinned up to 153 MB: the
+/// trigger then shrank commits to ~13k ops, where each of them rewrites
+/// most leaves. With a smaller node cache, set it to half that cache.
+pub const DIRTY_BYTES_TRIGGER_DEFAULT: u64 = (crate::engine::NODE_CACHE_BYTES_DEFAULT / 2) as u64;
 
 /// When to commit (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +112,10 @@ pub struct CommitPolicy {
     pub commit_target_ms: u64,
     /// Log fill (percent of the log region) that starts a commit.
     pub log_used_pct_trigger: u64,
+    /// Dirty B+tree node bytes (in memory) that one commit is estimated to
+    /// pin; more pending ops start a commit, and twice as many throttle
+    /// ingest. 0: no dirty-bytes trigger.
+    pub dirty_bytes_trigger: u64,
 }
 
 impl Default for CommitPolicy {
@@ -84,6 +125,7 @@ impl Default for CommitPolicy {
             pending_ops_trigger: 4_000_000,
             commit_target_ms: 1000,
             log_used_pct_trigger: 50,
+            dirty_bytes_trigger: DIRTY_BYTES_TRIGGER_DEFAULT,
         }
     }
 }
@@ -97,6 +139,8 @@ pub enum Reason {
     Pending,
     /// The log reached its fill trigger.
     Log,
+    /// The pending ops are estimated to dirty the dirty-bytes trigger.
+    Dirty,
 }
 
 /// What the policy looks at: a snapshot of the engine.
@@ -114,6 +158,9 @@ pub struct PolicyInput {
     pub log_bytes: u64,
     /// The pending-op trigger in force ([`CommitPolicy::trigger_ops`]).
     pub trigger_ops: u64,
+    /// Dirty node bytes per op (measured, see
+    /// [`next_dirty_bytes_per_op`]; 0: not measured yet).
+    pub dirty_bytes_per_op: u64,
     /// Time since the last commit started (or since the committer started).
     pub since_last_start: Duration,
     /// An add asked the committer to look now (it saw a trigger).
@@ -129,6 +176,8 @@ impl CommitPolicy {
         if input.kicked {
             return if log {
                 Some(Reason::Log)
+            } else if self.dirty_full(input.pending_ops, input.dirty_bytes_per_op) {
+                Some(Reason::Dirty)
             } else {
                 due.then_some(Reason::Pending)
             };
@@ -160,9 +209,32 @@ impl CommitPolicy {
         u128::from(log_used_bytes) * 100 >= u128::from(log_bytes) * pct
     }
 
+    /// `pending_ops` are estimated to dirty the dirty-bytes trigger, at
+    /// `dirty_bytes_per_op` (0: not measured yet).
+    pub fn dirty_full(&self, pending_ops: u64, dirty_bytes_per_op: u64) -> bool {
+        self.dirty_bytes_trigger > 0 && pending_ops >= self.dirty_trigger_ops(dirty_bytes_per_op)
+    }
+
+    /// The pending ops estimated to dirty the dirty-bytes trigger
+    /// (`u64::MAX` without one), never below [`DIRTY_TRIGGER_OPS_MIN`].
+    pub fn dirty_trigger_ops(&self, dirty_bytes_per_op: u64) -> u64 {
+        if self.dirty_bytes_trigger == 0 {
+            return u64::MAX;
+        }
+        let per_op = match dirty_bytes_per_op {
+            0 => DIRTY_BYTES_PER_OP_UNMEASURED,
+            b => b,
+        };
+        (self.dirty_bytes_trigger / per_op).max(DIRTY_TRIGGER_OPS_MIN)
+    }
+
     /// The pending-op trigger for a measured commit cost per op
-    /// (picoseconds; 0: not measured yet).
-    pub fn trigger_ops(&self, op_cost_ps: u64) -> u64 {
+    /// (picoseconds; 0: not measured yet) and measured dirty node bytes
+    /// per op (0: not measured yet): the fewest of the configured trigger,
+    /// the ops of a `commit_target_ms` commit (never below
+    /// [`TRIGGER_OPS_MIN`]) and the ops estimated to dirty
+    /// `dirty_bytes_trigger` (never below [`DIRTY_TRIGGER_OPS_MIN`]).
+    pub fn trigger_ops(&self, op_cost_ps: u64, dirty_bytes_per_op: u64) -> u64 {
         let ps = match op_cost_ps {
             0 => OP_COST_PS_UNMEASURED,
             ps => ps,
@@ -175,6 +247,7 @@ impl CommitPolicy {
         by_time
             .min(self.pending_ops_trigger)
             .max(TRIGGER_OPS_MIN.min(self.pending_ops_trigger).max(1))
+            .min(self.dirty_trigger_ops(dirty_bytes_per_op))
     }
 
     /// Whether an add that took the pending ops from `before` to `after`
@@ -197,6 +270,31 @@ impl CommitPolicy {
 /// only rewrite the same held set).
 pub fn commit_due(input: &PolicyInput) -> bool {
     input.pending_ops > 0 || (input.heads_held > 0 && input.barriers_active == 0)
+}
+
+/// The dirty-bytes-per-op estimate after a commit of `ops` frozen ops
+/// that left `dirty_bytes` of dirty nodes to write, from the estimate
+/// `old` (0: none yet), under `trigger` ([`CommitPolicy::dirty_bytes_trigger`]):
+/// the latest commit's own ratio (rounded up), so that a workload that
+/// starts spreading its ops over more leaves takes the trigger down at the
+/// next commit. A commit that pinned more than the trigger counts
+/// `dirty_bytes / trigger` times its ratio, so the next one has
+/// `(trigger / dirty_bytes)²` as many ops: dirty bytes grow less than
+/// linearly with ops (ops share leaves, most of all when nearly every leaf
+/// is touched), and scaling the ops linearly took eight commits to get
+/// below twice the trigger after such a change, against three now (the
+/// test `dirty_bytes_trigger_bounds_a_commits_dirty_nodes`). Commits of
+/// fewer than [`DIRTY_ESTIMATE_OPS_MIN`] ops keep `old`.
+pub fn next_dirty_bytes_per_op(old: u64, ops: u64, dirty_bytes: u64, trigger: u64) -> u64 {
+    if ops < DIRTY_ESTIMATE_OPS_MIN {
+        return old;
+    }
+    let per_op = dirty_bytes.div_ceil(ops).max(1);
+    if trigger == 0 || dirty_bytes <= trigger {
+        return per_op;
+    }
+    let scaled = u128::from(per_op) * u128::from(dirty_bytes) / u128::from(trigger);
+    u64::try_from(scaled).unwrap_or(u64::MAX)
 }
 
 /// The time-per-op estimate after a commit of `ops` frozen ops that took
@@ -274,27 +372,90 @@ mod tests {
         let p = CommitPolicy {
             pending_ops_trigger: 10_000_000,
             commit_target_ms: 1000,
+            dirty_bytes_trigger: 0,
             ..CommitPolicy::default()
         };
         // Before any measurement, 2 µs per op is assumed: a 1 s commit is
         // half a million ops.
-        assert_eq!(p.trigger_ops(0), 500_000);
+        assert_eq!(p.trigger_ops(0, 0), 500_000);
         // The first measurement replaces the assumption: 4 µs per op.
         let four = next_op_cost_ps(0, ESTIMATE_OPS_MIN, ns(ESTIMATE_OPS_MIN * 4000));
-        assert_eq!(p.trigger_ops(four), 250_000);
+        assert_eq!(p.trigger_ops(four, 0), 250_000);
         // Small commits do not move the estimate.
         assert_eq!(next_op_cost_ps(four, 10, Duration::from_secs(1)), four);
         // 8 µs per op, averaged 3:1 with the old 4 µs: 5 µs.
         let five = next_op_cost_ps(four, ESTIMATE_OPS_MIN, ns(ESTIMATE_OPS_MIN * 8000));
         assert_eq!(five, 5_000_000);
-        assert_eq!(p.trigger_ops(five), 200_000);
+        assert_eq!(p.trigger_ops(five, 0), 200_000);
         // Never below the floor.
         let slow = next_op_cost_ps(five, ESTIMATE_OPS_MIN, Duration::from_secs(100));
-        assert!(p.trigger_ops(slow) >= TRIGGER_OPS_MIN);
+        assert!(p.trigger_ops(slow, 0) >= TRIGGER_OPS_MIN);
     }
 
     fn ns(n: u64) -> Duration {
         Duration::from_nanos(n)
+    }
+
+    #[test]
+    fn dirty_bytes_trigger_follows_measured_dirty_bytes_per_op() {
+        let p = CommitPolicy {
+            pending_ops_trigger: 10_000_000,
+            dirty_bytes_trigger: 64 << 20,
+            ..CommitPolicy::default()
+        };
+        // Unmeasured: one node per op, 64 MiB / 20 KiB.
+        assert_eq!(p.dirty_trigger_ops(0), 3276);
+        assert_eq!(p.trigger_ops(0, 0), 3276, "below the time trigger's floor");
+        // A commit of 100k ops that dirtied 48 MiB: 504 bytes per op.
+        let t = p.dirty_bytes_trigger;
+        let per_op = next_dirty_bytes_per_op(0, 100_000, 48 << 20, t);
+        assert_eq!(per_op, 504);
+        assert_eq!(p.trigger_ops(0, per_op), 133_152);
+        // 128 MiB, twice the trigger, in 100k ops: 1343 bytes per op
+        // counted twice, a quarter of the ops next time.
+        let over = next_dirty_bytes_per_op(per_op, 100_000, 128 << 20, t);
+        assert_eq!(over, 2 * 1343);
+        assert_eq!(p.trigger_ops(0, over), 24_984);
+        // Ops sharing few leaves: the time trigger is the fewer again.
+        let shared = next_dirty_bytes_per_op(over, 1_000_000, 4 << 20, t);
+        assert_eq!(shared, 5);
+        assert_eq!(p.trigger_ops(0, shared), 500_000);
+        // Small commits keep the estimate.
+        assert_eq!(next_dirty_bytes_per_op(shared, 63, 1 << 30, t), shared);
+        // Without a trigger, no scaling.
+        assert_eq!(next_dirty_bytes_per_op(0, 100, 1 << 30, 0), 10_737_419);
+        // Never below the floor, even at a whole path per op.
+        assert_eq!(p.trigger_ops(0, 4 << 20), DIRTY_TRIGGER_OPS_MIN);
+        // 0 disables it.
+        let off = CommitPolicy {
+            dirty_bytes_trigger: 0,
+            ..p
+        };
+        assert_eq!(off.trigger_ops(0, 1 << 20), 500_000);
+        assert!(!off.dirty_full(u64::MAX, 1 << 20));
+    }
+
+    #[test]
+    fn kicks_name_the_dirty_trigger() {
+        let p = CommitPolicy {
+            dirty_bytes_trigger: 1 << 20,
+            ..CommitPolicy::default()
+        };
+        let mut i = input();
+        i.kicked = true;
+        i.dirty_bytes_per_op = 512;
+        i.pending_ops = 2047;
+        assert_eq!(p.decide(&i), Some(Reason::Pending), "below 1 MiB");
+        i.pending_ops = 2048;
+        assert_eq!(p.decide(&i), Some(Reason::Dirty));
+        i.log_used_bytes = 1 << 19;
+        assert_eq!(p.decide(&i), Some(Reason::Log), "log space first");
+        // The interval does not care which trigger is near.
+        let mut i = input();
+        i.pending_ops = 1 << 20;
+        i.dirty_bytes_per_op = 512;
+        i.since_last_start = Duration::from_secs(1);
+        assert_eq!(p.decide(&i), Some(Reason::Interval));
     }
 
     #[test]

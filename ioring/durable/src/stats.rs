@@ -85,6 +85,9 @@ pub struct CommitSummary {
     pub item_changes: usize,
     /// B+tree nodes written (including the free-space bitmap).
     pub nodes_written: u64,
+    /// In-memory bytes of the B+tree nodes this commit dirtied (pinned
+    /// until it wrote them; the dirty-bytes trigger's measure).
+    pub dirty_bytes: u64,
     /// Extents of frozen heads read from the B+tree (cache misses).
     pub extents_read: usize,
     /// Extents evicted from the cache after the commit.
@@ -104,6 +107,8 @@ pub struct CommitTotals {
     pub ops: u64,
     /// B+tree nodes written.
     pub nodes_written: u64,
+    /// The most dirty node bytes one commit pinned.
+    pub dirty_bytes_max: u64,
     /// B+tree item changes.
     pub item_changes: u64,
     /// Extents read from the B+tree (cache misses).
@@ -128,6 +133,7 @@ impl CommitTotals {
         self.commits += 1;
         self.ops += s.ops;
         self.nodes_written += s.nodes_written;
+        self.dirty_bytes_max = self.dirty_bytes_max.max(s.dirty_bytes);
         self.item_changes += s.item_changes as u64;
         self.extents_read += s.extents_read as u64;
         if s.phases.total >= self.longest_phases.total {

@@ -145,6 +145,10 @@ pub struct CommitInfo {
     /// Nodes this commit freed; reusable after
     /// [`BTree::release_pending`]`(generation)`.
     pub pending_free_nodes: u64,
+    /// In-memory bytes of the dirty nodes this commit wrote: what the
+    /// transaction pinned until now ([`CacheStats::dirty_bytes`] before the
+    /// commit).
+    pub dirty_bytes: u64,
 }
 
 impl CommitInfo {
@@ -602,6 +606,7 @@ impl<S: Storage> BTree<S> {
                 changed: false,
                 nodes_written: 0,
                 pending_free_nodes: 0,
+                dirty_bytes: 0,
             });
         }
         match self.commit_locked(&mut st, generation) {
@@ -725,6 +730,7 @@ impl<S: Storage> BTree<S> {
         })?;
 
         // Durable: the dirty nodes become clean cached nodes.
+        let dirty_bytes = st.dirty_bytes as u64;
         for addr in &addrs {
             if let Some(node) = st.dirty.remove(addr) {
                 self.cache.insert(*addr, node)?;
@@ -758,6 +764,7 @@ impl<S: Storage> BTree<S> {
             alloc,
             changed: true,
             nodes_written: order.len() as u64,
+            dirty_bytes,
             pending_free_nodes,
         })
     }

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub commits: Counter,
     /// Ops committed.
     pub commit_ops: Counter,
+    /// Dirty B+tree node bytes the last commit pinned.
+    pub commit_dirty_bytes: Gauge,
     /// Engine gauges, read at each scrape.
     pub pending_ops: Gauge,
     /// Heads held back by a seq barrier.
@@ -126,6 +128,7 @@ impl Metrics {
             commit_phase_seconds: Family::default(),
             commits: Counter::default(),
             commit_ops: Counter::default(),
+            commit_dirty_bytes: Gauge::default(),
             pending_ops: Gauge::default(),
             heads_held: Gauge::default(),
             log_used_bytes: Gauge::default(),
@@ -202,6 +205,11 @@ impl Metrics {
             );
             r.register("commits", "Commits", m.commits.clone());
             r.register("commit_ops", "Ops committed", m.commit_ops.clone());
+            r.register(
+                "commit_dirty_bytes",
+                "Dirty B+tree node bytes the last commit pinned",
+                m.commit_dirty_bytes.clone(),
+            );
             r.register(
                 "pending_ops",
                 "Ops added since the last commit's cut",
@@ -298,6 +306,8 @@ impl Metrics {
         self.commit_seconds.observe(p.total.as_secs_f64());
         self.commits.inc();
         self.commit_ops.inc_by(summary.ops);
+        self.commit_dirty_bytes
+            .set(i64::try_from(summary.dirty_bytes).unwrap_or(i64::MAX));
         for (name, d) in [
             ("freeze", p.freeze),
             ("items", p.items),

@@ -184,7 +184,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         self.service_committed(generation, freed_list, &dropped);
         self.generation.store(generation, Ordering::Release);
         phases.total = t0.elapsed();
-        self.record_commit(ops, phases.total);
+        self.record_commit(ops, phases.total, summary.dirty_bytes);
         summary.extents_read = extents_read;
         summary.ops = ops;
         summary.phases = phases;
@@ -380,6 +380,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             core,
             item_changes: items.item_changes,
             nodes_written: info.nodes_written,
+            dirty_bytes: info.dirty_bytes,
             extents_read: 0,
             extents_evicted,
             ops: 0,

@@ -214,6 +214,8 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     trigger_ops: AtomicU64,
     /// Measured commit time per op, picoseconds (0: not yet measured).
     op_cost_ps: AtomicU64,
+    /// Measured dirty node bytes per op (0: not yet measured).
+    dirty_bytes_per_op: AtomicU64,
     pub(crate) committer: Mutex<CommitterFlags>,
     pub(crate) committer_cv: Condvar,
     /// Sessions and freed-list consumers (taken after the cut lock).
@@ -344,7 +346,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// wake-up).
     pub fn set_policy(&self, policy: CommitPolicy) {
         *lock(&self.policy) = policy;
-        self.record_commit(0, Duration::ZERO);
+        self.record_commit(0, Duration::ZERO, 0);
     }
 
     /// The pending-op count that starts a commit now (see `crate::policy`).
@@ -370,13 +372,25 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         self.op_cost_ps.load(Ordering::Relaxed)
     }
 
-    /// Update the time-per-op estimate with a commit of `ops` frozen ops
-    /// that took `took`, and the pending-op trigger with it.
-    pub(crate) fn record_commit(&self, ops: u64, took: Duration) {
+    /// The measured dirty B+tree node bytes per op (0 until a commit of
+    /// at least [`policy::DIRTY_ESTIMATE_OPS_MIN`] ops).
+    pub fn commit_dirty_bytes_per_op(&self) -> u64 {
+        self.dirty_bytes_per_op.load(Ordering::Relaxed)
+    }
+
+    /// Update the time-per-op and dirty-bytes-per-op estimates with a
+    /// commit of `ops` frozen ops that took `took` and dirtied
+    /// `dirty_bytes` of nodes, and the pending-op trigger with them.
+    pub(crate) fn record_commit(&self, ops: u64, took: Duration, dirty_bytes: u64) {
         let old = self.op_cost_ps.load(Ordering::Relaxed);
         let ps = policy::next_op_cost_ps(old, ops, took);
         self.op_cost_ps.store(ps, Ordering::Relaxed);
-        let trigger = self.policy().trigger_ops(ps);
+        let old = self.dirty_bytes_per_op.load(Ordering::Relaxed);
+        let policy = self.policy();
+        let per_op =
+            policy::next_dirty_bytes_per_op(old, ops, dirty_bytes, policy.dirty_bytes_trigger);
+        self.dirty_bytes_per_op.store(per_op, Ordering::Relaxed);
+        let trigger = policy.trigger_ops(ps, per_op);
         self.trigger_ops.store(trigger, Ordering::Relaxed);
     }
 
@@ -389,6 +403,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             log_used_bytes: self.log.used_bytes(),
             log_bytes: self.log.log_bytes(),
             trigger_ops: self.commit_trigger_ops(),
+            dirty_bytes_per_op: self.commit_dirty_bytes_per_op(),
             since_last_start,
             kicked,
         }

@@ -395,6 +395,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             heads_held: AtomicU64::new(heads_held as u64),
             trigger_ops: AtomicU64::new(options.policy.pending_ops_trigger),
             op_cost_ps: AtomicU64::new(0),
+            dirty_bytes_per_op: AtomicU64::new(0),
             committer: Mutex::new(CommitterFlags::default()),
             committer_cv: Condvar::new(),
             service: Mutex::new(service),
@@ -405,7 +406,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             throttled: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
         };
-        engine.record_commit(0, Duration::ZERO);
+        engine.record_commit(0, Duration::ZERO, 0);
         Ok((engine, info))
     }
 }

@@ -143,7 +143,17 @@ fn held_heads_survive_a_crash() {
 #[test]
 fn parallel_run_item_changes_reach_the_btree() {
     let (dev, _) = formatted(64 << 20, 16 << 20);
-    let (e, _) = DurableEngine::open(dev, opts()).unwrap();
+    // One commit of every head: no dirty-bytes trigger, whose estimate
+    // before the first commit (one node per op) would throttle the adds
+    // into an inline commit after 2 x 6553 ops.
+    let options = OpenOptions {
+        policy: crate::CommitPolicy {
+            dirty_bytes_trigger: 0,
+            ..crate::CommitPolicy::default()
+        },
+        ..opts()
+    };
+    let (e, _) = DurableEngine::open(dev, options).unwrap();
     let heads = 2 * refd_core::engine::PARALLEL_RUN_MIN_HEADS as u64 + 100;
     let at = |i: u64| (1u64 << 30) + i * (16 << 10);
     let op = |bytenr: u64, num_bytes: u64, action: Action, root: u64| {

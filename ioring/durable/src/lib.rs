@@ -47,6 +47,6 @@ pub use error::{
     AddError, CommitError, CommitStep, Failure, FormatDeviceError, OpenError, ReadError,
     ServiceError, SubmitError, VerifyError,
 };
-pub use policy::{CommitPolicy, PolicyInput, Reason};
+pub use policy::{CommitPolicy, PolicyInput, Reason, DIRTY_BYTES_TRIGGER_DEFAULT};
 pub use service::{Admission, Consumer, ServiceOptions, SessionError};
 pub use stats::{CommitPhases, CommitSummary, CommitTotals, RecoveryInfo};

@@ -126,6 +126,7 @@ fn every_client_subcommand_against_a_live_daemon() {
         metrics: None,
         // Only the test commits: counts stay pending until it does.
         commit_interval_ms: 600_000,
+        dirty_trigger_mib: 0,
         ..ServeConfig::default()
     };
     let running = refd::start(config).expect("start refd");

@@ -34,6 +34,11 @@ pub struct Serve {
     /// Longest time between commits while ops are pending.
     #[arg(long, default_value_t = 1000)]
     pub commit_interval_ms: u64,
+    /// Commit once the pending ops are estimated to dirty this many MiB of
+    /// B+tree nodes (bounds a commit's pinned working set; default half the
+    /// node cache; 0: off, commits then start on interval, ops or log fill)
+    #[arg(long, default_value_t = refd_durable::DIRTY_BYTES_TRIGGER_DEFAULT >> 20)]
+    pub dirty_trigger_mib: u64,
     /// The delayed-ref store.
     #[arg(long = "impl", value_enum, default_value_t = StoreImpl::Lockfree)]
     pub store: StoreImpl,
@@ -119,6 +124,7 @@ fn config(a: Serve) -> Result<ServeConfig, String> {
         },
         metrics,
         commit_interval_ms: a.commit_interval_ms,
+        dirty_trigger_mib: a.dirty_trigger_mib,
         store: a.store,
         verify: a.verify,
         token,

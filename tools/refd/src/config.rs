@@ -138,6 +138,8 @@ pub struct ServeConfig {
     pub metrics: Option<SocketAddr>,
     /// Commit interval.
     pub commit_interval_ms: u64,
+    /// The dirty-bytes commit trigger in MiB (0: off).
+    pub dirty_trigger_mib: u64,
     /// The store.
     pub store: StoreImpl,
     /// ref-verify every op.
@@ -180,6 +182,7 @@ impl Default for ServeConfig {
             listen: vec![LISTEN_DEFAULT.parse().expect("default listener")],
             metrics: Some(METRICS_DEFAULT.parse().expect("default metrics address")),
             commit_interval_ms: 1000,
+            dirty_trigger_mib: refd_durable::DIRTY_BYTES_TRIGGER_DEFAULT >> 20,
             store: StoreImpl::Lockfree,
             verify: false,
             token: None,

@@ -377,6 +377,7 @@ pub fn engine_options(config: &ServeConfig) -> OpenOptions {
         },
         policy: CommitPolicy {
             interval_ms: config.commit_interval_ms,
+            dirty_bytes_trigger: config.dirty_trigger_mib.saturating_mul(1 << 20),
             ..CommitPolicy::default()
         },
         verify: config.verify,

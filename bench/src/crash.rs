@@ -20,9 +20,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
 use refd_durable::{DurableEngine, FormatOptions, OpenOptions};
-use refd_ioring::{
-    Device, DeviceError, FileAllocation, UringConfig, UringSetupError, UringStorage,
-};
+use refd_ioring::{Device, FileAllocation, UringConfig, UringStorage};
 
 /// Ids of one round: round r uses `r * ROUND_IDS ..`.
 const ROUND_IDS: u64 = 1 << 32;
@@ -72,18 +70,9 @@ pub(crate) fn open_device(path: &Path) -> Result<Arc<UringStorage>, String> {
     // file) is released only when the kernel has torn down its io_uring
     // (asynchronously, after the in-flight I/O): a restart right after a
     // SIGKILL may find the device busy for a moment.
-    let deadline = Instant::now() + BUSY_RETRY;
-    loop {
-        match UringStorage::open(path, 0, UringConfig::default()) {
-            Ok(s) => return Ok(Arc::new(s)),
-            Err(UringSetupError::Device(DeviceError::Busy { .. } | DeviceError::Locked { .. }))
-                if Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    }
+    UringStorage::open_when_free(path, 0, UringConfig::default(), BUSY_RETRY)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 fn extent_of(id: u64) -> u64 {

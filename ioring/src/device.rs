@@ -474,6 +474,30 @@ fn block_device_geometry(file: &File, path: &Path) -> Result<Geometry, DeviceErr
 /// Takes the exclusive, non-blocking `flock` of `file`'s open file
 /// description (released when its last reference is closed).
 impl Device {
+    /// [`Device::open`], waiting up to `wait` while another opener holds
+    /// the device ([`DeviceError::Busy`] / [`DeviceError::Locked`]): a
+    /// killed process's `O_EXCL` open or `flock` lasts until the kernel has
+    /// torn down its io_uring, after its last in-flight I/O, so a restart
+    /// right after a SIGKILL may find the device taken for a moment.
+    pub fn open_when_free(
+        path: impl AsRef<Path>,
+        min_size_bytes: u64,
+        wait: std::time::Duration,
+    ) -> Result<Self, DeviceError> {
+        let path = path.as_ref();
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Device::open(path, min_size_bytes) {
+                Err(DeviceError::Busy { .. } | DeviceError::Locked { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Releases the exclusive lock of a regular-file device now, instead of
     /// when the last reference to the open file goes. Other references can
     /// outlive our close: a child that another thread of this process is

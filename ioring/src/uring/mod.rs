@@ -154,6 +154,19 @@ impl UringStorage {
         Self::new(device, config)
     }
 
+    /// [`UringStorage::open`] on [`Device::open_when_free`]: waits up to
+    /// `wait` for a device another (killed) opener still holds.
+    pub fn open_when_free(
+        path: impl AsRef<Path>,
+        min_size_bytes: u64,
+        config: UringConfig,
+        wait: std::time::Duration,
+    ) -> Result<Self, UringSetupError> {
+        config.check()?;
+        let device = Device::open_when_free(path, min_size_bytes, wait)?;
+        Self::new(device, config)
+    }
+
     /// Creates the ring and buffer pool for an already opened device.
     pub fn new(device: Device, config: UringConfig) -> Result<Self, UringSetupError> {
         config.check()?;

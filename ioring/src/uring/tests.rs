@@ -663,22 +663,14 @@ fn sigkill_keeps_acknowledged_writes() {
     // The killed child's io_uring may still hold the file (and its
     // exclusive lock) until its last I/O completes, after the process is
     // reaped: the device is Locked until then, which is the point of the
-    // lock. Wait for it, boundedly, as the daemon does.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let s = loop {
-        match UringStorage::open(
-            scratch.path().join("kill.img"),
-            KILL_BLOCKS * 4096,
-            UringConfig::default(),
-        ) {
-            Err(UringSetupError::Device(crate::DeviceError::Locked { .. }))
-                if std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            r => break r.expect("reopen after SIGKILL"),
-        }
-    };
+    // lock. Wait for it, boundedly.
+    let s = UringStorage::open_when_free(
+        scratch.path().join("kill.img"),
+        KILL_BLOCKS * 4096,
+        UringConfig::default(),
+        std::time::Duration::from_secs(20),
+    )
+    .expect("reopen after SIGKILL");
     let mut bufs: Vec<Vec<u8>> = (0..=acked).map(|_| vec![0u8; 4096]).collect();
     let mut reads: Vec<(u64, &mut [u8])> = bufs
         .iter_mut()

@@ -41,6 +41,7 @@ use crate::hist::{
 };
 use crate::spawn::{DaemonSpec, Spawned};
 use crate::workload::{Walk, Workload};
+use refd_ioring::WriteLatency;
 
 /// Arguments of `load`.
 #[derive(Debug, Clone, clap::Args)]
@@ -211,6 +212,12 @@ pub struct LoadReport {
     pub commits: u64,
     /// Back-pressure waits during the measured time (from STATS).
     pub backpressure_waits: u64,
+    /// The daemon's log batch writes (write and flush, what each ack
+    /// waited for) during the measured time, from STATS (`None`: no
+    /// STATS): p50, p99 and max within a factor of 2 (power-of-two
+    /// buckets; the max is the top bucket's bound, capped by the longest
+    /// write since the daemon started).
+    pub log_write: Option<LogWriteSummary>,
     /// Bytes written to the device per second in the measured time
     /// (`None`: the device is not a block device, whose
     /// `/sys/block/NAME/stat` counts them).
@@ -255,6 +262,37 @@ pub struct Second {
     pub commits: Option<u64>,
     /// Back-pressure waits in it (`None`: no STATS).
     pub backpressure_waits: Option<u64>,
+    /// The daemon's log batch writes in it (`None`: no STATS).
+    pub log_write_p99_ms: Option<f64>,
+}
+
+/// The daemon's log batch writes over some time (see
+/// [`LoadReport::log_write`]).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct LogWriteSummary {
+    /// Batch writes.
+    pub writes: u64,
+    /// Quantiles (upper bounds of power-of-two buckets).
+    pub p50_ms: f64,
+    /// Quantiles (upper bounds of power-of-two buckets).
+    pub p99_ms: f64,
+    /// Upper bound of the highest bucket reached.
+    pub max_ms: f64,
+}
+
+impl LogWriteSummary {
+    /// What `w` counted after `earlier`.
+    fn since(w: &WriteLatency, earlier: &WriteLatency) -> LogWriteSummary {
+        let d = w.since(earlier);
+        let top = d.counts.iter().rposition(|&c| c > 0);
+        let max_us = top.map_or(0, |i| WriteLatency::bucket_upper_us(i).min(w.max_us));
+        LogWriteSummary {
+            writes: d.count(),
+            p50_ms: d.quantile_us(0.5) as f64 / 1e3,
+            p99_ms: d.quantile_us(0.99) as f64 / 1e3,
+            max_ms: max_us as f64 / 1e3,
+        }
+    }
 }
 
 /// One client's own histograms (merged into the [`Tally`] at its end).
@@ -558,6 +596,23 @@ struct DaemonCounters {
     waits: u64,
     pending_ops: u64,
     resident_bytes: u64,
+    /// The log's batch write times (`None`: a daemon without them).
+    log_writes: Option<WriteLatency>,
+}
+
+/// The log's batch write histogram from a STATS reply.
+fn log_writes(log: &serde_json::Value) -> Option<WriteLatency> {
+    let buckets = log["write_buckets"].as_array()?;
+    let mut w = WriteLatency::default();
+    if buckets.len() != w.counts.len() {
+        return None;
+    }
+    for (c, b) in w.counts.iter_mut().zip(buckets) {
+        *c = b.as_u64()?;
+    }
+    w.sum_us = log["write_sum_us"].as_u64()?;
+    w.max_us = log["write_max_us"].as_u64()?;
+    Some(w)
 }
 
 fn daemon_counters(c: &mut Conn) -> Option<DaemonCounters> {
@@ -571,6 +626,7 @@ fn daemon_counters(c: &mut Conn) -> Option<DaemonCounters> {
             + v["engine"]["throttle_waits"].as_u64()?,
         pending_ops: v["engine"]["pending_ops"].as_u64().unwrap_or(0),
         resident_bytes: v["process"]["resident_bytes"].as_u64().unwrap_or(0),
+        log_writes: log_writes(&v["log"]),
     })
 }
 
@@ -679,6 +735,7 @@ impl Clock {
         let now = Instant::now();
         let ops = tally.ops.load(Ordering::Relaxed);
         let counters = self.poll();
+        let prev = self.prev;
         let delta = counters
             .zip(self.prev)
             .map(|(c, p)| (c.commits - p.commits, c.waits - p.waits));
@@ -691,6 +748,7 @@ impl Clock {
             p99_ms: ms(h, 0.99),
             commits: delta.map(|d| d.0),
             backpressure_waits: delta.map(|d| d.1),
+            log_write_p99_ms: log_write_since(counters, prev).map(|w| w.p99_ms),
         };
         let written = match hlog {
             Some(w) if hists.iter().any(|h| !h.is_empty()) => {
@@ -706,12 +764,24 @@ impl Clock {
         written
     }
 
-    /// The daemon's commits and back-pressure waits since the start.
-    fn totals(&mut self) -> (u64, u64) {
+    /// The daemon's commits, back-pressure waits and log writes since
+    /// the start.
+    fn totals(&mut self) -> (u64, u64, Option<LogWriteSummary>) {
         let end = self.poll().or(self.prev);
-        end.zip(self.first)
-            .map_or((0, 0), |(e, f)| (e.commits - f.commits, e.waits - f.waits))
+        let (commits, waits) = end
+            .zip(self.first)
+            .map_or((0, 0), |(e, f)| (e.commits - f.commits, e.waits - f.waits));
+        (commits, waits, log_write_since(end, self.first))
     }
+}
+
+/// The log writes between two STATS polls.
+fn log_write_since(
+    now: Option<DaemonCounters>,
+    earlier: Option<DaemonCounters>,
+) -> Option<LogWriteSummary> {
+    let (n, e) = (now?.log_writes?, earlier?.log_writes?);
+    Some(LogWriteSummary::since(&n, &e))
 }
 
 /// Warm-up, the measured time with a progress line and an `.hlog`
@@ -765,7 +835,7 @@ fn measure(
         f.finish()?;
     }
     let mut report = summarize(a, &tally, measured, open_loop)?;
-    (report.commits, report.backpressure_waits) = clock.totals();
+    (report.commits, report.backpressure_waits, report.log_write) = clock.totals();
     report.device_write_mb_per_sec = device_mb;
     report.seconds = clock.seconds;
     Ok(report)
@@ -781,8 +851,10 @@ fn progress_line(
 ) {
     let daemon = match (counters, delta) {
         (Some(c), Some((commits, waits))) => format!(
-            ", {commits} commits, {waits} back-pressure waits, {} pending, daemon RSS {} MiB",
+            ", {commits} commits, {waits} back-pressure waits, {} pending, log write p99 {}, daemon RSS {} MiB",
             c.pending_ops,
+            s.log_write_p99_ms
+                .map_or("-".to_string(), |ms| format!("{ms:.2} ms")),
             c.resident_bytes >> 20
         ),
         _ => String::new(),
@@ -849,6 +921,7 @@ pub(crate) fn summarize(
         seconds: Vec::new(),
         commits: 0,
         backpressure_waits: 0,
+        log_write: None,
         device_write_mb_per_sec: None,
         errors: tally.errors.load(Ordering::Relaxed),
         daemon_rss_max_bytes: 0,
@@ -1307,6 +1380,15 @@ pub fn print_summary(r: &LoadReport) {
         println!(
             "  {name:<22} {:>9.0} req/s  p50 {:8.3} ms  p99 {:8.3} ms  p99.9 {:8.3} ms  max {:8.1} ms",
             s.requests_per_sec, s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms
+        );
+    }
+    if let Some(w) = &r.log_write {
+        println!(
+            "  daemon log writes      {:>9.0} /s     p50 {:8.3} ms  p99 {:8.3} ms  (write + flush of a batch, within 2x)  max {:8.1} ms",
+            w.writes as f64 / r.duration_s.max(1e-9),
+            w.p50_ms,
+            w.p99_ms,
+            w.max_ms
         );
     }
     if let Some(mismatches) = r.mismatches {

@@ -63,7 +63,7 @@ pub use btree::{
 pub use device::{Device, DeviceError, DeviceKind, FileAllocation, Geometry, GeometryError};
 pub use log::{
     replay, Durability, LogBounds, LogConfig, LogError, LogPosition, LogStats, Lsn, RecoveryReport,
-    RefLog, Replay, Ticket,
+    RefLog, Replay, Ticket, WriteLatency, WRITE_LATENCY_BUCKETS,
 };
 pub use sim::{CrashPolicy, FaultPlan, SimConfig, SimCounters, SimError, SimStorage};
 pub use storage::{IoFailure, IoOp, Storage, StorageError};

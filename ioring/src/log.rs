@@ -248,9 +248,87 @@ impl LogConfig {
     }
 }
 
+/// Buckets of [`WriteLatency`]: bucket 0 holds writes under 1 µs, bucket
+/// `i` those of `2^(i-1)..2^i` µs, the last one everything longer
+/// (`2^30` µs is about 18 minutes).
+pub const WRITE_LATENCY_BUCKETS: usize = 32;
+
+/// How long the log's batch writes took (write and flush, what every
+/// acknowledgement of the batch waited for), in power-of-two microsecond
+/// buckets: fixed size, so the log can keep it for its whole life; a
+/// quantile is known within a factor of 2.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteLatency {
+    /// Writes per bucket (see [`WRITE_LATENCY_BUCKETS`]).
+    pub counts: [u64; WRITE_LATENCY_BUCKETS],
+    /// Sum of the write times, in microseconds.
+    pub sum_us: u64,
+    /// Longest write, in microseconds.
+    pub max_us: u64,
+}
+
+impl WriteLatency {
+    /// Counts one write of `took`.
+    pub fn record(&mut self, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let bucket = (u64::BITS - us.leading_zeros()) as usize;
+        self.counts[bucket.min(WRITE_LATENCY_BUCKETS - 1)] += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+        self.max_us = self.max_us.max(us);
+    }
+
+    /// Writes counted.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Exclusive upper bound of bucket `i` in microseconds (`u64::MAX`
+    /// for the last bucket).
+    pub fn bucket_upper_us(i: usize) -> u64 {
+        if i + 1 >= WRITE_LATENCY_BUCKETS {
+            u64::MAX
+        } else {
+            1u64 << i
+        }
+    }
+
+    /// The `q` quantile (`0.0..=1.0`) in microseconds: the upper bound of
+    /// the bucket that holds it, never above the longest write; 0 with
+    /// no write counted.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        let total = self.count();
+        if total == 0 {
+            return 0;
+        }
+        // The rank of the quantile, 1-based: at least the first write.
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0u64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Self::bucket_upper_us(i).min(self.max_us);
+            }
+        }
+        self.max_us
+    }
+
+    /// What was counted after `earlier` (a copy taken before from the
+    /// same log); the maximum is this one's, over the log's whole life.
+    pub fn since(&self, earlier: &WriteLatency) -> WriteLatency {
+        let mut d = *self;
+        for (c, e) in d.counts.iter_mut().zip(earlier.counts) {
+            *c = c.saturating_sub(e);
+        }
+        d.sum_us = d.sum_us.saturating_sub(earlier.sum_us);
+        d
+    }
+}
+
 /// Counters of a [`RefLog`] since it was opened, plus its current queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogStats {
+    /// How long each batch write took (write and flush).
+    pub write_latency: WriteLatency,
     /// Batches written and durable.
     pub batches_written: u64,
     /// Records in those batches.

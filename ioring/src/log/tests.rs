@@ -107,6 +107,12 @@ fn append_sync_replay_round_trip() {
     assert_eq!(log.sync().expect("sync"), Lsn(2));
     let stats = log.stats();
     assert_eq!(stats.batches_written, 2);
+    assert_eq!(
+        stats.write_latency.count(),
+        2,
+        "every batch write is timed: {:?}",
+        stats.write_latency
+    );
     assert_eq!(stats.records_written, 3);
     assert_eq!(stats.batch_bytes_written, 8192);
     assert_eq!(stats.queued_records, 0);
@@ -143,6 +149,35 @@ fn append_sync_replay_round_trip() {
         text.contains("2 batches") && text.contains("lsn 3"),
         "{text}"
     );
+}
+
+#[test]
+fn write_latency_buckets_and_quantiles() {
+    let mut w = WriteLatency::default();
+    assert_eq!(w.quantile_us(0.99), 0, "nothing counted");
+    // 0 µs, 1 µs, 3 µs, 1000 µs: buckets 0, 1, 2 and 10 (512..1024 µs).
+    for us in [0, 1, 3, 1000] {
+        w.record(Duration::from_micros(us));
+    }
+    assert_eq!(w.counts[0], 1);
+    assert_eq!(w.counts[1], 1);
+    assert_eq!(w.counts[2], 1);
+    assert_eq!(w.counts[10], 1);
+    assert_eq!((w.count(), w.sum_us, w.max_us), (4, 1004, 1000));
+    assert_eq!(w.quantile_us(0.5), 2, "2nd of 4: bucket 1 ends at 2 µs");
+    assert_eq!(w.quantile_us(0.75), 4);
+    assert_eq!(w.quantile_us(1.0), 1000, "capped at the longest write");
+    // A write longer than the last bound lands in the last bucket.
+    w.record(Duration::from_secs(100_000));
+    assert_eq!(w.counts[WRITE_LATENCY_BUCKETS - 1], 1);
+    assert_eq!(
+        WriteLatency::bucket_upper_us(WRITE_LATENCY_BUCKETS - 1),
+        u64::MAX
+    );
+    let earlier = w;
+    w.record(Duration::from_micros(5));
+    let d = w.since(&earlier);
+    assert_eq!((d.count(), d.counts[3], d.sum_us), (1, 1, 5));
 }
 
 #[test]

@@ -530,10 +530,13 @@ impl<S: Storage> Inner<S> {
                     lsn: batch.lsn,
                     armed: true,
                 };
+                let started = std::time::Instant::now();
                 let r = self.write(&batch, prev_checksum);
+                let took = started.elapsed();
                 guard.armed = false;
                 drop(guard);
                 st = self.lock();
+                st.stats.write_latency.record(took);
                 r
             }
         };

@@ -147,6 +147,7 @@ impl<D: DelayedRefStore> Shared<D> {
         m.log_bytes.set(log.log_bytes() as i64);
         m.log_fill
             .set(log.used_bytes() as f64 / log.log_bytes().max(1) as f64);
+        m.log_write_seconds.set(log.stats().write_latency);
         m.cache_extents.set(e.cached_extents().len() as i64);
         let cache = e.btree().cache_stats();
         m.node_cache(cache.hits, cache.misses);

@@ -11,6 +11,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
     let e = &s.engine;
     let totals = e.commit_totals();
     let log = e.log();
+    let writes = log.stats().write_latency;
     let generation = e.generation();
     let service = e.service_stats();
     let cache = e.btree().cache_stats();
@@ -67,6 +68,12 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "used_bytes": log.used_bytes(),
             "durable_lsn": log.durable_lsn().get(),
             "batch_bytes_cap": log.batch_bytes_cap(),
+            "writes": writes.count(),
+            "write_p50_us": writes.quantile_us(0.5),
+            "write_p99_us": writes.quantile_us(0.99),
+            "write_max_us": writes.max_us,
+            "write_sum_us": writes.sum_us,
+            "write_buckets": writes.counts.to_vec(),
         },
         "commits": {
             "count": totals.commits,

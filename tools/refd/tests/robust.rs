@@ -350,6 +350,12 @@ fn metrics_pass_promtool() {
     };
     // The SUBMIT's ack latency was observed; the daemon's memory is read.
     assert!(value("refd_submit_seconds_count ") >= 1.0);
+    // The durable SUBMIT's log batch write was timed by the log, and the
+    // histogram ends with its +Inf bucket holding every write.
+    let writes = value("refd_log_write_seconds_count ");
+    assert!(writes >= 1.0, "{body}");
+    assert_eq!(value("refd_log_write_seconds_bucket{le=\"+Inf\"} "), writes);
+    assert_eq!(c.stats()["log"]["writes"].as_f64(), Some(writes));
     assert!(value("refd_resident_memory_bytes ") > f64::from(1u32 << 20));
     let mut p = Command::new("promtool")
         .args(["check", "metrics"])

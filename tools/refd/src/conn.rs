@@ -1,11 +1,19 @@
 //! One connection: a reader thread that decodes frames and handles each
-//! request as it arrives, and a writer thread that sends the replies in
-//! the order the requests were read, each once it may go (a SUBMIT's once
-//! its batch is durable). Between them a bounded queue: at
+//! request as it arrives, and a writer thread that sends the replies that
+//! must wait, in the order the requests were read, each once it may go (a
+//! SUBMIT's once its batch is durable). Between them a bounded queue: at
 //! `in_flight_max` replies, or `reply_bytes_max` bytes of them, the reader
 //! stops reading the socket until the writer catches up, so neither a slow
 //! reader of replies nor a slow device grows the daemon's memory; the
 //! client sees TCP (or unix socket) back-pressure.
+//!
+//! A reply that waits for nothing (LOOKUP, BACKREFS, STATS, a SUBMIT
+//! answered when queued, ...; not an error) is written by the reader
+//! itself as soon as it is handled: it does not wait behind durable
+//! SUBMITs read before it (replies are matched by request id; the
+//! protocol promises no order), and it costs no hand-off to the writer
+//! thread, a wake-up that takes up to a scheduler tick when the cores are
+//! busy. The two threads write whole frames under one lock.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -205,16 +213,17 @@ pub fn serve<D: DelayedRefStore + 'static>(
     };
     let _ = writer_stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let _ = stream.set_read_timeout(Some(READ_POLL));
+    let out = Arc::new(Mutex::new(writer_stream));
     let queue = Arc::new(ReplyQueue::new(
         shared.config.in_flight_max as usize,
         shared.config.reply_bytes_max,
     ));
     let writer = {
-        let (shared, queue) = (Arc::clone(&shared), Arc::clone(&queue));
+        let (shared, queue, out) = (Arc::clone(&shared), Arc::clone(&queue), Arc::clone(&out));
         std::thread::Builder::new()
             .name("refd-conn-w".into())
             .stack_size(256 << 10)
-            .spawn(move || write_loop(&shared, writer_stream, &queue))
+            .spawn(move || write_loop(&shared, &out, &queue))
     };
     let writer = match writer {
         Ok(w) => w,
@@ -223,7 +232,7 @@ pub fn serve<D: DelayedRefStore + 'static>(
             return;
         }
     };
-    read_loop(&shared, stream, &peer, requires_token, &queue);
+    read_loop(&shared, stream, &out, &peer, requires_token, &queue);
     queue.close();
     let _ = writer.join();
     tracing::debug!(%peer, "connection closed");
@@ -240,9 +249,22 @@ enum End {
     ReadError,
 }
 
+/// The connection's write side: whole frames only, from either thread.
+fn lock_out(out: &Mutex<Stream>) -> MutexGuard<'_, Stream> {
+    out.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether the reader sends `p` itself at once (see the module docs):
+/// it waits for nothing, and it is not an error (errors go through the
+/// queue, which closes the connection after those that close it).
+fn sends_at_once(p: &Pending) -> bool {
+    matches!(p.wait, Wait::None) && !p.close && !matches!(p.reply, Reply::Error(_))
+}
+
 fn read_loop<D: DelayedRefStore + 'static>(
     shared: &Arc<Shared<D>>,
     mut stream: Stream,
+    out: &Mutex<Stream>,
     peer: &str,
     requires_token: bool,
     queue: &ReplyQueue,
@@ -250,6 +272,7 @@ fn read_loop<D: DelayedRefStore + 'static>(
     let mut decoder = FrameDecoder::expecting(shared.config.frame_bytes_max, Direction::Request);
     let mut handler = Handler::new(Arc::clone(shared), peer.to_string(), requires_token);
     let mut buf = vec![0u8; 64 << 10];
+    let mut frame_out = Vec::with_capacity(4096);
     let mut last_activity = Instant::now();
     let mut partial_since: Option<Instant> = None;
     let end = 'conn: loop {
@@ -284,6 +307,20 @@ fn read_loop<D: DelayedRefStore + 'static>(
                     let received = Instant::now();
                     let mut pending = handler.handle(frame);
                     pending.received = received;
+                    if sends_at_once(&pending) {
+                        frame_out.clear();
+                        encode_reply(pending.request_id, &pending.reply, &mut frame_out);
+                        if lock_out(out).write_all(&frame_out).is_err() {
+                            queue.kill();
+                            break 'conn End::Closed;
+                        }
+                        shared.metrics.bytes_out.inc_by(frame_out.len() as u64);
+                        if matches!(pending.reply, Reply::Submit(_)) {
+                            let seconds = pending.received.elapsed().as_secs_f64();
+                            shared.metrics.submit_seconds.observe(seconds);
+                        }
+                        continue;
+                    }
                     let close = pending.close;
                     let (queued, waited) = queue.push(pending);
                     if waited {
@@ -322,7 +359,7 @@ fn read_loop<D: DelayedRefStore + 'static>(
     }
 }
 
-fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, mut stream: Stream, queue: &ReplyQueue) {
+fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, out: &Mutex<Stream>, queue: &ReplyQueue) {
     let mut frame = Vec::with_capacity(4096);
     while let Some(p) = queue.pop() {
         let t0 = Instant::now();
@@ -344,7 +381,7 @@ fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, mut stream: Stream, queue:
         frame.clear();
         encode_reply(p.request_id, &reply, &mut frame);
         debug_assert!(frame[7] & FLAG_REPLY != 0);
-        if stream.write_all(&frame).is_err() {
+        if lock_out(out).write_all(&frame).is_err() {
             break;
         }
         shared.metrics.bytes_out.inc_by(frame.len() as u64);
@@ -356,12 +393,12 @@ fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, mut stream: Stream, queue:
             // Closing after an error: shut our side, then take what the
             // client still sends for a moment, so that the close does not
             // turn into a reset that loses the error frame.
-            linger(&mut stream);
+            linger(&mut lock_out(out));
             break;
         }
     }
     queue.kill();
-    stream.shutdown();
+    lock_out(out).shutdown();
 }
 
 /// Half-closes `stream` and reads (and drops) what arrives for up to a

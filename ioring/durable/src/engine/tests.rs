@@ -136,6 +136,43 @@ fn held_heads_survive_a_crash() {
     assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 3);
 }
 
+/// Two allocations of one bytenr in one transaction are refused by the
+/// durable engine as by the core stores, and still after a crash when a
+/// seq barrier held the head: the held-heads stream keeps the head's
+/// allocation count (version 3), so recovery does not forget the second
+/// allocation.
+#[test]
+fn a_double_allocation_is_refused_also_when_held_across_a_crash() {
+    use refd_core::run::RunError;
+    let refused = |s: &CommitSummary| {
+        assert_eq!((s.core.applied, s.core.quarantined.len()), (0, 1), "{s:?}");
+        assert!(matches!(
+            s.core.quarantined[0].error,
+            RunError::AllocatedTwice { allocs: 2, .. }
+        ));
+    };
+    let (dev, e) = setup();
+    e.add_durable(&data(Action::AddExtent, 1)).unwrap();
+    e.add_durable(&data(Action::AddExtent, 2)).unwrap();
+    refused(&e.commit().unwrap());
+    let guard = e.core().barrier().acquire();
+    let mut op = data(Action::AddExtent, 1);
+    op.seq = e.core().barrier().current();
+    e.add_durable(&op).unwrap();
+    e.add_durable(&data(Action::AddExtent, 2)).unwrap();
+    let s = e.commit().unwrap();
+    assert_eq!(s.core.held, 1, "{:?}", s.core);
+    assert_eq!(read_held(e.btree(), "sim").unwrap().0[0].summary.allocs, 2);
+    drop(guard);
+    let crashed: Dev = Arc::new(dev.crash());
+    drop(e);
+    let (e, info) = DurableEngine::open(crashed, opts()).unwrap();
+    assert_eq!(info.heads_held, 1, "{info}");
+    refused(&e.commit().unwrap());
+    assert!(e.committed_extents().unwrap().get(1 << 20).is_none());
+    e.verify().unwrap();
+}
+
 /// A commit big enough for every run worker, with overlapping extents
 /// (head selection wraps around inside a worker's part, so its item
 /// changes come out of key order): the B+tree gets exactly the

@@ -22,7 +22,10 @@
 //!    multiset of backrefs, `FULL_BACKREF`); an extent of the daemon's
 //!    that `after` does not have counts as a mismatch too. Every extent
 //!    the daemon holds came from the dump or the trace, so this is the
-//!    whole tree. Exact match required.
+//!    whole tree. And the daemon's extent count (STATS `engine.extents`,
+//!    what its commits keep) must have grown by exactly the extents of
+//!    `after` since the start (a mismatch otherwise). Exact match
+//!    required.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
@@ -69,6 +72,7 @@ pub fn run(a: &LoadArgs, socket: &Path) -> Result<LoadReport, String> {
     let addr = format!("unix:{}", socket.display());
     let connect = || Client::connect(&addr, ClientConfig::default()).map_err(|e| e.to_string());
     let control = connect()?;
+    let extents_at_start = stats_u64(&control, "engine", "extents")?;
     let batch = a.batch.min(control.hello().submit_ops_max as usize).max(1);
     submit_all(&control, &before_ops(&stream.tree)?, batch)?;
     control
@@ -101,7 +105,18 @@ pub fn run(a: &LoadArgs, socket: &Path) -> Result<LoadReport, String> {
         .chain(after.iter().map(|(b, _)| b))
         .collect();
     let got = read_back(&connect, &touched, a.clients)?;
-    let mismatches = compare(&after, &got);
+    let mut mismatches: Vec<String> = compare(&after, &got)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let counted = stats_u64(&control, "engine", "extents")?.wrapping_sub(extents_at_start);
+    if counted != after.len() as u64 {
+        mismatches.push(format!(
+            "extent count: the daemon's STATS count grew by {counted}, the kernel's after dump \
+             has {} extents",
+            after.len()
+        ));
+    }
     if !a.json {
         for m in mismatches.iter().take(MISMATCHES_SHOWN) {
             eprintln!("btrfs-trace mismatch: {m}");
@@ -118,11 +133,16 @@ pub fn run(a: &LoadArgs, socket: &Path) -> Result<LoadReport, String> {
 
 /// The daemon's commits so far (STATS).
 fn commits(c: &Client) -> Result<u64, String> {
+    stats_u64(c, "commits", "count")
+}
+
+/// A number of the daemon's STATS object: `section.field`.
+fn stats_u64(c: &Client, section: &str, field: &str) -> Result<u64, String> {
     let json = c.stats().map_err(|e| format!("STATS: {e}"))?;
     let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| format!("STATS: {e}"))?;
-    v["commits"]["count"]
+    v[section][field]
         .as_u64()
-        .ok_or_else(|| "STATS: no commits.count".to_string())
+        .ok_or_else(|| format!("STATS: no {section}.{field}"))
 }
 
 /// The ops that build `tree` from nothing, extent by extent.

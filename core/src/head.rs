@@ -27,9 +27,12 @@
 //!   again before its head runs, the *latest* allocation (highest stamp)
 //!   wins, like `update_existing_head_ref()` which sets
 //!   `must_insert_reserved` again and takes the new `num_bytes`;
-//! - without an allocation, the size and kind named by the ref ops must
-//!   agree; if they do not, the head is marked `mixed` and is refused when
-//!   run.
+//! - the head counts its allocations (a sum) and marks itself `mixed` when
+//!   its ops name more than one size or kind (with or without an
+//!   allocation); when run, a head without an allocation must not be
+//!   `mixed`, and one with an allocation may be only where an earlier life
+//!   can own the other shape (see [`crate::run`]). Neither needs the order
+//!   of the ops, so both stay a commutative merge.
 //!
 //! Stamps come from one global counter that is touched only by
 //! allocations and extent_ops (rare), so real-time order is respected for
@@ -143,11 +146,18 @@ pub struct HeadSummary {
     pub kind: ExtentKind,
     /// False when only extent_ops are queued (they do not name a shape).
     pub shape_known: bool,
-    /// Ref ops without an allocation disagreed on size or kind.
+    /// The ops (all but extent_op-only ones) named more than one size or
+    /// kind. Without an allocation the head is then refused; with one, an
+    /// earlier life must be able to own the other shape
+    /// ([`crate::run`]).
     pub mixed: bool,
     /// Stamp of the latest allocation; non-zero means
     /// `must_insert_reserved`.
     pub alloc_stamp: u64,
+    /// Allocations (`ADD_EXTENT` ops) merged into the head, saturating:
+    /// every one but the latest starts a life that must end in the same
+    /// transaction.
+    pub allocs: u16,
     /// Sum of the ref_mod of every op queued on the head.
     pub total_ref_mod: i64,
     /// Pending extent_op, if any.
@@ -174,6 +184,7 @@ impl HeadSummary {
             shape_known: op.action != Action::UpdateHead,
             mixed: false,
             alloc_stamp: if is_alloc { stamp } else { 0 },
+            allocs: u16::from(is_alloc),
             total_ref_mod: op.ref_mod(),
             extent_op,
         }
@@ -197,40 +208,41 @@ impl HeadSummary {
             (Some(a), Some(b)) => Some(a.merge(b)),
             (a, b) => a.or(b),
         };
-        let (num_bytes, kind, shape_known, mixed, alloc_stamp) =
-            if self.alloc_stamp != 0 || o.alloc_stamp != 0 {
-                // The latest allocation defines the extent; shapes named by
-                // other ops belong to earlier lives and are not compared.
-                let w = if self.alloc_stamp >= o.alloc_stamp {
-                    self
-                } else {
-                    o
-                };
-                (w.num_bytes, w.kind, true, false, w.alloc_stamp)
+        // Two shapes were named if either side named two, or both named
+        // one (a side's shape is then the one it named) and they differ.
+        let mixed = self.mixed
+            || o.mixed
+            || (self.shape_known
+                && o.shape_known
+                && (self.num_bytes, self.kind) != (o.num_bytes, o.kind));
+        let shape_known = self.shape_known || o.shape_known;
+        let (num_bytes, kind, alloc_stamp) = if self.alloc_stamp != 0 || o.alloc_stamp != 0 {
+            // The latest allocation defines the extent.
+            let w = if self.alloc_stamp >= o.alloc_stamp {
+                self
             } else {
-                match (self.shape_known, o.shape_known) {
-                    (false, false) => {
-                        // No shape named; keep a deterministic value so the
-                        // merge stays commutative.
-                        let (nb, k) = (self.num_bytes, self.kind).min((o.num_bytes, o.kind));
-                        (nb, k, false, false, 0)
-                    }
-                    (true, false) => (self.num_bytes, self.kind, true, self.mixed, 0),
-                    (false, true) => (o.num_bytes, o.kind, true, o.mixed, 0),
-                    (true, true) => {
-                        let a = (self.num_bytes, self.kind);
-                        let b = (o.num_bytes, o.kind);
-                        let (nb, k) = a.min(b);
-                        (nb, k, true, self.mixed || o.mixed || a != b, 0)
-                    }
-                }
+                o
             };
+            (w.num_bytes, w.kind, w.alloc_stamp)
+        } else {
+            match (self.shape_known, o.shape_known) {
+                (true, false) => (self.num_bytes, self.kind, 0),
+                (false, true) => (o.num_bytes, o.kind, 0),
+                // Both or neither named a shape: keep a deterministic value
+                // so the merge stays commutative.
+                _ => {
+                    let (nb, k) = (self.num_bytes, self.kind).min((o.num_bytes, o.kind));
+                    (nb, k, 0)
+                }
+            }
+        };
         HeadSummary {
             num_bytes,
             kind,
             shape_known,
             mixed,
             alloc_stamp,
+            allocs: self.allocs.saturating_add(o.allocs),
             total_ref_mod,
             extent_op,
         }

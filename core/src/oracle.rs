@@ -17,10 +17,19 @@
 //!    every committed backref needs at least as many DROP ops of its key
 //!    (counted one by one, whatever cancels) as its count; else the extent
 //!    was allocated while still referenced and is refused (the kernel's
-//!    -EEXIST). Final counts are committed + net, which must be >= 0, of
-//!    the new kind where non-zero, and at most 1 for tree backrefs. The
-//!    old life (if any) is reported freed; so is the new one if it ends
-//!    at 0.
+//!    -EEXIST). Every allocation but the latest starts a life that must
+//!    also end in this commit (an extent is allocated again only after it
+//!    is freed): the DROP ops of the extent (all keys, counted one by one)
+//!    must number at least the committed refs plus one per earlier
+//!    allocation, else it was allocated twice and is refused. The ops may
+//!    name one size/kind (that of the latest allocation); they may name
+//!    several only when an earlier life can own the other: the committed
+//!    extent has another size/kind than the latest allocation, or there
+//!    is more than one allocation; else a ref names another size than its
+//!    extent and is refused. Final counts are committed + net, which must
+//!    be >= 0, of the new kind where non-zero, and at most 1 for tree
+//!    backrefs. The old life (if any) is reported freed; so is the new one
+//!    if it ends at 0.
 //! 5. Without allocation, if the per-key nets are all zero and there is no
 //!    extent_op, nothing happens (cancelled ops are not validated).
 //!    Otherwise the extent must exist (else adding, dropping or an
@@ -230,6 +239,28 @@ impl Model {
                     fin.insert(*k, *v as i64);
                 }
                 freed.push((bytenr, c.num_bytes));
+            }
+            let allocs = ops
+                .iter()
+                .filter(|(o, _)| o.action == Action::AddExtent)
+                .count() as u64;
+            let drops = ops
+                .iter()
+                .filter(|(o, _)| o.action == Action::DropRef)
+                .count() as u64;
+            let committed_refs = committed.map_or(0, |c| c.refs.values().sum::<u64>());
+            if drops < committed_refs + (allocs - 1) {
+                return Err(());
+            }
+            let shapes: std::collections::BTreeSet<(u64, ExtentKind)> = ops
+                .iter()
+                .filter(|(o, _)| o.action != Action::UpdateHead)
+                .map(|(o, _)| (o.num_bytes, o.kind))
+                .collect();
+            let earlier_shape = allocs > 1
+                || committed.is_some_and(|c| (c.num_bytes, c.kind) != (a.num_bytes, a.kind));
+            if shapes.len() > 1 && !earlier_shape {
+                return Err(());
             }
             for (k, v) in net {
                 *fin.entry(*k).or_insert(0) += v;

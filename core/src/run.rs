@@ -125,6 +125,36 @@ pub enum RunError {
         /// Its count.
         count: u64,
     },
+    /// Allocated more than once in one transaction without the earlier
+    /// lives ending: the head's drops (gross, all keys) are fewer than the
+    /// committed refs plus one per earlier allocation. The kernel reserves
+    /// a range once; a second allocation is a second insert of the same
+    /// extent item (-EEXIST).
+    #[error("extent {bytenr}: allocated {allocs} times in one transaction but its ops drop {drops} reference(s) where the lives before the last hold at least {needed} (a range is allocated again only after it is freed)")]
+    AllocatedTwice {
+        /// Extent.
+        bytenr: u64,
+        /// Allocations in the head.
+        allocs: u64,
+        /// Drops in the head (gross, all keys).
+        drops: u64,
+        /// Committed refs + earlier allocations.
+        needed: u64,
+    },
+    /// A ref of an allocated extent names another size or kind than the
+    /// allocation, and no earlier life of the extent can own it (the
+    /// committed extent, if any, has the allocation's size and kind, and
+    /// the head allocates once). The kernel looks up the extent item of
+    /// each ref by its own size and fails it.
+    #[error("extent {bytenr}: allocated as {num_bytes} bytes ({kind}) but another op names another size or kind, which no earlier life of the extent had")]
+    AllocShapeMismatch {
+        /// Extent.
+        bytenr: u64,
+        /// Size of the allocation.
+        num_bytes: u64,
+        /// Kind of the allocation.
+        kind: ExtentKind,
+    },
     /// A backref of the other kind than the extent (a data backref on a
     /// tree block or the reverse).
     #[error("extent {bytenr}: backref '{key}' does not fit the extent's kind ({kind})")]
@@ -290,6 +320,7 @@ fn run_allocation(
     let s = &head.summary;
     let old_refs = committed.map(|c| c.backrefs()).unwrap_or_default();
     check_old_life_dropped(head, &old_refs)?;
+    check_earlier_lives(head, committed)?;
     let mut item = ExtentItem::new(s.num_bytes, s.kind, generation);
     for (key, count) in final_counts(&old_refs, net) {
         if count < 0 {
@@ -320,6 +351,7 @@ fn run_allocation(
         }
         item.add_ref(key, count);
     }
+    check_alloc_shape(head, committed)?;
     apply_extent_op(bytenr, &mut item, head)?;
     let mut freed = Vec::new();
     if let Some(c) = committed {
@@ -366,6 +398,57 @@ fn check_old_life_dropped(head: &Head, old_refs: &[(RefKey, u64)]) -> Result<(),
                 count: count - drops,
             });
         }
+    }
+    Ok(())
+}
+
+/// Refuse a head whose allocations cannot all be lives of their own: an
+/// extent is allocated again only after it is freed, so every allocation
+/// but the latest starts a life that ends in this head, with at least one
+/// drop (its allocation's ref). Then [`check_alloc_shape`]: the ops may
+/// name a size or kind other than the latest allocation's only if an
+/// earlier life has it (the committed extent, or another allocation of the
+/// head).
+///
+/// Both checks count and compare what the merged head keeps, without the
+/// order of the ops: drops are matched to lives by number, not by key, and
+/// in a head that does have an earlier life of another shape, which life
+/// a ref of another shape belongs to is not known, so it is not checked.
+fn check_earlier_lives(head: &Head, committed: Option<&ExtentItem>) -> Result<(), RunError> {
+    let s = &head.summary;
+    let allocs = u64::from(s.allocs);
+    debug_assert!(allocs >= 1, "a head with an allocation counts it");
+    let drops = head
+        .refs
+        .iter()
+        .fold(0u64, |d, r| d.saturating_add(r.drops));
+    let needed = committed
+        .map_or(0, |c| c.refs)
+        .saturating_add(allocs.saturating_sub(1));
+    if drops < needed {
+        return Err(RunError::AllocatedTwice {
+            bytenr: head.bytenr,
+            allocs,
+            drops,
+            needed,
+        });
+    }
+    Ok(())
+}
+
+/// The second check of [`check_earlier_lives`], run after the final counts
+/// are validated (so a backref of the other kind is reported as
+/// [`RunError::RefKindMismatch`], naming it).
+fn check_alloc_shape(head: &Head, committed: Option<&ExtentItem>) -> Result<(), RunError> {
+    let s = &head.summary;
+    let earlier_shape =
+        s.allocs > 1 || committed.is_some_and(|c| (c.num_bytes, c.kind) != (s.num_bytes, s.kind));
+    if s.mixed && !earlier_shape {
+        return Err(RunError::AllocShapeMismatch {
+            bytenr: head.bytenr,
+            num_bytes: s.num_bytes,
+            kind: s.kind,
+        });
     }
     Ok(())
 }
@@ -797,6 +880,84 @@ mod tests {
                 key: d
             })
         );
+    }
+
+    /// Issue 13 defect 7 (the size half) and two allocations of one
+    /// bytenr, head by head: the merged head counts its allocations and
+    /// notes a second size whatever the order of its ops.
+    #[test]
+    fn allocations_and_sizes_of_one_head() {
+        let d = |root| RefKey::ExtentData {
+            root,
+            objectid: 257,
+            offset: 0,
+        };
+        let op = |a, n, root| Op::new(4096, n, ExtentKind::Data, a, d(root), 0).unwrap();
+        let build = |ops: &[Op]| {
+            let mut h = Head::of_op(&ops[0], 1);
+            for (n, o) in ops.iter().enumerate().skip(1) {
+                h.absorb(o, n as u64 + 1);
+            }
+            h
+        };
+        let fresh = ExtentTree::new();
+        // A ref of the new life naming 8192 where the allocation says 4096.
+        for ops in [
+            [op(Action::AddExtent, 4096, 5), op(Action::AddRef, 8192, 6)],
+            [op(Action::AddRef, 8192, 6), op(Action::AddExtent, 4096, 5)],
+        ] {
+            assert_eq!(
+                run_head(&fresh, &build(&ops), 2, 0),
+                Err(RunError::AllocShapeMismatch {
+                    bytenr: 4096,
+                    num_bytes: 4096,
+                    kind: ExtentKind::Data
+                })
+            );
+        }
+        // Allocated twice without a drop in between.
+        let twice = [
+            op(Action::AddExtent, 4096, 5),
+            op(Action::AddExtent, 4096, 6),
+        ];
+        assert_eq!(
+            run_head(&fresh, &build(&twice), 2, 0),
+            Err(RunError::AllocatedTwice {
+                bytenr: 4096,
+                allocs: 2,
+                drops: 0,
+                needed: 1
+            })
+        );
+        // Allocated, freed, allocated again with another size: legal, the
+        // first life owns the 4096 ops.
+        let again = [
+            op(Action::AddExtent, 4096, 5),
+            op(Action::DropRef, 4096, 5),
+            op(Action::AddExtent, 8192, 6),
+        ];
+        let h = build(&again);
+        assert_eq!((h.summary.allocs, h.summary.mixed), (2, true));
+        let item = effect(run_head(&fresh, &h, 2, 0)).item.unwrap();
+        assert_eq!((item.num_bytes, item.backrefs()), (8192, vec![(d(6), 1)]));
+        // Over a committed 8192 extent: freed and re-allocated as 4096 with
+        // the old life's drop naming 8192 is legal; a ref of 16384 is
+        // refused only where no earlier life has another size.
+        let mut tree = ExtentTree::new();
+        let mut old = ExtentItem::new(8192, ExtentKind::Data, 1);
+        old.add_ref(d(5), 1);
+        tree.insert(4096, old);
+        let realloc = [op(Action::DropRef, 8192, 5), op(Action::AddExtent, 4096, 6)];
+        assert!(run_head(&tree, &build(&realloc), 2, 0).is_ok());
+        let same = [
+            op(Action::DropRef, 8192, 5),
+            op(Action::AddExtent, 8192, 6),
+            op(Action::AddRef, 16384, 7),
+        ];
+        assert!(matches!(
+            run_head(&tree, &build(&same), 2, 0),
+            Err(RunError::AllocShapeMismatch { .. })
+        ));
     }
 
     /// A data backref with count 2 dropped once is still referenced.

@@ -134,7 +134,8 @@ pub(crate) struct PackedHead {
     ref_end: u32,
     level: u8,
     bits: u8,
-    _pad: u16,
+    /// [`HeadSummary::allocs`].
+    allocs: u16,
 }
 
 /// One delayed ref: 48 bytes. The backref type code sits in the top byte of
@@ -229,7 +230,7 @@ impl PackedHead {
             ref_end,
             level,
             bits,
-            _pad: 0,
+            allocs: s.allocs,
         }
     }
 }
@@ -341,6 +342,7 @@ impl<'a> RawHead<'a> {
                 shape_known: h.bits & SHAPE_KNOWN != 0,
                 mixed: h.bits & MIXED != 0,
                 alloc_stamp: h.alloc_stamp,
+                allocs: h.allocs,
                 total_ref_mod: h.total_ref_mod,
                 extent_op: self.eop,
             },

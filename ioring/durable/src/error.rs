@@ -416,6 +416,19 @@ pub enum VerifyError {
         /// Chunks the engine's last commit wrote.
         in_memory_chunks: usize,
     },
+    /// The extent count kept by the commits is not the tree's.
+    #[error(
+        "the B+tree has {counted} extent items; the engine counts {in_memory}, the tree records \
+         {recorded:?}"
+    )]
+    ExtentCount {
+        /// Extent items found by a scan.
+        counted: u64,
+        /// The engine's count.
+        in_memory: u64,
+        /// The count the tree records (`None`: not yet recorded).
+        recorded: Option<u64>,
+    },
     /// A cached extent differs from the B+tree's.
     #[error("extent {bytenr}: the cached item differs from the B+tree's")]
     CacheDiffers {

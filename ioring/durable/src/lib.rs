@@ -40,8 +40,8 @@ pub use codec::CodecError;
 pub use committer::{Clock, Committer, CommitterStats, ManualClock, SystemClock};
 pub use engine::open::{ops_in, read_newest_superblock};
 pub use engine::{
-    load_extents, read_held, read_service, scan_extents, DurableEngine, FormatOptions, FreedPage,
-    OpenOptions, ServiceStats, Submitted, Ticket,
+    count_extents, load_extents, read_extent_count, read_held, read_service, scan_extents,
+    DurableEngine, FormatOptions, FreedPage, OpenOptions, ServiceStats, Submitted, Ticket,
 };
 pub use error::{
     AddError, CommitError, CommitStep, Failure, FormatDeviceError, OpenError, ReadError,

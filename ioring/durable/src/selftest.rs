@@ -8,7 +8,7 @@
 //! - no decoder panics;
 //! - a decoder either refuses with a typed [`CodecError`] or returns a
 //!   value that re-encodes to the bytes it came from. Log records, the
-//!   held-heads stream and the session, consumer and counter items are
+//!   held-heads stream and the session, consumer, counter and extent count items are
 //!   canonical (shortest varints only, every flag and order checked): the
 //!   re-encoding is the input, byte for byte. A freed-list chunk is too
 //!   when it holds no more entries than the encoder puts in one chunk;
@@ -35,9 +35,9 @@ use refd_core::model::{Op, EXTENT_DATA_REF_KEY};
 use refd_ioring::btree::{Key, VALUE_BYTES_MAX};
 
 use crate::codec::service::{
-    decode_consumer, decode_freed_chunk, decode_meta, decode_session, encode_consumer,
-    encode_freed_chunks, encode_meta, encode_session, CONSUMER_KEY, FREED_KEY, META_KEY,
-    SESSION_KEY,
+    decode_consumer, decode_extent_count, decode_freed_chunk, decode_meta, decode_session,
+    encode_consumer, encode_extent_count, encode_freed_chunks, encode_meta, encode_session,
+    CONSUMER_KEY, EXTENTS_KEY, FREED_KEY, META_KEY, SESSION_KEY,
 };
 use crate::codec::{
     decode_held, decode_op, decode_record, encode_extent, encode_held, encode_record, held_items,
@@ -45,7 +45,8 @@ use crate::codec::{
 };
 
 /// Fewest bytes one head takes in a held-heads stream: bytenr, num_bytes,
-/// kind, flags, alloc stamp, total_ref_mod, ref count.
+/// kind, flags, alloc stamp, total_ref_mod, ref count (version 3 adds an
+/// allocation count; the older versions are still read).
 pub const HELD_HEAD_BYTES_MIN: usize = 7;
 /// Fewest bytes one ref takes in a held-heads stream: type, root or
 /// parent, seq, ref_mod.
@@ -114,7 +115,7 @@ pub fn record_round_trip(buf: &[u8]) -> Result<Record, CodecError> {
 }
 
 /// Decodes `value` as the service item of type `item_type` (session,
-/// freed-list chunk, consumer or counters; any other type is refused
+/// freed-list chunk, consumer, counters or extent count; any other type is refused
 /// with [`CodecError::Invalid`]) and checks the contract (module doc).
 /// Returns the number of entries (replies, freed extents; 1 otherwise).
 ///
@@ -134,6 +135,14 @@ pub fn service_round_trip(item_type: u8, value: &[u8]) -> Result<usize, CodecErr
         }),
         META_KEY => decode_meta(value).map(|m| {
             assert_eq!(encode_meta(&m), value, "counters do not re-encode");
+            1
+        }),
+        EXTENTS_KEY => decode_extent_count(value).map(|n| {
+            assert_eq!(
+                encode_extent_count(n),
+                value,
+                "extent count does not re-encode"
+            );
             1
         }),
         FREED_KEY => decode_freed_chunk(value).map(|entries| {
@@ -174,11 +183,15 @@ pub fn held_round_trip(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
         }
     };
     assert!(!heads.is_empty(), "an empty held set has no stream");
-    if buf.first() == Some(&1) {
-        // A version 1 stream (no drop counts) is re-encoded as version 2,
-        // which must decode to the same heads.
-        let v2 = encode_held(&heads);
-        assert_eq!(decode_held(&v2).as_ref(), Ok(&heads), "v1 heads re-encode");
+    if matches!(buf.first(), Some(&1) | Some(&2)) {
+        // A version 1 stream (no drop counts) or 2 (no allocation counts)
+        // is re-encoded as version 3, which must decode to the same heads.
+        let v3 = encode_held(&heads);
+        assert_eq!(
+            decode_held(&v3).as_ref(),
+            Ok(&heads),
+            "v1/v2 heads re-encode"
+        );
     } else {
         assert_eq!(encode_held(&heads), buf, "held heads do not re-encode");
     }

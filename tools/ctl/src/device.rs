@@ -15,8 +15,8 @@ use refd_durable::codec::{decode_record, Record};
 pub use refd_durable::progress::Progress;
 use refd_durable::progress::PROGRESS_CHECK_ITEMS;
 use refd_durable::{
-    ops_in, read_held, read_newest_superblock, read_service, scan_extents, DurableEngine,
-    FormatOptions, OpenOptions,
+    ops_in, read_extent_count, read_held, read_newest_superblock, read_service, scan_extents,
+    DurableEngine, FormatOptions, OpenOptions,
 };
 use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
 use refd_ioring::format::{Superblock, RECOVERY_MODE_NONE};
@@ -137,8 +137,12 @@ pub struct FsckReport {
     pub tree_levels: u8,
     /// B+tree items.
     pub tree_items: u64,
-    /// Extents.
+    /// Extents (extent items, counted by the scan).
     pub extents: usize,
+    /// The extent count the tree records (`null`: not recorded, a device
+    /// no commit of this build has written yet); a problem if it differs
+    /// from `extents`.
+    pub extents_recorded: Option<u64>,
     /// Sum of refs.
     pub refs: u64,
     /// Heads the last commit held back (seq barrier), pending on disk.
@@ -263,6 +267,17 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
         report.refs = refs;
         if let Err(e) = scanned {
             report.problem(e.to_string());
+        }
+        match read_extent_count(&tree, &report.device) {
+            Ok(recorded) => {
+                report.extents_recorded = recorded;
+                if let Some(n) = recorded.filter(|&n| n != extents as u64) {
+                    report.problem(format!(
+                        "extent count: the tree records {n} extents, it has {extents}"
+                    ));
+                }
+            }
+            Err(e) => report.problem(e.to_string()),
         }
         match read_held(&tree, &report.device) {
             Ok((heads, _)) => report.held_heads = heads.len(),

@@ -103,6 +103,7 @@ fn format_fsck_dump_and_corruption() {
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["clean"], true);
     assert_eq!(v["extents"], 50);
+    assert_eq!(v["extents_recorded"], 50, "the count the commits kept: {v}");
     assert_eq!(v["refs"], 350);
     assert_eq!(v["held_heads"], 1);
     assert_eq!(

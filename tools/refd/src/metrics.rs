@@ -97,6 +97,8 @@ pub struct Metrics {
     pub freed_kept: Gauge,
     /// Last committed generation.
     pub generation: Gauge,
+    /// Extent items in the committed tree.
+    pub extents: Gauge,
     /// 1 once the engine latched an I/O failure.
     pub failed: Gauge,
     /// The daemon's resident memory (`/proc/self/statm`).
@@ -147,6 +149,7 @@ impl Metrics {
             barriers: Gauge::default(),
             freed_kept: Gauge::default(),
             generation: Gauge::default(),
+            extents: Gauge::default(),
             failed: Gauge::default(),
             resident_bytes: Gauge::default(),
             last_hits: AtomicU64::new(0),
@@ -268,6 +271,11 @@ impl Metrics {
                 "generation",
                 "Last committed generation",
                 m.generation.clone(),
+            );
+            r.register(
+                "extents",
+                "Extent items in the committed extent tree",
+                m.extents.clone(),
             );
             r.register(
                 "failed",

@@ -157,6 +157,7 @@ impl<D: DelayedRefStore> Shared<D> {
         m.barriers.set(self.barriers.held() as i64);
         m.connections.set(self.connections() as i64);
         m.generation.set(e.generation() as i64);
+        m.extents.set(e.extents() as i64);
         m.process();
         m.failed.set(i64::from(e.failure().is_some()));
     }

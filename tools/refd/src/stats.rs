@@ -51,6 +51,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
         },
         "engine": {
             "generation": generation,
+            "extents": e.extents(),
             "pending_ops": e.pending_ops(),
             "heads_held": e.heads_held(),
             "commit_trigger_ops": e.commit_trigger_ops(),

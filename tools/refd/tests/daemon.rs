@@ -508,6 +508,8 @@ fn kill9_and_retry_is_exactly_once() {
         let (mut c, _) = Raw::hello(&d.socket);
         let st = c.stats();
         assert_eq!(st["engine"]["pending_ops"], 0, "{st}");
+        // The extent count survives every kill -9: one extent per client.
+        assert_eq!(st["engine"]["extents"], CLIENTS, "{st}");
         // Every answered batch is present exactly once.
         for (ci, answered) in all_answered.iter().enumerate() {
             assert!(

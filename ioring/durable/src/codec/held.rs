@@ -16,10 +16,13 @@ pub const HELD_HEADS_KEY: u8 = 240;
 /// Largest bytenr an extent item can have (see [`HELD_OBJECTID`]).
 pub const EXTENT_BYTENR_MAX: u64 = u64::MAX - 1;
 /// Version byte at the start of the held-heads stream. Version 2 added
-/// each ref's gross drop count; version 1 streams (written before) are
-/// still read, see [`decode_held`].
-const HELD_STREAM_VERSION: u8 = 2;
-/// The version without drop counts.
+/// each ref's gross drop count, version 3 each head's allocation count;
+/// version 1 and 2 streams (written before) are still read, see
+/// [`decode_held`].
+const HELD_STREAM_VERSION: u8 = 3;
+/// The version without allocation counts.
+const HELD_STREAM_VERSION_2: u8 = 2;
+/// The version without drop counts (nor allocation counts).
 const HELD_STREAM_VERSION_1: u8 = 1;
 
 // Held-heads items sort after every extent's items: no extent item has
@@ -71,6 +74,7 @@ pub fn encode_held(heads: &[Head]) -> Vec<u8> {
         }
         out.push(flags);
         put_varint(&mut out, s.alloc_stamp);
+        put_varint(&mut out, u64::from(s.allocs));
         put_varint(&mut out, zigzag(s.total_ref_mod));
         if let Some(e) = &s.extent_op {
             put_varint(&mut out, e.flags_to_set);
@@ -108,7 +112,10 @@ pub fn encode_held(heads: &[Head]) -> Vec<u8> {
 pub fn decode_held(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
     let mut r = Reader::new(buf);
     let version = r.u8("held stream version")?;
-    if version != HELD_STREAM_VERSION && version != HELD_STREAM_VERSION_1 {
+    if !matches!(
+        version,
+        HELD_STREAM_VERSION | HELD_STREAM_VERSION_2 | HELD_STREAM_VERSION_1
+    ) {
         return Err(CodecError::Invalid {
             field: "held stream version",
             value: u64::from(version),
@@ -153,6 +160,20 @@ pub fn decode_held(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
             });
         }
         let alloc_stamp = r.varint("held alloc stamp")?;
+        let allocs = if version == HELD_STREAM_VERSION {
+            let allocs = r.varint("held allocation count")?;
+            // Some allocation exactly when there is a latest one.
+            if (allocs == 0) != (alloc_stamp == 0) || allocs > u64::from(u16::MAX) {
+                return Err(CodecError::Invalid {
+                    field: "held allocation count",
+                    value: allocs,
+                });
+            }
+            allocs as u16
+        } else {
+            // Not recorded: at least one where there is an allocation.
+            u16::from(alloc_stamp != 0)
+        };
         let total_ref_mod = unzigzag(r.varint("held total_ref_mod")?);
         let extent_op = if flags & HELD_EXTENT_OP != 0 {
             let flags_to_set = r.varint("held extent_op flags")?;
@@ -228,6 +249,7 @@ pub fn decode_held(buf: &[u8]) -> Result<Vec<Head>, CodecError> {
                 shape_known: flags & HELD_SHAPE_KNOWN != 0,
                 mixed: flags & HELD_MIXED != 0,
                 alloc_stamp,
+                allocs,
                 total_ref_mod,
                 extent_op,
             },

@@ -27,6 +27,9 @@ pub const FREED_KEY: u8 = 242;
 pub const CONSUMER_KEY: u8 = 243;
 /// Item type of the counters.
 pub const META_KEY: u8 = 244;
+/// Item type of the extent count: the extent items in the committed tree
+/// of the same commit.
+pub const EXTENTS_KEY: u8 = 245;
 /// Most replies a session item keeps (each at most 25 bytes: the item
 /// fits a B+tree value).
 pub const SESSION_REPLIES_KEPT_MAX: usize = 128;
@@ -44,6 +47,7 @@ const FREED_CHUNK_ROOM_BYTES: usize = VALUE_BYTES_MAX - 1 - 10;
 const _: () = assert!(1 + 3 * 10 + SESSION_REPLIES_KEPT_MAX * 25 <= VALUE_BYTES_MAX);
 const _: () = assert!(1 + 10 + 10 + CONSUMER_NAME_BYTES_MAX <= VALUE_BYTES_MAX);
 const _: () = assert!(SESSION_KEY > super::HELD_HEADS_KEY && META_KEY > CONSUMER_KEY);
+const _: () = assert!(EXTENTS_KEY > META_KEY, "written after the service items");
 
 /// One kept SUBMIT reply of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +235,29 @@ pub fn decode_meta(value: &[u8]) -> Result<MetaItem, CodecError> {
     };
     r.finish("meta item")?;
     Ok(m)
+}
+
+/// The key of the extent count.
+pub fn extents_key() -> Key {
+    Key::new(SERVICE_OBJECTID, EXTENTS_KEY, 0)
+}
+
+/// Encodes the extent count.
+pub fn encode_extent_count(extents: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(11);
+    v.push(ITEM_VERSION);
+    put_varint(&mut v, extents);
+    debug_assert_eq!(decode_extent_count(&v), Ok(extents));
+    v
+}
+
+/// Decodes the extent count.
+pub fn decode_extent_count(value: &[u8]) -> Result<u64, CodecError> {
+    let mut r = Reader::new(value);
+    version(&mut r, "extent count version")?;
+    let extents = r.varint("extent count")?;
+    r.finish("extent count item")?;
+    Ok(extents)
 }
 
 /// The key of chunk `chunk` of generation `generation`'s freed list.

@@ -34,6 +34,8 @@ struct ItemDiff;
 struct AppliedItems {
     /// Item puts and deletes applied.
     item_changes: usize,
+    /// Extent items in the tree after the commit (recorded in it).
+    extents: u64,
     /// Chunks of held heads now in the B+tree.
     held_chunks: usize,
     /// Time to wait for the log and sort the changes.
@@ -47,6 +49,8 @@ type ItemChanges = Vec<(Key, Change)>;
 #[derive(Debug)]
 struct ItemDiffPart {
     changes: ItemChanges,
+    /// Extent items inserted minus deleted.
+    extents_delta: i64,
     /// The first extent that could not be encoded (the rest of the part is
     /// skipped: the commit fails).
     error: Option<(u64, CodecError)>,
@@ -59,6 +63,7 @@ impl RunSink for ItemDiff {
         ItemDiffPart {
             // Most extents change only their extent item.
             changes: Vec::with_capacity(heads + heads / 8),
+            extents_delta: 0,
             error: None,
         }
     }
@@ -73,6 +78,7 @@ impl RunSink for ItemDiff {
         if part.error.is_some() || before == after {
             return;
         }
+        part.extents_delta += i64::from(after.is_some()) - i64::from(before.is_some());
         if let Err(e) = codec::diff_extent(bytenr, before, after, &mut part.changes) {
             part.error = Some((bytenr, e));
         }
@@ -83,20 +89,25 @@ impl RunSink for ItemDiff {
 /// with the bytenr, and a part is in bytenr order except after a rare
 /// wrap-around of head selection); the parts cover ascending bytenr ranges,
 /// so applied one after the other they are one ascending list. Not joined:
-/// that would copy them all. The first error in part order.
-fn sorted_item_diffs(parts: Vec<ItemDiffPart>) -> Result<Vec<ItemChanges>, (u64, CodecError)> {
+/// that would copy them all. The first error in part order. With the
+/// extent items inserted minus deleted.
+fn sorted_item_diffs(
+    parts: Vec<ItemDiffPart>,
+) -> Result<(Vec<ItemChanges>, i64), (u64, CodecError)> {
     let mut sorted = Vec::with_capacity(parts.len());
+    let mut extents_delta = 0i64;
     for part in parts {
         if let Some(e) = part.error {
             return Err(e);
         }
+        extents_delta += part.extents_delta;
         let mut changes = part.changes;
         if !changes.is_sorted_by(|a, b| a.0 < b.0) {
             changes.sort_unstable_by_key(|c| c.0);
         }
         sorted.push(changes);
     }
-    Ok(sorted)
+    Ok((sorted, extents_delta))
 }
 
 impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
@@ -159,12 +170,13 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let t3 = Instant::now();
         let held_heads = ran.report().held_heads.clone();
         let held_chunks_before = st.held_chunks;
+        let extents_before = (self.extents(), st.extents_recorded);
         let (service, dropped, freed_list) =
             self.service_changes(&snap, generation, &ran.report().freed);
         let (items, core) = refd_core::engine::alongside(
             || {
                 let held = (held_heads.as_slice(), held_chunks_before);
-                self.apply_items(generation, cut, diffs, held, service)
+                self.apply_items(generation, cut, diffs, held, service, extents_before)
             },
             || {
                 let mut core = ran.apply();
@@ -236,8 +248,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// The B+tree side of a commit (on a commit worker, see
     /// `commit_locked`): once every record below the cut is durable, the
     /// run workers' item changes, the held heads (and how many chunks the
-    /// last commit kept of them) and the service state at the cut go into
-    /// the working B+tree.
+    /// last commit kept of them), the service state at the cut and the
+    /// extent count (the last commit's, whether the tree records it, and
+    /// this commit's change) go into the working B+tree.
     fn apply_items(
         &self,
         generation: u64,
@@ -245,6 +258,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         diffs: Vec<ItemDiffPart>,
         (held_heads, held_chunks_before): (&[Head], usize),
         service: ItemChanges,
+        (extents_before, recorded): (u64, bool),
     ) -> Result<AppliedItems, CommitError> {
         let t = Instant::now();
         let device = self.storage.device_name();
@@ -256,7 +270,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         })?;
         // 3. Tree nodes: the items of every extent the core engine changed,
         // encoded by its run workers.
-        let mut parts = sorted_item_diffs(diffs).map_err(|(bytenr, e)| {
+        let (mut parts, extents_delta) = sorted_item_diffs(diffs).map_err(|(bytenr, e)| {
             let failure = Failure::new(device, format!("encode extent {bytenr}"), None, &e);
             self.fail(generation, CommitStep::EncodeItems, failure)
         })?;
@@ -281,8 +295,17 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             ));
         }
         parts.push(held_changes);
-        // The service items sort after the held heads'.
+        // The service items sort after the held heads', the extent count
+        // after them.
         parts.push(service);
+        // Saturating: a count read from the device is not trusted to be
+        // above what a commit deletes (a wrong one is reported by
+        // `refctl fsck` and `verify`, never a panic here).
+        let extents = extents_before.saturating_add_signed(extents_delta);
+        if extents_delta != 0 || !recorded {
+            let value = codec::service::encode_extent_count(extents);
+            parts.push(vec![(codec::service::extents_key(), Change::Put(value))]);
+        }
         let item_changes = parts.iter().map(Vec::len).sum();
         for changes in parts {
             if !changes.is_empty() {
@@ -294,6 +317,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         }
         Ok(AppliedItems {
             item_changes,
+            extents,
             held_chunks,
             diff,
         })
@@ -364,6 +388,8 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         st.sb = sb;
         st.next_generation = generation + 1;
         st.held_chunks = items.held_chunks;
+        st.extents_recorded = true;
+        self.extents.store(items.extents, Ordering::Relaxed);
         // 5. Only now: the dropped nodes and the log space are reusable.
         self.tree.release_pending(generation).map_err(|e| {
             let failure = Failure::new(device, "release dropped nodes", e.offset(), &e);

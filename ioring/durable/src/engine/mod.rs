@@ -53,7 +53,7 @@ mod read;
 mod service;
 mod verify;
 
-pub use read::{load_extents, read_held, scan_extents};
+pub use read::{count_extents, load_extents, read_extent_count, read_held, scan_extents};
 pub use service::{read_service, FreedPage, ServiceStats, Submitted};
 
 /// Default log region: this fraction of the device ...
@@ -165,6 +165,9 @@ pub(crate) struct CommitState {
     next_generation: u64,
     /// Chunks of the held-heads stream in the committed B+tree.
     held_chunks: usize,
+    /// The committed B+tree records the extent count (else the next
+    /// commit writes it even if the count does not change).
+    extents_recorded: bool,
 }
 
 /// Committer wake-up state, behind `DurableEngine::committer`.
@@ -210,6 +213,8 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     /// Heads the last commit (or recovery) requeued because a seq barrier
     /// held them.
     heads_held: AtomicU64,
+    /// Extent items in the committed tree (the last commit's count).
+    extents: AtomicU64,
     /// Pending ops that start a commit (`crate::policy`).
     trigger_ops: AtomicU64,
     /// Measured commit time per op, picoseconds (0: not yet measured).
@@ -364,6 +369,13 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// [`DurableEngine::pending_ops`] or back-pressure).
     pub fn heads_held(&self) -> u64 {
         self.heads_held.load(Ordering::Relaxed)
+    }
+
+    /// Extent items in the committed tree: kept by every commit (items
+    /// inserted minus items deleted) and recorded in the tree with them
+    /// (`docs/format.md`, "Extent count").
+    pub fn extents(&self) -> u64 {
+        self.extents.load(Ordering::Relaxed)
     }
 
     /// The measured commit time per op (picoseconds; 0 until a commit of

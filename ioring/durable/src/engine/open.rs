@@ -21,7 +21,7 @@ use refd_ioring::format::{
 use refd_ioring::log::{replay_with, LogError, RecoveryMode, RefLog, Replay};
 use refd_ioring::{Storage, StorageError, BLOCK_BYTES};
 
-use super::read::{read_held, scan_extents};
+use super::read::{count_extents, read_extent_count, read_held, scan_extents};
 use super::service::load_service;
 use super::{
     CommitState, CommitterFlags, DurableEngine, FormatOptions, OpenOptions, APPENDERS_MIN,
@@ -327,6 +327,16 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         }
         let mut service = Service::new(options.service);
         load_service(&tree, &device, &mut service)?;
+        let (extents, extents_recorded) = match read_extent_count(&tree, &device)? {
+            Some(n) => (n, true),
+            // Not recorded: a tree written before the count was kept (or a
+            // fresh one). Counted once here, recorded by the next commit.
+            None if cache_complete => (extents_cached as u64, false),
+            None => {
+                progress.tick(|| format!("{device}: recovery: counting extents (not recorded)"));
+                (count_extents(&tree, &device)?, false)
+            }
+        };
         service.set_committed(claimed_generation);
         let ops_replayed =
             replay_records(&engine, &mut service, &replayed, &mut progress, &device)?;
@@ -384,6 +394,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
                 sb: claim,
                 next_generation,
                 held_chunks,
+                extents_recorded,
             }),
             totals: Mutex::new(CommitTotals::default()),
             failed: OnceLock::new(),
@@ -393,6 +404,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             policy: Mutex::new(options.policy),
             pending_ops: AtomicU64::new(ops_replayed as u64),
             heads_held: AtomicU64::new(heads_held as u64),
+            extents: AtomicU64::new(extents),
             trigger_ops: AtomicU64::new(options.policy.pending_ops_trigger),
             op_cost_ps: AtomicU64::new(0),
             dirty_bytes_per_op: AtomicU64::new(0),

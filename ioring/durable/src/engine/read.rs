@@ -110,6 +110,39 @@ pub fn read_held<S: Storage>(
     Ok((heads, chunks as usize))
 }
 
+/// The extent count a committed B+tree records (`None`: not recorded, a
+/// tree written before the count was kept, or a fresh one).
+pub fn read_extent_count<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+) -> Result<Option<u64>, ReadError> {
+    let key = codec::service::extents_key();
+    let value = tree.get(&key).map_err(|source| ReadError::Tree {
+        device: device.to_string(),
+        what: "extent count",
+        source: Box::new(source),
+    })?;
+    value
+        .map(|v| codec::service::decode_extent_count(&v))
+        .transpose()
+        .map_err(|source| ReadError::Items {
+            device: device.to_string(),
+            key: Some(key),
+            source,
+        })
+}
+
+/// The extent items of a committed B+tree, counted by a scan of all of
+/// them (what a recorded count must equal).
+pub fn count_extents<S: Storage>(tree: &BTree<S>, device: &str) -> Result<u64, ReadError> {
+    let mut n = 0u64;
+    scan_extents(tree, device, 0..=codec::EXTENT_BYTENR_MAX, |_, _| {
+        n += 1;
+        ControlFlow::Continue(())
+    })?;
+    Ok(n)
+}
+
 /// The committed item of `bytenr` in `tree`.
 pub(super) fn read_extent<S: Storage>(
     tree: &BTree<S>,

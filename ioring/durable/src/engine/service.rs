@@ -605,6 +605,11 @@ pub(super) fn load_service<S: Storage>(
             items::META_KEY if key.offset == 0 => {
                 meta = Some(items::decode_meta(&value).map_err(items_err(key))?)
             }
+            // Not service state: read by open (`read_extent_count`), only
+            // checked here.
+            items::EXTENTS_KEY if key.offset == 0 => {
+                items::decode_extent_count(&value).map_err(items_err(key))?;
+            }
             other => {
                 return Err(items_err(key)(crate::codec::CodecError::Invalid {
                     field: "service item type",

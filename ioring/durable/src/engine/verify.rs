@@ -6,7 +6,7 @@ use refd_core::delayed::DelayedRefStore;
 use refd_ioring::btree::TreeCheck;
 use refd_ioring::Storage;
 
-use super::read::{read_extent, read_held, scan_extents};
+use super::read::{read_extent, read_extent_count, read_held, scan_extents};
 use super::{lock, DurableEngine};
 use crate::codec;
 use crate::error::VerifyError;
@@ -14,8 +14,9 @@ use crate::error::VerifyError;
 impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// fsck: the B+tree's on-disk walk, every extent item decoded and
     /// checked (streaming: memory is one extent), the held heads decoded
-    /// and as many as the engine holds since its last commit, and every
-    /// cached extent equal to the B+tree's. Call between commits (it
+    /// and as many as the engine holds since its last commit, every
+    /// cached extent equal to the B+tree's, and the extent count the
+    /// engine keeps (and the tree records) equal to the items scanned. Call between commits (it
     /// takes the commit lock).
     pub fn verify(&self) -> Result<TreeCheck, VerifyError> {
         let st = lock(&self.commit);
@@ -36,14 +37,19 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
                 in_memory_chunks: st.held_chunks,
             });
         }
+        // The extent count: the engine's is the last commit's, which the
+        // tree records (unless no commit since open recorded it yet).
+        let recorded = read_extent_count(&self.tree, device)?;
         let cached = self.engine.tree();
         let mut matched = 0usize;
+        let mut extents = 0u64;
         let mut differs = None;
         scan_extents(
             &self.tree,
             device,
             0..=codec::EXTENT_BYTENR_MAX,
             |b, item| {
+                extents += 1;
                 if let Some(c) = cached.get(b) {
                     if *c != item {
                         differs = Some(b);
@@ -56,6 +62,14 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         )?;
         if let Some(bytenr) = differs {
             return Err(VerifyError::CacheDiffers { bytenr });
+        }
+        let in_memory = self.extents();
+        if extents != in_memory || recorded.is_some_and(|r| r != extents) {
+            return Err(VerifyError::ExtentCount {
+                counted: extents,
+                in_memory,
+                recorded,
+            });
         }
         if matched != cached.len() {
             let first = cached

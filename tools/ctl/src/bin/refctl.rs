@@ -299,8 +299,8 @@ fn run(cli: Cli) -> Result<bool, String> {
                 println!("{v}");
             } else {
                 println!(
-                    "{}: superblock generation {} (slot {}); tree {} levels, {} nodes, {} items; {} extents, {} refs, {} held heads; {} sessions, {} freed-list consumers, {} freed extents kept in {} lists; log: {} batches, {} ops to replay in {} records ({})",
-                    r.device, r.generation, r.slot, r.tree_levels, r.tree_nodes, r.tree_items, r.extents, r.refs, r.held_heads, r.sessions, r.consumers, r.freed_extents, r.freed_lists, r.log_batches, r.log_ops, r.log_records, r.log_end
+                    "{}: superblock generation {} (slot {}); tree {} levels, {} nodes, {} items; {} extents ({} recorded), {} refs, {} held heads; {} sessions, {} freed-list consumers, {} freed extents kept in {} lists; log: {} batches, {} ops to replay in {} records ({})",
+                    r.device, r.generation, r.slot, r.tree_levels, r.tree_nodes, r.tree_items, r.extents, r.extents_recorded.map_or("not".to_string(), |n| n.to_string()), r.refs, r.held_heads, r.sessions, r.consumers, r.freed_extents, r.freed_lists, r.log_batches, r.log_ops, r.log_records, r.log_end
                 );
                 for s in &r.rejected_superblocks {
                     println!("superblock copy rejected: {s}");

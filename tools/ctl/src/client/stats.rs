@@ -135,8 +135,9 @@ fn engine_rows(v: &Value) -> Vec<(&'static str, String)> {
         (
             "generation",
             format!(
-                "{}; pending ops {}, heads held {}, quarantined {}",
+                "{}; extents {}, pending ops {}, heads held {}, quarantined {}",
                 at(v, "engine.generation"),
+                at(v, "engine.extents"),
                 at(v, "engine.pending_ops"),
                 at(v, "engine.heads_held"),
                 at(v, "engine.quarantined")
@@ -240,7 +241,7 @@ mod tests {
             "version": "0.1.0", "server_id": 77, "uptime_s": 1.25, "device": "/dev/x",
             "fs_id": "ab", "store": "lockfree", "verify": false, "dry_run": false,
             "failed": failed,
-            "engine": {"generation": 5, "pending_ops": 3, "heads_held": 0, "quarantined": 0,
+            "engine": {"generation": 5, "extents": 7, "pending_ops": 3, "heads_held": 0, "quarantined": 0,
                        "barrier_seq": 9},
             "log": {"bytes": 1048576, "used_bytes": 262144, "durable_lsn": 12},
             "commits": {"count": 4, "ops": 100, "gap_max_ms": 1000.5,
@@ -270,7 +271,7 @@ mod tests {
         for want in [
             "refd 0.1.0, server 0x000000000000004d, up 1.2 s",
             "device       /dev/x (fs_id ab)",
-            "generation   5; pending ops 3",
+            "generation   5; extents 7, pending ops 3",
             "log          256.0 KiB used of 1.0 MiB (25.0%), durable lsn 12",
             "commits      4 (100 ops), longest 2.2 ms, longest gap 1000.5 ms",
             "3 hits, 1 misses (75.0% hits), 64.0 KiB",
@@ -299,7 +300,10 @@ mod tests {
     #[test]
     fn missing_fields_show_as_unknown() {
         let t = text(&serde_json::json!({}));
-        assert!(t.contains("generation   ?; pending ops ?"), "{t}");
+        assert!(
+            t.contains("generation   ?; extents ?, pending ops ?"),
+            "{t}"
+        );
         assert!(t.contains("log          ? used of ? (?%)"), "{t}");
     }
 

@@ -26,7 +26,6 @@ pub(crate) mod gate;
 pub mod lockfree;
 pub mod mutex;
 pub(crate) mod packed;
-pub(crate) mod table;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -4,13 +4,115 @@
 //! A *run* is a sorted sequence of merged heads, cut into [`Chunk`]s of at
 //! most [`CHUNK_HEADS_MAX`] heads. A chunk holds its heads and their refs in
 //! two flat arrays (40 bytes per head, 48 per ref, no per-item allocation),
-//! plus a side table for the rare extent_ops. Merging sources (runs, shard
-//! tables sorted at spill or commit) is a k-way merge by bytenr that copies refs straight
+//! plus a side table for the rare extent_ops. Merging sources (runs, sorted
+//! staging batches) is a k-way merge by bytenr that copies refs straight
 //! through when only one source has the head, and otherwise merges them in a
 //! reused scratch buffer: no allocation per head.
 
 use crate::head::{DelayedRef, Head, HeadSummary, PendingExtentOp};
-use crate::model::{ExtentKind, RefKey, SEQ_MAX};
+use crate::model::{Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, SEQ_MAX};
+
+/// Words of a staged op: bytenr, num_bytes, k1, k2, k3, seq, stamp, meta
+/// (action, type code, level, is_data, extent_op and key bits, key type),
+/// extent_op flags, key objectid, key offset.
+pub(crate) const STAGED_WORDS: usize = 11;
+
+/// An op with its stamp as staged in a shard (plain words so readers can
+/// load them atomically).
+pub(crate) type Staged = [u64; STAGED_WORDS];
+
+pub(crate) fn encode(op: &Op, stamp: u64) -> Staged {
+    let (code, k1, k2, k3) = match op.key {
+        Some(k) => {
+            let (a, b, c) = k.words();
+            (k.type_code(), a, b, c)
+        }
+        None => (0, 0, 0, 0),
+    };
+    let (is_data, level) = match op.kind {
+        ExtentKind::Data => (1u64, 0u64),
+        ExtentKind::Tree { level } => (0, u64::from(level)),
+    };
+    let (has_eop, eflags, ekey) = match op.extent_op {
+        Some(e) => (1u64, e.flags_to_set, e.key),
+        None => (0, 0, None),
+    };
+    let (has_key, kobj, ktype, koff) = match ekey {
+        Some(k) => (1u64, k.objectid, u64::from(k.item_type), k.offset),
+        None => (0, 0, 0, 0),
+    };
+    let meta = u64::from(op.action.code())
+        | (u64::from(code) << 8)
+        | (level << 16)
+        | (is_data << 24)
+        | (has_eop << 25)
+        | (has_key << 26)
+        | (ktype << 32);
+    [
+        op.bytenr,
+        op.num_bytes,
+        k1,
+        k2,
+        k3,
+        op.seq,
+        stamp,
+        meta,
+        eflags,
+        kobj,
+        koff,
+    ]
+}
+
+pub(crate) fn decode(w: &Staged) -> (Op, u64) {
+    try_decode(w).expect("a staged op written by its shard decodes")
+}
+
+/// [`decode`] of words a reader copied while the writer may have been
+/// reusing the slot: `None` when they are not one whole valid op (an
+/// unknown action, an op that fails [`Op::check`], an allocation or
+/// extent_op without a stamp). Such a read is retried by its caller (a
+/// slot is only reused inside an index change, see `lockfree.rs`); it
+/// must not reach the decoders' assertions first.
+pub(crate) fn try_decode(w: &Staged) -> Option<(Op, u64)> {
+    let meta = w[7];
+    let action = Action::from_code(meta as u8)?;
+    let code = (meta >> 8) as u8;
+    let kind = if (meta >> 24) & 1 == 1 {
+        ExtentKind::Data
+    } else {
+        ExtentKind::Tree {
+            level: (meta >> 16) as u8,
+        }
+    };
+    let extent_op = if (meta >> 25) & 1 == 1 {
+        Some(ExtentOp {
+            flags_to_set: w[8],
+            key: if (meta >> 26) & 1 == 1 {
+                Some(DiskKey {
+                    objectid: w[9],
+                    item_type: (meta >> 32) as u8,
+                    offset: w[10],
+                })
+            } else {
+                None
+            },
+        })
+    } else {
+        None
+    };
+    let op = Op {
+        bytenr: w[0],
+        num_bytes: w[1],
+        kind,
+        action,
+        key: RefKey::from_words(code, w[2], w[3], w[4]),
+        seq: w[5],
+        extent_op,
+    };
+    let stamp = w[6];
+    let needs_stamp = action == Action::AddExtent || extent_op.is_some();
+    (op.check().is_ok() && (stamp != 0 || !needs_stamp)).then_some((op, stamp))
+}
 
 /// Heads per chunk (bounds one allocation and one binary search).
 pub(crate) const CHUNK_HEADS_MAX: usize = 512;
@@ -54,7 +156,6 @@ const _: () = assert!(std::mem::size_of::<PackedRef>() == 48);
 
 impl PackedRef {
     /// The ref of one op (`ref_mod` +1 or -1).
-    #[cfg(test)]
     pub fn new(key: RefKey, seq: u64, ref_mod: i64) -> PackedRef {
         Self::pack(&DelayedRef::of_mod(key, seq, ref_mod))
     }
@@ -529,17 +630,40 @@ pub(crate) fn merge_cursors<'a>(
     }
 }
 
-/// A run of whole heads (sorted by bytenr, one per bytenr): the carry of
-/// requeued heads, and heads assembled by a reader.
-pub(crate) fn run_of_heads(heads: &[Head]) -> Vec<Chunk> {
+/// Build a run from staged ops: sort by a 16-byte `(bytenr, index)` key
+/// (not the 88-byte ops), decode each op once, merge at insert.
+pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
+    let mut order: Vec<(u64, u32)> = staged
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w[0], i as u32))
+        .collect();
+    order.sort_unstable();
     let mut b = RunBuilder::new();
     let mut scratch: Vec<PackedRef> = Vec::new();
-    for h in heads {
+    let mut i = 0;
+    while i < order.len() {
+        let bytenr = order[i].0;
+        let mut summary: Option<HeadSummary> = None;
         scratch.clear();
-        scratch.extend(h.refs.iter().map(PackedRef::pack));
-        b.push(h.bytenr, &h.summary, &scratch);
+        while i < order.len() && order[i].0 == bytenr {
+            let (op, stamp) = decode(&staged[order[i].1 as usize]);
+            let one = HeadSummary::of_op(&op, stamp);
+            summary = Some(match summary {
+                None => one,
+                Some(s) => s.merge(one),
+            });
+            if let Some(key) = op.key {
+                scratch.push(PackedRef::new(key, op.seq, op.ref_mod()));
+            }
+            i += 1;
+        }
+        if scratch.len() > 1 {
+            merge_refs(&mut scratch);
+        }
+        b.push(bytenr, &summary.expect("at least one op"), &scratch);
     }
-    b.finish()
+    b
 }
 
 #[cfg(test)]
@@ -596,12 +720,10 @@ mod tests {
             (mk(1, Action::DropRef, 5, 0), 0),
             (mk(2, Action::AddRef, 5, 4), 0),
         ];
-        let heads_of = |ops: &[(Op, u64)]| {
-            let heads: Vec<Head> = ops.iter().map(|(o, s)| Head::of_op(o, *s)).collect();
-            crate::delayed::merge_heads(heads)
-        };
-        let run_a = run_of_heads(&heads_of(&ops[..3]));
-        let run_b = run_of_heads(&heads_of(&ops[3..]));
+        let a: Vec<Staged> = ops[..3].iter().map(|(o, s)| encode(o, *s)).collect();
+        let b: Vec<Staged> = ops[3..].iter().map(|(o, s)| encode(o, *s)).collect();
+        let run_a = build_run(&a).finish();
+        let run_b = build_run(&b).finish();
         let mut got = Vec::new();
         merge_cursors(
             vec![

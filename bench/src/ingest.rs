@@ -77,6 +77,11 @@ pub struct IngestArgs {
     /// ingest lock for).
     #[arg(long, default_value_t = 0)]
     pub commit_interval_ms: u64,
+    /// Run one reader thread beside the ingest threads, looking up random
+    /// extents of the stream (`Engine::lookup_extent_ref`: tree + pending)
+    /// back to back while ingest runs; reports its latency percentiles.
+    #[arg(long)]
+    pub lookups: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -138,6 +143,16 @@ pub struct ImplResult {
     pub p9999_ns: u64,
     /// max.
     pub max_ns: u64,
+    /// Lookups done by the `--lookups` reader while ingest ran (0: none).
+    pub lookups: u64,
+    /// Lookup latency p50, ns (`--lookups`).
+    pub lookup_p50_ns: u64,
+    /// Lookup latency p99, ns.
+    pub lookup_p99_ns: u64,
+    /// Lookup latency p99.99, ns.
+    pub lookup_p9999_ns: u64,
+    /// Lookup latency max, ns.
+    pub lookup_max_ns: u64,
     #[serde(skip)]
     hist: Option<Histogram<u64>>,
     #[serde(skip)]
@@ -151,6 +166,7 @@ fn run_impl<S: DelayedRefStore>(
     sample: usize,
     verify: bool,
     commit_interval_ms: u64,
+    lookups: bool,
 ) -> ImplResult {
     let name = store.name().to_string();
     let threads = per_thread.len();
@@ -164,9 +180,11 @@ fn run_impl<S: DelayedRefStore>(
         engine.enable_verify();
     }
     let engine = engine;
-    let barrier = Barrier::new(threads + 1);
+    let barrier = Barrier::new(threads + 1 + usize::from(lookups));
     let ingesting = AtomicUsize::new(threads);
     let mut seals: Vec<Duration> = Vec::new();
+    let mut lookup_hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds");
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -196,6 +214,16 @@ fn run_impl<S: DelayedRefStore>(
                 ingesting.fetch_sub(1, Ordering::SeqCst);
             });
             spawned.expect("spawn an ingest thread");
+        }
+        if lookups {
+            let (engine, barrier, ingesting) = (&engine, &barrier, &ingesting);
+            let hist = &mut lookup_hist;
+            let reader = std::thread::Builder::new()
+                .name("lookups".into())
+                .spawn_scoped(s, move || {
+                    lookup_while_ingesting(engine, stream, barrier, ingesting, hist)
+                });
+            reader.expect("spawn the lookup thread");
         }
         barrier.wait();
         let t = Instant::now();
@@ -262,8 +290,40 @@ fn run_impl<S: DelayedRefStore>(
         p999_ns: hist.value_at_quantile(0.999),
         p9999_ns: hist.value_at_quantile(0.9999),
         max_ns: hist.max(),
+        lookups: lookup_hist.len(),
+        lookup_p50_ns: lookup_hist.value_at_quantile(0.5),
+        lookup_p99_ns: lookup_hist.value_at_quantile(0.99),
+        lookup_p9999_ns: lookup_hist.value_at_quantile(0.9999),
+        lookup_max_ns: lookup_hist.max(),
         hist: Some(hist),
         started,
+    }
+}
+
+/// The `--lookups` reader: looks up random extents of the stream back to
+/// back until every ingest thread is done, recording each lookup's time.
+/// It starts with the ingest threads (same barrier).
+fn lookup_while_ingesting<S: DelayedRefStore>(
+    engine: &Engine<S>,
+    stream: &Stream,
+    barrier: &Barrier,
+    ingesting: &AtomicUsize,
+    hist: &mut Histogram<u64>,
+) {
+    barrier.wait();
+    let n = stream.ops.len().max(1) as u64;
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    while ingesting.load(Ordering::SeqCst) > 0 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let Some(op) = stream.ops.get((x % n) as usize) else {
+            return;
+        };
+        let bytenr = op.bytenr;
+        let t = Instant::now();
+        std::hint::black_box(engine.lookup_extent_ref(bytenr));
+        hist.saturating_record(t.elapsed().as_nanos() as u64);
     }
 }
 
@@ -317,6 +377,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
                 args.sample,
                 args.verify,
                 args.commit_interval_ms,
+                args.lookups,
             ));
         }
         if matches!(args.imp, Impl::Mutex | Impl::Both) {
@@ -330,6 +391,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
                 args.sample,
                 args.verify,
                 args.commit_interval_ms,
+                args.lookups,
             ));
         }
     }
@@ -375,6 +437,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             "commit_interval_ms": args.commit_interval_ms,
             "seal_max_us": primary.seal_max_us,
             "p99_ns": primary.p99_ns,
+            "lookup_p99_ns": primary.lookup_p99_ns,
             "results": results,
         });
         println!("{v}");
@@ -444,6 +507,12 @@ fn print_table(args: &IngestArgs, ops: usize, results: &[ImplResult], ratio: Opt
             r.commits_during + 1,
             r.commits_during
         );
+        if r.lookups > 0 {
+            println!(
+                "          lookups under ingest: {} done, p50 {} ns, p99 {} ns, p99.99 {} ns, max {} ns",
+                r.lookups, r.lookup_p50_ns, r.lookup_p99_ns, r.lookup_p9999_ns, r.lookup_max_ns
+            );
+        }
         if !r.layout.is_empty() {
             println!("          {}", r.layout);
         }

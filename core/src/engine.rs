@@ -143,14 +143,18 @@ pub struct EngineHandle<'a, S: DelayedRefStore + 'a> {
 }
 
 impl<'a, S: DelayedRefStore> EngineHandle<'a, S> {
-    /// Queue one op (checked by ref-verify first when enabled).
+    /// Queue one op (checked by ref-verify first when enabled). The op is
+    /// validated once: by the store's handle, or here before ref-verify
+    /// looks at it.
     pub fn add(&mut self, op: &Op) -> Result<(), EngineError> {
-        op.check().map_err(StoreError::from)?;
         let inner = &mut self.inner;
         match &self.engine.verify {
             // Queued while the block's shadow is locked: a commit's resync
             // cannot erase the op between the check and the queueing.
-            Some(v) => v.check_with(op, || inner.add(op))??,
+            Some(v) => {
+                op.check().map_err(StoreError::from)?;
+                v.check_with(op, || inner.add(op))??
+            }
             None => inner.add(op)?,
         }
         Ok(())

@@ -524,7 +524,9 @@ pub struct LockFreeStore {
     gen: CachePadded<Generation>,
     /// Last generation frozen and released.
     released: CachePadded<AtomicU64>,
-    clock: StampClock,
+    /// Written by every allocation and extent_op: on its own cache line,
+    /// away from the fields every op reads (`shards`, `index`).
+    clock: CachePadded<StampClock>,
     shards: Box<[CachePadded<Shard>]>,
     index: Arc<[TxnIndex; 2]>,
     staging_ops: usize,
@@ -665,7 +667,7 @@ impl LockFreeStore {
             compactor: Arc::new(Compactor::default()),
             gen: CachePadded::new(Generation::new()),
             released: CachePadded::new(AtomicU64::new(0)),
-            clock: StampClock::default(),
+            clock: CachePadded::new(StampClock::default()),
             shards,
             index: Arc::new(std::array::from_fn(|_| {
                 let idx = TxnIndex::default();

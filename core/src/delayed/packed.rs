@@ -63,8 +63,14 @@ pub(crate) fn encode(op: &Op, stamp: u64) -> Staged {
     ]
 }
 
+/// Decode an op its own shard staged (the hand-off): it was checked once,
+/// at [`crate::delayed::IngestHandle::add`], and written whole by this
+/// thread, so it is not validated again (issue 13: an op was validated at
+/// add and again here, on every op).
 pub(crate) fn decode(w: &Staged) -> (Op, u64) {
-    try_decode(w).expect("a staged op written by its shard decodes")
+    let out = decode_words(w).expect("a staged op written by its shard decodes");
+    debug_assert!(out.0.check().is_ok(), "a staged op was checked at add");
+    out
 }
 
 /// [`decode`] of words a reader copied while the writer may have been
@@ -74,6 +80,14 @@ pub(crate) fn decode(w: &Staged) -> (Op, u64) {
 /// slot is only reused inside an index change, see `lockfree.rs`); it
 /// must not reach the decoders' assertions first.
 pub(crate) fn try_decode(w: &Staged) -> Option<(Op, u64)> {
+    let (op, stamp) = decode_words(w)?;
+    let needs_stamp = op.action == Action::AddExtent || op.extent_op.is_some();
+    (op.check().is_ok() && (stamp != 0 || !needs_stamp)).then_some((op, stamp))
+}
+
+/// The op the words spell, unvalidated: `None` only for an unknown action
+/// code.
+fn decode_words(w: &Staged) -> Option<(Op, u64)> {
     let meta = w[7];
     let action = Action::from_code(meta as u8)?;
     let code = (meta >> 8) as u8;
@@ -109,9 +123,7 @@ pub(crate) fn try_decode(w: &Staged) -> Option<(Op, u64)> {
         seq: w[5],
         extent_op,
     };
-    let stamp = w[6];
-    let needs_stamp = action == Action::AddExtent || extent_op.is_some();
-    (op.check().is_ok() && (stamp != 0 || !needs_stamp)).then_some((op, stamp))
+    Some((op, w[6]))
 }
 
 /// Heads per chunk (bounds one allocation and one binary search).

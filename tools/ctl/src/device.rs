@@ -283,7 +283,16 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
         Ok(r) => {
             report.log_batches = r.batches().len();
             report.log_end = r.report().to_string();
-            for rec in r.records() {
+            let mut records = r.stream(&*storage);
+            loop {
+                let rec = match records.next_record() {
+                    Ok(Some(rec)) => rec,
+                    Ok(None) => break,
+                    Err(e) => {
+                        report.problem(format!("log: {e}"));
+                        break;
+                    }
+                };
                 report.log_records += 1;
                 if report.log_records.is_multiple_of(PROGRESS_CHECK_ITEMS) {
                     let n = report.log_records;
@@ -301,7 +310,8 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
             // What going on would lose: the ops of the intact batches
             // after the damage.
             let after = replay_with(&*storage, &sb, RecoveryMode::SkipCorrupt)
-                .map_or(0, |r| ops_in(&r, last.get().saturating_add(1)));
+                .and_then(|r| ops_in(&*storage, &r, last.get().saturating_add(1)))
+                .unwrap_or(0);
             report.problem(format!(
                 "log: {e}; {after} acknowledged ops in the intact batches after the damage"
             ));

@@ -106,13 +106,19 @@ fn forget_seq(head: &mut Head) {
 /// replayed. (Routing ops by bytenr to one worker per core was measured at
 /// the same speed on this 2-core machine: the decoding reader is the
 /// bound, so replay stays on one thread.)
-fn replay_records<D: DelayedRefStore>(
+fn replay_records<D: DelayedRefStore, S: Storage + ?Sized>(
     engine: &Engine<D>,
     service: &mut Service,
+    (storage, sb): (&S, &Superblock),
     replayed: &refd_ioring::Replay,
     progress: &mut Progress,
     device: &str,
 ) -> Result<usize, OpenError> {
+    let replay_error = |source| OpenError::Replay {
+        device: device.to_string(),
+        generation: sb.generation,
+        source,
+    };
     let refused = |lsn: u64| {
         move |source| OpenError::Refused {
             device: device.to_string(),
@@ -122,7 +128,9 @@ fn replay_records<D: DelayedRefStore>(
     };
     let mut h = engine.handle().map_err(refused(0))?;
     let mut n: usize = 0;
-    for rec in replayed.records() {
+    // Batch by batch: one read window of records in memory at a time.
+    let mut records = replayed.stream(storage);
+    while let Some(rec) = records.next_record().map_err(replay_error)? {
         if n > 0 && n.is_multiple_of(PROGRESS_CHECK_ITEMS) {
             progress.tick(|| format!("{device}: recovery: {n} log records replayed"));
         }
@@ -328,8 +336,14 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         let mut service = Service::new(options.service);
         load_service(&tree, &device, &mut service)?;
         service.set_committed(claimed_generation);
-        let ops_replayed =
-            replay_records(&engine, &mut service, &replayed, &mut progress, &device)?;
+        let ops_replayed = replay_records(
+            &engine,
+            &mut service,
+            (&storage, &sb),
+            &replayed,
+            &mut progress,
+            &device,
+        )?;
         let log = RefLog::open(storage.clone(), &sb, &replayed, options.log).map_err(|source| {
             OpenError::Log {
                 device: device.clone(),
@@ -430,7 +444,8 @@ pub(crate) fn replay_log<S: Storage + ?Sized>(
         Ok(r) => r,
         Err(source @ LogError::Damaged { last, .. }) => {
             let ops_after = replay_with(storage, sb, RecoveryMode::SkipCorrupt)
-                .map_or(0, |r| ops_in(&r, last.get().saturating_add(1)));
+                .and_then(|r| ops_in(storage, &r, last.get().saturating_add(1)))
+                .unwrap_or(0);
             return Err(OpenError::LogDamaged {
                 device: device.to_string(),
                 generation: sb.generation,
@@ -446,8 +461,8 @@ pub(crate) fn replay_log<S: Storage + ?Sized>(
     // The intact batches tolerate-tail dropped: count their ops.
     let dropped_ops = if d.intact_batches > 0 {
         replay_with(storage, sb, RecoveryMode::SkipCorrupt)
-            .map_err(replay_error)
-            .map(|r| ops_in(&r, d.first.get()))?
+            .and_then(|r| ops_in(storage, &r, d.first.get()))
+            .map_err(replay_error)?
     } else {
         0
     };
@@ -463,17 +478,26 @@ pub(crate) fn replay_log<S: Storage + ?Sized>(
 }
 
 /// Ops in the records of `replayed` with an LSN of at least `from` (a
-/// record that does not decode counts none; replay itself reports it).
-pub fn ops_in(replayed: &Replay, from: u64) -> u64 {
-    replayed
-        .records()
-        .filter(|r| r.lsn.get() >= from)
-        .map(|r| match codec::decode_record(r.data) {
+/// record that does not decode counts none; replay itself reports it),
+/// read again from `storage` batch by batch ([`Replay::stream`]).
+pub fn ops_in<S: Storage + ?Sized>(
+    storage: &S,
+    replayed: &Replay,
+    from: u64,
+) -> Result<u64, LogError> {
+    let mut ops = 0u64;
+    let mut records = replayed.stream(storage);
+    while let Some(r) = records.next_record()? {
+        if r.lsn.get() < from {
+            continue;
+        }
+        ops += match codec::decode_record(r.data) {
             Ok(Record::Op(_)) => 1,
             Ok(Record::Submit { ops, .. }) => ops.len() as u64,
             _ => 0,
-        })
-        .sum()
+        };
+    }
+    Ok(ops)
 }
 
 /// Up to `max` committed extents into a new cache; true if that is all of

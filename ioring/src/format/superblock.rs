@@ -542,11 +542,16 @@ impl Superblock {
         let consistent = match r.mode {
             RECOVERY_MODE_NONE => *r == RecoveryRecord::default(),
             RECOVERY_MODE_TOLERATE_TAIL | RECOVERY_MODE_SKIP_CORRUPT => {
-                r.generation != 0
-                    && r.generation <= self.generation
-                    && r.dropped_batches != 0
+                let dropped = r.dropped_batches != 0
                     && r.dropped_first_lsn != 0
-                    && r.dropped_first_lsn <= r.dropped_last_lsn
+                    && r.dropped_first_lsn <= r.dropped_last_lsn;
+                // Going on from an older copy after the newest superblock
+                // was lost drops nothing from the log.
+                let older_copy = r.dropped_batches == 0
+                    && r.dropped_first_lsn == 0
+                    && r.dropped_last_lsn == 0
+                    && r.dropped_ops == 0;
+                r.generation != 0 && r.generation <= self.generation && (dropped || older_copy)
             }
             _ => false,
         };

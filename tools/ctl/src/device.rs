@@ -15,8 +15,8 @@ use refd_durable::codec::{decode_record, Record};
 pub use refd_durable::progress::Progress;
 use refd_durable::progress::PROGRESS_CHECK_ITEMS;
 use refd_durable::{
-    ops_in, read_held, read_newest_superblock, read_service, scan_extents, DurableEngine,
-    FormatOptions, OpenOptions,
+    newer_superblock, ops_in, read_held, read_newest_superblock, read_service, scan_extents,
+    DurableEngine, FormatOptions, OpenOptions,
 };
 use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
 use refd_ioring::format::{Superblock, RECOVERY_MODE_NONE};
@@ -283,6 +283,12 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
         Ok(r) => {
             report.log_batches = r.batches().len();
             report.log_end = r.report().to_string();
+            if let Some((newer, lsn)) = newer_superblock(&sb, &r) {
+                report.problem(format!(
+                    "newer superblock lost: log batch {lsn} was written after superblock                      generation {newer} was durable, but the newest readable copy is generation                      {}: open refuses (go on from this copy only with `refctl recover --mode                      tolerate-tail|skip-corrupt`)",
+                    sb.generation
+                ));
+            }
             let mut records = r.stream(&*storage);
             loop {
                 let rec = match records.next_record() {

@@ -1,62 +1,20 @@
 //! Replay keeps memory bounded by its read window, not by the log: a log of
 //! 64 MiB of records is replayed and streamed with at most a few MiB of
-//! heap held at once. A counting global allocator (this test binary only)
-//! measures the largest heap in use above what the test held before replay.
+//! heap held at once. A counting global allocator
+//! (`refd_ioring::selftest::heap`, this test binary only) measures the
+//! largest heap held at once by replay and its stream.
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::{device_bytes, parse_record, record, superblock};
 use refd_ioring::log::REPLAY_READ_BYTES;
+use refd_ioring::selftest::heap;
 use refd_ioring::{replay, LogBounds, LogConfig, RefLog, SimConfig, SimStorage, Storage};
 
-/// Heap bytes in use, and the largest value since the last reset.
-struct Counting;
-
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(bytes: usize) {
-    let now = IN_USE.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: every call is forwarded to `System` with the same layout and
-// pointer; the counters only observe sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for `alloc` is passed on unchanged.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` with `layout` (above).
-        unsafe { System.dealloc(ptr, layout) };
-        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller's contract for `realloc` is passed on unchanged.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            // Counted as the old and the new block both alive, as a copying
-            // realloc may have them.
-            grew(new_size);
-            IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static METER: heap::Meter = heap::Meter;
 
 const LOG_BYTES: u64 = 96 << 20;
 const RECORD_BYTES: usize = 4000;
@@ -83,23 +41,24 @@ fn replay_of_a_log_far_larger_than_its_window_holds_one_window() {
     drop(log);
     let log_bytes: u64 = RECORDS * RECORD_BYTES as u64;
 
-    let before = IN_USE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
-    let r = replay(&dev, &sb).expect("replay");
-    assert_eq!(r.record_count() as u64, RECORDS);
-    assert_eq!(r.report().record_bytes, log_bytes);
-    // The same records, in append order, byte for byte.
-    let mut next_id = 0u64;
-    let mut stream = r.stream(&dev);
-    while let Some(rec) = stream.next_record().expect("stream") {
-        assert_eq!(rec.data.len(), RECORD_BYTES);
-        assert_eq!(parse_record(rec.data), Some(next_id), "{}", rec.lsn);
-        next_id += 1;
-    }
-    assert_eq!(next_id, RECORDS);
-    let window = stream.window_bytes_max();
-    drop(stream);
-    let held = PEAK.load(Ordering::Relaxed).saturating_sub(before);
+    // Replay and the stream run on this thread: the meter counts them.
+    let ((r, window), held) = heap::peak_of(|| {
+        let r = replay(&*dev, &sb).expect("replay");
+        assert_eq!(r.record_count() as u64, RECORDS);
+        assert_eq!(r.report().record_bytes, log_bytes);
+        // The same records, in append order, byte for byte.
+        let mut next_id = 0u64;
+        let mut stream = r.stream(&*dev);
+        while let Some(rec) = stream.next_record().expect("stream") {
+            assert_eq!(rec.data.len(), RECORD_BYTES);
+            assert_eq!(parse_record(rec.data), Some(next_id), "{}", rec.lsn);
+            next_id += 1;
+        }
+        assert_eq!(next_id, RECORDS);
+        let window = stream.window_bytes_max();
+        drop(stream);
+        (r, window)
+    });
     println!(
         "replayed {RECORDS} records ({log_bytes} bytes) in {} batches: {held} bytes of heap held \
          at most, stream window {window} bytes",

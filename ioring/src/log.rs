@@ -68,8 +68,9 @@ mod tests;
 mod writer;
 
 pub use replay::{
-    replay, replay_with, DamagedRange, RecoveryMode, RecoveryReport, Replay, ReplayedBatch,
-    ReplayedRecord, ReplayedRecords, StopCause, TruncatedBatch, DAMAGED_RANGES_MAX,
+    replay, replay_with, DamagedRange, RecordStream, RecoveryMode, RecoveryReport, Replay,
+    ReplayedBatch, ReplayedRecord, StopCause, TruncatedBatch, DAMAGED_RANGES_MAX,
+    REPLAY_READ_BYTES,
 };
 pub use writer::{RefLog, Ticket};
 
@@ -453,6 +454,20 @@ pub enum LogError {
     /// another log region.
     #[error("replay does not match the superblock: {reason}")]
     ReplayMismatch {
+        /// What differs.
+        reason: String,
+    },
+    /// A batch that replay accepted no longer holds the same bytes when
+    /// [`Replay::stream`] reads it again (the device changed under
+    /// recovery, or returned other data for the same read).
+    #[error(
+        "replay: batch {lsn} at log offset {log_offset} changed since it was accepted: {reason}"
+    )]
+    ReplayChanged {
+        /// Its LSN.
+        lsn: Lsn,
+        /// Its logical offset.
+        log_offset: u64,
         /// What differs.
         reason: String,
     },

@@ -16,6 +16,17 @@
 //!   [`SimConfig::torn_unit_bytes`]) followed by the previous content. Which
 //!   writes survive is therefore independent of their completion order.
 //!
+//! - [`SimStorage::process_crash`] returns the device as the next process
+//!   sees it after this one died (SIGKILL) without a power loss: media and
+//!   volatile cache kept, and the writes that were submitted but not
+//!   completed ([`FaultPlan::process_crash_at`]) *in flight*: each, by the
+//!   seeded PRNG, never lands or lands (whole, or only its first sectors)
+//!   in the volatile cache at a seeded point of the next process's first
+//!   reads, at the latest just before its first write or flush takes
+//!   effect (the kernel completes or cancels a dead process's I/O before
+//!   the last reference to its open device goes away, which an exclusive
+//!   lock waits for).
+//!
 //! Faults: a [`FaultPlan`] makes the Nth write, flush or read return `EIO`.
 //! A failed write or flush latches the device exactly like
 //! [`crate::UringStorage`]; a failed write still leaves the batch's data in
@@ -151,6 +162,25 @@ pub struct FaultPlan {
     /// device does **not** latch: Linux's fsync after a write-back error.
     /// Whoever called the flush must latch the failure itself.
     pub flush_eio_clean_at: Option<u64>,
+    /// The process dies during the call holding the Nth write: every write
+    /// of that call is submitted but not completed (kept in flight for
+    /// [`SimStorage::process_crash`], not applied), the call and every
+    /// later call fail as after a `SIGKILL` (the storage latches).
+    pub process_crash_at: Option<u64>,
+}
+
+/// Most operations of the next process before which an in-flight write of
+/// a dead one may still land ([`SimStorage::process_crash`]).
+pub const IN_FLIGHT_LAND_OPS_MAX: u64 = 24;
+
+/// A write of a dead process that lands in the next one's volatile cache
+/// just before the next process's operation number `before_op` (or its
+/// first write or flush, whichever comes first).
+#[derive(Debug, Clone)]
+struct Landing {
+    offset: u64,
+    data: Box<[u8]>,
+    before_op: u64,
 }
 
 /// Operation counters of a [`SimStorage`].
@@ -220,6 +250,7 @@ struct FaultTargets {
     misdirected_write_at: Option<(u64, u64)>,
     stale_read_at: Option<u64>,
     flush_clean_at: Option<u64>,
+    process_crash_at: Option<u64>,
     /// The device as it was when a plan with `stale_read_at` was installed.
     stale: Option<Vec<u8>>,
 }
@@ -235,6 +266,7 @@ impl FaultTargets {
             misdirected_write_at: None,
             stale_read_at: None,
             flush_clean_at: None,
+            process_crash_at: None,
             stale: None,
         }
     }
@@ -249,6 +281,12 @@ struct SimState {
     rng: ChaCha8Rng,
     faults: FaultTargets,
     counters: SimCounters,
+    /// Writes in flight when the process died ([`FaultPlan::process_crash_at`]).
+    in_flight: Vec<(u64, Box<[u8]>)>,
+    /// Writes of a dead process still to land here, and the operations
+    /// seen so far (reads, writes, flushes: calls).
+    landing: Vec<Landing>,
+    calls: u64,
 }
 
 /// In-memory simulated device; see the module docs.
@@ -290,6 +328,9 @@ impl SimStorage {
                 rng,
                 faults: FaultTargets::none(),
                 counters: SimCounters::default(),
+                in_flight: Vec::new(),
+                landing: Vec::new(),
+                calls: 0,
             }),
             config,
             latch: FailureLatch::new(),
@@ -328,6 +369,7 @@ impl SimStorage {
                 .map(|(n, to)| (c.writes.saturating_add(n), to)),
             stale_read_at: plan.stale_read_at.map(|n| c.reads.saturating_add(n)),
             flush_clean_at: plan.flush_eio_clean_at.map(|n| c.flushes.saturating_add(n)),
+            process_crash_at: plan.process_crash_at.map(|n| c.writes.saturating_add(n)),
             stale: plan.stale_read_at.map(|_| st.current.clone()),
         };
     }
@@ -413,12 +455,122 @@ impl SimStorage {
             rng: ChaCha8Rng::seed_from_u64(seed),
             faults: FaultTargets::none(),
             counters: SimCounters::default(),
+            in_flight: Vec::new(),
+            landing: Vec::new(),
+            calls: 0,
         };
         SimStorage {
             config,
             state: Mutex::new(state),
             latch: FailureLatch::new(),
         }
+    }
+
+    /// The device as the next process sees it after this one died (a
+    /// `SIGKILL`, not a power loss): a new, healthy `SimStorage` with the
+    /// same media and the same volatile cache (the device kept power; a
+    /// later [`SimStorage::crash`] may still lose what is unflushed), plus
+    /// the writes in flight when the process died
+    /// ([`FaultPlan::process_crash_at`]). Each of them, by the seeded PRNG:
+    /// never lands (1 in 4), or lands in the volatile cache, whole or (with
+    /// [`SimConfig::torn_probability`]) only its first sectors, just before
+    /// a seeded one of the next process's first [`IN_FLIGHT_LAND_OPS_MAX`]
+    /// calls, and at the latest before its first write or flush takes
+    /// effect. Without a process crash fault, nothing is in flight. `self`
+    /// is unchanged except that its PRNG advances.
+    pub fn process_crash(&self) -> SimStorage {
+        let sector = self.sector_bytes() as usize;
+        let mut st = self.state();
+        let mut landing = Vec::new();
+        for (offset, data) in st.in_flight.clone() {
+            if st.rng.gen_ratio(1, 4) {
+                continue;
+            }
+            let sectors = data.len() / sector;
+            let keep = if sectors > 1 && st.rng.gen_bool(self.config.torn_probability) {
+                sector * st.rng.gen_range(1..sectors)
+            } else {
+                data.len()
+            };
+            landing.push(Landing {
+                offset,
+                data: data[..keep].into(),
+                before_op: st.rng.gen_range(1..=IN_FLIGHT_LAND_OPS_MAX),
+            });
+        }
+        let seed = st.rng.gen::<u64>();
+        let state = SimState {
+            durable: st.durable.clone(),
+            current: st.current.clone(),
+            pending: st.pending.clone(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            faults: FaultTargets::none(),
+            counters: SimCounters::default(),
+            in_flight: Vec::new(),
+            landing,
+            calls: 0,
+        };
+        drop(st);
+        SimStorage {
+            config: SimConfig {
+                seed,
+                ..self.config.clone()
+            },
+            state: Mutex::new(state),
+            latch: FailureLatch::new(),
+        }
+    }
+
+    /// Writes of a dead process not landed yet (nor dropped).
+    pub fn in_flight_writes(&self) -> usize {
+        self.state().landing.len()
+    }
+
+    /// Counts a call and lands the dead process's writes due before it
+    /// (all of them before a write or flush, `mutating`).
+    fn land_due(&self, st: &mut SimState, mutating: bool) {
+        st.calls += 1;
+        if st.landing.is_empty() {
+            return;
+        }
+        let calls = st.calls;
+        let (due, later): (Vec<Landing>, Vec<Landing>) = std::mem::take(&mut st.landing)
+            .into_iter()
+            .partition(|l| mutating || l.before_op <= calls);
+        st.landing = later;
+        for l in due {
+            self.cache_write(st, l.offset, &l.data);
+        }
+    }
+
+    /// If the process dies at this write (`FaultPlan::process_crash_at`):
+    /// keeps `writes` in flight and latches; the error to return.
+    fn process_dies(&self, st: &mut SimState, writes: &[(u64, &[u8])]) -> Option<StorageError> {
+        let first = st.counters.writes + 1;
+        let last = st.counters.writes + writes.len() as u64;
+        let at = st
+            .faults
+            .process_crash_at
+            .filter(|n| (first..=last).contains(n))?;
+        st.faults.process_crash_at = None;
+        st.counters.writes = last;
+        st.in_flight = writes
+            .iter()
+            .map(|(offset, data)| (*offset, Box::<[u8]>::from(*data)))
+            .collect();
+        let (offset, len) = writes
+            .get((at - first) as usize)
+            .map_or((0, 0), |(o, d)| (*o, d.len() as u64));
+        let failure = IoFailure {
+            device: self.config.name.clone(),
+            op: IoOp::Write,
+            offset,
+            len_bytes: len,
+            cause: Arc::new(io::Error::other(
+                "simulated process crash (SIGKILL) with I/O in flight",
+            )),
+        };
+        Some(self.latch.trip(failure))
     }
 
     /// Flips bit `bit` (0..8) of the byte at `offset`, on the media and in
@@ -525,6 +677,15 @@ impl Storage for SimStorage {
             writes,
         )?;
         let mut st = self.state();
+        self.land_due(&mut st, true);
+        let nonempty: Vec<(u64, &[u8])> = writes
+            .iter()
+            .copied()
+            .filter(|(_, d)| !d.is_empty())
+            .collect();
+        if let Some(e) = self.process_dies(&mut st, &nonempty) {
+            return Err(e);
+        }
         let mut failed: Option<IoFailure> = None;
         for (offset, data) in writes {
             if data.is_empty() {
@@ -560,6 +721,10 @@ impl Storage for SimStorage {
             return Ok(());
         }
         let mut st = self.state();
+        self.land_due(&mut st, true);
+        if let Some(e) = self.process_dies(&mut st, &[(offset, data)]) {
+            return Err(e);
+        }
         st.counters.writes += 1;
         st.counters.durable_writes += 1;
         if st.faults.write_at == Some(st.counters.writes) {
@@ -591,6 +756,7 @@ impl Storage for SimStorage {
         self.latch.check()?;
         check_read_batch(&self.config.name, &self.config.geometry, reads)?;
         let mut st = self.state();
+        self.land_due(&mut st, false);
         for (offset, buf) in reads.iter_mut() {
             if buf.is_empty() {
                 continue;
@@ -624,6 +790,7 @@ impl Storage for SimStorage {
     fn flush(&self) -> Result<(), StorageError> {
         self.latch.check()?;
         let mut st = self.state();
+        self.land_due(&mut st, true);
         st.counters.flushes += 1;
         if st.faults.flush_at == Some(st.counters.flushes) {
             return Err(self.latch.trip(self.eio_failure(IoOp::Flush, 0, 0)));
@@ -1015,5 +1182,58 @@ mod tests {
                 .iter()
                 .all(|&b| b == t as u8 + 1));
         }
+    }
+
+    /// A process crash keeps the cache and holds the call's writes in
+    /// flight; on the next process each lands before its first write or
+    /// flush, or never, as the seed decides, and only in the cache.
+    #[test]
+    fn process_crash_keeps_the_cache_and_lands_in_flight_writes_late_or_never() {
+        let mut outcomes = [0u32; 3];
+        for seed in 0..64 {
+            let s = sim(seed);
+            s.write(0, &block(1)).expect("completed, unflushed");
+            s.set_fault_plan(FaultPlan {
+                process_crash_at: Some(2),
+                ..FaultPlan::default()
+            });
+            s.write_durable(4096, &block(2)).expect("before the crash");
+            let err = s.write(8192, &block(3)).expect_err("the process dies");
+            assert!(err.to_string().contains("process crash"), "{err}");
+            assert!(
+                s.read(0, &mut [0u8; 4096]).is_err(),
+                "a dead process reads nothing"
+            );
+            let next = s.process_crash();
+            assert_eq!(
+                next.unflushed_sectors(),
+                1,
+                "the cache survives a process crash"
+            );
+            let waiting = next.in_flight_writes();
+            let mut first = vec![0u8; 4096];
+            next.read(8192, &mut first).expect("read");
+            next.flush().expect("flush");
+            assert_eq!(next.in_flight_writes(), 0, "all landed before the flush");
+            let mut after = vec![0u8; 4096];
+            next.read(8192, &mut after).expect("read");
+            let landed = after == block(3);
+            assert!(landed || after == block(0));
+            assert!(waiting == 1 || !landed);
+            // Landed before or after the first read.
+            outcomes[usize::from(landed) + usize::from(landed && first == block(0))] += 1;
+            let mut zero = vec![0u8; 4096];
+            next.read(0, &mut zero).expect("read");
+            assert_eq!(zero, block(1));
+            // Durable only through the flush: a power loss keeps it now.
+            let after_loss = next.crash_with(CrashPolicy::LoseAll);
+            let mut b = vec![0u8; 4096];
+            after_loss.read(8192, &mut b).expect("read");
+            assert_eq!(b == block(3), landed);
+        }
+        assert!(
+            outcomes.iter().all(|&n| n > 0),
+            "never, early, late: {outcomes:?}"
+        );
     }
 }

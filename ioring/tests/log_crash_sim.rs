@@ -35,7 +35,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    device_bytes, parse_record, read_superblock, record, superblock, write_superblock, CrashAt, Gen,
+    device_bytes, parse_record, read_superblock, record, records, superblock, write_superblock,
+    CrashAt, Gen, Rec,
 };
 use refd_ioring::format::Superblock;
 use refd_ioring::log::StopCause;
@@ -95,7 +96,7 @@ fn stop_reason(cause: &StopCause) -> &'static str {
 
 /// Checks a replay against the model; see the module docs.
 fn check_replay(
-    r: &Replay,
+    (r, recs): (&Replay, &[Rec]),
     sb: &Superblock,
     model: &Model,
     ordered_ids: bool,
@@ -105,8 +106,8 @@ fn check_replay(
     let mut per_lsn: BTreeMap<Lsn, Vec<u64>> = BTreeMap::new();
     let mut last_lsn = Lsn(0);
     let mut last_id: Option<u64> = None;
-    for rec in r.records() {
-        let id = parse_record(rec.data)
+    for rec in recs {
+        let id = parse_record(&rec.data)
             .ok_or_else(|| format!("{}: a record that was never submitted", rec.lsn))?;
         if model.submitted.get(&id) != Some(&rec.data.len()) {
             return Err(format!("{}: record {id} was never submitted", rec.lsn));
@@ -176,11 +177,11 @@ fn check_replay(
 
 /// After a successful replay: the replayed records are what the next
 /// incarnation must keep; LSNs from the replay end on are reused.
-fn adopt_replay(model: &mut Model, r: &Replay) {
+fn adopt_replay(model: &mut Model, recs: &[Rec]) {
     model.by_lsn.clear();
     model.must_have.clear();
-    for rec in r.records() {
-        if let Some(id) = parse_record(rec.data) {
+    for rec in recs {
+        if let Some(id) = parse_record(&rec.data) {
             model.by_lsn.entry(rec.lsn).or_default().push(id);
             model.must_have.insert(id, rec.lsn);
         }
@@ -385,7 +386,9 @@ fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
         if again != r {
             return Err(format!("incarnation {inc}: replay is not idempotent"));
         }
-        check_replay(&r, &sb, &model, true).map_err(|e| format!("incarnation {inc}: {e}"))?;
+        let recs = records(&r, &dev);
+        check_replay((&r, &recs), &sb, &model, true)
+            .map_err(|e| format!("incarnation {inc}: {e}"))?;
         let report = r.report();
         *tally
             .stop_reasons
@@ -394,7 +397,7 @@ fn run_seed(seed: u64, tally: &mut Tally) -> Result<(), String> {
         tally.truncated += u64::from(report.truncated.is_some());
         tally.records_replayed += report.records;
         tally.lap_skips += u64::from(report.skipped_bytes > 0);
-        adopt_replay(&mut model, &r);
+        adopt_replay(&mut model, &recs);
         if inc == INCARNATIONS {
             break;
         }
@@ -648,13 +651,14 @@ fn threaded_crashes() {
         for (id, lsn) in acked.lock().expect("acked").iter() {
             model.must_have.insert(*id, *lsn);
         }
-        if let Err(e) = check_replay(&r, &sb, &model, false) {
+        let recs = records(&r, &image);
+        if let Err(e) = check_replay((&r, &recs), &sb, &model, false) {
             panic!("seed {seed} (thread schedule not reproducible): {e}");
         }
         // Per thread, records come back in append order.
         let mut last: HashMap<u64, u64> = HashMap::new();
-        for rec in r.records() {
-            let id = parse_record(rec.data).expect("checked");
+        for rec in &recs {
+            let id = parse_record(&rec.data).expect("checked");
             let (t, i) = (id >> 32, id & 0xFFFF_FFFF);
             if let Some(prev) = last.insert(t, i) {
                 assert!(prev < i, "seed {seed}: thread {t} record {i} after {prev}");

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{parse_record, read_superblock, record, superblock, write_superblock, Gen};
+use common::{parse_record, read_superblock, record, records, superblock, write_superblock, Gen};
 use refd_ioring::format::Superblock;
 use refd_ioring::{
     replay, Device, DeviceError, FileAllocation, LogBounds, LogConfig, Lsn, RefLog, Storage,
@@ -161,8 +161,8 @@ fn append_wrap_reopen_replay_on_a_file() {
     assert_eq!(replay(&*dev, &sb).expect("replay again"), r);
     let mut found: HashMap<u64, Lsn> = HashMap::new();
     let mut last: HashMap<u64, u64> = HashMap::new();
-    for rec in r.records() {
-        let id = parse_record(rec.data).expect("a submitted record");
+    for rec in records(&r, &*dev) {
+        let id = parse_record(&rec.data).expect("a submitted record");
         assert!(found.insert(id, rec.lsn).is_none(), "record {id} twice");
         if let Some(prev) = last.insert(id >> 32, id & 0xFFFF_FFFF) {
             assert!(prev < id & 0xFFFF_FFFF, "append order within a thread");

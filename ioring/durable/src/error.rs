@@ -232,6 +232,25 @@ pub enum OpenError {
         /// The log's error (damaged LSNs, offset, cause).
         source: Box<LogError>,
     },
+    /// The log holds batches written after a superblock newer than the
+    /// one open found was durable (their `txn_id` is its generation): the
+    /// newest superblock copy is lost (rotten or unreadable) and the copy
+    /// found is older. Replaying from it is refused in
+    /// [`refd_ioring::log::RecoveryMode::Strict`]: what the newer commit
+    /// held may be gone (its released log space or nodes reused).
+    #[error(
+        "{device}: superblock generation {generation} is not the newest: log batch {lsn} was          written after superblock generation {newer_generation} was durable, and no copy of it          is readable (the newest superblock copy rotted): check with `refctl fsck`, then go on          from the older copy only by choosing a recovery mode (`refd serve --recovery-mode          tolerate-tail|skip-corrupt` or `refctl recover`)"
+    )]
+    SuperblockLost {
+        /// Device.
+        device: String,
+        /// Generation of the superblock found.
+        generation: u64,
+        /// The newest generation the log names.
+        newer_generation: u64,
+        /// The first batch that names it.
+        lsn: u64,
+    },
     /// A replayed log record does not decode.
     #[error("{device}: log record in the batch of LSN {lsn}: {source}")]
     Record {

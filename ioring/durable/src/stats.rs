@@ -32,6 +32,9 @@ pub struct RecoveryInfo {
     /// What an explicit recovery mode dropped, as recorded in the
     /// superblock written at open (`None`: nothing dropped).
     pub dropped: Option<RecoveryRecord>,
+    /// A newer superblock generation the log names, lost (its copy rotted),
+    /// that an explicit recovery mode went on without (`None`: none).
+    pub superblock_lost: Option<u64>,
     /// Generation written at open to claim any generation a lost commit
     /// may have used (see `docs/durable.md`, "Generations").
     pub claimed_generation: u64,
@@ -53,6 +56,13 @@ impl fmt::Display for RecoveryInfo {
         )?;
         for r in &self.superblock_rejected {
             write!(f, "; rejected {r}")?;
+        }
+        if let Some(g) = self.superblock_lost {
+            write!(
+                f,
+                "; NEWER SUPERBLOCK generation {g} LOST (the log holds batches written after it                  was durable): recovery mode {} went on from generation {}",
+                self.replay.mode, self.superblock_generation
+            )?;
         }
         if let Some(d) = &self.dropped {
             write!(

@@ -542,11 +542,16 @@ impl Superblock {
         let consistent = match r.mode {
             RECOVERY_MODE_NONE => *r == RecoveryRecord::default(),
             RECOVERY_MODE_TOLERATE_TAIL | RECOVERY_MODE_SKIP_CORRUPT => {
-                r.generation != 0
-                    && r.generation <= self.generation
-                    && r.dropped_batches != 0
+                let dropped = r.dropped_batches != 0
                     && r.dropped_first_lsn != 0
-                    && r.dropped_first_lsn <= r.dropped_last_lsn
+                    && r.dropped_first_lsn <= r.dropped_last_lsn;
+                // Going on from an older copy after the newest superblock
+                // was lost drops nothing from the log.
+                let older_copy = r.dropped_batches == 0
+                    && r.dropped_first_lsn == 0
+                    && r.dropped_last_lsn == 0
+                    && r.dropped_ops == 0;
+                r.generation != 0 && r.generation <= self.generation && (dropped || older_copy)
             }
             _ => false,
         };
@@ -1039,6 +1044,41 @@ mod tests {
         sb.log_head_offset = sb.log_tail_offset;
         let block = sb.encode().expect("encode");
         assert_eq!(Superblock::decode(&block, sb.addr()).expect("decode"), sb);
+    }
+
+    /// A recovery record says either what was dropped from the log, or,
+    /// all dropped fields zero, that the operator went on from an older
+    /// copy after a newer superblock was lost; a mix of both is invalid.
+    #[test]
+    fn recovery_records_dropped_or_older_copy() {
+        let record = |batches, first, last, ops| RecoveryRecord {
+            generation: 4,
+            mode: RECOVERY_MODE_TOLERATE_TAIL,
+            dropped_batches: batches,
+            dropped_first_lsn: first,
+            dropped_last_lsn: last,
+            dropped_ops: ops,
+        };
+        for (r, valid) in [
+            (record(2, 7, 8, 5), true),
+            (record(0, 0, 0, 0), true),
+            (record(0, 7, 8, 0), false),
+            (record(0, 0, 0, 5), false),
+            (record(2, 0, 0, 0), false),
+            (record(1, 8, 7, 0), false),
+        ] {
+            let mut sb = sample(5);
+            sb.recovery = r;
+            match sb.encode() {
+                Ok(block) if valid => {
+                    assert_eq!(Superblock::decode(&block, sb.addr()).expect("decode"), sb)
+                }
+                Err(FormatError::Invalid { field, .. }) if !valid => {
+                    assert_eq!(field, "recovery")
+                }
+                other => panic!("{r:?}: valid {valid}, got {other:?}"),
+            }
+        }
     }
 
     #[test]

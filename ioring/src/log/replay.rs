@@ -355,6 +355,8 @@ pub struct ReplayedBatch {
     pub batch_bytes: u32,
     /// Records in it.
     pub record_count: u32,
+    /// Bytes of its records' bodies.
+    pub record_bytes: u32,
     /// Its header checksum (what the next batch chains to).
     pub checksum: u32,
 }
@@ -375,31 +377,43 @@ pub struct ReplayedRecord<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replay {
     fs_id: FsId,
-    log_start: u64,
-    log_bytes: u64,
+    ring: Ring,
+    /// No batch reaches this logical offset (`head + log_bytes`).
+    limit: u64,
     batches: Vec<ReplayedBatch>,
-    /// Record bodies back to back.
-    data: Vec<u8>,
-    /// Per record: index into `batches`, body length.
-    records: Vec<(u32, u32)>,
     report: RecoveryReport,
     /// `prev_checksum` for the batch written at `report.end`.
     end_chain: u32,
 }
 
 impl Replay {
-    /// Every record, in LSN order.
-    pub fn records(&self) -> ReplayedRecords<'_> {
-        ReplayedRecords {
+    /// Reads the records of the batches replay kept, batch by batch, in LSN
+    /// order (records of a batch in append order): a second pass over the
+    /// log that holds at most one read window ([`REPLAY_READ_BYTES`], or one
+    /// batch if larger) of record bytes at a time. Each batch read must be
+    /// the one the first pass accepted (same LSN and header checksum),
+    /// otherwise [`RecordStream::next_record`] returns
+    /// [`LogError::ReplayChanged`].
+    pub fn stream<'a, S: Storage + ?Sized>(&'a self, storage: &'a S) -> RecordStream<'a, S> {
+        RecordStream {
             replay: self,
-            index: 0,
-            at: 0,
+            reader: Reader {
+                storage,
+                ring: self.ring,
+                limit: self.limit,
+                window_start: 0,
+                window: Vec::new(),
+                failed_read: None,
+            },
+            next_batch: 0,
+            loaded: None,
+            spans: Vec::new(),
         }
     }
 
     /// Number of records.
     pub fn record_count(&self) -> usize {
-        self.records.len()
+        usize::try_from(self.report.records).unwrap_or(usize::MAX)
     }
 
     /// The batches, in LSN order.
@@ -424,7 +438,7 @@ impl Replay {
 
     /// `(log_start, log_bytes)` of the superblock replayed.
     pub fn log_region(&self) -> (u64, u64) {
-        (self.log_start, self.log_bytes)
+        (self.ring.start, self.ring.len)
     }
 
     /// The chain link (`prev_checksum`) of the batch written next, at
@@ -462,38 +476,121 @@ impl Replay {
     }
 }
 
-/// Iterator over [`Replay::records`].
-#[derive(Debug, Clone)]
-pub struct ReplayedRecords<'a> {
+/// The records of a [`Replay`], read again from the device batch by batch
+/// ([`Replay::stream`]). Not an [`Iterator`]: each record borrows the
+/// stream's read window, which the next call may refill.
+pub struct RecordStream<'a, S: Storage + ?Sized> {
     replay: &'a Replay,
-    index: usize,
+    reader: Reader<'a, S>,
+    /// Index in `replay.batches` of the next batch to load.
+    next_batch: usize,
+    /// The batch being read: its LSN, `txn_id`, where its bytes start in
+    /// the window, and the index in `spans` of its next record.
+    loaded: Option<Loaded>,
+    /// Records of the loaded batch: (start in the batch, length). At most
+    /// one per framed record of one batch.
+    spans: Vec<(u32, u32)>,
+}
+
+impl<S: Storage + ?Sized> fmt::Debug for RecordStream<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordStream")
+            .field("next_batch", &self.next_batch)
+            .field("batches", &self.replay.batches.len())
+            .field("loaded", &self.loaded)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Loaded {
+    lsn: Lsn,
+    txn_id: u64,
     at: usize,
+    next: usize,
 }
 
-impl<'a> Iterator for ReplayedRecords<'a> {
-    type Item = ReplayedRecord<'a>;
-
-    fn next(&mut self) -> Option<ReplayedRecord<'a>> {
-        let &(batch, len) = self.replay.records.get(self.index)?;
-        let batch = self.replay.batches.get(batch as usize)?;
-        let end = self.at + len as usize;
-        let data = self.replay.data.get(self.at..end)?;
-        self.index += 1;
-        self.at = end;
-        Some(ReplayedRecord {
-            lsn: batch.lsn,
-            txn_id: batch.txn_id,
-            data,
-        })
+impl<S: Storage + ?Sized> RecordStream<'_, S> {
+    /// The next record, `None` after the last. Errors: [`LogError::ReplayRead`]
+    /// if a batch cannot be read again, [`LogError::ReplayChanged`] if it no
+    /// longer holds what the first pass accepted.
+    pub fn next_record(&mut self) -> Result<Option<ReplayedRecord<'_>>, LogError> {
+        while self.loaded.is_none_or(|l| l.next >= self.spans.len()) {
+            let Some(b) = self.replay.batches.get(self.next_batch).copied() else {
+                self.loaded = None;
+                return Ok(None);
+            };
+            self.next_batch += 1;
+            self.load(&b)?;
+        }
+        let Some(l) = self.loaded.as_mut() else {
+            return Ok(None);
+        };
+        let (start, len) = self.spans[l.next];
+        l.next += 1;
+        let from = l.at + start as usize;
+        Ok(Some(ReplayedRecord {
+            lsn: l.lsn,
+            txn_id: l.txn_id,
+            data: &self.reader.window[from..from + len as usize],
+        }))
     }
 
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = self.replay.records.len() - self.index;
-        (left, Some(left))
+    /// Largest read window held so far, in bytes: the record bytes this
+    /// stream keeps in memory.
+    pub fn window_bytes_max(&self) -> usize {
+        self.reader.window.capacity()
+    }
+
+    /// Reads batch `b` into the window and indexes its records.
+    fn load(&mut self, b: &ReplayedBatch) -> Result<(), LogError> {
+        let changed = |reason: String| LogError::ReplayChanged {
+            lsn: b.lsn,
+            log_offset: b.log_offset,
+            reason,
+        };
+        let fs_id = self.replay.fs_id;
+        let full = match self.reader.get(b.log_offset, b.batch_bytes as usize) {
+            Ok(full) => full,
+            Err(cause) => {
+                return Err(match self.reader.failed_read.take() {
+                    Some((offset, len_bytes, source)) => LogError::ReplayRead {
+                        lsn: b.lsn,
+                        offset,
+                        len_bytes,
+                        source,
+                    },
+                    None => changed(cause.to_string()),
+                })
+            }
+        };
+        let view = decode_batch(full, &fs_id, b.log_offset).map_err(|e| changed(e.to_string()))?;
+        if view.header.lsn != b.lsn.0 || view.header.checksum != b.checksum {
+            return Err(changed(format!(
+                "found batch {} with header checksum {:#010x}, replay accepted {:#010x}",
+                Lsn(view.header.lsn),
+                view.header.checksum,
+                b.checksum
+            )));
+        }
+        let txn_id = view.header.txn_id;
+        let base = full.as_ptr() as usize;
+        self.spans.clear();
+        for record in view.records() {
+            // A record lies inside its batch (at most 16 MiB).
+            let start = record.as_ptr() as usize - base;
+            self.spans.push((start as u32, record.len() as u32));
+        }
+        let at = (b.log_offset - self.reader.window_start) as usize;
+        self.loaded = Some(Loaded {
+            lsn: b.lsn,
+            txn_id,
+            at,
+            next: 0,
+        });
+        Ok(())
     }
 }
-
-impl ExactSizeIterator for ReplayedRecords<'_> {}
 
 /// Reads the log through a window of up to [`REPLAY_READ_BYTES`].
 struct Reader<'a, S: Storage + ?Sized> {
@@ -555,8 +652,7 @@ impl<S: Storage + ?Sized> Reader<'_, S> {
 /// Records being collected.
 struct Collector {
     batches: Vec<ReplayedBatch>,
-    data: Vec<u8>,
-    records: Vec<(u32, u32)>,
+    records: u64,
     record_bytes: u64,
 }
 
@@ -663,19 +759,18 @@ fn attempt<S: Storage + ?Sized>(
         Ok(v) => v,
         Err(f) => return Attempt::Refused(StopCause::Format(f), Some(header)),
     };
-    let index = out.batches.len() as u32;
-    for record in view.records() {
-        out.data.extend_from_slice(record);
-        // A record is shorter than its batch (at most 16 MiB).
-        out.records.push((index, record.len() as u32));
-        out.record_bytes += record.len() as u64;
-    }
+    // Only counted here: the records are read again by `Replay::stream`.
+    let record_bytes: usize = view.records().map(<[u8]>::len).sum();
+    out.records += u64::from(header.record_count);
+    out.record_bytes += record_bytes as u64;
     out.batches.push(ReplayedBatch {
         lsn: e.lsn,
         txn_id: header.txn_id,
         log_offset: e.offset,
         batch_bytes: header.batch_bytes,
         record_count: header.record_count,
+        // Shorter than its batch (at most 16 MiB).
+        record_bytes: record_bytes as u32,
         checksum: header.checksum,
     });
     Attempt::Accepted(header)
@@ -897,8 +992,7 @@ fn walk<S: Storage + ?Sized>(
     };
     let mut out = Collector {
         batches: Vec::new(),
-        data: Vec::new(),
-        records: Vec::new(),
+        records: 0,
         record_bytes: 0,
     };
     let mut pos = head;
@@ -1041,12 +1135,14 @@ pub fn replay_with<S: Storage + ?Sized>(
         failed_read: None,
     };
     let walk = walk(&mut reader, sb, bounds)?;
-    finish(sb, bounds, walk, mode)
+    finish(sb, ring, limit, bounds, walk, mode)
 }
 
 /// Applies the recovery mode to a walk: refuses, truncates or keeps.
 fn finish(
     sb: &Superblock,
+    ring: Ring,
+    limit: u64,
     bounds: LogBounds,
     mut walk: Walk,
     mode: RecoveryMode,
@@ -1163,7 +1259,7 @@ fn finish(
         superblock_tail_lsn: bounds.tail_lsn,
         end: walk.end,
         batches: walk.out.batches.len() as u64,
-        records: walk.out.records.len() as u64,
+        records: walk.out.records,
         record_bytes: walk.out.record_bytes,
         skipped_bytes: walk.skipped_bytes,
         beyond_superblock_tail: beyond,
@@ -1176,11 +1272,9 @@ fn finish(
     };
     Ok(Replay {
         fs_id: sb.fs_id,
-        log_start: sb.log_start,
-        log_bytes: sb.log_bytes,
+        ring,
+        limit,
         batches: walk.out.batches,
-        data: walk.out.data,
-        records: walk.out.records,
         report,
         end_chain: walk.end_chain,
     })
@@ -1195,20 +1289,10 @@ fn truncate_at(walk: &mut Walk, first: &DamagedRange, head_chain: u32) {
         .iter()
         .take_while(|b| b.lsn < first.first)
         .count();
-    let keep_records = walk
-        .out
-        .records
-        .iter()
-        .take_while(|(batch, _)| (*batch as usize) < keep)
-        .count();
-    let keep_bytes: usize = walk.out.records[..keep_records]
-        .iter()
-        .map(|(_, len)| *len as usize)
-        .sum();
     walk.out.batches.truncate(keep);
-    walk.out.records.truncate(keep_records);
-    walk.out.data.truncate(keep_bytes);
-    walk.out.record_bytes = keep_bytes as u64;
+    let kept = &walk.out.batches;
+    walk.out.records = kept.iter().map(|b| u64::from(b.record_count)).sum();
+    walk.out.record_bytes = kept.iter().map(|b| u64::from(b.record_bytes)).sum();
     walk.end_chain = walk.out.batches.last().map_or(head_chain, |b| b.checksum);
     walk.end = LogPosition {
         lsn: first.first,

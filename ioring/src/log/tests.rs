@@ -72,8 +72,22 @@ fn record(id: u64, len: usize) -> Vec<u8> {
     v
 }
 
-fn replayed(r: &Replay) -> Vec<(Lsn, Vec<u8>)> {
-    r.records().map(|x| (x.lsn, x.data.to_vec())).collect()
+/// Every record of `r`, read from `storage`: (LSN, txn_id, bytes).
+fn records_of<S: Storage + ?Sized>(r: &Replay, storage: &S) -> Vec<(Lsn, u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stream = r.stream(storage);
+    while let Some(x) = stream.next_record().expect("read the replayed records") {
+        out.push((x.lsn, x.txn_id, x.data.to_vec()));
+    }
+    assert_eq!(out.len(), r.record_count());
+    out
+}
+
+fn replayed<S: Storage + ?Sized>(r: &Replay, storage: &S) -> Vec<(Lsn, Vec<u8>)> {
+    records_of(r, storage)
+        .into_iter()
+        .map(|(lsn, _, data)| (lsn, data))
+        .collect()
 }
 
 /// Writes the superblock of a checkpoint covering everything below `upto`,
@@ -122,7 +136,7 @@ fn append_sync_replay_round_trip() {
     let dev = Arc::clone(log.storage());
     let r = replay(&dev, &sb).expect("replay");
     assert_eq!(
-        replayed(&r),
+        replayed(&r, &dev),
         vec![
             (Lsn(1), b"one".to_vec()),
             (Lsn(1), vec![]),
@@ -268,9 +282,9 @@ fn batch_cap_splits_batches_and_respects_bytes_max() {
     assert_eq!(stats.batches_written, 3);
     assert_eq!(stats.records_per_batch_max, 8);
     let r = replay(log.storage(), &sb).expect("replay");
-    let ids: Vec<u64> = r
-        .records()
-        .map(|x| u64::from_le_bytes(x.data[..8].try_into().expect("id")))
+    let ids: Vec<u64> = records_of(&r, log.storage())
+        .iter()
+        .map(|x| u64::from_le_bytes(x.2[..8].try_into().expect("id")))
         .collect();
     assert_eq!(ids, (0..20).collect::<Vec<_>>());
     assert!(r.batches().iter().all(|b| b.batch_bytes <= 8192));
@@ -310,7 +324,7 @@ fn ring_wraps_with_lap_skips_over_many_laps() {
         tickets.last().expect("ticket").wait().expect("wait");
         // Replay from the last checkpoint returns exactly what is live.
         let r = replay(&dev, &sb).unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert_eq!(replayed(&r), expected, "round {round}");
+        assert_eq!(replayed(&r, &dev), expected, "round {round}");
         assert_eq!(r.end().lsn, log.durable_lsn().next());
         // Sometimes checkpoint at a random durable LSN.
         if rng.gen_bool(0.3) {
@@ -347,7 +361,10 @@ fn replay_follows_a_lap_skip_at_the_head() {
     assert_eq!(log.stats().skipped_bytes, 4096);
     assert_eq!(log.used_bytes(), 4096 + 8192);
     let r = replay(log.storage(), &sb).expect("replay");
-    assert_eq!(replayed(&r), vec![(Lsn(16), record(99, 6000))]);
+    assert_eq!(
+        replayed(&r, log.storage()),
+        vec![(Lsn(16), record(99, 6000))]
+    );
     assert_eq!(r.report().skipped_bytes, 4096);
     assert_eq!(r.batches()[0].log_offset, log_bytes);
     assert_eq!(
@@ -634,7 +651,7 @@ fn seal_gives_an_exact_cut() {
     checkpoint(&log, &mut sb, cut);
     log.sync().expect("sync");
     let r = replay(log.storage(), &sb).expect("replay");
-    assert_eq!(replayed(&r), vec![(cut, record(3, 32))]);
+    assert_eq!(replayed(&r, log.storage()), vec![(cut, record(3, 32))]);
 }
 
 #[test]
@@ -650,7 +667,7 @@ fn txn_id_change_seals_the_batch() {
     ));
     log.sync().expect("sync");
     let r = replay(log.storage(), &sb).expect("replay");
-    let txns: Vec<u64> = r.records().map(|x| x.txn_id).collect();
+    let txns: Vec<u64> = records_of(&r, log.storage()).iter().map(|x| x.1).collect();
     assert_eq!(txns, vec![sb.last_txn_id + 1, sb.last_txn_id + 6]);
 }
 
@@ -705,7 +722,7 @@ fn write_eio_latches_and_acknowledges_nothing_more() {
         for policy in [CrashPolicy::KeepAll, CrashPolicy::LoseAll] {
             let crashed = dev.crash_with(policy);
             let r = replay(&crashed, &sb).expect("replay");
-            let recs = replayed(&r);
+            let recs = replayed(&r, &crashed);
             assert_eq!(recs[0], (Lsn(1), b"acked".to_vec()));
             assert!(recs.len() <= 2);
         }
@@ -813,7 +830,8 @@ fn replay_distinguishes_clean_end_from_corruption() {
     assert_eq!(log2.append_durable(b"new 4").expect("append"), Lsn(4));
     let r = replay(&damaged, &sb).expect("replay");
     assert_eq!(r.record_count(), 4);
-    assert_eq!(r.records().last().map(|x| x.data), Some(&b"new 4"[..]));
+    let last = records_of(&r, &damaged).pop().map(|x| x.2);
+    assert_eq!(last.as_deref(), Some(&b"new 4"[..]));
 
     // Damage batch 2 (at the tail), with batches 3 and 4 intact after it:
     // corruption, refused with the damaged LSNs and what follows them.
@@ -1000,7 +1018,7 @@ fn a_bit_flip_in_the_middle_of_the_log_is_corruption_not_a_torn_tail() {
             (10 - index, 9 - index)
         );
         let skip = replay_with(&damaged, &sb, RecoveryMode::SkipCorrupt).expect("skip");
-        let lsns: Vec<Lsn> = skip.records().map(|r| r.lsn).collect();
+        let lsns: Vec<Lsn> = records_of(&skip, &damaged).iter().map(|r| r.0).collect();
         let expected: Vec<Lsn> = (1..=10).filter(|&l| l != lsn.0).map(Lsn).collect();
         assert_eq!(lsns, expected, "skip-corrupt keeps every intact batch");
         assert_eq!(skip.end().lsn, Lsn(11));
@@ -1015,7 +1033,7 @@ fn a_bit_flip_in_the_middle_of_the_log_is_corruption_not_a_torn_tail() {
         let mut sb2 = sb.clone();
         checkpoint(&log, &mut sb2, Lsn(11));
         let r = replay(&damaged, &sb2).expect("strict replay after the checkpoint");
-        assert_eq!(replayed(&r), vec![(Lsn(11), b"after".to_vec())]);
+        assert_eq!(replayed(&r, &damaged), vec![(Lsn(11), b"after".to_vec())]);
     }
 }
 
@@ -1057,9 +1075,9 @@ fn old_batches_do_not_come_back_after_their_lsn_and_offset_are_reused() {
     // Power fails before a new batch 4 is written.
     let after = damaged.crash_with(CrashPolicy::KeepAll);
     let r = replay(&after, &sb).expect("the old batch 4 ends the log");
-    let ids: Vec<u64> = r
-        .records()
-        .map(|x| u64::from_le_bytes(x.data[..8].try_into().expect("8 bytes")))
+    let ids: Vec<u64> = records_of(&r, &after)
+        .iter()
+        .map(|x| u64::from_le_bytes(x.2[..8].try_into().expect("8 bytes")))
         .collect();
     assert_eq!(
         ids,

@@ -13,7 +13,10 @@ use rand_chacha::ChaCha8Rng;
 use refd_ioring::format::{
     pick_newest, FsId, Layout, Superblock, NODE_BYTES, SUPERBLOCK_BYTES, SUPERBLOCK_SLOT_ADDRS,
 };
-use refd_ioring::{Geometry, IoFailure, IoOp, LogBounds, SimStorage, Storage, StorageError};
+use refd_ioring::log::Lsn;
+use refd_ioring::{
+    Geometry, IoFailure, IoOp, LogBounds, Replay, SimStorage, Storage, StorageError,
+};
 
 pub const FS: FsId = FsId([0x3C; 16]);
 pub const LOG_START: u64 = 8192;
@@ -256,4 +259,26 @@ impl Storage for CrashAt {
         }
         self.inner.failure()
     }
+}
+
+/// One replayed record, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rec {
+    pub lsn: Lsn,
+    pub txn_id: u64,
+    pub data: Vec<u8>,
+}
+
+/// Every record of `r`, read from `storage` with [`Replay::stream`].
+pub fn records<S: Storage + ?Sized>(r: &Replay, storage: &S) -> Vec<Rec> {
+    let mut out = Vec::with_capacity(r.record_count());
+    let mut stream = r.stream(storage);
+    while let Some(x) = stream.next_record().expect("read the replayed records") {
+        out.push(Rec {
+            lsn: x.lsn,
+            txn_id: x.txn_id,
+            data: x.data.to_vec(),
+        });
+    }
+    out
 }

@@ -15,8 +15,8 @@ use refd_durable::codec::{decode_record, Record};
 pub use refd_durable::progress::Progress;
 use refd_durable::progress::PROGRESS_CHECK_ITEMS;
 use refd_durable::{
-    ops_in, read_extent_count, read_held, read_newest_superblock, read_service, scan_extents,
-    DurableEngine, FormatOptions, OpenOptions,
+    newer_superblock, ops_in, read_extent_count, read_held, read_newest_superblock, read_service,
+    scan_extents, DurableEngine, FormatOptions, OpenOptions,
 };
 use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
 use refd_ioring::format::{Superblock, RECOVERY_MODE_NONE};
@@ -298,7 +298,22 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
         Ok(r) => {
             report.log_batches = r.batches().len();
             report.log_end = r.report().to_string();
-            for rec in r.records() {
+            if let Some((newer, lsn)) = newer_superblock(&sb, &r) {
+                report.problem(format!(
+                    "newer superblock lost: log batch {lsn} was written after superblock                      generation {newer} was durable, but the newest readable copy is generation                      {}: open refuses (go on from this copy only with `refctl recover --mode                      tolerate-tail|skip-corrupt`)",
+                    sb.generation
+                ));
+            }
+            let mut records = r.stream(&*storage);
+            loop {
+                let rec = match records.next_record() {
+                    Ok(Some(rec)) => rec,
+                    Ok(None) => break,
+                    Err(e) => {
+                        report.problem(format!("log: {e}"));
+                        break;
+                    }
+                };
                 report.log_records += 1;
                 if report.log_records.is_multiple_of(PROGRESS_CHECK_ITEMS) {
                     let n = report.log_records;
@@ -316,7 +331,8 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
             // What going on would lose: the ops of the intact batches
             // after the damage.
             let after = replay_with(&*storage, &sb, RecoveryMode::SkipCorrupt)
-                .map_or(0, |r| ops_in(&r, last.get().saturating_add(1)));
+                .and_then(|r| ops_in(&*storage, &r, last.get().saturating_add(1)))
+                .unwrap_or(0);
             report.problem(format!(
                 "log: {e}; {after} acknowledged ops in the intact batches after the damage"
             ));

@@ -387,6 +387,17 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         })?;
         st.sb = sb;
         st.next_generation = generation + 1;
+        // Batches opened from now on say that this superblock is durable:
+        // if it rots later, open from the older copy sees it was there
+        // (`open::newer_superblock`). Before the release and the trim, the
+        // first steps that make the older copy's nodes and log reusable.
+        self.log.set_txn_id(generation).map_err(|e| {
+            let operation = format!("stamp later log batches with generation {generation}");
+            fail(
+                CommitStep::WriteSuperblock,
+                Failure::of_log(device, operation, &e),
+            )
+        })?;
         st.held_chunks = items.held_chunks;
         st.extents_recorded = true;
         self.extents.store(items.extents, Ordering::Relaxed);

@@ -106,13 +106,19 @@ fn forget_seq(head: &mut Head) {
 /// replayed. (Routing ops by bytenr to one worker per core was measured at
 /// the same speed on this 2-core machine: the decoding reader is the
 /// bound, so replay stays on one thread.)
-fn replay_records<D: DelayedRefStore>(
+fn replay_records<D: DelayedRefStore, S: Storage + ?Sized>(
     engine: &Engine<D>,
     service: &mut Service,
+    (storage, sb): (&S, &Superblock),
     replayed: &refd_ioring::Replay,
     progress: &mut Progress,
     device: &str,
 ) -> Result<usize, OpenError> {
+    let replay_error = |source| OpenError::Replay {
+        device: device.to_string(),
+        generation: sb.generation,
+        source,
+    };
     let refused = |lsn: u64| {
         move |source| OpenError::Refused {
             device: device.to_string(),
@@ -122,7 +128,9 @@ fn replay_records<D: DelayedRefStore>(
     };
     let mut h = engine.handle().map_err(refused(0))?;
     let mut n: usize = 0;
-    for rec in replayed.records() {
+    // Batch by batch: one read window of records in memory at a time.
+    let mut records = replayed.stream(storage);
+    while let Some(rec) = records.next_record().map_err(replay_error)? {
         if n > 0 && n.is_multiple_of(PROGRESS_CHECK_ITEMS) {
             progress.tick(|| format!("{device}: recovery: {n} log records replayed"));
         }
@@ -306,13 +314,17 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             warm_cache(&tree, &device, options.cache_extents_max, &mut progress)?;
         let extents_cached = cached.len();
         progress.tick(|| format!("{device}: recovery: reading the log"));
-        let (replayed, mut dropped) = replay_log(&storage, &sb, options.recovery_mode, &device)?;
+        let (replayed, mut dropped, superblock_lost) =
+            replay_log(&storage, &sb, options.recovery_mode, &device)?;
         // A commit lost in the crash may have written nodes stamped
         // sb.generation + 1 (never more: commit g + 2 waits for g + 1's
         // superblock). Below, a durable superblock claims that generation,
         // so the next commit is claimed + 1, and so is the core engine's
-        // (the generation stamped into extent items).
-        let claimed_generation = sb.generation + 1;
+        // (the generation stamped into extent items). Going on without a
+        // lost newer superblock `l` (a recovery mode), commit `l + 1` may
+        // have written nodes: the claim is `l + 1` then.
+        let claimed_generation =
+            superblock_lost.map_or(sb.generation, |l| l.max(sb.generation)) + 1;
         let mut engine = Engine::with_tree(D::default(), cached, claimed_generation);
         // Heads the last commit held (seq barrier) go back first: their ops
         // are older than every op in the log after the commit.
@@ -338,8 +350,14 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             }
         };
         service.set_committed(claimed_generation);
-        let ops_replayed =
-            replay_records(&engine, &mut service, &replayed, &mut progress, &device)?;
+        let ops_replayed = replay_records(
+            &engine,
+            &mut service,
+            (&storage, &sb),
+            &replayed,
+            &mut progress,
+            &device,
+        )?;
         let log = RefLog::open(storage.clone(), &sb, &replayed, options.log).map_err(|source| {
             OpenError::Log {
                 device: device.clone(),
@@ -351,21 +369,34 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         // nothing else, so every later commit's nodes have a generation no
         // lost write can carry (docs/btree.md caveat). The claim goes to
         // the other slot, never over the copy we recovered.
+        // (A claim past sb.generation + 1 lands on the recovered copy's
+        // slot: the other slot gets sb.generation + 1 first.)
         let mut claim = sb.clone();
-        claim.generation = claimed_generation;
         claim.flags &= !SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
         if let Some(record) = dropped.as_mut() {
             // The operator's choice is recorded with the generation that
-            // made it; later superblocks carry it.
-            record.generation = claimed_generation;
+            // made it (the first claim); later superblocks carry it.
+            record.generation = sb.generation + 1;
             claim.recovery = *record;
         }
-        write_superblock(&storage, &claim).map_err(|source| OpenError::WriteSuperblock {
-            device: device.clone(),
-            generation: claimed_generation,
-            addr: claim.addr(),
-            source,
-        })?;
+        for generation in (sb.generation + 1..=claimed_generation)
+            .filter(|&g| g == sb.generation + 1 || g == claimed_generation)
+        {
+            claim.generation = generation;
+            write_superblock(&storage, &claim).map_err(|source| OpenError::WriteSuperblock {
+                device: device.clone(),
+                generation,
+                addr: claim.addr(),
+                source,
+            })?;
+        }
+        // Batches opened from now on say that this superblock is durable
+        // (their `txn_id`): see `newer_superblock`.
+        log.set_txn_id(claimed_generation)
+            .map_err(|source| OpenError::Log {
+                device: device.clone(),
+                source,
+            })?;
         let info = RecoveryInfo {
             superblock_generation: sb.generation,
             superblock_slot: choice.slot,
@@ -379,6 +410,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             heads_held,
             replay: replayed.report().clone(),
             dropped,
+            superblock_lost,
             claimed_generation: claim.generation,
         };
         let next_generation = claim.generation + 1;
@@ -432,7 +464,7 @@ pub(crate) fn replay_log<S: Storage + ?Sized>(
     sb: &Superblock,
     mode: RecoveryMode,
     device: &str,
-) -> Result<(Replay, Option<RecoveryRecord>), OpenError> {
+) -> Result<(Replay, Option<RecoveryRecord>, Option<u64>), OpenError> {
     let replay_error = |source| OpenError::Replay {
         device: device.to_string(),
         generation: sb.generation,
@@ -442,7 +474,8 @@ pub(crate) fn replay_log<S: Storage + ?Sized>(
         Ok(r) => r,
         Err(source @ LogError::Damaged { last, .. }) => {
             let ops_after = replay_with(storage, sb, RecoveryMode::SkipCorrupt)
-                .map_or(0, |r| ops_in(&r, last.get().saturating_add(1)));
+                .and_then(|r| ops_in(storage, &r, last.get().saturating_add(1)))
+                .unwrap_or(0);
             return Err(OpenError::LogDamaged {
                 device: device.to_string(),
                 generation: sb.generation,
@@ -452,14 +485,35 @@ pub(crate) fn replay_log<S: Storage + ?Sized>(
         }
         Err(source) => return Err(replay_error(source)),
     };
+    let lost = newer_superblock(sb, &replayed);
+    if let Some((newer_generation, lsn)) = lost {
+        if mode == RecoveryMode::Strict {
+            return Err(OpenError::SuperblockLost {
+                device: device.to_string(),
+                generation: sb.generation,
+                newer_generation,
+                lsn,
+            });
+        }
+    }
     let Some(d) = replayed.report().dropped else {
-        return Ok((replayed, None));
+        // Going on without a lost superblock drops nothing from the log,
+        // but is the operator's choice: recorded all the same.
+        let record = lost.map(|_| RecoveryRecord {
+            generation: 0,
+            mode: mode.record_code(),
+            dropped_batches: 0,
+            dropped_first_lsn: 0,
+            dropped_last_lsn: 0,
+            dropped_ops: 0,
+        });
+        return Ok((replayed, record, lost.map(|(g, _)| g)));
     };
     // The intact batches tolerate-tail dropped: count their ops.
     let dropped_ops = if d.intact_batches > 0 {
         replay_with(storage, sb, RecoveryMode::SkipCorrupt)
-            .map_err(replay_error)
-            .map(|r| ops_in(&r, d.first.get()))?
+            .and_then(|r| ops_in(storage, &r, d.first.get()))
+            .map_err(replay_error)?
     } else {
         0
     };
@@ -471,21 +525,47 @@ pub(crate) fn replay_log<S: Storage + ?Sized>(
         dropped_last_lsn: d.last.get(),
         dropped_ops,
     };
-    Ok((replayed, Some(record)))
+    Ok((replayed, Some(record), lost.map(|(g, _)| g)))
+}
+
+/// A superblock newer than `sb` that the log proves was durable: the engine
+/// sets the log's `txn_id` to each superblock generation once that
+/// superblock is durable (at open's claim and after each commit's
+/// superblock write), so a replayed batch whose `txn_id` exceeds
+/// `sb.generation` was opened after a newer superblock was durable.
+/// `Some((newest generation named, LSN of the first batch naming one))`;
+/// `None` when no replayed batch says so (see `docs/durable.md`, "A
+/// rotten newest superblock", for what that does not rule out).
+pub fn newer_superblock(sb: &Superblock, replayed: &Replay) -> Option<(u64, u64)> {
+    let first = replayed
+        .batches()
+        .iter()
+        .find(|b| b.txn_id > sb.generation)?;
+    let newest = replayed.batches().iter().map(|b| b.txn_id).max()?;
+    Some((newest, first.lsn.get()))
 }
 
 /// Ops in the records of `replayed` with an LSN of at least `from` (a
-/// record that does not decode counts none; replay itself reports it).
-pub fn ops_in(replayed: &Replay, from: u64) -> u64 {
-    replayed
-        .records()
-        .filter(|r| r.lsn.get() >= from)
-        .map(|r| match codec::decode_record(r.data) {
+/// record that does not decode counts none; replay itself reports it),
+/// read again from `storage` batch by batch ([`Replay::stream`]).
+pub fn ops_in<S: Storage + ?Sized>(
+    storage: &S,
+    replayed: &Replay,
+    from: u64,
+) -> Result<u64, LogError> {
+    let mut ops = 0u64;
+    let mut records = replayed.stream(storage);
+    while let Some(r) = records.next_record()? {
+        if r.lsn.get() < from {
+            continue;
+        }
+        ops += match codec::decode_record(r.data) {
             Ok(Record::Op(_)) => 1,
             Ok(Record::Submit { ops, .. }) => ops.len() as u64,
             _ => 0,
-        })
-        .sum()
+        };
+    }
+    Ok(ops)
 }
 
 /// Up to `max` committed extents into a new cache; true if that is all of

@@ -209,3 +209,24 @@ pub(crate) fn random_bytes(rng: &mut ChaCha8Rng, len: usize) -> Vec<u8> {
     rng.fill_bytes(&mut out);
     out
 }
+
+/// The seeds a seeded test runs: the one in the environment variable
+/// `seed_var` if set (to replay one case), else `0..n` with `n` from
+/// `cases_var` (default `cases_default`).
+///
+/// # Panics
+/// If `seed_var` is set to something that is not a number.
+pub fn case_seeds(seed_var: &str, cases_var: &str, cases_default: u64) -> Vec<u64> {
+    match std::env::var(seed_var) {
+        Ok(s) => vec![s
+            .parse()
+            .unwrap_or_else(|_| panic!("{seed_var}={s} is not a number"))],
+        Err(_) => {
+            let n = std::env::var(cases_var)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(cases_default);
+            (0..n).collect()
+        }
+    }
+}

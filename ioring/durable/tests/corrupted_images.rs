@@ -302,16 +302,11 @@ fn run_case(seed: u64) -> bool {
 
 #[test]
 fn decoders_and_recovery_on_corrupted_images() {
-    let seeds: Vec<u64> = match std::env::var("REFD_CORRUPT_IMAGE_SEED") {
-        Ok(s) => vec![s.parse().expect("REFD_CORRUPT_IMAGE_SEED")],
-        Err(_) => {
-            let n = std::env::var("REFD_CORRUPT_IMAGE_CASES")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(CASES_DEFAULT);
-            (0..n).collect()
-        }
-    };
+    let seeds = refd_ioring::test_support::case_seeds(
+        "REFD_CORRUPT_IMAGE_SEED",
+        "REFD_CORRUPT_IMAGE_CASES",
+        CASES_DEFAULT,
+    );
     let (older, newer) = images();
     let differ = older
         .chunks(BLOCK_BYTES)

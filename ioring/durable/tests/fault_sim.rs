@@ -339,16 +339,11 @@ fn process_crashes_with_io_in_flight() {
 
 #[test]
 fn faults_of_real_devices() {
-    let seeds: Vec<u64> = match std::env::var("REFD_FAULT_SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("REFD_FAULT_SIM_SEED")],
-        Err(_) => {
-            let n = std::env::var("REFD_FAULT_SIM_CASES")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(CASES_DEFAULT);
-            (0..n).collect()
-        }
-    };
+    let seeds = refd_ioring::test_support::case_seeds(
+        "REFD_FAULT_SIM_SEED",
+        "REFD_FAULT_SIM_CASES",
+        CASES_DEFAULT,
+    );
     let mut tallies: BTreeMap<&str, Tally> = BTreeMap::new();
     for seed in seeds {
         let kind = KINDS[(seed % KINDS.len() as u64) as usize];

@@ -13,7 +13,7 @@
 //!                       │ full: sort + merge at insert (packed.rs)
 //!                       ▼
 //!                 TxnIndex of the live transaction
-//!                   runs: SkipMap<run_id, Run>  (Run: sorted chunks)
+//!                   runs: SkipMap<run_id, Run>  (Run: sorted chunks + Bloom filter)
 //!                       │ size-tiered compaction on the background
 //!                       │ compactor (COMPACT_FANOUT = 8 runs of a level
 //!                       │ → 1; top-level runs of comparable size merge)
@@ -49,9 +49,14 @@
 //! so it retries at most once per writer that had already begun. A long
 //! read (`pending_all`, `stats`) needs the window only to take a snapshot
 //! of the generation (the run entries, which keep compacted runs alive, a
-//! copy of the staged ops, the carry); the merge runs outside it. Ingest
-//! waits for a reader only at a hand-off that meets a quiet window, for at
-//! most the time of a lookup or a snapshot.
+//! copy of the staged ops, the carry); the merge runs outside it. A lookup
+//! likewise reads in its window only the run entries and the staged ops
+//! and carry of its bytenr (a staging buffer's slots are scanned only if
+//! its bytenr filter has the bit set), and searches the runs afterwards,
+//! each only if its Bloom filter ([`RUN_FILTER_BITS_PER_HEAD`]) may hold
+//! the bytenr. Ingest waits for a reader only at a hand-off that meets a
+//! quiet window, for at most the time of a skiplist walk (a lookup) or a
+//! snapshot.
 //!
 //! # Transaction hand-off
 //!

@@ -317,7 +317,7 @@ fn stress_mutex() {
 #[test]
 fn reads_complete_under_full_ingest() {
     const INGESTERS: u64 = 4;
-    const INGEST_OPS_MAX: u64 = 3_000_000;
+    const INGEST_OPS_MAX: u64 = 6_000_000;
     const READS_WANTED: u64 = 1;
     const EXTENTS: u64 = 50_000;
     // 0: ingest warming up (reads not counted), 1: measuring, 2: done.

@@ -13,7 +13,7 @@
 //!                       │ full: sort + merge at insert (packed.rs)
 //!                       ▼
 //!                 TxnIndex of the live transaction
-//!                   runs: SkipMap<run_id, Run>  (Run: sorted chunks)
+//!                   runs: SkipMap<run_id, Run>  (Run: sorted chunks + Bloom filter)
 //!                       │ size-tiered compaction on the background
 //!                       │ compactor (COMPACT_FANOUT = 8 runs of a level
 //!                       │ → 1; top-level runs of comparable size merge)
@@ -49,9 +49,14 @@
 //! so it retries at most once per writer that had already begun. A long
 //! read (`pending_all`, `stats`) needs the window only to take a snapshot
 //! of the generation (the run entries, which keep compacted runs alive, a
-//! copy of the staged ops, the carry); the merge runs outside it. Ingest
-//! waits for a reader only at a hand-off that meets a quiet window, for at
-//! most the time of a lookup or a snapshot.
+//! copy of the staged ops, the carry); the merge runs outside it. A lookup
+//! likewise reads in its window only the run entries and the staged ops
+//! and carry of its bytenr (a staging buffer's slots are scanned only if
+//! its bytenr filter has the bit set), and searches the runs afterwards,
+//! each only if its Bloom filter ([`RUN_FILTER_BITS_PER_HEAD`]) may hold
+//! the bytenr. Ingest waits for a reader only at a hand-off that meets a
+//! quiet window, for at most the time of a skiplist walk (a lookup) or a
+//! snapshot.
 //!
 //! # Transaction hand-off
 //!
@@ -102,7 +107,17 @@ struct Staging {
     len: AtomicUsize,
     cap: usize,
     slots: OnceLock<Box<[[AtomicU64; SLOT_WORDS]]>>,
+    /// One bit per hash of a staged op's bytenr ([`STAGING_FILTER_BITS_PER_OP`]
+    /// bits per slot), set by the writer before it publishes the op's
+    /// slot: a lookup scans the slots only if its bit is set (cleared with
+    /// `len` when the buffer empties).
+    filter: OnceLock<Box<[AtomicU64]>>,
 }
+
+/// Bits of a staging buffer's bytenr filter per slot: at a full buffer
+/// about 1 in 16 bits is set, so a lookup of a bytenr the buffer does not
+/// hold scans its slots about once in 16.
+pub const STAGING_FILTER_BITS_PER_OP: usize = 16;
 
 impl Staging {
     fn new(cap: usize) -> Staging {
@@ -110,6 +125,7 @@ impl Staging {
             len: AtomicUsize::new(0),
             cap,
             slots: OnceLock::new(),
+            filter: OnceLock::new(),
         }
     }
 
@@ -119,6 +135,47 @@ impl Staging {
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
                 .collect()
         });
+        self.filter.get_or_init(|| {
+            let words = (self.cap * STAGING_FILTER_BITS_PER_OP)
+                .next_power_of_two()
+                .div_ceil(64);
+            (0..words).map(|_| AtomicU64::new(0)).collect()
+        });
+    }
+
+    /// The filter word and bit of `bytenr` (Fibonacci hashing: bytenrs are
+    /// multiples of the sector size, so their low bits are not spread).
+    fn filter_bit(&self, bytenr: u64) -> Option<(&AtomicU64, u64)> {
+        let filter = self.filter.get()?;
+        let bits = (filter.len() * 64) as u64;
+        let h = (bytenr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % bits;
+        Some((&filter[(h / 64) as usize], 1u64 << (h % 64)))
+    }
+
+    /// Writer only (the shard owner), before publishing the op's slot.
+    fn note(&self, bytenr: u64) {
+        if let Some((word, bit)) = self.filter_bit(bytenr) {
+            let w = word.load(Ordering::Relaxed);
+            if w & bit == 0 {
+                word.store(w | bit, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether the slots below a `len` loaded (Acquire) before this call
+    /// may hold `bytenr` (a clear bit proves they do not, unless the buffer
+    /// was emptied meanwhile: a change, which the reader's check detects).
+    fn may_hold(&self, bytenr: u64) -> bool {
+        self.filter_bit(bytenr)
+            .is_some_and(|(word, bit)| word.load(Ordering::Relaxed) & bit != 0)
+    }
+
+    /// Empty the buffer (inside a change of its index, or with no writer).
+    fn reset(&self) {
+        self.len.store(0, Ordering::SeqCst);
+        for w in self.filter.get().map_or(&[][..], |f| &f[..]) {
+            w.store(0, Ordering::Relaxed);
+        }
     }
 
     fn slots(&self) -> &[[AtomicU64; SLOT_WORDS]] {
@@ -176,6 +233,56 @@ struct Run {
     /// First bytenr of each chunk (binary search).
     firsts: Vec<u64>,
     chunks: Vec<Chunk>,
+    /// Which bytenrs the run may hold: a lookup searches the run only if
+    /// this says so (a run of 4096 ops spans the whole key space, so
+    /// `firsts` alone rules out nothing).
+    filter: RunFilter,
+}
+
+/// Bits of a run's filter per head.
+pub const RUN_FILTER_BITS_PER_HEAD: usize = 16;
+
+/// A blocked Bloom filter over a run's bytenrs: one 64-bit word per key
+/// (one cache miss per probe), 4 bits set in it. At
+/// [`RUN_FILTER_BITS_PER_HEAD`] bits per head, a run that does not hold a
+/// bytenr is searched anyway about once in 200 lookups.
+#[derive(Debug)]
+struct RunFilter {
+    words: Box<[u64]>,
+}
+
+impl RunFilter {
+    fn new(heads: usize, bytenrs: impl Iterator<Item = u64>) -> RunFilter {
+        let words = (heads * RUN_FILTER_BITS_PER_HEAD / 64)
+            .max(1)
+            .next_power_of_two();
+        let mut f = RunFilter {
+            words: vec![0u64; words].into_boxed_slice(),
+        };
+        for b in bytenrs {
+            let (i, mask) = f.probe(b);
+            f.words[i] |= mask;
+        }
+        f
+    }
+
+    /// The word and the bits of `bytenr` (splitmix64's finaliser: bytenrs
+    /// are sector multiples, their low bits are not spread).
+    fn probe(&self, bytenr: u64) -> (usize, u64) {
+        let mut x = bytenr ^ (bytenr >> 30);
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 27;
+        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        let mask = (0..4).fold(0u64, |m, k| m | 1u64 << ((x >> (6 * k)) & 63));
+        let i = ((x >> 32) as usize) & (self.words.len() - 1);
+        (i, mask)
+    }
+
+    fn may_hold(&self, bytenr: u64) -> bool {
+        let (i, mask) = self.probe(bytenr);
+        self.words[i] & mask == mask
+    }
 }
 
 impl Run {
@@ -185,11 +292,15 @@ impl Run {
             heads,
             refs,
             firsts: chunks.iter().map(Chunk::first_bytenr).collect(),
+            filter: RunFilter::new(heads, chunks.iter().flat_map(Chunk::bytenrs)),
             chunks,
         }
     }
 
     fn find(&self, bytenr: u64) -> Option<HeadRef<'_>> {
+        if !self.filter.may_hold(bytenr) {
+            return None;
+        }
         let i = self.firsts.partition_point(|&f| f <= bytenr);
         if i == 0 {
             return None;
@@ -317,20 +428,21 @@ impl TxnIndex {
     }
 
     /// Insert a run (inside a change bracket).
-    fn insert_run(&self, chunks: Vec<Chunk>, level: u32, heads: usize, refs: usize) {
+    fn insert_run(&self, run: Run) {
         let id = self.next_run.fetch_add(1, Ordering::Relaxed);
-        self.runs.insert(id, Run::new(chunks, level, heads, refs));
+        self.runs.insert(id, run);
     }
 
     /// Publish a batch handed off by a shard and clear its staging.
     fn hand_off(&self, b: RunBuilder, staging: &Staging) {
         let (heads, refs) = (b.heads_total, b.refs_total);
-        let chunks = b.finish();
+        // Built outside the change: readers wait for changes.
+        let run = (heads > 0).then(|| Run::new(b.finish(), 0, heads, refs));
         self.begin_change();
-        if heads > 0 {
-            self.insert_run(chunks, 0, heads, refs);
+        if let Some(run) = run {
+            self.insert_run(run);
         }
-        staging.len.store(0, Ordering::Release);
+        staging.reset();
         self.end_change();
     }
 
@@ -400,10 +512,10 @@ impl TxnIndex {
                     merge_cursors(cursors, |m| b.push_merged(m));
                 }
                 let (heads, refs) = (b.heads_total, b.refs_total);
-                let chunks = b.finish();
+                let run = (heads > 0).then(|| Run::new(b.finish(), out_level, heads, refs));
                 self.begin_change();
-                if heads > 0 {
-                    self.insert_run(chunks, out_level, heads, refs);
+                if let Some(run) = run {
+                    self.insert_run(run);
                 }
                 for id in ids {
                     self.runs.remove(&id);
@@ -456,15 +568,6 @@ impl TxnIndex {
         match (heads.iter().min(), heads.iter().max()) {
             (Some(&min), Some(&max)) => min * self.top_merge_ratio.load(Ordering::Relaxed) >= max,
             _ => false,
-        }
-    }
-
-    /// The parts of `bytenr` held by this index's runs.
-    fn lookup_runs(&self, bytenr: u64, out: &mut Vec<Head>) {
-        for run in self.runs.iter() {
-            if let Some(h) = run.value().find(bytenr) {
-                out.push(h.to_head());
-            }
         }
     }
 
@@ -764,6 +867,40 @@ impl LockFreeStore {
         }
     }
 
+    /// The part of a lookup of `bytenr` in generation `g` that needs a
+    /// consistent read (caller wraps it in `read_stable`): the runs of the
+    /// generation, unsearched, and the heads of `bytenr`'s staged ops and
+    /// carry.
+    fn lookup_window(&self, g: u64, bytenr: u64) -> (RunEntries<'_>, Vec<Head>) {
+        let idx = &self.index[parity(g)];
+        let runs = idx.runs.iter().collect();
+        let mut heads = Vec::new();
+        for shard in self.shards.iter() {
+            if !shard.gate.holds(g) {
+                continue;
+            }
+            let st = &shard.staging[parity(g)];
+            let n = st.len.load(Ordering::Acquire).min(st.slots().len());
+            if n == 0 || !st.may_hold(bytenr) {
+                continue;
+            }
+            for i in 0..n {
+                if st.slots()[i][0].load(Ordering::Relaxed) == bytenr {
+                    if let Some((op, stamp)) = st.read(i).filter(|(op, _)| op.bytenr == bytenr) {
+                        heads.push(Head::of_op(&op, stamp));
+                    }
+                }
+            }
+        }
+        heads.extend(
+            idx.lock_carry()
+                .iter()
+                .filter(|h| h.bytenr == bytenr)
+                .cloned(),
+        );
+        (runs, heads)
+    }
+
     /// Visible generations `released+1 ..= live`, read consistently. After
     /// [`READ_OPTIMISTIC_MAX`] attempts spoiled by a release, both indexes
     /// are held quiet, which holds off releases (they change an index)
@@ -785,6 +922,9 @@ impl LockFreeStore {
         }
     }
 }
+
+/// A generation's runs, held (see [`LockFreeStore::snapshot_gen`]).
+type RunEntries<'a> = Vec<crossbeam_skiplist::map::Entry<'a, u64, Run>>;
 
 /// One generation's contents, see [`LockFreeStore::snapshot_gen`].
 struct GenSnapshot<'a> {
@@ -874,6 +1014,7 @@ impl LockFreeHandle<'_> {
         for (slot, w) in staging.slots()[n].iter().zip(words) {
             slot.store(w, Ordering::Relaxed);
         }
+        staging.note(op.bytenr);
         staging.len.store(n + 1, Ordering::Release);
         if n + 1 == store.staging_ops {
             let idx = &store.index[parity(g)];
@@ -965,37 +1106,22 @@ impl DelayedRefStore for LockFreeStore {
     }
 
     fn pending(&self, bytenr: u64) -> Option<Head> {
-        let parts = self.read_visible(|g| {
-            let idx = &self.index[parity(g)];
-            let mut heads = Vec::new();
-            idx.lookup_runs(bytenr, &mut heads);
-            let mut staged = Vec::new();
-            for shard in self.shards.iter() {
-                if !shard.gate.holds(g) {
-                    continue;
-                }
-                let st = &shard.staging[parity(g)];
-                let n = st.len.load(Ordering::Acquire).min(st.slots().len());
-                for i in 0..n {
-                    if st.slots()[i][0].load(Ordering::Relaxed) == bytenr {
-                        staged.extend(st.read(i));
-                    }
-                }
-            }
-            for (op, stamp) in &staged {
-                if op.bytenr == bytenr {
-                    heads.push(Head::of_op(op, *stamp));
-                }
-            }
-            heads.extend(
-                idx.lock_carry()
-                    .iter()
-                    .filter(|h| h.bytenr == bytenr)
-                    .cloned(),
+        // The read window covers only what can change under it: which
+        // runs the generation has (the skiplist entries keep them alive
+        // after a compaction removes them) and the staged ops and carry of
+        // `bytenr`. The runs are searched afterwards: they are immutable,
+        // so ingest is held off (quiet window) for a skiplist walk and a
+        // filtered staging scan, not for a binary search of every run.
+        let parts = self.read_visible(|g| self.lookup_window(g, bytenr));
+        let mut all = Vec::new();
+        for (runs, rest) in parts {
+            all.extend(
+                runs.iter()
+                    .filter_map(|e| e.value().find(bytenr))
+                    .map(HeadRef::to_head),
             );
-            heads
-        });
-        let all: Vec<Head> = parts.into_iter().flatten().collect();
+            all.extend(rest);
+        }
         merge_heads(all).pop()
     }
 
@@ -1110,9 +1236,7 @@ impl DelayedRefStore for LockFreeStore {
         idx.begin_change();
         self.released.store(g, Ordering::SeqCst);
         for shard in self.shards.iter() {
-            shard.gate.retire(g, || {
-                shard.staging[parity(g)].len.store(0, Ordering::SeqCst)
-            });
+            shard.gate.retire(g, || shard.staging[parity(g)].reset());
         }
         idx.end_change();
         // Hidden now (released = g); the runs are freed by
@@ -1290,6 +1414,28 @@ mod tests {
         st.slots()[1][7].store(0xff, Ordering::Relaxed);
         assert_eq!(lf.pending(b).map(|h| h.summary.total_ref_mod), Some(1));
         assert_eq!(lf.pending_all().len(), 1);
+    }
+
+    /// A run's filter never rules out a bytenr the run holds (a lookup
+    /// would miss it), and rules out most it does not hold (else lookups
+    /// search every run again): sector-aligned bytenrs, as btrfs's are.
+    #[test]
+    fn run_filter_holds_every_head_and_rules_out_most_others() {
+        for heads in [1usize, 7, 4096, 100_000] {
+            let held = (0..heads as u64).map(|i| (i * 7 + 3) << 12);
+            let f = RunFilter::new(heads, held.clone());
+            for b in held {
+                assert!(f.may_hold(b), "{heads} heads: {b} ruled out");
+            }
+            let probes = 100_000u64;
+            let false_hits = (0..probes)
+                .filter(|i| f.may_hold((i * 7 + 5) << 12))
+                .count();
+            assert!(
+                false_hits * 50 <= probes as usize,
+                "{heads} heads: {false_hits} of {probes} absent bytenrs pass"
+            );
+        }
     }
 
     #[test]

@@ -278,6 +278,11 @@ impl Chunk {
         self.heads.len()
     }
 
+    /// The bytenrs of the chunk's heads, in order.
+    pub fn bytenrs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.heads.iter().map(|h| h.bytenr)
+    }
+
     pub fn first_bytenr(&self) -> u64 {
         self.heads.first().map_or(0, |h| h.bytenr)
     }

@@ -92,6 +92,31 @@ fn replayed<S: Storage + ?Sized>(r: &Replay, storage: &S) -> Vec<(Lsn, Vec<u8>)>
 
 /// Writes the superblock of a checkpoint covering everything below `upto`,
 /// then trims: the order the engine must follow.
+/// The fields of the `LogError::Damaged` that `result` must be: first and
+/// last damaged LSN, log offset, intact batches and records after, and
+/// the last intact LSN. Panics naming `what` otherwise.
+fn damage(result: Result<Replay, LogError>, what: &str) -> (Lsn, Lsn, u64, u64, u64, Lsn) {
+    match result {
+        Err(LogError::Damaged {
+            first,
+            last,
+            log_offset,
+            intact_batches_after,
+            intact_records_after,
+            intact_last,
+            ..
+        }) => (
+            first,
+            last,
+            log_offset,
+            intact_batches_after,
+            intact_records_after,
+            intact_last,
+        ),
+        other => panic!("{what}: expected Damaged, got {other:?}"),
+    }
+}
+
 fn checkpoint<S: Storage>(log: &RefLog<S>, sb: &mut Superblock, upto: Lsn) {
     let bounds = log.bounds(upto).expect("bounds");
     sb.generation += 1;
@@ -837,28 +862,10 @@ fn replay_distinguishes_clean_end_from_corruption() {
     // corruption, refused with the damaged LSNs and what follows them.
     let damaged = dev.crash_with(CrashPolicy::KeepAll);
     damaged.flip_bit(LOG_START + 8192 + 100, 0).expect("flip");
-    match replay(&damaged, &sb) {
-        Err(LogError::Damaged {
-            first,
-            last,
-            log_offset,
-            intact_batches_after,
-            intact_records_after,
-            intact_last,
-            ..
-        }) => assert_eq!(
-            (
-                first,
-                last,
-                log_offset,
-                intact_batches_after,
-                intact_records_after,
-                intact_last
-            ),
-            (Lsn(2), Lsn(2), 8192, 2, 2, Lsn(4))
-        ),
-        other => panic!("expected Damaged, got {other:?}"),
-    }
+    assert_eq!(
+        damage(replay(&damaged, &sb), "batch 2"),
+        (Lsn(2), Lsn(2), 8192, 2, 2, Lsn(4))
+    );
     // Batches 2 and 3 damaged, 4 intact but not reachable: batch 2's header
     // is intact and nothing intact chains to it, so the superblock's tail
     // is what proves it durable: Corrupt.
@@ -986,28 +993,14 @@ fn a_bit_flip_in_the_middle_of_the_log_is_corruption_not_a_torn_tail() {
             .flip_bit(LOG_START + index * 8192 + at, 2)
             .expect("flip");
         let lsn = Lsn(index + 1);
-        match replay(&damaged, &sb) {
-            Err(LogError::Damaged {
-                first,
-                last,
-                log_offset,
-                intact_batches_after,
-                intact_records_after,
-                intact_last,
-                ..
-            }) => assert_eq!(
-                (
-                    first,
-                    last,
-                    log_offset,
-                    intact_batches_after,
-                    intact_records_after
-                ),
-                (lsn, lsn, index * 8192, 9 - index, 9 - index),
-                "flip at batch {index} byte {at}: {intact_last}"
-            ),
-            other => panic!("flip at batch {index} byte {at}: expected Damaged, got {other:?}"),
-        }
+        let what = format!("flip at batch {index} byte {at}");
+        let (first, last, log_offset, batches_after, records_after, intact_last) =
+            damage(replay(&damaged, &sb), &what);
+        assert_eq!(
+            (first, last, log_offset, batches_after, records_after),
+            (lsn, lsn, index * 8192, 9 - index, 9 - index),
+            "{what}: {intact_last}"
+        );
         let tail = replay_with(&damaged, &sb, RecoveryMode::TolerateTail).expect("tolerate");
         assert_eq!(tail.record_count() as u64, index);
         assert_eq!(tail.end().lsn, lsn);

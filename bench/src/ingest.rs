@@ -88,6 +88,14 @@ pub struct IngestArgs {
     /// Write an HdrHistogram interval log of op latencies here.
     #[arg(long)]
     pub hlog: Option<PathBuf>,
+    /// Heap touched and freed once after the ops are generated and before
+    /// the first round (MiB; 0: none; at most half the available memory),
+    /// so the stores build their runs in memory the kernel has already
+    /// faulted in, as in a daemon started with `--prefault-mib` (see
+    /// `refd_alloc::prefault`). Without it the first round pays the VM's
+    /// first-touch faults and later rounds reuse the first one's heap.
+    #[arg(long, default_value_t = 0)]
+    pub prefault_mib: usize,
 }
 
 /// Result of one implementation.
@@ -174,7 +182,7 @@ fn run_impl<S: DelayedRefStore>(
     let mut hists: Vec<Histogram<u64>> = (0..threads)
         .map(|_| Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds"))
         .collect();
-    let before = live_bytes();
+    let before = settled_live_bytes();
     let mut engine = Engine::with_tree(store, tree, 1);
     if verify {
         engine.enable_verify();
@@ -300,6 +308,29 @@ fn run_impl<S: DelayedRefStore>(
     }
 }
 
+/// Live heap bytes once the frees of an earlier round have landed: a
+/// commit drops its heads on a background thread
+/// (`refd_sync::background::drop_later`) and the lock-free store's runs go
+/// through crossbeam-epoch's deferred destruction, so right after a round
+/// the heap still holds memory that is freed during the next one (which
+/// made its store size come out negative). Waits until the live heap
+/// stops shrinking, for at most 10 s.
+fn settled_live_bytes() -> isize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = live_bytes();
+    loop {
+        for _ in 0..4 {
+            crossbeam_epoch::pin().flush();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let now = live_bytes();
+        if now >= last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// The `--lookups` reader: looks up random extents of the stream back to
 /// back until every ingest thread is done, recording each lookup's time.
 /// It starts with the ingest threads (same barrier).
@@ -363,6 +394,19 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
         )
     };
     let per_thread = deal(&stream.ops, args.threads, by_bytenr);
+    if args.prefault_mib > 0 {
+        let mib = match refd_alloc::available_memory_bytes() {
+            Some(avail) => args.prefault_mib.min(((avail / 2) >> 20) as usize),
+            None => args.prefault_mib,
+        };
+        let took = refd_alloc::prefault(mib << 20);
+        if !args.json {
+            eprintln!(
+                "prefaulted {mib} MiB of heap in {:.1} s",
+                took.as_secs_f64()
+            );
+        }
+    }
     let mut lf = Vec::new();
     let mut mx = Vec::new();
     for round in 0..args.rounds {
@@ -429,6 +473,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             "rounds": args.rounds,
             "verify": args.verify,
             "top_merge_ratio": args.top_merge_ratio,
+            "prefault_mib": args.prefault_mib,
             "lockfree_mops": get("lockfree").map(|r| r.mops),
             "mutex_mops": get("mutex").map(|r| r.mops),
             "ratio": ratio,

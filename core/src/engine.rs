@@ -752,6 +752,23 @@ pub fn in_parts<T: Sync, R: Send>(
     }
 }
 
+/// The commit run's workers: one per core.
+pub(crate) fn run_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `f` of each item, on the commit run's workers (on this thread where
+/// there are none or only one item), in item order.
+pub(crate) fn map_on_run_workers<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    match run_pool() {
+        Some(pool) if items.len() > 1 => pool.install(|| items.par_iter().map(&f).collect()),
+        _ => items.iter().map(f).collect(),
+    }
+}
+
 /// Runs `background` on one of the commit run's workers while `here` runs
 /// on the calling thread, and returns both results once both are done
 /// (without workers: `background`, then `here`, on this thread). A durable

@@ -77,7 +77,9 @@ use crossbeam_skiplist::SkipMap;
 use crossbeam_utils::CachePadded;
 
 use super::gate::{parity, Generation, ShardGate};
-use super::packed::{build_run, merge_cursors, Chunk, Cursor, HeadRef, PackedRef, RunBuilder};
+use super::packed::{
+    build_run, merge_cursors, split_points, Chunk, Cursor, HeadRef, PackedRef, RunBuilder,
+};
 use super::{merge_heads, DelayedRefStore, IngestHandle, StampClock, StoreError};
 use crate::head::Head;
 use crate::model::Op;
@@ -835,12 +837,6 @@ impl LockFreeStore {
         st
     }
 
-    /// Everything of generation `g` merged (caller guarantees stability or
-    /// wraps this in `read_stable`).
-    fn merge_gen(&self, g: u64, emit: impl FnMut(HeadRef<'_>)) {
-        self.snapshot_gen(g).merge(emit);
-    }
-
     /// What generation `g` holds, taken without merging: its runs (the
     /// skiplist entries keep them alive after a compaction removes them),
     /// a copy of its staged ops and its carry. Quick (no sorting or
@@ -936,12 +932,20 @@ struct GenSnapshot<'a> {
 impl GenSnapshot<'_> {
     /// Merge everything in bytenr order (sorting the staged ops first).
     fn merge(self, mut emit: impl FnMut(HeadRef<'_>)) {
-        let mut staged_runs: Vec<Vec<Chunk>> = self
+        let own = self.own_runs();
+        let cursors = self.sources(&own).into_iter().map(Cursor::new).collect();
+        merge_cursors(cursors, |m| emit(m.head_ref()));
+    }
+
+    /// The staged ops and the carry, each shard's staging and the carry
+    /// as a run of its own (sorted and merged at insert).
+    fn own_runs(&self) -> Vec<Vec<Chunk>> {
+        let mut own: Vec<Vec<Chunk>> = self
             .staged
             .iter()
             .map(|words| build_run(words).finish())
             .collect();
-        let carry = merge_heads(self.carry);
+        let carry = merge_heads(self.carry.clone());
         let mut cb = RunBuilder::new();
         let mut scratch: Vec<PackedRef> = Vec::new();
         for h in &carry {
@@ -949,12 +953,72 @@ impl GenSnapshot<'_> {
             scratch.extend(h.refs.iter().map(PackedRef::pack));
             cb.push(h.bytenr, &h.summary, &scratch);
         }
-        staged_runs.push(cb.finish());
-        let mut cursors: Vec<Cursor<'_>> = self.runs.iter().map(|e| e.value().cursor()).collect();
-        cursors.extend(staged_runs.iter().map(|r| Cursor::new(r.iter().collect())));
-        merge_cursors(cursors, |m| emit(m.head_ref()));
+        own.push(cb.finish());
+        own
+    }
+
+    /// Every source of the merge as its sorted chunks: the index's runs,
+    /// then `own` ([`GenSnapshot::own_runs`]).
+    fn sources<'s>(&'s self, own: &'s [Vec<Chunk>]) -> Vec<Vec<&'s Chunk>> {
+        self.runs
+            .iter()
+            .map(|e| e.value().chunks.iter().collect())
+            .chain(own.iter().map(|r| r.iter().collect()))
+            .collect()
+    }
+
+    /// Every head that is not a no-op, merged, in bytenr order. The
+    /// bytenr space is cut into one range per commit run worker (about
+    /// equal stored heads each, [`split_points`]) and the ranges are
+    /// merged in parallel, since a commit's merge of ~100-500 runs of
+    /// ~10M stored heads took ~0.3 s on one thread. A bytenr lies in one
+    /// range, so each range's heads are final and the ranges concatenate
+    /// in order.
+    fn merged_heads(self) -> Vec<Head> {
+        let own = self.own_runs();
+        let sources = self.sources(&own);
+        let stored: usize = sources.iter().flatten().map(|c| c.len()).sum();
+        let parts = crate::engine::run_workers()
+            .min(stored / PARALLEL_MERGE_MIN_HEADS)
+            .max(1);
+        let splits = split_points(&sources, parts);
+        let mut bounds: Vec<(u64, u64, usize)> = Vec::with_capacity(splits.len() + 1);
+        let mut lo = 0;
+        for &s in &splits {
+            bounds.push((lo, s, 0));
+            lo = s;
+        }
+        bounds.push((lo, u64::MAX, 0));
+        // The first part's vector gets room for all (memory is touched only
+        // as it is written): the others are appended to it without a
+        // reallocation.
+        bounds[0].2 = stored;
+        let merge_part = |&(lo, hi, capacity): &(u64, u64, usize)| -> Vec<Head> {
+            let cursors = sources
+                .iter()
+                .map(|chunks| Cursor::range(chunks.clone(), lo, hi))
+                .collect();
+            let mut out = Vec::with_capacity(capacity);
+            merge_cursors(cursors, |m| {
+                let head = m.head_ref().to_head();
+                if !head.is_noop() {
+                    out.push(head);
+                }
+            });
+            out
+        };
+        let mut parts = crate::engine::map_on_run_workers(&bounds, merge_part).into_iter();
+        let mut out = parts.next().unwrap_or_default();
+        for part in parts {
+            out.extend(part);
+        }
+        out
     }
 }
+
+/// Stored heads per range below which a commit's merge uses fewer ranges
+/// (threads) than it has run workers ([`GenSnapshot::merged_heads`]).
+pub const PARALLEL_MERGE_MIN_HEADS: usize = 64 * 1024;
 
 /// Contents of the live index, see [`LockFreeStore::index_stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1178,28 +1242,7 @@ impl DelayedRefStore for LockFreeStore {
             shard.gate.quiesce(g);
         }
         self.index[parity(g)].wait_compactions();
-        // Heads stored over the runs bound the merged count from above
-        // (staged ops add at most one head each): sized once instead of
-        // grown by doubling.
-        let idx = &self.index[parity(g)];
-        let stored: usize = idx.runs.iter().map(|r| r.value().heads).sum();
-        let staged: usize = self
-            .shards
-            .iter()
-            .filter(|s| s.gate.holds(g))
-            .map(|s| {
-                let st = &s.staging[parity(g)];
-                st.len.load(Ordering::Acquire).min(st.slots().len())
-            })
-            .sum();
-        let mut out = Vec::with_capacity(stored + staged + idx.lock_carry().len());
-        self.merge_gen(g, |h| {
-            let head = h.to_head();
-            if !head.is_noop() {
-                out.push(head);
-            }
-        });
-        out
+        self.snapshot_gen(g).merged_heads()
     }
 
     fn reclaim_released(&self) {
@@ -1335,6 +1378,52 @@ mod tests {
         mx.release(vec![f2[0].clone()]);
         assert_eq!(lf.pending_all(), mx.pending_all());
         assert_eq!(lf.freeze(), mx.freeze());
+    }
+
+    /// A commit's merge big enough to be cut into ranges merged in
+    /// parallel ([`GenSnapshot::merged_heads`]) gives the same heads, in
+    /// the same order, as the mutex store: ranges neither lose nor repeat
+    /// a head at their boundaries, including hot bytenrs stored in many
+    /// runs.
+    #[test]
+    fn parallel_merge_of_a_commit_matches_mutex() {
+        let lf = LockFreeStore::with_config(2, 8);
+        let mx = MutexStore::new();
+        let mut h = [lf.handle().unwrap(), lf.handle().unwrap()];
+        let mut hm = mx.handle().unwrap();
+        let n: u64 = 3 * PARALLEL_MERGE_MIN_HEADS as u64;
+        for i in 0..n {
+            // Every 16th op on one of 8 hot extents (many runs hold
+            // them), the others each on an extent of its own (so enough
+            // heads stay stored whatever the compactor has merged).
+            let b = if i % 16 == 0 {
+                (i / 16 % 8) << 20
+            } else {
+                (1 << 30) + i * 4096
+            };
+            let key = RefKey::ExtentData {
+                root: 5 + i % 3,
+                objectid: 257,
+                offset: 0,
+            };
+            let action = if i % 5 == 4 {
+                Action::DropRef
+            } else {
+                Action::AddRef
+            };
+            let op = Op::new(b, 4096, ExtentKind::Data, action, key, 0).unwrap();
+            h[(i % 2) as usize].add(&op).unwrap();
+            hm.add(&op).unwrap();
+        }
+        let stored: usize = lf.index_stats().heads;
+        assert!(
+            stored >= 2 * PARALLEL_MERGE_MIN_HEADS,
+            "{stored} heads stored: too few for ranges"
+        );
+        let f1 = lf.freeze();
+        let f2 = mx.freeze();
+        assert_eq!(f1.len(), f2.len());
+        assert_eq!(f1, f2);
     }
 
     /// The top-merge ratio trades throughput for memory: a larger ratio

@@ -514,15 +514,30 @@ pub(crate) struct Cursor<'a> {
     c: usize,
     i: usize,
     next: u64,
+    /// Heads at or above this bytenr are past the end (`u64::MAX`: none).
+    end: u64,
 }
 
 impl<'a> Cursor<'a> {
     pub fn new(chunks: Vec<&'a Chunk>) -> Cursor<'a> {
+        Cursor::range(chunks, 0, u64::MAX)
+    }
+
+    /// A cursor over the heads of `chunks` with `start <= bytenr < end`
+    /// (one part of a merge split by bytenr).
+    pub fn range(chunks: Vec<&'a Chunk>, start: u64, end: u64) -> Cursor<'a> {
+        // The first chunk whose last head is at or after `start`, and in it
+        // the first such head.
+        let c = chunks.partition_point(|ch| ch.heads.last().is_none_or(|h| h.bytenr < start));
+        let i = chunks
+            .get(c)
+            .map_or(0, |ch| ch.heads.partition_point(|h| h.bytenr < start));
         let mut cur = Cursor {
             chunks,
-            c: 0,
-            i: 0,
+            c,
+            i,
             next: u64::MAX,
+            end,
         };
         cur.settle();
         cur
@@ -534,8 +549,8 @@ impl<'a> Cursor<'a> {
             self.i = 0;
         }
         self.next = match self.chunks.get(self.c) {
-            Some(ch) => ch.heads[self.i].bytenr,
-            None => u64::MAX,
+            Some(ch) if ch.heads[self.i].bytenr < self.end => ch.heads[self.i].bytenr,
+            _ => u64::MAX,
         };
     }
 
@@ -545,12 +560,42 @@ impl<'a> Cursor<'a> {
     }
 
     pub fn next_raw(&mut self) -> Option<RawHead<'a>> {
+        self.peek()?;
         let ch: &'a Chunk = self.chunks.get(self.c)?;
         let h = ch.raw(self.i);
         self.i += 1;
         self.settle();
         Some(h)
     }
+}
+
+/// Bytenrs that split the heads of `sources` (each a sorted sequence of
+/// chunks) into at most `parts` ranges of about equal head counts, judged
+/// by chunk: ascending, each the first bytenr of some chunk, none 0.
+/// Part `k` is `[splits[k-1], splits[k])`, with 0 and `u64::MAX` at the
+/// ends.
+pub(crate) fn split_points(sources: &[Vec<&Chunk>], parts: usize) -> Vec<u64> {
+    let mut firsts: Vec<(u64, usize)> = sources
+        .iter()
+        .flatten()
+        .filter(|ch| ch.len() > 0)
+        .map(|ch| (ch.first_bytenr(), ch.len()))
+        .collect();
+    firsts.sort_unstable();
+    let total: usize = firsts.iter().map(|&(_, n)| n).sum();
+    let per = total.div_ceil(parts.max(1)).max(1);
+    let mut splits = Vec::with_capacity(parts);
+    let mut seen = 0;
+    for (bytenr, n) in firsts {
+        if seen >= per * (splits.len() + 1) && bytenr > splits.last().copied().unwrap_or(0) {
+            splits.push(bytenr);
+            if splits.len() + 1 == parts {
+                break;
+            }
+        }
+        seen += n;
+    }
+    splits
 }
 
 /// Sort and merge packed refs of one head in place: sum equal `(key, seq)`
@@ -720,6 +765,101 @@ mod tests {
         let b = PackedRef::new(keys[0], 2, -1);
         assert!(a.sort_key() < b.sort_key());
         assert_eq!(b.unpack().seq, 2);
+    }
+
+    /// Range cursors over split points cover every head of every source
+    /// exactly once: merging the ranges one after another gives what one
+    /// merge of the whole gives, whatever the number of parts, with chunk
+    /// boundaries, empty ranges and a bytenr stored in every source.
+    #[test]
+    fn range_cursors_over_split_points_cover_every_head_once() {
+        let key = RefKey::ExtentData {
+            root: 5,
+            objectid: 300,
+            offset: 0,
+        };
+        let run_of = |bytenrs: &[u64]| -> Vec<Chunk> {
+            let mut b = RunBuilder::new();
+            for &x in bytenrs {
+                let op = Op::new(x, 4096, ExtentKind::Data, Action::AddRef, key, 0).unwrap();
+                let h = Head::of_op(&op, 1);
+                let refs: Vec<PackedRef> = h.refs.iter().map(PackedRef::pack).collect();
+                b.push(h.bytenr, &h.summary, &refs);
+            }
+            b.finish()
+        };
+        // Three sources, more than one chunk each; 78 << 12 in all three.
+        let a: Vec<u64> = (0..3 * CHUNK_HEADS_MAX as u64)
+            .map(|i| (i * 3) << 12)
+            .collect();
+        let b: Vec<u64> = (0..CHUNK_HEADS_MAX as u64 + 5)
+            .map(|i| (i * 5 + 2) << 12)
+            .collect();
+        let c: Vec<u64> = vec![78 << 12, 1 << 40];
+        let mut b2 = b.clone();
+        b2.push(78 << 12);
+        b2.sort_unstable();
+        b2.dedup();
+        let runs = [run_of(&a), run_of(&b2), run_of(&c)];
+        let sources: Vec<Vec<&Chunk>> = runs.iter().map(|r| r.iter().collect()).collect();
+        let collect = |cursors: Vec<Cursor<'_>>, out: &mut Vec<(u64, i64)>| {
+            merge_cursors(cursors, |m| {
+                let h = m.head_ref();
+                out.push((h.bytenr, h.summary.total_ref_mod));
+            });
+        };
+        let mut whole = Vec::new();
+        collect(
+            sources.iter().map(|s| Cursor::new(s.clone())).collect(),
+            &mut whole,
+        );
+        assert!(
+            whole.contains(&(78 << 12, 3)),
+            "the shared bytenr merged once"
+        );
+        for parts in [1, 2, 3, 7, 64] {
+            let splits = split_points(&sources, parts);
+            assert!(splits.len() < parts.max(1));
+            assert!(splits.windows(2).all(|w| w[0] < w[1]) && splits.iter().all(|&s| s > 0));
+            if parts > 1 {
+                assert!(!splits.is_empty(), "{parts} parts: no split");
+            }
+            let mut lo = 0;
+            let mut got = Vec::new();
+            for hi in splits.iter().copied().chain([u64::MAX]) {
+                collect(
+                    sources
+                        .iter()
+                        .map(|s| Cursor::range(s.clone(), lo, hi))
+                        .collect(),
+                    &mut got,
+                );
+                lo = hi;
+            }
+            assert_eq!(got, whole, "{parts} parts");
+        }
+        // A range that holds nothing, and one inside a single chunk.
+        let mut none = Vec::new();
+        collect(
+            sources
+                .iter()
+                .map(|s| Cursor::range(s.clone(), 1 << 41, u64::MAX))
+                .collect(),
+            &mut none,
+        );
+        assert!(none.is_empty());
+        let mut inside = Vec::new();
+        collect(
+            sources
+                .iter()
+                .map(|s| Cursor::range(s.clone(), 6 << 12, 10 << 12))
+                .collect(),
+            &mut inside,
+        );
+        assert_eq!(
+            inside.iter().map(|h| h.0 >> 12).collect::<Vec<_>>(),
+            vec![6, 7, 9]
+        );
     }
 
     #[test]

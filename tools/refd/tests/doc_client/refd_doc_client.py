@@ -8,10 +8,11 @@ decoded strictly (sizes, reserved bytes, flag bits, counts), and every
 documented behaviour that a client can observe is asserted.
 
     refd_doc_client.py --connect unix:PATH [--tcp tcp:127.0.0.1:PORT
-                       --token-file F] [--verbose]
+                       --token-file F] [--stop-pid PID] [--verbose]
 
 `--tcp` names a listener that requires the token in `--token-file`; the
-token checks run only when it is given. Checks that need a small server
+token checks run only when it is given. With `--stop-pid` the client ends
+by stopping the daemon (SIGTERM) and checks what each connection gets. Checks that need a small server
 bound (sessions, connections, barrier lease) read the bound from HELLO or
 STATS and run only when it is small enough to reach in seconds; each one
 skipped says so. Exit status 0: every check passed; 1: a check failed
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import struct
 import sys
@@ -705,6 +707,10 @@ class Run:
         c.eq(h2["server_id"], h["server_id"], "same server_id on a new connection")
 
         # Versions not spoken: UNSUPPORTED_VERSION detail=1 index=1, closes.
+        conn = Conn(self.addr)
+        c.eq(parse_hello_reply(conn.call(HELLO, hello_body(0, 1)), 0, 1)["version"], 1,
+             "range 0..1 picks version 1")
+        conn.close()
         for vmin, vmax, what in ((2, 5, "range 2..5"), (1, 0, "empty range 1..0"),
                                  (0, 0, "range 0..0")):
             conn = Conn(self.addr)
@@ -744,6 +750,20 @@ class Run:
     def t_hello_required(self):
         c = self.c
         c.section = "HELLO_REQUIRED"
+        # Frame checks come before the HELLO rule.
+        conn = Conn(self.addr)
+        conn.send(HELLO, hello_body(), request_id=5, header_crc=1)
+        raw_error(conn, 0, "BAD_CHECKSUM", "HELLO with a bad header checksum", c, True)
+        conn.close()
+        conn = Conn(self.addr)
+        conn.send(HELLO, hello_body(2, 2), request_id=6, version=2)
+        raw_error(conn, 0, "UNSUPPORTED_VERSION", "HELLO in a version-2 frame", c, True,
+                  detail=1, index=1)
+        conn.close()
+        conn = Conn(self.addr)
+        conn.send(HELLO, hello_body(), request_id=7, body_crc=3)
+        raw_error(conn, 7, "BAD_CHECKSUM", "HELLO with a bad body checksum", c, True)
+        conn.close()
         for opcode, what in ((PING, "PING"), (REGISTER, "REGISTER"),
                              (0x55, "unknown opcode 0x55"), (ERROR, "opcode 0x7F")):
             conn = Conn(self.addr)
@@ -887,6 +907,8 @@ class Run:
         # Backrefs of the four kinds, pending.
         first, entries, _ = cl.backrefs(data)
         c.eq(first["kind"], KIND_DATA, "data BACKREFS kind")
+        c.eq(first["item_flags"], 0, "item_flags 0 before the item is committed")
+        c.eq(first["num_bytes"], dlen, "BACKREFS num_bytes of a pending allocation")
         c.eq(first["refs"], 3, "data BACKREFS refs")
         c.eq(entries, [(EXTENT_DATA_REF, 5, 257, 0, 1),
                        (EXTENT_DATA_REF, 5, 258, 4096, 1),
@@ -1118,6 +1140,17 @@ class Run:
         other = op(b, n, ADD_REF, EXTENT_DATA_REF, KIND_DATA, 5, 2, 0)
         dup = cl.submit(s, 1, [other])
         c.ok(dup["flags"] & REPLY_DUPLICATE, "same number, other ops: DUPLICATE")
+        # A duplicate is answered as its retry asks: with NO_WAIT at once
+        # (DURABLE clear), else once the batch is durable (DURABLE set).
+        ref3 = op(b, n, ADD_REF, EXTENT_DATA_REF, KIND_DATA, 5, 3, 0)
+        nw = cl.submit(s, 3, [ref3], SUBMIT_NO_WAIT)
+        dup = cl.submit(s, 3, [ref3], SUBMIT_NO_WAIT)
+        c.eq((dup["lsn"], dup["flags"]), (nw["lsn"], REPLY_DUPLICATE),
+             "a NO_WAIT retry of a NO_WAIT SUBMIT: same LSN, DUPLICATE")
+        dup = cl.submit(s, 3, [ref3])
+        c.eq((dup["lsn"], dup["flags"]), (nw["lsn"], REPLY_DURABLE | REPLY_DUPLICATE),
+             "a durable retry of a NO_WAIT SUBMIT: same LSN, DURABLE|DUPLICATE")
+        cl.submit(s, 4, [op(b, n, DROP_REF, EXTENT_DATA_REF, KIND_DATA, 5, 3, 0)])
         # On another connection, as after a reconnect.
         cl2 = self.client()
         dup = cl2.submit(s, 1, [add])
@@ -1199,6 +1232,14 @@ class Run:
             first, entries, pages = cl.backrefs(x, page)
             c.eq(entries, want, "BACKREFS in pages of %d" % page)
             c.eq(pages, max(1, -(-9 // page)), "pages of %d" % page)
+        # `after_` names a backref that is not there: the page starts at
+        # the next one in key order.
+        page = cl.backrefs_page(x, 2, (EXTENT_DATA_REF, 7, 100, 1))
+        c.eq(page["entries"], want[1:3], "BACKREFS after a key between two backrefs")
+        page = cl.backrefs_page(x, 2, (EXTENT_DATA_REF, 7, 99, 0))
+        c.eq(page["entries"], want[0:2], "BACKREFS after a key before the first")
+        page = cl.backrefs_page(x, 2, (255, 0, 0, 0))
+        c.eq((page["entries"], page["more"]), ([], 0), "BACKREFS after a key past the last")
         # The same backref twice: counts add up; a drop to 0 leaves it out.
         self.rn += 1
         cl.submit(s, self.rn, [op(x, n, ADD_REF, SHARED_DATA_REF, KIND_DATA, 4096),
@@ -1379,6 +1420,10 @@ class Run:
         c.eq(st.get("barriers", {}).get("lease_ms"), self.hello["barrier_lease_ms"],
              "STATS barriers.lease_ms")
         c.ok(st.get("engine", {}).get("generation", -1) >= 1, "STATS engine.generation")
+        fresh = self.client()
+        c.eq(fresh.hello["generation"], fresh.stats()["engine"]["generation"],
+             "HELLO generation is STATS engine.generation")
+        fresh.close()
         c.eq(st.get("failed", "absent"), None, "STATS failed is null")
         self.stats = st
         for data in (b"", b"x", bytes(range(64))):
@@ -1446,21 +1491,27 @@ class Run:
 
         # Order: durable SUBMIT replies and error replies come in the order
         # their requests were read; a LOOKUP may overtake them.
+        # The four requests go out in one write, the first a large batch,
+        # so that the LOOKUP is read while that batch is being logged.
         overtaken = 0
         order_ok = True
-        tries = 20
-        for t in range(tries):
-            ops = [op(b, nb, ADD_REF, SHARED_DATA_REF, KIND_DATA, 4096 * (t * 64 + i + 1))
-                   for i in range(64)]
-            rn += 1
-            first = conn.send(SUBMIT, submit_body(s, rn, ops))
-            bad = conn.send(SUBMIT, submit_body(s, rn + 1, [op(b, 0, ADD_REF,
-                                                              SHARED_DATA_REF, KIND_DATA, 1)]))
-            rn += 2
-            second = conn.send(SUBMIT, submit_body(s, rn, [op(b, nb, ADD_REF,
-                                                              SHARED_DATA_REF, KIND_DATA,
-                                                              1 << 40 | t)]))
-            look = conn.send(LOOKUP, lookup_body([b]))
+        tries = 0
+        while tries < 40 and overtaken < 3:
+            tries += 1
+            ops = [op(b, nb, ADD_REF, SHARED_DATA_REF, KIND_DATA,
+                      4096 * (tries * 4096 + i + 1)) for i in range(2048)]
+            first, bad, second, look = (conn.rid() for _ in range(4))
+            frames = []
+            for rid, opcode, body in (
+                    (first, SUBMIT, submit_body(s, rn + 1, ops)),
+                    (bad, SUBMIT, submit_body(s, rn + 2, [op(b, 0, ADD_REF,
+                                                             SHARED_DATA_REF, KIND_DATA, 1)])),
+                    (second, SUBMIT, submit_body(s, rn + 3, [
+                        op(b, nb, ADD_REF, SHARED_DATA_REF, KIND_DATA, 1 << 40 | tries)])),
+                    (look, LOOKUP, lookup_body([b]))):
+                frames.append(header(opcode, rid, body) + body)
+            rn += 3
+            conn.send_raw(b"".join(frames))
             order = []
             for _ in range(4):
                 reply = conn.recv()
@@ -1485,6 +1536,12 @@ class Run:
             token = f.read()
         if token.endswith(b"\n"):
             token = token[:-1]
+        # The token binds TCP listeners only: the unix socket (its file
+        # mode guards it) takes a HELLO with no token or a wrong one.
+        for tok in (b"", b"wrong"):
+            unix = Client(self.addr, tok)
+            c.eq(unix.ping(b"u"), b"u", "unix HELLO with token %r accepted" % tok)
+            unix.close()
         cl = Client(self.args.tcp, token)
         c.eq(cl.hello["fs_id"], self.hello["fs_id"], "TCP with the token: same fs_id")
         c.eq(cl.ping(b"t"), b"t", "TCP with the token: PING")
@@ -1551,8 +1608,13 @@ class Run:
         old = cl.register()
         b, n = self.extent()
         cl.submit(old, 1, [op(b, n, ADD_EXTENT, EXTENT_DATA_REF, KIND_DATA, 5, 1, 0)])
+        bar = cl.barrier_acquire(old)["barrier_id"]
         for _ in range(mx):
             cl.register()
+        # The reaper releases an evicted session's barriers within a second.
+        time.sleep(1.5)
+        c.error(lambda: cl.barrier_renew(bar), "BARRIER_UNKNOWN",
+                "RENEW of a barrier of an evicted session")
         c.error(lambda: cl.submit(old, 2, [op(b, n, ADD_REF, EXTENT_DATA_REF, KIND_DATA,
                                               5, 2, 0)]),
                 "SESSION_EVICTED", "SUBMIT on a session evicted by %d newer ones" % mx)
@@ -1564,12 +1626,99 @@ class Run:
         c.eq(cl.lookup1(b)["refs"], 1, "nothing applied on an evicted session")
         cl.close()
 
+    def t_refused(self):
+        c = self.c
+        c.section = "REFUSED"
+        if not self.stats.get("verify"):
+            c.skip("the daemon runs without --verify")
+            return
+        cl, s = self.cl, self.session
+        b, n = self.extent()
+        good = op(b, n, ADD_EXTENT, EXTENT_DATA_REF, KIND_DATA, 5, 1, 0)
+        missing = op(b, n, DROP_REF, EXTENT_DATA_REF, KIND_DATA, 5, 2, 0)
+        self.rn += 1
+        rn = self.rn
+        err = c.error(lambda: cl.submit(s, rn, [good, missing]), "REFUSED",
+                      "drop of a backref that does not exist", index=1, detail=b,
+                      subcode=0)
+        c.eq(cl.lookup1(b)["refs"], 0, "a REFUSED batch changed nothing")
+        r = cl.submit(s, rn, [good])
+        c.ok(not r["flags"] & REPLY_DUPLICATE, "the refused number is applied when resent")
+        self.rn += 1
+        rn = self.rn
+        c.error(lambda: cl.submit(s, rn, [op(b, n, ADD_EXTENT, EXTENT_DATA_REF,
+                                             KIND_DATA, 5, 3, 0)]),
+                "REFUSED", "a second ADD_EXTENT of an allocated extent", index=0, detail=b)
+        self.rn += 1
+        cl.submit(s, self.rn, [op(b, n, DROP_REF, EXTENT_DATA_REF, KIND_DATA, 5, 1, 0)])
+
+    def t_freed_expired(self):
+        c = self.c
+        c.section = "FREED_EXPIRED"
+        kept_max = self.stats.get("freed", {}).get("kept_max", 1 << 40)
+        if kept_max > 64:
+            c.skip("freed kept_max %d is over 64" % kept_max)
+            return
+        cl, s = self.cl, self.session
+        sub = cl.freed_subscribe("doc-client-expired-%x" % self.base)
+        # Two commits each freeing kept_max extents: the first list is
+        # dropped when the second is recorded.
+        gens = []
+        for _ in range(2):
+            exts = [self.extent() for _ in range(kept_max)]
+            self.rn += 1
+            cl.submit(s, self.rn, [op(b, n, ADD_EXTENT, SHARED_DATA_REF, KIND_DATA, 4096)
+                                   for b, n in exts])
+            cl.commit()
+            self.rn += 1
+            cl.submit(s, self.rn, [op(b, n, DROP_REF, SHARED_DATA_REF, KIND_DATA, 4096)
+                                   for b, n in exts])
+            gens.append(cl.commit()["generation"])
+        page = cl.freed(gens[1], 0, 16384)
+        c.eq(page["oldest_kept"], gens[1], "only the newest list is kept")
+        c.eq(len(page["extents"]), kept_max, "the newest list is whole")
+        c.error(lambda: cl.freed(sub["acked_generation"] + 1, 0, 10), "FREED_EXPIRED",
+                "a consumer behind the dropped lists", detail=gens[1])
+        c.error(lambda: cl.freed(gens[0], 0, 10), "FREED_EXPIRED",
+                "a cursor at the dropped generation", detail=gens[1])
+        new = cl.freed_subscribe("doc-client-late-%x" % self.base)
+        c.eq(new["acked_generation"], gens[0],
+             "a new consumer's acked_generation is the newest dropped list's")
+        page = cl.freed(gens[0] + 1, 0, 16384)
+        c.eq((len(page["extents"]), page["extents"][0]["generation"] if page["extents"]
+              else None), (kept_max, gens[1]),
+             "a cursor after the dropped list (commits that freed nothing) starts at "
+             "oldest_kept")
+        c.eq(new["oldest_kept"], gens[1], "FREED_SUBSCRIBE oldest_kept")
+        c.eq(cl.freed_ack(sub["consumer_id"], gens[1]), gens[1], "the late consumer catches up")
+
+    def t_shutdown(self):
+        c = self.c
+        c.section = "SHUTTING_DOWN"
+        if not self.args.stop_pid:
+            c.skip("no --stop-pid: the daemon is left running")
+            return
+        a, b = self.client(), self.client()
+        c.eq(a.ping(b"before"), b"before", "PING before the stop")
+        os.kill(self.args.stop_pid, signal.SIGTERM)
+        for name, cl in (("a", a), ("b", b)):
+            try:
+                reply = cl.conn.recv()
+            except (Closed, ProtocolViolation) as err:
+                c.ok(False, "connection %s: SHUTTING_DOWN before the close (%s)" % (name, err))
+                continue
+            c.ok(isinstance(reply, ServerError) and reply.name == "SHUTTING_DOWN"
+                 and reply.request_id == 0,
+                 "connection %s: SHUTTING_DOWN with request_id 0 (got %s)" % (name, reply))
+            c.ok(cl.conn.closed_by_server(), "connection %s closed after SHUTTING_DOWN" % name)
+
     def run(self):
         tests = [self.t_hello, self.t_hello_required, self.t_frames, self.t_submit,
                  self.t_invalid, self.t_submit_errors, self.t_exactly_once,
                  self.t_lookup_backrefs, self.t_barriers, self.t_freed,
-                 self.t_stats_ping, self.t_pipeline, self.t_auth, self.t_busy,
-                 self.t_evict]
+                 self.t_stats_ping, self.t_refused, self.t_freed_expired,
+                 self.t_pipeline, self.t_auth, self.t_busy,
+                 self.t_evict, self.t_shutdown]
         for test in tests:
             start = time.time()
             try:
@@ -1594,6 +1743,8 @@ def main():
     ap.add_argument("--connect", required=True, help="unix:PATH or tcp:HOST:PORT")
     ap.add_argument("--tcp", help="a tcp:127.0.0.1:PORT listener that requires a token")
     ap.add_argument("--token-file", help="the token of --tcp")
+    ap.add_argument("--stop-pid", type=int,
+                    help="the daemon's pid: end by stopping it (SIGTERM)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     if not args.connect.startswith(("unix:", "tcp:")):

@@ -293,6 +293,33 @@ fn freed_lists_are_durable_and_bounded() {
     e.verify().unwrap();
 }
 
+/// A cursor below the oldest kept list where no list was dropped starts
+/// at that list (`docs/protocol.md`, FREED), generation 0 included: 0 is
+/// also what `freed_dropped_upto` holds when nothing was dropped, and it
+/// must not read as "generation 0 was dropped".
+#[test]
+fn a_cursor_before_every_list_starts_at_the_oldest_when_none_was_dropped() {
+    let dev = device();
+    let e = open(&dev, ServiceOptions::default());
+    let at = |i: u64| (1 << 30) + i * 4096;
+    for i in 0..3 {
+        e.add(&data(Action::AddExtent, at(i), 1)).unwrap();
+    }
+    e.commit().unwrap();
+    for i in 0..3 {
+        e.add(&data(Action::DropRef, at(i), 1)).unwrap();
+    }
+    let g = e.commit().unwrap().generation;
+    for cursor in [0, 1, g] {
+        let page = e
+            .read_freed(cursor, 0, 10)
+            .unwrap_or_else(|err| panic!("cursor ({cursor}, 0) with nothing dropped: {err}"));
+        assert_eq!(page.extents.len(), 3, "cursor ({cursor}, 0)");
+        assert!(page.extents.iter().all(|(gen, _)| *gen == g));
+        assert_eq!(page.oldest_kept, g);
+    }
+}
+
 /// The mutex store serves the same engine.
 #[test]
 fn the_mutex_store_is_durable_too() {

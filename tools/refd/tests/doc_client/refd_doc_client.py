@@ -8,14 +8,20 @@ decoded strictly (sizes, reserved bytes, flag bits, counts), and every
 documented behaviour that a client can observe is asserted.
 
     refd_doc_client.py --connect unix:PATH [--tcp tcp:127.0.0.1:PORT
-                       --token-file F] [--stop-pid PID] [--verbose]
+                       --token-file F] [--fill-consumers]
+                       [--save-state F | --check-state F] [--stop-pid PID]
+                       [--verbose]
 
 `--tcp` names a listener that requires the token in `--token-file`; the
-token checks run only when it is given. With `--stop-pid` the client ends
-by stopping the daemon (SIGTERM) and checks what each connection gets. Checks that need a small server
-bound (sessions, connections, barrier lease) read the bound from HELLO or
-STATS and run only when it is small enough to reach in seconds; each one
-skipped says so. Exit status 0: every check passed; 1: a check failed
+token checks run only when it is given. `--save-state F` leaves a session,
+a barrier and a consumer behind and writes them to F; after the daemon is
+restarted (or killed and restarted), `--check-state F` checks what the
+document says survives a restart, and only that. With `--stop-pid` the
+client ends by stopping the daemon (SIGTERM) and checks what each
+connection gets. Checks that need a small server bound (sessions,
+connections, barrier lease, freed extents kept) read the bound from HELLO
+or STATS and run only when it is small enough to reach in seconds; each
+one skipped says so. Exit status 0: every check passed; 1: a check failed
 (each failure is printed); 2: bad usage.
 
 Python 3 standard library only.
@@ -107,6 +113,9 @@ LK_COMMITTED, LK_PENDING, LK_ALLOC_PENDING = 1, 2, 4
 LK_DATA, LK_FULL_BACKREF = 8, 16
 
 ITEM_DATA, ITEM_TREE_BLOCK, ITEM_FULL_BACKREF = 1, 2, 0x100
+
+REGISTERED = set()  # every session id this run was given
+CONSUMERS_MAX = 1024  # freed-list consumers per device ("FREED_SUBSCRIBE")
 
 OP = struct.Struct("<QQQQQQBBBBBBH")
 assert OP.size == 56
@@ -488,6 +497,7 @@ class Client:
         need_zero(body[8:16], "REGISTER reply reserved")
         if session == 0:
             raise ProtocolViolation("session id 0")
+        REGISTERED.add(session)
         return session
 
     def submit(self, session, number, ops, flags=0):
@@ -626,7 +636,8 @@ class Checks:
 
 def raw_error(conn, rid_expected, name, what, checks, closes, **fields):
     """Read the next frame from a raw connection: the error `name` for
-    `rid_expected`, then (if `closes`) the server closes the stream."""
+    `rid_expected`, then (if `closes`) the server closes the stream, or
+    (if not, and `closes` is not None) the connection still answers."""
     try:
         reply = conn.recv()
     except Closed:
@@ -643,6 +654,8 @@ def raw_error(conn, rid_expected, name, what, checks, closes, **fields):
     checks.ok(good, "%s -> %s id %d %s (got %s id %d %s: %s)" % (
         what, name, rid_expected, fields, reply.name, reply.request_id, got,
         reply.message))
+    if closes is None:
+        return
     if closes:
         checks.ok(conn.closed_by_server(), "%s: the server closes the connection" % what)
     else:
@@ -739,6 +752,21 @@ class Run:
                 c.eq(h3["version"], 1, "%s does not count: a HELLO after it succeeds" % what)
             except (ServerError, Closed, ProtocolViolation) as err:
                 c.ok(False, "%s does not count: a HELLO after it succeeds (%s)" % (what, err))
+            conn.close()
+        # The order of HELLO's checks: the body, then the version range,
+        # then the token (on a listener that requires one).
+        order = [(hello_body(2, 3, name=b"n" * 65), "BAD_REQUEST",
+                  "bad range and a name of 65 bytes")]
+        if self.args.tcp:
+            order += [(hello_body(2, 3, token=b"bad"), "UNSUPPORTED_VERSION",
+                       "bad range and a bad token"),
+                      (hello_body(1, 1, token=b"bad", name=b"\xff"), "BAD_REQUEST",
+                       "bad token and a name not UTF-8")]
+        for body, name, what in order:
+            conn = Conn(self.args.tcp if "token" in what else self.addr)
+            rid = conn.send(HELLO, body)
+            raw_error(conn, rid, name, "HELLO with " + what, c,
+                      None if name == "BAD_REQUEST" else True)
             conn.close()
         # A name and a token of the largest allowed size.
         conn = Conn(self.addr)
@@ -1362,6 +1390,22 @@ class Run:
         for b, _ in exts:
             e = cl.lookup1(b)
             c.eq((e["refs"], e["flags"]), (0, 0), "freed extent is gone from LOOKUP")
+        # A cursor below every kept list: FREED_EXPIRED only if a list was
+        # dropped (a new consumer's acked_generation is the newest dropped
+        # list's, 0 if none), generation 0 included.
+        probe = cl.freed_subscribe("doc-client-probe-%x" % self.base)
+        if probe["acked_generation"] == 0:
+            try:
+                page = cl.freed(0, 0, 16384)
+                c.ok(any(e["bytenr"] == exts[0][0] for e in page["extents"])
+                     or page["more"], "FREED from (0, 0) with nothing dropped starts at "
+                     "the oldest kept list")
+            except ServerError as err:
+                c.ok(False, "FREED from (0, 0) with nothing dropped (%s)" % err)
+        else:
+            c.error(lambda: cl.freed(0, 0, 10), "FREED_EXPIRED",
+                    "FREED from (0, 0) once lists were dropped")
+        cl.freed_ack(probe["consumer_id"], gen)
         # Read from our acknowledgement on, one extent per page.
         cursor = (sub["acked_generation"] + 1, 0)
         got, pages = [], 0
@@ -1492,11 +1536,12 @@ class Run:
         # Order: durable SUBMIT replies and error replies come in the order
         # their requests were read; a LOOKUP may overtake them.
         # The four requests go out in one write, the first a large batch,
-        # so that the LOOKUP is read while that batch is being logged.
+        # the LOOKUP right after it, so that the LOOKUP is read while that
+        # batch is being logged.
         overtaken = 0
         order_ok = True
         tries = 0
-        while tries < 40 and overtaken < 3:
+        while tries < 100 and overtaken < 1:
             tries += 1
             ops = [op(b, nb, ADD_REF, SHARED_DATA_REF, KIND_DATA,
                       4096 * (tries * 4096 + i + 1)) for i in range(2048)]
@@ -1504,11 +1549,11 @@ class Run:
             frames = []
             for rid, opcode, body in (
                     (first, SUBMIT, submit_body(s, rn + 1, ops)),
+                    (look, LOOKUP, lookup_body([b])),
                     (bad, SUBMIT, submit_body(s, rn + 2, [op(b, 0, ADD_REF,
                                                              SHARED_DATA_REF, KIND_DATA, 1)])),
                     (second, SUBMIT, submit_body(s, rn + 3, [
-                        op(b, nb, ADD_REF, SHARED_DATA_REF, KIND_DATA, 1 << 40 | tries)])),
-                    (look, LOOKUP, lookup_body([b]))):
+                        op(b, nb, ADD_REF, SHARED_DATA_REF, KIND_DATA, 1 << 40 | tries)]))):
                 frames.append(header(opcode, rid, body) + body)
             rn += 3
             conn.send_raw(b"".join(frames))
@@ -1712,13 +1757,120 @@ class Run:
                  "connection %s: SHUTTING_DOWN with request_id 0 (got %s)" % (name, reply))
             c.ok(cl.conn.closed_by_server(), "connection %s closed after SHUTTING_DOWN" % name)
 
+    def t_consumers_full(self):
+        c = self.c
+        c.section = "consumers"
+        if not self.args.fill_consumers:
+            c.skip("no --fill-consumers: the device's consumer table (which "
+                   "nothing empties) is left as it is")
+            return
+        cl = self.cl
+        have = len(cl.stats()["freed"]["consumers"])
+        made = 0
+        try:
+            for i in range(CONSUMERS_MAX - have):
+                cl.freed_subscribe("doc-client-fill-%x-%d" % (self.base, i))
+                made += 1
+        except ServerError as err:
+            c.ok(False, "%d consumers subscribe (%d were: %s)" % (CONSUMERS_MAX, have, err))
+            return
+        c.error(lambda: cl.freed_subscribe("doc-client-one-too-many-%x" % self.base),
+                "BAD_REQUEST", "FREED_SUBSCRIBE of consumer %d" % (CONSUMERS_MAX + 1))
+        again = cl.freed_subscribe("doc-client-fill-%x-0" % self.base)
+        c.ok(again["consumer_id"] != 0, "an existing name subscribes when the table is full")
+
+    def t_save_state(self):
+        """Before a daemon restart: leave a session with batches (the last
+        one durable but not committed), a held barrier and an acknowledged
+        consumer, and write down what a client keeps."""
+        c = self.c
+        c.section = "before restart"
+        cl = self.client()
+        s = cl.register()
+        b, n = self.extent()
+        batches = [
+            (1, [op(b, n, ADD_EXTENT, EXTENT_DATA_REF, KIND_DATA, 5, 1, 0),
+                 op(b, n, ADD_REF, SHARED_DATA_REF, KIND_DATA, 8192)]),
+            (2, [op(b, n, ADD_REF, EXTENT_DATA_REF, KIND_DATA, 5, 2, 0)]),
+        ]
+        replies = []
+        for number, ops in batches[:1]:
+            replies.append(cl.submit(s, number, ops))
+        gen = cl.commit()["generation"]
+        sub = cl.freed_subscribe("doc-client-restart-%x" % self.base)
+        acked = cl.freed_ack(sub["consumer_id"], gen)
+        bar = cl.barrier_acquire(s)["barrier_id"]
+        for number, ops in batches[1:]:
+            replies.append(cl.submit(s, number, ops))
+        c.ok(all(r["flags"] & REPLY_DURABLE for r in replies), "batches durable")
+        _, entries, _ = cl.backrefs(b)
+        state = dict(
+            fs_id=cl.hello["fs_id"].hex(), server_id=cl.hello["server_id"],
+            generation=gen, session=s, bytenr=b, refs=cl.lookup1(b)["refs"],
+            backrefs=entries, barrier=bar, consumer=sub["consumer_id"],
+            consumer_name="doc-client-restart-%x" % self.base, acked=acked,
+            sessions=sorted(REGISTERED),
+            batches=[dict(number=number, ops=[o.hex() for o in ops], lsn=r["lsn"])
+                     for (number, ops), r in zip(batches, replies)])
+        c.eq(state["refs"], 3, "refs before the restart")
+        with open(self.args.save_state, "w") as f:
+            json.dump(state, f)
+        cl.close()
+
+    def t_check_state(self):
+        """After a daemon restart (kill -9 included): what the document
+        promises survives, and what it says does not, does not."""
+        c = self.c
+        c.section = "after restart"
+        with open(self.args.check_state) as f:
+            st = json.load(f)
+        cl = self.client()
+        h = cl.hello
+        self.hello = h
+        c.eq(h["fs_id"].hex(), st["fs_id"], "fs_id is the device's")
+        c.ok(h["server_id"] != st["server_id"], "a new server_id after the restart")
+        c.ok(h["generation"] >= st["generation"], "generation %d >= %d"
+             % (h["generation"], st["generation"]))
+        b, s = st["bytenr"], st["session"]
+        c.eq(cl.lookup1(b)["refs"], st["refs"], "acknowledged batches are there")
+        _, entries, _ = cl.backrefs(b)
+        c.eq([list(e) for e in entries], st["backrefs"], "backrefs as before")
+        for batch in st["batches"]:
+            ops = [bytes.fromhex(o) for o in batch["ops"]]
+            try:
+                r = cl.submit(s, batch["number"], ops)
+                c.eq((r["lsn"], r["flags"]), (batch["lsn"], REPLY_DURABLE | REPLY_DUPLICATE),
+                     "retry of number %d after the restart: DUPLICATE, same LSN"
+                     % batch["number"])
+            except ServerError as err:
+                c.ok(False, "retry of number %d after the restart (%s)"
+                     % (batch["number"], err))
+        c.eq(cl.lookup1(b)["refs"], st["refs"], "retries applied nothing")
+        r = cl.submit(s, 3, [op(b, 4096, DROP_REF, SHARED_DATA_REF, KIND_DATA, 8192)])
+        c.ok(not r["flags"] & REPLY_DUPLICATE, "the session goes on after the restart")
+        c.eq(cl.lookup1(b)["refs"], st["refs"] - 1, "its new batch is applied")
+        c.error(lambda: cl.barrier_renew(st["barrier"]), "BARRIER_UNKNOWN",
+                "barriers do not survive a restart")
+        sub = cl.freed_subscribe(st["consumer_name"])
+        c.eq((sub["consumer_id"], sub["acked_generation"]), (st["consumer"], st["acked"]),
+             "the consumer and its acknowledgement survive")
+        fresh = cl.register()
+        c.ok(fresh not in st["sessions"], "a new session id is never one handed out before")
+        self.stats = cl.stats()
+        cl.close()
+
     def run(self):
         tests = [self.t_hello, self.t_hello_required, self.t_frames, self.t_submit,
                  self.t_invalid, self.t_submit_errors, self.t_exactly_once,
                  self.t_lookup_backrefs, self.t_barriers, self.t_freed,
                  self.t_stats_ping, self.t_refused, self.t_freed_expired,
                  self.t_pipeline, self.t_auth, self.t_busy,
-                 self.t_evict, self.t_shutdown]
+                 self.t_evict, self.t_consumers_full, self.t_shutdown]
+        if self.args.check_state:
+            tests = [self.t_check_state, self.t_shutdown]
+        elif self.args.save_state:
+            # Before the consumer table is filled: it subscribes one.
+            tests.insert(tests.index(self.t_consumers_full), self.t_save_state)
         for test in tests:
             start = time.time()
             try:
@@ -1743,6 +1895,14 @@ def main():
     ap.add_argument("--connect", required=True, help="unix:PATH or tcp:HOST:PORT")
     ap.add_argument("--tcp", help="a tcp:127.0.0.1:PORT listener that requires a token")
     ap.add_argument("--token-file", help="the token of --tcp")
+    ap.add_argument("--fill-consumers", action="store_true",
+                    help="subscribe consumers up to the device's limit (for a "
+                    "throwaway test device: they are never removed)")
+    ap.add_argument("--save-state", metavar="FILE",
+                    help="end by leaving state for --check-state and writing it down")
+    ap.add_argument("--check-state", metavar="FILE",
+                    help="after the daemon restarted: check what --save-state left "
+                    "(only these checks, then --stop-pid's)")
     ap.add_argument("--stop-pid", type=int,
                     help="the daemon's pid: end by stopping it (SIGTERM)")
     ap.add_argument("--verbose", action="store_true")

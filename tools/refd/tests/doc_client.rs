@@ -120,6 +120,10 @@ fn a_client_written_from_the_protocol_document_passes() {
         "8",
         "--commit-interval-ms",
         "600000",
+        // Frames of 2 MiB: a SUBMIT of submit_ops_max + 1 ops (bound by
+        // the log record) fits in a frame, so TOO_MANY_OPS is reached.
+        "--frame-bytes-max",
+        "2097152",
     ];
     let mut d = Daemon::start(&t, &args);
     run_client(&d, token, &["--fill-consumers", "--save-state", state]);

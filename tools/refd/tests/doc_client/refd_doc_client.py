@@ -697,6 +697,9 @@ class Run:
     def t_hello(self):
         c = self.c
         c.section = "HELLO"
+        if self.addr.startswith("unix:"):
+            mode = os.stat(self.addr[len("unix:"):]).st_mode & 0o777
+            c.eq(oct(mode), oct(0o660), "the unix socket's mode")
         conn = Conn(self.addr)
         body = conn.call(HELLO, hello_body(1, 9, b"", "é-client".encode()))
         h = parse_hello_reply(body, 1, 9)
@@ -1314,9 +1317,18 @@ class Run:
         e = cl.lookup1(b)
         c.eq((e["refs"], e["committed_refs"], e["flags"] & LK_PENDING), (1, 0, LK_PENDING),
              "stamped op still pending while the barrier is held")
-        # A later op with a seq of its own below the barrier does not make
-        # the head runnable; a second stamped op's backref stays apart by seq
-        # but BACKREFS merges them.
+        # An op's own seq decides: below the barrier's it runs, at it it is held.
+        below, _ = self.extent()
+        at, _ = self.extent()
+        cl.submit(s, 10, [op(below, n, ADD_EXTENT, EXTENT_DATA_REF, KIND_DATA, 5, 1, 0,
+                             seq=max(bar["seq"], 1) - 1)])
+        cl.submit(s, 11, [op(at, n, ADD_EXTENT, EXTENT_DATA_REF, KIND_DATA, 5, 1, 0,
+                             seq=bar["seq"])])
+        cl.commit()
+        c.eq(cl.lookup1(below)["committed_refs"], 1, "an op with seq below the barrier's runs")
+        c.eq(cl.lookup1(at)["committed_refs"], 0, "an op with the barrier's seq is held")
+        # A second stamped op's backref stays apart by seq but BACKREFS
+        # merges them.
         cl.submit(s, 2, [op(b, n, ADD_REF, EXTENT_DATA_REF, KIND_DATA, 5, 1, 0)],
                   SUBMIT_STAMP_SEQ)
         _, entries, _ = cl.backrefs(b)

@@ -1131,6 +1131,9 @@ class Run:
                 "session 0")
         c.error(lambda: conn.call(SUBMIT, submit_body((1 << 64) - 2, rn, [one])),
                 "SESSION_UNKNOWN", "session never registered")
+        bad = op(b, 0, ADD_REF, EXTENT_DATA_REF, KIND_DATA, 5, 1, 0)
+        c.error(lambda: conn.call(SUBMIT, submit_body((1 << 64) - 2, rn, [bad])),
+                "SESSION_UNKNOWN", "the session is checked before the ops")
         # Order of checks: size before op_count before request number
         # before flags before session.
         c.error(lambda: conn.call(SUBMIT, submit_body(0, 0, [one], op_count=2, flags=4)),
@@ -1220,6 +1223,12 @@ class Run:
         cl.submit(s, top, [ref(top)])
         c.error(lambda: cl.submit(s, 1, [add]), "REQUEST_TOO_OLD",
                 "number 1 once %d is logged" % top, detail=top - kept + 1)
+        bad = op(b, 0, ADD_REF, EXTENT_DATA_REF, KIND_DATA, 5, 1, 0)
+        c.error(lambda: cl.submit(s, 1, [bad]), "REQUEST_TOO_OLD",
+                "the window is checked before the ops", detail=top - kept + 1)
+        dup = cl.submit(s, 5, [bad])
+        c.ok(dup["flags"] & REPLY_DUPLICATE, "a kept number is answered before its ops "
+             "are looked at (even invalid ones)")
         dup = cl.submit(s, 10, [ref(10)])
         c.ok(dup["flags"] & REPLY_DUPLICATE, "number 10 is still kept (10 > %d - %d)"
              % (top, kept))

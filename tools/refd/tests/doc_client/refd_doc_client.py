@@ -85,7 +85,6 @@ ERR_NAMES = {
     18: "BARRIER_UNKNOWN", 19: "BARRIER_LIMIT", 20: "FREED_EXPIRED",
     21: "CONSUMER_UNKNOWN", 22: "INTERNAL",
 }
-E = {name: code for code, name in ERR_NAMES.items()}
 # The codes whose error frame closes the connection ("Errors", "closes").
 CLOSES = {"BAD_FRAME", "BAD_CHECKSUM", "FRAME_TOO_LARGE",
           "UNSUPPORTED_VERSION", "HELLO_REQUIRED", "AUTH_FAILED", "BUSY",
@@ -656,6 +655,7 @@ def raw_error(conn, rid_expected, name, what, checks, closes, **fields):
         reply.message))
     if closes is None:
         return
+    assert closes == (name in CLOSES), "the 'closes' column of %s" % name
     if closes:
         checks.ok(conn.closed_by_server(), "%s: the server closes the connection" % what)
     else:
@@ -685,9 +685,6 @@ class Run:
 
     def client(self):
         return Client(self.addr)
-
-    def new_conn(self):
-        return Conn(self.addr)
 
     def hello_conn(self):
         return connect(self.addr)

@@ -55,6 +55,21 @@ fn data(action: Action, bytenr: u64, objectid: u64) -> Op {
     Op::new(bytenr, 4096, ExtentKind::Data, action, key, 0).unwrap()
 }
 
+/// Allocates the data extents `range` (4 KiB apart from 1 GiB), commits,
+/// drops them and commits again: the generation whose freed list holds
+/// them.
+fn allocate_and_free(e: &DurableEngine<Dev>, range: std::ops::Range<u64>) -> u64 {
+    let at = |i: u64| (1 << 30) + i * 4096;
+    for i in range.clone() {
+        e.add(&data(Action::AddExtent, at(i), 1)).unwrap();
+    }
+    e.commit().unwrap();
+    for i in range {
+        e.add(&data(Action::DropRef, at(i), 1)).unwrap();
+    }
+    e.commit().unwrap().generation
+}
+
 fn refs(e: &DurableEngine<Dev>, bytenr: u64) -> i64 {
     e.lookup_extent_ref(bytenr).unwrap().refs
 }
@@ -227,14 +242,7 @@ fn freed_lists_are_durable_and_bounded() {
     t.unwrap().wait().unwrap();
     assert_eq!(consumer.acked, 0);
     let at = |i: u64| (1 << 30) + i * 4096;
-    for i in 0..600 {
-        e.add(&data(Action::AddExtent, at(i), 1)).unwrap();
-    }
-    e.commit().unwrap();
-    for i in 0..600 {
-        e.add(&data(Action::DropRef, at(i), 1)).unwrap();
-    }
-    let g1 = e.commit().unwrap().generation;
+    let g1 = allocate_and_free(&e, 0..600);
     // Page through it.
     let mut cursor = (consumer.acked + 1, 0u32);
     let mut seen = Vec::new();
@@ -261,14 +269,7 @@ fn freed_lists_are_durable_and_bounded() {
     );
     // 600 more freed would pass the bound of 700: the oldest list goes,
     // and a consumer behind it is told.
-    for i in 600..1200 {
-        e.add(&data(Action::AddExtent, at(i), 1)).unwrap();
-    }
-    e.commit().unwrap();
-    for i in 600..1200 {
-        e.add(&data(Action::DropRef, at(i), 1)).unwrap();
-    }
-    let g2 = e.commit().unwrap().generation;
+    let g2 = allocate_and_free(&e, 600..1200);
     assert!(matches!(
         e.read_freed(g1, 0, 10),
         Err(ServiceError::FreedExpired { .. })
@@ -291,6 +292,25 @@ fn freed_lists_are_durable_and_bounded() {
         Err(ServiceError::AckBeyondCommitted { .. })
     ));
     e.verify().unwrap();
+}
+
+/// A cursor below the oldest kept list where no list was dropped starts
+/// at that list (`docs/protocol.md`, FREED), generation 0 included: 0 is
+/// also what `freed_dropped_upto` holds when nothing was dropped, and it
+/// must not read as "generation 0 was dropped".
+#[test]
+fn a_cursor_before_every_list_starts_at_the_oldest_when_none_was_dropped() {
+    let dev = device();
+    let e = open(&dev, ServiceOptions::default());
+    let g = allocate_and_free(&e, 0..3);
+    for cursor in [0, 1, g] {
+        let page = e
+            .read_freed(cursor, 0, 10)
+            .unwrap_or_else(|err| panic!("cursor ({cursor}, 0) with nothing dropped: {err}"));
+        assert_eq!(page.extents.len(), 3, "cursor ({cursor}, 0)");
+        assert!(page.extents.iter().all(|(gen, _)| *gen == g));
+        assert_eq!(page.oldest_kept, g);
+    }
 }
 
 /// The mutex store serves the same engine.

@@ -348,7 +348,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             dropped_upto,
             oldest,
         };
-        if generation <= dropped_upto {
+        // `dropped_upto` 0 means no list was dropped: then no cursor, not
+        // even generation 0, is behind a dropped list.
+        if dropped_upto > 0 && generation <= dropped_upto {
             return Err(expired());
         }
         let device = self.device_name();

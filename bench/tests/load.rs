@@ -313,8 +313,15 @@ fn trace_run(capture: &Path, device: &Path) -> (serde_json::Value, bool) {
 #[test]
 fn btrfs_traces_replay_exactly_over_the_wire() {
     let dir = captures_dir();
+    // The shared captures, then refd-btrfs's own (tools/btrfs/captures).
+    let own = std::fs::read_dir(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/btrfs/captures"),
+    )
+    .into_iter()
+    .flatten();
     let mut captures: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("kernel captures at {}: {e}", dir.display()))
+        .chain(own)
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("trace.txt.zst").exists())
         .collect();

@@ -1,4 +1,4 @@
-//! Every real kernel capture in `../shared/traces`: parse the three files,
+//! Every real kernel capture in `../shared/traces` and `captures/`: parse the three files,
 //! check the event counts against `meta.json`, replay the trace onto
 //! `before.txt` with the reference applier and compare with `after.txt`
 //! (0 mismatches), and check that exporting `after.txt` reproduces its
@@ -26,7 +26,13 @@ fn captures() -> Option<Vec<PathBuf>> {
         eprintln!("SKIP: no capture directory at {}", dir.display());
         return None;
     };
+    // The shared captures, then this crate's own (`captures/`: workloads
+    // the shared set does not run, see captures/README.md).
+    let own = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("captures"))
+        .into_iter()
+        .flatten();
     let mut out: Vec<PathBuf> = entries
+        .chain(own)
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("meta.json").is_file())
         .collect();

@@ -1,4 +1,4 @@
-//! Every kernel capture in ../shared/traces replays through `refctl btrfs
+//! Every kernel capture in ../shared/traces and tools/btrfs/captures replays through `refctl btrfs
 //! replay` to an exact match with both stores, with ref-verify, and with
 //! several threads and frequent commits. Runs the real binary.
 
@@ -13,7 +13,14 @@ fn captures() -> Vec<PathBuf> {
             dir.display()
         );
     };
+    // The shared captures, then refd-btrfs's own (tools/btrfs/captures:
+    // workloads the shared set does not run).
+    let own =
+        std::fs::read_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../btrfs/captures"))
+            .into_iter()
+            .flatten();
     let mut out: Vec<PathBuf> = entries
+        .chain(own)
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("trace.txt.zst").exists())
         .collect();

@@ -78,7 +78,8 @@ use crossbeam_utils::CachePadded;
 
 use super::gate::{parity, Generation, ShardGate};
 use super::packed::{
-    build_run, merge_cursors, split_points, Chunk, Cursor, HeadRef, PackedRef, RunBuilder,
+    build_run, heads_in_range, merge_cursors, split_points, Chunk, Cursor, HeadRef, PackedRef,
+    RunBuilder,
 };
 use super::{merge_heads, DelayedRefStore, IngestHandle, StampClock, StoreError};
 use crate::head::Head;
@@ -982,16 +983,18 @@ impl GenSnapshot<'_> {
             .min(stored / PARALLEL_MERGE_MIN_HEADS)
             .max(1);
         let splits = split_points(&sources, parts);
+        // Each range with the heads stored in it: the most it can merge to,
+        // so its vector never grows by copying. The first range's vector
+        // gets room for all (memory is touched only as it is written): the
+        // others are appended to it without a reallocation.
+        let in_range =
+            |lo: u64, hi: u64| -> usize { sources.iter().map(|s| heads_in_range(s, lo, hi)).sum() };
         let mut bounds: Vec<(u64, u64, usize)> = Vec::with_capacity(splits.len() + 1);
         let mut lo = 0;
-        for &s in &splits {
-            bounds.push((lo, s, 0));
-            lo = s;
+        for hi in splits.iter().copied().chain([u64::MAX]) {
+            bounds.push((lo, hi, in_range(lo, hi)));
+            lo = hi;
         }
-        bounds.push((lo, u64::MAX, 0));
-        // The first part's vector gets room for all (memory is touched only
-        // as it is written): the others are appended to it without a
-        // reallocation.
         bounds[0].2 = stored;
         let merge_part = |&(lo, hi, capacity): &(u64, u64, usize)| -> Vec<Head> {
             let cursors = sources

@@ -569,6 +569,21 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Heads of `chunks` (a sorted sequence) with `start <= bytenr < end`.
+pub(crate) fn heads_in_range(chunks: &[&Chunk], start: u64, end: u64) -> usize {
+    // Heads before `x`: whole chunks that end before it, plus a prefix of
+    // the chunk it falls in.
+    let before = |x: u64| -> usize {
+        let c = chunks.partition_point(|ch| ch.heads.last().is_none_or(|h| h.bytenr < x));
+        let whole: usize = chunks[..c].iter().map(|ch| ch.len()).sum();
+        whole
+            + chunks
+                .get(c)
+                .map_or(0, |ch| ch.heads.partition_point(|h| h.bytenr < x))
+    };
+    before(end) - before(start)
+}
+
 /// Bytenrs that split the heads of `sources` (each a sorted sequence of
 /// chunks) into at most `parts` ranges of about equal head counts, judged
 /// by chunk: ascending, each the first bytenr of some chunk, none 0.
@@ -827,6 +842,12 @@ mod tests {
             let mut lo = 0;
             let mut got = Vec::new();
             for hi in splits.iter().copied().chain([u64::MAX]) {
+                let stored: usize = sources.iter().map(|s| heads_in_range(s, lo, hi)).sum();
+                let by_hand = [&a, &b2, &c]
+                    .iter()
+                    .map(|v| v.iter().filter(|&&x| lo <= x && x < hi).count())
+                    .sum::<usize>();
+                assert_eq!(stored, by_hand, "heads in [{lo}, {hi})");
                 collect(
                     sources
                         .iter()

@@ -532,3 +532,40 @@ fn allocation_overlapping_a_live_extent_is_refused_engine() {
     assert!(r[4].quarantined.is_empty(), "{:?}", r[4].quarantined);
     assert_eq!(r[4].freed.len(), 1, "the 64 KiB extent ends");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Dense overlaps: data extents of 4-12 KiB allocated and dropped at
+    /// 16 bytenrs 4 KiB apart, over several commits: chains of
+    /// overlapping allocations, allocations inside extents freed in the
+    /// same commit, refused ones restoring their committed extent. Both
+    /// stores and the model agree after every commit, and the tree never
+    /// overlaps.
+    #[test]
+    fn dense_overlaps_agree(
+        commits in prop::collection::vec(
+            prop::collection::vec((0u64..16, 1u64..4, any::<bool>(), 0u64..2), 1..12),
+            1..8,
+        )
+    ) {
+        let ops: Vec<Vec<Op>> = commits
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .map(|&(k, units, alloc, root)| {
+                        let action = if alloc { Action::AddExtent } else { Action::DropRef };
+                        let key = RefKey::ExtentData {
+                            root: 5 + root,
+                            objectid: 257,
+                            offset: 0,
+                        };
+                        let b = (1 << 20) + k * 4096;
+                        Op::new(b, units * 4096, ExtentKind::Data, action, key, 0).unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        agree(&ops);
+    }
+}

@@ -364,7 +364,12 @@ pub struct Walker<'a> {
     /// Entries with bytenr ≥ `at`.
     next: std::iter::Peekable<std::collections::btree_map::Range<'a, u64, ExtentItem>>,
     at: u64,
+    /// The last entry below `at`, when known (`None`: look it up).
+    prev: Option<Option<Entry<'a>>>,
 }
+
+/// An item of the tree with its bytenr.
+pub type Entry<'a> = (u64, &'a ExtentItem);
 
 impl<'a> Walker<'a> {
     /// The item at `bytenr` (as [`ExtentTree::get`]).
@@ -381,7 +386,8 @@ impl<'a> Walker<'a> {
                 self.seek(bytenr);
                 break;
             }
-            self.next.next();
+            let (&b, item) = self.next.next().expect("peeked");
+            self.prev = Some(Some((b, item)));
             steps += 1;
         }
         self.at = bytenr;
@@ -391,9 +397,24 @@ impl<'a> Walker<'a> {
         }
     }
 
+    /// The entries next to `bytenr`: the last one below it and the first
+    /// one above it (moves the walker to `bytenr`, as [`Walker::get`]).
+    pub fn neighbours(&mut self, bytenr: u64) -> (Option<Entry<'a>>, Option<Entry<'a>>) {
+        self.get(bytenr);
+        let mut ahead = self.next.clone();
+        ahead.next_if(|(&b, _)| b == bytenr);
+        let above = ahead.next().map(|(&b, item)| (b, item));
+        let below = *self.prev.get_or_insert_with(|| {
+            let below = self.tree.items.range(..bytenr).next_back();
+            below.map(|(&b, item)| (b, item))
+        });
+        (below, above)
+    }
+
     fn seek(&mut self, bytenr: u64) {
         self.next = self.tree.items.range(bytenr..).peekable();
         self.at = bytenr;
+        self.prev = None;
     }
 }
 
@@ -552,6 +573,7 @@ impl ExtentTree {
             tree: self,
             next: self.items.range(0..).peekable(),
             at: 0,
+            prev: Some(None),
         }
     }
 
@@ -559,14 +581,15 @@ impl ExtentTree {
     pub fn range(
         &self,
         range: impl std::ops::RangeBounds<u64>,
-    ) -> impl Iterator<Item = (u64, &ExtentItem)> + '_ {
+    ) -> impl DoubleEndedIterator<Item = (u64, &ExtentItem)> + '_ {
         self.items.range(range).map(|(b, i)| (*b, i))
     }
 
     /// Check every item ([`ExtentItem::check`]) but not how extents lie
     /// against each other: for trees that may legitimately overlap (a
-    /// parsed dump under fuzzing; refd does not refuse an allocation
-    /// inside a live extent's range, it only reports it here).
+    /// parsed dump under fuzzing). A tree refd commits never overlaps: an
+    /// allocation that would overlap a live extent is refused
+    /// (`RunError::OverlapsExtent`), and [`ExtentTree::check`] says so.
     pub fn check_items(&self) -> Result<(), (u64, ItemError)> {
         for (bytenr, item) in self.iter() {
             item.check().map_err(|e| (bytenr, e))?;

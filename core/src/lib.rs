@@ -7,6 +7,7 @@
 //! - [`delayed`]: the stores holding pending heads: lock-free and mutex;
 //! - [`barrier`]: seq barriers (tree-mod-log readers);
 //! - [`run`]: running heads into the extent tree, head selection;
+//! - `overlap`: refusing allocations that overlap a live extent;
 //! - [`extent_tree`]: the in-memory extent tree (what btrfs stores);
 //! - [`engine`]: ingest, lookups, commits, quarantine, ref-verify glue;
 //! - [`verify`]: the ref-verify shadow;
@@ -18,5 +19,6 @@ pub mod extent_tree;
 pub mod head;
 pub mod model;
 pub mod oracle;
+mod overlap;
 pub mod run;
 pub mod verify;

@@ -42,10 +42,30 @@
 //!    extent_op is an error.
 //! 7. An error quarantines the extent's ops for this commit: the tree is
 //!    unchanged for it.
+//! 8. No two extents overlap at the end of a commit. Once every extent is
+//!    evaluated, allocations whose new extent (1-7 accepted, refs > 0)
+//!    overlaps another are refused, deciding in ascending bytenr order: an
+//!    allocation at `b` of `n` bytes is refused if a live extent settled
+//!    before `b` (at a lower bytenr, in its state after this commit)
+//!    reaches past `b`, or if a committed extent starting inside
+//!    `(b, b + n)` stays live whatever is decided (its ops do not free it).
+//!    A refused allocation leaves its bytenr's committed extent as it was
+//!    (rule 7). So of two overlapping allocations of one commit, the one at
+//!    the higher bytenr is refused; a committed extent is never refused or
+//!    changed for an overlap; an allocation inside an extent freed in the
+//!    same commit is legal, as re-allocating a freed bytenr in the same
+//!    commit is (rule 4): refd's commit spans many kernel transactions,
+//!    and the kernel reuses a range once the transaction that freed it
+//!    commits (a tree block freed in the transaction that allocated it, at
+//!    once).
 
 use std::collections::BTreeMap;
 
 use crate::model::{Action, DiskKey, ExtentKind, Op, RefKey, BLOCK_FLAG_FULL_BACKREF};
+
+/// What evaluating one extent's ops gives: `Ok(None)` = no change;
+/// `Ok(Some((new state, freed)))`; `Err` = refused.
+type Evaluated = Result<Option<(Option<ModelExtent>, Vec<(u64, u64)>)>, ()>;
 
 /// An extent as the model keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,6 +151,7 @@ impl Model {
             by_bytenr.entry(op.bytenr).or_default().push((op, stamp));
         }
         let mut out = ModelCommit::default();
+        let mut results: BTreeMap<u64, (bool, Evaluated)> = BTreeMap::new();
         for (bytenr, ops) in by_bytenr {
             let mut sums: BTreeMap<(RefKey, u64), i64> = BTreeMap::new();
             for (op, _) in &ops {
@@ -179,7 +200,7 @@ impl Model {
             let applies_eop = ops
                 .iter()
                 .any(|(o, s)| *s >= life && o.extent_op.is_some_and(|e| !e.is_empty()));
-            match self.evaluate(
+            let result = self.evaluate(
                 bytenr,
                 &ops,
                 alloc,
@@ -189,7 +210,12 @@ impl Model {
                 eop_flags,
                 eop_key,
                 generation,
-            ) {
+            );
+            results.insert(bytenr, (alloc.is_some(), result));
+        }
+        self.refuse_overlaps(&mut results);
+        for (bytenr, (_, result)) in results {
+            match result {
                 Ok(Some((new, freed))) => {
                     out.freed.extend(freed);
                     match new {
@@ -209,8 +235,61 @@ impl Model {
         out
     }
 
+    /// Rule 8: refuse every allocation whose new extent would overlap
+    /// another extent live at the end of the commit, deciding in ascending
+    /// bytenr order. `results` holds every extent evaluated this commit
+    /// (with whether it allocates); an extent not in it (no ops, or held)
+    /// keeps its committed state.
+    fn refuse_overlaps(&self, results: &mut BTreeMap<u64, (bool, Evaluated)>) {
+        let committed_size = |b: u64| self.extents.get(&b).map(|e| e.num_bytes);
+        // A committed extent is gone at the end of the commit only if its
+        // ops end with no item (freed), whatever else is decided.
+        let freed = |results: &BTreeMap<u64, (bool, Evaluated)>, b: u64| {
+            matches!(results.get(&b), Some((_, Ok(Some((None, _))))))
+        };
+        let mut bytenrs: Vec<u64> = self.extents.keys().copied().collect();
+        bytenrs.extend(results.keys().copied());
+        bytenrs.sort_unstable();
+        bytenrs.dedup();
+        // The settled live extent before the current bytenr reaching
+        // furthest: (bytenr, num_bytes).
+        let mut reach: Option<(u64, u64)> = None;
+        for b in bytenrs {
+            let new_size = match results.get(&b) {
+                Some((true, Ok(Some((Some(e), _))))) => Some(e.num_bytes),
+                _ => None,
+            };
+            let live = match results.get(&b) {
+                Some((_, Ok(Some((new, _))))) => new.as_ref().map(|e| e.num_bytes),
+                _ => committed_size(b),
+            };
+            let live = match new_size {
+                Some(n) => {
+                    let end = b + n;
+                    let covered = reach.is_some_and(|(p, m)| p + m > b);
+                    let inside = self
+                        .extents
+                        .range(b + 1..end)
+                        .any(|(&c, _)| !freed(results, c));
+                    if covered || inside {
+                        results.insert(b, (true, Err(())));
+                        committed_size(b)
+                    } else {
+                        live
+                    }
+                }
+                None => live,
+            };
+            if let Some(n) = live {
+                if reach.is_none_or(|(p, m)| b + n > p + m) {
+                    reach = Some((b, n));
+                }
+            }
+        }
+    }
+
     /// Ok(None) = no change; Ok(Some((new state, freed))); Err = refused.
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[allow(clippy::too_many_arguments)]
     fn evaluate(
         &self,
         bytenr: u64,
@@ -222,7 +301,7 @@ impl Model {
         eop_flags: u64,
         eop_key: Option<DiskKey>,
         generation: u64,
-    ) -> Result<Option<(Option<ModelExtent>, Vec<(u64, u64)>)>, ()> {
+    ) -> Evaluated {
         let committed = self.extents.get(&bytenr);
         let mut freed = Vec::new();
         let mut e = if let Some(a) = alloc {

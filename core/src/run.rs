@@ -155,6 +155,24 @@ pub enum RunError {
         /// Kind of the allocation.
         kind: ExtentKind,
     },
+    /// An allocation whose range `[bytenr, bytenr + num_bytes)` meets
+    /// another extent live at the end of the commit: a committed extent
+    /// this commit does not free, or an extent allocated at a lower bytenr
+    /// by the same commit. The kernel's allocator never hands out such a
+    /// range, so the ops are a client's bug; committed, they would make the
+    /// extent tree overlap (`ExtentTree::check`, fsck). Decided after every
+    /// head ran, in bytenr order (see `crate::engine`).
+    #[error("extent {bytenr}: allocated as {num_bytes} bytes, overlapping the live extent at {other} ({other_bytes} bytes)")]
+    OverlapsExtent {
+        /// Extent.
+        bytenr: u64,
+        /// Size of the allocation.
+        num_bytes: u64,
+        /// The live extent it meets.
+        other: u64,
+        /// That extent's size.
+        other_bytes: u64,
+    },
     /// A backref of the other kind than the extent (a data backref on a
     /// tree block or the reverse).
     #[error("extent {bytenr}: backref '{key}' does not fit the extent's kind ({kind})")]

@@ -448,6 +448,17 @@ pub enum VerifyError {
         /// The count the tree records (`None`: not yet recorded).
         recorded: Option<u64>,
     },
+    /// An extent starts inside the previous extent's range (a tree refd
+    /// commits never has this: an overlapping allocation is refused).
+    #[error("extent {bytenr}: starts inside the extent at {prev} ({prev_bytes} bytes)")]
+    Overlap {
+        /// Extent.
+        bytenr: u64,
+        /// The extent before it.
+        prev: u64,
+        /// Its size.
+        prev_bytes: u64,
+    },
     /// A cached extent differs from the B+tree's.
     #[error("extent {bytenr}: the cached item differs from the B+tree's")]
     CacheDiffers {

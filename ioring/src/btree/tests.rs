@@ -400,6 +400,36 @@ fn range_bounds() {
     assert_eq!(all, (0..5000).collect::<Vec<_>>());
 }
 
+/// `last_below` is the greatest key below its argument at every position
+/// of a multi-level tree: inside a leaf, at a leaf's first key (the answer
+/// is in the leaf to the left), below the first key and past the last,
+/// committed or not, and after deletes empty a stretch of leaves.
+#[test]
+fn last_below_finds_the_predecessor() {
+    let mut f = Fixture::new(512, 1 << 20);
+    let t = f.open();
+    let changes: Vec<_> = (0..5000u64)
+        .map(|i| (Key::new(2 * i + 1, 0, 0), Change::Put(value(i, 40))))
+        .collect();
+    t.apply_sorted(changes).expect("apply");
+    let check = |t: &BTree<Arc<SimStorage>>| {
+        let all: Vec<Key> = t.range(..).map(|x| x.expect("item").0).collect();
+        for probe in 0..10_003u64 {
+            let k = Key::new(probe, 0, 0);
+            let want = all[..all.partition_point(|a| *a < k)].last().copied();
+            assert_eq!(t.last_below(&k).expect("read"), want, "below {probe}");
+        }
+    };
+    check(&t);
+    f.commit(&t);
+    check(&t);
+    let deletes: Vec<_> = (1000..3000u64)
+        .map(|i| (Key::new(2 * i + 1, 0, 0), Change::Delete))
+        .collect();
+    t.apply_sorted(deletes).expect("delete");
+    check(&t);
+}
+
 /// A tree many times larger than the cache: every read goes through
 /// eviction, the budget holds, the results are right.
 #[test]

@@ -490,6 +490,56 @@ impl<S: Storage> BTree<S> {
         }
     }
 
+    /// The greatest key below `key` in the working tree (`None`: no key is
+    /// below it). One descent, and one more down the nearest subtree to
+    /// the left when the path's leaf has no key below `key`.
+    pub fn last_below(&self, key: &Key) -> Result<Option<Key>, BTreeError> {
+        let st = self.read_state()?;
+        let Some(mut ptr) = st.root else {
+            return Ok(None);
+        };
+        let child = |c: &super::node::Child, level: u8| Ptr {
+            addr: c.addr,
+            level: level - 1,
+            generation: c.generation,
+        };
+        // The nearest subtree left of the path: every key in it is below
+        // `key`, and above every key further left.
+        let mut left = None;
+        loop {
+            let h = self.node(&st, ptr)?;
+            match &h.body {
+                Body::Leaf(items) => {
+                    let below = items.partition_point(|(k, _)| k < key);
+                    if below > 0 {
+                        return Ok(Some(items[below - 1].0));
+                    }
+                    break;
+                }
+                Body::Internal(children) => {
+                    let i = route(children, key);
+                    if i > 0 {
+                        left = Some(child(&children[i - 1], h.level));
+                    }
+                    ptr = child(&children[i], h.level);
+                }
+            }
+        }
+        let Some(mut ptr) = left else {
+            return Ok(None);
+        };
+        loop {
+            let h = self.node(&st, ptr)?;
+            match &h.body {
+                Body::Leaf(items) => return Ok(items.last().map(|(k, _)| *k)),
+                Body::Internal(children) => match children.last() {
+                    Some(c) => ptr = child(c, h.level),
+                    None => return Ok(None),
+                },
+            }
+        }
+    }
+
     /// Iterates the items with keys in `range`, ascending. See the module
     /// docs for what a scan sees when the writer runs concurrently.
     pub fn range(&self, range: impl RangeBounds<Key>) -> Range<'_, S> {

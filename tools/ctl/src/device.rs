@@ -233,7 +233,8 @@ fn load(path: &Path, report: &mut FsckReport) -> Result<Loaded, String> {
 
 /// Check a device: superblocks, every tree node (checksum, address, key
 /// order, generation, no node referenced twice, allocator agreement), every
-/// extent (refs = sum of backrefs, counts, kinds) and the log (what
+/// extent (refs = sum of backrefs, counts, kinds, no extent starting inside
+/// an extent before it) and the log (what
 /// recovery would replay, every record decodable). Streams the extents:
 /// memory does not grow with the tree.
 pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> {
@@ -255,9 +256,20 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
             Err(e) => report.problem(format!("extent tree: {e}")),
         }
         let (mut extents, mut refs) = (0usize, 0u64);
+        let mut prev: Option<(u64, u64)> = None;
+        // Extents starting inside the one before (damage: refd refuses an
+        // allocation that overlaps a live extent), and the first of them.
+        let (mut overlaps, mut first_overlap) = (0u64, None);
         let scanned = scan_extents(&tree, &report.device, 0..=EXTENT_BYTENR_MAX, |b, item| {
             extents += 1;
             refs += item.refs;
+            if let Some((p, n)) = prev.filter(|&(p, n)| p.saturating_add(n) > b) {
+                overlaps += 1;
+                first_overlap.get_or_insert((b, p, n));
+            }
+            if prev.is_none_or(|(p, n)| b.saturating_add(item.num_bytes) > p.saturating_add(n)) {
+                prev = Some((b, item.num_bytes));
+            }
             if extents.is_multiple_of(PROGRESS_CHECK_ITEMS) {
                 progress.tick(|| format!("checked {extents} extents (bytenr {b})"));
             }
@@ -267,6 +279,12 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
         report.refs = refs;
         if let Err(e) = scanned {
             report.problem(e.to_string());
+        }
+        if let Some((b, p, n)) = first_overlap {
+            report.problem(format!(
+                "extent {b}: starts inside the extent at {p} ({n} bytes); \
+                 {overlaps} extent(s) start inside an extent before them"
+            ));
         }
         match read_extent_count(&tree, &report.device) {
             Ok(recorded) => {

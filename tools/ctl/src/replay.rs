@@ -4,13 +4,18 @@
 //! The trace is read streaming; ops are routed by bytenr to `threads`
 //! ingest workers over bounded channels (an extent's ops stay in trace
 //! order on one worker), and the dispatcher commits every `commit_every`
-//! ops while the workers keep ingesting, then once more at the end. On a
+//! ops, once the workers have ingested every op before that point of the
+//! trace (as a client's op is acknowledged before it sends the next, so a
+//! commit never holds an allocation without the earlier free of its
+//! range), then once more at the end. On a
 //! mismatch the trace is read a second time to collect the ops and the
 //! kernel's `run_*` records of the first mismatched extents.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::SyncSender;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,7 +26,7 @@ use refd_btrfs::trace::{RunEvent, TraceError, TraceItem, TraceOptions, TraceRead
 use refd_core::delayed::lockfree::LockFreeStore;
 use refd_core::delayed::mutex::MutexStore;
 use refd_core::delayed::DelayedRefStore;
-use refd_core::engine::{Engine, EngineError, QuarantinedHead};
+use refd_core::engine::{Engine, EngineError, EngineHandle, QuarantinedHead};
 use refd_core::extent_tree::ExtentTree;
 use refd_core::model::{partition, Op};
 
@@ -224,9 +229,11 @@ fn run<S: DelayedRefStore>(
     let mut commits = 0u64;
     let mut quarantined: Vec<QuarantinedHead> = Vec::new();
     let mut trace_error = None;
+    // Batches each worker has ingested (the dispatcher counts those sent).
+    let ingested: Vec<AtomicU64> = (0..opts.threads).map(|_| AtomicU64::new(0)).collect();
     std::thread::scope(|s| {
         let mut senders = Vec::with_capacity(opts.threads);
-        for _ in 0..opts.threads {
+        for done in &ingested {
             let (tx, rx) = sync_channel::<Vec<Op>>(QUEUE_BATCHES);
             senders.push(tx);
             let (engine, verify_errors) = (&engine, &verify_errors);
@@ -235,27 +242,15 @@ fn run<S: DelayedRefStore>(
                     .handle()
                     .expect("one ingest handle per replay worker");
                 for batch in rx {
-                    for op in &batch {
-                        match h.add(op) {
-                            Ok(()) => {}
-                            Err(e) => {
-                                let mut v = verify_errors.lock().unwrap_or_else(|p| p.into_inner());
-                                v.0 += 1;
-                                if v.1.len() < ERRORS_KEPT {
-                                    v.1.push(match e {
-                                        EngineError::Verify(v) => v.to_string(),
-                                        other => other.to_string(),
-                                    });
-                                }
-                            }
-                        }
-                    }
+                    ingest_batch(&mut h, &batch, verify_errors);
+                    done.fetch_add(1, Ordering::Release);
                 }
             });
         }
         let mut batches: Vec<Vec<Op>> = (0..opts.threads)
             .map(|_| Vec::with_capacity(BATCH_OPS))
             .collect();
+        let mut sent = vec![0u64; opts.threads];
         let mut next_commit = opts.commit_every;
         for item in reader.ops() {
             let traced = match item {
@@ -267,15 +262,27 @@ fn run<S: DelayedRefStore>(
             };
             let t = partition(traced.op.bytenr, opts.threads);
             batches[t].push(traced.op);
-            if batches[t].len() == BATCH_OPS {
-                let full = std::mem::replace(&mut batches[t], Vec::with_capacity(BATCH_OPS));
-                if senders[t].send(full).is_err() {
-                    break;
-                }
+            if batches[t].len() == BATCH_OPS && !send(&senders, &mut batches, &mut sent, t) {
+                break;
             }
             ops += 1;
             if opts.commit_every > 0 && ops == next_commit {
                 next_commit += opts.commit_every;
+                // The commit takes every op before this point of the trace
+                // (and maybe some after): the kernel allocates a range only
+                // after the op that freed it, so a commit with the
+                // allocation and without the free would refuse it as an
+                // overlap (a client has this order: its free is
+                // acknowledged before it allocates).
+                let all = (0..opts.threads).all(|t| send(&senders, &mut batches, &mut sent, t));
+                if !all {
+                    break;
+                }
+                for (t, done) in ingested.iter().enumerate() {
+                    while done.load(Ordering::Acquire) < sent[t] {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                }
                 let r = engine.commit();
                 commits += 1;
                 quarantined.extend(r.quarantined);
@@ -284,10 +291,8 @@ fn run<S: DelayedRefStore>(
                 }
             }
         }
-        for (t, batch) in batches.into_iter().enumerate() {
-            if !batch.is_empty() {
-                let _ = senders[t].send(batch);
-            }
+        for t in 0..opts.threads {
+            send(&senders, &mut batches, &mut sent, t);
         }
         drop(senders);
     });
@@ -380,4 +385,44 @@ impl std::fmt::Display for HistoryItem {
             }
         }
     }
+}
+
+/// Queue a batch of ops on a replay worker's handle; refused ops are
+/// counted, and the first [`ERRORS_KEPT`] kept.
+fn ingest_batch<S: DelayedRefStore>(
+    h: &mut EngineHandle<'_, S>,
+    batch: &[Op],
+    verify_errors: &Mutex<(u64, Vec<String>)>,
+) {
+    for op in batch {
+        if let Err(e) = h.add(op) {
+            let mut v = verify_errors.lock().unwrap_or_else(|p| p.into_inner());
+            v.0 += 1;
+            if v.1.len() < ERRORS_KEPT {
+                v.1.push(match e {
+                    EngineError::Verify(v) => v.to_string(),
+                    other => other.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// Send worker `t` its batch (when not empty) and count it in `sent`;
+/// false when the worker is gone.
+fn send(
+    senders: &[SyncSender<Vec<Op>>],
+    batches: &mut [Vec<Op>],
+    sent: &mut [u64],
+    t: usize,
+) -> bool {
+    if batches[t].is_empty() {
+        return true;
+    }
+    let full = std::mem::replace(&mut batches[t], Vec::with_capacity(BATCH_OPS));
+    if senders[t].send(full).is_err() {
+        return false;
+    }
+    sent[t] += 1;
+    true
 }

@@ -144,6 +144,43 @@ fn every_request_does_what_the_protocol_says() {
     assert_eq!(p.payload, b"hi");
 }
 
+/// An allocation inside a committed extent's range is acknowledged (each
+/// op is valid on its own) and refused by the commit: the COMMIT reply
+/// counts it in `quarantined`, STATS keeps it, LOOKUP shows nothing at its
+/// bytenr and the committed extent unchanged. Inside the same extent
+/// freed by the same commit, the allocation is applied.
+#[test]
+fn an_overlapping_allocation_is_refused_by_the_commit() {
+    let Some(t) = Target::new("refd-overlap", 256 * MIB, true) else {
+        return;
+    };
+    let d = Daemon::start(&t, &["--commit-interval-ms", "60000"]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    let x = 1 << 30;
+    let big = |action| WireOp::data_ref(action, x, 64 << 10, 5, 1, 0);
+    assert!(matches!(
+        c.submit(s, 1, &[big(ACTION_ADD_EXTENT)]),
+        Reply::Submit(_)
+    ));
+    assert_eq!(c.commit().applied, 1);
+    let inside = data(ACTION_ADD_EXTENT, x + 8192, 2);
+    assert!(matches!(c.submit(s, 2, &[inside]), Reply::Submit(_)));
+    let cr = c.commit();
+    assert_eq!((cr.ops, cr.applied, cr.quarantined), (1, 0, 1));
+    assert_eq!(c.stats()["engine"]["quarantined"], 1);
+    let e = &c.lookup(&[x, x + 8192])[..];
+    assert_eq!((e[0].committed_refs, e[0].num_bytes), (1, 64 << 10));
+    assert_eq!((e[1].refs, e[1].committed_refs), (0, 0));
+    // The big extent freed and the allocation again, in one commit.
+    let ops = [big(ACTION_DROP_REF), inside];
+    assert!(matches!(c.submit(s, 3, &ops), Reply::Submit(_)));
+    let cr = c.commit();
+    assert_eq!((cr.applied, cr.freed, cr.quarantined), (2, 1, 0));
+    let e = &c.lookup(&[x, x + 8192])[..];
+    assert_eq!((e[0].refs, e[1].committed_refs), (0, 1));
+}
+
 /// A retried SUBMIT (same session, same request number) is answered from
 /// the stored reply and applied once.
 #[test]

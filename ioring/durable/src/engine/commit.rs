@@ -18,7 +18,7 @@ use refd_ioring::log::Lsn;
 use refd_ioring::Storage;
 
 use super::open::write_superblock;
-use super::read::read_extents;
+use super::read::{alloc_neighbours, read_extents};
 use super::{lock, CommitState, DurableEngine};
 use crate::codec::{self, CodecError};
 use crate::error::{CommitError, CommitStep, Failure};
@@ -214,8 +214,10 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     }
 
     /// Makes the committed item of every frozen head's bytenr cached (the
-    /// core engine runs heads against its cache): when the cache is not
-    /// complete, the misses are read from the B+tree, and the bytenrs are
+    /// core engine runs heads against its cache), and of the extents next
+    /// to every allocation (its overlap check, see `alloc_neighbours`):
+    /// when the cache is not complete, the misses are read from the
+    /// B+tree, and the frozen bytenrs are
     /// published as the running commit's in-flight set. Returns how many
     /// were read.
     fn cache_frozen(&self, heads: &[Head]) -> Result<usize, crate::error::ReadError> {
@@ -224,13 +226,20 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             // not needed either (a miss means the same at every moment).
             return Ok(0);
         }
+        // With the extents next to each allocation, for its overlap check.
+        let mut near = alloc_neighbours(&self.tree, self.storage.device_name(), heads)?;
+        near.sort_unstable();
+        near.dedup();
         let misses: Vec<u64> = {
             let tree = self.engine.tree();
-            heads
-                .iter()
-                .map(|h| h.bytenr)
-                .filter(|&b| tree.get(b).is_none())
-                .collect()
+            let mut misses: Vec<u64> = heads.iter().map(|h| h.bytenr).collect();
+            if !near.is_empty() {
+                // Not frozen bytenrs: no repeats.
+                misses.extend(near);
+                misses.sort_unstable();
+            }
+            misses.retain(|&b| tree.get(b).is_none());
+            misses
         };
         let read = read_extents(&self.tree, self.storage.device_name(), &misses)?;
         self.engine.cache_committed(

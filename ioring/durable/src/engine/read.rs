@@ -179,6 +179,51 @@ pub(super) fn read_extents<S: Storage>(
     Ok(out)
 }
 
+/// The committed extents the overlap check of a commit's allocations
+/// needs besides the frozen heads' own (`refd_core`'s `overlap` module:
+/// an allocation is refused if it meets a live extent): for every head
+/// that allocates, the extent with the greatest bytenr below its own, and
+/// the first extent inside its range that is not a frozen head's (a
+/// frozen head's item is read anyway; any other extent there stays live,
+/// and one is enough to refuse). `heads` are sorted by bytenr. Read on
+/// the commit run's workers; bytenrs in no particular order, maybe
+/// repeated.
+pub(super) fn alloc_neighbours<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    heads: &[Head],
+) -> Result<Vec<u64>, ReadError> {
+    let tree_err = |source| ReadError::Tree {
+        device: device.to_string(),
+        what: "extents next to an allocation",
+        source: Box::new(source),
+    };
+    let frozen = |b: u64| heads.binary_search_by_key(&b, |h| h.bytenr).is_ok();
+    let parts = refd_core::engine::in_parts(heads, PARALLEL_READ_MIN_EXTENTS, |_, part| {
+        let mut out = Vec::new();
+        for h in part.iter().filter(|h| h.summary.must_insert_reserved()) {
+            let b = h.bytenr;
+            let below = tree.last_below(&Key::new(b, 0, 0)).map_err(tree_err)?;
+            out.extend(below.map(|k| k.objectid).filter(|&p| !frozen(p)));
+            let end = b.saturating_add(h.summary.num_bytes);
+            let inside = Key::new(b.saturating_add(1), 0, 0)..Key::new(end, 0, 0);
+            for item in tree.range(inside) {
+                let (key, _) = item.map_err(tree_err)?;
+                if key.objectid <= codec::EXTENT_BYTENR_MAX && !frozen(key.objectid) {
+                    out.push(key.objectid);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    });
+    let mut out = Vec::new();
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(out)
+}
+
 impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// Would-be reference count of `bytenr`: committed item + pending ops,
     /// each acknowledged op counted exactly once (as in core: the core

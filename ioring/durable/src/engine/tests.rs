@@ -240,10 +240,11 @@ fn extent_count_after_commits_and_a_crash() {
     ));
 }
 
-/// A commit big enough for every run worker, with overlapping extents
-/// (head selection wraps around inside a worker's part, so its item
-/// changes come out of key order): the B+tree gets exactly the
-/// cache's items.
+/// A commit big enough for every run worker, with heads inside a larger
+/// extent's range (two 64 KiB extents freed and their ranges allocated
+/// again: head selection wraps around inside a worker's part, so its item
+/// changes come out of key order): the B+tree gets exactly the cache's
+/// items.
 #[test]
 fn parallel_run_item_changes_reach_the_btree() {
     let (dev, _) = formatted(64 << 20, 16 << 20);
@@ -268,22 +269,118 @@ fn parallel_run_item_changes_reach_the_btree() {
         };
         Op::new(bytenr, num_bytes, ExtentKind::Data, action, key, 0).unwrap()
     };
-    for round in 0..2 {
+    // In both workers' ranges: a 64 KiB extent over the next four heads'
+    // bytenrs, which are allocated once it is freed.
+    let bigs = [10, heads - 10];
+    let inside = |i: u64| bigs.iter().any(|&b| i > b && i <= b + 4);
+    for round in 0..2u64 {
         for i in 0..heads {
-            let action = [Action::AddExtent, Action::AddRef][round];
-            e.add(&op(at(i), 4096, action, 5 + round as u64)).unwrap();
+            let action = match (round, inside(i)) {
+                (0, true) => continue,
+                (0, false) | (1, true) => Action::AddExtent,
+                _ => Action::AddRef,
+            };
+            e.add(&op(at(i), 4096, action, 5 + round)).unwrap();
         }
-        // In both workers' ranges: a 64 KiB extent over the next four.
-        for i in [10, heads - 10] {
-            let action = [Action::AddExtent, Action::AddRef][round];
-            e.add(&op(at(i) + 4096, 64 << 10, action, 5 + round as u64))
-                .unwrap();
+        for i in bigs {
+            let action = [Action::AddExtent, Action::DropRef][round as usize];
+            e.add(&op(at(i) + 4096, 64 << 10, action, 5)).unwrap();
         }
         let s = e.commit().unwrap();
-        assert_eq!(s.core.applied as u64, heads + 2, "round {round}");
+        assert!(s.core.quarantined.is_empty(), "{:?}", s.core.quarantined);
+        assert_eq!(s.core.applied as u64, heads + 2 - 8 * (1 - round));
         assert_eq!(e.committed_extents().unwrap(), *e.cached_extents());
         e.verify().unwrap();
     }
+}
+
+/// An allocation overlapping a committed extent that the engine's cache
+/// no longer holds (the cache is smaller than the tree) is refused as
+/// when it is cached: a commit reads the extents next to every
+/// allocation from the B+tree (the one below it, and one inside its
+/// range). The tree on the device stays without overlaps.
+#[test]
+fn overlap_with_an_evicted_extent_is_refused() {
+    use refd_core::run::RunError;
+    let (dev, _) = formatted(8 << 20, 1 << 20);
+    let small = OpenOptions {
+        cache_extents_max: 2,
+        ..opts()
+    };
+    let (e, _) = DurableEngine::open(dev, small).unwrap();
+    let op = |bytenr: u64, num_bytes: u64, objectid: u64| {
+        let key = RefKey::ExtentData {
+            root: 5,
+            objectid,
+            offset: 0,
+        };
+        Op::new(
+            bytenr,
+            num_bytes,
+            ExtentKind::Data,
+            Action::AddExtent,
+            key,
+            0,
+        )
+        .unwrap()
+    };
+    let mib = 1u64 << 20;
+    e.add_durable(&op(mib, 64 << 10, 1)).unwrap();
+    for i in 1..=4 {
+        e.add_durable(&op(10 * i * mib, 4096, 2)).unwrap();
+    }
+    e.commit().unwrap();
+    assert!(e.cached_extents().get(mib).is_none(), "evicted");
+    for (bytenr, num_bytes) in [(mib + 4096, 4096), (mib - 4096, 8192)] {
+        e.add_durable(&op(bytenr, num_bytes, 3)).unwrap();
+        let s = e.commit().unwrap();
+        assert_eq!(
+            s.core
+                .quarantined
+                .iter()
+                .map(|q| q.error.clone())
+                .collect::<Vec<_>>(),
+            vec![RunError::OverlapsExtent {
+                bytenr,
+                num_bytes,
+                other: mib,
+                other_bytes: 64 << 10
+            }]
+        );
+        e.verify().unwrap();
+    }
+    e.committed_extents().unwrap().check().unwrap();
+    assert_eq!(e.extents(), 5);
+}
+
+/// `verify` finds an extent that starts inside the one before it (damage:
+/// a commit never writes one, an overlapping allocation is refused), put
+/// into the B+tree behind the engine's back.
+#[test]
+fn verify_finds_an_extent_inside_another() {
+    let (_dev, e) = setup();
+    e.add_durable(&data(Action::AddExtent, 1)).unwrap();
+    e.commit().unwrap();
+    e.verify().unwrap();
+    let mut item = refd_core::extent_tree::ExtentItem::new(4096, ExtentKind::Data, 9);
+    let key = RefKey::ExtentData {
+        root: 5,
+        objectid: 9,
+        offset: 0,
+    };
+    item.add_ref(key, 1);
+    let mut changes = Vec::new();
+    let inside = (1 << 20) + 2048;
+    crate::codec::diff_extent(inside, None, Some(&item), &mut changes).unwrap();
+    e.tree.apply_sorted(changes).unwrap();
+    assert!(matches!(
+        e.verify(),
+        Err(crate::error::VerifyError::Overlap {
+            bytenr,
+            prev: 0x10_0000,
+            prev_bytes: 4096
+        }) if bytenr == inside
+    ));
 }
 
 /// Replay keeps each extent's ops in log order: after a crash, the

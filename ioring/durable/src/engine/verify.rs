@@ -13,7 +13,8 @@ use crate::error::VerifyError;
 
 impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// fsck: the B+tree's on-disk walk, every extent item decoded and
-    /// checked (streaming: memory is one extent), the held heads decoded
+    /// checked (streaming: memory is one extent), no extent starting inside
+    /// the one before, the held heads decoded
     /// and as many as the engine holds since its last commit, every
     /// cached extent equal to the B+tree's, and the extent count the
     /// engine keeps (and the tree records) equal to the items scanned. Call between commits (it
@@ -44,12 +45,23 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let mut matched = 0usize;
         let mut extents = 0u64;
         let mut differs = None;
+        let mut overlap = None;
+        let mut prev: Option<(u64, u64)> = None;
         scan_extents(
             &self.tree,
             device,
             0..=codec::EXTENT_BYTENR_MAX,
             |b, item| {
                 extents += 1;
+                if let Some((p, n)) = prev.filter(|&(p, n)| p.saturating_add(n) > b) {
+                    overlap = Some(VerifyError::Overlap {
+                        bytenr: b,
+                        prev: p,
+                        prev_bytes: n,
+                    });
+                    return ControlFlow::Break(());
+                }
+                prev = Some((b, item.num_bytes));
                 if let Some(c) = cached.get(b) {
                     if *c != item {
                         differs = Some(b);
@@ -60,6 +72,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
                 ControlFlow::Continue(())
             },
         )?;
+        if let Some(e) = overlap {
+            return Err(e);
+        }
         if let Some(bytenr) = differs {
             return Err(VerifyError::CacheDiffers { bytenr });
         }

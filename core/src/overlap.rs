@@ -1,0 +1,266 @@
+//! Refusing an allocation that overlaps a live extent.
+//!
+//! The kernel's allocator never hands out a range that overlaps an extent,
+//! so an allocation (`must_insert_reserved`) whose range
+//! `[bytenr, bytenr + num_bytes)` meets another extent is a client's bug;
+//! committed, it would leave an extent tree that `ExtentTree::check` and
+//! fsck call broken. The rule (`docs/design.md`, "Semantics"; the oracle's
+//! rule 8 states it on its own): at the end of a commit no two extents
+//! overlap. Allocations are decided in ascending bytenr order, after every
+//! head ran on its own ([`crate::run`]): an allocation at `b` is refused
+//! ([`RunError::OverlapsExtent`]) if the live extent settled before `b`
+//! reaches past `b`, or if a committed extent starting inside the new
+//! range stays live whatever is decided (its head does not free it). So
+//! of two overlapping allocations of one commit the higher is refused, a
+//! committed extent is never touched, and an allocation inside an extent
+//! freed by the same commit is legal (refd's commit spans many kernel
+//! transactions; the kernel reuses a range once the transaction that
+//! freed it commits).
+//!
+//! Most allocations meet nothing, and the run workers accept them as they
+//! go. A worker defers ("contests") an allocation only if its range meets a
+//! committed extent, or if it lies inside the range of an allocating head
+//! at a lower bytenr ([`covered_heads`], one pass over the sorted heads
+//! before the run, so a range crossing a worker's boundary is seen). The
+//! contested ones are then settled on one thread ([`settle`]), in bytenr
+//! order, against every head's outcome: the decision is the same however
+//! the heads were cut into parts.
+
+use crate::engine::{RunPart, RunSink};
+use crate::extent_tree::{ExtentItem, ExtentTree, Walker};
+use crate::head::Head;
+use crate::run::{HeadEffect, RunError};
+
+/// Indices of the heads (sorted by bytenr) whose bytenr lies inside the
+/// range of an allocating head at a lower bytenr, ascending.
+pub(crate) fn covered_heads(heads: &[Head]) -> Vec<usize> {
+    let mut reach = 0u64;
+    let mut covered = Vec::new();
+    for (i, h) in heads.iter().enumerate() {
+        if h.bytenr < reach {
+            covered.push(i);
+        }
+        if h.summary.must_insert_reserved() {
+            reach = reach.max(h.bytenr.saturating_add(h.summary.num_bytes));
+        }
+    }
+    covered
+}
+
+/// Whether the run worker must leave the effect `e` of `head` to
+/// [`settle`]: an allocation with a new extent that lies inside an earlier
+/// allocating head's range (`covered`), or whose range meets a committed
+/// extent (found with the worker's tree `walker`).
+pub(crate) fn contested(
+    head: &Head,
+    e: &HeadEffect,
+    covered: bool,
+    walker: &mut Walker<'_>,
+) -> bool {
+    let Some(item) = e
+        .item
+        .as_ref()
+        .filter(|_| head.summary.must_insert_reserved())
+    else {
+        return false;
+    };
+    if covered {
+        return true;
+    }
+    let b = head.bytenr;
+    let (below, above) = walker.neighbours(b);
+    below.is_some_and(|(p, i)| p.saturating_add(i.num_bytes) > b)
+        || above.is_some_and(|(c, _)| c < b.saturating_add(item.num_bytes))
+}
+
+/// What [`settle`] knows of the extents below the last bytenr it decided:
+/// the nearest extent live after the commit at or below `at`.
+#[derive(Clone, Copy, Debug)]
+struct Floor {
+    at: u64,
+    nearest: Option<(u64, u64)>,
+}
+
+/// Committed extents in `[from, to)` are all freed by this commit;
+/// `blocker` is the live committed extent at `to` where a scan stopped on
+/// it (`None`: the scan ended at `to`).
+#[derive(Clone, Copy, Debug)]
+struct FreedSpan {
+    from: u64,
+    to: u64,
+    blocker: Option<(u64, u64)>,
+}
+
+/// Decide the contested allocations of every part, in ascending bytenr
+/// order: refused ones are quarantined with [`RunError::OverlapsExtent`]
+/// (their bytenr keeps its committed item), accepted ones are shown to
+/// `sink` and join their part's effects and freed extents. `tree` is the
+/// committed tree the heads ran against.
+pub(crate) fn settle<K: RunSink>(
+    tree: &ExtentTree,
+    heads: &[Head],
+    parts: &mut [RunPart<K::Part>],
+    sink: &K,
+) {
+    let mut contested: Vec<(usize, HeadEffect)> = parts
+        .iter_mut()
+        .flat_map(|p| std::mem::take(&mut p.contested))
+        .collect();
+    if contested.is_empty() {
+        return;
+    }
+    contested.sort_unstable_by_key(|c| c.0);
+    for p in parts.iter_mut() {
+        if !p.effects.is_sorted_by_key(|e| e.0) {
+            p.effects.sort_by_key(|e| e.0);
+        }
+    }
+    let mut late: Vec<Vec<(u64, Option<ExtentItem>)>> = vec![Vec::new(); parts.len()];
+    let mut state = Settled {
+        tree,
+        heads,
+        decided: Vec::with_capacity(contested.len()),
+        floor: None,
+        span: None,
+    };
+    for (idx, e) in contested {
+        let k = parts.partition_point(|p| p.base <= idx) - 1;
+        let b = heads[idx].bytenr;
+        let num_bytes = e.item.as_ref().map_or(0, |i| i.num_bytes);
+        let committed = tree.get(b);
+        let nearest = state.nearest_below(idx, &parts[..]);
+        let covering = nearest.filter(|&(p, n)| p.saturating_add(n) > b);
+        let other = covering.or_else(|| state.live_inside(b, num_bytes, &parts[..]));
+        let live = match other {
+            Some((other, other_bytes)) => {
+                let error = RunError::OverlapsExtent {
+                    bytenr: b,
+                    num_bytes,
+                    other,
+                    other_bytes,
+                };
+                parts[k].quarantined.push((idx, error));
+                committed.map(|i| i.num_bytes)
+            }
+            None => {
+                let part = &mut parts[k];
+                sink.effect(&mut part.sink, b, committed, e.item.as_ref());
+                part.freed.extend(e.freed);
+                late[k].push((b, e.item));
+                Some(num_bytes)
+            }
+        };
+        state.decided.push((b, live));
+        state.floor = Some(Floor {
+            at: b,
+            nearest: live.map(|n| (b, n)).or(nearest),
+        });
+    }
+    for (part, late) in parts.iter_mut().zip(late) {
+        part.effects.extend(late);
+    }
+}
+
+/// [`settle`]'s view of the commit while it decides.
+struct Settled<'a> {
+    tree: &'a ExtentTree,
+    heads: &'a [Head],
+    /// Contested allocations decided so far: bytenr, size of the extent
+    /// live there after the commit (ascending).
+    decided: Vec<(u64, Option<u64>)>,
+    floor: Option<Floor>,
+    span: Option<FreedSpan>,
+}
+
+impl Settled<'_> {
+    /// The effect the run computed for the head at `bytenr` (`None`: none
+    /// applied: noop, held, refused, or contested).
+    fn effect<'p, P>(
+        &self,
+        bytenr: u64,
+        parts: &'p [RunPart<P>],
+    ) -> Option<&'p Option<ExtentItem>> {
+        let idx = self
+            .heads
+            .binary_search_by_key(&bytenr, |h| h.bytenr)
+            .ok()?;
+        let k = parts.partition_point(|p| p.base <= idx) - 1;
+        let effects = &parts[k].effects;
+        let at = effects.binary_search_by_key(&bytenr, |e| e.0).ok()?;
+        Some(&effects[at].1)
+    }
+
+    /// Size of the extent live at the head `idx`'s bytenr after the commit
+    /// (heads below the contested allocation being decided: all settled).
+    fn live_at_head<P>(&self, idx: usize, parts: &[RunPart<P>]) -> Option<u64> {
+        let b = self.heads[idx].bytenr;
+        if let Ok(d) = self.decided.binary_search_by_key(&b, |d| d.0) {
+            return self.decided[d].1;
+        }
+        match self.effect(b, parts) {
+            Some(item) => item.as_ref().map(|i| i.num_bytes),
+            None => self.tree.get(b).map(|i| i.num_bytes),
+        }
+    }
+
+    /// The nearest extent live after the commit below the head `idx`'s
+    /// bytenr: its bytenr and size. Extents below the last decided bytenr
+    /// are known from the floor, so every position is looked at once over
+    /// a whole settle.
+    fn nearest_below<P>(&self, idx: usize, parts: &[RunPart<P>]) -> Option<(u64, u64)> {
+        let b = self.heads[idx].bytenr;
+        let mut head = idx;
+        let mut below = self.tree.range(..b).rev().peekable();
+        loop {
+            let at_head = head.checked_sub(1).map(|j| self.heads[j].bytenr);
+            let at_item = below.peek().map(|&(p, _)| p);
+            let pos = at_head.max(at_item)?;
+            if let Some(floor) = self.floor.filter(|f| pos <= f.at) {
+                return floor.nearest;
+            }
+            let live = if at_head == Some(pos) {
+                head -= 1;
+                below.next_if(|&(p, _)| p == pos);
+                self.live_at_head(head, parts)
+            } else {
+                below.next().map(|(_, i)| i.num_bytes)
+            };
+            if let Some(n) = live {
+                return Some((pos, n));
+            }
+        }
+    }
+
+    /// The first committed extent starting inside `(b, b + num_bytes)` that
+    /// stays live whatever is decided: its head does not free it.
+    fn live_inside<P>(
+        &mut self,
+        b: u64,
+        num_bytes: u64,
+        parts: &[RunPart<P>],
+    ) -> Option<(u64, u64)> {
+        let (start, end) = (b.saturating_add(1), b.saturating_add(num_bytes));
+        let mut from = start;
+        let mut scan = start;
+        if let Some(s) = self.span.filter(|s| s.from <= start && start <= s.to) {
+            if end <= s.to {
+                return None;
+            }
+            if s.blocker.is_some() {
+                return s.blocker;
+            }
+            (from, scan) = (s.from, s.to);
+        }
+        let mut blocker = None;
+        for (c, item) in self.tree.range(scan..end) {
+            let freed = matches!(self.effect(c, parts), Some(None));
+            if !freed {
+                blocker = Some((c, item.num_bytes));
+                break;
+            }
+        }
+        let to = blocker.map_or(end, |(c, _)| c);
+        self.span = Some(FreedSpan { from, to, blocker });
+        blocker
+    }
+}

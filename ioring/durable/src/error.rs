@@ -516,18 +516,23 @@ impl From<AddError> for SubmitError {
 /// Errors of the freed-list consumer and session requests
 /// ([`crate::DurableEngine::register_session`],
 /// [`crate::DurableEngine::subscribe_freed`],
-/// [`crate::DurableEngine::ack_freed`], [`crate::DurableEngine::read_freed`]).
+/// [`crate::DurableEngine::ack_freed`],
+/// [`crate::DurableEngine::unsubscribe_freed`],
+/// [`crate::DurableEngine::read_freed`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServiceError {
-    /// No consumer has this id.
-    #[error("freed-list consumer {consumer} is not subscribed")]
+    /// No consumer has this id (never subscribed, or unsubscribed).
+    #[error("freed-list consumer {consumer} is not subscribed (never was, or was unsubscribed)")]
     ConsumerUnknown {
         /// Consumer id.
         consumer: u64,
     },
     /// [`crate::service::CONSUMERS_MAX`] consumers are subscribed.
-    #[error("{max} freed-list consumers are subscribed already")]
+    #[error(
+        "{max} freed-list consumers are subscribed already; unsubscribe one that is no longer \
+         used (FREED_UNSUBSCRIBE, `refctl freed --unsubscribe`)"
+    )]
     ConsumersFull {
         /// The bound.
         max: usize,

@@ -171,6 +171,7 @@ fn replay_records<D: DelayedRefStore, S: Storage + ?Sized>(
                 consumer,
                 generation,
             } => service.ack(consumer, generation),
+            Record::Unsubscribe { consumer } => service.unsubscribe(consumer),
         }
     }
     Ok(n)

@@ -1,6 +1,6 @@
 //! The daemon against clients that misbehave and environments that
 //! refuse: slow readers, half frames, many connections, a second daemon,
-//! a device that is not refd's, a symlinked socket path, a latched I/O
+//! a device that is not refd's or too small, a symlinked socket path, a latched I/O
 //! failure; and its metrics checked by Prometheus's own promtool.
 
 mod common;
@@ -231,6 +231,60 @@ fn refusals_at_start() {
     assert!(
         std::fs::read(&junk).unwrap().iter().all(|&b| b == 0xab),
         "untouched"
+    );
+    // A device too small for the log batches: the message says which
+    // device size would do, not an internal setting.
+    let small = t.scratch.path().join("small.img");
+    let out = run(&[
+        "--device",
+        small.to_str().unwrap(),
+        "--device-size",
+        "16M",
+        "--listen",
+        sock2.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let log_min =
+        (4 * refd_durable::engine::APPENDERS_MIN * refd::config::LOG_BATCH_BYTES_MAX) as u64;
+    let min = refd_durable::device_bytes_min_for_log(log_min);
+    assert_eq!(min, refd::config::device_bytes_min());
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "--device-size 16777216 is too small for a new device: refd needs at least \
+                 {min} bytes ({} MiB)",
+                min.div_ceil(MIB)
+            )),
+        "{err}"
+    );
+    assert!(!small.exists(), "nothing created");
+    // One formatted elsewhere with the default layout of 16 MiB: refused
+    // at open, naming the device size that would do.
+    {
+        let device = refd_ioring::Device::create_file(
+            &small,
+            16 * MIB,
+            refd_ioring::FileAllocation::Reserve,
+        )
+        .unwrap();
+        let storage = std::sync::Arc::new(
+            refd_ioring::UringStorage::new(device, refd_ioring::UringConfig::default()).unwrap(),
+        );
+        refd_durable::DurableEngine::format(&storage, refd_durable::FormatOptions::default())
+            .unwrap();
+    }
+    let out = run(&[
+        "--device",
+        small.to_str().unwrap(),
+        "--listen",
+        sock2.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!("from {min} bytes ({} MiB) on", min.div_ceil(MIB)))
+            && !err.contains("LogConfig"),
+        "{err}"
     );
     // A symlink at the socket path, or a regular file.
     let target_file = t.scratch.path().join("precious.txt");

@@ -453,13 +453,7 @@ fn unsubscribe(w: &World) {
         v["freed"]["lists"].as_u64().unwrap() >= 1,
         "held by dead: {v}"
     );
-    let dead_id = v["freed"]["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "dead")
-        .and_then(|c| c["id"].as_u64())
-        .expect("dead is listed");
+    let dead_id = consumer_id(&v, "dead").expect("dead is listed");
     assert!(dead_id > follower["consumer_id"].as_u64().unwrap());
 
     let out = w.ok(&["freed", "--unsubscribe", &dead_id.to_string()]);
@@ -495,14 +489,17 @@ fn unsubscribe(w: &World) {
         "{out}"
     );
     let v = w.json(&["stats"]);
-    let again = v["freed"]["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "dead")
-        .and_then(|c| c["id"].as_u64())
-        .expect("dead is listed again");
+    let again = consumer_id(&v, "dead").expect("dead is listed again");
     assert!(again > dead_id, "a new id");
+}
+
+/// The id of consumer `name` in a STATS object.
+fn consumer_id(stats: &Value, name: &str) -> Option<u64> {
+    stats["freed"]["consumers"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
+        .and_then(|c| c["id"].as_u64())
 }
 
 /// `freed --follow` prints an extent freed after it started.

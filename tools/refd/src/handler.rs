@@ -62,7 +62,7 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
         self.shared.metrics.request(name);
         if !self.helloed && opcode != Opcode::Hello as u8 {
             let body = ErrorBody::new(ErrorCode::HelloRequired, "send HELLO first");
-            return self.error(id, body);
+            return Pending::error(id, body);
         }
         let pending = if opcode == Opcode::Submit as u8 {
             self.submit(id, &frame.body)
@@ -72,12 +72,8 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
                 Err(e) => Err(e.error_body()),
             }
         };
-        pending.unwrap_or_else(|body| self.error(id, body))
-    }
-
-    fn error(&self, id: u64, body: ErrorBody) -> Pending {
-        self.shared.metrics.error(body.code.name());
-        Pending::error(id, body)
+        // Error frames are counted where they are written (`conn.rs`).
+        pending.unwrap_or_else(|body| Pending::error(id, body))
     }
 
     fn request(&mut self, id: u64, r: Request) -> Result<Pending, ErrorBody> {

@@ -386,6 +386,12 @@ fn metrics_pass_promtool() {
     ));
     c.commit();
     let _ = c.call(&Request::Ping(PingRequest::new(b"").unwrap()));
+    // One error frame sent (a PING body over 64 bytes: BAD_REQUEST, the
+    // connection stays open): counted once.
+    let mut frame = Vec::new();
+    encode_frame(Opcode::Ping, 0, 99, &[0; 65], &mut frame);
+    c.send_raw(&frame);
+    assert_eq!(code(&c.recv().1), Some(ErrorCode::BadRequest));
     let body = http_get(port, "/metrics");
     for name in [
         "refd_ingest_ops_total",
@@ -404,6 +410,11 @@ fn metrics_pass_promtool() {
     };
     // The SUBMIT's ack latency was observed; the daemon's memory is read.
     assert!(value("refd_submit_seconds_count ") >= 1.0);
+    assert_eq!(
+        value("refd_errors_total{code=\"BAD_REQUEST\"} "),
+        1.0,
+        "{body}"
+    );
     // The durable SUBMIT's log batch write was timed by the log, and the
     // histogram ends with its +Inf bucket holding every write.
     let writes = value("refd_log_write_seconds_count ");

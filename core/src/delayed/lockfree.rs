@@ -1020,7 +1020,7 @@ impl GenSnapshot<'_> {
 }
 
 /// Stored heads per range below which a commit's merge uses fewer ranges
-/// (threads) than it has run workers ([`GenSnapshot::merged_heads`]).
+/// (threads) than it has run workers (`GenSnapshot::merged_heads`).
 pub const PARALLEL_MERGE_MIN_HEADS: usize = 64 * 1024;
 
 /// Contents of the live index, see [`LockFreeStore::index_stats`].

@@ -279,6 +279,35 @@ pub enum OpenError {
         /// Cause.
         source: LogError,
     },
+    /// The log region is too small for the configured batch size: fewer
+    /// than [`crate::engine::APPENDERS_MIN`] appends could be in flight. Says
+    /// what log, and what device formatted with the default layout, would
+    /// do.
+    #[error(
+        "{device}: its log region of {log_bytes} bytes is too small for log batches of up to \
+         {batch_bytes_max} bytes: it needs at least {log_bytes_min} bytes (room for {} \
+         appends in flight). The device is {device_bytes} bytes; a device formatted with \
+         the default layout (refd serve creating a file, or refctl format without \
+         --log-bytes) has a large enough log from {device_bytes_min} bytes ({} MiB) on: use a \
+         device at least that large, or one formatted with `refctl format --log-bytes \
+         {log_bytes_min}`",
+        crate::engine::APPENDERS_MIN,
+        device_bytes_min.div_ceil(1 << 20)
+    )]
+    LogTooSmall {
+        /// Device.
+        device: String,
+        /// Its log region.
+        log_bytes: u64,
+        /// The batch size configured (capped by the format's largest).
+        batch_bytes_max: u64,
+        /// The smallest log region that admits enough appends.
+        log_bytes_min: u64,
+        /// The device's size.
+        device_bytes: u64,
+        /// The smallest device whose default layout has such a log.
+        device_bytes_min: u64,
+    },
     /// The log's configuration does not suit its region.
     #[error("{device}: {reason}")]
     Layout {
@@ -527,18 +556,23 @@ impl From<AddError> for SubmitError {
 /// Errors of the freed-list consumer and session requests
 /// ([`crate::DurableEngine::register_session`],
 /// [`crate::DurableEngine::subscribe_freed`],
-/// [`crate::DurableEngine::ack_freed`], [`crate::DurableEngine::read_freed`]).
+/// [`crate::DurableEngine::ack_freed`],
+/// [`crate::DurableEngine::unsubscribe_freed`],
+/// [`crate::DurableEngine::read_freed`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServiceError {
-    /// No consumer has this id.
-    #[error("freed-list consumer {consumer} is not subscribed")]
+    /// No consumer has this id (never subscribed, or unsubscribed).
+    #[error("freed-list consumer {consumer} is not subscribed (never was, or was unsubscribed)")]
     ConsumerUnknown {
         /// Consumer id.
         consumer: u64,
     },
     /// [`crate::service::CONSUMERS_MAX`] consumers are subscribed.
-    #[error("{max} freed-list consumers are subscribed already")]
+    #[error(
+        "{max} freed-list consumers are subscribed already; unsubscribe one that is no longer \
+         used (FREED_UNSUBSCRIBE, `refctl freed --unsubscribe`)"
+    )]
     ConsumersFull {
         /// The bound.
         max: usize,

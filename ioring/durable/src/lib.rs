@@ -38,7 +38,9 @@ pub mod stats;
 
 pub use codec::CodecError;
 pub use committer::{Clock, Committer, CommitterStats, ManualClock, SystemClock};
-pub use engine::open::{newer_superblock, ops_in, read_newest_superblock};
+pub use engine::open::{
+    default_log_bytes, device_bytes_min_for_log, newer_superblock, ops_in, read_newest_superblock,
+};
 pub use engine::{
     count_extents, load_extents, read_extent_count, read_held, read_service, scan_extents,
     DurableEngine, FormatOptions, FreedPage, OpenOptions, ServiceStats, Submitted, Ticket,

@@ -12,7 +12,8 @@
 //!
 //! Bounds: at most [`ServiceOptions::sessions_max`] sessions with at most
 //! [`ServiceOptions::session_replies_kept`] replies each; consumers are
-//! bounded by [`CONSUMERS_MAX`]; freed lists by
+//! bounded by [`CONSUMERS_MAX`] subscribed at once (an unsubscribed one
+//! frees its slot); freed lists by
 //! [`ServiceOptions::freed_kept_max`] extents.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -135,8 +136,8 @@ pub struct FreedList {
 pub(crate) struct Snapshot {
     /// Changed sessions (`None`: evicted, delete the item).
     pub sessions: Vec<(u64, Option<Arc<SessionItem>>)>,
-    /// Changed consumers.
-    pub consumers: Vec<(u64, ConsumerItem)>,
+    /// Changed consumers (`None`: unsubscribed, delete the item).
+    pub consumers: Vec<(u64, Option<ConsumerItem>)>,
     /// The counters, if changed.
     pub meta: Option<MetaItem>,
     /// Every consumer's acknowledgement at the cut (retention).
@@ -406,6 +407,17 @@ impl Service {
         }
     }
 
+    /// Applies an UNSUBSCRIBE record (also on replay): the consumer no
+    /// longer holds lists back and no longer counts against
+    /// [`CONSUMERS_MAX`]; its id is never handed out again
+    /// (`next_consumer` only grows), so a retry cannot remove a consumer
+    /// subscribed since under the same name.
+    pub(crate) fn unsubscribe(&mut self, id: u64) {
+        if self.consumers.remove(&id).is_some() {
+            self.dirty_consumers.insert(id);
+        }
+    }
+
     /// What changed since the last snapshot (taken at a commit's cut).
     pub(crate) fn snapshot(&mut self) -> Snapshot {
         let sessions = std::mem::take(&mut self.dirty_sessions)
@@ -414,16 +426,12 @@ impl Service {
             .collect();
         let consumers = std::mem::take(&mut self.dirty_consumers)
             .into_iter()
-            .filter_map(|id| {
-                self.consumers.get(&id).map(|c| {
-                    (
-                        id,
-                        ConsumerItem {
-                            name: c.name.clone(),
-                            acked: c.acked,
-                        },
-                    )
-                })
+            .map(|id| {
+                let item = self.consumers.get(&id).map(|c| ConsumerItem {
+                    name: c.name.clone(),
+                    acked: c.acked,
+                });
+                (id, item)
             })
             .collect();
         let meta = std::mem::take(&mut self.meta_dirty).then_some(self.meta);
@@ -605,5 +613,29 @@ mod tests {
         assert_eq!(s.freed_to_drop(1, &[4, 9]), vec![4]);
         s.freed_committed(6, list(1), &[4]);
         assert_eq!((s.freed_oldest(), s.freed_extents()), (Some(5), 5));
+    }
+
+    #[test]
+    fn an_unsubscribed_consumer_frees_its_slot_and_its_id_is_not_reused() {
+        let mut s = Service::new(ServiceOptions::default());
+        for _ in 0..CONSUMERS_MAX {
+            let id = s.next_consumer().expect("below the bound");
+            s.subscribe(id, &format!("c{id}"), 0);
+        }
+        assert_eq!(s.next_consumer(), None, "at the bound");
+        let _ = s.snapshot();
+        s.unsubscribe(7);
+        assert!(s.consumer(7).is_none() && s.consumer_by_name("c7").is_none());
+        let snap = s.snapshot();
+        assert_eq!(snap.consumers, vec![(7, None)], "the item is deleted");
+        assert_eq!(snap.acked.len(), CONSUMERS_MAX - 1, "no longer retains");
+        let id = s.next_consumer().expect("a slot is free again");
+        assert_eq!(id, CONSUMERS_MAX as u64 + 1, "ids are never reused");
+        s.subscribe(id, "c7", 0);
+        assert_eq!(s.consumer_by_name("c7").map(|c| c.id), Some(id));
+        let _ = s.snapshot();
+        // Replay of the same record again changes nothing.
+        s.unsubscribe(7);
+        assert!(s.snapshot().consumers.is_empty());
     }
 }

@@ -338,7 +338,7 @@ fn op_records_decode_to_typed_errors_or_round_trip() {
 // ------------------------------------------------------------- log records
 
 fn random_record(rng: &mut ChaCha8Rng) -> Record {
-    match rng.gen_range(0..5) {
+    match rng.gen_range(0..6) {
         0 => Record::Op(random_op(rng)),
         1 => {
             let max = if rng.gen_ratio(1, 16) { 300 } else { 6 };
@@ -369,9 +369,12 @@ fn random_record(rng: &mut ChaCha8Rng) -> Record {
                 acked: wide(rng, 64),
             }
         }
-        _ => Record::FreedAck {
+        4 => Record::FreedAck {
             consumer: wide(rng, 64),
             generation: wide(rng, 64),
+        },
+        _ => Record::Unsubscribe {
+            consumer: wide(rng, 64),
         },
     }
 }

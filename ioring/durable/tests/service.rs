@@ -1,12 +1,14 @@
 //! The daemon's durable state on the simulated device: SUBMIT batches are
 //! exactly once and all or nothing across power losses, sessions and
-//! consumers survive through commits and through log replay alike, and
-//! freed lists are kept, paged, acknowledged and bounded.
+//! consumers survive through commits and through log replay alike (their
+//! removal too), and freed lists are kept, paged, acknowledged and
+//! bounded.
 
 use std::sync::Arc;
 
 use refd_core::delayed::mutex::MutexStore;
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
+use refd_durable::service::CONSUMERS_MAX;
 use refd_durable::{
     DurableEngine, FormatOptions, OpenOptions, ServiceError, ServiceOptions, SessionError,
     SubmitError, Submitted,
@@ -292,6 +294,98 @@ fn freed_lists_are_durable_and_bounded() {
         Err(ServiceError::AckBeyondCommitted { .. })
     ));
     e.verify().unwrap();
+}
+
+/// A consumer that never acknowledges (a decommissioned storage system)
+/// holds every list back; unsubscribing it lets the next commit drop what
+/// the remaining consumers acknowledged, exactly as an ACK would. The
+/// removal is durable from the log (power loss before any commit) and
+/// from the tree (power loss after one), a retry is `ConsumerUnknown`,
+/// and the name subscribes again as a new consumer.
+#[test]
+fn an_unsubscribed_consumer_no_longer_holds_lists() {
+    let dev = device();
+    let e = open(&dev, ServiceOptions::default());
+    let (live, t) = e.subscribe_freed("live").unwrap();
+    t.unwrap().wait().unwrap();
+    let (dead, t) = e.subscribe_freed("dead").unwrap();
+    t.unwrap().wait().unwrap();
+    let g = allocate_and_free(&e, 0..10);
+    e.ack_freed(live.id, g).unwrap().1.unwrap().wait().unwrap();
+    e.commit().unwrap();
+    e.commit().unwrap();
+    assert_eq!(e.service_stats().freed_extents, 10, "the dead one holds it");
+    let (removed, t) = e.unsubscribe_freed(dead.id).unwrap();
+    t.wait().unwrap();
+    assert_eq!((removed.id, removed.name.as_str()), (dead.id, "dead"));
+    let ids = |e: &DurableEngine<Dev>| -> Vec<u64> {
+        e.service_stats().consumers.iter().map(|c| c.id).collect()
+    };
+    // A power loss before any commit: replayed from the log.
+    let crashed: Dev = Arc::new(dev.crash());
+    drop(e);
+    let e = open(&crashed, ServiceOptions::default());
+    assert_eq!(ids(&e), vec![live.id]);
+    assert_eq!(e.service_stats().freed_extents, 10, "kept until a commit");
+    assert!(matches!(
+        e.unsubscribe_freed(dead.id),
+        Err(ServiceError::ConsumerUnknown { consumer }) if consumer == dead.id
+    ));
+    assert!(matches!(
+        e.ack_freed(dead.id, g),
+        Err(ServiceError::ConsumerUnknown { .. })
+    ));
+    e.commit().unwrap();
+    assert_eq!(
+        e.service_stats().freed_extents,
+        0,
+        "dropped as an ACK would"
+    );
+    // A power loss after the commit that deleted its item.
+    let crashed: Dev = Arc::new(crashed.crash());
+    drop(e);
+    let e = open(&crashed, ServiceOptions::default());
+    assert_eq!(ids(&e), vec![live.id]);
+    // The name again: a new consumer, starting like any new one.
+    let (again, t) = e.subscribe_freed("dead").unwrap();
+    t.expect("a new consumer is logged").wait().unwrap();
+    assert!(again.id > dead.id, "ids are never reused");
+    assert_eq!(again.acked, g, "starts after the newest dropped list");
+    assert_eq!(ids(&e), vec![live.id, again.id]);
+    e.commit().unwrap();
+    e.verify().unwrap();
+}
+
+/// An unsubscribed consumer's slot counts no longer: with
+/// `CONSUMERS_MAX` subscribed a new name is refused until one is removed.
+#[test]
+fn unsubscribing_frees_a_consumer_slot() {
+    let dev = device();
+    let e = open(&dev, ServiceOptions::default());
+    let mut last = None;
+    for i in 0..CONSUMERS_MAX {
+        last = e.subscribe_freed(&format!("c{i}")).unwrap().1;
+    }
+    last.unwrap().wait().unwrap();
+    assert!(matches!(
+        e.subscribe_freed("one-more"),
+        Err(ServiceError::ConsumersFull { max: CONSUMERS_MAX })
+    ));
+    let c5 = e.subscribe_freed("c5").unwrap().0;
+    e.unsubscribe_freed(c5.id).unwrap().1.wait().unwrap();
+    let (c, t) = e.subscribe_freed("one-more").unwrap();
+    t.unwrap().wait().unwrap();
+    assert_eq!(c.id, CONSUMERS_MAX as u64 + 1);
+    // Through a commit and a power loss, still full at the bound.
+    e.commit().unwrap();
+    let crashed: Dev = Arc::new(dev.crash());
+    drop(e);
+    let e = open(&crashed, ServiceOptions::default());
+    assert_eq!(e.service_stats().consumers.len(), CONSUMERS_MAX);
+    assert!(matches!(
+        e.subscribe_freed("c5"),
+        Err(ServiceError::ConsumersFull { .. })
+    ));
 }
 
 /// A cursor below the oldest kept list where no list was dropped starts

@@ -9,8 +9,9 @@ use refd_proto::{
     BackrefEntry, BackrefKey, BackrefsReply, BackrefsRequest, BarrierAcquireReply,
     BarrierAcquireRequest, BarrierReleaseRequest, BarrierRenewRequest, CommitReply, CommitRequest,
     ErrorCode, FreedAckRequest, FreedReply, FreedRequest, FreedSubscribeReply,
-    FreedSubscribeRequest, LookupEntry, LookupRequest, PingRequest, RegisterRequest, Reply,
-    RequestMessage, StatsRequest, BACKREFS_ENTRIES_MAX, FREED_EXTENTS_MAX, LOOKUP_COUNT_MAX,
+    FreedSubscribeRequest, FreedUnsubscribeRequest, LookupEntry, LookupRequest, PingRequest,
+    RegisterRequest, Reply, RequestMessage, StatsRequest, BACKREFS_ENTRIES_MAX, FREED_EXTENTS_MAX,
+    LOOKUP_COUNT_MAX,
 };
 
 use crate::client::{Attempts, Client};
@@ -352,6 +353,24 @@ impl Client {
         match self.request("FREED_ACK", &request, true, &mut Attempts::default())? {
             Reply::FreedAck(r) => Ok(r.acked_generation),
             other => Err(wrong_reply("FREED_ACK", &other)),
+        }
+    }
+
+    /// FREED_UNSUBSCRIBE: removes consumer `consumer_id` (its lists are no
+    /// longer held for it; its name may subscribe again as a new
+    /// consumer). Returns its last acknowledged generation, or `None` when
+    /// a resend was answered `CONSUMER_UNKNOWN` (the first send removed
+    /// it: ids are never reused).
+    pub fn freed_unsubscribe(&self, consumer_id: u64) -> Result<Option<u64>, Error> {
+        let request = FreedUnsubscribeRequest { consumer_id };
+        let mut attempts = Attempts::default();
+        match self.request("FREED_UNSUBSCRIBE", &request, true, &mut attempts) {
+            Ok(Reply::FreedUnsubscribe(r)) => Ok(Some(r.acked_generation)),
+            Err(e) if attempts.sends > 1 && e.code() == Some(ErrorCode::ConsumerUnknown) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+            Ok(other) => Err(wrong_reply("FREED_UNSUBSCRIBE", &other)),
         }
     }
 }

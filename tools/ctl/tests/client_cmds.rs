@@ -3,7 +3,7 @@
 //! directory (created and formatted by the daemon), over a unix socket:
 //! every subcommand, text and JSON output, op files in both forms with
 //! their errors mapped to lines, freed lists with a consumer (also
-//! followed), barriers, and a daemon that is not there.
+//! followed, and removed), barriers, and a daemon that is not there.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -139,6 +139,7 @@ fn every_client_subcommand_against_a_live_daemon() {
     many_ops(&w);
     reads(&w);
     freed_and_stats(&w);
+    unsubscribe(&w);
     barriers(&w);
     no_daemon(&w);
 
@@ -429,6 +430,76 @@ fn freed_and_stats(w: &World) {
     assert!(v["engine"]["generation"].as_u64().unwrap() >= generation);
     assert!(v["failed"].is_null());
     assert!(v["freed"]["consumers"].as_array().unwrap().len() >= 2);
+}
+
+/// A consumer that never acknowledges holds a freed list until
+/// `freed --unsubscribe` removes it (by name or by id); the next commit
+/// drops the list, a second removal is `CONSUMER_UNKNOWN`, and the name
+/// subscribes again as a new consumer.
+fn unsubscribe(w: &World) {
+    // Only `space-map` and `dead` are left holding lists.
+    let follower = w.json(&["freed", "--unsubscribe", "follower"]);
+    assert_eq!(follower["unsubscribed"], true, "{follower}");
+    w.ok(&["freed", "--consumer", "dead"]);
+    let data = "--data --bytenr 0x9000000 --num-bytes 4096 --root 5 --offset 0 --objectid 300";
+    w.ok(&words(&format!("alloc {data}")));
+    w.ok(&["commit"]);
+    w.ok(&words(&format!("drop {data}")));
+    let freed_at = w.json(&["commit"])["generation"].as_u64().unwrap();
+    w.ok(&["freed", "--consumer", "space-map", "--ack"]);
+    w.ok(&["commit"]);
+    let v = w.json(&["stats"]);
+    assert!(
+        v["freed"]["lists"].as_u64().unwrap() >= 1,
+        "held by dead: {v}"
+    );
+    let dead_id = consumer_id(&v, "dead").expect("dead is listed");
+    assert!(dead_id > follower["consumer_id"].as_u64().unwrap());
+
+    let out = w.ok(&["freed", "--unsubscribe", &dead_id.to_string()]);
+    assert!(
+        out.starts_with(&format!("consumer dead (id {dead_id}) unsubscribed")),
+        "{out}"
+    );
+    w.ok(&["commit"]);
+    let v = w.json(&["stats"]);
+    assert_eq!(v["freed"]["lists"], 0, "dropped once dead is gone: {v}");
+    let names: Vec<&str> = v["freed"]["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["space-map"]);
+
+    let e = w.fails(&["freed", "--unsubscribe", &dead_id.to_string()]);
+    assert!(e.contains("FREED_UNSUBSCRIBE: CONSUMER_UNKNOWN"), "{e}");
+    let e = w.fails(&["freed", "--unsubscribe", "dead"]);
+    assert!(
+        e.contains("no freed-list consumer is named \"dead\""),
+        "{e}"
+    );
+    assert!(e.contains("subscribed: space-map"), "{e}");
+    let e = w.fails(&["freed", "--unsubscribe", "dead", "--ack"]);
+    assert!(e.contains("--ack"), "{e}");
+    // The name again: a new consumer, after the dropped list.
+    let out = w.ok(&["freed", "--consumer", "dead"]);
+    assert!(
+        out.contains(&format!("consumer dead stays at generation {freed_at}")),
+        "{out}"
+    );
+    let v = w.json(&["stats"]);
+    let again = consumer_id(&v, "dead").expect("dead is listed again");
+    assert!(again > dead_id, "a new id");
+}
+
+/// The id of consumer `name` in a STATS object.
+fn consumer_id(stats: &Value, name: &str) -> Option<u64> {
+    stats["freed"]["consumers"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
+        .and_then(|c| c["id"].as_u64())
 }
 
 /// `freed --follow` prints an extent freed after it started.

@@ -43,6 +43,8 @@ pub enum Request {
     Stats(StatsRequest),
     /// 0x0E.
     Ping(PingRequest),
+    /// 0x0F.
+    FreedUnsubscribe(FreedUnsubscribeRequest),
 }
 
 /// Every reply body, by opcode, and the error body (opcode 0x7F).
@@ -77,6 +79,8 @@ pub enum Reply {
     Stats(StatsReply),
     /// 0x0E.
     Ping(PingReply),
+    /// 0x0F.
+    FreedUnsubscribe(FreedUnsubscribeReply),
     /// 0x7F: the request failed.
     Error(ErrorBody),
 }
@@ -99,6 +103,7 @@ macro_rules! each_variant {
             $enum::FreedAck($x) => $body,
             $enum::Stats($x) => $body,
             $enum::Ping($x) => $body,
+            $enum::FreedUnsubscribe($x) => $body,
         }
     };
 }
@@ -126,6 +131,9 @@ impl Request {
             Opcode::FreedAck => Request::FreedAck(FreedAckRequest::decode(body)?),
             Opcode::Stats => Request::Stats(StatsRequest::decode(body)?),
             Opcode::Ping => Request::Ping(PingRequest::decode(body)?),
+            Opcode::FreedUnsubscribe => {
+                Request::FreedUnsubscribe(FreedUnsubscribeRequest::decode(body)?)
+            }
             Opcode::Error => return Err(BodyError::ErrorOpcodeInRequest),
         })
     }
@@ -147,6 +155,7 @@ impl Request {
             Request::FreedAck(_) => Opcode::FreedAck,
             Request::Stats(_) => Opcode::Stats,
             Request::Ping(_) => Opcode::Ping,
+            Request::FreedUnsubscribe(_) => Opcode::FreedUnsubscribe,
         }
     }
 
@@ -178,6 +187,9 @@ impl Reply {
             Opcode::FreedAck => Reply::FreedAck(FreedAckReply::decode(body)?),
             Opcode::Stats => Reply::Stats(StatsReply::decode(body)?),
             Opcode::Ping => Reply::Ping(PingReply::decode(body)?),
+            Opcode::FreedUnsubscribe => {
+                Reply::FreedUnsubscribe(FreedUnsubscribeReply::decode(body)?)
+            }
             Opcode::Error => Reply::Error(ErrorBody::decode(body)?),
         })
     }
@@ -199,6 +211,7 @@ impl Reply {
             Reply::FreedAck(_) => Opcode::FreedAck,
             Reply::Stats(_) => Opcode::Stats,
             Reply::Ping(_) => Opcode::Ping,
+            Reply::FreedUnsubscribe(_) => Opcode::FreedUnsubscribe,
             Reply::Error(_) => Opcode::Error,
         }
     }
@@ -221,6 +234,7 @@ impl Reply {
             Reply::FreedAck(x) => x.encode(out),
             Reply::Stats(x) => x.encode(out),
             Reply::Ping(x) => x.encode(out),
+            Reply::FreedUnsubscribe(x) => x.encode(out),
         }
     }
 }

@@ -75,13 +75,15 @@ pub enum Opcode {
     Stats = 0x0D,
     /// Echo up to 64 bytes.
     Ping = 0x0E,
+    /// Remove a freed-extents consumer.
+    FreedUnsubscribe = 0x0F,
     /// An error reply (server only).
     Error = 0x7F,
 }
 
 impl Opcode {
     /// Every opcode, requests first, then `Error`.
-    pub const ALL: [Opcode; 15] = [
+    pub const ALL: [Opcode; 16] = [
         Opcode::Hello,
         Opcode::Register,
         Opcode::Submit,
@@ -96,13 +98,14 @@ impl Opcode {
         Opcode::FreedAck,
         Opcode::Stats,
         Opcode::Ping,
+        Opcode::FreedUnsubscribe,
         Opcode::Error,
     ];
 
     /// The opcode with this wire value, if any.
     pub fn from_u8(opcode: u8) -> Option<Opcode> {
         match opcode {
-            0x01..=0x0E => Opcode::ALL.get(usize::from(opcode) - 1).copied(),
+            0x01..=0x0F => Opcode::ALL.get(usize::from(opcode) - 1).copied(),
             0x7F => Some(Opcode::Error),
             _ => None,
         }
@@ -130,6 +133,7 @@ impl Opcode {
             Opcode::FreedAck => "FREED_ACK",
             Opcode::Stats => "STATS",
             Opcode::Ping => "PING",
+            Opcode::FreedUnsubscribe => "FREED_UNSUBSCRIBE",
             Opcode::Error => "ERROR",
         }
     }
@@ -522,10 +526,11 @@ mod tests {
         let known = (0..=255u8)
             .filter(|&b| Opcode::from_u8(b).is_some())
             .count();
-        assert_eq!(known, 15);
+        assert_eq!(known, 16);
         assert_eq!(Opcode::from_u8(0), None);
-        assert_eq!(Opcode::from_u8(0x0F), None);
+        assert_eq!(Opcode::from_u8(0x10), None);
         assert_eq!(Opcode::Ping.as_u8(), 0x0E);
+        assert_eq!(Opcode::FreedUnsubscribe.as_u8(), 0x0F);
         assert_eq!(Opcode::Error.as_u8(), 0x7F);
     }
 

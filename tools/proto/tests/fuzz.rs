@@ -90,7 +90,7 @@ fn op(rng: &mut SmallRng) -> WireOp {
 }
 
 fn gen_request(rng: &mut SmallRng) -> Request {
-    match rng.gen_range(0..14) {
+    match rng.gen_range(0..15) {
         0 => Request::Hello(HelloRequest {
             version_min: num(rng) as u16,
             version_max: num(rng) as u16,
@@ -143,6 +143,9 @@ fn gen_request(rng: &mut SmallRng) -> Request {
             generation: num(rng),
         }),
         12 => Request::Stats(StatsRequest),
+        13 => Request::FreedUnsubscribe(FreedUnsubscribeRequest {
+            consumer_id: num(rng),
+        }),
         _ => Request::Ping(PingRequest {
             payload: {
                 let n = rng.gen_range(0..=PING_BYTES_MAX);
@@ -185,7 +188,7 @@ fn freed_extent(rng: &mut SmallRng) -> FreedExtent {
 }
 
 fn gen_reply(rng: &mut SmallRng) -> Reply {
-    match rng.gen_range(0..15) {
+    match rng.gen_range(0..16) {
         0 => Reply::Hello(HelloReply {
             version: num(rng) as u16,
             body_bytes_max: num32(rng),
@@ -231,6 +234,9 @@ fn gen_reply(rng: &mut SmallRng) -> Reply {
             oldest_kept: num(rng),
         }),
         11 => Reply::FreedAck(FreedAckReply {
+            acked_generation: num(rng),
+        }),
+        12 => Reply::FreedUnsubscribe(FreedUnsubscribeReply {
             acked_generation: num(rng),
         }),
         _ => gen_variable_reply(rng),
@@ -386,7 +392,9 @@ fn mutate(rng: &mut SmallRng, f: &mut Vec<u8>) -> usize {
         }
         7 => {
             // Another opcode for the same body.
-            f[6] = [0, 1, 3, 4, 5, 0x0A, 0x0B, 0x0E, 0x0F, 0x7F, 0x80, 0xFF][rng.gen_range(0..12)];
+            f[6] = [
+                0, 1, 3, 4, 5, 0x0A, 0x0B, 0x0E, 0x0F, 0x10, 0x7F, 0x80, 0xFF,
+            ][rng.gen_range(0..13)];
             fix_header_crc(f);
         }
         8 => {

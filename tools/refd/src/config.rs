@@ -36,6 +36,15 @@ pub const READ_POLL: Duration = Duration::from_millis(200);
 /// record, which must fit one batch.
 pub const LOG_BATCH_BYTES_MAX: usize = 2 << 20;
 
+/// The smallest device the daemon serves with its default layout: one
+/// whose log admits [`refd_durable::engine::APPENDERS_MIN`] appends of
+/// [`LOG_BATCH_BYTES_MAX`] batches (checked again at open, where a device
+/// formatted otherwise is refused with what it needs).
+pub fn device_bytes_min() -> u64 {
+    let log_bytes_min = 4 * refd_durable::engine::APPENDERS_MIN as u64 * LOG_BATCH_BYTES_MAX as u64;
+    refd_durable::device_bytes_min_for_log(log_bytes_min)
+}
+
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {

@@ -333,7 +333,6 @@ fn read_loop<D: DelayedRefStore + 'static>(
                 Ok(None) => break,
                 Err(e) => {
                     let body = e.error_body();
-                    shared.metrics.error(body.code.name());
                     tracing::info!(%peer, error = %e, "bad frame; closing the connection");
                     queue.push(Pending::error(e.reply_request_id(), body));
                     break 'conn End::Closed;
@@ -375,6 +374,8 @@ fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, out: &Mutex<Stream>, queue
             Ok(()) => p.reply,
             Err(failure) => Reply::Error(crate::handler::failed(&failure)),
         };
+        // The one place error frames are counted: every one the
+        // connection sends passes here.
         if let Reply::Error(e) = &reply {
             shared.metrics.error(e.code.name());
         }

@@ -47,6 +47,20 @@ pub enum DeviceError {
         /// The flock error.
         source: std::io::Error,
     },
+    /// A new file device would be too small to serve.
+    #[error(
+        "{path}: --device-size {bytes} is too small for a new device: refd needs at least \
+         {min} bytes ({} MiB), for a log that holds its 2 MiB batches; nothing was created",
+        min.div_ceil(1 << 20)
+    )]
+    TooSmall {
+        /// Path.
+        path: String,
+        /// The size asked for.
+        bytes: u64,
+        /// The smallest size served.
+        min: u64,
+    },
     /// The device holds no refd file system.
     #[error(
         "{path} exists but holds no refd file system ({reason}); refd never formats it: run \
@@ -103,6 +117,14 @@ fn try_open(path: &Path, create_bytes: u64) -> Result<Opened, DeviceError> {
         reason,
     };
     let created = !path.exists() && std::fs::symlink_metadata(path).is_err();
+    let min = crate::config::device_bytes_min();
+    if created && create_bytes < min {
+        return Err(DeviceError::TooSmall {
+            path: display,
+            bytes: create_bytes,
+            min,
+        });
+    }
     let storage: Dev = if created {
         let device = Device::create_file(path, create_bytes, FileAllocation::Reserve)
             .map_err(|e| open_err(e.to_string()))?;

@@ -10,12 +10,15 @@ use refd_core::engine::EngineError;
 use refd_core::extent_tree::ExtentItem;
 use refd_core::head::Head;
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
-use refd_durable::{Admission, Failure, ServiceError, SessionError, SubmitError, Submitted};
+use refd_durable::{
+    Admission, Failure, ServiceError, SessionError, SubmitError, Submitted, Ticket,
+};
 use refd_ioring::log::Lsn;
 use refd_proto::*;
 
 use crate::barrier::BarrierError;
 use crate::conn::{Pending, Wait};
+use crate::device::Dev;
 use crate::ops;
 use crate::server::Shared;
 
@@ -59,7 +62,7 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
         self.shared.metrics.request(name);
         if !self.helloed && opcode != Opcode::Hello as u8 {
             let body = ErrorBody::new(ErrorCode::HelloRequired, "send HELLO first");
-            return self.error(id, body);
+            return Pending::error(id, body);
         }
         let pending = if opcode == Opcode::Submit as u8 {
             self.submit(id, &frame.body)
@@ -69,12 +72,8 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
                 Err(e) => Err(e.error_body()),
             }
         };
-        pending.unwrap_or_else(|body| self.error(id, body))
-    }
-
-    fn error(&self, id: u64, body: ErrorBody) -> Pending {
-        self.shared.metrics.error(body.code.name());
-        Pending::error(id, body)
+        // Error frames are counted where they are written (`conn.rs`).
+        pending.unwrap_or_else(|body| Pending::error(id, body))
     }
 
     fn request(&mut self, id: u64, r: Request) -> Result<Pending, ErrorBody> {
@@ -129,10 +128,7 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
                     acked_generation: c.acked,
                     oldest_kept,
                 });
-                return Ok(match ticket {
-                    Some(t) => Pending::after(id, Wait::Ticket(t), reply),
-                    None => Pending::now(id, reply),
-                });
+                return Ok(after_logged(id, ticket, reply));
             }
             Request::Freed(f) => Reply::Freed(self.freed(&f)?),
             Request::FreedAck(a) => {
@@ -141,9 +137,27 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
                     .ack_freed(a.consumer_id, a.generation)
                     .map_err(service_error)?;
                 let reply = Reply::FreedAck(FreedAckReply { acked_generation });
-                return Ok(match ticket {
-                    Some(t) => Pending::after(id, Wait::Ticket(t), reply),
-                    None => Pending::now(id, reply),
+                return Ok(after_logged(id, ticket, reply));
+            }
+            Request::FreedUnsubscribe(u) => {
+                self.live()?;
+                return Ok(match e.unsubscribe_freed(u.consumer_id) {
+                    Ok((c, ticket)) => {
+                        tracing::info!(peer = %self.peer, consumer = c.id, name = %c.name,
+                            acked = c.acked, "freed-list consumer unsubscribed");
+                        let reply = Reply::FreedUnsubscribe(FreedUnsubscribeReply {
+                            acked_generation: c.acked,
+                        });
+                        Pending::after(id, Wait::Ticket(ticket), reply)
+                    }
+                    // A retry may find the consumer removed by a record not
+                    // durable yet: CONSUMER_UNKNOWN is sent once it is, so
+                    // that it means "removed" (`docs/protocol.md`).
+                    Err(err @ ServiceError::ConsumerUnknown { .. }) => {
+                        let reply = Reply::Error(service_error(err));
+                        Pending::after(id, Wait::Lsn(EVERY_LOGGED), reply)
+                    }
+                    Err(err) => return Err(service_error(err)),
                 });
             }
             Request::Stats(_) => Reply::Stats(StatsReply {
@@ -596,6 +610,22 @@ fn submit_error(e: SubmitError, ops: &[Op]) -> ErrorBody {
         SubmitError::TooLarge { .. } => ErrorBody::new(ErrorCode::TooManyOps, &e.to_string()),
         SubmitError::Failed(f) => failed(&f),
         other => internal(&other),
+    }
+}
+
+/// Waits for every log record appended so far: the log clamps an LSN
+/// never assigned to the last assigned one (`RefLog::wait_for`).
+const EVERY_LOGGED: Lsn = Lsn(u64::MAX);
+
+/// The reply to a consumer request once its record is durable; one that
+/// logged nothing (a name subscribed before, an acknowledgement that does
+/// not move) may repeat a change another connection logged a moment ago,
+/// so it waits for every record logged so far (`docs/protocol.md`:
+/// "Durable before the reply").
+fn after_logged(id: u64, ticket: Option<Ticket<Dev>>, reply: Reply) -> Pending {
+    match ticket {
+        Some(t) => Pending::after(id, Wait::Ticket(t), reply),
+        None => Pending::after(id, Wait::Lsn(EVERY_LOGGED), reply),
     }
 }
 

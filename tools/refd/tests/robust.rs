@@ -1,6 +1,6 @@
 //! The daemon against clients that misbehave and environments that
 //! refuse: slow readers, half frames, many connections, a second daemon,
-//! a device that is not refd's, a symlinked socket path, a latched I/O
+//! a device that is not refd's or too small, a symlinked socket path, a latched I/O
 //! failure; and its metrics checked by Prometheus's own promtool.
 
 mod common;
@@ -232,6 +232,60 @@ fn refusals_at_start() {
         std::fs::read(&junk).unwrap().iter().all(|&b| b == 0xab),
         "untouched"
     );
+    // A device too small for the log batches: the message says which
+    // device size would do, not an internal setting.
+    let small = t.scratch.path().join("small.img");
+    let out = run(&[
+        "--device",
+        small.to_str().unwrap(),
+        "--device-size",
+        "16M",
+        "--listen",
+        sock2.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let log_min =
+        (4 * refd_durable::engine::APPENDERS_MIN * refd::config::LOG_BATCH_BYTES_MAX) as u64;
+    let min = refd_durable::device_bytes_min_for_log(log_min);
+    assert_eq!(min, refd::config::device_bytes_min());
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "--device-size 16777216 is too small for a new device: refd needs at least \
+                 {min} bytes ({} MiB)",
+                min.div_ceil(MIB)
+            )),
+        "{err}"
+    );
+    assert!(!small.exists(), "nothing created");
+    // One formatted elsewhere with the default layout of 16 MiB: refused
+    // at open, naming the device size that would do.
+    {
+        let device = refd_ioring::Device::create_file(
+            &small,
+            16 * MIB,
+            refd_ioring::FileAllocation::Reserve,
+        )
+        .unwrap();
+        let storage = std::sync::Arc::new(
+            refd_ioring::UringStorage::new(device, refd_ioring::UringConfig::default()).unwrap(),
+        );
+        refd_durable::DurableEngine::format(&storage, refd_durable::FormatOptions::default())
+            .unwrap();
+    }
+    let out = run(&[
+        "--device",
+        small.to_str().unwrap(),
+        "--listen",
+        sock2.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!("from {min} bytes ({} MiB) on", min.div_ceil(MIB)))
+            && !err.contains("LogConfig"),
+        "{err}"
+    );
     // A symlink at the socket path, or a regular file.
     let target_file = t.scratch.path().join("precious.txt");
     std::fs::write(&target_file, b"keep me").unwrap();
@@ -332,6 +386,12 @@ fn metrics_pass_promtool() {
     ));
     c.commit();
     let _ = c.call(&Request::Ping(PingRequest::new(b"").unwrap()));
+    // One error frame sent (a PING body over 64 bytes: BAD_REQUEST, the
+    // connection stays open): counted once.
+    let mut frame = Vec::new();
+    encode_frame(Opcode::Ping, 0, 99, &[0; 65], &mut frame);
+    c.send_raw(&frame);
+    assert_eq!(code(&c.recv().1), Some(ErrorCode::BadRequest));
     let body = http_get(port, "/metrics");
     for name in [
         "refd_ingest_ops_total",
@@ -350,6 +410,11 @@ fn metrics_pass_promtool() {
     };
     // The SUBMIT's ack latency was observed; the daemon's memory is read.
     assert!(value("refd_submit_seconds_count ") >= 1.0);
+    assert_eq!(
+        value("refd_errors_total{code=\"BAD_REQUEST\"} "),
+        1.0,
+        "{body}"
+    );
     // The durable SUBMIT's log batch write was timed by the log, and the
     // histogram ends with its +Inf bucket holding every write.
     let writes = value("refd_log_write_seconds_count ");

@@ -1,7 +1,7 @@
 //! Log records beyond single ops: the daemon's SUBMIT batches (with the
 //! session and request number that make them exactly-once), session
-//! registrations, and the freed-list consumers' subscriptions and
-//! acknowledgements. All are replayed by recovery, in log order.
+//! registrations, and the freed-list consumers' subscriptions,
+//! acknowledgements and removals. All are replayed by recovery, in log order.
 //!
 //! The first byte tells them apart: an op record's flags byte never has
 //! bit 7 set (`op.rs`), so every other record starts with a kind
@@ -13,6 +13,7 @@
 //! | `0x82` | REGISTER | `session` |
 //! | `0x83` | SUBSCRIBE | `consumer`, `name_len`, `name` (UTF-8 bytes, 1..=64), `acked` |
 //! | `0x84` | FREED_ACK | `consumer`, `generation` |
+//! | `0x85` | UNSUBSCRIBE | `consumer` |
 //!
 //! A SUBMIT is one record, so one log batch holds it whole: after a crash
 //! its ops are all present or all absent, together with the request
@@ -31,12 +32,18 @@ pub const RECORD_REGISTER: u8 = 0x82;
 pub const RECORD_SUBSCRIBE: u8 = 0x83;
 /// Kind byte of a FREED_ACK record.
 pub const RECORD_FREED_ACK: u8 = 0x84;
+/// Kind byte of an UNSUBSCRIBE record.
+pub const RECORD_UNSUBSCRIBE: u8 = 0x85;
 /// Longest consumer name.
 pub const CONSUMER_NAME_BYTES_MAX: usize = 64;
 /// Bytes of a SUBMIT record besides its ops, at most (kind + 3 varints).
 pub const SUBMIT_RECORD_OVERHEAD_BYTES_MAX: usize = 1 + 3 * 10;
 
-const _: () = assert!(RECORD_SUBMIT & OP_RESERVED != 0 && RECORD_FREED_ACK & OP_RESERVED != 0);
+const _: () = assert!(
+    RECORD_SUBMIT & OP_RESERVED != 0
+        && RECORD_FREED_ACK & OP_RESERVED != 0
+        && RECORD_UNSUBSCRIBE & OP_RESERVED != 0
+);
 
 /// Longest SUBMIT record of `ops` ops.
 pub const fn submit_record_bytes_max(ops: usize) -> usize {
@@ -78,6 +85,12 @@ pub enum Record {
         consumer: u64,
         /// Generation acknowledged.
         generation: u64,
+    },
+    /// A freed-list consumer was removed (its id is never handed out
+    /// again).
+    Unsubscribe {
+        /// Its id.
+        consumer: u64,
     },
 }
 
@@ -133,6 +146,10 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
             out.push(RECORD_FREED_ACK);
             put_varint(out, *consumer);
             put_varint(out, *generation);
+        }
+        Record::Unsubscribe { consumer } => {
+            out.push(RECORD_UNSUBSCRIBE);
+            put_varint(out, *consumer);
         }
     }
 }
@@ -204,6 +221,9 @@ pub fn decode_record(buf: &[u8]) -> Result<Record, CodecError> {
         RECORD_FREED_ACK => Record::FreedAck {
             consumer: r.varint("consumer")?,
             generation: r.varint("generation")?,
+        },
+        RECORD_UNSUBSCRIBE => Record::Unsubscribe {
+            consumer: r.varint("consumer")?,
         },
         other => {
             return Err(CodecError::Invalid {

@@ -146,6 +146,19 @@ fn golden_op_record() {
     );
 }
 
+/// `docs/format.md`, "Other records": UNSUBSCRIBE of consumer 300 is the
+/// kind byte and one varint; trailing bytes and a missing id are refused.
+#[test]
+fn golden_unsubscribe_record() {
+    let record = Record::Unsubscribe { consumer: 300 };
+    let mut buf = Vec::new();
+    encode_record(&record, &mut buf);
+    assert_eq!(buf, [0x85, 0xac, 0x02]);
+    assert_eq!(decode_record(&buf), Ok(record));
+    assert!(decode_record(&[0x85]).is_err());
+    assert!(decode_record(&[0x85, 0xac, 0x02, 0]).is_err());
+}
+
 #[test]
 fn random_bytes_never_panic() {
     let mut g = Gen::new(99);

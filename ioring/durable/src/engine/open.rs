@@ -13,6 +13,7 @@ use refd_core::extent_tree::ExtentTree;
 use refd_core::head::{DelayedRef, Head};
 use refd_ioring::btree::BTree;
 use refd_ioring::format::RecoveryRecord;
+use refd_ioring::format::LOG_BATCH_BYTES_MAX;
 use refd_ioring::format::{
     pick_newest_decoded, BlockKind, FormatError, FsId, Layout, Superblock, SuperblockChoice,
     NODE_BYTES, SUPERBLOCK_BYTES, SUPERBLOCK_FLAG_CLEAN_UNMOUNT, SUPERBLOCK_REGION_BYTES,
@@ -171,6 +172,7 @@ fn replay_records<D: DelayedRefStore, S: Storage + ?Sized>(
                 consumer,
                 generation,
             } => service.ack(consumer, generation),
+            Record::Unsubscribe { consumer } => service.unsubscribe(consumer),
         }
     }
     Ok(n)
@@ -189,18 +191,8 @@ impl<S: Storage + Clone> DurableEngine<S> {
             device: device.clone(),
             reason,
         };
-        let avail = size.saturating_sub(SUPERBLOCK_REGION_BYTES);
-        let log_bytes = match options.log_bytes {
-            Some(b) => b,
-            None => {
-                (size / LOG_DEVICE_FRACTION)
-                    .max(LOG_BYTES_MIN_DEFAULT.min(avail / 2))
-                    .min(avail / 2)
-                    / block
-                    * block
-            }
-        };
-        if log_bytes < 2 * block || log_bytes % block != 0 {
+        let log_bytes = options.log_bytes.unwrap_or_else(|| default_log_bytes(size));
+        if log_bytes < 2 * block || !log_bytes.is_multiple_of(block) {
             return Err(layout(format!(
                 "log of {log_bytes} bytes: need a multiple of {block}, at least {}",
                 2 * block
@@ -364,7 +356,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
                 source,
             }
         })?;
-        let appenders_max = appenders_max(&log, &sb, &device)?;
+        let appenders_max = appenders_max(&log, &sb, options.log.batch_bytes_max, &device)?;
         // Claim sb.generation + 1 with a durable superblock that changes
         // nothing else, so every later commit's nodes have a generation no
         // lost write can carry (docs/btree.md caveat). The claim goes to
@@ -593,25 +585,72 @@ fn warm_cache<S: Storage>(
     Ok((cached, complete))
 }
 
+/// The log region [`DurableEngine::format`] gives a device of
+/// `size_bytes` (block-aligned) by default: 1/8 of it, at least
+/// [`LOG_BYTES_MIN_DEFAULT`] when there is twice that, at most half of
+/// what the superblocks leave.
+pub fn default_log_bytes(size_bytes: u64) -> u64 {
+    let block = BLOCK_BYTES as u64;
+    let avail = size_bytes.saturating_sub(SUPERBLOCK_REGION_BYTES);
+    (size_bytes / LOG_DEVICE_FRACTION)
+        .max(LOG_BYTES_MIN_DEFAULT.min(avail / 2))
+        .min(avail / 2)
+        / block
+        * block
+}
+
+/// The smallest device (a multiple of 4096 bytes) whose default layout
+/// ([`default_log_bytes`]) has a log of at least `log_bytes_min` bytes and
+/// room for [`NODE_REGION_NODES_MIN`] nodes. Both grow with the size, so
+/// a binary search over blocks finds it.
+pub fn device_bytes_min_for_log(log_bytes_min: u64) -> u64 {
+    let block = BLOCK_BYTES as u64;
+    let node = NODE_BYTES as u64;
+    let fits = |size: u64| {
+        let log = default_log_bytes(size);
+        let nodes = size.saturating_sub(SUPERBLOCK_REGION_BYTES + log) / node;
+        log >= log_bytes_min && nodes >= NODE_REGION_NODES_MIN
+    };
+    // The answer is at most 8 × the log plus the superblocks and nodes.
+    let (mut lo, mut hi) = (0u64, u64::MAX / block / 2);
+    debug_assert!(fits(hi * block) || log_bytes_min > u64::MAX / 32);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid * block) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo * block
+}
+
 /// Concurrent appends the log admits: each needs `2 × batch cap` bytes in
 /// flight, and the log must leave room for a quarter of it in use.
+/// Refused below [`APPENDERS_MIN`], saying what log, and so what device,
+/// batches of up to `batch_bytes_max` (the configured cap) need.
 fn appenders_max<S: Storage>(
     log: &RefLog<S>,
     sb: &Superblock,
+    batch_bytes_max: usize,
     device: &str,
 ) -> Result<usize, OpenError> {
     let cap = log.batch_bytes_cap() as u64;
     let appenders_max = usize::try_from(sb.log_bytes / (4 * cap)).unwrap_or(usize::MAX);
     if appenders_max < APPENDERS_MIN {
-        return Err(OpenError::Layout {
+        // The cap is also at most half the log: only a log of
+        // `4 × APPENDERS_MIN` configured caps lifts it.
+        let wanted = batch_bytes_max.min(LOG_BATCH_BYTES_MAX) as u64;
+        let log_bytes_min = (4 * APPENDERS_MIN as u64)
+            .saturating_mul(wanted)
+            .next_multiple_of(BLOCK_BYTES as u64);
+        return Err(OpenError::LogTooSmall {
             device: device.to_string(),
-            reason: format!(
-                "log of {} bytes with batches up to {cap} bytes admits {appenders_max} \
-                 concurrent appends, need {APPENDERS_MIN}: lower \
-                 LogConfig::batch_bytes_max to at most {}",
-                sb.log_bytes,
-                sb.log_bytes / (4 * APPENDERS_MIN as u64)
-            ),
+            log_bytes: sb.log_bytes,
+            batch_bytes_max: wanted,
+            log_bytes_min,
+            device_bytes: sb.geometry.size_bytes,
+            device_bytes_min: device_bytes_min_for_log(log_bytes_min),
         });
     }
     // Each admitted append claims one ingest shard of the lock-free store

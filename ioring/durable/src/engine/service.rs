@@ -1,5 +1,6 @@
 //! The daemon's requests on the engine: SUBMIT batches of a session
 //! (exactly once), session registration, and the freed-list consumers
+//! (subscribe, acknowledge, unsubscribe)
 //! (`crate::service` holds the state; this file logs its changes and
 //! writes it at commits).
 
@@ -320,6 +321,24 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         })
     }
 
+    /// Removes freed-list consumer `consumer`: its acknowledgement no
+    /// longer holds lists back (the next commit drops every list the
+    /// remaining consumers acknowledged, as an ACK would), its slot no
+    /// longer counts against [`CONSUMERS_MAX`], and its name may subscribe
+    /// again as a new consumer (a new id). Removed once the ticket is
+    /// durable; returns the consumer as it was. An id not subscribed
+    /// (never, or removed already) is [`ServiceError::ConsumerUnknown`].
+    pub fn unsubscribe_freed(&self, consumer: u64) -> Result<(Consumer, Ticket<S>), ServiceError> {
+        let (removed, ticket) = self.log_service(|service| {
+            let Some(c) = service.consumer(consumer).cloned() else {
+                return Err(ServiceError::ConsumerUnknown { consumer });
+            };
+            service.unsubscribe(consumer);
+            Ok((c, Some(Record::Unsubscribe { consumer })))
+        })?;
+        Ok((removed, ticket.expect("an unsubscription is logged")))
+    }
+
     /// Up to `max` freed extents from cursor `(generation, index)`: the
     /// extents freed by commit `generation` from its `index`-th on, then by
     /// later commits, in commit order.
@@ -468,10 +487,11 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             list
         });
         for (id, c) in &snap.consumers {
-            changes.push((
-                items::consumer_key(*id),
-                Change::Put(items::encode_consumer(c)),
-            ));
+            let change = match c {
+                Some(c) => Change::Put(items::encode_consumer(c)),
+                None => Change::Delete,
+            };
+            changes.push((items::consumer_key(*id), change));
         }
         let mut meta = snap.meta;
         if let Some(&newest) = dropped.last() {

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use refd_core::model::Op;
-use refd_ioring::format::{FsId, Superblock};
+use refd_ioring::format::{FsId, Superblock, SUPERBLOCK_REGION_BYTES};
 use refd_ioring::log::LogConfig;
 
+use super::open::device_bytes_min_for_log;
 use super::read::{read_extent_count, read_held};
 use super::*;
 use crate::error::{AddError, CommitError, OpenError};
@@ -696,4 +697,61 @@ fn a_rotten_newest_superblock_is_refused_not_silently_rolled_back() {
     drop(e);
     let (e, _) = DurableEngine::open(again, opts()).unwrap();
     assert_eq!(e.lookup_extent_ref(1 << 20).unwrap().refs, 8);
+}
+
+/// A log too small for the configured batches is refused with what would
+/// do: the log it needs and the smallest device whose default layout
+/// has it, and that device really opens.
+#[test]
+fn a_log_too_small_for_its_batches_names_the_device_size_that_fits() {
+    let options = OpenOptions {
+        log: LogConfig {
+            batch_bytes_max: 2 << 20,
+            ..LogConfig::default()
+        },
+        ..OpenOptions::default()
+    };
+    let default_format = |bytes: u64| {
+        let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(bytes, 1)).unwrap());
+        DurableEngine::format(&dev, FormatOptions::default()).unwrap();
+        dev
+    };
+    let log_min = 4 * APPENDERS_MIN as u64 * (2 << 20);
+    let min = device_bytes_min_for_log(log_min);
+    assert_eq!(
+        min,
+        2 * log_min + SUPERBLOCK_REGION_BYTES,
+        "half of the rest"
+    );
+    match DurableEngine::open(default_format(16 << 20), options) {
+        Err(e @ OpenError::LogTooSmall { .. }) => {
+            let OpenError::LogTooSmall {
+                log_bytes_min,
+                device_bytes,
+                device_bytes_min,
+                ..
+            } = &e
+            else {
+                unreachable!()
+            };
+            assert_eq!(
+                (*log_bytes_min, *device_bytes, *device_bytes_min),
+                (log_min, 16 << 20, min)
+            );
+            let message = e.to_string();
+            assert!(
+                message.contains(&format!("from {min} bytes (33 MiB) on"))
+                    && message.contains(&format!("refctl format --log-bytes {log_min}"))
+                    && !message.contains("LogConfig"),
+                "{message}"
+            );
+        }
+        other => panic!("expected LogTooSmall, got {:?}", other.map(|(_, i)| i)),
+    }
+    // One block less is still refused; the minimum opens.
+    assert!(matches!(
+        DurableEngine::open(default_format(min - 4096), options),
+        Err(OpenError::LogTooSmall { .. })
+    ));
+    DurableEngine::open(default_format(min), options).unwrap();
 }

@@ -229,6 +229,13 @@ pub struct FreedArgs {
     /// acknowledged generation.
     #[arg(long, value_name = "NAME")]
     pub consumer: Option<String>,
+    /// Remove consumer NAME or ID (read from `refctl stats`; a name
+    /// wins over an id) instead of listing: the daemon no longer keeps
+    /// freed lists for it, and the name may subscribe again later as a
+    /// new consumer.
+    #[arg(long, value_name = "NAME|ID",
+          conflicts_with_all = ["since", "consumer", "ack", "follow"])]
+    pub unsubscribe: Option<String>,
     /// Acknowledge, as --consumer, every commit whose extents were printed
     /// (written to stdout: a reader that may stop early should not rely
     /// on it).

@@ -394,9 +394,77 @@ impl FreedRun<'_> {
     }
 }
 
+/// The id of consumer `which` (a name, else a decimal or 0x-hex id)
+/// among those STATS lists, with its name if listed.
+fn find_consumer(client: &Client, which: &str) -> Result<(u64, Option<String>), CmdError> {
+    let stats: Value = serde_json::from_str(&client.stats()?)
+        .map_err(|e| CmdError::Usage(format!("the daemon's STATS is not JSON: {e}")))?;
+    let listed: Vec<(u64, String)> = stats["freed"]["consumers"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| Some((c["id"].as_u64()?, c["name"].as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some((id, name)) = listed.iter().find(|(_, name)| name == which) {
+        return Ok((*id, Some(name.clone())));
+    }
+    let Some(id) = crate::opfile::parse_u64(which) else {
+        let names: Vec<&str> = listed.iter().map(|(_, n)| n.as_str()).collect();
+        return Err(CmdError::Usage(format!(
+            "no freed-list consumer is named {which:?} (subscribed: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        )));
+    };
+    let name = listed.into_iter().find(|(i, _)| *i == id).map(|(_, n)| n);
+    Ok((id, name))
+}
+
+/// `refctl freed --unsubscribe NAME|ID`.
+fn unsubscribe(
+    client: &Client,
+    which: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<bool, CmdError> {
+    let (id, name) = find_consumer(client, which)?;
+    let acked = client.freed_unsubscribe(id)?;
+    let label = match &name {
+        Some(n) => format!("consumer {n} (id {id})"),
+        None => format!("consumer {id}"),
+    };
+    if json {
+        json_line(
+            out,
+            &json!({"consumer_id": id, "name": name, "unsubscribed": true,
+                    "acked_generation": acked}),
+        )?;
+    } else if let Some(g) = acked {
+        writeln!(
+            out,
+            "{label} unsubscribed (it had acknowledged generation {g}); the next commit \
+             drops the freed lists every remaining consumer acknowledged"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{label} unsubscribed (by an earlier send of this request)"
+        )?;
+    }
+    Ok(true)
+}
+
 /// `refctl freed`.
 pub fn freed(a: &FreedArgs, out: &mut dyn Write) -> Result<bool, CmdError> {
     let client = connect(&a.conn)?;
+    if let Some(which) = &a.unsubscribe {
+        return unsubscribe(&client, which, a.conn.json, out);
+    }
     let subscribed = match &a.consumer {
         Some(name) => Some((name.clone(), client.freed_subscribe(name)?)),
         None => None,

@@ -1,5 +1,5 @@
-//! Freed extents: FREED_SUBSCRIBE, FREED, FREED_ACK (`docs/protocol.md`,
-//! "Freed extents").
+//! Freed extents: FREED_SUBSCRIBE, FREED, FREED_ACK, FREED_UNSUBSCRIBE
+//! (`docs/protocol.md`, "Freed extents").
 
 use super::{check_len, decode_u64_body, Message, RequestMessage};
 use crate::error::BodyError;
@@ -298,3 +298,47 @@ impl FreedAckReply {
 }
 
 message!(FreedAckRequest => FreedAckReply, Opcode::FreedAck);
+
+/// FREED_UNSUBSCRIBE request: removes a consumer by id (ids are never
+/// reused, so a retry cannot remove a consumer subscribed since under the
+/// same name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreedUnsubscribeRequest {
+    /// The consumer.
+    pub consumer_id: u64,
+}
+
+impl FreedUnsubscribeRequest {
+    /// Appends the body.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.consumer_id);
+    }
+
+    /// Decodes the body.
+    pub fn decode(body: &[u8]) -> Result<Self, BodyError> {
+        let consumer_id = decode_u64_body("FREED_UNSUBSCRIBE request", body, 0)?;
+        Ok(FreedUnsubscribeRequest { consumer_id })
+    }
+}
+
+/// FREED_UNSUBSCRIBE reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreedUnsubscribeReply {
+    /// The removed consumer's last acknowledged generation.
+    pub acked_generation: u64,
+}
+
+impl FreedUnsubscribeReply {
+    /// Appends the body.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.acked_generation);
+    }
+
+    /// Decodes the body.
+    pub fn decode(body: &[u8]) -> Result<Self, BodyError> {
+        let acked_generation = decode_u64_body("FREED_UNSUBSCRIBE reply", body, 0)?;
+        Ok(FreedUnsubscribeReply { acked_generation })
+    }
+}
+
+message!(FreedUnsubscribeRequest => FreedUnsubscribeReply, Opcode::FreedUnsubscribe);

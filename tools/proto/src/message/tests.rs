@@ -617,6 +617,18 @@ fn freed_page_and_ack_layouts() {
         }),
         le(5, 8)
     );
+
+    let u = FreedUnsubscribeRequest { consumer_id: 9 };
+    assert_eq!(round_trip(&u), le(9, 8));
+    assert!(FreedUnsubscribeRequest::decode(&[9; 16]).is_err());
+    assert!(FreedUnsubscribeRequest::decode(&[9]).is_err());
+    assert_eq!(
+        round_trip(&FreedUnsubscribeReply {
+            acked_generation: 6
+        }),
+        le(6, 8)
+    );
+    assert!(FreedUnsubscribeReply::decode(&[6; 9]).is_err());
 }
 
 #[test]

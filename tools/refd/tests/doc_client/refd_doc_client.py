@@ -74,7 +74,7 @@ CLIENT_LIMIT = 1 << 20  # our own reply limit: at least 1 MiB
 HELLO, REGISTER, SUBMIT, LOOKUP, BACKREFS = 0x01, 0x02, 0x03, 0x04, 0x05
 BARRIER_ACQUIRE, BARRIER_RENEW, BARRIER_RELEASE = 0x06, 0x07, 0x08
 COMMIT, FREED_SUBSCRIBE, FREED, FREED_ACK = 0x09, 0x0A, 0x0B, 0x0C
-STATS, PING, ERROR = 0x0D, 0x0E, 0x7F
+STATS, PING, FREED_UNSUBSCRIBE, ERROR = 0x0D, 0x0E, 0x0F, 0x7F
 
 ERR_NAMES = {
     1: "BAD_FRAME", 2: "BAD_CHECKSUM", 3: "FRAME_TOO_LARGE",
@@ -114,7 +114,7 @@ LK_DATA, LK_FULL_BACKREF = 8, 16
 ITEM_DATA, ITEM_TREE_BLOCK, ITEM_FULL_BACKREF = 1, 2, 0x100
 
 REGISTERED = set()  # every session id this run was given
-CONSUMERS_MAX = 1024  # freed-list consumers per device ("FREED_SUBSCRIBE")
+CONSUMERS_MAX = 1024  # freed-list consumers subscribed at once ("FREED_SUBSCRIBE")
 
 OP = struct.Struct("<QQQQQQBBBBBBH")
 assert OP.size == 56
@@ -571,6 +571,12 @@ class Client:
             raise ProtocolViolation("FREED_ACK reply of %d bytes" % len(body))
         return struct.unpack("<Q", body)[0]
 
+    def freed_unsubscribe(self, cid):
+        body = self.conn.call(FREED_UNSUBSCRIBE, struct.pack("<Q", cid))
+        if len(body) != 8:
+            raise ProtocolViolation("FREED_UNSUBSCRIBE reply of %d bytes" % len(body))
+        return struct.unpack("<Q", body)[0]
+
     def stats(self):
         body = self.conn.call(STATS)
         if len(body) > 1 << 20:
@@ -875,7 +881,7 @@ class Run:
         conn.close()
 
         conn = fresh()
-        for opcode in (0x0F, 0x40, 0x7E, 0x80, 0xFF, 0x00):
+        for opcode in (0x10, 0x40, 0x7E, 0x80, 0xFF, 0x00):
             rid = conn.send(opcode, b"")
             raw_error(conn, rid, "UNKNOWN_OPCODE", "opcode %#x after HELLO" % opcode,
                       c, False)
@@ -890,7 +896,8 @@ class Run:
                  (BARRIER_RENEW, b"\0" * 9), (BARRIER_RELEASE, b""),
                  (COMMIT, b"\0"), (FREED, b"\0" * 15), (FREED_ACK, b"\0" * 17),
                  (STATS, b"\0"), (PING, b"\0" * 65), (SUBMIT, b"\0" * 23),
-                 (FREED_SUBSCRIBE, b"\0" * 3))
+                 (FREED_SUBSCRIBE, b"\0" * 3), (FREED_UNSUBSCRIBE, b"\0" * 7),
+                 (FREED_UNSUBSCRIBE, b"\0" * 9))
         for opcode, body in sizes:
             rid = conn.send(opcode, body)
             raw_error(conn, rid, "BAD_REQUEST", "opcode %#x with a %d-byte body"
@@ -1771,6 +1778,66 @@ class Run:
         c.eq(new["oldest_kept"], gens[1], "FREED_SUBSCRIBE oldest_kept")
         c.eq(cl.freed_ack(sub["consumer_id"], gens[1]), gens[1], "the late consumer catches up")
 
+    def t_freed_unsubscribe(self):
+        c = self.c
+        c.section = "FREED_UNSUBSCRIBE"
+        cl, s = self.cl, self.session
+        c.error(lambda: cl.freed_unsubscribe((1 << 64) - 5), "CONSUMER_UNKNOWN",
+                "FREED_UNSUBSCRIBE of an id never handed out")
+        dead_name = "doc-client-dead-%x" % self.base
+        dead = cl.freed_subscribe(dead_name)
+        # One extent freed by commit g; every other consumer of this run
+        # acknowledges g, the dead one never does.
+        b, n = self.extent()
+        self.rn += 1
+        cl.submit(s, self.rn, [op(b, n, ADD_EXTENT, SHARED_DATA_REF, KIND_DATA, 4096)])
+        cl.commit()
+        self.rn += 1
+        cl.submit(s, self.rn, [op(b, n, DROP_REF, SHARED_DATA_REF, KIND_DATA, 4096)])
+        g = cl.commit()["generation"]
+        others = [x for x in cl.stats()["freed"]["consumers"]
+                  if x["id"] != dead["consumer_id"]]
+        for x in others:
+            if x["name"].endswith("-%x" % self.base) and x["acked_generation"] < g:
+                cl.freed_ack(x["id"], g)
+        behind = [x["name"] for x in cl.stats()["freed"]["consumers"]
+                  if x["id"] != dead["consumer_id"] and x["acked_generation"] < g]
+        cl.commit()
+
+        def holds():
+            try:
+                page = cl.freed(g, 0, 16)
+            except ServerError as err:
+                if err.name == "FREED_EXPIRED":
+                    return False
+                raise
+            return any(e["bytenr"] == b and e["generation"] == g for e in page["extents"])
+        if behind:
+            c.skip("list release: consumers of another run are behind: %s" % behind)
+        else:
+            c.ok(holds(), "a consumer that never acknowledges holds the list")
+        acked = cl.freed_unsubscribe(dead["consumer_id"])
+        c.eq(acked, dead["acked_generation"],
+             "FREED_UNSUBSCRIBE returns the consumer's acknowledged generation")
+        c.ok(all(x["id"] != dead["consumer_id"] for x in cl.stats()["freed"]["consumers"]),
+             "STATS no longer lists the removed consumer")
+        c.error(lambda: cl.freed_unsubscribe(dead["consumer_id"]), "CONSUMER_UNKNOWN",
+                "a retried FREED_UNSUBSCRIBE (the consumer is removed)")
+        c.error(lambda: cl.freed_ack(dead["consumer_id"], g), "CONSUMER_UNKNOWN",
+                "FREED_ACK of a removed consumer")
+        cl.commit()
+        if not behind:
+            c.ok(not holds(), "the next commit drops what the remaining consumers "
+                 "acknowledged")
+        again = cl.freed_subscribe(dead_name)
+        c.ok(again["consumer_id"] != dead["consumer_id"],
+             "the name subscribes again as a new consumer (id %d, was %d)"
+             % (again["consumer_id"], dead["consumer_id"]))
+        if not behind:
+            c.eq(again["acked_generation"], g,
+                 "it starts like any new consumer: at the newest dropped list")
+        cl.freed_unsubscribe(again["consumer_id"])
+
     def t_shutdown(self):
         c = self.c
         c.section = "SHUTTING_DOWN"
@@ -1795,8 +1862,7 @@ class Run:
         c = self.c
         c.section = "consumers"
         if not self.args.fill_consumers:
-            c.skip("no --fill-consumers: the device's consumer table (which "
-                   "nothing empties) is left as it is")
+            c.skip("no --fill-consumers: the device's consumer table is left as it is")
             return
         cl = self.cl
         have = len(cl.stats()["freed"]["consumers"])
@@ -1812,6 +1878,14 @@ class Run:
                 "BAD_REQUEST", "FREED_SUBSCRIBE of consumer %d" % (CONSUMERS_MAX + 1))
         again = cl.freed_subscribe("doc-client-fill-%x-0" % self.base)
         c.ok(again["consumer_id"] != 0, "an existing name subscribes when the table is full")
+        # FREED_UNSUBSCRIBE frees a slot: the one too many now subscribes,
+        # and the table is full again.
+        cl.freed_unsubscribe(again["consumer_id"])
+        late = cl.freed_subscribe("doc-client-one-too-many-%x" % self.base)
+        c.ok(late["consumer_id"] != again["consumer_id"],
+             "after FREED_UNSUBSCRIBE a new name subscribes with a new id")
+        c.error(lambda: cl.freed_subscribe("doc-client-fill-%x-0" % self.base),
+                "BAD_REQUEST", "the removed name, with the table full again")
 
     def t_save_state(self):
         """Before a daemon restart: leave a session with batches (the last
@@ -1898,6 +1972,7 @@ class Run:
                  self.t_invalid, self.t_submit_errors, self.t_exactly_once,
                  self.t_lookup_backrefs, self.t_barriers, self.t_freed,
                  self.t_stats_ping, self.t_refused, self.t_freed_expired,
+                 self.t_freed_unsubscribe,
                  self.t_pipeline, self.t_auth, self.t_busy,
                  self.t_evict, self.t_consumers_full, self.t_shutdown]
         if self.args.check_state:
@@ -1931,7 +2006,7 @@ def main():
     ap.add_argument("--token-file", help="the token of --tcp")
     ap.add_argument("--fill-consumers", action="store_true",
                     help="subscribe consumers up to the device's limit (for a "
-                    "throwaway test device: they are never removed)")
+                    "throwaway test device: they are left subscribed)")
     ap.add_argument("--save-state", metavar="FILE",
                     help="end by leaving state for --check-state and writing it down")
     ap.add_argument("--check-state", metavar="FILE",

@@ -168,8 +168,10 @@ impl UringStorage {
     }
 
     /// Creates the ring and buffer pool for an already opened device.
-    pub fn new(device: Device, config: UringConfig) -> Result<Self, UringSetupError> {
+    pub fn new(mut device: Device, config: UringConfig) -> Result<Self, UringSetupError> {
         config.check()?;
+        // Our drop releases the lock, only with nothing in flight.
+        device.keep_lock_on_drop();
         let name = device.path().display().to_string();
         let rings = (0..config.rings)
             .map(|_| Ring::new(device.as_raw_fd(), &config, &name).map(Mutex::new))

@@ -505,9 +505,15 @@ fn kill9_and_retry_is_exactly_once() {
                                     data(ACTION_ADD_REF, x(ci), o)
                                 })
                                 .collect();
-                            let id = c.send(&submit(session, r, &ops));
+                            // The daemon may be killed under this write:
+                            // the outcome is then unknown, so the batch is
+                            // retried next round like an unanswered one.
+                            let (id, sent) = c.try_send(&submit(session, r, &ops));
                             inflight.insert(id, (r, ops));
                             r += 1;
+                            if !sent {
+                                break;
+                            }
                         }
                         match c.try_recv() {
                             Some((id, Reply::Submit(_))) => {

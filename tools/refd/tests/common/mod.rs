@@ -209,6 +209,17 @@ impl Raw {
         self.stream.write_all(bytes).expect("send");
     }
 
+    /// Sends a request; returns its id, and whether the whole frame was
+    /// written (`false`: the connection broke, e.g. a daemon killed by the
+    /// test; whether the daemon read the request is unknown).
+    pub fn try_send(&mut self, request: &Request) -> (u64, bool) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut frame = Vec::new();
+        encode_request(id, request, &mut frame);
+        (id, self.stream.write_all(&frame).is_ok())
+    }
+
     /// Sends a request; returns its id.
     pub fn send(&mut self, request: &Request) -> u64 {
         let id = self.next_id;

@@ -932,21 +932,21 @@ struct GenSnapshot<'a> {
 
 impl GenSnapshot<'_> {
     /// Merge everything in bytenr order (sorting the staged ops first).
-    fn merge(self, mut emit: impl FnMut(HeadRef<'_>)) {
+    fn merge(mut self, mut emit: impl FnMut(HeadRef<'_>)) {
         let own = self.own_runs();
         let cursors = self.sources(&own).into_iter().map(Cursor::new).collect();
         merge_cursors(cursors, |m| emit(m.head_ref()));
     }
 
     /// The staged ops and the carry, each shard's staging and the carry
-    /// as a run of its own (sorted and merged at insert).
-    fn own_runs(&self) -> Vec<Vec<Chunk>> {
+    /// as a run of its own (sorted and merged at insert). Takes the carry.
+    fn own_runs(&mut self) -> Vec<Vec<Chunk>> {
         let mut own: Vec<Vec<Chunk>> = self
             .staged
             .iter()
             .map(|words| build_run(words).finish())
             .collect();
-        let carry = merge_heads(self.carry.clone());
+        let carry = merge_heads(std::mem::take(&mut self.carry));
         let mut cb = RunBuilder::new();
         let mut scratch: Vec<PackedRef> = Vec::new();
         for h in &carry {
@@ -975,7 +975,7 @@ impl GenSnapshot<'_> {
     /// ~10M stored heads took ~0.3 s on one thread. A bytenr lies in one
     /// range, so each range's heads are final and the ranges concatenate
     /// in order.
-    fn merged_heads(self) -> Vec<Head> {
+    fn merged_heads(mut self) -> Vec<Head> {
         let own = self.own_runs();
         let sources = self.sources(&own);
         let stored: usize = sources.iter().flatten().map(|c| c.len()).sum();

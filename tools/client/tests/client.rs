@@ -496,6 +496,30 @@ fn every_typed_request() {
     assert!(client.ping().unwrap() < Duration::from_secs(5));
 }
 
+/// FREED_UNSUBSCRIBE through the client: a removal returns the consumer's
+/// acknowledged generation; when the reply is lost (the daemon applied it
+/// and the connection closed) the client resends, the resend is answered
+/// `CONSUMER_UNKNOWN`, and the client reports the removal as done
+/// (`Ok(None)`) since ids are never reused; a first send for an unknown
+/// id is an error.
+#[test]
+fn unsubscribe_survives_a_lost_reply() {
+    let fake = Fake::start(FakeConfig::default());
+    let client = connect(&fake);
+    let a = client.freed_subscribe("space-map").unwrap();
+    let b = client.freed_subscribe("backup").unwrap();
+    assert_ne!(a.consumer_id, b.consumer_id);
+    assert_eq!(client.freed_unsubscribe(a.consumer_id).unwrap(), Some(0));
+    fake.faults().lose_reply_of = Some(refd_proto::Opcode::FreedUnsubscribe.as_u8());
+    assert_eq!(client.freed_unsubscribe(b.consumer_id).unwrap(), None);
+    assert!(fake.faults().lose_reply_of.is_none(), "the reply was lost");
+    let e = client.freed_unsubscribe(b.consumer_id).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::ConsumerUnknown));
+    // The name subscribes again as a new consumer.
+    let again = client.freed_subscribe("space-map").unwrap();
+    assert!(again.consumer_id > b.consumer_id);
+}
+
 #[test]
 fn a_recorded_submit_is_resent_exactly_once_after_a_client_crash() {
     let fake = Fake::start(FakeConfig::default());

@@ -78,6 +78,10 @@ pub struct Faults {
     pub garbage: Option<Garbage>,
     /// Accept and close at once (a daemon that is down).
     pub refuse_connections: bool,
+    /// The next request with this opcode (after HELLO) is applied and its
+    /// connection closed instead of answered: the reply is lost (then
+    /// this is cleared).
+    pub lose_reply_of: Option<u8>,
 }
 
 #[derive(Debug)]
@@ -404,7 +408,7 @@ fn handle(
     rng: &mut u64,
 ) -> Option<Outgoing> {
     let opcode = frame.header.opcode;
-    let faults = inner.faults.lock().unwrap();
+    let mut faults = inner.faults.lock().unwrap();
     *rng ^= *rng << 13;
     *rng ^= *rng >> 7;
     *rng ^= *rng << 17;
@@ -416,6 +420,10 @@ fn handle(
     });
     let mut due = Instant::now() + faults.reply_delay + jitter;
     let drop_every = faults.drop_every_submit;
+    let lose_reply = *hello_done && faults.lose_reply_of == Some(opcode);
+    if lose_reply {
+        faults.lose_reply_of = None;
+    }
     if opcode == Opcode::Submit.as_u8() {
         due += faults.submit_delay;
     }
@@ -445,6 +453,9 @@ fn handle(
         }
     }
     out.reply = world.handle(opcode, &frame.body);
+    if lose_reply {
+        return None;
+    }
     Some(out)
 }
 

@@ -68,6 +68,8 @@ pub struct World {
     barriers: HashMap<u64, u64>,
     next_barrier: u64,
     consumers: HashMap<String, (u64, u64)>,
+    /// Consumers ever subscribed (the last id given).
+    consumers_ever: u64,
     freed: Vec<FreedExtent>,
     pub counters: Counters,
 }
@@ -89,6 +91,7 @@ impl World {
             barriers: HashMap::new(),
             next_barrier: 1,
             consumers: HashMap::new(),
+            consumers_ever: 0,
             freed: Vec::new(),
             counters: Counters::default(),
         }
@@ -282,7 +285,11 @@ impl World {
             }
             Request::Commit(_) => Reply::Commit(self.commit()),
             Request::FreedSubscribe(s) => {
-                let next_id = self.consumers.len() as u64 + 1;
+                // Ids are never reused, also after an unsubscribe.
+                let next_id = self.consumers_ever + 1;
+                if !self.consumers.contains_key(&s.name) {
+                    self.consumers_ever += 1;
+                }
                 let (consumer_id, acked_generation) =
                     *self.consumers.entry(s.name).or_insert((next_id, 0));
                 Reply::FreedSubscribe(FreedSubscribeReply {
@@ -307,6 +314,18 @@ impl World {
                 Reply::FreedAck(FreedAckReply {
                     acked_generation: *acked,
                 })
+            }
+            Request::FreedUnsubscribe(u) => {
+                let name = self
+                    .consumers
+                    .iter()
+                    .find(|(_, (id, _))| *id == u.consumer_id)
+                    .map(|(name, _)| name.clone());
+                let Some((_, acked_generation)) = name.and_then(|n| self.consumers.remove(&n))
+                else {
+                    return Err(ErrorBody::new(ErrorCode::ConsumerUnknown, "no consumer"));
+                };
+                Reply::FreedUnsubscribe(FreedUnsubscribeReply { acked_generation })
             }
             Request::Stats(_) => Reply::Stats(StatsReply {
                 json: format!("{{\"ops_applied\":{}}}", self.counters.ops_applied),

@@ -379,12 +379,7 @@ pub fn run(args: &DurableArgs) -> Result<DurableReport, String> {
         },
         ..defaults
     };
-    // At most half the memory available, so a small machine is not pushed
-    // into reclaim (or the OOM killer) by a default meant for this one.
-    let prefault_mib = match refd_alloc::available_memory_bytes() {
-        Some(avail) => args.prefault_mib.min(((avail / 2) >> 20) as usize),
-        None => args.prefault_mib,
-    };
+    let prefault_mib = refd_alloc::prefault_mib_capped(args.prefault_mib);
     let prefault_s = if prefault_mib > 0 {
         if !args.json {
             eprintln!("prefaulting {prefault_mib} MiB of heap...");

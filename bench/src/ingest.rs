@@ -395,10 +395,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
     };
     let per_thread = deal(&stream.ops, args.threads, by_bytenr);
     if args.prefault_mib > 0 {
-        let mib = match refd_alloc::available_memory_bytes() {
-            Some(avail) => args.prefault_mib.min(((avail / 2) >> 20) as usize),
-            None => args.prefault_mib,
-        };
+        let mib = refd_alloc::prefault_mib_capped(args.prefault_mib);
         let took = refd_alloc::prefault(mib << 20);
         if !args.json {
             eprintln!(

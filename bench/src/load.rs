@@ -1196,11 +1196,7 @@ fn in_process(a: &LoadArgs) -> Result<LoadReport, String> {
     let opened =
         refd::device::open_device(&device, a.device_gib << 30).map_err(|e| e.to_string())?;
     if a.daemon_prefault_mib > 0 {
-        let mib = match refd_alloc::available_memory_bytes() {
-            Some(avail) => a.daemon_prefault_mib.min(((avail / 2) >> 20) as usize),
-            None => a.daemon_prefault_mib,
-        };
-        refd_alloc::prefault(mib << 20);
+        refd_alloc::prefault(refd_alloc::prefault_mib_capped(a.daemon_prefault_mib) << 20);
     }
     let options = refd::server::engine_options(&refd::ServeConfig::default());
     let (engine, _) = DurableEngine::<_, LockFreeStore>::open_with_store(opened.storage, options)

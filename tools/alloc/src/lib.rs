@@ -16,4 +16,4 @@ mod tune;
 
 pub use counting::{count_live, live_bytes, Counting};
 pub use mimalloc::MiMalloc;
-pub use tune::{available_memory_bytes, prefault, tune, PURGE_DELAY_MS};
+pub use tune::{available_memory_bytes, prefault, prefault_mib_capped, tune, PURGE_DELAY_MS};

@@ -73,6 +73,18 @@ pub fn prefault(bytes: usize) -> std::time::Duration {
     t.elapsed()
 }
 
+/// The MiB of a prefault of `requested_mib` that this machine can take:
+/// at most half the memory available ([`available_memory_bytes`]; all of
+/// `requested_mib` where that is unknown), so a small machine is not
+/// pushed into reclaim (or the OOM killer) by a default meant for a
+/// larger one.
+pub fn prefault_mib_capped(requested_mib: usize) -> usize {
+    match available_memory_bytes() {
+        Some(avail) => requested_mib.min(((avail / 2) >> 20) as usize),
+        None => requested_mib,
+    }
+}
+
 /// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is no
 /// such file or line): how much a prefault may take without pushing the
 /// machine into reclaim.

@@ -204,11 +204,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
     let device = config.device.display().to_string();
     let opened = open_device(&config.device, config.device_create_bytes)?;
     if config.prefault_mib > 0 {
-        let mib = match refd_alloc::available_memory_bytes() {
-            Some(avail) => config.prefault_mib.min(((avail / 2) >> 20) as usize),
-            None => config.prefault_mib,
-        };
-        refd_alloc::prefault(mib << 20);
+        refd_alloc::prefault(refd_alloc::prefault_mib_capped(config.prefault_mib) << 20);
     }
     let options = engine_options(&config);
     let (engine, recovery) = DurableEngine::<Dev, D>::open_with_store(opened.storage, options)

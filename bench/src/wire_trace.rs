@@ -37,7 +37,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::time::Instant;
 
 use refd_btrfs::compare::compare;
@@ -47,6 +47,7 @@ use refd_core::model::{
     partition, Action, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF,
 };
 use refd_proto::{ErrorCode, WireOp, BACKREFS_KIND_UNKNOWN, KIND_DATA, KIND_TREE_BLOCK};
+use refd_sync::fanout::Fanout;
 
 use crate::hist::Kind;
 use crate::load::{summarize, LoadArgs, LoadReport, Local, Tally};
@@ -263,8 +264,7 @@ fn replay(
             senders.push(tx);
             workers.push(s.spawn(move || submit_worker(&client, &rx, tally, done)));
         }
-        let mut batches: Vec<Vec<WireOp>> = vec![Vec::with_capacity(batch); clients];
-        let mut sent = vec![0u64; clients];
+        let mut fanout = Fanout::new(senders, batch);
         let mut frees = Frees::default();
         let mut failed = None;
         for op in ops {
@@ -284,11 +284,11 @@ fn replay(
                 // the two refuses the allocation (it overlaps a live
                 // extent).
                 for (u, n) in frees.before(op.bytenr, op.num_bytes, t) {
-                    if n > sent[u] {
+                    if n > fanout.sent(u) {
                         // A failed worker's error is returned below.
-                        flush(&senders, &mut batches, &mut sent, u, batch);
+                        fanout.flush(u);
                     }
-                    while answered[u].load(Ordering::Acquire) < n.min(sent[u])
+                    while answered[u].load(Ordering::Acquire) < n.min(fanout.sent(u))
                         && !workers[u].is_finished()
                     {
                         std::thread::sleep(std::time::Duration::from_micros(50));
@@ -296,19 +296,17 @@ fn replay(
                 }
             }
             if op.action == Action::DropRef {
-                frees.record(op.bytenr, op.num_bytes, t, sent[t] + 1);
+                frees.record(op.bytenr, op.num_bytes, t, fanout.sent(t) + 1);
             }
-            batches[t].push(w);
-            if batches[t].len() == batch && !flush(&senders, &mut batches, &mut sent, t, batch) {
+            if !fanout.push(t, w) {
                 break; // the worker failed: its error is returned below
             }
         }
-        for (t, rest) in batches.into_iter().enumerate() {
-            if !rest.is_empty() && failed.is_none() {
-                let _ = senders[t].send(rest);
-            }
+        if failed.is_none() {
+            fanout.finish();
+        } else {
+            drop(fanout); // the workers end without the rest
         }
-        drop(senders);
         for w in workers {
             w.join().map_err(|_| "a replay connection panicked")??;
         }
@@ -325,26 +323,6 @@ fn replay(
         );
     }
     Ok(())
-}
-
-/// Send connection `t` its batch (when not empty), counting it in `sent`;
-/// false when the connection's worker is gone.
-fn flush(
-    senders: &[SyncSender<Vec<WireOp>>],
-    batches: &mut [Vec<WireOp>],
-    sent: &mut [u64],
-    t: usize,
-    batch: usize,
-) -> bool {
-    if batches[t].is_empty() {
-        return true;
-    }
-    let full = std::mem::replace(&mut batches[t], Vec::with_capacity(batch));
-    if senders[t].send(full).is_err() {
-        return false;
-    }
-    sent[t] += 1;
-    true
 }
 
 /// The drops the replay has dispatched, by bytenr: size, connection, and

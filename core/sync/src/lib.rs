@@ -7,7 +7,10 @@
 //! - [`shim`]: the atomics, mutex and condvar the interlock and the shard
 //!   hand-off use, switched to loom's under `--cfg loom` so that both are
 //!   model-checked;
-//! - [`background`]: large collections freed off a commit's critical path.
+//! - [`background`]: large collections freed off a commit's critical path;
+//! - [`fanout`]: items dealt to worker threads in batches (the trace
+//!   replays of `refctl` and `refd-bench`).
 pub mod background;
+pub mod fanout;
 pub mod interlock;
 pub mod shim;

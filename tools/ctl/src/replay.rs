@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
-use std::sync::mpsc::SyncSender;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use refd_core::delayed::DelayedRefStore;
 use refd_core::engine::{Engine, EngineError, EngineHandle, QuarantinedHead};
 use refd_core::extent_tree::ExtentTree;
 use refd_core::model::{partition, Op};
+use refd_sync::fanout::Fanout;
 
 /// Ops sent to a worker at once.
 pub const BATCH_OPS: usize = 1024;
@@ -247,10 +247,7 @@ fn run<S: DelayedRefStore>(
                 }
             });
         }
-        let mut batches: Vec<Vec<Op>> = (0..opts.threads)
-            .map(|_| Vec::with_capacity(BATCH_OPS))
-            .collect();
-        let mut sent = vec![0u64; opts.threads];
+        let mut fanout = Fanout::new(senders, BATCH_OPS);
         let mut next_commit = opts.commit_every;
         for item in reader.ops() {
             let traced = match item {
@@ -261,8 +258,7 @@ fn run<S: DelayedRefStore>(
                 }
             };
             let t = partition(traced.op.bytenr, opts.threads);
-            batches[t].push(traced.op);
-            if batches[t].len() == BATCH_OPS && !send(&senders, &mut batches, &mut sent, t) {
+            if !fanout.push(t, traced.op) {
                 break;
             }
             ops += 1;
@@ -274,12 +270,11 @@ fn run<S: DelayedRefStore>(
                 // allocation and without the free would refuse it as an
                 // overlap (a client has this order: its free is
                 // acknowledged before it allocates).
-                let all = (0..opts.threads).all(|t| send(&senders, &mut batches, &mut sent, t));
-                if !all {
+                if !(0..opts.threads).all(|t| fanout.flush(t)) {
                     break;
                 }
                 for (t, done) in ingested.iter().enumerate() {
-                    while done.load(Ordering::Acquire) < sent[t] {
+                    while done.load(Ordering::Acquire) < fanout.sent(t) {
                         std::thread::sleep(Duration::from_micros(50));
                     }
                 }
@@ -291,10 +286,7 @@ fn run<S: DelayedRefStore>(
                 }
             }
         }
-        for t in 0..opts.threads {
-            send(&senders, &mut batches, &mut sent, t);
-        }
-        drop(senders);
+        fanout.finish();
     });
     if let Some(source) = trace_error {
         return Err(ReplayError::Trace {
@@ -406,23 +398,4 @@ fn ingest_batch<S: DelayedRefStore>(
             }
         }
     }
-}
-
-/// Send worker `t` its batch (when not empty) and count it in `sent`;
-/// false when the worker is gone.
-fn send(
-    senders: &[SyncSender<Vec<Op>>],
-    batches: &mut [Vec<Op>],
-    sent: &mut [u64],
-    t: usize,
-) -> bool {
-    if batches[t].is_empty() {
-        return true;
-    }
-    let full = std::mem::replace(&mut batches[t], Vec::with_capacity(BATCH_OPS));
-    if senders[t].send(full).is_err() {
-        return false;
-    }
-    sent[t] += 1;
-    true
 }

@@ -746,8 +746,7 @@ pub fn in_parts<T: Sync, R: Send>(
     per_worker_min: usize,
     f: impl Fn(usize, &[T]) -> R + Sync,
 ) -> Vec<R> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
+    let workers = run_workers()
         .min(items.len() / per_worker_min.max(1))
         .max(1);
     if workers == 1 {
@@ -823,7 +822,7 @@ fn run_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
     POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .num_threads(run_workers())
             .thread_name(|i| format!("refd-run-{i}"))
             .build()
             .ok()
@@ -1085,8 +1084,7 @@ mod tests {
         let mut h = e.handle().unwrap();
         let n = 2 * PARALLEL_RUN_MIN_HEADS as u64 + 100;
         let at = |i: u64| (1 << 30) + i * (16 << 10);
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |w| w.get())
+        let workers = run_workers()
             .min(n as usize / PARALLEL_RUN_MIN_HEADS)
             .max(1);
         // Index of the first head of the second part (as `in_parts`).
@@ -1193,7 +1191,7 @@ mod tests {
         }
         let (report, parts) = e.run_frozen_with(e.freeze(), &Record);
         assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = run_workers();
         assert_eq!(
             parts.len(),
             workers.min(3 * heads as usize / PARALLEL_RUN_MIN_HEADS)

@@ -992,10 +992,14 @@ impl GenSnapshot<'_> {
         let mut bounds: Vec<(u64, u64, usize)> = Vec::with_capacity(splits.len() + 1);
         let mut lo = 0;
         for hi in splits.iter().copied().chain([u64::MAX]) {
-            bounds.push((lo, hi, in_range(lo, hi)));
+            let capacity = if bounds.is_empty() {
+                stored
+            } else {
+                in_range(lo, hi)
+            };
+            bounds.push((lo, hi, capacity));
             lo = hi;
         }
-        bounds[0].2 = stored;
         let merge_part = |&(lo, hi, capacity): &(u64, u64, usize)| -> Vec<Head> {
             let cursors = sources
                 .iter()

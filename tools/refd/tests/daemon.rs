@@ -511,7 +511,7 @@ fn kill9_and_retry_is_exactly_once() {
                             let (id, sent) = c.try_send(&submit(session, r, &ops));
                             inflight.insert(id, (r, ops));
                             r += 1;
-                            if !sent {
+                            if sent.is_err() {
                                 break;
                             }
                         }

@@ -210,23 +210,20 @@ impl Raw {
     }
 
     /// Sends a request; returns its id, and whether the whole frame was
-    /// written (`false`: the connection broke, e.g. a daemon killed by the
-    /// test; whether the daemon read the request is unknown).
-    pub fn try_send(&mut self, request: &Request) -> (u64, bool) {
+    /// written (an error: the connection broke, e.g. a daemon killed by
+    /// the test; whether the daemon read the request is unknown).
+    pub fn try_send(&mut self, request: &Request) -> (u64, std::io::Result<()>) {
         let id = self.next_id;
         self.next_id += 1;
         let mut frame = Vec::new();
         encode_request(id, request, &mut frame);
-        (id, self.stream.write_all(&frame).is_ok())
+        (id, self.stream.write_all(&frame))
     }
 
     /// Sends a request; returns its id.
     pub fn send(&mut self, request: &Request) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut frame = Vec::new();
-        encode_request(id, request, &mut frame);
-        self.send_raw(&frame);
+        let (id, written) = self.try_send(request);
+        written.expect("send");
         id
     }
 

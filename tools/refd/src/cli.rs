@@ -72,6 +72,12 @@ pub struct Serve {
     /// first commits reuse memory the kernel already faulted in.
     #[arg(long, default_value_t = 0)]
     pub prefault_mib: usize,
+    /// Time slice (µs, 100–100000; 0: the kernel's default) asked for
+    /// the threads that answer requests, so that on busy cores they
+    /// preempt the commit's threads when a request or a durable write
+    /// wakes them (Linux 6.12+; ignored by older kernels).
+    #[arg(long, default_value_t = crate::config::LATENCY_SLICE_US_DEFAULT)]
+    pub latency_slice_us: u64,
     /// Decode and answer every request but apply nothing (SUBMITs are
     /// validated and acknowledged at once): measures clients and the wire.
     #[arg(long)]
@@ -135,6 +141,7 @@ fn config(a: Serve) -> Result<ServeConfig, String> {
         idle_timeout: Duration::from_secs(a.idle_timeout_s),
         freed_kept_max: a.freed_kept_max,
         prefault_mib: a.prefault_mib,
+        latency_slice: Duration::from_micros(a.latency_slice_us),
         dry_run: a.dry_run,
         log_format: a.log_format,
         recovery_mode: a.recovery_mode,

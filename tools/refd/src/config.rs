@@ -26,6 +26,9 @@ pub const BARRIER_LEASE_MS_DEFAULT: u32 = 30_000;
 pub const BARRIERS_PER_SESSION_MAX: usize = 64;
 /// Default `--idle-timeout-s`.
 pub const IDLE_TIMEOUT_S_DEFAULT: u64 = 300;
+/// Time slice of the request-answering threads (µs; see
+/// [`ServeConfig::latency_slice`]).
+pub const LATENCY_SLICE_US_DEFAULT: u64 = 100;
 /// A frame whose first byte arrived must be complete within this.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A reply the client does not take within this closes the connection.
@@ -173,6 +176,10 @@ pub struct ServeConfig {
     pub freed_kept_max: u64,
     /// Heap touched before the engine opens (MiB).
     pub prefault_mib: usize,
+    /// Time slice asked for the threads that answer requests (each
+    /// connection's reader and writer; see `sched.rs`); zero keeps the
+    /// kernel's default.
+    pub latency_slice: Duration,
     /// Decode every frame and answer, but apply nothing (a SUBMIT is
     /// validated and acknowledged, not logged): measures the load
     /// generator and the wire without the engine.
@@ -204,6 +211,7 @@ impl Default for ServeConfig {
             idle_timeout: Duration::from_secs(IDLE_TIMEOUT_S_DEFAULT),
             freed_kept_max: refd_durable::service::FREED_KEPT_MAX_DEFAULT,
             prefault_mib: 0,
+            latency_slice: Duration::from_micros(LATENCY_SLICE_US_DEFAULT),
             dry_run: false,
             log_format: LogFormat::Human,
             recovery_mode: RecoveryModeArg::Strict,

@@ -196,6 +196,20 @@ impl ReplyQueue {
     }
 }
 
+/// Asks for the configured time slice on the calling thread (see
+/// `sched.rs`); a kernel that refuses it leaves the default, logged once.
+fn latency_slice(config: &crate::config::ServeConfig) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if config.latency_slice.is_zero() {
+        return;
+    }
+    if let Err(e) = crate::sched::request_slice(config.latency_slice) {
+        WARNED.call_once(|| {
+            tracing::warn!(error = %e, "cannot set the request threads' time slice; using the kernel's default");
+        });
+    }
+}
+
 /// Serves one accepted connection until it ends; returns when both of its
 /// threads are done.
 pub fn serve<D: DelayedRefStore + 'static>(
@@ -204,6 +218,7 @@ pub fn serve<D: DelayedRefStore + 'static>(
     peer: String,
     requires_token: bool,
 ) {
+    latency_slice(&shared.config);
     let writer_stream = match stream.try_clone() {
         Ok(s) => s,
         Err(e) => {
@@ -359,6 +374,7 @@ fn read_loop<D: DelayedRefStore + 'static>(
 }
 
 fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, out: &Mutex<Stream>, queue: &ReplyQueue) {
+    latency_slice(&shared.config);
     let mut frame = Vec::with_capacity(4096);
     while let Some(p) = queue.pop() {
         let t0 = Instant::now();

@@ -23,6 +23,7 @@ pub mod handler;
 pub mod listen;
 pub mod metrics;
 pub mod ops;
+pub mod sched;
 pub mod server;
 pub mod stats;
 

@@ -285,7 +285,9 @@ pub fn fault(rng: &mut SmallRng, c: usize, belief: &Belief) -> Op {
     let k = rng.gen_range(0..SLOTS.min(6));
     let b = slot(c, k);
     let (n, kind) = home_shape(k);
-    let held = belief.held_key(b, rng);
+    let held = belief
+        .held_key(b, rng)
+        .filter(|k| k.is_data() == kind.is_data());
     let r = |action, key| Op::new(b, n, kind, action, key, 0).expect("a valid op");
     match rng.gen_range(0..8) {
         0 if !kind.is_data() && held.is_some() => r(Action::AddRef, held.unwrap()),

@@ -53,6 +53,40 @@ impl Shadow {
         s
     }
 
+    /// The shadow a restart rebuilds when ops stay pending (heads held at
+    /// the last commit, nothing replayed): each block's committed extent
+    /// plus its pending ops merged per backref (recovery forgets their
+    /// seqs), a count never below zero; the latest allocation, if any,
+    /// gives the block its shape.
+    pub fn rebuild_with_pending<'a>(
+        extents: &BTreeMap<u64, ModelExtent>,
+        pending: impl Iterator<Item = &'a Op>,
+    ) -> Shadow {
+        let mut s = Shadow::rebuild(extents);
+        let mut by_block: BTreeMap<u64, Vec<&Op>> = BTreeMap::new();
+        pending.for_each(|op| by_block.entry(op.bytenr).or_default().push(op));
+        for (b, ops) in by_block {
+            let mut net: BTreeMap<RefKey, i64> = BTreeMap::new();
+            for op in &ops {
+                if let Some(k) = op.key {
+                    *net.entry(k).or_insert(0) += op.ref_mod();
+                }
+            }
+            let block = s.blocks.entry(b).or_default();
+            if let Some(a) = ops.iter().rev().find(|o| o.action == Action::AddExtent) {
+                (block.num_bytes, block.kind) = (a.num_bytes, Some(a.kind));
+            }
+            for (k, n) in net {
+                let c = block.backrefs.get(&k).copied().unwrap_or(0) as i64 + n;
+                match c.max(0) as u64 {
+                    0 => block.backrefs.remove(&k),
+                    c => block.backrefs.insert(k, c),
+                };
+            }
+        }
+        s
+    }
+
     /// Block `b` back to its committed extent (none: no entry).
     pub fn resync(&mut self, b: u64, extents: &BTreeMap<u64, ModelExtent>) {
         match extents.get(&b) {

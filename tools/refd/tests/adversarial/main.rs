@@ -59,8 +59,9 @@
 //! refused look alike; seed 110 chose the wrong one.) A durable batch
 //! retried after the restart is `DUPLICATE`.
 //!
-//! `REFD_ADVERSARIAL_SEEDS=N` runs seeds 0..N (default 4); with
-//! `REFD_ADVERSARIAL_SEED=S` only seed S.
+//! `REFD_ADVERSARIAL_SEEDS=N` runs N seeds (default 4) from
+//! `REFD_ADVERSARIAL_FIRST_SEED` (default 0); `REFD_ADVERSARIAL_SEED=S`
+//! only seed S.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -1059,6 +1060,10 @@ fn run_seed(seed: u64) {
 fn adversarial_streams_agree_with_the_oracle() {
     match env_u64("REFD_ADVERSARIAL_SEED") {
         Some(seed) => run_seed(seed),
-        None => (0..env_u64("REFD_ADVERSARIAL_SEEDS").unwrap_or(4)).for_each(run_seed),
+        None => {
+            let first = env_u64("REFD_ADVERSARIAL_FIRST_SEED").unwrap_or(0);
+            let seeds = env_u64("REFD_ADVERSARIAL_SEEDS").unwrap_or(4);
+            (first..first + seeds).for_each(run_seed)
+        }
     }
 }

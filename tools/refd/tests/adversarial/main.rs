@@ -45,7 +45,10 @@
 //!
 //! The kill: after a COMMIT (with every barrier released, or with one
 //! held so that heads stay held across the restart), one round of
-//! durable and NO_WAIT batches, then kill -9. Durable batches must
+//! durable and NO_WAIT batches, then kill -9, without `--verify` while
+//! one more durable SUBMIT is on its way (refd-client sends it again
+//! after the restart with its request number: it is in the replayed log,
+//! or applied once after it, never both). Durable batches must
 //! survive; a NO_WAIT batch may be lost, whole. After the restart the
 //! test first reads every slot, then sends each NO_WAIT batch again with
 //! its request number: `DUPLICATE` means it survived, anything else that
@@ -71,7 +74,7 @@ mod gen;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -90,6 +93,10 @@ const CLIENTS: usize = 3;
 const STEPS: usize = 36;
 /// The engine keeps this many refused heads for STATS.
 const QUARANTINE_KEEP: u64 = 10_000;
+
+/// A SUBMIT sent as the daemon is killed: its answer (after the
+/// client's resends), its client and its batch.
+type InFlight = (Result<SubmitReply, ErrorBody>, (usize, Batch));
 
 /// A batch the daemon accepted since the last commit.
 #[derive(Clone, Debug)]
@@ -740,9 +747,22 @@ impl Run {
             }
         }
         self.round(scripts);
-        self.daemon.kill9();
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.daemon = Daemon::start(&self.target, &args);
+        let in_flight = self.in_flight_batch();
+        let delay = Duration::from_micros(self.rng.gen_range(0..3000));
+        // Killed while the batch may be on its way: the client resends it
+        // after the restart with the same request number.
+        let in_flight = std::thread::scope(|s| {
+            let sent = in_flight.as_ref().map(|(c, batch)| {
+                let client = &self.clients[*c];
+                s.spawn(move || server_result(client.submit(&batch.wire, options(batch))))
+            });
+            std::thread::sleep(delay);
+            self.daemon.kill9();
+            let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+            self.daemon = Daemon::start(&self.target, &args);
+            sent.map(|h| h.join().expect("the in-flight SUBMIT"))
+        })
+        .zip(in_flight);
         let (replayed, committed_as) = recovery(&self.daemon.ready);
         let (_, hello) = Raw::hello(&self.daemon.socket);
         // What the daemon shows before anything is sent again.
@@ -750,7 +770,7 @@ impl Run {
         let resent = self.resend_no_wait();
         let lost: Vec<usize> = resent.iter().map(|r| r.0).collect();
         self.oracle.tally.lost_at_kill += lost.len() as u64;
-        let (model, m) = self.explain_restart(replayed, &lost, &views);
+        let (model, m) = self.explain_restart(replayed, &lost, in_flight.as_ref(), &views);
         self.oracle.model = model;
         self.oracle.barriers.clear();
         self.oracle.seq_current = 0;
@@ -793,6 +813,22 @@ impl Run {
         self.retry_durable_after_restart();
     }
 
+    /// Without `--verify` (where it could be refused before the kill or
+    /// after it), a sound durable batch to send as the daemon is killed.
+    fn in_flight_batch(&mut self) -> Option<(usize, Batch)> {
+        if self.oracle.shadow.is_some() {
+            return None;
+        }
+        let c = self.rng.gen_range(0..CLIENTS);
+        let mut belief = self.belief(c);
+        let n = self.rng.gen_range(1..=6);
+        let mut batch = gen::batch(&mut self.rng, c, &mut belief, 0, n);
+        batch.invalid = None;
+        batch.wire = batch.ops.iter().map(gen::wire).collect();
+        (batch.no_wait, batch.stamp_seq) = (false, false);
+        Some((c, batch))
+    }
+
     /// Every NO_WAIT batch accepted since the last commit, sent again
     /// (durable) with its request number: `DUPLICATE` if it survived the
     /// kill, else it was lost and is validated and applied now. Returns
@@ -832,6 +868,7 @@ impl Run {
         &self,
         replayed: usize,
         lost: &[usize],
+        in_flight: Option<&InFlight>,
         views: &BTreeMap<u64, View>,
     ) -> (Model, Option<ModelCommit>) {
         let mut model = self.oracle.base.clone();
@@ -840,6 +877,21 @@ impl Run {
             if !lost.contains(&i) {
                 a.ops.iter().for_each(|op| model.add(op));
                 ops += a.ops.len();
+            }
+        }
+        // The batch in flight at the kill was logged before it iff the
+        // replay holds its ops; else its resend applied it after.
+        let mut after = None;
+        if let Some((result, (c, batch))) = in_flight {
+            let at = self.at(&format!("client {c}: the SUBMIT in flight at the kill"));
+            let r = result.as_ref().unwrap_or_else(|e| panic!("{at}: {e:?}"));
+            assert_ne!(r.flags & SUBMIT_REPLY_DURABLE, 0, "{at}: {r:?}");
+            if replayed == ops + batch.ops.len() {
+                batch.ops.iter().for_each(|op| model.add(op));
+                ops += batch.ops.len();
+            } else {
+                assert_eq!(r.flags & SUBMIT_REPLY_DUPLICATE, 0, "{at}: {r:?}");
+                after = Some(&batch.ops);
             }
         }
         assert_eq!(
@@ -855,6 +907,7 @@ impl Run {
         if ops == 0 {
             model.forget_seqs();
         }
+        after.into_iter().flatten().for_each(|op| model.add(op));
         if let Some(d) = differs_after_restart(&model, views) {
             panic!(
                 "{}",

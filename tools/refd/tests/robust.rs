@@ -757,8 +757,8 @@ fn a_request_id_reused_in_flight_is_answered_per_request() {
 /// Frames of the largest size, back to back without reading: four
 /// SUBMITs of `submit_ops_max` ops, a PING of `body_bytes_max` bytes
 /// (`BAD_REQUEST`, the connection stays open), then a header announcing
-/// one byte more (`FRAME_TOO_LARGE`, closed). Every SUBMIT is applied
-/// whole, in its own log record.
+/// one byte more (`FRAME_TOO_LARGE`, closed). Every op of every SUBMIT
+/// is applied.
 #[test]
 fn largest_frames_back_to_back() {
     let Some(t) = Target::new("refd-largest", 256 * MIB, false) else {

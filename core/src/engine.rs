@@ -81,8 +81,9 @@ pub struct CommitReport {
     pub noop: usize,
     /// Heads held back by a seq barrier (requeued).
     pub held: usize,
-    /// Those heads, as requeued (a durable layer keeps them on disk: their
-    /// log records are trimmed with the rest of the transaction).
+    /// Those heads, as requeued, in bytenr order (a durable layer keeps
+    /// them on disk, where the order is checked: their log records are
+    /// trimmed with the rest of the transaction).
     pub held_heads: Vec<Head>,
     /// Extents freed.
     pub freed: Vec<FreedExtent>,
@@ -406,6 +407,12 @@ impl<S: DelayedRefStore> Engine<S> {
             sinks.push(part.sink);
         }
         report.run_time = t1.elapsed();
+        // A worker selects heads nearly in bytenr order: one starting
+        // inside the extent run before it is taken after the cursor wraps
+        // around (`RunQueue::select`). Indices of `heads` are in bytenr
+        // order.
+        held_idx.sort_unstable();
+        quarantined_idx.sort_unstable_by_key(|q| q.0);
         report.held = held_idx.len();
         let held: Vec<Head> = held_idx.iter().map(|&i| heads[i].clone()).collect();
         report.held_heads = held.clone();

@@ -127,6 +127,19 @@ impl Model {
         self.pending.push((*op, stamp));
     }
 
+    /// What a restart does to the ops still pending (held by a seq
+    /// barrier at the last commit, or logged after it and not yet
+    /// committed): seq barriers do not survive it, and recovery forgets
+    /// the seqs of pending refs (`docs/protocol.md`, "Seq barriers").
+    pub fn forget_seqs(&mut self) {
+        self.pending.iter_mut().for_each(|(op, _)| op.seq = 0);
+    }
+
+    /// The pending ops, in the order they were queued.
+    pub fn pending(&self) -> impl Iterator<Item = &Op> {
+        self.pending.iter().map(|(op, _)| op)
+    }
+
     /// Would-be refcount: committed + sum of pending ref_mods.
     pub fn lookup(&self, bytenr: u64) -> i64 {
         let committed = self

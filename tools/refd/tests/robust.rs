@@ -704,3 +704,106 @@ fn a_damaged_log_stops_the_daemon_until_a_recovery_mode_is_chosen() {
     assert!(status.success(), "{status}: {}", d.log());
     assert!(d.log().contains("DROPPED"), "{}", d.log());
 }
+
+/// One request id used by many requests in flight at once (a client's
+/// mistake the protocol leaves to the client): each is executed and
+/// answered once, every reply carrying that id; the SUBMITs are told
+/// apart by their request numbers, the PINGs by their bytes.
+#[test]
+fn a_request_id_reused_in_flight_is_answered_per_request() {
+    let Some(t) = Target::new("refd-reused-id", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    let x = 1 << 30;
+    assert!(matches!(
+        c.submit(s, 1, &[data(ACTION_ADD_EXTENT, x, 1)]),
+        Reply::Submit(_)
+    ));
+    const ID: u64 = 7;
+    let mut burst = Vec::new();
+    for i in 0..50u64 {
+        let ping = Request::Ping(PingRequest::new(&i.to_le_bytes()).unwrap());
+        encode_request(ID, &ping, &mut burst);
+        if i % 5 == 0 {
+            let number = 2 + i / 5;
+            let add = submit(s, number, &[data(ACTION_ADD_REF, x, 100 + number)]);
+            encode_request(ID, &add, &mut burst);
+        }
+    }
+    c.send_raw(&burst);
+    let (mut pings, mut numbers) = (Vec::new(), Vec::new());
+    for _ in 0..60 {
+        match c.recv() {
+            (ID, Reply::Ping(p)) => {
+                pings.push(u64::from_le_bytes(p.payload[..].try_into().unwrap()))
+            }
+            (ID, Reply::Submit(r)) => {
+                assert_ne!(r.flags & SUBMIT_REPLY_DURABLE, 0, "{r:?}");
+                numbers.push(r.request_number);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    pings.sort_unstable();
+    numbers.sort_unstable();
+    assert_eq!(pings, (0..50).collect::<Vec<_>>());
+    assert_eq!(numbers, (2..12).collect::<Vec<_>>());
+    assert_eq!(c.refs(x), 11, "each SUBMIT applied once");
+}
+
+/// Frames of the largest size, back to back without reading: four
+/// SUBMITs of `submit_ops_max` ops, a PING of `body_bytes_max` bytes
+/// (`BAD_REQUEST`, the connection stays open), then a header announcing
+/// one byte more (`FRAME_TOO_LARGE`, closed). Every op of every SUBMIT
+/// is applied.
+#[test]
+fn largest_frames_back_to_back() {
+    let Some(t) = Target::new("refd-largest", 256 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut c, hello) = Raw::hello(&d.socket);
+    let s = c.register();
+    let x = 1 << 30;
+    assert!(matches!(
+        c.submit(s, 1, &[data(ACTION_ADD_EXTENT, x, 1)]),
+        Reply::Submit(_)
+    ));
+    let max_ops = hello.submit_ops_max as u64;
+    let limit = hello.body_bytes_max;
+    let mut burst = Vec::new();
+    for b in 0..4u64 {
+        let ops: Vec<WireOp> = (0..max_ops)
+            .map(|i| data(ACTION_ADD_REF, x, 1_000_000 * (b + 1) + i))
+            .collect();
+        encode_request(10 + b, &submit(s, 2 + b, &ops), &mut burst);
+    }
+    let body = vec![0u8; limit as usize];
+    encode_frame(Opcode::Ping, 0, 20, &body, &mut burst);
+    let too_large = FrameHeader {
+        body_bytes: limit + 1,
+        ..FrameHeader::for_body(Opcode::Ping.as_u8(), 0, 21, &[])
+    };
+    burst.extend_from_slice(&too_large.encode());
+    let mut writer = c.stream.try_clone().expect("clone");
+    let w = std::thread::spawn(move || writer.write_all(&burst));
+    let mut got = Vec::new();
+    while let Some((id, reply)) = c.try_recv() {
+        got.push((id, code(&reply)));
+    }
+    w.join().unwrap().expect("the burst was read whole");
+    got.sort_unstable_by_key(|g| g.0);
+    let want: Vec<(u64, Option<ErrorCode>)> = (10..14)
+        .map(|id| (id, None))
+        .chain([
+            (20, Some(ErrorCode::BadRequest)),
+            (21, Some(ErrorCode::FrameTooLarge)),
+        ])
+        .collect();
+    assert_eq!(got, want);
+    let (mut c, _) = Raw::hello(&d.socket);
+    assert_eq!(c.refs(x), 1 + 4 * max_ops as i64);
+}

@@ -45,7 +45,18 @@ fn unzigzag(v: u64) -> i64 {
 /// Encodes the heads a commit held back (seq barrier) as one stream: a
 /// version byte, the head count, then each head (see `docs/durable.md`,
 /// "Held heads"). Stored in the B+tree in chunks ([`held_items`]).
+///
+/// # Panics
+///
+/// If `heads` are not in strictly ascending bytenr order (as a commit
+/// reports them): [`decode_held`] would refuse the stream.
 pub fn encode_held(heads: &[Head]) -> Vec<u8> {
+    // What `decode_held` refuses must never be written: a device whose
+    // held set is out of order cannot be opened.
+    assert!(
+        heads.windows(2).all(|w| w[0].bytenr < w[1].bytenr),
+        "held heads must be in strictly ascending bytenr order"
+    );
     let mut out = vec![HELD_STREAM_VERSION];
     put_varint(&mut out, heads.len() as u64);
     for h in heads {

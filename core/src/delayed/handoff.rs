@@ -7,11 +7,15 @@
 //! parity form a ring of [`STAGING_RING`]: the ingest thread (the shard's
 //! owner) appends to the *active* buffer; when it is full the owner marks it
 //! [`FULL`], moves to an empty one and asks the background hand-off thread
-//! to turn the full one into a run. Only when no buffer of the ring is
-//! empty (the background is behind) does the owner hand one off itself:
-//! the bounded fallback, the cost of one hand-off as before the ring, never
-//! a wait (a wait for a thread that does not get a core on a loaded
-//! machine is unbounded; the owner's own hand-off is not).
+//! to turn the full one into a run. When no buffer of the ring is empty
+//! (the background is behind), the owner waits for one (back-pressure) for
+//! at most [`HANDOFF_WAIT_STEPS_MAX`] steps (about 1 ms), then hands the
+//! oldest full one off itself: a wait for a thread that does not get a
+//! core is otherwise unbounded, the owner's own hand-off is not. Measured
+//! on 2 cores (`docs/benchmarks.md`, "Issue 13: no sort on the ingest
+//! thread"): handing off at once whenever the ring was full left the
+//! p99.99 where it was (half the hand-offs fell to the ingest threads);
+//! waiting brought it down by 8–40x, at ~20% of the throughput.
 //!
 //! Each buffer has a state word; every transition is one atomic operation:
 //!
@@ -49,6 +53,13 @@ use refd_sync::shim::{fence, AtomicU32, Ordering};
 /// up to `STAGING_RING - 1` full ones waiting for the background.
 pub const STAGING_RING: usize = 4;
 const _: () = assert!(STAGING_RING >= 2, "the owner needs a buffer to move to");
+
+/// Steps of [`wait_step`] an owner whose ring is full waits for the
+/// background before it hands a buffer off itself: 64 spins, 64 yields and
+/// 14 sleeps of 50 µs, about 1 ms (measured in `docs/benchmarks.md`:
+/// waiting, not the owner's own hand-off, is what keeps the p99.99 of
+/// ingest low on 2 cores). Under loom, one step.
+pub const HANDOFF_WAIT_STEPS_MAX: u32 = if cfg!(loom) { 1 } else { 128 + 14 };
 
 /// Appended to by the owner (the active buffer), or empty.
 pub(crate) const FILLING: u32 = 0;
@@ -99,10 +110,15 @@ impl Ring {
     }
 
     /// Owner: the active buffer is full (its ops and length are written
-    /// before this). Marks it full and moves to an empty buffer; if there
-    /// is none, claims a full one for the owner to hand off itself, the
-    /// oldest first (the one after the active buffer in ring order).
-    pub fn rotate(&self) -> Rotate {
+    /// before this). Marks it full, asks the background to hand it off
+    /// (`ask`) and moves to an empty buffer. If there is none (the
+    /// background is behind), waits for one: back-pressure, up to
+    /// [`HANDOFF_WAIT_STEPS_MAX`] steps (about 1 ms); after that claims a
+    /// full buffer for the owner to hand off itself, the oldest first (the
+    /// one after the active buffer in ring order), so that an ingest
+    /// thread never waits unboundedly for a thread that does not get a
+    /// core.
+    pub fn rotate(&self, ask: impl FnOnce()) -> Rotate {
         let cur = self.active();
         debug_assert_eq!(
             self.state(cur),
@@ -110,6 +126,7 @@ impl Ring {
             "owner filled a buffer it gave away"
         );
         self.states[cur].store(FULL, Ordering::SeqCst);
+        ask();
         let mut spins = 0u32;
         loop {
             for k in 1..STAGING_RING {
@@ -119,14 +136,16 @@ impl Ring {
                     return Rotate::Moved;
                 }
             }
-            for k in 1..=STAGING_RING {
-                let i = (cur + k) % STAGING_RING;
-                if self.claim(i) {
-                    return Rotate::HandOff(i);
+            if spins >= HANDOFF_WAIT_STEPS_MAX {
+                for k in 1..=STAGING_RING {
+                    let i = (cur + k) % STAGING_RING;
+                    if self.claim(i) {
+                        return Rotate::HandOff(i);
+                    }
                 }
             }
-            // Every buffer is being handed off by others (more hand-off
-            // threads than buffers): one of them finishes soon.
+            // Every buffer is full or being handed off: wait (after the
+            // bound, for one being handed off by others to finish).
             wait_step(&mut spins);
         }
     }
@@ -195,14 +214,11 @@ impl Ring {
 /// yield, then sleep 50 µs. Under loom, a yield (loom needs spin loops to
 /// yield).
 fn wait_step(spins: &mut u32) {
+    *spins = spins.saturating_add(1);
     #[cfg(loom)]
-    {
-        let _ = spins;
-        loom::thread::yield_now();
-    }
+    loom::thread::yield_now();
     #[cfg(not(loom))]
     {
-        *spins = spins.saturating_add(1);
         if *spins < 64 {
             std::hint::spin_loop();
         } else if *spins < 128 {
@@ -253,7 +269,7 @@ mod loom_tests {
                         "owner reuses a full buffer"
                     );
                     s[a].store(1, Ordering::Relaxed);
-                    if let Rotate::HandOff(i) = r.rotate() {
+                    if let Rotate::HandOff(i) = r.rotate(|| {}) {
                         hand_off(&s[..], &p, i);
                         r.owner_handed_off(i);
                     }

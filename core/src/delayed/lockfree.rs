@@ -9,8 +9,14 @@
 //! So the hot path never touches the skiplist:
 //!
 //! ```text
-//!  ingest thread ──► own shard: staging (4096 ops, ~360 KiB, stays in L2)
-//!                       │ full: sort + merge at insert (packed.rs)
+//!  ingest thread ──► own shard: active staging buffer (4096 ops, ~360 KiB,
+//!                    stays in L2), one of a ring of STAGING_RING per parity
+//!                       │ full: marked FULL, the owner moves to the next
+//!                       ▼
+//!  hand-off thread ──► sort + merge at insert (packed.rs), build the run
+//!  (refd-handoff)       │ and its Bloom filter, publish it and empty the
+//!                       │ buffer in one change (the owner does this itself
+//!                       │ only when its whole ring is full: see below)
 //!                       ▼
 //!                 TxnIndex of the live transaction
 //!                   runs: SkipMap<run_id, Run>  (Run: sorted chunks + Bloom filter)
@@ -20,6 +26,28 @@
 //!                       ▼
 //!                 freeze: k-way merge of runs + staging, in bytenr order
 //! ```
+//!
+//! # No sorting on the ingest thread
+//!
+//! Sorting 4096 staged ops and building their run costs ~250 µs; done by
+//! the ingest thread at every 4096th op, it was the p99.99 of ingest. The
+//! ingest thread now only marks the full buffer and moves to an empty one
+//! of its ring ([`super::handoff`]: the states, who may move a buffer from
+//! which to which, the loom model). The background hand-off thread turns
+//! full buffers into runs. If the owner finds no empty buffer (the
+//! background is behind), it waits for one (back-pressure), for about
+//! 1 ms at most; then it hands off the oldest full one itself (the bounded
+//! fallback). `docs/benchmarks.md` ("Issue 13: no sort on the ingest
+//! thread") has what waiting and handing off at once each measured on 2
+//! cores, and how often each happens.
+//!
+//! Until its run is published, a full buffer's ops are read from staging:
+//! readers read every buffer of a lane. The merge of a sealed generation
+//! first holds every lane (full buffers stay staged and are merged from
+//! there; hand-offs in progress are waited for), so nothing publishes into
+//! a sealed generation's index or empties its buffers afterwards, and the
+//! index parity is reused for `g + 2` only after release, which waits for
+//! any hand-off still in progress.
 //!
 //! Each run is an immutable sorted sequence of packed heads and refs cut
 //! into chunks (a `Vec` in the run); the skiplist is the ordered,
@@ -39,8 +67,11 @@
 //! `finished` counters (a release fence after `started`, so no write of
 //! the change is seen before it); a reader that saw a change start during
 //! its read retries. A staging slot reused after a hand-off can be read
-//! torn (words of two ops); such a read is always retried, and readers
-//! decode slots fallibly so a torn one never reaches an assertion first.
+//! torn (words of two ops); such a read is always retried (the owner
+//! reuses a buffer handed off by another thread only after a release
+//! fence, so a reader that sees its new slots sees that change begun), and
+//! readers decode slots fallibly so a torn one never reaches an assertion
+//! first.
 //!
 //! Reads complete in bounded time whatever the ingest rate: a read is
 //! tried once optimistically; if a change spoiled it, the reader asks for
@@ -60,14 +91,15 @@
 //!
 //! # Transaction hand-off
 //!
-//! Each shard has a buffer per transaction parity; each buffer has a
-//! refcount interlock ([`refd_sync::interlock`]). An ingester takes a reference
-//! on the buffer of the generation it read, then re-reads the generation
-//! (both SeqCst); the committer stores the new generation, then waits for
-//! the count of every old buffer to reach zero. Either the ingester sees
-//! the new generation and moves on, or the committer sees its reference
-//! and waits for it: no op is lost or applied twice, and the ingester never
-//! waits. The 0->1 transition "loads" the buffer for its generation.
+//! Each shard has a lane of buffers per transaction parity; each lane has
+//! a refcount interlock ([`refd_sync::interlock`]). An ingester takes a
+//! reference on the lane of the generation it read, then re-reads the
+//! generation (both SeqCst); the committer stores the new generation, then
+//! waits for the count of every old lane to reach zero. Either the
+//! ingester sees the new generation and moves on, or the committer sees
+//! its reference and waits for it: no op is lost or applied twice, and the
+//! ingester never waits. The 0->1 transition "loads" the lane for its
+//! generation (it must be empty).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -89,7 +121,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Ingest shards (handles) available by default.
 pub const SHARDS_DEFAULT: usize = 64;
-/// Ops a shard stages before handing them off as a sorted run.
+/// Ops a staging buffer holds before it is handed off as a sorted run.
 pub const STAGING_OPS: usize = 4096;
 /// Runs of one level merged into one run of the next level.
 pub const COMPACT_FANOUT: usize = 8;
@@ -314,10 +346,12 @@ impl Lane {
         self.ring.reset();
     }
 
-    fn ensure(&self) {
-        for b in &self.bufs {
-            b.ensure();
-        }
+    /// Allocate the active buffer's slots (at a claim, and when the owner
+    /// moves to a buffer of the ring: the others are allocated only once
+    /// the background falls behind, so an idle or slow shard costs one
+    /// buffer per parity).
+    fn ensure_active(&self) {
+        self.active().ensure();
     }
 }
 
@@ -1259,6 +1293,8 @@ impl LockFreeHandle<'_> {
         let shard = &self.store.shared.shards[self.shard];
         shard.gate.enter(&self.store.gen, |p| {
             debug_assert!(shard.lanes[p].is_empty(), "unreleased buffer");
+            // A release made the lane's first buffer active again.
+            shard.lanes[p].ensure_active();
         })
     }
 
@@ -1267,10 +1303,11 @@ impl LockFreeHandle<'_> {
     }
 
     /// Append one checked op to the active buffer of generation `g`
-    /// (reference held). When the buffer is full, moves to the next one of
-    /// the ring and asks the background to hand the full one off; only if
-    /// no buffer is empty, hands one off itself. Returns whether it did
-    /// (the index may then want compacting, asked after leaving the gate).
+    /// (reference held). When the buffer is full, asks the background to
+    /// hand it off and moves to the next one of the ring; if no buffer is
+    /// empty, waits for one up to about 1 ms, then hands one off itself
+    /// ([`Ring::rotate`]). Returns whether it did (the index may then want
+    /// compacting, asked after leaving the gate).
     fn append(&mut self, g: u64, op: &Op, stamp: u64) -> bool {
         let store = self.store;
         let lane = &store.shared.shards[self.shard].lanes[parity(g)];
@@ -1286,16 +1323,19 @@ impl LockFreeHandle<'_> {
             return false;
         }
         staging.gen.store(g, Ordering::Relaxed);
-        match lane.ring.rotate() {
+        let shared = &store.shared;
+        match lane
+            .ring
+            .rotate(|| shared.handoff.request(shared, g, |s| &s.handoff))
+        {
             Rotate::Moved => {
-                let shared = &store.shared;
-                shared.handoff.request(shared, g, |s| &s.handoff);
+                lane.ensure_active();
                 false
             }
             Rotate::HandOff(i) => {
-                // The bounded fallback: the cost of one hand-off, as when
-                // every hand-off was done here; never a wait for the
-                // background, which may not get a core for milliseconds.
+                // The background was behind for ~1 ms: the bounded
+                // fallback, one hand-off's cost, as when every hand-off was
+                // done here.
                 let shard = &store.shared.shards[self.shard];
                 let idx = &store.shared.index[parity(g)];
                 lane.hand_off(i, idx, &shard.gate, &mut self.scratch);
@@ -1374,7 +1414,7 @@ impl DelayedRefStore for LockFreeStore {
                 .is_ok()
             {
                 for lane in &s.lanes {
-                    lane.ensure();
+                    lane.ensure_active();
                 }
                 return Ok(LockFreeHandle {
                     store: self,
@@ -1799,22 +1839,33 @@ mod tests {
     }
 
     /// With the background stopped, an ingest thread whose ring has no
-    /// empty buffer hands the oldest full one off itself (the bounded
-    /// fallback) and goes on; nothing is lost or doubled.
+    /// empty buffer waits for the background (back-pressure, about 1 ms:
+    /// at least its 14 sleeps of 50 µs), then hands the oldest full one
+    /// off itself (the bounded fallback) and goes on; nothing is lost or
+    /// doubled.
     #[test]
-    fn ingest_thread_hands_off_itself_when_the_ring_is_full() {
+    fn full_ring_waits_then_the_ingest_thread_hands_off_itself() {
         let lf = LockFreeStore::with_config(1, 8);
         let mx = MutexStore::new();
         let all = ops(8 * (STAGING_RING as u64 + 2) + 5);
         pause_hand_offs(&lf, true);
         let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
-        for op in &all {
+        let mut waited = Vec::new();
+        for (i, op) in all.iter().enumerate() {
+            let t = std::time::Instant::now();
             hl.add(op).unwrap();
+            if (i + 1) % 8 == 0 && (i + 1) / 8 >= STAGING_RING {
+                waited.push(t.elapsed());
+            }
             hm.add(op).unwrap();
         }
         // STAGING_RING + 2 buffers filled: the first STAGING_RING - 1
         // rotations found an empty buffer, the last 3 did not.
         assert_eq!(lf.hand_off_counts(), (3, 3));
+        assert_eq!(waited.len(), 3);
+        for w in waited {
+            assert!(w >= std::time::Duration::from_micros(700), "no wait: {w:?}");
+        }
         assert_eq!(lf.pending_all(), mx.pending_all());
         assert_eq!(lf.freeze(), mx.freeze());
     }

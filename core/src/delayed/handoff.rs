@@ -6,7 +6,7 @@
 //! filled the buffer it was the p99.99 of ingest. So a shard's buffers of a
 //! parity form a ring of [`STAGING_RING`]: the ingest thread (the shard's
 //! owner) appends to the *active* buffer; when it is full the owner marks it
-//! [`FULL`], moves to an empty one and asks the background hand-off thread
+//! `FULL`, moves to an empty one and asks the background hand-off thread
 //! to turn the full one into a run. When no buffer of the ring is empty
 //! (the background is behind), the owner waits for one (back-pressure) for
 //! at most [`HANDOFF_WAIT_STEPS_MAX`] steps (about 1 ms), then hands the
@@ -30,13 +30,13 @@
 //! ```
 //!
 //! - Only the owner writes a buffer's slots, and only while it is
-//!   [`FILLING`]; it never writes a buffer it marked full until the
+//!   `FILLING`; it never writes a buffer it marked full until the
 //!   hand-off returned it (it reads `FILLING` again, then a release fence,
 //!   so a reader that sees its new slots also sees the hand-off's change of
 //!   the index begun, and retries).
 //! - A full buffer is handed off by exactly one thread: the one whose CAS
 //!   `FULL -> HANDING` won.
-//! - The committer's merge of a sealed generation ([`Ring::hold`]), after
+//! - The committer's merge of a sealed generation (`Ring::hold`), after
 //!   the gate's quiesce (no owner inside the generation's buffers), turns
 //!   every `FULL` buffer into `HELD` (its ops are merged from the staging
 //!   buffer) and waits for every `HANDING` one (its run is then in the
@@ -54,7 +54,7 @@ use refd_sync::shim::{fence, AtomicU32, Ordering};
 pub const STAGING_RING: usize = 4;
 const _: () = assert!(STAGING_RING >= 2, "the owner needs a buffer to move to");
 
-/// Steps of [`wait_step`] an owner whose ring is full waits for the
+/// Steps of `wait_step` an owner whose ring is full waits for the
 /// background before it hands a buffer off itself: 64 spins, 64 yields and
 /// 14 sleeps of 50 µs, about 1 ms (measured in `docs/benchmarks.md`:
 /// waiting, not the owner's own hand-off, is what keeps the p99.99 of

@@ -9,8 +9,14 @@
 //! So the hot path never touches the skiplist:
 //!
 //! ```text
-//!  ingest thread ──► own shard: staging (4096 ops, ~360 KiB, stays in L2)
-//!                       │ full: sort + merge at insert (packed.rs)
+//!  ingest thread ──► own shard: active staging buffer (4096 ops, ~360 KiB,
+//!                    stays in L2), one of a ring of STAGING_RING per parity
+//!                       │ full: marked FULL, the owner moves to the next
+//!                       ▼
+//!  hand-off thread ──► sort + merge at insert (packed.rs), build the run
+//!  (refd-handoff)       │ and its Bloom filter, publish it and empty the
+//!                       │ buffer in one change (the owner does this itself
+//!                       │ only when its whole ring is full: see below)
 //!                       ▼
 //!                 TxnIndex of the live transaction
 //!                   runs: SkipMap<run_id, Run>  (Run: sorted chunks + Bloom filter)
@@ -20,6 +26,28 @@
 //!                       ▼
 //!                 freeze: k-way merge of runs + staging, in bytenr order
 //! ```
+//!
+//! # No sorting on the ingest thread
+//!
+//! Sorting 4096 staged ops and building their run costs ~250 µs; done by
+//! the ingest thread at every 4096th op, it was the p99.99 of ingest. The
+//! ingest thread now only marks the full buffer and moves to an empty one
+//! of its ring ([`super::handoff`]: the states, who may move a buffer from
+//! which to which, the loom model). The background hand-off thread turns
+//! full buffers into runs. If the owner finds no empty buffer (the
+//! background is behind), it waits for one (back-pressure), for about
+//! 1 ms at most; then it hands off the oldest full one itself (the bounded
+//! fallback). `docs/benchmarks.md` ("Issue 13: no sort on the ingest
+//! thread") has what waiting and handing off at once each measured on 2
+//! cores, and how often each happens.
+//!
+//! Until its run is published, a full buffer's ops are read from staging:
+//! readers read every buffer of a lane. The merge of a sealed generation
+//! first holds every lane (full buffers stay staged and are merged from
+//! there; hand-offs in progress are waited for), so nothing publishes into
+//! a sealed generation's index or empties its buffers afterwards, and the
+//! index parity is reused for `g + 2` only after release, which waits for
+//! any hand-off still in progress.
 //!
 //! Each run is an immutable sorted sequence of packed heads and refs cut
 //! into chunks (a `Vec` in the run); the skiplist is the ordered,
@@ -39,8 +67,11 @@
 //! `finished` counters (a release fence after `started`, so no write of
 //! the change is seen before it); a reader that saw a change start during
 //! its read retries. A staging slot reused after a hand-off can be read
-//! torn (words of two ops); such a read is always retried, and readers
-//! decode slots fallibly so a torn one never reaches an assertion first.
+//! torn (words of two ops); such a read is always retried (the owner
+//! reuses a buffer handed off by another thread only after a release
+//! fence, so a reader that sees its new slots sees that change begun), and
+//! readers decode slots fallibly so a torn one never reaches an assertion
+//! first.
 //!
 //! Reads complete in bounded time whatever the ingest rate: a read is
 //! tried once optimistically; if a change spoiled it, the reader asks for
@@ -60,14 +91,15 @@
 //!
 //! # Transaction hand-off
 //!
-//! Each shard has a buffer per transaction parity; each buffer has a
-//! refcount interlock ([`refd_sync::interlock`]). An ingester takes a reference
-//! on the buffer of the generation it read, then re-reads the generation
-//! (both SeqCst); the committer stores the new generation, then waits for
-//! the count of every old buffer to reach zero. Either the ingester sees
-//! the new generation and moves on, or the committer sees its reference
-//! and waits for it: no op is lost or applied twice, and the ingester never
-//! waits. The 0->1 transition "loads" the buffer for its generation.
+//! Each shard has a lane of buffers per transaction parity; each lane has
+//! a refcount interlock ([`refd_sync::interlock`]). An ingester takes a
+//! reference on the lane of the generation it read, then re-reads the
+//! generation (both SeqCst); the committer stores the new generation, then
+//! waits for the count of every old lane to reach zero. Either the
+//! ingester sees the new generation and moves on, or the committer sees
+//! its reference and waits for it: no op is lost or applied twice, and the
+//! ingester never waits. The 0->1 transition "loads" the lane for its
+//! generation (it must be empty).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -77,6 +109,7 @@ use crossbeam_skiplist::SkipMap;
 use crossbeam_utils::CachePadded;
 
 use super::gate::{parity, Generation, ShardGate};
+use super::handoff::{Ring, Rotate, STAGING_RING};
 use super::packed::{
     build_run, heads_in_range, merge_cursors, split_points, Chunk, Cursor, HeadRef, PackedRef,
     RunBuilder,
@@ -88,7 +121,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Ingest shards (handles) available by default.
 pub const SHARDS_DEFAULT: usize = 64;
-/// Ops a shard stages before handing them off as a sorted run.
+/// Ops a staging buffer holds before it is handed off as a sorted run.
 pub const STAGING_OPS: usize = 4096;
 /// Runs of one level merged into one run of the next level.
 pub const COMPACT_FANOUT: usize = 8;
@@ -115,6 +148,9 @@ struct Staging {
     /// slot: a lookup scans the slots only if its bit is set (cleared with
     /// `len` when the buffer empties).
     filter: OnceLock<Box<[AtomicU64]>>,
+    /// The generation of the ops of a full buffer, written by the owner
+    /// before it marks the buffer full (read by whoever hands it off).
+    gen: AtomicU64,
 }
 
 /// Bits of a staging buffer's bytenr filter per slot: at a full buffer
@@ -129,6 +165,7 @@ impl Staging {
             cap,
             slots: OnceLock::new(),
             filter: OnceLock::new(),
+            gen: AtomicU64::new(0),
         }
     }
 
@@ -193,6 +230,22 @@ impl Staging {
         try_decode(&w)
     }
 
+    /// The heads of the staged ops of `bytenr` (a reader's view: slots
+    /// that are not one whole op are skipped, the read is retried).
+    fn heads_of(&self, bytenr: u64, out: &mut Vec<Head>) {
+        let n = self.len.load(Ordering::Acquire).min(self.slots().len());
+        if n == 0 || !self.may_hold(bytenr) {
+            return;
+        }
+        for i in 0..n {
+            if self.slots()[i][0].load(Ordering::Relaxed) == bytenr {
+                if let Some((op, stamp)) = self.read(i).filter(|(op, _)| op.bytenr == bytenr) {
+                    out.push(Head::of_op(&op, stamp));
+                }
+            }
+        }
+    }
+
     /// [`Staging::read_all`] for a reader other than the writer: slots that
     /// are not one whole op (torn, the read is retried) are left out.
     fn read_all_whole(&self, out: &mut Vec<Staged>) {
@@ -219,12 +272,87 @@ impl Staging {
     }
 }
 
-/// One ingest shard: a gate and a staging buffer per transaction parity.
+/// One ingest shard: a gate and a lane of staging buffers per
+/// transaction parity.
 #[derive(Debug)]
 struct Shard {
     claimed: AtomicBool,
     gate: ShardGate,
-    staging: [Staging; 2],
+    lanes: [Lane; 2],
+}
+
+/// A shard's staging buffers of one transaction parity: a ring of
+/// [`STAGING_RING`] buffers, the active one and full ones waiting for
+/// their hand-off (see [`super::handoff`]). Readers read every buffer of
+/// the lane (a full one holds ops not yet in the index).
+#[derive(Debug)]
+struct Lane {
+    bufs: [Staging; STAGING_RING],
+    ring: Ring,
+}
+
+impl Lane {
+    fn new(staging_ops: usize) -> Lane {
+        Lane {
+            bufs: std::array::from_fn(|_| Staging::new(staging_ops)),
+            ring: Ring::new(),
+        }
+    }
+
+    /// The buffer the owner appends to.
+    fn active(&self) -> &Staging {
+        &self.bufs[self.ring.active()]
+    }
+
+    /// Whether every buffer is empty (a lane loaded for a generation).
+    fn is_empty(&self) -> bool {
+        self.bufs.iter().all(|b| b.len.load(Ordering::SeqCst) == 0)
+    }
+
+    /// Hand off buffer `i` (claimed by the caller: `HANDING`) into `idx`:
+    /// sort its ops into a run, publish the run and empty the buffer in one
+    /// change of the index. Returns the generation of its ops. The caller
+    /// then marks it handed off ([`Ring::handed_off`] or
+    /// [`Ring::owner_handed_off`]).
+    fn hand_off(
+        &self,
+        i: usize,
+        idx: &TxnIndex,
+        gate: &ShardGate,
+        scratch: &mut Vec<Staged>,
+    ) -> u64 {
+        let st = &self.bufs[i];
+        let g = st.gen.load(Ordering::Relaxed);
+        // While a buffer is HANDING, its generation can neither be merged
+        // nor released (both wait for it: `Ring::hold`), so the index is
+        // still `g`'s.
+        assert!(
+            gate.holds(g),
+            "hand-off of generation {g} after its release"
+        );
+        scratch.clear();
+        st.read_all(scratch);
+        idx.hand_off(build_run(scratch), st);
+        g
+    }
+
+    /// Empty every buffer (release of the lane's generation, inside a
+    /// change of its index): waits for a hand-off in progress first.
+    fn reset(&self) {
+        self.ring.hold();
+        for b in &self.bufs {
+            b.reset();
+        }
+        self.ring.reset();
+    }
+
+    /// Allocate the active buffer's slots (at a claim, and when the owner
+    /// moves to a buffer of the ring: the others are allocated only once
+    /// the background falls behind, so an idle or slow shard costs one
+    /// buffer per parity).
+    fn ensure_active(&self) {
+        self.active().ensure();
+    }
 }
 
 /// One immutable sorted run: its chunks in bytenr order.
@@ -631,66 +759,109 @@ pub struct LockFreeStore {
     /// Last generation frozen and released.
     released: CachePadded<AtomicU64>,
     /// Written by every allocation and extent_op: on its own cache line,
-    /// away from the fields every op reads (`shards`, `index`).
+    /// away from the fields every op reads (`shared`).
     clock: CachePadded<StampClock>,
-    shards: Box<[CachePadded<Shard>]>,
-    index: Arc<[TxnIndex; 2]>,
+    /// The shards, the indexes and the background threads that work on
+    /// them.
+    shared: Arc<Shared>,
     staging_ops: usize,
-    compactor: Arc<Compactor>,
 }
 
-/// The store's background compactor: ingest threads only hand off sorted
-/// runs and ask for a compaction; one thread per store (started on the
-/// first request, stopped when the store drops) merges them. A top-level
-/// merge rewrites the largest run (hundreds of MB under a million pending
-/// heads); on an ingest thread it held up that thread's ops for tens of
-/// milliseconds (measured: single SUBMITs of the daemon took up to 80 ms).
+/// What the store's background threads share with it.
+#[derive(Debug)]
+struct Shared {
+    shards: Box<[CachePadded<Shard>]>,
+    index: [TxnIndex; 2],
+    /// Turns full staging buffers into runs ([`hand_off_full`]): ingest
+    /// threads only mark a buffer full and move to the next.
+    handoff: Worker,
+    /// Merges runs ([`TxnIndex::maybe_compact`]). A top-level merge
+    /// rewrites the largest run (hundreds of MB under a million pending
+    /// heads); on an ingest thread it held up that thread's ops for tens
+    /// of milliseconds (measured: single SUBMITs of the daemon took up to
+    /// 80 ms).
+    compactor: Worker,
+    /// Hand-offs done, and of them by an ingest thread because no buffer
+    /// of its ring was empty (the background was behind): reports.
+    hand_offs: AtomicU64,
+    owner_hand_offs: AtomicU64,
+    #[cfg(test)]
+    test: TestHooks,
+}
+
+/// Test hooks of the background hand-off.
+#[cfg(test)]
 #[derive(Debug, Default)]
-struct Compactor {
-    state: Mutex<CompactState>,
+struct TestHooks {
+    /// The hand-off thread claims nothing while set.
+    paused: AtomicBool,
+    /// Held by a test: the hand-off thread stops between its claim of a
+    /// buffer and the publish of its run.
+    mid_hand_off: Mutex<()>,
+}
+
+/// A background thread of the store: started on the first request,
+/// stopped when the store drops. A request names a generation; the thread
+/// runs its job for the newest generation asked since it last looked.
+#[derive(Debug)]
+struct Worker {
+    name: &'static str,
+    job: fn(&Arc<Shared>, u64),
+    state: Mutex<WorkState>,
     cv: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 #[derive(Debug, Default)]
-struct CompactState {
-    /// The newest generation a hand-off asked to compact.
+struct WorkState {
+    /// The newest generation asked for.
     due: Option<u64>,
-    /// A compaction is running.
+    /// The job is running.
     running: bool,
     stop: bool,
 }
 
-impl Compactor {
-    fn lock(&self) -> std::sync::MutexGuard<'_, CompactState> {
+impl Worker {
+    fn new(name: &'static str, job: fn(&Arc<Shared>, u64)) -> Worker {
+        Worker {
+            name,
+            job,
+            state: Mutex::new(WorkState::default()),
+            cv: Condvar::new(),
+            thread: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WorkState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Asks for a compaction of generation `g`'s index.
-    fn request(self: &Arc<Self>, index: &Arc<[TxnIndex; 2]>, g: u64) {
+    /// Asks for the job on generation `g`. `me` finds this worker in
+    /// `shared` (the thread holds `shared`, not the worker).
+    fn request(&self, shared: &Arc<Shared>, g: u64, me: fn(&Shared) -> &Worker) {
         let mut st = self.lock();
         st.due = Some(st.due.map_or(g, |d| d.max(g)));
         self.cv.notify_all();
         drop(st);
         let mut t = self.thread.lock().unwrap_or_else(|e| e.into_inner());
         if t.is_none() {
-            let (me, shared) = (Arc::clone(self), Arc::clone(index));
-            // If the thread cannot start, compaction runs here instead.
+            let s = Arc::clone(shared);
+            // If the thread cannot start, the job runs here instead.
             match std::thread::Builder::new()
-                .name("refd-compact".into())
-                .spawn(move || me.run(&shared))
+                .name(self.name.into())
+                .spawn(move || me(&s).run(&s))
             {
                 Ok(h) => *t = Some(h),
                 Err(_) => {
                     drop(t);
                     self.lock().due = None;
-                    index[parity(g)].maybe_compact(g);
+                    (self.job)(shared, g);
                 }
             }
         }
     }
 
-    fn run(&self, index: &[TxnIndex; 2]) {
+    fn run(&self, shared: &Arc<Shared>) {
         let mut st = self.lock();
         loop {
             if st.stop {
@@ -702,14 +873,14 @@ impl Compactor {
             };
             st.running = true;
             drop(st);
-            index[parity(g)].maybe_compact(g);
+            (self.job)(shared, g);
             st = self.lock();
             st.running = false;
             self.cv.notify_all();
         }
     }
 
-    /// Waits until no compaction is asked for or running.
+    /// Waits until no job is asked for or running.
     fn settle(&self) {
         if self
             .thread
@@ -725,6 +896,8 @@ impl Compactor {
         }
     }
 
+    /// Stops the thread once its job in progress is done; work asked for
+    /// and not started is dropped (the store drops with it).
     fn stop(&self) {
         self.lock().stop = true;
         self.cv.notify_all();
@@ -735,9 +908,49 @@ impl Compactor {
     }
 }
 
+/// The hand-off thread's job: turn every full staging buffer of every
+/// shard into a run in its index (until none is left), and ask for
+/// compaction after each.
+fn hand_off_full(shared: &Arc<Shared>, _g: u64) {
+    let mut scratch: Vec<Staged> = Vec::new();
+    loop {
+        let mut any = false;
+        for shard in shared.shards.iter() {
+            for (p, lane) in shard.lanes.iter().enumerate() {
+                for i in 0..STAGING_RING {
+                    #[cfg(test)]
+                    if shared.test.paused.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if !lane.ring.claim(i) {
+                        continue;
+                    }
+                    #[cfg(test)]
+                    drop(shared.test.mid_hand_off.lock());
+                    let g = lane.hand_off(i, &shared.index[p], &shard.gate, &mut scratch);
+                    lane.ring.handed_off(i);
+                    shared.hand_offs.fetch_add(1, Ordering::Relaxed);
+                    shared.compactor.request(shared, g, |s| &s.compactor);
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            return;
+        }
+    }
+}
+
+/// The compactor's job: compact generation `g`'s index.
+fn compact(shared: &Arc<Shared>, g: u64) {
+    shared.index[parity(g)].maybe_compact(g);
+}
+
 impl Drop for LockFreeStore {
     fn drop(&mut self) {
-        self.compactor.stop();
+        // The hand-off thread first: it asks the compactor for work.
+        self.shared.handoff.stop();
+        self.shared.compactor.stop();
     }
 }
 
@@ -765,22 +978,29 @@ impl LockFreeStore {
                 CachePadded::new(Shard {
                     claimed: AtomicBool::new(false),
                     gate: ShardGate::new(),
-                    staging: std::array::from_fn(|_| Staging::new(staging_ops)),
+                    lanes: std::array::from_fn(|_| Lane::new(staging_ops)),
                 })
             })
             .collect();
         LockFreeStore {
-            compactor: Arc::new(Compactor::default()),
             gen: CachePadded::new(Generation::new()),
             released: CachePadded::new(AtomicU64::new(0)),
             clock: CachePadded::new(StampClock::default()),
-            shards,
-            index: Arc::new(std::array::from_fn(|_| {
-                let idx = TxnIndex::default();
-                idx.top_merge_ratio
-                    .store(TOP_MERGE_RATIO, Ordering::Relaxed);
-                idx
-            })),
+            shared: Arc::new(Shared {
+                shards,
+                index: std::array::from_fn(|_| {
+                    let idx = TxnIndex::default();
+                    idx.top_merge_ratio
+                        .store(TOP_MERGE_RATIO, Ordering::Relaxed);
+                    idx
+                }),
+                handoff: Worker::new("refd-handoff", hand_off_full),
+                compactor: Worker::new("refd-compact", compact),
+                hand_offs: AtomicU64::new(0),
+                owner_hand_offs: AtomicU64::new(0),
+                #[cfg(test)]
+                test: TestHooks::default(),
+            }),
             staging_ops,
         }
     }
@@ -789,7 +1009,7 @@ impl LockFreeStore {
     /// throughput for memory (see [`TOP_MERGE_RATIO`]).
     pub fn with_top_merge_ratio(self, ratio: usize) -> LockFreeStore {
         let ratio = ratio.max(1);
-        for idx in self.index.iter() {
+        for idx in self.shared.index.iter() {
             idx.top_merge_ratio.store(ratio, Ordering::Relaxed);
         }
         self
@@ -798,7 +1018,17 @@ impl LockFreeStore {
     /// Waits until the background compactor has done what it was asked
     /// (tests and reports that look at the index's shape).
     pub fn settle(&self) {
-        self.compactor.settle();
+        self.shared.handoff.settle();
+        self.shared.compactor.settle();
+    }
+
+    /// Hand-offs of full staging buffers so far, and of them how many an
+    /// ingest thread did itself because its ring had no empty buffer (the
+    /// background hand-off thread was behind; see [`super::handoff`]).
+    pub fn hand_off_counts(&self) -> (u64, u64) {
+        let s = &self.shared;
+        let own = s.owner_hand_offs.load(Ordering::Relaxed);
+        (s.hand_offs.load(Ordering::Relaxed), own)
     }
 
     /// Most attempts any read of the store's indexes took so far: at most
@@ -806,7 +1036,8 @@ impl LockFreeStore {
     /// had begun a change when the read asked for a quiet window (ingest
     /// handles, the compactor, the committer) plus one.
     pub fn read_attempts_max(&self) -> u64 {
-        self.index
+        self.shared
+            .index
             .iter()
             .map(|i| i.read_attempts_max.load(Ordering::Relaxed))
             .max()
@@ -815,14 +1046,14 @@ impl LockFreeStore {
 
     /// Runs currently in the live index (for tests and reports).
     pub fn live_runs(&self) -> usize {
-        self.index[parity(self.gen.live())].runs.len()
+        self.shared.index[parity(self.gen.live())].runs.len()
     }
 
     /// What the live index holds: `(runs, heads stored, refs stored,
     /// heap bytes of chunk arrays)`. Heads and refs of one extent stored in
     /// several runs count once per run (they merge at compaction/freeze).
     pub fn index_stats(&self) -> IndexStats {
-        let idx = &self.index[parity(self.gen.live())];
+        let idx = &self.shared.index[parity(self.gen.live())];
         let mut st = IndexStats::default();
         for r in idx.runs.iter() {
             st.runs += 1;
@@ -845,16 +1076,20 @@ impl LockFreeStore {
     /// (caller guarantees stability or wraps this in `read_stable`); the
     /// merge runs afterwards, whatever ingest does meanwhile.
     fn snapshot_gen(&self, g: u64) -> GenSnapshot<'_> {
-        let idx = &self.index[parity(g)];
+        let idx = &self.shared.index[parity(g)];
         let mut staged = Vec::new();
-        for shard in self.shards.iter() {
+        for shard in self.shared.shards.iter() {
             if !shard.gate.holds(g) {
                 continue;
             }
-            let mut words = Vec::new();
-            shard.staging[parity(g)].read_all_whole(&mut words);
-            if !words.is_empty() {
-                staged.push(words);
+            // Every buffer of the lane: full ones not handed off yet hold
+            // ops that are in no run.
+            for st in &shard.lanes[parity(g)].bufs {
+                let mut words = Vec::new();
+                st.read_all_whole(&mut words);
+                if !words.is_empty() {
+                    staged.push(words);
+                }
             }
         }
         GenSnapshot {
@@ -869,24 +1104,15 @@ impl LockFreeStore {
     /// generation, unsearched, and the heads of `bytenr`'s staged ops and
     /// carry.
     fn lookup_window(&self, g: u64, bytenr: u64) -> (RunEntries<'_>, Vec<Head>) {
-        let idx = &self.index[parity(g)];
+        let idx = &self.shared.index[parity(g)];
         let runs = idx.runs.iter().collect();
         let mut heads = Vec::new();
-        for shard in self.shards.iter() {
+        for shard in self.shared.shards.iter() {
             if !shard.gate.holds(g) {
                 continue;
             }
-            let st = &shard.staging[parity(g)];
-            let n = st.len.load(Ordering::Acquire).min(st.slots().len());
-            if n == 0 || !st.may_hold(bytenr) {
-                continue;
-            }
-            for i in 0..n {
-                if st.slots()[i][0].load(Ordering::Relaxed) == bytenr {
-                    if let Some((op, stamp)) = st.read(i).filter(|(op, _)| op.bytenr == bytenr) {
-                        heads.push(Head::of_op(&op, stamp));
-                    }
-                }
+            for st in &shard.lanes[parity(g)].bufs {
+                st.heads_of(bytenr, &mut heads);
             }
         }
         heads.extend(
@@ -905,13 +1131,17 @@ impl LockFreeStore {
     fn read_visible<T>(&self, mut read_gen: impl FnMut(u64) -> T) -> Vec<T> {
         let mut attempt = 0;
         loop {
-            let _quiet = (attempt >= READ_OPTIMISTIC_MAX)
-                .then(|| [self.index[0].hold_quiet(), self.index[1].hold_quiet()]);
+            let _quiet = (attempt >= READ_OPTIMISTIC_MAX).then(|| {
+                [
+                    self.shared.index[0].hold_quiet(),
+                    self.shared.index[1].hold_quiet(),
+                ]
+            });
             attempt += 1;
             let released = self.released.load(Ordering::SeqCst);
             let live = self.gen.live();
             let out: Vec<T> = (released + 1..=live)
-                .map(|g| self.index[parity(g)].read_stable(|| read_gen(g)))
+                .map(|g| self.shared.index[parity(g)].read_stable(|| read_gen(g)))
                 .collect();
             if self.released.load(Ordering::SeqCst) == released {
                 return out;
@@ -1050,7 +1280,7 @@ pub struct LockFreeHandle<'a> {
 
 impl Drop for LockFreeHandle<'_> {
     fn drop(&mut self) {
-        self.store.shards[self.shard]
+        self.store.shared.shards[self.shard]
             .claimed
             .store(false, Ordering::Release);
     }
@@ -1058,28 +1288,30 @@ impl Drop for LockFreeHandle<'_> {
 
 impl LockFreeHandle<'_> {
     /// Enter the live generation's buffer of this shard (see
-    /// [`ShardGate::enter`]); the 0->1 load finds the staging empty.
+    /// [`ShardGate::enter`]); the 0->1 load finds the lane empty.
     fn enter(&self) -> u64 {
-        let shard = &self.store.shards[self.shard];
+        let shard = &self.store.shared.shards[self.shard];
         shard.gate.enter(&self.store.gen, |p| {
-            debug_assert_eq!(
-                shard.staging[p].len.load(Ordering::SeqCst),
-                0,
-                "unreleased buffer"
-            );
+            debug_assert!(shard.lanes[p].is_empty(), "unreleased buffer");
+            // A release made the lane's first buffer active again.
+            shard.lanes[p].ensure_active();
         })
     }
 
     fn leave(&self, g: u64) {
-        self.store.shards[self.shard].gate.leave(g);
+        self.store.shared.shards[self.shard].gate.leave(g);
     }
 
-    /// Append one checked op to the buffer of generation `g` (reference
-    /// held); hands off when the staging buffer is full. Returns whether
-    /// the index may want compacting (done after leaving the gate).
+    /// Append one checked op to the active buffer of generation `g`
+    /// (reference held). When the buffer is full, asks the background to
+    /// hand it off and moves to the next one of the ring; if no buffer is
+    /// empty, waits for one up to about 1 ms, then hands one off itself
+    /// ([`Ring::rotate`]). Returns whether it did (the index may then want
+    /// compacting, asked after leaving the gate).
     fn append(&mut self, g: u64, op: &Op, stamp: u64) -> bool {
         let store = self.store;
-        let staging = &store.shards[self.shard].staging[parity(g)];
+        let lane = &store.shared.shards[self.shard].lanes[parity(g)];
+        let staging = lane.active();
         let n = staging.len.load(Ordering::Relaxed);
         let words = encode(op, stamp);
         for (slot, w) in staging.slots()[n].iter().zip(words) {
@@ -1087,22 +1319,40 @@ impl LockFreeHandle<'_> {
         }
         staging.note(op.bytenr);
         staging.len.store(n + 1, Ordering::Release);
-        if n + 1 == store.staging_ops {
-            let idx = &store.index[parity(g)];
-            self.scratch.clear();
-            staging.read_all(&mut self.scratch);
-            let b = build_run(&self.scratch);
-            idx.hand_off(b, staging);
-            return true;
+        if n + 1 < store.staging_ops {
+            return false;
         }
-        false
+        staging.gen.store(g, Ordering::Relaxed);
+        let shared = &store.shared;
+        match lane
+            .ring
+            .rotate(|| shared.handoff.request(shared, g, |s| &s.handoff))
+        {
+            Rotate::Moved => {
+                lane.ensure_active();
+                false
+            }
+            Rotate::HandOff(i) => {
+                // The background was behind for ~1 ms: the bounded
+                // fallback, one hand-off's cost, as when every hand-off was
+                // done here.
+                let shard = &store.shared.shards[self.shard];
+                let idx = &store.shared.index[parity(g)];
+                lane.hand_off(i, idx, &shard.gate, &mut self.scratch);
+                lane.ring.owner_handed_off(i);
+                store.shared.hand_offs.fetch_add(1, Ordering::Relaxed);
+                store.shared.owner_hand_offs.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+        }
     }
 
     /// Compaction after a hand-off of generation `g`: asked of the
     /// background compactor, outside the gate reference (see
     /// [`TxnIndex::maybe_compact`]).
     fn compact(&self, g: u64) {
-        self.store.compactor.request(&self.store.index, g);
+        let shared = &self.store.shared;
+        shared.compactor.request(shared, g, |s| &s.compactor);
     }
 }
 
@@ -1146,8 +1396,10 @@ impl DelayedRefStore for LockFreeStore {
 
     fn layout(&self) -> String {
         let st = self.index_stats();
+        let (hand_offs, own) = self.hand_off_counts();
         format!(
-            "index: {} runs, {} heads and {} refs stored, {:.1} MiB of chunks",
+            "index: {} runs, {} heads and {} refs stored, {:.1} MiB of chunks; \
+             {hand_offs} hand-offs, {own} of them on an ingest thread",
             st.runs,
             st.heads,
             st.refs,
@@ -1156,13 +1408,13 @@ impl DelayedRefStore for LockFreeStore {
     }
 
     fn handle(&self) -> Result<LockFreeHandle<'_>, StoreError> {
-        for (i, s) in self.shards.iter().enumerate() {
+        for (i, s) in self.shared.shards.iter().enumerate() {
             if s.claimed
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                for st in &s.staging {
-                    st.ensure();
+                for lane in &s.lanes {
+                    lane.ensure_active();
                 }
                 return Ok(LockFreeHandle {
                     store: self,
@@ -1172,7 +1424,7 @@ impl DelayedRefStore for LockFreeStore {
             }
         }
         Err(StoreError::ShardsExhausted {
-            shards: self.shards.len(),
+            shards: self.shared.shards.len(),
         })
     }
 
@@ -1218,14 +1470,14 @@ impl DelayedRefStore for LockFreeStore {
         // hook, so the reuse must not depend on it: empty the index here if
         // it still holds the released generation's runs or carry (a few
         // skiplist removals, the memory is reclaimed through the epoch).
-        let reused = &self.index[parity(self.gen.live() + 1)];
+        let reused = &self.shared.index[parity(self.gen.live() + 1)];
         if !reused.runs.is_empty() || !reused.lock_carry().is_empty() {
             reused.clear();
         }
         let g = self.gen.advance();
         // No compaction of g starts from here; running ones are waited for
         // by `sealed_heads`, outside the caller's locks.
-        self.index[parity(g)].seal_compaction(g);
+        self.shared.index[parity(g)].seal_compaction(g);
         // Ingesters still inside g's buffers (an add or a hand-off in
         // progress, or a thread preempted there) are waited for by
         // `sealed_heads`, not here: the seal never waits for ingest, so it
@@ -1241,14 +1493,21 @@ impl DelayedRefStore for LockFreeStore {
             "sealed_heads without seal"
         );
         // Wait for the ingesters that entered g before the seal (Dekker
-        // with `ShardGate::enter`: any later one moves to g + 1). Then g is
-        // quiescent: nothing writes its buffers, and once the compactions
-        // that started before the seal have published, nothing writes its
-        // index until release; readers may still read them.
-        for shard in self.shards.iter() {
+        // with `ShardGate::enter`: any later one moves to g + 1). Then
+        // nothing appends to g's buffers or marks one full. Then hold each
+        // lane: full buffers not yet claimed stay staged (merged below),
+        // hand-offs in progress are waited for (their runs are in the
+        // index), and no hand-off of g starts any more. Then g is
+        // quiescent once the compactions that started before the seal have
+        // published: nothing writes its buffers or its index until
+        // release; readers may still read them.
+        for shard in self.shared.shards.iter() {
             shard.gate.quiesce(g);
         }
-        self.index[parity(g)].wait_compactions();
+        for shard in self.shared.shards.iter() {
+            shard.lanes[parity(g)].ring.hold();
+        }
+        self.shared.index[parity(g)].wait_compactions();
         self.snapshot_gen(g).merged_heads()
     }
 
@@ -1257,7 +1516,7 @@ impl DelayedRefStore for LockFreeStore {
         if released == 0 {
             return;
         }
-        let idx = &self.index[parity(released)];
+        let idx = &self.shared.index[parity(released)];
         // Only if the buffer still belongs to the released generation (the
         // next commit's freeze has not reused it).
         if self.gen.live() == released + 1 {
@@ -1268,7 +1527,7 @@ impl DelayedRefStore for LockFreeStore {
 
     fn requeue(&self, mut heads: Vec<Head>) {
         super::restamp(&mut heads, &self.clock);
-        let next = &self.index[parity(self.gen.live())];
+        let next = &self.shared.index[parity(self.gen.live())];
         next.begin_change();
         next.lock_carry().extend(heads);
         next.end_change();
@@ -1282,17 +1541,17 @@ impl DelayedRefStore for LockFreeStore {
             g - 1,
             "release without freeze"
         );
-        let idx = &self.index[parity(g)];
+        let idx = &self.shared.index[parity(g)];
         idx.begin_change();
         self.released.store(g, Ordering::SeqCst);
-        for shard in self.shards.iter() {
-            shard.gate.retire(g, || shard.staging[parity(g)].reset());
+        for shard in self.shared.shards.iter() {
+            shard.gate.retire(g, || shard.lanes[parity(g)].reset());
         }
         idx.end_change();
         // Hidden now (released = g); the runs are freed by
         // `reclaim_released`, outside the engine's tree lock.
         if !held.is_empty() {
-            let next = &self.index[parity(live)];
+            let next = &self.shared.index[parity(live)];
             next.begin_change();
             next.lock_carry().extend(held);
             next.end_change();
@@ -1499,7 +1758,7 @@ mod tests {
         let mut h = lf.handle().unwrap();
         h.add(&add).unwrap();
         h.add(&add).unwrap();
-        let st = &lf.shards[0].staging[parity(lf.gen.live())];
+        let st = lf.shared.shards[0].lanes[parity(lf.gen.live())].active();
         // Slot 1 half-overwritten: an allocation's words, the stamp of an
         // add (0); then an unknown action code.
         for (w, v) in st.slots()[1].iter().zip(encode(&alloc, 0)) {
@@ -1532,6 +1791,213 @@ mod tests {
                 "{heads} heads: {false_hits} of {probes} absent bytenrs pass"
             );
         }
+    }
+
+    /// Pause (or resume) the background hand-off thread; resuming asks it
+    /// to look at every lane again.
+    fn pause_hand_offs(lf: &LockFreeStore, paused: bool) {
+        lf.shared.test.paused.store(paused, Ordering::SeqCst);
+        if !paused {
+            lf.shared
+                .handoff
+                .request(&lf.shared, lf.gen.live(), |s| &s.handoff);
+        }
+    }
+
+    /// Hand-off state of buffer `i` of shard 0's lane of generation `g`.
+    fn buf_state(lf: &LockFreeStore, g: u64, i: usize) -> u32 {
+        lf.shared.shards[0].lanes[parity(g)].ring.state(i)
+    }
+
+    /// A full buffer waiting for the background is read by lookups and
+    /// snapshots: its ops are in no run yet.
+    #[test]
+    fn lookup_sees_ops_in_a_full_unpublished_buffer() {
+        use super::super::handoff::{FILLING, FULL};
+        let lf = LockFreeStore::with_config(1, 8);
+        let mx = MutexStore::new();
+        let all = ops(8 + 3);
+        pause_hand_offs(&lf, true);
+        let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
+        for op in &all {
+            hl.add(op).unwrap();
+            hm.add(op).unwrap();
+        }
+        let g = lf.gen.live();
+        assert_eq!(buf_state(&lf, g, 0), FULL);
+        assert_eq!(lf.live_runs(), 0, "nothing handed off while paused");
+        for op in &all {
+            assert_eq!(lf.pending(op.bytenr), mx.pending(op.bytenr));
+        }
+        assert_eq!(lf.pending_all(), mx.pending_all());
+        pause_hand_offs(&lf, false);
+        lf.settle();
+        assert_eq!(buf_state(&lf, g, 0), FILLING);
+        assert_eq!(lf.hand_off_counts(), (1, 0));
+        assert_eq!(lf.pending_all(), mx.pending_all());
+        assert_eq!(lf.freeze(), mx.freeze());
+    }
+
+    /// With the background stopped, an ingest thread whose ring has no
+    /// empty buffer waits for the background (back-pressure, about 1 ms:
+    /// at least its 14 sleeps of 50 µs), then hands the oldest full one
+    /// off itself (the bounded fallback) and goes on; nothing is lost or
+    /// doubled.
+    #[test]
+    fn full_ring_waits_then_the_ingest_thread_hands_off_itself() {
+        let lf = LockFreeStore::with_config(1, 8);
+        let mx = MutexStore::new();
+        let all = ops(8 * (STAGING_RING as u64 + 2) + 5);
+        pause_hand_offs(&lf, true);
+        let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
+        let mut waited = Vec::new();
+        for (i, op) in all.iter().enumerate() {
+            let t = std::time::Instant::now();
+            hl.add(op).unwrap();
+            if (i + 1) % 8 == 0 && (i + 1) / 8 >= STAGING_RING {
+                waited.push(t.elapsed());
+            }
+            hm.add(op).unwrap();
+        }
+        // STAGING_RING + 2 buffers filled: the first STAGING_RING - 1
+        // rotations found an empty buffer, the last 3 did not.
+        assert_eq!(lf.hand_off_counts(), (3, 3));
+        assert_eq!(waited.len(), 3);
+        for w in waited {
+            assert!(w >= std::time::Duration::from_micros(700), "no wait: {w:?}");
+        }
+        assert_eq!(lf.pending_all(), mx.pending_all());
+        assert_eq!(lf.freeze(), mx.freeze());
+    }
+
+    /// A seal while full buffers wait for their hand-off: the merge takes
+    /// them from staging (held), the background publishes nothing of the
+    /// sealed generation afterwards, and after release the lane serves
+    /// generation g + 2 from empty.
+    #[test]
+    fn seal_while_a_full_buffer_awaits_its_hand_off() {
+        use super::super::handoff::HELD;
+        let lf = LockFreeStore::with_config(1, 8);
+        let mx = MutexStore::new();
+        let all = ops(2 * 8 + 3);
+        pause_hand_offs(&lf, true);
+        let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
+        for op in &all {
+            hl.add(op).unwrap();
+            hm.add(op).unwrap();
+        }
+        let g = lf.gen.live();
+        assert_eq!(lf.freeze(), mx.freeze());
+        assert_eq!((buf_state(&lf, g, 0), buf_state(&lf, g, 1)), (HELD, HELD));
+        pause_hand_offs(&lf, false);
+        lf.settle();
+        assert_eq!(lf.hand_off_counts(), (0, 0), "hand-off after the hold");
+        assert_eq!(lf.shared.index[parity(g)].runs.len(), 0);
+        assert_eq!(lf.pending_all(), mx.pending_all());
+        lf.release(Vec::new());
+        mx.release(Vec::new());
+        for round in 0..2 {
+            for op in &all {
+                hl.add(op).unwrap();
+                hm.add(op).unwrap();
+            }
+            lf.settle();
+            assert_eq!(lf.freeze(), mx.freeze(), "round {round}");
+            lf.release(Vec::new());
+            mx.release(Vec::new());
+        }
+    }
+
+    /// A seal while the background is between its claim of a full buffer
+    /// and the publish of its run: the merge waits for the publish (else
+    /// the buffer's ops would be in neither staging nor the index it
+    /// reads).
+    #[test]
+    fn seal_waits_for_a_hand_off_in_progress() {
+        use super::super::handoff::HANDING;
+        let lf = LockFreeStore::with_config(1, 8);
+        let mx = MutexStore::new();
+        let all = ops(8 + 2);
+        let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
+        let stop = lf.shared.test.mid_hand_off.lock().unwrap();
+        for op in &all {
+            hl.add(op).unwrap();
+            hm.add(op).unwrap();
+        }
+        let g = lf.gen.live();
+        while buf_state(&lf, g, 0) != HANDING {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let expect = mx.freeze();
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                let heads = lf.freeze();
+                done.store(true, Ordering::SeqCst);
+                heads
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!done.load(Ordering::SeqCst), "merged before the publish");
+            drop(stop);
+            assert_eq!(t.join().unwrap(), expect);
+        });
+        assert_eq!(lf.hand_off_counts(), (1, 0));
+    }
+
+    /// A release while a hand-off of the live generation is pending
+    /// leaves it alone (it is the other parity's lane), and a stale
+    /// request for the released generation publishes nothing.
+    #[test]
+    fn release_while_a_hand_off_is_pending() {
+        use super::super::handoff::FULL;
+        let lf = LockFreeStore::with_config(1, 8);
+        let mx = MutexStore::new();
+        let all = ops(8 + 5);
+        let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
+        for op in &all[..5] {
+            hl.add(op).unwrap();
+            hm.add(op).unwrap();
+        }
+        assert_eq!(lf.freeze(), mx.freeze());
+        pause_hand_offs(&lf, true);
+        for op in &all {
+            hl.add(op).unwrap();
+            hm.add(op).unwrap();
+        }
+        let live = lf.gen.live();
+        assert_eq!(buf_state(&lf, live, 0), FULL);
+        lf.release(Vec::new());
+        mx.release(Vec::new());
+        assert_eq!(
+            buf_state(&lf, live, 0),
+            FULL,
+            "release touched the live lane"
+        );
+        assert_eq!(lf.pending_all(), mx.pending_all());
+        pause_hand_offs(&lf, false);
+        lf.shared
+            .handoff
+            .request(&lf.shared, live - 1, |s| &s.handoff);
+        lf.settle();
+        assert_eq!(lf.hand_off_counts(), (1, 0));
+        assert_eq!(lf.shared.index[parity(live - 1)].runs.len(), 0);
+        assert_eq!(lf.freeze(), mx.freeze());
+    }
+
+    /// The store drops with full buffers waiting for the background and
+    /// its threads running: they stop, nothing hangs.
+    #[test]
+    fn store_drops_with_hand_offs_pending() {
+        let lf = LockFreeStore::with_config(2, 8);
+        let all = ops(8 * 3 + 1);
+        pause_hand_offs(&lf, true);
+        let mut h = lf.handle().unwrap();
+        for op in &all {
+            h.add(op).unwrap();
+        }
+        drop(h);
+        pause_hand_offs(&lf, false);
+        drop(lf);
     }
 
     #[test]

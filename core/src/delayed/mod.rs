@@ -23,6 +23,7 @@
 //! requeued into the live transaction by `release`.
 
 pub(crate) mod gate;
+pub mod handoff;
 pub mod lockfree;
 pub mod mutex;
 pub(crate) mod packed;

@@ -9,6 +9,7 @@ mod crash;
 mod daemon_crash;
 mod durable;
 mod hist;
+mod hot_extents;
 mod ingest;
 mod load;
 mod report;
@@ -60,6 +61,11 @@ enum Cmd {
     /// kernel btrfs anchor, in alternating rounds on one device.
     /// Destroys nothing but what it makes (an image file, a loop device).
     Compare(compare::CompareArgs),
+    /// A commit's cost on extents with many backrefs (hot extents): K
+    /// extents of B backrefs each, then commits touching every one with a
+    /// few ops, timed by phase on the core and the durable engine.
+    /// Destroys the device's content.
+    HotExtents(hot_extents::HotExtentsArgs),
     /// The process `crash` kills (internal).
     #[command(hide = true)]
     CrashChild(crash::ChildArgs),
@@ -90,6 +96,14 @@ fn main() {
             }
         }),
         Cmd::CrashChild(a) => crash::child(a),
+        Cmd::HotExtents(a) => hot_extents::run(a).and_then(|r| {
+            if a.json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                hot_extents::print(&r);
+            }
+            Ok(())
+        }),
         Cmd::DaemonCrash(a) => daemon_crash::run(a).and_then(|r| {
             if a.json {
                 println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);

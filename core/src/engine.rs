@@ -35,7 +35,7 @@ use crate::barrier::SeqBarrier;
 use crate::delayed::{DelayedRefStore, IngestHandle, StoreError};
 use crate::extent_tree::{ExtentItem, ExtentTree};
 use crate::head::{Head, HeadSummary};
-use crate::model::Op;
+use crate::model::{Op, RefKey};
 use crate::overlap;
 use crate::run::{run_head_with, FreedExtent, HeadEffect, HeadOutcome, RunError, RunQueue};
 use crate::verify::{RefVerify, VerifyError};
@@ -672,12 +672,21 @@ pub trait RunSink: Sync {
     /// tree changes. Within a worker, heads come in btrfs's selection
     /// order: nearly, not always, ascending (see [`RunQueue`]); workers
     /// take ascending bytenr ranges.
+    ///
+    /// `changed`, when given, is how `after` differs from `before` in its
+    /// backrefs: `after` is `before` with these count changes (sorted by
+    /// key, each key once; a change of 0 changes nothing), every other
+    /// backref where it was, and the item's other fields (flags, tree key)
+    /// possibly changed by an extent_op. A sink can then find what changed
+    /// in O(|changed| · log B) instead of walking B backrefs. `None` when
+    /// the item was built anew (an allocation).
     fn effect(
         &self,
         part: &mut Self::Part,
         bytenr: u64,
         before: Option<&ExtentItem>,
         after: Option<&ExtentItem>,
+        changed: Option<&[(RefKey, i64)]>,
     );
 }
 
@@ -685,7 +694,15 @@ pub trait RunSink: Sync {
 impl RunSink for () {
     type Part = ();
     fn part(&self, _heads: usize) {}
-    fn effect(&self, _: &mut (), _: u64, _: Option<&ExtentItem>, _: Option<&ExtentItem>) {}
+    fn effect(
+        &self,
+        _: &mut (),
+        _: u64,
+        _: Option<&ExtentItem>,
+        _: Option<&ExtentItem>,
+        _: Option<&[(RefKey, i64)]>,
+    ) {
+    }
 }
 
 /// Run every head against the committed tree: heads are taken with
@@ -728,7 +745,11 @@ fn run_heads<K: RunSink>(
                         out.contested.push((base + i, e));
                         continue;
                     }
-                    sink.effect(&mut out.sink, e.bytenr, committed, e.item.as_ref());
+                    // An allocation builds its item anew; any other head
+                    // applies its net changes to the committed item.
+                    let changed =
+                        (!part[i].summary.must_insert_reserved()).then_some(net.as_slice());
+                    sink.effect(&mut out.sink, e.bytenr, committed, e.item.as_ref(), changed);
                     out.freed.extend(e.freed);
                     out.effects.push((e.bytenr, e.item));
                 }
@@ -1143,7 +1164,16 @@ mod tests {
             bytenr: u64,
             before: Option<&ExtentItem>,
             after: Option<&ExtentItem>,
+            changed: Option<&[(RefKey, i64)]>,
         ) {
+            if let (Some(b), Some(a), Some(c)) = (before, after, changed) {
+                let mut flags = b.with_refs(c);
+                (flags.flags, flags.tree_key) = (a.flags, a.tree_key);
+                assert_eq!(
+                    &flags, a,
+                    "extent {bytenr}: after is before with the changes"
+                );
+            }
             part.push((bytenr, before.cloned(), after.cloned()));
         }
     }

@@ -144,7 +144,8 @@ pub(crate) fn settle<K: RunSink>(
             }
             None => {
                 let part = &mut parts[k];
-                sink.effect(&mut part.sink, b, committed, e.item.as_ref());
+                // An allocation: its item is built anew.
+                sink.effect(&mut part.sink, b, committed, e.item.as_ref(), None);
                 part.freed.extend(e.freed);
                 late[k].push((b, e.item));
                 Some(num_bytes)

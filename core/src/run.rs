@@ -288,10 +288,7 @@ pub fn run_head_with(
             });
         }
     }
-    // Room for every added backref: inserting into an exact-size clone
-    // would reallocate it.
-    let mut item = old.clone_with_room(net.iter().filter(|(_, m)| *m > 0).count());
-    apply_net(bytenr, &mut item, net)?;
+    let mut item = apply_net(bytenr, old, net)?;
     apply_extent_op(bytenr, &mut item, head)?;
     let mut freed = Vec::new();
     let item = if item.refs == 0 {
@@ -339,8 +336,9 @@ fn run_allocation(
     let old_refs = committed.map(|c| c.backrefs()).unwrap_or_default();
     check_old_life_dropped(head, &old_refs)?;
     check_earlier_lives(head, committed)?;
-    let mut item = ExtentItem::new(s.num_bytes, s.kind, generation);
-    for (key, count) in final_counts(&old_refs, net) {
+    let counts = final_counts(&old_refs, net);
+    let mut added: Vec<(RefKey, i64)> = Vec::with_capacity(counts.len());
+    for (key, count) in counts {
         if count < 0 {
             let have = committed.map_or(0, |c| c.count(&key));
             return Err(RunError::DropMissingRef {
@@ -367,8 +365,10 @@ fn run_allocation(
                 count: count as u64,
             });
         }
-        item.add_ref(key, count);
+        added.push((key, count));
     }
+    // One pass, in key order as `add_ref` one by one would place them.
+    let mut item = ExtentItem::new(s.num_bytes, s.kind, generation).with_refs(&added);
     check_alloc_shape(head, committed)?;
     apply_extent_op(bytenr, &mut item, head)?;
     let mut freed = Vec::new();
@@ -500,10 +500,13 @@ fn final_counts(old_refs: &[(RefKey, u64)], net: &[(RefKey, i64)]) -> Vec<(RefKe
     merged
 }
 
-fn apply_net(bytenr: u64, item: &mut ExtentItem, net: &[(RefKey, i64)]) -> Result<(), RunError> {
+/// `old` with the head's net changes: each is validated against `old`
+/// (O(log B) each), then the new item is built in one pass
+/// ([`ExtentItem::with_refs`]).
+fn apply_net(bytenr: u64, old: &ExtentItem, net: &[(RefKey, i64)]) -> Result<ExtentItem, RunError> {
     // Validate everything first, then change.
     for &(key, m) in net {
-        let have = item.count(&key);
+        let have = old.count(&key);
         let new = (have as i64)
             .checked_add(m)
             .ok_or(RunError::CountOverflow { bytenr, key })?;
@@ -522,18 +525,17 @@ fn apply_net(bytenr: u64, item: &mut ExtentItem, net: &[(RefKey, i64)]) -> Resul
                 count: new as u64,
             });
         }
-        if key.is_data() != item.kind.is_data() {
+        if key.is_data() != old.kind.is_data() {
             // Op validation ties key kind to op kind and the shape check ties
             // op kind to the extent; keep the tree safe regardless.
             return Err(RunError::RefKindMismatch {
                 bytenr,
-                kind: item.kind,
+                kind: old.kind,
                 key,
             });
         }
     }
-    item.add_refs(net);
-    Ok(())
+    Ok(old.with_refs(net))
 }
 
 /// Apply the head's extent_op to `item`, the life allocated at

@@ -61,6 +61,14 @@ fn count_u32(bytenr: u64, key: RefKey, count: u64) -> Result<u32, CodecError> {
 pub fn encode_extent_item(bytenr: u64, item: &ExtentItem) -> Result<(Key, Vec<u8>), CodecError> {
     item.check()
         .map_err(|source| CodecError::Item { bytenr, source })?;
+    encode_checked_item(bytenr, item)
+}
+
+/// [`encode_extent_item`] of an item its caller has checked.
+pub(super) fn encode_checked_item(
+    bytenr: u64,
+    item: &ExtentItem,
+) -> Result<(Key, Vec<u8>), CodecError> {
     let mut v = Vec::with_capacity(item.item_bytes());
     v.push(if item.tree_key.is_some() {
         ITEM_HAS_TREE_KEY
@@ -313,7 +321,11 @@ fn decode_item_value(bytenr: u64, key: &Key, value: &[u8]) -> Result<ExtentItem,
     Ok(item)
 }
 
-fn decode_keyed_ref(bytenr: u64, key: &Key, value: &[u8]) -> Result<(RefKey, u64), CodecError> {
+pub(super) fn decode_keyed_ref(
+    bytenr: u64,
+    key: &Key,
+    value: &[u8],
+) -> Result<(RefKey, u64), CodecError> {
     let mut r = Reader::new(value);
     let out = match key.item_type {
         TREE_BLOCK_REF_KEY => (RefKey::TreeBlock { root: key.offset }, 1),

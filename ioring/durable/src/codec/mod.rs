@@ -98,6 +98,17 @@ pub enum CodecError {
         /// Count.
         count: u64,
     },
+    /// Reading a B+tree item of the extent failed (the diff of a commit
+    /// looks up where a changed backref is stored).
+    #[error("extent {bytenr}: reading B+tree item {key}: {reason}")]
+    Read {
+        /// Extent.
+        bytenr: u64,
+        /// The item's key.
+        key: refd_ioring::btree::Key,
+        /// What failed.
+        reason: String,
+    },
 }
 
 use refd_core::extent_tree::ItemError;
@@ -113,7 +124,7 @@ pub mod service;
 mod tests;
 mod varint;
 
-pub use diff::diff_extent;
+pub use diff::{diff_extent, diff_extent_changed, KeyLookup};
 pub use held::{
     decode_held, encode_held, held_items, EXTENT_BYTENR_MAX, HELD_HEADS_KEY, HELD_OBJECTID,
 };

@@ -12,7 +12,8 @@ use refd_core::delayed::DelayedRefStore;
 use refd_core::engine::{CommitReport, RunSink};
 use refd_core::extent_tree::ExtentItem;
 use refd_core::head::Head;
-use refd_ioring::btree::{Change, Key};
+use refd_core::model::RefKey;
+use refd_ioring::btree::{BTree, Change, Key};
 use refd_ioring::format::SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
 use refd_ioring::log::Lsn;
 use refd_ioring::Storage;
@@ -26,8 +27,13 @@ use crate::stats::{CommitPhases, CommitSummary};
 
 /// The B+tree changes of a commit, encoded on the core run's workers as
 /// each head runs ([`RunSink`]): each changed extent from its committed
-/// item to its new one.
-struct ItemDiff;
+/// item to its new one. The B+tree is the committed one while heads run
+/// (this commit changes it only afterwards, in `apply_items`): the diff
+/// of an extent with many keyed backrefs looks up where its changed ones
+/// are stored (`codec::diff_extent_changed`).
+struct ItemDiff<'a, S: Storage> {
+    tree: &'a BTree<S>,
+}
 
 /// What the B+tree side of a commit did (`DurableEngine::apply_items`).
 #[derive(Debug)]
@@ -56,7 +62,7 @@ struct ItemDiffPart {
     error: Option<(u64, CodecError)>,
 }
 
-impl RunSink for ItemDiff {
+impl<S: Storage> RunSink for ItemDiff<'_, S> {
     type Part = ItemDiffPart;
 
     fn part(&self, heads: usize) -> ItemDiffPart {
@@ -74,12 +80,33 @@ impl RunSink for ItemDiff {
         bytenr: u64,
         before: Option<&ExtentItem>,
         after: Option<&ExtentItem>,
+        changed: Option<&[(RefKey, i64)]>,
     ) {
-        if part.error.is_some() || before == after {
+        // With the changes known, a hot extent is not compared backref by
+        // backref: a change other than 0 changes a count; without one,
+        // only an extent_op (flags, tree key) changed the item.
+        let same = match (before, after, changed) {
+            (Some(b), Some(a), Some(c)) => {
+                let same = c.iter().all(|&(_, d)| d == 0)
+                    && (b.flags, b.tree_key) == (a.flags, a.tree_key);
+                debug_assert_eq!(same, b == a, "extent {bytenr}");
+                same
+            }
+            _ => before == after,
+        };
+        if part.error.is_some() || same {
             return;
         }
         part.extents_delta += i64::from(after.is_some()) - i64::from(before.is_some());
-        if let Err(e) = codec::diff_extent(bytenr, before, after, &mut part.changes) {
+        let lookup = |key: &Key| {
+            self.tree.get(key).map_err(|e| CodecError::Read {
+                bytenr,
+                key: *key,
+                reason: e.to_string(),
+            })
+        };
+        let out = &mut part.changes;
+        if let Err(e) = codec::diff_extent_changed(bytenr, before, after, changed, &lookup, out) {
             part.error = Some((bytenr, e));
         }
     }
@@ -160,7 +187,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         })?;
         phases.items = t1.elapsed();
         let t2 = Instant::now();
-        let (ran, diffs) = self.engine.run_frozen_parts(frozen, &ItemDiff);
+        let (ran, diffs) = self
+            .engine
+            .run_frozen_parts(frozen, &ItemDiff { tree: &self.tree });
         phases.run = t2.elapsed();
         // The B+tree gets the item changes on a commit worker while the
         // core applies the same commit to its cache here. Lookups never

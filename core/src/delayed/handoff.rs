@@ -210,23 +210,17 @@ impl Ring {
     }
 }
 
-/// One step of a wait for a hand-off in progress (~0.2–1 ms): spin, then
-/// yield, then sleep 50 µs. Under loom, a yield (loom needs spin loops to
-/// yield).
+/// One step of a wait for a hand-off in progress (~0.2–1 ms): the
+/// store's `lockfree::backoff` (spin, then yield, then sleep
+/// 50 µs). Under loom, a yield (loom needs spin loops to yield).
 fn wait_step(spins: &mut u32) {
-    *spins = spins.saturating_add(1);
     #[cfg(loom)]
-    loom::thread::yield_now();
-    #[cfg(not(loom))]
     {
-        if *spins < 64 {
-            std::hint::spin_loop();
-        } else if *spins < 128 {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(std::time::Duration::from_micros(50));
-        }
+        *spins = spins.saturating_add(1);
+        loom::thread::yield_now();
     }
+    #[cfg(not(loom))]
+    super::lockfree::backoff(spins);
 }
 
 #[cfg(all(test, loom))]

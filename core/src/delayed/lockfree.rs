@@ -730,8 +730,9 @@ impl Drop for QuietGuard<'_> {
     }
 }
 
-/// One step of a bounded wait: spin, then yield, then sleep 50 µs.
-fn backoff(spins: &mut u32) {
+/// One step of a bounded wait: spin, then yield, then sleep 50 µs (also
+/// the hand-off ring's wait, `handoff.rs`).
+pub(super) fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
     if *spins < 64 {
         std::hint::spin_loop();
@@ -1587,6 +1588,31 @@ mod tests {
     use crate::delayed::mutex::MutexStore;
     use crate::model::{Action, DiskKey, ExtentKind, ExtentOp, RefKey, BLOCK_FLAG_FULL_BACKREF};
 
+    /// Adds `ops` to both stores, one op to each in turn.
+    fn add_both(hl: &mut impl IngestHandle, hm: &mut impl IngestHandle, ops: &[Op]) {
+        for op in ops {
+            hl.add(op).unwrap();
+            hm.add(op).unwrap();
+        }
+    }
+
+    /// `rounds` transactions of `ops` each, frozen and released: the
+    /// lock-free store freezes what the mutex store does every time.
+    fn rounds_agree(
+        (lf, hl): (&LockFreeStore, &mut LockFreeHandle<'_>),
+        (mx, hm): (&MutexStore, &mut impl IngestHandle),
+        ops: &[Op],
+        rounds: usize,
+    ) {
+        for round in 0..rounds {
+            add_both(hl, hm, ops);
+            lf.settle();
+            assert_eq!(lf.freeze(), mx.freeze(), "round {round}");
+            lf.release(Vec::new());
+            mx.release(Vec::new());
+        }
+    }
+
     fn ops(n: u64) -> Vec<Op> {
         (0..n)
             .map(|i| {
@@ -1749,17 +1775,8 @@ mod tests {
         let all = ops(300);
         let mut hl = lf.handle().unwrap();
         let mut hm = mx.handle().unwrap();
-        for round in 0..4 {
-            for op in &all {
-                hl.add(op).unwrap();
-                hm.add(op).unwrap();
-            }
-            lf.settle();
-            assert_eq!(lf.freeze(), mx.freeze(), "round {round}");
-            lf.release(Vec::new());
-            mx.release(Vec::new());
-            // No reclaim_released.
-        }
+        // No reclaim_released between the rounds.
+        rounds_agree((&lf, &mut hl), (&mx, &mut hm), &all, 4);
     }
 
     /// Issue 13 defect 8: a reader that reads a staging slot while its
@@ -1841,10 +1858,7 @@ mod tests {
         let all = ops(8 + 3);
         pause_hand_offs(&lf, true);
         let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
-        for op in &all {
-            hl.add(op).unwrap();
-            hm.add(op).unwrap();
-        }
+        add_both(&mut hl, &mut hm, &all);
         let g = lf.gen.live();
         assert_eq!(buf_state(&lf, g, 0), FULL);
         assert_eq!(lf.live_runs(), 0, "nothing handed off while paused");
@@ -1904,10 +1918,7 @@ mod tests {
         let all = ops(2 * 8 + 3);
         pause_hand_offs(&lf, true);
         let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
-        for op in &all {
-            hl.add(op).unwrap();
-            hm.add(op).unwrap();
-        }
+        add_both(&mut hl, &mut hm, &all);
         let g = lf.gen.live();
         assert_eq!(lf.freeze(), mx.freeze());
         assert_eq!((buf_state(&lf, g, 0), buf_state(&lf, g, 1)), (HELD, HELD));
@@ -1918,16 +1929,7 @@ mod tests {
         assert_eq!(lf.pending_all(), mx.pending_all());
         lf.release(Vec::new());
         mx.release(Vec::new());
-        for round in 0..2 {
-            for op in &all {
-                hl.add(op).unwrap();
-                hm.add(op).unwrap();
-            }
-            lf.settle();
-            assert_eq!(lf.freeze(), mx.freeze(), "round {round}");
-            lf.release(Vec::new());
-            mx.release(Vec::new());
-        }
+        rounds_agree((&lf, &mut hl), (&mx, &mut hm), &all, 2);
     }
 
     /// A seal while the background is between its claim of a full buffer
@@ -1942,10 +1944,7 @@ mod tests {
         let all = ops(8 + 2);
         let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
         let stop = lf.shared.test.mid_hand_off.lock().unwrap();
-        for op in &all {
-            hl.add(op).unwrap();
-            hm.add(op).unwrap();
-        }
+        add_both(&mut hl, &mut hm, &all);
         let g = lf.gen.live();
         while buf_state(&lf, g, 0) != HANDING {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -1976,16 +1975,10 @@ mod tests {
         let mx = MutexStore::new();
         let all = ops(8 + 5);
         let (mut hl, mut hm) = (lf.handle().unwrap(), mx.handle().unwrap());
-        for op in &all[..5] {
-            hl.add(op).unwrap();
-            hm.add(op).unwrap();
-        }
+        add_both(&mut hl, &mut hm, &all[..5]);
         assert_eq!(lf.freeze(), mx.freeze());
         pause_hand_offs(&lf, true);
-        for op in &all {
-            hl.add(op).unwrap();
-            hm.add(op).unwrap();
-        }
+        add_both(&mut hl, &mut hm, &all);
         let live = lf.gen.live();
         assert_eq!(buf_state(&lf, live, 0), FULL);
         lf.release(Vec::new());

@@ -629,7 +629,7 @@ fn untriggered(policy: CommitPolicy) -> CommitPolicy {
 
 /// A commit's steps in ms, in the order of
 /// [`DurableReport::commit_phase_ms_mean`].
-fn phase_ms(p: &refd_durable::CommitPhases) -> [f64; 7] {
+pub(crate) fn phase_ms(p: &refd_durable::CommitPhases) -> [f64; 7] {
     [
         p.freeze,
         p.items,

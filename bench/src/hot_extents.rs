@@ -288,20 +288,9 @@ fn run_durable(
         if !s.core.quarantined.is_empty() || s.core.applied as u64 != args.extents {
             return Err(format!("commit {c}: {} applied", s.core.applied));
         }
-        let p = &s.phases;
         out.push(CommitTiming {
             total_ms: ms(total),
-            phase_ms: [
-                p.freeze,
-                p.items,
-                p.run,
-                p.diff,
-                p.apply,
-                p.write,
-                p.superblock,
-            ]
-            .map(ms)
-            .to_vec(),
+            phase_ms: crate::durable::phase_ms(&s.phases).to_vec(),
         });
     }
     Ok((build_s, out))

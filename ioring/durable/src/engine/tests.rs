@@ -30,6 +30,16 @@ fn formatted(dev_bytes: u64, log_bytes: u64) -> (Dev, Superblock) {
     (dev, sb)
 }
 
+/// A data extent op with an `EXTENT_DATA_REF` (offset 0).
+fn data_op(bytenr: u64, num_bytes: u64, action: Action, root: u64, objectid: u64, seq: u64) -> Op {
+    let key = RefKey::ExtentData {
+        root,
+        objectid,
+        offset: 0,
+    };
+    Op::new(bytenr, num_bytes, ExtentKind::Data, action, key, seq).unwrap()
+}
+
 fn setup() -> (Dev, DurableEngine<Dev>) {
     let (dev, sb) = formatted(8 << 20, 1 << 20);
     assert_eq!(sb.generation, 2);
@@ -263,12 +273,7 @@ fn parallel_run_item_changes_reach_the_btree() {
     let heads = 2 * refd_core::engine::PARALLEL_RUN_MIN_HEADS as u64 + 100;
     let at = |i: u64| (1u64 << 30) + i * (16 << 10);
     let op = |bytenr: u64, num_bytes: u64, action: Action, root: u64| {
-        let key = RefKey::ExtentData {
-            root,
-            objectid: 257,
-            offset: 0,
-        };
-        Op::new(bytenr, num_bytes, ExtentKind::Data, action, key, 0).unwrap()
+        data_op(bytenr, num_bytes, action, root, 257, 0)
     };
     // In both workers' ranges: a 64 KiB extent over the next four heads'
     // bytenrs, which are allocated once it is freed.
@@ -310,20 +315,7 @@ fn overlap_with_an_evicted_extent_is_refused() {
     };
     let (e, _) = DurableEngine::open(dev, small).unwrap();
     let op = |bytenr: u64, num_bytes: u64, objectid: u64| {
-        let key = RefKey::ExtentData {
-            root: 5,
-            objectid,
-            offset: 0,
-        };
-        Op::new(
-            bytenr,
-            num_bytes,
-            ExtentKind::Data,
-            Action::AddExtent,
-            key,
-            0,
-        )
-        .unwrap()
+        data_op(bytenr, num_bytes, Action::AddExtent, 5, objectid, 0)
     };
     let mib = 1u64 << 20;
     e.add_durable(&op(mib, 64 << 10, 1)).unwrap();
@@ -390,21 +382,7 @@ fn verify_finds_an_extent_inside_another() {
 #[test]
 fn replay_keeps_each_extents_order() {
     let (dev, e) = setup();
-    let op = |b: u64, bytes: u64, action: Action| {
-        Op::new(
-            b,
-            bytes,
-            ExtentKind::Data,
-            action,
-            RefKey::ExtentData {
-                root: 5,
-                objectid: 1,
-                offset: 0,
-            },
-            0,
-        )
-        .unwrap()
-    };
+    let op = |b: u64, bytes: u64, action: Action| data_op(b, bytes, action, 5, 1, 0);
     // Each pass over all extents: an extent's two allocations are far
     // apart in the log.
     let bytenr = |i: u64| (1 << 30) + i * (1 << 20);
@@ -768,20 +746,7 @@ fn held_heads_selected_out_of_order_survive_a_reopen() {
     let guard = e.core().barrier().acquire();
     let seq = e.core().barrier().current();
     let alloc = |bytenr: u64, num_bytes: u64, seq: u64, objectid: u64| {
-        let key = RefKey::ExtentData {
-            root: 5,
-            objectid,
-            offset: 0,
-        };
-        Op::new(
-            bytenr,
-            num_bytes,
-            ExtentKind::Data,
-            Action::AddExtent,
-            key,
-            seq,
-        )
-        .unwrap()
+        data_op(bytenr, num_bytes, Action::AddExtent, 5, objectid, seq)
     };
     // Runs (no seq) and moves the cursor past 1 MiB + 32 KiB; the head
     // inside it and the one at 2 MiB are held, the inner one selected

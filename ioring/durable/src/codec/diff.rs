@@ -48,11 +48,7 @@ pub fn diff_extent_changed(
             let start = out.len();
             if diff_changed(bytenr, b, a, c, lookup, out)? {
                 debug_assert!(
-                    {
-                        let mut slow = Vec::new();
-                        diff_encoded(bytenr, before, after, &mut slow).is_ok()
-                            && slow[..] == out[start..]
-                    },
+                    is_full_diff(bytenr, before, after, &out[start..]),
                     "the changed-keys diff of extent {bytenr} differs from the full one"
                 );
                 return Ok(());
@@ -194,11 +190,7 @@ pub fn diff_extent(
             let start = out.len();
             diff_at_home(bytenr, b, a, out)?;
             debug_assert!(
-                {
-                    let mut slow = Vec::new();
-                    diff_encoded(bytenr, before, after, &mut slow).is_ok()
-                        && slow[..] == out[start..]
-                },
+                is_full_diff(bytenr, before, after, &out[start..]),
                 "the keyed diff of extent {bytenr} differs from the full one"
             );
             return Ok(());
@@ -257,6 +249,18 @@ fn diff_at_home(
     changes.sort_unstable_by_key(|c| c.0);
     out.extend(changes);
     Ok(())
+}
+
+/// Whether `fast` is exactly what [`diff_encoded`] gives (the debug
+/// check of the diffs that skip the full encodings).
+fn is_full_diff(
+    bytenr: u64,
+    before: Option<&ExtentItem>,
+    after: Option<&ExtentItem>,
+    fast: &[(Key, Change)],
+) -> bool {
+    let mut slow = Vec::new();
+    diff_encoded(bytenr, before, after, &mut slow).is_ok() && slow[..] == fast[..]
 }
 
 /// [`diff_extent`] by encoding both items whole and merging the encodings.

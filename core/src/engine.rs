@@ -25,8 +25,26 @@
 //! the duration of a lookup; commits take the write lock only to apply
 //! precomputed effects and release the frozen transaction, so a lookup sees
 //! every acknowledged op exactly once (in the tree, or pending).
+//!
+//! # Applying in steps
+//!
+//! A commit's effects can be a million item changes (~100 ms of B-tree
+//! work); a lookup must not wait for all of them. Unless the whole tree is
+//! rebuilt (at least as many effects as items) or there are few, the apply
+//! takes the write lock once per [`APPLY_STEP`] effects, in bytenr order,
+//! and records how far it got (`Applying::through`). Until the release, a
+//! reader then pairs the tree with [`DelayedRefStore::pending_live`] (the
+//! sealed transaction left out) for an extent at or below that bytenr
+//! whose head was not held by a seq barrier, and with
+//! [`DelayedRefStore::pending`] for any other ([`Engine::pending_with`]).
+//! Each extent is read consistently (committed and pending as before the
+//! commit, or as after it); two extents read one after the other may be
+//! on either side of the commit, as they could be before.
 
-use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -124,7 +142,48 @@ struct TreeState {
     generation: u64,
     /// Clock hand of [`Engine::evict_committed`].
     evict_from: u64,
+    /// A commit's apply in progress in steps (see the module doc).
+    applying: Option<Applying>,
 }
+
+/// How far a commit applied in steps has got: which extents already hold
+/// its effects in the tree.
+#[derive(Debug)]
+struct Applying {
+    /// Every effect at a bytenr up to this one is in the tree (`None`:
+    /// none yet).
+    through: Option<u64>,
+    /// Bytenrs of the heads a seq barrier held (sorted): never applied;
+    /// they stay in the sealed transaction until the release requeues
+    /// them.
+    held: Vec<u64>,
+}
+
+impl TreeState {
+    /// True when the running commit's effect on `bytenr` is in the tree
+    /// already, so the sealed transaction's ops of `bytenr` are not
+    /// pending any more (a head with no effect, refused or cancelled out,
+    /// reads the same either way: the tree does not change for it and its
+    /// ops are dropped at the release).
+    fn applied(&self, bytenr: u64) -> bool {
+        self.applying.as_ref().is_some_and(|a| {
+            a.through.is_some_and(|t| bytenr <= t) && a.held.binary_search(&bytenr).is_err()
+        })
+    }
+}
+
+/// Effects applied per hold of the tree's write lock when a commit applies
+/// in steps (tens of microseconds: a lookup waits for one step, not the
+/// whole apply).
+pub const APPLY_STEP: usize = 256;
+
+/// How long [`Engine::tree`] spins for the read lock before it sleeps
+/// (a few steps of [`APPLY_STEP`]).
+pub const READ_SPIN: Duration = Duration::from_micros(200);
+
+/// How long a commit applying in steps waits between two steps for the
+/// readers spinning for the lock to take it.
+const READERS_IN_MAX: Duration = Duration::from_micros(20);
 
 /// The engine over store `S`.
 #[derive(Debug)]
@@ -134,6 +193,9 @@ pub struct Engine<S: DelayedRefStore> {
     barrier: SeqBarrier,
     verify: Option<RefVerify>,
     commit_lock: Mutex<()>,
+    /// Readers spinning for the tree's read lock ([`Engine::tree`]): a
+    /// commit applying in steps lets them in between two steps.
+    readers_waiting: AtomicUsize,
     quarantine: Mutex<std::collections::VecDeque<QuarantinedHead>>,
 }
 
@@ -197,10 +259,12 @@ impl<S: DelayedRefStore> Engine<S> {
                 tree,
                 generation,
                 evict_from: 0,
+                applying: None,
             }),
             barrier: SeqBarrier::new(),
             verify: None,
             commit_lock: Mutex::new(()),
+            readers_waiting: AtomicUsize::new(0),
             quarantine: Mutex::new(std::collections::VecDeque::new()),
         }
     }
@@ -208,7 +272,7 @@ impl<S: DelayedRefStore> Engine<S> {
     /// Turn on ref-verify, building the shadow from the tree and pending
     /// heads.
     pub fn enable_verify(&mut self) {
-        let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
+        let tree = self.tree.read();
         let pending = self.store.pending_all();
         self.verify = Some(RefVerify::rebuild(&tree.tree, &pending));
     }
@@ -237,9 +301,27 @@ impl<S: DelayedRefStore> Engine<S> {
     }
 
     /// Read access to the committed extent tree (blocks commits' apply
-    /// step while held).
+    /// step while held). While a commit holds the write lock, the reader
+    /// spins for up to [`READ_SPIN`] before it sleeps: the apply lets
+    /// spinning readers in between two steps, and a reader put to sleep
+    /// would wait for a core once woken (milliseconds on busy cores).
     pub fn tree(&self) -> TreeRead<'_> {
-        TreeRead(self.tree.read().unwrap_or_else(|e| e.into_inner()))
+        if let Some(g) = self.tree.try_read() {
+            return TreeRead(g);
+        }
+        self.readers_waiting.fetch_add(1, Ordering::SeqCst);
+        let t0 = Instant::now();
+        let g = loop {
+            if let Some(g) = self.tree.try_read() {
+                break g;
+            }
+            if t0.elapsed() >= READ_SPIN {
+                break self.tree.read();
+            }
+            std::hint::spin_loop();
+        };
+        self.readers_waiting.fetch_sub(1, Ordering::SeqCst);
+        TreeRead(g)
     }
 
     /// Generation of the last commit.
@@ -252,7 +334,7 @@ impl<S: DelayedRefStore> Engine<S> {
     /// bytenr (it was read from where the full tree lives, and no commit
     /// ran since). See the module docs.
     pub fn cache_committed(&self, items: impl IntoIterator<Item = (u64, ExtentItem)>) {
-        let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.tree.write();
         for (bytenr, item) in items {
             w.tree.insert(bytenr, item);
         }
@@ -264,13 +346,43 @@ impl<S: DelayedRefStore> Engine<S> {
     /// caller) already has this engine's last commit. Returns the items
     /// dropped.
     pub fn evict_committed(&self, keep: usize) -> usize {
-        let mut w = self.tree.write().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.tree.write();
         let n = w.tree.len().saturating_sub(keep);
         if n > 0 {
             let from = w.evict_from;
             w.evict_from = w.tree.evict(from, n);
         }
         n
+    }
+
+    /// Between two steps of an apply: the readers spinning for the read
+    /// lock take it (for at most [`READERS_IN_MAX`]), then those asleep
+    /// (woken in turn, a fair unlock), before the next step.
+    fn let_readers_in(&self, w: &mut RwLockWriteGuard<'_, TreeState>) {
+        if self.readers_waiting.load(Ordering::SeqCst) > 0 {
+            RwLockWriteGuard::unlocked_fair(w, || {
+                let t0 = Instant::now();
+                while self.readers_waiting.load(Ordering::SeqCst) > 0
+                    && t0.elapsed() < READERS_IN_MAX
+                {
+                    std::hint::spin_loop();
+                }
+            });
+        } else {
+            RwLockWriteGuard::bump(w);
+        }
+    }
+
+    /// The pending head of `bytenr` that goes with the committed state
+    /// `tree` shows: together they count every acknowledged op of
+    /// `bytenr` exactly once, also while a commit applies in steps (see
+    /// the module doc). Read it while holding `tree`.
+    pub fn pending_with(&self, tree: &TreeRead<'_>, bytenr: u64) -> Option<Head> {
+        if tree.0.applied(bytenr) {
+            self.store.pending_live(bytenr)
+        } else {
+            self.store.pending(bytenr)
+        }
     }
 
     /// Queue whole heads into the live transaction (re-stamped, see
@@ -292,9 +404,9 @@ impl<S: DelayedRefStore> Engine<S> {
 
     /// Would-be reference count of `bytenr`: committed + pending.
     pub fn lookup_extent_ref(&self, bytenr: u64) -> ExtentRefs {
-        let t = self.tree.read().unwrap_or_else(|e| e.into_inner());
-        let committed = t.tree.get(bytenr).cloned();
-        let pending = self.store.pending(bytenr);
+        let t = self.tree();
+        let committed = t.get(bytenr).cloned();
+        let pending = self.pending_with(&t, bytenr);
         drop(t);
         let refs = committed.as_ref().map_or(0, |c| c.refs as i64)
             + pending.as_ref().map_or(0, |h| h.summary.total_ref_mod);
@@ -341,7 +453,7 @@ impl<S: DelayedRefStore> Engine<S> {
     /// see them throughout. The tree is unchanged.
     fn abort_commit(&self, heads: Vec<Head>) {
         {
-            let _w = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            let _w = self.tree.write();
             self.store.release(heads);
         }
         self.store.reclaim_released();
@@ -378,7 +490,7 @@ impl<S: DelayedRefStore> Engine<S> {
         let barrier = self.barrier.lowest();
 
         let t1 = Instant::now();
-        let read = self.tree.read().unwrap_or_else(|e| e.into_inner());
+        let read = self.tree.read();
         let generation = read.generation + 1;
         let mut report = CommitReport {
             generation,
@@ -485,11 +597,32 @@ impl<S: DelayedRefStore> Ran<'_, S> {
             report.freed.sort_by_key(|f| f.bytenr);
         }
         {
-            let mut w = engine.tree.write().unwrap_or_else(|e| e.into_inner());
-            report.displaced = effects
-                .into_iter()
-                .map(|part| w.tree.apply_sorted(part))
-                .collect();
+            let mut w = engine.tree.write();
+            let total: usize = effects.iter().map(Vec::len).sum();
+            if let Some(walk) = stepped_apply(&effects, total, w.tree.len()) {
+                w.applying = Some(Applying {
+                    through: None,
+                    held: held.iter().map(|h| h.bytenr).collect(),
+                });
+                // Not preempted while it holds the lock (when configured).
+                let boost = crate::priority::Boost::for_apply();
+                for part in &mut effects {
+                    for step in part.chunks_mut(APPLY_STEP) {
+                        engine.let_readers_in(&mut w);
+                        w.tree.apply_step(step, walk);
+                        let applying = w.applying.as_mut().expect("set above");
+                        applying.through = step.last().map(|e| e.0);
+                    }
+                }
+                drop(boost);
+                w.applying = None;
+                report.displaced = effects;
+            } else {
+                report.displaced = effects
+                    .into_iter()
+                    .map(|part| w.tree.apply_sorted(part))
+                    .collect();
+            }
             w.generation = generation;
             engine.store.release(held);
             // A refused head's ops were checked by ref-verify one by one;
@@ -858,6 +991,37 @@ fn run_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
+/// How a commit applies `total` effects (`parts`, each sorted) to a tree
+/// of `items` extents: `None` in one hold of the write lock (few effects,
+/// a rebuild of the whole tree, or parts out of order), else in steps of
+/// [`APPLY_STEP`], walking the tree (`Some(true)`, dense effects) or
+/// searching it per effect (`Some(false)`), as [`ExtentTree::apply_sorted`]
+/// chooses.
+fn stepped_apply(
+    parts: &[Vec<(u64, Option<ExtentItem>)>],
+    total: usize,
+    items: usize,
+) -> Option<bool> {
+    if total <= APPLY_STEP || total >= items {
+        return None;
+    }
+    let mut last: Option<u64> = None;
+    for part in parts {
+        for w in part.windows(2) {
+            if w[0].0 >= w[1].0 {
+                return None;
+            }
+        }
+        if let Some(&(first, _)) = part.first() {
+            if last.is_some_and(|l| l >= first) {
+                return None;
+            }
+            last = part.last().map(|e| e.0);
+        }
+    }
+    Some(total * 8 >= items)
+}
+
 /// Read guard over the committed tree.
 #[derive(Debug)]
 pub struct TreeRead<'a>(RwLockReadGuard<'a, TreeState>);
@@ -930,6 +1094,104 @@ mod tests {
         let r = e.commit();
         assert_eq!(r.freed.len(), 1);
         assert!(e.tree().get(4096).is_none());
+    }
+
+    /// A lookup while a commit applies in steps counts every op once: an
+    /// extent whose effect is in the tree already is read without the
+    /// sealed transaction, any other (and one whose head a seq barrier
+    /// held) with it. Readers check every extent's count against the
+    /// model while the commit runs, until some read fell between two
+    /// steps (bounded rounds).
+    fn lookups_during_a_stepped_apply<S: DelayedRefStore>(mk: impl Fn() -> S) {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+        const N: u64 = 6 * APPLY_STEP as u64;
+        let at = |i: u64| (i + 1) * 16384;
+        // Refs of extent i after the ops below, committed or not.
+        let expected = |i: u64| {
+            1 + i64::from(!i.is_multiple_of(4)) + i64::from(i % 8 == 1) + i64::from(i == 4)
+        };
+        let between_steps = AtomicUsize::new(0);
+        for _round in 0..20 {
+            let e = Engine::new(mk());
+            let mut h = e.handle().unwrap();
+            for i in 0..N {
+                h.add(&data(at(i), Action::AddExtent, 5)).unwrap();
+            }
+            e.commit();
+            // Sealed: a ref on three extents in four (fewer effects than
+            // items, more than a step: applied in steps), and one held.
+            for i in (0..N).filter(|i| !i.is_multiple_of(4)) {
+                h.add(&data(at(i), Action::AddRef, 6)).unwrap();
+            }
+            let barrier = e.barrier().acquire();
+            let mut op = data(at(4), Action::AddRef, 6);
+            op.seq = e.barrier().current();
+            h.add(&op).unwrap();
+            let frozen = e.freeze();
+            // Live: ops after the seal, pending throughout.
+            for i in (0..N).filter(|i| i % 8 == 1) {
+                h.add(&data(at(i), Action::AddRef, 7)).unwrap();
+            }
+            let done = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                for r in 0..2u64 {
+                    let (e, done, between_steps) = (&e, &done, &between_steps);
+                    s.spawn(move || {
+                        let mut i = r;
+                        while !done.load(Relaxed) {
+                            i = (i + 7919) % N;
+                            // And the held head's extent every time.
+                            for i in [i, 4] {
+                                let t = e.tree();
+                                let mid =
+                                    t.0.applying.as_ref().is_some_and(|a| a.through.is_some());
+                                let committed = t.get(at(i)).map_or(0, |c| c.refs as i64);
+                                let pending = e
+                                    .pending_with(&t, at(i))
+                                    .map_or(0, |p| p.summary.total_ref_mod);
+                                drop(t);
+                                assert_eq!(
+                                    committed + pending,
+                                    expected(i),
+                                    "extent {i}, mid {mid}"
+                                );
+                                if mid {
+                                    between_steps.fetch_add(1, Relaxed);
+                                }
+                            }
+                        }
+                    });
+                }
+                let r = e.run_frozen(frozen);
+                done.store(true, Relaxed);
+                assert_eq!((r.applied, r.held), ((N - N / 4) as usize, 1));
+            });
+            for i in 0..N {
+                assert_eq!(
+                    e.lookup_extent_ref(at(i)).refs,
+                    expected(i),
+                    "extent {i} after"
+                );
+            }
+            drop(barrier);
+            e.commit();
+            for i in 0..N {
+                assert_eq!(
+                    e.tree().get(at(i)).map(|c| c.refs as i64),
+                    Some(expected(i))
+                );
+            }
+            if between_steps.load(Relaxed) > 0 {
+                return;
+            }
+        }
+        panic!("no read fell between two steps of an apply in 20 rounds");
+    }
+
+    #[test]
+    fn lookups_during_a_stepped_apply_count_each_op_once() {
+        lookups_during_a_stepped_apply(|| LockFreeStore::with_config(4, 64));
+        lookups_during_a_stepped_apply(MutexStore::new);
     }
 
     #[test]
@@ -1337,6 +1599,9 @@ mod tests {
         }
         fn pending(&self, bytenr: u64) -> Option<Head> {
             self.inner.pending(bytenr)
+        }
+        fn pending_live(&self, bytenr: u64) -> Option<Head> {
+            self.inner.pending_live(bytenr)
         }
         fn pending_all(&self) -> Vec<Head> {
             self.inner.pending_all()

@@ -533,12 +533,7 @@ impl ExtentTree {
             return changes;
         }
         if !sorted || changes.len() < self.items.len() {
-            for (bytenr, slot) in changes.iter_mut() {
-                *slot = match slot.take() {
-                    Some(item) => self.insert(*bytenr, item),
-                    None => self.remove(*bytenr),
-                };
-            }
+            self.apply_each(&mut changes);
             return changes;
         }
         let old = std::mem::take(&mut self.items);
@@ -561,6 +556,29 @@ impl ExtentTree {
         merged.extend(old);
         self.items = merged.into_iter().collect();
         changes
+    }
+
+    /// One step of a larger sorted change set, applied in place as
+    /// [`ExtentTree::apply_sorted`] does (each slot then holds what its
+    /// change displaced): walking the tree (`walk`, for changes dense in
+    /// it) or searching it per change. Never rebuilds the tree.
+    pub fn apply_step(&mut self, changes: &mut [(u64, Option<ExtentItem>)], walk: bool) {
+        if walk && changes.windows(2).all(|w| w[0].0 < w[1].0) {
+            self.apply_walking(changes);
+        } else {
+            self.apply_each(changes);
+        }
+    }
+
+    /// Changes applied one at a time (any order), each slot then holding
+    /// what its change displaced.
+    fn apply_each(&mut self, changes: &mut [(u64, Option<ExtentItem>)]) {
+        for (bytenr, slot) in changes.iter_mut() {
+            *slot = match slot.take() {
+                Some(item) => self.insert(*bytenr, item),
+                None => self.remove(*bytenr),
+            };
+        }
     }
 
     /// [`ExtentTree::apply_sorted`] for sorted changes dense in the tree:

@@ -10,6 +10,7 @@
 //! - `overlap`: refusing allocations that overlap a live extent;
 //! - [`extent_tree`]: the in-memory extent tree (what btrfs stores);
 //! - [`engine`]: ingest, lookups, commits, quarantine, ref-verify glue;
+//! - [`priority`]: a real-time priority ceiling for a commit's apply;
 //! - [`verify`]: the ref-verify shadow;
 //! - [`oracle`]: a simple sequential model used as the test oracle.
 pub mod barrier;
@@ -20,5 +21,6 @@ pub mod head;
 pub mod model;
 pub mod oracle;
 mod overlap;
+pub mod priority;
 pub mod run;
 pub mod verify;

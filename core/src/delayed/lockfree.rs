@@ -1147,11 +1147,33 @@ impl LockFreeStore {
         (runs, heads)
     }
 
-    /// Visible generations `released+1 ..= live`, read consistently. After
-    /// [`READ_OPTIMISTIC_MAX`] attempts spoiled by a release, both indexes
-    /// are held quiet, which holds off releases (they change an index)
-    /// until the read is done.
-    fn read_visible<T>(&self, mut read_gen: impl FnMut(u64) -> T) -> Vec<T> {
+    /// The merged pending head of `bytenr`: over the visible generations,
+    /// or the live one only when `live_only`.
+    fn pending_in(&self, bytenr: u64, live_only: bool) -> Option<Head> {
+        // The read window covers only what can change under it: which
+        // runs the generation has (the skiplist entries keep them alive
+        // after a compaction removes them) and the staged ops and carry of
+        // `bytenr`. The runs are searched afterwards: they are immutable,
+        // so ingest is held off (quiet window) for a skiplist walk and a
+        // filtered staging scan, not for a binary search of every run.
+        let parts = self.read_visible(live_only, |g| self.lookup_window(g, bytenr));
+        let mut all = Vec::new();
+        for (runs, rest) in parts {
+            all.extend(
+                runs.iter()
+                    .filter_map(|e| e.value().find(bytenr))
+                    .map(HeadRef::to_head),
+            );
+            all.extend(rest);
+        }
+        merge_heads(all).pop()
+    }
+
+    /// Visible generations `released+1 ..= live` (only `live` when
+    /// `live_only`), read consistently. After [`READ_OPTIMISTIC_MAX`]
+    /// attempts spoiled by a release, both indexes are held quiet, which
+    /// holds off releases (they change an index) until the read is done.
+    fn read_visible<T>(&self, live_only: bool, mut read_gen: impl FnMut(u64) -> T) -> Vec<T> {
         let mut attempt = 0;
         loop {
             let _quiet = (attempt >= READ_OPTIMISTIC_MAX).then(|| {
@@ -1163,7 +1185,8 @@ impl LockFreeStore {
             attempt += 1;
             let released = self.released.load(Ordering::SeqCst);
             let live = self.gen.live();
-            let out: Vec<T> = (released + 1..=live)
+            let first = if live_only { live } else { released + 1 };
+            let out: Vec<T> = (first..=live)
                 .map(|g| self.shared.index[parity(g)].read_stable(|| read_gen(g)))
                 .collect();
             if self.released.load(Ordering::SeqCst) == released {
@@ -1452,28 +1475,16 @@ impl DelayedRefStore for LockFreeStore {
     }
 
     fn pending(&self, bytenr: u64) -> Option<Head> {
-        // The read window covers only what can change under it: which
-        // runs the generation has (the skiplist entries keep them alive
-        // after a compaction removes them) and the staged ops and carry of
-        // `bytenr`. The runs are searched afterwards: they are immutable,
-        // so ingest is held off (quiet window) for a skiplist walk and a
-        // filtered staging scan, not for a binary search of every run.
-        let parts = self.read_visible(|g| self.lookup_window(g, bytenr));
-        let mut all = Vec::new();
-        for (runs, rest) in parts {
-            all.extend(
-                runs.iter()
-                    .filter_map(|e| e.value().find(bytenr))
-                    .map(HeadRef::to_head),
-            );
-            all.extend(rest);
-        }
-        merge_heads(all).pop()
+        self.pending_in(bytenr, false)
+    }
+
+    fn pending_live(&self, bytenr: u64) -> Option<Head> {
+        self.pending_in(bytenr, true)
     }
 
     fn pending_all(&self) -> Vec<Head> {
         // Consistent snapshots (short), merged outside the read window.
-        let snaps = self.read_visible(|g| self.snapshot_gen(g));
+        let snaps = self.read_visible(false, |g| self.snapshot_gen(g));
         let mut all = Vec::new();
         for snap in snaps {
             snap.merge(|h| all.push(h.to_head()));

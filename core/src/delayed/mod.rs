@@ -94,6 +94,15 @@ pub trait DelayedRefStore: Send + Sync {
     /// pending.
     fn pending(&self, bytenr: u64) -> Option<Head>;
 
+    /// [`DelayedRefStore::pending`] without the sealed transaction: the
+    /// live transaction and the heads requeued into it only. Between a
+    /// seal and its release this leaves out the ops being committed; with
+    /// no sealed transaction it is `pending`. The engine reads it while a
+    /// commit's apply runs in steps, for extents whose effects are in the
+    /// tree already (see `refd_core::engine`, "Applying in steps"). Only
+    /// meaningful while no seal or release runs (the engine's commit lock).
+    fn pending_live(&self, bytenr: u64) -> Option<Head>;
+
     /// Every pending head, merged, sorted by bytenr (expensive; for tools,
     /// tests and stats).
     fn pending_all(&self) -> Vec<Head>;

@@ -129,20 +129,11 @@ impl DelayedRefStore for MutexStore {
     }
 
     fn pending(&self, bytenr: u64) -> Option<Head> {
-        let inner = self.lock();
-        let mut out: Option<Head> = inner
-            .frozen
-            .as_ref()
-            .and_then(|f| f.get(&bytenr))
-            .map(|h| h.to_head(bytenr));
-        if let Some(h) = inner.live.get(&bytenr) {
-            let h = h.to_head(bytenr);
-            match &mut out {
-                Some(o) => o.merge(&h),
-                None => out = Some(h),
-            }
-        }
-        out.filter(|h| !h.is_noop())
+        self.pending_in(bytenr, true)
+    }
+
+    fn pending_live(&self, bytenr: u64) -> Option<Head> {
+        self.pending_in(bytenr, false)
     }
 
     fn pending_all(&self) -> Vec<Head> {
@@ -191,6 +182,26 @@ impl DelayedRefStore for MutexStore {
 }
 
 impl MutexStore {
+    /// The merged pending head of `bytenr` in the live transaction, and in
+    /// the frozen one when `frozen`.
+    fn pending_in(&self, bytenr: u64, frozen: bool) -> Option<Head> {
+        let inner = self.lock();
+        let mut out: Option<Head> = inner
+            .frozen
+            .as_ref()
+            .filter(|_| frozen)
+            .and_then(|f| f.get(&bytenr))
+            .map(|h| h.to_head(bytenr));
+        if let Some(h) = inner.live.get(&bytenr) {
+            let h = h.to_head(bytenr);
+            match &mut out {
+                Some(o) => o.merge(&h),
+                None => out = Some(h),
+            }
+        }
+        out.filter(|h| !h.is_noop())
+    }
+
     fn merge_into_live(inner: &mut Inner, heads: Vec<Head>) {
         for h in heads {
             match inner.live.get_mut(&h.bytenr) {

@@ -78,6 +78,13 @@ pub struct Serve {
     /// wakes them (Linux 6.12+; ignored by older kernels).
     #[arg(long, default_value_t = crate::config::LATENCY_SLICE_US_DEFAULT)]
     pub latency_slice_us: u64,
+    /// Real-time (SCHED_FIFO) priority, 1–99, of a commit's apply while it
+    /// holds the extent tree's write lock, so that a lookup waits for the
+    /// apply's current step, not for the scheduler to give the apply a
+    /// core back (0: none). Needs CAP_SYS_NICE; refused, it is left off
+    /// with a warning.
+    #[arg(long, default_value_t = crate::config::APPLY_RT_PRIORITY_DEFAULT, value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub apply_rt_priority: u8,
     /// Decode and answer every request but apply nothing (SUBMITs are
     /// validated and acknowledged at once): measures clients and the wire.
     #[arg(long)]
@@ -142,6 +149,7 @@ fn config(a: Serve) -> Result<ServeConfig, String> {
         freed_kept_max: a.freed_kept_max,
         prefault_mib: a.prefault_mib,
         latency_slice: Duration::from_micros(a.latency_slice_us),
+        apply_rt_priority: a.apply_rt_priority,
         dry_run: a.dry_run,
         log_format: a.log_format,
         recovery_mode: a.recovery_mode,

@@ -29,6 +29,8 @@ pub const IDLE_TIMEOUT_S_DEFAULT: u64 = 300;
 /// Time slice of the request-answering threads (µs; see
 /// [`ServeConfig::latency_slice`]).
 pub const LATENCY_SLICE_US_DEFAULT: u64 = 100;
+/// Default `--apply-rt-priority` (see [`ServeConfig::apply_rt_priority`]).
+pub const APPLY_RT_PRIORITY_DEFAULT: u8 = 1;
 /// A frame whose first byte arrived must be complete within this.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A reply the client does not take within this closes the connection.
@@ -180,6 +182,11 @@ pub struct ServeConfig {
     /// connection's reader and writer; see `sched.rs`); zero keeps the
     /// kernel's default.
     pub latency_slice: Duration,
+    /// `SCHED_FIFO` priority of a commit's apply while it holds the
+    /// extent tree's write lock, so that lookups do not wait for it to be
+    /// scheduled again (`refd_core::priority`); 0: none. Refused by the
+    /// kernel (no `CAP_SYS_NICE`), it is left off with a warning.
+    pub apply_rt_priority: u8,
     /// Decode every frame and answer, but apply nothing (a SUBMIT is
     /// validated and acknowledged, not logged): measures the load
     /// generator and the wire without the engine.
@@ -212,6 +219,7 @@ impl Default for ServeConfig {
             freed_kept_max: refd_durable::service::FREED_KEPT_MAX_DEFAULT,
             prefault_mib: 0,
             latency_slice: Duration::from_micros(LATENCY_SLICE_US_DEFAULT),
+            apply_rt_priority: APPLY_RT_PRIORITY_DEFAULT,
             dry_run: false,
             log_format: LogFormat::Human,
             recovery_mode: RecoveryModeArg::Strict,

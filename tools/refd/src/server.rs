@@ -206,6 +206,14 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
     if config.prefault_mib > 0 {
         refd_alloc::prefault(refd_alloc::prefault_mib_capped(config.prefault_mib) << 20);
     }
+    if let Err(e) = refd_core::priority::set_apply_rt_priority(config.apply_rt_priority) {
+        tracing::warn!(
+            error = %e,
+            priority = config.apply_rt_priority,
+            "cannot run commits' applies at a real-time priority (needs CAP_SYS_NICE); \
+             lookups may wait for a preempted apply"
+        );
+    }
     let options = engine_options(&config);
     let (engine, recovery) = DurableEngine::<Dev, D>::open_with_store(opened.storage, options)
         .map_err(|source| ServeError::Open {

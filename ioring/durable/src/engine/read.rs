@@ -263,7 +263,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
                 }
             }
         };
-        let pending = self.engine.store().pending(bytenr);
+        let pending = self.engine.pending_with(&tree, bytenr);
         drop(tree);
         Ok((committed, pending))
     }

@@ -503,6 +503,18 @@ impl ExtentTree {
         ExtentTree::default()
     }
 
+    /// A tree of the `(bytenr, item)` pairs of `items`, in ascending
+    /// bytenr order (checked in debug builds): built in one pass, not one
+    /// insert per item.
+    pub fn from_sorted(items: impl IntoIterator<Item = (u64, ExtentItem)>) -> ExtentTree {
+        ExtentTree {
+            items: items
+                .into_iter()
+                .inspect(|(bytenr, item)| debug_assert_eq!(item.check(), Ok(()), "extent {bytenr}"))
+                .collect(),
+        }
+    }
+
     /// The item at `bytenr`.
     pub fn get(&self, bytenr: u64) -> Option<&ExtentItem> {
         self.items.get(&bytenr)

@@ -1783,6 +1783,12 @@ mod tests {
         let (eager, lazy) = (stored(1_000_000), stored(1));
         assert!(eager.heads < lazy.heads, "eager {eager:?} lazy {lazy:?}");
         assert!(eager.runs <= lazy.runs);
+        // The per-level counts add up to the totals.
+        for st in [&eager, &lazy] {
+            let runs: usize = st.levels.iter().map(|l| l.0).sum();
+            let heads: usize = st.levels.iter().map(|l| l.1).sum();
+            assert_eq!((runs, heads), (st.runs, st.heads), "{st:?}");
+        }
     }
 
     /// Issue 13 defect 4: index parity `g` is reused for `g + 2`; that used

@@ -82,6 +82,14 @@ pub struct IngestArgs {
     /// back to back while ingest runs; reports its latency percentiles.
     #[arg(long)]
     pub lookups: bool,
+    /// After the figures at the end of ingest are taken (and before the
+    /// commit), wait for the store's background work (hand-offs,
+    /// compaction) to finish and report the store's heap again, labelled
+    /// "idle". The end-of-ingest figures are unchanged; the commit then
+    /// merges the compacted store (its time is not comparable to a run
+    /// without this flag).
+    #[arg(long)]
+    pub settle: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -134,6 +142,16 @@ pub struct ImplResult {
     pub seal_p99_us: f64,
     /// The store's own description of its layout after ingest.
     pub layout: String,
+    /// `--settle`: the store's heap bytes once its background work was
+    /// done (after the end-of-ingest figures were taken).
+    pub idle_store_bytes: Option<i64>,
+    /// `--settle`: idle_store_bytes / pending_refs.
+    pub idle_bytes_per_pending_ref: Option<f64>,
+    /// `--settle`: how long the background took to go idle after ingest,
+    /// and the heap to stop shrinking (ms).
+    pub idle_wait_ms: Option<f64>,
+    /// `--settle`: the store's layout once idle.
+    pub idle_layout: String,
     /// Heads quarantined by the final commit (must be 0 without
     /// `--commit-interval-ms`: the streams are valid as a whole).
     pub quarantined: usize,
@@ -171,11 +189,10 @@ fn run_impl<S: DelayedRefStore>(
     store: S,
     stream: &Stream,
     per_thread: &[Vec<Op>],
-    sample: usize,
-    verify: bool,
-    commit_interval_ms: u64,
-    lookups: bool,
+    args: &IngestArgs,
 ) -> ImplResult {
+    let (sample, verify) = (args.sample, args.verify);
+    let (commit_interval_ms, lookups) = (args.commit_interval_ms, args.lookups);
     let name = store.name().to_string();
     let threads = per_thread.len();
     let tree = stream.tree.clone();
@@ -255,6 +272,12 @@ fn run_impl<S: DelayedRefStore>(
     let layout = engine.store().layout();
     let stats = engine.store().stats();
     let total_ops: usize = per_thread.iter().map(Vec::len).sum();
+    let idle = args.settle.then(|| {
+        let t = Instant::now();
+        engine.store().settle();
+        let bytes = (settled_live_bytes() - before) as i64;
+        (bytes, t.elapsed(), engine.store().layout())
+    });
 
     let t = Instant::now();
     let report = engine.commit();
@@ -291,6 +314,13 @@ fn run_impl<S: DelayedRefStore>(
         seal_p99_us,
         quarantined: report.quarantined.len(),
         layout,
+        idle_store_bytes: idle.as_ref().map(|i| i.0),
+        idle_bytes_per_pending_ref: idle
+            .as_ref()
+            .filter(|_| stats.refs > 0)
+            .map(|i| i.0 as f64 / stats.refs as f64),
+        idle_wait_ms: idle.as_ref().map(|i| i.1.as_secs_f64() * 1e3),
+        idle_layout: idle.map(|i| i.2).unwrap_or_default(),
         extents_after,
         p50_ns: hist.value_at_quantile(0.5),
         p90_ns: hist.value_at_quantile(0.9),
@@ -415,25 +445,14 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
                 LockFreeStore::new().with_top_merge_ratio(args.top_merge_ratio),
                 &stream,
                 &per_thread,
-                args.sample,
-                args.verify,
-                args.commit_interval_ms,
-                args.lookups,
+                args,
             ));
         }
         if matches!(args.imp, Impl::Mutex | Impl::Both) {
             if !args.json {
                 eprintln!("round {}: mutex...", round + 1);
             }
-            mx.push(run_impl(
-                MutexStore::new(),
-                &stream,
-                &per_thread,
-                args.sample,
-                args.verify,
-                args.commit_interval_ms,
-                args.lookups,
-            ));
+            mx.push(run_impl(MutexStore::new(), &stream, &per_thread, args));
         }
     }
     let results: Vec<ImplResult> = [lf, mx]
@@ -475,6 +494,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             "mutex_mops": get("mutex").map(|r| r.mops),
             "ratio": ratio,
             "bytes_per_pending_ref": primary.bytes_per_pending_ref,
+            "idle_bytes_per_pending_ref": primary.idle_bytes_per_pending_ref,
             "commit_ms": primary.commit_ms,
             "commit_interval_ms": args.commit_interval_ms,
             "seal_max_us": primary.seal_max_us,
@@ -557,6 +577,20 @@ fn print_table(args: &IngestArgs, ops: usize, results: &[ImplResult], ratio: Opt
         }
         if !r.layout.is_empty() {
             println!("          {}", r.layout);
+        }
+        if let (Some(bytes), Some(per_ref), Some(ms)) = (
+            r.idle_store_bytes,
+            r.idle_bytes_per_pending_ref,
+            r.idle_wait_ms,
+        ) {
+            println!(
+                "          idle (--settle, not the end-of-ingest figure): {per_ref:.1} B/ref, \
+                 store heap {:.1} MiB, {ms:.0} ms after ingest",
+                bytes as f64 / (1 << 20) as f64
+            );
+            if !r.idle_layout.is_empty() {
+                println!("          idle {}", r.idle_layout);
+            }
         }
     }
     if let Some(ratio) = ratio {

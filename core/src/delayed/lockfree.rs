@@ -1081,6 +1081,12 @@ impl LockFreeStore {
         for r in idx.runs.iter() {
             st.runs += 1;
             st.heads += r.value().heads;
+            let level = r.value().level as usize;
+            if st.levels.len() <= level {
+                st.levels.resize(level + 1, (0, 0));
+            }
+            st.levels[level].0 += 1;
+            st.levels[level].1 += r.value().heads;
             st.refs += r.value().refs;
             st.chunk_bytes += r
                 .value()
@@ -1304,7 +1310,7 @@ impl GenSnapshot<'_> {
 pub const PARALLEL_MERGE_MIN_HEADS: usize = 64 * 1024;
 
 /// Contents of the live index, see [`LockFreeStore::index_stats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IndexStats {
     /// Runs.
     pub runs: usize,
@@ -1314,6 +1320,9 @@ pub struct IndexStats {
     pub refs: usize,
     /// Heap bytes of the chunk arrays.
     pub chunk_bytes: usize,
+    /// Per level (index = level, up to the highest level stored): runs
+    /// and heads stored.
+    pub levels: Vec<(usize, usize)>,
 }
 
 /// An ingest handle owning one shard.
@@ -1443,14 +1452,26 @@ impl DelayedRefStore for LockFreeStore {
     fn layout(&self) -> String {
         let st = self.index_stats();
         let (hand_offs, own) = self.hand_off_counts();
+        let levels: Vec<String> = st
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(l, (runs, heads))| format!("L{l} {runs}/{heads}"))
+            .collect();
         format!(
-            "index: {} runs, {} heads and {} refs stored, {:.1} MiB of chunks; \
-             {hand_offs} hand-offs, {own} of them on an ingest thread",
+            "index: {} runs, {} heads and {} refs stored, {:.1} MiB of chunks \
+             (runs/heads by level: {}); {hand_offs} hand-offs, {own} of them on an \
+             ingest thread",
             st.runs,
             st.heads,
             st.refs,
-            st.chunk_bytes as f64 / (1 << 20) as f64
+            st.chunk_bytes as f64 / (1 << 20) as f64,
+            levels.join(", ")
         )
+    }
+
+    fn settle(&self) {
+        LockFreeStore::settle(self);
     }
 
     fn handle(&self) -> Result<LockFreeHandle<'_>, StoreError> {
@@ -1773,6 +1794,12 @@ mod tests {
         let (eager, lazy) = (stored(1_000_000), stored(1));
         assert!(eager.heads < lazy.heads, "eager {eager:?} lazy {lazy:?}");
         assert!(eager.runs <= lazy.runs);
+        // The per-level counts add up to the totals.
+        for st in [&eager, &lazy] {
+            let runs: usize = st.levels.iter().map(|l| l.0).sum();
+            let heads: usize = st.levels.iter().map(|l| l.1).sum();
+            assert_eq!((runs, heads), (st.runs, st.heads), "{st:?}");
+        }
     }
 
     /// Issue 13 defect 4: index parity `g` is reused for `g + 2`; that used

@@ -121,6 +121,11 @@ pub trait DelayedRefStore: Send + Sync {
         String::new()
     }
 
+    /// Waits until the background work asked for so far (hand-offs,
+    /// compaction) is done: benchmark reports of the store once idle. A
+    /// store without background threads returns at once.
+    fn settle(&self) {}
+
     /// Seal the live transaction and open a new one: every op whose `add`
     /// returned before this call is in the sealed transaction, every op
     /// whose `add` starts after it returns in the new live transaction (an

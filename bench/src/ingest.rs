@@ -90,6 +90,19 @@ pub struct IngestArgs {
     /// without this flag).
     #[arg(long)]
     pub settle: bool,
+    /// Offer this many million ops per second in all (dealt evenly to the
+    /// ingest threads, each sleeping between ops when ahead of its share)
+    /// instead of ingesting flat out; 0: flat out. Latency is of the ops
+    /// only, not of the sleeps: the tail at a load the background keeps up
+    /// with, not the back-pressure of a saturating one.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_mops: f64,
+    /// Print to stderr every timed op (ingest ops sampled, every lookup)
+    /// that took at least this many µs, with the CLOCK_MONOTONIC time it
+    /// started, to match against a trace of the scheduler taken with the
+    /// same clock (`perf sched record -k CLOCK_MONOTONIC`); 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub slow_op_us: u64,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -193,6 +206,9 @@ fn run_impl<S: DelayedRefStore>(
 ) -> ImplResult {
     let (sample, verify) = (args.sample, args.verify);
     let (commit_interval_ms, lookups) = (args.commit_interval_ms, args.lookups);
+    // Ops per second of each ingest thread (`--rate-mops`; 0: no pacing).
+    let thread_rate = args.rate_mops * 1e6 / per_thread.len() as f64;
+    let slow_op = Duration::from_micros(args.slow_op_us);
     let name = store.name().to_string();
     let threads = per_thread.len();
     let tree = stream.tree.clone();
@@ -219,24 +235,32 @@ fn run_impl<S: DelayedRefStore>(
             let builder = std::thread::Builder::new().name(format!("ingest-{t}"));
             let spawned = builder.spawn_scoped(s, move || {
                 let mut h = engine.handle().expect("an ingest handle per thread");
+                let mut slow = SlowOps::new(slow_op);
                 barrier.wait();
                 // Sample pseudo-randomly: a fixed stride can alias with the
                 // store's periodic work (a hand-off every 4096 ops) and
                 // never see it.
                 let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ ops.len() as u64;
-                for op in ops.iter() {
+                let begun = Instant::now();
+                for (i, op) in ops.iter().enumerate() {
+                    if thread_rate > 0.0 && i % PACE_OPS == 0 {
+                        pace(begun, i, thread_rate);
+                    }
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
                     if x.is_multiple_of(sample as u64) {
                         let t = Instant::now();
                         h.add(op).expect("valid op");
-                        hist.saturating_record(t.elapsed().as_nanos() as u64);
+                        let took = t.elapsed();
+                        hist.saturating_record(took.as_nanos() as u64);
+                        slow.record(t, took);
                     } else {
                         h.add(op).expect("valid op");
                     }
                 }
                 ingesting.fetch_sub(1, Ordering::SeqCst);
+                slow.print(&format!("ingest-{t}"));
             });
             spawned.expect("spawn an ingest thread");
         }
@@ -246,7 +270,7 @@ fn run_impl<S: DelayedRefStore>(
             let reader = std::thread::Builder::new()
                 .name("lookups".into())
                 .spawn_scoped(s, move || {
-                    lookup_while_ingesting(engine, stream, barrier, ingesting, hist)
+                    lookup_while_ingesting(engine, stream, barrier, ingesting, hist, slow_op)
                 });
             reader.expect("spawn the lookup thread");
         }
@@ -338,6 +362,22 @@ fn run_impl<S: DelayedRefStore>(
     }
 }
 
+/// Ops between two pacing checks of `--rate-mops` (a check reads the
+/// clock).
+const PACE_OPS: usize = 256;
+
+/// Pacing of `--rate-mops`: if op `i` of a thread running at `rate` ops/s
+/// from `begun` is early, sleeps until it is due (a sleep between two ops,
+/// not timed as part of either), so the thread offers a steady load
+/// instead of running flat out. A thread that is behind does not catch up
+/// faster than flat out.
+fn pace(begun: Instant, i: usize, rate: f64) {
+    let due = Duration::from_secs_f64(i as f64 / rate);
+    if let Some(early) = due.checked_sub(begun.elapsed()) {
+        std::thread::sleep(early);
+    }
+}
+
 /// Live heap bytes once the frees of an earlier round have landed: a
 /// commit drops its heads on a background thread
 /// (`refd_sync::background::drop_later`) and the lock-free store's runs go
@@ -370,7 +410,9 @@ fn lookup_while_ingesting<S: DelayedRefStore>(
     barrier: &Barrier,
     ingesting: &AtomicUsize,
     hist: &mut Histogram<u64>,
+    slow_op: Duration,
 ) {
+    let mut slow = SlowOps::new(slow_op);
     barrier.wait();
     let n = stream.ops.len().max(1) as u64;
     let mut x = 0x2545_F491_4F6C_DD1Du64;
@@ -384,7 +426,77 @@ fn lookup_while_ingesting<S: DelayedRefStore>(
         let bytenr = op.bytenr;
         let t = Instant::now();
         std::hint::black_box(engine.lookup_extent_ref(bytenr));
-        hist.saturating_record(t.elapsed().as_nanos() as u64);
+        let took = t.elapsed();
+        hist.saturating_record(took.as_nanos() as u64);
+        slow.record(t, took);
+    }
+    slow.print("lookups");
+}
+
+/// Slow ops kept per thread by `--slow-op-us` (more are counted only).
+const SLOW_OPS_MAX: usize = 10_000;
+
+/// The timed ops of one thread slower than `--slow-op-us`, each with the
+/// CLOCK_MONOTONIC time it started, to find what the thread was doing then
+/// in a trace taken with the same clock (`perf sched record -k
+/// CLOCK_MONOTONIC`).
+struct SlowOps {
+    /// Zero: off.
+    threshold: Duration,
+    /// An `Instant` and the CLOCK_MONOTONIC time (ns) of the same moment.
+    origin: (Instant, u64),
+    /// Start (CLOCK_MONOTONIC ns) and duration of each slow op.
+    ops: Vec<(u64, Duration)>,
+    dropped: usize,
+}
+
+impl SlowOps {
+    fn new(threshold: Duration) -> SlowOps {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let now = Instant::now();
+        // SAFETY: `ts` is a valid, writable timespec for the call.
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let mono = if r == 0 {
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        } else {
+            0
+        };
+        SlowOps {
+            threshold,
+            origin: (now, mono),
+            ops: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    fn record(&mut self, started: Instant, took: Duration) {
+        if self.threshold.is_zero() || took < self.threshold {
+            return;
+        }
+        if self.ops.len() == SLOW_OPS_MAX {
+            self.dropped += 1;
+            return;
+        }
+        let since = started.saturating_duration_since(self.origin.0);
+        self.ops
+            .push((self.origin.1 + since.as_nanos() as u64, took));
+    }
+
+    /// Prints the slow ops to stderr, one a line.
+    fn print(&self, thread: &str) {
+        for (at, took) in &self.ops {
+            eprintln!(
+                "slow op: {thread} at {:.6} s (CLOCK_MONOTONIC) took {:.3} ms",
+                *at as f64 / 1e9,
+                took.as_secs_f64() * 1e3
+            );
+        }
+        if self.dropped > 0 {
+            eprintln!("slow op: {thread}: {} more not kept", self.dropped);
+        }
     }
 }
 
@@ -397,6 +509,12 @@ fn median(mut v: Vec<ImplResult>) -> ImplResult {
 pub fn run(args: &IngestArgs) -> Result<(), String> {
     if args.threads == 0 || args.sample == 0 || args.rounds == 0 || args.extents == 0 {
         return Err("--threads, --sample, --rounds and --extents must be at least 1".into());
+    }
+    if !(args.rate_mops.is_finite() && args.rate_mops >= 0.0) {
+        return Err(format!(
+            "--rate-mops must be a number of at least 0, not {}",
+            args.rate_mops
+        ));
     }
     let shards = refd_core::delayed::lockfree::SHARDS_DEFAULT;
     if args.threads > shards {
@@ -490,6 +608,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             "verify": args.verify,
             "top_merge_ratio": args.top_merge_ratio,
             "prefault_mib": args.prefault_mib,
+            "rate_mops": args.rate_mops,
             "lockfree_mops": get("lockfree").map(|r| r.mops),
             "mutex_mops": get("mutex").map(|r| r.mops),
             "ratio": ratio,
@@ -511,7 +630,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
 
 fn print_table(args: &IngestArgs, ops: usize, results: &[ImplResult], ratio: Option<f64>) {
     println!(
-        "ingest: workload {:?}{}, {} ops, {} threads, {} round(s), latency sampled 1/{}",
+        "ingest: workload {:?}{}, {} ops, {} threads{}, {} round(s), latency sampled 1/{}",
         args.workload,
         match (&args.trace, args.workload) {
             (Some(t), Workload::BtrfsTrace) => format!(" {}", t.display()),
@@ -519,6 +638,11 @@ fn print_table(args: &IngestArgs, ops: usize, results: &[ImplResult], ratio: Opt
         },
         ops,
         args.threads,
+        if args.rate_mops > 0.0 {
+            format!(" offering {} Mops/s", args.rate_mops)
+        } else {
+            String::new()
+        },
         args.rounds,
         args.sample
     );
@@ -620,4 +744,46 @@ fn write_hlog(path: &PathBuf, results: &[ImplResult]) -> std::io::Result<()> {
         }
     }
     std::fs::write(path, buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A paced thread is never early: op `i` starts no sooner than
+    /// `i / rate` after the start (a lower bound, so no timing flake).
+    #[test]
+    fn pacing_holds_ops_back_to_the_rate() {
+        let rate = 100_000.0;
+        let begun = Instant::now();
+        let ops = 4 * PACE_OPS;
+        for i in (0..ops).step_by(PACE_OPS) {
+            pace(begun, i, rate);
+            assert!(begun.elapsed() >= Duration::from_secs_f64(i as f64 / rate));
+        }
+    }
+
+    /// Only ops at or over the threshold are kept, at most
+    /// `SLOW_OPS_MAX`, each at its start time on the monotonic clock.
+    #[test]
+    fn slow_ops_keep_what_is_over_the_threshold_up_to_the_bound() {
+        let mut off = SlowOps::new(Duration::ZERO);
+        off.record(Instant::now(), Duration::from_secs(1));
+        assert!(off.ops.is_empty());
+
+        let mut slow = SlowOps::new(Duration::from_micros(500));
+        assert_ne!(slow.origin.1, 0, "CLOCK_MONOTONIC read");
+        let later = slow.origin.0 + Duration::from_millis(3);
+        slow.record(later, Duration::from_micros(499));
+        slow.record(later, Duration::from_micros(500));
+        assert_eq!(
+            slow.ops,
+            vec![(slow.origin.1 + 3_000_000, Duration::from_micros(500))]
+        );
+        for _ in 0..SLOW_OPS_MAX {
+            slow.record(later, Duration::from_millis(1));
+        }
+        assert_eq!(slow.ops.len(), SLOW_OPS_MAX);
+        assert_eq!(slow.dropped, 1);
+    }
 }

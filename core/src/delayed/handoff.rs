@@ -9,7 +9,8 @@
 //! `FULL`, moves to an empty one and asks the background hand-off thread
 //! to turn the full one into a run. When no buffer of the ring is empty
 //! (the background is behind), the owner waits for one (back-pressure) for
-//! at most [`HANDOFF_WAIT_STEPS_MAX`] steps (about 1 ms), then hands the
+//! at most [`HANDOFF_WAIT_STEPS_MAX`] steps (about 1 ms when the cores
+//! are free, a scheduler tick per yield when not), then hands the
 //! oldest full one off itself: a wait for a thread that does not get a
 //! core is otherwise unbounded, the owner's own hand-off is not. Measured
 //! on 2 cores (`docs/benchmarks.md`, "Issue 13: no sort on the ingest
@@ -56,9 +57,16 @@ const _: () = assert!(STAGING_RING >= 2, "the owner needs a buffer to move to");
 
 /// Steps of `wait_step` an owner whose ring is full waits for the
 /// background before it hands a buffer off itself: 64 spins, 64 yields and
-/// 14 sleeps of 50 µs, about 1 ms (measured in `docs/benchmarks.md`:
-/// waiting, not the owner's own hand-off, is what keeps the p99.99 of
-/// ingest low on 2 cores). Under loom, one step.
+/// 14 sleeps of 50 µs, about 1 ms when each yield returns at once
+/// (measured in `docs/benchmarks.md`: waiting, not the owner's own
+/// hand-off, is what keeps the p99.99 of ingest low on 2 cores). A yield
+/// on busy cores can give the core to the background for a scheduler tick
+/// (4 ms here): one wait of five such yields was traced at 22 ms. Bounding
+/// the wait by the clock (1 ms) instead was measured worse: more hand-offs
+/// on the ingest threads (13–92 of 2,440 against 0–5), 10.4–10.7 against
+/// 11.7–12.7 Mops/s, max 4.1–22.5 ms against 3.4–3.8 ms
+/// (`docs/benchmarks.md`, "Issue 13: where the max comes from"). Under
+/// loom, one step.
 pub const HANDOFF_WAIT_STEPS_MAX: u32 = if cfg!(loom) { 1 } else { 128 + 14 };
 
 /// Appended to by the owner (the active buffer), or empty.

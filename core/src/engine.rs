@@ -46,10 +46,9 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
-
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rayon::prelude::*;
 
 use crate::barrier::SeqBarrier;
@@ -601,7 +600,7 @@ impl<S: DelayedRefStore> Ran<'_, S> {
         }
         {
             // Not preempted while it holds the lock (when configured).
-            let boost = crate::priority::Boost::for_apply();
+            let mut boost = crate::priority::Boost::for_apply();
             let mut w = engine.tree.write();
             let total: usize = effects.iter().map(Vec::len).sum();
             if w.tree.is_empty() && total > APPLY_STEP && in_bytenr_order(&effects) {
@@ -611,12 +610,15 @@ impl<S: DelayedRefStore> Ran<'_, S> {
                 // commits change the tree now (this one holds the commit
                 // lock; a partial tree is filled before its run).
                 drop(w);
+                // No lock held: no real-time priority for the build.
+                drop(boost.take());
                 let built = ExtentTree::from_sorted(
                     effects
                         .iter_mut()
                         .flatten()
                         .filter_map(|(bytenr, slot)| slot.take().map(|item| (*bytenr, item))),
                 );
+                boost = crate::priority::Boost::for_apply();
                 w = engine.tree.write();
                 debug_assert!(w.tree.is_empty(), "the tree changed outside a commit");
                 if w.tree.is_empty() {

@@ -198,6 +198,8 @@ pub struct Engine<S: DelayedRefStore> {
     /// Readers spinning for the tree's read lock ([`Engine::tree`]): a
     /// commit applying in steps lets them in between two steps.
     readers_waiting: AtomicUsize,
+    /// Effects per step of a stepped apply ([`APPLY_STEP`] unless set).
+    apply_step: AtomicUsize,
     quarantine: Mutex<std::collections::VecDeque<QuarantinedHead>>,
 }
 
@@ -267,6 +269,7 @@ impl<S: DelayedRefStore> Engine<S> {
             verify: None,
             commit_lock: Mutex::new(()),
             readers_waiting: AtomicUsize::new(0),
+            apply_step: AtomicUsize::new(APPLY_STEP),
             quarantine: Mutex::new(std::collections::VecDeque::new()),
         }
     }
@@ -355,6 +358,13 @@ impl<S: DelayedRefStore> Engine<S> {
             w.evict_from = w.tree.evict(from, n);
         }
         n
+    }
+
+    /// Apply commits in steps of `effects` (at least 1) instead of
+    /// [`APPLY_STEP`]: for tests, which make every commit of a few heads
+    /// apply in steps and read between them.
+    pub fn set_apply_step(&self, effects: usize) {
+        self.apply_step.store(effects.max(1), Ordering::Relaxed);
     }
 
     /// Between two steps of an apply: the readers spinning for the read
@@ -603,7 +613,8 @@ impl<S: DelayedRefStore> Ran<'_, S> {
             let mut boost = crate::priority::Boost::for_apply();
             let mut w = engine.tree.write();
             let total: usize = effects.iter().map(Vec::len).sum();
-            if w.tree.is_empty() && total > APPLY_STEP && in_bytenr_order(&effects) {
+            let step = engine.apply_step.load(Ordering::Relaxed);
+            if w.tree.is_empty() && total > step && in_bytenr_order(&effects) {
                 // A first commit (or the first after every extent was
                 // freed): the tree is built off the lock, as lookups read
                 // the empty tree and the sealed transaction meanwhile. Only
@@ -630,17 +641,17 @@ impl<S: DelayedRefStore> Ran<'_, S> {
                 }
                 // Every slot is empty: nothing was displaced.
                 report.displaced = effects;
-            } else if let Some(walk) = stepped_apply(&effects, total, w.tree.len()) {
+            } else if let Some(walk) = stepped_apply(&effects, total, w.tree.len(), step) {
                 w.applying = Some(Applying {
                     through: None,
                     held: held.iter().map(|h| h.bytenr).collect(),
                 });
                 for part in &mut effects {
-                    for step in part.chunks_mut(APPLY_STEP) {
+                    for changes in part.chunks_mut(step) {
                         engine.let_readers_in(&mut w);
-                        w.tree.apply_step(step, walk);
+                        w.tree.apply_step(changes, walk);
                         let applying = w.applying.as_mut().expect("set above");
-                        applying.through = step.last().map(|e| e.0);
+                        applying.through = changes.last().map(|e| e.0);
                     }
                 }
                 w.applying = None;
@@ -1022,8 +1033,8 @@ fn run_pool() -> Option<&'static rayon::ThreadPool> {
 }
 
 /// How a commit applies `total` effects (`parts`, each sorted) to a tree
-/// of `items` extents: `None` in one hold of the write lock (few effects,
-/// or parts out of order), else in steps of [`APPLY_STEP`], walking the
+/// of `items` extents: `None` in one hold of the write lock (no more than
+/// one `step`, or parts out of order), else in steps of `step`, walking the
 /// tree (`Some(true)`: at least an eighth as many effects as items, and
 /// fewer) or searching it per effect (`Some(false)`: sparse effects, or
 /// more effects than items, which [`ExtentTree::apply_sorted`] would
@@ -1034,8 +1045,9 @@ fn stepped_apply(
     parts: &[Vec<(u64, Option<ExtentItem>)>],
     total: usize,
     items: usize,
+    step: usize,
 ) -> Option<bool> {
-    if total <= APPLY_STEP || !in_bytenr_order(parts) {
+    if total <= step || !in_bytenr_order(parts) {
         return None;
     }
     Some(total < items && total * 8 >= items)

@@ -175,6 +175,9 @@ fn check_equal<A: DelayedRefStore, B: DelayedRefStore>(
 
 fn run(cmds: Vec<Cmd>, staging: usize) {
     let lf = Engine::new(LockFreeStore::with_config(4, staging));
+    // Every commit of more than one effect applies in steps here, in one
+    // hold of the lock in the mutex engine: both must equal the model.
+    lf.set_apply_step(1);
     let mx = Engine::new(MutexStore::new());
     let mut model = Model::new();
     let mut lf_handles = [lf.handle().unwrap(), lf.handle().unwrap()];

@@ -150,6 +150,9 @@ fn initial_tree() -> ExtentTree {
 
 fn stress<S: DelayedRefStore>(store: S, seed: u64) {
     let engine = Arc::new(Engine::with_tree(store, initial_tree(), 1));
+    // Commits apply in steps of 4 effects: the reader's lookups fall
+    // between steps.
+    engine.set_apply_step(4);
     let stop = Arc::new(AtomicBool::new(false));
     let commits = Arc::new(AtomicU64::new(0));
     let lookups = Arc::new(AtomicU64::new(0));

@@ -818,3 +818,58 @@ fn held_heads_selected_out_of_order_survive_a_reopen() {
     assert_eq!((info.heads_held, info.ops_replayed), (2, 0), "{info}");
     e.verify().unwrap();
 }
+
+/// Lookups while a commit applies in steps (two effects per step), with a
+/// cache smaller than the tree (misses read from the B+tree, frozen
+/// extents from the cache until the B+tree has them): every extent's count
+/// is its committed plus pending ops, each once, throughout.
+#[test]
+fn lookups_during_a_stepped_apply_with_a_partial_cache() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    const N: u64 = 600;
+    let at = |i: u64| (1 << 30) + i * 8192;
+    let (dev, _) = formatted(32 << 20, 4 << 20);
+    let o = OpenOptions {
+        cache_extents_max: 64,
+        ..opts()
+    };
+    let (e, _) = DurableEngine::open(Arc::clone(&dev), o).unwrap();
+    e.core().set_apply_step(2);
+    for i in 0..N {
+        e.add(&data_op(at(i), 4096, Action::AddExtent, 5, 256 + i, 0))
+            .unwrap();
+    }
+    e.commit().unwrap();
+    // Each round adds a ref to a third of the extents, then commits
+    // while two readers check every count.
+    for round in 1..=3u64 {
+        for i in (0..N).filter(|i| i % 3 == round % 3) {
+            e.add(&data_op(at(i), 4096, Action::AddRef, 6 + round, 256 + i, 0))
+                .unwrap();
+        }
+        let expected = |i: u64| 1 + (1..=round).filter(|r| i % 3 == r % 3).count() as i64;
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for r in 0..2u64 {
+                let (e, done) = (&e, &done);
+                s.spawn(move || {
+                    let mut i = r;
+                    let mut reads = 0u64;
+                    while !done.load(Relaxed) || reads < N {
+                        i = (i + 97) % N;
+                        let refs = e.lookup_extent_ref(at(i)).unwrap().refs;
+                        assert_eq!(refs, expected(i), "extent {i}, round {round}");
+                        reads += 1;
+                    }
+                });
+            }
+            e.commit().unwrap();
+            done.store(true, Relaxed);
+        });
+    }
+    e.verify().unwrap();
+    let committed = e.committed_extents().unwrap();
+    for i in 0..N {
+        assert_eq!(committed.get(at(i)).map(|c| c.refs), Some(2), "extent {i}");
+    }
+}

@@ -1,4 +1,5 @@
-//! A priority ceiling for the extent tree's write lock.
+//! Scheduling of latency-bound threads: a priority ceiling for the extent
+//! tree's write lock, and short time slices.
 //!
 //! A commit applies its effects in steps under the tree's write lock
 //! ([`crate::engine`], "Applying in steps"). On busy cores the applying
@@ -10,9 +11,19 @@
 //! own work only. Off unless the process asks for it
 //! ([`set_apply_rt_priority`]): it needs `CAP_SYS_NICE` (or an
 //! `RLIMIT_RTPRIO`), and the kernel's real-time throttling
-//! (`sched_rt_runtime_us`) still leaves other threads a share.
+//! (`sched_rt_runtime_us`) still leaves other threads a share. The thread
+//! gets back exactly the scheduling attributes it had (policy, nice, time
+//! slice): a daemon's request thread that runs a client's COMMIT keeps its
+//! short slice.
+//!
+//! [`request_slice`]: since Linux 6.12 (EEVDF custom slices), a
+//! SCHED_OTHER thread may ask for a shorter time slice with
+//! `sched_setattr(2)`'s `sched_runtime`; a thread with a shorter slice gets
+//! an earlier deadline and preempts on wake-up, without taking more than
+//! its fair share of CPU. Older kernels accept and ignore the field.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 /// The `SCHED_FIFO` priority of a commit's stepped apply; 0: none.
 static APPLY_RT_PRIORITY: AtomicU8 = AtomicU8::new(0);
@@ -35,16 +46,46 @@ pub fn apply_rt_priority() -> u8 {
     APPLY_RT_PRIORITY.load(Ordering::Relaxed)
 }
 
-/// The calling thread at a real-time priority until dropped (then back
-/// to the normal policy; its nice value is kept).
+/// Shortest and longest slice Linux accepts (`sched_runtime` is clamped
+/// to this range by the kernel, 0.1–100 ms).
+const SLICE_MIN: Duration = Duration::from_micros(100);
+const SLICE_MAX: Duration = Duration::from_millis(100);
+
+/// Asks for a time slice of `slice` for the calling thread, keeping its
+/// policy (SCHED_OTHER) and nice value. `Duration::ZERO` returns to the
+/// kernel's default slice.
+pub fn request_slice(slice: Duration) -> std::io::Result<()> {
+    let runtime = if slice.is_zero() {
+        0
+    } else {
+        slice.clamp(SLICE_MIN, SLICE_MAX).as_nanos() as u64
+    };
+    let mut attr = sys::get()?;
+    attr.policy = sys::SCHED_OTHER;
+    attr.priority = 0;
+    attr.flags = 0;
+    attr.runtime = runtime;
+    sys::set(&attr)
+}
+
+/// The calling thread at a real-time priority until dropped, then back to
+/// the scheduling attributes it had.
 #[derive(Debug)]
-pub(crate) struct Boost(());
+pub(crate) struct Boost(sys::SchedAttr);
 
 impl Boost {
     /// The calling thread at `SCHED_FIFO` priority `priority`.
     pub(crate) fn to(priority: u8) -> std::io::Result<Boost> {
-        set_policy(true, priority)?;
-        Ok(Boost(()))
+        let before = sys::get()?;
+        let fifo = sys::SchedAttr {
+            policy: sys::SCHED_FIFO,
+            priority: u32::from(priority.clamp(1, 99)),
+            flags: 0,
+            runtime: 0,
+            ..before
+        };
+        sys::set(&fifo)?;
+        Ok(Boost(before))
     }
 
     /// [`Boost::to`] the configured apply priority, or `None` when it is
@@ -60,43 +101,99 @@ impl Boost {
 
 impl Drop for Boost {
     fn drop(&mut self) {
-        // Back to the policy every thread of ours starts with; failing to
-        // lower a priority is not expected, and nothing better could be
-        // done about it here.
-        let _ = set_policy(false, 0);
+        // Lowering a priority back is always allowed; nothing better could
+        // be done about a failure here.
+        let _ = sys::set(&self.0);
     }
 }
 
 #[cfg(target_os = "linux")]
-fn set_policy(fifo: bool, priority: u8) -> std::io::Result<()> {
-    let (policy, priority) = if fifo {
-        (libc::SCHED_FIFO, i32::from(priority.min(99)))
-    } else {
-        (libc::SCHED_OTHER, 0)
-    };
-    let param = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid, initialised
-    // sched_param that outlives the call, which only reads it.
-    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+mod sys {
+    /// `struct sched_attr` of `sched_setattr(2)` (`SCHED_ATTR_SIZE_VER1`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub(crate) struct SchedAttr {
+        pub(crate) size: u32,
+        pub(crate) policy: u32,
+        pub(crate) flags: u64,
+        pub(crate) nice: i32,
+        pub(crate) priority: u32,
+        pub(crate) runtime: u64,
+        pub(crate) deadline: u64,
+        pub(crate) period: u64,
+        pub(crate) util_min: u32,
+        pub(crate) util_max: u32,
+    }
+
+    pub(crate) const SCHED_OTHER: u32 = libc::SCHED_OTHER as u32;
+    pub(crate) const SCHED_FIFO: u32 = libc::SCHED_FIFO as u32;
+    const SIZE: u32 = std::mem::size_of::<SchedAttr>() as u32;
+
+    /// The calling thread's scheduling attributes.
+    pub(crate) fn get() -> std::io::Result<SchedAttr> {
+        let mut attr = SchedAttr::default();
+        // SAFETY: pid 0 is the calling thread; the kernel writes at most
+        // `SIZE` bytes of a `struct sched_attr` into `attr`, a valid,
+        // initialised value of that size whose fields are all integers.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_sched_getattr,
+                0,
+                &mut attr as *mut SchedAttr,
+                SIZE,
+                0u32,
+            )
+        };
+        if r == 0 {
+            attr.size = SIZE;
+            Ok(attr)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Set the calling thread's scheduling attributes.
+    pub(crate) fn set(attr: &SchedAttr) -> std::io::Result<()> {
+        let attr = SchedAttr {
+            size: SIZE,
+            ..*attr
+        };
+        // SAFETY: `attr` is a valid, initialised `struct sched_attr` of the
+        // size it declares, alive for the call; pid 0 is the calling thread.
+        let r =
+            unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_policy(fifo: bool, _priority: u8) -> std::io::Result<()> {
-    if fifo {
-        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
-    } else {
-        Ok(())
+mod sys {
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub(crate) struct SchedAttr {
+        pub(crate) policy: u32,
+        pub(crate) flags: u64,
+        pub(crate) nice: i32,
+        pub(crate) priority: u32,
+        pub(crate) runtime: u64,
+    }
+    pub(crate) const SCHED_OTHER: u32 = 0;
+    pub(crate) const SCHED_FIFO: u32 = 1;
+    fn unsupported() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::Unsupported)
+    }
+    pub(crate) fn get() -> std::io::Result<SchedAttr> {
+        Err(unsupported())
+    }
+    pub(crate) fn set(_: &SchedAttr) -> std::io::Result<()> {
+        Err(unsupported())
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
@@ -111,13 +208,65 @@ mod tests {
                     assert_eq!(apply_rt_priority(), 0, "refused: {e}");
                 }
             }
-            #[cfg(target_os = "linux")]
-            // SAFETY: reads the calling thread's policy.
-            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+            assert_eq!(sys::get().unwrap().policy, sys::SCHED_OTHER);
             set_apply_rt_priority(0).unwrap();
             assert_eq!(apply_rt_priority(), 0);
         })
         .join()
         .unwrap();
+    }
+
+    /// A boosted thread gets back its own attributes, its time slice and
+    /// nice value included (a daemon's request thread running a client's
+    /// COMMIT keeps its short slice).
+    #[test]
+    fn a_boost_restores_the_slice_and_nice_value() {
+        std::thread::spawn(|| {
+            // SAFETY: sets the calling thread's nice value (who = 0).
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 3) };
+            request_slice(Duration::from_micros(300)).unwrap();
+            let before = sys::get().unwrap();
+            match Boost::to(1) {
+                Ok(b) => {
+                    assert_eq!(sys::get().unwrap().policy, sys::SCHED_FIFO);
+                    drop(b);
+                }
+                Err(e) => eprintln!("no real-time priority here ({e}): restore not exercised"),
+            }
+            assert_eq!(sys::get().unwrap(), before);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// The slice is set on the calling thread and can be reset; read back
+    /// with sched_getattr.
+    #[test]
+    fn a_slice_is_set_and_reset() {
+        let runtime = || sys::get().unwrap().runtime;
+        // Custom slices are Linux 6.12 and later; before, the field is
+        // accepted and not kept.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut v = release
+            .trim()
+            .split(['.', '-'])
+            .map(|x| x.parse::<u32>().unwrap_or(0));
+        let kept = (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 12);
+        std::thread::spawn(move || {
+            request_slice(Duration::from_micros(200)).expect("set");
+            if kept {
+                assert_eq!(runtime(), 200_000);
+            }
+            request_slice(Duration::from_nanos(1)).expect("clamped up");
+            if kept {
+                assert_eq!(runtime(), 100_000);
+            }
+            request_slice(Duration::ZERO).expect("reset");
+            if kept {
+                assert_ne!(runtime(), 100_000);
+            }
+        })
+        .join()
+        .expect("thread");
     }
 }

@@ -306,7 +306,10 @@ impl<S: DelayedRefStore> Engine<S> {
     }
 
     /// Read access to the committed extent tree (blocks commits' apply
-    /// step while held). While a commit holds the write lock, the reader
+    /// step while held). While a commit applies in steps, the tree holds
+    /// its effects up to some bytenr: pair it with
+    /// [`Engine::pending_with`], not with the store's `pending`, to count
+    /// each op once. While a commit holds the write lock, the reader
     /// spins for up to [`READ_SPIN`] before it sleeps: the apply lets
     /// spinning readers in between two steps, and a reader put to sleep
     /// would wait for a core once woken (milliseconds on busy cores).

@@ -20,7 +20,10 @@
 //! [`DelayedRefStore::release`], which the engine calls while holding its
 //! tree write lock, so a lookup sees each op exactly once: either still
 //! pending or applied in the tree. Heads held back by a seq barrier are
-//! requeued into the live transaction by `release`.
+//! requeued into the live transaction by `release`. (A commit applying in
+//! steps releases at its end; meanwhile the engine reads the extents it
+//! applied already with [`DelayedRefStore::pending_live`], see
+//! `refd_core::engine`, "Applying in steps".)
 
 pub(crate) mod gate;
 pub mod handoff;

@@ -270,10 +270,19 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         let m = Arc::clone(&metrics);
         engine.set_commit_hook(move |s| {
             m.commit(s);
+            let us = |d: Duration| d.as_micros() as u64;
+            let p = &s.phases;
             tracing::debug!(
                 generation = s.generation,
                 ops = s.ops,
-                ms = s.phases.total.as_secs_f64() * 1e3,
+                total_us = us(p.total),
+                freeze_us = us(p.freeze),
+                items_us = us(p.items),
+                run_us = us(p.run),
+                apply_us = us(p.apply),
+                write_us = us(p.write),
+                superblock_us = us(p.superblock),
+                nodes_written = s.nodes_written,
                 "commit"
             );
         });

@@ -14,12 +14,20 @@
 //! adding one op at a time get batch throughput. No background thread:
 //! the callers' threads do the work.
 //!
-//! Wake-ups are targeted, since a client may have hundreds of callers
-//! blocked: each caller sleeps on its own op's condition variable and is
-//! woken when its op is answered, or when it is at the front of the
-//! queue and a batch may start (it then leads); only callers waiting for
-//! room in a full queue share one. (Waking every caller on every answer
-//! cost more than the round trip with 64 callers on 2 cores.)
+//! Wake-ups are targeted and never touch the shared lock, since a client
+//! may have hundreds of callers blocked and every wake-up costs a
+//! context switch: each caller parks its own thread and watches its own
+//! op's [`OpSlot`] (an atomic state and the result). A leader hands out
+//! its batch's results after it has released the batcher's lock (store
+//! the result, mark it done, unpark the thread), so a woken caller reads
+//! its result and returns without taking any lock another caller holds.
+//! The caller at the front of the queue is unparked with its `lead` flag
+//! set when a batch may start (it then leads); only callers waiting for
+//! room in a full queue share a condition variable. (Waking every caller
+//! on every answer cost more than the round trip with 64 callers on 2
+//! cores; waking them one by one while holding the batcher's lock, on a
+//! condition variable of that lock, made the woken callers queue again
+//! on the lock: twice the wake-ups.)
 //!
 //! A batch is atomic on the server, so one invalid op refuses it all:
 //! for `INVALID_OP` and `REFUSED` (which name the op by index) the
@@ -27,9 +35,16 @@
 //! op alone) and resubmits the other ops, without it, under a new request
 //! number; each round removes one op, so a batch of `n` ops takes at
 //! most `n` rounds. Any other error goes to every caller of the batch.
+//!
+//! A caller whose deadline passes while its op is still queued takes it
+//! out of the queue (never sent: `NotApplied`); once its op is in a
+//! batch, it returns `Unknown` and the batch goes on (its result is
+//! dropped).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::Thread;
 use std::time::Instant;
 
 use refd_proto::{SubmitReply, WireOp};
@@ -38,44 +53,66 @@ use crate::client::Client;
 use crate::conn::{lock, wait_until};
 use crate::error::{Error, Outcome};
 
-#[derive(Debug, Default)]
-enum OpState {
-    /// In the queue.
-    #[default]
-    Queued,
-    /// In a batch being submitted.
-    Sent,
-    /// Answered.
-    Done(Result<SubmitReply, Error>),
-}
+/// [`OpSlot::state`]: in the queue.
+const QUEUED: u8 = 0;
+/// [`OpSlot::state`]: in a batch being submitted.
+const SENT: u8 = 1;
+/// [`OpSlot::state`]: answered; [`OpSlot::result`] holds the result
+/// until its caller takes it.
+const DONE: u8 = 2;
 
-/// One caller's op.
-#[derive(Debug, Default)]
+/// One caller's op: where its leader leaves the result and how it wakes
+/// the caller.
+#[derive(Debug)]
 struct OpSlot {
-    state: Mutex<OpState>,
-    /// Its caller sleeps here, with the batcher's lock
-    /// ([`Batcher::state`]); see [`Batcher::wake`].
-    wake: Condvar,
+    /// [`QUEUED`] → [`SENT`] (under the batcher's lock) → [`DONE`]
+    /// (after `result` is set; `Release`, read with `Acquire`).
+    state: AtomicU8,
+    /// Set (then the thread unparked) when this caller is at the front
+    /// of the queue and a batch may start.
+    lead: AtomicBool,
+    result: Mutex<Option<Result<SubmitReply, Error>>>,
+    /// The caller's thread.
+    thread: Thread,
 }
 
 impl OpSlot {
-    fn set(&self, state: OpState) {
-        *lock(&self.state) = state;
-    }
-
-    fn take_done(&self) -> Option<Result<SubmitReply, Error>> {
-        let mut st = lock(&self.state);
-        match std::mem::take(&mut *st) {
-            OpState::Done(result) => Some(result),
-            other => {
-                *st = other;
-                None
-            }
+    fn new() -> OpSlot {
+        OpSlot {
+            state: AtomicU8::new(QUEUED),
+            lead: AtomicBool::new(false),
+            result: Mutex::new(None),
+            thread: std::thread::current(),
         }
     }
 
-    fn is_queued(&self) -> bool {
-        matches!(*lock(&self.state), OpState::Queued)
+    /// Hands the caller its result and wakes it if `unpark` (a caller
+    /// that already gave up is not waiting: its thread only sees a
+    /// spurious unpark). The first result wins.
+    fn finish(&self, result: Result<SubmitReply, Error>, unpark: bool) {
+        let mut slot = lock(&self.result);
+        if self.state.load(Ordering::Relaxed) == DONE {
+            return;
+        }
+        *slot = Some(result);
+        self.state.store(DONE, Ordering::Release);
+        drop(slot);
+        if unpark {
+            self.thread.unpark();
+        }
+    }
+
+    fn take_done(&self) -> Option<Result<SubmitReply, Error>> {
+        if self.state.load(Ordering::Acquire) != DONE {
+            return None;
+        }
+        lock(&self.result).take()
+    }
+
+    /// Asks the caller to lead the next batch.
+    fn kick(&self) {
+        self.lead.store(true, Ordering::Release);
+        self.thread.unpark();
     }
 }
 
@@ -94,6 +131,22 @@ struct State {
     room_waiters: usize,
 }
 
+impl State {
+    /// Whether a caller may lead a batch now.
+    fn may_start(&self, batches_in_flight_max: usize) -> bool {
+        self.batches_in_flight < batches_in_flight_max && !self.queue.is_empty()
+    }
+
+    /// The caller to ask to lead, if a batch may start (kicked once the
+    /// lock is released).
+    fn next_leader(&self, batches_in_flight_max: usize) -> Option<Arc<OpSlot>> {
+        if !self.may_start(batches_in_flight_max) {
+            return None;
+        }
+        self.queue.front().map(|front| Arc::clone(&front.slot))
+    }
+}
+
 /// The queue of ops waiting to be coalesced; see the module doc.
 #[derive(Debug, Default)]
 pub(crate) struct Batcher {
@@ -103,16 +156,6 @@ pub(crate) struct Batcher {
 }
 
 impl Batcher {
-    /// Wakes the caller at the front of the queue if a batch may start
-    /// (it leads it).
-    fn kick(&self, st: &State, batches_in_flight_max: usize) {
-        if st.batches_in_flight < batches_in_flight_max {
-            if let Some(front) = st.queue.front() {
-                front.slot.wake.notify_one();
-            }
-        }
-    }
-
     /// Wakes the callers waiting for room in the queue, if any.
     fn room_freed(&self, st: &State) {
         if st.room_waiters > 0 {
@@ -131,44 +174,44 @@ impl Client {
     /// request number and op count). Exactly once, as
     /// [`submit`](Self::submit); an `INVALID_OP` or `REFUSED` names this
     /// op alone (`index` 0) and does not affect the others.
+    ///
+    /// The calling thread parks while it waits (a spurious unpark of it
+    /// by the client may remain once this returns, as
+    /// [`std::thread::park`] allows).
     pub fn add(&self, op: WireOp) -> Result<SubmitReply, Error> {
         let deadline = self.deadline();
-        let slot = Arc::new(OpSlot::default());
-        let b = &self.batcher;
-        let in_flight_max = self.config.batches_in_flight_max.max(1);
-        let mut st = lock(&b.state);
-        while st.queue.len() >= self.config.add_queue_ops_max.max(1) {
-            st.room_waiters += 1;
-            let (next, expired) = wait_until(&b.room, st, deadline);
-            st = next;
-            st.room_waiters -= 1;
-            if expired && st.queue.len() >= self.config.add_queue_ops_max.max(1) {
-                return Err(self.timeout("SUBMIT", Outcome::NotApplied));
-            }
-        }
+        let slot = Arc::new(OpSlot::new());
+        let mut st = self.room_in_queue(deadline)?;
         st.queue.push_back(Queued {
             op,
             slot: Arc::clone(&slot),
             deadline,
         });
+        if st.may_start(self.in_flight_max()) {
+            self.lead_batch(st);
+        } else {
+            drop(st);
+        }
         loop {
             if let Some(result) = slot.take_done() {
+                if slot.lead.load(Ordering::Acquire) {
+                    // Asked to lead but answered first: pass it on.
+                    self.kick_next();
+                }
                 return result;
             }
-            if st.batches_in_flight < in_flight_max && !st.queue.is_empty() {
-                st = self.lead_batch(st);
+            if slot.lead.swap(false, Ordering::AcqRel) {
+                let st = lock(&self.batcher.state);
+                if st.may_start(self.in_flight_max()) {
+                    self.lead_batch(st);
+                }
                 continue;
             }
-            let (next, expired) = wait_until(&slot.wake, st, deadline);
-            st = next;
-            if expired {
-                let result = slot
-                    .take_done()
-                    .unwrap_or_else(|| Err(self.give_up(&mut st, &slot)));
-                // This caller may have been woken to lead: pass it on.
-                b.kick(&st, in_flight_max);
-                return result;
+            let now = Instant::now();
+            if now >= deadline {
+                return self.give_up(&slot);
             }
+            std::thread::park_timeout(deadline - now);
         }
     }
 
@@ -177,31 +220,68 @@ impl Client {
         self.add(op)
     }
 
-    /// Takes the next batch from the queue, submits it (the lock is free
-    /// meanwhile) and hands out the results.
-    fn lead_batch<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    fn in_flight_max(&self) -> usize {
+        self.config.batches_in_flight_max.max(1)
+    }
+
+    /// The batcher's lock once the queue has room for one more op.
+    fn room_in_queue(&self, deadline: Instant) -> Result<MutexGuard<'_, State>, Error> {
+        let b = &self.batcher;
+        let ops_max = self.config.add_queue_ops_max.max(1);
+        let mut st = lock(&b.state);
+        while st.queue.len() >= ops_max {
+            st.room_waiters += 1;
+            let (next, expired) = wait_until(&b.room, st, deadline);
+            st = next;
+            st.room_waiters -= 1;
+            if expired && st.queue.len() >= ops_max {
+                return Err(self.timeout("SUBMIT", Outcome::NotApplied));
+            }
+        }
+        Ok(st)
+    }
+
+    /// Asks the caller at the front of the queue to lead, if a batch may
+    /// start.
+    fn kick_next(&self) {
+        let next = lock(&self.batcher.state).next_leader(self.in_flight_max());
+        if let Some(slot) = next {
+            slot.kick();
+        }
+    }
+
+    /// Takes the next batch from the queue, submits it (with the lock
+    /// released) and hands out the results.
+    fn lead_batch(&self, mut st: MutexGuard<'_, State>) {
         let ops_max = (self.hello().submit_ops_max as usize).max(1);
         let n = st.queue.len().min(ops_max);
         let batch: Vec<Queued> = st.queue.drain(..n).collect();
         for q in &batch {
-            q.slot.set(OpState::Sent);
+            q.slot.state.store(SENT, Ordering::Relaxed);
         }
         st.batches_in_flight += 1;
         self.batcher.room_freed(&st);
         // Another batch may start while this one is out.
-        self.batcher
-            .kick(&st, self.config.batches_in_flight_max.max(1));
+        let next = st.next_leader(self.in_flight_max());
         drop(st);
-        let outcomes = self.run_batch(batch);
-        let mut st = lock(&self.batcher.state);
-        for (slot, result) in outcomes {
-            slot.set(OpState::Done(result));
-            slot.wake.notify_one();
+        if let Some(slot) = next {
+            slot.kick();
         }
-        st.batches_in_flight -= 1;
-        self.batcher
-            .kick(&st, self.config.batches_in_flight_max.max(1));
-        st
+        let outcomes = self.run_batch(batch);
+        let next = {
+            let mut st = lock(&self.batcher.state);
+            st.batches_in_flight -= 1;
+            st.next_leader(self.in_flight_max())
+        };
+        if let Some(slot) = next {
+            slot.kick();
+        }
+        let me = std::thread::current().id();
+        for (slot, result) in outcomes {
+            // The leader's own op: no unpark (it would only leave a
+            // token that makes this thread's next park return at once).
+            slot.finish(result, slot.thread.id() != me);
+        }
     }
 
     /// Submits `batch`, splitting off each op the server names as invalid.
@@ -230,14 +310,25 @@ impl Client {
 
     /// A caller whose deadline passed: a queued op leaves the queue (it
     /// was never sent); a sent one's outcome is unknown (its batch goes
-    /// on; the result is dropped).
-    fn give_up(&self, st: &mut MutexGuard<'_, State>, slot: &Arc<OpSlot>) -> Error {
-        if slot.is_queued() {
+    /// on; the result is dropped). A caller asked to lead passes that on.
+    fn give_up(&self, slot: &Arc<OpSlot>) -> Result<SubmitReply, Error> {
+        let mut st = lock(&self.batcher.state);
+        // Under the lock: a queued op is not taken into a batch meanwhile.
+        let result = if let Some(result) = slot.take_done() {
+            result
+        } else if slot.state.load(Ordering::Relaxed) == QUEUED {
             st.queue.retain(|q| !Arc::ptr_eq(&q.slot, slot));
-            self.batcher.room_freed(st);
-            return self.timeout("SUBMIT", Outcome::NotApplied);
+            self.batcher.room_freed(&st);
+            Err(self.timeout("SUBMIT", Outcome::NotApplied))
+        } else {
+            Err(self.timeout("SUBMIT", Outcome::Unknown))
+        };
+        let next = st.next_leader(self.in_flight_max());
+        drop(st);
+        if let Some(next) = next {
+            next.kick();
         }
-        self.timeout("SUBMIT", Outcome::Unknown)
+        result
     }
 }
 

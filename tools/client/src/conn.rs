@@ -113,6 +113,8 @@ impl Slot {
         let mut g = lock(&self.result);
         if g.is_none() {
             *g = Some(result);
+            drop(g);
+            // After the unlock: the woken caller does not wait for it.
             self.ready.notify_all();
         }
     }

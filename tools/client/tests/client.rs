@@ -239,6 +239,80 @@ fn sixty_four_threads_adding_one_op_each_are_coalesced() {
     );
 }
 
+/// Callers whose deadlines pass while their ops wait in the queue, while
+/// their batch is out, and while it is being answered: each outcome is
+/// true (an `Ok` op applied once, a `NotApplied` one not at all), and the
+/// batcher is left consistent (a caller asked to lead that gave up passed
+/// it on: the next adds all go through).
+#[test]
+fn callers_timing_out_around_their_answers_get_true_outcomes() {
+    let fake = Fake::start(FakeConfig::default());
+    let mut config = test_config();
+    config.request_timeout = Duration::from_millis(150);
+    config.batches_in_flight_max = 1;
+    let client = Client::connect(&fake.addr, config).unwrap();
+    client.register().unwrap();
+    {
+        let mut f = fake.faults();
+        f.submit_delay = Duration::from_millis(100);
+        f.jitter = Duration::from_millis(100);
+    }
+    let (threads, per_thread) = (32u64, 6u64);
+    let started = Instant::now();
+    let outcomes: Vec<Vec<Option<Outcome>>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let client = &client;
+                s.spawn(move || {
+                    let add = |i| client.add(op(t, i)).err().map(|e| e.outcome());
+                    (0..per_thread).map(add).collect()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    // Batches given up on by their callers are still answered by the
+    // fake; wait until none is out.
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut ok, mut not_applied, mut unknown) = (0, 0, 0);
+    let world = fake.world();
+    for (t, ops) in outcomes.iter().enumerate() {
+        for (i, outcome) in ops.iter().enumerate() {
+            let got = world.refs.get(&op(t as u64, i as u64).bytenr).copied();
+            let got = got.unwrap_or(0);
+            match outcome {
+                None => (ok += 1, assert_eq!(got, 1, "op ({t}, {i}) acked")),
+                Some(Outcome::NotApplied) => (not_applied += 1, assert_eq!(got, 0)),
+                Some(_) => (unknown += 1, assert!(got == 0 || got == 1)),
+            };
+        }
+    }
+    drop(world);
+    println!("ok {ok}, not applied {not_applied}, unknown {unknown}");
+    // Replies take 100-200 ms against a 150 ms timeout: both sides met.
+    // (A queued op times out only when its leader is slow to run, so
+    // `NotApplied` is not required.)
+    assert!(ok > 0 && unknown > 0, "answered and timed out both met");
+    // Every add ends by its deadline (plus the leader's round, and the
+    // scheduling of 32 threads).
+    assert!(started.elapsed() < Duration::from_secs(20));
+    {
+        let mut f = fake.faults();
+        f.submit_delay = Duration::ZERO;
+        f.jitter = Duration::ZERO;
+    }
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let client = &client;
+            s.spawn(move || client.add(op(t, per_thread)).unwrap());
+        }
+    });
+    let world = fake.world();
+    for t in 0..threads {
+        assert_eq!(world.refs.get(&op(t, per_thread).bytenr), Some(&1));
+    }
+}
+
 #[test]
 fn invalid_op_in_a_coalesced_batch_goes_to_its_caller_only() {
     let fake = Fake::start(FakeConfig::default());

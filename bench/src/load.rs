@@ -146,6 +146,14 @@ pub struct LoadArgs {
     /// the load runs (0: none).
     #[arg(long, default_value_t = 0)]
     pub lookups: u64,
+    /// The --lookups thread at this SCHED_FIFO priority (0: the normal
+    /// one), as a latency-bound client would run it: with the daemon's
+    /// threads and the load's keeping both cores busy, a client thread
+    /// woken by its reply otherwise waits for a core too. Needs
+    /// CAP_SYS_NICE; refused, the thread runs at the normal priority
+    /// (said on stderr).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub lookup_rt_priority: u8,
     /// RNG seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -1308,6 +1316,12 @@ fn coalescing_client(
 /// of its own, one at a time, timed from the send (the lookup kind).
 fn lookup_client(a: &LoadArgs, socket: &std::path::Path, tally: &Tally) -> Result<(), String> {
     let (mut conn, _) = Conn::open(socket)?;
+    let _boost = match a.lookup_rt_priority {
+        0 => None,
+        p => refd_core::priority::Boost::to(p)
+            .map_err(|e| eprintln!("--lookup-rt-priority {p} refused ({e}): normal priority"))
+            .ok(),
+    };
     let mut rng = rand::rngs::SmallRng::seed_from_u64(a.seed ^ 0x100c);
     let mut local = Local::new();
     let every = Duration::from_secs_f64(1.0 / a.lookups as f64);

@@ -16,6 +16,11 @@
 //! slice): a daemon's request thread that runs a client's COMMIT keeps its
 //! short slice.
 //!
+//! The same ceiling serves a daemon's request thread while it answers a
+//! short read (a LOOKUP): [`Boost`] is public so that such a thread takes
+//! it around bounded work and gives it back; the daemon bounds how much
+//! CPU time its threads spend boosted (`tools/refd/src/sched.rs`).
+//!
 //! [`request_slice`]: since Linux 6.12 (EEVDF custom slices), a
 //! SCHED_OTHER thread may ask for a shorter time slice with
 //! `sched_setattr(2)`'s `sched_runtime`; a thread with a shorter slice gets
@@ -69,13 +74,16 @@ pub fn request_slice(slice: Duration) -> std::io::Result<()> {
 }
 
 /// The calling thread at a real-time priority until dropped, then back to
-/// the scheduling attributes it had.
+/// the scheduling attributes it had (policy, nice value, slice). Not
+/// `Send`: it must be dropped by the thread it boosted.
 #[derive(Debug)]
-pub(crate) struct Boost(sys::SchedAttr);
+pub struct Boost(sys::SchedAttr, std::marker::PhantomData<*const ()>);
 
 impl Boost {
-    /// The calling thread at `SCHED_FIFO` priority `priority`.
-    pub(crate) fn to(priority: u8) -> std::io::Result<Boost> {
+    /// The calling thread at `SCHED_FIFO` priority `priority` (clamped to
+    /// 1..=99); the kernel's error when it refuses (`EPERM` without
+    /// `CAP_SYS_NICE` or an `RLIMIT_RTPRIO`).
+    pub fn to(priority: u8) -> std::io::Result<Boost> {
         let before = sys::get()?;
         let fifo = sys::SchedAttr {
             policy: sys::SCHED_FIFO,
@@ -85,7 +93,7 @@ impl Boost {
             ..before
         };
         sys::set(&fifo)?;
-        Ok(Boost(before))
+        Ok(Boost(before, std::marker::PhantomData))
     }
 
     /// [`Boost::to`] the configured apply priority, or `None` when it is

@@ -85,6 +85,14 @@ pub struct Serve {
     /// with a warning.
     #[arg(long, default_value_t = crate::config::APPLY_RT_PRIORITY_DEFAULT, value_parser = clap::value_parser!(u8).range(0..=99))]
     pub apply_rt_priority: u8,
+    /// CPU time (ms per second) that the connections' readers may spend
+    /// at the apply's real-time priority while they serve LOOKUPs of at
+    /// most 64 bytenrs and wait for the next request, so that a LOOKUP is
+    /// neither woken late nor preempted on busy cores (0: none; off too
+    /// with --apply-rt-priority 0). Past it, LOOKUPs are served at the
+    /// normal priority until the budget refills.
+    #[arg(long, default_value_t = crate::config::LOOKUP_RT_MS_PER_S_DEFAULT)]
+    pub lookup_rt_ms_per_s: u32,
     /// Decode and answer every request but apply nothing (SUBMITs are
     /// validated and acknowledged at once): measures clients and the wire.
     #[arg(long)]
@@ -150,6 +158,7 @@ fn config(a: Serve) -> Result<ServeConfig, String> {
         prefault_mib: a.prefault_mib,
         latency_slice: Duration::from_micros(a.latency_slice_us),
         apply_rt_priority: a.apply_rt_priority,
+        lookup_rt_per_s: Duration::from_millis(u64::from(a.lookup_rt_ms_per_s)),
         dry_run: a.dry_run,
         log_format: a.log_format,
         recovery_mode: a.recovery_mode,

@@ -31,6 +31,9 @@ pub const IDLE_TIMEOUT_S_DEFAULT: u64 = 300;
 pub const LATENCY_SLICE_US_DEFAULT: u64 = 100;
 /// Default `--apply-rt-priority` (see [`ServeConfig::apply_rt_priority`]).
 pub const APPLY_RT_PRIORITY_DEFAULT: u8 = 1;
+/// Default `--lookup-rt-ms-per-s` (see [`ServeConfig::lookup_rt_per_s`]):
+/// a tenth of one core.
+pub const LOOKUP_RT_MS_PER_S_DEFAULT: u32 = 100;
 /// A frame whose first byte arrived must be complete within this.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A reply the client does not take within this closes the connection.
@@ -187,6 +190,10 @@ pub struct ServeConfig {
     /// scheduled again (`refd_core::priority`); 0: none. Refused by the
     /// kernel (no `CAP_SYS_NICE`), it is left off with a warning.
     pub apply_rt_priority: u8,
+    /// CPU time per second the connections' readers may spend at the
+    /// apply's real-time priority serving short LOOKUPs (`sched.rs`,
+    /// [`crate::sched::ReadBoost`]); zero, or no apply priority: none.
+    pub lookup_rt_per_s: Duration,
     /// Decode every frame and answer, but apply nothing (a SUBMIT is
     /// validated and acknowledged, not logged): measures the load
     /// generator and the wire without the engine.
@@ -220,6 +227,7 @@ impl Default for ServeConfig {
             prefault_mib: 0,
             latency_slice: Duration::from_micros(LATENCY_SLICE_US_DEFAULT),
             apply_rt_priority: APPLY_RT_PRIORITY_DEFAULT,
+            lookup_rt_per_s: Duration::from_millis(u64::from(LOOKUP_RT_MS_PER_S_DEFAULT)),
             dry_run: false,
             log_format: LogFormat::Human,
             recovery_mode: RecoveryModeArg::Strict,

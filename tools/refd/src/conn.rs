@@ -23,12 +23,16 @@ use std::time::Instant;
 use refd_core::delayed::DelayedRefStore;
 use refd_durable::Ticket;
 use refd_ioring::log::Lsn;
-use refd_proto::{encode_reply, Direction, ErrorBody, ErrorCode, FrameDecoder, Reply, FLAG_REPLY};
+use refd_proto::{
+    encode_reply, Direction, ErrorBody, ErrorCode, Frame, FrameDecoder, Opcode, Reply, FLAG_REPLY,
+    LOOKUP_BYTENR_BYTES, LOOKUP_FIXED_BYTES,
+};
 
 use crate::config::{FRAME_TIMEOUT, READ_POLL, WRITE_TIMEOUT};
 use crate::device::Dev;
 use crate::handler::Handler;
 use crate::listen::Stream;
+use crate::sched::{ReadBoost, LOOKUP_RT_BYTENRS_MAX};
 use crate::server::Shared;
 
 /// What a reply waits for before it is sent.
@@ -276,6 +280,13 @@ fn sends_at_once(p: &Pending) -> bool {
     matches!(p.wait, Wait::None) && !p.close && !matches!(p.reply, Reply::Error(_))
 }
 
+/// Whether `frame` is a LOOKUP short enough to be served at the real-time
+/// priority ceiling ([`ReadBoost`]).
+fn short_lookup(frame: &Frame) -> bool {
+    frame.header.opcode == Opcode::Lookup.as_u8()
+        && frame.body.len() <= LOOKUP_FIXED_BYTES + LOOKUP_RT_BYTENRS_MAX * LOOKUP_BYTENR_BYTES
+}
+
 fn read_loop<D: DelayedRefStore + 'static>(
     shared: &Arc<Shared<D>>,
     mut stream: Stream,
@@ -290,6 +301,7 @@ fn read_loop<D: DelayedRefStore + 'static>(
     let mut frame_out = Vec::with_capacity(4096);
     let mut last_activity = Instant::now();
     let mut partial_since: Option<Instant> = None;
+    let mut boost = ReadBoost::new(&shared.lookup_rt, refd_core::priority::apply_rt_priority());
     let end = 'conn: loop {
         if shared.stopping() {
             break End::Shutdown;
@@ -319,6 +331,7 @@ fn read_loop<D: DelayedRefStore + 'static>(
         loop {
             match decoder.decode_from(&mut input) {
                 Ok(Some(frame)) => {
+                    boost.before(short_lookup(&frame));
                     let received = Instant::now();
                     let mut pending = handler.handle(frame);
                     pending.received = received;
@@ -330,10 +343,13 @@ fn read_loop<D: DelayedRefStore + 'static>(
                             break 'conn End::Closed;
                         }
                         shared.metrics.bytes_out.inc_by(frame_out.len() as u64);
-                        if matches!(pending.reply, Reply::Submit(_)) {
-                            let seconds = pending.received.elapsed().as_secs_f64();
-                            shared.metrics.submit_seconds.observe(seconds);
+                        let seconds = pending.received.elapsed().as_secs_f64();
+                        match pending.reply {
+                            Reply::Submit(_) => shared.metrics.submit_seconds.observe(seconds),
+                            Reply::Lookup(_) => shared.metrics.lookup_seconds.observe(seconds),
+                            _ => {}
                         }
+                        boost.account();
                         continue;
                     }
                     let close = pending.close;
@@ -360,6 +376,7 @@ fn read_loop<D: DelayedRefStore + 'static>(
             partial_since.or(Some(last_activity))
         };
     };
+    drop(boost);
     match end {
         End::Idle => tracing::info!(%peer, "idle connection closed"),
         End::Stalled => tracing::info!(%peer, "a frame stalled half sent; connection closed"),

@@ -61,6 +61,9 @@ pub struct Metrics {
     /// Time from reading a SUBMIT to writing its reply (for a durable
     /// SUBMIT: its ack latency inside the daemon).
     pub submit_seconds: Histogram,
+    /// Time from reading a LOOKUP to writing its reply (the daemon's part
+    /// of a LOOKUP's latency).
+    pub lookup_seconds: Histogram,
     /// Commit duration.
     pub commit_seconds: Histogram,
     /// Time in each commit step, summed.
@@ -131,6 +134,7 @@ impl Metrics {
             connections_accepted: Counter::default(),
             connections_refused: Counter::default(),
             submit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            lookup_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             commit_phase_seconds: Family::default(),
             commits: Counter::default(),
@@ -201,6 +205,11 @@ impl Metrics {
                 "submit_seconds",
                 "Time from reading a SUBMIT to writing its reply",
                 m.submit_seconds.clone(),
+            );
+            r.register(
+                "lookup_seconds",
+                "Time from reading a LOOKUP to writing its reply",
+                m.lookup_seconds.clone(),
             );
             r.register(
                 "commit_seconds",

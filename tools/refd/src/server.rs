@@ -90,6 +90,8 @@ pub struct Shared<D: DelayedRefStore> {
     pub recovery: RecoveryInfo,
     /// When the server started.
     pub started: Instant,
+    /// Real-time CPU time left to the readers serving LOOKUPs.
+    pub lookup_rt: crate::sched::RtBudget,
     stopping: AtomicBool,
     connections: AtomicUsize,
     stop_signal: (Mutex<bool>, Condvar),
@@ -210,8 +212,8 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         tracing::warn!(
             error = %e,
             priority = config.apply_rt_priority,
-            "cannot run commits' applies at a real-time priority (needs CAP_SYS_NICE); \
-             lookups may wait for a preempted apply"
+            "cannot run commits' applies and LOOKUPs at a real-time priority (needs \
+             CAP_SYS_NICE); lookups may wait for a preempted apply or for a core"
         );
     }
     let options = engine_options(&config);
@@ -300,6 +302,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         metrics,
         recovery,
         started: Instant::now(),
+        lookup_rt: crate::sched::RtBudget::new(config.lookup_rt_per_s),
         stopping: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         stop_signal: (Mutex::new(false), Condvar::new()),

@@ -610,3 +610,69 @@ fn backref_objectids(c: &mut Raw, x: u64) -> BTreeMap<u64, i64> {
         }
     }
 }
+
+/// The scheduling policy of the daemon's only connection reader (field 41
+/// of its thread's stat; the reader thread is named `refd-conn`).
+fn reader_policy(pid: u32) -> u32 {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let path = task.expect("task").path().join("stat");
+        let Ok(stat) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        if &stat[open + 1..close] == "refd-conn" {
+            let policy = stat[close + 2..].split(' ').nth(41 - 3).expect("policy");
+            found.push(policy.parse::<u32>().expect("number"));
+        }
+    }
+    assert_eq!(found.len(), 1, "one connection, one reader");
+    found[0]
+}
+
+/// A connection's reader serves short LOOKUPs at the apply's real-time
+/// priority and waits for the next request at it; a SUBMIT, a LOOKUP of
+/// more than 64 bytenrs and `--lookup-rt-ms-per-s 0` are served at its
+/// own (tools/refd/README.md "Scheduling"). Fails if the boost is not
+/// given back.
+#[test]
+fn a_lookup_reader_is_boosted_and_given_back() {
+    const FIFO: u32 = libc::SCHED_FIFO as u32;
+    const OTHER: u32 = libc::SCHED_OTHER as u32;
+    let Some(t) = Target::new("refd-lookup-rt", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let pid = d.child.id();
+    let x = 1 << 30;
+    c.lookup(&[x]);
+    if d.log().contains("at a real-time priority") {
+        eprintln!("SKIP: no real-time priority here (needs CAP_SYS_NICE)");
+        assert_eq!(reader_policy(pid), OTHER);
+        return;
+    }
+    assert_eq!(reader_policy(pid), FIFO, "boosted after a short LOOKUP");
+    let s = c.register();
+    assert!(matches!(
+        c.submit(s, 1, &[data(ACTION_ADD_EXTENT, x, 1)]),
+        Reply::Submit(_)
+    ));
+    assert_eq!(reader_policy(pid), OTHER, "a SUBMIT gives the boost back");
+    assert_eq!(c.refs(x), 1);
+    assert_eq!(reader_policy(pid), FIFO);
+    let long: Vec<u64> = (0..65).map(|i| x + i * 4096).collect();
+    assert_eq!(c.lookup(&long).len(), 65);
+    assert_eq!(reader_policy(pid), OTHER, "65 bytenrs: not boosted");
+    drop(c);
+    drop(d);
+
+    let d = Daemon::start(&t, &["--lookup-rt-ms-per-s", "0"]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    assert_eq!(c.refs(x), 1);
+    assert_eq!(
+        reader_policy(d.child.id()),
+        OTHER,
+        "no budget: never boosted"
+    );
+}

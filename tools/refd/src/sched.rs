@@ -20,7 +20,8 @@
 //! run once its request arrived, and one that lost its core to the
 //! commit's apply (which runs at `SCHED_FIFO`) while it read waited for
 //! the rest of the apply (up to 66 ms; `docs/benchmarks.md`, "LOOKUP
-//! while ingesting"). So a connection's reader serves a short LOOKUP (at most
+//! while ingesting"; the apply now gives its core back every
+//! `refd_core::engine::BOOST_SLICE`). So a connection's reader serves a short LOOKUP (at most
 //! [`LOOKUP_RT_BYTENRS_MAX`] bytenrs) at the apply's real-time priority,
 //! and keeps it while it waits for the connection's next request, so that
 //! the next one wakes it at once. Any other request (a SUBMIT, which

@@ -32,7 +32,7 @@ use crate::config::{FRAME_TIMEOUT, READ_POLL, WRITE_TIMEOUT};
 use crate::device::Dev;
 use crate::handler::Handler;
 use crate::listen::Stream;
-use crate::sched::{ReadBoost, LOOKUP_RT_BYTENRS_MAX};
+use crate::sched::{ReadBoost, ReadPriority, LOOKUP_RT_BYTENRS_MAX};
 use crate::server::Shared;
 
 /// What a reply waits for before it is sent.
@@ -331,7 +331,14 @@ fn read_loop<D: DelayedRefStore + 'static>(
         loop {
             match decoder.decode_from(&mut input) {
                 Ok(Some(frame)) => {
-                    boost.before(short_lookup(&frame));
+                    let served_at = match boost.before(short_lookup(&frame)) {
+                        ReadPriority::Boosted => Some(&shared.metrics.lookup_rt_boosted),
+                        ReadPriority::BudgetSpent => Some(&shared.metrics.lookup_rt_budget_spent),
+                        ReadPriority::NotShort | ReadPriority::Off => None,
+                    };
+                    if let Some(counter) = served_at {
+                        counter.inc();
+                    }
                     let received = Instant::now();
                     let mut pending = handler.handle(frame);
                     pending.received = received;

@@ -50,6 +50,11 @@ pub struct Metrics {
     /// Times a connection stopped reading because its replies were not
     /// taken (or not yet durable) fast enough.
     pub backpressure_waits: Counter,
+    /// Short LOOKUPs served at the real-time priority (`sched.rs`).
+    pub lookup_rt_boosted: Counter,
+    /// Short LOOKUPs served at the normal priority because the readers'
+    /// real-time budget (`--lookup-rt-ms-per-s`) was spent.
+    pub lookup_rt_budget_spent: Counter,
     /// HELLOs with a wrong token.
     pub auth_failures: Counter,
     /// Connections served now.
@@ -129,6 +134,8 @@ impl Metrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             backpressure_waits: Counter::default(),
+            lookup_rt_boosted: Counter::default(),
+            lookup_rt_budget_spent: Counter::default(),
             auth_failures: Counter::default(),
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
@@ -180,6 +187,16 @@ impl Metrics {
                 "backpressure_waits",
                 "Times a connection stopped reading until its replies went out",
                 m.backpressure_waits.clone(),
+            );
+            r.register(
+                "lookup_rt_boosted",
+                "Short LOOKUPs served at the real-time priority",
+                m.lookup_rt_boosted.clone(),
+            );
+            r.register(
+                "lookup_rt_budget_spent",
+                "Short LOOKUPs served at the normal priority because the real-time budget was spent",
+                m.lookup_rt_budget_spent.clone(),
             );
             r.register(
                 "auth_failures",

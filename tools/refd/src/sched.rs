@@ -133,6 +133,21 @@ impl RtBudget {
     }
 }
 
+/// How [`ReadBoost::before`] serves a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPriority {
+    /// Not a short read: at the thread's own attributes.
+    NotShort,
+    /// A short read at the real-time priority.
+    Boosted,
+    /// A short read at the normal priority: the readers' budget is spent
+    /// (`refd_lookup_rt_budget_spent_total`).
+    BudgetSpent,
+    /// A short read at the normal priority: boosting is off (no apply
+    /// priority, no budget, or refused by the kernel).
+    Off,
+}
+
 /// A kernel refusal turns boosting off for the process (logged once).
 static REFUSED: AtomicBool = AtomicBool::new(false);
 
@@ -169,23 +184,31 @@ impl<'a> ReadBoost<'a> {
 
     /// Before serving a request: boosted when it is a short read
     /// (`short_read`) and the budget allows it, at the thread's own
-    /// attributes otherwise.
-    pub fn before(&mut self, short_read: bool) {
+    /// attributes otherwise. Says which, for a short read.
+    pub fn before(&mut self, short_read: bool) -> ReadPriority {
         if !short_read {
             self.end();
-            return;
+            return ReadPriority::NotShort;
         }
         if self.boost.is_some() {
             self.account();
-            return;
+            return if self.boost.is_some() {
+                ReadPriority::Boosted
+            } else {
+                ReadPriority::BudgetSpent
+            };
         }
-        if self.priority == 0 || REFUSED.load(Ordering::Relaxed) || !self.budget.allows() {
-            return;
+        if self.priority == 0 || REFUSED.load(Ordering::Relaxed) {
+            return ReadPriority::Off;
+        }
+        if !self.budget.allows() {
+            return ReadPriority::BudgetSpent;
         }
         match Boost::to(self.priority) {
             Ok(b) => {
                 self.charged_at = thread_cpu_time();
                 self.boost = Some(b);
+                ReadPriority::Boosted
             }
             Err(e) => {
                 if !REFUSED.swap(true, Ordering::Relaxed) {
@@ -195,6 +218,7 @@ impl<'a> ReadBoost<'a> {
                         "cannot serve LOOKUPs at a real-time priority; serving them at the normal one"
                     );
                 }
+                ReadPriority::Off
             }
         }
     }
@@ -299,8 +323,7 @@ mod tests {
             let own = policy();
             let budget = RtBudget::new(Duration::from_secs(1));
             let mut rb = ReadBoost::new(&budget, 1);
-            rb.before(true);
-            if !rb.is_boosted() {
+            if rb.before(true) != ReadPriority::Boosted {
                 eprintln!("no real-time priority here: the give-back is not exercised");
                 return;
             }
@@ -331,7 +354,7 @@ mod tests {
             rb.account();
             assert!(!rb.is_boosted(), "spent: 500 us of a 100 us bucket");
             assert_eq!(policy(), own);
-            rb.before(true);
+            assert_eq!(rb.before(true), ReadPriority::BudgetSpent);
             assert!(!rb.is_boosted(), "not before it refills");
         })
         .join()

@@ -385,6 +385,8 @@ fn metrics_pass_promtool() {
         Reply::Submit(_)
     ));
     c.commit();
+    // A short LOOKUP: served at the real-time priority where allowed.
+    assert_eq!(c.lookup(&[1 << 30]).len(), 1);
     let _ = c.call(&Request::Ping(PingRequest::new(b"").unwrap()));
     // One error frame sent (a PING body over 64 bytes: BAD_REQUEST, the
     // connection stays open): counted once.
@@ -422,6 +424,13 @@ fn metrics_pass_promtool() {
     assert_eq!(value("refd_log_write_seconds_bucket{le=\"+Inf\"} "), writes);
     assert_eq!(c.stats()["log"]["writes"].as_f64(), Some(writes));
     assert!(value("refd_resident_memory_bytes ") > f64::from(1u32 << 20));
+    let boosted = if d.log().contains("at a real-time priority") {
+        0.0
+    } else {
+        1.0
+    };
+    assert_eq!(value("refd_lookup_rt_boosted_total "), boosted, "{body}");
+    assert_eq!(value("refd_lookup_rt_budget_spent_total "), 0.0, "{body}");
     let mut p = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -402,6 +402,30 @@ impl<S: DelayedRefStore> Engine<S> {
         }
     }
 
+    /// Between two steps of an apply: the readers waiting go in
+    /// ([`Engine::let_readers_in`]); once a boosted applier has held its
+    /// boost since `boosted` for [`BOOST_SLICE`], it also gives its core
+    /// back: it unlocks before it drops the boost and boosts before it
+    /// locks again, so it is never preempted by ordinary threads while it
+    /// holds the lock.
+    fn between_steps(
+        &self,
+        w: &mut RwLockWriteGuard<'_, TreeState>,
+        boost: &mut Option<crate::priority::Boost>,
+        boosted: &mut Instant,
+    ) {
+        if boost.is_none() || boosted.elapsed() < BOOST_SLICE {
+            self.let_readers_in(w);
+            return;
+        }
+        RwLockWriteGuard::unlocked_fair(w, || {
+            drop(boost.take());
+            std::thread::yield_now();
+            *boost = crate::priority::Boost::for_apply();
+        });
+        *boosted = Instant::now();
+    }
+
     /// The pending head of `bytenr` that goes with the committed state
     /// `tree` shows: together they count every acknowledged op of
     /// `bytenr` exactly once, also while a commit applies in steps (see
@@ -669,19 +693,7 @@ impl<S: DelayedRefStore> Ran<'_, S> {
                 let mut boosted = Instant::now();
                 for part in &mut effects {
                     for changes in part.chunks_mut(step) {
-                        if boost.is_some() && boosted.elapsed() >= BOOST_SLICE {
-                            // Unlocked before the boost is dropped and
-                            // boosted before it is locked again: never
-                            // preempted by ordinary threads while holding it.
-                            RwLockWriteGuard::unlocked_fair(&mut w, || {
-                                drop(boost.take());
-                                std::thread::yield_now();
-                                boost = crate::priority::Boost::for_apply();
-                            });
-                            boosted = Instant::now();
-                        } else {
-                            engine.let_readers_in(&mut w);
-                        }
+                        engine.between_steps(&mut w, &mut boost, &mut boosted);
                         w.tree.apply_step(changes, walk);
                         let applying = w.applying.as_mut().expect("set above");
                         applying.through = changes.last().map(|e| e.0);

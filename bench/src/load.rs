@@ -76,6 +76,11 @@ pub struct LoadArgs {
     /// does by default, so both start alike).
     #[arg(long, default_value_t = crate::durable::PREFAULT_MIB_DEFAULT)]
     pub daemon_prefault_mib: usize,
+    /// The CPUs' reschedule tick (µs; 0: none) of the started daemon
+    /// (`refd serve --resched-tick-us`), and of this process with
+    /// --in-process, so that both run with the same scheduling.
+    #[arg(long, default_value_t = refd::config::RESCHED_TICK_US_DEFAULT)]
+    pub resched_tick_us: u64,
     /// Extra arguments for the started daemon (repeatable).
     #[arg(long = "refd-arg", allow_hyphen_values = true)]
     pub refd_args: Vec<String>,
@@ -546,6 +551,7 @@ fn with_daemon(
                 .iter()
                 .cloned()
                 .chain(a.dry_run.then(|| "--dry-run".to_string()))
+                .chain([format!("--resched-tick-us={}", a.resched_tick_us)])
                 .collect(),
             quiet: a.json,
         })?),
@@ -1207,6 +1213,8 @@ fn in_process(a: &LoadArgs) -> Result<LoadReport, String> {
         refd_alloc::prefault(refd_alloc::prefault_mib_capped(a.daemon_prefault_mib) << 20);
     }
     let options = refd::server::engine_options(&refd::ServeConfig::default());
+    let _tick =
+        refd::server::start_resched_tick(std::time::Duration::from_micros(a.resched_tick_us));
     let (engine, _) = DurableEngine::<_, LockFreeStore>::open_with_store(opened.storage, options)
         .map_err(|e| e.to_string())?;
     let engine = Arc::new(engine);

@@ -34,6 +34,8 @@ pub const APPLY_RT_PRIORITY_DEFAULT: u8 = 1;
 /// Default `--lookup-rt-ms-per-s` (see [`ServeConfig::lookup_rt_per_s`]):
 /// a tenth of one core.
 pub const LOOKUP_RT_MS_PER_S_DEFAULT: u32 = 100;
+/// Default `--resched-tick-us` (see [`ServeConfig::resched_tick`]).
+pub const RESCHED_TICK_US_DEFAULT: u64 = 1000;
 /// A frame whose first byte arrived must be complete within this.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A reply the client does not take within this closes the connection.
@@ -194,6 +196,11 @@ pub struct ServeConfig {
     /// apply's real-time priority serving short LOOKUPs (`sched.rs`,
     /// [`crate::sched::ReadBoost`]); zero, or no apply priority: none.
     pub lookup_rt_per_s: Duration,
+    /// A wake-up on every CPU this often (`refd_core::priority::ReschedTick`),
+    /// so that a thread woken on a busy CPU (a log write's completion, a
+    /// request) waits for it, not for the kernel's next scheduler tick;
+    /// zero: none. At `SCHED_FIFO` priority 1 when the kernel allows it.
+    pub resched_tick: Duration,
     /// Decode every frame and answer, but apply nothing (a SUBMIT is
     /// validated and acknowledged, not logged): measures the load
     /// generator and the wire without the engine.
@@ -228,6 +235,7 @@ impl Default for ServeConfig {
             latency_slice: Duration::from_micros(LATENCY_SLICE_US_DEFAULT),
             apply_rt_priority: APPLY_RT_PRIORITY_DEFAULT,
             lookup_rt_per_s: Duration::from_millis(u64::from(LOOKUP_RT_MS_PER_S_DEFAULT)),
+            resched_tick: Duration::from_micros(RESCHED_TICK_US_DEFAULT),
             dry_run: false,
             log_format: LogFormat::Human,
             recovery_mode: RecoveryModeArg::Strict,
@@ -257,6 +265,14 @@ impl ServeConfig {
             return Err(format!(
                 "--frame-bytes-max {} out of 1048576..=16777216",
                 self.frame_bytes_max
+            ));
+        }
+        if !self.resched_tick.is_zero() && self.resched_tick < refd_core::priority::RESCHED_TICK_MIN
+        {
+            return Err(format!(
+                "--resched-tick-us {} is below {} (0 turns the tick off)",
+                self.resched_tick.as_micros(),
+                refd_core::priority::RESCHED_TICK_MIN.as_micros()
             ));
         }
         if self.connections_max == 0 || self.sessions_max == 0 {

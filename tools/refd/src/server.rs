@@ -4,6 +4,7 @@
 //! gracefully: no new connections, every request already read answered,
 //! a last commit, exit.
 
+use refd_core::priority::ReschedTick;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -189,6 +190,8 @@ struct Server<D: DelayedRefStore> {
     threads: Vec<JoinHandle<()>>,
     committer: Option<JoinHandle<Result<refd_durable::CommitterStats, refd_durable::CommitError>>>,
     listeners: Arc<Vec<Listener>>,
+    /// Stopped after the last commit.
+    resched_tick: Option<ReschedTick>,
 }
 
 /// Starts a server with `config`: returns once it is ready (listening).
@@ -216,6 +219,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
              CAP_SYS_NICE); lookups may wait for a preempted apply or for a core"
         );
     }
+    let resched_tick = start_resched_tick(config.resched_tick);
     let options = engine_options(&config);
     let (engine, recovery) = DurableEngine::<Dev, D>::open_with_store(opened.storage, options)
         .map_err(|source| ServeError::Open {
@@ -382,7 +386,42 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         threads,
         committer: Some(committer),
         listeners,
+        resched_tick,
     }))
+}
+
+/// Starts the CPUs' reschedule tick every `period` (zero: none); refused
+/// a real-time priority it ticks at the normal one, and it is left out
+/// with a warning if it cannot start at all. Also what `refd-bench load
+/// --in-process` starts, so that both measure the same scheduling.
+pub fn start_resched_tick(period: Duration) -> Option<ReschedTick> {
+    if period.is_zero() {
+        return None;
+    }
+    match ReschedTick::start(period, 1) {
+        Ok(t) => {
+            if t.is_real_time() {
+                tracing::info!(
+                    cpus = t.cpus().len(),
+                    period_us = period.as_micros() as u64,
+                    "reschedule tick on every CPU at SCHED_FIFO priority 1"
+                );
+            } else {
+                tracing::warn!(
+                    cpus = t.cpus().len(),
+                    period_us = period.as_micros() as u64,
+                    "reschedule tick at the normal priority (a real-time one needs \
+                     CAP_SYS_NICE or RLIMIT_RTPRIO): a woken thread may still wait for \
+                     the kernel's scheduler tick"
+                );
+            }
+            Some(t)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no reschedule tick");
+            None
+        }
+    }
 }
 
 /// The durable engine's options for `config` (also what `refd-bench load
@@ -470,6 +509,7 @@ impl<D: DelayedRefStore + 'static> Running for Server<D> {
             ),
             Err(e) => tracing::error!(error = %e, "stopped with a failed engine"),
         }
+        drop(self.resched_tick.take());
         result
     }
 

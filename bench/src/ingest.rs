@@ -97,6 +97,11 @@ pub struct IngestArgs {
     /// with, not the back-pressure of a saturating one.
     #[arg(long, default_value_t = 0.0)]
     pub rate_mops: f64,
+    /// Wake every CPU this often (µs; 0: never) with a thread pinned to it
+    /// at SCHED_FIFO priority 1 (`refd_core::priority::ReschedTick`, what
+    /// the daemon runs by default), for the whole run.
+    #[arg(long, default_value_t = 0)]
+    pub resched_tick_us: u64,
     /// Print to stderr every timed op (ingest ops sampled, every lookup)
     /// that took at least this many µs, with the CLOCK_MONOTONIC time it
     /// started, to match against a trace of the scheduler taken with the
@@ -516,6 +521,13 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             args.rate_mops
         ));
     }
+    let _tick = match args.resched_tick_us {
+        0 => None,
+        us => Some(
+            refd_core::priority::ReschedTick::start(std::time::Duration::from_micros(us), 1)
+                .map_err(|e| format!("--resched-tick-us {us}: {e}"))?,
+        ),
+    };
     let shards = refd_core::delayed::lockfree::SHARDS_DEFAULT;
     if args.threads > shards {
         return Err(format!(
@@ -609,6 +621,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             "top_merge_ratio": args.top_merge_ratio,
             "prefault_mib": args.prefault_mib,
             "rate_mops": args.rate_mops,
+            "resched_tick_us": args.resched_tick_us,
             "lockfree_mops": get("lockfree").map(|r| r.mops),
             "mutex_mops": get("mutex").map(|r| r.mops),
             "ratio": ratio,

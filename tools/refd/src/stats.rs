@@ -63,6 +63,8 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "quarantined": e.core().quarantined().len(),
             "throttle_waits": e.throttled().0,
             "throttle_wait_ms": e.throttled().1.as_secs_f64() * 1e3,
+            "pace_waits": e.paced().0,
+            "pace_wait_ms": e.paced().1.as_secs_f64() * 1e3,
         },
         "log": {
             "bytes": log.log_bytes(),

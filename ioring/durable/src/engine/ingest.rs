@@ -145,7 +145,24 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         if after >= trigger || log_full {
             self.kick_committer();
         }
+        self.pace(before, after, trigger);
         Ok(())
+    }
+
+    /// Pacing ([`CommitPolicy::pace`]): while a commit runs and the next
+    /// one is already past its trigger, sleep in proportion. With no
+    /// commit running (the committer was just kicked, or none runs and
+    /// the wall at twice the trigger will commit inline), a sleep would
+    /// only delay the add.
+    fn pace(&self, before: u64, after: u64, trigger: u64) {
+        let sleep = CommitPolicy::pace(before, after, trigger, self.commit_cost_ps_per_op());
+        if sleep.is_zero() || self.commit.try_lock().is_ok() {
+            return;
+        }
+        std::thread::sleep(sleep);
+        self.paced.fetch_add(1, Ordering::Relaxed);
+        self.paced_ns
+            .fetch_add(sleep.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Back-pressure: wait for the running commit; if the pending ops

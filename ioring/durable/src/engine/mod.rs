@@ -237,6 +237,9 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     /// long they waited in all (ns).
     throttled: AtomicU64,
     throttled_ns: AtomicU64,
+    /// Adds that pacing made sleep, and how long in all (ns).
+    paced: AtomicU64,
+    paced_ns: AtomicU64,
 }
 
 /// See [`DurableEngine::set_commit_hook`].
@@ -333,6 +336,15 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         (
             self.throttled.load(Ordering::Relaxed),
             std::time::Duration::from_nanos(self.throttled_ns.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Adds that pacing ([`crate::policy::CommitPolicy::pace`]) made
+    /// sleep while a commit ran, and their sleeping time in all.
+    pub fn paced(&self) -> (u64, std::time::Duration) {
+        (
+            self.paced.load(Ordering::Relaxed),
+            std::time::Duration::from_nanos(self.paced_ns.load(Ordering::Relaxed)),
         )
     }
 

@@ -441,6 +441,8 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             fs_id: sb.fs_id,
             throttled: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
+            paced: AtomicU64::new(0),
+            paced_ns: AtomicU64::new(0),
         };
         engine.record_commit(0, Duration::ZERO, 0);
         Ok((engine, info))

@@ -873,3 +873,64 @@ fn lookups_during_a_stepped_apply_with_a_partial_cache() {
         assert_eq!(committed.get(at(i)).map(|c| c.refs), Some(2), "extent {i}");
     }
 }
+
+/// Pacing (`crate::policy::CommitPolicy::pace`): an add past the trigger
+/// sleeps only while a commit runs (here the commit lock is held, as a
+/// running commit holds it), never at or below the trigger, and never
+/// when no commit runs (the kicked committer is about to start one).
+#[test]
+fn adds_past_the_trigger_are_paced_only_while_a_commit_runs() {
+    let (dev, _) = formatted(32 << 20, 8 << 20);
+    let options = OpenOptions {
+        policy: crate::policy::CommitPolicy {
+            interval_ms: 60_000,
+            pending_ops_trigger: 4096,
+            ..crate::policy::CommitPolicy::default()
+        },
+        ..opts()
+    };
+    let (e, _) = DurableEngine::open(dev, options).unwrap();
+    assert_eq!(e.commit_trigger_ops(), 4096);
+    let mut next = 0u64;
+    let mut add = |count: u64| {
+        for _ in 0..count {
+            let op = data_op(
+                (1 << 30) + next * 4096,
+                4096,
+                Action::AddExtent,
+                5,
+                256 + next,
+                0,
+            );
+            e.add(&op).unwrap();
+            next += 1;
+        }
+    };
+    // Up to 1.5 × the trigger (6144) while a commit runs: no sleep.
+    add(6143);
+    {
+        let _running = lock(&e.commit);
+        add(1);
+    }
+    assert_eq!(e.paced().0, 0, "at 1.5 × the trigger");
+    // Past it (the check at 7168) with no commit running: no sleep.
+    add(1100);
+    assert_eq!(e.pending_ops(), 7244);
+    assert_eq!(e.paced().0, 0);
+    // A commit runs: the add that crosses the next check (8192 is the
+    // wall, so take it from below: back under 7168 first) sleeps.
+    e.commit().unwrap();
+    add(7167);
+    {
+        let _running = lock(&e.commit);
+        add(1);
+    }
+    // Its 1024 ops at the unmeasured 2 µs each (the commit above had too
+    // few ops to measure), times 16 × 1024 / 2048.
+    let (n, slept) = e.paced();
+    assert_eq!(n, 1);
+    assert_eq!(slept, Duration::from_nanos(16_384_000));
+    assert_eq!(e.throttled().0, 0, "below the wall at twice the trigger");
+    e.commit().unwrap();
+    assert_eq!(e.pending_ops(), 0);
+}

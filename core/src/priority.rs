@@ -133,7 +133,7 @@ impl Drop for Boost {
 /// waiting is for the tick, not the slice.
 ///
 /// Each CPU the process may run on gets a thread pinned to it that sleeps
-/// until the next multiple of `period` (absolute deadlines, no catch-up
+/// to absolute deadlines one `period` apart (no drift, and no catch-up
 /// burst after a late wake-up) at `SCHED_FIFO` priority `rt_priority`. A
 /// real-time wake-up always reschedules the CPU it lands on, so the
 /// scheduler then picks the fair thread that should run, which is what

@@ -1214,7 +1214,7 @@ fn in_process(a: &LoadArgs) -> Result<LoadReport, String> {
     }
     let options = refd::server::engine_options(&refd::ServeConfig::default());
     let _tick =
-        refd::server::start_resched_tick(std::time::Duration::from_micros(a.resched_tick_us));
+        refd::server::start_resched_tick(std::time::Duration::from_micros(a.resched_tick_us), None);
     let (engine, _) = DurableEngine::<_, LockFreeStore>::open_with_store(opened.storage, options)
         .map_err(|e| e.to_string())?;
     let engine = Arc::new(engine);

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use refd_core::priority::ReschedTick;
 
+/// The tests count this process's tick threads: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The CPUs of `tid`'s affinity mask (0: the calling thread).
 fn affinity(tid: i32) -> Vec<usize> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
@@ -43,6 +46,7 @@ fn threads_named(prefix: &str) -> Vec<(i32, String)> {
 /// them all.
 #[test]
 fn a_resched_tick_ticks_on_every_cpu_and_stops() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     assert!(ReschedTick::start(Duration::from_micros(50), 1).is_err());
     let cpus = affinity(0);
     let tick = ReschedTick::start(Duration::from_millis(1), 1).unwrap();
@@ -71,4 +75,29 @@ fn a_resched_tick_ticks_on_every_cpu_and_stops() {
     }
     drop(tick);
     assert!(threads_named("refd-tick-").is_empty());
+}
+
+/// Started on demand, the tick stops counting once its linger has passed
+/// without a poke, and ticks again within one idle period of a poke.
+#[test]
+fn an_on_demand_tick_ticks_only_while_poked() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cpus = affinity(0).len() as u64;
+    let tick =
+        ReschedTick::start_on_demand(Duration::from_millis(1), 1, Duration::from_millis(100))
+            .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let a = tick.ticks();
+    assert!(a >= 20 * cpus, "ticks during the first linger: {a}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tick.ticks(), a, "no tick 200 ms past the linger");
+    let poker = tick.poker();
+    for _ in 0..40 {
+        poker.poke();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let busy = tick.ticks() - a;
+    // ~300 ms of the 400 ms poked (the first idle period may pass first).
+    assert!(busy >= 50 * cpus, "{busy} ticks while poked on {cpus} CPUs");
+    drop(tick);
 }

@@ -327,6 +327,9 @@ fn read_loop<D: DelayedRefStore + 'static>(
         };
         shared.metrics.bytes_in.inc_by(n as u64);
         last_activity = Instant::now();
+        if let Some(p) = &shared.resched_poker {
+            p.poke();
+        }
         let mut input = &buf[..n];
         loop {
             match decoder.decode_from(&mut input) {

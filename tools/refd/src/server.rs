@@ -4,7 +4,7 @@
 //! gracefully: no new connections, every request already read answered,
 //! a last commit, exit.
 
-use refd_core::priority::ReschedTick;
+use refd_core::priority::{ReschedTick, TickPoker};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -93,6 +93,9 @@ pub struct Shared<D: DelayedRefStore> {
     pub started: Instant,
     /// Real-time CPU time left to the readers serving LOOKUPs.
     pub lookup_rt: crate::sched::RtBudget,
+    /// Keeps the reschedule tick going while requests come
+    /// ([`RESCHED_TICK_LINGER`] after the last).
+    pub resched_poker: Option<TickPoker>,
     stopping: AtomicBool,
     connections: AtomicUsize,
     stop_signal: (Mutex<bool>, Condvar),
@@ -219,7 +222,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
              CAP_SYS_NICE); lookups may wait for a preempted apply or for a core"
         );
     }
-    let resched_tick = start_resched_tick(config.resched_tick);
+    let resched_tick = start_resched_tick(config.resched_tick, Some(RESCHED_TICK_LINGER));
     let options = engine_options(&config);
     let (engine, recovery) = DurableEngine::<Dev, D>::open_with_store(opened.storage, options)
         .map_err(|source| ServeError::Open {
@@ -307,6 +310,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         recovery,
         started: Instant::now(),
         lookup_rt: crate::sched::RtBudget::new(config.lookup_rt_per_s),
+        resched_poker: resched_tick.as_ref().map(ReschedTick::poker),
         stopping: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         stop_signal: (Mutex::new(false), Condvar::new()),
@@ -390,15 +394,25 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
     }))
 }
 
-/// Starts the CPUs' reschedule tick every `period` (zero: none); refused
-/// a real-time priority it ticks at the normal one, and it is left out
-/// with a warning if it cannot start at all. Also what `refd-bench load
-/// --in-process` starts, so that both measure the same scheduling.
-pub fn start_resched_tick(period: Duration) -> Option<ReschedTick> {
+/// How long the reschedule tick goes on after the last request read (an
+/// idle daemon does not tick: each wake-up costs its CPU ~23 µs here).
+pub const RESCHED_TICK_LINGER: Duration = Duration::from_secs(1);
+
+/// Starts the CPUs' reschedule tick every `period` (zero: none), for
+/// `linger` after each poke of its poker (`None`: always); refused a
+/// real-time priority it ticks at the normal one, and it is left out with
+/// a warning if it cannot start at all. Also what `refd-bench load
+/// --in-process` starts (always on: its clients do not poke), so that
+/// both measure the same scheduling.
+pub fn start_resched_tick(period: Duration, linger: Option<Duration>) -> Option<ReschedTick> {
     if period.is_zero() {
         return None;
     }
-    match ReschedTick::start(period, 1) {
+    let started = match linger {
+        Some(l) => ReschedTick::start_on_demand(period, 1, l),
+        None => ReschedTick::start(period, 1),
+    };
+    match started {
         Ok(t) => {
             if t.is_real_time() {
                 tracing::info!(

@@ -97,8 +97,10 @@ pub struct Serve {
     /// thread pinned to it at SCHED_FIFO priority 1, so that a thread
     /// woken on a busy CPU (a log write's completion, a request) waits
     /// for that, not for the kernel's next scheduler tick (4 ms at HZ=250).
-    /// Costs a few µs of each CPU per wake-up; refused a real-time
-    /// priority, the threads tick at the normal one (less effective).
+    /// Ticks only while requests come and for a second after the last;
+    /// each wake-up costs its CPU some µs (~23 on a VM). Refused a
+    /// real-time priority, the threads tick at the normal one (less
+    /// effective).
     #[arg(long, default_value_t = crate::config::RESCHED_TICK_US_DEFAULT)]
     pub resched_tick_us: u64,
     /// Decode and answer every request but apply nothing (SUBMITs are

@@ -199,7 +199,8 @@ pub struct ServeConfig {
     /// A wake-up on every CPU this often (`refd_core::priority::ReschedTick`),
     /// so that a thread woken on a busy CPU (a log write's completion, a
     /// request) waits for it, not for the kernel's next scheduler tick;
-    /// zero: none. At `SCHED_FIFO` priority 1 when the kernel allows it.
+    /// zero: none. At `SCHED_FIFO` priority 1 when the kernel allows it,
+    /// while requests come and for `server::RESCHED_TICK_LINGER` after.
     pub resched_tick: Duration,
     /// Decode every frame and answer, but apply nothing (a SUBMIT is
     /// validated and acknowledged, not logged): measures the load

@@ -524,7 +524,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
     let _tick = match args.resched_tick_us {
         0 => None,
         us => Some(
-            refd_core::priority::ReschedTick::start(std::time::Duration::from_micros(us), 1)
+            refd_core::priority::ReschedTick::start(std::time::Duration::from_micros(us), 1, None)
                 .map_err(|e| format!("--resched-tick-us {us}: {e}"))?,
         ),
     };

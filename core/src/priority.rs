@@ -144,8 +144,8 @@ impl Drop for Boost {
 /// helps less ([`ReschedTick::is_real_time`] says which).
 ///
 /// Each wake-up costs its CPU ~23 µs on this project's VM (measured: an
-/// idle daemon's two tick threads, 2.3–2.5% of a CPU each at 1 ms), so
-/// [`ReschedTick::start_on_demand`] ticks only while poked
+/// idle daemon's two tick threads, 2.3–2.5% of a CPU each at 1 ms), so a
+/// tick started with a linger ticks only while poked
 /// ([`TickPoker::poke`], e.g. on every request) and for a while after;
 /// otherwise it checks again every [`RESCHED_TICK_IDLE`].
 ///
@@ -159,7 +159,6 @@ pub struct ReschedTick {
     threads: Vec<std::thread::JoinHandle<()>>,
     ticks: std::sync::Arc<std::sync::atomic::AtomicU64>,
     cpus: Vec<usize>,
-    period: Duration,
     /// How long a poke keeps it ticking (zero: always ticks).
     linger: Duration,
     real_time: bool,
@@ -173,8 +172,8 @@ pub const RESCHED_TICK_MIN: Duration = Duration::from_micros(100);
 pub const RESCHED_TICK_IDLE: Duration = Duration::from_millis(100);
 
 /// Keeps an on-demand [`ReschedTick`] ticking: cheap to clone and to call
-/// on every request (one relaxed load; a store at most twice per
-/// `linger`).
+/// on every request (a read of the monotonic clock and a relaxed load; a
+/// store at most twice per `linger`).
 #[derive(Debug, Clone)]
 pub struct TickPoker {
     active_until: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -196,37 +195,15 @@ impl ReschedTick {
     /// Starts a ticking thread on each CPU of the calling thread's
     /// affinity mask, every `period` (at least [`RESCHED_TICK_MIN`]), at
     /// `SCHED_FIFO` priority `rt_priority` if the kernel allows it (0:
-    /// ordinary threads). An error when the mask cannot be read, the
+    /// ordinary threads). With `linger`, it ticks only for that long after
+    /// each [`TickPoker::poke`] of its [`ReschedTick::poker`] (and from the
+    /// start); `None`: always. An error when the mask cannot be read, the
     /// period is too short, or a thread cannot be started.
-    pub fn start(period: Duration, rt_priority: u8) -> std::io::Result<ReschedTick> {
-        Self::start_until(period, rt_priority, u64::MAX)
-    }
-
-    /// [`ReschedTick::start`], ticking only for `linger` after each
-    /// [`TickPoker::poke`] of its [`ReschedTick::poker`] (and for `linger`
-    /// from the start).
-    pub fn start_on_demand(
+    pub fn start(
         period: Duration,
         rt_priority: u8,
-        linger: Duration,
+        linger: Option<Duration>,
     ) -> std::io::Result<ReschedTick> {
-        let until = sys::monotonic_ns().saturating_add(linger.as_nanos() as u64);
-        let mut tick = Self::start_until(period, rt_priority, until)?;
-        tick.linger = linger;
-        Ok(tick)
-    }
-
-    /// A poker that keeps this tick going for its linger (for a tick
-    /// started with [`ReschedTick::start`], which always ticks, a no-op in
-    /// effect).
-    pub fn poker(&self) -> TickPoker {
-        TickPoker {
-            active_until: std::sync::Arc::clone(&self.active_until),
-            linger_ns: self.linger.as_nanos() as u64,
-        }
-    }
-
-    fn start_until(period: Duration, rt_priority: u8, until: u64) -> std::io::Result<ReschedTick> {
         use std::sync::atomic::{AtomicBool, AtomicU64};
         use std::sync::Arc;
         if period < RESCHED_TICK_MIN {
@@ -239,14 +216,17 @@ impl ReschedTick {
         // Checked here, as set_apply_rt_priority does: refused, the threads
         // tick at the normal priority.
         let real_time = rt_priority > 0 && Boost::to(rt_priority).map(drop).is_ok();
+        let until = match linger {
+            Some(l) => sys::monotonic_ns().saturating_add(l.as_nanos() as u64),
+            None => u64::MAX,
+        };
         let mut tick = ReschedTick {
             active_until: Arc::new(AtomicU64::new(until)),
-            linger: Duration::ZERO,
+            linger: linger.unwrap_or(Duration::ZERO),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::with_capacity(cpus.len()),
             ticks: Arc::new(AtomicU64::new(0)),
             cpus: cpus.clone(),
-            period,
             real_time,
         };
         for &cpu in &cpus {
@@ -303,9 +283,13 @@ impl ReschedTick {
         &self.cpus
     }
 
-    /// The period.
-    pub fn period(&self) -> Duration {
-        self.period
+    /// A poker that keeps this tick going for its linger (for a tick
+    /// that always ticks, a no-op in effect).
+    pub fn poker(&self) -> TickPoker {
+        TickPoker {
+            active_until: std::sync::Arc::clone(&self.active_until),
+            linger_ns: self.linger.as_nanos() as u64,
+        }
     }
 
     /// Wake-ups so far, all CPUs.

@@ -47,9 +47,9 @@ fn threads_named(prefix: &str) -> Vec<(i32, String)> {
 #[test]
 fn a_resched_tick_ticks_on_every_cpu_and_stops() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    assert!(ReschedTick::start(Duration::from_micros(50), 1).is_err());
+    assert!(ReschedTick::start(Duration::from_micros(50), 1, None).is_err());
     let cpus = affinity(0);
-    let tick = ReschedTick::start(Duration::from_millis(1), 1).unwrap();
+    let tick = ReschedTick::start(Duration::from_millis(1), 1, None).unwrap();
     assert_eq!(tick.cpus(), &cpus[..]);
     std::thread::sleep(Duration::from_millis(300));
     let ticks = tick.ticks();
@@ -77,15 +77,18 @@ fn a_resched_tick_ticks_on_every_cpu_and_stops() {
     assert!(threads_named("refd-tick-").is_empty());
 }
 
-/// Started on demand, the tick stops counting once its linger has passed
+/// Started with a linger, the tick stops counting once its linger has passed
 /// without a poke, and ticks again within one idle period of a poke.
 #[test]
 fn an_on_demand_tick_ticks_only_while_poked() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cpus = affinity(0).len() as u64;
-    let tick =
-        ReschedTick::start_on_demand(Duration::from_millis(1), 1, Duration::from_millis(100))
-            .unwrap();
+    let tick = ReschedTick::start(
+        Duration::from_millis(1),
+        1,
+        Some(Duration::from_millis(100)),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let a = tick.ticks();
     assert!(a >= 20 * cpus, "ticks during the first linger: {a}");

@@ -408,11 +408,7 @@ pub fn start_resched_tick(period: Duration, linger: Option<Duration>) -> Option<
     if period.is_zero() {
         return None;
     }
-    let started = match linger {
-        Some(l) => ReschedTick::start_on_demand(period, 1, l),
-        None => ReschedTick::start(period, 1),
-    };
-    match started {
+    match ReschedTick::start(period, 1, linger) {
         Ok(t) => {
             if t.is_real_time() {
                 tracing::info!(

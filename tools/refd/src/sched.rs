@@ -275,17 +275,11 @@ fn thread_cpu_time() -> Duration {
 mod tests {
     use super::*;
 
-    /// The calling thread's scheduling policy (field 41 of its stat).
+    /// The calling thread's scheduling policy.
     fn policy() -> u32 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
-        let after = &stat[stat.rfind(')').expect("comm") + 2..];
-        // Field 3 is the first after the comm.
-        after
-            .split(' ')
-            .nth(41 - 3)
-            .expect("policy")
-            .parse()
-            .expect("number")
+        // SAFETY: a plain query of the calling thread's policy (pid 0).
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        u32::try_from(policy).expect("sched_getscheduler")
     }
 
     #[test]

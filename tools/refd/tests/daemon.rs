@@ -611,19 +611,20 @@ fn backref_objectids(c: &mut Raw, x: u64) -> BTreeMap<u64, i64> {
     }
 }
 
-/// The scheduling policy of the daemon's only connection reader (field 41
-/// of its thread's stat; the reader thread is named `refd-conn`).
+/// The scheduling policy of the daemon's only connection reader (the
+/// thread named `refd-conn`).
 fn reader_policy(pid: u32) -> u32 {
     let mut found = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
-        let path = task.expect("task").path().join("stat");
-        let Ok(stat) = std::fs::read_to_string(path) else {
+        let task = task.expect("task");
+        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
             continue;
         };
-        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
-        if &stat[open + 1..close] == "refd-conn" {
-            let policy = stat[close + 2..].split(' ').nth(41 - 3).expect("policy");
-            found.push(policy.parse::<u32>().expect("number"));
+        if comm.trim_end() == "refd-conn" {
+            let tid: i32 = task.file_name().to_str().unwrap().parse().unwrap();
+            // SAFETY: a plain query of thread `tid`'s policy.
+            let policy = unsafe { libc::sched_getscheduler(tid) };
+            found.push(u32::try_from(policy).expect("sched_getscheduler"));
         }
     }
     assert_eq!(found.len(), 1, "one connection, one reader");

@@ -445,6 +445,14 @@ impl<S: DelayedRefStore> Engine<S> {
         self.store.requeue(heads);
     }
 
+    /// How many quarantined heads are kept (at most [`QUARANTINE_KEEP`]) and
+    /// the newest `limit` of them, newest first (STATS shows these without
+    /// copying all that are kept).
+    pub fn quarantined_newest(&self, limit: usize) -> (usize, Vec<QuarantinedHead>) {
+        let q = self.quarantine.lock().unwrap_or_else(|e| e.into_inner());
+        (q.len(), q.iter().rev().take(limit).cloned().collect())
+    }
+
     /// Quarantined heads kept (newest last, at most [`QUARANTINE_KEEP`]).
     pub fn quarantined(&self) -> Vec<QuarantinedHead> {
         self.quarantine

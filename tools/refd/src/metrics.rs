@@ -77,6 +77,8 @@ pub struct Metrics {
     pub commits: Counter,
     /// Ops committed.
     pub commit_ops: Counter,
+    /// Heads a commit refused (quarantined): their ops were not applied.
+    pub quarantined_heads: Counter,
     /// Dirty B+tree node bytes the last commit pinned.
     pub commit_dirty_bytes: Gauge,
     /// Engine gauges, read at each scrape.
@@ -146,6 +148,7 @@ impl Metrics {
             commit_phase_seconds: Family::default(),
             commits: Counter::default(),
             commit_ops: Counter::default(),
+            quarantined_heads: Counter::default(),
             commit_dirty_bytes: Gauge::default(),
             pending_ops: Gauge::default(),
             heads_held: Gauge::default(),
@@ -240,6 +243,11 @@ impl Metrics {
             );
             r.register("commits", "Commits", m.commits.clone());
             r.register("commit_ops", "Ops committed", m.commit_ops.clone());
+            r.register(
+                "quarantined_heads",
+                "Heads commits refused (quarantined): their ops were not applied",
+                m.quarantined_heads.clone(),
+            );
             r.register(
                 "commit_dirty_bytes",
                 "Dirty B+tree node bytes the last commit pinned",
@@ -351,6 +359,8 @@ impl Metrics {
         self.commit_seconds.observe(p.total.as_secs_f64());
         self.commits.inc();
         self.commit_ops.inc_by(summary.ops);
+        self.quarantined_heads
+            .inc_by(summary.core.quarantined.len() as u64);
         self.commit_dirty_bytes
             .set(i64::try_from(summary.dirty_bytes).unwrap_or(i64::MAX));
         for (name, d) in [

@@ -294,6 +294,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
                 nodes_written = s.nodes_written,
                 "commit"
             );
+            log_quarantined(&s.core);
         });
     }
     let shared = Arc::new(Shared {
@@ -397,6 +398,31 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
 /// How long the reschedule tick goes on after the last request read (an
 /// idle daemon does not tick: each wake-up costs its CPU ~23 µs here).
 pub const RESCHED_TICK_LINGER: Duration = Duration::from_secs(1);
+
+/// Heads of one commit logged one by one at WARN; past it, one line
+/// counts the rest (STATS `quarantine` keeps the newest, metrics count
+/// them all).
+const QUARANTINE_LOG_PER_COMMIT: usize = 16;
+
+/// A refused head is acknowledged ops that will never be applied: the
+/// operator must hear of it even when no client asked for the commit.
+fn log_quarantined(report: &refd_core::engine::CommitReport) {
+    for q in report.quarantined.iter().take(QUARANTINE_LOG_PER_COMMIT) {
+        tracing::warn!(
+            generation = q.generation,
+            bytenr = q.head.bytenr,
+            error = %q.error,
+            "head refused by the commit (quarantined): its ops were not applied"
+        );
+    }
+    if report.quarantined.len() > QUARANTINE_LOG_PER_COMMIT {
+        tracing::warn!(
+            generation = report.generation,
+            more = report.quarantined.len() - QUARANTINE_LOG_PER_COMMIT,
+            "more heads refused by this commit (STATS `quarantine` lists the newest)"
+        );
+    }
+}
 
 /// Starts the CPUs' reschedule tick every `period` (zero: none), for
 /// `linger` after each poke of its poker (`None`: always); refused a

@@ -6,6 +6,9 @@ use serde_json::{json, Value};
 
 use crate::server::Shared;
 
+/// Refused heads STATS lists (`quarantine.newest`, newest first).
+pub const QUARANTINE_NEWEST: usize = 16;
+
 /// The server's state now.
 pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
     let e = &s.engine;
@@ -35,6 +38,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "total": p.total.as_secs_f64() * 1e3,
         })
     };
+    let (quarantine_kept, newest) = e.core().quarantined_newest(QUARANTINE_NEWEST);
     let m = &s.metrics;
     json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -60,11 +64,20 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "dirty_bytes_trigger": e.policy().dirty_bytes_trigger,
             "barriers_active": e.core().barrier().active(),
             "barrier_seq": e.core().barrier().current(),
-            "quarantined": e.core().quarantined().len(),
+            "quarantined": quarantine_kept,
             "throttle_waits": e.throttled().0,
             "throttle_wait_ms": e.throttled().1.as_secs_f64() * 1e3,
             "pace_waits": e.paced().0,
             "pace_wait_ms": e.paced().1.as_secs_f64() * 1e3,
+        },
+        "quarantine": {
+            "kept": quarantine_kept,
+            "total": m.quarantined_heads.get(),
+            "newest": newest.iter().map(|q| json!({
+                "generation": q.generation,
+                "bytenr": q.head.bytenr,
+                "error": q.error.to_string(),
+            })).collect::<Vec<_>>(),
         },
         "log": {
             "bytes": log.log_bytes(),

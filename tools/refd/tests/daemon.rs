@@ -146,7 +146,8 @@ fn every_request_does_what_the_protocol_says() {
 
 /// An allocation inside a committed extent's range is acknowledged (each
 /// op is valid on its own) and refused by the commit: the COMMIT reply
-/// counts it in `quarantined`, STATS keeps it, LOOKUP shows nothing at its
+/// counts it in `quarantined`, STATS keeps it (and names it), the daemon
+/// logs it at WARN, LOOKUP shows nothing at its
 /// bytenr and the committed extent unchanged. Inside the same extent
 /// freed by the same commit, the allocation is applied.
 #[test]
@@ -168,7 +169,22 @@ fn an_overlapping_allocation_is_refused_by_the_commit() {
     assert!(matches!(c.submit(s, 2, &[inside]), Reply::Submit(_)));
     let cr = c.commit();
     assert_eq!((cr.ops, cr.applied, cr.quarantined), (1, 0, 1));
-    assert_eq!(c.stats()["engine"]["quarantined"], 1);
+    let stats = c.stats();
+    assert_eq!(stats["engine"]["quarantined"], 1);
+    // Which head and why, in STATS and in the daemon's log.
+    let q = &stats["quarantine"];
+    assert_eq!((&q["kept"], &q["total"]), (&1.into(), &1.into()), "{q}");
+    assert_eq!(q["newest"][0]["bytenr"], x + 8192, "{q}");
+    assert_eq!(q["newest"][0]["generation"], cr.generation, "{q}");
+    let why = q["newest"][0]["error"].as_str().unwrap_or_default();
+    assert!(why.contains(&format!("{}", x + 8192)), "{q}");
+    let log = d.log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("quarantined")
+            && l.contains(&format!("bytenr={}", x + 8192))),
+        "{log}"
+    );
     let e = &c.lookup(&[x, x + 8192])[..];
     assert_eq!((e[0].committed_refs, e[0].num_bytes), (1, 64 << 10));
     assert_eq!((e[1].refs, e[1].committed_refs), (0, 0));

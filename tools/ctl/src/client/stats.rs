@@ -177,6 +177,10 @@ fn engine_rows(v: &Value) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Refused heads listed under the quarantine row (`--json` has all that
+/// STATS sends).
+const QUARANTINE_SHOWN: usize = 5;
+
 /// Sessions, connections, freed lists with each consumer's backlog,
 /// barriers, status.
 fn service_rows(v: &Value) -> Vec<(&'static str, String)> {
@@ -196,6 +200,15 @@ fn service_rows(v: &Value) -> Vec<(&'static str, String)> {
             at(c, "acked_generation"),
             at(c, "backlog_generations")
         );
+    }
+    let mut quarantine = format!(
+        "{} heads refused kept ({} since start)",
+        at(v, "quarantine.kept"),
+        at(v, "quarantine.total")
+    );
+    let newest = lookup(v, "quarantine.newest").and_then(Value::as_array);
+    for q in newest.into_iter().flatten().take(QUARANTINE_SHOWN) {
+        quarantine += &format!("\n  generation {}: {}", at(q, "generation"), at(q, "error"));
     }
     let status = if healthy(v) { "ok" } else { "FAILED" };
     vec![
@@ -219,6 +232,7 @@ fn service_rows(v: &Value) -> Vec<(&'static str, String)> {
             ),
         ),
         ("freed", freed),
+        ("quarantine", quarantine),
         (
             "barriers",
             format!(
@@ -252,6 +266,8 @@ mod tests {
                       "consumers": [{"id": 1, "name": "space-map", "acked_generation": 3,
                                      "backlog_generations": 2}]},
             "barriers": {"held": 1, "lease_ms": 30000},
+            "quarantine": {"kept": 1, "total": 3, "newest": [{"generation": 4, "bytenr": 8192,
+                           "error": "extent 8192: drop of 'x' by 1 but only 0 exist"}]},
             "connections": {"open": 1, "max": 1024, "accepted": 9, "refused": 0},
             "some_future_field": {"x": 1},
         })
@@ -277,6 +293,8 @@ mod tests {
             "3 hits, 1 misses (75.0% hits), 64.0 KiB",
             "  consumer space-map (id 1): acked generation 3, backlog 2 generations",
             "barriers     1 held, lease 30000 ms, seq 9",
+            "quarantine   1 heads refused kept (3 since start)\n  generation 4: extent 8192: \
+             drop of 'x' by 1 but only 0 exist",
             "status       ok",
         ] {
             assert!(t.contains(want), "{want:?} not in\n{t}");

@@ -64,7 +64,8 @@ use crate::run::{run_head_with, FreedExtent, HeadEffect, HeadOutcome, RunError, 
 use crate::verify::{RefVerify, VerifyError};
 
 /// Quarantined heads kept by the engine for inspection (older ones are
-/// dropped; every commit report carries its own in full).
+/// dropped; each kept as a [`RefusedHead`]: when, which extent, why;
+/// every commit report carries its own in full).
 pub const QUARANTINE_KEEP: usize = 10_000;
 
 /// Errors returned to an ingest caller.
@@ -87,6 +88,20 @@ pub struct QuarantinedHead {
     pub error: RunError,
     /// The pending state that was refused.
     pub head: Head,
+}
+
+/// What the engine keeps of a quarantined head after its commit: when,
+/// which extent and why (not the refused ops themselves, so that the
+/// [`QUARANTINE_KEEP`] kept cost a bounded ~100 bytes each whatever the
+/// heads held; the commit's own report has them in full).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedHead {
+    /// Commit generation that refused it.
+    pub generation: u64,
+    /// The extent.
+    pub bytenr: u64,
+    /// Why.
+    pub error: RunError,
 }
 
 /// What one commit did.
@@ -214,7 +229,7 @@ pub struct Engine<S: DelayedRefStore> {
     readers_waiting: AtomicUsize,
     /// Effects per step of a stepped apply ([`APPLY_STEP`] unless set).
     apply_step: AtomicUsize,
-    quarantine: Mutex<std::collections::VecDeque<QuarantinedHead>>,
+    quarantine: Mutex<std::collections::VecDeque<RefusedHead>>,
 }
 
 /// An ingest handle of the engine.
@@ -448,13 +463,13 @@ impl<S: DelayedRefStore> Engine<S> {
     /// How many quarantined heads are kept (at most [`QUARANTINE_KEEP`]) and
     /// the newest `limit` of them, newest first (STATS shows these without
     /// copying all that are kept).
-    pub fn quarantined_newest(&self, limit: usize) -> (usize, Vec<QuarantinedHead>) {
+    pub fn quarantined_newest(&self, limit: usize) -> (usize, Vec<RefusedHead>) {
         let q = self.quarantine.lock().unwrap_or_else(|e| e.into_inner());
         (q.len(), q.iter().rev().take(limit).cloned().collect())
     }
 
     /// Quarantined heads kept (newest last, at most [`QUARANTINE_KEEP`]).
-    pub fn quarantined(&self) -> Vec<QuarantinedHead> {
+    pub fn quarantined(&self) -> Vec<RefusedHead> {
         self.quarantine
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -736,7 +751,11 @@ impl<S: DelayedRefStore> Ran<'_, S> {
                 if q.len() == QUARANTINE_KEEP {
                     q.pop_front();
                 }
-                q.push_back(h.clone());
+                q.push_back(RefusedHead {
+                    generation: h.generation,
+                    bytenr: h.head.bytenr,
+                    error: h.error.clone(),
+                });
             }
         }
         refd_sync::background::drop_later(heads, refd_sync::background::SMALL_ITEMS_MIN);
@@ -1147,6 +1166,29 @@ mod tests {
         .unwrap()
     }
 
+    /// The engine keeps at most [`QUARANTINE_KEEP`] refused heads, the
+    /// newest, each as when/which/why only.
+    #[test]
+    fn the_kept_quarantine_is_bounded() {
+        let e = Engine::new(MutexStore::new());
+        let mut h = e.handle().unwrap();
+        let n = QUARANTINE_KEEP as u64 + 3;
+        for i in 1..=n {
+            // A drop of a ref of an extent that does not exist.
+            h.add(&data(i * 4096, Action::DropRef, 5)).unwrap();
+        }
+        let r = e.commit();
+        assert_eq!(r.quarantined.len() as u64, n);
+        let (kept, newest) = e.quarantined_newest(2);
+        assert_eq!(kept, QUARANTINE_KEEP);
+        assert_eq!(e.quarantined().len(), QUARANTINE_KEEP);
+        assert_eq!(
+            newest.iter().map(|q| q.bytenr).collect::<Vec<_>>(),
+            [n * 4096, (n - 1) * 4096]
+        );
+        assert_eq!(e.quarantined()[0].bytenr, 4 * 4096, "the oldest 3 dropped");
+    }
+
     fn lifecycle<S: DelayedRefStore>(store: S) {
         let e = Engine::new(store);
         let mut h = e.handle().unwrap();
@@ -1167,7 +1209,14 @@ mod tests {
         ));
         assert_eq!(e.tree().get(4096).unwrap().refs, 2, "tree untouched");
         assert!(e.tree().get(8192).is_some());
-        assert_eq!(e.quarantined().len(), 1);
+        assert_eq!(
+            e.quarantined(),
+            [RefusedHead {
+                generation: r.generation,
+                bytenr: 4096,
+                error: r.quarantined[0].error.clone(),
+            }]
+        );
         // Barrier holds a head queued after it.
         let g = e.barrier().acquire();
         let mut op = data(4096, Action::DropRef, 6);

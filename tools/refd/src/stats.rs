@@ -75,7 +75,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "total": m.quarantined_heads.get(),
             "newest": newest.iter().map(|q| json!({
                 "generation": q.generation,
-                "bytenr": q.head.bytenr,
+                "bytenr": q.bytenr,
                 "error": q.error.to_string(),
             })).collect::<Vec<_>>(),
         },

@@ -2,7 +2,10 @@
 //! session that acquired it and is released when its lease runs out
 //! without a renewal, when it is released, or when the daemon stops (seq
 //! barriers live in memory, as btrfs's tree-mod-log seqs do). So a client
-//! that dies cannot hold heads forever.
+//! that dies cannot hold heads forever. A live client renewing forever
+//! cannot hold unbounded memory either: when commits hold more heads than
+//! `--held-heads-max`, the server revokes the barrier with the lowest seq
+//! ([`Barriers::revoke_lowest`]), one per commit.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -108,6 +111,17 @@ impl Barriers {
         }
     }
 
+    /// Revokes the barrier with the lowest seq (the one that holds the
+    /// most heads: every head a later barrier holds, it holds too): its
+    /// id, session and seq, or `None` if none is held.
+    pub fn revoke_lowest(&self) -> Option<(u64, u64, u64)> {
+        let mut leases = self.leases();
+        let (&id, l) = leases.iter().min_by_key(|(&id, l)| (l.guard.seq(), id))?;
+        let revoked = (id, l.session, l.guard.seq());
+        leases.remove(&id);
+        Some(revoked)
+    }
+
     /// Releases a barrier.
     pub fn release(&self, id: u64) -> Result<(), BarrierError> {
         self.leases()
@@ -185,5 +199,20 @@ mod tests {
         b.release(a).unwrap();
         assert_eq!(b.release(a), Err(BarrierError::Unknown(a)));
         assert_eq!(seqs.active(), 0);
+    }
+
+    #[test]
+    fn revoking_takes_the_lowest_seq_first() {
+        let seqs = SeqBarrier::new();
+        let b = Barriers::new(Duration::from_secs(10), 4, 7);
+        let t0 = Instant::now();
+        let (first, s1) = b.acquire(&seqs, 1, t0).unwrap();
+        let (second, s2) = b.acquire(&seqs, 2, t0).unwrap();
+        assert!(s2 > s1, "{s1} {s2}");
+        assert_eq!(b.revoke_lowest(), Some((first, 1, s1)));
+        assert_eq!((seqs.active(), seqs.lowest()), (1, s2));
+        assert_eq!(b.renew(first, t0), Err(BarrierError::Unknown(first)));
+        assert_eq!(b.revoke_lowest(), Some((second, 2, s2)));
+        assert_eq!((b.revoke_lowest(), seqs.active()), (None, 0));
     }
 }

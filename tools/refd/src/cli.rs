@@ -62,6 +62,11 @@ pub struct Serve {
     /// Seq barrier lease (released unless renewed within it).
     #[arg(long, default_value_t = crate::config::BARRIER_LEASE_MS_DEFAULT)]
     pub barrier_lease_ms: u32,
+    /// Most heads seq barriers may hold back from commits (memory): when a
+    /// commit holds more, the barrier with the lowest seq is revoked (its
+    /// holder's next BARRIER_RENEW gets BARRIER_UNKNOWN), one per commit.
+    #[arg(long, default_value_t = crate::config::HELD_HEADS_MAX_DEFAULT)]
+    pub held_heads_max: u64,
     /// Idle connections are closed after this many seconds.
     #[arg(long, default_value_t = crate::config::IDLE_TIMEOUT_S_DEFAULT)]
     pub idle_timeout_s: u64,
@@ -163,6 +168,7 @@ fn config(a: Serve) -> Result<ServeConfig, String> {
         connections_max: a.connections_max,
         frame_bytes_max: a.frame_bytes_max,
         barrier_lease_ms: a.barrier_lease_ms,
+        held_heads_max: a.held_heads_max,
         idle_timeout: Duration::from_secs(a.idle_timeout_s),
         freed_kept_max: a.freed_kept_max,
         prefault_mib: a.prefault_mib,

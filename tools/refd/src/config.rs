@@ -22,6 +22,10 @@ pub const REPLY_BYTES_MAX_DEFAULT: usize = 4 << 20;
 pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
 /// Default `--barrier-lease-ms`.
 pub const BARRIER_LEASE_MS_DEFAULT: u32 = 30_000;
+
+/// Default `--held-heads-max`: as many heads as the pending ops' own bound
+/// (twice the default commit trigger of 4M ops) would hold at one op each.
+pub const HELD_HEADS_MAX_DEFAULT: u64 = 8_000_000;
 /// Most barriers one session holds.
 pub const BARRIERS_PER_SESSION_MAX: usize = 64;
 /// Default `--idle-timeout-s`.
@@ -177,6 +181,9 @@ pub struct ServeConfig {
     pub reply_bytes_max: usize,
     /// Barrier lease.
     pub barrier_lease_ms: u32,
+    /// Most heads seq barriers may hold back from commits: past it, the
+    /// barrier with the lowest seq is revoked (see `barrier.rs`).
+    pub held_heads_max: u64,
     /// Idle connections are closed after this.
     pub idle_timeout: Duration,
     /// Freed extents kept on the device.
@@ -230,6 +237,7 @@ impl Default for ServeConfig {
             in_flight_max: IN_FLIGHT_MAX_DEFAULT,
             reply_bytes_max: REPLY_BYTES_MAX_DEFAULT,
             barrier_lease_ms: BARRIER_LEASE_MS_DEFAULT,
+            held_heads_max: HELD_HEADS_MAX_DEFAULT,
             idle_timeout: Duration::from_secs(IDLE_TIMEOUT_S_DEFAULT),
             freed_kept_max: refd_durable::service::FREED_KEPT_MAX_DEFAULT,
             prefault_mib: 0,

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub commit_ops: Counter,
     /// Heads a commit refused (quarantined): their ops were not applied.
     pub quarantined_heads: Counter,
+    /// Seq barriers revoked because commits held too many heads.
+    pub barriers_revoked: Counter,
     /// Dirty B+tree node bytes the last commit pinned.
     pub commit_dirty_bytes: Gauge,
     /// Engine gauges, read at each scrape.
@@ -149,6 +151,7 @@ impl Metrics {
             commits: Counter::default(),
             commit_ops: Counter::default(),
             quarantined_heads: Counter::default(),
+            barriers_revoked: Counter::default(),
             commit_dirty_bytes: Gauge::default(),
             pending_ops: Gauge::default(),
             heads_held: Gauge::default(),
@@ -247,6 +250,11 @@ impl Metrics {
                 "quarantined_heads",
                 "Heads commits refused (quarantined): their ops were not applied",
                 m.quarantined_heads.clone(),
+            );
+            r.register(
+                "barriers_revoked",
+                "Seq barriers revoked because commits held more heads than --held-heads-max",
+                m.barriers_revoked.clone(),
             );
             r.register(
                 "commit_dirty_bytes",

@@ -638,8 +638,12 @@ fn refuse(mut stream: Stream, max: usize) {
 }
 
 /// Releases expired barrier leases and those of evicted sessions, every
-/// second, until the server stops.
+/// quarter second, until the server stops; and, when the last commit held
+/// more heads than `--held-heads-max`, revokes the lowest barrier (at most
+/// one per commit: the next commit runs what it held and says whether the
+/// others still hold too many).
 fn reap<D: DelayedRefStore>(shared: &Shared<D>) {
+    let mut revoked_at = 0;
     while !shared.stopping() {
         std::thread::sleep(Duration::from_millis(250));
         let expired = shared.barriers.expire(Instant::now());
@@ -649,6 +653,21 @@ fn reap<D: DelayedRefStore>(shared: &Shared<D>) {
         shared
             .barriers
             .retain_sessions(|session| shared.engine.check_session(session).is_ok());
+        let (held, generation) = (shared.engine.heads_held(), shared.engine.generation());
+        if held > shared.config.held_heads_max && generation > revoked_at {
+            if let Some((barrier, session, seq)) = shared.barriers.revoke_lowest() {
+                revoked_at = generation;
+                shared.metrics.barriers_revoked.inc();
+                tracing::warn!(
+                    barrier,
+                    session,
+                    seq,
+                    heads_held = held,
+                    max = shared.config.held_heads_max,
+                    "seq barrier revoked: commits hold more heads than --held-heads-max"
+                );
+            }
+        }
     }
 }
 

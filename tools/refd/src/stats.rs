@@ -130,6 +130,8 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
         "barriers": {
             "held": s.barriers.held(),
             "lease_ms": s.config.barrier_lease_ms,
+            "held_heads_max": s.config.held_heads_max,
+            "revoked": m.barriers_revoked.get(),
         },
         "connections": {
             "open": s.connections(),

@@ -693,3 +693,59 @@ fn a_lookup_reader_is_boosted_and_given_back() {
         "no budget: never boosted"
     );
 }
+
+/// A live client that renews its barrier forever cannot make the daemon
+/// hold unbounded memory: once a commit holds more heads than
+/// `--held-heads-max`, the daemon revokes the lowest barrier (logged at
+/// WARN, counted in STATS), its holder's renewal fails, and the next
+/// commit runs the heads it held.
+#[test]
+fn a_barrier_holding_too_many_heads_is_revoked() {
+    let Some(t) = Target::new("refd-held", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(
+        &t,
+        &["--held-heads-max", "2", "--commit-interval-ms", "60000"],
+    );
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    let Reply::BarrierAcquire(b) = c.call(&Request::BarrierAcquire(BarrierAcquireRequest {
+        session_id: s,
+    })) else {
+        panic!()
+    };
+    let ops: Vec<WireOp> = (1..=3)
+        .map(|i| data(ACTION_ADD_EXTENT, i << 30, 1))
+        .collect();
+    let r = c.call(&Request::Submit(SubmitRequest {
+        session_id: s,
+        request_number: 1,
+        flags: SUBMIT_STAMP_SEQ,
+        ops,
+    }));
+    assert!(matches!(r, Reply::Submit(_)), "{r:?}");
+    let cr = c.commit();
+    assert_eq!((cr.applied, cr.held), (0, 3), "{cr:?}");
+    assert_eq!(c.stats()["barriers"]["revoked"], 0);
+    // The daemon looks every 250 ms.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.stats()["barriers"]["revoked"] != 1 {
+        assert!(Instant::now() < deadline, "not revoked: {}", c.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        code(&c.call(&Request::BarrierRenew(BarrierRenewRequest {
+            barrier_id: b.barrier_id
+        }))),
+        Some(ErrorCode::BarrierUnknown)
+    );
+    let cr = c.commit();
+    assert_eq!((cr.applied, cr.held), (3, 0), "{cr:?}");
+    let log = d.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("seq barrier revoked")),
+        "{log}"
+    );
+}

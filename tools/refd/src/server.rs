@@ -642,10 +642,28 @@ fn refuse(mut stream: Stream, max: usize) {
 /// more heads than `--held-heads-max`, revokes the lowest barrier (at most
 /// one per commit: the next commit runs what it held and says whether the
 /// others still hold too many).
+///
+/// It is also what logs a latched engine failure, once, at ERROR: the
+/// failure is found by whichever thread wrote (a log batch, a commit) and
+/// every request answers `FAILED` after it, but the operator reads logs.
 fn reap<D: DelayedRefStore>(shared: &Shared<D>) {
     let mut revoked_at = 0;
+    let mut failure_logged = false;
     while !shared.stopping() {
         std::thread::sleep(Duration::from_millis(250));
+        if !failure_logged {
+            if let Some(f) = shared.engine.failure() {
+                failure_logged = true;
+                tracing::error!(
+                    device = %f.device,
+                    operation = %f.operation,
+                    offset = ?f.offset,
+                    error = %f,
+                    "engine failed: nothing more is acknowledged until refd restarts \
+                     (reads and STATS still answer)"
+                );
+            }
+        }
         let expired = shared.barriers.expire(Instant::now());
         if expired > 0 {
             tracing::info!(expired, "seq barrier leases expired");

@@ -511,6 +511,81 @@ fn an_io_error_latches_and_reads_go_on() {
         st["failed"]["message"].as_str().unwrap().contains("offset"),
         "{st}"
     );
+    wait_for_error_log(&d, &dev);
+}
+
+/// The daemon logs a latched failure once at ERROR, naming `what`,
+/// within a few of its quarter-second checks.
+fn wait_for_error_log(d: &Daemon, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = d.log();
+        let errors: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains("engine failed"))
+            .collect();
+        if !errors.is_empty() {
+            assert_eq!(errors.len(), 1, "logged once: {log}");
+            assert!(errors[0].contains(what), "{log}");
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no ERROR line: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A device whose node region fills up: the commit that cannot place its
+/// nodes latches the engine with an error that says so, logged at ERROR;
+/// what was acknowledged stays in the log, reads and STATS go on. A 20 MiB
+/// file device with a 16 MiB log (the least the daemon takes), so 4 MiB
+/// of nodes; no root needed.
+#[test]
+fn a_full_node_region_latches_and_says_so() {
+    let Some(t) = Target::new("refd-full", 20 << 20, false) else {
+        return;
+    };
+    {
+        let storage = std::sync::Arc::new(
+            refd_ioring::UringStorage::open(&t.device, 0, Default::default()).expect("open"),
+        );
+        let small_nodes = refd_durable::FormatOptions {
+            log_bytes: Some(16 << 20),
+            ..Default::default()
+        };
+        refd_durable::DurableEngine::format(&storage, small_nodes).expect("format");
+    }
+    let d = Daemon::start(&t, &["--commit-interval-ms", "600000"]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    let mut failed = None;
+    for batch in 0..64u64 {
+        let ops: Vec<WireOp> = (0..16384)
+            .map(|i| data(ACTION_ADD_EXTENT, (1 << 30) + (batch * 16384 + i) * 4096, 1))
+            .collect();
+        let r = c.submit(s, batch + 1, &ops);
+        let r = match r {
+            Reply::Submit(_) => c.call(&Request::Commit(CommitRequest)),
+            r => r,
+        };
+        if let Reply::Error(e) = r {
+            failed = Some(e);
+            break;
+        }
+    }
+    let e = failed.expect("1M extent items cannot fit 4 MiB of nodes");
+    assert_eq!(e.code, ErrorCode::Failed, "{e:?}");
+    assert!(e.message.contains("full"), "{e:?}");
+    assert_eq!(
+        code(&c.submit(s, 1000, &[data(ACTION_ADD_EXTENT, 1 << 40, 1)])),
+        Some(ErrorCode::Failed)
+    );
+    assert_eq!(c.refs(1 << 30), 1, "the first commit's extents are read");
+    let st = c.stats();
+    assert!(
+        st["failed"]["message"].as_str().unwrap().contains("full"),
+        "{st}"
+    );
+    wait_for_error_log(&d, "full");
 }
 
 /// A loop device over a sparse file on a tmpfs filled to the brim.

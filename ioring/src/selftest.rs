@@ -366,7 +366,37 @@ pub fn bitmap_round_trip(buf: &[u8], ctx: &BitmapContext) -> Result<u64, BTreeEr
     assert_eq!(again.len(), read_len);
     let mut read = buf[..read_len.min(buf.len())].to_vec();
     read.resize(read_len, 0);
-    assert!(again == read, "bitmap run does not re-encode");
+    if again != read {
+        // Only a run of a smaller region than this one (a grown node
+        // region, docs/format.md) re-encodes differently: its last node
+        // is shorter than this region's would be. What it says must be
+        // the same: the re-encoded run loads to the same slots.
+        let last = read_len - NODE_BYTES;
+        let header = |b: &[u8]| {
+            NodeHeader::decode(&b[last..], &ctx.fs_id, ctx.info.bitmap_addr + last as u64)
+                .expect("a loaded bitmap node decodes")
+        };
+        assert!(
+            header(&read).item_count < header(&again).item_count,
+            "bitmap run does not re-encode"
+        );
+        let b = Allocator::load(
+            ctx.region_start,
+            ctx.region_bytes,
+            ctx.info,
+            &ctx.fs_id,
+            ctx.generation,
+            |_, out| {
+                out.copy_from_slice(&again);
+                Ok(())
+            },
+        )
+        .expect("a re-encoded bitmap loads");
+        assert!(
+            b.set_slots().eq(a.set_slots()),
+            "a short bitmap run re-encodes to other slots"
+        );
+    }
     Ok(a.set_slots().count() as u64)
 }
 

@@ -38,6 +38,12 @@ pub struct RecoveryInfo {
     /// Generation written at open to claim any generation a lost commit
     /// may have used (see `docs/durable.md`, "Generations").
     pub claimed_generation: u64,
+    /// The node region's size before and after [`crate::OpenOptions::grow`]
+    /// extended it to the device's end (`None`: unchanged).
+    pub node_region_grown: Option<(u64, u64)>,
+    /// Device bytes past the node region's end, unused (a device extended
+    /// since it was formatted; [`crate::OpenOptions::grow`] uses them).
+    pub device_unused_bytes: u64,
 }
 
 impl fmt::Display for RecoveryInfo {
@@ -60,8 +66,20 @@ impl fmt::Display for RecoveryInfo {
         if let Some(g) = self.superblock_lost {
             write!(
                 f,
-                "; NEWER SUPERBLOCK generation {g} LOST (the log holds batches written after it                  was durable): recovery mode {} went on from generation {}",
+                "; NEWER SUPERBLOCK generation {g} LOST (the log holds batches written after it was durable): recovery mode {} went on from generation {}",
                 self.replay.mode, self.superblock_generation
+            )?;
+        }
+        if let Some((old, new)) = self.node_region_grown {
+            write!(
+                f,
+                "; node region grown to the device's end: {old} -> {new} bytes"
+            )?;
+        } else if self.device_unused_bytes > 0 {
+            write!(
+                f,
+                "; {} device bytes past the node region unused (open with grow to use them)",
+                self.device_unused_bytes
             )?;
         }
         if let Some(d) = &self.dropped {

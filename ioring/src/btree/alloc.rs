@@ -401,15 +401,27 @@ impl Allocator {
             }
             return Ok(a);
         }
-        let count = a.run_nodes();
+        // A bitmap written before the node region grew (a device extended
+        // since, see `refd serve --grow`) covers fewer slots than the
+        // region: fewer nodes, or a shorter last node. The slots past it
+        // are free (they are at or above the high-water mark of then).
+        let count_max = a.run_nodes();
+        let count = info.bitmap_bytes / NODE;
         let first = match a.slot_of(info.bitmap_addr) {
-            Some(first) if info.bitmap_bytes == count * NODE && first + count <= hwm_slot => first,
+            Some(first)
+                if info.bitmap_bytes.is_multiple_of(NODE)
+                    && (1..=count_max).contains(&count)
+                    && first + count <= hwm_slot =>
+            {
+                first
+            }
             _ => {
                 return Err(BTreeError::corrupt(
                     info.bitmap_addr,
                     generation,
                     format!(
-                        "bitmap run {}+{} is not {count} node(s) below the high-water mark {}",
+                        "bitmap run {}+{} is not 1 to {count_max} node(s) below the high-water \
+                         mark {}",
                         info.bitmap_addr, info.bitmap_bytes, info.next_unallocated
                     ),
                 ))
@@ -429,15 +441,40 @@ impl Allocator {
             let h = NodeHeader::decode(node, fs_id, addr).map_err(err)?;
             h.check_generation(generation).map_err(err)?;
             let first_byte = k * NODE_ITEMS_BYTES as u64;
-            let n = (bitmap_bytes_total - first_byte).min(NODE_ITEMS_BYTES as u64);
-            if h.owner != BITMAP_OWNER || h.level != 0 || u64::from(h.item_count) != n {
+            // This region's bitmap would hold `full` bytes here; one of a
+            // smaller region holds as many in every node but its last.
+            let full = (bitmap_bytes_total - first_byte).min(NODE_ITEMS_BYTES as u64);
+            let n = u64::from(h.item_count);
+            let fits = if k + 1 < count {
+                n == full
+            } else {
+                (1..=full).contains(&n)
+            };
+            if h.owner != BITMAP_OWNER || h.level != 0 || !fits {
                 return Err(BTreeError::corrupt(
                     addr,
                     generation,
                     format!(
                         "bitmap node has owner {}, level {}, {} bytes; expected owner {BITMAP_OWNER}, \
-                         level 0, {n} bytes",
-                        h.owner, h.level, h.item_count
+                         level 0, {} bytes",
+                        h.owner,
+                        h.level,
+                        h.item_count,
+                        if k + 1 < count {
+                            full.to_string()
+                        } else {
+                            format!("1 to {full}")
+                        }
+                    ),
+                ));
+            }
+            if k + 1 == count && (first_byte + n) * 8 < hwm_slot {
+                return Err(BTreeError::corrupt(
+                    addr,
+                    generation,
+                    format!(
+                        "bitmap covers {} slots, below the high-water mark slot {hwm_slot}",
+                        (first_byte + n) * 8
                     ),
                 ));
             }
@@ -553,5 +590,56 @@ mod tests {
             Ok(())
         })
         .is_err());
+    }
+
+    /// A bitmap written for a smaller node region (a device grown since)
+    /// loads into the larger one: the same slots set, the new ones free
+    /// and allocated after the old end; a larger bitmap than the region
+    /// holds is refused.
+    #[test]
+    fn a_bitmap_of_a_smaller_region_loads_into_a_grown_one() {
+        let small = 100 * NODE;
+        let mut a = Allocator::empty(1 << 20, small).expect("alloc");
+        let addrs: Vec<u64> = (0..60).map(|_| a.alloc().expect("alloc")).collect();
+        a.free_committed(addrs[7]).expect("free");
+        a.prepare_commit(false).expect("run").expect("some");
+        let run = a.encode_run(FS, 3).expect("encode");
+        a.finish_commit(3);
+        let info = a.info();
+        let image: Vec<u8> = run.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        let read = |buf: &mut [u8]| {
+            buf.copy_from_slice(&image);
+            Ok(())
+        };
+        // Slot 7 is free on the device (pending only in memory).
+        let expect: Vec<u64> = a.set_slots().filter(|&s| s != 7).collect();
+        for grown in [200 * NODE, (2 * BITMAP_BITS_PER_NODE + 5) * NODE] {
+            let mut g = Allocator::load(1 << 20, grown, info, &FS, 3, |_, buf| read(buf))
+                .expect("load into the grown region");
+            assert_eq!(g.set_slots().collect::<Vec<_>>(), expect);
+            let mut last = 0;
+            while let Ok(addr) = g.alloc() {
+                last = addr;
+            }
+            assert_eq!(last, (1 << 20) + grown - NODE, "the whole grown region");
+        }
+        // The other way round: a bitmap of a larger region than recorded.
+        let shrunk = 50 * NODE;
+        assert!(Allocator::load(1 << 20, shrunk, info, &FS, 3, |_, buf| read(buf)).is_err());
+        // A bitmap node cut shorter than the high-water mark needs.
+        let mut short = image.clone();
+        let h = NodeHeader::decode(&short[..NODE as usize], &FS, info.bitmap_addr).unwrap();
+        assert_eq!(h.item_count, 13, "100 slots");
+        let mut cut = h;
+        cut.item_count = 2;
+        short[NODE_HEADER_BYTES + 2..NODE_HEADER_BYTES + 13].fill(0);
+        cut.seal(&mut short[..NODE as usize]).unwrap();
+        assert!(
+            Allocator::load(1 << 20, 200 * NODE, info, &FS, 3, |_, buf| {
+                buf.copy_from_slice(&short);
+                Ok(())
+            })
+            .is_err()
+        );
     }
 }

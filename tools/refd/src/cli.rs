@@ -122,6 +122,12 @@ pub struct Serve {
     /// superblock. Check with `refctl fsck` first.
     #[arg(long, value_enum, default_value_t = RecoveryModeArg::Strict)]
     pub recovery_mode: RecoveryModeArg,
+    /// Use a device extended since it was formatted (a file made larger, a
+    /// volume grown): the node region is extended to the device's end,
+    /// recorded by the superblock written at start. The way out of a full
+    /// node region (`b+tree: node region ... is full`).
+    #[arg(long)]
+    pub grow: bool,
 }
 
 fn config(a: Serve) -> Result<ServeConfig, String> {
@@ -179,6 +185,7 @@ fn config(a: Serve) -> Result<ServeConfig, String> {
         dry_run: a.dry_run,
         log_format: a.log_format,
         recovery_mode: a.recovery_mode,
+        grow: a.grow,
         ..defaults
     })
 }

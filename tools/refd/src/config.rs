@@ -217,6 +217,9 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// What recovery does with a damaged log (default: refuse to start).
     pub recovery_mode: RecoveryModeArg,
+    /// Extend the node region to the device's end when the device is
+    /// larger than its superblock records (`OpenOptions::grow`).
+    pub grow: bool,
 }
 
 impl Default for ServeConfig {
@@ -248,6 +251,7 @@ impl Default for ServeConfig {
             dry_run: false,
             log_format: LogFormat::Human,
             recovery_mode: RecoveryModeArg::Strict,
+            grow: false,
         }
     }
 }

@@ -239,6 +239,18 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
             "recovery mode dropped damaged log batches (recorded in the superblock): {recovery}"
         );
     }
+    if let Some((old, new)) = recovery.node_region_grown {
+        tracing::info!(
+            old_bytes = old,
+            new_bytes = new,
+            "node region grown to the device's end (--grow)"
+        );
+    } else if recovery.device_unused_bytes > 0 {
+        tracing::warn!(
+            unused_bytes = recovery.device_unused_bytes,
+            "the device is larger than its layout: start once with --grow to use the rest"
+        );
+    }
     // The replayed log is committed before serving, as a btrfs mount
     // commits its log replay: a daemon that crashes again before its first
     // interval commit (a crash loop) does not replay an ever longer log.
@@ -481,6 +493,7 @@ pub fn engine_options(config: &ServeConfig) -> OpenOptions {
         },
         progress: Some(|line| tracing::info!("{line}")),
         recovery_mode: config.recovery_mode.mode(),
+        grow: config.grow,
         ..OpenOptions::default()
     }
 }
@@ -537,7 +550,14 @@ impl<D: DelayedRefStore + 'static> Running for Server<D> {
                     Ok(())
                 }
             })
-            .map_err(|e| ServeError::Failed(e.failure().clone()));
+            .map_err(|e| ServeError::Failed(e.failure().clone()))
+            // A failure latched earlier (a commit or log write that failed
+            // while serving) is not "everything acknowledged is committed",
+            // even when nothing was left to commit at the stop.
+            .and_then(|()| match self.shared.engine.failure() {
+                Some(f) => Err(ServeError::Failed(f)),
+                None => Ok(()),
+            });
         match &result {
             Ok(()) => tracing::info!(
                 generation = self.shared.engine.superblock().generation,

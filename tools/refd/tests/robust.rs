@@ -536,11 +536,14 @@ fn wait_for_error_log(d: &Daemon, what: &str) {
 
 /// A device whose node region fills up: the commit that cannot place its
 /// nodes latches the engine with an error that says so, logged at ERROR;
-/// what was acknowledged stays in the log, reads and STATS go on. A 20 MiB
-/// file device with a 16 MiB log (the least the daemon takes), so 4 MiB
-/// of nodes; no root needed.
+/// what was acknowledged stays in the log, reads and STATS go on. The way
+/// out: a restart cannot commit the replayed log into the same region
+/// (it says so, and that the device could grow), so the file is extended
+/// and the daemon started with `--grow`: every acknowledged op is there.
+/// A 20 MiB file device with a 16 MiB log (the least the daemon takes),
+/// so 4 MiB of nodes; no root needed.
 #[test]
-fn a_full_node_region_latches_and_says_so() {
+fn a_full_node_region_latches_and_grows() {
     let Some(t) = Target::new("refd-full", 20 << 20, false) else {
         return;
     };
@@ -558,13 +561,18 @@ fn a_full_node_region_latches_and_says_so() {
     let (mut c, _) = Raw::hello(&d.socket);
     let s = c.register();
     let mut failed = None;
+    let bytenr = |batch: u64, i: u64| (1 << 30) + (batch * 16384 + i) * 4096;
+    let mut acked = 0;
     for batch in 0..64u64 {
         let ops: Vec<WireOp> = (0..16384)
-            .map(|i| data(ACTION_ADD_EXTENT, (1 << 30) + (batch * 16384 + i) * 4096, 1))
+            .map(|i| data(ACTION_ADD_EXTENT, bytenr(batch, i), 1))
             .collect();
         let r = c.submit(s, batch + 1, &ops);
         let r = match r {
-            Reply::Submit(_) => c.call(&Request::Commit(CommitRequest)),
+            Reply::Submit(_) => {
+                acked = batch + 1;
+                c.call(&Request::Commit(CommitRequest))
+            }
             r => r,
         };
         if let Reply::Error(e) = r {
@@ -586,6 +594,54 @@ fn a_full_node_region_latches_and_says_so() {
         "{st}"
     );
     wait_for_error_log(&d, "full");
+    drop(c);
+    let mut d = d;
+    assert!(!d.term().success(), "a failed engine stops with an error");
+    drop(d);
+
+    // The same device, extended: without --grow the replayed log still
+    // does not fit, and the daemon says the device is larger.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&t.device)
+        .expect("device file");
+    f.set_len(64 << 20).expect("extend the device file");
+    drop(f);
+    let mut p = Command::new(env!("CARGO_BIN_EXE_refd"))
+        .args(["serve", "--metrics", "off", "--listen"])
+        .arg(format!("unix:{}", t.socket().display()))
+        .arg("--device")
+        .arg(&t.device)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn refd");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = p.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = p.kill();
+            panic!("refd without --grow should have stopped");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    p.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("full") && err.contains("--grow"), "{err}");
+
+    let d = Daemon::start(&t, &["--grow", "--commit-interval-ms", "600000"]);
+    assert!(d.log().contains("node region grown"), "{}", d.log());
+    let (mut c, _) = Raw::hello(&d.socket);
+    let last = acked - 1;
+    let sample = [bytenr(0, 0), bytenr(last / 2, 77), bytenr(last, 16383)];
+    for e in c.lookup(&sample) {
+        assert_eq!((e.refs, e.committed_refs), (1, 1), "{e:?}");
+    }
+    assert_eq!(c.stats()["engine"]["extents"], acked * 16384);
+    assert!(c.stats()["failed"].is_null());
 }
 
 /// A loop device over a sparse file on a tmpfs filled to the brim.

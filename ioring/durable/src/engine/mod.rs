@@ -112,6 +112,12 @@ pub struct OpenOptions {
     /// the default: [`crate::OpenError::LogDamaged`]) or drop what an
     /// operator chose to give up, recorded in the superblock.
     pub recovery_mode: RecoveryMode,
+    /// Use a device larger than its superblock records (a file or volume
+    /// extended since it was formatted): the node region is extended to
+    /// the device's end, recorded by the superblock the open writes anyway
+    /// (its generation claim). Off: the extra bytes stay unused
+    /// ([`crate::RecoveryInfo::device_unused_bytes`] says how many).
+    pub grow: bool,
 }
 
 impl Default for OpenOptions {
@@ -128,6 +134,7 @@ impl Default for OpenOptions {
             service: ServiceOptions::default(),
             progress: None,
             recovery_mode: RecoveryMode::Strict,
+            grow: false,
         }
     }
 }

@@ -35,6 +35,24 @@ use crate::progress::{Progress, PROGRESS_CHECK_ITEMS};
 use crate::service::Service;
 use crate::stats::{CommitTotals, RecoveryInfo};
 
+/// Extends `sb`'s node region to the end of a device of `device_bytes`
+/// (whole nodes), and its recorded device size with it: the node region
+/// is the layout's last region and its allocator hands out slots from a
+/// high-water mark, so the slots past the old end are simply free. The
+/// log region does not move. Returns the node region's old and new size
+/// when it grew.
+fn grow_node_region(sb: &mut Superblock, device_bytes: u64) -> Option<(u64, u64)> {
+    let node = NODE_BYTES as u64;
+    let bytes = device_bytes.saturating_sub(sb.node_region_start) / node * node;
+    if bytes <= sb.node_region_bytes {
+        return None;
+    }
+    let old = sb.node_region_bytes;
+    sb.node_region_bytes = bytes;
+    sb.geometry.size_bytes = device_bytes;
+    Some((old, bytes))
+}
+
 /// Writes `sb` durably to its slot.
 pub(super) fn write_superblock<S: Storage>(
     storage: &S,
@@ -279,7 +297,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
     ) -> Result<(Self, RecoveryInfo), OpenError> {
         let device = storage.device_name().to_string();
         let choice = read_newest_superblock(&storage)?;
-        let sb = choice.superblock;
+        let mut sb = choice.superblock;
         // Every size in the superblock was checked against the device
         // size it records; that must not exceed the real device.
         let device_bytes = storage.geometry().size_bytes;
@@ -293,6 +311,13 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
                 ),
             });
         }
+        let node_region_grown = if options.grow {
+            grow_node_region(&mut sb, device_bytes)
+        } else {
+            None
+        };
+        let device_unused_bytes =
+            device_bytes.saturating_sub(sb.node_region_start + sb.node_region_bytes);
         let tree =
             BTree::open_superblock(storage.clone(), &sb, options.tree).map_err(|source| {
                 OpenError::Tree {
@@ -404,6 +429,8 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             dropped,
             superblock_lost,
             claimed_generation: claim.generation,
+            node_region_grown,
+            device_unused_bytes,
         };
         let next_generation = claim.generation + 1;
         let engine = DurableEngine {

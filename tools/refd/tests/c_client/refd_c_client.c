@@ -4,7 +4,8 @@
  * Python doc client (../doc_client) checks every request and reply; this
  * one checks the edges that document answers and a client author trips
  * on: request ids 0 and reused ids, error frames before HELLO, a refused
- * HELLO that does not count, a half-closed connection, DURABLE under
+ * HELLO that does not count, requests pipelined behind a refused HELLO,
+ * a half-closed connection, DURABLE under
  * NO_WAIT, STAMP_SEQ without a barrier, barriers renewed and released
  * from another connection, BACKREFS after a key that does not exist, a
  * FREED cursor in the future, COMMIT with nothing pending, the order of
@@ -69,7 +70,7 @@ enum {
     OP_BARRIER_RENEW, OP_BARRIER_RELEASE, OP_COMMIT, OP_FREED_SUBSCRIBE, OP_FREED,
     OP_FREED_ACK, OP_STATS, OP_PING, OP_FREED_UNSUBSCRIBE, OP_ERROR = 0x7F
 };
-enum { BAD_FRAME = 1, UNSUPPORTED_VERSION = 4, BAD_REQUEST = 6, AUTH_FAILED = 8,
+enum { BAD_FRAME = 1, UNSUPPORTED_VERSION = 4, BAD_REQUEST = 6, HELLO_REQUIRED = 7, AUTH_FAILED = 8,
        BUSY = 16, BARRIER_UNKNOWN = 18 };
 #define HDR 32
 #define BODY_MAX (1u << 20)
@@ -371,6 +372,19 @@ static void t_hello_edges(void) {
     close(fd);
 
     /* Before HELLO, frame errors: version 1 error frames with id 0, then close. */
+    /* Requests pipelined behind a refused HELLO: after BAD_REQUEST the
+     * next one gets HELLO_REQUIRED, which closes. */
+    fd = dial_unix();
+    uint8_t pipe[3 * HDR + 2];
+    size_t at = encode(pipe, OP_HELLO, 12, b, 2, 1);
+    at += encode(pipe + at, OP_PING, 13, NULL, 0, 1);
+    at += encode(pipe + at, OP_PING, 14, NULL, 0, 1);
+    send_all(fd, pipe, at);
+    check(recv_frame(fd, &f) == 1 && err_code(&f) == BAD_REQUEST && f.request_id == 12,
+          "a pipelined HELLO of 2 bytes: BAD_REQUEST");
+    expect_error_then_close(fd, HELLO_REQUIRED, 13, "the PING behind it");
+    close(fd);
+
     fd = dial_unix();
     uint8_t fr[HDR + 8];
     n = hello_body(b, "", "");
@@ -545,6 +559,17 @@ static void t_token(void) {
     int fd = dial_tcp();
     check(hello(fd, token), "TCP HELLO with the token file's bytes less its trailing \\r\\n");
     close(fd);
+    /* A PING pipelined behind a HELLO refused AUTH_FAILED gets no reply. */
+    {
+        uint8_t b[400], pipe[2 * HDR + 400];
+        fd = dial_tcp();
+        size_t n = hello_body(b, "wrong", "c-client");
+        size_t at = encode(pipe, OP_HELLO, 43, b, n, 1);
+        at += encode(pipe + at, OP_PING, 44, NULL, 0, 1);
+        send_all(fd, pipe, at);
+        expect_error_then_close(fd, AUTH_FAILED, 43, "a HELLO with a wrong token and a PING behind it");
+        close(fd);
+    }
     for (int i = 0; i < 3; i++) {
         uint8_t b[400];
         fd = dial_tcp();

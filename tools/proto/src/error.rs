@@ -276,8 +276,9 @@ impl std::fmt::Display for OpErrorCode {
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
-    /// The body is not the size its fields say (or shorter than its fixed
-    /// part: `expected_bytes` is then what was needed so far).
+    /// The body is not the size its opcode or its fields say (a body
+    /// shorter than the fixed fields of a sized body is
+    /// [`BodyError::TooShort`]).
     #[error("{what}: body is {body_bytes} bytes, expected {expected_bytes}")]
     WrongSize {
         /// The message, e.g. `"LOOKUP request"`.
@@ -286,6 +287,19 @@ pub enum BodyError {
         body_bytes: usize,
         /// Length the body must have.
         expected_bytes: u64,
+    },
+    /// The body is shorter than the fixed fields before its sized part
+    /// (checked first, so that the error names the whole fixed part).
+    #[error(
+        "{what}: body is {body_bytes} bytes, shorter than its fixed part of {fixed_bytes} bytes"
+    )]
+    TooShort {
+        /// The message.
+        what: &'static str,
+        /// Length of the body received.
+        body_bytes: usize,
+        /// Length of the fixed part.
+        fixed_bytes: usize,
     },
     /// Reserved bytes are not zero.
     #[error("{what}: reserved bytes at body offset {offset} are not zero")]
@@ -471,6 +485,7 @@ impl ErrorBody {
     /// Decodes an error body.
     pub fn decode(body: &[u8]) -> Result<Self, BodyError> {
         let mut r = Reader::new("ERROR reply", body);
+        r.fixed(ERROR_BODY_FIXED_BYTES)?;
         let code = r.u16()?;
         let code = ErrorCode::from_u16(code).ok_or(BodyError::UnknownErrorCode { code })?;
         let subcode = r.u16()?;

@@ -30,6 +30,21 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Refuses a body shorter than `fixed_bytes`, the fixed fields of a
+    /// body whose size one of them gives: called first by such decoders,
+    /// so the error names the whole fixed part rather than the field that
+    /// ran out.
+    pub(crate) fn fixed(&self, fixed_bytes: usize) -> Result<(), BodyError> {
+        if self.body.len() < fixed_bytes {
+            return Err(BodyError::TooShort {
+                what: self.what,
+                body_bytes: self.body.len(),
+                fixed_bytes,
+            });
+        }
+        Ok(())
+    }
+
     pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], BodyError> {
         let end = self.pos.saturating_add(n);
         match self.body.get(self.pos..end) {

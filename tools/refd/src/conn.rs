@@ -16,9 +16,9 @@
 //! busy. The two threads write whole frames under one lock.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use refd_core::delayed::DelayedRefStore;
 use refd_durable::Ticket;
@@ -214,6 +214,47 @@ fn latency_slice(config: &crate::config::ServeConfig) {
     }
 }
 
+/// Writes one whole frame to the client, or fails (`TimedOut`) once
+/// `timeout` has passed since it started: a reply the client does not take
+/// in time closes the connection (`docs/protocol.md`, "Transport"). The
+/// socket's write timeout, `timeout` too, bounds one `write` call only,
+/// and a call that moved a byte returns it and starts a new wait: alone,
+/// it let a client that takes a byte now and then hold a reply, and the
+/// connection's threads, for ever. So once a write is partial the rest
+/// is written against the frame's deadline, and the socket's timeout set
+/// back after (the common frame goes in one call, with no extra syscall).
+pub(crate) fn write_frame(stream: &mut Stream, frame: &[u8], timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut rest = frame;
+    let mut shortened = false;
+    let written = loop {
+        match stream.write(rest) {
+            Ok(0) => break Err(ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break Err(ErrorKind::TimedOut.into());
+            }
+            Err(e) => break Err(e),
+        }
+        if rest.is_empty() {
+            break Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(ErrorKind::TimedOut.into());
+        }
+        shortened = true;
+        if let Err(e) = stream.set_write_timeout(Some(left)) {
+            break Err(e);
+        }
+    };
+    if shortened {
+        stream.set_write_timeout(Some(timeout))?;
+    }
+    written
+}
+
 /// Serves one accepted connection until it ends; returns when both of its
 /// threads are done.
 pub fn serve<D: DelayedRefStore + 'static>(
@@ -348,7 +389,7 @@ fn read_loop<D: DelayedRefStore + 'static>(
                     if sends_at_once(&pending) {
                         frame_out.clear();
                         encode_reply(pending.request_id, &pending.reply, &mut frame_out);
-                        if lock_out(out).write_all(&frame_out).is_err() {
+                        if write_frame(&mut lock_out(out), &frame_out, WRITE_TIMEOUT).is_err() {
                             queue.kill();
                             break 'conn End::Closed;
                         }
@@ -425,7 +466,7 @@ fn write_loop<D: DelayedRefStore>(shared: &Shared<D>, out: &Mutex<Stream>, queue
         frame.clear();
         encode_reply(p.request_id, &reply, &mut frame);
         debug_assert!(frame[7] & FLAG_REPLY != 0);
-        if lock_out(out).write_all(&frame).is_err() {
+        if write_frame(&mut lock_out(out), &frame, WRITE_TIMEOUT).is_err() {
             break;
         }
         shared.metrics.bytes_out.inc_by(frame.len() as u64);
@@ -463,5 +504,71 @@ pub fn linger(stream: &mut Stream) {
                 ) => {}
             Err(_) => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::Ordering;
+
+    /// A client that takes a byte of a reply now and then does not hold it
+    /// (and the connection's two threads) past the timeout. With the
+    /// socket's write timeout alone, each `write` that moved a byte
+    /// returned it and started a new wait: the frame below took as long
+    /// as the client kept trickling (5 s here, for ever in general), and
+    /// a client that stopped reading was dropped 30 to 60 s later.
+    #[test]
+    fn a_reply_taken_a_byte_at_a_time_times_out() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let timeout = Duration::from_millis(500);
+        server.set_write_timeout(Some(timeout)).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::clone(&done);
+        let trickle = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut byte = [0u8; 1];
+            while start.elapsed() < Duration::from_secs(5) && !stop.load(Ordering::Relaxed) {
+                if client.read(&mut byte).unwrap_or(0) == 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut server = Stream::Unix(server);
+        let frame = vec![7u8; 4 << 20];
+        let start = Instant::now();
+        let written = write_frame(&mut server, &frame, timeout);
+        let took = start.elapsed();
+        done.store(true, Ordering::Relaxed);
+        server.shutdown();
+        trickle.join().unwrap();
+        assert_eq!(
+            written.map_err(|e| e.kind()),
+            Err(ErrorKind::TimedOut),
+            "a 4 MiB frame taken a byte every 20 ms"
+        );
+        assert!(took < Duration::from_secs(2), "the write took {took:?}");
+    }
+
+    /// A frame the client takes at once is written whole, and the next one
+    /// too (the write timeout is the same after).
+    #[test]
+    fn a_reply_taken_at_once_is_written() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let mut server = Stream::Unix(server);
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).unwrap();
+            all
+        });
+        let frame: Vec<u8> = (0..(1u32 << 20)).map(|i| i as u8).collect();
+        write_frame(&mut server, &frame, Duration::from_secs(10)).unwrap();
+        write_frame(&mut server, b"next", Duration::from_secs(10)).unwrap();
+        server.shutdown();
+        let all = reader.join().unwrap();
+        assert_eq!(all.len(), frame.len() + 4);
+        assert!(all[..frame.len()] == frame[..] && &all[frame.len()..] == b"next");
     }
 }

@@ -8,6 +8,9 @@ use crate::wire::{len_u16, len_u32, put_u16, put_u32, put_u64, put_u8, put_zeros
 
 /// FREED_SUBSCRIBE: longest consumer name.
 pub const CONSUMER_NAME_BYTES_MAX: usize = 64;
+/// FREED_SUBSCRIBE request: bytes before the name (`name_bytes`, 2
+/// reserved).
+pub const FREED_SUBSCRIBE_FIXED_BYTES: usize = 4;
 /// FREED request size (also FREED_ACK's).
 pub const FREED_REQUEST_BYTES: usize = 16;
 /// FREED: most extents per page.
@@ -61,6 +64,7 @@ impl FreedSubscribeRequest {
     /// Decodes the body.
     pub fn decode(body: &[u8]) -> Result<Self, BodyError> {
         let mut r = Reader::new(Self::WHAT, body);
+        r.fixed(FREED_SUBSCRIBE_FIXED_BYTES)?;
         let name_bytes = usize::from(r.u16()?);
         check_len(
             Self::WHAT,
@@ -70,8 +74,8 @@ impl FreedSubscribeRequest {
             CONSUMER_NAME_BYTES_MAX,
         )?;
         r.reserved(2)?;
-        if body.len() != 4 + name_bytes {
-            return Err(r.wrong_size(4 + name_bytes as u64));
+        if body.len() != FREED_SUBSCRIBE_FIXED_BYTES + name_bytes {
+            return Err(r.wrong_size((FREED_SUBSCRIBE_FIXED_BYTES + name_bytes) as u64));
         }
         let name = r.text("name", name_bytes)?;
         r.finish()?;
@@ -213,6 +217,7 @@ impl FreedReply {
     /// Decodes the body: count at most [`FREED_EXTENTS_MAX`].
     pub fn decode(body: &[u8]) -> Result<Self, BodyError> {
         let mut r = Reader::new(Self::WHAT, body);
+        r.fixed(FREED_REPLY_FIXED_BYTES)?;
         let count = r.u32()?;
         r.check_range("count", u64::from(count), 0, u64::from(FREED_EXTENTS_MAX))?;
         let more = r.bool("more")?;

@@ -93,6 +93,7 @@ impl HelloRequest {
     /// is [`BodyError::BadUtf8`] (`BAD_REQUEST`).
     pub fn decode(body: &[u8]) -> Result<Self, BodyError> {
         let mut r = Reader::new(Self::WHAT, body);
+        r.fixed(HELLO_FIXED_BYTES)?;
         let version_min = r.u16()?;
         let version_max = r.u16()?;
         let token_bytes = r.u16()?;

@@ -102,6 +102,7 @@ impl LookupRequest {
     /// Decodes the body.
     pub fn decode(body: &[u8]) -> Result<Self, BodyError> {
         let mut r = Reader::new(Self::WHAT, body);
+        r.fixed(LOOKUP_FIXED_BYTES)?;
         let count = r.u32()?;
         r.check_range("count", u64::from(count), 1, u64::from(LOOKUP_COUNT_MAX))?;
         r.reserved(4)?;
@@ -165,6 +166,7 @@ impl LookupReply {
     /// undefined flag bits refused.
     pub fn decode(body: &[u8]) -> Result<Self, BodyError> {
         let mut r = Reader::new(Self::WHAT, body);
+        r.fixed(LOOKUP_FIXED_BYTES)?;
         let count = r.u32()?;
         r.check_range("count", u64::from(count), 1, u64::from(LOOKUP_COUNT_MAX))?;
         r.reserved(4)?;
@@ -348,6 +350,7 @@ impl BackrefsReply {
     /// `item_flags` bits refused.
     pub fn decode(body: &[u8]) -> Result<Self, BodyError> {
         let mut r = Reader::new(Self::WHAT, body);
+        r.fixed(BACKREFS_REPLY_FIXED_BYTES)?;
         let bytenr = r.u64()?;
         let num_bytes = r.u64()?;
         let refs = r.i64()?;

@@ -108,6 +108,7 @@ impl SubmitRequest {
 
     fn parse_inner(body: &[u8], ops_max: Option<u32>) -> Result<SubmitView<'_>, BodyError> {
         let mut r = Reader::new(Self::WHAT, body);
+        r.fixed(SUBMIT_FIXED_BYTES)?;
         let session_id = r.u64()?;
         let request_number = r.u64()?;
         let op_count = r.u32()?;

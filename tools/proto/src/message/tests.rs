@@ -4,7 +4,7 @@
 use super::*;
 use crate::dispatch::{encode_reply, encode_request, Reply, Request};
 use crate::error::{ErrorBody, ErrorCode};
-use crate::frame::{decode_header, HEADER_BYTES};
+use crate::frame::{decode_header, Opcode, HEADER_BYTES};
 use crate::op::{WireOp, ACTION_ADD_EXTENT, ACTION_ADD_REF, OP_BYTES};
 
 fn enc<M: Message>(m: &M) -> Vec<u8> {
@@ -95,12 +95,17 @@ fn submit_refusals() {
     // Sizes: one byte short or long, a short fixed part, a huge count.
     // (Size first, so the size errors below win over everything else.)
     let good = body(1, 0, 3);
-    for bad in [&good[..good.len() - 1], &good[..10]] {
-        assert!(matches!(
-            SubmitRequest::parse(bad),
-            Err(BodyError::WrongSize { .. })
-        ));
-    }
+    assert!(matches!(
+        SubmitRequest::parse(&good[..good.len() - 1]),
+        Err(BodyError::WrongSize { .. })
+    ));
+    assert!(matches!(
+        SubmitRequest::parse(&good[..10]),
+        Err(BodyError::TooShort {
+            fixed_bytes: 24,
+            ..
+        })
+    ));
     let mut long = good.clone();
     long.push(0);
     assert!(matches!(
@@ -688,4 +693,54 @@ fn request_and_reply_enums_dispatch_by_opcode() {
     let mut generic = Vec::new();
     encode_request(5, &requests[3], &mut generic);
     assert_eq!(typed, generic);
+}
+
+/// A body shorter than its fixed fields is refused naming the whole fixed
+/// part. It named the field that ran out: a 2-byte HELLO got "body is 2
+/// bytes, expected 4" and a 10-byte SUBMIT "expected 16", which sends a
+/// client author looking for a 4-byte HELLO.
+#[test]
+fn a_body_shorter_than_its_fixed_part_names_the_whole_fixed_part() {
+    use crate::error::ERROR_BODY_FIXED_BYTES;
+    let requests = [
+        (Opcode::Hello, "HELLO request", HELLO_FIXED_BYTES),
+        (Opcode::Submit, "SUBMIT request", SUBMIT_FIXED_BYTES),
+        (Opcode::Lookup, "LOOKUP request", LOOKUP_FIXED_BYTES),
+        (
+            Opcode::FreedSubscribe,
+            "FREED_SUBSCRIBE request",
+            FREED_SUBSCRIBE_FIXED_BYTES,
+        ),
+    ];
+    let replies = [
+        (Opcode::Lookup, "LOOKUP reply", LOOKUP_FIXED_BYTES),
+        (
+            Opcode::Backrefs,
+            "BACKREFS reply",
+            BACKREFS_REPLY_FIXED_BYTES,
+        ),
+        (Opcode::Freed, "FREED reply", FREED_REPLY_FIXED_BYTES),
+        (Opcode::Error, "ERROR reply", ERROR_BODY_FIXED_BYTES),
+    ];
+    let cases = requests
+        .iter()
+        .map(|c| (true, c))
+        .chain(replies.iter().map(|c| (false, c)));
+    for (request, &(opcode, what, fixed)) in cases {
+        for len in 0..fixed {
+            let body = vec![0u8; len];
+            let e = if request {
+                Request::decode(opcode.as_u8(), &body).unwrap_err()
+            } else {
+                Reply::decode(opcode.as_u8(), &body).unwrap_err()
+            };
+            assert_eq!(e.code(), ErrorCode::BadRequest, "{what} of {len} bytes");
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{what}: body is {len} bytes, shorter than its fixed part of {fixed} bytes"
+                ),
+            );
+        }
+    }
 }

@@ -289,6 +289,11 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
     let metrics = Arc::new(Metrics::new());
     {
         let m = Arc::clone(&metrics);
+        let quarantine_log = Mutex::new(QuarantineLog {
+            second: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        });
         engine.set_commit_hook(move |s| {
             m.commit(s);
             let us = |d: Duration| d.as_micros() as u64;
@@ -306,7 +311,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
                 nodes_written = s.nodes_written,
                 "commit"
             );
-            log_quarantined(&s.core);
+            log_quarantined(&s.core, &quarantine_log);
         });
     }
     let shared = Arc::new(Shared {
@@ -411,27 +416,52 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
 /// idle daemon does not tick: each wake-up costs its CPU ~23 µs here).
 pub const RESCHED_TICK_LINGER: Duration = Duration::from_secs(1);
 
-/// Heads of one commit logged one by one at WARN; past it, one line
-/// counts the rest (STATS `quarantine` keeps the newest, metrics count
-/// them all).
-const QUARANTINE_LOG_PER_COMMIT: usize = 16;
+/// Refused heads logged one by one at WARN per second at most (a client
+/// that makes commits refuse heads in a loop cannot flood the log); the
+/// rest are counted in one line at the next one logged (STATS
+/// `quarantine` keeps the newest, metrics count them all).
+const QUARANTINE_LOG_PER_S: u32 = 16;
+
+/// What [`log_quarantined`] logged in the current second.
+struct QuarantineLog {
+    second: Instant,
+    logged: u32,
+    suppressed: u64,
+}
 
 /// A refused head is acknowledged ops that will never be applied: the
 /// operator must hear of it even when no client asked for the commit.
-fn log_quarantined(report: &refd_core::engine::CommitReport) {
-    for q in report.quarantined.iter().take(QUARANTINE_LOG_PER_COMMIT) {
+fn log_quarantined(report: &refd_core::engine::CommitReport, log: &Mutex<QuarantineLog>) {
+    if report.quarantined.is_empty() {
+        return;
+    }
+    let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if now.duration_since(l.second) >= Duration::from_secs(1) {
+        if l.suppressed > 0 {
+            tracing::warn!(
+                not_logged = l.suppressed,
+                "more heads were refused by commits than logged (STATS `quarantine` lists the \
+                 newest)"
+            );
+        }
+        *l = QuarantineLog {
+            second: now,
+            logged: 0,
+            suppressed: 0,
+        };
+    }
+    for q in &report.quarantined {
+        if l.logged == QUARANTINE_LOG_PER_S {
+            l.suppressed += 1;
+            continue;
+        }
+        l.logged += 1;
         tracing::warn!(
             generation = q.generation,
             bytenr = q.head.bytenr,
             error = %q.error,
             "head refused by the commit (quarantined): its ops were not applied"
-        );
-    }
-    if report.quarantined.len() > QUARANTINE_LOG_PER_COMMIT {
-        tracing::warn!(
-            generation = report.generation,
-            more = report.quarantined.len() - QUARANTINE_LOG_PER_COMMIT,
-            "more heads refused by this commit (STATS `quarantine` lists the newest)"
         );
     }
 }

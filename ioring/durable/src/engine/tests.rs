@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use refd_core::model::Op;
-use refd_ioring::format::{FsId, Superblock, SUPERBLOCK_REGION_BYTES};
+use refd_ioring::format::{FsId, Superblock, NODE_BYTES, SUPERBLOCK_REGION_BYTES};
 use refd_ioring::log::LogConfig;
 
 use super::open::device_bytes_min_for_log;
@@ -933,4 +933,73 @@ fn adds_past_the_trigger_are_paced_only_while_a_commit_runs() {
     assert_eq!(e.throttled().0, 0, "below the wall at twice the trigger");
     e.commit().unwrap();
     assert_eq!(e.pending_ops(), 0);
+}
+
+/// A device extended since it was formatted ([`OpenOptions::grow`]):
+/// opened without `grow` its layout stays and the extra bytes are
+/// reported; with `grow` the node region reaches the device's end in the
+/// superblock the open writes, before any commit rewrites the bitmap run,
+/// so a power loss right then reopens (without `grow`) with the grown
+/// region and the shorter run; then a tree larger than the old region
+/// fits.
+#[test]
+fn a_grown_node_region_survives_a_crash_before_its_first_commit() {
+    let extent =
+        |i: u64, obj: u64| data_op((1 << 30) + i * 4096, 4096, Action::AddExtent, 5, obj, 0);
+    let (dev, _) = formatted(8 << 20, 1 << 20);
+    let (e, _) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
+    e.add_durable(&extent(0, 1)).unwrap();
+    e.commit().unwrap();
+    let (start, old) = (
+        e.superblock().node_region_start,
+        e.superblock().node_region_bytes,
+    );
+    drop(e);
+    let grown_bytes: u64 = 64 << 20;
+    let mut image = dev.durable_image();
+    image.resize(grown_bytes as usize, 0);
+    let grown: Dev =
+        Arc::new(SimStorage::from_image(SimConfig::new(grown_bytes, 1), image).unwrap());
+
+    let (e, info) = DurableEngine::open(Arc::clone(&grown), opts()).unwrap();
+    assert_eq!(info.node_region_grown, None);
+    assert_eq!(e.superblock().node_region_bytes, old);
+    assert_eq!(
+        info.device_unused_bytes,
+        grown_bytes - start - old,
+        "{info}"
+    );
+    drop(e);
+
+    let grow = OpenOptions {
+        grow: true,
+        ..opts()
+    };
+    let (e, info) = DurableEngine::open(Arc::clone(&grown), grow).unwrap();
+    let new = (grown_bytes - start) / NODE_BYTES as u64 * NODE_BYTES as u64;
+    assert_eq!(info.node_region_grown, Some((old, new)), "{info}");
+    assert_eq!(info.device_unused_bytes, grown_bytes - start - new);
+    let crashed: Dev = Arc::new(grown.crash());
+    drop(e);
+
+    let (e, info) = DurableEngine::open(Arc::clone(&crashed), opts()).unwrap();
+    assert_eq!(e.superblock().node_region_bytes, new, "{info}");
+    assert_eq!(info.node_region_grown, None);
+    e.verify().unwrap();
+    // More extent items than the old region's nodes could hold.
+    let n = (old / NODE_BYTES as u64 * 1000).next_multiple_of(10_000);
+    for chunk in 0..n / 10_000 {
+        let mut last = None;
+        for i in chunk * 10_000..(chunk + 1) * 10_000 {
+            last = Some(e.add(&extent(1 + i, 2)).unwrap());
+        }
+        last.unwrap().wait().unwrap();
+        e.commit().unwrap();
+    }
+    e.verify().unwrap();
+    assert!(
+        e.superblock().alloc_next_unallocated > start + old,
+        "allocated past the old end"
+    );
+    assert_eq!(e.lookup_extent_ref(1 << 30).unwrap().refs, 1);
 }

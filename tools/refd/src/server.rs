@@ -54,7 +54,7 @@ pub enum ServeError {
         source: Box<refd_durable::OpenError>,
     },
     /// The commit of the replayed log failed.
-    #[error("commit the replayed log of {device}: {source}")]
+    #[error("commit the replayed log of {device}: {source}{}", full_hint(source))]
     Replay {
         /// Device.
         device: String,
@@ -415,6 +415,16 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
 /// How long the reschedule tick goes on after the last request read (an
 /// idle daemon does not tick: each wake-up costs its CPU ~23 µs here).
 pub const RESCHED_TICK_LINGER: Duration = Duration::from_secs(1);
+
+/// What to do about a replayed log that does not fit the node region.
+fn full_hint(e: &refd_durable::CommitError) -> &'static str {
+    if e.to_string().contains("is full") {
+        " (the node region is full: extend the device, e.g. `truncate -s` a file device, \
+         and start once with --grow)"
+    } else {
+        ""
+    }
+}
 
 /// Refused heads logged one by one at WARN per second at most (a client
 /// that makes commits refuse heads in a loop cannot flood the log); the

@@ -21,7 +21,11 @@
 //!    also end in this commit (an extent is allocated again only after it
 //!    is freed): the DROP ops of the extent (all keys, counted one by one)
 //!    must number at least the committed refs plus one per earlier
-//!    allocation, else it was allocated twice and is refused. The ops may
+//!    allocation, else it was allocated twice and is refused. (refd's one
+//!    limit here: an extent allocated `ALLOCS_COUNTED_MAX` = 65535 times
+//!    or more in one transaction is refused, whatever its drops: the
+//!    stores count no further, and a count that may be short must not
+//!    let a second allocation through.) The ops may
 //!    name one size/kind (that of the latest allocation); they may name
 //!    several only when an earlier life can own the other: the committed
 //!    extent has another size/kind than the latest allocation, or there
@@ -336,6 +340,9 @@ impl Model {
                 .iter()
                 .filter(|(o, _)| o.action == Action::AddExtent)
                 .count() as u64;
+            if allocs >= u64::from(crate::head::ALLOCS_COUNTED_MAX) {
+                return Err(());
+            }
             let drops = ops
                 .iter()
                 .filter(|(o, _)| o.action == Action::DropRef)

@@ -14,7 +14,7 @@
 //! together (clustering), and it wraps around to the lowest bytenr.
 
 use crate::extent_tree::{ExtentItem, ExtentTree};
-use crate::head::{Head, RunRefs};
+use crate::head::{Head, RunRefs, ALLOCS_COUNTED_MAX};
 use crate::model::{ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF};
 
 /// An extent whose reference count reached zero.
@@ -140,6 +140,18 @@ pub enum RunError {
         drops: u64,
         /// Committed refs + earlier allocations.
         needed: u64,
+    },
+    /// Allocated [`ALLOCS_COUNTED_MAX`] times or more in one transaction:
+    /// past the count a head keeps, so whether every earlier life ends in
+    /// the head cannot be checked. Refused rather than checked against a
+    /// count that may be short (which accepted a second allocation
+    /// without a free in between).
+    #[error("extent {bytenr}: allocated {max} times or more in one transaction, more than refd counts per extent and transaction")]
+    TooManyAllocations {
+        /// Extent.
+        bytenr: u64,
+        /// [`ALLOCS_COUNTED_MAX`].
+        max: u16,
     },
     /// A ref of an allocated extent names another size or kind than the
     /// allocation, and no earlier life of the extent can own it (the
@@ -434,6 +446,12 @@ fn check_old_life_dropped(head: &Head, old_refs: &[(RefKey, u64)]) -> Result<(),
 /// a ref of another shape belongs to is not known, so it is not checked.
 fn check_earlier_lives(head: &Head, committed: Option<&ExtentItem>) -> Result<(), RunError> {
     let s = &head.summary;
+    if s.allocs == ALLOCS_COUNTED_MAX {
+        return Err(RunError::TooManyAllocations {
+            bytenr: head.bytenr,
+            max: ALLOCS_COUNTED_MAX,
+        });
+    }
     let allocs = u64::from(s.allocs);
     debug_assert!(allocs >= 1, "a head with an allocation counts it");
     let drops = head

@@ -34,7 +34,7 @@ pub(crate) mod packed;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::head::Head;
-use crate::model::{Action, Op, OpError};
+use crate::model::{Op, OpError};
 
 /// Errors of a delayed-ref store.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -224,8 +224,7 @@ impl StampClock {
     /// The stamp of `op`: a fresh one for an allocation or an op carrying
     /// an extent_op, 0 otherwise.
     pub fn stamp(&self, op: &Op) -> u64 {
-        let needs = op.action == Action::AddExtent || op.extent_op.is_some();
-        if needs {
+        if op.is_stamped() {
             self.next()
         } else {
             0

@@ -13,7 +13,7 @@
 //! selected extent (`bytenr + num_bytes`) so neighbouring extents are run
 //! together (clustering), and it wraps around to the lowest bytenr.
 
-use crate::extent_tree::{ExtentItem, ExtentTree};
+use crate::extent_tree::{ExtentItem, ExtentTree, BACKREF_COUNT_MAX};
 use crate::head::{Head, RunRefs, ALLOCS_COUNTED_MAX};
 use crate::model::{ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF};
 
@@ -196,8 +196,9 @@ pub enum RunError {
         /// The backref.
         key: RefKey,
     },
-    /// A count does not fit.
-    #[error("extent {bytenr}: reference count overflow on '{key}'")]
+    /// A count does not fit: above [`BACKREF_COUNT_MAX`], the 32 bits
+    /// btrfs (and refd's on-device format) stores a data backref's count in.
+    #[error("extent {bytenr}: reference count overflow on '{key}' (at most {BACKREF_COUNT_MAX})")]
     CountOverflow {
         /// Extent.
         bytenr: u64,
@@ -377,6 +378,9 @@ fn run_allocation(
                 count: count as u64,
             });
         }
+        if count as u64 > BACKREF_COUNT_MAX {
+            return Err(RunError::CountOverflow { bytenr, key });
+        }
         added.push((key, count));
     }
     // One pass, in key order as `add_ref` one by one would place them.
@@ -527,6 +531,7 @@ fn apply_net(bytenr: u64, old: &ExtentItem, net: &[(RefKey, i64)]) -> Result<Ext
         let have = old.count(&key);
         let new = (have as i64)
             .checked_add(m)
+            .filter(|&n| n <= BACKREF_COUNT_MAX as i64)
             .ok_or(RunError::CountOverflow { bytenr, key })?;
         if new < 0 {
             return Err(RunError::DropMissingRef {

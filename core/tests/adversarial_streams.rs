@@ -510,3 +510,80 @@ proptest! {
         agree(&ops);
     }
 }
+
+/// A data backref at the most references its item can store (btrfs
+/// keeps data backref counts in 32 bits, and so does refd's on-device
+/// format) gets one more, alone or with a re-allocation of the extent
+/// keeping the count. The stores accepted it and the durable commit then
+/// failed to encode the item, latching the engine, and every restart
+/// replayed the same ops into the same failure. Refused like any count
+/// that does not fit (`CountOverflow`), in both stores and the model;
+/// starting from a committed count of `u32::MAX` (no test can send 2^32
+/// ops).
+#[test]
+fn a_data_backref_count_past_32_bits_is_refused() {
+    use refd_core::extent_tree::{ExtentItem, ExtentTree, BACKREF_COUNT_MAX};
+    use refd_core::oracle::ModelExtent;
+    let b = 9 * MIB;
+    let key = data_key(5);
+    let mut tree = ExtentTree::new();
+    tree.insert(
+        b,
+        ExtentItem::new(4096, DATA, 1).with_refs(&[(key, BACKREF_COUNT_MAX as i64)]),
+    );
+    let commit = |ops: &[Op]| {
+        let lf = Engine::with_tree(LockFreeStore::with_config(2, 2), tree.clone(), 1);
+        let mx = Engine::with_tree(MutexStore::new(), tree.clone(), 1);
+        let mut model = Model::new();
+        model.generation = 1;
+        model.extents.insert(
+            b,
+            ModelExtent {
+                num_bytes: 4096,
+                kind: DATA,
+                full_backref: false,
+                tree_key: None,
+                generation: 1,
+                refs: [(key, BACKREF_COUNT_MAX)].into(),
+            },
+        );
+        for o in ops {
+            lf.handle().unwrap().add(o).unwrap();
+            mx.handle().unwrap().add(o).unwrap();
+            model.add(o);
+        }
+        let (r_lf, r_mx, m) = (lf.commit(), mx.commit(), model.commit(0));
+        assert_eq!(r_lf.quarantined, r_mx.quarantined);
+        let refused: Vec<u64> = r_lf.quarantined.iter().map(|q| q.head.bytenr).collect();
+        assert_eq!(refused, m.quarantined);
+        assert_eq!(normalize_tree(&lf.tree()), model.normalized());
+        assert_eq!(normalize_tree(&mx.tree()), model.normalized());
+        r_lf
+    };
+    let d = |a| op(b, 4096, DATA, a, key);
+    let r = commit(&[d(Action::AddRef)]);
+    assert!(
+        matches!(errors(&r)[..], [RunError::CountOverflow { .. }]),
+        "{:?}",
+        r.quarantined
+    );
+    // Freed and allocated again in one transaction: the new life counts
+    // from what the drops leave.
+    let mut ops: Vec<Op> = vec![d(Action::DropRef), d(Action::AddExtent), d(Action::AddRef)];
+    let r = commit(&ops);
+    assert!(
+        matches!(errors(&r)[..], [RunError::ReallocWhileReferenced { .. }]),
+        "{:?}",
+        r.quarantined
+    );
+    ops = vec![d(Action::AddRef), d(Action::DropRef)];
+    let r = commit(&ops);
+    assert!(
+        r.quarantined.is_empty() && r.applied == 0,
+        "cancelled: nothing to check"
+    );
+    let r = commit(&[d(Action::DropRef), d(Action::AddRef), d(Action::AddRef)]);
+    assert!(matches!(errors(&r)[..], [RunError::CountOverflow { .. }]));
+    let r = commit(&[d(Action::DropRef)]);
+    assert!(r.quarantined.is_empty());
+}

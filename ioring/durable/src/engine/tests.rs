@@ -1051,3 +1051,63 @@ fn concurrent_key_updates_replay_to_the_live_engines_tree() {
         refd_core::oracle::normalize_tree(&replayed)
     );
 }
+
+/// Extents at the ends of the address space through the B+tree with a
+/// cache too small to hold them: one at bytenr 0 and one of the last byte
+/// (`u64::MAX - 1`, the highest an extent may start at, next to the
+/// service items at objectid `u64::MAX`). Allocations reaching them from
+/// below or above are refused exactly as the core engine refuses them,
+/// the ones that fit are accepted, the tree verifies, and a restart reads
+/// back the same extents.
+#[test]
+fn extents_at_the_ends_of_the_address_space_through_the_btree() {
+    use refd_core::run::RunError;
+    let (dev, _) = formatted(8 << 20, 1 << 20);
+    let small = OpenOptions {
+        cache_extents_max: 1,
+        ..opts()
+    };
+    let (e, _) = DurableEngine::open(Arc::clone(&dev), small).unwrap();
+    let alloc = |bytenr: u64, num_bytes: u64, objectid: u64| {
+        data_op(bytenr, num_bytes, Action::AddExtent, 5, objectid, 0)
+    };
+    let last = u64::MAX - 1;
+    e.add_durable(&alloc(0, 4096, 1)).unwrap();
+    e.add_durable(&alloc(last, 1, 1)).unwrap();
+    for i in 1..=3 {
+        e.add_durable(&alloc(i << 40, 4096, 2)).unwrap();
+    }
+    e.commit().unwrap();
+    let refused = |bytenr, num_bytes, other, other_bytes| {
+        e.add_durable(&alloc(bytenr, num_bytes, 3)).unwrap();
+        let s = e.commit().unwrap();
+        let errors: Vec<RunError> = s.core.quarantined.iter().map(|q| q.error.clone()).collect();
+        let want = RunError::OverlapsExtent {
+            bytenr,
+            num_bytes,
+            other,
+            other_bytes,
+        };
+        assert_eq!(errors, vec![want]);
+        e.verify().unwrap();
+    };
+    refused(u64::MAX - 8192, 8192, last, 1);
+    refused(1, 4096, 0, 4096);
+    // Up to the last byte, and from the end of the first extent.
+    for (bytenr, num_bytes) in [(u64::MAX - 8193, 8192), (4096, 4096)] {
+        e.add_durable(&alloc(bytenr, num_bytes, 4)).unwrap();
+        let s = e.commit().unwrap();
+        assert!(s.core.quarantined.is_empty(), "{:?}", s.core.quarantined);
+    }
+    e.verify().unwrap();
+    let before = e.committed_extents().unwrap();
+    before.check().unwrap();
+    assert_eq!(before.len(), 7);
+    drop(e);
+    let (e, _) = DurableEngine::open(dev, small).unwrap();
+    assert_eq!(
+        refd_core::oracle::normalize_tree(&e.committed_extents().unwrap()),
+        refd_core::oracle::normalize_tree(&before)
+    );
+    assert_eq!(e.lookup_extent_ref(last).unwrap().refs, 1);
+}

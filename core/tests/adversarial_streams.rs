@@ -587,3 +587,63 @@ fn a_data_backref_count_past_32_bits_is_refused() {
     let r = commit(&[d(Action::DropRef)]);
     assert!(r.quarantined.is_empty());
 }
+
+/// A head requeued into the live transaction (recovery requeues the
+/// heads a seq barrier held, their seqs forgotten) whose refs cancel: an
+/// `ADD_REF` naming level 0 and a `DROP_REF` naming level 1 of one tree
+/// block. Alone it changes nothing, but it named two shapes, so with an
+/// extent_op queued after it the head must be refused (`MixedShapes`), as
+/// the model and the mutex store do. The lock-free store merged its carry
+/// with `merge_heads`, which drops no-op heads, before the final merge:
+/// the shapes were lost and the extent_op applied (found by
+/// `ioring/durable/tests/oracle_restarts.rs`, seed 51: held across a
+/// restart).
+#[test]
+fn a_requeued_head_whose_refs_cancel_keeps_its_shapes() {
+    use refd_core::extent_tree::{ExtentItem, ExtentTree};
+    use refd_core::head::Head;
+    use refd_core::oracle::ModelExtent;
+    let b = 10 * MIB;
+    let t = |a, level| op(b, 16384, ExtentKind::Tree { level }, a, tree_key(6));
+    let held = [t(Action::AddRef, 0), t(Action::DropRef, 1)];
+    let eop = full_backref(b, 4096, DATA);
+    let mut tree = ExtentTree::new();
+    tree.insert(
+        b,
+        ExtentItem::new(16384, TREE0, 1).with_refs(&[(tree_key(7), 1)]),
+    );
+    let mut model = Model::new();
+    model.generation = 1;
+    model.extents.insert(
+        b,
+        ModelExtent {
+            num_bytes: 16384,
+            kind: TREE0,
+            full_backref: false,
+            tree_key: None,
+            generation: 1,
+            refs: [(tree_key(7), 1)].into(),
+        },
+    );
+    held.iter().chain([&eop]).for_each(|o| model.add(o));
+    let m = model.commit(0);
+    assert_eq!(m.quarantined, vec![b]);
+    fn go<S: DelayedRefStore>(store: S, tree: &ExtentTree, held: &[Op], eop: &Op) -> CommitReport {
+        let e = Engine::with_tree(store, tree.clone(), 1);
+        let mut head = Head::of_op(&held[0], 0);
+        head.merge(&Head::of_op(&held[1], 0));
+        e.requeue(vec![head]);
+        e.handle().unwrap().add(eop).unwrap();
+        let r = e.commit();
+        assert_eq!(normalize_tree(&e.tree()), normalize_tree(tree), "unchanged");
+        r
+    }
+    let lf = go(LockFreeStore::with_config(2, 2), &tree, &held, &eop);
+    let mx = go(MutexStore::new(), &tree, &held, &eop);
+    assert!(
+        matches!(errors(&lf)[..], [RunError::MixedShapes { .. }]),
+        "{:?}",
+        lf.quarantined
+    );
+    assert_eq!(lf.quarantined, mx.quarantined);
+}

@@ -17,7 +17,8 @@
 //! cancelled before its final merge (seed 51; `refd-core`'s
 //! `a_requeued_head_whose_refs_cancel_keeps_its_shapes`).
 //!
-//! `REFD_ORACLE_RESTART_SEEDS=N` runs N seeds (default 64),
+//! Each seed runs with the lock-free store and with the mutex one.
+//! `REFD_ORACLE_RESTART_SEEDS=N` runs N seeds (default 56),
 //! `REFD_ORACLE_RESTART_SEED=S` one; a refused-set mismatch prints the
 //! seed's steps.
 
@@ -26,6 +27,9 @@ use std::sync::Arc;
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 use refd_core::barrier::SeqGuard;
+use refd_core::delayed::lockfree::LockFreeStore;
+use refd_core::delayed::mutex::MutexStore;
+use refd_core::delayed::DelayedRefStore;
 use refd_core::model::{
     Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF,
 };
@@ -36,7 +40,7 @@ use refd_ioring::{LogConfig, SimConfig, SimStorage};
 
 type Dev = Arc<SimStorage>;
 
-const SEEDS_DEFAULT: u64 = 64;
+const SEEDS_DEFAULT: u64 = 56;
 const STEPS: usize = 400;
 
 /// Bytenrs: two pairs 4 KiB apart (overlaps), bytenr 0 and two at the
@@ -120,7 +124,8 @@ fn random_op(rng: &mut ChaCha8Rng, barrier_seq: u64) -> Op {
     Op::new(bytenr, num_bytes, kind, action, key, seq).unwrap()
 }
 
-fn run_seed(seed: u64) {
+/// One seed with the store `D` (the lock-free store or the mutex one).
+fn run_seed<D: DelayedRefStore + Default>(seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut dev: Dev = Arc::new(SimStorage::new(SimConfig::new(16 << 20, seed)).unwrap());
     let format = FormatOptions {
@@ -128,7 +133,9 @@ fn run_seed(seed: u64) {
         fs_id: Some(FsId([9; 16])),
     };
     DurableEngine::format(&dev, format).unwrap();
-    let mut e = DurableEngine::open(Arc::clone(&dev), opts()).unwrap().0;
+    let mut e = DurableEngine::<Dev, D>::open_with_store(Arc::clone(&dev), opts())
+        .unwrap()
+        .0;
     let mut model = Model::new();
     let mut guards: Vec<SeqGuard> = Vec::new();
     let mut events: Vec<String> = Vec::new();
@@ -180,7 +187,9 @@ fn run_seed(seed: u64) {
                 events.push(format!("{step}: reopen"));
                 dev = Arc::new(dev.crash());
                 drop(e);
-                e = DurableEngine::open(Arc::clone(&dev), opts()).unwrap().0;
+                e = DurableEngine::open_with_store(Arc::clone(&dev), opts())
+                    .unwrap()
+                    .0;
                 model.forget_seqs();
                 e.verify().unwrap();
             }
@@ -224,9 +233,11 @@ fn durable_engine_agrees_with_the_model_across_restarts() {
         .ok()
         .and_then(|s| s.parse().ok())
     {
-        return run_seed(seed);
+        run_seed::<LockFreeStore>(seed);
+        return run_seed::<MutexStore>(seed);
     }
     for seed in 0..seeds {
-        run_seed(seed);
+        run_seed::<LockFreeStore>(seed);
+        run_seed::<MutexStore>(seed);
     }
 }

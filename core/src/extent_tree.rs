@@ -12,7 +12,8 @@
 //! Invariants (checked by [`ExtentItem::check`] and asserted after every
 //! apply in debug builds):
 //! - `refs` equals the sum of the counts of all backrefs and is > 0;
-//! - every backref has count >= 1; tree-block backrefs have count exactly 1;
+//! - every backref has count >= 1 and at most [`BACKREF_COUNT_MAX`];
+//!   tree-block backrefs have count exactly 1;
 //! - backrefs match the extent's kind (tree refs on tree blocks only);
 //! - no backref key appears both inline and keyed;
 //! - `flags` has exactly one of DATA / TREE_BLOCK, matching `kind`.
@@ -27,6 +28,12 @@ use crate::model::{
 /// btrfs uses `BTRFS_MAX_EXTENT_ITEM_SIZE` = max item size / 4; for a 16 KiB
 /// node that is (16384 - 101 - 25) / 4 = 4064 bytes.
 pub const INLINE_ITEM_BYTES_MAX: usize = 4064;
+
+/// Most references one backref counts: btrfs stores the count of a data
+/// backref (`btrfs_extent_data_ref`, `btrfs_shared_data_ref`) in 32 bits,
+/// and so does refd's on-device format (`docs/format.md`). A run that
+/// would count more is refused (`RunError::CountOverflow`).
+pub const BACKREF_COUNT_MAX: u64 = u32::MAX as u64;
 
 /// Bytes of the extent item header (`btrfs_extent_item`: refs, generation,
 /// flags), plus `btrfs_tree_block_info` when a tree key is recorded.
@@ -71,7 +78,8 @@ pub enum ItemError {
     /// An extent with zero references.
     #[error("extent has zero references")]
     ZeroRefs,
-    /// A backref with count 0, or a tree backref with count > 1.
+    /// A backref with count 0 or above [`BACKREF_COUNT_MAX`], or a tree
+    /// backref with count > 1.
     #[error("backref '{key}' has invalid count {count}")]
     BadCount {
         /// Backref.
@@ -377,7 +385,7 @@ impl ExtentItem {
                 kind: self.kind,
             });
         }
-        if count == 0 || (key.is_tree() && count != 1) {
+        if count == 0 || count > BACKREF_COUNT_MAX || (key.is_tree() && count != 1) {
             return Err(ItemError::BadCount { key, count });
         }
         Ok(())

@@ -136,6 +136,18 @@ impl PendingExtentOp {
     }
 }
 
+/// Most allocations of one extent in one transaction a head counts (the
+/// 16 bits a packed head keeps the count in); the sum saturates here.
+/// A head that reaches it cannot tell how many lives must end in it, so
+/// it is refused ([`crate::run::RunError::TooManyAllocations`]) rather
+/// than checked against a count that may be short.
+pub const ALLOCS_COUNTED_MAX: u16 = u16::MAX;
+
+const _: () = assert!(
+    ALLOCS_COUNTED_MAX == u16::MAX,
+    "HeadSummary::merge saturates the count at its type's maximum"
+);
+
 /// Head-level accounting of pending ops on one extent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HeadSummary {
@@ -154,9 +166,9 @@ pub struct HeadSummary {
     /// Stamp of the latest allocation; non-zero means
     /// `must_insert_reserved`.
     pub alloc_stamp: u64,
-    /// Allocations (`ADD_EXTENT` ops) merged into the head, saturating:
-    /// every one but the latest starts a life that must end in the same
-    /// transaction.
+    /// Allocations (`ADD_EXTENT` ops) merged into the head, saturating at
+    /// [`ALLOCS_COUNTED_MAX`]: every one but the latest starts a life that
+    /// must end in the same transaction.
     pub allocs: u16,
     /// Sum of the ref_mod of every op queued on the head.
     pub total_ref_mod: i64,

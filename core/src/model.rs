@@ -455,6 +455,14 @@ impl Op {
     pub fn ref_mod(&self) -> i64 {
         self.action.ref_mod()
     }
+
+    /// Whether the op takes a stamp when it is queued: an allocation or an
+    /// op carrying an extent_op, the fields merged by the latest stamp
+    /// ([`crate::head`]). Whoever replays queued ops must queue these in
+    /// the order they were stamped.
+    pub fn is_stamped(&self) -> bool {
+        self.action == Action::AddExtent || self.extent_op.is_some()
+    }
 }
 
 impl fmt::Display for Op {

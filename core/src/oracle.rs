@@ -21,21 +21,26 @@
 //!    also end in this commit (an extent is allocated again only after it
 //!    is freed): the DROP ops of the extent (all keys, counted one by one)
 //!    must number at least the committed refs plus one per earlier
-//!    allocation, else it was allocated twice and is refused. The ops may
+//!    allocation, else it was allocated twice and is refused. (refd's one
+//!    limit here: an extent allocated `ALLOCS_COUNTED_MAX` = 65535 times
+//!    or more in one transaction is refused, whatever its drops: the
+//!    stores count no further, and a count that may be short must not
+//!    let a second allocation through.) The ops may
 //!    name one size/kind (that of the latest allocation); they may name
 //!    several only when an earlier life can own the other: the committed
 //!    extent has another size/kind than the latest allocation, or there
 //!    is more than one allocation; else a ref names another size than its
 //!    extent and is refused. Final counts are committed + net, which must
 //!    be >= 0, of the new kind where non-zero, and at most 1 for tree
-//!    backrefs. The old life (if any) is reported freed; so is the new one
-//!    if it ends at 0.
+//!    backrefs (and, like every count, at most `u32::MAX`: btrfs keeps a
+//!    data backref's count in 32 bits). The old life (if any) is reported
+//!    freed; so is the new one if it ends at 0.
 //! 5. Without allocation, if the per-key nets are all zero and there is no
 //!    extent_op, nothing happens (cancelled ops are not validated).
 //!    Otherwise the extent must exist (else adding, dropping or an
 //!    extent_op is an error); all ref ops must name one size/kind, the
-//!    extent's; counts stay >= 0 and tree backrefs <= 1; reaching 0 refs
-//!    frees the extent.
+//!    extent's; counts stay >= 0 and <= `u32::MAX`, tree backrefs <= 1;
+//!    reaching 0 refs frees the extent.
 //! 6. extent_op flags are OR-ed in and the latest key (by stamp) is set;
 //!    with an allocation only extent_ops stamped at or after it count (the
 //!    others belonged to a life that ended); on a data extent an applying
@@ -336,6 +341,9 @@ impl Model {
                 .iter()
                 .filter(|(o, _)| o.action == Action::AddExtent)
                 .count() as u64;
+            if allocs >= u64::from(crate::head::ALLOCS_COUNTED_MAX) {
+                return Err(());
+            }
             let drops = ops
                 .iter()
                 .filter(|(o, _)| o.action == Action::DropRef)
@@ -359,7 +367,11 @@ impl Model {
             }
             let mut refs = BTreeMap::new();
             for (k, v) in fin {
-                if v < 0 || (v > 0 && k.is_data() != a.kind.is_data()) || (k.is_tree() && v > 1) {
+                if v < 0
+                    || v > i64::from(u32::MAX)
+                    || (v > 0 && k.is_data() != a.kind.is_data())
+                    || (k.is_tree() && v > 1)
+                {
                     return Err(());
                 }
                 if v > 0 {
@@ -395,7 +407,11 @@ impl Model {
             let mut e = c.clone();
             for (k, v) in net {
                 let new = e.refs.get(k).copied().unwrap_or(0) as i64 + v;
-                if new < 0 || (k.is_tree() && new > 1) || k.is_data() != e.kind.is_data() {
+                if new < 0
+                    || new > i64::from(u32::MAX)
+                    || (k.is_tree() && new > 1)
+                    || k.is_data() != e.kind.is_data()
+                {
                     return Err(());
                 }
                 if new == 0 {

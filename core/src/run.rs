@@ -13,8 +13,8 @@
 //! selected extent (`bytenr + num_bytes`) so neighbouring extents are run
 //! together (clustering), and it wraps around to the lowest bytenr.
 
-use crate::extent_tree::{ExtentItem, ExtentTree};
-use crate::head::{Head, RunRefs};
+use crate::extent_tree::{ExtentItem, ExtentTree, BACKREF_COUNT_MAX};
+use crate::head::{Head, RunRefs, ALLOCS_COUNTED_MAX};
 use crate::model::{ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF};
 
 /// An extent whose reference count reached zero.
@@ -141,6 +141,18 @@ pub enum RunError {
         /// Committed refs + earlier allocations.
         needed: u64,
     },
+    /// Allocated [`ALLOCS_COUNTED_MAX`] times or more in one transaction:
+    /// past the count a head keeps, so whether every earlier life ends in
+    /// the head cannot be checked. Refused rather than checked against a
+    /// count that may be short (which accepted a second allocation
+    /// without a free in between).
+    #[error("extent {bytenr}: allocated {max} times or more in one transaction, more than refd counts per extent and transaction")]
+    TooManyAllocations {
+        /// Extent.
+        bytenr: u64,
+        /// [`ALLOCS_COUNTED_MAX`].
+        max: u16,
+    },
     /// A ref of an allocated extent names another size or kind than the
     /// allocation, and no earlier life of the extent can own it (the
     /// committed extent, if any, has the allocation's size and kind, and
@@ -184,8 +196,9 @@ pub enum RunError {
         /// The backref.
         key: RefKey,
     },
-    /// A count does not fit.
-    #[error("extent {bytenr}: reference count overflow on '{key}'")]
+    /// A count does not fit: above [`BACKREF_COUNT_MAX`], the 32 bits
+    /// btrfs (and refd's on-device format) stores a data backref's count in.
+    #[error("extent {bytenr}: reference count overflow on '{key}' (at most {BACKREF_COUNT_MAX})")]
     CountOverflow {
         /// Extent.
         bytenr: u64,
@@ -365,6 +378,9 @@ fn run_allocation(
                 count: count as u64,
             });
         }
+        if count as u64 > BACKREF_COUNT_MAX {
+            return Err(RunError::CountOverflow { bytenr, key });
+        }
         added.push((key, count));
     }
     // One pass, in key order as `add_ref` one by one would place them.
@@ -434,6 +450,12 @@ fn check_old_life_dropped(head: &Head, old_refs: &[(RefKey, u64)]) -> Result<(),
 /// a ref of another shape belongs to is not known, so it is not checked.
 fn check_earlier_lives(head: &Head, committed: Option<&ExtentItem>) -> Result<(), RunError> {
     let s = &head.summary;
+    if s.allocs == ALLOCS_COUNTED_MAX {
+        return Err(RunError::TooManyAllocations {
+            bytenr: head.bytenr,
+            max: ALLOCS_COUNTED_MAX,
+        });
+    }
     let allocs = u64::from(s.allocs);
     debug_assert!(allocs >= 1, "a head with an allocation counts it");
     let drops = head
@@ -509,6 +531,7 @@ fn apply_net(bytenr: u64, old: &ExtentItem, net: &[(RefKey, i64)]) -> Result<Ext
         let have = old.count(&key);
         let new = (have as i64)
             .checked_add(m)
+            .filter(|&n| n <= BACKREF_COUNT_MAX as i64)
             .ok_or(RunError::CountOverflow { bytenr, key })?;
         if new < 0 {
             return Err(RunError::DropMissingRef {

@@ -114,7 +114,9 @@ use super::packed::{
     build_run, heads_in_range, merge_cursors, split_points, Chunk, Cursor, HeadRef, PackedRef,
     RunBuilder,
 };
-use super::{merge_heads, DelayedRefStore, IngestHandle, StampClock, StoreError};
+use super::{
+    merge_heads, merge_heads_keeping_all, DelayedRefStore, IngestHandle, StampClock, StoreError,
+};
 use crate::head::Head;
 use crate::model::Op;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1228,7 +1230,9 @@ impl GenSnapshot<'_> {
             .iter()
             .map(|words| build_run(words).finish())
             .collect();
-        let carry = merge_heads(std::mem::take(&mut self.carry));
+        // Not a final merge: the carry's no-op heads (a requeued head whose
+        // refs cancelled) still name shapes the other runs' ops must meet.
+        let carry = merge_heads_keeping_all(std::mem::take(&mut self.carry));
         let mut cb = RunBuilder::new();
         let mut scratch: Vec<PackedRef> = Vec::new();
         for h in &carry {

@@ -34,7 +34,7 @@ pub(crate) mod packed;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::head::Head;
-use crate::model::{Action, Op, OpError};
+use crate::model::{Op, OpError};
 
 /// Errors of a delayed-ref store.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -224,8 +224,7 @@ impl StampClock {
     /// The stamp of `op`: a fresh one for an allocation or an op carrying
     /// an extent_op, 0 otherwise.
     pub fn stamp(&self, op: &Op) -> u64 {
-        let needs = op.action == Action::AddExtent || op.extent_op.is_some();
-        if needs {
+        if op.is_stamped() {
             self.next()
         } else {
             0
@@ -234,8 +233,21 @@ impl StampClock {
 }
 
 /// Merge `heads` (any order, duplicates allowed) into one head per bytenr,
-/// sorted, dropping no-op heads.
-pub fn merge_heads(mut heads: Vec<Head>) -> Vec<Head> {
+/// sorted, dropping no-op heads: for a final merge (every source of the
+/// bytenrs in it), since a no-op head still carries the shapes its ops
+/// named ([`merge_heads_keeping_all`]).
+pub fn merge_heads(heads: Vec<Head>) -> Vec<Head> {
+    let mut out = merge_heads_keeping_all(heads);
+    out.retain(|h| !h.is_noop());
+    out
+}
+
+/// Merge `heads` into one head per bytenr, sorted, keeping every head:
+/// one whose refs cancelled and that has no allocation or extent_op is a
+/// no-op alone, but the size and kind its ops named (`mixed`) still count
+/// when it meets other ops of its extent later (a head of a held or
+/// requeued transaction does).
+pub fn merge_heads_keeping_all(mut heads: Vec<Head>) -> Vec<Head> {
     heads.sort_by_key(|h| h.bytenr);
     let mut out: Vec<Head> = Vec::with_capacity(heads.len());
     for h in heads {
@@ -244,6 +256,5 @@ pub fn merge_heads(mut heads: Vec<Head>) -> Vec<Head> {
             _ => out.push(h),
         }
     }
-    out.retain(|h| !h.is_noop());
     out
 }

@@ -81,8 +81,7 @@ pub(crate) fn decode(w: &Staged) -> (Op, u64) {
 /// must not reach the decoders' assertions first.
 pub(crate) fn try_decode(w: &Staged) -> Option<(Op, u64)> {
     let (op, stamp) = decode_words(w)?;
-    let needs_stamp = op.action == Action::AddExtent || op.extent_op.is_some();
-    (op.check().is_ok() && (stamp != 0 || !needs_stamp)).then_some((op, stamp))
+    (op.check().is_ok() && (stamp != 0 || !op.is_stamped())).then_some((op, stamp))
 }
 
 /// The op the words spell, unvalidated: `None` only for an unknown action

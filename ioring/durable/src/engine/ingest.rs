@@ -65,17 +65,30 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
 
     fn add_record(&self, op: &Op, record: &[u8]) -> Result<Ticket<S>, AddError> {
         let admitted = self.admit_append().map_err(AddError::Failed)?;
+        let stamp_order = self.stamp_order(std::slice::from_ref(op));
         // The engine first: it may refuse the op, and nothing may be logged
         // that the engine does not hold.
         self.engine.handle()?.add(op)?;
         let ticket = self
             .append(record, || format!("log append of {op}"))
             .map_err(AddError::Failed)?;
+        drop(stamp_order);
         let pending = self.pending_ops.fetch_add(1, Ordering::Relaxed);
         drop(admitted);
         self.after_add(pending, pending + 1)
             .map_err(AddError::Failed)?;
         Ok(ticket)
+    }
+
+    /// The stamp order lock if `ops` hold a stamped op (else `None`): held
+    /// from the engine's add to the log append, so that stamped ops are
+    /// logged in stamp order, which is the order recovery stamps them in.
+    /// Plain references take no stamp and merge by sum, in any order, so
+    /// they do not wait.
+    pub(super) fn stamp_order(&self, ops: &[Op]) -> Option<std::sync::MutexGuard<'_, ()>> {
+        ops.iter()
+            .any(Op::is_stamped)
+            .then(|| lock(&self.stamp_order))
     }
 
     /// Appends `record` to the log (admitted, under the cut lock): a

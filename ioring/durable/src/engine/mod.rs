@@ -230,6 +230,13 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     dirty_bytes_per_op: AtomicU64,
     pub(crate) committer: Mutex<CommitterFlags>,
     pub(crate) committer_cv: Condvar,
+    /// Held by an add or SUBMIT with a stamped op ([`Op::is_stamped`]:
+    /// allocations and extent_ops) from the core engine's add to the log
+    /// append, so that such ops are logged in the order they were
+    /// stamped: recovery stamps replayed ops in log order, and the latest
+    /// stamp decides an allocation's shape and an extent_op's key (taken
+    /// after the cut lock, before the service lock).
+    stamp_order: Mutex<()>,
     /// Sessions and freed-list consumers (taken after the cut lock).
     service: Mutex<Service>,
     /// Signalled when a SUBMIT's claim on its request number ends.

@@ -461,6 +461,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             dirty_bytes_per_op: AtomicU64::new(0),
             committer: Mutex::new(CommitterFlags::default()),
             committer_cv: Condvar::new(),
+            stamp_order: Mutex::new(()),
             service: Mutex::new(service),
             service_cv: Condvar::new(),
             commit_hook: OnceLock::new(),

@@ -149,6 +149,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             }
         }
         drop(service);
+        // Stamped ops are logged in the order they are stamped (recovery
+        // stamps in log order): held to the append.
+        let stamp_order = self.stamp_order(ops);
         // The engine first: it may refuse an op, and nothing may be logged
         // that the engine does not hold. (A handle is always available:
         // admission bounds the appends in flight below the shards.)
@@ -172,6 +175,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
                 format!("log append of request {request} of session {session}")
             })
             .map_err(SubmitError::Failed)?;
+        drop(stamp_order);
         let n = ops.len() as u64;
         service.record_submit(
             session,

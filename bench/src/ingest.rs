@@ -546,7 +546,7 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
             .as_ref()
             .ok_or("--workload btrfs-trace needs --trace DIR (a capture directory)")?;
         // An extent's ops stay on one thread, in trace order.
-        (load_trace(dir, 16384)?, true)
+        (load_trace(dir)?.0, true)
     } else {
         (
             generate(args.workload, args.extents, args.ops, args.seed),

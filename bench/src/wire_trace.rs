@@ -58,8 +58,6 @@ pub const BARRIERS_HELD_MAX: usize = 8;
 const QUEUE_BATCHES: usize = 16;
 /// Mismatches printed on stderr (all are counted).
 const MISMATCHES_SHOWN: usize = 10;
-/// Block size of the captures (`meta.json` `nodesize`).
-const NODESIZE: u64 = 16384;
 
 /// Runs the capture at `--trace` against the daemon at `socket`.
 pub fn run(a: &LoadArgs, socket: &Path) -> Result<LoadReport, String> {
@@ -70,11 +68,14 @@ pub fn run(a: &LoadArgs, socket: &Path) -> Result<LoadReport, String> {
     if a.hlog.is_some() {
         return Err("--hlog is for the timed workloads, not btrfs-trace".into());
     }
-    let stream = crate::workload::load_trace(dir, NODESIZE)?;
+    let (stream, nodesize) = crate::workload::load_trace(dir)?;
     let after_path = dir.join("after.txt.zst");
     let (after, _) = refd_btrfs::dump::load_dump(
         &after_path,
-        &refd_btrfs::dump::DumpOptions { nodesize: NODESIZE },
+        // The same filesystem: its leaves must show the same nodesize.
+        &refd_btrfs::dump::DumpOptions {
+            nodesize: Some(nodesize),
+        },
     )
     .map_err(|e| format!("{}: {e}", after_path.display()))?;
     let addr = format!("unix:{}", socket.display());

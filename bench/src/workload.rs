@@ -203,11 +203,12 @@ pub fn generate(workload: Workload, extents: u64, ops: usize, seed: u64) -> Stre
 }
 
 /// Load a kernel capture directory (`before.txt.zst`, `trace.txt.zst`):
-/// the tree before and every op, parsed into memory before timing.
-pub fn load_trace(dir: &std::path::Path, nodesize: u64) -> Result<Stream, String> {
-    let (tree, _) = refd_btrfs::dump::load_dump(
+/// the tree before and every op, parsed into memory before timing. The
+/// tree blocks get the nodesize the dump's leaves show, also returned.
+pub fn load_trace(dir: &std::path::Path) -> Result<(Stream, u64), String> {
+    let (tree, stats) = refd_btrfs::dump::load_dump(
         dir.join("before.txt.zst"),
-        &refd_btrfs::dump::DumpOptions { nodesize },
+        &refd_btrfs::dump::DumpOptions::default(),
     )
     .map_err(|e| format!("{}: {e}", dir.join("before.txt.zst").display()))?;
     let trace = dir.join("trace.txt.zst");
@@ -218,7 +219,7 @@ pub fn load_trace(dir: &std::path::Path, nodesize: u64) -> Result<Stream, String
         .map(|t| t.map(|t| t.op))
         .collect::<Result<Vec<Op>, _>>()
         .map_err(|e| format!("{}: {e}", trace.display()))?;
-    Ok(Stream { tree, ops })
+    Ok((Stream { tree, ops }, stats.nodesize))
 }
 
 /// Few extents, each referenced from up to 4096 snapshot roots (tree

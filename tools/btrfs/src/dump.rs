@@ -6,7 +6,7 @@
 //!   without skinny metadata a tree block whose body has a
 //!   `tree block key (...) level N` line (kept as `tree_key` and level);
 //! - `(BYTENR METADATA_ITEM LEVEL)`: a skinny tree block; its size is the
-//!   nodesize given in [`DumpOptions`], and its body repeats the level
+//!   nodesize (see below), and its body repeats the level
 //!   (`tree block skinny level N`), which is checked;
 //! - the body line `refs R gen G flags F` (`DATA`, `TREE_BLOCK`,
 //!   `TREE_BLOCK|FULL_BACKREF`) and the inline backrefs of the four kinds,
@@ -16,6 +16,16 @@
 //!   `(B EXTENT_DATA_REF HASH)` and `(B SHARED_DATA_REF PARENT)`, attached to
 //!   [`ExtentItem::keyed`]. A leaf may end between an extent item and its
 //!   keyed items; node and leaf headers in between do not matter.
+//!
+//! The nodesize: a skinny item does not record its tree block's size, but
+//! every leaf of the dump does. Items are packed from the end of the
+//! block, so the first item after a `leaf ...` header, item 0, ends where
+//! the block does: `itemoff + itemsize + LEAF_HEADER_BYTES` (101) is the
+//! nodesize (16283 + 101 = 16384 with mkfs's default, 3995 + 101 = 4096
+//! with `mkfs.btrfs -n 4096`). [`DumpOptions::nodesize`] `None` takes it
+//! from the first leaf; a given nodesize, or the one the first leaf gave,
+//! must agree with every later leaf ([`DumpError::Nodesize`]). A fragment
+//! without leaf headers has nothing to tell and gets [`NODESIZE_DEFAULT`].
 //!
 //! Everything else is skipped knowingly and counted in [`DumpStats`]: other
 //! items (`BLOCK_GROUP_ITEM`, ...) by type name, leaf and node headers,
@@ -48,18 +58,13 @@ use crate::progs::{self, key_type};
 pub const NODESIZE_DEFAULT: u64 = 16384;
 
 /// How to read a dump.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DumpOptions {
     /// Size of a tree block; skinny `METADATA_ITEM`s do not record it.
-    pub nodesize: u64,
-}
-
-impl Default for DumpOptions {
-    fn default() -> Self {
-        DumpOptions {
-            nodesize: NODESIZE_DEFAULT,
-        }
-    }
+    /// `None`: the one the dump's leaves show (module doc), or
+    /// [`NODESIZE_DEFAULT`] for a fragment without leaf headers. A given
+    /// size must agree with every leaf.
+    pub nodesize: Option<u64>,
 }
 
 /// What was read.
@@ -92,6 +97,11 @@ pub struct DumpStats {
     /// Keyed `EXTENT_DATA_REF` items whose key offset is not the hash of
     /// their body (legal only after a hash collision).
     pub hash_mismatches: Tally,
+    /// The nodesize the tree blocks were given: the one asked for, or the
+    /// one the leaves showed, or [`NODESIZE_DEFAULT`] (module doc).
+    pub nodesize: u64,
+    /// Leaves whose item 0 showed the nodesize (all agreed with it).
+    pub leaves_measured: u64,
 }
 
 /// Why a dump was refused.
@@ -177,6 +187,19 @@ pub enum DumpError {
         /// Size of what was listed.
         listed: u64,
     },
+    /// A leaf's geometry shows another nodesize than the one given or
+    /// shown by an earlier leaf (a wrong `--nodesize`, or two dumps in one).
+    #[error("line {line}: the leaf's item 0 ends at nodesize {leaf} (itemoff + itemsize + {header}), not {expected}: {text:?}", header = progs::LEAF_HEADER_BYTES)]
+    Nodesize {
+        /// Line of item 0.
+        line: u64,
+        /// Its text.
+        text: String,
+        /// The nodesize given or shown before.
+        expected: u64,
+        /// The nodesize this leaf shows.
+        leaf: u64,
+    },
     /// A complete extent that breaks an invariant (refs != sum of counts,
     /// zero count, wrong kind, ...).
     #[error("line {line}: extent {bytenr}: {source}: {text:?}")]
@@ -207,7 +230,7 @@ pub fn parse_dump<R: BufRead>(
     opts: &DumpOptions,
 ) -> Result<(ExtentTree, DumpStats), DumpError> {
     let mut lines = LineReader::new(input);
-    let mut p = Parser::new(*opts);
+    let mut p = Parser::new(opts);
     loop {
         match lines.next_line() {
             Ok(true) => p.line(lines.line_no, lines.line())?,
@@ -223,6 +246,7 @@ pub fn parse_dump<R: BufRead>(
     p.end_item()?;
     p.stats.lines = lines.line_no;
     p.stats.bytes = lines.bytes;
+    p.stats.nodesize = p.nodesize.unwrap_or(NODESIZE_DEFAULT);
     Ok((p.tree, p.stats))
 }
 
@@ -261,7 +285,12 @@ enum Current {
 
 #[derive(Debug)]
 struct Parser {
-    opts: DumpOptions,
+    /// The nodesize: given, or shown by the first leaf, or taken as
+    /// [`NODESIZE_DEFAULT`] by a tree block before any leaf showed one.
+    nodesize: Option<u64>,
+    /// A `leaf` header was read and no item since: the next item is the
+    /// leaf's item 0, whose end shows the nodesize.
+    leaf_started: bool,
     tree: ExtentTree,
     stats: DumpStats,
     pending: Option<Pending>,
@@ -281,9 +310,11 @@ fn malformed(line: u64, text: &[u8], reason: impl Into<String>) -> DumpError {
 
 /// An item header: `item N key (OBJ TYPE OFF) itemoff O itemsize S`.
 struct ItemHeader<'a> {
+    index: u64,
     objectid: &'a [u8],
     type_name: &'a [u8],
     offset: &'a [u8],
+    itemoff: u64,
     itemsize: u64,
 }
 
@@ -292,7 +323,7 @@ fn parse_item_header(rest: &[u8]) -> Option<ItemHeader<'_>> {
     let open = rest.iter().position(|&c| c == b'(')?;
     let close = open + rest[open..].iter().position(|&c| c == b')')?;
     let mut pre = tokens(&rest[..open]);
-    parse_u64(pre.next()?)?;
+    let index = parse_u64(pre.next()?)?;
     if pre.next()? != b"key" || pre.next().is_some() {
         return None;
     }
@@ -307,7 +338,7 @@ fn parse_item_header(rest: &[u8]) -> Option<ItemHeader<'_>> {
     if post.next()? != b"itemoff" {
         return None;
     }
-    parse_u64(post.next()?)?;
+    let itemoff = parse_u64(post.next()?)?;
     if post.next()? != b"itemsize" {
         return None;
     }
@@ -316,9 +347,11 @@ fn parse_item_header(rest: &[u8]) -> Option<ItemHeader<'_>> {
         return None;
     }
     Some(ItemHeader {
+        index,
         objectid,
         type_name,
         offset,
+        itemoff,
         itemsize,
     })
 }
@@ -360,9 +393,10 @@ fn insert_ref(list: &mut Vec<(RefKey, u64)>, key: RefKey, count: u64) -> bool {
 }
 
 impl Parser {
-    fn new(opts: DumpOptions) -> Self {
+    fn new(opts: &DumpOptions) -> Self {
         Parser {
-            opts,
+            nodesize: opts.nodesize,
+            leaf_started: false,
             tree: ExtentTree::new(),
             stats: DumpStats::default(),
             pending: None,
@@ -403,6 +437,9 @@ impl Parser {
             b"uuid ",
         ];
         if indent == 0 && HEADERS.iter().any(|h| body.starts_with(h)) {
+            if body.starts_with(b"leaf ") {
+                self.leaf_started = true;
+            }
             self.stats.header_lines += 1;
             return Ok(());
         }
@@ -410,9 +447,34 @@ impl Parser {
         Ok(())
     }
 
+    /// Item 0 of a leaf ends where the block does (module doc): check or
+    /// learn the nodesize.
+    fn measure_leaf(&mut self, no: u64, text: &[u8], h: &ItemHeader<'_>) -> Result<(), DumpError> {
+        let leaf = h
+            .itemoff
+            .checked_add(h.itemsize)
+            .and_then(|end| end.checked_add(progs::LEAF_HEADER_BYTES))
+            .ok_or_else(|| malformed(no, text, "itemoff + itemsize overflows"))?;
+        match *self.nodesize.get_or_insert(leaf) {
+            expected if expected != leaf => Err(DumpError::Nodesize {
+                line: no,
+                text: lex::show(text),
+                expected,
+                leaf,
+            }),
+            _ => {
+                self.stats.leaves_measured += 1;
+                Ok(())
+            }
+        }
+    }
+
     fn item(&mut self, no: u64, text: &[u8], rest: &[u8]) -> Result<(), DumpError> {
         self.end_keyed()?;
         let h = parse_item_header(rest).ok_or_else(|| malformed(no, text, "bad item header"))?;
+        if std::mem::take(&mut self.leaf_started) && h.index == 0 {
+            self.measure_leaf(no, text, &h)?;
+        }
         let type_name = String::from_utf8_lossy(h.type_name);
         match self.stats.items_by_type.get_mut(type_name.as_ref()) {
             Some(n) => *n += 1,
@@ -619,7 +681,7 @@ impl Parser {
     }
 
     fn extent_body(&mut self, no: u64, text: &[u8], body: &[u8]) -> Result<(), DumpError> {
-        let opts = self.opts;
+        let nodesize = &mut self.nodesize;
         let Some(p) = self.pending.as_mut() else {
             return Err(malformed(no, text, "extent body without an extent item"));
         };
@@ -661,7 +723,7 @@ impl Parser {
                         // Checked <= LEVEL_MAX at the header.
                         level: u8::try_from(p.key_offset).unwrap_or(u8::MAX),
                     },
-                    opts.nodesize,
+                    *nodesize.get_or_insert(NODESIZE_DEFAULT),
                 ),
                 _ => {
                     return Err(malformed(
@@ -976,6 +1038,95 @@ chunk uuid 0f4afcff-0f45-4555-be2f-fd4fb538de1b
         assert_eq!(stats.unrecognized.count, 0);
     }
 
+    /// The start of `before.txt` of a filesystem made with
+    /// `mkfs.btrfs -n 4096` (capture snapshots-8-n4k, 2026-12-07).
+    const LEAF_4K: &str = "btrfs-progs v6.2
+extent tree key (EXTENT_TREE ROOT_ITEM 0) \n\
+leaf 30408704 items 12 free space 3326 generation 6 owner EXTENT_TREE
+leaf 30408704 flags 0x1(WRITTEN) backref revision 1
+fs uuid 7eb14c1d-d747-4778-bdab-c962f7d24c8b
+chunk uuid 2b1a1573-5767-4f74-985e-12e7a4272949
+\titem 0 key (13631488 BLOCK_GROUP_ITEM 8388608) itemoff 3971 itemsize 24
+\t\tblock group used 0 chunk_objectid 256 flags DATA|single
+\titem 1 key (22020096 BLOCK_GROUP_ITEM 8388608) itemoff 3947 itemsize 24
+\t\tblock group used 4096 chunk_objectid 256 flags SYSTEM|DUP
+\titem 2 key (22024192 METADATA_ITEM 0) itemoff 3914 itemsize 33
+\t\trefs 1 gen 6 flags TREE_BLOCK
+\t\ttree block skinny level 0
+\t\ttree block backref root CHUNK_TREE
+";
+
+    /// Regression: skinny tree blocks were given 16384 bytes whatever the
+    /// filesystem's nodesize, so a capture made with `mkfs.btrfs -n 4096`
+    /// replayed with 4697 mismatches unless `--nodesize 4096` was passed,
+    /// and `refd-bench load --workload btrfs-trace` could not replay it.
+    #[test]
+    fn nodesize_comes_from_the_leaves() {
+        let (tree, stats) = parse(LEAF_4K).unwrap();
+        assert_eq!(tree.get(22024192).unwrap().num_bytes, 4096);
+        assert_eq!((stats.nodesize, stats.leaves_measured), (4096, 1));
+        // The default leaf of `leaf()` shows mkfs's default.
+        let (_, stats) = parse(&leaf("")).unwrap();
+        assert_eq!(stats.nodesize, NODESIZE_DEFAULT);
+    }
+
+    #[test]
+    fn a_nodesize_the_leaves_contradict_is_refused() {
+        let given = DumpOptions {
+            nodesize: Some(NODESIZE_DEFAULT),
+        };
+        let e = parse_dump(LEAF_4K.as_bytes(), &given).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DumpError::Nodesize {
+                    line: 7,
+                    expected: NODESIZE_DEFAULT,
+                    leaf: 4096,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A second leaf of another geometry (two dumps in one).
+        let two = format!(
+            "{LEAF_4K}leaf 30425088 items 1 free space 15000 generation 7 owner EXTENT_TREE\n\
+             \titem 0 key (22028288 BLOCK_GROUP_ITEM 8388608) itemoff 16259 itemsize 24\n"
+        );
+        let e = parse(&two).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DumpError::Nodesize {
+                    line: 16,
+                    expected: 4096,
+                    leaf: 16384,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A tree block before any leaf header takes the default; a leaf
+        // that shows another size after it is refused, not ignored.
+        let e = parse(&format!(
+            "\titem 0 key (4096 METADATA_ITEM 0) itemoff 3914 itemsize 33\n\
+             \t\trefs 1 gen 6 flags TREE_BLOCK\n\t\ttree block skinny level 0\n\
+             \t\ttree block backref root CHUNK_TREE\n{LEAF_4K}"
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DumpError::Nodesize {
+                    expected: NODESIZE_DEFAULT,
+                    leaf: 4096,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
     #[test]
     fn non_skinny_tree_block() {
         let text = leaf(
@@ -985,7 +1136,9 @@ chunk uuid 0f4afcff-0f45-4555-be2f-fd4fb538de1b
 \t\ttree block backref root CHUNK_TREE
 ",
         );
-        let (tree, _) = parse_dump(text.as_bytes(), &DumpOptions { nodesize: 4096 }).unwrap();
+        // The size comes from the key, not from the nodesize (the leaf's).
+        let (tree, stats) = parse(&text).unwrap();
+        assert_eq!(stats.nodesize, NODESIZE_DEFAULT);
         let item = tree.get(22036480).unwrap();
         assert_eq!(item.kind, ExtentKind::Tree { level: 2 });
         assert_eq!(item.num_bytes, 4096);

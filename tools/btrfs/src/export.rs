@@ -45,12 +45,7 @@ use refd_core::model::{
     DiskKey, ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK,
 };
 
-use crate::progs::{self, key_type};
-
-/// Bytes of a leaf header (`struct btrfs_header`).
-const LEAF_HEADER_BYTES: u64 = 101;
-/// Bytes of an item header in a leaf (`struct btrfs_item`).
-const LEAF_ITEM_BYTES: u64 = 25;
+use crate::progs::{self, key_type, LEAF_HEADER_BYTES, LEAF_ITEM_BYTES};
 
 /// Size of the body of a keyed backref item.
 fn keyed_item_bytes(key: &RefKey) -> u64 {

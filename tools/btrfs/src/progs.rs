@@ -12,6 +12,12 @@ use std::fmt;
 
 use refd_core::model::DiskKey;
 
+/// Bytes of a tree block header (`struct btrfs_header`): a leaf's items
+/// are packed from the end of the block, so the data of its item 0 ends at
+/// `nodesize - LEAF_HEADER_BYTES` (as `itemoff + itemsize` of item 0).
+pub const LEAF_HEADER_BYTES: u64 = 101;
+/// Bytes of an item header in a leaf (`struct btrfs_item`).
+pub const LEAF_ITEM_BYTES: u64 = 25;
 /// `BTRFS_TREE_RELOC_OBJECTID` (-8 as u64): relocation trees.
 pub const TREE_RELOC_OBJECTID: u64 = -8i64 as u64;
 /// `BTRFS_DATA_RELOC_TREE_OBJECTID` (-9 as u64): the data relocation tree.

@@ -72,7 +72,8 @@ pub fn dump_round_trip(
                 | DumpError::DuplicateExtent { line, .. }
                 | DumpError::DuplicateBackref { line, .. }
                 | DumpError::ItemSize { line, .. }
-                | DumpError::InvalidItem { line, .. } => *line,
+                | DumpError::InvalidItem { line, .. }
+                | DumpError::Nodesize { line, .. } => *line,
             };
             assert!(
                 (1..=lines.max(1)).contains(&line),
@@ -89,24 +90,31 @@ pub fn dump_round_trip(
     assert!(stats.unrecognized.samples.len() <= crate::SAMPLES_MAX);
     // Items are valid; a fuzzed dump may hold overlapping extents.
     assert_eq!(tree.check_items(), Ok(()));
-    let printed = print_dump(&tree, opts);
-    let (again, _) = parse_dump(printed.as_bytes(), opts)
+    if let Some(given) = opts.nodesize {
+        assert_eq!(stats.nodesize, given, "a given nodesize is the one used");
+    }
+    // The printed items have no leaf headers to show the nodesize.
+    let printed = print_dump(&tree, stats.nodesize);
+    let reread = DumpOptions {
+        nodesize: Some(stats.nodesize),
+    };
+    let (again, _) = parse_dump(printed.as_bytes(), &reread)
         .unwrap_or_else(|e| panic!("printed dump does not parse: {e}\n{printed}"));
     assert!(
         again == tree,
         "printed dump parses to another tree:\n{printed}"
     );
     assert_eq!(
-        print_dump(&again, opts),
+        print_dump(&again, stats.nodesize),
         printed,
         "printed dump is not a fixed point"
     );
     Ok((tree, stats))
 }
 
-fn print_dump(tree: &ExtentTree, opts: &DumpOptions) -> String {
+fn print_dump(tree: &ExtentTree, nodesize: u64) -> String {
     let mut out = Vec::new();
-    write_dump_items(tree, opts.nodesize, &mut out).expect("writing to memory");
+    write_dump_items(tree, nodesize, &mut out).expect("writing to memory");
     String::from_utf8(out).expect("dump-tree text is UTF-8")
 }
 
@@ -432,8 +440,8 @@ pub fn render_trace(items: &[TraceItem], fsid: &str) -> String {
     s
 }
 
-/// Node sizes [`fuzz_dump`] picks from.
-pub const FUZZ_NODESIZES: [u64; 4] = [16384, 4096, 65536, 1];
+/// Node sizes [`fuzz_dump`] picks from (`None`: the dump's leaves say).
+pub const FUZZ_NODESIZES: [Option<u64>; 4] = [None, Some(4096), Some(65536), Some(1)];
 
 /// Arbitrary bytes as dump-tree text: the first byte picks the node size
 /// ([`FUZZ_NODESIZES`]), the rest is the text.

@@ -52,6 +52,29 @@
 //!   extent_op too, so the extent is created with the flag the kernel gave
 //!   it.
 //!
+//! # Refs printed after their node ran
+//!
+//! The kernel prints the ref event from the delayed-ref node it has just
+//! queued, after `delayed_refs->lock` is released (`btrfs_add_delayed_*_ref`
+//! in `delayed-ref.c`). A node that was inserted (not merged) is then in the
+//! head's tree, and another task running delayed refs can run and free it
+//! before the event is printed; the event then reads freed memory. On
+//! kernel 6.18 the slab freelist pointer sits in the middle of the node,
+//! on its `seq`: such an event prints a garbage seq (a hardened freelist
+//! pointer, e.g. `seq=7398869659294574876`) and correct other fields. The
+//! capture racy-1 (writers, snapshot deletion, balance and backref walks at
+//! once; 1.8 M ops) has one: head at 1341.343673 s, the node run by another
+//! worker at .343765 (`run_delayed_tree_ref ... seq=2`), the ref event at
+//! .343814 with the garbage seq. A run event printed the node while it was
+//! alive, and it comes after the head (it ran a node queued by it) and
+//! before the ref event, so it is still held back behind the head. A ref
+//! event whose seq is above [`refd_core::model::SEQ_MAX`] (no tree-mod-log
+//! seq comes near it) takes the seq of the latest such run event of the
+//! same extent, kind and key, counted in [`TraceStats::seq_from_run`];
+//! without one it stays an invalid op. A garbage seq at or below `SEQ_MAX`
+//! (1 in 256 freelist pointers) cannot be told from a real one; it affects
+//! only which refs a held seq keeps back, not the final tree.
+//!
 //! # run_* events
 //!
 //! `run_delayed_tree_ref` / `run_delayed_data_ref` / `run_delayed_ref_head`

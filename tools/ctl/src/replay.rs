@@ -65,8 +65,8 @@ pub struct ReplayOptions {
     pub threads: usize,
     /// Commit after this many ops (0: only at the end).
     pub commit_every: u64,
-    /// Tree block size.
-    pub nodesize: u64,
+    /// Tree block size (`None`: the one the dump's leaves show).
+    pub nodesize: Option<u64>,
     /// Print progress to stderr.
     pub progress: bool,
 }
@@ -129,6 +129,8 @@ pub struct ReplayReport {
     pub ops: u64,
     /// Extents in before.
     pub extents_before: usize,
+    /// Tree block size of the dumps (given, or shown by their leaves).
+    pub nodesize: u64,
     /// Extents compared (in after).
     pub extents: usize,
     /// Extents in refd's tree at the end.
@@ -166,10 +168,11 @@ impl ReplayReport {
     }
 }
 
-/// Load a dump with the file named in errors.
-pub fn load(path: &PathBuf, nodesize: u64) -> Result<ExtentTree, ReplayError> {
+/// Load a dump with the file named in errors; also returns the nodesize
+/// its tree blocks were given (`nodesize`, or the one its leaves show).
+pub fn load(path: &PathBuf, nodesize: Option<u64>) -> Result<(ExtentTree, u64), ReplayError> {
     load_dump(path, &DumpOptions { nodesize })
-        .map(|(tree, _)| tree)
+        .map(|(tree, stats)| (tree, stats.nodesize))
         .map_err(|source| ReplayError::Dump {
             path: path.clone(),
             source,
@@ -187,18 +190,20 @@ pub fn replay(opts: &ReplayOptions, show: usize) -> Result<ReplayReport, ReplayE
     if opts.progress {
         eprintln!("loading {}...", opts.before.display());
     }
-    let before = load(&opts.before, opts.nodesize)?;
+    let (before, nodesize) = load(&opts.before, opts.nodesize)?;
     let extents_before = before.len();
     let mut report = match opts.imp {
         Impl::Lockfree => run(Engine::with_tree(LockFreeStore::new(), before, 0), opts)?,
         Impl::Mutex => run(Engine::with_tree(MutexStore::new(), before, 0), opts)?,
     };
     report.extents_before = extents_before;
+    report.nodesize = nodesize;
     if let Some(after_path) = &opts.after {
         if opts.progress {
             eprintln!("loading {}...", after_path.display());
         }
-        let after = load(after_path, opts.nodesize)?;
+        // The same filesystem: its leaves must show the same nodesize.
+        let (after, _) = load(after_path, Some(nodesize))?;
         report.extents = after.len();
         report.mismatches = compare(&after, &report.tree);
         if !report.mismatches.is_empty() && show > 0 {
@@ -311,6 +316,7 @@ fn run<S: DelayedRefStore>(
         verify: opts.verify,
         ops,
         extents_before: 0,
+        nodesize: 0,
         extents: 0,
         extents_got: tree.len(),
         commits,

@@ -4,14 +4,16 @@
 
 use std::io::BufRead;
 
-use refd_core::model::{Action, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF};
+use refd_core::model::{
+    Action, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF, SEQ_MAX,
+};
 
 use crate::lex;
 
 use super::fields::{HeadFields, RefFields};
 use super::line::Meta;
 use super::reader::{Slot, TraceReader, WaitingHead};
-use super::{KernelAction, TraceError, TraceItem, TracedOp};
+use super::{KernelAction, RunEvent, TraceError, TraceItem, TracedOp};
 
 impl<R: BufRead> TraceReader<R> {
     pub(super) fn add_head(&mut self, h: Meta, head: HeadFields) -> Result<(), TraceError> {
@@ -134,7 +136,16 @@ impl<R: BufRead> TraceReader<R> {
             }
         };
         let key = r.key();
-        let mut op = Op::new(r.bytenr, r.num_bytes, r.kind(), action, key, r.seq);
+        let mut seq = r.seq;
+        if seq > SEQ_MAX {
+            // Printed from a node already run and freed (module doc, "Refs
+            // printed after their node ran"): the run event has its seq.
+            if let Some(run_seq) = pos.and_then(|p| self.seq_of_run(p, &r)) {
+                seq = run_seq;
+                self.stats.seq_from_run += 1;
+            }
+        }
+        let mut op = Op::new(r.bytenr, r.num_bytes, r.kind(), action, key, seq);
         if action == Action::AddExtent && matches!(key, RefKey::SharedBlock { .. }) {
             // Relocation tree block: allocated with FULL_BACKREF (module doc).
             op = op.and_then(|op| {
@@ -164,6 +175,25 @@ impl<R: BufRead> TraceReader<R> {
             }));
         }
         Ok(())
+    }
+
+    /// The seq of the latest run event, among those after the head at
+    /// position `head_pos` (all still held back behind it), of the node
+    /// that `r` names: same extent, kind and key.
+    fn seq_of_run(&self, head_pos: usize, r: &RefFields) -> Option<u64> {
+        let key = Some(r.key());
+        self.order
+            .iter()
+            .skip(head_pos + 1)
+            .rev()
+            .find_map(|slot| match slot {
+                Slot::Ready(TraceItem::Run(RunEvent::Ref { op, .. }))
+                    if op.bytenr == r.bytenr && op.kind == r.kind() && op.key == key =>
+                {
+                    Some(op.seq)
+                }
+                _ => None,
+            })
     }
 
     /// At end of input: the front head never got its ref.

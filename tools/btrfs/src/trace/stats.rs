@@ -21,6 +21,11 @@ pub struct TraceStats {
     pub seq_nonzero_ops: u64,
     /// Run items emitted.
     pub runs: u64,
+    /// Ref events whose printed seq cannot be a tree-mod-log seq (above
+    /// `SEQ_MAX`) because they were printed from a node the kernel had
+    /// already run and freed; the seq is the one its run event printed
+    /// (module doc of `trace`, "Refs printed after their node ran").
+    pub seq_from_run: u64,
     /// Deepest holdback queue seen.
     pub holdback_max: usize,
     /// The fsid of the first event, with bytes other than printable ASCII

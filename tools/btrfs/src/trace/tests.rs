@@ -572,3 +572,58 @@ fn regression_fsid_compared_byte_for_byte() {
         other => panic!("{other}"),
     }
 }
+
+/// Four lines of the capture racy-1 (kernel 6.18.44): a DROP queued by one
+/// worker, its node run by another worker, and the ref event printed after
+/// that from the freed node, whose seq is a slab freelist pointer.
+const REF_AFTER_RUN: &str = "   kworker/u8:10-7968    [001] ...1.  1341.343673: add_delayed_ref_head: c8c10eec-1451-4cc1-9a9f-4b04ae85e1e9: bytenr=994705408 num_bytes=16384 action=DROP_DELAYED_REF is_data=0
+    kworker/u8:5-7641    [000] .....  1341.343765: run_delayed_tree_ref: c8c10eec-1451-4cc1-9a9f-4b04ae85e1e9: bytenr=994705408 num_bytes=16384 action=DROP_DELAYED_REF parent=0(-) ref_root=256(-) level=0 type=TREE_BLOCK_REF seq=2
+    kworker/u8:5-7641    [000] .....  1341.343768: run_delayed_ref_head: c8c10eec-1451-4cc1-9a9f-4b04ae85e1e9: bytenr=994705408 num_bytes=16384 action=0x0 is_data=0
+   kworker/u8:10-7968    [001] .....  1341.343814: add_delayed_tree_ref: c8c10eec-1451-4cc1-9a9f-4b04ae85e1e9: bytenr=994705408 num_bytes=16384 action=DROP_DELAYED_REF parent=0(-) ref_root=256(-) level=0 type=TREE_BLOCK_REF seq=7398869659294574876
+";
+
+/// Regression: the strict reader refused racy-1 at its line 4242546 ("seq
+/// 7398869659294574876 above the maximum"); the op is the DROP with the
+/// seq its run event printed.
+#[test]
+fn regression_ref_printed_after_its_node_ran_takes_the_runs_seq() {
+    let (items, stats) = read(REF_AFTER_RUN, Strictness::Strict);
+    let ops: Vec<TracedOp> = items
+        .into_iter()
+        .filter_map(|i| match i.unwrap() {
+            TraceItem::Op(op) => Some(op),
+            TraceItem::Run(_) => None,
+        })
+        .collect();
+    assert_eq!(ops.len(), 1);
+    let op = ops[0].op;
+    assert_eq!(
+        (op.bytenr, op.action, op.key, op.seq),
+        (
+            994705408,
+            Action::DropRef,
+            Some(RefKey::TreeBlock { root: 256 }),
+            2
+        )
+    );
+    assert_eq!((ops[0].head_line, ops[0].ref_line), (1, Some(4)));
+    assert_eq!((stats.seq_from_run, stats.runs), (1, 2));
+}
+
+/// Only the run of the same node lends its seq: without one (here the run
+/// event names another root) the garbage seq is still an invalid op.
+#[test]
+fn a_seq_above_the_maximum_without_a_run_of_its_node_is_refused() {
+    let text = REF_AFTER_RUN.replacen("ref_root=256(-) level=0", "ref_root=257(-) level=0", 1);
+    let e = error(&text);
+    assert!(
+        e.to_string().contains("line 4") && e.to_string().contains("7398869659294574876"),
+        "{e}"
+    );
+    let no_run: String = REF_AFTER_RUN
+        .lines()
+        .filter(|l| !l.contains("run_delayed"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(error(&no_run).to_string().contains("above the maximum"));
+}

@@ -120,9 +120,10 @@ struct Common {
     /// Commit after this many ops (0: only at the end).
     #[arg(long, default_value_t = 20_000)]
     commit_every: u64,
-    /// Tree block size of the filesystem (meta.json: nodesize).
-    #[arg(long, default_value_t = 16384)]
-    nodesize: u64,
+    /// Tree block size of the filesystem (meta.json: nodesize; default: the
+    /// one the leaves of BEFORE show, which AFTER must show too).
+    #[arg(long)]
+    nodesize: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -153,9 +154,9 @@ struct ExportArgs {
 struct NormalizeArgs {
     /// dump-tree file, .zst or text.
     file: PathBuf,
-    /// Tree block size.
-    #[arg(long, default_value_t = 16384)]
-    nodesize: u64,
+    /// Tree block size (default: the one the dump's leaves show).
+    #[arg(long)]
+    nodesize: Option<u64>,
 }
 
 fn options(c: &Common, after: Option<PathBuf>, progress: bool) -> Result<ReplayOptions, String> {
@@ -183,6 +184,7 @@ fn print_replay(r: &ReplayReport, json: bool) {
             "extents": r.extents,
             "extents_before": r.extents_before,
             "extents_got": r.extents_got,
+            "nodesize": r.nodesize,
             "mismatches": r.mismatches.len(),
             "quarantined": r.quarantined.len(),
             "verify_errors": r.verify_errors,
@@ -206,7 +208,8 @@ fn print_replay(r: &ReplayReport, json: bool) {
         r.ops_per_sec()
     );
     println!(
-        "extents: {} before, {} expected after, {} in refd; mismatches: {}; quarantined heads: {}; verify errors: {}",
+        "extents (nodesize {}): {} before, {} expected after, {} in refd; mismatches: {}; quarantined heads: {}; verify errors: {}",
+        r.nodesize,
         r.extents_before,
         r.extents,
         r.extents_got,
@@ -246,7 +249,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             Ok(r.exact())
         }
         Cmd::Btrfs(BtrfsCmd::Export(a)) => {
-            let tree = if a.common.trace.is_some() {
+            let (tree, nodesize) = if a.common.trace.is_some() {
                 let opts = options(&a.common, None, false)?;
                 let r = replay(&opts, 0).map_err(|e| e.to_string())?;
                 if !r.exact() {
@@ -256,7 +259,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                         r.verify_errors
                     );
                 }
-                r.tree
+                (r.tree, r.nodesize)
             } else {
                 load(&a.common.before, a.common.nodesize).map_err(|e| e.to_string())?
             };
@@ -264,7 +267,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             let res = if a.canonical {
                 write_canonical(&tree, out)
             } else {
-                write_dump_items(&tree, a.common.nodesize, out)
+                write_dump_items(&tree, nodesize, out)
             };
             res.map_err(|e| format!("writing to stdout: {e}"))?;
             Ok(true)
@@ -341,7 +344,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         }
         Cmd::Client(c) => client::run_to_stdout(c).map_err(|e| e.to_string()),
         Cmd::Btrfs(BtrfsCmd::Normalize(a)) => {
-            let tree = load(&a.file, a.nodesize).map_err(|e| e.to_string())?;
+            let (tree, _) = load(&a.file, a.nodesize).map_err(|e| e.to_string())?;
             write_canonical(&tree, std::io::stdout().lock())
                 .map_err(|e| format!("writing to stdout: {e}"))?;
             Ok(true)

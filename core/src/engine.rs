@@ -647,6 +647,70 @@ impl<S: DelayedRefStore> Ran<'_, S> {
         &self.report
     }
 
+    /// The report's freed extents minus every range an extent of the tree
+    /// after this commit covers: what a consumer of freed space may reuse.
+    /// An extent freed and allocated again by the same commit (the same
+    /// bytenr, or a range inside it: legal, a commit spans many of a
+    /// client's transactions) is live afterwards, so its range, or the
+    /// part the new extent covers, is left out; what remains of it is
+    /// given as the pieces around. Only this commit's effects can overlap
+    /// a freed range (live extents never overlap, and a freed one was
+    /// live before).
+    pub fn freed_unreused(&self) -> Vec<FreedExtent> {
+        if self.report.freed.is_empty() {
+            return Vec::new();
+        }
+        let mut freed = self.report.freed.clone();
+        freed.sort_by_key(|f| f.bytenr);
+        // Live ranges of this commit's items that meet a freed range.
+        let mut live: Vec<(u64, u64)> = Vec::new();
+        for (bytenr, item) in self.effects.iter().flatten() {
+            let Some(item) = item else { continue };
+            let end = bytenr.saturating_add(item.num_bytes);
+            // Freed ranges are disjoint (they were live extents): those
+            // starting before `end`, the last few of which may reach past
+            // `bytenr`.
+            let upto = freed.partition_point(|f| f.bytenr < end);
+            let meets = freed[..upto]
+                .iter()
+                .rev()
+                .take_while(|f| f.bytenr.saturating_add(f.num_bytes) > *bytenr)
+                .next()
+                .is_some();
+            if meets {
+                live.push((*bytenr, end));
+            }
+        }
+        if live.is_empty() {
+            return freed;
+        }
+        live.sort_unstable();
+        let mut out = Vec::with_capacity(freed.len());
+        for f in freed {
+            let mut at = f.bytenr;
+            let end = f.bytenr.saturating_add(f.num_bytes);
+            let first = live.partition_point(|&(_, e)| e <= at);
+            for &(s, e) in live[first..].iter().take_while(|&&(s, _)| s < end) {
+                if s > at {
+                    out.push(FreedExtent {
+                        num_bytes: s - at,
+                        bytenr: at,
+                        ..f
+                    });
+                }
+                at = at.max(e);
+            }
+            if at < end {
+                out.push(FreedExtent {
+                    num_bytes: end - at,
+                    bytenr: at,
+                    ..f
+                });
+            }
+        }
+        out
+    }
+
     /// Apply the effects to the tree under its write lock, release the
     /// frozen transaction and requeue the held heads: the second half of
     /// [`Engine::run_frozen_with`].
@@ -1164,6 +1228,59 @@ mod tests {
             0,
         )
         .unwrap()
+    }
+
+    /// A commit that frees extents and allocates their ranges again (the
+    /// same bytenr with another size, a smaller extent inside, the same
+    /// extent anew) reports every old life ended, but what a consumer of
+    /// freed space may reuse leaves out what is live afterwards.
+    #[test]
+    fn ranges_allocated_again_by_the_freeing_commit_are_not_reusable() {
+        let e = Engine::new(MutexStore::new());
+        let mut h = e.handle().unwrap();
+        let op = |b: u64, n: u64, a: Action, root: u64| {
+            let key = RefKey::ExtentData {
+                root,
+                objectid: 257,
+                offset: 0,
+            };
+            Op::new(b, n, ExtentKind::Data, a, key, 0).unwrap()
+        };
+        let (big, small) = (1u64 << 20, 4u64 << 20);
+        h.add(&op(big, 64 << 10, Action::AddExtent, 5)).unwrap();
+        h.add(&op(small, 8192, Action::AddExtent, 5)).unwrap();
+        h.add(&op(8 << 20, 4096, Action::AddExtent, 5)).unwrap();
+        assert_eq!(e.commit().applied, 3);
+        h.add(&op(big, 64 << 10, Action::DropRef, 5)).unwrap();
+        h.add(&op(big, 4096, Action::AddExtent, 6)).unwrap();
+        h.add(&op(big + (16 << 10), 4096, Action::AddExtent, 6))
+            .unwrap();
+        h.add(&op(small, 8192, Action::DropRef, 5)).unwrap();
+        h.add(&op(small, 8192, Action::AddExtent, 7)).unwrap();
+        h.add(&op(8 << 20, 4096, Action::DropRef, 5)).unwrap();
+        let (ran, _) = e.run_frozen_parts(e.seal().merge(), &());
+        let all: Vec<(u64, u64)> = ran
+            .report()
+            .freed
+            .iter()
+            .map(|f| (f.bytenr, f.num_bytes))
+            .collect();
+        assert_eq!(all, [(big, 64 << 10), (small, 8192), (8 << 20, 4096)]);
+        let reusable: Vec<(u64, u64)> = ran
+            .freed_unreused()
+            .iter()
+            .map(|f| (f.bytenr, f.num_bytes))
+            .collect();
+        assert_eq!(
+            reusable,
+            [
+                (big + 4096, 12 << 10),
+                (big + (20 << 10), 44 << 10),
+                (8 << 20, 4096)
+            ]
+        );
+        let r = ran.apply();
+        assert_eq!((r.applied, r.quarantined.len()), (4, 0), "{r:?}");
     }
 
     /// The engine keeps at most [`QUARANTINE_KEEP`] refused heads, the

@@ -201,7 +201,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let held_chunks_before = st.held_chunks;
         let extents_before = (self.extents(), st.extents_recorded);
         let (service, dropped, freed_list) =
-            self.service_changes(&snap, generation, &ran.report().freed);
+            self.service_changes(&snap, generation, &ran.freed_unreused());
         let (items, core) = refd_core::engine::alongside(
             || {
                 let held = (held_heads.as_slice(), held_chunks_before);

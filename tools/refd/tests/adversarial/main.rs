@@ -126,6 +126,38 @@ struct Tally {
 }
 
 /// The test's own account of what the daemon must hold.
+/// What FREED lists for a commit that freed `freed`: the freed ranges
+/// minus every byte an extent of the model's tree after the commit covers
+/// (a range freed and allocated again by the same commit is not reusable),
+/// in pieces where a new extent covers part of a freed one.
+fn reusable(
+    freed: &[(u64, u64)],
+    after: &BTreeMap<u64, refd_core::oracle::ModelExtent>,
+) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(bytenr, num_bytes) in freed {
+        let end = bytenr + num_bytes;
+        // Live extents are disjoint: the one starting at or before
+        // `bytenr` may reach into the range, then those starting inside.
+        let before = after.range(..=bytenr).next_back();
+        let inside = after.range(bytenr + 1..end);
+        let mut at = bytenr;
+        for (&b, e) in before.into_iter().chain(inside) {
+            if b + e.num_bytes <= at {
+                continue;
+            }
+            if b > at {
+                out.push((at, b - at));
+            }
+            at = at.max(b + e.num_bytes);
+        }
+        if at < end {
+            out.push((at, end - at));
+        }
+    }
+    out
+}
+
 struct Oracle {
     model: Model,
     /// The model right after the last commit (pending: held ops only).
@@ -206,8 +238,9 @@ impl Oracle {
     fn record(&mut self, m: &ModelCommit, generation: u64) {
         self.gens.insert(self.model.generation, generation);
         self.generation = generation;
-        if !m.freed.is_empty() {
-            self.freed.insert(generation, m.freed.clone());
+        let reusable = reusable(&m.freed, &self.model.extents);
+        if !reusable.is_empty() {
+            self.freed.insert(generation, reusable);
         }
         self.quarantined += m.quarantined.len() as u64;
         self.tally.quarantined += m.quarantined.len() as u64;

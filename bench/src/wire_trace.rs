@@ -21,7 +21,13 @@
 //!    of that kernel seq then carry, so commits in between keep them
 //!    pending as btrfs keeps refs newer than a held seq; at most
 //!    [`BARRIERS_HELD_MAX`] are held (the oldest released first), all
-//!    are released at the end. Then a COMMIT.
+//!    are released at the end. Before an allocation whose range meets an
+//!    earlier drop, the barriers that would hold that drop are released:
+//!    the kernel reuses a range only after the transaction that freed it
+//!    committed, and no seq outlives a transaction (without this, racy-1
+//!    ended with 4-127 extents wrong: its drops held across daemon
+//!    commits left live extents that refused the reallocations, which
+//!    the daemon now logs at WARN). Then a COMMIT.
 //! 3. Every extent of the kernel's `after` dump, and every bytenr the
 //!    dump or the trace named, is read back with BACKREFS (all pages):
 //!    the extents the daemon has are compared with `after` extent by
@@ -196,8 +202,8 @@ struct Barriers<'a> {
     control: &'a Client,
     /// Kernel seq → the daemon's seq of the barrier acquired for it.
     seqs: BTreeMap<u64, u64>,
-    /// Barriers held, oldest first.
-    held: VecDeque<u64>,
+    /// Barriers held (id, the daemon's seq), oldest (lowest seq) first.
+    held: VecDeque<(u64, u64)>,
     acquired: u64,
 }
 
@@ -216,15 +222,24 @@ impl Barriers<'_> {
             .map_err(|e| format!("BARRIER_ACQUIRE: {e}"))?;
         self.acquired += 1;
         self.seqs.insert(seq, r.seq);
-        self.held.push_back(r.barrier_id);
+        self.held.push_back((r.barrier_id, r.seq));
         if self.held.len() > BARRIERS_HELD_MAX {
             self.release_oldest()?;
         }
         Ok(r.seq)
     }
 
+    /// Releases every barrier that holds an op of daemon seq `seq` (those
+    /// of a seq at or below it).
+    fn release_through(&mut self, seq: u64) -> Result<(), String> {
+        while self.held.front().is_some_and(|&(_, s)| s <= seq) {
+            self.release_oldest()?;
+        }
+        Ok(())
+    }
+
     fn release_oldest(&mut self) -> Result<(), String> {
-        let Some(id) = self.held.pop_front() else {
+        let Some((id, _)) = self.held.pop_front() else {
             return Ok(());
         };
         match self.control.barrier_release(id) {
@@ -295,9 +310,24 @@ fn replay(
                         std::thread::sleep(std::time::Duration::from_micros(50));
                     }
                 }
+                // The kernel reuses a range only once the transaction that
+                // freed it committed, and no tree-mod-log seq outlives a
+                // transaction: the barriers that would hold those drops
+                // back are gone by then. Here one barrier stands for a
+                // kernel seq for the whole replay, so release those that
+                // hold a drop this allocation's range meets (else the
+                // drop waits past a daemon commit that refuses the
+                // allocation: it overlaps the still-live extent).
+                let seq = frees.seq_meeting(op.bytenr, op.num_bytes);
+                if seq > 0 {
+                    if let Err(e) = barriers.release_through(seq) {
+                        failed = Some(e);
+                        break;
+                    }
+                }
             }
             if op.action == Action::DropRef {
-                frees.record(op.bytenr, op.num_bytes, t, fanout.sent(t) + 1);
+                frees.record(op.bytenr, op.num_bytes, t, fanout.sent(t) + 1, w.seq);
             }
             if !fanout.push(t, w) {
                 break; // the worker failed: its error is returned below
@@ -331,27 +361,49 @@ fn replay(
 /// of each bytenr).
 #[derive(Debug, Default)]
 struct Frees {
-    drops: BTreeMap<u64, (u64, usize, u64)>,
+    /// Bytenr → (size, connection, batch number, the daemon's seq).
+    drops: BTreeMap<u64, (u64, usize, u64, u64)>,
     /// The largest size recorded: how far below a range a drop can start
     /// and still meet it.
     bytes_max: u64,
 }
 
 impl Frees {
-    fn record(&mut self, bytenr: u64, num_bytes: u64, client: usize, batch_no: u64) {
-        self.drops.insert(bytenr, (num_bytes, client, batch_no));
+    fn record(&mut self, bytenr: u64, num_bytes: u64, client: usize, batch_no: u64, seq: u64) {
+        self.drops
+            .insert(bytenr, (num_bytes, client, batch_no, seq));
         self.bytes_max = self.bytes_max.max(num_bytes);
+    }
+
+    /// The drops (of any connection) whose extent meets
+    /// `[bytenr, bytenr + num_bytes)`.
+    fn meeting(
+        &self,
+        bytenr: u64,
+        num_bytes: u64,
+    ) -> impl Iterator<Item = &(u64, usize, u64, u64)> + '_ {
+        let from = bytenr.saturating_sub(self.bytes_max);
+        let end = bytenr.saturating_add(num_bytes);
+        self.drops
+            .range(from..end)
+            .filter(move |&(&b, &(n, ..))| b.saturating_add(n) > bytenr)
+            .map(|(_, d)| d)
+    }
+
+    /// The highest daemon seq of the drops meeting the range (0: none).
+    fn seq_meeting(&self, bytenr: u64, num_bytes: u64) -> u64 {
+        self.meeting(bytenr, num_bytes)
+            .map(|&(.., s)| s)
+            .max()
+            .unwrap_or(0)
     }
 
     /// `(connection, batch number)` of the drops of other connections than
     /// `client` whose extent meets `[bytenr, bytenr + num_bytes)`.
     fn before(&self, bytenr: u64, num_bytes: u64, client: usize) -> Vec<(usize, u64)> {
-        let from = bytenr.saturating_sub(self.bytes_max);
-        let end = bytenr.saturating_add(num_bytes);
-        self.drops
-            .range(from..end)
-            .filter(|&(&b, &(n, c, _))| c != client && b.saturating_add(n) > bytenr)
-            .map(|(_, &(_, c, k))| (c, k))
+        self.meeting(bytenr, num_bytes)
+            .filter(|&&(_, c, ..)| c != client)
+            .map(|&(_, c, k, _)| (c, k))
             .collect()
     }
 }

@@ -14,7 +14,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -71,16 +71,6 @@ fn parse_hex_line(line: &str) -> Vec<u8> {
         .collect()
 }
 
-/// The `tcp:HOST:PORT` the ready line names, as `HOST:PORT`.
-fn tcp_listener(ready: &str) -> String {
-    let at = ready.find("tcp:127.0.0.1:").expect("a TCP listener") + "tcp:".len();
-    ready[at..]
-        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
-        .next()
-        .expect("listener")
-        .to_string()
-}
-
 #[test]
 fn a_c_client_written_from_the_protocol_document_passes() {
     let Some(t) = Target::new("refd-c-client", 64 * MIB, false) else {
@@ -135,18 +125,7 @@ fn a_c_client_written_from_the_protocol_document_passes() {
         .stdout(Stdio::inherit())
         .spawn()
         .expect("run the C client");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = client.try_wait().expect("wait for the client") {
-            break status;
-        }
-        if start.elapsed() > CLIENT_TIMEOUT {
-            let _ = client.kill();
-            let _ = client.wait();
-            panic!("the C client ran over {CLIENT_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_bounded(&mut client, CLIENT_TIMEOUT, "the C client");
     assert!(
         status.success(),
         "the C client failed ({status}); its output says which checks:\n{}",

@@ -17,7 +17,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -36,23 +36,11 @@ fn python3() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The `tcp:HOST:PORT` the ready line names.
-fn tcp_listener(ready: &str) -> String {
-    let at = ready
-        .find("tcp:127.0.0.1:")
-        .expect("a TCP listener in the ready line");
-    ready[at..]
-        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
-        .next()
-        .expect("listener")
-        .to_string()
-}
-
 /// The client run `python3 refd_doc_client.py --connect unix:… --tcp …
 /// --token-file … <extra>` against `d`, bounded by [`CLIENT_TIMEOUT`].
 fn run_client(d: &Daemon, token: &str, extra: &[&str]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/doc_client/refd_doc_client.py");
-    let tcp = tcp_listener(&d.ready);
+    let tcp = format!("tcp:{}", tcp_listener(&d.ready));
     let mut client = Command::new("python3")
         .arg(&script)
         .arg("--connect")
@@ -61,18 +49,7 @@ fn run_client(d: &Daemon, token: &str, extra: &[&str]) {
         .args(extra)
         .spawn()
         .expect("run python3");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = client.try_wait().expect("wait for the client") {
-            break status;
-        }
-        if start.elapsed() > CLIENT_TIMEOUT {
-            let _ = client.kill();
-            let _ = client.wait();
-            panic!("the doc client ran over {CLIENT_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_bounded(&mut client, CLIENT_TIMEOUT, "the doc client");
     assert!(
         status.success(),
         "the doc client failed ({status}) with {extra:?}; its output says which checks"
@@ -134,17 +111,7 @@ fn a_client_written_from_the_protocol_document_passes() {
     let pid = d.child.id().to_string();
     run_client(&d, token, &["--check-state", state, "--stop-pid", &pid]);
     // The client stopped the daemon: a clean stop.
-    let start = Instant::now();
-    let stopped = loop {
-        if let Some(s) = d.child.try_wait().expect("wait for refd") {
-            break s;
-        }
-        assert!(
-            start.elapsed() < CLIENT_TIMEOUT,
-            "refd did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let stopped = wait_bounded(&mut d.child, CLIENT_TIMEOUT, "refd's stop after SIGTERM");
     assert!(
         stopped.success(),
         "refd exited {stopped} after SIGTERM:\n{}",

@@ -616,17 +616,11 @@ fn a_full_node_region_latches_and_grows() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn refd");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = p.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = p.kill();
-            panic!("refd without --grow should have stopped");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_bounded(
+        &mut p,
+        Duration::from_secs(120),
+        "refd without --grow (it should have stopped)",
+    );
     let mut err = String::new();
     p.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(!status.success(), "{err}");
@@ -758,17 +752,11 @@ fn closed_output_does_not_wedge_the_daemon() {
     ));
     drop(c);
     signal(&child, libc::SIGTERM);
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("refd did not stop on SIGTERM with its output closed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_bounded(
+        &mut child,
+        Duration::from_secs(20),
+        "refd's stop on SIGTERM with its output closed",
+    );
     assert!(status.success(), "{status:?}");
 }
 

@@ -128,14 +128,7 @@ impl Daemon {
     /// SIGTERM, then its exit status (at most 60 s).
     pub fn term(&mut self) -> ExitStatus {
         signal(&self.child, libc::SIGTERM);
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "refd did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_bounded(&mut self.child, Duration::from_secs(60), "refd's stop")
     }
 
     pub fn log(&self) -> String {
@@ -158,6 +151,36 @@ impl Drop for Daemon {
             eprintln!("--- refd log ({}):\n{}", self.stderr.display(), self.log());
         }
     }
+}
+
+/// Waits for `child` at most `limit`; past it, kills it and panics naming
+/// `what`.
+pub fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} ran over {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `tcp:127.0.0.1:PORT` listener a ready line names, as `HOST:PORT`.
+pub fn tcp_listener(ready: &str) -> String {
+    let at = ready
+        .find("tcp:127.0.0.1:")
+        .expect("a TCP listener in the ready line")
+        + "tcp:".len();
+    ready[at..]
+        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+        .next()
+        .expect("listener")
+        .to_string()
 }
 
 pub fn signal(child: &Child, sig: i32) {

@@ -9,6 +9,9 @@
 //! Each case is named by what it attacks; the refusals expected are
 //! asserted, so a rule wrong in the stores and the model alike fails too.
 
+mod common;
+
+use common::*;
 use proptest::prelude::*;
 use refd_core::delayed::lockfree::LockFreeStore;
 use refd_core::delayed::mutex::MutexStore;
@@ -67,49 +70,6 @@ fn full_backref(b: u64, n: u64, kind: ExtentKind) -> Op {
         },
     )
     .unwrap()
-}
-
-/// Run `commits` through both stores (the lock-free one over two handles)
-/// and the model, checking lookups of every bytenr named before each
-/// commit and everything after it. Returns the lock-free engine's reports.
-fn agree(commits: &[Vec<Op>]) -> Vec<CommitReport> {
-    let lf = Engine::new(LockFreeStore::with_config(2, 2));
-    let mx = Engine::new(MutexStore::new());
-    let mut model = Model::new();
-    let mut reports = Vec::new();
-    let mut lf_h = [lf.handle().unwrap(), lf.handle().unwrap()];
-    let mut mx_h = mx.handle().unwrap();
-    for (n, ops) in commits.iter().enumerate() {
-        for (i, op) in ops.iter().enumerate() {
-            lf_h[i % 2].add(op).unwrap();
-            mx_h.add(op).unwrap();
-            model.add(op);
-        }
-        let mut bytenrs: Vec<u64> = ops.iter().map(|o| o.bytenr).collect();
-        bytenrs.sort_unstable();
-        bytenrs.dedup();
-        for &b in &bytenrs {
-            let want = model.lookup(b);
-            assert_eq!(lf.lookup_extent_ref(b).refs, want, "lock-free lookup {b}");
-            assert_eq!(mx.lookup_extent_ref(b).refs, want, "mutex lookup {b}");
-        }
-        let (r_lf, r_mx, m) = (lf.commit(), mx.commit(), model.commit(0));
-        assert_eq!(r_lf.quarantined, r_mx.quarantined, "commit {n}");
-        assert_eq!(r_lf.freed, r_mx.freed, "commit {n}");
-        let mut freed: Vec<(u64, u64)> =
-            r_lf.freed.iter().map(|f| (f.bytenr, f.num_bytes)).collect();
-        freed.sort_unstable();
-        let mut refused: Vec<u64> = r_lf.quarantined.iter().map(|q| q.head.bytenr).collect();
-        refused.sort_unstable();
-        assert_eq!(freed, m.freed, "freed vs model, commit {n}");
-        assert_eq!(refused, m.quarantined, "refused vs model, commit {n}");
-        let t_lf = normalize_tree(&lf.tree());
-        assert_eq!(t_lf, normalize_tree(&mx.tree()), "trees, commit {n}");
-        assert_eq!(t_lf, model.normalized(), "tree vs model, commit {n}");
-        lf.tree().check().expect("tree invariants");
-        reports.push(r_lf);
-    }
-    reports
 }
 
 /// The errors of a commit's refused heads, in bytenr order.

@@ -3,6 +3,9 @@
 //! (extent tree, freed extents, quarantined and held heads), and lookups
 //! agree at every step.
 
+mod common;
+
+use common::*;
 use proptest::prelude::*;
 use refd_core::delayed::lockfree::LockFreeStore;
 use refd_core::delayed::mutex::MutexStore;
@@ -11,7 +14,7 @@ use refd_core::engine::{CommitReport, Engine};
 use refd_core::model::{
     Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF,
 };
-use refd_core::oracle::{normalize_tree, Model, ModelCommit};
+use refd_core::oracle::Model;
 use refd_core::run::RunError;
 
 #[derive(Clone, Debug)]
@@ -144,35 +147,6 @@ fn build(b: u8, act: u8, key: u8, seq: u8, shape: u8, eop: u8, cur_seq: u64) -> 
     }
 }
 
-fn summary(r: &CommitReport) -> ModelCommit {
-    let mut freed: Vec<(u64, u64)> = r.freed.iter().map(|f| (f.bytenr, f.num_bytes)).collect();
-    freed.sort_unstable();
-    let mut quarantined: Vec<u64> = r.quarantined.iter().map(|q| q.head.bytenr).collect();
-    quarantined.sort_unstable();
-    ModelCommit {
-        freed,
-        quarantined,
-        held: Vec::new(),
-    }
-}
-
-fn check_equal<A: DelayedRefStore, B: DelayedRefStore>(
-    lf: &Engine<A>,
-    mx: &Engine<B>,
-    model: &Model,
-    step: usize,
-) {
-    let t_lf = normalize_tree(&lf.tree());
-    let t_mx = normalize_tree(&mx.tree());
-    assert_eq!(t_lf, t_mx, "lockfree vs mutex tree after step {step}");
-    assert_eq!(
-        t_lf,
-        model.normalized(),
-        "engine vs model tree after step {step}"
-    );
-    lf.tree().check().expect("tree invariants");
-}
-
 fn run(cmds: Vec<Cmd>, staging: usize) {
     let lf = Engine::new(LockFreeStore::with_config(4, staging));
     // Every commit of more than one effect applies in steps here, in one
@@ -295,35 +269,6 @@ fn seq_merge_regression_4_2_engine() {
     }
     go(MutexStore::new());
     go(LockFreeStore::with_config(2, 2));
-}
-
-/// Run `commits` (each a list of ops, spread over two handles) through
-/// both stores and the model; everything must agree after each commit.
-/// Returns the lock-free engine's reports.
-fn agree(commits: &[Vec<Op>]) -> Vec<CommitReport> {
-    let lf = Engine::new(LockFreeStore::with_config(2, 2));
-    let mx = Engine::new(MutexStore::new());
-    let mut model = Model::new();
-    let mut reports = Vec::new();
-    {
-        let mut lf_h = [lf.handle().unwrap(), lf.handle().unwrap()];
-        let mut mx_h = mx.handle().unwrap();
-        for (n, ops) in commits.iter().enumerate() {
-            for (i, op) in ops.iter().enumerate() {
-                lf_h[i % 2].add(op).unwrap();
-                mx_h.add(op).unwrap();
-                model.add(op);
-            }
-            let (r_lf, r_mx, m) = (lf.commit(), mx.commit(), model.commit(0));
-            assert_eq!(r_lf.quarantined, r_mx.quarantined, "commit {n}");
-            assert_eq!(r_lf.freed, r_mx.freed, "commit {n}");
-            let s = summary(&r_lf);
-            assert_eq!((&s.freed, &s.quarantined), (&m.freed, &m.quarantined));
-            check_equal(&lf, &mx, &model, n);
-            reports.push(r_lf);
-        }
-    }
-    reports
 }
 
 /// Issue 13 defect 1 through the engine (both stores and the model): a

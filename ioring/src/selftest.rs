@@ -286,6 +286,23 @@ pub struct BitmapContext {
     pub generation: u64,
 }
 
+impl BitmapContext {
+    /// The allocator as open loads it, with the run's bytes from `read`.
+    fn load(
+        &self,
+        read: impl FnOnce(u64, &mut [u8]) -> Result<(), BTreeError>,
+    ) -> Result<Allocator, BTreeError> {
+        Allocator::load(
+            self.region_start,
+            self.region_bytes,
+            self.info,
+            &self.fs_id,
+            self.generation,
+            read,
+        )
+    }
+}
+
 /// The bitmap run of `ctx`'s region as a commit writes it, with slot `s`
 /// marked allocated when `allocated(s)`: sealed nodes, in address order,
 /// for a run at `ctx.info.bitmap_addr` (the run's own slots are not
@@ -332,20 +349,13 @@ pub fn encode_bitmap(ctx: &BitmapContext, allocated: impl Fn(u64) -> bool) -> Ve
 /// If the contract is broken.
 pub fn bitmap_round_trip(buf: &[u8], ctx: &BitmapContext) -> Result<u64, BTreeError> {
     let mut read_len = 0;
-    let loaded = Allocator::load(
-        ctx.region_start,
-        ctx.region_bytes,
-        ctx.info,
-        &ctx.fs_id,
-        ctx.generation,
-        |_, out| {
-            read_len = out.len();
-            let n = out.len().min(buf.len());
-            out[..n].copy_from_slice(&buf[..n]);
-            out[n..].fill(0);
-            Ok(())
-        },
-    );
+    let loaded = ctx.load(|_, out| {
+        read_len = out.len();
+        let n = out.len().min(buf.len());
+        out[..n].copy_from_slice(&buf[..n]);
+        out[n..].fill(0);
+        Ok(())
+    });
     let a = match loaded {
         Ok(a) => a,
         Err(e) => {
@@ -380,18 +390,12 @@ pub fn bitmap_round_trip(buf: &[u8], ctx: &BitmapContext) -> Result<u64, BTreeEr
             header(&read).item_count < header(&again).item_count,
             "bitmap run does not re-encode"
         );
-        let b = Allocator::load(
-            ctx.region_start,
-            ctx.region_bytes,
-            ctx.info,
-            &ctx.fs_id,
-            ctx.generation,
-            |_, out| {
+        let b = ctx
+            .load(|_, out| {
                 out.copy_from_slice(&again);
                 Ok(())
-            },
-        )
-        .expect("a re-encoded bitmap loads");
+            })
+            .expect("a re-encoded bitmap loads");
         assert!(
             b.set_slots().eq(a.set_slots()),
             "a short bitmap run re-encodes to other slots"

@@ -70,6 +70,11 @@ pub struct Serve {
     /// Idle connections are closed after this many seconds.
     #[arg(long, default_value_t = crate::config::IDLE_TIMEOUT_S_DEFAULT)]
     pub idle_timeout_s: u64,
+    /// A connection that has not completed HELLO this many milliseconds
+    /// after it was accepted is closed (so that connections that never
+    /// authenticate cannot hold `--connections-max` slots).
+    #[arg(long, default_value_t = crate::config::HELLO_TIMEOUT_MS_DEFAULT)]
+    pub hello_timeout_ms: u64,
     /// Freed extents kept on the device for consumers.
     #[arg(long, default_value_t = refd_durable::service::FREED_KEPT_MAX_DEFAULT)]
     pub freed_kept_max: u64,
@@ -176,6 +181,7 @@ fn config(a: Serve) -> Result<ServeConfig, String> {
         barrier_lease_ms: a.barrier_lease_ms,
         held_heads_max: a.held_heads_max,
         idle_timeout: Duration::from_secs(a.idle_timeout_s),
+        hello_timeout: Duration::from_millis(a.hello_timeout_ms),
         freed_kept_max: a.freed_kept_max,
         prefault_mib: a.prefault_mib,
         latency_slice: Duration::from_micros(a.latency_slice_us),

@@ -40,6 +40,8 @@ pub const APPLY_RT_PRIORITY_DEFAULT: u8 = 1;
 pub const LOOKUP_RT_MS_PER_S_DEFAULT: u32 = 100;
 /// Default `--resched-tick-us` (see [`ServeConfig::resched_tick`]).
 pub const RESCHED_TICK_US_DEFAULT: u64 = 1000;
+/// Default `--hello-timeout-ms`.
+pub const HELLO_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// A frame whose first byte arrived must be complete within this.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A reply the client does not take within this closes the connection.
@@ -186,6 +188,9 @@ pub struct ServeConfig {
     pub held_heads_max: u64,
     /// Idle connections are closed after this.
     pub idle_timeout: Duration,
+    /// A connection without a successful HELLO this long after it was
+    /// accepted is closed.
+    pub hello_timeout: Duration,
     /// Freed extents kept on the device.
     pub freed_kept_max: u64,
     /// Heap touched before the engine opens (MiB).
@@ -242,6 +247,7 @@ impl Default for ServeConfig {
             barrier_lease_ms: BARRIER_LEASE_MS_DEFAULT,
             held_heads_max: HELD_HEADS_MAX_DEFAULT,
             idle_timeout: Duration::from_secs(IDLE_TIMEOUT_S_DEFAULT),
+            hello_timeout: Duration::from_millis(HELLO_TIMEOUT_MS_DEFAULT),
             freed_kept_max: refd_durable::service::FREED_KEPT_MAX_DEFAULT,
             prefault_mib: 0,
             latency_slice: Duration::from_micros(LATENCY_SLICE_US_DEFAULT),
@@ -287,6 +293,9 @@ impl ServeConfig {
                 self.resched_tick.as_micros(),
                 refd_core::priority::RESCHED_TICK_MIN.as_micros()
             ));
+        }
+        if self.hello_timeout.is_zero() {
+            return Err("--hello-timeout-ms must be at least 1".into());
         }
         if self.connections_max == 0 || self.sessions_max == 0 {
             return Err("--connections-max and --sessions-max must be at least 1".into());

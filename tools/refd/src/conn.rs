@@ -305,6 +305,7 @@ enum End {
     Closed,
     Idle,
     Stalled,
+    NoHello,
     Shutdown,
     ReadError,
 }
@@ -340,7 +341,8 @@ fn read_loop<D: DelayedRefStore + 'static>(
     let mut handler = Handler::new(Arc::clone(shared), peer.to_string(), requires_token);
     let mut buf = vec![0u8; 64 << 10];
     let mut frame_out = Vec::with_capacity(4096);
-    let mut last_activity = Instant::now();
+    let accepted = Instant::now();
+    let mut last_activity = accepted;
     let mut partial_since: Option<Instant> = None;
     let mut boost = ReadBoost::new(&shared.lookup_rt, refd_core::priority::apply_rt_priority());
     let end = 'conn: loop {
@@ -349,6 +351,11 @@ fn read_loop<D: DelayedRefStore + 'static>(
         }
         if queue.is_dead() {
             break End::Closed;
+        }
+        // Checked on every pass, not only when a read times out: a client
+        // trickling bytes never lets a read time out.
+        if !handler.helloed() && accepted.elapsed() > shared.config.hello_timeout {
+            break End::NoHello;
         }
         let n = match stream.read(&mut buf) {
             Ok(0) => break End::Eof,
@@ -431,6 +438,10 @@ fn read_loop<D: DelayedRefStore + 'static>(
     match end {
         End::Idle => tracing::info!(%peer, "idle connection closed"),
         End::Stalled => tracing::info!(%peer, "a frame stalled half sent; connection closed"),
+        End::NoHello => {
+            shared.metrics.hello_timeouts.inc();
+            tracing::info!(%peer, "no HELLO in time (--hello-timeout-ms); connection closed");
+        }
         End::Shutdown => {
             // Requests already read are answered; the client is told why
             // the rest is not.

@@ -169,6 +169,11 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
         Ok(Pending::now(id, reply))
     }
 
+    /// Whether HELLO succeeded on this connection.
+    pub fn helloed(&self) -> bool {
+        self.helloed
+    }
+
     /// Writes fail fast once the engine latched a failure.
     fn live(&self) -> Result<(), ErrorBody> {
         match self.shared.engine.failure() {

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub lookup_rt_budget_spent: Counter,
     /// HELLOs with a wrong token.
     pub auth_failures: Counter,
+    /// Connections closed for no HELLO within `--hello-timeout-ms`.
+    pub hello_timeouts: Counter,
     /// Connections served now.
     pub connections: Gauge,
     /// Connections accepted.
@@ -141,6 +143,7 @@ impl Metrics {
             lookup_rt_boosted: Counter::default(),
             lookup_rt_budget_spent: Counter::default(),
             auth_failures: Counter::default(),
+            hello_timeouts: Counter::default(),
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_refused: Counter::default(),
@@ -208,6 +211,11 @@ impl Metrics {
                 "auth_failures",
                 "HELLOs with a wrong or missing token",
                 m.auth_failures.clone(),
+            );
+            r.register(
+                "hello_timeouts",
+                "Connections closed for no HELLO within --hello-timeout-ms",
+                m.hello_timeouts.clone(),
             );
             r.register(
                 "connections",

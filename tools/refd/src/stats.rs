@@ -146,6 +146,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "submit_duplicates": m.duplicates.get(),
             "backpressure_waits": m.backpressure_waits.get(),
             "auth_failures": m.auth_failures.get(),
+            "hello_timeouts": m.hello_timeouts.get(),
             "submit_ops_max": s.submit_ops_max,
             "frame_bytes_max": s.config.frame_bytes_max,
         },

@@ -115,6 +115,65 @@ fn a_half_sent_frame_is_dropped() {
     );
 }
 
+/// A connection that does not complete HELLO within --hello-timeout-ms
+/// is closed, whether it sends nothing or trickles a HELLO a byte at a
+/// time (so that reads never time out); a connection that said HELLO
+/// stays open past it.
+#[test]
+fn a_connection_without_hello_is_closed_in_time() {
+    let Some(t) = Target::new("refd-nohello", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &["--hello-timeout-ms", "1000"]);
+    let (mut helloed, _) = Raw::hello(&d.socket);
+    let silent = Raw::connect(&d.socket);
+    let mut trickle = Raw::connect(&d.socket);
+    let mut frame = Vec::new();
+    let hello = HelloRequest {
+        version_min: 1,
+        version_max: 1,
+        token: Vec::new(),
+        name: "slow".into(),
+    };
+    encode_request(1, &Request::Hello(hello), &mut frame);
+    let t0 = Instant::now();
+    // One byte every 100 ms: the whole HELLO would take seconds, and the
+    // daemon's 200 ms read poll never times out meanwhile.
+    let mut sent = 0;
+    while sent + 1 < frame.len() && t0.elapsed() < Duration::from_secs(4) {
+        if trickle.stream.write_all(&frame[sent..=sent]).is_err() {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let closed_after = t0.elapsed();
+    assert!(
+        sent + 1 < frame.len(),
+        "the trickled HELLO was still read after {closed_after:?}"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(4),
+        "a trickling connection closed after {closed_after:?}"
+    );
+    for mut c in [silent, trickle] {
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(c.try_recv().is_none(), "closed without a reply");
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "closed after {:?}",
+        t0.elapsed()
+    );
+    assert!(matches!(
+        helloed.call(&Request::Ping(PingRequest::new(b"still here").unwrap())),
+        Reply::Ping(_)
+    ));
+    assert_eq!(helloed.stats()["wire"]["hello_timeouts"], 2);
+}
+
 /// A thousand connections opened and dropped (some mid-HELLO), then the
 /// daemon still serves; past --connections-max a connection gets BUSY.
 #[test]

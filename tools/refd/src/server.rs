@@ -87,6 +87,8 @@ pub struct Shared<D: DelayedRefStore> {
     pub barriers: Barriers,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Rate limit of the refused-head WARN lines.
+    pub quarantine_log: Arc<Mutex<QuarantineLog>>,
     /// What recovery did.
     pub recovery: RecoveryInfo,
     /// When the server started.
@@ -287,13 +289,14 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
     };
     let server_id = random_u64();
     let metrics = Arc::new(Metrics::new());
+    let quarantine_log = Arc::new(Mutex::new(QuarantineLog {
+        second: Instant::now(),
+        logged: 0,
+        suppressed: 0,
+    }));
     {
         let m = Arc::clone(&metrics);
-        let quarantine_log = Mutex::new(QuarantineLog {
-            second: Instant::now(),
-            logged: 0,
-            suppressed: 0,
-        });
+        let quarantine_log = Arc::clone(&quarantine_log);
         engine.set_commit_hook(move |s| {
             m.commit(s);
             let us = |d: Duration| d.as_micros() as u64;
@@ -325,6 +328,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
             random_u64(),
         ),
         metrics,
+        quarantine_log,
         recovery,
         started: Instant::now(),
         lookup_rt: crate::sched::RtBudget::new(config.lookup_rt_per_s),
@@ -428,15 +432,40 @@ fn full_hint(e: &refd_durable::CommitError) -> &'static str {
 
 /// Refused heads logged one by one at WARN per second at most (a client
 /// that makes commits refuse heads in a loop cannot flood the log); the
-/// rest are counted in one line at the next one logged (STATS
+/// rest are counted in one line (`not_logged`) within about a second (STATS
 /// `quarantine` keeps the newest, metrics count them all).
 const QUARANTINE_LOG_PER_S: u32 = 16;
 
 /// What [`log_quarantined`] logged in the current second.
-struct QuarantineLog {
+#[derive(Debug)]
+pub struct QuarantineLog {
     second: Instant,
     logged: u32,
     suppressed: u64,
+}
+
+impl QuarantineLog {
+    /// Starts a new second once the current one is over, first saying how
+    /// many refused heads the last one did not log. Called at every commit
+    /// that refused heads and by the reaper every quarter second, so that
+    /// the count is not held back until the next refusal.
+    fn roll(&mut self, now: Instant) {
+        if now.duration_since(self.second) < Duration::from_secs(1) {
+            return;
+        }
+        if self.suppressed > 0 {
+            tracing::warn!(
+                not_logged = self.suppressed,
+                "more heads were refused by commits than logged (STATS `quarantine` lists the \
+                 newest)"
+            );
+        }
+        *self = QuarantineLog {
+            second: now,
+            logged: 0,
+            suppressed: 0,
+        };
+    }
 }
 
 /// A refused head is acknowledged ops that will never be applied: the
@@ -446,21 +475,7 @@ fn log_quarantined(report: &refd_core::engine::CommitReport, log: &Mutex<Quarant
         return;
     }
     let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-    let now = Instant::now();
-    if now.duration_since(l.second) >= Duration::from_secs(1) {
-        if l.suppressed > 0 {
-            tracing::warn!(
-                not_logged = l.suppressed,
-                "more heads were refused by commits than logged (STATS `quarantine` lists the \
-                 newest)"
-            );
-        }
-        *l = QuarantineLog {
-            second: now,
-            logged: 0,
-            suppressed: 0,
-        };
-    }
+    l.roll(Instant::now());
     for q in &report.quarantined {
         if l.logged == QUARANTINE_LOG_PER_S {
             l.suppressed += 1;
@@ -711,6 +726,11 @@ fn reap<D: DelayedRefStore>(shared: &Shared<D>) {
     let mut failure_logged = false;
     while !shared.stopping() {
         std::thread::sleep(Duration::from_millis(250));
+        shared
+            .quarantine_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .roll(Instant::now());
         if !failure_logged {
             if let Some(f) = shared.engine.failure() {
                 failure_logged = true;

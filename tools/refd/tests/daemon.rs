@@ -197,6 +197,47 @@ fn an_overlapping_allocation_is_refused_by_the_commit() {
     assert_eq!((e[0].refs, e[1].committed_refs), (0, 1));
 }
 
+/// More refused heads in one second than are logged one by one: the
+/// count of those not logged comes out within about a second, without
+/// waiting for another refusal.
+#[test]
+fn refused_heads_not_logged_are_counted_in_the_log_soon() {
+    let Some(t) = Target::new("refd-overlap-many", 256 * MIB, true) else {
+        return;
+    };
+    let d = Daemon::start(&t, &["--commit-interval-ms", "60000"]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    let x = 1 << 30;
+    let big = WireOp::data_ref(ACTION_ADD_EXTENT, x, 1 << 20, 5, 1, 0);
+    assert!(matches!(c.submit(s, 1, &[big]), Reply::Submit(_)));
+    assert_eq!(c.commit().applied, 1);
+    // 20 allocations inside it, each refused: 16 logged, 4 counted.
+    let inside: Vec<WireOp> = (1..=20)
+        .map(|i| data(ACTION_ADD_EXTENT, x + i * 8192, 2))
+        .collect();
+    assert!(matches!(c.submit(s, 2, &inside), Reply::Submit(_)));
+    assert_eq!(c.commit().quarantined, 20);
+    let t0 = Instant::now();
+    loop {
+        let log = d.log();
+        if log
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("not_logged=4"))
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let logged = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("head refused by the commit"))
+        .count();
+    assert_eq!(logged, 16);
+}
+
 /// A retried SUBMIT (same session, same request number) is answered from
 /// the stored reply and applied once.
 #[test]

@@ -306,9 +306,10 @@ pub fn run(a: &DaemonCrashArgs) -> Result<DaemonCrashReport, String> {
             "--commit-interval-ms".into(),
             a.commit_interval_ms.to_string(),
         ],
+        listen: None,
         quiet: a.json,
     })?;
-    let addr = format!("unix:{}", daemon.socket().display());
+    let addr = daemon.address().to_string();
     let check = Client::connect(&addr, client_config("daemon-crash-check".into()))
         .map_err(|e| e.to_string())?;
     let consumer = check

@@ -1,6 +1,10 @@
 //! `refd-bench load`: load over the wire against a refd daemon (one it
 //! starts, or one at `--connect`), measured as a client sees it.
 //!
+//! Every connection goes to one [`Endpoint`]: an address parsed and
+//! connected by `refd-client` ([`Address`]: a unix socket or TCP with
+//! `TCP_NODELAY`) and the `--token-file` token said in each HELLO.
+//!
 //! Each client is one connection with its own session and its own share
 //! of the extents (a [`Walk`] over every `clients`-th extent, so that
 //! every client's ops are valid in any interleaving): a sender thread
@@ -23,7 +27,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
+use refd_client::{Address, ClientConfig, Stream};
 use refd_proto::{
     encode_frame, encode_submit, Direction, FrameDecoder, HelloRequest, LookupRequest, Opcode,
     Reply, Request, WireOp,
@@ -46,15 +50,27 @@ use refd_ioring::WriteLatency;
 /// Arguments of `load`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
-    /// A running daemon's address (unix:PATH or a path); without it a
-    /// daemon is started (as with --spawn).
-    #[arg(long, conflicts_with = "spawn")]
-    pub connect: Option<String>,
+    /// A running daemon's address: unix:PATH, tcp:HOST:PORT
+    /// (tcp:[V6]:PORT) or a path (a unix socket); without it a daemon is
+    /// started (as with --spawn).
+    #[arg(long, value_name = "ADDR", conflicts_with = "spawn")]
+    pub connect: Option<Address>,
+    /// A file holding the auth token every connection gives in HELLO
+    /// (trailing newlines removed, as `refd serve --token-file` reads it;
+    /// the daemon checks it on TCP). With the daemon started, it is given
+    /// the same file.
+    #[arg(long, value_name = "F")]
+    pub token_file: Option<PathBuf>,
     /// Start `refd serve` on --device (or a new file), wait for its ready
     /// line, stop it at the end with SIGTERM and check its exit status
     /// (the default without --connect).
     #[arg(long)]
     pub spawn: bool,
+    /// The daemon started also listens on ADDR (tcp:127.0.0.1:0: a port
+    /// the kernel picks, read from its ready line) and the load connects
+    /// there instead of to its unix socket.
+    #[arg(long, value_name = "ADDR", conflicts_with = "connect")]
+    pub spawn_listen: Option<Address>,
     /// With no --connect: the device of the daemon started (created as a
     /// file if missing; default: a new file in /var/tmp, removed after).
     #[arg(long)]
@@ -170,6 +186,9 @@ pub struct LoadArgs {
 /// Longest wait for a STATS answer of the progress line.
 const STATS_TIMEOUT: Duration = Duration::from_millis(300);
 
+/// Longest wait for one connection of the load (connect and HELLO).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Entries of a BACKREFS page asked for (`--mix backrefs=`).
 const BACKREFS_PAGE_ENTRIES: u32 = 64;
 
@@ -251,6 +270,9 @@ pub struct LoadReport {
     pub daemon_exit: Option<i32>,
     /// The device (or the address connected to).
     pub device: String,
+    /// Where the load's connections went (`unix:PATH`, `tcp:HOST:PORT`;
+    /// with `--spawn-listen`, the port bound); empty with --in-process.
+    pub address: String,
     /// Each kind's latency over the measured time (for `--report`).
     #[serde(skip)]
     pub latency: Option<Box<[Histogram<u64>; KINDS]>>,
@@ -421,31 +443,60 @@ impl Tally {
     }
 }
 
+/// Where every connection of the load goes: the daemon's address
+/// (`--connect`, or the daemon started) and the token its HELLO carries
+/// (`--token-file`; empty: none).
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) address: Address,
+    pub(crate) token: Vec<u8>,
+}
+
+impl Endpoint {
+    /// A `refd-client` configuration with the token, named `name`.
+    pub(crate) fn client_config(&self, name: &str) -> ClientConfig {
+        let mut config = ClientConfig::default();
+        config.name = name.into();
+        config.token = self.token.clone();
+        config
+    }
+
+    /// A `refd-client` client of the daemon.
+    pub(crate) fn client(&self, name: &str) -> Result<refd_client::Client, String> {
+        refd_client::Client::connect_address(self.address.clone(), self.client_config(name))
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A raw protocol connection: HELLO done.
 struct Conn {
-    stream: UnixStream,
+    stream: Stream,
     decoder: FrameDecoder,
     rest: Vec<u8>,
     buf: Vec<u8>,
 }
 
 impl Conn {
-    fn open(socket: &std::path::Path) -> Result<(Conn, refd_proto::HelloReply), String> {
-        Conn::open_with_timeout(socket, None)
+    fn open(to: &Endpoint) -> Result<(Conn, refd_proto::HelloReply), String> {
+        Conn::open_with_timeout(to, CONNECT_TIMEOUT, None)
     }
 
-    /// [`Conn::open`] whose reads and writes (HELLO's included) give up
-    /// after `timeout`.
+    /// [`Conn::open`] that connects within `connect`, and whose reads and
+    /// writes (HELLO's included) give up after `io` (`None`: never).
     fn open_with_timeout(
-        socket: &std::path::Path,
-        timeout: Option<Duration>,
+        to: &Endpoint,
+        connect: Duration,
+        io: Option<Duration>,
     ) -> Result<(Conn, refd_proto::HelloReply), String> {
-        let stream =
-            UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+        let at = &to.address;
+        let stream = at
+            .connect(connect)
+            .map_err(|e| format!("cannot connect to {at}: {e}"))?;
+        // The HELLO within `connect` too: a daemon that accepts but never
+        // answers must not hang the load.
         stream
-            .set_read_timeout(timeout)
-            .and_then(|()| stream.set_write_timeout(timeout))
-            .map_err(|e| format!("{}: {e}", socket.display()))?;
+            .set_timeouts(Some(io.unwrap_or(connect)), Some(io.unwrap_or(connect)))
+            .map_err(|e| format!("{at}: {e}"))?;
         let mut c = Conn {
             stream,
             decoder: FrameDecoder::expecting(refd_proto::BODY_BYTES_MAX_DEFAULT, Direction::Reply),
@@ -455,13 +506,29 @@ impl Conn {
         let hello = Request::Hello(HelloRequest {
             version_min: 1,
             version_max: 1,
-            token: Vec::new(),
+            token: to.token.clone(),
             name: "refd-bench".into(),
         });
-        match c.call(0, &hello)? {
-            Reply::Hello(h) => Ok((c, h)),
-            other => Err(format!("HELLO: {other:?}")),
-        }
+        let reply = c
+            .call(0, &hello)
+            .map_err(|e| format!("HELLO to {at}: {e}"))?;
+        let h = match reply {
+            Reply::Hello(h) => h,
+            Reply::Error(e) if e.code == refd_proto::ErrorCode::AuthFailed => {
+                return Err(format!(
+                    "HELLO to {at}: AUTH_FAILED: {} (--token-file)",
+                    e.message
+                ))
+            }
+            Reply::Error(e) => {
+                return Err(format!("HELLO to {at}: {}: {}", e.code.name(), e.message))
+            }
+            other => return Err(format!("HELLO to {at}: {other:?}")),
+        };
+        c.stream
+            .set_timeouts(io, io)
+            .map_err(|e| format!("{at}: {e}"))?;
+        Ok((c, h))
     }
 
     fn send(&mut self, id: u64, r: &Request) -> Result<(), String> {
@@ -518,7 +585,7 @@ fn run_load(a: &LoadArgs) -> Result<LoadReport, String> {
         return Err("--rate counts SUBMITted ops: --mix needs submit".into());
     }
     if a.workload == Workload::BtrfsTrace {
-        return with_daemon(a, |socket| crate::wire_trace::run(a, socket));
+        return with_daemon(a, |to| crate::wire_trace::run(a, to));
     }
     if !matches!(a.workload, Workload::Uniform | Workload::Zipf) {
         return Err(
@@ -529,15 +596,22 @@ fn run_load(a: &LoadArgs) -> Result<LoadReport, String> {
     if a.in_process {
         return in_process(a);
     }
-    with_daemon(a, |socket| drive(a, socket))
+    with_daemon(a, |to| drive(a, to))
 }
 
 /// Runs `body` against the daemon at --connect, or one started for it
-/// (stopped after, its exit status and largest RSS in the report).
+/// (stopped after, its exit status and largest RSS in the report). One
+/// connection says HELLO first, so that a wrong address or token fails
+/// the run at once with the daemon's answer instead of every client's
+/// thread failing alone.
 fn with_daemon(
     a: &LoadArgs,
-    body: impl FnOnce(&std::path::Path) -> Result<LoadReport, String>,
+    body: impl FnOnce(&Endpoint) -> Result<LoadReport, String>,
 ) -> Result<LoadReport, String> {
+    let token = match &a.token_file {
+        Some(f) => refd_client::read_token_file(f).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
     let spawned = match &a.connect {
         Some(_) => None,
         None => Some(Spawned::start(&DaemonSpec {
@@ -552,16 +626,23 @@ fn with_daemon(
                 .cloned()
                 .chain(a.dry_run.then(|| "--dry-run".to_string()))
                 .chain([format!("--resched-tick-us={}", a.resched_tick_us)])
+                .chain(
+                    a.token_file
+                        .iter()
+                        .map(|f| format!("--token-file={}", f.display())),
+                )
                 .collect(),
+            listen: a.spawn_listen.clone(),
             quiet: a.json,
         })?),
     };
-    let socket = match (&a.connect, &spawned) {
-        (Some(addr), _) => PathBuf::from(addr.strip_prefix("unix:").unwrap_or(addr)),
-        (None, Some(s)) => s.socket().to_path_buf(),
+    let address = match (&a.connect, &spawned) {
+        (Some(addr), _) => addr.clone(),
+        (None, Some(s)) => s.address().clone(),
         (None, None) => unreachable!("a daemon is started without --connect"),
     };
-    let result = body(&socket);
+    let to = Endpoint { address, token };
+    let result = Conn::open(&to).and_then(|_| body(&to));
     let rss = spawned
         .as_ref()
         .map_or(0, |s| s.rss_max.load(Ordering::Relaxed));
@@ -573,30 +654,29 @@ fn with_daemon(
     }
     report.daemon_rss_max_bytes = rss;
     report.daemon_exit = exit;
+    report.address = to.address.to_string();
     Ok(report)
 }
 
-fn drive(a: &LoadArgs, socket: &std::path::Path) -> Result<LoadReport, String> {
+fn drive(a: &LoadArgs, to: &Endpoint) -> Result<LoadReport, String> {
     let tally = Arc::new(Tally::new());
     let open_loop = a.rate > 0.0 && !a.closed;
     let mut threads = Vec::new();
     for client in 0..a.clients {
-        let (a, socket, tally) = (a.clone(), socket.to_path_buf(), Arc::clone(&tally));
+        let (a, to, tally) = (a.clone(), to.clone(), Arc::clone(&tally));
         threads.push(std::thread::spawn(move || {
             if a.coalesce {
-                coalescing_client(&a, &socket, client, &tally)
+                coalescing_client(&a, &to, client, &tally)
             } else {
-                batch_client(&a, &socket, client, &tally, open_loop)
+                batch_client(&a, &to, client, &tally, open_loop)
             }
         }));
     }
     if a.lookups > 0 {
-        let (a, socket, tally) = (a.clone(), socket.to_path_buf(), Arc::clone(&tally));
-        threads.push(std::thread::spawn(move || {
-            lookup_client(&a, &socket, &tally)
-        }));
+        let (a, to, tally) = (a.clone(), to.clone(), Arc::clone(&tally));
+        threads.push(std::thread::spawn(move || lookup_client(&a, &to, &tally)));
     }
-    measure(a, Some(socket), tally, threads, open_loop)
+    measure(a, Some(to), tally, threads, open_loop)
 }
 
 type Clients = Vec<std::thread::JoinHandle<Result<(), String>>>;
@@ -650,10 +730,10 @@ struct Clock {
     t0: Instant,
     /// SUBMITted ops acknowledged, and when, at the last tick.
     last: (u64, Instant),
-    /// The daemon's socket, and a connection for STATS (dropped when a
-    /// STATS does not answer within [`STATS_TIMEOUT`], opened again at
-    /// the next tick), so that a stopped daemon does not stop the clock.
-    socket: Option<PathBuf>,
+    /// The daemon, and a connection for STATS (dropped when a STATS does
+    /// not answer within [`STATS_TIMEOUT`], opened again at the next
+    /// tick), so that a stopped daemon does not stop the clock.
+    daemon: Option<Endpoint>,
     stats: Option<Conn>,
     first: Option<DaemonCounters>,
     prev: Option<DaemonCounters>,
@@ -689,18 +769,14 @@ fn sectors_written(stat: &std::path::Path) -> Option<u64> {
 }
 
 impl Clock {
-    fn start(
-        socket: Option<&std::path::Path>,
-        device: Option<&std::path::Path>,
-        quiet: bool,
-    ) -> Clock {
+    fn start(daemon: Option<&Endpoint>, device: Option<&std::path::Path>, quiet: bool) -> Clock {
         let device_stat = device
             .and_then(block_stat_path)
             .and_then(|p| sectors_written(&p).map(|n| (p, n)));
         let mut clock = Clock {
             t0: Instant::now(),
             last: (0, Instant::now()),
-            socket: socket.map(std::path::Path::to_path_buf),
+            daemon: daemon.cloned(),
             stats: None,
             first: None,
             prev: None,
@@ -719,8 +795,8 @@ impl Clock {
     /// in time).
     fn poll(&mut self) -> Option<DaemonCounters> {
         if self.stats.is_none() {
-            let socket = self.socket.as_deref()?;
-            self.stats = Conn::open_with_timeout(socket, Some(STATS_TIMEOUT))
+            let daemon = self.daemon.as_ref()?;
+            self.stats = Conn::open_with_timeout(daemon, STATS_TIMEOUT, Some(STATS_TIMEOUT))
                 .ok()
                 .map(|(c, _)| c);
         }
@@ -802,7 +878,7 @@ fn log_write_since(
 /// interval per second, then the report from what the clients counted.
 fn measure(
     a: &LoadArgs,
-    socket: Option<&std::path::Path>,
+    daemon: Option<&Endpoint>,
     tally: Arc<Tally>,
     threads: Clients,
     open_loop: bool,
@@ -810,7 +886,7 @@ fn measure(
     std::thread::sleep(Duration::from_secs_f64(a.warmup_s));
     let mut hlog_file = a.hlog.as_deref().map(HlogFile::create).transpose()?;
     let wall_start = std::time::SystemTime::now();
-    let mut clock = Clock::start(socket, a.device.as_deref(), a.json);
+    let mut clock = Clock::start(daemon, a.device.as_deref(), a.json);
     *tally.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     tally.measuring.store(true, Ordering::SeqCst);
     let mut hlog = match hlog_file.as_mut() {
@@ -949,6 +1025,7 @@ pub(crate) fn summarize(
             (None, Some(d)) => d.display().to_string(),
             (None, None) => "a new file".into(),
         },
+        address: String::new(),
         latency: Some(Box::new(latency.clone())),
         mismatches: None,
     })
@@ -1104,8 +1181,8 @@ impl Requests {
 
 /// A new connection and session: the sending side, the receiving side
 /// and the largest SUBMIT the daemon takes.
-fn open_session(socket: &std::path::Path) -> Result<(Conn, Conn, u64, usize), String> {
-    let (mut conn, hello) = Conn::open(socket)?;
+fn open_session(to: &Endpoint) -> Result<(Conn, Conn, u64, usize), String> {
+    let (mut conn, hello) = Conn::open(to)?;
     let session = match conn.call(1, &Request::Register(refd_proto::RegisterRequest))? {
         Reply::Register(r) => r.session_id,
         other => return Err(format!("REGISTER: {other:?}")),
@@ -1126,12 +1203,12 @@ fn open_session(socket: &std::path::Path) -> Result<(Conn, Conn, u64, usize), St
 /// pipelines (closed loop) requests, and a receiver thread.
 fn batch_client(
     a: &LoadArgs,
-    socket: &std::path::Path,
+    to: &Endpoint,
     client: usize,
     tally: &Arc<Tally>,
     open_loop: bool,
 ) -> Result<(), String> {
-    let (mut conn, rconn, session, submit_ops_max) = open_session(socket)?;
+    let (mut conn, rconn, session, submit_ops_max) = open_session(to)?;
     let batch = a.batch.min(submit_ops_max);
     let inflight = Arc::new(InFlight::default());
     let receiver = {
@@ -1195,7 +1272,7 @@ fn batch_client(
     while inflight.len() > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+    conn.stream.shutdown();
     receiver.join().map_err(|_| "receiver panicked")?
 }
 
@@ -1281,20 +1358,14 @@ fn encode_frame_submit(id: u64, session: u64, request: u64, ops: &[WireOp], out:
 
 fn coalescing_client(
     a: &LoadArgs,
-    socket: &std::path::Path,
+    to: &Endpoint,
     client: usize,
     tally: &Arc<Tally>,
 ) -> Result<(), String> {
     // One client (and connection) shared by every thread of the run.
     static SHARED: std::sync::OnceLock<Result<refd_client::Client, String>> =
         std::sync::OnceLock::new();
-    let shared = SHARED.get_or_init(|| {
-        refd_client::Client::connect(
-            &format!("unix:{}", socket.display()),
-            refd_client::ClientConfig::default(),
-        )
-        .map_err(|e| e.to_string())
-    });
+    let shared = SHARED.get_or_init(|| to.client("refd-bench"));
     let c = shared.as_ref().map_err(|e| e.clone())?;
     let extents = (a.extents / a.clients as u64).max(1);
     let mut walk = Walk::new(
@@ -1322,8 +1393,8 @@ fn coalescing_client(
 
 /// `--lookups`: single-bytenr LOOKUPs at a fixed rate from a connection
 /// of its own, one at a time, timed from the send (the lookup kind).
-fn lookup_client(a: &LoadArgs, socket: &std::path::Path, tally: &Tally) -> Result<(), String> {
-    let (mut conn, _) = Conn::open(socket)?;
+fn lookup_client(a: &LoadArgs, to: &Endpoint, tally: &Tally) -> Result<(), String> {
+    let (mut conn, _) = Conn::open(to)?;
     let _boost = match a.lookup_rt_priority {
         0 => None,
         p => refd_core::priority::Boost::to(p)

@@ -41,9 +41,10 @@ enum Cmd {
     /// tree bytes per op, beside the device's own durable write rate.
     /// Destroys the device's content.
     Durable(durable::DurableArgs),
-    /// Load over the wire against a refd daemon (started, or --connect):
-    /// durable ops/s and SUBMIT latency as clients see them, LOOKUP
-    /// latency under load, the daemon's memory.
+    /// Load over the wire against a refd daemon (started, or --connect
+    /// unix:PATH | tcp:HOST:PORT, with --token-file): durable ops/s and
+    /// SUBMIT latency as clients see them, LOOKUP latency under load, the
+    /// daemon's memory.
     Load(load::LoadArgs),
     /// `refd serve`, for the daemons `load` starts when no `refd` binary
     /// is beside this one (internal).

@@ -2,7 +2,9 @@
 //! `refd` binary beside this one, else this binary's own copy of
 //! `refd serve` (the hidden `refd-serve` subcommand, the same library
 //! code), on a given device or a file made for the run, listening on a
-//! unix socket in a directory of its own.
+//! unix socket in a directory of its own, and on one more address if
+//! asked (`load --spawn-listen tcp:127.0.0.1:0`: the port the kernel
+//! picks is read from the ready line).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -10,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use refd_client::Address;
 
 /// How to start the daemon.
 #[derive(Debug, Clone)]
@@ -26,6 +30,9 @@ pub struct DaemonSpec {
     pub prefault_mib: usize,
     /// More arguments.
     pub args: Vec<String>,
+    /// One more listener (after the unix socket), where the benchmark
+    /// connects ([`Spawned::address`]).
+    pub listen: Option<Address>,
     /// Do not print the daemon's ready line.
     pub quiet: bool,
 }
@@ -46,6 +53,9 @@ struct Launch {
 pub struct Spawned {
     launch: Launch,
     child: Child,
+    /// Where clients connect: the unix socket, or the extra listener as
+    /// the ready line says it (its port, for a TCP port 0).
+    address: Address,
     /// Largest resident size seen (sampled every 100 ms).
     pub rss_max: Arc<AtomicU64>,
 }
@@ -85,17 +95,19 @@ impl Spawned {
             temp_device,
         };
         let rss_max = Arc::new(AtomicU64::new(0));
-        let child = launch.spawn(&rss_max)?;
+        let (child, address) = launch.spawn(&rss_max)?;
         Ok(Spawned {
             launch,
             child,
+            address,
             rss_max,
         })
     }
 
-    /// The unix socket it listens on.
-    pub fn socket(&self) -> &std::path::Path {
-        &self.launch.socket
+    /// Where clients connect: [`DaemonSpec::listen`] as bound, else the
+    /// unix socket.
+    pub fn address(&self) -> &Address {
+        &self.address
     }
 
     /// The device it serves.
@@ -111,7 +123,7 @@ impl Spawned {
         if let Some(code) = status.code() {
             return Err(format!("refd exited by itself with status {code}"));
         }
-        self.child = self.launch.spawn(&self.rss_max)?;
+        (self.child, self.address) = self.launch.spawn(&self.rss_max)?;
         Ok(())
     }
 
@@ -148,7 +160,8 @@ impl Drop for Spawned {
 }
 
 impl Launch {
-    fn spawn(&self, rss_max: &Arc<AtomicU64>) -> Result<Child, String> {
+    /// Starts the daemon; returns it and where clients connect.
+    fn spawn(&self, rss_max: &Arc<AtomicU64>) -> Result<(Child, Address), String> {
         let mut cmd = Command::new(&self.refd);
         cmd.arg(if self.own { "refd-serve" } else { "serve" })
             .arg("--device")
@@ -157,6 +170,7 @@ impl Launch {
             .arg(format!("{}G", self.spec.device_gib))
             .arg("--listen")
             .arg(format!("unix:{}", self.socket.display()))
+            .args(self.spec.listen.iter().map(|l| format!("--listen={l}")))
             .args(["--metrics", "off", "--impl", &self.spec.store])
             .arg("--prefault-mib")
             .arg(self.spec.prefault_mib.to_string())
@@ -178,18 +192,29 @@ impl Launch {
             .map_err(|e| format!("start {}: {e}", self.refd.display()))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        match lines.next() {
-            Some(Ok(line)) if line.starts_with("refd ready") => {
-                if !self.spec.quiet {
-                    eprintln!("{line}");
-                }
-            }
+        let ready = match lines.next() {
+            Some(Ok(line)) if line.starts_with("refd ready") => line,
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(format!("refd did not become ready: {other:?}"));
             }
+        };
+        if !self.spec.quiet {
+            eprintln!("{ready}");
         }
+        let address = match &self.spec.listen {
+            None => Address::Unix(self.socket.clone()),
+            // The second listener: the daemon lists them in the order given.
+            Some(_) => match ready_listeners(&ready).get(1) {
+                Some(a) => a.clone(),
+                None => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("no second listener in the ready line: {ready}"));
+                }
+            },
+        };
         std::thread::spawn(move || for _ in lines {});
         let (pid, rss) = (child.id(), Arc::clone(rss_max));
         std::thread::spawn(move || loop {
@@ -199,6 +224,49 @@ impl Launch {
             rss.fetch_max(r, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(100));
         });
-        Ok(child)
+        Ok((child, address))
+    }
+}
+
+/// The listeners of a ready line (`...; listening on A, B[; metrics on
+/// ...]`), in the order they were given, with TCP port 0 replaced by the
+/// port bound; what does not parse is left out.
+fn ready_listeners(ready: &str) -> Vec<Address> {
+    let Some((_, rest)) = ready.split_once("; listening on ") else {
+        return Vec::new();
+    };
+    let list = rest.split_once("; ").map_or(rest, |(l, _)| l);
+    list.split(", ")
+        .filter_map(|a| Address::parse(a.trim()).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_listeners_in_order() {
+        let line = "refd ready: device /x.img (opened, fs_id 00, store lockfree), recovered \
+                    generation 3 with 0 ops replayed, 0 held heads, now generation 3; \
+                    listening on unix:/d/refd.sock, tcp:127.0.0.1:40123, tcp:[::1]:5; \
+                    metrics on http://127.0.0.1:9/metrics";
+        assert_eq!(
+            ready_listeners(line),
+            vec![
+                Address::Unix("/d/refd.sock".into()),
+                Address::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 40123
+                },
+                Address::Tcp {
+                    host: "::1".into(),
+                    port: 5
+                },
+            ]
+        );
+        let no_metrics = "refd ready: ...; listening on unix:/d/s, tcp:127.0.0.1:7";
+        assert_eq!(ready_listeners(no_metrics).len(), 2);
+        assert!(ready_listeners("refd ready: nothing").is_empty());
     }
 }

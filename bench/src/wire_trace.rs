@@ -41,13 +41,12 @@
 //!    required.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::time::Instant;
 
 use refd_btrfs::compare::compare;
-use refd_client::{Client, ClientConfig, SubmitOptions};
+use refd_client::{Client, SubmitOptions};
 use refd_core::extent_tree::{ExtentItem, ExtentTree};
 use refd_core::model::{
     partition, Action, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF,
@@ -56,7 +55,7 @@ use refd_proto::{ErrorCode, WireOp, BACKREFS_KIND_UNKNOWN, KIND_DATA, KIND_TREE_
 use refd_sync::fanout::Fanout;
 
 use crate::hist::Kind;
-use crate::load::{summarize, LoadArgs, LoadReport, Local, Tally};
+use crate::load::{summarize, Endpoint, LoadArgs, LoadReport, Local, Tally};
 
 /// Barriers the replay holds at once (a session may hold 64).
 pub const BARRIERS_HELD_MAX: usize = 8;
@@ -65,8 +64,8 @@ const QUEUE_BATCHES: usize = 16;
 /// Mismatches printed on stderr (all are counted).
 const MISMATCHES_SHOWN: usize = 10;
 
-/// Runs the capture at `--trace` against the daemon at `socket`.
-pub fn run(a: &LoadArgs, socket: &Path) -> Result<LoadReport, String> {
+/// Runs the capture at `--trace` against the daemon `to`.
+pub(crate) fn run(a: &LoadArgs, to: &Endpoint) -> Result<LoadReport, String> {
     let dir = a
         .trace
         .as_deref()
@@ -84,8 +83,7 @@ pub fn run(a: &LoadArgs, socket: &Path) -> Result<LoadReport, String> {
         },
     )
     .map_err(|e| format!("{}: {e}", after_path.display()))?;
-    let addr = format!("unix:{}", socket.display());
-    let connect = || Client::connect(&addr, ClientConfig::default()).map_err(|e| e.to_string());
+    let connect = || to.client("refd-bench");
     let control = connect()?;
     let extents_at_start = stats_u64(&control, "engine", "extents")?;
     let batch = a.batch.min(control.hello().submit_ops_max as usize).max(1);

@@ -1,11 +1,12 @@
 //! `refd-bench load` against a real daemon: the open loop's
 //! coordinated-omission correction (a daemon stopped with SIGSTOP for a
-//! second must show in the latency), and the `.hgrm` / `.hlog` outputs
-//! read back and checked against the JSON summary.
+//! second must show in the latency), the `.hgrm` / `.hlog` outputs
+//! read back and checked against the JSON summary, and every workload
+//! over TCP loopback (port 0) with an auth token.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,10 +20,17 @@ use refd_ioring::test_support::Scratch;
 struct Daemon {
     child: Child,
     socket: PathBuf,
+    /// Its ready line.
+    ready: String,
 }
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, &[])
+    }
+
+    /// [`Daemon::start`] with more `refd serve` arguments.
+    fn start_with(dir: &Path, args: &[&str]) -> Daemon {
         let socket = dir.join("refd.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_refd-bench"))
             .arg("refd-serve")
@@ -32,19 +40,35 @@ impl Daemon {
             .args(["--prefault-mib", "0"])
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("start refd-bench refd-serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let ready = lines.next();
-        assert!(
-            matches!(&ready, Some(Ok(l)) if l.starts_with("refd ready")),
-            "{ready:?}"
-        );
+        let ready = match lines.next() {
+            Some(Ok(l)) if l.starts_with("refd ready") => l,
+            other => panic!("{other:?}"),
+        };
         std::thread::spawn(move || for _ in lines {});
-        Daemon { child, socket }
+        Daemon {
+            child,
+            socket,
+            ready,
+        }
+    }
+
+    /// Its TCP listener, `tcp:127.0.0.1:PORT`, from the ready line.
+    fn tcp(&self) -> String {
+        let at = self
+            .ready
+            .find("tcp:127.0.0.1:")
+            .unwrap_or_else(|| panic!("no TCP listener: {}", self.ready));
+        let end = self.ready[at..]
+            .find(|c: char| c == ',' || c == ';' || c.is_whitespace())
+            .map_or(self.ready.len(), |n| at + n);
+        self.ready[at..end].to_string()
     }
 
     fn signal(&self, sig: i32) {
@@ -73,8 +97,28 @@ fn load(args: &[&str]) -> Child {
         .expect("start refd-bench load")
 }
 
+/// The output of `child`, which must end within `limit` (else it is
+/// killed and the test fails).
+fn output_within(child: Child, limit: Duration) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait for refd-bench load"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child, not yet reaped (its waiter
+            // is still waiting).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("refd-bench load still running after {limit:?}");
+        }
+    }
+}
+
+/// Bound of the short runs below: a few seconds of load, a daemon start.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
 fn json_of(child: Child) -> serde_json::Value {
-    let out = child.wait_with_output().expect("wait for refd-bench load");
+    let out = output_within(child, RUN_LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -368,4 +412,158 @@ fn btrfs_trace_against_a_wrong_after_reports_mismatches() {
     let (v, ok) = trace_run(&capture, &scratch.path().join("refd.img"));
     assert!(!ok, "{v}");
     assert!(v["mismatches"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// A daemon with a token on unix and TCP loopback (port 0): a closed and
+/// an open loop (SUBMIT, LOOKUP and a --lookups connection, so that
+/// every kind of connection the load opens goes over TCP) with the
+/// token; with a wrong one and without one the run fails at once with
+/// AUTH_FAILED.
+#[test]
+fn load_over_tcp_with_a_token() {
+    let Some(scratch) = Scratch::new("load-tcp") else {
+        return;
+    };
+    let (token, wrong) = (scratch.path().join("token"), scratch.path().join("wrong"));
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::write(&wrong, "s3cre7\n").unwrap();
+    let daemon = Daemon::start_with(
+        scratch.path(),
+        &[
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let tcp = daemon.tcp();
+    let token = token.to_str().unwrap();
+    let common = [
+        "--connect",
+        &tcp,
+        "--token-file",
+        token,
+        "--batch",
+        "64",
+        "--clients",
+        "2",
+        "--extents",
+        "10000",
+        "--mix",
+        "submit=90,lookup=10",
+        "--lookups",
+        "50",
+        "--duration-s",
+        "2",
+        "--warmup-s",
+        "0.2",
+    ];
+    for (how, loop_kind) in [
+        (&["--closed"][..], "closed"),
+        (&["--rate", "20000"][..], "open"),
+    ] {
+        let v = json_of(load(&[&common[..], how].concat()));
+        assert_eq!(v["loop"], loop_kind, "{v}");
+        assert_eq!(v["errors"], 0, "{v}");
+        assert_eq!(v["address"], tcp.as_str(), "{v}");
+        assert!(v["ops_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+        for kind in ["submit", "lookup"] {
+            assert!(
+                v["kinds"][kind]["requests"].as_u64().unwrap() > 0,
+                "{kind}: {v}"
+            );
+        }
+        // The progress clock's STATS connection (over TCP too) answered.
+        let seconds = v["seconds"].as_array().unwrap();
+        assert!(seconds.iter().any(|s| s["commits"].is_u64()), "{v}");
+    }
+    for bad in [&["--token-file", wrong.to_str().unwrap()][..], &[][..]] {
+        let started = std::time::Instant::now();
+        let args = [&["--connect", &tcp, "--duration-s", "30"][..], bad].concat();
+        let out = output_within(load(&args), Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "HELLO to {tcp}: AUTH_FAILED: wrong or missing token"
+            )),
+            "{bad:?}: {stderr}"
+        );
+        // At once, not after the 30 s of load.
+        assert!(started.elapsed() < Duration::from_secs(10), "{bad:?}");
+    }
+}
+
+/// `--connect` takes what refd-client's address parser takes; anything
+/// else is its error, a usage error (status 2), no panic and no load.
+#[test]
+fn malformed_connect_addresses_are_the_parsers_errors() {
+    for (addr, reason) in [
+        ("tcp:localhost", "expected tcp:HOST:PORT"),
+        ("tcp::7450", "empty host"),
+        ("tcp:[::1]:70000", "port is not a number 0..=65535"),
+        ("unix:", "empty unix socket path"),
+        ("", "empty address"),
+    ] {
+        let out = output_within(
+            load(&["--connect", addr, "--duration-s", "1"]),
+            Duration::from_secs(20),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{addr:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("bad address {addr:?}: {reason}")),
+            "{addr:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{addr:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{addr:?}");
+    }
+}
+
+/// The smallest kernel capture replayed over TCP loopback to a daemon
+/// the load starts (`--spawn-listen tcp:127.0.0.1:0`, the port read from
+/// its ready line) and given the token: the kernel's `after` extents.
+#[test]
+fn btrfs_trace_over_tcp_to_a_spawned_daemon_with_a_token() {
+    let Some(scratch) = Scratch::new("load-trace-tcp") else {
+        return;
+    };
+    let token = scratch.path().join("token");
+    std::fs::write(&token, "trace-token").unwrap();
+    let capture = captures_dir().join("qgroups-1");
+    let device = scratch.path().join("refd.img");
+    let v = json_of(load(&[
+        "--workload",
+        "btrfs-trace",
+        "--trace",
+        capture.to_str().unwrap(),
+        "--spawn",
+        "--spawn-listen",
+        "tcp:127.0.0.1:0",
+        "--token-file",
+        token.to_str().unwrap(),
+        "--device",
+        device.to_str().unwrap(),
+        "--device-gib",
+        "1",
+        "--daemon-prefault-mib",
+        "0",
+        "--batch",
+        "256",
+    ]));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(capture.join("meta.json")).unwrap()).unwrap();
+    let after = &meta["extents_after"];
+    let extents =
+        after["extent_items"].as_u64().unwrap() + after["metadata_items"].as_u64().unwrap();
+    assert_eq!(v["extents"], extents, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["daemon_exit"], 0, "{v}");
+    let address = v["address"].as_str().unwrap();
+    let port: u16 = address
+        .strip_prefix("tcp:127.0.0.1:")
+        .unwrap_or_else(|| panic!("not over TCP loopback: {v}"))
+        .parse()
+        .unwrap();
+    assert_ne!(port, 0, "{v}");
 }

@@ -1,5 +1,7 @@
 //! Where the daemon listens (`unix:PATH`, `tcp:HOST:PORT`, or a bare path
-//! meaning a unix socket) and the connected byte stream.
+//! meaning a unix socket) and the connected byte stream. Public so that
+//! other speakers of the protocol (`refd-bench load`'s raw connections)
+//! parse and connect exactly as the client does.
 //!
 //! Connecting is bounded in time: TCP uses `connect_timeout` for every
 //! address the host name resolves to; a unix socket is retried with a
@@ -10,7 +12,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -71,6 +73,19 @@ impl Address {
         }
         Ok(Address::Unix(PathBuf::from(text)))
     }
+
+    /// Connects within `timeout`: TCP tries every address the host
+    /// resolves to with `connect_timeout` and sets `TCP_NODELAY` (requests
+    /// are small frames, sent whole); a unix socket is retried with a
+    /// short backoff while it does not exist yet or nobody accepts (a
+    /// daemon that is starting). No HELLO: that is the caller's.
+    pub fn connect(&self, timeout: Duration) -> io::Result<Stream> {
+        let deadline = Instant::now() + timeout;
+        match self {
+            Address::Tcp { host, port } => connect_tcp(host, *port, deadline),
+            Address::Unix(path) => connect_unix(path, deadline),
+        }
+    }
 }
 
 impl FromStr for Address {
@@ -90,15 +105,20 @@ impl fmt::Display for Address {
     }
 }
 
-/// A connected socket of either kind.
+/// A connected socket of either kind ([`Address::connect`]): a byte
+/// stream ([`Read`], [`Write`]) whose halves can be used from two threads
+/// through [`Stream::try_clone`].
 #[derive(Debug)]
-pub(crate) enum Stream {
+pub enum Stream {
+    /// A unix stream socket.
     Unix(UnixStream),
+    /// A TCP connection (`TCP_NODELAY` set).
     Tcp(TcpStream),
 }
 
 impl Stream {
-    pub(crate) fn try_clone(&self) -> io::Result<Stream> {
+    /// Another handle on the same socket (e.g. a reader thread's).
+    pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
@@ -107,7 +127,7 @@ impl Stream {
 
     /// Shuts both directions down: a thread blocked reading or writing
     /// the socket returns at once.
-    pub(crate) fn shutdown(&self) {
+    pub fn shutdown(&self) {
         // An error means it is already shut down or closed: nothing to do.
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
@@ -115,11 +135,9 @@ impl Stream {
         };
     }
 
-    pub(crate) fn set_timeouts(
-        &self,
-        read: Option<Duration>,
-        write: Option<Duration>,
-    ) -> io::Result<()> {
+    /// Read and write timeouts (`None`: block; a zero one is taken as
+    /// 1 ms, since std refuses zero).
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         // A zero timeout is refused by std: round it up.
         let fix = |d: Option<Duration>| d.map(|d| d.max(Duration::from_millis(1)));
         match self {
@@ -160,27 +178,19 @@ impl Write for Stream {
     }
 }
 
-/// Connects within `timeout`.
-pub(crate) fn connect(address: &Address, timeout: Duration) -> io::Result<Stream> {
-    let deadline = Instant::now() + timeout;
-    match address {
-        Address::Tcp { host, port } => connect_tcp(host, *port, deadline),
-        Address::Unix(path) => {
-            let mut pause = UNIX_RETRY_PAUSE_MIN;
-            loop {
-                match UnixStream::connect(path) {
-                    Ok(s) => return Ok(Stream::Unix(s)),
-                    // A signal of the caller's: try again at once (a new
-                    // socket each time).
-                    Err(e)
-                        if e.kind() == io::ErrorKind::Interrupted && Instant::now() < deadline => {}
-                    Err(e) if unix_retryable(&e) && Instant::now() + pause < deadline => {
-                        std::thread::sleep(pause);
-                        pause = (pause * 2).min(UNIX_RETRY_PAUSE_MAX);
-                    }
-                    Err(e) => return Err(e),
-                }
+fn connect_unix(path: &Path, deadline: Instant) -> io::Result<Stream> {
+    let mut pause = UNIX_RETRY_PAUSE_MIN;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(Stream::Unix(s)),
+            // A signal of the caller's: try again at once (a new socket
+            // each time).
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && Instant::now() < deadline => {}
+            Err(e) if unix_retryable(&e) && Instant::now() + pause < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(UNIX_RETRY_PAUSE_MAX);
             }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -255,7 +265,9 @@ mod tests {
     fn missing_unix_socket_times_out() {
         let path = std::env::temp_dir().join(format!("refd-client-none-{}", std::process::id()));
         let started = Instant::now();
-        let e = connect(&Address::Unix(path), Duration::from_millis(60)).unwrap_err();
+        let e = Address::Unix(path)
+            .connect(Duration::from_millis(60))
+            .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         assert!(started.elapsed() < Duration::from_secs(2));
     }

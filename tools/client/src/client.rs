@@ -64,7 +64,11 @@ impl Client {
     /// registered yet: [`register`](Self::register) does, or the first
     /// SUBMIT.
     pub fn connect(addr: &str, config: ClientConfig) -> Result<Client, Error> {
-        let address = Address::parse(addr)?;
+        Client::connect_address(Address::parse(addr)?, config)
+    }
+
+    /// [`connect`](Self::connect) to an address already parsed.
+    pub fn connect_address(address: Address, config: ClientConfig) -> Result<Client, Error> {
         let (conn, reader) = match Conn::open(&address, &config, 1) {
             Ok(opened) => opened,
             Err(OpenError::Retry(e) | OpenError::Fatal(e)) => return Err(e),

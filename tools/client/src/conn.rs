@@ -27,7 +27,7 @@ use refd_proto::{
     HELLO_REPLY_BYTES, OP_BYTES, SUBMIT_FIXED_BYTES, VERSION,
 };
 
-use crate::address::{connect, Address, Stream};
+use crate::address::{Address, Stream};
 use crate::config::ClientConfig;
 use crate::error::{Error, Outcome, ProtocolViolation};
 
@@ -199,7 +199,7 @@ impl Conn {
                 outcome: Outcome::NotApplied,
             })
         };
-        let mut stream = connect(address, config.connect_timeout).map_err(io_error)?;
+        let mut stream = address.connect(config.connect_timeout).map_err(io_error)?;
         stream
             .set_timeouts(Some(config.connect_timeout), Some(config.connect_timeout))
             .map_err(io_error)?;

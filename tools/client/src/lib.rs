@@ -125,13 +125,15 @@ mod conn;
 mod error;
 mod session;
 mod submit;
+mod token;
 
-pub use address::Address;
+pub use address::{Address, Stream};
 pub use api::{Backrefs, FreedCursor, BACKREFS_COLLECT_MAX};
 pub use client::Client;
 pub use config::ClientConfig;
 pub use error::{Error, Outcome, ProtocolViolation, SubmitTicket};
 pub use submit::SubmitOptions;
+pub use token::{read_token_file, TokenFileError};
 
 pub use refd_proto;
 pub use refd_proto::{

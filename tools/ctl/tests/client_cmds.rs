@@ -3,7 +3,8 @@
 //! directory (created and formatted by the daemon), over a unix socket:
 //! every subcommand, text and JSON output, op files in both forms with
 //! their errors mapped to lines, freed lists with a consumer (also
-//! followed, and removed), barriers, and a daemon that is not there.
+//! followed, and removed), barriers, and a daemon that is not there;
+//! and over TCP loopback to a daemon that checks a token.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -30,10 +31,14 @@ struct Out {
 /// Runs refctl with `args` plus `--connect` to the daemon; stdin from
 /// `input` if given.
 fn refctl_at(socket: &Path, args: &[&str], input: Option<&str>) -> Out {
+    refctl_to(&format!("unix:{}", socket.display()), args, input)
+}
+
+/// [`refctl_at`] the daemon at `addr`.
+fn refctl_to(addr: &str, args: &[&str], input: Option<&str>) -> Out {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_refctl"));
     cmd.args(args)
-        .arg("--connect")
-        .arg(format!("unix:{}", socket.display()))
+        .args(["--connect", addr])
         .args(["--timeout-ms", "10000"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -146,6 +151,61 @@ fn every_client_subcommand_against_a_live_daemon() {
     running.stop();
     running.wait().expect("refd stopped cleanly");
     eprintln!("client_cmds: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// The client subcommands over TCP loopback (port 0) to a daemon with a
+/// token: with the token file they work; with a wrong token or none the
+/// daemon's AUTH_FAILED is the error (status 2).
+#[test]
+fn client_subcommands_over_tcp_with_a_token() {
+    let Some(scratch) = Scratch::new("refctl-tcp") else {
+        return;
+    };
+    let config = ServeConfig {
+        device: scratch.path().join("refd.img"),
+        device_create_bytes: 128 * MIB,
+        listen: vec![Listen::Tcp("127.0.0.1:0".parse().unwrap())],
+        metrics: None,
+        token: Some(b"s3cret".to_vec()),
+        ..ServeConfig::default()
+    };
+    let running = refd::start(config).expect("start refd");
+    let tcp = running.addresses().into_iter().next().expect("a listener");
+    assert!(tcp.starts_with("tcp:127.0.0.1:"), "{tcp}");
+    let file = |name: &str, text: &str| {
+        let p = scratch.path().join(name);
+        std::fs::write(&p, text).expect("write token file");
+        p.display().to_string()
+    };
+    let (good, wrong) = (file("token", "s3cret\n"), file("wrong", "s3cre7\n"));
+    let data = "--data --bytenr 1048576 --num-bytes 4096 --root 5 --offset 0 --objectid 257";
+    for args in [
+        words(&format!("alloc {data}")),
+        vec!["get", "1048576", "--json"],
+        vec!["stats", "--json"],
+    ] {
+        let o = refctl_to(&tcp, &[&args[..], &["--token-file", &good]].concat(), None);
+        assert_eq!(o.code, 0, "{args:?}: {}{}", o.stdout, o.stderr);
+    }
+    let o = refctl_to(
+        &tcp,
+        &["get", "1048576", "--json", "--token-file", &good],
+        None,
+    );
+    let v: Value = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!(v["refs"], 1, "{v}");
+    for token in [&["--token-file", &wrong][..], &[][..]] {
+        let o = refctl_to(&tcp, &[&["stats"][..], token].concat(), None);
+        assert_eq!(o.code, 2, "{token:?}: {}{}", o.stdout, o.stderr);
+        assert!(
+            o.stderr
+                .contains("HELLO: AUTH_FAILED: wrong or missing token"),
+            "{token:?}: {}",
+            o.stderr
+        );
+    }
+    running.stop();
+    running.wait().expect("refd stopped cleanly");
 }
 
 fn single_ops(w: &World) {

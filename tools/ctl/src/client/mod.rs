@@ -26,7 +26,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use refd_client::refd_proto::{ErrorBody, HELLO_TOKEN_BYTES_MAX, INDEX_NONE};
+use refd_client::refd_proto::{ErrorBody, INDEX_NONE};
 use refd_client::{Client, ClientConfig, Error, ErrorCode, OpErrorCode, Outcome};
 
 pub use args::{ClientCmd, ConnectArgs};
@@ -131,22 +131,12 @@ pub fn connect(c: &ConnectArgs) -> Result<Client, CmdError> {
 }
 
 /// The token file's bytes without trailing newlines (as `refd serve
-/// --token-file` reads it).
+/// --token-file` reads it; [`refd_client::read_token_file`]).
 pub fn read_token(path: &Path) -> Result<Vec<u8>, CmdError> {
-    let err = |reason: String| CmdError::TokenFile {
-        path: path.to_owned(),
-        reason,
-    };
-    let mut token = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    while token.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        token.pop();
-    }
-    if token.is_empty() || token.len() > HELLO_TOKEN_BYTES_MAX {
-        return Err(err(format!(
-            "the token must be 1..={HELLO_TOKEN_BYTES_MAX} bytes"
-        )));
-    }
-    Ok(token)
+    refd_client::read_token_file(path).map_err(|e| CmdError::TokenFile {
+        path: e.path,
+        reason: e.reason,
+    })
 }
 
 /// A client error for a person: the daemon's error code by name (with

@@ -167,6 +167,8 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let (cut, sealed, ops, snap) = {
             let _cut = self.cut.write().unwrap_or_else(|e| e.into_inner());
             let ops = self.pending_ops.swap(0, Ordering::Relaxed);
+            // The live reservations become this commit's (`crate::space`).
+            self.space.cut(&self.tree.space());
             let snap = self.service_snapshot();
             (self.log.seal(), self.engine.seal(), ops, snap)
         };
@@ -402,6 +404,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             )
         })?;
         phases.write = t_write.elapsed();
+        // Its nodes are allocated now (the tree's space counts them): the
+        // reservation goes, and the next commit rewrites the held heads.
+        self.space.committed(items.held_chunks as u64);
         let t_sb = Instant::now();
         // 4. The superblock: the commit point.
         let mut sb = st.sb.clone();

@@ -454,6 +454,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             cache_complete: AtomicBool::new(cache_complete),
             policy: Mutex::new(options.policy),
             pending_ops: AtomicU64::new(ops_replayed as u64),
+            space: crate::space::Gate::default(),
             heads_held: AtomicU64::new(heads_held as u64),
             extents: AtomicU64::new(extents),
             trigger_ops: AtomicU64::new(options.policy.pending_ops_trigger),
@@ -473,6 +474,11 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             paced_ns: AtomicU64::new(0),
         };
         engine.record_commit(0, Duration::ZERO, 0);
+        // Replayed ops were acknowledged: reserved without a check (each
+        // as if it were its own SUBMIT), and the held heads' stream is
+        // the next commit's to rewrite.
+        engine.space.committed(held_chunks as u64);
+        engine.space.force(2 * ops_replayed as u64);
         Ok((engine, info))
     }
 }

@@ -204,6 +204,15 @@ impl Error {
         self.server_error().map(|e| e.code)
     }
 
+    /// For a SUBMIT refused with `NO_SPACE` (nothing of it applied: the
+    /// daemon's node region cannot be sure to hold its commit), the free
+    /// nodes of 16 KiB the daemon reported. The daemon goes on serving;
+    /// the way out is a larger device (`refd serve --grow`) or drops.
+    pub fn no_space_free_nodes(&self) -> Option<u64> {
+        let e = self.server_error()?;
+        (e.code == ErrorCode::NoSpace).then_some(e.detail)
+    }
+
     /// The index of the op an `INVALID_OP` or `REFUSED` names.
     pub(crate) fn op_index(&self) -> Option<usize> {
         let e = self.server_error()?;

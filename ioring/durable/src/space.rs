@@ -203,6 +203,12 @@ impl std::fmt::Display for NoSpace {
     }
 }
 
+/// Units of heads a seq barrier held: each changes its extent item and
+/// one item per ref, like that many ops.
+pub fn held_units(heads: &[refd_core::head::Head]) -> u64 {
+    heads.iter().map(|h| h.refs.len() as u64 + 1).sum()
+}
+
 /// The node region's space and the reservations on it
 /// ([`crate::DurableEngine::node_space`], STATS `space`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -231,8 +237,17 @@ pub struct NodeSpace {
 pub(crate) struct Gate {
     /// Units reserved since the last cut.
     live: AtomicU64,
-    /// [`commit_nodes_max`] of the commit in flight (0: none).
+    /// [`commit_nodes_max`] of the commit in flight (0: none); once its
+    /// apply is done, its dirty nodes plus its bitmap run.
     frozen_nodes: AtomicU64,
+    /// Once the apply of the commit in flight is done: the committed
+    /// nodes it replaced, free again before the next commit starts (it
+    /// releases them after its superblock, and commits run one at a
+    /// time). 0 before and after.
+    frozen_release: AtomicU64,
+    /// Signalled when the commit in flight finished its apply or its
+    /// writes (the limits may have grown).
+    changed: (Mutex<u64>, std::sync::Condvar),
     /// Live units that fit any SUBMIT (with the drops' headroom); 0 until
     /// computed (the slow path).
     limit_all: AtomicU64,
@@ -240,8 +255,12 @@ pub(crate) struct Gate {
     limit_drops: AtomicU64,
     /// Serializes computing the limits with invalidating them.
     slow: Mutex<()>,
-    /// Extra of the next commit (the held heads of the last one).
-    extra_items: AtomicU64,
+    /// The held-heads stream's chunks the last commit wrote (the next
+    /// rewrites them).
+    held_chunks: AtomicU64,
+    /// Units of the heads the last commit held (they are pending again,
+    /// without a reservation of their own).
+    held_units: AtomicU64,
     /// Requests refused.
     pub(crate) refused: AtomicU64,
 }
@@ -264,11 +283,17 @@ impl Gate {
         self.frozen_nodes.load(Ordering::Acquire)
     }
 
+    /// What the next commit writes besides the live units: the held
+    /// heads' stream (chunks of at most a quarter node) and the held
+    /// heads themselves (as units).
     fn extra(&self) -> Extra {
-        let items = self.extra_items.load(Ordering::Relaxed);
+        let chunks = self.held_chunks.load(Ordering::Relaxed);
+        let units = self.held_units.load(Ordering::Relaxed);
         Extra {
-            items,
-            bytes: items.saturating_mul(NODE_ITEMS_BYTES as u64 / 4),
+            items: chunks.saturating_add(units.saturating_mul(UNIT_ITEMS)),
+            bytes: chunks
+                .saturating_mul(NODE_ITEMS_BYTES as u64 / 4)
+                .saturating_add(units.saturating_mul(UNIT_BYTES)),
         }
     }
 
@@ -304,9 +329,9 @@ impl Gate {
         // The frozen bound first, then the space: a commit publishes its
         // space before it clears its bound, so this never pairs a cleared
         // bound with the space before the commit's writes.
-        let frozen = self.frozen_nodes();
+        let (frozen, release) = (self.frozen_nodes(), self.frozen_release());
         let space = space();
-        let (all, drops) = self.limits(frozen, &space);
+        let (all, drops) = self.limits(frozen, release, &space);
         self.limit_all.store(all.unwrap_or(0), Ordering::Release);
         self.limit_drops
             .store(drops.unwrap_or(0), Ordering::Release);
@@ -325,7 +350,7 @@ impl Gate {
             .saturating_add(commit_nodes_max(after, self.extra(), live))
             .saturating_add(headroom);
         Reserve::Full(NoSpace {
-            nodes_free: space.free_nodes,
+            nodes_free: space.free_nodes.saturating_add(release),
             nodes_needed,
             region_nodes: space.region_nodes,
         })
@@ -344,14 +369,56 @@ impl Gate {
         (frozen_left, shape)
     }
 
-    fn limits(&self, frozen: u64, space: &TreeSpace) -> (Option<u64>, Option<u64>) {
+    fn frozen_release(&self) -> u64 {
+        self.frozen_release.load(Ordering::Acquire)
+    }
+
+    fn limits(&self, frozen: u64, release: u64, space: &TreeSpace) -> (Option<u64>, Option<u64>) {
         let (frozen_left, live) = Self::live_shape(frozen, space);
         let extra = self.extra();
         let headroom = drops_headroom(space.region_nodes);
+        let free = space.free_nodes.saturating_add(release);
         (
-            units_fitting(space.free_nodes, frozen_left, headroom, extra, live),
-            units_fitting(space.free_nodes, frozen_left, 0, extra, live),
+            units_fitting(free, frozen_left, headroom, extra, live),
+            units_fitting(free, frozen_left, 0, extra, live),
         )
+    }
+
+    /// The commit in flight applied every change (`space` published
+    /// after its last apply): what it may still allocate is its bitmap
+    /// run, and the committed nodes it replaced are free again before
+    /// the next commit. The limits only grow.
+    pub(crate) fn applied(&self, space: &TreeSpace) {
+        let _slow = self.slow.lock().unwrap_or_else(|e| e.into_inner());
+        // Release before the smaller bound: a reader that sees the new
+        // bound also sees the release (both only loosen the limits).
+        self.frozen_release
+            .store(space.replaced_nodes, Ordering::Release);
+        self.frozen_nodes.store(
+            space.dirty_nodes.saturating_add(space.run_nodes).max(1),
+            Ordering::Release,
+        );
+        self.limit_all.store(0, Ordering::Release);
+        self.limit_drops.store(0, Ordering::Release);
+        drop(_slow);
+        self.signal();
+    }
+
+    fn signal(&self) {
+        let (m, cv) = &self.changed;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        cv.notify_all();
+    }
+
+    /// Waits (at most `limit`) until the commit in flight finishes its
+    /// apply or its writes.
+    pub(crate) fn wait_changed(&self, limit: std::time::Duration) {
+        let (m, cv) = &self.changed;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = *g;
+        let _ = cv
+            .wait_timeout_while(g, limit, |n| *n == seen)
+            .unwrap_or_else(|e| e.into_inner());
     }
 
     /// The cut (under the cut lock's write side): the live units become
@@ -365,6 +432,7 @@ impl Gate {
             run_nodes: space.run_nodes,
         };
         let bound = commit_nodes_max(units, self.extra(), shape);
+        self.frozen_release.store(0, Ordering::Release);
         self.frozen_nodes.store(bound, Ordering::Release);
         self.limit_all.store(0, Ordering::Release);
         self.limit_drops.store(0, Ordering::Release);
@@ -373,14 +441,21 @@ impl Gate {
 
     /// The commit's nodes are written (the tree's space says what they
     /// took): its reservation goes. `held_chunks` is the held-heads stream
-    /// it wrote, which the next commit rewrites.
-    pub(crate) fn committed(&self, held_chunks: u64) {
+    /// it wrote and `held_units` the heads it held ([`held_units`]),
+    /// which the next commit writes.
+    pub(crate) fn committed(&self, held_chunks: u64, held_units: u64) {
         let _slow = self.slow.lock().unwrap_or_else(|e| e.into_inner());
-        self.extra_items.store(held_chunks, Ordering::Relaxed);
+        self.held_chunks.store(held_chunks, Ordering::Relaxed);
+        self.held_units.store(held_units, Ordering::Relaxed);
+        // The replaced nodes are pending now, counted free again by the
+        // tree once released: no credit any more.
+        self.frozen_release.store(0, Ordering::Release);
         self.frozen_nodes.store(0, Ordering::Release);
         // A larger extra makes the limits smaller.
         self.limit_all.store(0, Ordering::Release);
         self.limit_drops.store(0, Ordering::Release);
+        drop(_slow);
+        self.signal();
     }
 
     /// Nodes the reservations could need now (STATS): the commit in

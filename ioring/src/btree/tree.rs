@@ -215,6 +215,9 @@ pub struct TreeSpace {
     pub levels: u64,
     /// Slots of the bitmap run a commit writes.
     pub run_nodes: u64,
+    /// Committed nodes the open transaction replaced: pending once it
+    /// commits, free after its superblock (`release_pending`).
+    pub replaced_nodes: u64,
 }
 
 impl TreeSpace {
@@ -230,6 +233,7 @@ impl TreeSpace {
             working_nodes: used - c.pending_nodes - c.committed_run_nodes - c.txn_freed_nodes,
             levels: st.root.map_or(0, |r| u64::from(r.level) + 1),
             run_nodes: c.run_nodes,
+            replaced_nodes: c.txn_freed_nodes,
         }
     }
 }

@@ -277,3 +277,23 @@ fn outcome_text(o: Outcome) -> &'static str {
         Outcome::Unknown => " (outcome unknown: the request may have been applied)",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_space_is_typed_and_applied_nothing() {
+        let server = |code: ErrorCode| Error::Server {
+            request: "SUBMIT",
+            error: ErrorBody::new(code, "node region full").with_detail(186),
+            outcome: submit_error_outcome(code, false),
+        };
+        let e = server(ErrorCode::NoSpace);
+        assert_eq!(e.no_space_free_nodes(), Some(186));
+        assert_eq!(e.code(), Some(ErrorCode::NoSpace));
+        assert_eq!(e.outcome(), Outcome::NotApplied);
+        assert!(e.to_string().contains("NO_SPACE"), "{e}");
+        assert_eq!(server(ErrorCode::Failed).no_space_free_nodes(), None);
+    }
+}

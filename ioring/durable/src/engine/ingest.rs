@@ -161,7 +161,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         units: u64,
         drops_only: bool,
     ) -> Result<Admitted<'_, S, D>, Refusal> {
-        const ATTEMPTS: usize = 3;
+        const ATTEMPTS: usize = 4;
         for attempt in 1..=ATTEMPTS {
             let admitted = self.admit_append().map_err(Refusal::Failed)?;
             match self.space.reserve(units, drops_only, || self.tree.space()) {
@@ -172,7 +172,16 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
                         self.space.refused.fetch_add(1, Ordering::Relaxed);
                         return Err(Refusal::NoSpace(no_space));
                     }
-                    self.make_node_room().map_err(Refusal::Failed)?;
+                    let running = self.commit.try_lock().is_err();
+                    if attempt == 1 && running {
+                        // The running commit's whole bound is charged
+                        // until its apply is done; then only its bitmap
+                        // run is, and the nodes it replaced count as free
+                        // for the next commit: usually enough.
+                        self.space.wait_changed(SPACE_WAIT_MAX);
+                    } else {
+                        self.make_node_room().map_err(Refusal::Failed)?;
+                    }
                 }
             }
         }
@@ -272,6 +281,10 @@ impl<S: Storage + Clone, D: DelayedRefStore> Drop for ThrottleTimer<'_, S, D> {
         self.0.throttled_ns.fetch_add(ns, Ordering::Relaxed);
     }
 }
+
+/// The longest an admission waits for the running commit's apply before
+/// it waits for the whole commit.
+const SPACE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Units reserved by a request being admitted: given back on drop unless
 /// the request was logged ([`Reserved::keep`]). Dropped before the

@@ -348,6 +348,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         let (mut held, held_chunks) = read_held(&tree, &device)?;
         held.iter_mut().for_each(forget_seq);
         let heads_held = held.len();
+        let held_units = crate::space::held_units(&held);
         engine.requeue(held);
         if options.verify {
             // Before replay, so that the shadow checks every replayed op
@@ -475,9 +476,9 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         };
         engine.record_commit(0, Duration::ZERO, 0);
         // Replayed ops were acknowledged: reserved without a check (each
-        // as if it were its own SUBMIT), and the held heads' stream is
-        // the next commit's to rewrite.
-        engine.space.committed(held_chunks as u64);
+        // as if it were its own SUBMIT); the held heads (their stream and
+        // their ops) are the next commit's to write.
+        engine.space.committed(held_chunks as u64, held_units);
         engine.space.force(2 * ops_replayed as u64);
         Ok((engine, info))
     }

@@ -45,7 +45,7 @@ mod tree;
 #[cfg(test)]
 mod tests;
 
-pub use alloc::{AllocInfo, BITMAP_BITS_PER_NODE, BITMAP_OWNER};
+pub use alloc::{AllocCounts, AllocInfo, BITMAP_BITS_PER_NODE, BITMAP_OWNER};
 pub use apply::{ApplyReport, Change};
 pub use cache::CacheStats;
 pub use check::TreeCheck;
@@ -55,4 +55,4 @@ pub use node::{
     INTERNAL_CHILDREN_MAX, INTERNAL_ITEM_BYTES, LEAF_ITEMS_MAX, LEAF_ITEM_BYTES_MAX,
     LEAF_ITEM_OVERHEAD_BYTES, NODE_FILL_MIN_BYTES, VALUE_BYTES_MAX,
 };
-pub use tree::{BTree, CommitInfo, Range, RootInfo, TreeConfig, TreeLocation};
+pub use tree::{BTree, CommitInfo, Range, RootInfo, TreeConfig, TreeLocation, TreeSpace};

@@ -349,6 +349,10 @@ pub enum AddError {
         /// Why.
         source: Box<AddError>,
     },
+    /// The node region could not be sure to hold the commit of the op
+    /// (`crate::space`): nothing was logged, the engine goes on.
+    #[error("op refused: {0}")]
+    NoSpace(crate::space::NoSpace),
     /// The engine failed (now or earlier): nothing more is acknowledged.
     /// An op that was already queued when the failure happened is one more
     /// unacknowledged op, present after recovery at most once.
@@ -531,6 +535,10 @@ pub enum SubmitError {
         /// Largest record.
         max: usize,
     },
+    /// The node region could not be sure to hold the commit of the batch
+    /// (`crate::space`): nothing of it was logged, the engine goes on.
+    #[error("batch refused: {0}")]
+    NoSpace(crate::space::NoSpace),
     /// The engine failed (now or earlier): nothing more is acknowledged.
     #[error("durable engine failed, acknowledging nothing more: {0}")]
     Failed(Failure),
@@ -540,6 +548,7 @@ impl From<AddError> for SubmitError {
     fn from(e: AddError) -> Self {
         match e {
             AddError::Failed(f) => SubmitError::Failed(f),
+            AddError::NoSpace(n) => SubmitError::NoSpace(n),
             AddError::Refused(source) => SubmitError::Refused { index: 0, source },
             AddError::Op(op) => SubmitError::Refused {
                 index: 0,

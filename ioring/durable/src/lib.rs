@@ -34,6 +34,7 @@ pub mod policy;
 pub mod progress;
 pub mod selftest;
 pub mod service;
+pub mod space;
 pub mod stats;
 
 pub use codec::CodecError;
@@ -51,4 +52,5 @@ pub use error::{
 };
 pub use policy::{CommitPolicy, PolicyInput, Reason, DIRTY_BYTES_TRIGGER_DEFAULT};
 pub use service::{Admission, Consumer, ServiceOptions, SessionError};
+pub use space::{NoSpace, NodeSpace};
 pub use stats::{CommitPhases, CommitSummary, CommitTotals, RecoveryInfo};

@@ -64,6 +64,31 @@ pub(crate) struct Allocator {
     pending: BTreeMap<u64, Vec<u64>>,
     /// Committed bitmap run: first slot and slot count.
     run: Option<(u64, u64)>,
+    /// Slots set (allocated in any sense above): kept with the bits, so
+    /// that the free count is O(1) (`Allocator::space`).
+    used: u64,
+    /// Slots in `pending`, over all commits.
+    pending_count: u64,
+}
+
+/// The allocator's counts of slots, for space accounting
+/// ([`crate::btree::BTree::space`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AllocCounts {
+    /// Slots in the node region.
+    pub region_nodes: u64,
+    /// Slots free now: neither reachable, dirty, pending nor the run.
+    pub free_nodes: u64,
+    /// Slots freed by commits, reusable after their superblock
+    /// (`release_pending`).
+    pub pending_nodes: u64,
+    /// Slots of a bitmap run (the run a commit writes).
+    pub run_nodes: u64,
+    /// Committed slots the open transaction replaced (pending at its
+    /// commit).
+    pub txn_freed_nodes: u64,
+    /// Slots of the committed bitmap run (0 for an empty tree).
+    pub committed_run_nodes: u64,
 }
 
 impl Allocator {
@@ -98,6 +123,8 @@ impl Allocator {
             txn_freed: Vec::new(),
             pending: BTreeMap::new(),
             run: None,
+            used: 0,
+            pending_count: 0,
         })
     }
 
@@ -128,12 +155,35 @@ impl Allocator {
     }
 
     fn set(&mut self, slot: u64) {
-        self.bits[(slot / 64) as usize] |= 1 << (slot % 64);
+        let word = &mut self.bits[(slot / 64) as usize];
+        self.used += u64::from(*word & (1 << (slot % 64)) == 0);
+        *word |= 1 << (slot % 64);
     }
 
     fn clear(&mut self, slot: u64) {
-        self.bits[(slot / 64) as usize] &= !(1 << (slot % 64));
+        let word = &mut self.bits[(slot / 64) as usize];
+        self.used -= u64::from(*word & (1 << (slot % 64)) != 0);
+        *word &= !(1 << (slot % 64));
         self.cursor = self.cursor.min(slot);
+    }
+
+    /// The counts of slots now (O(1)).
+    pub(crate) fn counts(&self) -> AllocCounts {
+        debug_assert_eq!(
+            self.used,
+            self.bits
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>()
+        );
+        AllocCounts {
+            region_nodes: self.node_count,
+            free_nodes: self.node_count - self.used,
+            pending_nodes: self.pending_count,
+            run_nodes: self.run_nodes(),
+            txn_freed_nodes: self.txn_freed.len() as u64,
+            committed_run_nodes: self.run.map_or(0, |(_, count)| count),
+        }
     }
 
     fn no_space(&self, nodes_needed: u64) -> BTreeError {
@@ -312,6 +362,7 @@ impl Allocator {
     pub(crate) fn finish_commit(&mut self, generation: u64) {
         let freed = std::mem::take(&mut self.txn_freed);
         if !freed.is_empty() {
+            self.pending_count += freed.len() as u64;
             self.pending.entry(generation).or_default().extend(freed);
         }
         self.cursor = 0;
@@ -324,6 +375,7 @@ impl Allocator {
         let released = std::mem::replace(&mut self.pending, later);
         let mut addrs = Vec::new();
         for slot in released.into_values().flatten() {
+            self.pending_count -= 1;
             self.clear(slot);
             addrs.push(self.addr_of(slot));
         }
@@ -535,11 +587,23 @@ mod tests {
         assert_eq!(a.alloc().expect("alloc"), x[1], "dirty slot reused at once");
         a.free_committed(x[0]).expect("free");
         assert_eq!(a.alloc().expect("alloc"), (1 << 20) + 3 * NODE);
+        let c = a.counts();
+        assert_eq!(
+            (c.free_nodes, c.txn_freed_nodes, c.pending_nodes),
+            (4, 1, 0)
+        );
         assert_eq!(a.prepare_commit(false).expect("run"), Some(4));
         a.finish_commit(5);
+        let c = a.counts();
+        assert_eq!(
+            (c.free_nodes, c.pending_nodes, c.committed_run_nodes),
+            (3, 1, 1)
+        );
         assert!(a.is_set(0), "pending until released");
         assert_eq!(a.release_pending(4), Vec::<u64>::new());
         assert_eq!(a.release_pending(5), vec![1 << 20]);
+        let c = a.counts();
+        assert_eq!((c.region_nodes, c.free_nodes, c.pending_nodes), (8, 4, 0));
         assert_eq!(a.alloc().expect("alloc"), 1 << 20);
         for _ in 0..3 {
             a.alloc().expect("alloc");

@@ -201,6 +201,7 @@ impl<S: Storage> BTree<S> {
         let mut report = ApplyReport::default();
         let result = self.apply_locked(st, &mut changes, &mut report);
         self.cache.set_dirty_bytes(st.dirty_bytes);
+        self.publish_space(st);
         match result {
             Ok(()) => Ok(report),
             Err(e) => {

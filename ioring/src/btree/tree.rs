@@ -19,9 +19,9 @@
 
 use std::collections::HashMap;
 use std::ops::{Bound, Deref, RangeBounds};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::btree::alloc::{AllocInfo, Allocator};
+use crate::btree::alloc::{AllocCounts, AllocInfo, Allocator};
 use crate::btree::cache::{CacheRef, CacheStats, NodeCache};
 use crate::btree::error::BTreeError;
 use crate::btree::key::Key;
@@ -193,6 +193,51 @@ pub(crate) struct State {
     pub failed: Option<(u64, BTreeError)>,
 }
 
+/// The node region's space as the last call that changed the tree left
+/// it ([`BTree::space`]): published at the end of every mutation, commit,
+/// abort and release, so that it is read without the tree's lock (a
+/// commit's apply holds that for long) and is always the state between
+/// two calls, never the middle of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TreeSpace {
+    /// Slots (nodes) of the node region.
+    pub region_nodes: u64,
+    /// Slots free now (the allocator may hand them out).
+    pub free_nodes: u64,
+    /// Slots freed by commits and reusable only after their superblock.
+    pub pending_nodes: u64,
+    /// Nodes written by the open transaction (allocated, not committed).
+    pub dirty_nodes: u64,
+    /// Nodes reachable from the working root: the committed ones the open
+    /// transaction did not replace, plus its dirty ones.
+    pub working_nodes: u64,
+    /// Levels of the working tree (0: empty).
+    pub levels: u64,
+    /// Slots of the bitmap run a commit writes.
+    pub run_nodes: u64,
+    /// Committed nodes the open transaction replaced: pending once it
+    /// commits, free after its superblock (`release_pending`).
+    pub replaced_nodes: u64,
+}
+
+impl TreeSpace {
+    fn of(st: &State) -> TreeSpace {
+        let c: AllocCounts = st.alloc.counts();
+        let dirty_nodes = st.dirty.len() as u64;
+        let used = c.region_nodes - c.free_nodes;
+        TreeSpace {
+            region_nodes: c.region_nodes,
+            free_nodes: c.free_nodes,
+            pending_nodes: c.pending_nodes,
+            dirty_nodes,
+            working_nodes: used - c.pending_nodes - c.committed_run_nodes - c.txn_freed_nodes,
+            levels: st.root.map_or(0, |r| u64::from(r.level) + 1),
+            run_nodes: c.run_nodes,
+            replaced_nodes: c.txn_freed_nodes,
+        }
+    }
+}
+
 /// The copy-on-write B+tree; see the module docs of `crate::btree`.
 #[derive(Debug)]
 pub struct BTree<S: Storage> {
@@ -201,6 +246,7 @@ pub struct BTree<S: Storage> {
     pub(crate) fs_id: FsId,
     pub(crate) cache: NodeCache,
     pub(crate) state: RwLock<State>,
+    space: Mutex<TreeSpace>,
 }
 
 /// A node being used: dirty (owned by the writer) or cached (holding a
@@ -323,7 +369,9 @@ impl<S: Storage> BTree<S> {
                 poisoned: None,
                 failed: None,
             }),
+            space: Mutex::new(TreeSpace::default()),
         };
+        tree.publish_space(&tree.lock_read());
         if let Some(ptr) = root_ptr {
             let st = tree.read_state()?;
             tree.node(&st, ptr)?;
@@ -338,6 +386,17 @@ impl<S: Storage> BTree<S> {
         config: TreeConfig,
     ) -> Result<Self, BTreeError> {
         Self::open(storage, TreeLocation::from_superblock(sb), config)
+    }
+
+    /// The node region's space after the last call that changed the tree
+    /// ([`TreeSpace`]); takes no tree lock.
+    pub fn space(&self) -> TreeSpace {
+        *self.space.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes the space of `st` (the caller holds the write lock).
+    pub(crate) fn publish_space(&self, st: &State) {
+        *self.space.lock().unwrap_or_else(|e| e.into_inner()) = TreeSpace::of(st);
     }
 
     /// The storage the tree lives on.
@@ -622,6 +681,7 @@ impl<S: Storage> BTree<S> {
         });
         st.changed = false;
         st.poisoned = None;
+        self.publish_space(&st);
         Ok(())
     }
 
@@ -659,7 +719,9 @@ impl<S: Storage> BTree<S> {
                 dirty_bytes: 0,
             });
         }
-        match self.commit_locked(&mut st, generation) {
+        let result = self.commit_locked(&mut st, generation);
+        self.publish_space(&st);
+        match result {
             Ok(info) => Ok(info),
             Err(e) => {
                 st.failed = Some((generation, e.clone()));
@@ -830,6 +892,7 @@ impl<S: Storage> BTree<S> {
     pub fn release_pending(&self, generation: u64) -> Result<u64, BTreeError> {
         let mut st = self.write_state()?;
         let released = st.alloc.release_pending(generation);
+        self.publish_space(&st);
         let mut nodes = Vec::with_capacity(released.len());
         for addr in &released {
             nodes.extend(self.cache.invalidate(*addr)?);

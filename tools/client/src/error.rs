@@ -204,6 +204,15 @@ impl Error {
         self.server_error().map(|e| e.code)
     }
 
+    /// For a SUBMIT refused with `NO_SPACE` (nothing of it applied: the
+    /// daemon's node region cannot be sure to hold its commit), the free
+    /// nodes of 16 KiB the daemon reported. The daemon goes on serving;
+    /// the way out is a larger device (`refd serve --grow`) or drops.
+    pub fn no_space_free_nodes(&self) -> Option<u64> {
+        let e = self.server_error()?;
+        (e.code == ErrorCode::NoSpace).then_some(e.detail)
+    }
+
     /// The index of the op an `INVALID_OP` or `REFUSED` names.
     pub(crate) fn op_index(&self) -> Option<usize> {
         let e = self.server_error()?;
@@ -266,5 +275,25 @@ fn outcome_text(o: Outcome) -> &'static str {
     match o {
         Outcome::NotApplied => "",
         Outcome::Unknown => " (outcome unknown: the request may have been applied)",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_space_is_typed_and_applied_nothing() {
+        let server = |code: ErrorCode| Error::Server {
+            request: "SUBMIT",
+            error: ErrorBody::new(code, "node region full").with_detail(186),
+            outcome: submit_error_outcome(code, false),
+        };
+        let e = server(ErrorCode::NoSpace);
+        assert_eq!(e.no_space_free_nodes(), Some(186));
+        assert_eq!(e.code(), Some(ErrorCode::NoSpace));
+        assert_eq!(e.outcome(), Outcome::NotApplied);
+        assert!(e.to_string().contains("NO_SPACE"), "{e}");
+        assert_eq!(server(ErrorCode::Failed).no_space_free_nodes(), None);
     }
 }

@@ -75,11 +75,14 @@ pub enum ErrorCode {
     ConsumerUnknown = 21,
     /// A bug; the message says what.
     Internal = 22,
+    /// The node region cannot be sure to hold the commit of this SUBMIT's
+    /// ops: nothing of it was logged; `detail` = free nodes (16 KiB).
+    NoSpace = 23,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::BadFrame,
         ErrorCode::BadChecksum,
         ErrorCode::FrameTooLarge,
@@ -102,6 +105,7 @@ impl ErrorCode {
         ErrorCode::FreedExpired,
         ErrorCode::ConsumerUnknown,
         ErrorCode::Internal,
+        ErrorCode::NoSpace,
     ];
 
     /// The code with this wire value, if any.
@@ -156,6 +160,7 @@ impl ErrorCode {
             ErrorCode::FreedExpired => "FREED_EXPIRED",
             ErrorCode::ConsumerUnknown => "CONSUMER_UNKNOWN",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::NoSpace => "NO_SPACE",
         }
     }
 }
@@ -538,7 +543,7 @@ mod tests {
             assert_eq!(ErrorCode::from_u16(code.as_u16()), Some(*code));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(23), None);
+        assert_eq!(ErrorCode::from_u16(24), None);
         let closing: Vec<u16> = ErrorCode::ALL
             .iter()
             .filter(|c| c.closes_connection())
@@ -546,6 +551,8 @@ mod tests {
             .collect();
         assert_eq!(closing, [1, 2, 3, 4, 7, 8, 16, 17]);
         assert_eq!(ErrorCode::Internal.as_u16(), 22);
+        assert_eq!(ErrorCode::NoSpace.as_u16(), 23);
+        assert_eq!(ErrorCode::NoSpace.name(), "NO_SPACE");
         assert_eq!(ErrorCode::FreedExpired.name(), "FREED_EXPIRED");
     }
 
@@ -612,10 +619,10 @@ mod tests {
             Err(BodyError::WrongSize { .. })
         ));
         let mut bad_code = out.clone();
-        bad_code[0] = 23;
+        bad_code[0] = 24;
         assert_eq!(
             ErrorBody::decode(&bad_code),
-            Err(BodyError::UnknownErrorCode { code: 23 })
+            Err(BodyError::UnknownErrorCode { code: 24 })
         );
         let mut bad_utf8 = out.clone();
         bad_utf8[19] = 0xFF;

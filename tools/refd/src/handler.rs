@@ -2,6 +2,7 @@
 //! first, then every opcode mapped onto the durable engine, each engine
 //! error onto its wire error (`docs/protocol.md`, "Errors").
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -284,6 +285,10 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
             }
             Ok(Submitted::Duplicate { lsn, ops }) => {
                 Ok(self.duplicate(id, &view, lsn, ops, no_wait))
+            }
+            Err(SubmitError::NoSpace(n)) => {
+                warn_no_space(&self.shared.started, &n);
+                Err(ErrorBody::new(ErrorCode::NoSpace, &n.to_string()).with_detail(n.nodes_free))
             }
             Err(e) => Err(submit_error(e, &self.ops)),
         }
@@ -594,6 +599,36 @@ fn session_error(e: SessionError) -> ErrorBody {
         _ => ErrorCode::BadRequest,
     };
     ErrorBody::new(code, &e.to_string())
+}
+
+/// Seconds since the daemon started of the last NO_SPACE warning (+1; 0:
+/// none yet), and the refusals since it.
+static NO_SPACE_WARNED: (AtomicU64, AtomicU64) = (AtomicU64::new(0), AtomicU64::new(0));
+/// At most one NO_SPACE warning per this many seconds.
+const NO_SPACE_WARN_INTERVAL_S: u64 = 10;
+
+/// Logs a NO_SPACE refusal at WARN, at most once per
+/// [`NO_SPACE_WARN_INTERVAL_S`], with the refusals since the last line.
+fn warn_no_space(started: &std::time::Instant, n: &refd_durable::NoSpace) {
+    let (last, since) = &NO_SPACE_WARNED;
+    let refused = since.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = started.elapsed().as_secs() + 1;
+    let prev = last.load(Ordering::Relaxed);
+    let due = prev == 0 || now >= prev + NO_SPACE_WARN_INTERVAL_S;
+    if due
+        && last
+            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        since.store(0, Ordering::Relaxed);
+        tracing::warn!(
+            nodes_free = n.nodes_free,
+            nodes_needed = n.nodes_needed,
+            region_nodes = n.region_nodes,
+            refused,
+            "SUBMIT refused with NO_SPACE: {n}"
+        );
+    }
 }
 
 fn submit_error(e: SubmitError, ops: &[Op]) -> ErrorBody {

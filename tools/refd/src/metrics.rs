@@ -89,6 +89,14 @@ pub struct Metrics {
     pub pending_ops: Gauge,
     /// Heads held back by a seq barrier.
     pub heads_held: Gauge,
+    /// Nodes of the node region.
+    pub node_region_nodes: Gauge,
+    /// Free nodes of the node region.
+    pub node_region_free_nodes: Gauge,
+    /// Nodes the reservations of the uncommitted ops could need.
+    pub node_region_reserved_nodes: Gauge,
+    /// Nodes of the extent tree (the working tree).
+    pub node_region_tree_nodes: Gauge,
     /// Log bytes in use.
     pub log_used_bytes: Gauge,
     /// Log region size.
@@ -158,6 +166,10 @@ impl Metrics {
             commit_dirty_bytes: Gauge::default(),
             pending_ops: Gauge::default(),
             heads_held: Gauge::default(),
+            node_region_nodes: Gauge::default(),
+            node_region_free_nodes: Gauge::default(),
+            node_region_reserved_nodes: Gauge::default(),
+            node_region_tree_nodes: Gauge::default(),
             log_used_bytes: Gauge::default(),
             log_bytes: Gauge::default(),
             log_fill: FGauge::default(),
@@ -278,6 +290,26 @@ impl Metrics {
                 "heads_held",
                 "Heads held back by a seq barrier",
                 m.heads_held.clone(),
+            );
+            r.register(
+                "node_region_nodes",
+                "Nodes (16 KiB) of the node region",
+                m.node_region_nodes.clone(),
+            );
+            r.register(
+                "node_region_free_nodes",
+                "Free nodes of the node region",
+                m.node_region_free_nodes.clone(),
+            );
+            r.register(
+                "node_region_reserved_nodes",
+                "Nodes the commits of the acknowledged, uncommitted ops could need (the reservation)",
+                m.node_region_reserved_nodes.clone(),
+            );
+            r.register(
+                "node_region_tree_nodes",
+                "Nodes of the extent tree",
+                m.node_region_tree_nodes.clone(),
             );
             r.register(
                 "log_used_bytes",

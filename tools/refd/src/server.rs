@@ -151,6 +151,12 @@ impl<D: DelayedRefStore> Shared<D> {
         let log = e.log();
         m.pending_ops.set(e.pending_ops() as i64);
         m.heads_held.set(e.heads_held() as i64);
+        let space = e.node_space();
+        m.node_region_nodes.set(space.region_nodes as i64);
+        m.node_region_free_nodes.set(space.free_nodes as i64);
+        m.node_region_reserved_nodes
+            .set(space.reserved_nodes as i64);
+        m.node_region_tree_nodes.set(space.tree_nodes as i64);
         m.log_used_bytes.set(log.used_bytes() as i64);
         m.log_bytes.set(log.log_bytes() as i64);
         m.log_fill

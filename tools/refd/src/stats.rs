@@ -38,6 +38,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "total": p.total.as_secs_f64() * 1e3,
         })
     };
+    let space = e.node_space();
     let (quarantine_kept, newest) = e.core().quarantined_newest(QUARANTINE_NEWEST);
     let m = &s.metrics;
     json!({
@@ -101,6 +102,15 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "gap_max_ms": totals.gap_max.as_secs_f64() * 1e3,
             "phases_ms": phases_ms(&totals.phases),
             "longest_ms": phases_ms(&totals.longest_phases),
+        },
+        "space": {
+            "region_nodes": space.region_nodes,
+            "free_nodes": space.free_nodes,
+            "pending_nodes": space.pending_nodes,
+            "tree_nodes": space.tree_nodes,
+            "reserved_nodes": space.reserved_nodes,
+            "reserved_units": space.reserved_units,
+            "refused": space.refused,
         },
         "cache": {
             "extents": e.cached_extents().len(),

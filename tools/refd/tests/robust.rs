@@ -593,16 +593,18 @@ fn wait_for_error_log(d: &Daemon, what: &str) {
     }
 }
 
-/// A device whose node region fills up: the commit that cannot place its
-/// nodes latches the engine with an error that says so, logged at ERROR;
-/// what was acknowledged stays in the log, reads and STATS go on. The way
-/// out: a restart cannot commit the replayed log into the same region
-/// (it says so, and that the device could grow), so the file is extended
-/// and the daemon started with `--grow`: every acknowledged op is there.
-/// A 20 MiB file device with a 16 MiB log (the least the daemon takes),
-/// so 4 MiB of nodes; no root needed.
+/// A device whose node region fills up: SUBMITs of new allocations are
+/// refused with NO_SPACE before anything is logged (`detail` = free
+/// nodes, the message names `--grow`), the daemon is not latched (COMMIT,
+/// STATS, LOOKUP go on), every acknowledged op is in the tree after a
+/// COMMIT and after a restart, no op of a refused SUBMIT is, and after the
+/// file is extended and the daemon restarted with `--grow` the same
+/// SUBMIT (same request number) is accepted. Before space reservation
+/// the commit of acknowledged ops failed and latched the engine, and
+/// every restart failed too. A 20 MiB file device with a 16 MiB log (the
+/// least the daemon takes), so 4 MiB of nodes; no root needed.
 #[test]
-fn a_full_node_region_latches_and_grows() {
+fn a_full_node_region_refuses_with_no_space_and_grows() {
     let Some(t) = Target::new("refd-full", 20 << 20, false) else {
         return;
     };
@@ -616,85 +618,118 @@ fn a_full_node_region_latches_and_grows() {
         };
         refd_durable::DurableEngine::format(&storage, small_nodes).expect("format");
     }
+    const BATCH: u64 = 1024;
+    let bytenr = |batch: u64, i: u64| (1 << 30) + (batch * BATCH + i) * 4096;
+    let batch_ops = |batch: u64| -> Vec<WireOp> {
+        (0..BATCH)
+            .map(|i| data(ACTION_ADD_EXTENT, bytenr(batch, i), 1))
+            .collect()
+    };
+    let batch_bytenrs = |batch: u64| -> Vec<u64> { (0..BATCH).map(|i| bytenr(batch, i)).collect() };
     let d = Daemon::start(&t, &["--commit-interval-ms", "600000"]);
     let (mut c, _) = Raw::hello(&d.socket);
     let s = c.register();
-    let mut failed = None;
-    let bytenr = |batch: u64, i: u64| (1 << 30) + (batch * 16384 + i) * 4096;
+    let mut refused = None;
     let mut acked = 0;
-    for batch in 0..64u64 {
-        let ops: Vec<WireOp> = (0..16384)
-            .map(|i| data(ACTION_ADD_EXTENT, bytenr(batch, i), 1))
-            .collect();
-        let r = c.submit(s, batch + 1, &ops);
-        let r = match r {
-            Reply::Submit(_) => {
-                acked = batch + 1;
-                c.call(&Request::Commit(CommitRequest))
+    // 256 nodes hold at most ~80k extent items; refusals come well before.
+    for batch in 0..80u64 {
+        match c.submit(s, batch + 1, &batch_ops(batch)) {
+            Reply::Submit(_) => acked = batch + 1,
+            Reply::Error(e) => {
+                refused = Some((batch, e));
+                break;
             }
-            r => r,
-        };
-        if let Reply::Error(e) = r {
-            failed = Some(e);
-            break;
+            r => panic!("{r:?}"),
         }
+        assert!(
+            matches!(c.call(&Request::Commit(CommitRequest)), Reply::Commit(_)),
+            "commit of acknowledged batch {batch}"
+        );
     }
-    let e = failed.expect("1M extent items cannot fit 4 MiB of nodes");
-    assert_eq!(e.code, ErrorCode::Failed, "{e:?}");
-    assert!(e.message.contains("full"), "{e:?}");
-    assert_eq!(
-        code(&c.submit(s, 1000, &[data(ACTION_ADD_EXTENT, 1 << 40, 1)])),
-        Some(ErrorCode::Failed)
-    );
-    assert_eq!(c.refs(1 << 30), 1, "the first commit's extents are read");
+    let (refused_batch, e) = refused.expect("80k extent items cannot fit 4 MiB of nodes");
+    assert!(acked >= 4, "only {acked} batches before the refusal");
+    eprintln!("{acked} batches of {BATCH} acknowledged, then {e:?}");
+    assert_eq!(e.code, ErrorCode::NoSpace, "{e:?}");
+    assert!(e.message.contains("--grow"), "{e:?}");
     let st = c.stats();
+    assert!(st["failed"].is_null(), "not latched: {st}");
     assert!(
-        st["failed"]["message"].as_str().unwrap().contains("full"),
-        "{st}"
+        e.detail <= st["space"]["region_nodes"].as_u64().unwrap(),
+        "{e:?} {st}"
     );
-    wait_for_error_log(&d, "full");
+    assert!(st["space"]["refused"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["engine"]["extents"], acked * BATCH, "{st}");
+    // Not latched: COMMIT works, drops are taken, reads go on.
+    assert!(matches!(
+        c.call(&Request::Commit(CommitRequest)),
+        Reply::Commit(_)
+    ));
+    let check = |c: &mut Raw, when: &str| {
+        for batch in 0..acked {
+            for e in c.lookup(&batch_bytenrs(batch)) {
+                assert_eq!((e.refs, e.committed_refs), (1, 1), "{when}: {e:?}");
+            }
+        }
+        for e in c.lookup(&batch_bytenrs(refused_batch)) {
+            assert_eq!(e.refs, 0, "{when}: refused op {e:?}");
+        }
+    };
+    check(&mut c, "after the refusal");
+    wait_for_warn_log(&d, "NO_SPACE");
     drop(c);
     let mut d = d;
-    assert!(!d.term().success(), "a failed engine stops with an error");
+    assert!(d.term().success(), "a daemon that refused stops cleanly");
     drop(d);
 
-    // The same device, extended: without --grow the replayed log still
-    // does not fit, and the daemon says the device is larger.
+    // A restart replays and commits nothing it cannot hold.
+    let d = Daemon::start(&t, &["--commit-interval-ms", "600000"]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    check(&mut c, "after a restart");
+    let r = c.submit(s, refused_batch + 1, &batch_ops(refused_batch));
+    assert_eq!(code(&r), Some(ErrorCode::NoSpace), "{r:?}");
+    drop(c);
+    let mut d = d;
+    assert!(d.term().success());
+    drop(d);
+
+    // The same device, extended, and --grow: the same SUBMIT is accepted.
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&t.device)
         .expect("device file");
     f.set_len(64 << 20).expect("extend the device file");
     drop(f);
-    let mut p = Command::new(env!("CARGO_BIN_EXE_refd"))
-        .args(["serve", "--metrics", "off", "--listen"])
-        .arg(format!("unix:{}", t.socket().display()))
-        .arg("--device")
-        .arg(&t.device)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn refd");
-    let status = wait_bounded(
-        &mut p,
-        Duration::from_secs(120),
-        "refd without --grow (it should have stopped)",
-    );
-    let mut err = String::new();
-    p.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    assert!(!status.success(), "{err}");
-    assert!(err.contains("full") && err.contains("--grow"), "{err}");
-
     let d = Daemon::start(&t, &["--grow", "--commit-interval-ms", "600000"]);
     assert!(d.log().contains("node region grown"), "{}", d.log());
     let (mut c, _) = Raw::hello(&d.socket);
-    let last = acked - 1;
-    let sample = [bytenr(0, 0), bytenr(last / 2, 77), bytenr(last, 16383)];
-    for e in c.lookup(&sample) {
-        assert_eq!((e.refs, e.committed_refs), (1, 1), "{e:?}");
-    }
-    assert_eq!(c.stats()["engine"]["extents"], acked * 16384);
+    let r = c.submit(s, refused_batch + 1, &batch_ops(refused_batch));
+    assert!(matches!(r, Reply::Submit(_)), "{r:?}");
+    c.commit();
+    acked += 1;
+    check_all(&mut c, acked, &batch_bytenrs);
+    assert_eq!(c.stats()["engine"]["extents"], acked * BATCH);
     assert!(c.stats()["failed"].is_null());
+}
+
+fn check_all(c: &mut Raw, batches: u64, bytenrs: &dyn Fn(u64) -> Vec<u64>) {
+    for batch in 0..batches {
+        for e in c.lookup(&bytenrs(batch)) {
+            assert_eq!((e.refs, e.committed_refs), (1, 1), "after --grow: {e:?}");
+        }
+    }
+}
+
+/// The daemon logs a line at WARN naming `what` within a few seconds.
+fn wait_for_warn_log(d: &Daemon, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = d.log();
+        if log.lines().any(|l| l.contains("WARN") && l.contains(what)) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no WARN line: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A loop device over a sparse file on a tmpfs filled to the brim.

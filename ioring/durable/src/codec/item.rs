@@ -179,7 +179,7 @@ pub fn encode_extent(bytenr: u64, item: &ExtentItem) -> Result<Vec<(Key, Vec<u8>
 /// The B+tree item of one keyed backref, at its home key: for an
 /// `EXTENT_DATA_REF` the hash of (root, objectid, offset), which
 /// [`encode_extent`] moves past a collision.
-pub(super) fn keyed_backref_item(
+pub(crate) fn keyed_backref_item(
     bytenr: u64,
     key: RefKey,
     count: u64,

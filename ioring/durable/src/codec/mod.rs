@@ -128,6 +128,8 @@ pub use diff::{diff_extent, diff_extent_changed, KeyLookup};
 pub use held::{
     decode_held, encode_held, held_items, EXTENT_BYTENR_MAX, HELD_HEADS_KEY, HELD_OBJECTID,
 };
+#[cfg(test)]
+pub(crate) use item::keyed_backref_item;
 pub use item::{
     encode_extent, encode_extent_item, hash_extent_data_ref, item_key, ExtentLoader,
     EXTENT_ITEM_KEY, METADATA_ITEM_KEY,

@@ -40,7 +40,7 @@ pub const FREED_GENERATION_MAX: u64 = (1 << (64 - FREED_CHUNK_BITS)) - 1;
 
 const ITEM_VERSION: u8 = 1;
 /// Longest freed entry: two varints and the kind byte.
-const FREED_ENTRY_BYTES_MAX: usize = 10 + 10 + 1;
+pub const FREED_ENTRY_BYTES_MAX: usize = 10 + 10 + 1;
 /// Room for entries in a chunk (after the version byte and the count).
 const FREED_CHUNK_ROOM_BYTES: usize = VALUE_BYTES_MAX - 1 - 10;
 

@@ -44,6 +44,8 @@ struct AppliedItems {
     extents: u64,
     /// Chunks of held heads now in the B+tree.
     held_chunks: usize,
+    /// Units of the held heads (`crate::space::held_units`).
+    held_units: u64,
     /// Time to wait for the log and sort the changes.
     diff: Duration,
 }
@@ -167,6 +169,8 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let (cut, sealed, ops, snap) = {
             let _cut = self.cut.write().unwrap_or_else(|e| e.into_inner());
             let ops = self.pending_ops.swap(0, Ordering::Relaxed);
+            // The live reservations become this commit's (`crate::space`).
+            self.space.cut(&self.tree.space());
             let snap = self.service_snapshot();
             (self.log.seal(), self.engine.seal(), ops, snap)
         };
@@ -221,7 +225,11 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             },
         );
         phases.apply = t3.elapsed();
-        let mut summary = self.commit_tail(st, cut, core, items?, &mut phases)?;
+        let items = items?;
+        // Every change is in the working tree: the reservation shrinks to
+        // what the commit really dirtied plus its bitmap run.
+        self.space.applied(&self.tree.space());
+        let mut summary = self.commit_tail(st, cut, core, items, &mut phases)?;
         self.service_committed(generation, freed_list, &dropped);
         self.generation.store(generation, Ordering::Release);
         phases.total = t0.elapsed();
@@ -324,6 +332,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             codec::held_items(&codec::encode_held(held_heads))
         };
         let held_chunks = held.len();
+        let held_units = crate::space::held_units(held_heads);
         let mut held_changes: ItemChanges =
             held.into_iter().map(|(k, v)| (k, Change::Put(v))).collect();
         for i in held_chunks..held_chunks_before {
@@ -357,6 +366,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             item_changes,
             extents,
             held_chunks,
+            held_units,
             diff,
         })
     }
@@ -402,6 +412,11 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             )
         })?;
         phases.write = t_write.elapsed();
+        // Its nodes are allocated now (the tree's space counts them): the
+        // reservation goes. The heads it held were reserved by the ops
+        // this commit took: they and their stream are the next commit's.
+        self.space
+            .committed(items.held_chunks as u64, items.held_units);
         let t_sb = Instant::now();
         // 4. The superblock: the commit point.
         let mut sb = st.sb.clone();

@@ -15,6 +15,24 @@ use super::{lock, DurableEngine, Ticket};
 use crate::codec;
 use crate::error::{AddError, Failure};
 use crate::policy::CommitPolicy;
+use crate::space::{NoSpace, Reserve};
+
+/// Why [`DurableEngine::admit_reserved`] did not admit.
+pub(super) enum Refusal {
+    /// The engine failed.
+    Failed(Failure),
+    /// The node region cannot be sure to hold the commit.
+    NoSpace(NoSpace),
+}
+
+impl From<Refusal> for AddError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Failed(f) => AddError::Failed(f),
+            Refusal::NoSpace(n) => AddError::NoSpace(n),
+        }
+    }
+}
 
 thread_local! {
     /// Each thread's op record buffer for [`DurableEngine::add`] (the log
@@ -64,7 +82,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     }
 
     fn add_record(&self, op: &Op, record: &[u8]) -> Result<Ticket<S>, AddError> {
-        let admitted = self.admit_append().map_err(AddError::Failed)?;
+        let drop_only = op.action == refd_core::model::Action::DropRef;
+        let admitted = self.admit_reserved(1, drop_only)?;
+        let reserved = Reserved::new(&self.space, 1);
         let stamp_order = self.stamp_order(std::slice::from_ref(op));
         // The engine first: it may refuse the op, and nothing may be logged
         // that the engine does not hold.
@@ -74,6 +94,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             .map_err(AddError::Failed)?;
         drop(stamp_order);
         let pending = self.pending_ops.fetch_add(1, Ordering::Relaxed);
+        reserved.keep();
         drop(admitted);
         self.after_add(pending, pending + 1)
             .map_err(AddError::Failed)?;
@@ -127,6 +148,60 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
                 self.make_room(need)?;
             }
         }
+    }
+
+    /// [`DurableEngine::admit_append`] that also reserves `units` of node
+    /// space (`crate::space`) for a request of only drops or not. When
+    /// they do not fit, it waits for the running commit, or commits what
+    /// is pending (a commit frees the old copies of the nodes it
+    /// rewrites), and tries again; it refuses only when they still do not
+    /// fit after that: the tree itself fills the region.
+    pub(super) fn admit_reserved(
+        &self,
+        units: u64,
+        drops_only: bool,
+    ) -> Result<Admitted<'_, S, D>, Refusal> {
+        const ATTEMPTS: usize = 4;
+        for attempt in 1..=ATTEMPTS {
+            let admitted = self.admit_append().map_err(Refusal::Failed)?;
+            match self.space.reserve(units, drops_only, || self.tree.space()) {
+                Reserve::Fits => return Ok(admitted),
+                Reserve::Full(no_space) => {
+                    drop(admitted);
+                    if attempt == ATTEMPTS {
+                        self.space.refused.fetch_add(1, Ordering::Relaxed);
+                        return Err(Refusal::NoSpace(no_space));
+                    }
+                    let running = self.commit.try_lock().is_err();
+                    if attempt == 1 && running {
+                        // The running commit's whole bound is charged
+                        // until its apply is done; then only its bitmap
+                        // run is, and the nodes it replaced count as free
+                        // for the next commit: usually enough.
+                        self.space.wait_changed(SPACE_WAIT_MAX);
+                    } else {
+                        self.make_node_room().map_err(Refusal::Failed)?;
+                    }
+                }
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Waits for the running commit if one runs; else commits what is
+    /// pending (if anything is).
+    fn make_node_room(&self) -> Result<(), Failure> {
+        self.check_failed()?;
+        let running = self.commit.try_lock().is_err();
+        let mut st = lock(&self.commit);
+        if running {
+            return Ok(());
+        }
+        if self.space.live_units() > 0 || self.pending_ops() > 0 {
+            self.commit_locked(&mut st)
+                .map_err(|e| e.failure().clone())?;
+        }
+        Ok(())
     }
 
     /// Commits unless another commit already left `need` bytes free.
@@ -204,6 +279,37 @@ impl<S: Storage + Clone, D: DelayedRefStore> Drop for ThrottleTimer<'_, S, D> {
         self.0.throttled.fetch_add(1, Ordering::Relaxed);
         let ns = self.1.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         self.0.throttled_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// The longest an admission waits for the running commit's apply before
+/// it waits for the whole commit.
+const SPACE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Units reserved by a request being admitted: given back on drop unless
+/// the request was logged ([`Reserved::keep`]). Dropped before the
+/// [`Admitted`] it was reserved under (declared after it).
+pub(super) struct Reserved<'a> {
+    gate: &'a crate::space::Gate,
+    units: u64,
+}
+
+impl<'a> Reserved<'a> {
+    pub(super) fn new(gate: &'a crate::space::Gate, units: u64) -> Self {
+        Reserved { gate, units }
+    }
+
+    /// The request was logged: its units stay until its commit.
+    pub(super) fn keep(mut self) {
+        self.units = 0;
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.units > 0 {
+            self.gate.unreserve(self.units);
+        }
     }
 }
 

@@ -217,6 +217,9 @@ pub struct DurableEngine<S: Storage + Clone, D: DelayedRefStore = LockFreeStore>
     policy: Mutex<CommitPolicy>,
     /// Ops added since the last seal (counted under the cut lock).
     pending_ops: AtomicU64,
+    /// Node space reserved by the ops not yet committed
+    /// (`crate::space`; changed under the cut lock, like `pending_ops`).
+    space: crate::space::Gate,
     /// Heads the last commit (or recovery) requeued because a seq barrier
     /// held them.
     heads_held: AtomicU64,
@@ -291,6 +294,21 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// the one latched.
     fn latch(&self, failure: Failure) -> Failure {
         self.failed.get_or_init(|| failure).clone()
+    }
+
+    /// The node region's space and the reservations on it
+    /// (`crate::space`); takes no lock a commit holds for long.
+    pub fn node_space(&self) -> crate::space::NodeSpace {
+        let space = self.tree.space();
+        crate::space::NodeSpace {
+            region_nodes: space.region_nodes,
+            free_nodes: space.free_nodes,
+            pending_nodes: space.pending_nodes,
+            tree_nodes: space.working_nodes,
+            reserved_nodes: self.space.reserved_nodes(&space),
+            reserved_units: self.space.live_units(),
+            refused: self.space.refused.load(Ordering::Relaxed),
+        }
     }
 
     /// The device's name.

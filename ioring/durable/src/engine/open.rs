@@ -348,6 +348,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         let (mut held, held_chunks) = read_held(&tree, &device)?;
         held.iter_mut().for_each(forget_seq);
         let heads_held = held.len();
+        let held_units = crate::space::held_units(&held);
         engine.requeue(held);
         if options.verify {
             // Before replay, so that the shadow checks every replayed op
@@ -454,6 +455,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             cache_complete: AtomicBool::new(cache_complete),
             policy: Mutex::new(options.policy),
             pending_ops: AtomicU64::new(ops_replayed as u64),
+            space: crate::space::Gate::default(),
             heads_held: AtomicU64::new(heads_held as u64),
             extents: AtomicU64::new(extents),
             trigger_ops: AtomicU64::new(options.policy.pending_ops_trigger),
@@ -473,6 +475,11 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             paced_ns: AtomicU64::new(0),
         };
         engine.record_commit(0, Duration::ZERO, 0);
+        // Replayed ops were acknowledged: reserved without a check (each
+        // as if it were its own SUBMIT); the held heads (their stream and
+        // their ops) are the next commit's to write.
+        engine.space.committed(held_chunks as u64, held_units);
+        engine.space.force(2 * ops_replayed as u64);
         Ok((engine, info))
     }
 }

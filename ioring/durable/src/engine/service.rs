@@ -125,7 +125,18 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         ops: &[Op],
         record: &[u8],
     ) -> Result<Submitted<S>, SubmitError> {
-        let admitted = self.admit_append().map_err(SubmitError::Failed)?;
+        let drops_only = ops
+            .iter()
+            .all(|op| op.action == refd_core::model::Action::DropRef);
+        // One unit per op and one for the record (its session reply).
+        let units = ops.len() as u64 + 1;
+        let admitted = self
+            .admit_reserved(units, drops_only)
+            .map_err(|r| match r {
+                super::ingest::Refusal::Failed(f) => SubmitError::Failed(f),
+                super::ingest::Refusal::NoSpace(n) => SubmitError::NoSpace(n),
+            })?;
+        let reserved = super::ingest::Reserved::new(&self.space, units);
         // The request number is claimed from its check to its reply being
         // kept: a copy of it on another connection (a retry) waits, then
         // finds it kept. Other requests go on meanwhile: the ops are added
@@ -186,6 +197,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             },
         );
         let before = self.pending_ops.fetch_add(n, Ordering::Relaxed);
+        reserved.keep();
         drop(service);
         drop(admitted);
         self.after_add(before, before + n)
@@ -237,6 +249,10 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let admitted = self.admit_append().map_err(ServiceError::Failed)?;
         let mut service = lock(&self.service);
         let (value, record) = f(&mut service)?;
+        if record.is_some() {
+            // Tiny and bounded by the service state: reserved, not refused.
+            self.space.force(crate::space::SERVICE_RECORD_UNITS);
+        }
         let ticket = match record {
             Some(record) => {
                 let mut buf = Vec::with_capacity(32);

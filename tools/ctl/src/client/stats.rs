@@ -164,6 +164,22 @@ fn engine_rows(v: &Value) -> Vec<(&'static str, String)> {
             ),
         ),
         (
+            "node space",
+            format!(
+                "{} free of {} nodes ({} free), tree {}, pending {}, reserved {}; {} refused",
+                at(v, "space.free_nodes"),
+                at(v, "space.region_nodes"),
+                percent(
+                    number(v, "space.free_nodes"),
+                    number(v, "space.region_nodes")
+                ),
+                at(v, "space.tree_nodes"),
+                at(v, "space.pending_nodes"),
+                at(v, "space.reserved_nodes"),
+                at(v, "space.refused")
+            ),
+        ),
+        (
             "cache",
             format!(
                 "{} extents; tree nodes {} hits, {} misses ({} hits), {}",
@@ -261,6 +277,8 @@ mod tests {
             "commits": {"count": 4, "ops": 100, "gap_max_ms": 1000.5,
                         "longest_ms": {"total": 2.25}},
             "cache": {"extents": 10, "node_hits": 3, "node_misses": 1, "node_bytes": 65536},
+            "space": {"region_nodes": 1000, "free_nodes": 250, "pending_nodes": 5, "tree_nodes": 700,
+                      "reserved_nodes": 40, "reserved_units": 9, "refused": 2},
             "sessions": {"kept": 2, "max": 1024, "registered": 2},
             "freed": {"lists": 1, "extents": 2, "kept_max": 4194304, "oldest_generation": 4,
                       "consumers": [{"id": 1, "name": "space-map", "acked_generation": 3,
@@ -291,6 +309,8 @@ mod tests {
             "log          256.0 KiB used of 1.0 MiB (25.0%), durable lsn 12",
             "commits      4 (100 ops), longest 2.2 ms, longest gap 1000.5 ms",
             "3 hits, 1 misses (75.0% hits), 64.0 KiB",
+            "node space   250 free of 1000 nodes (25.0% free), tree 700, pending 5, reserved 40; \
+             2 refused",
             "  consumer space-map (id 1): acked generation 3, backlog 2 generations",
             "barriers     1 held, lease 30000 ms, seq 9",
             "quarantine   1 heads refused kept (3 since start)\n  generation 4: extent 8192: \

@@ -233,7 +233,7 @@ fn run(cmds: Vec<Cmd>, staging: usize) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 
     #[test]
     fn lockfree_mutex_model_agree(cmds in prop::collection::vec(cmd(), 1..300)) {
@@ -482,7 +482,7 @@ fn allocation_overlapping_a_live_extent_is_refused_engine() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 
     /// Dense overlaps: data extents of 4-12 KiB allocated and dropped at
     /// 16 bytenrs 4 KiB apart, over several commits: chains of

@@ -10,6 +10,16 @@ use refd_core::engine::{CommitReport, Engine};
 use refd_core::model::Op;
 use refd_core::oracle::{normalize_tree, Model, ModelCommit};
 
+/// Cases of a proptest block: `PROPTEST_CASES` when set (a soak; the
+/// blocks set their own count, which proptest's environment variable does
+/// not override), else `default` (CI's budget).
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A commit report as the model states one: freed extents and refused
 /// bytenrs, each sorted.
 pub fn summary(r: &CommitReport) -> ModelCommit {

@@ -449,7 +449,7 @@ fn edge_op(b: u8, n: u8, tree: bool, act: u8, key: u8) -> Option<Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128), ..ProptestConfig::default() })]
 
     /// Random streams over [`EDGE_BYTENRS`] with sizes up to the end of
     /// the address space, both kinds and every action, over a few

@@ -1,7 +1,9 @@
 //! Random op streams with seq barriers, re-allocations, overlapping
 //! allocations, extent_ops and interleaved commits: after every commit, lock-free == mutex == model
 //! (extent tree, freed extents, quarantined and held heads), and lookups
-//! agree at every step.
+//! agree at every step; so does the freed list a consumer gets
+//! (`Ran::freed_unreused`), against the rule stated from the model alone
+//! (`common::reusable`).
 
 mod common;
 
@@ -191,9 +193,15 @@ fn run(cmds: Vec<Cmd>, staging: usize) {
             Cmd::Commit => {
                 let barrier = lf.barrier().lowest();
                 assert_eq!(barrier, mx.barrier().lowest());
-                let r_lf = lf.commit();
-                let r_mx = mx.commit();
+                let (r_lf, listed_lf) = commit_listed(&lf);
+                let (r_mx, listed_mx) = commit_listed(&mx);
                 let m = model.commit(barrier);
+                assert_eq!(listed_lf, listed_mx, "freed list at step {step}");
+                assert_eq!(
+                    listed_lf,
+                    reusable(&model, &m.freed),
+                    "freed list vs model at step {step}"
+                );
                 assert_eq!(
                     r_lf.quarantined, r_mx.quarantined,
                     "quarantine (with errors) at step {step}"
@@ -233,7 +241,7 @@ fn run(cmds: Vec<Cmd>, staging: usize) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 
     #[test]
     fn lockfree_mutex_model_agree(cmds in prop::collection::vec(cmd(), 1..300)) {
@@ -482,7 +490,7 @@ fn allocation_overlapping_a_live_extent_is_refused_engine() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 
     /// Dense overlaps: data extents of 4-12 KiB allocated and dropped at
     /// 16 bytenrs 4 KiB apart, over several commits: chains of

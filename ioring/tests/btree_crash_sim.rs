@@ -10,7 +10,9 @@
 //! contents of the commit that superblock names (the last acknowledged one,
 //! or the one whose superblock write was in flight), `check` must pass, and
 //! the recovered tree must accept further commits. A failing seed is
-//! printed and reproduces the same crash.
+//! printed and reproduces the same crash: `REFD_BTREE_CRASH_SEED=<n>`
+//! reruns it; `REFD_BTREE_CRASH_SEEDS=<count>` (default 48) seeds run from
+//! `REFD_BTREE_CRASH_FIRST_SEED` (default 0xB7EE0000, a decimal number).
 
 mod common;
 
@@ -216,9 +218,14 @@ fn crash_at_random_points_recovers_last_durable_commit() {
     let base = std::env::var("REFD_BTREE_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse::<u64>().ok());
+    let env = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
     let seeds: Vec<u64> = match base {
         Some(seed) => vec![seed],
-        None => (0..SEEDS).map(|i| 0xB7EE_0000 + i).collect(),
+        None => {
+            let first = env("REFD_BTREE_CRASH_FIRST_SEED").unwrap_or(0xB7EE_0000);
+            let count = env("REFD_BTREE_CRASH_SEEDS").unwrap_or(SEEDS);
+            (first..first + count).collect()
+        }
     };
     let several = seeds.len() > 1;
     let mut outcomes = Vec::new();

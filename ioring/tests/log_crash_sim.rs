@@ -21,10 +21,12 @@
 //!
 //! `deterministic_crashes` drives everything from one thread, so a seed
 //! reproduces the same run bit for bit: `REFD_LOG_SIM_SEED=<n>` reruns one
-//! seed, `REFD_LOG_SIM_SEEDS=<count>` changes how many run.
+//! seed, `REFD_LOG_SIM_SEEDS=<count>` changes how many run, from
+//! `REFD_LOG_SIM_FIRST_SEED` (default 0).
 //! `threaded_crashes` uses real submitter threads and a checkpoint thread;
 //! thread interleavings make a seed reproduce the workload and crash point,
-//! not the exact schedule.
+//! not the exact schedule: `REFD_LOG_SIM_THREADED_SEEDS=<count>` (default
+//! 150) from `REFD_LOG_SIM_THREADED_FIRST_SEED` (default 0).
 
 mod common;
 
@@ -465,7 +467,11 @@ fn seeds() -> Vec<u64> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(SEEDS_DEFAULT);
-    (0..count).collect()
+    let first: u64 = std::env::var("REFD_LOG_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (first..first + count).collect()
 }
 
 #[test]
@@ -517,9 +523,13 @@ fn threaded_crashes() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(150);
+    let first: u64 = std::env::var("REFD_LOG_SIM_THREADED_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let started = Instant::now();
     let mut crashed_runs = 0;
-    for seed in 0..seeds {
+    for seed in first..first + seeds {
         let mut gen = Gen::new(seed ^ 0x7EAD);
         let log_bytes = [64u64 << 10, 256 << 10][gen.below(2) as usize];
         let config = LogConfig {

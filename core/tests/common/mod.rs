@@ -10,6 +10,65 @@ use refd_core::engine::{CommitReport, Engine};
 use refd_core::model::Op;
 use refd_core::oracle::{normalize_tree, Model, ModelCommit};
 
+/// Cases of a proptest block: `PROPTEST_CASES` when set (a soak; the
+/// blocks set their own count, which proptest's environment variable does
+/// not override), else `default` (CI's budget).
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A commit, with what its freed lists give a consumer of freed space
+/// (`Ran::freed_unreused`) as `(bytenr, num_bytes)`.
+pub fn commit_listed<S: DelayedRefStore>(e: &Engine<S>) -> (CommitReport, Vec<(u64, u64)>) {
+    let (ran, _) = e.run_frozen_parts(e.freeze(), &());
+    let listed = ran
+        .freed_unreused()
+        .iter()
+        .map(|f| (f.bytenr, f.num_bytes))
+        .collect();
+    (ran.apply(), listed)
+}
+
+/// What a freed list must give, stated from the model alone: the model
+/// commit's freed ranges, each byte once (sorted by bytenr, then size; a
+/// byte two of them share stays with the first), minus every byte an
+/// extent of the model's tree after the commit covers, in pieces.
+pub fn reusable(model: &Model, freed: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut sorted = freed.to_vec();
+    sorted.sort_unstable();
+    let mut once: Vec<(u64, u64)> = Vec::new();
+    for (bytenr, num_bytes) in sorted {
+        let end = bytenr + num_bytes;
+        let at = once.last().map_or(bytenr, |&(b, n)| bytenr.max(b + n));
+        if at < end {
+            once.push((at, end - at));
+        }
+    }
+    let mut out = Vec::new();
+    for (bytenr, num_bytes) in once {
+        let end = bytenr + num_bytes;
+        let before = model.extents.range(..=bytenr).next_back();
+        let inside = model.extents.range(bytenr + 1..end);
+        let mut at = bytenr;
+        for (&b, e) in before.into_iter().chain(inside) {
+            if b + e.num_bytes <= at {
+                continue;
+            }
+            if b > at {
+                out.push((at, b - at));
+            }
+            at = at.max(b + e.num_bytes);
+        }
+        if at < end {
+            out.push((at, end - at));
+        }
+    }
+    out
+}
+
 /// A commit report as the model states one: freed extents and refused
 /// bytenrs, each sorted.
 pub fn summary(r: &CommitReport) -> ModelCommit {
@@ -69,8 +128,15 @@ pub fn agree(commits: &[Vec<Op>]) -> Vec<CommitReport> {
             assert_eq!(lf.lookup_extent_ref(b).refs, want, "lock-free lookup {b}");
             assert_eq!(mx.lookup_extent_ref(b).refs, want, "mutex lookup {b}");
         }
-        let (r_lf, r_mx, m) = (lf.commit(), mx.commit(), model.commit(0));
+        let ((r_lf, listed_lf), (r_mx, listed_mx)) = (commit_listed(&lf), commit_listed(&mx));
+        let m = model.commit(0);
         assert_eq!(r_lf.quarantined, r_mx.quarantined, "commit {n}");
+        assert_eq!(listed_lf, listed_mx, "freed list, commit {n}");
+        assert_eq!(
+            listed_lf,
+            reusable(&model, &m.freed),
+            "freed list vs model, commit {n}"
+        );
         assert_eq!(r_lf.freed, r_mx.freed, "commit {n}");
         let s = summary(&r_lf);
         assert_eq!(s.freed, m.freed, "freed vs model, commit {n}");

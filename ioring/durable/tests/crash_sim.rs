@@ -22,7 +22,8 @@
 //!   to exactly the in-memory tree ([`DurableEngine::verify`]).
 //!
 //! `REFD_DURABLE_SIM_SEED=<n>` reruns one seed; `REFD_DURABLE_SIM_SEEDS`
-//! sets how many run (default 300).
+//! sets how many run (default 300), from `REFD_DURABLE_SIM_FIRST_SEED`
+//! (default 0).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -480,7 +481,11 @@ fn seeds() -> Vec<u64> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(SEEDS_DEFAULT);
-    (0..n).collect()
+    let first: u64 = std::env::var("REFD_DURABLE_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (first..first + n).collect()
 }
 
 #[test]

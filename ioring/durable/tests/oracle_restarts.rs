@@ -18,7 +18,8 @@
 //! `a_requeued_head_whose_refs_cancel_keeps_its_shapes`).
 //!
 //! Each seed runs with the lock-free store and with the mutex one.
-//! `REFD_ORACLE_RESTART_SEEDS=N` runs N seeds (default 56),
+//! `REFD_ORACLE_RESTART_SEEDS=N` runs N seeds (default 56) from
+//! `REFD_ORACLE_RESTART_FIRST_SEED` (default 0),
 //! `REFD_ORACLE_RESTART_SEED=S` one; a refused-set mismatch prints the
 //! seed's steps.
 
@@ -236,7 +237,11 @@ fn durable_engine_agrees_with_the_model_across_restarts() {
         run_seed::<LockFreeStore>(seed);
         return run_seed::<MutexStore>(seed);
     }
-    for seed in 0..seeds {
+    let first: u64 = std::env::var("REFD_ORACLE_RESTART_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    for seed in first..first + seeds {
         run_seed::<LockFreeStore>(seed);
         run_seed::<MutexStore>(seed);
     }

@@ -19,7 +19,7 @@ use refd_ioring::log::Lsn;
 use refd_ioring::Storage;
 
 use super::open::write_superblock;
-use super::read::{alloc_neighbours, read_extents};
+use super::read::{alloc_neighbours, extents_inside, read_extents};
 use super::{lock, CommitState, DurableEngine};
 use crate::codec::{self, CodecError};
 use crate::error::{CommitError, CommitStep, Failure};
@@ -194,6 +194,10 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let (ran, diffs) = self
             .engine
             .run_frozen_parts(frozen, &ItemDiff { tree: &self.tree });
+        self.cache_freed_covers(ran.report()).map_err(|e| {
+            let failure = Failure::new(self.device_name(), "read committed items", e.offset(), &e);
+            self.fail(generation, CommitStep::ReadItems, failure)
+        })?;
         phases.run = t2.elapsed();
         // The B+tree gets the item changes on a commit worker while the
         // core applies the same commit to its cache here. Lookups never
@@ -289,6 +293,40 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         *self.inflight.write().unwrap_or_else(|e| e.into_inner()) =
             Arc::new(heads.iter().map(|h| h.bytenr).collect());
         Ok(misses.len())
+    }
+
+    /// Before `Ran::freed_unreused`: cache the committed extents that
+    /// start inside a freed extent that is not the committed item at its
+    /// bytenr (an allocation dropped again before it was inserted), which
+    /// it must see to leave their ranges out of what may be reused.
+    fn cache_freed_covers(&self, report: &CommitReport) -> Result<(), crate::error::ReadError> {
+        if self.cache_complete.load(Ordering::Acquire) || report.freed.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<(u64, u64)> = {
+            let tree = self.engine.tree();
+            report
+                .freed
+                .iter()
+                .filter(|f| {
+                    tree.get(f.bytenr)
+                        .is_none_or(|c| c.num_bytes != f.num_bytes)
+                })
+                .map(|f| (f.bytenr, f.bytenr.saturating_add(f.num_bytes)))
+                .collect()
+        };
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let inside = extents_inside(&self.tree, self.storage.device_name(), &ranges)?;
+        let tree = self.engine.tree();
+        let missing: Vec<(u64, ExtentItem)> = inside
+            .into_iter()
+            .filter(|(b, _)| tree.get(*b).is_none())
+            .collect();
+        drop(tree);
+        self.engine.cache_committed(missing);
+        Ok(())
     }
 
     /// The B+tree side of a commit (on a commit worker, see

@@ -179,6 +179,32 @@ pub(super) fn read_extents<S: Storage>(
     Ok(out)
 }
 
+/// The committed extents starting inside the ranges `(bytenr, end)`
+/// (the extent below each, which may reach into it, is read before the
+/// run by [`alloc_neighbours`]): for `Ran::freed_unreused` of
+/// `refd_core`, which leaves out of what a consumer may reuse every range
+/// an untouched committed extent covers. Only an allocation dropped again
+/// in the commit that made it can meet one (a client's bug, but legal);
+/// the ranges are those.
+pub(super) fn extents_inside<S: Storage>(
+    tree: &BTree<S>,
+    device: &str,
+    ranges: &[(u64, u64)],
+) -> Result<Vec<(u64, ExtentItem)>, ReadError> {
+    let mut out = Vec::new();
+    for &(bytenr, end) in ranges {
+        let last = end.saturating_sub(1).min(codec::EXTENT_BYTENR_MAX);
+        if last <= bytenr {
+            continue;
+        }
+        scan_extents(tree, device, bytenr + 1..=last, |b, item| {
+            out.push((b, item));
+            ControlFlow::Continue(())
+        })?;
+    }
+    Ok(out)
+}
+
 /// The committed extents the overlap check of a commit's allocations
 /// needs besides the frozen heads' own (`refd_core`'s `overlap` module:
 /// an allocation is refused if it meets a live extent): for every head

@@ -38,7 +38,8 @@
 //! and BACKREFS of every slot equal the model's extents (counts, every
 //! backref, size, kind, level, FULL_BACKREF). At the end also STATS
 //! (`engine.extents`, `engine.quarantined`, nothing pending), the FREED
-//! stream (per commit, exactly the model's freed extents, each once), a
+//! stream (per commit, exactly the model's freed ranges minus what the
+//! model's extents after it cover, each byte once: `reusable`), a
 //! clean SIGTERM, `refctl fsck` of the device, and the device's extent
 //! tree opened in-process equal to the model's, tree keys and generations
 //! included.
@@ -128,14 +129,27 @@ struct Tally {
 /// The test's own account of what the daemon must hold.
 /// What FREED lists for a commit that freed `freed`: the freed ranges
 /// minus every byte an extent of the model's tree after the commit covers
-/// (a range freed and allocated again by the same commit is not reusable),
-/// in pieces where a new extent covers part of a freed one.
+/// (a range freed and allocated again by the same commit is not reusable;
+/// nor is an allocation dropped again inside a live extent, seed 1001),
+/// in pieces where a new extent covers part of a freed one; each byte once
+/// (two lives at one bytenr ended by one commit: the lower, then smaller,
+/// keeps the shared range, seed 1001).
 fn reusable(
     freed: &[(u64, u64)],
     after: &BTreeMap<u64, refd_core::oracle::ModelExtent>,
 ) -> Vec<(u64, u64)> {
+    let mut sorted = freed.to_vec();
+    sorted.sort_unstable();
+    let mut once: Vec<(u64, u64)> = Vec::new();
+    for (bytenr, num_bytes) in sorted {
+        let end = bytenr + num_bytes;
+        let at = once.last().map_or(bytenr, |&(b, n)| bytenr.max(b + n));
+        if at < end {
+            once.push((at, end - at));
+        }
+    }
     let mut out = Vec::new();
-    for &(bytenr, num_bytes) in freed {
+    for (bytenr, num_bytes) in once {
         let end = bytenr + num_bytes;
         // Live extents are disjoint: the one starting at or before
         // `bytenr` may reach into the range, then those starting inside.

@@ -51,7 +51,7 @@ use refd_ioring::WriteLatency;
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
     /// A running daemon's address: unix:PATH, tcp:HOST:PORT
-    /// (tcp:[V6]:PORT) or a path (a unix socket); without it a daemon is
+    /// (an IPv6 HOST in brackets) or a path (a unix socket); without it a daemon is
     /// started (as with --spawn).
     #[arg(long, value_name = "ADDR", conflicts_with = "spawn")]
     pub connect: Option<Address>,

@@ -8,7 +8,7 @@
 //! `docs/durable.md`, "Space reservation".
 //!
 //! Everything here is a pure function of its inputs ([`commit_nodes_max`],
-//! [`units_fitting`]), plus the counters [`Gate`] keeps with the cut lock
+//! [`units_fitting`]), plus the counters `Gate` keeps with the cut lock
 //! of the engine (reservations change under its read side, the cut moves
 //! them under its write side, so the split is exact).
 

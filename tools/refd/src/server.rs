@@ -442,7 +442,7 @@ fn full_hint(e: &refd_durable::CommitError) -> &'static str {
 /// `quarantine` keeps the newest, metrics count them all).
 const QUARANTINE_LOG_PER_S: u32 = 16;
 
-/// What [`log_quarantined`] logged in the current second.
+/// What `log_quarantined` logged in the current second.
 #[derive(Debug)]
 pub struct QuarantineLog {
     second: Instant,

@@ -191,8 +191,11 @@ pub(super) fn extents_inside<S: Storage>(
     device: &str,
     ranges: &[(u64, u64)],
 ) -> Result<Vec<(u64, ExtentItem)>, ReadError> {
+    // Overlapping ranges are scanned once: a client's allocations dropped
+    // again in their commit may all cover the same huge range, and each
+    // would otherwise walk every extent in it again.
     let mut out = Vec::new();
-    for &(bytenr, end) in ranges {
+    for (bytenr, end) in merge_ranges(ranges) {
         let last = end.saturating_sub(1).min(codec::EXTENT_BYTENR_MAX);
         if last <= bytenr {
             continue;
@@ -203,6 +206,21 @@ pub(super) fn extents_inside<S: Storage>(
         })?;
     }
     Ok(out)
+}
+
+/// `ranges` (`(start, end)`, end exclusive) sorted, with overlapping ones
+/// joined: a point in any of them is in exactly one of the result.
+fn merge_ranges(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut merged = ranges.to_vec();
+    merged.sort_unstable();
+    merged.dedup_by(|next, kept| {
+        let overlaps = next.0 < kept.1;
+        if overlaps {
+            kept.1 = kept.1.max(next.1);
+        }
+        overlaps
+    });
+    merged
 }
 
 /// The committed extents the overlap check of a commit's allocations
@@ -299,5 +317,29 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     pub fn committed_extents(&self) -> Result<ExtentTree, ReadError> {
         let _st = lock(&self.commit);
         load_extents(&self.tree, self.storage.device_name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_ranges;
+
+    #[test]
+    fn overlapping_ranges_are_scanned_once() {
+        let big = (1 << 20, u64::MAX);
+        let ranges = [
+            big,
+            (4096, 8192),
+            big,
+            (1 << 30, 1 << 31),
+            (8192, 12288),
+            big,
+        ];
+        assert_eq!(
+            merge_ranges(&ranges),
+            vec![(4096, 8192), (8192, 12288), (1 << 20, u64::MAX)]
+        );
+        assert_eq!(merge_ranges(&[(0, 10), (5, 7), (9, 20)]), vec![(0, 20)]);
+        assert!(merge_ranges(&[]).is_empty());
     }
 }

@@ -384,6 +384,36 @@ impl Gate {
         )
     }
 
+    /// The commit in flight knows its item changes, before it applies any
+    /// (`space` is the tree it starts from): `items` changed, adding at
+    /// most `bytes` to the leaves (each put's value and item overhead).
+    /// The bound of its units only bounded those two from the ops
+    /// ([`UNIT_ITEMS`], [`UNIT_BYTES`] each), so [`commit_nodes_max`] of
+    /// the real ones bounds the commit as well; it replaces the units'
+    /// bound when smaller. Most ops change a count, not an item's size,
+    /// so it usually is, by far (`docs/durable.md`, "Space reservation").
+    pub(crate) fn exact(&self, items: u64, bytes: u64, space: &TreeSpace) {
+        let _slow = self.slow.lock().unwrap_or_else(|e| e.into_inner());
+        let frozen = self.frozen_nodes();
+        if frozen == 0 {
+            return;
+        }
+        let shape = Shape {
+            nodes: space.working_nodes,
+            levels: space.levels,
+            run_nodes: space.run_nodes,
+        };
+        let bound = commit_nodes_max(0, Extra { items, bytes }, shape);
+        if bound >= frozen {
+            return;
+        }
+        self.frozen_nodes.store(bound.max(1), Ordering::Release);
+        self.limit_all.store(0, Ordering::Release);
+        self.limit_drops.store(0, Ordering::Release);
+        drop(_slow);
+        self.signal();
+    }
+
     /// The commit in flight applied every change (`space` published
     /// after its last apply): what it may still allocate is its bitmap
     /// run, and the committed nodes it replaced are free again before

@@ -13,7 +13,7 @@ use refd_core::engine::{CommitReport, RunSink};
 use refd_core::extent_tree::ExtentItem;
 use refd_core::head::Head;
 use refd_core::model::RefKey;
-use refd_ioring::btree::{BTree, Change, Key};
+use refd_ioring::btree::{BTree, Change, Key, LEAF_ITEM_OVERHEAD_BYTES};
 use refd_ioring::format::SUPERBLOCK_FLAG_CLEAN_UNMOUNT;
 use refd_ioring::log::Lsn;
 use refd_ioring::Storage;
@@ -392,6 +392,18 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             parts.push(vec![(codec::service::extents_key(), Change::Put(value))]);
         }
         let item_changes = parts.iter().map(Vec::len).sum();
+        // The reservation of this commit, from what it really changes
+        // (nothing applied yet: the tree is the one it starts from).
+        let put_bytes: u64 = parts
+            .iter()
+            .flatten()
+            .map(|(_, c)| match c {
+                Change::Put(v) => (v.len() + LEAF_ITEM_OVERHEAD_BYTES) as u64,
+                Change::Delete => 0,
+            })
+            .sum();
+        self.space
+            .exact(item_changes as u64, put_bytes, &self.tree.space());
         for changes in parts {
             if !changes.is_empty() {
                 self.tree.apply_sorted(changes).map_err(|e| {

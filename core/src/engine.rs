@@ -1280,9 +1280,13 @@ mod tests {
     use crate::model::{Action, ExtentKind, RefKey};
 
     fn data(b: u64, a: Action, root: u64) -> Op {
+        data_sized(b, 4096, a, root)
+    }
+
+    fn data_sized(b: u64, num_bytes: u64, a: Action, root: u64) -> Op {
         Op::new(
             b,
-            4096,
+            num_bytes,
             ExtentKind::Data,
             a,
             RefKey::ExtentData {
@@ -1295,6 +1299,11 @@ mod tests {
         .unwrap()
     }
 
+    /// `(bytenr, num_bytes)` of each freed extent, in order.
+    fn ranges(freed: &[FreedExtent]) -> Vec<(u64, u64)> {
+        freed.iter().map(|f| (f.bytenr, f.num_bytes)).collect()
+    }
+
     /// A commit that frees extents and allocates their ranges again (the
     /// same bytenr with another size, a smaller extent inside, the same
     /// extent anew) reports every old life ended, but what a consumer of
@@ -1303,14 +1312,7 @@ mod tests {
     fn ranges_allocated_again_by_the_freeing_commit_are_not_reusable() {
         let e = Engine::new(MutexStore::new());
         let mut h = e.handle().unwrap();
-        let op = |b: u64, n: u64, a: Action, root: u64| {
-            let key = RefKey::ExtentData {
-                root,
-                objectid: 257,
-                offset: 0,
-            };
-            Op::new(b, n, ExtentKind::Data, a, key, 0).unwrap()
-        };
+        let op = data_sized;
         let (big, small) = (1u64 << 20, 4u64 << 20);
         h.add(&op(big, 64 << 10, Action::AddExtent, 5)).unwrap();
         h.add(&op(small, 8192, Action::AddExtent, 5)).unwrap();
@@ -1324,18 +1326,9 @@ mod tests {
         h.add(&op(small, 8192, Action::AddExtent, 7)).unwrap();
         h.add(&op(8 << 20, 4096, Action::DropRef, 5)).unwrap();
         let (ran, _) = e.run_frozen_parts(e.seal().merge(), &());
-        let all: Vec<(u64, u64)> = ran
-            .report()
-            .freed
-            .iter()
-            .map(|f| (f.bytenr, f.num_bytes))
-            .collect();
+        let all = ranges(&ran.report().freed);
         assert_eq!(all, [(big, 64 << 10), (small, 8192), (8 << 20, 4096)]);
-        let reusable: Vec<(u64, u64)> = ran
-            .freed_unreused()
-            .iter()
-            .map(|f| (f.bytenr, f.num_bytes))
-            .collect();
+        let reusable = ranges(&ran.freed_unreused());
         assert_eq!(
             reusable,
             [
@@ -1357,26 +1350,14 @@ mod tests {
     fn an_allocation_dropped_inside_a_live_extent_is_not_reusable() {
         let e = Engine::new(MutexStore::new());
         let mut h = e.handle().unwrap();
-        let op = |b: u64, n: u64, a: Action, root: u64| {
-            let key = RefKey::ExtentData {
-                root,
-                objectid: 257,
-                offset: 0,
-            };
-            Op::new(b, n, ExtentKind::Data, a, key, 0).unwrap()
-        };
+        let op = data_sized;
         let (big, inside) = (1u64 << 20, (1u64 << 20) + (16 << 10));
         h.add(&op(big, 32 << 10, Action::AddExtent, 5)).unwrap();
         assert_eq!(e.commit().applied, 1);
         h.add(&op(inside, 4096, Action::AddExtent, 6)).unwrap();
         h.add(&op(inside, 4096, Action::DropRef, 6)).unwrap();
         let (ran, _) = e.run_frozen_parts(e.seal().merge(), &());
-        let all: Vec<(u64, u64)> = ran
-            .report()
-            .freed
-            .iter()
-            .map(|f| (f.bytenr, f.num_bytes))
-            .collect();
+        let all = ranges(&ran.report().freed);
         assert_eq!(all, [(inside, 4096)]);
         assert_eq!(ran.freed_unreused(), []);
         ran.apply();
@@ -1400,30 +1381,15 @@ mod tests {
         h.add(&data(b, Action::AddExtent, 6)).unwrap();
         h.add(&data(b, Action::DropRef, 6)).unwrap();
         // A larger life at `small`, allocated and dropped again.
-        let key = RefKey::ExtentData {
-            root: 6,
-            objectid: 257,
-            offset: 0,
-        };
         h.add(&data(small, Action::DropRef, 5)).unwrap();
         for a in [Action::AddExtent, Action::DropRef] {
-            let op = Op::new(small, 16384, ExtentKind::Data, a, key, 0).unwrap();
-            h.add(&op).unwrap();
+            h.add(&data_sized(small, 16384, a, 6)).unwrap();
         }
         let (ran, _) = e.run_frozen_parts(e.seal().merge(), &());
-        let mut all: Vec<(u64, u64)> = ran
-            .report()
-            .freed
-            .iter()
-            .map(|f| (f.bytenr, f.num_bytes))
-            .collect();
+        let mut all = ranges(&ran.report().freed);
         all.sort_unstable();
         assert_eq!(all, [(b, 4096), (b, 4096), (small, 4096), (small, 16384)]);
-        let reusable: Vec<(u64, u64)> = ran
-            .freed_unreused()
-            .iter()
-            .map(|f| (f.bytenr, f.num_bytes))
-            .collect();
+        let reusable = ranges(&ran.freed_unreused());
         assert_eq!(reusable, [(b, 4096), (small, 4096), (small + 4096, 12288)]);
         ran.apply();
     }

@@ -160,6 +160,49 @@ impl Model {
                 .sum::<i64>()
     }
 
+    /// What a freed list (`Ran::freed_unreused`, FREED) must give for a
+    /// commit that freed `freed` ([`ModelCommit::freed`]), called after
+    /// that commit: the freed ranges, each byte once (sorted by bytenr,
+    /// then size; a byte two of them share stays with the first), minus
+    /// every byte an extent of the tree after the commit covers, in
+    /// pieces. A range freed and allocated again by the same commit is not
+    /// reusable, nor is an allocation dropped again inside a live extent;
+    /// two lives ended over one range make it reusable once.
+    pub fn reusable(&self, freed: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let mut sorted = freed.to_vec();
+        sorted.sort_unstable();
+        let mut once: Vec<(u64, u64)> = Vec::new();
+        for (bytenr, num_bytes) in sorted {
+            let end = bytenr + num_bytes;
+            let at = once.last().map_or(bytenr, |&(b, n)| bytenr.max(b + n));
+            if at < end {
+                once.push((at, end - at));
+            }
+        }
+        let mut out = Vec::new();
+        for (bytenr, num_bytes) in once {
+            let end = bytenr + num_bytes;
+            // Live extents are disjoint: the one starting at or before
+            // `bytenr` may reach into the range, then those starting inside.
+            let before = self.extents.range(..=bytenr).next_back();
+            let inside = self.extents.range(bytenr + 1..end);
+            let mut at = bytenr;
+            for (&b, e) in before.into_iter().chain(inside) {
+                if b + e.num_bytes <= at {
+                    continue;
+                }
+                if b > at {
+                    out.push((at, b - at));
+                }
+                at = at.max(b + e.num_bytes);
+            }
+            if at < end {
+                out.push((at, end - at));
+            }
+        }
+        out
+    }
+
     /// Run every pending op; `barrier` is the lowest active seq (0 = none).
     pub fn commit(&mut self, barrier: u64) -> ModelCommit {
         self.generation += 1;

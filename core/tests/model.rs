@@ -3,7 +3,7 @@
 //! (extent tree, freed extents, quarantined and held heads), and lookups
 //! agree at every step; so does the freed list a consumer gets
 //! (`Ran::freed_unreused`), against the rule stated from the model alone
-//! (`common::reusable`).
+//! (`Model::reusable`).
 
 mod common;
 
@@ -199,7 +199,7 @@ fn run(cmds: Vec<Cmd>, staging: usize) {
                 assert_eq!(listed_lf, listed_mx, "freed list at step {step}");
                 assert_eq!(
                     listed_lf,
-                    reusable(&model, &m.freed),
+                    model.reusable(&m.freed),
                     "freed list vs model at step {step}"
                 );
                 assert_eq!(

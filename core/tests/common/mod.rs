@@ -32,43 +32,6 @@ pub fn commit_listed<S: DelayedRefStore>(e: &Engine<S>) -> (CommitReport, Vec<(u
     (ran.apply(), listed)
 }
 
-/// What a freed list must give, stated from the model alone: the model
-/// commit's freed ranges, each byte once (sorted by bytenr, then size; a
-/// byte two of them share stays with the first), minus every byte an
-/// extent of the model's tree after the commit covers, in pieces.
-pub fn reusable(model: &Model, freed: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut sorted = freed.to_vec();
-    sorted.sort_unstable();
-    let mut once: Vec<(u64, u64)> = Vec::new();
-    for (bytenr, num_bytes) in sorted {
-        let end = bytenr + num_bytes;
-        let at = once.last().map_or(bytenr, |&(b, n)| bytenr.max(b + n));
-        if at < end {
-            once.push((at, end - at));
-        }
-    }
-    let mut out = Vec::new();
-    for (bytenr, num_bytes) in once {
-        let end = bytenr + num_bytes;
-        let before = model.extents.range(..=bytenr).next_back();
-        let inside = model.extents.range(bytenr + 1..end);
-        let mut at = bytenr;
-        for (&b, e) in before.into_iter().chain(inside) {
-            if b + e.num_bytes <= at {
-                continue;
-            }
-            if b > at {
-                out.push((at, b - at));
-            }
-            at = at.max(b + e.num_bytes);
-        }
-        if at < end {
-            out.push((at, end - at));
-        }
-    }
-    out
-}
-
 /// A commit report as the model states one: freed extents and refused
 /// bytenrs, each sorted.
 pub fn summary(r: &CommitReport) -> ModelCommit {
@@ -134,7 +97,7 @@ pub fn agree(commits: &[Vec<Op>]) -> Vec<CommitReport> {
         assert_eq!(listed_lf, listed_mx, "freed list, commit {n}");
         assert_eq!(
             listed_lf,
-            reusable(&model, &m.freed),
+            model.reusable(&m.freed),
             "freed list vs model, commit {n}"
         );
         assert_eq!(r_lf.freed, r_mx.freed, "commit {n}");

@@ -39,7 +39,7 @@
 //! backref, size, kind, level, FULL_BACKREF). At the end also STATS
 //! (`engine.extents`, `engine.quarantined`, nothing pending), the FREED
 //! stream (per commit, exactly the model's freed ranges minus what the
-//! model's extents after it cover, each byte once: `reusable`), a
+//! model's extents after it cover, each byte once: `Model::reusable`), a
 //! clean SIGTERM, `refctl fsck` of the device, and the device's extent
 //! tree opened in-process equal to the model's, tree keys and generations
 //! included.
@@ -127,51 +127,6 @@ struct Tally {
 }
 
 /// The test's own account of what the daemon must hold.
-/// What FREED lists for a commit that freed `freed`: the freed ranges
-/// minus every byte an extent of the model's tree after the commit covers
-/// (a range freed and allocated again by the same commit is not reusable;
-/// nor is an allocation dropped again inside a live extent, seed 1001),
-/// in pieces where a new extent covers part of a freed one; each byte once
-/// (two lives at one bytenr ended by one commit: the lower, then smaller,
-/// keeps the shared range, seed 1001).
-fn reusable(
-    freed: &[(u64, u64)],
-    after: &BTreeMap<u64, refd_core::oracle::ModelExtent>,
-) -> Vec<(u64, u64)> {
-    let mut sorted = freed.to_vec();
-    sorted.sort_unstable();
-    let mut once: Vec<(u64, u64)> = Vec::new();
-    for (bytenr, num_bytes) in sorted {
-        let end = bytenr + num_bytes;
-        let at = once.last().map_or(bytenr, |&(b, n)| bytenr.max(b + n));
-        if at < end {
-            once.push((at, end - at));
-        }
-    }
-    let mut out = Vec::new();
-    for (bytenr, num_bytes) in once {
-        let end = bytenr + num_bytes;
-        // Live extents are disjoint: the one starting at or before
-        // `bytenr` may reach into the range, then those starting inside.
-        let before = after.range(..=bytenr).next_back();
-        let inside = after.range(bytenr + 1..end);
-        let mut at = bytenr;
-        for (&b, e) in before.into_iter().chain(inside) {
-            if b + e.num_bytes <= at {
-                continue;
-            }
-            if b > at {
-                out.push((at, b - at));
-            }
-            at = at.max(b + e.num_bytes);
-        }
-        if at < end {
-            out.push((at, end - at));
-        }
-    }
-    out
-}
-
 struct Oracle {
     model: Model,
     /// The model right after the last commit (pending: held ops only).
@@ -252,7 +207,7 @@ impl Oracle {
     fn record(&mut self, m: &ModelCommit, generation: u64) {
         self.gens.insert(self.model.generation, generation);
         self.generation = generation;
-        let reusable = reusable(&m.freed, &self.model.extents);
+        let reusable = self.model.reusable(&m.freed);
         if !reusable.is_empty() {
             self.freed.insert(generation, reusable);
         }

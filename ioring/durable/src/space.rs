@@ -82,6 +82,18 @@ pub struct Shape {
     pub run_nodes: u64,
 }
 
+impl Shape {
+    /// The working tree `space` shows: what a commit that starts now
+    /// starts from.
+    fn of(space: &TreeSpace) -> Shape {
+        Shape {
+            nodes: space.working_nodes,
+            levels: space.levels,
+            run_nodes: space.run_nodes,
+        }
+    }
+}
+
 /// Most levels a tree of at most `nodes_max` nodes can have: every
 /// internal node but the root has at least [`FANOUT_MIN`] children and an
 /// internal root at least 2, so `d` levels need `2 × FANOUT_MIN^(d-2)`
@@ -398,11 +410,7 @@ impl Gate {
         if frozen == 0 {
             return;
         }
-        let shape = Shape {
-            nodes: space.working_nodes,
-            levels: space.levels,
-            run_nodes: space.run_nodes,
-        };
+        let shape = Shape::of(space);
         let bound = commit_nodes_max(0, Extra { items, bytes }, shape);
         if bound >= frozen {
             return;
@@ -456,11 +464,7 @@ impl Gate {
     pub(crate) fn cut(&self, space: &TreeSpace) -> u64 {
         let _slow = self.slow.lock().unwrap_or_else(|e| e.into_inner());
         let units = self.live.swap(0, Ordering::Relaxed);
-        let shape = Shape {
-            nodes: space.working_nodes,
-            levels: space.levels,
-            run_nodes: space.run_nodes,
-        };
+        let shape = Shape::of(space);
         let bound = commit_nodes_max(units, self.extra(), shape);
         self.frozen_release.store(0, Ordering::Release);
         self.frozen_nodes.store(bound, Ordering::Release);

@@ -1,20 +1,24 @@
 //! Space reservation in the node region (btrfs's metadata reservations):
 //! an op is acknowledged only if the commit that will write it into the
 //! copy-on-write B+tree is sure to find the free nodes it needs. Ingest
-//! reserves before it logs, in **units** (one per op, one per SUBMIT or
-//! service record); a commit takes the live units at its cut and gives
-//! them back once its nodes are written (the allocator then counts what
-//! it really used). The reasoning behind [`commit_nodes_max`] is in
+//! reserves before it logs a [`Charge`]: **units** (one per op, one per
+//! SUBMIT or service record; each changes at most [`UNIT_ITEMS`] items)
+//! and the **bytes** they can add to the leaves, by the op's action (an
+//! allocation a new extent item, a reference a new backref, a drop a
+//! freed-list entry). A commit takes the live charge at its cut and gives
+//! it back once its nodes are written (the allocator then counts what it
+//! really used). The reasoning behind [`commit_nodes_max`] is in
 //! `docs/durable.md`, "Space reservation".
 //!
 //! Everything here is a pure function of its inputs ([`commit_nodes_max`],
-//! [`units_fitting`]), plus the counters `Gate` keeps with the cut lock
+//! [`largest_fitting`]), plus the counters `Gate` keeps with the cut lock
 //! of the engine (reservations change under its read side, the cut moves
 //! them under its write side, so the split is exact).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use refd_core::model::{Action, Op};
 use refd_ioring::btree::{
     TreeSpace, INTERNAL_ITEM_BYTES, LEAF_ITEM_BYTES_MAX, LEAF_ITEM_OVERHEAD_BYTES,
     NODE_FILL_MIN_BYTES,
@@ -33,19 +37,44 @@ pub const EXTENT_ITEM_ONE_REF_BYTES_MAX: usize = 1 + 10 + 10 + 10 + 17 + (1 + 8 
 /// Largest keyed backref item value (an `EXTENT_DATA_REF`'s root,
 /// objectid, offset and count; checked by a test against the codec).
 pub const KEYED_VALUE_BYTES_MAX: usize = 8 + 8 + 8 + 4;
-/// Bytes one unit can add to the leaves: a new extent item or a new keyed
-/// backref item (an inline backref, 29 bytes, is less), plus a freed-list
-/// entry and its share of a freed chunk's item overhead. A SUBMIT's
-/// session reply (three varints) or a new session item is less.
+/// Bytes any unit can add to the leaves, and what an allocation
+/// (`AddExtent`) reserves: a new extent item with one inline backref and
+/// its item overhead, plus a freed-list entry (the extent may be freed in
+/// the same commit). A keyed backref item is less; a SUBMIT's session
+/// reply (three varints) or a new session item is less.
 pub const UNIT_BYTES: u64 = 160;
+const _: () = assert!(KEYED_VALUE_BYTES_MAX <= EXTENT_ITEM_ONE_REF_BYTES_MAX);
+/// A freed-list entry with, at worst, a chunk item of its own: the item
+/// overhead, the chunk's version byte and its count varint.
+const FREED_ENTRY_ALONE_BYTES: usize = FREED_ENTRY_BYTES_MAX + LEAF_ITEM_OVERHEAD_BYTES + 1 + 10;
 const _: () = assert!(
-    LEAF_ITEM_OVERHEAD_BYTES
-        + EXTENT_ITEM_ONE_REF_BYTES_MAX
-        + FREED_ENTRY_BYTES_MAX
-        + LEAF_ITEM_OVERHEAD_BYTES
+    LEAF_ITEM_OVERHEAD_BYTES + EXTENT_ITEM_ONE_REF_BYTES_MAX + FREED_ENTRY_ALONE_BYTES
         <= UNIT_BYTES as usize
 );
-const _: () = assert!(KEYED_VALUE_BYTES_MAX <= EXTENT_ITEM_ONE_REF_BYTES_MAX);
+/// Largest inline backref (an `EXTENT_DATA_REF`: type byte, root,
+/// objectid, offset, count; `RefKey::inline_bytes`, checked by a test).
+pub const INLINE_BACKREF_BYTES_MAX: usize = 1 + 8 + 8 + 8 + 4;
+/// Largest growth of an extent item by an extent_op (`UpdateHead`): a
+/// tree block key where there was none (objectid, type, offset) and the
+/// flags varint growing from 1 byte to at most 10.
+pub const EXTENT_OP_BYTES_MAX: usize = 8 + 1 + 8 + 10;
+/// Bytes an `AddRef` or an `UpdateHead` can add: a reference to an
+/// extent that is not allocated in the same commit never creates an
+/// extent item (the run refuses it, `AddToMissingExtent`), and an op
+/// changes one backref, so it adds at most a keyed backref item (value
+/// and item overhead) or an inline backref; an extent_op adds at most
+/// [`EXTENT_OP_BYTES_MAX`]. A backref's count is a fixed-width field, so
+/// a count change adds nothing.
+pub const ADD_REF_BYTES: u64 = 48;
+const _: () = assert!(LEAF_ITEM_OVERHEAD_BYTES + KEYED_VALUE_BYTES_MAX <= ADD_REF_BYTES as usize);
+const _: () = assert!(INLINE_BACKREF_BYTES_MAX <= ADD_REF_BYTES as usize);
+const _: () = assert!(EXTENT_OP_BYTES_MAX <= ADD_REF_BYTES as usize);
+/// Bytes a `DropRef` can add: a drop only shrinks its backref and extent
+/// item, but the extent it frees gets an entry in the commit's freed list
+/// (every freed extent has at least one drop in its commit: its last
+/// reference, or the drop of an allocation that never reached the tree).
+pub const DROP_REF_BYTES: u64 = 56;
+const _: () = assert!(FREED_ENTRY_ALONE_BYTES <= DROP_REF_BYTES as usize);
 /// Items every commit may change besides its units': the extent count,
 /// the meta item, this commit's freed list (its entries are counted per
 /// unit), the freed lists it drops (one contiguous key range: its two
@@ -61,6 +90,61 @@ const FANOUT_MIN: u64 = (NODE_FILL_MIN_BYTES / INTERNAL_ITEM_BYTES) as u64;
 /// Units a REGISTER, SUBSCRIBE, FREED_ACK or UNSUBSCRIBE record reserves:
 /// a session or consumer item, and the one it evicts.
 pub const SERVICE_RECORD_UNITS: u64 = 2;
+
+/// What a request reserves (and what the ops since the last cut have
+/// reserved): units, each changing at most [`UNIT_ITEMS`] items, and the
+/// bytes they can add to the leaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Charge {
+    /// Units: ops, SUBMIT records, service records.
+    pub units: u64,
+    /// Bytes they can add to the leaves, at most [`UNIT_BYTES`] a unit.
+    pub bytes: u64,
+}
+
+impl Charge {
+    /// `units` that may each add [`UNIT_BYTES`]: records, replayed ops.
+    pub fn units(units: u64) -> Charge {
+        Charge {
+            units,
+            bytes: units.saturating_mul(UNIT_BYTES),
+        }
+    }
+
+    /// One op: a unit, with the bytes its action can add.
+    pub fn op(op: &Op) -> Charge {
+        Charge {
+            units: 1,
+            bytes: action_bytes(op.action),
+        }
+    }
+
+    /// The ops of a SUBMIT and its record (the session reply).
+    pub fn submit(ops: &[Op]) -> Charge {
+        ops.iter()
+            .map(Charge::op)
+            .fold(Charge::units(1), Charge::plus)
+    }
+
+    /// Both charges.
+    pub fn plus(self, other: Charge) -> Charge {
+        Charge {
+            units: self.units.saturating_add(other.units),
+            bytes: self.bytes.saturating_add(other.bytes),
+        }
+    }
+}
+
+/// Bytes an op with `action` can add to the leaves: [`UNIT_BYTES`] for
+/// an allocation, [`ADD_REF_BYTES`] for a reference or an extent_op,
+/// [`DROP_REF_BYTES`] for a drop.
+pub fn action_bytes(action: Action) -> u64 {
+    match action {
+        Action::AddExtent => UNIT_BYTES,
+        Action::AddRef | Action::UpdateHead => ADD_REF_BYTES,
+        Action::DropRef => DROP_REF_BYTES,
+    }
+}
 
 /// What the commit will change besides its units' items.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -109,17 +193,19 @@ fn levels_max(levels: u64, nodes_max: u64) -> u64 {
     d.max(levels + 1).min(u64::from(TREE_LEVEL_MAX) + 1)
 }
 
-/// An upper bound of the free nodes a commit of `units` reserved units
+/// An upper bound of the free nodes a commit of the reserved `charge`
 /// (and `extra`) can allocate at once, starting from the tree `shape`:
 /// the dirty nodes it can hold at any moment plus the bitmap run it
 /// writes. See `docs/durable.md`, "Space reservation", for why each term
-/// is there. Monotone in `units` and in every field of `shape`.
-pub fn commit_nodes_max(units: u64, extra: Extra, shape: Shape) -> u64 {
-    let items = units
+/// is there. Monotone in both fields of `charge` and in every field of
+/// `shape`.
+pub fn commit_nodes_max(charge: Charge, extra: Extra, shape: Shape) -> u64 {
+    let items = charge
+        .units
         .saturating_mul(UNIT_ITEMS)
         .saturating_add(COMMIT_ITEMS)
         .saturating_add(extra.items);
-    let bytes = units.saturating_mul(UNIT_BYTES).saturating_add(extra.bytes);
+    let bytes = charge.bytes.saturating_add(extra.bytes);
     // Leaves beyond the existing ones, from the bytes the commit adds.
     let grown = bytes.div_ceil(SPLIT_PIECE_BYTES_MIN).saturating_mul(2);
     let leaves_after = shape.nodes.saturating_mul(2).saturating_add(grown);
@@ -148,38 +234,74 @@ pub fn commit_nodes_max(units: u64, extra: Extra, shape: Shape) -> u64 {
         .saturating_add(shape.run_nodes)
 }
 
-/// The live units that fit: the most `u` with `frozen_left +
-/// commit_nodes_max(u, ..) + headroom ≤ free`, or `None` if not even 0
-/// does. `frozen_left` is what the commit in flight may still allocate,
-/// and `live` the tree the next commit starts from.
-pub fn units_fitting(
-    free_nodes: u64,
-    frozen_left: u64,
-    headroom: u64,
-    extra: Extra,
-    live: Shape,
-) -> Option<u64> {
-    let need = |u: u64| {
-        frozen_left
-            .saturating_add(commit_nodes_max(u, extra, live))
-            .saturating_add(headroom)
-    };
-    if need(0) > free_nodes {
+/// The largest `x` (below 2^40) for which `fits(x)`, for a `fits` that
+/// holds up to some point and not after it; `None` if not even 0 fits.
+pub fn largest_fitting(fits: impl Fn(u64) -> bool) -> Option<u64> {
+    if !fits(0) {
         return None;
     }
     let (mut lo, mut hi) = (0u64, 1u64 << 40);
-    if need(hi) <= free_nodes {
+    if fits(hi) {
         return Some(hi);
     }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if need(mid) <= free_nodes {
+        if fits(mid) {
             lo = mid;
         } else {
             hi = mid;
         }
     }
     Some(lo)
+}
+
+/// Units so many that the by-items term never bounds a commit (its
+/// products saturate): a charge of them is bounded by its bytes alone.
+const UNITS_UNBOUNDED: u64 = u64::MAX / 4;
+
+/// The limits of the live charge for one kind of request: a charge fits
+/// if its units fit at [`UNIT_BYTES`] each, or if its bytes fit with any
+/// number of units (the bound is monotone in both, so either is enough).
+/// `frozen_left` is what the commit in flight may still allocate, and
+/// `live` the tree the next commit starts from.
+pub fn charge_limits(
+    free_nodes: u64,
+    frozen_left: u64,
+    headroom: u64,
+    extra: Extra,
+    live: Shape,
+) -> Option<Limits> {
+    let fits = |c: Charge| {
+        frozen_left
+            .saturating_add(commit_nodes_max(c, extra, live))
+            .saturating_add(headroom)
+            <= free_nodes
+    };
+    let units = largest_fitting(|u| fits(Charge::units(u)))?;
+    let bytes = largest_fitting(|b| {
+        fits(Charge {
+            units: UNITS_UNBOUNDED,
+            bytes: b,
+        })
+    })
+    .unwrap_or(0);
+    Some(Limits { units, bytes })
+}
+
+/// See [`charge_limits`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Units that fit at [`UNIT_BYTES`] each.
+    pub units: u64,
+    /// Bytes that fit with any number of units.
+    pub bytes: u64,
+}
+
+impl Limits {
+    /// Whether `c` is within the limits.
+    pub fn admit(&self, c: Charge) -> bool {
+        c.units <= self.units || c.bytes <= self.bytes
+    }
 }
 
 /// Nodes a SUBMIT that allocates or adds must leave free: pure drops may
@@ -239,16 +361,77 @@ pub struct NodeSpace {
     pub reserved_nodes: u64,
     /// Units reserved since the last cut.
     pub reserved_units: u64,
+    /// Bytes those units can add to the leaves.
+    pub reserved_bytes: u64,
     /// Requests refused for lack of node space since open.
     pub refused: u64,
 }
 
-/// The reservations: live units (since the last cut), the bound of the
-/// commit in flight, and the fast-path limits derived from them.
+/// The live charge in one word, so that a reservation adds to both of
+/// its fields and reads them back in one step (and the last reservation
+/// admitted saw every one before it): units in the high 32 bits, bytes
+/// in 8-byte words in the low 32. Each field saturates (2^32 units, or
+/// 32 GiB of leaves, are far beyond what any node region admits: such a
+/// charge is refused until the next cut).
+#[derive(Debug, Default)]
+struct LiveCharge(AtomicU64);
+
+const HALF: u64 = u32::MAX as u64;
+const WORD_BYTES: u64 = 8;
+
+impl LiveCharge {
+    fn unpack(w: u64) -> Charge {
+        Charge {
+            units: w >> 32,
+            bytes: (w & HALF) * WORD_BYTES,
+        }
+    }
+
+    fn pack(units: u64, words: u64) -> u64 {
+        units.min(HALF) << 32 | words.min(HALF)
+    }
+
+    /// Applies `f` to (units, words) atomically; returns the new charge.
+    fn update(&self, f: impl Fn(u64, u64) -> (u64, u64)) -> Charge {
+        let mut cur = self.0.load(Ordering::Relaxed);
+        loop {
+            let (u, w) = f(cur >> 32, cur & HALF);
+            let new = Self::pack(u, w);
+            match self
+                .0
+                .compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Self::unpack(new),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn add(&self, c: Charge) -> Charge {
+        let words = c.bytes.div_ceil(WORD_BYTES);
+        self.update(|u, w| (u.saturating_add(c.units), w.saturating_add(words)))
+    }
+
+    fn sub(&self, c: Charge) {
+        let words = c.bytes.div_ceil(WORD_BYTES);
+        self.update(|u, w| (u.saturating_sub(c.units), w.saturating_sub(words)));
+    }
+
+    fn get(&self) -> Charge {
+        Self::unpack(self.0.load(Ordering::Relaxed))
+    }
+
+    fn take(&self) -> Charge {
+        Self::unpack(self.0.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// The reservations: the live charge (since the last cut), the bound of
+/// the commit in flight, and the fast-path limits derived from them.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
-    /// Units reserved since the last cut.
-    live: AtomicU64,
+    /// Reserved since the last cut.
+    live: LiveCharge,
     /// [`commit_nodes_max`] of the commit in flight (0: none); once its
     /// apply is done, its dirty nodes plus its bitmap run.
     frozen_nodes: AtomicU64,
@@ -260,11 +443,12 @@ pub(crate) struct Gate {
     /// Signalled when the commit in flight finished its apply or its
     /// writes (the limits may have grown).
     changed: (Mutex<u64>, std::sync::Condvar),
-    /// Live units that fit any SUBMIT (with the drops' headroom); 0 until
-    /// computed (the slow path).
-    limit_all: AtomicU64,
-    /// Live units that fit a drops-only SUBMIT.
-    limit_drops: AtomicU64,
+    /// The live charge that fits any SUBMIT (with the drops' headroom):
+    /// units at [`UNIT_BYTES`] each, and bytes with any units
+    /// ([`Limits`]); 0 until computed (the slow path).
+    limit_all: LimitCell,
+    /// The live charge that fits a drops-only SUBMIT.
+    limit_drops: LimitCell,
     /// Serializes computing the limits with invalidating them.
     slow: Mutex<()>,
     /// The held-heads stream's chunks the last commit wrote (the next
@@ -277,6 +461,32 @@ pub(crate) struct Gate {
     pub(crate) refused: AtomicU64,
 }
 
+/// [`Limits`] for the fast path: 0 and 0 (nothing fits) until computed.
+#[derive(Debug, Default)]
+struct LimitCell {
+    units: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl LimitCell {
+    fn load(&self) -> Limits {
+        Limits {
+            units: self.units.load(Ordering::Acquire),
+            bytes: self.bytes.load(Ordering::Acquire),
+        }
+    }
+
+    fn store(&self, l: Option<Limits>) {
+        let l = l.unwrap_or_default();
+        self.units.store(l.units, Ordering::Release);
+        self.bytes.store(l.bytes, Ordering::Release);
+    }
+
+    fn clear(&self) {
+        self.store(None);
+    }
+}
+
 /// How a reservation went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reserve {
@@ -285,9 +495,9 @@ pub(crate) enum Reserve {
 }
 
 impl Gate {
-    /// Units reserved since the last cut.
-    pub(crate) fn live_units(&self) -> u64 {
-        self.live.load(Ordering::Relaxed)
+    /// Reserved since the last cut.
+    pub(crate) fn live(&self) -> Charge {
+        self.live.get()
     }
 
     /// Nodes the commit in flight reserved (0: none).
@@ -309,32 +519,32 @@ impl Gate {
         }
     }
 
-    /// Reserves `units` without a check: ops already acknowledged
+    /// Reserves `charge` without a check: ops already acknowledged
     /// (replayed) and service records.
-    pub(crate) fn force(&self, units: u64) {
-        self.live.fetch_add(units, Ordering::Relaxed);
+    pub(crate) fn force(&self, charge: Charge) {
+        self.live.add(charge);
     }
 
-    /// Gives back units of a request that was not logged after all.
-    pub(crate) fn unreserve(&self, units: u64) {
-        self.live.fetch_sub(units, Ordering::Relaxed);
+    /// Gives back the charge of a request that was not logged after all.
+    pub(crate) fn unreserve(&self, charge: Charge) {
+        self.live.sub(charge);
     }
 
-    /// Reserves `units` if the live units with them fit (call it under the
-    /// cut lock's read side). `space` is read only on the slow path.
+    /// Reserves `charge` if the live charge with it fits (call it under
+    /// the cut lock's read side). `space` is read only on the slow path.
     pub(crate) fn reserve(
         &self,
-        units: u64,
+        charge: Charge,
         drops_only: bool,
         space: impl FnOnce() -> TreeSpace,
     ) -> Reserve {
-        let after = self.live.fetch_add(units, Ordering::Relaxed) + units;
+        let after = self.live.add(charge);
         let limit = if drops_only {
             &self.limit_drops
         } else {
             &self.limit_all
         };
-        if after <= limit.load(Ordering::Acquire) {
+        if limit.load().admit(after) {
             return Reserve::Fits;
         }
         let _slow = self.slow.lock().unwrap_or_else(|e| e.into_inner());
@@ -344,14 +554,10 @@ impl Gate {
         let (frozen, release) = (self.frozen_nodes(), self.frozen_release());
         let space = space();
         let (all, drops) = self.limits(frozen, release, &space);
-        self.limit_all.store(all.unwrap_or(0), Ordering::Release);
-        self.limit_drops
-            .store(drops.unwrap_or(0), Ordering::Release);
-        let fits = if drops_only { drops } else { all };
-        if fits.is_some_and(|u| after <= u) {
-            return Reserve::Fits;
-        }
-        self.live.fetch_sub(units, Ordering::Relaxed);
+        self.limit_all.store(all);
+        self.limit_drops.store(drops);
+        // This request against the bound itself: the limits are each
+        // only enough, not necessary.
         let (frozen_left, live) = Self::live_shape(frozen, &space);
         let headroom = if drops_only {
             0
@@ -361,8 +567,13 @@ impl Gate {
         let nodes_needed = frozen_left
             .saturating_add(commit_nodes_max(after, self.extra(), live))
             .saturating_add(headroom);
+        let nodes_free = space.free_nodes.saturating_add(release);
+        if nodes_needed <= nodes_free {
+            return Reserve::Fits;
+        }
+        self.live.sub(charge);
         Reserve::Full(NoSpace {
-            nodes_free: space.free_nodes.saturating_add(release),
+            nodes_free,
             nodes_needed,
             region_nodes: space.region_nodes,
         })
@@ -385,23 +596,28 @@ impl Gate {
         self.frozen_release.load(Ordering::Acquire)
     }
 
-    fn limits(&self, frozen: u64, release: u64, space: &TreeSpace) -> (Option<u64>, Option<u64>) {
+    fn limits(
+        &self,
+        frozen: u64,
+        release: u64,
+        space: &TreeSpace,
+    ) -> (Option<Limits>, Option<Limits>) {
         let (frozen_left, live) = Self::live_shape(frozen, space);
         let extra = self.extra();
         let headroom = drops_headroom(space.region_nodes);
         let free = space.free_nodes.saturating_add(release);
         (
-            units_fitting(free, frozen_left, headroom, extra, live),
-            units_fitting(free, frozen_left, 0, extra, live),
+            charge_limits(free, frozen_left, headroom, extra, live),
+            charge_limits(free, frozen_left, 0, extra, live),
         )
     }
 
     /// The commit in flight knows its item changes, before it applies any
     /// (`space` is the tree it starts from): `items` changed, adding at
     /// most `bytes` to the leaves (each put's value and item overhead).
-    /// The bound of its units only bounded those two from the ops
-    /// ([`UNIT_ITEMS`], [`UNIT_BYTES`] each), so [`commit_nodes_max`] of
-    /// the real ones bounds the commit as well; it replaces the units'
+    /// The bound of its charge only bounded those two from the ops
+    /// ([`UNIT_ITEMS`] each, and [`action_bytes`]), so [`commit_nodes_max`] of
+    /// the real ones bounds the commit as well; it replaces the charge's
     /// bound when smaller. Most ops change a count, not an item's size,
     /// so it usually is, by far (`docs/durable.md`, "Space reservation").
     pub(crate) fn exact(&self, items: u64, bytes: u64, space: &TreeSpace) {
@@ -411,13 +627,13 @@ impl Gate {
             return;
         }
         let shape = Shape::of(space);
-        let bound = commit_nodes_max(0, Extra { items, bytes }, shape);
+        let bound = commit_nodes_max(Charge::default(), Extra { items, bytes }, shape);
         if bound >= frozen {
             return;
         }
         self.frozen_nodes.store(bound.max(1), Ordering::Release);
-        self.limit_all.store(0, Ordering::Release);
-        self.limit_drops.store(0, Ordering::Release);
+        self.limit_all.clear();
+        self.limit_drops.clear();
         drop(_slow);
         self.signal();
     }
@@ -436,8 +652,8 @@ impl Gate {
             space.dirty_nodes.saturating_add(space.run_nodes).max(1),
             Ordering::Release,
         );
-        self.limit_all.store(0, Ordering::Release);
-        self.limit_drops.store(0, Ordering::Release);
+        self.limit_all.clear();
+        self.limit_drops.clear();
         drop(_slow);
         self.signal();
     }
@@ -459,18 +675,18 @@ impl Gate {
             .unwrap_or_else(|e| e.into_inner());
     }
 
-    /// The cut (under the cut lock's write side): the live units become
-    /// the commit's, bounded from the tree it starts from. Returns them.
-    pub(crate) fn cut(&self, space: &TreeSpace) -> u64 {
+    /// The cut (under the cut lock's write side): the live charge becomes
+    /// the commit's, bounded from the tree it starts from. Returns it.
+    pub(crate) fn cut(&self, space: &TreeSpace) -> Charge {
         let _slow = self.slow.lock().unwrap_or_else(|e| e.into_inner());
-        let units = self.live.swap(0, Ordering::Relaxed);
+        let charge = self.live.take();
         let shape = Shape::of(space);
-        let bound = commit_nodes_max(units, self.extra(), shape);
+        let bound = commit_nodes_max(charge, self.extra(), shape);
         self.frozen_release.store(0, Ordering::Release);
         self.frozen_nodes.store(bound, Ordering::Release);
-        self.limit_all.store(0, Ordering::Release);
-        self.limit_drops.store(0, Ordering::Release);
-        units
+        self.limit_all.clear();
+        self.limit_drops.clear();
+        charge
     }
 
     /// The commit's nodes are written (the tree's space says what they
@@ -486,8 +702,8 @@ impl Gate {
         self.frozen_release.store(0, Ordering::Release);
         self.frozen_nodes.store(0, Ordering::Release);
         // A larger extra makes the limits smaller.
-        self.limit_all.store(0, Ordering::Release);
-        self.limit_drops.store(0, Ordering::Release);
+        self.limit_all.clear();
+        self.limit_drops.clear();
         drop(_slow);
         self.signal();
     }
@@ -496,7 +712,7 @@ impl Gate {
     /// flight's rest plus the live units' commit.
     pub(crate) fn reserved_nodes(&self, space: &TreeSpace) -> u64 {
         let (frozen_left, live) = Self::live_shape(self.frozen_nodes(), space);
-        frozen_left.saturating_add(commit_nodes_max(self.live_units(), self.extra(), live))
+        frozen_left.saturating_add(commit_nodes_max(self.live(), self.extra(), live))
     }
 }
 
@@ -517,6 +733,161 @@ mod tests {
         assert!(v.len() <= KEYED_VALUE_BYTES_MAX, "{}", v.len());
     }
 
+    /// Each action's bytes against the codec: the largest inline backref
+    /// of every kind and what an extent_op adds fit [`ADD_REF_BYTES`], a
+    /// freed entry alone in its chunk fits [`DROP_REF_BYTES`], and a new
+    /// extent item with its largest inline backref fits [`UNIT_BYTES`]
+    /// with a freed entry.
+    #[test]
+    fn each_action_adds_at_most_its_bytes() {
+        use refd_core::extent_tree::ExtentItem;
+        use refd_core::model::{DiskKey, ExtentKind, RefKey, BLOCK_FLAG_FULL_BACKREF};
+        let m = u64::MAX;
+        let len = |item: &ExtentItem| {
+            crate::codec::encode_extent_item(1 << 20, item)
+                .expect("encodes")
+                .1
+                .len()
+        };
+        let data = ExtentKind::Data;
+        let tree = ExtentKind::Tree { level: 7 };
+        let keys = [
+            (tree, RefKey::TreeBlock { root: m }),
+            (tree, RefKey::SharedBlock { parent: m }),
+            (
+                data,
+                RefKey::ExtentData {
+                    root: m,
+                    objectid: m,
+                    offset: m,
+                },
+            ),
+            (data, RefKey::SharedData { parent: m }),
+        ];
+        for (kind, key) in keys {
+            assert!(key.inline_bytes() <= INLINE_BACKREF_BYTES_MAX, "{key}");
+            let mut item = ExtentItem::new(1 << 30, kind, m);
+            let other = match kind {
+                ExtentKind::Data => RefKey::SharedData { parent: 1 },
+                ExtentKind::Tree { .. } => RefKey::SharedBlock { parent: 1 },
+            };
+            item.add_ref(other, 1);
+            let before = len(&item);
+            item.add_ref(key, 1);
+            assert_eq!(item.keyed.len(), 0, "{key}: inline");
+            let grown = len(&item) - before;
+            assert!(grown as u64 <= ADD_REF_BYTES, "{key}: {grown}");
+            // A new extent item with this backref, its item overhead and
+            // a freed entry alone in a chunk.
+            let mut alone = ExtentItem::new(m, kind, m);
+            alone.add_ref(key, 1);
+            if let ExtentKind::Tree { .. } = kind {
+                alone.tree_key = Some(DiskKey {
+                    objectid: m,
+                    item_type: u8::MAX,
+                    offset: m,
+                });
+            }
+            let new = len(&alone) + LEAF_ITEM_OVERHEAD_BYTES;
+            assert!(new <= EXTENT_ITEM_ONE_REF_BYTES_MAX + LEAF_ITEM_OVERHEAD_BYTES);
+            assert!(
+                (new + FREED_ENTRY_ALONE_BYTES) as u64 <= UNIT_BYTES,
+                "{key}: {new}"
+            );
+        }
+        // An extent_op: a tree key where there was none, and the full
+        // backref flag.
+        let mut item = ExtentItem::new(16384, tree, m);
+        item.add_ref(RefKey::TreeBlock { root: 5 }, 1);
+        let before = len(&item);
+        item.flags |= BLOCK_FLAG_FULL_BACKREF;
+        item.tree_key = Some(DiskKey {
+            objectid: m,
+            item_type: u8::MAX,
+            offset: m,
+        });
+        let grown = len(&item) - before;
+        assert!(grown <= EXTENT_OP_BYTES_MAX, "{grown}");
+        // A freed entry alone in its chunk.
+        let chunks =
+            crate::codec::service::encode_freed_chunks(&[crate::codec::service::FreedEntry {
+                bytenr: m,
+                num_bytes: m,
+                kind: tree,
+            }]);
+        assert_eq!(chunks.len(), 1);
+        let alone = chunks[0].len() + LEAF_ITEM_OVERHEAD_BYTES;
+        assert!(alone <= FREED_ENTRY_ALONE_BYTES, "{alone}");
+        assert!(alone as u64 <= DROP_REF_BYTES);
+    }
+
+    #[test]
+    fn the_live_charge_holds_both_fields_and_saturates() {
+        let live = LiveCharge::default();
+        let a = live.add(Charge {
+            units: 3,
+            bytes: 100,
+        });
+        assert_eq!(
+            a,
+            Charge {
+                units: 3,
+                bytes: 104
+            }
+        );
+        let b = live.add(Charge::units(2));
+        assert_eq!(b.units, 5);
+        assert_eq!(b.bytes, 104 + 2 * UNIT_BYTES);
+        live.sub(Charge::units(2));
+        assert_eq!(live.get(), a);
+        // Past 2^32 units (or words), a field stays at its largest value:
+        // more than any region admits.
+        let big = live.add(Charge::units(1 << 33));
+        assert_eq!(big.units, HALF);
+        assert_eq!(big.bytes, HALF * WORD_BYTES);
+        assert_eq!(live.take(), big);
+        assert_eq!(live.get(), Charge::default());
+    }
+
+    #[test]
+    fn a_charge_within_either_limit_fits() {
+        let shape = Shape {
+            nodes: 3000,
+            levels: 3,
+            run_nodes: 1,
+        };
+        let (free, frozen_left, headroom) = (50_000, 2000, 1000);
+        let l =
+            charge_limits(free, frozen_left, headroom, Extra::default(), shape).expect("some fit");
+        let need =
+            |c: Charge| frozen_left + commit_nodes_max(c, Extra::default(), shape) + headroom;
+        assert!(need(Charge::units(l.units)) <= free);
+        assert!(need(Charge::units(l.units + 1)) > free);
+        // The bytes limit holds whatever the units.
+        for units in [1, 1000, l.units * 10, UNITS_UNBOUNDED] {
+            let c = Charge {
+                units,
+                bytes: l.bytes,
+            };
+            assert!(need(c) <= free, "{units}");
+            assert!(l.admit(c));
+        }
+        assert!(
+            need(Charge {
+                units: UNITS_UNBOUNDED,
+                bytes: l.bytes + 1
+            }) > free
+        );
+        // Drops: about three times the ops of allocations fit by bytes.
+        let drops = l.bytes / DROP_REF_BYTES;
+        assert!(drops > 2 * l.units, "{drops} drops, {} units", l.units);
+        assert_eq!(
+            charge_limits(10, 10, 0, Extra::default(), shape),
+            None,
+            "nothing fits"
+        );
+    }
+
     #[test]
     fn the_bound_is_monotone_and_capped_by_the_tree() {
         let shape = Shape {
@@ -526,29 +897,16 @@ mod tests {
         };
         let mut last = 0;
         for units in [0, 1, 10, 1000, 100_000, 1_000_000, 10_000_000] {
-            let b = commit_nodes_max(units, Extra::default(), shape);
+            let b = commit_nodes_max(Charge::units(units), Extra::default(), shape);
             assert!(b >= last, "{units}: {b} < {last}");
             last = b;
         }
         // A million ops on a tree of 12k nodes: the tree's size, not the
         // ops, bounds it (a 1 GiB region holds 65k nodes).
-        let b = commit_nodes_max(1_000_000, Extra::default(), shape);
+        let b = commit_nodes_max(Charge::units(1_000_000), Extra::default(), shape);
         assert!(b < 2 * 12_000 + 30_000, "{b}");
         // One op: its paths.
-        let b = commit_nodes_max(1, Extra::default(), shape);
+        let b = commit_nodes_max(Charge::units(1), Extra::default(), shape);
         assert!(b < 200, "{b}");
-    }
-
-    #[test]
-    fn units_fitting_is_the_largest_that_fits() {
-        let shape = Shape {
-            nodes: 100,
-            levels: 2,
-            run_nodes: 1,
-        };
-        let u = units_fitting(1000, 10, 5, Extra::default(), shape).expect("some fit");
-        assert!(10 + commit_nodes_max(u, Extra::default(), shape) + 5 <= 1000);
-        assert!(10 + commit_nodes_max(u + 1, Extra::default(), shape) + 5 > 1000);
-        assert_eq!(units_fitting(10, 10, 0, Extra::default(), shape), None);
     }
 }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
-use refd_durable::{AddError, DurableEngine, FormatOptions, OpenOptions, SubmitError, Submitted};
+use refd_durable::{
+    AddError, CommitPolicy, DurableEngine, FormatOptions, OpenOptions, SubmitError, Submitted,
+};
 use refd_ioring::format::FsId;
 use refd_ioring::{LogConfig, SimConfig, SimStorage};
 
@@ -24,11 +26,15 @@ const STEPS_MAX: usize = 400;
 const LOG_BYTES: u64 = 1 << 20;
 
 fn device(dev_bytes: u64, seed: u64) -> Dev {
+    device_with_log(dev_bytes, LOG_BYTES, seed)
+}
+
+fn device_with_log(dev_bytes: u64, log_bytes: u64, seed: u64) -> Dev {
     let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(dev_bytes, seed)).unwrap());
     DurableEngine::format(
         &dev,
         FormatOptions {
-            log_bytes: Some(LOG_BYTES),
+            log_bytes: Some(log_bytes),
             fs_id: Some(FsId([9; 16])),
         },
     )
@@ -37,11 +43,16 @@ fn device(dev_bytes: u64, seed: u64) -> Dev {
 }
 
 fn open(dev: &Dev) -> DurableEngine<Dev> {
+    open_with(dev, CommitPolicy::default())
+}
+
+fn open_with(dev: &Dev, policy: CommitPolicy) -> DurableEngine<Dev> {
     let options = OpenOptions {
         log: LogConfig {
             batch_bytes_max: 64 << 10,
             ..LogConfig::default()
         },
+        policy,
         ..OpenOptions::default()
     };
     DurableEngine::open(Arc::clone(dev), options).unwrap().0
@@ -363,4 +374,69 @@ fn admitted_ops_always_commit_with_commits_running_beside() {
     if seeds.len() as u64 == SEEDS / 2 {
         assert!(refused > 0, "the regions never filled");
     }
+}
+
+/// The reference bytes (`ADD_REF_BYTES`) against the worst stream for
+/// them: every op adds a new keyed backref (47 bytes: the extents' items
+/// are full of inline backrefs after the first few) at a hashed place in
+/// the leaves, until the region refuses. Each refusal first commits what
+/// is pending, and that commit must find its nodes. Charged 1 byte per
+/// reference instead, the first commit runs out of nodes after a
+/// million references were admitted (checked when this test was
+/// written).
+#[test]
+fn new_keyed_backrefs_up_to_the_limit_always_commit() {
+    // A log large enough that one commit can carry the region's worth.
+    let log_bytes = 32 << 20;
+    let dev = device_with_log((4 << 20) + log_bytes, log_bytes, 7);
+    // Commits only when the region refuses (no dirty-bytes trigger).
+    let policy = CommitPolicy {
+        dirty_bytes_trigger: 0,
+        ..CommitPolicy::default()
+    };
+    let e = open_with(&dev, policy);
+    let (session, t) = e.register_session().unwrap();
+    t.wait().unwrap();
+    let extents: Vec<u64> = (0..4).map(|i| (1u64 << 30) + i * 4096).collect();
+    let mut request = 1;
+    let allocs: Vec<Op> = extents
+        .iter()
+        .map(|&b| data(Action::AddExtent, b, 1))
+        .collect();
+    match e.submit(session, request, &allocs).unwrap() {
+        Submitted::Queued { ticket, .. } => ticket.wait().map(drop).unwrap(),
+        other => panic!("{other:?}"),
+    }
+    e.commit().unwrap();
+    let (mut objectid, mut acknowledged, mut refused) = (1u64, 0u64, 0u64);
+    while refused < 3 && request < 10_000 {
+        let ops: Vec<Op> = (0..500)
+            .map(|i| {
+                objectid += 1;
+                data(Action::AddRef, extents[i % extents.len()], objectid)
+            })
+            .collect();
+        request += 1;
+        match e.submit(session, request, &ops) {
+            Ok(Submitted::Queued { ticket, .. }) => {
+                ticket.wait().unwrap();
+                acknowledged += ops.len() as u64;
+            }
+            Ok(other) => panic!("not a new request: {other:?}"),
+            Err(SubmitError::NoSpace(_)) => refused += 1,
+            Err(err) => panic!("request {request} ({acknowledged} refs acknowledged): {err}"),
+        }
+    }
+    assert_eq!(refused, 3, "the region never filled");
+    e.commit().expect("the last commit");
+    e.verify().expect("verify");
+    let total: u64 = extents
+        .iter()
+        .map(|&b| e.lookup_extent_ref(b).unwrap().refs as u64)
+        .sum();
+    assert_eq!(total, acknowledged + extents.len() as u64);
+    eprintln!("{acknowledged} new keyed backrefs acknowledged before the region refused");
+    drop(e);
+    let e = open(&dev);
+    e.verify().expect("verify after a reopen");
 }

@@ -110,6 +110,7 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "tree_nodes": space.tree_nodes,
             "reserved_nodes": space.reserved_nodes,
             "reserved_units": space.reserved_units,
+            "reserved_bytes": space.reserved_bytes,
             "refused": space.refused,
         },
         "cache": {

@@ -15,7 +15,7 @@ use super::{lock, DurableEngine, Ticket};
 use crate::codec;
 use crate::error::{AddError, Failure};
 use crate::policy::CommitPolicy;
-use crate::space::{NoSpace, Reserve};
+use crate::space::{Charge, NoSpace, Reserve};
 
 /// Why [`DurableEngine::admit_reserved`] did not admit.
 pub(super) enum Refusal {
@@ -83,8 +83,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
 
     fn add_record(&self, op: &Op, record: &[u8]) -> Result<Ticket<S>, AddError> {
         let drop_only = op.action == refd_core::model::Action::DropRef;
-        let admitted = self.admit_reserved(1, drop_only)?;
-        let reserved = Reserved::new(&self.space, 1);
+        let charge = Charge::op(op);
+        let admitted = self.admit_reserved(charge, drop_only)?;
+        let reserved = Reserved::new(&self.space, charge);
         let stamp_order = self.stamp_order(std::slice::from_ref(op));
         // The engine first: it may refuse the op, and nothing may be logged
         // that the engine does not hold.
@@ -150,7 +151,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         }
     }
 
-    /// [`DurableEngine::admit_append`] that also reserves `units` of node
+    /// [`DurableEngine::admit_append`] that also reserves `charge` of node
     /// space (`crate::space`) for a request of only drops or not. When
     /// they do not fit, it waits for the running commit, or commits what
     /// is pending (a commit frees the old copies of the nodes it
@@ -158,13 +159,13 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// fit after that: the tree itself fills the region.
     pub(super) fn admit_reserved(
         &self,
-        units: u64,
+        charge: Charge,
         drops_only: bool,
     ) -> Result<Admitted<'_, S, D>, Refusal> {
         const ATTEMPTS: usize = 4;
         for attempt in 1..=ATTEMPTS {
             let admitted = self.admit_append().map_err(Refusal::Failed)?;
-            match self.space.reserve(units, drops_only, || self.tree.space()) {
+            match self.space.reserve(charge, drops_only, || self.tree.space()) {
                 Reserve::Fits => return Ok(admitted),
                 Reserve::Full(no_space) => {
                     drop(admitted);
@@ -197,7 +198,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         if running {
             return Ok(());
         }
-        if self.space.live_units() > 0 || self.pending_ops() > 0 {
+        if self.space.live().units > 0 || self.pending_ops() > 0 {
             self.commit_locked(&mut st)
                 .map_err(|e| e.failure().clone())?;
         }
@@ -286,29 +287,32 @@ impl<S: Storage + Clone, D: DelayedRefStore> Drop for ThrottleTimer<'_, S, D> {
 /// it waits for the whole commit.
 const SPACE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Units reserved by a request being admitted: given back on drop unless
-/// the request was logged ([`Reserved::keep`]). Dropped before the
+/// The charge reserved by a request being admitted: given back on drop
+/// unless the request was logged ([`Reserved::keep`]). Dropped before the
 /// [`Admitted`] it was reserved under (declared after it).
 pub(super) struct Reserved<'a> {
     gate: &'a crate::space::Gate,
-    units: u64,
+    charge: Option<Charge>,
 }
 
 impl<'a> Reserved<'a> {
-    pub(super) fn new(gate: &'a crate::space::Gate, units: u64) -> Self {
-        Reserved { gate, units }
+    pub(super) fn new(gate: &'a crate::space::Gate, charge: Charge) -> Self {
+        Reserved {
+            gate,
+            charge: Some(charge),
+        }
     }
 
-    /// The request was logged: its units stay until its commit.
+    /// The request was logged: its charge stays until its commit.
     pub(super) fn keep(mut self) {
-        self.units = 0;
+        self.charge = None;
     }
 }
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        if self.units > 0 {
-            self.gate.unreserve(self.units);
+        if let Some(charge) = self.charge.take() {
+            self.gate.unreserve(charge);
         }
     }
 }

@@ -300,13 +300,15 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// (`crate::space`); takes no lock a commit holds for long.
     pub fn node_space(&self) -> crate::space::NodeSpace {
         let space = self.tree.space();
+        let live = self.space.live();
         crate::space::NodeSpace {
             region_nodes: space.region_nodes,
             free_nodes: space.free_nodes,
             pending_nodes: space.pending_nodes,
             tree_nodes: space.working_nodes,
             reserved_nodes: self.space.reserved_nodes(&space),
-            reserved_units: self.space.live_units(),
+            reserved_units: live.units,
+            reserved_bytes: live.bytes,
             refused: self.space.refused.load(Ordering::Relaxed),
         }
     }

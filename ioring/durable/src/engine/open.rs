@@ -479,7 +479,9 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         // as if it were its own SUBMIT); the held heads (their stream and
         // their ops) are the next commit's to write.
         engine.space.committed(held_chunks as u64, held_units);
-        engine.space.force(2 * ops_replayed as u64);
+        engine
+            .space
+            .force(crate::space::Charge::units(2 * ops_replayed as u64));
         Ok((engine, info))
     }
 }

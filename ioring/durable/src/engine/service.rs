@@ -128,15 +128,16 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let drops_only = ops
             .iter()
             .all(|op| op.action == refd_core::model::Action::DropRef);
-        // One unit per op and one for the record (its session reply).
-        let units = ops.len() as u64 + 1;
+        // One unit per op, with the bytes its action can add, and one for
+        // the record (its session reply).
+        let charge = crate::space::Charge::submit(ops);
         let admitted = self
-            .admit_reserved(units, drops_only)
+            .admit_reserved(charge, drops_only)
             .map_err(|r| match r {
                 super::ingest::Refusal::Failed(f) => SubmitError::Failed(f),
                 super::ingest::Refusal::NoSpace(n) => SubmitError::NoSpace(n),
             })?;
-        let reserved = super::ingest::Reserved::new(&self.space, units);
+        let reserved = super::ingest::Reserved::new(&self.space, charge);
         // The request number is claimed from its check to its reply being
         // kept: a copy of it on another connection (a retry) waits, then
         // finds it kept. Other requests go on meanwhile: the ops are added
@@ -251,7 +252,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let (value, record) = f(&mut service)?;
         if record.is_some() {
             // Tiny and bounded by the service state: reserved, not refused.
-            self.space.force(crate::space::SERVICE_RECORD_UNITS);
+            self.space.force(crate::space::Charge::units(
+                crate::space::SERVICE_RECORD_UNITS,
+            ));
         }
         let ticket = match record {
             Some(record) => {

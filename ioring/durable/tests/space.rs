@@ -706,3 +706,52 @@ fn acknowledged_ops_survive_crashes_on_full_node_regions() {
         assert!(tally.refused > 0, "the regions never filled");
     }
 }
+
+/// A SUBMIT applied once and sent again (its reply was lost: a dropped
+/// connection, a daemon killed after logging it) is answered with its
+/// reply, `Duplicate`, also when the region is full: it reserves nothing,
+/// since nothing of it is applied again. Space was reserved before the
+/// request number was checked, so such a retry was refused with
+/// `NoSpace`, which says the SUBMIT was not applied: a client trusting it
+/// would apply it again under a new number. Found by
+/// [`acknowledged_ops_survive_crashes_on_full_node_regions`], seed 24
+/// (`REFD_SPACE_FIRST_SEED=4 REFD_SPACE_SEEDS=350`): request 282 retried
+/// after the last restart. Reduced: request 1 of 400 allocations on an
+/// empty 3 MiB region, requests of 400 more until one is refused, then
+/// request 1 again.
+#[test]
+fn a_retried_submit_on_a_full_region_is_a_duplicate() {
+    let dev = device((3 << 20) + LOG_BYTES, 1);
+    let e = open(&dev);
+    let (session, t) = e.register_session().unwrap();
+    t.wait().unwrap();
+    let batch = |i: u64| -> Vec<Op> {
+        (0..400)
+            .map(|j| data(Action::AddExtent, (1 << 30) + (i * 400 + j) * 4096, 1))
+            .collect()
+    };
+    let first = batch(0);
+    match e.submit(session, 1, &first) {
+        Ok(Submitted::Queued { ticket, .. }) => ticket.wait().map(|_| ()).unwrap(),
+        other => panic!("request 1 on an empty region: {other:?}"),
+    }
+    let mut refused = None;
+    for request in 2..200u64 {
+        match e.submit(session, request, &batch(request)) {
+            Ok(Submitted::Queued { ticket, .. }) => ticket.wait().map(|_| ()).unwrap(),
+            Err(SubmitError::NoSpace(n)) => {
+                refused = Some((request, n));
+                break;
+            }
+            other => panic!("request {request}: {other:?}"),
+        }
+    }
+    let (request, n) = refused.expect("80k extents cannot fit 3 MiB of nodes");
+    eprintln!("request {request} refused: {n:?}");
+    match e.submit(session, 1, &first) {
+        Ok(Submitted::Duplicate { ops, .. }) => assert_eq!(ops, 400),
+        other => panic!("request 1 again on a full region: {other:?}"),
+    }
+    e.commit().expect("commit");
+    assert_eq!(e.lookup_extent_ref(first[0].bytenr).unwrap().refs, 1);
+}

@@ -1029,3 +1029,280 @@ fn largest_frames_back_to_back() {
     let (mut c, _) = Raw::hello(&d.socket);
     assert_eq!(c.refs(x), 1 + 4 * max_ops as i64);
 }
+
+/// Seeds of [`no_space_refusals_and_kill9_are_exactly_once`] CI runs.
+const FULL_KILL_SEEDS: u64 = 1;
+/// Kills per seed.
+const FULL_KILLS: usize = 2;
+/// SUBMITs kept in flight on the connection.
+const FULL_INFLIGHT: usize = 8;
+/// Replies per life before the kill (at most; the region fills on the way).
+const FULL_REPLIES_MAX: u64 = 160;
+
+/// A pipelined stream of SUBMITs on a device whose 4 MiB node region
+/// fills up, with the daemon killed (-9) twice while SUBMITs are in
+/// flight and commits run every 20 ms: allocations of new extents, refs
+/// added to live ones, drops (drops-only SUBMITs on a full region). Each
+/// extent is in at most one SUBMIT in flight, so the outcome does not
+/// depend on their order. After each restart the unanswered SUBMITs are
+/// sent again with their request numbers, in order: `DUPLICATE` (applied
+/// before the kill), a new reply (applied now) or `NO_SPACE` (never
+/// applied); anything else fails. Then, and at the end, LOOKUP of every
+/// extent ever named equals the model (acknowledged ops exactly once, no
+/// op of a refused SUBMIT), and at the end the daemon stops cleanly and
+/// `refctl fsck` finds the model's extents and nothing wrong.
+/// `REFD_FULL_KILL_SEEDS=<n>` runs n seeds (1) from
+/// `REFD_FULL_KILL_FIRST_SEED` (0), `REFD_FULL_KILL_SEED=<s>` seed s.
+#[test]
+fn no_space_refusals_and_kill9_are_exactly_once() {
+    let var = |name: &str| {
+        std::env::var(name).ok().map(|s| {
+            s.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name} is a number"))
+        })
+    };
+    let seeds: Vec<u64> = match var("REFD_FULL_KILL_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let first = var("REFD_FULL_KILL_FIRST_SEED").unwrap_or(0);
+            (first..first + var("REFD_FULL_KILL_SEEDS").unwrap_or(FULL_KILL_SEEDS)).collect()
+        }
+    };
+    let mut refused = 0;
+    for &seed in &seeds {
+        let Some(tally) = full_kill_seed(seed) else {
+            return;
+        };
+        eprintln!("seed {seed}: {tally:?}");
+        refused += tally.refused;
+    }
+    assert!(refused > 0, "the node region never filled");
+}
+
+/// What one seed of the full-region kill test saw.
+#[derive(Debug, Default)]
+struct FullTally {
+    acknowledged: u64,
+    refused: u64,
+    drops_only_acknowledged: u64,
+    retried_duplicate: u64,
+    retried_applied: u64,
+    retried_refused: u64,
+}
+
+/// The client's state: the acknowledged refs and what is in flight.
+struct Full {
+    rng: rand::rngs::SmallRng,
+    /// Refs by extent and objectid, acknowledged.
+    model: std::collections::BTreeMap<u64, std::collections::BTreeMap<u64, i64>>,
+    /// Extents some SUBMIT in flight names.
+    busy: std::collections::BTreeSet<u64>,
+    /// Every bytenr a SUBMIT named.
+    named: std::collections::BTreeSet<u64>,
+    next_bytenr: u64,
+    next_objectid: u64,
+    next_request: u64,
+    tally: FullTally,
+}
+
+impl Full {
+    /// A new SUBMIT's ops, naming no busy extent (allocations when
+    /// every live extent is busy).
+    fn ops(&mut self) -> Vec<WireOp> {
+        use rand::Rng;
+        let k = self.rng.gen_range(1..=512usize);
+        let mut kind = self.rng.gen_range(0..10);
+        let idle: Vec<u64> = if kind < 6 {
+            Vec::new()
+        } else {
+            self.model
+                .keys()
+                .copied()
+                .filter(|b| !self.busy.contains(b))
+                .collect()
+        };
+        if idle.is_empty() {
+            kind = 0;
+        }
+        let mut ops = Vec::new();
+        if kind < 6 {
+            for _ in 0..k {
+                self.next_bytenr += 4096;
+                self.next_objectid += 1;
+                ops.push(data(
+                    ACTION_ADD_EXTENT,
+                    self.next_bytenr,
+                    self.next_objectid,
+                ));
+            }
+        } else if kind < 8 {
+            for _ in 0..k.min(idle.len()) {
+                let b = idle[self.rng.gen_range(0..idle.len())];
+                self.next_objectid += 1;
+                ops.push(data(ACTION_ADD_REF, b, self.next_objectid));
+            }
+        } else {
+            let mut taken: std::collections::BTreeMap<(u64, u64), i64> = Default::default();
+            for _ in 0..k.min(idle.len()) {
+                let b = idle[self.rng.gen_range(0..idle.len())];
+                let refs = &self.model[&b];
+                let (&o, &n) = refs.iter().nth(self.rng.gen_range(0..refs.len())).unwrap();
+                let t = taken.entry((b, o)).or_default();
+                if *t < n {
+                    *t += 1;
+                    ops.push(data(ACTION_DROP_REF, b, o));
+                }
+            }
+        }
+        assert!(!ops.is_empty(), "each kind names at least one extent");
+        for op in &ops {
+            self.busy.insert(op.bytenr);
+            self.named.insert(op.bytenr);
+        }
+        ops
+    }
+
+    /// The ops of an acknowledged SUBMIT.
+    fn apply(&mut self, ops: &[WireOp]) {
+        for op in ops {
+            let d = if op.action == ACTION_DROP_REF { -1 } else { 1 };
+            let refs = self.model.entry(op.bytenr).or_default();
+            *refs.entry(op.k2).or_default() += d;
+            refs.retain(|_, n| *n > 0);
+            if refs.is_empty() {
+                self.model.remove(&op.bytenr);
+            }
+        }
+    }
+
+    /// A SUBMIT's outcome: `applied` or not (refused for space).
+    fn answered(&mut self, ops: &[WireOp], applied: bool) {
+        if applied {
+            self.apply(ops);
+            self.tally.acknowledged += 1;
+            if ops.iter().all(|op| op.action == ACTION_DROP_REF) {
+                self.tally.drops_only_acknowledged += 1;
+            }
+        } else {
+            self.tally.refused += 1;
+        }
+        for op in ops {
+            self.busy.remove(&op.bytenr);
+        }
+    }
+
+    /// LOOKUP of every extent ever named equals the model.
+    fn check(&self, c: &mut Raw, when: &str) {
+        let named: Vec<u64> = self.named.iter().copied().collect();
+        for chunk in named.chunks(4096) {
+            for e in c.lookup(chunk) {
+                let want: i64 = self.model.get(&e.bytenr).map_or(0, |r| r.values().sum());
+                assert_eq!(e.refs, want, "{when}: extent {}: {e:?}", e.bytenr);
+            }
+        }
+    }
+}
+
+/// One seed: `None` if no device could be had.
+fn full_kill_seed(seed: u64) -> Option<FullTally> {
+    use rand::{Rng, SeedableRng};
+    let t = Target::new(&format!("refd-full-kill-{seed}"), 20 << 20, false)?;
+    {
+        let storage = std::sync::Arc::new(
+            refd_ioring::UringStorage::open(&t.device, 0, Default::default()).expect("open"),
+        );
+        let small_nodes = refd_durable::FormatOptions {
+            log_bytes: Some(16 << 20),
+            ..Default::default()
+        };
+        refd_durable::DurableEngine::format(&storage, small_nodes).expect("format");
+    }
+    let args = ["--commit-interval-ms", "20"];
+    let mut full = Full {
+        rng: rand::rngs::SmallRng::seed_from_u64(seed),
+        model: Default::default(),
+        busy: Default::default(),
+        named: Default::default(),
+        next_bytenr: 1 << 30,
+        next_objectid: 0,
+        next_request: 1,
+        tally: FullTally::default(),
+    };
+    let mut d = Daemon::start(&t, &args);
+    let session = Raw::hello(&d.socket).0.register();
+    let mut unanswered: Vec<(u64, Vec<WireOp>)> = Vec::new();
+    for life in 0..=FULL_KILLS {
+        let (mut c, _) = Raw::hello(&d.socket);
+        for (request, ops) in std::mem::take(&mut unanswered) {
+            match c.submit(session, request, &ops) {
+                Reply::Submit(r) if r.flags & SUBMIT_REPLY_DUPLICATE != 0 => {
+                    full.tally.retried_duplicate += 1;
+                    full.answered(&ops, true);
+                }
+                Reply::Submit(_) => {
+                    full.tally.retried_applied += 1;
+                    full.answered(&ops, true);
+                }
+                Reply::Error(e) if e.code == ErrorCode::NoSpace => {
+                    full.tally.retried_refused += 1;
+                    full.answered(&ops, false);
+                }
+                r => panic!("seed {seed} life {life}: retry of {request}: {r:?}"),
+            }
+        }
+        full.check(&mut c, &format!("seed {seed} after restart {life}"));
+        let replies = full.rng.gen_range(FULL_REPLIES_MAX / 4..=FULL_REPLIES_MAX);
+        let mut inflight: std::collections::BTreeMap<u64, (u64, Vec<WireOp>)> = Default::default();
+        for _ in 0..replies {
+            while inflight.len() < FULL_INFLIGHT {
+                let ops = full.ops();
+                let request = full.next_request;
+                full.next_request += 1;
+                let id = c.send(&submit(session, request, &ops));
+                inflight.insert(id, (request, ops));
+            }
+            let (id, reply) = c.recv();
+            let (request, ops) = inflight.remove(&id).expect("a reply to a SUBMIT sent");
+            match reply {
+                Reply::Submit(r) if r.flags & SUBMIT_REPLY_DUPLICATE == 0 => {
+                    full.answered(&ops, true)
+                }
+                Reply::Error(e) if e.code == ErrorCode::NoSpace => full.answered(&ops, false),
+                r => panic!("seed {seed} life {life}: request {request}: {r:?}"),
+            }
+        }
+        if life < FULL_KILLS {
+            d.kill9();
+            drop(c);
+            unanswered = inflight.into_values().collect();
+            unanswered.sort_by_key(|(request, _)| *request);
+            d = Daemon::start(&t, &args);
+        } else {
+            while !inflight.is_empty() {
+                let (id, reply) = c.recv();
+                let (request, ops) = inflight.remove(&id).expect("a reply to a SUBMIT sent");
+                match reply {
+                    Reply::Submit(_) => full.answered(&ops, true),
+                    Reply::Error(e) if e.code == ErrorCode::NoSpace => full.answered(&ops, false),
+                    r => panic!("seed {seed}: request {request}: {r:?}"),
+                }
+            }
+            c.commit();
+            full.check(&mut c, &format!("seed {seed} at the end"));
+            let st = c.stats();
+            assert!(st["failed"].is_null(), "seed {seed}: {st}");
+            assert_eq!(st["engine"]["extents"], full.model.len() as u64, "{st}");
+        }
+    }
+    assert!(d.term().success(), "seed {seed}: a clean stop");
+    drop(d);
+    let mut progress = refd_durable::progress::Progress::new(|_| {});
+    let report = refd_ctl::device::fsck(&t.device, &mut progress).expect("fsck");
+    assert!(report.clean(), "seed {seed}: fsck: {:?}", report.problems);
+    assert_eq!(
+        report.extents,
+        full.model.len(),
+        "seed {seed}: fsck extents"
+    );
+    Some(full.tally)
+}

@@ -85,6 +85,33 @@ pub struct ServiceStats {
     pub freed_oldest: Option<u64>,
 }
 
+/// A request number claimed by the SUBMIT applying it
+/// ([`crate::service::Service::claim`]): ended with the reply kept, or
+/// on drop when the SUBMIT stops before its ops are added (refused for
+/// space, a failed engine), so that a copy waiting for it goes on.
+struct Claim<'a, S: Storage + Clone, D: DelayedRefStore> {
+    engine: &'a DurableEngine<S, D>,
+    session: u64,
+    request: u64,
+}
+
+impl<S: Storage + Clone, D: DelayedRefStore> Claim<'_, S, D> {
+    /// Ends the claim under the service lock the caller holds.
+    fn end(self, service: &mut crate::service::Service) {
+        service.unclaim(self.session, self.request);
+        self.engine.service_cv.notify_all();
+        std::mem::forget(self);
+    }
+}
+
+impl<S: Storage + Clone, D: DelayedRefStore> Drop for Claim<'_, S, D> {
+    fn drop(&mut self) {
+        let mut service = lock(&self.engine.service);
+        service.unclaim(self.session, self.request);
+        self.engine.service_cv.notify_all();
+    }
+}
+
 impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// Applies `ops` of `session`'s request `request`, all or nothing,
     /// exactly once: a request number the session already logged is not
@@ -128,20 +155,14 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         let drops_only = ops
             .iter()
             .all(|op| op.action == refd_core::model::Action::DropRef);
-        // One unit per op, with the bytes its action can add, and one for
-        // the record (its session reply).
-        let charge = crate::space::Charge::submit(ops);
-        let admitted = self
-            .admit_reserved(charge, drops_only)
-            .map_err(|r| match r {
-                super::ingest::Refusal::Failed(f) => SubmitError::Failed(f),
-                super::ingest::Refusal::NoSpace(n) => SubmitError::NoSpace(n),
-            })?;
-        let reserved = super::ingest::Reserved::new(&self.space, charge);
-        // The request number is claimed from its check to its reply being
-        // kept: a copy of it on another connection (a retry) waits, then
-        // finds it kept. Other requests go on meanwhile: the ops are added
-        // to the engine outside the service lock.
+        // The request number first, before any space is reserved: a copy
+        // of a request applied before (a retry whose reply was lost) is
+        // answered with its reply, which needs no room, also when the
+        // node region is full (`NoSpace` would say it was not applied).
+        // The number is claimed from its check to its reply being kept: a
+        // copy of it on another connection (a retry) waits, then finds it
+        // kept. Other requests go on meanwhile: the ops are added to the
+        // engine outside the service lock.
         let mut service = lock(&self.service);
         loop {
             match service.admit(session, request)? {
@@ -161,6 +182,21 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             }
         }
         drop(service);
+        let claim = Claim {
+            engine: self,
+            session,
+            request,
+        };
+        // One unit per op, with the bytes its action can add, and one for
+        // the record (its session reply).
+        let charge = crate::space::Charge::submit(ops);
+        let admitted = self
+            .admit_reserved(charge, drops_only)
+            .map_err(|r| match r {
+                super::ingest::Refusal::Failed(f) => SubmitError::Failed(f),
+                super::ingest::Refusal::NoSpace(n) => SubmitError::NoSpace(n),
+            })?;
+        let reserved = super::ingest::Reserved::new(&self.space, charge);
         // Stamped ops are logged in the order they are stamped (recovery
         // stamps in log order): held to the append.
         let stamp_order = self.stamp_order(ops);
@@ -176,8 +212,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
                     .map_err(|(index, source)| SubmitError::Refused { index, source })
             });
         let mut service = lock(&self.service);
-        service.unclaim(session, request);
-        self.service_cv.notify_all();
+        claim.end(&mut service);
         added?;
         // Appended under the service lock: the log's order of SUBMIT
         // records is the order their replies are kept in (replay repeats

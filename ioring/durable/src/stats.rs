@@ -48,7 +48,7 @@ pub struct RecoveryInfo {
     /// bitmap runs (`docs/btree.md`, "Allocator"). 0: the node region had
     /// no run's worth of consecutive free slots at open (fragmented before
     /// spares existed), so commits place their runs first fit, and may
-    /// fail with `NoSpace`, until a released run becomes the spare.
+    /// fail with `NoSpace`, until a released run becomes a spare.
     pub bitmap_spare_nodes: u64,
 }
 

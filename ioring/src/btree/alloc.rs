@@ -24,25 +24,29 @@
 //! run into a spare window; the run it replaces becomes pending like any
 //! freed slot, and when [`Allocator::release_pending`] releases it, it
 //! becomes a spare window again instead of free slots. So a run needs no
-//! `K` consecutive free slots, however fragmented the region is: two
-//! windows take turns, the committed run and one spare. Without a
-//! committed run of `K` slots (an empty tree, or a run written before the
-//! region grew) nothing would come back to replace the spare a commit
-//! takes, so then two spares are kept. [`Allocator::pick_spares`] tops
-//! them up from free slots at open (the tree's `open`) and after each
+//! `K` consecutive free slots, however fragmented the region is: three
+//! windows take turns, the committed run and two spares, used oldest
+//! first. Three, not two: the run a release just made spare belongs to
+//! the older superblock copy, which stays on the device until the next
+//! superblock write overwrites it (a recovery mode may open it when the
+//! newest copy rots), so the next commit writes into the other spare.
+//! Without a committed run of `K` slots (an empty tree, or a run written
+//! before the region grew) nothing would come back to replace the spare a
+//! commit takes, so then three spares are kept. [`Allocator::pick_spares`]
+//! tops them up from free slots at open (the tree's `open`) and after each
 //! release; only when no `K` consecutive free slots exist then (a device
 //! fragmented before spares existed) does a run fall back to first fit.
-//! The guarantee holds when each commit is released before the next one
+//! The guarantees hold when each commit is released before the next one
 //! starts, as the durable engine does; a second commit before a release
-//! finds no spare and falls back to first fit too (`docs/btree.md`,
-//! "Allocator").
+//! takes the newest spare (the older copy's run), a third finds none and
+//! falls back to first fit too (`docs/btree.md`, "Allocator").
 //!
 //! Bitmap run layout: `ceil(node_count / BITMAP_BITS_PER_NODE)` consecutive
 //! nodes, each a node header (owner [`BITMAP_OWNER`], level 0, `item_count`
 //! = bitmap bytes in this node) followed by bitmap bytes, bit `i % 8` of
 //! byte `i / 8` (LSB first) for slot `i`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::btree::error::BTreeError;
 use crate::format::{FsId, NodeHeader, NODE_BYTES, NODE_HEADER_BYTES, NODE_ITEMS_BYTES};
@@ -87,8 +91,8 @@ pub(crate) struct Allocator {
     run: Option<(u64, u64)>,
     /// First slots of the spare windows (`run_nodes()` consecutive slots
     /// each, set, never handed out), where the next commits write their
-    /// runs; at most [`Allocator::spares_wanted`].
-    spares: Vec<u64>,
+    /// runs, oldest first; at most [`Allocator::spares_wanted`].
+    spares: VecDeque<u64>,
     /// The committed run the open transaction's commit replaces (its
     /// slots are also in `txn_freed`).
     txn_freed_run: Option<(u64, u64)>,
@@ -159,7 +163,7 @@ impl Allocator {
             txn_freed: Vec::new(),
             pending: BTreeMap::new(),
             run: None,
-            spares: Vec::new(),
+            spares: VecDeque::new(),
             txn_freed_run: None,
             pending_runs: BTreeMap::new(),
             used: 0,
@@ -301,24 +305,25 @@ impl Allocator {
         (start + count <= self.node_count).then_some(start)
     }
 
-    /// Spare windows to keep (see the module docs): 1 while the committed
-    /// run has `run_nodes()` slots (it becomes the next spare once a
-    /// commit replaced and released it), else 2.
+    /// Spare windows to keep (see the module docs): 2 while the committed
+    /// run has `run_nodes()` slots (it becomes a spare once a commit
+    /// replaced and released it), else 3.
     fn spares_wanted(&self) -> usize {
         match self.run {
-            Some((_, count)) if count == self.run_nodes() => 1,
-            _ => 2,
+            Some((_, count)) if count == self.run_nodes() => 2,
+            _ => 3,
         }
     }
 
     /// Tops the spare windows up to [`Allocator::spares_wanted`] from
     /// `run_nodes()` consecutive free slots (first fit, else at the
-    /// high-water mark). Returns false if some are missing and no such
+    /// high-water mark), used before the released runs. Returns false if some are missing and no such
     /// slots exist (a fragmented region: a run may fall back to first fit).
     pub(crate) fn pick_spares(&mut self) -> bool {
         while self.spares.len() < self.spares_wanted() {
             match self.alloc_run(self.run_nodes()) {
-                Ok(first) => self.spares.push(first),
+                // Free slots are no superblock's: usable first.
+                Ok(first) => self.spares.push_front(first),
                 Err(_) => return false,
             }
         }
@@ -377,8 +382,8 @@ impl Allocator {
     /// Commit step 1: replaces the bitmap run (the old one becomes pending
     /// with the slots freed by the transaction) and returns the new run's
     /// first slot, or `None` for an empty tree (no run). The new run takes
-    /// a spare window; without one, `run_nodes()` consecutive free slots
-    /// (first fit), or `NoSpace`.
+    /// the oldest spare window; without one, `run_nodes()` consecutive
+    /// free slots (first fit), or `NoSpace`.
     pub(crate) fn prepare_commit(&mut self, tree_empty: bool) -> Result<Option<u64>, BTreeError> {
         if let Some((first, count)) = self.run.take() {
             self.txn_freed.extend(first..first + count);
@@ -388,7 +393,7 @@ impl Allocator {
             return Ok(None);
         }
         let count = self.run_nodes();
-        let first = match self.spares.pop() {
+        let first = match self.spares.pop_front() {
             Some(first) => first,
             None => self.alloc_run(count)?,
         };
@@ -471,7 +476,7 @@ impl Allocator {
         let mut kept = Vec::new();
         for (first, count) in runs.into_values() {
             if count == k && self.spares.len() < self.spares_wanted() {
-                self.spares.push(first);
+                self.spares.push_back(first);
                 kept.push(first..first + count);
             }
         }
@@ -708,23 +713,25 @@ mod tests {
         );
         assert!(a.is_set(0), "pending until released");
         assert_eq!(a.release_pending(4), Vec::<u64>::new());
-        // A release picks the missing spare window: the first free slot.
-        assert_eq!(a.spare_slots().collect::<Vec<_>>(), vec![5]);
+        // A release picks the two missing spare windows: the first free
+        // slots, the latest picked used first.
+        assert_eq!(a.spare_slots().collect::<Vec<_>>(), vec![6, 5]);
         assert_eq!(a.release_pending(5), vec![1 << 20]);
         let c = a.counts();
         assert_eq!(
             (c.region_nodes, c.free_nodes, c.pending_nodes, c.spare_nodes),
-            (8, 3, 0, 1)
+            (8, 2, 0, 2)
         );
-        for slot in [0, 6, 7] {
+        for slot in [0, 7] {
             assert_eq!(a.alloc().expect("alloc"), (1 << 20) + slot * NODE);
         }
         assert!(matches!(a.alloc(), Err(BTreeError::NoSpace { .. })));
-        // The next run takes the spare, and the old run becomes it.
-        assert_eq!(a.prepare_commit(false).expect("run"), Some(5));
+        // The next run takes the oldest spare, and the old run becomes the
+        // newest.
+        assert_eq!(a.prepare_commit(false).expect("run"), Some(6));
         a.finish_commit(6);
         a.release_pending(6);
-        assert_eq!(a.spare_slots().collect::<Vec<_>>(), vec![4]);
+        assert_eq!(a.spare_slots().collect::<Vec<_>>(), vec![5, 4]);
         assert!(matches!(
             a.free_committed((1 << 20) + 100 * NODE),
             Err(BTreeError::Corrupt { .. })
@@ -798,11 +805,11 @@ mod tests {
                 .expect("load into the grown region");
             assert_eq!(g.set_slots().collect::<Vec<_>>(), expect);
             // Spare windows of the grown region's run length, at the old
-            // end: two while the committed run is shorter (K = 3 here).
+            // end: three while the committed run is shorter (K = 3 here).
             assert!(g.pick_spares());
             let k = g.run_nodes();
             let spare: Vec<u64> = g.spare_slots().collect();
-            let windows = if k == 1 { 1 } else { 2 };
+            let windows = if k == 1 { 2 } else { 3 };
             assert_eq!(spare.len() as u64, windows * k);
             assert!(spare.iter().all(|s| !expect.contains(s)), "{spare:?}");
             let mut last = 0;
@@ -817,7 +824,7 @@ mod tests {
                 g.finish_commit(generation);
                 g.release_pending(generation);
                 assert_eq!(g.run().map(|(_, count)| count), Some(k));
-                assert_eq!(g.counts().spare_nodes, k);
+                assert_eq!(g.counts().spare_nodes, 2 * k);
             }
         }
         // The other way round: a bitmap of a larger region than recorded.
@@ -896,7 +903,7 @@ mod tests {
     }
 
     /// The allocator's slots add up: every set slot is a tree slot of the
-    /// model, the run, the spare or pending, and the persisted bitmap
+    /// model, the run, the spares or pending, and the persisted bitmap
     /// marks the tree and the run only.
     fn assert_accounted(a: &Allocator, tree: &[u64], generation: u64) {
         let c = a.counts();
@@ -908,8 +915,8 @@ mod tests {
         );
         assert_eq!(
             c.spare_nodes,
-            a.run_nodes(),
-            "one spare window after a release"
+            2 * a.run_nodes(),
+            "two spare windows after a release"
         );
         let image: Vec<u8> = a
             .encode_run(FS, generation)
@@ -940,8 +947,8 @@ mod tests {
     /// Random allocations, frees (in runs of every other slot, and
     /// scattered) and commits on regions with runs of 2 and 3 slots, each
     /// filled to its end early: no commit ever fails, whatever the
-    /// fragmentation (each needs no free slot, its run takes the spare),
-    /// and the slots always add up.
+    /// fragmentation (each needs no free slot, its run takes a spare), no
+    /// run overwrites either of the last two, and the slots always add up.
     #[test]
     fn commits_of_a_fragmented_region_always_find_their_run() {
         use rand::{Rng, SeedableRng};
@@ -955,6 +962,7 @@ mod tests {
             let k = a.run_nodes();
             assert!(k >= 2);
             let mut tree: Vec<u64> = Vec::new();
+            let mut runs: [Option<u64>; 2] = [None, None];
             for generation in 1..=40u64 {
                 match rng.gen_range(0..4) {
                     // Fill to the region's end.
@@ -985,9 +993,13 @@ mod tests {
                     }
                 }
                 let free = a.counts().free_nodes;
-                a.prepare_commit(false).unwrap_or_else(|e| {
+                let run = a.prepare_commit(false).unwrap_or_else(|e| {
                     panic!("seed {seed} generation {generation}, {free} free: {e}")
                 });
+                // The runs of both superblock copies on the device (the
+                // last two commits') are never the one written.
+                assert!(!runs.contains(&run), "{run:?} over one of {runs:?}");
+                runs = [runs[1], run];
                 a.finish_commit(generation);
                 a.release_pending(generation);
                 assert_accounted(&a, &tree, generation);
@@ -1001,7 +1013,7 @@ mod tests {
     /// allocator that never picked one): `pick_spares` says so, a commit
     /// falls back to first fit (`NoSpace` without a window, as before
     /// spares existed, and no panic), and the first window that appears
-    /// is kept as the spare, after which every commit finds its run.
+    /// is kept as a spare, after which every commit finds its run.
     #[test]
     fn a_region_fragmented_before_spares_falls_back_to_first_fit() {
         let mut a = Allocator::empty(1 << 20, 3 << 30).expect("alloc");
@@ -1020,14 +1032,15 @@ mod tests {
         ));
         a.free_dirty(slots[1]).expect("free");
         a.free_dirty(slots[3]).expect("free");
-        // Slots 0..5 are free: the run takes 0..2, the release keeps 2..4.
+        // Slots 0..5 are free: the run takes 0..2, the release keeps 2..4
+        // (no room for a second spare).
         assert_eq!(a.prepare_commit(false).expect("first fit"), Some(0));
         a.finish_commit(1);
         a.release_pending(1);
         assert_eq!(a.spare_slots().collect::<Vec<_>>(), vec![2, 3]);
         for generation in 2..6 {
             commit(&mut a, generation).expect("a commit with a spare");
-            assert_eq!(a.counts().spare_nodes, 2);
+            assert_eq!(a.counts().spare_nodes, 2, "one window of K = 2");
         }
     }
 }

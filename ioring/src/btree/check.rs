@@ -60,8 +60,8 @@ impl<S: Storage> BTree<S> {
     /// next separator; no node referenced twice; root shape. Then checks
     /// the allocator: the bitmap run on the device marks exactly the
     /// reachable nodes and itself, and the in-memory allocator additionally
-    /// exactly the pending and dirty nodes and the spare window. The first inconsistency is
-    /// returned as an error.
+    /// exactly the pending and dirty nodes and the spare windows. The
+    /// first inconsistency is returned as an error.
     pub fn check(&self) -> Result<TreeCheck, BTreeError> {
         let st = self.lock_read();
         let root = st.committed;

@@ -251,7 +251,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         tracing::warn!(
             "the node region has no spare window for the free-space bitmap run (fragmented \
              before spares existed): commits place it first fit and may fail with NoSpace \
-             until a released run becomes the spare: {recovery}"
+             until a released run becomes a spare: {recovery}"
         );
     }
     if let Some((old, new)) = recovery.node_region_grown {

@@ -196,9 +196,10 @@ fn levels_max(levels: u64, nodes_max: u64) -> u64 {
 /// An upper bound of the free nodes a commit of the reserved `charge`
 /// (and `extra`) can allocate at once, starting from the tree `shape`:
 /// the dirty nodes it can hold at any moment plus the bitmap run it
-/// writes. See `docs/durable.md`, "Space reservation", for why each term
-/// is there. Monotone in both fields of `charge` and in every field of
-/// `shape`.
+/// writes (which normally takes the allocator's spare window, not free
+/// nodes; kept as a conservative term for a tree without one). See
+/// `docs/durable.md`, "Space reservation", for why each term is there.
+/// Monotone in both fields of `charge` and in every field of `shape`.
 pub fn commit_nodes_max(charge: Charge, extra: Extra, shape: Shape) -> u64 {
     let items = charge
         .units

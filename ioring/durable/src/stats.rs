@@ -44,6 +44,12 @@ pub struct RecoveryInfo {
     /// Device bytes past the node region's end, unused (a device extended
     /// since it was formatted; [`crate::OpenOptions::grow`] uses them).
     pub device_unused_bytes: u64,
+    /// Slots of the spare windows the B+tree's allocator keeps for its
+    /// bitmap runs (`docs/btree.md`, "Allocator"). 0: the node region had
+    /// no run's worth of consecutive free slots at open (fragmented before
+    /// spares existed), so commits place their runs first fit, and may
+    /// fail with `NoSpace`, until a released run becomes a spare.
+    pub bitmap_spare_nodes: u64,
 }
 
 impl fmt::Display for RecoveryInfo {
@@ -80,6 +86,13 @@ impl fmt::Display for RecoveryInfo {
                 f,
                 "; {} device bytes past the node region unused (open with grow to use them)",
                 self.device_unused_bytes
+            )?;
+        }
+        if self.bitmap_spare_nodes == 0 {
+            write!(
+                f,
+                "; NO SPARE WINDOW for the bitmap run (no run's worth of consecutive free \
+                 node slots): commits place it first fit until a released run replaces it"
             )?;
         }
         if let Some(d) = &self.dropped {

@@ -2,14 +2,18 @@
 //! direct-io loop device (as root) and over a regular file opened with
 //! `O_DIRECT` in a scratch directory (`test_support::Scratch`): format, open,
 //! ops and a commit, more durable ops left in the log, close, reopen
-//! (recovery replays them), compare, verify, commit again. Skips (printing
-//! why) where the file system has no `O_DIRECT`.
+//! (recovery replays them), compare, verify, commit again. And a node
+//! region above 2 GiB (a bitmap run of 2 nodes, written into the
+//! allocator's spare window) committing and reopening on a sparse file.
+//! Skips (printing why) where the file system has no `O_DIRECT`.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
 use refd_durable::{DurableEngine, FormatOptions, OpenOptions};
+use refd_ioring::btree::BITMAP_BITS_PER_NODE;
+use refd_ioring::format::NODE_BYTES;
 use refd_ioring::test_support::{LoopDevice, Scratch};
 use refd_ioring::{Device, FileAllocation, UringConfig, UringStorage};
 
@@ -142,4 +146,52 @@ fn round_trip(path: &Path) {
     let all = e.committed_extents().expect("read tree");
     assert_eq!(all.len(), 399);
     assert!(all.get(1 << 30).is_some_and(|i| !i.keyed.is_empty()));
+}
+
+/// A 4 GiB sparse file (node region 3.5 GiB: bitmap runs of K = 2 nodes):
+/// open picks the spare windows (three on the empty tree, two once a run
+/// is committed), the node space counts them neither free nor tree, and
+/// commits, reopens and `verify` (the tree check `refctl fsck` runs:
+/// the bitmap on the device marks reachable nodes and the run only) go
+/// through twice.
+#[test]
+fn a_node_region_above_2_gib_commits_reopens_and_verifies() {
+    const BIG: u64 = 4 << 30;
+    let Some(scratch) = Scratch::new("durable-4g") else {
+        return;
+    };
+    let path = scratch.path().join("dev");
+    drop(
+        Device::create_file(&path, BIG, FileAllocation::Sparse)
+            .unwrap_or_else(|e| panic!("create {}: {e}", path.display())),
+    );
+    let open_big =
+        || Arc::new(UringStorage::open(&path, BIG, UringConfig::default()).expect("open device"));
+    let sb = DurableEngine::format(&open_big(), FormatOptions::default()).expect("format");
+    let k = (sb.node_region_bytes / NODE_BYTES as u64).div_ceil(BITMAP_BITS_PER_NODE);
+    assert_eq!(k, 2);
+    for round in 0..2u64 {
+        let (e, info) = DurableEngine::open(open_big(), OpenOptions::default()).expect("open");
+        let spares = if round == 0 { 3 } else { 2 };
+        assert_eq!(info.bitmap_spare_nodes, spares * k, "{info}");
+        assert!(!info.to_string().contains("NO SPARE WINDOW"), "{info}");
+        let base = (1 << 30) + round * (1 << 32);
+        for i in 0..3000u64 {
+            e.add(&data(base + i * (1 << 20), Action::AddExtent, 1000 + i))
+                .expect("add");
+        }
+        e.commit().expect("commit");
+        for i in (0..3000u64).step_by(2) {
+            e.add(&data(base + i * (1 << 20), Action::DropRef, 1000 + i))
+                .expect("drop");
+        }
+        e.commit().expect("commit of the drops");
+        let space = e.node_space();
+        assert_eq!(
+            space.region_nodes - space.free_nodes - space.pending_nodes,
+            space.tree_nodes + 3 * k,
+            "tree, the committed run and two spare windows: {space:?}"
+        );
+        e.verify().expect("verify");
+    }
 }

@@ -60,8 +60,8 @@ impl<S: Storage> BTree<S> {
     /// next separator; no node referenced twice; root shape. Then checks
     /// the allocator: the bitmap run on the device marks exactly the
     /// reachable nodes and itself, and the in-memory allocator additionally
-    /// exactly the pending and dirty nodes. The first inconsistency is
-    /// returned as an error.
+    /// exactly the pending and dirty nodes and the spare windows. The
+    /// first inconsistency is returned as an error.
     pub fn check(&self) -> Result<TreeCheck, BTreeError> {
         let st = self.lock_read();
         let root = st.committed;
@@ -180,12 +180,14 @@ impl<S: Storage> BTree<S> {
                 }
             }
         }
-        for &slot in pending.iter().chain(&dirty) {
-            if reachable.contains(&slot) {
+        let spare: Vec<u64> = alloc.spare_slots().collect();
+        for &slot in pending.iter().chain(&dirty).chain(&spare) {
+            if reachable.contains(&slot) || run.contains(&slot) {
                 return Err(BTreeError::corrupt(
                     alloc.addr_of(slot),
                     0,
-                    "a pending or dirty slot is reachable from the committed root",
+                    "a pending, dirty or spare slot is reachable from the committed root or in \
+                     its bitmap run",
                 ));
             }
         }
@@ -201,7 +203,7 @@ impl<S: Storage> BTree<S> {
             ));
         }
         let mut expect_mem = expect;
-        expect_mem.extend(pending.iter().chain(&dirty));
+        expect_mem.extend(pending.iter().chain(&dirty).chain(&spare));
         expect_mem.sort_unstable();
         let before = expect_mem.len();
         expect_mem.dedup();
@@ -209,7 +211,7 @@ impl<S: Storage> BTree<S> {
             return Err(BTreeError::corrupt(
                 info.bitmap_addr,
                 root.generation,
-                "a slot is both pending and dirty, or pending twice",
+                "a slot is two of pending, dirty and spare, or pending twice",
             ));
         }
         let in_memory: Vec<u64> = alloc.set_slots().collect();

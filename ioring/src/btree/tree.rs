@@ -215,6 +215,10 @@ pub struct TreeSpace {
     pub levels: u64,
     /// Slots of the bitmap run a commit writes.
     pub run_nodes: u64,
+    /// Slots of the spare windows the next commits write their bitmap
+    /// runs into (`run_nodes` each, counted neither free nor working), or
+    /// 0 when there is none (a run then takes free slots, first fit).
+    pub spare_nodes: u64,
     /// Committed nodes the open transaction replaced: pending once it
     /// commits, free after its superblock (`release_pending`).
     pub replaced_nodes: u64,
@@ -230,9 +234,14 @@ impl TreeSpace {
             free_nodes: c.free_nodes,
             pending_nodes: c.pending_nodes,
             dirty_nodes,
-            working_nodes: used - c.pending_nodes - c.committed_run_nodes - c.txn_freed_nodes,
+            working_nodes: used
+                - c.pending_nodes
+                - c.committed_run_nodes
+                - c.txn_freed_nodes
+                - c.spare_nodes,
             levels: st.root.map_or(0, |r| u64::from(r.level) + 1),
             run_nodes: c.run_nodes,
+            spare_nodes: c.spare_nodes,
             replaced_nodes: c.txn_freed_nodes,
         }
     }
@@ -280,6 +289,8 @@ impl<S: Storage> BTree<S> {
     /// Opens the tree committed at `location` (read from the newest valid
     /// superblock). Reads the allocator's bitmap run and the root node and
     /// checks both; on an empty tree (root address 0) there is no bitmap.
+    /// Then picks the allocator's spare windows (`docs/btree.md`,
+    /// "Allocator").
     pub fn open(
         storage: S,
         location: TreeLocation,
@@ -323,7 +334,7 @@ impl<S: Storage> BTree<S> {
                 ),
             });
         }
-        let alloc = Allocator::load(
+        let mut alloc = Allocator::load(
             location.node_region_start,
             location.node_region_bytes,
             location.alloc,
@@ -352,6 +363,12 @@ impl<S: Storage> BTree<S> {
                 }
             }
         }
+        // Before any node is allocated: the windows the next commits write
+        // their bitmap runs into. A region fragmented before spares
+        // existed may have none: `TreeSpace::spare_nodes` is then 0 (the
+        // durable engine's open says so) and runs are placed first fit
+        // until a released run becomes a spare.
+        alloc.pick_spares();
         let tree = BTree {
             cache: NodeCache::new(config.cache_bytes),
             config,

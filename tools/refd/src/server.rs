@@ -247,6 +247,13 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
             "recovery mode dropped damaged log batches (recorded in the superblock): {recovery}"
         );
     }
+    if recovery.bitmap_spare_nodes == 0 {
+        tracing::warn!(
+            "the node region has no spare window for the free-space bitmap run (fragmented \
+             before spares existed): commits place it first fit and may fail with NoSpace \
+             until a released run becomes a spare: {recovery}"
+        );
+    }
     if let Some((old, new)) = recovery.node_region_grown {
         tracing::info!(
             old_bytes = old,

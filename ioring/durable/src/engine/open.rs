@@ -326,6 +326,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
                     source: Box::new(source),
                 }
             })?;
+        let bitmap_spare_nodes = tree.space().spare_nodes;
         let mut progress = Progress::new(options.progress.unwrap_or(|_| {}));
         let (cached, cache_complete) =
             warm_cache(&tree, &device, options.cache_extents_max, &mut progress)?;
@@ -432,6 +433,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             claimed_generation: claim.generation,
             node_region_grown,
             device_unused_bytes,
+            bitmap_spare_nodes,
         };
         let next_generation = claim.generation + 1;
         let engine = DurableEngine {

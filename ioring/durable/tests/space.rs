@@ -258,6 +258,19 @@ impl Run {
     }
 }
 
+/// Commits back to back (200 µs apart) until `stop`; every commit must
+/// succeed. Returns how many ran.
+fn commit_until(e: &DurableEngine<Dev>, stop: &std::sync::atomic::AtomicBool, seed: u64) -> u64 {
+    let mut commits = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        e.commit()
+            .unwrap_or_else(|err| panic!("seed {seed}: commit {commits} failed: {err}"));
+        commits += 1;
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    commits
+}
+
 /// One seeded stream on a device of `dev_bytes`.
 fn run_seed(seed: u64) -> (u64, u64, u64) {
     run_seed_with(seed, false)
@@ -276,19 +289,7 @@ fn run_seed_with(seed: u64, beside: bool) -> (u64, u64, u64) {
     let mut r = Run::new(seed);
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
-        let committer = beside.then(|| {
-            s.spawn(|| {
-                let mut commits = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    e.commit().unwrap_or_else(|err| {
-                        panic!("seed {seed}: commit {commits} failed: {err}")
-                    });
-                    commits += 1;
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                }
-                commits
-            })
-        });
+        let committer = beside.then(|| s.spawn(|| commit_until(&e, &stop, seed)));
         let mode = Mode {
             beside,
             barriers: false,
@@ -644,18 +645,9 @@ fn incarnation_stream(
         End::Clean => None,
     };
     std::thread::scope(|s| {
-        let committer = mode.beside.then(|| {
-            s.spawn(|| {
-                let mut commits = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    e.commit().unwrap_or_else(|err| {
-                        panic!("seed {seed}: commit {commits} failed: {err}")
-                    });
-                    commits += 1;
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                }
-            })
-        });
+        let committer = mode
+            .beside
+            .then(|| s.spawn(|| commit_until(e, &stop, seed)));
         submit_stream(e, r, session, seed, mode);
         let crashed = crash();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -129,13 +129,7 @@ fn a_connection_without_hello_is_closed_in_time() {
     let silent = Raw::connect(&d.socket);
     let mut trickle = Raw::connect(&d.socket);
     let mut frame = Vec::new();
-    let hello = HelloRequest {
-        version_min: 1,
-        version_max: 1,
-        token: Vec::new(),
-        name: "slow".into(),
-    };
-    encode_request(1, &Request::Hello(hello), &mut frame);
+    encode_request(1, &hello_request("slow"), &mut frame);
     let t0 = Instant::now();
     // One byte every 100 ms: the whole HELLO would take seconds, and the
     // daemon's 200 ms read poll never times out meanwhile.
@@ -186,13 +180,7 @@ fn a_thousand_connections_and_the_bound() {
         let mut s = UnixStream::connect(&d.socket).expect("connect");
         if i % 3 == 0 {
             let mut f = Vec::new();
-            let hello = HelloRequest {
-                version_min: 1,
-                version_max: 1,
-                token: Vec::new(),
-                name: "x".into(),
-            };
-            encode_request(1, &Request::Hello(hello), &mut f);
+            encode_request(1, &hello_request("x"), &mut f);
             let _ = s.write_all(&f[..f.len() / 2]);
         }
         drop(s);
@@ -201,13 +189,7 @@ fn a_thousand_connections_and_the_bound() {
     let t0 = Instant::now();
     let mut c = loop {
         let mut c = Raw::connect(&d.socket);
-        let hello = HelloRequest {
-            version_min: 1,
-            version_max: 1,
-            token: Vec::new(),
-            name: "after".into(),
-        };
-        match c.call(&Request::Hello(hello)) {
+        match c.call(&hello_request("after")) {
             Reply::Hello(_) => break c,
             r => assert_eq!(code(&r), Some(ErrorCode::Busy)),
         }
@@ -221,13 +203,7 @@ fn a_thousand_connections_and_the_bound() {
     // Fill up to the bound; the next one is refused with BUSY.
     let held: Vec<Raw> = (0..63).map(|_| Raw::hello(&d.socket).0).collect();
     let mut over = Raw::connect(&d.socket);
-    let hello = HelloRequest {
-        version_min: 1,
-        version_max: 1,
-        token: Vec::new(),
-        name: "one too many".into(),
-    };
-    let id = over.send(&Request::Hello(hello));
+    let id = over.send(&hello_request("one too many"));
     let (rid, r) = over.recv();
     assert_eq!((rid, code(&r)), (id, Some(ErrorCode::Busy)));
     drop(held);

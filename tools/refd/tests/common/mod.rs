@@ -188,6 +188,16 @@ pub fn signal(child: &Child, sig: i32) {
     unsafe { libc::kill(child.id() as i32, sig) };
 }
 
+/// A HELLO for protocol version 1 without a token, named `name`.
+pub fn hello_request(name: &str) -> Request {
+    Request::Hello(HelloRequest {
+        version_min: 1,
+        version_max: 1,
+        token: Vec::new(),
+        name: name.into(),
+    })
+}
+
 /// A raw protocol client over a unix socket.
 pub struct Raw {
     pub stream: UnixStream,
@@ -216,13 +226,7 @@ impl Raw {
     /// Connects and says HELLO.
     pub fn hello(socket: &Path) -> (Raw, HelloReply) {
         let mut r = Raw::connect(socket);
-        let hello = HelloRequest {
-            version_min: 1,
-            version_max: 1,
-            token: Vec::new(),
-            name: "test".into(),
-        };
-        match r.call(&Request::Hello(hello)) {
+        match r.call(&hello_request("test")) {
             Reply::Hello(h) => (r, h),
             other => panic!("{other:?}"),
         }

@@ -302,6 +302,14 @@ mod tests {
     /// lagged by five: the fifth commit's 228 ops, twice a trigger set
     /// from the large second commit's bytes per op, pinned 2.79 MiB at
     /// the small third commit's 12 KiB per op; the sixth on were bounded.
+    ///
+    /// "Twice" is about twice: the estimate is the last commit's bytes
+    /// per op, and the next commit's differ from it. In one CI run the
+    /// commits of 128 ops pinned 1.51–1.94 MB (the bytes per op grew by
+    /// a fifth over the run as the tree grew), and one of 152 ops, with
+    /// back-pressure at 154 from a 64-op commit's 13.5 KB per op, pinned
+    /// 2.12 MB (13.9 KB per op), 1% over 2 MiB. The bound checked is 2¼
+    /// times the trigger (twice, with an eighth to spare).
     #[test]
     fn dirty_bytes_trigger_bounds_a_commits_dirty_nodes() {
         const EXTENTS: u64 = 131_072;
@@ -363,7 +371,7 @@ mod tests {
         assert!(dirty.len() > 20, "{dirty:?}");
         for (i, &(ops, bytes)) in dirty.iter().enumerate().skip(5) {
             assert!(
-                bytes <= 2 * DIRTY_TRIGGER,
+                bytes <= 2 * DIRTY_TRIGGER + DIRTY_TRIGGER / 4,
                 "uniform commit {i}: {ops} ops pinned {bytes} bytes: {dirty:?}"
             );
         }

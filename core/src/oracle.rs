@@ -63,6 +63,16 @@
 //!    and the kernel reuses a range once the transaction that freed it
 //!    commits (a tree block freed in the transaction that allocated it, at
 //!    once).
+//! 9. An allocation dropped again in the commit that made it (1-7
+//!    accepted, no extent left) is refused if its range `[b, b + n)` (`n`
+//!    the latest allocation's size) meets a committed extent at another
+//!    bytenr that no op run by this commit allocates and that its ops do
+//!    not free (no ops, or held by a barrier: none of its ops run, or
+//!    refused or applied with refs left, without an allocation): that
+//!    extent was live all through the commit, so the range was handed out
+//!    over it. Decided before rule 8 (it depends on no other allocation's
+//!    decision, and a refused one keeps its bytenr's committed extent
+//!    live for rule 8).
 
 use std::collections::BTreeMap;
 
@@ -166,7 +176,9 @@ impl Model {
     /// then size; a byte two of them share stays with the first), minus
     /// every byte an extent of the tree after the commit covers, in
     /// pieces. A range freed and allocated again by the same commit is not
-    /// reusable, nor is an allocation dropped again inside a live extent;
+    /// reusable, nor is the part of an allocation dropped again that a
+    /// live extent covers (one allocated by the commit, or a committed one
+    /// whose re-allocation was refused: rule 9 refuses the rest);
     /// two lives ended over one range make it reusable once.
     pub fn reusable(&self, freed: &[(u64, u64)]) -> Vec<(u64, u64)> {
         let mut sorted = freed.to_vec();
@@ -213,6 +225,8 @@ impl Model {
         }
         let mut out = ModelCommit::default();
         let mut results: BTreeMap<u64, (bool, Evaluated)> = BTreeMap::new();
+        // The latest allocation's size, by bytenr.
+        let mut alloc_sizes: BTreeMap<u64, u64> = BTreeMap::new();
         for (bytenr, ops) in by_bytenr {
             let mut sums: BTreeMap<(RefKey, u64), i64> = BTreeMap::new();
             for (op, _) in &ops {
@@ -272,8 +286,12 @@ impl Model {
                 eop_key,
                 generation,
             );
+            if let Some(a) = alloc {
+                alloc_sizes.insert(bytenr, a.num_bytes);
+            }
             results.insert(bytenr, (alloc.is_some(), result));
         }
+        self.refuse_dropped_over_live(&mut results, &alloc_sizes);
         self.refuse_overlaps(&mut results);
         for (bytenr, (_, result)) in results {
             match result {
@@ -294,6 +312,37 @@ impl Model {
         }
         out.freed.sort_unstable();
         out
+    }
+
+    /// Rule 9: refuse every allocation dropped again whose range meets a
+    /// committed extent that stays as it was (`alloc_sizes`: the latest
+    /// allocation's size of every extent with one).
+    fn refuse_dropped_over_live(
+        &self,
+        results: &mut BTreeMap<u64, (bool, Evaluated)>,
+        alloc_sizes: &BTreeMap<u64, u64>,
+    ) {
+        let stays = |results: &BTreeMap<u64, (bool, Evaluated)>, c: u64| {
+            !alloc_sizes.contains_key(&c)
+                && !matches!(results.get(&c), Some((_, Ok(Some((None, _))))))
+        };
+        let mut refused = Vec::new();
+        for (&b, &n) in alloc_sizes {
+            if !matches!(results.get(&b), Some((true, Ok(Some((None, _)))))) {
+                continue;
+            }
+            let meets = self
+                .extents
+                .iter()
+                .filter(|(&c, e)| c != b && c < b + n && b < c + e.num_bytes)
+                .any(|(&c, _)| stays(results, c));
+            if meets {
+                refused.push(b);
+            }
+        }
+        for b in refused {
+            results.insert(b, (true, Err(())));
+        }
     }
 
     /// Rule 8: refuse every allocation whose new extent would overlap

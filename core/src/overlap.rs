@@ -25,6 +25,19 @@
 //! contested ones are then settled on one thread ([`settle`]), in bytenr
 //! order, against every head's outcome: the decision is the same however
 //! the heads were cut into parts.
+//!
+//! An allocation dropped again by the commit that made it leaves no
+//! extent, but its range was still handed out while the commit ran, and
+//! its free is reported (FREED): it is refused too, with the same error,
+//! if its range meets a committed extent at another bytenr that stays as
+//! it was through the commit (no head of this commit allocates or frees
+//! it). That extent was live the whole time, so the range was allocated
+//! over it. A committed extent that this commit frees or allocates again
+//! had a moment free, and the dropped allocation may have used it then
+//! (refd's commit spans many kernel transactions). Without this rule such
+//! an allocation's free would be listed in pieces around every live
+//! extent inside it: one freed-list entry each, which its one drop did
+//! not reserve space for.
 
 use crate::engine::{RunPart, RunSink};
 use crate::extent_tree::{ExtentItem, ExtentTree, Walker};
@@ -50,27 +63,27 @@ pub(crate) fn covered_heads(heads: &[Head]) -> Vec<usize> {
 /// Whether the run worker must leave the effect `e` of `head` to
 /// [`settle`]: an allocation with a new extent that lies inside an earlier
 /// allocating head's range (`covered`), or whose range meets a committed
-/// extent (found with the worker's tree `walker`).
+/// extent (found with the worker's tree `walker`); or an allocation
+/// dropped again by this commit whose range meets a committed extent.
 pub(crate) fn contested(
     head: &Head,
     e: &HeadEffect,
     covered: bool,
     walker: &mut Walker<'_>,
 ) -> bool {
-    let Some(item) = e
-        .item
-        .as_ref()
-        .filter(|_| head.summary.must_insert_reserved())
-    else {
+    if !head.summary.must_insert_reserved() {
         return false;
-    };
-    if covered {
-        return true;
     }
+    let num_bytes = match &e.item {
+        Some(item) if covered => return true,
+        Some(item) => item.num_bytes,
+        // Dropped again: it can only meet a committed extent.
+        None => head.summary.num_bytes,
+    };
     let b = head.bytenr;
     let (below, above) = walker.neighbours(b);
     below.is_some_and(|(p, i)| p.saturating_add(i.num_bytes) > b)
-        || above.is_some_and(|(c, _)| c < b.saturating_add(item.num_bytes))
+        || above.is_some_and(|(c, _)| c < b.saturating_add(num_bytes))
 }
 
 /// What [`settle`] knows of the extents below the last bytenr it decided:
@@ -92,7 +105,7 @@ struct FreedSpan {
 }
 
 /// Decide the contested allocations of every part, in ascending bytenr
-/// order: refused ones are quarantined with [`RunError::OverlapsExtent`]
+/// order (those dropped again by this commit first): refused ones are quarantined with [`RunError::OverlapsExtent`]
 /// (their bytenr keeps its committed item), accepted ones are shown to
 /// `sink` and join their part's effects and freed extents. `tree` is the
 /// committed tree the heads ran against.
@@ -122,8 +135,47 @@ pub(crate) fn settle<K: RunSink>(
         decided: Vec::with_capacity(contested.len()),
         floor: None,
         span: None,
+        stay_span: None,
+        held: Vec::new(),
     };
-    for (idx, e) in contested {
+    // Allocations dropped again first: their decisions depend only on
+    // committed extents that no head allocates, and the others' depend on
+    // theirs (a refused one keeps its bytenr's committed item live).
+    let (dropped, inserted): (Vec<_>, Vec<_>) =
+        contested.into_iter().partition(|(_, e)| e.item.is_none());
+    if !dropped.is_empty() {
+        state.held = parts.iter().flat_map(|p| p.held.iter().copied()).collect();
+        state.held.sort_unstable();
+    }
+    for (idx, e) in dropped {
+        let k = parts.partition_point(|p| p.base <= idx) - 1;
+        let b = heads[idx].bytenr;
+        let num_bytes = heads[idx].summary.num_bytes;
+        match state.stays_meeting(b, num_bytes, &parts[..]) {
+            Some((other, other_bytes)) => {
+                let error = RunError::OverlapsExtent {
+                    bytenr: b,
+                    num_bytes,
+                    other,
+                    other_bytes,
+                };
+                parts[k].quarantined.push((idx, error));
+            }
+            None => {
+                let part = &mut parts[k];
+                sink.effect(&mut part.sink, b, tree.get(b), None, None);
+                part.freed.extend(e.freed);
+                late[k].push((b, None));
+            }
+        }
+    }
+    for (part, late) in parts.iter_mut().zip(&mut late) {
+        if !late.is_empty() {
+            part.effects.append(late);
+            part.effects.sort_by_key(|e| e.0);
+        }
+    }
+    for (idx, e) in inserted {
         let k = parts.partition_point(|p| p.base <= idx) - 1;
         let b = heads[idx].bytenr;
         let num_bytes = e.item.as_ref().map_or(0, |i| i.num_bytes);
@@ -170,7 +222,14 @@ struct Settled<'a> {
     /// live there after the commit (ascending).
     decided: Vec<(u64, Option<u64>)>,
     floor: Option<Floor>,
+    /// What [`Settled::live_inside`] found last.
     span: Option<FreedSpan>,
+    /// What [`Settled::stays_meeting`] found last (its `blocker`: an
+    /// extent that stays).
+    stay_span: Option<FreedSpan>,
+    /// Indices of the heads a seq barrier held, ascending (filled only for
+    /// [`Settled::stays`]).
+    held: Vec<usize>,
 }
 
 impl Settled<'_> {
@@ -263,5 +322,67 @@ impl Settled<'_> {
         let to = blocker.map_or(end, |(c, _)| c);
         self.span = Some(FreedSpan { from, to, blocker });
         blocker
+    }
+
+    /// For an allocation at `b` dropped again by this commit: the first
+    /// committed extent at another bytenr meeting `[b, b + num_bytes)`
+    /// that stays as it was through the commit (its head, if any,
+    /// neither allocates nor frees it). Such an extent was live the whole
+    /// time, so the allocation was made over it: the client's bug, as an
+    /// inserted overlapping allocation is. Committed extents are disjoint,
+    /// so only the one below `b` can reach into the range; those starting
+    /// inside it are scanned once over a whole settle, as in
+    /// [`Settled::live_inside`].
+    fn stays_meeting<P>(
+        &mut self,
+        b: u64,
+        num_bytes: u64,
+        parts: &[RunPart<P>],
+    ) -> Option<(u64, u64)> {
+        let below = self.tree.range(..b).next_back();
+        if let Some((p, item)) = below.filter(|(p, i)| p.saturating_add(i.num_bytes) > b) {
+            if self.stays(p, parts) {
+                return Some((p, item.num_bytes));
+            }
+        }
+        let (start, end) = (b.saturating_add(1), b.saturating_add(num_bytes));
+        let mut from = start;
+        let mut scan = start;
+        if let Some(s) = self.stay_span.filter(|s| s.from <= start && start <= s.to) {
+            if end <= s.to {
+                return None;
+            }
+            if s.blocker.is_some() {
+                return s.blocker;
+            }
+            (from, scan) = (s.from, s.to);
+        }
+        let mut blocker = None;
+        for (c, item) in self.tree.range(scan..end) {
+            if self.stays(c, parts) {
+                blocker = Some((c, item.num_bytes));
+                break;
+            }
+        }
+        let to = blocker.map_or(end, |(c, _)| c);
+        self.stay_span = Some(FreedSpan { from, to, blocker });
+        blocker
+    }
+
+    /// Whether the committed extent at `c` stays as it was through the
+    /// commit: no head, a head a seq barrier held (none of its ops are in
+    /// this commit), or a head that does not allocate and did not free
+    /// it (applied with an item, refused or cancelled). A head that
+    /// allocates (run, whatever its outcome) had the extent free at some
+    /// moment.
+    fn stays<P>(&self, c: u64, parts: &[RunPart<P>]) -> bool {
+        match self.heads.binary_search_by_key(&c, |h| h.bytenr) {
+            Err(_) => true,
+            Ok(idx) if self.held.binary_search(&idx).is_ok() => true,
+            Ok(idx) => {
+                !self.heads[idx].summary.must_insert_reserved()
+                    && !matches!(self.effect(c, parts), Some(None))
+            }
+        }
     }
 }

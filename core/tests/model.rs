@@ -489,6 +489,54 @@ fn allocation_overlapping_a_live_extent_is_refused_engine() {
     assert_eq!(r[4].freed.len(), 1, "the 64 KiB extent ends");
 }
 
+/// An allocation dropped again by the commit that made it (it leaves no
+/// extent) over a committed extent that stays live all through the
+/// commit was handed out over it: refused in both stores and the model
+/// (rule 9), nothing freed. Over a committed extent that the same commit
+/// frees, or frees and allocates again, it is legal and its free is
+/// listed where nothing is live afterwards.
+#[test]
+fn allocation_dropped_over_a_live_extent_is_refused_engine() {
+    let key = |root| RefKey::ExtentData {
+        root,
+        objectid: 257,
+        offset: 0,
+    };
+    let op = |b, n, a, root| Op::new(b, n, ExtentKind::Data, a, key(root), 0).unwrap();
+    let mib = 1u64 << 20;
+    let r = agree(&[
+        vec![
+            op(mib, 4096, Action::AddExtent, 5),
+            op(mib + 16384, 4096, Action::AddExtent, 5),
+        ],
+        // Over both, both live: refused, naming the first.
+        vec![
+            op(mib - 4096, 32768, Action::AddExtent, 6),
+            op(mib - 4096, 32768, Action::DropRef, 6),
+        ],
+        // The first freed, the second freed and allocated again: legal.
+        vec![
+            op(mib, 4096, Action::DropRef, 5),
+            op(mib + 16384, 4096, Action::DropRef, 5),
+            op(mib + 16384, 8192, Action::AddExtent, 7),
+            op(mib - 4096, 32768, Action::AddExtent, 6),
+            op(mib - 4096, 32768, Action::DropRef, 6),
+        ],
+    ]);
+    assert_eq!(
+        refused(&r[1], mib - 4096),
+        &RunError::OverlapsExtent {
+            bytenr: mib - 4096,
+            num_bytes: 32768,
+            other: mib,
+            other_bytes: 4096
+        }
+    );
+    assert!(r[1].freed.is_empty(), "{:?}", r[1].freed);
+    assert!(r[2].quarantined.is_empty(), "{:?}", r[2].quarantined);
+    assert_eq!(r[2].freed.len(), 3, "two old lives and the dropped one");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 

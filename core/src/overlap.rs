@@ -30,8 +30,8 @@
 //! extent, but its range was still handed out while the commit ran, and
 //! its free is reported (FREED): it is refused too, with the same error,
 //! if its range meets a committed extent at another bytenr that stays as
-//! it was through the commit (no head of this commit allocates or frees
-//! it). That extent was live the whole time, so the range was allocated
+//! it was through the commit (no head run by this commit allocates or
+//! frees it; a held head runs none of its ops). That extent was live the whole time, so the range was allocated
 //! over it. A committed extent that this commit frees or allocates again
 //! had a moment free, and the dropped allocation may have used it then
 //! (refd's commit spans many kernel transactions). Without this rule such
@@ -75,7 +75,7 @@ pub(crate) fn contested(
         return false;
     }
     let num_bytes = match &e.item {
-        Some(item) if covered => return true,
+        Some(_) if covered => return true,
         Some(item) => item.num_bytes,
         // Dropped again: it can only meet a committed extent.
         None => head.summary.num_bytes,
@@ -105,10 +105,11 @@ struct FreedSpan {
 }
 
 /// Decide the contested allocations of every part, in ascending bytenr
-/// order (those dropped again by this commit first): refused ones are quarantined with [`RunError::OverlapsExtent`]
-/// (their bytenr keeps its committed item), accepted ones are shown to
-/// `sink` and join their part's effects and freed extents. `tree` is the
-/// committed tree the heads ran against.
+/// order (those dropped again by this commit first): refused ones are
+/// quarantined with [`RunError::OverlapsExtent`] (their bytenr keeps its
+/// committed item), accepted ones are shown to `sink` and join their
+/// part's effects and freed extents. `tree` is the committed tree the
+/// heads ran against.
 pub(crate) fn settle<K: RunSink>(
     tree: &ExtentTree,
     heads: &[Head],

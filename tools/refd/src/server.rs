@@ -260,9 +260,9 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
             new_bytes = new,
             "node region grown to the device's end (--grow)"
         );
-    } else if recovery.device_unused_bytes > 0 {
+    } else if recovery.device_growable_bytes > 0 {
         tracing::warn!(
-            unused_bytes = recovery.device_unused_bytes,
+            unused_bytes = recovery.device_growable_bytes,
             "the device is larger than its layout: start once with --grow to use the rest"
         );
     }

@@ -116,7 +116,7 @@ pub struct OpenOptions {
     /// extended since it was formatted): the node region is extended to
     /// the device's end, recorded by the superblock the open writes anyway
     /// (its generation claim). Off: the extra bytes stay unused
-    /// ([`crate::RecoveryInfo::device_unused_bytes`] says how many).
+    /// ([`crate::RecoveryInfo::device_growable_bytes`] says how many).
     pub grow: bool,
 }
 

@@ -136,6 +136,9 @@ pub(crate) struct Allocator {
     /// Window searches that scanned the region (the others looked only
     /// around the slots of the hint).
     window_scans: u64,
+    /// No spare window for the bitmap run: the run goes first fit (see
+    /// [`AllocCounts::run_first_fit`]).
+    run_first_fit: bool,
 }
 
 /// The allocator's counts of slots, for space accounting
@@ -165,6 +168,13 @@ pub struct AllocCounts {
     /// region (the others, after one found none, looked only around the
     /// slots freed since).
     pub window_scans: u64,
+    /// The "no spare window" fallback is in force: no spare window was
+    /// left for the bitmap run, which goes first fit into free slots (and
+    /// may fail with `NoSpace`). Set by the open's and each release's
+    /// top-up for the next commit's run, and by a commit placing its run
+    /// for that run: false again once a top-up or a released run gives
+    /// a spare.
+    pub run_first_fit: bool,
 }
 
 impl Allocator {
@@ -206,6 +216,7 @@ impl Allocator {
             pending_count: 0,
             window_hint: WindowHint::Unknown,
             window_scans: 0,
+            run_first_fit: false,
         })
     }
 
@@ -273,6 +284,7 @@ impl Allocator {
             committed_run_nodes: self.run.map_or(0, |(_, count)| count),
             spare_nodes: self.spares.len() as u64 * self.run_nodes(),
             window_scans: self.window_scans,
+            run_first_fit: self.run_first_fit,
         }
     }
 
@@ -425,14 +437,16 @@ impl Allocator {
     /// high-water mark), used before the released runs. Returns false if some are missing and no such
     /// slots exist (a fragmented region: a run may fall back to first fit).
     pub(crate) fn pick_spares(&mut self) -> bool {
-        while self.spares.len() < self.spares_wanted() {
+        let mut all = true;
+        while all && self.spares.len() < self.spares_wanted() {
             match self.alloc_run() {
                 // Free slots are no superblock's: usable first.
                 Ok(first) => self.spares.push_front(first),
-                Err(_) => return false,
+                Err(_) => all = false,
             }
         }
-        true
+        self.run_first_fit = self.spares.is_empty();
+        all
     }
 
     /// The slots of the spare windows.
@@ -498,6 +512,7 @@ impl Allocator {
             return Ok(None);
         }
         let count = self.run_nodes();
+        self.run_first_fit = self.spares.is_empty();
         let first = match self.spares.pop_front() {
             Some(first) => first,
             None => self.alloc_run()?,
@@ -1128,6 +1143,7 @@ mod tests {
         }
         assert!(!a.pick_spares());
         assert_eq!(a.counts().spare_nodes, 0);
+        assert!(a.counts().run_first_fit, "the fallback is in force");
         assert!(matches!(
             a.prepare_commit(false),
             Err(BTreeError::NoSpace {
@@ -1143,10 +1159,18 @@ mod tests {
         a.finish_commit(1);
         a.release_pending(1);
         assert_eq!(a.spare_slots().collect::<Vec<_>>(), vec![2, 3]);
+        assert!(!a.counts().run_first_fit, "a spare: the fallback is over");
         for generation in 2..6 {
             commit(&mut a, generation).expect("a commit with a spare");
             assert_eq!(a.counts().spare_nodes, 2, "one window of K = 2");
+            assert!(!a.counts().run_first_fit);
         }
+        // Two commits before a release: the second finds no spare.
+        a.prepare_commit(false).expect("the spare");
+        a.finish_commit(6);
+        assert!(!a.counts().run_first_fit, "its run took the spare");
+        assert!(a.prepare_commit(false).is_err(), "no window");
+        assert!(a.counts().run_first_fit, "the second run went first fit");
     }
 
     /// A region with one window (the committed run's and one spare take

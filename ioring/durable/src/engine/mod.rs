@@ -310,6 +310,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             reserved_units: live.units,
             reserved_bytes: live.bytes,
             refused: self.space.refused.load(Ordering::Relaxed),
+            bitmap_run_nodes: space.run_nodes,
+            spare_nodes: space.spare_nodes,
+            no_spare_window: space.run_first_fit,
         }
     }
 

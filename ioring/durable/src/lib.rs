@@ -40,7 +40,8 @@ pub mod stats;
 pub use codec::CodecError;
 pub use committer::{Clock, Committer, CommitterStats, ManualClock, SystemClock};
 pub use engine::open::{
-    default_log_bytes, device_bytes_min_for_log, newer_superblock, ops_in, read_newest_superblock,
+    default_log_bytes, device_bytes_min_for_log, format_layout, newer_superblock, ops_in,
+    read_newest_superblock,
 };
 pub use engine::{
     count_extents, load_extents, read_extent_count, read_held, read_service, scan_extents,

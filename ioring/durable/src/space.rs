@@ -366,6 +366,16 @@ pub struct NodeSpace {
     pub reserved_bytes: u64,
     /// Requests refused for lack of node space since open.
     pub refused: u64,
+    /// Slots of a free-space bitmap run, `K` (`docs/btree.md`,
+    /// "Allocator"): the size of each spare window.
+    pub bitmap_run_nodes: u64,
+    /// Slots of the spare windows kept for the next bitmap runs (`K`
+    /// each; counted neither free nor in the tree).
+    pub spare_nodes: u64,
+    /// The "no spare window" fallback is in force: the next commit's
+    /// bitmap run (or the running one's) goes first fit into free slots,
+    /// and may fail with `NoSpace`, until a released run becomes a spare.
+    pub no_spare_window: bool,
 }
 
 /// The live charge in one word, so that a reservation adds to both of

@@ -41,9 +41,11 @@ pub struct RecoveryInfo {
     /// The node region's size before and after [`crate::OpenOptions::grow`]
     /// extended it to the device's end (`None`: unchanged).
     pub node_region_grown: Option<(u64, u64)>,
-    /// Device bytes past the node region's end, unused (a device extended
-    /// since it was formatted; [`crate::OpenOptions::grow`] uses them).
-    pub device_unused_bytes: u64,
+    /// Device bytes past the node region's end that
+    /// [`crate::OpenOptions::grow`] would add to it: whole nodes, on a
+    /// device extended since it was formatted (or grown). Less than a node
+    /// past the end is not counted: no grow can use it.
+    pub device_growable_bytes: u64,
     /// Slots of the spare windows the B+tree's allocator keeps for its
     /// bitmap runs (`docs/btree.md`, "Allocator"). 0: the node region had
     /// no run's worth of consecutive free slots at open (fragmented before
@@ -81,11 +83,11 @@ impl fmt::Display for RecoveryInfo {
                 f,
                 "; node region grown to the device's end: {old} -> {new} bytes"
             )?;
-        } else if self.device_unused_bytes > 0 {
+        } else if self.device_growable_bytes > 0 {
             write!(
                 f,
                 "; {} device bytes past the node region unused (open with grow to use them)",
-                self.device_unused_bytes
+                self.device_growable_bytes
             )?;
         }
         if self.bitmap_spare_nodes == 0 {

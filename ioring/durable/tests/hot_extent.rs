@@ -8,27 +8,13 @@ use std::sync::Arc;
 
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
 use refd_core::oracle::{normalize_tree, Model};
-use refd_durable::{DurableEngine, FormatOptions, OpenOptions};
+use refd_durable::{DurableEngine, OpenOptions};
 use refd_ioring::btree::Key;
-use refd_ioring::format::FsId;
-use refd_ioring::{SimConfig, SimStorage};
+use refd_ioring::SimStorage;
+
+mod common;
 
 type Dev = Arc<SimStorage>;
-
-/// A simulated device of `dev_bytes`, formatted with a log of
-/// `log_bytes`.
-fn formatted(dev_bytes: u64, log_bytes: u64) -> Dev {
-    let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(dev_bytes, 1)).unwrap());
-    DurableEngine::format(
-        &dev,
-        FormatOptions {
-            log_bytes: Some(log_bytes),
-            fs_id: Some(FsId([9; 16])),
-        },
-    )
-    .unwrap();
-    dev
-}
 
 /// A commit on a hot extent (50k backrefs, most keyed) gives the item the
 /// sequential model gives, and the B+tree holds exactly its encoding
@@ -39,7 +25,7 @@ fn formatted(dev_bytes: u64, log_bytes: u64) -> Dev {
 #[test]
 fn a_commit_on_a_hot_extent_matches_the_model() {
     const BACKREFS: u64 = 50_000;
-    let dev = formatted(256 << 20, 64 << 20);
+    let dev = common::formatted(256 << 20, 64 << 20, 1);
     let options = || OpenOptions {
         policy: refd_durable::CommitPolicy {
             dirty_bytes_trigger: 0,

@@ -11,25 +11,16 @@ use refd_core::model::{Action, ExtentKind, Op, RefKey};
 use refd_core::run::RunError;
 use refd_durable::service::CONSUMERS_MAX;
 use refd_durable::{
-    DurableEngine, FormatOptions, OpenOptions, ServiceError, ServiceOptions, SessionError,
-    SubmitError, Submitted,
+    DurableEngine, OpenOptions, ServiceError, ServiceOptions, SessionError, SubmitError, Submitted,
 };
-use refd_ioring::format::FsId;
-use refd_ioring::{LogConfig, SimConfig, SimStorage};
+use refd_ioring::{LogConfig, SimStorage};
+
+mod common;
 
 type Dev = Arc<SimStorage>;
 
 fn device() -> Dev {
-    let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(16 << 20, 5)).unwrap());
-    DurableEngine::format(
-        &dev,
-        FormatOptions {
-            log_bytes: Some(4 << 20),
-            fs_id: Some(FsId([3; 16])),
-        },
-    )
-    .unwrap();
-    dev
+    common::formatted(16 << 20, 4 << 20, 5)
 }
 
 fn options(service: ServiceOptions) -> OpenOptions {

@@ -17,11 +17,10 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use refd_core::model::{Action, ExtentKind, Op, RefKey};
-use refd_durable::{
-    AddError, CommitPolicy, DurableEngine, FormatOptions, OpenOptions, SubmitError, Submitted,
-};
-use refd_ioring::format::FsId;
+use refd_durable::{AddError, CommitPolicy, DurableEngine, OpenOptions, SubmitError, Submitted};
 use refd_ioring::{LogConfig, SimConfig, SimStorage};
+
+mod common;
 
 type Dev = Arc<SimStorage>;
 
@@ -71,20 +70,7 @@ fn seeds(count: u64) -> (Vec<u64>, bool) {
 }
 
 fn device(dev_bytes: u64, seed: u64) -> Dev {
-    device_with_log(dev_bytes, LOG_BYTES, seed)
-}
-
-fn device_with_log(dev_bytes: u64, log_bytes: u64, seed: u64) -> Dev {
-    let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(dev_bytes, seed)).unwrap());
-    DurableEngine::format(
-        &dev,
-        FormatOptions {
-            log_bytes: Some(log_bytes),
-            fs_id: Some(FsId([9; 16])),
-        },
-    )
-    .unwrap();
-    dev
+    common::formatted(dev_bytes, LOG_BYTES, seed)
 }
 
 fn open(dev: &Dev) -> DurableEngine<Dev> {
@@ -484,7 +470,7 @@ fn admitted_ops_always_commit_with_commits_running_beside() {
 fn new_keyed_backrefs_up_to_the_limit_always_commit() {
     // A log large enough that one commit can carry the region's worth.
     let log_bytes = 32 << 20;
-    let dev = device_with_log((4 << 20) + log_bytes, log_bytes, 7);
+    let dev = common::formatted((4 << 20) + log_bytes, log_bytes, 7);
     // Commits only when the region refuses (no dirty-bytes trigger).
     let policy = CommitPolicy {
         dirty_bytes_trigger: 0,

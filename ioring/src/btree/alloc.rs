@@ -41,6 +41,16 @@
 //! takes the newest spare (the older copy's run), a third finds none and
 //! falls back to first fit too (`docs/btree.md`, "Allocator").
 //!
+//! **A window search that failed is remembered** ([`WindowHint`]): a
+//! search for `K` consecutive free slots scans the region (64 ms on a
+//! 1 TiB region fragmented slot by slot), and a region without such a
+//! window, short of spares, searched at every release. Slots only become
+//! free one by one ([`Allocator::clear`]), so once a scan found no window
+//! every window that appears later holds a slot freed since: the
+//! allocator keeps those slots, and the next searches look around them
+//! only, until more than [`WINDOW_HINT_SLOTS_MAX`] were freed (then it
+//! scans again).
+//!
 //! Bitmap run layout: `ceil(node_count / BITMAP_BITS_PER_NODE)` consecutive
 //! nodes, each a node header (owner [`BITMAP_OWNER`], level 0, `item_count`
 //! = bitmap bytes in this node) followed by bitmap bytes, bit `i % 8` of
@@ -56,6 +66,23 @@ pub const BITMAP_OWNER: u64 = u64::MAX;
 /// Slots described by one bitmap node.
 pub const BITMAP_BITS_PER_NODE: u64 = NODE_ITEMS_BYTES as u64 * 8;
 const NODE: u64 = NODE_BYTES as u64;
+/// Slots freed since a window search failed that the allocator keeps to
+/// search around ([`WindowHint::Around`]); one more and the next search
+/// scans the region again. A bound on the hint's memory (512 KiB) and on
+/// a search around it, which looks at most at twice `K` slots around
+/// each, and at every free stretch once.
+pub(crate) const WINDOW_HINT_SLOTS_MAX: usize = 1 << 16;
+
+/// What the allocator knows about where `K` ([`Allocator::run_nodes`])
+/// consecutive free slots, a window for a bitmap run, may be.
+#[derive(Debug, Clone)]
+enum WindowHint {
+    /// Anywhere: a search scans the region, first fit.
+    Unknown,
+    /// A scan found none, and every window since holds one of these slots
+    /// (freed since the scan; freeing is the only way a window appears).
+    Around(Vec<u64>),
+}
 
 /// Allocator state that goes into the superblock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,6 +131,14 @@ pub(crate) struct Allocator {
     used: u64,
     /// Slots in `pending`, over all commits.
     pending_count: u64,
+    /// Where a window may be (see [`WindowHint`]).
+    window_hint: WindowHint,
+    /// Window searches that scanned the region (the others looked only
+    /// around the slots of the hint).
+    window_scans: u64,
+    /// No spare window for the bitmap run: the run goes first fit (see
+    /// [`AllocCounts::run_first_fit`]).
+    run_first_fit: bool,
 }
 
 /// The allocator's counts of slots, for space accounting
@@ -129,6 +164,17 @@ pub struct AllocCounts {
     /// Slots of the spare windows (`run_nodes` each; 0 when there is none:
     /// the next run is then placed first fit in free slots).
     pub spare_nodes: u64,
+    /// Searches for a window of `run_nodes` free slots that scanned the
+    /// region (the others, after one found none, looked only around the
+    /// slots freed since).
+    pub window_scans: u64,
+    /// The "no spare window" fallback is in force: no spare window was
+    /// left for the bitmap run, which goes first fit into free slots (and
+    /// may fail with `NoSpace`). Set by the open's and each release's
+    /// top-up for the next commit's run, and by a commit placing its run
+    /// for that run: false again once a top-up or a released run gives
+    /// a spare.
+    pub run_first_fit: bool,
 }
 
 impl Allocator {
@@ -168,6 +214,9 @@ impl Allocator {
             pending_runs: BTreeMap::new(),
             used: 0,
             pending_count: 0,
+            window_hint: WindowHint::Unknown,
+            window_scans: 0,
+            run_first_fit: false,
         })
     }
 
@@ -208,6 +257,13 @@ impl Allocator {
         self.used -= u64::from(*word & (1 << (slot % 64)) != 0);
         *word &= !(1 << (slot % 64));
         self.cursor = self.cursor.min(slot);
+        if let WindowHint::Around(slots) = &mut self.window_hint {
+            if slots.len() < WINDOW_HINT_SLOTS_MAX {
+                slots.push(slot);
+            } else {
+                self.window_hint = WindowHint::Unknown;
+            }
+        }
     }
 
     /// The counts of slots now (O(1)).
@@ -227,6 +283,8 @@ impl Allocator {
             txn_freed_nodes: self.txn_freed.len() as u64,
             committed_run_nodes: self.run.map_or(0, |(_, count)| count),
             spare_nodes: self.spares.len() as u64 * self.run_nodes(),
+            window_scans: self.window_scans,
+            run_first_fit: self.run_first_fit,
         }
     }
 
@@ -267,10 +325,11 @@ impl Allocator {
         Ok(self.addr_of(slot))
     }
 
-    /// Allocates `count` consecutive slots (first fit, else at the
-    /// high-water mark) and returns the first slot.
-    fn alloc_run(&mut self, count: u64) -> Result<u64, BTreeError> {
-        let start = self.find_run(count).ok_or_else(|| self.no_space(count))?;
+    /// Allocates a window of `run_nodes()` consecutive slots (first fit,
+    /// else at the high-water mark) and returns the first slot.
+    fn alloc_run(&mut self) -> Result<u64, BTreeError> {
+        let count = self.run_nodes();
+        let start = self.find_window().ok_or_else(|| self.no_space(count))?;
         self.hwm = self.hwm.max(start + count);
         for slot in start..start + count {
             self.set(slot);
@@ -278,10 +337,32 @@ impl Allocator {
         Ok(start)
     }
 
-    /// The first of `count` consecutive free slots: first fit below the
-    /// high-water mark, else the free tail below it continued above it;
-    /// `None` if that passes the region's end.
-    fn find_run(&self, count: u64) -> Option<u64> {
+    /// The first of `run_nodes()` consecutive free slots, first fit, or
+    /// `None`: a scan of the region ([`Allocator::scan_window`]), or,
+    /// once a scan found none, a look around the slots freed since
+    /// ([`WindowHint`]); either way the same slot.
+    fn find_window(&mut self) -> Option<u64> {
+        let slots = match std::mem::replace(&mut self.window_hint, WindowHint::Unknown) {
+            WindowHint::Around(slots) => slots,
+            WindowHint::Unknown => {
+                self.window_scans += 1;
+                let found = self.scan_window();
+                if found.is_none() {
+                    self.window_hint = WindowHint::Around(Vec::new());
+                }
+                return found;
+            }
+        };
+        let (found, slots) = self.window_around(slots);
+        self.window_hint = WindowHint::Around(slots);
+        found
+    }
+
+    /// The first of `run_nodes()` consecutive free slots: first fit below
+    /// the high-water mark, else the free tail below it continued above
+    /// it; `None` if that passes the region's end. Scans the region.
+    fn scan_window(&self) -> Option<u64> {
+        let count = self.run_nodes();
         let mut start = 0u64;
         let mut slot = 0u64;
         while slot < self.hwm {
@@ -305,6 +386,42 @@ impl Allocator {
         (start + count <= self.node_count).then_some(start)
     }
 
+    /// The first window that holds one of `slots` (freed since a scan
+    /// found none, so every window holds one: the first of these is the
+    /// first of all), and the slots still free, sorted, to keep. Each
+    /// free stretch is looked at once, at most `2·K` slots of it.
+    fn window_around(&self, mut slots: Vec<u64>) -> (Option<u64>, Vec<u64>) {
+        let count = self.run_nodes();
+        slots.retain(|&slot| !self.is_set(slot));
+        slots.sort_unstable();
+        slots.dedup();
+        // Slots below it are in a stretch already found too short.
+        let mut looked_to = 0;
+        for &slot in &slots {
+            if slot < looked_to {
+                continue;
+            }
+            // The first window holding `slot` starts at `lo`, as far left
+            // as the stretch goes but not past `slot + 1 - count`, and
+            // fits if the stretch reaches `lo + count`.
+            let mut lo = slot;
+            while lo > 0 && slot - lo + 1 < count && !self.is_set(lo - 1) {
+                lo -= 1;
+            }
+            let mut hi = slot + 1;
+            while hi < lo + count && hi < self.node_count && !self.is_set(hi) {
+                hi += 1;
+            }
+            if hi == lo + count {
+                return (Some(lo), slots);
+            }
+            looked_to = hi;
+        }
+        // No window at all: every one that appears holds a slot freed
+        // from now on.
+        (None, Vec::new())
+    }
+
     /// Spare windows to keep (see the module docs): 2 while the committed
     /// run has `run_nodes()` slots (it becomes a spare once a commit
     /// replaced and released it), else 3.
@@ -320,14 +437,16 @@ impl Allocator {
     /// high-water mark), used before the released runs. Returns false if some are missing and no such
     /// slots exist (a fragmented region: a run may fall back to first fit).
     pub(crate) fn pick_spares(&mut self) -> bool {
-        while self.spares.len() < self.spares_wanted() {
-            match self.alloc_run(self.run_nodes()) {
+        let mut all = true;
+        while all && self.spares.len() < self.spares_wanted() {
+            match self.alloc_run() {
                 // Free slots are no superblock's: usable first.
                 Ok(first) => self.spares.push_front(first),
-                Err(_) => return false,
+                Err(_) => all = false,
             }
         }
-        true
+        self.run_first_fit = self.spares.is_empty();
+        all
     }
 
     /// The slots of the spare windows.
@@ -393,9 +512,10 @@ impl Allocator {
             return Ok(None);
         }
         let count = self.run_nodes();
+        self.run_first_fit = self.spares.is_empty();
         let first = match self.spares.pop_front() {
             Some(first) => first,
-            None => self.alloc_run(count)?,
+            None => self.alloc_run()?,
         };
         self.run = Some((first, count));
         Ok(Some(first))
@@ -1023,6 +1143,7 @@ mod tests {
         }
         assert!(!a.pick_spares());
         assert_eq!(a.counts().spare_nodes, 0);
+        assert!(a.counts().run_first_fit, "the fallback is in force");
         assert!(matches!(
             a.prepare_commit(false),
             Err(BTreeError::NoSpace {
@@ -1038,9 +1159,134 @@ mod tests {
         a.finish_commit(1);
         a.release_pending(1);
         assert_eq!(a.spare_slots().collect::<Vec<_>>(), vec![2, 3]);
+        assert!(!a.counts().run_first_fit, "a spare: the fallback is over");
         for generation in 2..6 {
             commit(&mut a, generation).expect("a commit with a spare");
             assert_eq!(a.counts().spare_nodes, 2, "one window of K = 2");
+            assert!(!a.counts().run_first_fit);
         }
+        // Two commits before a release: the second finds no spare.
+        a.prepare_commit(false).expect("the spare");
+        a.finish_commit(6);
+        assert!(!a.counts().run_first_fit, "its run took the spare");
+        assert!(a.prepare_commit(false).is_err(), "no window");
+        assert!(a.counts().run_first_fit, "the second run went first fit");
+    }
+
+    /// A region with one window (the committed run's and one spare take
+    /// turns) is short of a spare, and each release looks for one in the
+    /// free slots. It used to scan the region every time (64 ms on a
+    /// 1 TiB region fragmented slot by slot); now one scan finds none and
+    /// the releases after it look only around the slots freed since: the
+    /// scans are counted, and the window that freeing makes is found all
+    /// the same, where a scan finds it.
+    #[test]
+    fn a_region_without_a_window_is_scanned_once_not_at_every_release() {
+        let mut a = Allocator::empty(1 << 20, 3 << 30).expect("alloc");
+        assert_eq!(a.run_nodes(), 2);
+        let slots: Vec<u64> = std::iter::from_fn(|| a.alloc().ok()).collect();
+        // Slots 0 to 4 free, then every other slot: two windows, one
+        // for the first run and one spare.
+        for addr in slots.iter().step_by(2).chain([&slots[1], &slots[3]]) {
+            a.free_dirty(*addr).expect("free");
+        }
+        assert!(!a.pick_spares(), "two windows, three wanted");
+        let scans = a.counts().window_scans;
+        assert_eq!(scans, 3, "two found a window, one found none");
+        for generation in 1..100 {
+            commit(&mut a, generation).expect("a commit in a window");
+            // A tree slot freed by the next commit and released: not a
+            // window.
+            let tree = a.alloc().expect("a free slot");
+            a.free_committed(tree).expect("free");
+        }
+        assert_eq!(a.counts().spare_nodes, 2, "one window of K = 2");
+        assert_eq!(a.counts().window_scans, scans, "no scan since");
+        // Two slots freed side by side with free ones make a window: the
+        // next release finds it, the one a scan finds, without a scan.
+        a.free_committed(slots[1001]).expect("free");
+        a.free_committed(slots[1003]).expect("free");
+        let mut scanned = a.clone();
+        scanned.window_hint = WindowHint::Unknown;
+        commit(&mut a, 100).expect("commit");
+        commit(&mut scanned, 100).expect("commit");
+        let spares: Vec<u64> = a.spare_slots().collect();
+        assert_eq!(spares, scanned.spare_slots().collect::<Vec<_>>());
+        assert!(
+            spares.contains(&1000) && spares.contains(&1001),
+            "{spares:?}"
+        );
+        assert_eq!(a.counts().spare_nodes, 4, "two windows");
+        assert_eq!(a.counts().window_scans, scans, "no scan since");
+        assert_eq!(scanned.counts().window_scans, scans + 1);
+    }
+
+    /// The look around the freed slots finds the window a scan finds,
+    /// on seeded random frees and window allocations over a region with
+    /// runs of 3 slots (windows at the region's end included), and the
+    /// hint's bound sends the search back to a scan.
+    #[test]
+    fn a_look_around_freed_slots_finds_the_window_a_scan_finds() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..4u64 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let nodes = 2 * BITMAP_BITS_PER_NODE + 77;
+            let mut a = Allocator::empty(1 << 20, nodes * NODE).expect("alloc");
+            assert_eq!(a.run_nodes(), 3);
+            let slots: Vec<u64> = std::iter::from_fn(|| a.alloc().ok()).collect();
+            // No window: every third slot free.
+            for addr in slots.iter().step_by(3) {
+                a.free_dirty(*addr).expect("free");
+            }
+            assert_eq!(a.find_window(), None);
+            let scans = a.counts().window_scans;
+            let mut found = 0;
+            for step in 0..2000 {
+                match rng.gen_range(0..10) {
+                    0 | 1 => {
+                        let expect = a.scan_window();
+                        assert_eq!(a.find_window(), expect, "seed {seed} step {step}");
+                        if expect.is_some() {
+                            a.alloc_run().expect("the window found");
+                            found += 1;
+                        }
+                    }
+                    2 => {
+                        a.alloc().expect("a free slot");
+                    }
+                    pick => {
+                        // Free a slot: mostly in the first stretch, so
+                        // that windows appear, and near the end.
+                        let slot = match pick {
+                            3 => rng.gen_range(nodes - 10..nodes),
+                            4 => rng.gen_range(0..nodes),
+                            _ => rng.gen_range(0..600),
+                        };
+                        if a.is_set(slot) {
+                            a.free_dirty(a.addr_of(slot)).expect("free");
+                        }
+                    }
+                }
+            }
+            assert_eq!(a.counts().window_scans, scans, "seed {seed}");
+            assert!(found >= 20, "seed {seed}: {found} windows found");
+        }
+        // Past the bound, a search scans again.
+        let mut a = Allocator::empty(1 << 20, 3 << 30).expect("alloc");
+        let slots: Vec<u64> = std::iter::from_fn(|| a.alloc().ok()).collect();
+        let every_other: Vec<u64> = slots.iter().step_by(2).copied().collect();
+        let (first, rest) = every_other.split_at(1000);
+        assert!(rest.len() > WINDOW_HINT_SLOTS_MAX);
+        for &addr in first {
+            a.free_dirty(addr).expect("free");
+        }
+        assert_eq!(a.find_window(), None);
+        let scans = a.counts().window_scans;
+        for &addr in rest {
+            a.free_dirty(addr).expect("free");
+        }
+        assert!(matches!(a.window_hint, WindowHint::Unknown));
+        assert_eq!(a.find_window(), None);
+        assert_eq!(a.counts().window_scans, scans + 1);
     }
 }

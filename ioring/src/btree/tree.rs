@@ -219,6 +219,10 @@ pub struct TreeSpace {
     /// runs into (`run_nodes` each, counted neither free nor working), or
     /// 0 when there is none (a run then takes free slots, first fit).
     pub spare_nodes: u64,
+    /// The "no spare window" fallback is in force: the bitmap run of the
+    /// next commit (or of the running one) has no spare window and goes
+    /// first fit ([`crate::btree::AllocCounts::run_first_fit`]).
+    pub run_first_fit: bool,
     /// Committed nodes the open transaction replaced: pending once it
     /// commits, free after its superblock (`release_pending`).
     pub replaced_nodes: u64,
@@ -242,6 +246,7 @@ impl TreeSpace {
             levels: st.root.map_or(0, |r| u64::from(r.level) + 1),
             run_nodes: c.run_nodes,
             spare_nodes: c.spare_nodes,
+            run_first_fit: c.run_first_fit,
             replaced_nodes: c.txn_freed_nodes,
         }
     }

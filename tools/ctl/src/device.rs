@@ -18,7 +18,7 @@ use refd_durable::{
     newer_superblock, ops_in, read_extent_count, read_held, read_newest_superblock, read_service,
     scan_extents, DurableEngine, FormatOptions, OpenOptions,
 };
-use refd_ioring::btree::{BTree, TreeCheck, TreeConfig};
+use refd_ioring::btree::{BTree, TreeCheck, TreeConfig, TreeSpace};
 use refd_ioring::format::{Superblock, RECOVERY_MODE_NONE};
 use refd_ioring::log::{replay_with, LogError, RecoveryMode};
 use refd_ioring::{replay, Device, FileAllocation, UringConfig, UringStorage};
@@ -120,6 +120,56 @@ pub fn format(
     })
 }
 
+/// The node region's allocator as `refd serve` would open it: its
+/// nodes, the bitmap run's and the spare windows' (`docs/btree.md`,
+/// "Allocator"). Spare windows live in memory only; these are the ones
+/// an open picks from the committed bitmap.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct NodeRegion {
+    /// Nodes (16 KiB slots) of the node region.
+    pub region_nodes: u64,
+    /// Free after the open picked its spare windows.
+    pub free_nodes: u64,
+    /// Nodes of a free-space bitmap run (`K`), the size of each spare
+    /// window.
+    pub bitmap_run_nodes: u64,
+    /// Nodes of the spare windows.
+    pub spare_nodes: u64,
+    /// No spare window (no `K` consecutive free slots: a region
+    /// fragmented before spares existed): the "NO SPARE WINDOW" fallback,
+    /// bitmap runs go first fit and may fail with `NoSpace`.
+    pub no_spare_window: bool,
+}
+
+impl NodeRegion {
+    fn of(space: &TreeSpace) -> NodeRegion {
+        NodeRegion {
+            region_nodes: space.region_nodes,
+            free_nodes: space.free_nodes,
+            bitmap_run_nodes: space.run_nodes,
+            spare_nodes: space.spare_nodes,
+            no_spare_window: space.run_first_fit,
+        }
+    }
+}
+
+impl std::fmt::Display for NodeRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node region {} nodes, {} free; bitmap run {} nodes, spare windows {} nodes",
+            self.region_nodes, self.free_nodes, self.bitmap_run_nodes, self.spare_nodes
+        )?;
+        if self.no_spare_window {
+            f.write_str(
+                " (NO SPARE WINDOW: no run's worth of consecutive free nodes, bitmap runs go \
+                 first fit and may fail with NoSpace)",
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// What fsck found.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct FsckReport {
@@ -131,6 +181,10 @@ pub struct FsckReport {
     pub slot: usize,
     /// Superblock copies rejected, with why.
     pub rejected_superblocks: Vec<String>,
+    /// The node region's allocator as an open picks it (all zero when
+    /// the tree cannot be opened).
+    #[serde(flatten)]
+    pub node_region: NodeRegion,
     /// Nodes walked.
     pub tree_nodes: u64,
     /// Tree levels.
@@ -241,6 +295,7 @@ pub fn fsck(path: &Path, progress: &mut Progress) -> Result<FsckReport, String> 
     let mut report = FsckReport::default();
     let Loaded { storage, sb, tree } = load(path, &mut report)?;
     if let Some(tree) = tree {
+        report.node_region = NodeRegion::of(&tree.space());
         progress.tick(|| "checking every tree node".to_string());
         match tree.check() {
             Ok(TreeCheck {
@@ -386,6 +441,15 @@ pub fn recover(path: &Path, mode: RecoveryMode) -> Result<Recovered, String> {
     })
 }
 
+/// What `dump` wrote, besides the dump.
+#[derive(Debug)]
+pub struct Dumped {
+    /// Extents dumped.
+    pub extents: usize,
+    /// The node region's allocator, as fsck reports it.
+    pub node_region: NodeRegion,
+}
+
 /// Writes the committed extent tree of a device (read only) in dump-tree's
 /// extent item format, streaming: memory is one extent however large the
 /// tree. Refuses a device whose superblock or tree cannot be opened; an
@@ -396,7 +460,7 @@ pub fn dump(
     nodesize: u64,
     out: impl std::io::Write,
     progress: &mut Progress,
-) -> Result<(), String> {
+) -> Result<Dumped, String> {
     let mut report = FsckReport::default();
     let loaded = load(path, &mut report)?;
     let tree = match (loaded.tree, report.problems.first()) {
@@ -404,6 +468,7 @@ pub fn dump(
         (_, Some(p)) => return Err(format!("{}: {p} (run refctl fsck)", path.display())),
         (None, None) => return Err(format!("{}: no extent tree", path.display())),
     };
+    let node_region = NodeRegion::of(&tree.space());
     let mut writer = DumpWriter::new(nodesize, out);
     let mut written = Ok(());
     let mut extents = 0usize;
@@ -427,7 +492,11 @@ pub fn dump(
     .map_err(|e| format!("{}: {e} (run refctl fsck)", path.display()))?;
     written
         .and_then(|()| writer.finish())
-        .map_err(|e| format!("writing the dump: {e}"))
+        .map_err(|e| format!("writing the dump: {e}"))?;
+    Ok(Dumped {
+        extents,
+        node_region,
+    })
 }
 
 #[cfg(test)]

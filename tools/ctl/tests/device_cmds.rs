@@ -38,6 +38,15 @@ fn fsck_json(p: &Path) -> (i32, serde_json::Value) {
     (code, v)
 }
 
+/// fsck's `bitmap_run_nodes`, `spare_nodes` and `no_spare_window`.
+fn spare_windows(v: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!([
+        v["bitmap_run_nodes"],
+        v["spare_nodes"],
+        v["no_spare_window"]
+    ])
+}
+
 fn data(bytenr: u64, action: Action, objectid: u64) -> Op {
     Op::new(
         bytenr,
@@ -120,10 +129,26 @@ fn format_fsck_dump_and_corruption() {
         "keyed backref items: {v}"
     );
 
-    let (code, out, _) = refctl(&["dump", path]);
+    // The node region's allocator: a run of K = 1 node (64 MiB) and the
+    // two spare windows an open keeps beside the committed run.
+    assert_eq!(spare_windows(&v), serde_json::json!([1, 2, false]), "{v}");
+    let (code, out, _) = refctl(&["fsck", path]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("; bitmap run 1 nodes, spare windows 2 nodes\n"),
+        "{out}"
+    );
+
+    let (code, out, err) = refctl(&["dump", path]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("EXTENT_ITEM").count(), 50, "{out}");
     assert!(out.contains("EXTENT_DATA_REF"), "keyed items are dumped");
+    assert!(!out.contains("spare"), "stdout is the dump alone: {out}");
+    assert!(
+        err.contains("dumped 50 extents; node region ")
+            && err.contains("bitmap run 1 nodes, spare windows 2 nodes"),
+        "{err}"
+    );
 
     // A flipped bit in the root node is found and named.
     let root = {
@@ -181,6 +206,38 @@ fn format_fsck_dump_and_corruption() {
     assert_eq!(code, 0, "{v}");
     // 350 committed, the held head and the five ops of the log.
     assert_eq!(v["refs"], 356, "{v}");
+    std::fs::remove_file(&p).unwrap();
+}
+
+/// `refctl format` of a 4 GiB file (sparse: only the superblocks are
+/// written) lays the node region out to the file's end. It used to leave
+/// 8 KiB past it, and `refd serve` warned at every start that the device
+/// was larger than its layout. fsck shows the allocator of the empty
+/// tree: runs of K = 2 nodes, three spare windows (no committed run yet).
+#[test]
+fn format_of_a_round_size_uses_the_whole_device() {
+    let p = image("format-4g");
+    let size: u64 = 4 << 30;
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    let path = p.to_str().unwrap();
+    let (code, out, err) = refctl(&["format", path]);
+    assert_eq!(code, 0, "{out} {err}");
+    let sb = {
+        let dev = Device::open(&p, 0).unwrap();
+        let s = UringStorage::new(dev, UringConfig::default()).unwrap();
+        refd_durable::read_newest_superblock(&s).unwrap().superblock
+    };
+    assert_eq!(sb.node_region_start + sb.node_region_bytes, size, "{out}");
+    assert!(
+        out.contains(&format!(
+            "node region {} bytes at {}",
+            sb.node_region_bytes, sb.node_region_start
+        )),
+        "{out}"
+    );
+    let (code, v) = fsck_json(&p);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(spare_windows(&v), serde_json::json!([2, 6, false]), "{v}");
     std::fs::remove_file(&p).unwrap();
 }
 

@@ -97,6 +97,12 @@ pub struct Metrics {
     pub node_region_reserved_nodes: Gauge,
     /// Nodes of the extent tree (the working tree).
     pub node_region_tree_nodes: Gauge,
+    /// Nodes of a free-space bitmap run (`K`, the size of a spare window).
+    pub node_region_bitmap_run_nodes: Gauge,
+    /// Nodes of the spare windows kept for the next bitmap runs.
+    pub node_region_spare_nodes: Gauge,
+    /// 1 while the "no spare window" fallback is in force.
+    pub node_region_no_spare_window: Gauge,
     /// Log bytes in use.
     pub log_used_bytes: Gauge,
     /// Log region size.
@@ -170,6 +176,9 @@ impl Metrics {
             node_region_free_nodes: Gauge::default(),
             node_region_reserved_nodes: Gauge::default(),
             node_region_tree_nodes: Gauge::default(),
+            node_region_bitmap_run_nodes: Gauge::default(),
+            node_region_spare_nodes: Gauge::default(),
+            node_region_no_spare_window: Gauge::default(),
             log_used_bytes: Gauge::default(),
             log_bytes: Gauge::default(),
             log_fill: FGauge::default(),
@@ -310,6 +319,21 @@ impl Metrics {
                 "node_region_tree_nodes",
                 "Nodes of the extent tree",
                 m.node_region_tree_nodes.clone(),
+            );
+            r.register(
+                "node_region_bitmap_run_nodes",
+                "Nodes of a free-space bitmap run, the size of each spare window",
+                m.node_region_bitmap_run_nodes.clone(),
+            );
+            r.register(
+                "node_region_spare_nodes",
+                "Nodes of the spare windows kept for the next bitmap runs",
+                m.node_region_spare_nodes.clone(),
+            );
+            r.register(
+                "node_region_no_spare_window",
+                "1 while no spare window is left: bitmap runs go first fit and may fail with NoSpace",
+                m.node_region_no_spare_window.clone(),
             );
             r.register(
                 "log_used_bytes",

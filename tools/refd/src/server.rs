@@ -157,6 +157,11 @@ impl<D: DelayedRefStore> Shared<D> {
         m.node_region_reserved_nodes
             .set(space.reserved_nodes as i64);
         m.node_region_tree_nodes.set(space.tree_nodes as i64);
+        m.node_region_bitmap_run_nodes
+            .set(space.bitmap_run_nodes as i64);
+        m.node_region_spare_nodes.set(space.spare_nodes as i64);
+        m.node_region_no_spare_window
+            .set(i64::from(space.no_spare_window));
         m.log_used_bytes.set(log.used_bytes() as i64);
         m.log_bytes.set(log.log_bytes() as i64);
         m.log_fill
@@ -260,9 +265,9 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
             new_bytes = new,
             "node region grown to the device's end (--grow)"
         );
-    } else if recovery.device_unused_bytes > 0 {
+    } else if recovery.device_growable_bytes > 0 {
         tracing::warn!(
-            unused_bytes = recovery.device_unused_bytes,
+            unused_bytes = recovery.device_growable_bytes,
             "the device is larger than its layout: start once with --grow to use the rest"
         );
     }

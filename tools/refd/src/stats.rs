@@ -112,6 +112,9 @@ pub fn json<D: DelayedRefStore>(s: &Shared<D>) -> Value {
             "reserved_units": space.reserved_units,
             "reserved_bytes": space.reserved_bytes,
             "refused": space.refused,
+            "bitmap_run_nodes": space.bitmap_run_nodes,
+            "spare_nodes": space.spare_nodes,
+            "no_spare_window": space.no_spare_window,
         },
         "cache": {
             "extents": e.cached_extents().len(),

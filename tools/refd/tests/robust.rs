@@ -466,6 +466,19 @@ fn metrics_pass_promtool() {
     };
     assert_eq!(value("refd_lookup_rt_boosted_total "), boosted, "{body}");
     assert_eq!(value("refd_lookup_rt_budget_spent_total "), 0.0, "{body}");
+    // The node region's spare windows for the bitmap runs: K = 1 node on
+    // 128 MiB, two windows beside the committed run, no fallback; the
+    // same in STATS.
+    assert_eq!(value("refd_node_region_bitmap_run_nodes "), 1.0, "{body}");
+    assert_eq!(value("refd_node_region_spare_nodes "), 2.0, "{body}");
+    assert_eq!(value("refd_node_region_no_spare_window "), 0.0, "{body}");
+    let space = &c.stats()["space"];
+    let spare = [&space["bitmap_run_nodes"], &space["spare_nodes"]];
+    assert_eq!(spare, [1, 2], "{space}");
+    assert_eq!(space["no_spare_window"], false, "{space}");
+    // Formatted to the device's end: no warning that it is larger than
+    // its layout (there was one at every start, 8 KiB past the end).
+    assert!(!d.log().contains("larger than its layout"), "{}", d.log());
     let mut p = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

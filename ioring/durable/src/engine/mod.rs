@@ -116,7 +116,7 @@ pub struct OpenOptions {
     /// extended since it was formatted): the node region is extended to
     /// the device's end, recorded by the superblock the open writes anyway
     /// (its generation claim). Off: the extra bytes stay unused
-    /// ([`crate::RecoveryInfo::device_unused_bytes`] says how many).
+    /// ([`crate::RecoveryInfo::device_growable_bytes`] says how many).
     pub grow: bool,
 }
 
@@ -310,6 +310,9 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
             reserved_units: live.units,
             reserved_bytes: live.bytes,
             refused: self.space.refused.load(Ordering::Relaxed),
+            bitmap_run_nodes: space.run_nodes,
+            spare_nodes: space.spare_nodes,
+            no_spare_window: space.run_first_fit,
         }
     }
 

@@ -42,15 +42,25 @@ use crate::stats::{CommitTotals, RecoveryInfo};
 /// log region does not move. Returns the node region's old and new size
 /// when it grew.
 fn grow_node_region(sb: &mut Superblock, device_bytes: u64) -> Option<(u64, u64)> {
-    let node = NODE_BYTES as u64;
-    let bytes = device_bytes.saturating_sub(sb.node_region_start) / node * node;
-    if bytes <= sb.node_region_bytes {
+    let more = node_region_growable_bytes(sb, device_bytes);
+    if more == 0 {
         return None;
     }
     let old = sb.node_region_bytes;
-    sb.node_region_bytes = bytes;
+    sb.node_region_bytes += more;
     sb.geometry.size_bytes = device_bytes;
-    Some((old, bytes))
+    Some((old, sb.node_region_bytes))
+}
+
+/// The bytes [`grow_node_region`] would add to `sb`'s node region on a
+/// device of `device_bytes`: the whole nodes past its end. Less than a
+/// node past it (the last bytes of a device whose size after the node
+/// region's start is not a whole number of nodes) is not counted: no
+/// grow can use it, so it is nothing to report.
+fn node_region_growable_bytes(sb: &Superblock, device_bytes: u64) -> u64 {
+    let node = NODE_BYTES as u64;
+    (device_bytes.saturating_sub(sb.node_region_start) / node * node)
+        .saturating_sub(sb.node_region_bytes)
 }
 
 /// Writes `sb` durably to its slot.
@@ -205,27 +215,12 @@ impl<S: Storage + Clone> DurableEngine<S> {
         let device = storage.device_name().to_string();
         let block = BLOCK_BYTES as u64;
         let size = geometry.size_bytes / block * block;
-        let layout = |reason: String| FormatDeviceError::Layout {
+        let layout_error = |reason: String| FormatDeviceError::Layout {
             device: device.clone(),
             reason,
         };
         let log_bytes = options.log_bytes.unwrap_or_else(|| default_log_bytes(size));
-        if log_bytes < 2 * block || !log_bytes.is_multiple_of(block) {
-            return Err(layout(format!(
-                "log of {log_bytes} bytes: need a multiple of {block}, at least {}",
-                2 * block
-            )));
-        }
-        let log_start = SUPERBLOCK_REGION_BYTES;
-        let node_region_start = log_start + log_bytes;
-        let node = NODE_BYTES as u64;
-        let node_region_bytes = size.saturating_sub(node_region_start) / node * node;
-        if node_region_bytes < NODE_REGION_NODES_MIN * node {
-            return Err(layout(format!(
-                "{size} bytes with a {log_bytes}-byte log leave {node_region_bytes} bytes for \
-                 nodes; need at least {NODE_REGION_NODES_MIN} nodes"
-            )));
-        }
+        let layout = format_layout(size, log_bytes).map_err(layout_error)?;
         let fs_id = match options.fs_id {
             Some(id) => id,
             None => FsId::generate().map_err(|source| FormatDeviceError::FsId {
@@ -233,16 +228,7 @@ impl<S: Storage + Clone> DurableEngine<S> {
                 source,
             })?,
         };
-        let mut sb = Superblock::empty(
-            fs_id,
-            geometry,
-            Layout {
-                log_start,
-                log_bytes,
-                node_region_start,
-                node_region_bytes,
-            },
-        );
+        let mut sb = Superblock::empty(fs_id, geometry, layout);
         // A random chain seed: no batch of an earlier format of the device
         // (even with the same fs_id) chains to it.
         let seed = FsId::generate().map_err(|source| FormatDeviceError::FsId {
@@ -316,8 +302,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         } else {
             None
         };
-        let device_unused_bytes =
-            device_bytes.saturating_sub(sb.node_region_start + sb.node_region_bytes);
+        let device_growable_bytes = node_region_growable_bytes(&sb, device_bytes);
         let tree =
             BTree::open_superblock(storage.clone(), &sb, options.tree).map_err(|source| {
                 OpenError::Tree {
@@ -432,7 +417,7 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
             superblock_lost,
             claimed_generation: claim.generation,
             node_region_grown,
-            device_unused_bytes,
+            device_growable_bytes,
             bitmap_spare_nodes,
         };
         let next_generation = claim.generation + 1;
@@ -638,6 +623,44 @@ pub fn default_log_bytes(size_bytes: u64) -> u64 {
         .min(avail / 2)
         / block
         * block
+}
+
+/// The layout [`DurableEngine::format`] writes on a device of
+/// `size_bytes` (a multiple of 4096) with a log of `log_bytes`: the
+/// superblocks, the log right after them, and the node region in whole
+/// nodes **ending at the device's end**. When what the log leaves is not
+/// a whole number of nodes (on every size a multiple of 16 KiB it is 8
+/// KiB short: the superblocks take 8 KiB), the rest, less than a node,
+/// is padding between the log and the node region: the layout reaches
+/// the device's end, so only a device extended since has bytes past it
+/// (what `refd serve --grow` uses, and a start without it reports).
+/// Errors (the reason) unless the log is at least two blocks, whole
+/// blocks, and leaves room for [`NODE_REGION_NODES_MIN`] nodes.
+pub fn format_layout(size_bytes: u64, log_bytes: u64) -> Result<Layout, String> {
+    let block = BLOCK_BYTES as u64;
+    let node = NODE_BYTES as u64;
+    debug_assert!(size_bytes.is_multiple_of(block));
+    if log_bytes < 2 * block || !log_bytes.is_multiple_of(block) {
+        return Err(format!(
+            "log of {log_bytes} bytes: need a multiple of {block}, at least {}",
+            2 * block
+        ));
+    }
+    let log_start = SUPERBLOCK_REGION_BYTES;
+    let log_end = log_start.saturating_add(log_bytes);
+    let node_region_bytes = size_bytes.saturating_sub(log_end) / node * node;
+    if node_region_bytes < NODE_REGION_NODES_MIN * node {
+        return Err(format!(
+            "{size_bytes} bytes with a {log_bytes}-byte log leave {node_region_bytes} bytes for \
+             nodes; need at least {NODE_REGION_NODES_MIN} nodes"
+        ));
+    }
+    Ok(Layout {
+        log_start,
+        log_bytes,
+        node_region_start: size_bytes - node_region_bytes,
+        node_region_bytes,
+    })
 }
 
 /// The smallest device (a multiple of 4096 bytes) whose default layout

@@ -6,7 +6,7 @@ use refd_core::model::Op;
 use refd_ioring::format::{FsId, Superblock, NODE_BYTES, SUPERBLOCK_REGION_BYTES};
 use refd_ioring::log::LogConfig;
 
-use super::open::device_bytes_min_for_log;
+use super::open::{default_log_bytes, device_bytes_min_for_log, format_layout};
 use super::read::{read_extent_count, read_held};
 use super::*;
 use crate::error::{AddError, CommitError, OpenError};
@@ -965,7 +965,7 @@ fn a_grown_node_region_survives_a_crash_before_its_first_commit() {
     assert_eq!(info.node_region_grown, None);
     assert_eq!(e.superblock().node_region_bytes, old);
     assert_eq!(
-        info.device_unused_bytes,
+        info.device_growable_bytes,
         grown_bytes - start - old,
         "{info}"
     );
@@ -978,7 +978,7 @@ fn a_grown_node_region_survives_a_crash_before_its_first_commit() {
     let (e, info) = DurableEngine::open(Arc::clone(&grown), grow).unwrap();
     let new = (grown_bytes - start) / NODE_BYTES as u64 * NODE_BYTES as u64;
     assert_eq!(info.node_region_grown, Some((old, new)), "{info}");
-    assert_eq!(info.device_unused_bytes, grown_bytes - start - new);
+    assert_eq!(info.device_growable_bytes, 0, "{info}");
     let crashed: Dev = Arc::new(grown.crash());
     drop(e);
 
@@ -1002,6 +1002,97 @@ fn a_grown_node_region_survives_a_crash_before_its_first_commit() {
         "allocated past the old end"
     );
     assert_eq!(e.lookup_extent_ref(1 << 30).unwrap().refs, 1);
+}
+
+/// `format` lays out the whole device: the node region ends at the
+/// device's end, on every size from 64 MiB to 1 TiB by powers of two and
+/// on odd ones, with the default log and a 16 MiB one. It used to start
+/// right after the log and leave 8 KiB past its end on every size a
+/// multiple of 16 KiB (the superblocks take 8 KiB), and `refd serve`
+/// warned at every start that the device was larger than its layout.
+/// Computed only (no device); [`a_formatted_device_has_nothing_to_grow`]
+/// formats and opens.
+#[test]
+fn format_lays_the_node_region_out_to_the_devices_end() {
+    let node = NODE_BYTES as u64;
+    let powers = (26..=40).map(|shift| 1u64 << shift);
+    let odd = [
+        (64 << 20) + 4096,
+        (64 << 20) + 12288,
+        100 << 20,
+        (3 << 30) + 8192,
+        (777 << 20) + 20480,
+        (1 << 40) - 4096,
+    ];
+    for size in powers.chain(odd) {
+        for log_bytes in [default_log_bytes(size), 16 << 20] {
+            let layout = format_layout(size, log_bytes)
+                .unwrap_or_else(|e| panic!("{size} bytes, log {log_bytes}: {e}"));
+            let log_end = SUPERBLOCK_REGION_BYTES + log_bytes;
+            let what = format!("{size} bytes, log {log_bytes}: {layout:?}");
+            assert_eq!(layout.log_start, SUPERBLOCK_REGION_BYTES, "{what}");
+            assert_eq!(layout.log_bytes, log_bytes, "{what}");
+            assert_eq!(
+                layout.node_region_start + layout.node_region_bytes,
+                size,
+                "{what}"
+            );
+            assert_eq!(
+                layout.node_region_bytes,
+                (size - log_end) / node * node,
+                "every whole node after the log: {what}"
+            );
+            assert!(
+                layout.node_region_start >= log_end && layout.node_region_start - log_end < node,
+                "{what}"
+            );
+            let geometry = refd_ioring::Geometry {
+                size_bytes: size,
+                logical_block_bytes: 4096,
+                physical_block_bytes: 4096,
+            };
+            Superblock::empty(FsId([1; 16]), geometry, layout)
+                .validate()
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+    }
+}
+
+/// A freshly formatted device has no bytes past its layout for `grow`
+/// to use (it had 8 KiB, reported at every open); extended by less than
+/// a node it still has none (that would be reported at every open, even
+/// after a `grow`, which cannot use it); extended by more, the whole
+/// nodes are reported and `grow` takes exactly them.
+#[test]
+fn a_formatted_device_has_nothing_to_grow() {
+    let node = NODE_BYTES as u64;
+    for dev_bytes in [64 << 20, (64 << 20) + 4096, 128 << 20] {
+        let (dev, sb) = formatted(dev_bytes, 8 << 20);
+        let (e, info) = DurableEngine::open(Arc::clone(&dev), opts()).unwrap();
+        assert_eq!(info.device_growable_bytes, 0, "{dev_bytes} bytes: {info}");
+        e.add_durable(&data(Action::AddExtent, 1)).unwrap();
+        e.commit().unwrap();
+        drop(e);
+        for (extra, growable) in [(8192, 0), (node - 4096, 0), (node + 8192, node)] {
+            let grown_bytes = dev_bytes + extra;
+            let mut image = dev.durable_image();
+            image.resize(grown_bytes as usize, 0);
+            let grown: Dev =
+                Arc::new(SimStorage::from_image(SimConfig::new(grown_bytes, 1), image).unwrap());
+            let (_, info) = DurableEngine::open(Arc::clone(&grown), opts()).unwrap();
+            assert_eq!(info.device_growable_bytes, growable, "+{extra}: {info}");
+            let grow = OpenOptions {
+                grow: true,
+                ..opts()
+            };
+            let (e, info) = DurableEngine::open(Arc::clone(&grown), grow).unwrap();
+            let old = sb.node_region_bytes;
+            let grown_to = (growable > 0).then_some((old, old + growable));
+            assert_eq!(info.node_region_grown, grown_to, "+{extra}: {info}");
+            assert_eq!(info.device_growable_bytes, 0, "+{extra}: {info}");
+            drop(e);
+        }
+    }
 }
 
 /// Two sessions set the first key of the same tree block at once: one in

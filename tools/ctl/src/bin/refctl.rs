@@ -305,6 +305,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                     "{}: superblock generation {} (slot {}); tree {} levels, {} nodes, {} items; {} extents ({} recorded), {} refs, {} held heads; {} sessions, {} freed-list consumers, {} freed extents kept in {} lists; log: {} batches, {} ops to replay in {} records ({})",
                     r.device, r.generation, r.slot, r.tree_levels, r.tree_nodes, r.tree_items, r.extents, r.extents_recorded.map_or("not".to_string(), |n| n.to_string()), r.refs, r.held_heads, r.sessions, r.consumers, r.freed_extents, r.freed_lists, r.log_batches, r.log_ops, r.log_records, r.log_end
                 );
+                println!("{}", r.node_region);
                 for s in &r.rejected_superblocks {
                     println!("superblock copy rejected: {s}");
                 }
@@ -334,12 +335,14 @@ fn run(cli: Cli) -> Result<bool, String> {
             Ok(true)
         }
         Cmd::Dump(a) => {
-            device::dump(
+            let d = device::dump(
                 &a.path,
                 a.nodesize,
                 std::io::stdout().lock(),
                 &mut device::Progress::new(progress_line),
             )?;
+            // On stderr: stdout is the dump alone, to diff.
+            progress_line(&format!("dumped {} extents; {}", d.extents, d.node_region));
             Ok(true)
         }
         Cmd::Client(c) => client::run_to_stdout(c).map_err(|e| e.to_string()),

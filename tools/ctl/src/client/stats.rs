@@ -166,7 +166,8 @@ fn engine_rows(v: &Value) -> Vec<(&'static str, String)> {
         (
             "node space",
             format!(
-                "{} free of {} nodes ({} free), tree {}, pending {}, reserved {}; {} refused",
+                "{} free of {} nodes ({} free), tree {}, pending {}, reserved {}; {} refused; \
+                 spare windows {} nodes (bitmap runs of {}){}",
                 at(v, "space.free_nodes"),
                 at(v, "space.region_nodes"),
                 percent(
@@ -176,7 +177,13 @@ fn engine_rows(v: &Value) -> Vec<(&'static str, String)> {
                 at(v, "space.tree_nodes"),
                 at(v, "space.pending_nodes"),
                 at(v, "space.reserved_nodes"),
-                at(v, "space.refused")
+                at(v, "space.refused"),
+                at(v, "space.spare_nodes"),
+                at(v, "space.bitmap_run_nodes"),
+                match lookup(v, "space.no_spare_window") {
+                    Some(Value::Bool(true)) => ", NO SPARE WINDOW: bitmap runs go first fit",
+                    _ => "",
+                }
             ),
         ),
         (
@@ -278,7 +285,8 @@ mod tests {
                         "longest_ms": {"total": 2.25}},
             "cache": {"extents": 10, "node_hits": 3, "node_misses": 1, "node_bytes": 65536},
             "space": {"region_nodes": 1000, "free_nodes": 250, "pending_nodes": 5, "tree_nodes": 700,
-                      "reserved_nodes": 40, "reserved_units": 9, "refused": 2},
+                      "reserved_nodes": 40, "reserved_units": 9, "refused": 2,
+                      "bitmap_run_nodes": 2, "spare_nodes": 4, "no_spare_window": false},
             "sessions": {"kept": 2, "max": 1024, "registered": 2},
             "freed": {"lists": 1, "extents": 2, "kept_max": 4194304, "oldest_generation": 4,
                       "consumers": [{"id": 1, "name": "space-map", "acked_generation": 3,
@@ -310,7 +318,7 @@ mod tests {
             "commits      4 (100 ops), longest 2.2 ms, longest gap 1000.5 ms",
             "3 hits, 1 misses (75.0% hits), 64.0 KiB",
             "node space   250 free of 1000 nodes (25.0% free), tree 700, pending 5, reserved 40; \
-             2 refused",
+             2 refused; spare windows 4 nodes (bitmap runs of 2)\n",
             "  consumer space-map (id 1): acked generation 3, backlog 2 generations",
             "barriers     1 held, lease 30000 ms, seq 9",
             "quarantine   1 heads refused kept (3 since start)\n  generation 4: extent 8192: \
@@ -320,6 +328,11 @@ mod tests {
             assert!(t.contains(want), "{want:?} not in\n{t}");
         }
         assert!(!t.contains("FAILED"), "{t}");
+        let mut v = v;
+        v["space"]["no_spare_window"] = true.into();
+        let t = text(&v);
+        let want = "(bitmap runs of 2), NO SPARE WINDOW: bitmap runs go first fit\n";
+        assert!(t.contains(want), "{want:?} not in\n{t}");
     }
 
     #[test]

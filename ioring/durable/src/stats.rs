@@ -41,8 +41,10 @@ pub struct RecoveryInfo {
     /// The node region's size before and after [`crate::OpenOptions::grow`]
     /// extended it to the device's end (`None`: unchanged).
     pub node_region_grown: Option<(u64, u64)>,
-    /// Device bytes past the node region's end, unused (a device extended
-    /// since it was formatted; [`crate::OpenOptions::grow`] uses them).
+    /// Device bytes past the node region's end, unused, in whole nodes:
+    /// what [`crate::OpenOptions::grow`] would add (a device extended since
+    /// it was formatted). A last part-node, which every layout may have,
+    /// is not counted: nothing can use it.
     pub device_unused_bytes: u64,
     /// Slots of the spare windows the B+tree's allocator keeps for its
     /// bitmap runs (`docs/btree.md`, "Allocator"). 0: the node region had

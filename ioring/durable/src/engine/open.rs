@@ -42,8 +42,7 @@ use crate::stats::{CommitTotals, RecoveryInfo};
 /// log region does not move. Returns the node region's old and new size
 /// when it grew.
 fn grow_node_region(sb: &mut Superblock, device_bytes: u64) -> Option<(u64, u64)> {
-    let node = NODE_BYTES as u64;
-    let bytes = device_bytes.saturating_sub(sb.node_region_start) / node * node;
+    let bytes = node_region_bytes_of(sb, device_bytes);
     if bytes <= sb.node_region_bytes {
         return None;
     }
@@ -51,6 +50,13 @@ fn grow_node_region(sb: &mut Superblock, device_bytes: u64) -> Option<(u64, u64)
     sb.node_region_bytes = bytes;
     sb.geometry.size_bytes = device_bytes;
     Some((old, bytes))
+}
+
+/// The bytes of the largest node region from `sb`'s start that a device of
+/// `device_bytes` holds: whole nodes.
+fn node_region_bytes_of(sb: &Superblock, device_bytes: u64) -> u64 {
+    let node = NODE_BYTES as u64;
+    device_bytes.saturating_sub(sb.node_region_start) / node * node
 }
 
 /// Writes `sb` durably to its slot.
@@ -316,8 +322,11 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         } else {
             None
         };
+        // Whole nodes only: the region ends on a node boundary counted from
+        // its start, so the last part-node of a device (every default layout
+        // has one: the region starts 8 KiB in) is no use to `grow` either.
         let device_unused_bytes =
-            device_bytes.saturating_sub(sb.node_region_start + sb.node_region_bytes);
+            node_region_bytes_of(&sb, device_bytes).saturating_sub(sb.node_region_bytes);
         let tree =
             BTree::open_superblock(storage.clone(), &sb, options.tree).map_err(|source| {
                 OpenError::Tree {

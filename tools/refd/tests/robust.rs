@@ -115,6 +115,93 @@ fn a_half_sent_frame_is_dropped() {
     );
 }
 
+/// A frame trickled a byte every 50 ms after HELLO is closed 10 s after
+/// its first byte ("Transport": "a frame whose first byte arrived but
+/// which is not whole 10 s later"). The timer was looked at only when a
+/// read timed out (200 ms of silence), so a client that never paused that
+/// long held a half frame, and its connection's slot and threads, for as
+/// long as it liked (a 1 MiB frame at 20 bytes/s: 14 hours).
+#[test]
+fn a_frame_trickled_after_hello_is_closed_in_time() {
+    let Some(t) = Target::new("refd-trickle", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut trickle, _) = Raw::hello(&d.socket);
+    let bytenrs: Vec<u64> = (1..=16384).collect();
+    let mut frame = Vec::new();
+    encode_request(
+        7,
+        &Request::Lookup(LookupRequest::new(bytenrs).unwrap()),
+        &mut frame,
+    );
+    trickle.stream.set_nonblocking(true).unwrap();
+    let t0 = Instant::now();
+    let mut sent = 0;
+    let mut probe = [0u8; 64];
+    let closed_after = loop {
+        if t0.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        // EOF (or a reset) from the daemon: closed, without a reply.
+        match trickle.stream.read(&mut probe) {
+            Ok(0) => break Some(t0.elapsed()),
+            Ok(n) => panic!("a reply to half a frame: {:?}", &probe[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break Some(t0.elapsed()),
+        }
+        match trickle.stream.write(&frame[sent..=sent]) {
+            Ok(_) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break Some(t0.elapsed()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let closed_after = closed_after
+        .unwrap_or_else(|| panic!("a frame trickled for 20 s ({sent} bytes) was not closed"));
+    assert!(
+        closed_after >= Duration::from_secs(9) && closed_after < Duration::from_secs(14),
+        "closed after {closed_after:?} ({sent} bytes sent)"
+    );
+}
+
+/// A client whose every write ends inside a frame (the tail of one PING
+/// and the head of the next, every 20 ms, for 12 s) is not taken for a
+/// stalled one: the frame timer runs from the first byte of the frame
+/// being read, not from the first partial read of the connection.
+#[test]
+fn a_stream_always_ending_mid_frame_is_served() {
+    let Some(t) = Target::new("refd-midframe", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let frame = |id: u64| {
+        let mut f = Vec::new();
+        let ping = PingRequest::new(&id.to_le_bytes()).unwrap();
+        encode_request(id, &Request::Ping(ping), &mut f);
+        f
+    };
+    let half = frame(0).len() / 2;
+    c.send_raw(&frame(1)[..half]);
+    let t0 = Instant::now();
+    let mut id = 1;
+    while t0.elapsed() < Duration::from_secs(12) {
+        let mut bytes = frame(id)[half..].to_vec();
+        bytes.extend_from_slice(&frame(id + 1)[..half]);
+        c.send_raw(&bytes);
+        let (rid, reply) = c
+            .try_recv()
+            .unwrap_or_else(|| panic!("closed after {:?}, at PING {id}", t0.elapsed()));
+        assert_eq!(rid, id);
+        assert!(matches!(reply, Reply::Ping(p) if p.payload == id.to_le_bytes()));
+        id += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.send_raw(&frame(id)[half..]);
+    assert_eq!(c.recv().0, id);
+}
+
 /// A connection that does not complete HELLO within --hello-timeout-ms
 /// is closed, whether it sends nothing or trickles a HELLO a byte at a
 /// time (so that reads never time out); a connection that said HELLO

@@ -1,7 +1,8 @@
 //! The daemon against clients that misbehave and environments that
 //! refuse: slow readers, half frames, many connections, a second daemon,
 //! a device that is not refd's or too small, a symlinked socket path, a latched I/O
-//! failure; and its metrics checked by Prometheus's own promtool.
+//! failure; and its metrics checked by Prometheus's own promtool and
+//! against the README's list.
 
 mod common;
 
@@ -568,6 +569,91 @@ fn metrics_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `tools/refd/README.md` ("Metrics") names every metric `/metrics`
+/// exports and no other, each family with its label, and says which are
+/// histograms. Every family is made to appear first (a SUBMIT, a COMMIT,
+/// an error frame), since a labelled family is exported once it has a
+/// label value.
+#[test]
+fn metrics_are_the_readme_list() {
+    let Some(t) = Target::new("refd-metrics-doc", 128 * MIB, false) else {
+        return;
+    };
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let d = Daemon::start(&t, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    assert!(matches!(
+        c.submit(s, 1, &[data(ACTION_ADD_EXTENT, 1 << 30, 1)]),
+        Reply::Submit(_)
+    ));
+    c.commit();
+    let mut frame = Vec::new();
+    encode_frame(Opcode::Ping, 0, 99, &[0; 65], &mut frame);
+    c.send_raw(&frame);
+    assert_eq!(code(&c.recv().1), Some(ErrorCode::BadRequest));
+    let body = http_get(port, "/metrics");
+    // name -> type, from the `# TYPE` lines.
+    let exported: std::collections::BTreeMap<&str, &str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section: String = readme
+        .lines()
+        .skip_while(|l| *l != "## Metrics")
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // `refd_x`, `refd_x{label}`, each with the text up to the next name.
+    let mut documented = std::collections::BTreeMap::new();
+    let parts: Vec<&str> = section.split('`').collect();
+    for (i, word) in parts.iter().enumerate().skip(1).step_by(2) {
+        let Some(name) = word.strip_prefix("refd_").map(|_| *word) else {
+            continue;
+        };
+        let (name, label) = match name.split_once('{') {
+            Some((n, l)) => (n, Some(l.trim_end_matches('}'))),
+            None => (name, None),
+        };
+        let after = parts.get(i + 1).copied().unwrap_or("");
+        documented.insert(name, (label, after.trim_start().starts_with("(histogram")));
+    }
+    let names = |m: &std::collections::BTreeMap<&str, _>| -> Vec<String> {
+        m.keys().map(|k: &&str| k.to_string()).collect()
+    };
+    assert_eq!(
+        names(&documented),
+        exported.keys().map(|k| k.to_string()).collect::<Vec<_>>(),
+        "README metrics against /metrics:\n{body}"
+    );
+    for (name, (label, histogram)) in &documented {
+        assert_eq!(
+            exported[name] == "histogram",
+            *histogram,
+            "{name}: type {} (README says histogram: {histogram})",
+            exported[name]
+        );
+        let labelled = body.lines().find(|l| l.starts_with(&format!("{name}{{")));
+        match (label, labelled) {
+            (Some(label), Some(line)) => assert!(
+                line.starts_with(&format!("{name}{{{label}=\"")),
+                "{name}: README label {label}, exported {line}"
+            ),
+            (Some(label), None) => panic!("{name}: no sample with label {label}:\n{body}"),
+            (None, Some(line)) if exported[name] != "histogram" => {
+                panic!("{name}: exported with a label the README does not name: {line}")
+            }
+            _ => {}
+        }
+    }
 }
 
 fn http_get(port: u16, path: &str) -> String {

@@ -892,3 +892,64 @@ fn stats_fields_are_the_readme_table() {
         );
     }
 }
+
+/// `docs/protocol.md`, "SUBMIT": a daemon started with `--dry-run` checks
+/// a SUBMIT's body (steps 1-4) and its ops (7), not its session or
+/// request number, and answers at once with `lsn` 0 and no flag, also
+/// without `NO_WAIT`; nothing is applied.
+#[test]
+fn protocol_submit_dry_run() {
+    let Some(t) = Target::new("refd-dry-run", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &["--dry-run"]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let x = 1 << 30;
+    for request in [1, 1] {
+        let r = c.submit(12_345, request, &[data(ACTION_ADD_EXTENT, x, 1)]);
+        let Reply::Submit(r) = r else { panic!("{r:?}") };
+        assert_eq!((r.lsn, r.flags, r.op_count), (0, 0, 1), "{r:?}");
+    }
+    let mut zero = data(ACTION_ADD_EXTENT, x, 1);
+    zero.num_bytes = 0;
+    let r = c.submit(12_345, 2, &[zero]);
+    assert!(
+        matches!(&r, Reply::Error(e) if e.code == ErrorCode::InvalidOp),
+        "{r:?}"
+    );
+    let r = c.submit(12_345, 0, &[data(ACTION_ADD_EXTENT, x, 1)]);
+    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(c.refs(x), 0);
+    assert_eq!(c.stats()["dry_run"], true);
+}
+
+/// `docs/protocol.md`, "LOOKUP": an extent nothing is known of has every
+/// field but `bytenr` 0; with only an `UPDATE_HEAD` pending on it, flag
+/// `PENDING` is set and every other field stays 0 (no size, no kind).
+#[test]
+fn protocol_lookup_nothing_known() {
+    let Some(t) = Target::new("refd-lookup-unknown", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    let x = 1 << 30;
+    let blank = |bytenr| LookupEntry {
+        bytenr,
+        refs: 0,
+        committed_refs: 0,
+        pending_ref_mod: 0,
+        num_bytes: 0,
+        flags: 0,
+        level: 0,
+    };
+    assert_eq!(c.lookup(&[x]), vec![blank(x)]);
+    let update = WireOp::update_head(x, 16384, KIND_TREE_BLOCK, 1, true, None);
+    assert!(matches!(c.submit(s, 1, &[update]), Reply::Submit(_)));
+    let pending = LookupEntry {
+        flags: LOOKUP_PENDING,
+        ..blank(x)
+    };
+    assert_eq!(c.lookup(&[x]), vec![pending]);
+}

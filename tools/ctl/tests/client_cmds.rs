@@ -428,6 +428,30 @@ fn reads(w: &World) {
     assert_eq!(v["flags"], serde_json::json!(["COMMITTED", "DATA"]));
     let out = w.ok(&["backrefs", "0x4000000"]);
     assert!(out.contains("item flags TREE_BLOCK|FULL_BACKREF"), "{out}");
+
+    // Only an extent_op pending on an extent nothing else is known of:
+    // LOOKUP says PENDING with no size, so no kind either (it was
+    // printed as a tree block of level 0).
+    w.ok(&[
+        "update",
+        "--tree",
+        "--level",
+        "2",
+        "--bytenr",
+        "0xA000000",
+        "--num-bytes",
+        "16384",
+        "--full-backref",
+    ]);
+    let out = w.ok(&["get", "0xA000000"]);
+    assert_eq!(
+        out,
+        "167772160: refs 0 (committed 0, pending +0), num_bytes 0, \
+         size and kind unknown (only an extent_op pending), flags PENDING\n"
+    );
+    let v = w.json(&["get", "0xA000000"]);
+    assert_eq!(v["kind"], Value::Null, "{v}");
+    assert_eq!(v["flags"], serde_json::json!(["PENDING"]));
 }
 
 fn freed_and_stats(w: &World) {

@@ -9,7 +9,7 @@
 //!   server answers it with, so the mapping lives in one place.
 //!
 //! The codes are typed enums: decoding an error body with a code outside
-//! `1..=22` is refused ([`BodyError::UnknownErrorCode`]); a protocol
+//! `1..=23` is refused ([`BodyError::UnknownErrorCode`]); a protocol
 //! version that adds codes is a new version, negotiated by HELLO. The
 //! subcode is kept as a raw `u16` (it is only meaningful for
 //! `INVALID_OP`, see [`ErrorBody::op_error`]) so an error frame is never
@@ -370,7 +370,7 @@ pub enum BodyError {
     /// A request with opcode `ERROR` (0x7F), which only the server sends.
     #[error("opcode ERROR (0x7f) in a request: only the server sends it")]
     ErrorOpcodeInRequest,
-    /// An error body whose code is outside `1..=22`.
+    /// An error body whose code is outside `1..=23`.
     #[error("error body: unknown error code {code}")]
     UnknownErrorCode {
         /// The code received.

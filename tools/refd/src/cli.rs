@@ -56,7 +56,9 @@ pub struct Serve {
     /// Connections served at once.
     #[arg(long, default_value_t = crate::config::CONNECTIONS_MAX_DEFAULT)]
     pub connections_max: usize,
-    /// Largest request frame body accepted (bytes).
+    /// Largest request frame body accepted (bytes, 1048576 ..= 16777216),
+    /// announced in HELLO; SUBMIT's op limit follows it up to what one log
+    /// record holds.
     #[arg(long, default_value_t = refd_proto::BODY_BYTES_MAX_DEFAULT)]
     pub frame_bytes_max: u32,
     /// Seq barrier lease (released unless renewed within it).
@@ -82,7 +84,7 @@ pub struct Serve {
     /// first commits reuse memory the kernel already faulted in.
     #[arg(long, default_value_t = 0)]
     pub prefault_mib: usize,
-    /// Time slice (µs, 100–100000; 0: the kernel's default) asked for
+    /// Time slice (µs, clamped to 100–100000; 0: the kernel's default) asked for
     /// the threads that answer requests, so that on busy cores they
     /// preempt the commit's threads when a request or a durable write
     /// wakes them (Linux 6.12+; ignored by older kernels).
@@ -300,4 +302,99 @@ pub fn serve(a: Serve) -> Result<(), String> {
         }
     });
     server.wait().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Args;
+
+    /// Each flag of `refd serve` (long name) with its default, if any.
+    fn flags() -> Vec<(String, Option<String>)> {
+        let cmd = Serve::augment_args(clap::Command::new("serve"));
+        cmd.get_arguments()
+            .filter_map(|a| {
+                let long = a.get_long()?;
+                let default = a
+                    .get_default_values()
+                    .first()
+                    .map(|v| v.to_string_lossy().into_owned());
+                Some((format!("--{long}"), default))
+            })
+            .collect()
+    }
+
+    fn read(relative: &str) -> String {
+        let path = format!("{}/{relative}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// The `--flag` words of `text`.
+    fn flag_words(text: &str) -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with("--") && w[2..].starts_with(|c: char| c.is_ascii_lowercase()))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The synopsis of `tools/refd/README.md` ("Starting") names every
+    /// flag `refd serve` has, and no other.
+    #[test]
+    fn readme_synopsis_is_the_flags() {
+        let readme = read("README.md");
+        let synopsis: String = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("    refd serve"))
+            .take_while(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let documented = flag_words(&synopsis);
+        let flags: std::collections::BTreeSet<String> =
+            flags().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(documented, flags, "README synopsis against `refd serve`");
+    }
+
+    /// A default of `docs/protocol.md`'s "Limits and timeouts" table as
+    /// the flag's number: `1 MiB`, `8,000,000`, `30 s` (in ms for a
+    /// `-ms` flag).
+    fn table_default(flag: &str, text: &str) -> u64 {
+        let text = text.split('(').next().unwrap().replace(',', "");
+        let mut words = text.split_whitespace();
+        let n: u64 = words.next().unwrap().parse().unwrap();
+        match words.next() {
+            None => n,
+            Some("MiB") => n << 20,
+            Some("s") if flag.ends_with("-ms") => n * 1000,
+            Some("s") if flag.ends_with("-s") => n,
+            Some(unit) => panic!("{flag}: unit {unit:?}"),
+        }
+    }
+
+    /// Every row of `docs/protocol.md`'s "Limits and timeouts" that names a
+    /// flag gives that flag's default; every flag it names exists.
+    #[test]
+    fn protocol_limits_are_the_flag_defaults() {
+        let doc = read("../../docs/protocol.md");
+        let flags = flags();
+        let mut rows = 0;
+        for line in doc
+            .lines()
+            .skip_while(|l| !l.starts_with("## Limits and timeouts"))
+            .filter(|l| l.starts_with('|'))
+        {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let (default, flag_cell) = (cells[2], cells[3]);
+            let Some(flag) = flag_words(flag_cell).into_iter().next() else {
+                continue;
+            };
+            let (_, clap_default) = flags
+                .iter()
+                .find(|(f, _)| *f == flag)
+                .unwrap_or_else(|| panic!("{flag} of the limits table is no flag"));
+            let clap_default: u64 = clap_default.as_deref().unwrap().parse().unwrap();
+            assert_eq!(table_default(&flag, default), clap_default, "{line}");
+            rows += 1;
+        }
+        assert!(rows >= 8, "{rows} rows with a flag");
+    }
 }

@@ -343,6 +343,8 @@ fn read_loop<D: DelayedRefStore + 'static>(
     let mut frame_out = Vec::with_capacity(4096);
     let accepted = Instant::now();
     let mut last_activity = accepted;
+    // When the first byte of the frame being read arrived (`None`: the
+    // decoder is between frames).
     let mut partial_since: Option<Instant> = None;
     let mut boost = ReadBoost::new(&shared.lookup_rt, refd_core::priority::apply_rt_priority());
     let end = 'conn: loop {
@@ -357,6 +359,9 @@ fn read_loop<D: DelayedRefStore + 'static>(
         if !handler.helloed() && accepted.elapsed() > shared.config.hello_timeout {
             break End::NoHello;
         }
+        if partial_since.is_some_and(|t| t.elapsed() > FRAME_TIMEOUT) {
+            break End::Stalled;
+        }
         let n = match stream.read(&mut buf) {
             Ok(0) => break End::Eof,
             Ok(n) => n,
@@ -364,9 +369,6 @@ fn read_loop<D: DelayedRefStore + 'static>(
                 let now = Instant::now();
                 if decoder.is_idle() && now - last_activity > shared.config.idle_timeout {
                     break End::Idle;
-                }
-                if partial_since.is_some_and(|t| now - t > FRAME_TIMEOUT) {
-                    break End::Stalled;
                 }
                 continue;
             }
@@ -382,6 +384,7 @@ fn read_loop<D: DelayedRefStore + 'static>(
         loop {
             match decoder.decode_from(&mut input) {
                 Ok(Some(frame)) => {
+                    partial_since = None;
                     let served_at = match boost.before(short_lookup(&frame)) {
                         ReadPriority::Boosted => Some(&shared.metrics.lookup_rt_boosted),
                         ReadPriority::BudgetSpent => Some(&shared.metrics.lookup_rt_budget_spent),
@@ -428,6 +431,8 @@ fn read_loop<D: DelayedRefStore + 'static>(
                 }
             }
         }
+        // A frame still partial after this read began in it, or earlier
+        // (then `partial_since` was kept: no frame completed since).
         partial_since = if decoder.is_idle() {
             None
         } else {

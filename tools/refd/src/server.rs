@@ -326,6 +326,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
                 freeze_us = us(p.freeze),
                 items_us = us(p.items),
                 run_us = us(p.run),
+                diff_us = us(p.diff),
                 apply_us = us(p.apply),
                 write_us = us(p.write),
                 superblock_us = us(p.superblock),

@@ -793,3 +793,163 @@ fn a_barrier_holding_too_many_heads_is_revoked() {
         "{log}"
     );
 }
+
+/// The backticked words of `text` that can be JSON keys (lower case,
+/// digits and `_`, two characters or more; not `null`).
+fn key_words(text: &str) -> std::collections::BTreeSet<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| {
+            w.len() > 1
+                && *w != "null"
+                && w.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every key under `v` (the keys of objects in arrays too).
+fn keys_under(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                out.insert(k.clone());
+                keys_under(x, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| keys_under(x, out)),
+        _ => {}
+    }
+}
+
+/// `tools/refd/README.md` ("STATS") lists every field of the STATS reply
+/// and no field it does not have: each row's first column is top-level
+/// fields, and a group's row names its fields (and its lists' fields) in
+/// backticks. A consumer and a refused head are made first, so that the
+/// lists `freed.consumers` and `quarantine.newest` have entries.
+#[test]
+fn stats_fields_are_the_readme_table() {
+    let Some(t) = Target::new("refd-stats-doc", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    let name = FreedSubscribeRequest::new("stats-doc").unwrap();
+    assert!(matches!(
+        c.call(&Request::FreedSubscribe(name)),
+        Reply::FreedSubscribe(_)
+    ));
+    // A drop of a reference never held: acknowledged, refused by the commit.
+    assert!(matches!(
+        c.submit(s, 1, &[data(ACTION_DROP_REF, 1 << 30, 1)]),
+        Reply::Submit(_)
+    ));
+    assert_eq!(c.commit().quarantined, 1);
+    let stats = c.stats();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let rows: Vec<(Vec<String>, String)> = readme
+        .lines()
+        .skip_while(|l| *l != "## STATS")
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let names = key_words(cells[1]).into_iter().collect();
+            (names, cells[2..].join("|"))
+        })
+        .collect();
+    let object = stats.as_object().expect("STATS is an object");
+    let documented: std::collections::BTreeSet<&String> =
+        rows.iter().flat_map(|(names, _)| names).collect();
+    let emitted: std::collections::BTreeSet<&String> = object.keys().collect();
+    assert_eq!(documented, emitted, "top-level STATS fields");
+    for (names, what) in &rows {
+        let [name] = &names[..] else { continue };
+        let value = &object[name];
+        if value.is_null() {
+            continue; // `failed` while nothing failed
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        keys_under(value, &mut keys);
+        if keys.is_empty() {
+            continue;
+        }
+        let words = key_words(what);
+        let undocumented: Vec<_> = keys.difference(&words).collect();
+        assert!(
+            undocumented.is_empty(),
+            "STATS {name}: {undocumented:?} not in the README"
+        );
+        let missing: Vec<_> = words.difference(&keys).collect();
+        assert!(
+            missing.is_empty(),
+            "STATS {name}: README lists {missing:?}, not sent"
+        );
+    }
+}
+
+/// `docs/protocol.md`, "SUBMIT": a daemon started with `--dry-run` checks
+/// a SUBMIT's body (steps 1-4) and its ops (7), not its session or
+/// request number, and answers at once with `lsn` 0 and no flag, also
+/// without `NO_WAIT`; nothing is applied.
+#[test]
+fn protocol_submit_dry_run() {
+    let Some(t) = Target::new("refd-dry-run", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &["--dry-run"]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let x = 1 << 30;
+    for request in [1, 1] {
+        let r = c.submit(12_345, request, &[data(ACTION_ADD_EXTENT, x, 1)]);
+        let Reply::Submit(r) = r else { panic!("{r:?}") };
+        assert_eq!((r.lsn, r.flags, r.op_count), (0, 0, 1), "{r:?}");
+    }
+    let mut zero = data(ACTION_ADD_EXTENT, x, 1);
+    zero.num_bytes = 0;
+    let r = c.submit(12_345, 2, &[zero]);
+    assert!(
+        matches!(&r, Reply::Error(e) if e.code == ErrorCode::InvalidOp),
+        "{r:?}"
+    );
+    let r = c.submit(12_345, 0, &[data(ACTION_ADD_EXTENT, x, 1)]);
+    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(c.refs(x), 0);
+    assert_eq!(c.stats()["dry_run"], true);
+}
+
+/// `docs/protocol.md`, "LOOKUP": an extent nothing is known of has every
+/// field but `bytenr` 0; with only an `UPDATE_HEAD` pending on it, flag
+/// `PENDING` is set and every other field stays 0 (no size, no kind).
+#[test]
+fn protocol_lookup_nothing_known() {
+    let Some(t) = Target::new("refd-lookup-unknown", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    let x = 1 << 30;
+    let blank = |bytenr| LookupEntry {
+        bytenr,
+        refs: 0,
+        committed_refs: 0,
+        pending_ref_mod: 0,
+        num_bytes: 0,
+        flags: 0,
+        level: 0,
+    };
+    assert_eq!(c.lookup(&[x]), vec![blank(x)]);
+    let update = WireOp::update_head(x, 16384, KIND_TREE_BLOCK, 1, true, None);
+    assert!(matches!(c.submit(s, 1, &[update]), Reply::Submit(_)));
+    let pending = LookupEntry {
+        flags: LOOKUP_PENDING,
+        ..blank(x)
+    };
+    assert_eq!(c.lookup(&[x]), vec![pending]);
+}

@@ -1,7 +1,8 @@
 //! The daemon against clients that misbehave and environments that
 //! refuse: slow readers, half frames, many connections, a second daemon,
 //! a device that is not refd's or too small, a symlinked socket path, a latched I/O
-//! failure; and its metrics checked by Prometheus's own promtool.
+//! failure; and its metrics checked by Prometheus's own promtool and
+//! against the README's list.
 
 mod common;
 
@@ -113,6 +114,93 @@ fn a_half_sent_frame_is_dropped() {
         waited >= Duration::from_secs(8) && waited < Duration::from_secs(25),
         "closed after {waited:?}"
     );
+}
+
+/// A frame trickled a byte every 50 ms after HELLO is closed 10 s after
+/// its first byte ("Transport": "a frame whose first byte arrived but
+/// which is not whole 10 s later"). The timer was looked at only when a
+/// read timed out (200 ms of silence), so a client that never paused that
+/// long held a half frame, and its connection's slot and threads, for as
+/// long as it liked (a 1 MiB frame at 20 bytes/s: 14 hours).
+#[test]
+fn a_frame_trickled_after_hello_is_closed_in_time() {
+    let Some(t) = Target::new("refd-trickle", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut trickle, _) = Raw::hello(&d.socket);
+    let bytenrs: Vec<u64> = (1..=16384).collect();
+    let mut frame = Vec::new();
+    encode_request(
+        7,
+        &Request::Lookup(LookupRequest::new(bytenrs).unwrap()),
+        &mut frame,
+    );
+    trickle.stream.set_nonblocking(true).unwrap();
+    let t0 = Instant::now();
+    let mut sent = 0;
+    let mut probe = [0u8; 64];
+    let closed_after = loop {
+        if t0.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        // EOF (or a reset) from the daemon: closed, without a reply.
+        match trickle.stream.read(&mut probe) {
+            Ok(0) => break Some(t0.elapsed()),
+            Ok(n) => panic!("a reply to half a frame: {:?}", &probe[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break Some(t0.elapsed()),
+        }
+        match trickle.stream.write(&frame[sent..=sent]) {
+            Ok(_) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break Some(t0.elapsed()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let closed_after = closed_after
+        .unwrap_or_else(|| panic!("a frame trickled for 20 s ({sent} bytes) was not closed"));
+    assert!(
+        closed_after >= Duration::from_secs(9) && closed_after < Duration::from_secs(14),
+        "closed after {closed_after:?} ({sent} bytes sent)"
+    );
+}
+
+/// A client whose every write ends inside a frame (the tail of one PING
+/// and the head of the next, every 20 ms, for 12 s) is not taken for a
+/// stalled one: the frame timer runs from the first byte of the frame
+/// being read, not from the first partial read of the connection.
+#[test]
+fn a_stream_always_ending_mid_frame_is_served() {
+    let Some(t) = Target::new("refd-midframe", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &[]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let frame = |id: u64| {
+        let mut f = Vec::new();
+        let ping = PingRequest::new(&id.to_le_bytes()).unwrap();
+        encode_request(id, &Request::Ping(ping), &mut f);
+        f
+    };
+    let half = frame(0).len() / 2;
+    c.send_raw(&frame(1)[..half]);
+    let t0 = Instant::now();
+    let mut id = 1;
+    while t0.elapsed() < Duration::from_secs(12) {
+        let mut bytes = frame(id)[half..].to_vec();
+        bytes.extend_from_slice(&frame(id + 1)[..half]);
+        c.send_raw(&bytes);
+        let (rid, reply) = c
+            .try_recv()
+            .unwrap_or_else(|| panic!("closed after {:?}, at PING {id}", t0.elapsed()));
+        assert_eq!(rid, id);
+        assert!(matches!(reply, Reply::Ping(p) if p.payload == id.to_le_bytes()));
+        id += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.send_raw(&frame(id)[half..]);
+    assert_eq!(c.recv().0, id);
 }
 
 /// A connection that does not complete HELLO within --hello-timeout-ms
@@ -494,6 +582,91 @@ fn metrics_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `tools/refd/README.md` ("Metrics") names every metric `/metrics`
+/// exports and no other, each family with its label, and says which are
+/// histograms. Every family is made to appear first (a SUBMIT, a COMMIT,
+/// an error frame), since a labelled family is exported once it has a
+/// label value.
+#[test]
+fn metrics_are_the_readme_list() {
+    let Some(t) = Target::new("refd-metrics-doc", 128 * MIB, false) else {
+        return;
+    };
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let d = Daemon::start(&t, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    assert!(matches!(
+        c.submit(s, 1, &[data(ACTION_ADD_EXTENT, 1 << 30, 1)]),
+        Reply::Submit(_)
+    ));
+    c.commit();
+    let mut frame = Vec::new();
+    encode_frame(Opcode::Ping, 0, 99, &[0; 65], &mut frame);
+    c.send_raw(&frame);
+    assert_eq!(code(&c.recv().1), Some(ErrorCode::BadRequest));
+    let body = http_get(port, "/metrics");
+    // name -> type, from the `# TYPE` lines.
+    let exported: std::collections::BTreeMap<&str, &str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section: String = readme
+        .lines()
+        .skip_while(|l| *l != "## Metrics")
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // `refd_x`, `refd_x{label}`, each with the text up to the next name.
+    let mut documented = std::collections::BTreeMap::new();
+    let parts: Vec<&str> = section.split('`').collect();
+    for (i, word) in parts.iter().enumerate().skip(1).step_by(2) {
+        let Some(name) = word.strip_prefix("refd_").map(|_| *word) else {
+            continue;
+        };
+        let (name, label) = match name.split_once('{') {
+            Some((n, l)) => (n, Some(l.trim_end_matches('}'))),
+            None => (name, None),
+        };
+        let after = parts.get(i + 1).copied().unwrap_or("");
+        documented.insert(name, (label, after.trim_start().starts_with("(histogram")));
+    }
+    let names = |m: &std::collections::BTreeMap<&str, _>| -> Vec<String> {
+        m.keys().map(|k: &&str| k.to_string()).collect()
+    };
+    assert_eq!(
+        names(&documented),
+        exported.keys().map(|k| k.to_string()).collect::<Vec<_>>(),
+        "README metrics against /metrics:\n{body}"
+    );
+    for (name, (label, histogram)) in &documented {
+        assert_eq!(
+            exported[name] == "histogram",
+            *histogram,
+            "{name}: type {} (README says histogram: {histogram})",
+            exported[name]
+        );
+        let labelled = body.lines().find(|l| l.starts_with(&format!("{name}{{")));
+        match (label, labelled) {
+            (Some(label), Some(line)) => assert!(
+                line.starts_with(&format!("{name}{{{label}=\"")),
+                "{name}: README label {label}, exported {line}"
+            ),
+            (Some(label), None) => panic!("{name}: no sample with label {label}:\n{body}"),
+            (None, Some(line)) if exported[name] != "histogram" => {
+                panic!("{name}: exported with a label the README does not name: {line}")
+            }
+            _ => {}
+        }
+    }
 }
 
 fn http_get(port: u16, path: &str) -> String {

@@ -53,12 +53,14 @@ const ITEM_FLAG_NAMES: [(u64, &str); 3] = [
 
 /// `data`, `tree` or `None` (nothing known) of a LOOKUP entry.
 fn lookup_kind(e: &LookupEntry) -> Option<&'static str> {
-    if e.flags & LOOKUP_DATA != 0 {
-        Some("data")
-    } else if e.flags & (LOOKUP_COMMITTED | LOOKUP_PENDING) != 0 {
-        Some("tree")
-    } else {
+    // `num_bytes` 0: nothing known, or only an extent_op pending, which
+    // carries no size or kind (`docs/protocol.md`, "LOOKUP"): not a tree.
+    if e.num_bytes == 0 {
         None
+    } else if e.flags & LOOKUP_DATA != 0 {
+        Some("data")
+    } else {
+        Some("tree")
     }
 }
 
@@ -83,17 +85,18 @@ pub fn get(a: &GetArgs, out: &mut dyn Write) -> Result<bool, CmdError> {
             )?;
             continue;
         }
-        let Some(kind) = kind else {
+        if e.flags == 0 {
             writeln!(
                 out,
                 "{}: no extent (nothing committed or pending)",
                 e.bytenr
             )?;
             continue;
-        };
+        }
         let kind = match kind {
-            "tree" => format!("tree level {}", e.level),
-            other => other.to_owned(),
+            Some("tree") => format!("tree level {}", e.level),
+            Some(other) => other.to_owned(),
+            None => "size and kind unknown (only an extent_op pending)".to_owned(),
         };
         writeln!(
             out,

@@ -100,6 +100,9 @@ pub struct Shared<D: DelayedRefStore> {
     pub resched_poker: Option<TickPoker>,
     stopping: AtomicBool,
     connections: AtomicUsize,
+    /// Connections over the bound being answered `BUSY` now, each on a
+    /// thread of its own (at most [`REFUSING_MAX`]).
+    refusing: AtomicUsize,
     stop_signal: (Mutex<bool>, Condvar),
 }
 
@@ -354,6 +357,7 @@ fn start_with<D: DelayedRefStore + Default + 'static>(
         resched_poker: resched_tick.as_ref().map(ReschedTick::poker),
         stopping: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
         stop_signal: (Mutex::new(false), Condvar::new()),
         config,
     });
@@ -672,7 +676,7 @@ fn accept_loop<D: DelayedRefStore + 'static>(shared: &Arc<Shared<D>>, listener: 
         if n > shared.config.connections_max {
             shared.connections.fetch_sub(1, Ordering::AcqRel);
             shared.metrics.connections_refused.inc();
-            refuse(stream, shared.config.connections_max);
+            refuse_aside(shared, stream);
             continue;
         }
         shared.metrics.connections_accepted.inc();
@@ -688,6 +692,38 @@ fn accept_loop<D: DelayedRefStore + 'static>(shared: &Arc<Shared<D>>, listener: 
             shared.connections.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(error = %e, "cannot start a connection thread");
         }
+    }
+}
+
+/// Connections over the bound answered `BUSY` at once; past this many
+/// (each waits up to a second for its first frame), one more is closed
+/// without an answer.
+pub const REFUSING_MAX: usize = 16;
+
+/// Answers a connection over the bound with [`refuse`] on a thread of its
+/// own, so that the accept loop goes on at once: a refusal waits up to a
+/// second for the first frame, and a burst of silent connections would
+/// otherwise hold off the accept of every connection behind them (one
+/// second each), also once a connection slot is free again. Past
+/// [`REFUSING_MAX`] refusals at once, the connection is closed unanswered.
+fn refuse_aside<D: DelayedRefStore + 'static>(shared: &Arc<Shared<D>>, stream: Stream) {
+    let max = shared.config.connections_max;
+    if shared.refusing.fetch_add(1, Ordering::AcqRel) >= REFUSING_MAX {
+        shared.refusing.fetch_sub(1, Ordering::AcqRel);
+        stream.shutdown();
+        return;
+    }
+    let s = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("refd-busy".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            refuse(stream, max);
+            s.refusing.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        shared.refusing.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(error = %e, "cannot start a thread to refuse a connection");
     }
 }
 

@@ -299,6 +299,46 @@ fn a_thousand_connections_and_the_bound() {
     assert!(st["connections"]["refused"].as_u64().unwrap() >= 1, "{st}");
 }
 
+/// Connections over `--connections-max` that send nothing are refused
+/// beside the accept loop, not in it: each waits up to a second for its
+/// first frame, and ten of them held off every connection behind them for
+/// ten seconds, also once a slot was free again.
+#[test]
+fn silent_connections_over_the_bound_do_not_hold_off_the_accept() {
+    let Some(t) = Target::new("refd-silent", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &["--connections-max", "1"]);
+    let (mut held, _) = Raw::hello(&d.socket);
+    let t0 = Instant::now();
+    let silent: Vec<UnixStream> = (0..10)
+        .map(|_| UnixStream::connect(&d.socket).expect("connect"))
+        .collect();
+    // Every silent one taken off the queue (refused) before the slot is
+    // freed: else a silent one would take the slot, as a connection that
+    // has not sent its HELLO yet.
+    while held.stats()["connections"]["refused"].as_u64() < Some(10) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", held.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(held);
+    loop {
+        let mut c = Raw::connect(&d.socket);
+        match c.call(&hello_request("after the silent ones")) {
+            Reply::Hello(_) => break,
+            r => assert_eq!(code(&r), Some(ErrorCode::Busy)),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "still busy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t0.elapsed();
+    drop(silent);
+    assert!(
+        took < Duration::from_secs(5),
+        "a free slot was reached {took:?} after 10 silent connections"
+    );
+}
+
 /// One daemon per device; never a device that is not refd's; never a
 /// socket through a symlink or over a file.
 #[test]

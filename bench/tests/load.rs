@@ -128,6 +128,26 @@ fn json_of(child: Child) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {stdout}"))
 }
 
+/// The daemon at `connect` has logged a request of the load (its first
+/// session or SUBMIT: the run has begun), at most 60 s after the spawn.
+fn wait_for_the_load(connect: &str) {
+    let client = refd_client::Client::connect(connect, refd_client::ClientConfig::default())
+        .expect("connect to the daemon");
+    let deadline = std::time::Instant::now() + RUN_LIMIT;
+    loop {
+        let stats = client.stats().expect("STATS");
+        let v: serde_json::Value = serde_json::from_str(&stats).expect("STATS JSON");
+        if v["log"]["durable_lsn"].as_u64().is_some_and(|lsn| lsn > 0) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load sent nothing in {RUN_LIMIT:?}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Open loop at 200 SUBMITs/s for 5 s, one client that keeps at most one
 /// request in flight; the daemon is stopped (SIGSTOP) for 1 s in the
 /// middle. The ~200 requests due during the pause each wait until it ends,
@@ -160,7 +180,11 @@ fn open_loop_latency_includes_a_stopped_daemon() {
         "--warmup-s",
         "0",
     ]);
-    std::thread::sleep(Duration::from_millis(2000));
+    // The pause starts 1.5 s into the run, timed from its first request
+    // (timed from the spawn, it could start before the run on a loaded
+    // machine, where the load's start can take seconds).
+    wait_for_the_load(&connect);
+    std::thread::sleep(Duration::from_millis(1500));
     daemon.signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1000));
     daemon.signal(libc::SIGCONT);

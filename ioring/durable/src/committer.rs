@@ -310,6 +310,17 @@ mod tests {
     /// back-pressure at 154 from a 64-op commit's 13.5 KB per op, pinned
     /// 2.12 MB (13.9 KB per op), 1% over 2 MiB. The bound checked is 2¼
     /// times the trigger (twice, with an eighth to spare).
+    ///
+    /// The pending-op triggers (the configured one and the time-based
+    /// one) are far above, but a commit can still count as started by
+    /// pending ops: an add that crossed the dirty-bytes trigger kicks the
+    /// committer, and when the commit that ends meanwhile sets an estimate
+    /// that puts the trigger above the ops pending, the kick starts a
+    /// commit "by pending". How often depends on how adds and commits
+    /// interleave: with two CPUs busy beside, 0 to 2 of 98-196 commits per
+    /// run (17 runs; the one with 2 failed the former bound of 1). Checked:
+    /// at most one commit in 20 (a dirty-bytes trigger that never fired,
+    /// or a pending-op one below it, would start them all).
     #[test]
     fn dirty_bytes_trigger_bounds_a_commits_dirty_nodes() {
         const EXTENTS: u64 = 131_072;
@@ -362,11 +373,17 @@ mod tests {
             e.stop_committer();
             committer.join().unwrap().unwrap()
         });
+        eprintln!(
+            "{stats:?}; measured {} ps/op, {} dirty bytes/op, trigger {} ops",
+            e.commit_cost_ps_per_op(),
+            e.commit_dirty_bytes_per_op(),
+            e.commit_trigger_ops()
+        );
         let tree = e.btree().check().unwrap();
         let tree_bytes = tree.nodes * refd_ioring::format::NODE_BYTES as u64;
         assert!(tree_bytes >= 3 * CACHE_BYTES as u64, "{tree:?}");
         assert!(stats.by_dirty > 0, "{stats:?}");
-        assert!(stats.by_pending <= 1, "{stats:?}");
+        assert!(stats.by_pending * 20 <= stats.commits, "{stats:?}");
         let dirty = dirty.lock().unwrap();
         assert!(dirty.len() > 20, "{dirty:?}");
         for (i, &(ops, bytes)) in dirty.iter().enumerate().skip(5) {

@@ -40,6 +40,16 @@ fn assert_applied_once(
     }
 }
 
+/// Waits until the fake has applied `ops` ops (it applies a SUBMIT when
+/// its connection thread reads it), at most 30 s; then exactly that many.
+fn wait_applied(fake: &Fake, ops: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.counters().ops_applied < ops && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(fake.counters().ops_applied, ops);
+}
+
 fn connect(fake: &Fake) -> Client {
     Client::connect(&fake.addr, test_config()).unwrap()
 }
@@ -394,8 +404,11 @@ fn a_timeout_reports_an_unknown_outcome_and_resubmit_is_exactly_once() {
         panic!("no ticket in {e:?}");
     };
     assert_eq!(ticket.session_id, client.session_id().unwrap());
-    // The fake applied it; the reply comes too late for the caller.
-    assert_eq!(fake.counters().ops_applied, 1);
+    // The fake applies a SUBMIT when it reads it and holds only the
+    // reply; the reply comes too late for the caller. (Its connection
+    // thread may read the SUBMIT after the 200 ms timeout on a loaded
+    // machine: wait for it, bounded.)
+    wait_applied(&fake, 1);
     fake.faults().submit_delay = Duration::ZERO;
     let r = client
         .resubmit(ticket, &ops, SubmitOptions::default())
@@ -641,6 +654,11 @@ fn a_recorded_submit_is_resent_exactly_once_after_a_client_crash() {
             .unwrap_err();
         assert!(matches!(e, Error::Record { .. }));
     }
+    // The crashed client's SUBMIT reached the daemon: the fake applies it
+    // when its connection thread reads it, which on a loaded machine can
+    // be after the new connection's resend (then the resend would be
+    // the first copy, not the duplicate this test is about).
+    wait_applied(&fake, 2);
     fake.faults().submit_delay = Duration::ZERO;
     let ticket = recorded.expect("the ticket was recorded before sending");
     let restarted = connect(&fake);

@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -478,6 +479,17 @@ fn sigterm_under_load_commits_everything() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
+    // The stop comes under load: every worker has had a batch of 64
+    // acknowledged (on a loaded machine 1.5 s may not be enough; at most
+    // 30 s more).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let loaded = || {
+        let a = acked.lock().unwrap();
+        a.len() == 3 && a.values().all(|&n| n > 64)
+    };
+    while !loaded() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let status = d.term();
     assert!(status.success(), "exit status {status:?}: {}", d.log());
     for w in workers {
@@ -535,6 +547,8 @@ fn kill9_and_retry_is_exactly_once() {
     let mut objectid = 10u64;
     for round in 0..ROUNDS {
         let socket = d.socket.clone();
+        // Clients that had an answer this round.
+        let progressed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let handles: Vec<_> = (0..CLIENTS)
             .map(|ci| {
                 let socket = socket.clone();
@@ -544,6 +558,7 @@ fn kill9_and_retry_is_exactly_once() {
                 // Disjoint objectids per client and round (each round runs
                 // up to ~20 s of batches of 32).
                 let base = objectid + ci * 1_000_000_000 + round as u64 * 50_000_000;
+                let progressed = std::sync::Arc::clone(&progressed);
                 std::thread::spawn(move || {
                     let (mut c, _) = Raw::hello(&socket);
                     // First, the retries of what the last round left
@@ -579,6 +594,9 @@ fn kill9_and_retry_is_exactly_once() {
                             Some((id, Reply::Submit(_))) => {
                                 if let Some((req, ops)) = inflight.remove(&id) {
                                     answered.push((req, ops));
+                                    if answered.len() == 1 {
+                                        progressed.fetch_add(1, Ordering::SeqCst);
+                                    }
                                 }
                             }
                             Some((_, other)) => panic!("{other:?}"),
@@ -591,6 +609,13 @@ fn kill9_and_retry_is_exactly_once() {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(700 + 300 * round as u64));
+        // The kill comes under load: every client has had an answer this
+        // round (on a loaded machine the first can take longer than the
+        // sleep; at most 30 s more).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while progressed.load(Ordering::SeqCst) < CLIENTS && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         d.kill9();
         let mut all_answered = Vec::new();
         for (ci, h) in handles.into_iter().enumerate() {

@@ -477,18 +477,23 @@ fn tcp_needs_the_token() {
     };
     let token = t.scratch.path().join("token");
     std::fs::write(&token, "s3cret\n").unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
+    // Port 0: the kernel picks a free port, read from the ready line (a
+    // port found free and given to the daemon could be taken meanwhile
+    // by another test or process).
     let d = Daemon::start(
         &t,
         &[
             "--listen",
-            &format!("tcp:127.0.0.1:{port}"),
+            "tcp:127.0.0.1:0",
             "--token-file",
             token.to_str().unwrap(),
         ],
     );
+    let port: u16 = tcp_listener(&d.ready)
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no TCP port in {}", d.ready));
     let hello = |tok: &[u8]| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let mut f = Vec::new();
@@ -537,10 +542,9 @@ fn metrics_pass_promtool() {
     let Some(t) = Target::new("refd-metrics", 128 * MIB, false) else {
         return;
     };
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    drop(l);
-    let d = Daemon::start(&t, &["--metrics", &format!("127.0.0.1:{port}")]);
+    // Port 0, read from the ready line, as in tcp_needs_the_token.
+    let d = Daemon::start(&t, &["--metrics", "127.0.0.1:0"]);
+    let port = metrics_port(&d.ready);
     let (mut c, _) = Raw::hello(&d.socket);
     let s = c.register();
     assert!(matches!(
@@ -634,10 +638,8 @@ fn metrics_are_the_readme_list() {
     let Some(t) = Target::new("refd-metrics-doc", 128 * MIB, false) else {
         return;
     };
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    drop(l);
-    let d = Daemon::start(&t, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let d = Daemon::start(&t, &["--metrics", "127.0.0.1:0"]);
+    let port = metrics_port(&d.ready);
     let (mut c, _) = Raw::hello(&d.socket);
     let s = c.register();
     assert!(matches!(
@@ -707,6 +709,17 @@ fn metrics_are_the_readme_list() {
             _ => {}
         }
     }
+}
+
+/// The port of the metrics endpoint a ready line names
+/// (`metrics on http://127.0.0.1:PORT/metrics`).
+fn metrics_port(ready: &str) -> u16 {
+    ready
+        .split("metrics on http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics port in {ready}"))
 }
 
 fn http_get(port: u16, path: &str) -> String {

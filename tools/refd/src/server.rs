@@ -695,21 +695,25 @@ fn accept_loop<D: DelayedRefStore + 'static>(shared: &Arc<Shared<D>>, listener: 
     }
 }
 
-/// Connections over the bound answered `BUSY` at once; past this many
-/// (each waits up to a second for its first frame), one more is closed
-/// without an answer.
-pub const REFUSING_MAX: usize = 16;
+/// Connections over the bound being refused at once, each on its own
+/// thread waiting up to a second for the first frame; past this many, one
+/// more is answered at once (see [`refuse_aside`]).
+pub const REFUSING_MAX: usize = 256;
 
 /// Answers a connection over the bound with [`refuse`] on a thread of its
 /// own, so that the accept loop goes on at once: a refusal waits up to a
 /// second for the first frame, and a burst of silent connections would
 /// otherwise hold off the accept of every connection behind them (one
 /// second each), also once a connection slot is free again. Past
-/// [`REFUSING_MAX`] refusals at once, the connection is closed unanswered.
-fn refuse_aside<D: DelayedRefStore + 'static>(shared: &Arc<Shared<D>>, stream: Stream) {
+/// [`REFUSING_MAX`] refusals at once, the connection is answered `BUSY`
+/// with request id 0 at once, without waiting for its first frame, and
+/// closed.
+fn refuse_aside<D: DelayedRefStore + 'static>(shared: &Arc<Shared<D>>, mut stream: Stream) {
     let max = shared.config.connections_max;
     if shared.refusing.fetch_add(1, Ordering::AcqRel) >= REFUSING_MAX {
         shared.refusing.fetch_sub(1, Ordering::AcqRel);
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+        let _ = stream.write_all(&busy_frame(0, max));
         stream.shutdown();
         return;
     }
@@ -756,15 +760,20 @@ fn refuse(mut stream: Stream, max: usize) {
             Err(_) => break,
         }
     }
+    let _ = stream.write_all(&busy_frame(request_id, max));
+    crate::conn::linger(&mut stream);
+    stream.shutdown();
+}
+
+/// The `BUSY` error frame answering `request_id`.
+fn busy_frame(request_id: u64, max: usize) -> Vec<u8> {
     let body = ErrorBody::new(
         ErrorCode::Busy,
         &format!("{max} connections are served already (--connections-max)"),
     );
     let mut frame = Vec::new();
     encode_reply(request_id, &Reply::Error(body), &mut frame);
-    let _ = stream.write_all(&frame);
-    crate::conn::linger(&mut stream);
-    stream.shutdown();
+    frame
 }
 
 /// Releases expired barrier leases and those of evicted sessions, every

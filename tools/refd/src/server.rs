@@ -698,7 +698,7 @@ fn accept_loop<D: DelayedRefStore + 'static>(shared: &Arc<Shared<D>>, listener: 
 /// Connections over the bound being refused at once, each on its own
 /// thread waiting up to a second for the first frame; past this many, one
 /// more is answered at once (see [`refuse_aside`]).
-pub const REFUSING_MAX: usize = 256;
+const REFUSING_MAX: usize = 256;
 
 /// Answers a connection over the bound with [`refuse`] on a thread of its
 /// own, so that the accept loop goes on at once: a refusal waits up to a

@@ -72,10 +72,14 @@ impl Daemon {
     /// ready line (at most 60 s).
     pub fn start(target: &Target, args: &[&str]) -> Daemon {
         let socket = target.socket();
-        let stderr = target.scratch.path().join(format!(
-            "refd-{}.log",
-            Instant::now().elapsed().as_nanos() ^ std::process::id() as u128
-        ));
+        // One log per start: a daemon restarted on the same target keeps
+        // the log of the one before (the name was the pid, in effect).
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stderr = target
+            .scratch
+            .path()
+            .join(format!("refd-{}-{n}.log", std::process::id()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_refd"))
             .arg("serve")
             .arg("--device")

@@ -66,11 +66,12 @@
 //! 9. An allocation dropped again in the commit that made it (1-7
 //!    accepted, no extent left) is refused if its range `[b, b + n)` (`n`
 //!    the latest allocation's size) meets a committed extent at another
-//!    bytenr that no op run by this commit allocates and that its ops do
-//!    not free (no ops, or held by a barrier: none of its ops run, or
-//!    refused or applied with refs left, without an allocation): that
-//!    extent was live all through the commit, so the range was handed out
-//!    over it. Decided before rule 8 (it depends on no other allocation's
+//!    bytenr that has no ops in this commit, or ops that are not held by
+//!    a seq barrier, include no allocation and do not free it (refused,
+//!    or applied with refs left): that extent was live all through the
+//!    commit, so the range was handed out over it. A held extent does not
+//!    count: its ops may free it before the barrier's seq and allocate it
+//!    again after. Decided before rule 8 (it depends on no other allocation's
 //!    decision, and a refused one keeps its bytenr's committed extent
 //!    live for rule 8).
 
@@ -178,7 +179,8 @@ impl Model {
     /// pieces. A range freed and allocated again by the same commit is not
     /// reusable, nor is the part of an allocation dropped again that a
     /// live extent covers (one allocated by the commit, or a committed one
-    /// whose re-allocation was refused: rule 9 refuses the rest);
+    /// whose ops were held or whose re-allocation was refused: rule 9
+    /// refuses the rest);
     /// two lives ended over one range make it reusable once.
     pub fn reusable(&self, freed: &[(u64, u64)]) -> Vec<(u64, u64)> {
         let mut sorted = freed.to_vec();
@@ -291,7 +293,7 @@ impl Model {
             }
             results.insert(bytenr, (alloc.is_some(), result));
         }
-        self.refuse_dropped_over_live(&mut results, &alloc_sizes);
+        self.refuse_dropped_over_live(&mut results, &alloc_sizes, &out.held);
         self.refuse_overlaps(&mut results);
         for (bytenr, (_, result)) in results {
             match result {
@@ -321,9 +323,11 @@ impl Model {
         &self,
         results: &mut BTreeMap<u64, (bool, Evaluated)>,
         alloc_sizes: &BTreeMap<u64, u64>,
+        held: &[u64],
     ) {
         let stays = |results: &BTreeMap<u64, (bool, Evaluated)>, c: u64| {
-            !alloc_sizes.contains_key(&c)
+            !held.contains(&c)
+                && !alloc_sizes.contains_key(&c)
                 && !matches!(results.get(&c), Some((_, Ok(Some((None, _))))))
         };
         let mut refused = Vec::new();

@@ -30,8 +30,8 @@
 //! extent, but its range was still handed out while the commit ran, and
 //! its free is reported (FREED): it is refused too, with the same error,
 //! if its range meets a committed extent at another bytenr that stays as
-//! it was through the commit (no head run by this commit allocates or
-//! frees it; a held head runs none of its ops). That extent was live the whole time, so the range was allocated
+//! it was through the commit (it has no head, or its head, not held by a
+//! seq barrier, neither allocates nor frees it). That extent was live the whole time, so the range was allocated
 //! over it. A committed extent that this commit frees or allocates again
 //! had a moment free, and the dropped allocation may have used it then
 //! (refd's commit spans many kernel transactions). Without this rule such
@@ -371,15 +371,17 @@ impl Settled<'_> {
     }
 
     /// Whether the committed extent at `c` stays as it was through the
-    /// commit: no head, a head a seq barrier held (none of its ops are in
-    /// this commit), or a head that does not allocate and did not free
+    /// commit: no head, or a head that does not allocate and did not free
     /// it (applied with an item, refused or cancelled). A head that
     /// allocates (run, whatever its outcome) had the extent free at some
-    /// moment.
+    /// moment. So may a head a seq barrier held: the whole head is held
+    /// when one of its refs is at or above the barrier, and its other ops
+    /// may have freed the extent long before (a drop at seq 0, then an
+    /// allocation of the bytenr under the barrier), so it never stays.
     fn stays<P>(&self, c: u64, parts: &[RunPart<P>]) -> bool {
         match self.heads.binary_search_by_key(&c, |h| h.bytenr) {
             Err(_) => true,
-            Ok(idx) if self.held.binary_search(&idx).is_ok() => true,
+            Ok(idx) if self.held.binary_search(&idx).is_ok() => false,
             Ok(idx) => {
                 !self.heads[idx].summary.must_insert_reserved()
                     && !matches!(self.effect(c, parts), Some(None))

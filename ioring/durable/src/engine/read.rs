@@ -184,9 +184,10 @@ pub(super) fn read_extents<S: Storage>(
 /// run by [`alloc_neighbours`]): for `Ran::freed_unreused` of
 /// `refd_core`, which leaves out of what a consumer may reuse every range
 /// an untouched committed extent covers. Only an allocation dropped again
-/// in the commit that made it can meet one, and only one whose own
-/// re-allocation in that commit was refused (over an extent live
-/// all through the commit it is refused); the ranges are those.
+/// in the commit that made it can meet one, and only one whose head was
+/// held by a seq barrier or whose re-allocation in that commit was refused
+/// (over an extent live all through the commit it is refused); the ranges
+/// are those.
 pub(super) fn extents_inside<S: Storage>(
     tree: &BTree<S>,
     device: &str,

@@ -94,9 +94,11 @@ struct Floor {
     nearest: Option<(u64, u64)>,
 }
 
-/// Committed extents in `[from, to)` are all freed by this commit;
-/// `blocker` is the live committed extent at `to` where a scan stopped on
-/// it (`None`: the scan ended at `to`).
+/// What a scan of [`first_inside`] found: the committed extents in
+/// `[from, to)` do not block (for [`Settled::live_inside`]: all are freed
+/// by this commit; for [`Settled::stays_meeting`]: none stays as it was);
+/// `blocker` is the committed extent at `to` that does, where the scan
+/// stopped on it (`None`: the scan ended at `to`).
 #[derive(Clone, Copy, Debug)]
 struct FreedSpan {
     from: u64,
@@ -301,27 +303,11 @@ impl Settled<'_> {
         parts: &[RunPart<P>],
     ) -> Option<(u64, u64)> {
         let (start, end) = (b.saturating_add(1), b.saturating_add(num_bytes));
-        let mut from = start;
-        let mut scan = start;
-        if let Some(s) = self.span.filter(|s| s.from <= start && start <= s.to) {
-            if end <= s.to {
-                return None;
-            }
-            if s.blocker.is_some() {
-                return s.blocker;
-            }
-            (from, scan) = (s.from, s.to);
-        }
-        let mut blocker = None;
-        for (c, item) in self.tree.range(scan..end) {
-            let freed = matches!(self.effect(c, parts), Some(None));
-            if !freed {
-                blocker = Some((c, item.num_bytes));
-                break;
-            }
-        }
-        let to = blocker.map_or(end, |(c, _)| c);
-        self.span = Some(FreedSpan { from, to, blocker });
+        let mut span = self.span;
+        let blocker = first_inside(self.tree, &mut span, start, end, |c| {
+            !matches!(self.effect(c, parts), Some(None))
+        });
+        self.span = span;
         blocker
     }
 
@@ -347,26 +333,9 @@ impl Settled<'_> {
             }
         }
         let (start, end) = (b.saturating_add(1), b.saturating_add(num_bytes));
-        let mut from = start;
-        let mut scan = start;
-        if let Some(s) = self.stay_span.filter(|s| s.from <= start && start <= s.to) {
-            if end <= s.to {
-                return None;
-            }
-            if s.blocker.is_some() {
-                return s.blocker;
-            }
-            (from, scan) = (s.from, s.to);
-        }
-        let mut blocker = None;
-        for (c, item) in self.tree.range(scan..end) {
-            if self.stays(c, parts) {
-                blocker = Some((c, item.num_bytes));
-                break;
-            }
-        }
-        let to = blocker.map_or(end, |(c, _)| c);
-        self.stay_span = Some(FreedSpan { from, to, blocker });
+        let mut span = self.stay_span;
+        let blocker = first_inside(self.tree, &mut span, start, end, |c| self.stays(c, parts));
+        self.stay_span = span;
         blocker
     }
 
@@ -388,4 +357,39 @@ impl Settled<'_> {
             }
         }
     }
+}
+
+/// The first extent of `tree` in `[start, end)` that `blocks`, with its
+/// size. `span` is what the last call found (extents in `[from, to)` do not
+/// block; `blocker` at `to`, if any, does), and is updated: starts only
+/// ascend over a settle and `blocks` depends on no decision, so each
+/// extent is looked at once over a whole settle.
+fn first_inside(
+    tree: &ExtentTree,
+    span: &mut Option<FreedSpan>,
+    start: u64,
+    end: u64,
+    mut blocks: impl FnMut(u64) -> bool,
+) -> Option<(u64, u64)> {
+    let mut from = start;
+    let mut scan = start;
+    if let Some(s) = span.filter(|s| s.from <= start && start <= s.to) {
+        if end <= s.to {
+            return None;
+        }
+        if s.blocker.is_some() {
+            return s.blocker;
+        }
+        (from, scan) = (s.from, s.to);
+    }
+    let mut blocker = None;
+    for (c, item) in tree.range(scan..end) {
+        if blocks(c) {
+            blocker = Some((c, item.num_bytes));
+            break;
+        }
+    }
+    let to = blocker.map_or(end, |(c, _)| c);
+    *span = Some(FreedSpan { from, to, blocker });
+    blocker
 }

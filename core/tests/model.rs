@@ -313,6 +313,17 @@ fn realloc_while_referenced_is_quarantined_engine() {
     assert_eq!(r[3].freed.len(), 1, "the old life ends");
 }
 
+/// A data op on `bytenr` of `num_bytes`, its backref inode 257 at offset
+/// 0 of `root`.
+fn data_op(bytenr: u64, num_bytes: u64, action: Action, root: u64) -> Op {
+    let key = RefKey::ExtentData {
+        root,
+        objectid: 257,
+        offset: 0,
+    };
+    Op::new(bytenr, num_bytes, ExtentKind::Data, action, key, 0).unwrap()
+}
+
 /// The one quarantine error of the head at `bytenr` in `r`.
 fn refused(r: &CommitReport, bytenr: u64) -> &RunError {
     assert_eq!(r.quarantined.len(), 1, "{:?}", r.quarantined);
@@ -330,12 +341,7 @@ fn refused(r: &CommitReport, bytenr: u64) -> &RunError {
 #[test]
 fn ref_naming_another_size_than_its_allocation_is_refused_engine() {
     let b = 1 << 30;
-    let key = |root| RefKey::ExtentData {
-        root,
-        objectid: 257,
-        offset: 0,
-    };
-    let op = |a, n, root| Op::new(b, n, ExtentKind::Data, a, key(root), 0).unwrap();
+    let op = |a, n, root| data_op(b, n, a, root);
     let r = agree(&[
         // Fresh allocation, a ref of another size.
         vec![op(Action::AddExtent, 4096, 5), op(Action::AddRef, 8192, 6)],
@@ -443,12 +449,7 @@ fn second_allocation_without_a_free_is_refused_engine() {
 /// refused); legal when the extent it meets is freed in the same commit.
 #[test]
 fn allocation_overlapping_a_live_extent_is_refused_engine() {
-    let key = |root| RefKey::ExtentData {
-        root,
-        objectid: 257,
-        offset: 0,
-    };
-    let op = |b, n, a, root| Op::new(b, n, ExtentKind::Data, a, key(root), 0).unwrap();
+    let op = data_op;
     let mib = 1u64 << 20;
     let r = agree(&[
         vec![op(mib, 64 << 10, Action::AddExtent, 5)],
@@ -497,12 +498,7 @@ fn allocation_overlapping_a_live_extent_is_refused_engine() {
 /// listed where nothing is live afterwards.
 #[test]
 fn allocation_dropped_over_a_live_extent_is_refused_engine() {
-    let key = |root| RefKey::ExtentData {
-        root,
-        objectid: 257,
-        offset: 0,
-    };
-    let op = |b, n, a, root| Op::new(b, n, ExtentKind::Data, a, key(root), 0).unwrap();
+    let op = data_op;
     let mib = 1u64 << 20;
     let r = agree(&[
         vec![

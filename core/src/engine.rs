@@ -453,6 +453,16 @@ impl<S: DelayedRefStore> Engine<S> {
         }
     }
 
+    /// The summary of [`Engine::pending_with`]'s head (all a lookup of the
+    /// count needs; the store may get it without merging the refs).
+    pub fn pending_summary_with(&self, tree: &TreeRead<'_>, bytenr: u64) -> Option<HeadSummary> {
+        if tree.0.applied(bytenr) {
+            self.store.pending_live_summary(bytenr)
+        } else {
+            self.store.pending_summary(bytenr)
+        }
+    }
+
     /// Queue whole heads into the live transaction (re-stamped, see
     /// [`DelayedRefStore::requeue`]): recovery of the heads a durable
     /// commit held. Before any op is added.
@@ -482,13 +492,13 @@ impl<S: DelayedRefStore> Engine<S> {
     pub fn lookup_extent_ref(&self, bytenr: u64) -> ExtentRefs {
         let t = self.tree();
         let committed = t.get(bytenr).cloned();
-        let pending = self.pending_with(&t, bytenr);
+        let pending = self.pending_summary_with(&t, bytenr);
         drop(t);
         let refs = committed.as_ref().map_or(0, |c| c.refs as i64)
-            + pending.as_ref().map_or(0, |h| h.summary.total_ref_mod);
+            + pending.as_ref().map_or(0, |s| s.total_ref_mod);
         ExtentRefs {
             committed,
-            pending: pending.map(|h| h.summary),
+            pending,
             refs,
         }
     }

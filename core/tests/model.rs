@@ -184,10 +184,18 @@ fn run(cmds: Vec<Cmd>, staging: usize) {
                     refs,
                     "mutex lookup at step {step}"
                 );
+                let pending = lf.store().pending(op.bytenr);
                 assert_eq!(
-                    lf.store().pending(op.bytenr),
+                    pending,
                     mx.store().pending(op.bytenr),
                     "pending head at step {step}"
+                );
+                // The count's lookup reads summaries only (lock-free: no
+                // merge of the refs unless the head may be a no-op).
+                assert_eq!(
+                    lf.store().pending_summary(op.bytenr),
+                    pending.map(|h| h.summary),
+                    "pending summary at step {step}"
                 );
             }
             Cmd::Commit => {

@@ -19,7 +19,8 @@
 //!                       │ only when its whole ring is full: see below)
 //!                       ▼
 //!                 TxnIndex of the live transaction
-//!                   runs: SkipMap<run_id, Run>  (Run: sorted chunks + Bloom filter)
+//!                   runs: SkipMap<run_id, Arc<Run>>  (Run: sorted chunks + Bloom filter;
+//!                         lookups read them through the index's RunView)
 //!                       │ size-tiered compaction on the background
 //!                       │ compactor (COMPACT_FANOUT = 8 runs of a level
 //!                       │ → 1; top-level runs of comparable size merge)
@@ -81,13 +82,17 @@
 //! read (`pending_all`, `stats`) needs the window only to take a snapshot
 //! of the generation (the run entries, which keep compacted runs alive, a
 //! copy of the staged ops, the carry); the merge runs outside it. A lookup
-//! likewise reads in its window only the run entries and the staged ops
-//! and carry of its bytenr (a staging buffer's slots are scanned only if
-//! its bytenr filter has the bit set), and searches the runs afterwards,
-//! each only if its Bloom filter ([`RUN_FILTER_BITS_PER_HEAD`]) may hold
-//! the bytenr. Ingest waits for a reader only at a hand-off that meets a
-//! quiet window, for at most the time of a skiplist walk (a lookup) or a
-//! snapshot.
+//! likewise reads in its window only the index's run view (one pointer:
+//! `RunView`, every run's filter and run in one array, republished by
+//! each change of the runs) and the staged ops and carry of its bytenr (a
+//! staging buffer's slots are scanned only if its bytenr filter may hold
+//! the bytenr). After the window it probes every run's Bloom filter
+//! ([`RUN_FILTER_BITS_PER_HEAD`]) from the view's array and searches the
+//! runs that may hold the bytenr, their binary searches in lockstep
+//! (`find_in_chunks`); a lookup of the count (`pending_summary`) merges
+//! only the heads' summaries. Ingest waits for a reader only at a
+//! hand-off that meets a quiet window, for at most the time of a staging
+//! scan (a lookup) or a snapshot.
 //!
 //! # Transaction hand-off
 //!
@@ -111,13 +116,13 @@ use crossbeam_utils::CachePadded;
 use super::gate::{parity, Generation, ShardGate};
 use super::handoff::{Ring, Rotate, STAGING_RING};
 use super::packed::{
-    build_run, heads_in_range, merge_cursors, split_points, Chunk, Cursor, HeadRef, PackedRef,
-    RunBuilder,
+    build_run, find_in_chunks, heads_in_range, merge_cursors, split_points, Chunk, Cursor, HeadRef,
+    PackedRef, RunBuilder,
 };
 use super::{
     merge_heads, merge_heads_keeping_all, DelayedRefStore, IngestHandle, StampClock, StoreError,
 };
-use crate::head::Head;
+use crate::head::{DelayedRef, Head, HeadSummary};
 use crate::model::Op;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -145,19 +150,22 @@ struct Staging {
     len: AtomicUsize,
     cap: usize,
     slots: OnceLock<Box<[[AtomicU64; SLOT_WORDS]]>>,
-    /// One bit per hash of a staged op's bytenr ([`STAGING_FILTER_BITS_PER_OP`]
-    /// bits per slot), set by the writer before it publishes the op's
-    /// slot: a lookup scans the slots only if its bit is set (cleared with
-    /// `len` when the buffer empties).
+    /// A blocked Bloom filter of the staged ops' bytenrs (as a run's:
+    /// [`FilterKey`], [`STAGING_FILTER_BITS_PER_OP`] bits per slot), whose
+    /// bits the writer sets before it publishes the op's slot: a lookup
+    /// scans the slots only if all its bits are set (cleared with `len`
+    /// when the buffer empties).
     filter: OnceLock<Box<[AtomicU64]>>,
     /// The generation of the ops of a full buffer, written by the owner
     /// before it marks the buffer full (read by whoever hands it off).
     gen: AtomicU64,
 }
 
-/// Bits of a staging buffer's bytenr filter per slot: at a full buffer
-/// about 1 in 16 bits is set, so a lookup of a bytenr the buffer does not
-/// hold scans its slots about once in 16.
+/// Bits of a staging buffer's bytenr filter per slot. With 4 bits of one
+/// word per bytenr, a lookup of a bytenr a full buffer does not hold scans
+/// its slots (4096 of them, ~360 KiB) about once in 400; with one bit per
+/// bytenr it was once in 16, and those scans were most of the lookups
+/// slower than 10 µs under full ingest.
 pub const STAGING_FILTER_BITS_PER_OP: usize = 16;
 
 impl Staging {
@@ -185,20 +193,18 @@ impl Staging {
         });
     }
 
-    /// The filter word and bit of `bytenr` (Fibonacci hashing: bytenrs are
-    /// multiples of the sector size, so their low bits are not spread).
+    /// The filter word and bits of `bytenr`.
     fn filter_bit(&self, bytenr: u64) -> Option<(&AtomicU64, u64)> {
         let filter = self.filter.get()?;
-        let bits = (filter.len() * 64) as u64;
-        let h = (bytenr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % bits;
-        Some((&filter[(h / 64) as usize], 1u64 << (h % 64)))
+        let k = FilterKey::of(bytenr);
+        Some((&filter[RunFilter::word(k, filter.len())], k.mask))
     }
 
     /// Writer only (the shard owner), before publishing the op's slot.
     fn note(&self, bytenr: u64) {
         if let Some((word, bit)) = self.filter_bit(bytenr) {
             let w = word.load(Ordering::Relaxed);
-            if w & bit == 0 {
+            if w & bit != bit {
                 word.store(w | bit, Ordering::Relaxed);
             }
         }
@@ -209,7 +215,7 @@ impl Staging {
     /// was emptied meanwhile: a change, which the reader's check detects).
     fn may_hold(&self, bytenr: u64) -> bool {
         self.filter_bit(bytenr)
-            .is_some_and(|(word, bit)| word.load(Ordering::Relaxed) & bit != 0)
+            .is_some_and(|(word, bit)| word.load(Ordering::Relaxed) & bit == bit)
     }
 
     /// Empty the buffer (inside a change of its index, or with no writer).
@@ -232,17 +238,17 @@ impl Staging {
         try_decode(&w)
     }
 
-    /// The heads of the staged ops of `bytenr` (a reader's view: slots
-    /// that are not one whole op are skipped, the read is retried).
-    fn heads_of(&self, bytenr: u64, out: &mut Vec<Head>) {
+    /// The staged ops of `bytenr` with their stamps (a reader's view:
+    /// slots that are not one whole op are skipped, the read is retried).
+    fn ops_of(&self, bytenr: u64, out: &mut Vec<(Op, u64)>) {
         let n = self.len.load(Ordering::Acquire).min(self.slots().len());
         if n == 0 || !self.may_hold(bytenr) {
             return;
         }
         for i in 0..n {
             if self.slots()[i][0].load(Ordering::Relaxed) == bytenr {
-                if let Some((op, stamp)) = self.read(i).filter(|(op, _)| op.bytenr == bytenr) {
-                    out.push(Head::of_op(&op, stamp));
+                if let Some(op) = self.read(i).filter(|(op, _)| op.bytenr == bytenr) {
+                    out.push(op);
                 }
             }
         }
@@ -379,42 +385,63 @@ pub const RUN_FILTER_BITS_PER_HEAD: usize = 16;
 /// (one cache miss per probe), 4 bits set in it. At
 /// [`RUN_FILTER_BITS_PER_HEAD`] bits per head, a run that does not hold a
 /// bytenr is searched anyway about once in 200 lookups.
-#[derive(Debug)]
+///
+/// The words are shared (`Arc`) with the index's [`RunView`], so a lookup
+/// probes every run's filter from one contiguous array.
+#[derive(Debug, Clone)]
 struct RunFilter {
-    words: Box<[u64]>,
+    words: Arc<[u64]>,
 }
 
-impl RunFilter {
-    fn new(heads: usize, bytenrs: impl Iterator<Item = u64>) -> RunFilter {
-        let words = (heads * RUN_FILTER_BITS_PER_HEAD / 64)
-            .max(1)
-            .next_power_of_two();
-        let mut f = RunFilter {
-            words: vec![0u64; words].into_boxed_slice(),
-        };
-        for b in bytenrs {
-            let (i, mask) = f.probe(b);
-            f.words[i] |= mask;
-        }
-        f
-    }
+/// A bytenr's filter hash, computed once per lookup for every run.
+#[derive(Clone, Copy)]
+struct FilterKey {
+    hash: u64,
+    mask: u64,
+}
 
-    /// The word and the bits of `bytenr` (splitmix64's finaliser: bytenrs
-    /// are sector multiples, their low bits are not spread).
-    fn probe(&self, bytenr: u64) -> (usize, u64) {
+impl FilterKey {
+    /// splitmix64's finaliser (bytenrs are sector multiples, their low
+    /// bits are not spread); 4 bits of the word from its low 24 bits, the
+    /// word from its high 32.
+    fn of(bytenr: u64) -> FilterKey {
         let mut x = bytenr ^ (bytenr >> 30);
         x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
         x ^= x >> 27;
         x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
         x ^= x >> 31;
         let mask = (0..4).fold(0u64, |m, k| m | 1u64 << ((x >> (6 * k)) & 63));
-        let i = ((x >> 32) as usize) & (self.words.len() - 1);
-        (i, mask)
+        FilterKey { hash: x, mask }
+    }
+}
+
+impl RunFilter {
+    fn new(heads: usize, bytenrs: impl Iterator<Item = u64>) -> RunFilter {
+        let len = (heads * RUN_FILTER_BITS_PER_HEAD / 64)
+            .max(1)
+            .next_power_of_two();
+        let mut words = vec![0u64; len];
+        for b in bytenrs {
+            let k = FilterKey::of(b);
+            words[Self::word(k, len)] |= k.mask;
+        }
+        RunFilter {
+            words: words.into(),
+        }
     }
 
+    /// The word of `k` in a filter of `len` (a power of two) words.
+    fn word(k: FilterKey, len: usize) -> usize {
+        ((k.hash >> 32) as usize) & (len - 1)
+    }
+
+    fn may_hold_key(&self, k: FilterKey) -> bool {
+        self.words[Self::word(k, self.words.len())] & k.mask == k.mask
+    }
+
+    #[cfg(test)]
     fn may_hold(&self, bytenr: u64) -> bool {
-        let (i, mask) = self.probe(bytenr);
-        self.words[i] & mask == mask
+        self.may_hold_key(FilterKey::of(bytenr))
     }
 }
 
@@ -430,19 +457,50 @@ impl Run {
         }
     }
 
-    fn find(&self, bytenr: u64) -> Option<HeadRef<'_>> {
-        if !self.filter.may_hold(bytenr) {
-            return None;
-        }
+    /// The chunk that would hold `bytenr` (no filter, no search in it).
+    fn chunk_of(&self, bytenr: u64) -> Option<&Chunk> {
         let i = self.firsts.partition_point(|&f| f <= bytenr);
-        if i == 0 {
-            return None;
-        }
-        self.chunks[i - 1].find(bytenr)
+        (i > 0).then(|| &self.chunks[i - 1])
     }
 
     fn cursor(&self) -> Cursor<'_> {
         Cursor::new(self.chunks.iter().collect())
+    }
+}
+
+/// What a lookup reads of an index's runs: every run's filter and run in
+/// one array, in run id order. Republished at the end of each change of
+/// the runs (built before its bracket by [`TxnIndex::next_view`], swapped
+/// in inside it) and reclaimed by
+/// crossbeam-epoch. So a lookup neither walks the skiplist (a chain of
+/// dependent cache misses, one per run: 200–400 runs under full ingest)
+/// nor takes a reference on each of its entries, and its filter probes
+/// are independent loads that overlap.
+#[derive(Debug)]
+struct RunView {
+    slots: Vec<RunSlot>,
+}
+
+#[derive(Debug, Clone)]
+struct RunSlot {
+    id: u64,
+    filter: RunFilter,
+    run: Arc<Run>,
+}
+
+/// The view of an index with no runs (its `view` is null until the first).
+static EMPTY_VIEW: RunView = RunView { slots: Vec::new() };
+
+impl RunView {
+    /// The chunk of each run whose filter may hold `bytenr`.
+    fn chunks_may_hold<'a>(&'a self, bytenr: u64, out: &mut Vec<&'a Chunk>) {
+        let k = FilterKey::of(bytenr);
+        out.extend(
+            self.slots
+                .iter()
+                .filter(|s| s.filter.may_hold_key(k))
+                .filter_map(|s| s.run.chunk_of(bytenr)),
+        );
     }
 }
 
@@ -453,7 +511,11 @@ impl Run {
 /// garbage per compaction to a handful of nodes.
 #[derive(Debug, Default)]
 struct TxnIndex {
-    runs: SkipMap<u64, Run>,
+    runs: SkipMap<u64, Arc<Run>>,
+    /// The runs as lookups read them ([`RunView`]); null: none yet.
+    view: crossbeam_epoch::Atomic<RunView>,
+    /// Serialises the changes of the runs ([`TxnIndex::lock_runs`]).
+    view_writer: Mutex<()>,
     started: CachePadded<AtomicU64>,
     finished: CachePadded<AtomicU64>,
     /// Readers that asked for a quiet window (see
@@ -560,20 +622,93 @@ impl TxnIndex {
         QuietGuard(self)
     }
 
-    /// Insert a run (inside a change bracket).
-    fn insert_run(&self, run: Run) {
-        let id = self.next_run.fetch_add(1, Ordering::Relaxed);
+    /// Insert run `id` (inside a change bracket, after
+    /// [`TxnIndex::next_view`]).
+    fn insert_run(&self, id: u64, run: Arc<Run>) {
         self.runs.insert(id, run);
+    }
+
+    /// Take the right to change the runs: writers of the runs (hand-offs,
+    /// compactions, release) are serialised, so that each builds its view
+    /// from the one it replaces.
+    fn lock_runs(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.view_writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The view after a change of the runs (caller holds
+    /// [`TxnIndex::lock_runs`]; built before the change's bracket, so that
+    /// readers wait only for the swap): the run `added` in, the runs whose
+    /// id `removed` says out. Returns the new run's id with it.
+    fn next_view(
+        &self,
+        added: Option<&Arc<Run>>,
+        removed: impl Fn(u64) -> bool,
+    ) -> (crossbeam_epoch::Owned<RunView>, u64) {
+        let guard = crossbeam_epoch::pin();
+        let old = self.view.load(Ordering::Acquire, &guard);
+        // SAFETY: `view` is null or a view published by `publish_view`,
+        // which is destroyed only after another replaced it and every
+        // thread pinned then has unpinned: this thread is pinned (`guard`).
+        let old_slots = unsafe { old.as_ref() }.map_or(&[][..], |v| &v.slots[..]);
+        let mut slots: Vec<RunSlot> = old_slots
+            .iter()
+            .filter(|s| !removed(s.id))
+            .cloned()
+            .collect();
+        // Ids rise and writers are serialised: a new run goes last.
+        let id = self.next_run.fetch_add(1, Ordering::Relaxed);
+        if let Some(run) = added {
+            slots.push(RunSlot {
+                id,
+                filter: run.filter.clone(),
+                run: Arc::clone(run),
+            });
+        }
+        (crossbeam_epoch::Owned::new(RunView { slots }), id)
+    }
+
+    /// Publish a view built by [`TxnIndex::next_view`] (inside the change's
+    /// bracket, after its skiplist changes, under the same
+    /// [`TxnIndex::lock_runs`]): once the change ends, the view holds
+    /// exactly the skiplist's runs (readers read it only then:
+    /// `read_stable`).
+    fn publish_view(&self, new: crossbeam_epoch::Owned<RunView>) {
+        let guard = crossbeam_epoch::pin();
+        let old = self.view.swap(new, Ordering::SeqCst, &guard);
+        if !old.is_null() {
+            // SAFETY: `old` is unlinked (no thread can load it any more);
+            // threads that loaded it are pinned, and its destruction waits
+            // for them.
+            unsafe { guard.defer_destroy(old) };
+            // The old view may hold the last references to runs a
+            // compaction removed: hand it to the global queue now rather
+            // than when this thread's bag fills (64 hand-offs later).
+            guard.flush();
+        }
+    }
+
+    /// The runs as a lookup reads them (inside a read window, so that they
+    /// agree with the staging buffers read in the same window).
+    fn view<'g>(&'g self, guard: &'g crossbeam_epoch::Guard) -> &'g RunView {
+        let v = self.view.load(Ordering::Acquire, guard);
+        // SAFETY: as in `next_view`: a published view is destroyed only
+        // after it was replaced and every thread pinned at that moment
+        // (this one: `guard`) unpinned, or with the index itself (`Drop`,
+        // which no borrow of `self` outlives).
+        unsafe { v.as_ref() }.unwrap_or(&EMPTY_VIEW)
     }
 
     /// Publish a batch handed off by a shard and clear its staging.
     fn hand_off(&self, b: RunBuilder, staging: &Staging) {
         let (heads, refs) = (b.heads_total, b.refs_total);
         // Built outside the change: readers wait for changes.
-        let run = (heads > 0).then(|| Run::new(b.finish(), 0, heads, refs));
+        let run = (heads > 0).then(|| Arc::new(Run::new(b.finish(), 0, heads, refs)));
+        let _runs = self.lock_runs();
+        let view = run.as_ref().map(|r| self.next_view(Some(r), |_| false));
         self.begin_change();
-        if let Some(run) = run {
-            self.insert_run(run);
+        if let (Some(run), Some((view, id))) = (run, view) {
+            self.insert_run(id, run);
+            self.publish_view(view);
         }
         staging.reset();
         self.end_change();
@@ -645,15 +780,20 @@ impl TxnIndex {
                     merge_cursors(cursors, |m| b.push_merged(m));
                 }
                 let (heads, refs) = (b.heads_total, b.refs_total);
-                let run = (heads > 0).then(|| Run::new(b.finish(), out_level, heads, refs));
+                let run =
+                    (heads > 0).then(|| Arc::new(Run::new(b.finish(), out_level, heads, refs)));
+                let runs = self.lock_runs();
+                let (view, id) = self.next_view(run.as_ref(), |id| ids.contains(&id));
                 self.begin_change();
                 if let Some(run) = run {
-                    self.insert_run(run);
+                    self.insert_run(id, run);
                 }
-                for id in ids {
-                    self.runs.remove(&id);
+                for id in &ids {
+                    self.runs.remove(id);
                 }
+                self.publish_view(view);
                 self.end_change();
+                drop(runs);
                 reclaim();
             }
             token.store(false, Ordering::SeqCst);
@@ -705,16 +845,35 @@ impl TxnIndex {
     }
 
     fn clear(&self) {
+        let _runs = self.lock_runs();
+        let (view, _) = self.next_view(None, |_| true);
         self.begin_change();
         for e in self.runs.iter() {
             e.remove();
         }
+        self.publish_view(view);
         self.lock_carry().clear();
         self.end_change();
     }
 
     fn lock_carry(&self) -> std::sync::MutexGuard<'_, Vec<Head>> {
         self.carry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for TxnIndex {
+    fn drop(&mut self) {
+        // SAFETY: `&mut self`: no thread reads or republishes this index's
+        // view any more (readers borrow the index), so the current view is
+        // unshared; older ones were handed to crossbeam-epoch.
+        unsafe {
+            let v = self
+                .view
+                .load(Ordering::Relaxed, crossbeam_epoch::unprotected());
+            if !v.is_null() {
+                drop(v.into_owned());
+            }
+        }
     }
 }
 
@@ -1134,47 +1293,94 @@ impl LockFreeStore {
     /// consistent read (caller wraps it in `read_stable`): the runs of the
     /// generation, unsearched, and the heads of `bytenr`'s staged ops and
     /// carry.
-    fn lookup_window(&self, g: u64, bytenr: u64) -> (RunEntries<'_>, Vec<Head>) {
+    fn lookup_window<'g>(
+        &'g self,
+        g: u64,
+        bytenr: u64,
+        guard: &'g crossbeam_epoch::Guard,
+    ) -> LookupParts<'g> {
         let idx = &self.shared.index[parity(g)];
-        let runs = idx.runs.iter().collect();
-        let mut heads = Vec::new();
+        let mut parts = LookupParts {
+            view: idx.view(guard),
+            staged: Vec::new(),
+            carry: Vec::new(),
+        };
         for shard in self.shared.shards.iter() {
             if !shard.gate.holds(g) {
                 continue;
             }
             for st in &shard.lanes[parity(g)].bufs {
-                st.heads_of(bytenr, &mut heads);
+                st.ops_of(bytenr, &mut parts.staged);
             }
         }
-        heads.extend(
+        parts.carry.extend(
             idx.lock_carry()
                 .iter()
                 .filter(|h| h.bytenr == bytenr)
                 .cloned(),
         );
-        (runs, heads)
+        parts
+    }
+
+    /// Look `bytenr` up and hand `f` what was found: its heads in the
+    /// runs, its staged ops (with their stamps) and its carried heads.
+    fn lookup_with<R>(
+        &self,
+        bytenr: u64,
+        live_only: bool,
+        f: impl FnOnce(&[HeadRef<'_>], &[(Op, u64)], &[Head]) -> R,
+    ) -> R {
+        // The read window covers only what can change under it: which
+        // runs the generation has (its view, which keeps them alive after
+        // a compaction removes them) and the staged ops and carry of
+        // `bytenr`. The runs are searched afterwards: they are immutable,
+        // so ingest is held off (quiet window) for one pointer load and a
+        // filtered staging scan, not for a search of every run.
+        let guard = crossbeam_epoch::pin();
+        let parts = self.read_visible(live_only, |g| self.lookup_window(g, bytenr, &guard));
+        let (mut chunks, mut runs, mut staged, mut carry) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for p in parts {
+            p.view.chunks_may_hold(bytenr, &mut chunks);
+            staged.extend(p.staged);
+            carry.extend(p.carry);
+        }
+        find_in_chunks(&chunks, bytenr, &mut runs);
+        f(&runs, &staged, &carry)
     }
 
     /// The merged pending head of `bytenr`: over the visible generations,
     /// or the live one only when `live_only`.
     fn pending_in(&self, bytenr: u64, live_only: bool) -> Option<Head> {
-        // The read window covers only what can change under it: which
-        // runs the generation has (the skiplist entries keep them alive
-        // after a compaction removes them) and the staged ops and carry of
-        // `bytenr`. The runs are searched afterwards: they are immutable,
-        // so ingest is held off (quiet window) for a skiplist walk and a
-        // filtered staging scan, not for a binary search of every run.
-        let parts = self.read_visible(live_only, |g| self.lookup_window(g, bytenr));
-        let mut all = Vec::new();
-        for (runs, rest) in parts {
-            all.extend(
-                runs.iter()
-                    .filter_map(|e| e.value().find(bytenr))
-                    .map(HeadRef::to_head),
-            );
-            all.extend(rest);
-        }
-        merge_heads(all).pop()
+        self.lookup_with(bytenr, live_only, |runs, staged, carry| {
+            merge_found(bytenr, runs, staged, carry)
+        })
+    }
+
+    /// The summary of [`LockFreeStore::pending_in`]'s head, merging the
+    /// refs only when the summaries alone cannot tell a no-op head (which
+    /// `pending_in` leaves out) from a live one.
+    fn pending_summary_in(&self, bytenr: u64, live_only: bool) -> Option<HeadSummary> {
+        self.lookup_with(bytenr, live_only, |runs, staged, carry| {
+            let summary = runs
+                .iter()
+                .map(|h| h.summary)
+                .chain(
+                    staged
+                        .iter()
+                        .map(|(op, stamp)| HeadSummary::of_op(op, *stamp)),
+                )
+                .chain(carry.iter().map(|h| h.summary))
+                .reduce(HeadSummary::merge)?;
+            // A no-op head has no allocation, no extent_op and every ref's
+            // count at 0, so a total of 0 (every op but UPDATE_HEAD, which
+            // counts 0, has a ref: `Op::check`). Anything else is live.
+            if summary.total_ref_mod != 0 || summary.alloc_stamp != 0 || summary.extent_op.is_some()
+            {
+                return Some(summary);
+            }
+            merge_found(bytenr, runs, staged, carry).map(|h| h.summary)
+        })
     }
 
     /// Visible generations `released+1 ..= live` (only `live` when
@@ -1204,12 +1410,61 @@ impl LockFreeStore {
     }
 }
 
+/// One bytenr's heads found in runs and its other heads (staged, carried)
+/// merged into one: what [`merge_heads`] of them all gives (`None` for a
+/// no-op), but with one sort of all their refs. A hot extent has a head in
+/// nearly every run (hundreds under full ingest); merged head by head, its
+/// refs were copied once per run.
+fn merge_found(
+    bytenr: u64,
+    runs: &[HeadRef<'_>],
+    staged: &[(Op, u64)],
+    carry: &[Head],
+) -> Option<Head> {
+    let staged: Vec<Head> = staged
+        .iter()
+        .map(|(op, stamp)| Head::of_op(op, *stamp))
+        .collect();
+    let rest = staged.iter().chain(carry);
+    let summary = runs
+        .iter()
+        .map(|h| h.summary)
+        .chain(rest.clone().map(|h| h.summary))
+        .reduce(HeadSummary::merge)?;
+    let mut refs: Vec<DelayedRef> = runs.iter().flat_map(HeadRef::unpacked_refs).collect();
+    refs.extend(rest.flat_map(|h| h.refs.iter().copied()));
+    // Stable: refs of one key and seq add up in any order.
+    refs.sort_by_key(|r| (r.key, r.seq));
+    refs.dedup_by(|r, kept| {
+        let same = (r.key, r.seq) == (kept.key, kept.seq);
+        if same {
+            kept.ref_mod += r.ref_mod;
+            kept.drops += r.drops;
+        }
+        same
+    });
+    refs.retain(DelayedRef::is_kept);
+    let head = Head {
+        bytenr,
+        summary,
+        refs,
+    };
+    (!head.is_noop()).then_some(head)
+}
+
+/// What a lookup reads of one generation in its read window.
+struct LookupParts<'g> {
+    view: &'g RunView,
+    staged: Vec<(Op, u64)>,
+    carry: Vec<Head>,
+}
+
 /// A generation's runs, held (see [`LockFreeStore::snapshot_gen`]).
-type RunEntries<'a> = Vec<crossbeam_skiplist::map::Entry<'a, u64, Run>>;
+type RunEntries<'a> = Vec<crossbeam_skiplist::map::Entry<'a, u64, Arc<Run>>>;
 
 /// One generation's contents, see [`LockFreeStore::snapshot_gen`].
 struct GenSnapshot<'a> {
-    runs: Vec<crossbeam_skiplist::map::Entry<'a, u64, Run>>,
+    runs: RunEntries<'a>,
     staged: Vec<Vec<Staged>>,
     carry: Vec<Head>,
 }
@@ -1505,6 +1760,14 @@ impl DelayedRefStore for LockFreeStore {
 
     fn pending_live(&self, bytenr: u64) -> Option<Head> {
         self.pending_in(bytenr, true)
+    }
+
+    fn pending_summary(&self, bytenr: u64) -> Option<HeadSummary> {
+        self.pending_summary_in(bytenr, false)
+    }
+
+    fn pending_live_summary(&self, bytenr: u64) -> Option<HeadSummary> {
+        self.pending_summary_in(bytenr, true)
     }
 
     fn pending_all(&self) -> Vec<Head> {
@@ -1855,6 +2118,57 @@ mod tests {
     /// A run's filter never rules out a bytenr the run holds (a lookup
     /// would miss it), and rules out most it does not hold (else lookups
     /// search every run again): sector-aligned bytenrs, as btrfs's are.
+    /// A lookup of the count merges summaries only, and must still tell a
+    /// no-op head (refs cancelled, which `pending` leaves out) from a live
+    /// one whose total is 0 because different refs cancel. Staging of 4
+    /// ops: the first 4 ops are one run of 4 heads, the next 4 one of 3
+    /// (which do not merge at a top-merge ratio of 1), so the heads of
+    /// 4096 and 8192 meet only in the lookup.
+    #[test]
+    fn a_summary_lookup_tells_a_cancelled_head_from_a_balanced_one() {
+        let lf = LockFreeStore::with_config(1, 4).with_top_merge_ratio(1);
+        let mut h = lf.handle().unwrap();
+        let data = |root| RefKey::ExtentData {
+            root,
+            objectid: 257,
+            offset: 0,
+        };
+        let op =
+            |b, action, root| Op::new(b, 4096, ExtentKind::Data, action, data(root), 0).unwrap();
+        let (add, drop) = (Action::AddRef, Action::DropRef);
+        // 4096: +1 and -1 of one ref, a no-op. 8192: +1 of root 5, -1 of
+        // root 6: a total of 0 with two refs that count.
+        for o in [
+            op(4096, add, 5),
+            op(8192, add, 5),
+            op(12288, add, 5),
+            op(16384, add, 5),
+            op(4096, drop, 5),
+            op(8192, drop, 6),
+            op(12288, add, 9),
+            op(12288, drop, 9),
+        ] {
+            h.add(&o).unwrap();
+        }
+        lf.settle();
+        assert_eq!(lf.live_runs(), 2, "the two batches are two runs");
+        assert_eq!(lf.pending(4096), None);
+        assert_eq!(lf.pending_summary(4096), None);
+        let balanced = lf.pending(8192).expect("refs that count");
+        assert_eq!(balanced.summary.total_ref_mod, 0);
+        assert_eq!(balanced.refs.len(), 2);
+        assert_eq!(lf.pending_summary(8192), Some(balanced.summary));
+        // One more op, staged: the total moves, the summaries decide.
+        h.add(&op(8192, add, 7)).unwrap();
+        let live = lf.pending(8192).unwrap();
+        assert_eq!(live.summary.total_ref_mod, 1);
+        assert_eq!(lf.pending_summary(8192), Some(live.summary));
+        assert_eq!(lf.pending_live_summary(8192), Some(live.summary));
+        // Staged and in runs: 4096 gets its ref back.
+        h.add(&op(4096, add, 5)).unwrap();
+        assert_eq!(lf.pending_summary(4096).map(|s| s.total_ref_mod), Some(1));
+    }
+
     #[test]
     fn run_filter_holds_every_head_and_rules_out_most_others() {
         for heads in [1usize, 7, 4096, 100_000] {

@@ -33,7 +33,7 @@ pub(crate) mod packed;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::head::Head;
+use crate::head::{Head, HeadSummary};
 use crate::model::{Op, OpError};
 
 /// Errors of a delayed-ref store.
@@ -105,6 +105,19 @@ pub trait DelayedRefStore: Send + Sync {
     /// tree already (see `refd_core::engine`, "Applying in steps"). Only
     /// meaningful while no seal or release runs (the engine's commit lock).
     fn pending_live(&self, bytenr: u64) -> Option<Head>;
+
+    /// The summary of [`DelayedRefStore::pending`]'s head: all a lookup of
+    /// an extent's count needs, which a store may get without merging the
+    /// head's refs (a hot extent's refs are spread over many runs in the
+    /// lock-free store).
+    fn pending_summary(&self, bytenr: u64) -> Option<HeadSummary> {
+        self.pending(bytenr).map(|h| h.summary)
+    }
+
+    /// The summary of [`DelayedRefStore::pending_live`]'s head.
+    fn pending_live_summary(&self, bytenr: u64) -> Option<HeadSummary> {
+        self.pending_live(bytenr).map(|h| h.summary)
+    }
 
     /// Every pending head, merged, sorted by bytenr (expensive; for tools,
     /// tests and stats).

@@ -267,8 +267,13 @@ impl HeadRef<'_> {
         Head {
             bytenr: self.bytenr,
             summary: self.summary,
-            refs: self.refs.iter().map(PackedRef::unpack).collect(),
+            refs: self.unpacked_refs().collect(),
         }
+    }
+
+    /// The head's refs, unpacked (sorted by key and seq).
+    pub fn unpacked_refs(&self) -> impl Iterator<Item = DelayedRef> + '_ {
+        self.refs.iter().map(PackedRef::unpack)
     }
 }
 
@@ -320,12 +325,36 @@ impl Chunk {
     pub fn head(&self, i: usize) -> HeadRef<'_> {
         self.raw(i).to_ref()
     }
+}
 
-    pub fn find(&self, bytenr: u64) -> Option<HeadRef<'_>> {
-        self.heads
-            .binary_search_by_key(&bytenr, |h| h.bytenr)
-            .ok()
-            .map(|i| self.head(i))
+/// The heads of `bytenr` in `chunks` (at most one per chunk, in the order
+/// of `chunks`), appended to `out`. The binary searches run in lockstep,
+/// one step of each per round, so the cache misses of different chunks
+/// overlap instead of queueing one search behind another (a lookup
+/// searches one chunk per run that may hold its bytenr).
+pub(crate) fn find_in_chunks<'a>(chunks: &[&'a Chunk], bytenr: u64, out: &mut Vec<HeadRef<'a>>) {
+    // Per chunk: the first index of its window and the window's length.
+    let mut probes: Vec<(usize, usize)> = chunks.iter().map(|c| (0, c.heads.len())).collect();
+    loop {
+        let mut narrowed = false;
+        for (c, (base, n)) in chunks.iter().zip(probes.iter_mut()) {
+            if *n > 1 {
+                let half = *n / 2;
+                if c.heads[*base + half].bytenr <= bytenr {
+                    *base += half;
+                }
+                *n -= half;
+                narrowed = true;
+            }
+        }
+        if !narrowed {
+            break;
+        }
+    }
+    for (c, &(base, n)) in chunks.iter().zip(&probes) {
+        if n == 1 && c.heads[base].bytenr == bytenr {
+            out.push(c.head(base));
+        }
     }
 }
 
@@ -797,6 +826,52 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
 mod tests {
     use super::*;
     use crate::model::{Action, Op};
+
+    /// The lockstep searches find exactly what one binary search per
+    /// chunk finds: every head present (first, last, middle, chunks of one
+    /// head and of a full 512), nothing absent, in the order of the chunks.
+    #[test]
+    fn lockstep_search_finds_what_binary_search_finds() {
+        let chunk = |bytenrs: &[u64]| {
+            let mut b = RunBuilder::new();
+            for &bytenr in bytenrs {
+                let key = RefKey::TreeBlock { root: 5 };
+                let op = Op::new(
+                    bytenr,
+                    4096,
+                    ExtentKind::Tree { level: 0 },
+                    Action::AddRef,
+                    key,
+                    0,
+                )
+                .unwrap();
+                b.push(
+                    bytenr,
+                    &HeadSummary::of_op(&op, 0),
+                    &[PackedRef::new(key, 0, 1)],
+                );
+            }
+            b.finish()
+        };
+        let runs: Vec<Vec<Chunk>> = vec![
+            chunk(&[4096]),
+            chunk(&(1..=512).map(|i| i * 8192).collect::<Vec<_>>()),
+            chunk(&(1..=300).map(|i| i * 4096 * 3).collect::<Vec<_>>()),
+            chunk(&[]),
+        ];
+        let chunks: Vec<&Chunk> = runs.iter().flatten().collect();
+        for bytenr in (0..1600).map(|i| i * 4096) {
+            let mut found = Vec::new();
+            find_in_chunks(&chunks, bytenr, &mut found);
+            let want: Vec<u64> = chunks
+                .iter()
+                .filter(|c| c.bytenrs().any(|b| b == bytenr))
+                .map(|_| bytenr)
+                .collect();
+            let got: Vec<u64> = found.iter().map(|h| h.bytenr).collect();
+            assert_eq!(got, want, "bytenr {bytenr}");
+        }
+    }
 
     #[test]
     fn packed_ref_order_matches_ref_key_order() {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use refd_core::delayed::DelayedRefStore;
-use refd_core::engine::ExtentRefs;
+use refd_core::engine::{ExtentRefs, TreeRead};
 use refd_core::extent_tree::{ExtentItem, ExtentTree};
 use refd_core::head::Head;
 use refd_ioring::btree::{BTree, Key, VALUE_BYTES_MAX};
@@ -279,12 +279,14 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
     /// commit's frozen heads, which are all cached until the B+tree has
     /// their changes: a miss among them is an extent without item.
     pub fn lookup_extent_ref(&self, bytenr: u64) -> Result<ExtentRefs, ReadError> {
-        let (committed, pending) = self.extent_state(bytenr)?;
+        let (committed, pending) = self.read_state(bytenr, |tree| {
+            self.engine.pending_summary_with(tree, bytenr)
+        })?;
         let refs = committed.as_ref().map_or(0, |c| c.refs as i64)
-            + pending.as_ref().map_or(0, |h| h.summary.total_ref_mod);
+            + pending.as_ref().map_or(0, |s| s.total_ref_mod);
         Ok(ExtentRefs {
             committed,
-            pending: pending.map(|h| h.summary),
+            pending,
             refs,
         })
     }
@@ -296,6 +298,16 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
         &self,
         bytenr: u64,
     ) -> Result<(Option<ExtentItem>, Option<Head>), ReadError> {
+        self.read_state(bytenr, |tree| self.engine.pending_with(tree, bytenr))
+    }
+
+    /// The committed item of `bytenr` and what `pending` reads of its
+    /// pending head, under one hold of the core tree's read lock.
+    fn read_state<P>(
+        &self,
+        bytenr: u64,
+        pending: impl FnOnce(&TreeRead<'_>) -> P,
+    ) -> Result<(Option<ExtentItem>, P), ReadError> {
         let tree = self.engine.tree();
         let committed = match tree.get(bytenr) {
             Some(item) => Some(item.clone()),
@@ -309,7 +321,7 @@ impl<S: Storage + Clone, D: DelayedRefStore> DurableEngine<S, D> {
                 }
             }
         };
-        let pending = self.engine.pending_with(&tree, bytenr);
+        let pending = pending(&tree);
         drop(tree);
         Ok((committed, pending))
     }

@@ -7,20 +7,22 @@
 //! The node allocator's "no spare window" fallback (STATS
 //! `space.no_spare_window`, the `refd_node_region_no_spare_window` gauge,
 //! `NO SPARE WINDOW` in `refctl stats`) is checked here only while it is
-//! off (`metrics_pass_promtool`): no client can drive a daemon into it.
-//! It is in force only when an open finds no run's worth (`K`) of
-//! consecutive free node slots, and a region refd wrote always has them
-//! at open: the spare windows are clear in every persisted bitmap (free
-//! again at the next open, as is everything above the high-water mark),
-//! and the durable engine releases each commit before the next one
-//! starts, so a running daemon's run always finds a spare. Below a 2 GiB
-//! region `K` is 1, so the fallback means no free slot at all (and then
-//! no commit can succeed); above it, reaching the fallback takes a region
-//! fragmented slot by slot up to its end (some 65 000 tree nodes, 1 GiB
-//! written) or one an older refd wrote before spares existed. The
-//! refd-durable engine the daemon serves (`DurableEngine`, with its
-//! service state) has the same reach on a simulated device, short of
-//! forging a bitmap run and a superblock. The fallback itself is tested on the allocator
+//! off (`metrics_pass_promtool`): no client can drive a daemon into it. It
+//! is in force only when an open finds no run's worth (`K`) of consecutive
+//! free node slots, and a region refd wrote always has them at open: the
+//! spare windows are clear in every persisted bitmap (free again at the
+//! next open, as is everything above the high-water mark), and the durable
+//! engine releases each commit before the next one starts, so a running
+//! daemon's run always finds a spare. Below a 2 GiB region `K` is 1, so the
+//! fallback means no free slot at all (and then no commit can succeed);
+//! above it, reaching the fallback takes a region fragmented slot by slot
+//! up to its end (some 65 000 tree nodes, 1 GiB written) or one an older
+//! refd wrote before spares existed, and while the fallback is in force a
+//! commit finds `K` consecutive free slots for its run only where slots
+//! were freed since the open. The refd-durable engine the daemon serves
+//! (`DurableEngine`, with its service state) has the same reach on a
+//! simulated device, short of forging a bitmap run and a superblock. The
+//! fallback itself is tested on the allocator
 //! (`a_region_fragmented_before_spares_falls_back_to_first_fit`,
 //! ioring/src/btree/alloc.rs) and its rendering in refctl
 //! (tools/ctl/src/client/stats.rs).

@@ -40,7 +40,8 @@ pub struct DurableArgs {
     /// Ingest threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Workload (`--duration-s`: uniform or zipf).
+    /// Workload: a generated one, not btrfs-trace (with --duration-s:
+    /// uniform or zipf).
     #[arg(long, value_enum, default_value = "uniform")]
     pub workload: Workload,
     /// Distinct extents.

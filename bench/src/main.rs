@@ -184,3 +184,76 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The `--flag` words of `text`.
+    fn flag_words(text: &str) -> BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with("--") && w[2..].starts_with(|c: char| c.is_ascii_lowercase()))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The synopses of the workspace README: each `    refd-bench NAME`
+    /// line with the lines it continues onto (a trailing `\`), by NAME.
+    fn readme_synopses() -> BTreeMap<String, String> {
+        let path = format!("{}/../README.md", env!("CARGO_MANIFEST_DIR"));
+        let readme = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut synopses = BTreeMap::new();
+        let mut lines = readme.lines();
+        while let Some(line) = lines.next() {
+            let Some(rest) = line.strip_prefix("    refd-bench ") else {
+                continue;
+            };
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            let mut text = line.to_string();
+            while text.trim_end().ends_with('\\') {
+                text.push('\n');
+                text.push_str(lines.next().unwrap_or_default());
+            }
+            let twice = synopses.insert(name.to_string(), text);
+            assert!(twice.is_none(), "two synopses of `refd-bench {name}`");
+        }
+        synopses
+    }
+
+    /// The README's synopsis of every `refd-bench` subcommand names each
+    /// of its flags and no other (the README says so).
+    #[test]
+    fn readme_synopses_are_the_flags() {
+        let synopses = readme_synopses();
+        let cli = Cli::command();
+        let mut checked = Vec::new();
+        for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = sub.get_name();
+            let synopsis = synopses
+                .get(name)
+                .unwrap_or_else(|| panic!("no README synopsis of `refd-bench {name}`"));
+            let flags: BTreeSet<String> = sub
+                .get_arguments()
+                .filter(|a| !a.is_hide_set())
+                .filter_map(|a| Some(format!("--{}", a.get_long()?)))
+                .collect();
+            assert_eq!(
+                flag_words(synopsis),
+                flags,
+                "README synopsis against `refd-bench {name} --help`:\n{synopsis}"
+            );
+            checked.push(name);
+        }
+        assert!(checked.contains(&"durable") && checked.contains(&"crash"));
+        let extra: Vec<&String> = synopses
+            .keys()
+            .filter(|n| !checked.contains(&n.as_str()))
+            .collect();
+        assert!(
+            extra.is_empty(),
+            "README synopses of no subcommand: {extra:?}"
+        );
+    }
+}

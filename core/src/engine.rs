@@ -2122,14 +2122,46 @@ mod tests {
         aborted_commits_requeue(LockFreeStore::with_config(2, 2));
     }
 
-    /// A store that pauses an ingest thread inside `add` of one op (until
-    /// told to go, or 300 ms), to stage the race of issue 13 defect 6.
+    /// A store that pauses an ingest thread inside `add` of one op until
+    /// told to go, to stage the race of issue 13 defect 6, and says when a
+    /// commit released its heads (the last thing a commit does before it
+    /// resyncs ref-verify's shadow of a quarantined head's block).
     #[derive(Debug, Default)]
     struct Pausing {
         inner: MutexStore,
         pause_on: Mutex<Option<Op>>,
         paused: std::sync::atomic::AtomicBool,
         go: std::sync::atomic::AtomicBool,
+        released: std::sync::atomic::AtomicBool,
+    }
+
+    /// Longest wait of the race tests for a condition: a failure bound
+    /// only, never reached when the code is right.
+    const WAIT_BOUND: Duration = Duration::from_secs(60);
+
+    /// Waits (polling) until `cond`; panics naming `what` past
+    /// [`WAIT_BOUND`].
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !cond() {
+            assert!(t.elapsed() < WAIT_BOUND, "{what}: not after {WAIT_BOUND:?}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The calling thread's kernel id (`/proc/thread-self` names it).
+    fn thread_id() -> u64 {
+        let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+        let tid = link.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        tid.parse().unwrap_or_else(|_| panic!("{link:?}"))
+    }
+
+    /// Whether thread `tid` of this process is asleep (state `S` in
+    /// `/proc/self/task/TID/stat`: waiting on a lock, among others).
+    fn asleep(tid: u64) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"));
+        // The state follows the command name in parentheses.
+        stat.is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('S')))
     }
 
     struct PausingHandle<'a>(&'a Pausing, crate::delayed::mutex::MutexHandle<'a>);
@@ -2139,10 +2171,7 @@ mod tests {
             use std::sync::atomic::Ordering::SeqCst;
             if *self.0.pause_on.lock().unwrap() == Some(*op) {
                 self.0.paused.store(true, SeqCst);
-                let t = Instant::now();
-                while !self.0.go.load(SeqCst) && t.elapsed() < Duration::from_millis(300) {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                wait_until("the paused add told to go", || self.0.go.load(SeqCst));
             }
             self.1.add(op)
         }
@@ -2172,7 +2201,9 @@ mod tests {
             self.inner.sealed_heads()
         }
         fn release(&self, held: Vec<Head>) {
-            self.inner.release(held)
+            self.inner.release(held);
+            self.released
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         fn requeue(&self, heads: Vec<Head>) {
             self.inner.requeue(heads)
@@ -2182,6 +2213,15 @@ mod tests {
     /// Issue 13 defect 6: an op ref-verify recorded but not yet queued when
     /// a commit resynced its block (after quarantining another head of it)
     /// was erased from the shadow, and a later valid drop of it refused.
+    ///
+    /// The op is paused inside the store's `add` (recorded, not queued)
+    /// while a commit quarantines the block's other head, and let go only
+    /// once the commit has either finished (it did not wait for the op:
+    /// the race of the defect, staged) or released its heads and gone to
+    /// sleep (waiting for the block's shadow lock, which ingest holds from
+    /// the check through the queueing: the fix). Conditions, not a timer:
+    /// it used to let the op go after 300 ms, so a commit slower than that
+    /// (a loaded machine) found the op queued and staged no race.
     #[test]
     fn verify_resync_keeps_an_op_being_queued() {
         use std::sync::atomic::Ordering::SeqCst;
@@ -2203,13 +2243,24 @@ mod tests {
         *e.store().pause_on.lock().unwrap() = Some(add6);
         std::thread::scope(|s| {
             let ingest = s.spawn(|| e.handle().unwrap().add(&add6));
-            while !e.store().paused.load(SeqCst) {
-                std::thread::yield_now();
-            }
+            wait_until("add6 paused", || e.store().paused.load(SeqCst));
             // add6 is checked and recorded, not yet queued.
-            let r = e.commit();
+            e.store().released.store(false, SeqCst);
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let engine = &e;
+            let commit = s.spawn(move || {
+                tid_tx.send(thread_id()).unwrap();
+                engine.commit()
+            });
+            let tid = tid_rx.recv().unwrap();
+            let store = e.store();
+            wait_until("the commit done, or waiting after its release", || {
+                commit.is_finished() || (store.released.load(SeqCst) && asleep(tid))
+            });
+            assert!(!ingest.is_finished(), "add6 stayed paused");
             e.store().go.store(true, SeqCst);
             ingest.join().unwrap().unwrap();
+            let r = commit.join().unwrap();
             assert_eq!(r.quarantined.len(), 1, "the invalid drop");
         });
         e.handle()

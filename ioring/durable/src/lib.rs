@@ -37,6 +37,12 @@ pub mod service;
 pub mod space;
 pub mod stats;
 
+// The crate by its own name, for the unit tests: they include the
+// integration tests' helpers (`tests/common`), written against the
+// public API as `refd_durable::...`, instead of keeping a copy.
+#[cfg(test)]
+extern crate self as refd_durable;
+
 pub use codec::CodecError;
 pub use committer::{Clock, Committer, CommitterStats, ManualClock, SystemClock};
 pub use engine::open::{

@@ -3,6 +3,29 @@
 //! a device that is not refd's or too small, a symlinked socket path, a latched I/O
 //! failure; and its metrics checked by Prometheus's own promtool and
 //! against the README's list.
+//!
+//! The node allocator's "no spare window" fallback (STATS
+//! `space.no_spare_window`, the `refd_node_region_no_spare_window` gauge,
+//! `NO SPARE WINDOW` in `refctl stats`) is checked here only while it is
+//! off (`metrics_pass_promtool`): no client can drive a daemon into it. It
+//! is in force only when an open finds no run's worth (`K`) of consecutive
+//! free node slots, and a region refd wrote always has them at open: the
+//! spare windows are clear in every persisted bitmap (free again at the
+//! next open, as is everything above the high-water mark), and the durable
+//! engine releases each commit before the next one starts, so a running
+//! daemon's run always finds a spare. Below a 2 GiB region `K` is 1, so the
+//! fallback means no free slot at all (and then no commit can succeed);
+//! above it, reaching the fallback takes a region fragmented slot by slot
+//! up to its end (some 65 000 tree nodes, 1 GiB written) or one an older
+//! refd wrote before spares existed, and while the fallback is in force a
+//! commit finds `K` consecutive free slots for its run only where slots
+//! were freed since the open. The refd-durable engine the daemon serves
+//! (`DurableEngine`, with its service state) has the same reach on a
+//! simulated device, short of forging a bitmap run and a superblock. The
+//! fallback itself is tested on the allocator
+//! (`a_region_fragmented_before_spares_falls_back_to_first_fit`,
+//! ioring/src/btree/alloc.rs) and its rendering in refctl
+//! (tools/ctl/src/client/stats.rs).
 
 mod common;
 
@@ -348,6 +371,114 @@ fn silent_connections_over_the_bound_do_not_hold_off_the_accept() {
         took < Duration::from_secs(5),
         "a free slot was reached {took:?} after 10 silent connections"
     );
+}
+
+/// Refusals the daemon waits on at once (`REFUSING_MAX` in server.rs,
+/// docs/protocol.md "at most 256 such connections at once").
+const REFUSING_MAX: usize = 256;
+
+/// Past 256 refusals waiting at once, one more connection over
+/// `--connections-max` is answered `BUSY` with request id 0 at once, without
+/// its HELLO being read, and closed; the admitted client is served all
+/// along and a slot freed afterwards is reached. "At once" is told by the
+/// request id, not by a clock: a refusal that read the HELLO answers with
+/// its id. A silent refusal holds its place up to 2 s (1 s for a first
+/// frame, 1 s of linger after its BUSY), so a round in which the first
+/// refusals ran out before the probe was accepted (a machine busy
+/// elsewhere) is done again, at most five times.
+#[test]
+fn busy_at_once_past_the_refusals_waiting() {
+    const SILENT: usize = REFUSING_MAX + 4;
+    // This process holds SILENT sockets, and the daemon (which inherits
+    // the limit) as many again besides its own files.
+    if !open_files_at_least(2 * SILENT as u64 + 256) {
+        eprintln!("skipped: RLIMIT_NOFILE cannot be raised to hold {SILENT} connections");
+        return;
+    }
+    let Some(t) = Target::new("refd-busy-at-once", 128 * MIB, false) else {
+        return;
+    };
+    let d = Daemon::start(&t, &["--connections-max", "1"]);
+    let (mut held, _) = Raw::hello(&d.socket);
+    let s = held.register();
+    let t0 = Instant::now();
+    let mut refused = 0;
+    let mut answered_at_once = false;
+    for round in 0..5 {
+        let silent: Vec<UnixStream> = (0..SILENT)
+            .map(|_| UnixStream::connect(&d.socket).expect("connect"))
+            .collect();
+        refused += SILENT as u64;
+        // Every silent one taken off the accept queue (refused).
+        while held.stats()["connections"]["refused"].as_u64() < Some(refused) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "{}", held.stats());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut probe = Raw::connect(&d.socket);
+        // The write may find the connection closed already (answered at
+        // once): the BUSY is read all the same.
+        let (id, _) = probe.try_send(&hello_request("past the refusals"));
+        assert_ne!(id, 0);
+        let (rid, r) = probe.recv();
+        refused += 1;
+        assert_eq!(code(&r), Some(ErrorCode::Busy), "{r:?}");
+        assert!(probe.try_recv().is_none(), "closed after BUSY");
+        drop(silent);
+        if rid == 0 {
+            answered_at_once = true;
+            break;
+        }
+        assert_eq!(rid, id, "BUSY for request {rid}");
+        eprintln!("round {round}: the probe's HELLO was read, the refusals had run out");
+    }
+    assert!(
+        answered_at_once,
+        "five rounds and the probe's HELLO was read each time: never answered at once"
+    );
+    // The admitted client is served.
+    assert!(matches!(
+        held.submit(s, 1, &[data(ACTION_ADD_EXTENT, 1 << 30, 1)]),
+        Reply::Submit(_)
+    ));
+    assert_eq!(held.refs(1 << 30), 1);
+    assert!(held.stats()["connections"]["refused"].as_u64() >= Some(refused));
+    // And its slot, once free, is reached.
+    drop(held);
+    loop {
+        let mut c = Raw::connect(&d.socket);
+        match c.call(&hello_request("after the refusals")) {
+            Reply::Hello(_) => {
+                assert_eq!(c.refs(1 << 30), 1);
+                break;
+            }
+            r => assert_eq!(code(&r), Some(ErrorCode::Busy)),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "still busy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether this process may open `n` files, raising its soft
+/// RLIMIT_NOFILE (up to the hard one) if it is lower.
+fn open_files_at_least(n: u64) -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) and setrlimit(2) on a struct of ours.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return false;
+        }
+        if lim.rlim_cur >= n {
+            return true;
+        }
+        if lim.rlim_max < n {
+            return false;
+        }
+        lim.rlim_cur = n;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+    }
 }
 
 /// One daemon per device; never a device that is not refd's; never a

@@ -15,19 +15,15 @@ use refd_ioring::{FaultPlan, SimConfig, SimStorage};
 
 type Dev = Arc<SimStorage>;
 
-/// A simulated device of `dev_bytes`, formatted with a log of
-/// `log_bytes`.
+// The integration tests' helpers, one copy (see its module doc).
+#[path = "../../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+/// A simulated device of `dev_bytes` (crash seed 1), formatted with a
+/// log of `log_bytes`.
 fn formatted(dev_bytes: u64, log_bytes: u64) -> (Dev, Superblock) {
-    let dev: Dev = Arc::new(SimStorage::new(SimConfig::new(dev_bytes, 1)).unwrap());
-    let sb = DurableEngine::format(
-        &dev,
-        FormatOptions {
-            log_bytes: Some(log_bytes),
-            fs_id: Some(FsId([7; 16])),
-        },
-    )
-    .unwrap();
-    (dev, sb)
+    common::formatted_with_superblock(dev_bytes, log_bytes, 1)
 }
 
 /// A data extent op with an `EXTENT_DATA_REF` (offset 0).
@@ -633,7 +629,8 @@ fn an_interrupted_reformat_never_brings_back_the_old_file_system() {
         .0
         .superblock();
     assert!(old.generation > 4);
-    let new_fs = FsId([9; 16]);
+    let new_fs = FsId([7; 16]);
+    assert_ne!(old.fs_id, new_fs);
     for fail_at in 1..=3u64 {
         let d: Dev = Arc::new(dev.crash());
         d.set_fault_plan(FaultPlan {

@@ -156,6 +156,11 @@ struct Staging {
     /// scans the slots only if all its bits are set (cleared with `len`
     /// when the buffer empties).
     filter: OnceLock<Box<[AtomicU64]>>,
+    /// The bytenr of each slot again, densely (8 bytes a slot, where a
+    /// slot is 88): a lookup whose bytenr the filter may hold scans these,
+    /// not every slot's first word (a hot extent is in every buffer, so
+    /// its lookups scan them all). Written with the slot, before `len`.
+    keys: OnceLock<Box<[AtomicU64]>>,
     /// The generation of the ops of a full buffer, written by the owner
     /// before it marks the buffer full (read by whoever hands it off).
     gen: AtomicU64,
@@ -175,6 +180,7 @@ impl Staging {
             cap,
             slots: OnceLock::new(),
             filter: OnceLock::new(),
+            keys: OnceLock::new(),
             gen: AtomicU64::new(0),
         }
     }
@@ -191,6 +197,8 @@ impl Staging {
                 .div_ceil(64);
             (0..words).map(|_| AtomicU64::new(0)).collect()
         });
+        self.keys
+            .get_or_init(|| (0..self.cap).map(|_| AtomicU64::new(0)).collect());
     }
 
     /// The filter word and bits of `bytenr`.
@@ -200,8 +208,12 @@ impl Staging {
         Some((&filter[RunFilter::word(k, filter.len())], k.mask))
     }
 
-    /// Writer only (the shard owner), before publishing the op's slot.
-    fn note(&self, bytenr: u64) {
+    /// Writer only (the shard owner), before publishing slot `i` of an op
+    /// of `bytenr`.
+    fn note(&self, i: usize, bytenr: u64) {
+        if let Some(key) = self.keys.get().and_then(|k| k.get(i)) {
+            key.store(bytenr, Ordering::Relaxed);
+        }
         if let Some((word, bit)) = self.filter_bit(bytenr) {
             let w = word.load(Ordering::Relaxed);
             if w & bit != bit {
@@ -245,8 +257,11 @@ impl Staging {
         if n == 0 || !self.may_hold(bytenr) {
             return;
         }
-        for i in 0..n {
-            if self.slots()[i][0].load(Ordering::Relaxed) == bytenr {
+        let keys = self.keys.get().map_or(&[][..], |k| &k[..n.min(k.len())]);
+        for (i, key) in keys.iter().enumerate() {
+            // A key of a reused slot may name another op than the slot
+            // holds (a torn read, retried): the slot's words decide.
+            if key.load(Ordering::Relaxed) == bytenr {
                 if let Some(op) = self.read(i).filter(|(op, _)| op.bytenr == bytenr) {
                     out.push(op);
                 }
@@ -1631,7 +1646,7 @@ impl LockFreeHandle<'_> {
         for (slot, w) in staging.slots()[n].iter().zip(words) {
             slot.store(w, Ordering::Relaxed);
         }
-        staging.note(op.bytenr);
+        staging.note(n, op.bytenr);
         staging.len.store(n + 1, Ordering::Release);
         if n + 1 < store.staging_ops {
             return false;
@@ -2115,9 +2130,6 @@ mod tests {
         assert_eq!(lf.pending_all().len(), 1);
     }
 
-    /// A run's filter never rules out a bytenr the run holds (a lookup
-    /// would miss it), and rules out most it does not hold (else lookups
-    /// search every run again): sector-aligned bytenrs, as btrfs's are.
     /// A lookup of the count merges summaries only, and must still tell a
     /// no-op head (refs cancelled, which `pending` leaves out) from a live
     /// one whose total is 0 because different refs cancel. Staging of 4
@@ -2169,6 +2181,9 @@ mod tests {
         assert_eq!(lf.pending_summary(4096).map(|s| s.total_ref_mod), Some(1));
     }
 
+    /// A run's filter never rules out a bytenr the run holds (a lookup
+    /// would miss it), and rules out most it does not hold (else lookups
+    /// search every run again): sector-aligned bytenrs, as btrfs's are.
     #[test]
     fn run_filter_holds_every_head_and_rules_out_most_others() {
         for heads in [1usize, 7, 4096, 100_000] {

@@ -140,7 +140,11 @@ pub const TOP_MERGE_RATIO: usize = 4;
 /// Levels with their own compaction token (deeper levels share the last).
 const LEVELS_MAX: usize = 16;
 
-use super::packed::{encode, try_decode, Staged, STAGED_WORDS as SLOT_WORDS};
+use super::packed::{encode, try_decode, Staged, STAGED_WORDS};
+
+/// Words of a staging slot: an op's words but its bytenr (word 0), which
+/// the buffer keeps apart ([`Staging::keys`]).
+const SLOT_WORDS: usize = STAGED_WORDS - 1;
 
 /// A staging buffer: single writer (the shard owner), many readers. The
 /// slots are allocated when the shard is first claimed, so idle shards
@@ -156,10 +160,11 @@ struct Staging {
     /// scans the slots only if all its bits are set (cleared with `len`
     /// when the buffer empties).
     filter: OnceLock<Box<[AtomicU64]>>,
-    /// The bytenr of each slot again, densely (8 bytes a slot, where a
-    /// slot is 88): a lookup whose bytenr the filter may hold scans these,
-    /// not every slot's first word (a hot extent is in every buffer, so
-    /// its lookups scan them all). Written with the slot, before `len`.
+    /// The bytenr of each slot's op (its word 0), densely: 8 bytes a slot
+    /// beside the slot's other 80. A lookup whose bytenr the filter may
+    /// hold scans these instead of 88-byte slots (a hot extent is in every
+    /// buffer, so its lookups scan them all), and the op's words cost no
+    /// more memory than in one array. Written with the slot, before `len`.
     keys: OnceLock<Box<[AtomicU64]>>,
     /// The generation of the ops of a full buffer, written by the owner
     /// before it marks the buffer full (read by whoever hands it off).
@@ -211,9 +216,7 @@ impl Staging {
     /// Writer only (the shard owner), before publishing slot `i` of an op
     /// of `bytenr`.
     fn note(&self, i: usize, bytenr: u64) {
-        if let Some(key) = self.keys.get().and_then(|k| k.get(i)) {
-            key.store(bytenr, Ordering::Relaxed);
-        }
+        self.keys()[i].store(bytenr, Ordering::Relaxed);
         if let Some((word, bit)) = self.filter_bit(bytenr) {
             let w = word.load(Ordering::Relaxed);
             if w & bit != bit {
@@ -242,12 +245,23 @@ impl Staging {
         self.slots.get().map_or(&[], |s| &s[..])
     }
 
+    fn keys(&self) -> &[AtomicU64] {
+        self.keys.get().map_or(&[], |k| &k[..])
+    }
+
+    /// The words of the op in slot `i` (its key and its slot).
+    fn words(&self, i: usize) -> Staged {
+        let (key, slot) = (&self.keys()[i], &self.slots()[i]);
+        std::array::from_fn(|j| match j {
+            0 => key.load(Ordering::Relaxed),
+            _ => slot[j - 1].load(Ordering::Relaxed),
+        })
+    }
+
     /// Slot `i` as a reader sees it: `None` if its words are not one
     /// whole op (torn by the writer reusing it; the read is retried).
     fn read(&self, i: usize) -> Option<(Op, u64)> {
-        let slot = &self.slots()[i];
-        let w: [u64; SLOT_WORDS] = std::array::from_fn(|j| slot[j].load(Ordering::Relaxed));
-        try_decode(&w)
+        try_decode(&self.words(i))
     }
 
     /// The staged ops of `bytenr` with their stamps (a reader's view:
@@ -257,10 +271,9 @@ impl Staging {
         if n == 0 || !self.may_hold(bytenr) {
             return;
         }
-        let keys = self.keys.get().map_or(&[][..], |k| &k[..n.min(k.len())]);
-        for (i, key) in keys.iter().enumerate() {
-            // A key of a reused slot may name another op than the slot
-            // holds (a torn read, retried): the slot's words decide.
+        for (i, key) in self.keys()[..n].iter().enumerate() {
+            // A slot being reused may hold words of two ops (a torn read,
+            // retried): decoding decides.
             if key.load(Ordering::Relaxed) == bytenr {
                 if let Some(op) = self.read(i).filter(|(op, _)| op.bytenr == bytenr) {
                     out.push(op);
@@ -287,11 +300,7 @@ impl Staging {
     /// Copy the raw words of every published slot.
     fn read_all(&self, out: &mut Vec<Staged>) {
         let n = self.len.load(Ordering::Acquire).min(self.slots().len());
-        out.extend(
-            self.slots()[..n]
-                .iter()
-                .map(|slot| std::array::from_fn(|j| slot[j].load(Ordering::Relaxed))),
-        );
+        out.extend((0..n).map(|i| self.words(i)));
     }
 }
 
@@ -1643,8 +1652,8 @@ impl LockFreeHandle<'_> {
         let staging = lane.active();
         let n = staging.len.load(Ordering::Relaxed);
         let words = encode(op, stamp);
-        for (slot, w) in staging.slots()[n].iter().zip(words) {
-            slot.store(w, Ordering::Relaxed);
+        for (slot, w) in staging.slots()[n].iter().zip(&words[1..]) {
+            slot.store(*w, Ordering::Relaxed);
         }
         staging.note(n, op.bytenr);
         staging.len.store(n + 1, Ordering::Release);
@@ -2120,12 +2129,12 @@ mod tests {
         let st = lf.shared.shards[0].lanes[parity(lf.gen.live())].active();
         // Slot 1 half-overwritten: an allocation's words, the stamp of an
         // add (0); then an unknown action code.
-        for (w, v) in st.slots()[1].iter().zip(encode(&alloc, 0)) {
-            w.store(v, Ordering::Relaxed);
+        for (w, v) in st.slots()[1].iter().zip(&encode(&alloc, 0)[1..]) {
+            w.store(*v, Ordering::Relaxed);
         }
         assert_eq!(lf.pending(b).map(|h| h.summary.total_ref_mod), Some(1));
         assert_eq!(lf.pending_all().len(), 1);
-        st.slots()[1][7].store(0xff, Ordering::Relaxed);
+        st.slots()[1][7 - 1].store(0xff, Ordering::Relaxed);
         assert_eq!(lf.pending(b).map(|h| h.summary.total_ref_mod), Some(1));
         assert_eq!(lf.pending_all().len(), 1);
     }

@@ -272,8 +272,10 @@ impl Staging {
             return;
         }
         for (i, key) in self.keys()[..n].iter().enumerate() {
-            // A slot being reused may hold words of two ops (a torn read,
-            // retried): decoding decides.
+            // A slot being reused may pair one op's key with another's
+            // words: such a read always meets a change of the index and is
+            // retried (module doc); decoding skips words that are not one
+            // whole op.
             if key.load(Ordering::Relaxed) == bytenr {
                 if let Some(op) = self.read(i).filter(|(op, _)| op.bytenr == bytenr) {
                     out.push(op);
@@ -654,7 +656,8 @@ impl TxnIndex {
 
     /// Take the right to change the runs: writers of the runs (hand-offs,
     /// compactions, release) are serialised, so that each builds its view
-    /// from the one it replaces.
+    /// from the one it replaces. (Hand-offs could overlap before the view;
+    /// each holds this for an O(runs) copy of the view and its bracket.)
     fn lock_runs(&self) -> std::sync::MutexGuard<'_, ()> {
         self.view_writer.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -663,13 +666,20 @@ impl TxnIndex {
     /// [`TxnIndex::lock_runs`]; built before the change's bracket, so that
     /// readers wait only for the swap): the run `added` in, the runs whose
     /// id `removed` says out. Returns the new run's id with it.
+    ///
+    /// `guard` is pinned by the caller before it takes the lock and held
+    /// until the change has ended: pins inside the change (the skiplist's,
+    /// this one's) then nest, and a nested pin never collects garbage, so
+    /// no destructor (of an old view, of runs a compaction removed) runs
+    /// inside the bracket while readers wait for it. The caller flushes
+    /// after the change ([`TxnIndex::end_runs_change`]).
     fn next_view(
         &self,
+        guard: &crossbeam_epoch::Guard,
         added: Option<&Arc<Run>>,
         removed: impl Fn(u64) -> bool,
     ) -> (crossbeam_epoch::Owned<RunView>, u64) {
-        let guard = crossbeam_epoch::pin();
-        let old = self.view.load(Ordering::Acquire, &guard);
+        let old = self.view.load(Ordering::Acquire, guard);
         // SAFETY: `view` is null or a view published by `publish_view`,
         // which is destroyed only after another replaced it and every
         // thread pinned then has unpinned: this thread is pinned (`guard`).
@@ -696,19 +706,23 @@ impl TxnIndex {
     /// [`TxnIndex::lock_runs`]): once the change ends, the view holds
     /// exactly the skiplist's runs (readers read it only then:
     /// `read_stable`).
-    fn publish_view(&self, new: crossbeam_epoch::Owned<RunView>) {
-        let guard = crossbeam_epoch::pin();
-        let old = self.view.swap(new, Ordering::SeqCst, &guard);
+    fn publish_view(&self, guard: &crossbeam_epoch::Guard, new: crossbeam_epoch::Owned<RunView>) {
+        let old = self.view.swap(new, Ordering::SeqCst, guard);
         if !old.is_null() {
             // SAFETY: `old` is unlinked (no thread can load it any more);
             // threads that loaded it are pinned, and its destruction waits
             // for them.
             unsafe { guard.defer_destroy(old) };
-            // The old view may hold the last references to runs a
-            // compaction removed: hand it to the global queue now rather
-            // than when this thread's bag fills (64 hand-offs later).
-            guard.flush();
         }
+    }
+
+    /// After a change of the runs has ended and [`TxnIndex::lock_runs`]
+    /// is released: the replaced view may hold the last references to
+    /// runs a compaction removed, so hand this thread's garbage to the
+    /// global queue now (rather than when its bag fills, 64 hand-offs
+    /// later) and collect what has expired, outside the bracket.
+    fn end_runs_change(guard: crossbeam_epoch::Guard) {
+        guard.flush();
     }
 
     /// The runs as a lookup reads them (inside a read window, so that they
@@ -727,15 +741,20 @@ impl TxnIndex {
         let (heads, refs) = (b.heads_total, b.refs_total);
         // Built outside the change: readers wait for changes.
         let run = (heads > 0).then(|| Arc::new(Run::new(b.finish(), 0, heads, refs)));
-        let _runs = self.lock_runs();
-        let view = run.as_ref().map(|r| self.next_view(Some(r), |_| false));
+        let guard = crossbeam_epoch::pin();
+        let runs = self.lock_runs();
+        let view = run
+            .as_ref()
+            .map(|r| self.next_view(&guard, Some(r), |_| false));
         self.begin_change();
         if let (Some(run), Some((view, id))) = (run, view) {
             self.insert_run(id, run);
-            self.publish_view(view);
+            self.publish_view(&guard, view);
         }
         staging.reset();
         self.end_change();
+        drop(runs);
+        Self::end_runs_change(guard);
     }
 
     /// Merge runs of generation `g` while some level has `COMPACT_FANOUT`
@@ -806,8 +825,9 @@ impl TxnIndex {
                 let (heads, refs) = (b.heads_total, b.refs_total);
                 let run =
                     (heads > 0).then(|| Arc::new(Run::new(b.finish(), out_level, heads, refs)));
+                let guard = crossbeam_epoch::pin();
                 let runs = self.lock_runs();
-                let (view, id) = self.next_view(run.as_ref(), |id| ids.contains(&id));
+                let (view, id) = self.next_view(&guard, run.as_ref(), |id| ids.contains(&id));
                 self.begin_change();
                 if let Some(run) = run {
                     self.insert_run(id, run);
@@ -815,9 +835,10 @@ impl TxnIndex {
                 for id in &ids {
                     self.runs.remove(id);
                 }
-                self.publish_view(view);
+                self.publish_view(&guard, view);
                 self.end_change();
                 drop(runs);
+                Self::end_runs_change(guard);
                 reclaim();
             }
             token.store(false, Ordering::SeqCst);
@@ -869,15 +890,18 @@ impl TxnIndex {
     }
 
     fn clear(&self) {
-        let _runs = self.lock_runs();
-        let (view, _) = self.next_view(None, |_| true);
+        let guard = crossbeam_epoch::pin();
+        let runs = self.lock_runs();
+        let (view, _) = self.next_view(&guard, None, |_| true);
         self.begin_change();
         for e in self.runs.iter() {
             e.remove();
         }
-        self.publish_view(view);
+        self.publish_view(&guard, view);
         self.lock_carry().clear();
         self.end_change();
+        drop(runs);
+        Self::end_runs_change(guard);
     }
 
     fn lock_carry(&self) -> std::sync::MutexGuard<'_, Vec<Head>> {

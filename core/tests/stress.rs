@@ -412,3 +412,88 @@ fn reads_complete_under_full_ingest() {
         store.read_attempts_max()
     );
 }
+
+/// Lookups count every op exactly once while hand-offs and compactions
+/// change the runs under them (small staging buffers: a hand-off every 16
+/// ops, compactions all the time): each ingester only adds, and counts
+/// each extent's adds it has begun (before the add) and done (after it),
+/// so a lookup must see at least the adds done before it began and at
+/// most those begun before it ended. A run counted twice (in a view and
+/// in staging, or in two views) or missed (a view without a run that left
+/// staging) breaks the bounds, for the full head (`pending`) and for the
+/// count's summary path (`pending_summary`) alike.
+#[test]
+fn lookups_count_exactly_under_handoffs_and_compactions() {
+    const INGESTERS: u64 = 2;
+    const EXTENTS: u64 = 32;
+    let ops = ops_per_thread() as u64;
+    let store = LockFreeStore::with_config(4, 16);
+    let counters = || -> Vec<AtomicU64> {
+        (0..INGESTERS * EXTENTS)
+            .map(|_| AtomicU64::new(0))
+            .collect()
+    };
+    // Adds begun and done per (ingester, extent).
+    let (begun, done) = (counters(), counters());
+    let sum = |of: &[AtomicU64], b: u64| -> i64 {
+        (0..INGESTERS)
+            .map(|t| of[(t * EXTENTS + b) as usize].load(Ordering::SeqCst) as i64)
+            .sum()
+    };
+    let ingesting = AtomicU64::new(INGESTERS);
+    let lookups = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..INGESTERS {
+            let (store, begun, done, ingesting) = (&store, &begun, &done, &ingesting);
+            s.spawn(move || {
+                let mut h = store.handle().unwrap();
+                let mut rng = SmallRng::seed_from_u64(t);
+                for i in 0..ops {
+                    let b = rng.gen_range(0..EXTENTS);
+                    let at = (t * EXTENTS + b) as usize;
+                    begun[at].fetch_add(1, Ordering::SeqCst);
+                    h.add(&data((b + 1) << 12, Action::AddRef, 5 + i % 3, i % 5))
+                        .unwrap();
+                    done[at].fetch_add(1, Ordering::SeqCst);
+                }
+                ingesting.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        let (store, begun, done, lookups, ingesting) =
+            (&store, &begun, &done, &lookups, &ingesting);
+        s.spawn(move || {
+            let mut rng = SmallRng::seed_from_u64(99);
+            // At least one lookup, however the threads are scheduled.
+            loop {
+                let ingest_done = ingesting.load(Ordering::SeqCst) == 0;
+                let b = rng.gen_range(0..EXTENTS);
+                let bytenr = (b + 1) << 12;
+                let low = sum(done, b);
+                let full = store.pending(bytenr).map_or(0, |h| h.summary.total_ref_mod);
+                let summary = store.pending_summary(bytenr).map_or(0, |s| s.total_ref_mod);
+                let high = sum(begun, b);
+                for (what, n) in [("pending", full), ("pending_summary", summary)] {
+                    assert!(
+                        (low..=high).contains(&n),
+                        "{what}({bytenr}) = {n}, outside [{low}, {high}]"
+                    );
+                }
+                lookups.fetch_add(1, Ordering::Relaxed);
+                if ingest_done {
+                    break;
+                }
+            }
+        });
+    });
+    let lookups = lookups.load(Ordering::Relaxed);
+    eprintln!(
+        "{lookups} lookups checked, {} runs at the end",
+        store.live_runs()
+    );
+    for b in 0..EXTENTS {
+        let n = store
+            .pending((b + 1) << 12)
+            .map_or(0, |h| h.summary.total_ref_mod);
+        assert_eq!(n, sum(&done, b), "extent {b} at the end");
+    }
+}

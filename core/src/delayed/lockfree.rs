@@ -20,7 +20,7 @@
 //!                       ▼
 //!                 TxnIndex of the live transaction
 //!                   runs: SkipMap<run_id, Arc<Run>>  (Run: sorted chunks + Bloom filter;
-//!                         lookups read them through the index's RunView)
+//!                         lookups find them through the index's RunView)
 //!                       │ size-tiered compaction on the background
 //!                       │ compactor (COMPACT_FANOUT = 8 runs of a level
 //!                       │ → 1; top-level runs of comparable size merge)
@@ -411,12 +411,9 @@ pub const RUN_FILTER_BITS_PER_HEAD: usize = 16;
 /// (one cache miss per probe), 4 bits set in it. At
 /// [`RUN_FILTER_BITS_PER_HEAD`] bits per head, a run that does not hold a
 /// bytenr is searched anyway about once in 200 lookups.
-///
-/// The words are shared (`Arc`) with the index's [`RunView`], so a lookup
-/// probes every run's filter from one contiguous array.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct RunFilter {
-    words: Arc<[u64]>,
+    words: Box<[u64]>,
 }
 
 /// A bytenr's filter hash, computed once per lookup for every run.
@@ -452,7 +449,7 @@ impl RunFilter {
             words[Self::word(k, len)] |= k.mask;
         }
         RunFilter {
-            words: words.into(),
+            words: words.into_boxed_slice(),
         }
     }
 
@@ -461,13 +458,10 @@ impl RunFilter {
         ((k.hash >> 32) as usize) & (len - 1)
     }
 
-    fn may_hold_key(&self, k: FilterKey) -> bool {
-        self.words[Self::word(k, self.words.len())] & k.mask == k.mask
-    }
-
     #[cfg(test)]
     fn may_hold(&self, bytenr: u64) -> bool {
-        self.may_hold_key(FilterKey::of(bytenr))
+        let k = FilterKey::of(bytenr);
+        self.words[Self::word(k, self.words.len())] & k.mask == k.mask
     }
 }
 
@@ -502,16 +496,40 @@ impl Run {
 /// dependent cache misses, one per run: 200–400 runs under full ingest)
 /// nor takes a reference on each of its entries, and its filter probes
 /// are independent loads that overlap.
+///
+/// The slots point into the runs (owned by the skiplist's entries) without
+/// owning them: copying a view at each change costs a copy of plain
+/// words, not a reference count per run. See [`RunView::chunks_may_hold`]
+/// for why the pointers are valid where they are followed.
 #[derive(Debug)]
 struct RunView {
     slots: Vec<RunSlot>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct RunSlot {
     id: u64,
-    filter: RunFilter,
-    run: Arc<Run>,
+    /// The run's filter words (`RunFilter::words`) and their count.
+    words: *const u64,
+    words_len: usize,
+    run: *const Run,
+}
+
+// SAFETY: the pointers are only followed as `RunView::chunks_may_hold`
+// says (a `Run` is immutable and `Sync`); a view itself is plain data.
+unsafe impl Send for RunView {}
+// SAFETY: as for `Send`: shared views are only read.
+unsafe impl Sync for RunView {}
+
+impl RunSlot {
+    fn of(id: u64, run: &Arc<Run>) -> RunSlot {
+        RunSlot {
+            id,
+            words: run.filter.words.as_ptr(),
+            words_len: run.filter.words.len(),
+            run: Arc::as_ptr(run),
+        }
+    }
 }
 
 /// The view of an index with no runs (its `view` is null until the first).
@@ -519,14 +537,30 @@ static EMPTY_VIEW: RunView = RunView { slots: Vec::new() };
 
 impl RunView {
     /// The chunk of each run whose filter may hold `bytenr`.
-    fn chunks_may_hold<'a>(&'a self, bytenr: u64, out: &mut Vec<&'a Chunk>) {
+    ///
+    /// # Safety
+    ///
+    /// The view was read in a read window of its index that saw no change
+    /// begin (`TxnIndex::read_stable`), by a thread that was pinned
+    /// (crossbeam-epoch) before that window and still is. Then each of its
+    /// runs was in the index's skiplist at the end of the window (a view
+    /// is current only while the skiplist holds exactly its runs, and both
+    /// change together inside one change's bracket), so it is removed
+    /// later, and the skiplist entry that owns it (its only `Arc`) is
+    /// destroyed through crossbeam-epoch only after every thread pinned at
+    /// the removal, this one included, has unpinned. The chunks returned
+    /// live as long as that pin.
+    unsafe fn chunks_may_hold<'a>(&'a self, bytenr: u64, out: &mut Vec<&'a Chunk>) {
         let k = FilterKey::of(bytenr);
-        out.extend(
-            self.slots
-                .iter()
-                .filter(|s| s.filter.may_hold_key(k))
-                .filter_map(|s| s.run.chunk_of(bytenr)),
-        );
+        for s in &self.slots {
+            // SAFETY: the filter words belong to the run, alive (above).
+            let word = unsafe { *s.words.add(RunFilter::word(k, s.words_len)) };
+            if word & k.mask == k.mask {
+                // SAFETY: the run is alive for `'a` (above).
+                let run = unsafe { &*s.run };
+                out.extend(run.chunk_of(bytenr));
+            }
+        }
     }
 }
 
@@ -692,11 +726,7 @@ impl TxnIndex {
         // Ids rise and writers are serialised: a new run goes last.
         let id = self.next_run.fetch_add(1, Ordering::Relaxed);
         if let Some(run) = added {
-            slots.push(RunSlot {
-                id,
-                filter: run.filter.clone(),
-                run: Arc::clone(run),
-            });
+            slots.push(RunSlot::of(id, run));
         }
         (crossbeam_epoch::Owned::new(RunView { slots }), id)
     }
@@ -1379,8 +1409,8 @@ impl LockFreeStore {
         f: impl FnOnce(&[HeadRef<'_>], &[(Op, u64)], &[Head]) -> R,
     ) -> R {
         // The read window covers only what can change under it: which
-        // runs the generation has (its view, which keeps them alive after
-        // a compaction removes them) and the staged ops and carry of
+        // runs the generation has (its view, whose runs this pin keeps
+        // alive after a compaction removes them) and the staged ops and carry of
         // `bytenr`. The runs are searched afterwards: they are immutable,
         // so ingest is held off (quiet window) for one pointer load and a
         // filtered staging scan, not for a search of every run.
@@ -1389,7 +1419,10 @@ impl LockFreeStore {
         let (mut chunks, mut runs, mut staged, mut carry) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for p in parts {
-            p.view.chunks_may_hold(bytenr, &mut chunks);
+            // SAFETY: `read_visible` returned the view from a window of
+            // its index that saw no change begin, read under `guard`,
+            // pinned before it and held until the search is done.
+            unsafe { p.view.chunks_may_hold(bytenr, &mut chunks) };
             staged.extend(p.staged);
             carry.extend(p.carry);
         }

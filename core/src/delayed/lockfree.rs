@@ -571,6 +571,9 @@ impl RunView {
 /// garbage per compaction to a handful of nodes.
 #[derive(Debug, Default)]
 struct TxnIndex {
+    /// The runs by id. Each entry holds its run's only `Arc`: the `Arc`
+    /// only gives the run an address before it is inserted, for the view
+    /// built before the change's bracket ([`TxnIndex::next_view`]).
     runs: SkipMap<u64, Arc<Run>>,
     /// The runs as lookups read them ([`RunView`]); null: none yet.
     view: crossbeam_epoch::Atomic<RunView>,

@@ -116,13 +116,13 @@ use crossbeam_utils::CachePadded;
 use super::gate::{parity, Generation, ShardGate};
 use super::handoff::{Ring, Rotate, STAGING_RING};
 use super::packed::{
-    build_run, find_in_chunks, heads_in_range, merge_cursors, split_points, Chunk, Cursor, HeadRef,
-    PackedRef, RunBuilder,
+    build_run, find_in_chunks, heads_in_range, merge_cursors, merge_refs, split_points, Chunk,
+    Cursor, HeadRef, PackedRef, RunBuilder,
 };
 use super::{
     merge_heads, merge_heads_keeping_all, DelayedRefStore, IngestHandle, StampClock, StoreError,
 };
-use crate::head::{DelayedRef, Head, HeadSummary};
+use crate::head::{Head, HeadSummary};
 use crate::model::Op;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -871,7 +871,9 @@ impl TxnIndex {
                 self.publish_view(&guard, view);
                 self.end_change();
                 drop(runs);
-                Self::end_runs_change(guard);
+                drop(guard);
+                // Flushes this thread's garbage (`end_runs_change` does
+                // only that) and helps collect the inputs' memory.
                 reclaim();
             }
             token.store(false, Ordering::SeqCst);
@@ -1446,16 +1448,7 @@ impl LockFreeStore {
     /// `pending_in` leaves out) from a live one.
     fn pending_summary_in(&self, bytenr: u64, live_only: bool) -> Option<HeadSummary> {
         self.lookup_with(bytenr, live_only, |runs, staged, carry| {
-            let summary = runs
-                .iter()
-                .map(|h| h.summary)
-                .chain(
-                    staged
-                        .iter()
-                        .map(|(op, stamp)| HeadSummary::of_op(op, *stamp)),
-                )
-                .chain(carry.iter().map(|h| h.summary))
-                .reduce(HeadSummary::merge)?;
+            let summary = merged_summary(runs, staged, carry)?;
             // A no-op head has no allocation, no extent_op and every ref's
             // count at 0, so a total of 0 (every op but UPDATE_HEAD, which
             // counts 0, has a ref: `Op::check`). Anything else is live.
@@ -1496,7 +1489,8 @@ impl LockFreeStore {
 
 /// One bytenr's heads found in runs and its other heads (staged, carried)
 /// merged into one: what [`merge_heads`] of them all gives (`None` for a
-/// no-op), but with one sort of all their refs. A hot extent has a head in
+/// no-op), but with one sort of all their refs (`merge_refs`, as a
+/// compaction merges them). A hot extent has a head in
 /// nearly every run (hundreds under full ingest); merged head by head, its
 /// refs were copied once per run.
 fn merge_found(
@@ -1505,35 +1499,43 @@ fn merge_found(
     staged: &[(Op, u64)],
     carry: &[Head],
 ) -> Option<Head> {
-    let staged: Vec<Head> = staged
-        .iter()
-        .map(|(op, stamp)| Head::of_op(op, *stamp))
-        .collect();
-    let rest = staged.iter().chain(carry);
-    let summary = runs
-        .iter()
-        .map(|h| h.summary)
-        .chain(rest.clone().map(|h| h.summary))
-        .reduce(HeadSummary::merge)?;
-    let mut refs: Vec<DelayedRef> = runs.iter().flat_map(HeadRef::unpacked_refs).collect();
-    refs.extend(rest.flat_map(|h| h.refs.iter().copied()));
-    // Stable: refs of one key and seq add up in any order.
-    refs.sort_by_key(|r| (r.key, r.seq));
-    refs.dedup_by(|r, kept| {
-        let same = (r.key, r.seq) == (kept.key, kept.seq);
-        if same {
-            kept.ref_mod += r.ref_mod;
-            kept.drops += r.drops;
-        }
-        same
-    });
-    refs.retain(DelayedRef::is_kept);
+    let summary = merged_summary(runs, staged, carry)?;
+    let mut refs: Vec<PackedRef> = runs.iter().flat_map(|h| h.refs.iter().copied()).collect();
+    refs.extend(
+        staged
+            .iter()
+            .filter_map(|(op, _)| op.key.map(|k| PackedRef::new(k, op.seq, op.ref_mod()))),
+    );
+    refs.extend(
+        carry
+            .iter()
+            .flat_map(|h| h.refs.iter().map(PackedRef::pack)),
+    );
+    merge_refs(&mut refs);
     let head = Head {
         bytenr,
         summary,
-        refs,
+        refs: refs.iter().map(PackedRef::unpack).collect(),
     };
     (!head.is_noop()).then_some(head)
+}
+
+/// The summaries of one bytenr's heads found in runs, staged ops and
+/// carried heads, merged (`None`: nothing found).
+fn merged_summary(
+    runs: &[HeadRef<'_>],
+    staged: &[(Op, u64)],
+    carry: &[Head],
+) -> Option<HeadSummary> {
+    runs.iter()
+        .map(|h| h.summary)
+        .chain(
+            staged
+                .iter()
+                .map(|(op, stamp)| HeadSummary::of_op(op, *stamp)),
+        )
+        .chain(carry.iter().map(|h| h.summary))
+        .reduce(HeadSummary::merge)
 }
 
 /// What a lookup reads of one generation in its read window.

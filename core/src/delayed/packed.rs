@@ -267,13 +267,8 @@ impl HeadRef<'_> {
         Head {
             bytenr: self.bytenr,
             summary: self.summary,
-            refs: self.unpacked_refs().collect(),
+            refs: self.refs.iter().map(PackedRef::unpack).collect(),
         }
-    }
-
-    /// The head's refs, unpacked (sorted by key and seq).
-    pub fn unpacked_refs(&self) -> impl Iterator<Item = DelayedRef> + '_ {
-        self.refs.iter().map(PackedRef::unpack)
     }
 }
 

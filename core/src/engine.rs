@@ -79,6 +79,27 @@ pub enum EngineError {
     Verify(#[from] Box<VerifyError>),
 }
 
+/// A head [`Engine::requeue`] refused: its `total_ref_mod` is not the sum
+/// of its refs' counts. Every source of heads keeps that sum (an op's head
+/// counts its one ref's `ref_mod`, UPDATE_HEAD counts 0 and has no ref,
+/// merges add both sides), and the count lookups rely on it
+/// ([`crate::delayed::DelayedRefStore::pending_summary`] tells a no-op head
+/// from a live one by the total alone when it is not 0), so a requeued head
+/// that breaks it would make a lookup's count disagree with the commit's.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "requeued head of extent {bytenr}: total_ref_mod {total_ref_mod} is not the sum of its \
+     refs' ref_mods ({refs_sum}); nothing was requeued"
+)]
+pub struct RequeueError {
+    /// The head's extent.
+    pub bytenr: u64,
+    /// Its summary's `total_ref_mod`.
+    pub total_ref_mod: i64,
+    /// The sum of its refs' `ref_mod`s (saturating).
+    pub refs_sum: i64,
+}
+
 /// A head that could not be run, with why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuarantinedHead {
@@ -465,9 +486,25 @@ impl<S: DelayedRefStore> Engine<S> {
 
     /// Queue whole heads into the live transaction (re-stamped, see
     /// [`DelayedRefStore::requeue`]): recovery of the heads a durable
-    /// commit held. Before any op is added.
-    pub fn requeue(&self, heads: Vec<Head>) {
+    /// commit held. Before any op is added. All or nothing: a head whose
+    /// `total_ref_mod` is not the sum of its refs' counts is refused
+    /// ([`RequeueError`]), and then none is queued.
+    pub fn requeue(&self, heads: Vec<Head>) -> Result<(), RequeueError> {
+        for h in &heads {
+            let refs_sum = h
+                .refs
+                .iter()
+                .fold(0i64, |sum, r| sum.saturating_add(r.ref_mod));
+            if refs_sum != h.summary.total_ref_mod {
+                return Err(RequeueError {
+                    bytenr: h.bytenr,
+                    total_ref_mod: h.summary.total_ref_mod,
+                    refs_sum,
+                });
+            }
+        }
         self.store.requeue(heads);
+        Ok(())
     }
 
     /// How many quarantined heads are kept (at most [`QUARANTINE_KEEP`]) and
@@ -1838,7 +1875,7 @@ mod tests {
         drop(guard);
 
         let b = Engine::with_tree(mk(), a.tree().clone(), r.generation);
-        b.requeue(r.held_heads.clone());
+        b.requeue(r.held_heads.clone()).unwrap();
         assert_eq!(
             b.lookup_extent_ref(4096).refs,
             1,
@@ -1860,6 +1897,53 @@ mod tests {
         let item = b.tree().get(4096).cloned().unwrap();
         assert_eq!(item.refs, 1);
         assert!(item.full_backref(), "the later extent_op applies");
+    }
+
+    /// A requeued head whose total is not its refs' sum would make a count
+    /// lookup (which trusts a non-zero total) disagree with the commit:
+    /// here a head claiming a total of 0 with one +1 ref, beside a valid
+    /// one. Both are refused and nothing is queued.
+    fn requeue_refuses_a_total_that_is_not_the_refs_sum<S: DelayedRefStore>(store: S) {
+        let add = |b: u64| {
+            Op::new(
+                b,
+                16384,
+                ExtentKind::Tree { level: 0 },
+                Action::AddRef,
+                RefKey::TreeBlock { root: 5 },
+                0,
+            )
+            .unwrap()
+        };
+        let e = Engine::new(store);
+        let good = Head::of_op(&add(4096), 0);
+        let mut bad = Head::of_op(&add(8192), 0);
+        bad.summary.total_ref_mod = 0;
+        let err = e.requeue(vec![good.clone(), bad]).unwrap_err();
+        assert_eq!(
+            err,
+            RequeueError {
+                bytenr: 8192,
+                total_ref_mod: 0,
+                refs_sum: 1
+            }
+        );
+        for b in [4096, 8192] {
+            assert_eq!(e.lookup_extent_ref(b).refs, 0, "nothing queued");
+            assert!(e.store().pending(b).is_none());
+        }
+        e.requeue(vec![good]).unwrap();
+        assert_eq!(e.lookup_extent_ref(4096).refs, 1);
+    }
+
+    #[test]
+    fn requeue_refuses_a_total_that_is_not_the_refs_sum_mutex() {
+        requeue_refuses_a_total_that_is_not_the_refs_sum(MutexStore::new());
+    }
+
+    #[test]
+    fn requeue_refuses_a_total_that_is_not_the_refs_sum_lockfree() {
+        requeue_refuses_a_total_that_is_not_the_refs_sum(LockFreeStore::new());
     }
 
     #[test]

@@ -592,7 +592,7 @@ fn a_requeued_head_whose_refs_cancel_keeps_its_shapes() {
         let e = Engine::with_tree(store, tree.clone(), 1);
         let mut head = Head::of_op(&held[0], 0);
         head.merge(&Head::of_op(&held[1], 0));
-        e.requeue(vec![head]);
+        e.requeue(vec![head]).unwrap();
         e.handle().unwrap().add(eop).unwrap();
         let r = e.commit();
         assert_eq!(normalize_tree(&e.tree()), normalize_tree(tree), "unchanged");

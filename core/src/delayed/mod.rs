@@ -180,7 +180,10 @@ pub trait DelayedRefStore: Send + Sync {
     /// durable commit held. Their stamps come from an earlier clock, so
     /// they are re-stamped from this store's clock in their old order
     /// ([`restamp`]). Call it before any op is added, so that the requeued
-    /// heads stay older than every op.
+    /// heads stay older than every op. Each head's `total_ref_mod` is the
+    /// sum of its refs' `ref_mod`s, as in every head a store builds
+    /// ([`DelayedRefStore::pending_summary`] relies on it;
+    /// [`crate::engine::Engine::requeue`] checks it).
     fn requeue(&self, heads: Vec<Head>);
 }
 

@@ -11,7 +11,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use refd_core::engine::EngineError;
+use refd_core::engine::{EngineError, RequeueError};
 use refd_core::model::OpError;
 use refd_ioring::btree::{BTreeError, Key};
 use refd_ioring::format::FormatError;
@@ -260,6 +260,17 @@ pub enum OpenError {
         lsn: u64,
         /// Cause.
         source: CodecError,
+    },
+    /// The core engine refused a head the last commit held (its decoder
+    /// checks the same rule, so this means a decoder bug, not damage).
+    #[error("{device}: a head held by the commit of generation {generation} refused: {source}")]
+    HeldRefused {
+        /// Device.
+        device: String,
+        /// Superblock generation.
+        generation: u64,
+        /// Cause.
+        source: RequeueError,
     },
     /// The core engine refused a replayed op.
     #[error("{device}: replayed op of LSN {lsn} refused: {source}")]

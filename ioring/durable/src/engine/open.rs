@@ -335,7 +335,13 @@ impl<S: Storage + Clone, D: DelayedRefStore + Default> DurableEngine<S, D> {
         held.iter_mut().for_each(forget_seq);
         let heads_held = held.len();
         let held_units = crate::space::held_units(&held);
-        engine.requeue(held);
+        engine
+            .requeue(held)
+            .map_err(|source| OpenError::HeldRefused {
+                device: device.clone(),
+                generation: sb.generation,
+                source,
+            })?;
         if options.verify {
             // Before replay, so that the shadow checks every replayed op
             // against the committed tree plus the held heads.

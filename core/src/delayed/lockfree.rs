@@ -258,30 +258,28 @@ impl Staging {
         })
     }
 
-    /// Slot `i` as a reader sees it: `None` if its words are not one
-    /// whole op (torn by the writer reusing it; the read is retried).
-    fn read(&self, i: usize) -> Option<(Op, u64)> {
-        try_decode(&self.words(i))
-    }
-
-    /// The staged ops of `bytenr` with their stamps (a reader's view:
-    /// slots that are not one whole op are skipped, the read is retried).
-    fn ops_of(&self, bytenr: u64, out: &mut Vec<(Op, u64)>) {
+    /// Copy the words of the staged ops of `bytenr` into `out`, raw: a
+    /// reader decodes them only once its read window proved them whole
+    /// (a slot is reused only inside a change of the index, which spoils
+    /// the window: module doc), so the window holds off writers for copies
+    /// only. Two passes: the dense keys first, collecting the matching
+    /// slots in `hits`, then the slots' words with nothing between their
+    /// loads, so that the cache misses of a hot extent's slots (hundreds
+    /// per buffer, written by another core) overlap instead of queueing
+    /// behind one decode each.
+    fn raw_of(&self, bytenr: u64, hits: &mut Vec<u32>, out: &mut Vec<Staged>) {
         let n = self.len.load(Ordering::Acquire).min(self.slots().len());
         if n == 0 || !self.may_hold(bytenr) {
             return;
         }
+        hits.clear();
         for (i, key) in self.keys()[..n].iter().enumerate() {
-            // A slot being reused may pair one op's key with another's
-            // words: such a read always meets a change of the index and is
-            // retried (module doc); decoding skips words that are not one
-            // whole op.
             if key.load(Ordering::Relaxed) == bytenr {
-                if let Some(op) = self.read(i).filter(|(op, _)| op.bytenr == bytenr) {
-                    out.push(op);
-                }
+                hits.push(i as u32);
             }
         }
+        out.reserve(hits.len());
+        out.extend(hits.iter().map(|&i| self.words(i as usize)));
     }
 
     /// [`Staging::read_all`] for a reader other than the writer: slots that
@@ -1388,12 +1386,13 @@ impl LockFreeStore {
             staged: Vec::new(),
             carry: Vec::new(),
         };
+        let mut hits = Vec::new();
         for shard in self.shared.shards.iter() {
             if !shard.gate.holds(g) {
                 continue;
             }
             for st in &shard.lanes[parity(g)].bufs {
-                st.ops_of(bytenr, &mut parts.staged);
+                st.raw_of(bytenr, &mut hits, &mut parts.staged);
             }
         }
         parts.carry.extend(
@@ -1428,7 +1427,15 @@ impl LockFreeStore {
             // its index that saw no change begin, read under `guard`,
             // pinned before it and held until the search is done.
             unsafe { p.view.chunks_may_hold(bytenr, &mut chunks) };
-            staged.extend(p.staged);
+            // Whole ops (the window saw no change); `try_decode` all the
+            // same, so that words that are not one op can never reach the
+            // decoders' assertions.
+            staged.extend(
+                p.staged
+                    .iter()
+                    .filter_map(try_decode)
+                    .filter(|(op, _)| op.bytenr == bytenr),
+            );
             carry.extend(p.carry);
         }
         find_in_chunks(&chunks, bytenr, &mut runs);
@@ -1541,7 +1548,8 @@ fn merged_summary(
 /// What a lookup reads of one generation in its read window.
 struct LookupParts<'g> {
     view: &'g RunView,
-    staged: Vec<(Op, u64)>,
+    /// The raw words of `bytenr`'s staged ops ([`Staging::raw_of`]).
+    staged: Vec<Staged>,
     carry: Vec<Head>,
 }
 

@@ -475,7 +475,10 @@ impl Run {
         }
     }
 
-    /// The chunk that would hold `bytenr` (no filter, no search in it).
+    /// The chunk that would hold `bytenr` (no filter, no search in it):
+    /// what `RunView::chunks_may_hold` finds for each run in lockstep (the
+    /// tests' reference).
+    #[cfg(test)]
     fn chunk_of(&self, bytenr: u64) -> Option<&Chunk> {
         let i = self.firsts.partition_point(|&f| f <= bytenr);
         (i > 0).then(|| &self.chunks[i - 1])
@@ -510,7 +513,12 @@ struct RunSlot {
     /// The run's filter words (`RunFilter::words`) and their count.
     words: *const u64,
     words_len: usize,
-    run: *const Run,
+    /// The run's chunks and their first bytenrs (`Run::chunks`,
+    /// `Run::firsts`, of the same length), so that a lookup reaches them
+    /// without a miss on the `Run` itself.
+    chunks: *const Chunk,
+    firsts: *const u64,
+    chunks_len: usize,
 }
 
 // SAFETY: the pointers are only followed as `RunView::chunks_may_hold`
@@ -525,7 +533,9 @@ impl RunSlot {
             id,
             words: run.filter.words.as_ptr(),
             words_len: run.filter.words.len(),
-            run: Arc::as_ptr(run),
+            chunks: run.chunks.as_ptr(),
+            firsts: run.firsts.as_ptr(),
+            chunks_len: run.chunks.len().min(run.firsts.len()),
         }
     }
 }
@@ -550,13 +560,44 @@ impl RunView {
     /// live as long as that pin.
     unsafe fn chunks_may_hold<'a>(&'a self, bytenr: u64, out: &mut Vec<&'a Chunk>) {
         let k = FilterKey::of(bytenr);
-        for s in &self.slots {
-            // SAFETY: the filter words belong to the run, alive (above).
-            let word = unsafe { *s.words.add(RunFilter::word(k, s.words_len)) };
-            if word & k.mask == k.mask {
-                // SAFETY: the run is alive for `'a` (above).
-                let run = unsafe { &*s.run };
-                out.extend(run.chunk_of(bytenr));
+        // The runs whose filter may hold `bytenr`, each with the window of
+        // its `firsts` still searched (first index, length).
+        let mut probes: Vec<(&RunSlot, usize, usize)> = self
+            .slots
+            .iter()
+            .filter(|s| {
+                // SAFETY: the filter words belong to the run, alive (above).
+                let word = unsafe { *s.words.add(RunFilter::word(k, s.words_len)) };
+                word & k.mask == k.mask
+            })
+            .map(|s| (s, 0, s.chunks_len))
+            .collect();
+        // The last chunk whose first bytenr is at most `bytenr`, in each
+        // run: binary searches in lockstep, as `find_in_chunks`, so that
+        // their cache misses overlap.
+        loop {
+            let mut narrowed = false;
+            for (s, base, n) in probes.iter_mut() {
+                if *n > 1 {
+                    let half = *n / 2;
+                    // SAFETY: `base + half < chunks_len`, the length of
+                    // the run's `firsts`, alive (above).
+                    if unsafe { *s.firsts.add(*base + half) } <= bytenr {
+                        *base += half;
+                    }
+                    *n -= half;
+                    narrowed = true;
+                }
+            }
+            if !narrowed {
+                break;
+            }
+        }
+        for (s, base, n) in probes {
+            // SAFETY: `base < chunks_len` when `n == 1` (as above).
+            if n == 1 && unsafe { *s.firsts.add(base) } <= bytenr {
+                // SAFETY: as above; `chunks` has `chunks_len` elements.
+                out.push(unsafe { &*s.chunks.add(base) });
             }
         }
     }
@@ -1410,7 +1451,7 @@ impl LockFreeStore {
         &self,
         bytenr: u64,
         live_only: bool,
-        f: impl FnOnce(&[HeadRef<'_>], &[(Op, u64)], &[Head]) -> R,
+        f: impl FnOnce(&[HeadRef<'_>], &[Staged], &[Head]) -> R,
     ) -> R {
         // The read window covers only what can change under it: which
         // runs the generation has (its view, whose runs this pin keeps
@@ -1427,15 +1468,7 @@ impl LockFreeStore {
             // its index that saw no change begin, read under `guard`,
             // pinned before it and held until the search is done.
             unsafe { p.view.chunks_may_hold(bytenr, &mut chunks) };
-            // Whole ops (the window saw no change); `try_decode` all the
-            // same, so that words that are not one op can never reach the
-            // decoders' assertions.
-            staged.extend(
-                p.staged
-                    .iter()
-                    .filter_map(try_decode)
-                    .filter(|(op, _)| op.bytenr == bytenr),
-            );
+            staged.extend(p.staged);
             carry.extend(p.carry);
         }
         find_in_chunks(&chunks, bytenr, &mut runs);
@@ -1446,7 +1479,8 @@ impl LockFreeStore {
     /// or the live one only when `live_only`.
     fn pending_in(&self, bytenr: u64, live_only: bool) -> Option<Head> {
         self.lookup_with(bytenr, live_only, |runs, staged, carry| {
-            merge_found(bytenr, runs, staged, carry)
+            let ops: Vec<_> = staged_ops(bytenr, staged).collect();
+            merge_found(bytenr, runs, &ops, carry)
         })
     }
 
@@ -1455,7 +1489,9 @@ impl LockFreeStore {
     /// `pending_in` leaves out) from a live one.
     fn pending_summary_in(&self, bytenr: u64, live_only: bool) -> Option<HeadSummary> {
         self.lookup_with(bytenr, live_only, |runs, staged, carry| {
-            let summary = merged_summary(runs, staged, carry)?;
+            let summaries =
+                staged_ops(bytenr, staged).map(|(op, stamp)| HeadSummary::of_op(&op, stamp));
+            let summary = merged_summary(runs, summaries, carry)?;
             // A no-op head has no allocation, no extent_op and every ref's
             // count at 0, so a total of 0 (every op but UPDATE_HEAD, which
             // counts 0, has a ref: `Op::check`). Anything else is live.
@@ -1463,7 +1499,8 @@ impl LockFreeStore {
             {
                 return Some(summary);
             }
-            merge_found(bytenr, runs, staged, carry).map(|h| h.summary)
+            let ops: Vec<_> = staged_ops(bytenr, staged).collect();
+            merge_found(bytenr, runs, &ops, carry).map(|h| h.summary)
         })
     }
 
@@ -1506,7 +1543,13 @@ fn merge_found(
     staged: &[(Op, u64)],
     carry: &[Head],
 ) -> Option<Head> {
-    let summary = merged_summary(runs, staged, carry)?;
+    let summary = merged_summary(
+        runs,
+        staged
+            .iter()
+            .map(|(op, stamp)| HeadSummary::of_op(op, *stamp)),
+        carry,
+    )?;
     let mut refs: Vec<PackedRef> = runs.iter().flat_map(|h| h.refs.iter().copied()).collect();
     refs.extend(
         staged
@@ -1531,18 +1574,25 @@ fn merge_found(
 /// carried heads, merged (`None`: nothing found).
 fn merged_summary(
     runs: &[HeadRef<'_>],
-    staged: &[(Op, u64)],
+    staged: impl Iterator<Item = HeadSummary>,
     carry: &[Head],
 ) -> Option<HeadSummary> {
     runs.iter()
         .map(|h| h.summary)
-        .chain(
-            staged
-                .iter()
-                .map(|(op, stamp)| HeadSummary::of_op(op, *stamp)),
-        )
+        .chain(staged)
         .chain(carry.iter().map(|h| h.summary))
         .reduce(HeadSummary::merge)
+}
+
+/// The ops of `bytenr` in the raw words a lookup copied from staging
+/// ([`Staging::raw_of`]). They are whole (the read window saw no change);
+/// `try_decode` all the same, so that words that are not one op can never
+/// reach the decoders' assertions.
+fn staged_ops(bytenr: u64, staged: &[Staged]) -> impl Iterator<Item = (Op, u64)> + '_ {
+    staged
+        .iter()
+        .filter_map(try_decode)
+        .filter(move |(op, _)| op.bytenr == bytenr)
 }
 
 /// What a lookup reads of one generation in its read window.
@@ -2279,6 +2329,62 @@ mod tests {
                 false_hits * 50 <= probes as usize,
                 "{heads} heads: {false_hits} of {probes} absent bytenrs pass"
             );
+        }
+    }
+
+    /// The view's lockstep search of every run's chunk finds the chunk a
+    /// binary search of each run finds (`Run::chunk_of`), for every run
+    /// whose filter passes: runs of one chunk, of exactly a chunk's worth
+    /// and of many chunks, bytenrs held, absent, below and above them all.
+    #[test]
+    fn view_finds_the_chunk_each_run_would() {
+        let key = RefKey::TreeBlock { root: 5 };
+        let run = |bytenrs: Vec<u64>| {
+            let mut b = RunBuilder::new();
+            for &bytenr in &bytenrs {
+                let op = Op::new(
+                    bytenr,
+                    4096,
+                    ExtentKind::Tree { level: 0 },
+                    Action::AddRef,
+                    key,
+                    0,
+                )
+                .unwrap();
+                b.push(
+                    bytenr,
+                    &HeadSummary::of_op(&op, 0),
+                    &[PackedRef::new(key, 0, 1)],
+                );
+            }
+            Arc::new(Run::new(b.finish(), 0, bytenrs.len(), bytenrs.len()))
+        };
+        let runs = [
+            run(vec![40 << 12]),
+            run((1..=512).map(|i| i << 13).collect()),
+            run((1..=5000).map(|i| (i * 3) << 12).collect()),
+            run((100..=1400).map(|i| i << 12).collect()),
+        ];
+        let view = RunView {
+            slots: runs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RunSlot::of(i as u64, r))
+                .collect(),
+        };
+        for bytenr in (0..20_000u64).map(|i| i << 12) {
+            let mut got = Vec::new();
+            // SAFETY: the runs are alive (`runs`) and nothing changes them.
+            unsafe { view.chunks_may_hold(bytenr, &mut got) };
+            let want: Vec<&Chunk> = runs
+                .iter()
+                .filter(|r| r.filter.may_hold(bytenr))
+                .filter_map(|r| r.chunk_of(bytenr))
+                .collect();
+            assert_eq!(got.len(), want.len(), "bytenr {bytenr}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(std::ptr::eq(*g, *w), "bytenr {bytenr}");
+            }
         }
     }
 

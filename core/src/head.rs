@@ -457,6 +457,71 @@ impl Head {
     }
 }
 
+/// [`HeadSummary::merge`] of many ops' [`HeadSummary::of_op`], in any
+/// order (the merge is commutative and associative), with the common ops,
+/// refs added or dropped with no extent_op, summed in place: their
+/// summaries differ only in the ref count and the shape they name, so the
+/// fold keeps the sum, the least shape (what `merge` keeps of two named
+/// shapes) and whether any other was named. A hot extent's lookup folds
+/// hundreds of staged ops; merging a full summary for each was a fifth of
+/// its time.
+#[derive(Clone, Debug, Default)]
+pub struct SummaryFold {
+    /// The plain ops' least shape and whether another was named.
+    plain: Option<(u64, ExtentKind, bool)>,
+    /// The plain ops' ref counts, summed.
+    plain_total: i64,
+    /// Everything else, merged.
+    rest: Option<HeadSummary>,
+}
+
+impl SummaryFold {
+    /// Fold one op (as [`HeadSummary::of_op`]).
+    pub fn op(&mut self, op: &Op, stamp: u64) {
+        if op.extent_op.is_some() || !matches!(op.action, Action::AddRef | Action::DropRef) {
+            self.summary(HeadSummary::of_op(op, stamp));
+            return;
+        }
+        self.plain_total += op.ref_mod();
+        let shape = (op.num_bytes, op.kind);
+        match &mut self.plain {
+            None => self.plain = Some((shape.0, shape.1, false)),
+            Some((num_bytes, kind, mixed)) => {
+                if shape != (*num_bytes, *kind) {
+                    *mixed = true;
+                    (*num_bytes, *kind) = shape.min((*num_bytes, *kind));
+                }
+            }
+        }
+    }
+
+    /// Fold a summary.
+    pub fn summary(&mut self, s: HeadSummary) {
+        self.rest = Some(match self.rest {
+            None => s,
+            Some(r) => r.merge(s),
+        });
+    }
+
+    /// The merged summary (`None`: nothing was folded).
+    pub fn finish(self) -> Option<HeadSummary> {
+        let plain = self.plain.map(|(num_bytes, kind, mixed)| HeadSummary {
+            num_bytes,
+            kind,
+            shape_known: true,
+            mixed,
+            alloc_stamp: 0,
+            allocs: 0,
+            total_ref_mod: self.plain_total,
+            extent_op: None,
+        });
+        match (plain, self.rest) {
+            (Some(p), Some(r)) => Some(p.merge(r)),
+            (p, r) => p.or(r),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +574,64 @@ mod tests {
             "barrier above both seqs"
         );
         assert_eq!(h.run_refs(2), RunRefs::Held { seq: 2, barrier: 2 });
+    }
+
+    proptest::proptest! {
+        /// The fold gives what merging each op's summary gives, for any
+        /// mix of actions, shapes (two sizes, data and tree levels),
+        /// extent_ops and stamps.
+        #[test]
+        fn summary_fold_is_merge_of_each_op(
+            ops in proptest::collection::vec((0u8..4, 0u8..4, 0u8..3, 1u64..100), 1..40)
+        ) {
+            let ops: Vec<(Op, u64)> = ops
+                .iter()
+                .map(|&(action, shape, eop, stamp)| {
+                    let action = [Action::AddRef, Action::DropRef, Action::AddExtent, Action::UpdateHead][action as usize];
+                    let (num_bytes, kind) = [
+                        (16384, ExtentKind::Tree { level: 0 }),
+                        (16384, ExtentKind::Tree { level: 1 }),
+                        (4096, ExtentKind::Data),
+                        (8192, ExtentKind::Data),
+                    ][shape as usize];
+                    let key = if kind.is_data() {
+                        RefKey::ExtentData { root: 5, objectid: 257, offset: 0 }
+                    } else {
+                        RefKey::TreeBlock { root: 5 }
+                    };
+                    let extent_op = match (eop, action) {
+                        (_, Action::UpdateHead) | (1, _) => Some(ExtentOp {
+                            flags_to_set: BLOCK_FLAG_FULL_BACKREF,
+                            key: None,
+                        }),
+                        (2, _) => Some(ExtentOp {
+                            flags_to_set: 0,
+                            key: Some(DiskKey { objectid: stamp, item_type: 1, offset: 0 }),
+                        }),
+                        _ => None,
+                    };
+                    let op = Op {
+                        bytenr: 1 << 20,
+                        num_bytes,
+                        kind,
+                        action,
+                        key: (action != Action::UpdateHead).then_some(key),
+                        seq: 0,
+                        extent_op,
+                    };
+                    (op, stamp)
+                })
+                .collect();
+            let want = ops
+                .iter()
+                .map(|(op, stamp)| HeadSummary::of_op(op, *stamp))
+                .reduce(HeadSummary::merge);
+            let mut fold = SummaryFold::default();
+            for (op, stamp) in &ops {
+                fold.op(op, *stamp);
+            }
+            proptest::prop_assert_eq!(fold.finish(), want);
+        }
     }
 
     #[test]

@@ -122,7 +122,7 @@ use super::packed::{
 use super::{
     merge_heads, merge_heads_keeping_all, DelayedRefStore, IngestHandle, StampClock, StoreError,
 };
-use crate::head::{Head, HeadSummary};
+use crate::head::{Head, HeadSummary, SummaryFold};
 use crate::model::Op;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -1489,9 +1489,11 @@ impl LockFreeStore {
     /// `pending_in` leaves out) from a live one.
     fn pending_summary_in(&self, bytenr: u64, live_only: bool) -> Option<HeadSummary> {
         self.lookup_with(bytenr, live_only, |runs, staged, carry| {
-            let summaries =
-                staged_ops(bytenr, staged).map(|(op, stamp)| HeadSummary::of_op(&op, stamp));
-            let summary = merged_summary(runs, summaries, carry)?;
+            let mut fold = SummaryFold::default();
+            runs.iter().for_each(|h| fold.summary(h.summary));
+            staged_ops(bytenr, staged).for_each(|(op, stamp)| fold.op(&op, stamp));
+            carry.iter().for_each(|h| fold.summary(h.summary));
+            let summary = fold.finish()?;
             // A no-op head has no allocation, no extent_op and every ref's
             // count at 0, so a total of 0 (every op but UPDATE_HEAD, which
             // counts 0, has a ref: `Op::check`). Anything else is live.

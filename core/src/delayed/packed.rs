@@ -9,7 +9,7 @@
 //! through when only one source has the head, and otherwise merges them in a
 //! reused scratch buffer: no allocation per head.
 
-use crate::head::{DelayedRef, Head, HeadSummary, PendingExtentOp};
+use crate::head::{DelayedRef, Head, HeadSummary, PendingExtentOp, SummaryFold};
 use crate::model::{Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, SEQ_MAX};
 
 /// Words of a staged op: bytenr, num_bytes, k1, k2, k3, seq, stamp, meta
@@ -795,15 +795,11 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
     let mut i = 0;
     while i < order.len() {
         let bytenr = order[i].0;
-        let mut summary: Option<HeadSummary> = None;
+        let mut summary = SummaryFold::default();
         scratch.clear();
         while i < order.len() && order[i].0 == bytenr {
             let (op, stamp) = decode(&staged[order[i].1 as usize]);
-            let one = HeadSummary::of_op(&op, stamp);
-            summary = Some(match summary {
-                None => one,
-                Some(s) => s.merge(one),
-            });
+            summary.op(&op, stamp);
             if let Some(key) = op.key {
                 scratch.push(PackedRef::new(key, op.seq, op.ref_mod()));
             }
@@ -812,7 +808,11 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
         if scratch.len() > 1 {
             merge_refs(&mut scratch);
         }
-        b.push(bytenr, &summary.expect("at least one op"), &scratch);
+        b.push(
+            bytenr,
+            &summary.finish().expect("at least one op"),
+            &scratch,
+        );
     }
     b
 }

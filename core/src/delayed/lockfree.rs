@@ -70,9 +70,10 @@
 //! its read retries. A staging slot reused after a hand-off can be read
 //! torn (words of two ops); such a read is always retried (the owner
 //! reuses a buffer handed off by another thread only after a release
-//! fence, so a reader that sees its new slots sees that change begun), and
-//! readers decode slots fallibly so a torn one never reaches an assertion
-//! first.
+//! fence, so a reader that sees its new slots sees that change begun). A
+//! lookup copies its bytenr's slots raw in its window and decodes them
+//! only after the window proved them whole, fallibly all the same, so a
+//! torn slot never reaches an assertion.
 //!
 //! Reads complete in bounded time whatever the ingest rate: a read is
 //! tried once optimistically; if a change spoiled it, the reader asks for
@@ -88,9 +89,10 @@
 //! staging buffer's slots are scanned only if its bytenr filter may hold
 //! the bytenr). After the window it probes every run's Bloom filter
 //! ([`RUN_FILTER_BITS_PER_HEAD`]) from the view's array and searches the
-//! runs that may hold the bytenr, their binary searches in lockstep
-//! (`find_in_chunks`); a lookup of the count (`pending_summary`) merges
-//! only the heads' summaries. Ingest waits for a reader only at a
+//! runs that may hold the bytenr, first for the chunk of each run, then in
+//! the chunks, each step's binary searches in lockstep (`find_in_chunks`);
+//! a lookup of the count (`pending_summary`) merges only the heads'
+//! summaries and folds its staged ops (`SummaryFold`). Ingest waits for a reader only at a
 //! hand-off that meets a quiet window, for at most the time of a staging
 //! scan (a lookup) or a snapshot.
 //!

@@ -155,15 +155,7 @@ pub(crate) fn settle<K: RunSink>(
         let b = heads[idx].bytenr;
         let num_bytes = heads[idx].summary.num_bytes;
         match state.stays_meeting(b, num_bytes, &parts[..]) {
-            Some((other, other_bytes)) => {
-                let error = RunError::OverlapsExtent {
-                    bytenr: b,
-                    num_bytes,
-                    other,
-                    other_bytes,
-                };
-                parts[k].quarantined.push((idx, error));
-            }
+            Some(other) => refuse(&mut parts[k], idx, b, num_bytes, other),
             None => {
                 let part = &mut parts[k];
                 sink.effect(&mut part.sink, b, tree.get(b), None, None);
@@ -187,14 +179,8 @@ pub(crate) fn settle<K: RunSink>(
         let covering = nearest.filter(|&(p, n)| p.saturating_add(n) > b);
         let other = covering.or_else(|| state.live_inside(b, num_bytes, &parts[..]));
         let live = match other {
-            Some((other, other_bytes)) => {
-                let error = RunError::OverlapsExtent {
-                    bytenr: b,
-                    num_bytes,
-                    other,
-                    other_bytes,
-                };
-                parts[k].quarantined.push((idx, error));
+            Some(other) => {
+                refuse(&mut parts[k], idx, b, num_bytes, other);
                 committed.map(|i| i.num_bytes)
             }
             None => {
@@ -215,6 +201,21 @@ pub(crate) fn settle<K: RunSink>(
     for (part, late) in parts.iter_mut().zip(late) {
         part.effects.extend(late);
     }
+}
+
+/// Quarantine the contested allocation of head `idx` (`bytenr`,
+/// `num_bytes`) for meeting the live extent `other` (bytenr, size).
+fn refuse<P>(part: &mut RunPart<P>, idx: usize, bytenr: u64, num_bytes: u64, other: (u64, u64)) {
+    let (other, other_bytes) = other;
+    part.quarantined.push((
+        idx,
+        RunError::OverlapsExtent {
+            bytenr,
+            num_bytes,
+            other,
+            other_bytes,
+        },
+    ));
 }
 
 /// [`settle`]'s view of the commit while it decides.

@@ -2,7 +2,8 @@
 //! the durable engine on PATH and prints the id of every op once
 //! `add_durable` has returned (the op is durable); the parent kills it with
 //! SIGKILL at a random moment, N rounds (every child first recovers what
-//! the previous one left), then recovers once more and checks that every
+//! the previous one left; the last round's kill waits for its child's
+//! first acknowledgement), then recovers once more and checks that every
 //! acknowledged op is present exactly once and the device verifies.
 //!
 //! Ops, by id (each round uses its own id range): every fourth id allocates
@@ -13,6 +14,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,9 @@ const ROUND_IDS: u64 = 1 << 32;
 const COMMIT_EVERY: u64 = 1000;
 /// Size of a device file the benchmark creates.
 const DEVICE_BYTES_DEFAULT: u64 = 256 << 20;
+/// Longest wait for the last round's first acknowledgement before its
+/// kill (see [`run`]).
+const LAST_ROUND_ACK_WAIT: Duration = Duration::from_secs(20);
 /// How long opening a busy block device or a locked file is retried (see
 /// [`open_device`]).
 const BUSY_RETRY: Duration = Duration::from_secs(5);
@@ -166,17 +171,34 @@ pub fn run(args: &CrashArgs) -> Result<CrashReport, String> {
             .spawn()
             .map_err(|e| format!("spawn child: {e}"))?;
         let stdout = child.stdout.take().ok_or("child stdout")?;
-        let reader = std::thread::spawn(move || {
-            // Only complete lines are acknowledgements.
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter_map(|l| l.trim().parse::<u64>().ok())
-                .collect::<Vec<u64>>()
+        let seen = Arc::new(AtomicUsize::new(0));
+        let reader = std::thread::spawn({
+            let seen = Arc::clone(&seen);
+            move || {
+                // Only complete lines are acknowledgements.
+                let mut got = Vec::new();
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Ok(id) = line.trim().parse::<u64>() {
+                        got.push(id);
+                        seen.store(got.len(), Ordering::Relaxed);
+                    }
+                }
+                got
+            }
         });
         std::thread::sleep(Duration::from_millis(
             rng.gen_range(1..=args.kill_after_ms_max.max(1)),
         ));
+        if round + 1 == args.rounds {
+            // The last round is killed only once its child acknowledged an
+            // op (waiting up to LAST_ROUND_ACK_WAIT), so that every run
+            // checks acknowledged ops however slow the machine; the
+            // earlier rounds may die anywhere, recovery included.
+            let deadline = Instant::now() + LAST_ROUND_ACK_WAIT;
+            while seen.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         // SIGKILL on Unix.
         let _ = child.kill();
         let status = child.wait().map_err(|e| format!("wait child: {e}"))?;

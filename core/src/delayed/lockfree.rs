@@ -105,11 +105,10 @@
 //! or view and sees the old runs or the new ones; against a hand-off that
 //! publishes a run and empties the buffer in one change while the owner
 //! reuses the buffer, it finds each op once, in a run or in staging; a
-//! read spoiled once completes in a quiet window within its bound, and
-//! no change begins in a quiet window. Loom reports a missing fence
-//! (`begin_change`'s two, `try_read`'s, the ring's `activate`), a check
-//! of `started` before the read instead of after, and a pin taken after
-//! the window (`docs/design.md`).
+//! read spoiled once completes in a quiet window within its bound. Loom
+//! reports a missing fence (`begin_change`'s, `try_read`'s, the ring's
+//! `activate`), a check of `started` before the read instead of after,
+//! and a pin taken after the window (`docs/design.md`).
 //!
 //! # Transaction hand-off
 //!

@@ -29,6 +29,18 @@
 //! read in a window that saw no change begin never touches a freed run
 //! and counts each op once, in a run or in staging (see
 //! `lockfree::RunView::chunks_may_hold`).
+//!
+//! What loom does not check: that no change begins in a quiet window once
+//! a read in it saw none in progress (the Dekker pattern above). Loom
+//! models SeqCst loads and read-modify-writes as AcqRel
+//! (tokio-rs/loom#180) and reports a change beginning there. A SeqCst
+//! fence in `begin_change` between `started` and `quiet` (as the shard
+//! gate has) let it check that, but loom then no longer reported a
+//! missing release fence in the ring's `activate`, which loses ops (loom
+//! lets a SeqCst fence synchronize with every later one, which the
+//! language model does not), so it was not kept. Consistency does not
+//! rest on the quiet window: `try_read` checks every read; only the bound
+//! on retries does.
 
 use crossbeam_utils::CachePadded;
 use refd_sync::shim::{fence, AtomicU64, Ordering};

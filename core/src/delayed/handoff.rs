@@ -169,7 +169,7 @@ impl Ring {
         // The buffer's slots are rewritten from here on: readers that see
         // a new slot must also see the change of the index that emptied
         // the buffer begun (it happened before the `FILLING` just read);
-        // see `TxnIndex::begin_change`.
+        // see `ChangeCounters::begin_change` (`window.rs`).
         fence(Ordering::Release);
         self.active.store(i as u32, Ordering::Relaxed);
     }
@@ -218,10 +218,11 @@ impl Ring {
     }
 }
 
-/// One step of a wait for a hand-off in progress (~0.2–1 ms): the
-/// store's `lockfree::backoff` (spin, then yield, then sleep
-/// 50 µs). Under loom, a yield (loom needs spin loops to yield).
-fn wait_step(spins: &mut u32) {
+/// One step of a wait for a hand-off in progress (~0.2–1 ms), or of an
+/// index's readers and writers for each other (`window.rs`): the store's
+/// `lockfree::backoff` (spin, then yield, then sleep 50 µs). Under loom,
+/// a yield (loom needs spin loops to yield).
+pub(super) fn wait_step(spins: &mut u32) {
     #[cfg(loom)]
     {
         *spins = spins.saturating_add(1);

@@ -67,7 +67,8 @@
 //! compaction publish, release) is bracketed by the index's `started` /
 //! `finished` counters (a release fence after `started`, so no write of
 //! the change is seen before it); a reader that saw a change start during
-//! its read retries. A staging slot reused after a hand-off can be read
+//! its read retries (the counters, the brackets and the read windows are
+//! `window.rs`'s). A staging slot reused after a hand-off can be read
 //! torn (words of two ops); such a read is always retried (the owner
 //! reuses a buffer handed off by another thread only after a release
 //! fence, so a reader that sees its new slots sees that change begun). A
@@ -96,6 +97,21 @@
 //! hand-off that meets a quiet window, for at most the time of a staging
 //! scan (a lookup) or a snapshot.
 //!
+//! This read/change protocol is model-checked with loom
+//! (`window::loom_tests`, `run_view_*`): the real counters, brackets,
+//! read windows and ring (`handoff::Ring`), with the view, the
+//! runs, a one-slot staging buffer and crossbeam-epoch modelled. A lookup
+//! that pins, reads the view in a window and dereferences its runs after
+//! it, against a compaction that removes runs and republishes the view
+//! (and any thread collecting garbage meanwhile), never reads a freed run
+//! or view and sees the old runs or the new ones; against a hand-off that
+//! publishes a run and empties the buffer in one change while the owner
+//! reuses the buffer, it finds each op once, in a run or in staging; a
+//! read spoiled once completes in a quiet window within its bound. Loom
+//! reports a missing fence (`begin_change`'s, `try_read`'s, the ring's
+//! `activate`), a check of `started` before the read instead of after,
+//! and a pin taken after the window (`docs/design.md`).
+//!
 //! # Transaction hand-off
 //!
 //! Each shard has a lane of buffers per transaction parity; each lane has
@@ -121,6 +137,8 @@ use super::packed::{
     build_run, find_in_chunks, heads_in_range, merge_cursors, merge_refs, split_points, Chunk,
     Cursor, HeadRef, PackedRef, RunBuilder,
 };
+use super::window::ChangeCounters;
+pub use super::window::READ_OPTIMISTIC_MAX;
 use super::{
     merge_heads, merge_heads_keeping_all, DelayedRefStore, IngestHandle, StampClock, StoreError,
 };
@@ -551,7 +569,7 @@ impl RunView {
     /// # Safety
     ///
     /// The view was read in a read window of its index that saw no change
-    /// begin (`TxnIndex::read_stable`), by a thread that was pinned
+    /// begin (`ChangeCounters::read_stable`), by a thread that was pinned
     /// (crossbeam-epoch) before that window and still is. Then each of its
     /// runs was in the index's skiplist at the end of the window (a view
     /// is current only while the skiplist holds exactly its runs, and both
@@ -620,14 +638,9 @@ struct TxnIndex {
     view: crossbeam_epoch::Atomic<RunView>,
     /// Serialises the changes of the runs ([`TxnIndex::lock_runs`]).
     view_writer: Mutex<()>,
-    started: CachePadded<AtomicU64>,
-    finished: CachePadded<AtomicU64>,
-    /// Readers that asked for a quiet window (see
-    /// [`TxnIndex::read_stable`]): no change begins while it is non-zero.
-    quiet: CachePadded<AtomicU64>,
-    /// Most attempts one read of this index took (tests and reports: the
-    /// bound of [`TxnIndex::read_stable`]).
-    read_attempts_max: AtomicU64,
+    /// Brackets the changes of the runs, the staging buffers and the
+    /// carry; readers read in its windows ([`ChangeCounters`]).
+    changes: ChangeCounters,
     next_run: AtomicU64,
     /// See [`TOP_MERGE_RATIO`].
     top_merge_ratio: AtomicUsize,
@@ -642,90 +655,6 @@ struct TxnIndex {
 }
 
 impl TxnIndex {
-    fn begin_change(&self) {
-        loop {
-            let mut spins = 0u32;
-            while self.quiet.load(Ordering::SeqCst) != 0 {
-                backoff(&mut spins);
-            }
-            self.started.fetch_add(1, Ordering::SeqCst);
-            // Dekker with `hold_quiet`: either the reader sees this change
-            // started (and waits for it), or this sees the reader's request.
-            if self.quiet.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            // A reader asked meanwhile: withdraw (nothing was changed).
-            self.finished.fetch_add(1, Ordering::SeqCst);
-        }
-        // The writes of the change (and the staging slots reused after a
-        // hand-off) must not become visible before `started` does: a
-        // release RMW orders what comes before it, not after. With this
-        // fence, a reader whose (relaxed) read saw such a write and then
-        // fences (`read_stable`) sees `started` moved, and retries.
-        std::sync::atomic::fence(Ordering::Release);
-    }
-
-    fn end_change(&self) {
-        self.finished.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Run `read` until it observed no change of this index. Optimistic
-    /// first ([`READ_OPTIMISTIC_MAX`] attempts, ingest unaffected); then,
-    /// so that a read completes whatever the ingest rate, in a quiet
-    /// window ([`TxnIndex::hold_quiet`]): hand-offs, compaction publishes
-    /// and releases of this index wait until the read is done, so the read
-    /// retries at most once per writer that had already begun.
-    fn read_stable<T>(&self, mut read: impl FnMut() -> T) -> T {
-        let mut attempts = 0u64;
-        let note = |attempts: u64| {
-            self.read_attempts_max
-                .fetch_max(attempts, Ordering::Relaxed);
-        };
-        for _ in 0..READ_OPTIMISTIC_MAX {
-            attempts += 1;
-            if let Some(out) = self.try_read(&mut read, 64) {
-                note(attempts);
-                return out;
-            }
-        }
-        let _quiet = self.hold_quiet();
-        loop {
-            attempts += 1;
-            if let Some(out) = self.try_read(&mut read, u32::MAX) {
-                note(attempts);
-                return out;
-            }
-        }
-    }
-
-    /// One read of the index: waits (at most `spins_max` backoff steps)
-    /// for the changes in progress to finish, reads, and returns `None`
-    /// if a change began meanwhile.
-    fn try_read<T>(&self, read: &mut impl FnMut() -> T, spins_max: u32) -> Option<T> {
-        let mut spins = 0u32;
-        let f = loop {
-            let f = self.finished.load(Ordering::SeqCst);
-            if self.started.load(Ordering::SeqCst) == f {
-                break f;
-            }
-            if spins >= spins_max {
-                return None;
-            }
-            backoff(&mut spins);
-        };
-        let out = read();
-        std::sync::atomic::fence(Ordering::SeqCst);
-        (self.started.load(Ordering::SeqCst) == f).then_some(out)
-    }
-
-    /// Ask for a quiet window: no change of this index begins until the
-    /// guard drops (changes already begun finish). Writers wait for it in
-    /// [`TxnIndex::begin_change`]; it lasts one read.
-    fn hold_quiet(&self) -> QuietGuard<'_> {
-        self.quiet.fetch_add(1, Ordering::SeqCst);
-        QuietGuard(self)
-    }
-
     /// Insert run `id` (inside a change bracket, after
     /// [`TxnIndex::next_view`]).
     fn insert_run(&self, id: u64, run: Arc<Run>) {
@@ -820,13 +749,13 @@ impl TxnIndex {
         let view = run
             .as_ref()
             .map(|r| self.next_view(&guard, Some(r), |_| false));
-        self.begin_change();
+        self.changes.begin_change();
         if let (Some(run), Some((view, id))) = (run, view) {
             self.insert_run(id, run);
             self.publish_view(&guard, view);
         }
         staging.reset();
-        self.end_change();
+        self.changes.end_change();
         drop(runs);
         Self::end_runs_change(guard);
     }
@@ -902,7 +831,7 @@ impl TxnIndex {
                 let guard = crossbeam_epoch::pin();
                 let runs = self.lock_runs();
                 let (view, id) = self.next_view(&guard, run.as_ref(), |id| ids.contains(&id));
-                self.begin_change();
+                self.changes.begin_change();
                 if let Some(run) = run {
                     self.insert_run(id, run);
                 }
@@ -910,7 +839,7 @@ impl TxnIndex {
                     self.runs.remove(id);
                 }
                 self.publish_view(&guard, view);
-                self.end_change();
+                self.changes.end_change();
                 drop(runs);
                 drop(guard);
                 // Flushes this thread's garbage (`end_runs_change` does
@@ -969,13 +898,13 @@ impl TxnIndex {
         let guard = crossbeam_epoch::pin();
         let runs = self.lock_runs();
         let (view, _) = self.next_view(&guard, None, |_| true);
-        self.begin_change();
+        self.changes.begin_change();
         for e in self.runs.iter() {
             e.remove();
         }
         self.publish_view(&guard, view);
         self.lock_carry().clear();
-        self.end_change();
+        self.changes.end_change();
         drop(runs);
         Self::end_runs_change(guard);
     }
@@ -1001,22 +930,10 @@ impl Drop for TxnIndex {
     }
 }
 
-/// Optimistic attempts of a read before it asks for a quiet window (a
-/// failed attempt of a long read, such as `pending_all`, costs as much as
-/// the read: one).
-pub const READ_OPTIMISTIC_MAX: usize = 1;
-
-/// A quiet window on an index, see [`TxnIndex::hold_quiet`].
-struct QuietGuard<'a>(&'a TxnIndex);
-
-impl Drop for QuietGuard<'_> {
-    fn drop(&mut self) {
-        self.0.quiet.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// One step of a bounded wait: spin, then yield, then sleep 50 µs (also
-/// the hand-off ring's wait, `handoff.rs`).
+/// One step of a bounded wait: spin, then yield, then sleep 50 µs (the
+/// hand-off ring's and the change counters' wait, `handoff::wait_step`;
+/// under loom that is a yield instead).
+#[cfg_attr(loom, allow(dead_code))]
 pub(super) fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
     if *spins < 64 {
@@ -1347,7 +1264,7 @@ impl LockFreeStore {
         self.shared
             .index
             .iter()
-            .map(|i| i.read_attempts_max.load(Ordering::Relaxed))
+            .map(|i| i.changes.read_attempts_max())
             .max()
             .unwrap_or(0)
     }
@@ -1517,8 +1434,8 @@ impl LockFreeStore {
         loop {
             let _quiet = (attempt >= READ_OPTIMISTIC_MAX).then(|| {
                 [
-                    self.shared.index[0].hold_quiet(),
-                    self.shared.index[1].hold_quiet(),
+                    self.shared.index[0].changes.hold_quiet(),
+                    self.shared.index[1].changes.hold_quiet(),
                 ]
             });
             attempt += 1;
@@ -1526,7 +1443,11 @@ impl LockFreeStore {
             let live = self.gen.live();
             let first = if live_only { live } else { released + 1 };
             let out: Vec<T> = (first..=live)
-                .map(|g| self.shared.index[parity(g)].read_stable(|| read_gen(g)))
+                .map(|g| {
+                    self.shared.index[parity(g)]
+                        .changes
+                        .read_stable(|| read_gen(g))
+                })
                 .collect();
             if self.released.load(Ordering::SeqCst) == released {
                 return out;
@@ -1998,9 +1919,9 @@ impl DelayedRefStore for LockFreeStore {
     fn requeue(&self, mut heads: Vec<Head>) {
         super::restamp(&mut heads, &self.clock);
         let next = &self.shared.index[parity(self.gen.live())];
-        next.begin_change();
+        next.changes.begin_change();
         next.lock_carry().extend(heads);
-        next.end_change();
+        next.changes.end_change();
     }
 
     fn release(&self, held: Vec<Head>) {
@@ -2012,19 +1933,19 @@ impl DelayedRefStore for LockFreeStore {
             "release without freeze"
         );
         let idx = &self.shared.index[parity(g)];
-        idx.begin_change();
+        idx.changes.begin_change();
         self.released.store(g, Ordering::SeqCst);
         for shard in self.shared.shards.iter() {
             shard.gate.retire(g, || shard.lanes[parity(g)].reset());
         }
-        idx.end_change();
+        idx.changes.end_change();
         // Hidden now (released = g); the runs are freed by
         // `reclaim_released`, outside the engine's tree lock.
         if !held.is_empty() {
             let next = &self.shared.index[parity(live)];
-            next.begin_change();
+            next.changes.begin_change();
             next.lock_carry().extend(held);
-            next.end_change();
+            next.changes.end_change();
         }
     }
 }

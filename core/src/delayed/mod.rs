@@ -30,6 +30,7 @@ pub mod handoff;
 pub mod lockfree;
 pub mod mutex;
 pub(crate) mod packed;
+pub(crate) mod window;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,0 +1,588 @@
+//! The change brackets and read windows of one transaction index: how
+//! readers of what changes under them (the index's run view, its staging
+//! buffers, its carry) get a consistent read without a lock.
+//!
+//! Every change of an index or of its staging buffers but an append (a
+//! hand-off, a compaction's publish, a release, a requeue) is bracketed
+//! by [`ChangeCounters::begin_change`] and [`ChangeCounters::end_change`]:
+//! `started` and `finished` count the changes begun and ended. A read
+//! ([`ChangeCounters::try_read`]) waits until the two are equal (no change
+//! in progress), reads, fences, and checks that `started` has not moved:
+//! if it has, a change began during the read and the read is retried. A
+//! release fence after `started` (in `begin_change`) keeps the writes of a
+//! change, relaxed ones included (a staging buffer's filter words, the
+//! slots an owner reuses after the `Release` fence of its ring's
+//! `activate`), from being seen before `started` has moved: a reader whose
+//! read saw one of them and then fences sees the change begun.
+//!
+//! A read is tried [`READ_OPTIMISTIC_MAX`] times optimistically (ingest
+//! unaffected); then it asks for a quiet window
+//! ([`ChangeCounters::hold_quiet`]) in which no change begins (writers
+//! wait at `begin_change`: `started` then `quiet`, against the reader's
+//! `quiet` then `started`, Dekker's pattern), so it retries at most once
+//! per writer that had already begun, whatever the ingest rate.
+//!
+//! The atomics come from [`refd_sync::shim`], so this exact code is
+//! model-checked with loom (`loom_tests` below, `run_view_*`), with the
+//! run view's publication and its reclamation by crossbeam-epoch modelled
+//! with loom's primitives: a lookup that dereferences the runs of a view
+//! read in a window that saw no change begin never touches a freed run
+//! and counts each op once, in a run or in staging (see
+//! `lockfree::RunView::chunks_may_hold`).
+//!
+//! What loom does not check: that no change begins in a quiet window once
+//! a read in it saw none in progress (the Dekker pattern above). Loom
+//! models SeqCst loads and read-modify-writes as AcqRel
+//! (tokio-rs/loom#180) and reports a change beginning there. A SeqCst
+//! fence in `begin_change` between `started` and `quiet` (as the shard
+//! gate has) let it check that, but loom then no longer reported a
+//! missing release fence in the ring's `activate`, which loses ops (loom
+//! lets a SeqCst fence synchronize with every later one, which the
+//! language model does not), so it was not kept. Consistency does not
+//! rest on the quiet window: `try_read` checks every read; only the bound
+//! on retries does.
+
+use crossbeam_utils::CachePadded;
+use refd_sync::shim::{fence, AtomicU64, Ordering};
+
+use super::handoff::wait_step;
+
+/// Optimistic attempts of a read before it asks for a quiet window (a
+/// failed attempt of a long read, such as `pending_all`, costs as much as
+/// the read: one).
+pub const READ_OPTIMISTIC_MAX: usize = 1;
+
+/// Steps of [`wait_step`] an optimistic attempt waits for the changes in
+/// progress to end before it gives up (under loom, one).
+const READ_WAIT_STEPS_MAX: u32 = if cfg!(loom) { 1 } else { 64 };
+
+/// The change and read-window counters of one index (see the module doc).
+#[derive(Debug, Default)]
+pub(crate) struct ChangeCounters {
+    started: CachePadded<AtomicU64>,
+    finished: CachePadded<AtomicU64>,
+    /// Readers that asked for a quiet window: no change begins while it
+    /// is non-zero.
+    quiet: CachePadded<AtomicU64>,
+    /// Most attempts one read took (tests and reports: the bound of
+    /// [`ChangeCounters::read_stable`]).
+    read_attempts_max: AtomicU64,
+}
+
+impl ChangeCounters {
+    /// Begin a change: waits while a reader holds a quiet window. The
+    /// change's writes follow this call.
+    pub fn begin_change(&self) {
+        loop {
+            let mut spins = 0u32;
+            while self.quiet.load(Ordering::SeqCst) != 0 {
+                wait_step(&mut spins);
+            }
+            self.started.fetch_add(1, Ordering::SeqCst);
+            // Dekker with `hold_quiet`: either the reader sees this change
+            // started (and waits for it), or this sees the reader's request.
+            if self.quiet.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            // A reader asked meanwhile: withdraw (nothing was changed).
+            self.finished.fetch_add(1, Ordering::SeqCst);
+        }
+        // The writes of the change (and the staging slots reused after a
+        // hand-off) must not become visible before `started` does: a
+        // release RMW orders what comes before it, not after. With this
+        // fence, a reader whose (relaxed) read saw such a write and then
+        // fences (`try_read`) sees `started` moved, and retries.
+        fence(Ordering::Release);
+    }
+
+    /// End the change begun by [`ChangeCounters::begin_change`].
+    pub fn end_change(&self) {
+        self.finished.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Run `read` until it observed no change. Optimistic first
+    /// ([`READ_OPTIMISTIC_MAX`] attempts, ingest unaffected); then, so
+    /// that a read completes whatever the ingest rate, in a quiet window
+    /// ([`ChangeCounters::hold_quiet`]): changes wait until the read is
+    /// done, so the read retries at most once per writer that had already
+    /// begun.
+    pub fn read_stable<T>(&self, mut read: impl FnMut() -> T) -> T {
+        let mut attempts = 0u64;
+        let note = |attempts: u64| {
+            self.read_attempts_max
+                .fetch_max(attempts, Ordering::Relaxed);
+        };
+        for _ in 0..READ_OPTIMISTIC_MAX {
+            attempts += 1;
+            if let Some(out) = self.try_read(&mut read, READ_WAIT_STEPS_MAX) {
+                note(attempts);
+                return out;
+            }
+        }
+        let _quiet = self.hold_quiet();
+        loop {
+            attempts += 1;
+            if let Some(out) = self.try_read(&mut read, u32::MAX) {
+                note(attempts);
+                return out;
+            }
+        }
+    }
+
+    /// One read: waits (at most `spins_max` steps of [`wait_step`]) for
+    /// the changes in progress to end, reads, and returns `None` if a
+    /// change began meanwhile.
+    fn try_read<T>(&self, read: &mut impl FnMut() -> T, spins_max: u32) -> Option<T> {
+        let mut spins = 0u32;
+        let f = loop {
+            let f = self.finished.load(Ordering::SeqCst);
+            if self.started.load(Ordering::SeqCst) == f {
+                break f;
+            }
+            if spins >= spins_max {
+                return None;
+            }
+            wait_step(&mut spins);
+        };
+        let out = read();
+        fence(Ordering::SeqCst);
+        (self.started.load(Ordering::SeqCst) == f).then_some(out)
+    }
+
+    /// Ask for a quiet window: no change begins until the guard drops
+    /// (changes already begun end). Writers wait for it in
+    /// [`ChangeCounters::begin_change`]; it lasts one read.
+    pub fn hold_quiet(&self) -> QuietGuard<'_> {
+        self.quiet.fetch_add(1, Ordering::SeqCst);
+        QuietGuard(self)
+    }
+
+    /// Most attempts one read took so far.
+    pub fn read_attempts_max(&self) -> u64 {
+        self.read_attempts_max.load(Ordering::Relaxed)
+    }
+}
+
+/// A quiet window, see [`ChangeCounters::hold_quiet`].
+pub(crate) struct QuietGuard<'a>(&'a ChangeCounters);
+
+impl Drop for QuietGuard<'_> {
+    fn drop(&mut self) {
+        self.0.quiet.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! The run view's read/change protocol (`lockfree::TxnIndex`), with
+    //! this module's counters as they are: a reader pins, reads the view
+    //! (and staging) in `read_stable`'s window, then dereferences the
+    //! view's runs after it, as `LockFreeStore::lookup_with` does
+    //! (`RunView::chunks_may_hold`). What is modelled: the view (one of a
+    //! few `UnsafeCell`s, published by a `swap` as `publish_view` does),
+    //! the runs (an `UnsafeCell` each: the ops it holds, one bit an op),
+    //! a staging buffer (one slot, ordered as `lockfree::Staging`), the
+    //! writers' lock (`lock_runs`) and crossbeam-epoch ([`Epochs`]).
+    //! Freeing a run or a view writes it: loom reports a read that is not
+    //! ordered before the free, and the reader asserts it never reads a
+    //! freed one.
+    use super::super::handoff::{Ring, Rotate, STAGING_RING};
+    use super::*;
+    use loom::cell::UnsafeCell;
+    use loom::sync::{Arc, Mutex};
+    use loom::thread;
+
+    /// A freed run's ops.
+    const FREED: u64 = u64::MAX;
+    /// A freed view's runs.
+    const FREED_VIEW: usize = usize::MAX;
+
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        // Preemptions bounded (as `handoff::loom_tests`) so that each
+        // model runs in seconds; every interleaving of the threads' atomic
+        // steps with at most this many preemptions is tried.
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(f);
+    }
+
+    /// crossbeam-epoch as the run view relies on it, for one reader: a
+    /// pin stores the global epoch it read (plus one) and fences
+    /// (SeqCst); what a writer unlinks (a skiplist entry removed, a view
+    /// swapped out) is retired with the epoch it read then; a collection
+    /// (after the change, outside its bracket, as `end_runs_change` and
+    /// `reclaim` collect) advances the epoch, fences (SeqCst) and frees
+    /// what the reader cannot hold: the reader is unpinned, or pinned
+    /// after the unlink (it read an epoch advanced after the retire; or
+    /// its pin is not seen, so its pin's fence follows the collection's,
+    /// and it sees the unlink). Nobody waits for the reader (garbage
+    /// waits, as in crossbeam-epoch's bags): a thread spinning for it
+    /// would let loom starve it. No fence inside a change's bracket: one
+    /// there would order the change for readers that fence afterwards,
+    /// and hide a missing fence of the protocol.
+    struct Epochs {
+        global: AtomicU64,
+        /// The reader's pin: 0 when unpinned, else the epoch it read + 1.
+        pin: AtomicU64,
+    }
+
+    impl Epochs {
+        fn new() -> Epochs {
+            Epochs {
+                global: AtomicU64::new(1),
+                pin: AtomicU64::new(0),
+            }
+        }
+
+        /// Pin the reader until the guard drops (also when an assertion
+        /// fails, so that loom reports the assertion).
+        fn pin(&self) -> Pinned<'_> {
+            let e = self.global.load(Ordering::SeqCst);
+            self.pin.store(e + 1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            Pinned(self)
+        }
+    }
+
+    /// The reader's pin ([`Epochs::pin`]).
+    struct Pinned<'a>(&'a Epochs);
+
+    impl Drop for Pinned<'_> {
+        fn drop(&mut self) {
+            self.0.pin.store(0, Ordering::Release);
+        }
+    }
+
+    /// A staging buffer of one slot, ordered as `lockfree::Staging`: the
+    /// owner writes the slot and the filter bit (relaxed), then the length
+    /// (Release); a reader loads the length (Acquire), the filter, the
+    /// slot; a reset stores the length (SeqCst), then clears the filter
+    /// (relaxed).
+    struct Buf {
+        len: AtomicU64,
+        filter: AtomicU64,
+        slot: AtomicU64,
+    }
+
+    impl Buf {
+        fn new() -> Buf {
+            Buf {
+                len: AtomicU64::new(0),
+                filter: AtomicU64::new(0),
+                slot: AtomicU64::new(0),
+            }
+        }
+
+        /// Owner: append `op` (`LockFreeHandle::append`, `Staging::note`).
+        fn append(&self, op: u64) {
+            assert_eq!(
+                self.len.load(Ordering::Relaxed),
+                0,
+                "append to a full buffer"
+            );
+            self.slot.store(op, Ordering::Relaxed);
+            if self.filter.load(Ordering::Relaxed) != 1 {
+                self.filter.store(1, Ordering::Relaxed);
+            }
+            self.len.store(1, Ordering::Release);
+        }
+
+        /// A reader's read of its ops (`Staging::ops_of`).
+        fn read(&self) -> u64 {
+            if self.len.load(Ordering::Acquire) == 0 || self.filter.load(Ordering::Relaxed) != 1 {
+                return 0;
+            }
+            self.slot.load(Ordering::Relaxed)
+        }
+
+        /// The claimer's copy of a full buffer (`Staging::read_all`).
+        fn read_all(&self) -> u64 {
+            if self.len.load(Ordering::Acquire) == 0 {
+                return 0;
+            }
+            self.slot.load(Ordering::Relaxed)
+        }
+
+        /// `Staging::reset`.
+        fn reset(&self) {
+            self.len.store(0, Ordering::SeqCst);
+            self.filter.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// One transaction index as the run view sees it.
+    struct Index {
+        changes: ChangeCounters,
+        epochs: Epochs,
+        /// Which of `views` is published (`TxnIndex::view`).
+        view: AtomicU64,
+        /// The views: the runs each holds (`RunView::slots`).
+        views: [UnsafeCell<Vec<usize>>; 2],
+        /// The runs: the ops each holds, one bit an op (`Run`).
+        runs: [UnsafeCell<u64>; 3],
+        /// `TxnIndex::lock_runs`.
+        writer: Mutex<()>,
+        bufs: [Buf; STAGING_RING],
+        /// Unlinked and not freed yet, with the epoch each waits out.
+        garbage: Mutex<Vec<(Garbage, u64)>>,
+    }
+
+    /// What an unlink leaves to crossbeam-epoch.
+    #[derive(Clone, Copy)]
+    enum Garbage {
+        /// A skiplist entry and its run.
+        Run(usize),
+        /// A replaced view.
+        View(usize),
+    }
+
+    impl Index {
+        /// An index whose view 0 holds runs `view0`, run `i` holding
+        /// `runs[i]`.
+        fn new(view0: Vec<usize>, runs: [u64; 3]) -> Index {
+            Index {
+                changes: ChangeCounters::default(),
+                epochs: Epochs::new(),
+                view: AtomicU64::new(0),
+                views: [UnsafeCell::new(view0), UnsafeCell::new(Vec::new())],
+                runs: runs.map(UnsafeCell::new),
+                writer: Mutex::new(()),
+                bufs: std::array::from_fn(|_| Buf::new()),
+                garbage: Mutex::new(Vec::new()),
+            }
+        }
+
+        /// Build view `v` holding `runs` (before the bracket, as
+        /// `TxnIndex::next_view`).
+        fn build_view(&self, v: usize, runs: Vec<usize>) {
+            self.views[v].with_mut(|p| unsafe { *p = runs });
+        }
+
+        /// Build run `r` holding `ops` (before the bracket).
+        fn build_run(&self, r: usize, ops: u64) {
+            self.runs[r].with_mut(|p| unsafe { *p = ops });
+        }
+
+        /// `TxnIndex::publish_view` (inside a bracket): the old view is
+        /// unlinked and retired.
+        fn publish_view(&self, v: usize) {
+            let old = self.view.swap(v as u64, Ordering::SeqCst);
+            self.retire(Garbage::View(old as usize));
+        }
+
+        /// Leave `g`, just unlinked, to crossbeam-epoch.
+        fn retire(&self, g: Garbage) {
+            let mut garbage = self.garbage.lock().unwrap();
+            let e = self.epochs.global.load(Ordering::Relaxed);
+            garbage.push((g, e));
+        }
+
+        /// crossbeam-epoch's collection: free the garbage the reader
+        /// cannot hold (a write of it, which loom orders against every
+        /// read).
+        fn collect(&self) {
+            let mut garbage = self.garbage.lock().unwrap();
+            self.epochs.global.fetch_add(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let pin = self.epochs.pin.load(Ordering::Acquire);
+            garbage.retain(|&(g, e)| {
+                if pin != 0 && pin <= e + 1 {
+                    return true;
+                }
+                match g {
+                    Garbage::Run(r) => self.runs[r].with_mut(|p| unsafe { *p = FREED }),
+                    Garbage::View(v) => {
+                        self.views[v].with_mut(|p| unsafe { *p = vec![FREED_VIEW] })
+                    }
+                }
+                false
+            });
+        }
+
+        /// After every thread is done: all garbage is freed.
+        fn collect_all(&self) {
+            self.collect();
+            assert!(self.garbage.lock().unwrap().is_empty(), "garbage left");
+        }
+
+        /// What a lookup reads in its window: the published view.
+        fn read_view(&self) -> usize {
+            self.view.load(Ordering::Acquire) as usize
+        }
+
+        /// After the window: the ops of view `v`'s runs
+        /// (`RunView::chunks_may_hold`), asserting each op is in one run.
+        fn ops_in_view(&self, v: usize) -> u64 {
+            let runs = self.views[v].with(|p| unsafe { (*p).clone() });
+            assert!(!runs.contains(&FREED_VIEW), "a lookup read a freed view");
+            runs.iter().fold(0, |all, &r| {
+                let ops = self.runs[r].with(|p| unsafe { *p });
+                assert_ne!(ops, FREED, "a lookup read a freed run");
+                assert_eq!(all & ops, 0, "an op in two runs of one view");
+                all | ops
+            })
+        }
+
+        /// Hand off buffer `i` (claimed): its op into run 0 and view 1,
+        /// and the buffer emptied, in one change (`Lane::hand_off`,
+        /// `TxnIndex::hand_off`). Only buffer 0 is ever handed off with
+        /// an op in it.
+        fn hand_off(&self, i: usize) {
+            let ops = self.bufs[i].read_all();
+            let runs = self.writer.lock().unwrap();
+            if ops != 0 {
+                self.build_run(0, ops);
+                self.build_view(1, vec![0]);
+            }
+            self.changes.begin_change();
+            if ops != 0 {
+                self.publish_view(1);
+            }
+            self.bufs[i].reset();
+            self.changes.end_change();
+            drop(runs);
+            // The replaced view is collected after the threads are done:
+            // a collection fences (SeqCst), and one here would order the
+            // hand-off before the owner's reuse of the buffer for every
+            // reader that fences afterwards, hiding the ring's fence
+            // (`Ring::activate`), which the protocol needs without it.
+        }
+    }
+
+    /// Case 1: a lookup against a compaction that merges runs 0 and 1
+    /// into run 2 and publishes the view of run 2. The lookup sees the
+    /// old set or the new one (each op once), and never a freed run or
+    /// view; the runs it dereferences after its window are alive for
+    /// its pin.
+    #[test]
+    fn run_view_compaction_frees_no_run_in_use() {
+        model(|| {
+            let idx = Arc::new(Index::new(vec![0, 1], [0b01, 0b10, 0]));
+            let c = idx.clone();
+            let compactor = thread::spawn(move || {
+                let runs = c.writer.lock().unwrap();
+                c.build_run(2, 0b11);
+                c.build_view(1, vec![2]);
+                c.changes.begin_change();
+                // Run 2 inserted, runs 0 and 1 removed from the skiplist:
+                // their entries are destroyed once the threads pinned now
+                // have unpinned.
+                c.retire(Garbage::Run(0));
+                c.retire(Garbage::Run(1));
+                c.publish_view(1);
+                c.changes.end_change();
+                drop(runs);
+                c.collect();
+            });
+            // Any thread's pin or flush collects: the epoch may advance
+            // and garbage be freed at any point of the change.
+            let o = idx.clone();
+            let other = thread::spawn(move || o.collect());
+            let pinned = idx.epochs.pin();
+            let v = idx.changes.read_stable(|| idx.read_view());
+            assert_eq!(idx.ops_in_view(v), 0b11, "the old runs or the new one");
+            drop(pinned);
+            compactor.join().unwrap();
+            other.join().unwrap();
+            idx.collect_all();
+        });
+    }
+
+    /// Case 2: a lookup against the hand-off of buffer 0 (its op 0 into a
+    /// run, the buffer emptied, in one change) while the owner moves on
+    /// through its ring ([`Ring`], the real one) and appends op 1 to the
+    /// buffer it reaches (buffer 0 again, reused, when the hand-off is
+    /// done by then; else the owner hands a buffer off itself). The
+    /// lookup's view and staging together hold each op once: no op in
+    /// both, none lost (the ops found are a prefix), and every op done
+    /// before the lookup began is found.
+    #[test]
+    fn run_view_handoff_counts_each_op_once() {
+        model(|| {
+            let idx = Arc::new(Index::new(Vec::new(), [0; 3]));
+            let ring = Arc::new(Ring::new());
+            let done = Arc::new(AtomicU64::new(0));
+            let (o, r, d) = (idx.clone(), ring.clone(), done.clone());
+            let owner = thread::spawn(move || {
+                o.bufs[r.active()].append(0b01);
+                d.store(1, Ordering::SeqCst);
+                for _ in 0..STAGING_RING {
+                    if let Rotate::HandOff(i) = r.rotate(|| {}) {
+                        o.hand_off(i);
+                        r.owner_handed_off(i);
+                    }
+                }
+                o.bufs[r.active()].append(0b10);
+                d.store(2, Ordering::SeqCst);
+            });
+            let (b, r) = (idx.clone(), ring.clone());
+            let background = thread::spawn(move || {
+                if r.claim(0) {
+                    b.hand_off(0);
+                    r.handed_off(0);
+                }
+            });
+            let done_before = done.load(Ordering::SeqCst);
+            let pinned = idx.epochs.pin();
+            let (v, staged) = idx.changes.read_stable(|| {
+                let v = idx.read_view();
+                (v, idx.bufs.each_ref().map(Buf::read))
+            });
+            let in_runs = idx.ops_in_view(v);
+            let all = staged.iter().fold(in_runs, |all, &ops| {
+                assert_eq!(
+                    all & ops,
+                    0,
+                    "an op found twice: runs {in_runs:b}, staged {staged:?}"
+                );
+                all | ops
+            });
+            drop(pinned);
+            assert_eq!(all & (all + 1), 0, "an op lost: found {all:b}");
+            assert!(
+                u64::from(all.count_ones()) >= done_before,
+                "an op done before the lookup not found: {all:b}, done {done_before}"
+            );
+            owner.join().unwrap();
+            background.join().unwrap();
+            idx.collect_all();
+        });
+    }
+
+    /// Case 3: a reader whose optimistic attempt a change spoils holds a
+    /// quiet window and completes: the writer's changes (each writes a
+    /// pair of words, relaxed) are never seen half done, and in the quiet
+    /// window a read retries at most once per writer that had already
+    /// begun (here one writer: at most `READ_OPTIMISTIC_MAX + 2`
+    /// attempts).
+    #[test]
+    fn run_view_quiet_window_holds_writers_off() {
+        const CHANGES: u64 = 3;
+        model(|| {
+            let changes = Arc::new(ChangeCounters::default());
+            let pair = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+            let (c, p) = (changes.clone(), pair.clone());
+            let writer = thread::spawn(move || {
+                for k in 1..=CHANGES {
+                    c.begin_change();
+                    p[0].store(k, Ordering::Relaxed);
+                    p[1].store(k, Ordering::Relaxed);
+                    c.end_change();
+                }
+            });
+            let (a, b) = changes.read_stable(|| {
+                (
+                    pair[0].load(Ordering::Relaxed),
+                    pair[1].load(Ordering::Relaxed),
+                )
+            });
+            assert_eq!(a, b, "a change read half done");
+            assert!(
+                changes.read_attempts_max() <= READ_OPTIMISTIC_MAX as u64 + 2,
+                "{} attempts",
+                changes.read_attempts_max()
+            );
+            writer.join().unwrap();
+        });
+    }
+}

@@ -175,7 +175,10 @@ pub fn run(args: &CrashArgs) -> Result<CrashReport, String> {
         let reader = std::thread::spawn({
             let seen = Arc::clone(&seen);
             move || {
-                // Only complete lines are acknowledgements.
+                // Every parsed id is an acknowledged op: the child prints an
+                // id only once its op is durable (a last line cut short by
+                // the kill before its newline is still a whole id, or does
+                // not parse).
                 let mut got = Vec::new();
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                     if let Ok(id) = line.trim().parse::<u64>() {
@@ -194,8 +197,13 @@ pub fn run(args: &CrashArgs) -> Result<CrashReport, String> {
             // op (waiting up to LAST_ROUND_ACK_WAIT), so that every run
             // checks acknowledged ops however slow the machine; the
             // earlier rounds may die anywhere, recovery included.
+            // A child that ended by itself (its output closed) is not
+            // waited for: the exit status below reports it.
             let deadline = Instant::now() + LAST_ROUND_ACK_WAIT;
-            while seen.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+            while seen.load(Ordering::Relaxed) == 0
+                && Instant::now() < deadline
+                && !reader.is_finished()
+            {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }

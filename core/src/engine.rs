@@ -79,25 +79,43 @@ pub enum EngineError {
     Verify(#[from] Box<VerifyError>),
 }
 
-/// A head [`Engine::requeue`] refused: its `total_ref_mod` is not the sum
-/// of its refs' counts. Every source of heads keeps that sum (an op's head
-/// counts its one ref's `ref_mod`, UPDATE_HEAD counts 0 and has no ref,
-/// merges add both sides), and the count lookups rely on it
-/// ([`crate::delayed::DelayedRefStore::pending_summary`] tells a no-op head
-/// from a live one by the total alone when it is not 0), so a requeued head
-/// that breaks it would make a lookup's count disagree with the commit's.
+/// A head [`Engine::requeue`] refused (and then none was queued). Every
+/// head a store builds keeps both rules, and the held-head decoder checks
+/// them: a count lookup ([`crate::delayed::DelayedRefStore::pending_summary`])
+/// tells a no-op head from a live one by the total alone when it is not 0,
+/// and the merges of refs rely on their order.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "requeued head of extent {bytenr}: total_ref_mod {total_ref_mod} is not the sum of its \
-     refs' ref_mods ({refs_sum}); nothing was requeued"
-)]
-pub struct RequeueError {
-    /// The head's extent.
-    pub bytenr: u64,
-    /// Its summary's `total_ref_mod`.
-    pub total_ref_mod: i64,
-    /// The sum of its refs' `ref_mod`s (saturating).
-    pub refs_sum: i64,
+pub enum RequeueError {
+    /// Its `total_ref_mod` is not the sum of its refs' `ref_mod`s (`None`:
+    /// the sum overflows an `i64`).
+    #[error(
+        "requeued head of extent {bytenr}: total_ref_mod {total_ref_mod} is not the sum of \
+         its refs' ref_mods ({}); nothing was requeued",
+        sum_text(refs_sum)
+    )]
+    TotalNotRefsSum {
+        /// The head's extent.
+        bytenr: u64,
+        /// Its summary's `total_ref_mod`.
+        total_ref_mod: i64,
+        /// The sum of its refs' `ref_mod`s.
+        refs_sum: Option<i64>,
+    },
+    /// Its refs are not sorted by `(key, seq)` without duplicates, each
+    /// kept (a count or drops) with at least its net drop in `drops`
+    /// ([`Head::check`]).
+    #[error(
+        "requeued head of extent {bytenr}: its refs are not sorted by (key, seq) without \
+         duplicates, each kept; nothing was requeued"
+    )]
+    RefsNotCanonical {
+        /// The head's extent.
+        bytenr: u64,
+    },
+}
+
+fn sum_text(sum: &Option<i64>) -> String {
+    sum.map_or_else(|| "overflows i64".to_string(), |s| s.to_string())
 }
 
 /// A head that could not be run, with why.
@@ -487,16 +505,20 @@ impl<S: DelayedRefStore> Engine<S> {
     /// Queue whole heads into the live transaction (re-stamped, see
     /// [`DelayedRefStore::requeue`]): recovery of the heads a durable
     /// commit held. Before any op is added. All or nothing: a head whose
-    /// `total_ref_mod` is not the sum of its refs' counts is refused
-    /// ([`RequeueError`]), and then none is queued.
+    /// `total_ref_mod` is not the sum of its refs' counts, or whose refs
+    /// are not in order, is refused ([`RequeueError`]), and then none is
+    /// queued.
     pub fn requeue(&self, heads: Vec<Head>) -> Result<(), RequeueError> {
         for h in &heads {
+            if !h.check() {
+                return Err(RequeueError::RefsNotCanonical { bytenr: h.bytenr });
+            }
             let refs_sum = h
                 .refs
                 .iter()
-                .fold(0i64, |sum, r| sum.saturating_add(r.ref_mod));
-            if refs_sum != h.summary.total_ref_mod {
-                return Err(RequeueError {
+                .try_fold(0i64, |sum, r| sum.checked_add(r.ref_mod));
+            if refs_sum != Some(h.summary.total_ref_mod) {
+                return Err(RequeueError::TotalNotRefsSum {
                     bytenr: h.bytenr,
                     total_ref_mod: h.summary.total_ref_mod,
                     refs_sum,
@@ -1904,6 +1926,7 @@ mod tests {
     /// here a head claiming a total of 0 with one +1 ref, beside a valid
     /// one. Both are refused and nothing is queued.
     fn requeue_refuses_a_total_that_is_not_the_refs_sum<S: DelayedRefStore>(store: S) {
+        use crate::head::DelayedRef;
         let add = |b: u64| {
             Op::new(
                 b,
@@ -1922,11 +1945,31 @@ mod tests {
         let err = e.requeue(vec![good.clone(), bad]).unwrap_err();
         assert_eq!(
             err,
-            RequeueError {
+            RequeueError::TotalNotRefsSum {
                 bytenr: 8192,
                 total_ref_mod: 0,
-                refs_sum: 1
+                refs_sum: Some(1)
             }
+        );
+        // A sum that overflows is not a sum.
+        let mut huge = Head::of_op(&add(8192), 0);
+        huge.refs[0].ref_mod = i64::MAX;
+        huge.refs
+            .push(DelayedRef::of_mod(RefKey::TreeBlock { root: 6 }, 0, 1));
+        huge.summary.total_ref_mod = i64::MAX;
+        assert!(matches!(
+            e.requeue(vec![huge]),
+            Err(RequeueError::TotalNotRefsSum { refs_sum: None, .. })
+        ));
+        // Refs out of order.
+        let mut unsorted = Head::of_op(&add(8192), 0);
+        unsorted
+            .refs
+            .insert(0, DelayedRef::of_mod(RefKey::TreeBlock { root: 6 }, 0, 1));
+        unsorted.summary.total_ref_mod = 2;
+        assert_eq!(
+            e.requeue(vec![unsorted]),
+            Err(RequeueError::RefsNotCanonical { bytenr: 8192 })
         );
         for b in [4096, 8192] {
             assert_eq!(e.lookup_extent_ref(b).refs, 0, "nothing queued");

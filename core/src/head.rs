@@ -578,11 +578,12 @@ mod tests {
 
     proptest::proptest! {
         /// The fold gives what merging each op's summary gives, for any
-        /// mix of actions, shapes (two sizes, data and tree levels),
-        /// extent_ops and stamps.
+        /// mix of actions, shapes (sizes, data and tree levels, one size of
+        /// both kinds), extent_ops and stamps, with summaries folded among
+        /// the ops.
         #[test]
         fn summary_fold_is_merge_of_each_op(
-            ops in proptest::collection::vec((0u8..4, 0u8..4, 0u8..3, 1u64..100), 1..40)
+            ops in proptest::collection::vec((0u8..4, 0u8..5, 0u8..3, 1u64..100), 1..40)
         ) {
             let ops: Vec<(Op, u64)> = ops
                 .iter()
@@ -593,6 +594,7 @@ mod tests {
                         (16384, ExtentKind::Tree { level: 1 }),
                         (4096, ExtentKind::Data),
                         (8192, ExtentKind::Data),
+                        (16384, ExtentKind::Data),
                     ][shape as usize];
                     let key = if kind.is_data() {
                         RefKey::ExtentData { root: 5, objectid: 257, offset: 0 }
@@ -626,9 +628,15 @@ mod tests {
                 .iter()
                 .map(|(op, stamp)| HeadSummary::of_op(op, *stamp))
                 .reduce(HeadSummary::merge);
+            // Every third as a summary (a run's or carried head's, as a
+            // lookup folds them), the others as ops.
             let mut fold = SummaryFold::default();
-            for (op, stamp) in &ops {
-                fold.op(op, *stamp);
+            for (i, (op, stamp)) in ops.iter().enumerate() {
+                if i % 3 == 0 {
+                    fold.summary(HeadSummary::of_op(op, *stamp));
+                } else {
+                    fold.op(op, *stamp);
+                }
             }
             proptest::prop_assert_eq!(fold.finish(), want);
         }

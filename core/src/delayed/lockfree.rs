@@ -600,8 +600,11 @@ impl RunView {
             for (s, base, n) in probes.iter_mut() {
                 if *n > 1 {
                     let half = *n / 2;
-                    // SAFETY: `base + half < chunks_len`, the length of
-                    // the run's `firsts`, alive (above).
+                    // SAFETY: `base + n <= chunks_len` holds from the
+                    // start (0 + chunks_len) and through each step (`base`
+                    // grows by `half` only as `n` shrinks by it), and
+                    // `half < n`, so `base + half < chunks_len`, the length
+                    // of the run's `firsts`, alive (above).
                     if unsafe { *s.firsts.add(*base + half) } <= bytenr {
                         *base += half;
                     }
@@ -614,7 +617,8 @@ impl RunView {
             }
         }
         for (s, base, n) in probes {
-            // SAFETY: `base < chunks_len` when `n == 1` (as above).
+            // SAFETY: `n == 1` means `base + 1 <= chunks_len` (as
+            // above; a run with no chunks starts, and stays, at `n == 0`).
             if n == 1 && unsafe { *s.firsts.add(base) } <= bytenr {
                 // SAFETY: as above; `chunks` has `chunks_len` elements.
                 out.push(unsafe { &*s.chunks.add(base) });

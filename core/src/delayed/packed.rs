@@ -669,6 +669,16 @@ const MERGE_HASHED_MIN: usize = 32;
 /// Slots of [`sum_equal_hashed`]'s table (on the stack: 1 KiB).
 const MERGE_HASH_SLOTS: usize = 512;
 
+/// The home slot of `r` in [`sum_equal_hashed`]'s table: every word of
+/// the key and the seq folded into one, multiplied, and the product's top
+/// bits taken (a product's bit i depends only on the factors' bits up to
+/// i, so only its top bits see all of them: with bits 40.. of the product,
+/// 512 refs of one inode at 4 KiB offsets all had one slot).
+fn ref_slot(r: &PackedRef) -> usize {
+    let x = r.k1 ^ r.k2.rotate_left(21) ^ r.k3.rotate_left(42) ^ r.seq_code.rotate_left(11);
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - MERGE_HASH_SLOTS.trailing_zeros())) as usize
+}
+
 /// Sum equal `(key, seq)` refs of `refs` in place, leaving one ref per
 /// distinct key and seq (in first-seen order, unsorted) followed by
 /// nothing: linear probing over a table of [`MERGE_HASH_SLOTS`] indices.
@@ -677,15 +687,14 @@ const MERGE_HASH_SLOTS: usize = 512;
 /// ones; the caller's sort and merge then finishes (sums are additive, so
 /// summing some equal refs first changes nothing).
 fn sum_equal_hashed(refs: &mut Vec<PackedRef>) {
+    const _: () = assert!(MERGE_HASH_SLOTS.is_power_of_two() && MERGE_HASH_SLOTS < 1 << 16);
     let mut table = [u16::MAX; MERGE_HASH_SLOTS];
     let mask = MERGE_HASH_SLOTS - 1;
     let mut w = 0;
     let mut r = 0;
     while r < refs.len() && w < MERGE_HASH_SLOTS / 2 {
         let x = refs[r];
-        let hash = (x.k1 ^ x.k2.rotate_left(21) ^ x.k3.rotate_left(42) ^ x.seq_code)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut slot = (hash >> 40) as usize & mask;
+        let mut slot = ref_slot(&x);
         loop {
             let i = table[slot];
             if i == u16::MAX {
@@ -877,6 +886,58 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
 mod tests {
     use super::*;
     use crate::model::{Action, Op};
+
+    /// Refs that differ in one field only (an inode's 4 KiB offsets, the
+    /// objectids of one root, roots, parents, seqs) spread over the hash
+    /// table's slots: a slot shared by many of them makes the linear
+    /// probing quadratic (a hot extent reflinked at many offsets).
+    #[test]
+    fn ref_slots_spread_keys_that_differ_in_one_field() {
+        let families: [&dyn Fn(u64) -> PackedRef; 5] = [
+            &|i| {
+                PackedRef::new(
+                    RefKey::ExtentData {
+                        root: 5,
+                        objectid: 257,
+                        offset: i << 12,
+                    },
+                    0,
+                    1,
+                )
+            },
+            &|i| {
+                PackedRef::new(
+                    RefKey::ExtentData {
+                        root: 5,
+                        objectid: 256 + i,
+                        offset: 0,
+                    },
+                    0,
+                    1,
+                )
+            },
+            &|i| PackedRef::new(RefKey::TreeBlock { root: 256 + i }, 0, 1),
+            &|i| {
+                PackedRef::new(
+                    RefKey::SharedBlock {
+                        parent: (1 + i) << 14,
+                    },
+                    0,
+                    1,
+                )
+            },
+            &|i| PackedRef::new(RefKey::TreeBlock { root: 5 }, i, 1),
+        ];
+        for (f, refs) in families.iter().enumerate() {
+            let slots: std::collections::HashSet<usize> =
+                (0..256).map(|i| ref_slot(&refs(i))).collect();
+            assert!(
+                slots.len() >= 128,
+                "family {f}: 256 refs in {} slots",
+                slots.len()
+            );
+        }
+    }
 
     proptest::proptest! {
         /// `merge_refs` (summing by hash past `MERGE_HASHED_MIN` refs, and

@@ -287,7 +287,9 @@ mod loom_tests {
             self.len.store(1, Ordering::Release);
         }
 
-        /// A reader's read of its ops (`Staging::ops_of`).
+        /// A reader's read of its ops (`Staging::raw_of`, which reads the
+        /// keys, then the matching slots: all of its loads come before
+        /// `try_read`'s fence, as this one's do).
         fn read(&self) -> u64 {
             if self.len.load(Ordering::Acquire) == 0 || self.filter.load(Ordering::Relaxed) != 1 {
                 return 0;

@@ -114,5 +114,8 @@ unsafe impl GlobalAlloc for Counting {
 /// The sum of every thread's slot: not a snapshot of one instant while
 /// other threads allocate, as the single counter was not either.
 pub fn live_bytes() -> isize {
-    LIVE.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    // Wrapping, as the slots' adds do (a slot alone may run far from 0).
+    LIVE.iter()
+        .map(|s| s.0.load(Ordering::Relaxed))
+        .fold(0, isize::wrapping_add)
 }

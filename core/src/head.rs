@@ -482,8 +482,14 @@ impl SummaryFold {
             self.summary(HeadSummary::of_op(op, stamp));
             return;
         }
-        self.plain_total += op.ref_mod();
-        let shape = (op.num_bytes, op.kind);
+        self.plain(op.num_bytes, op.kind, op.ref_mod());
+    }
+
+    /// Fold a plain op (an ADD_REF or DROP_REF, `ref_mod` +1 or -1, with
+    /// no extent_op) of this shape: what [`SummaryFold::op`] does with one.
+    pub fn plain(&mut self, num_bytes: u64, kind: ExtentKind, ref_mod: i64) {
+        self.plain_total += ref_mod;
+        let shape = (num_bytes, kind);
         match &mut self.plain {
             None => self.plain = Some((shape.0, shape.1, false)),
             Some((num_bytes, kind, mixed)) => {

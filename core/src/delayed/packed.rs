@@ -63,6 +63,64 @@ pub(crate) fn encode(op: &Op, stamp: u64) -> Staged {
     ]
 }
 
+/// The parts of a staged op's meta word (word 7) a hand-off needs to tell
+/// a plain op (ADD_REF or DROP_REF with no extent_op, most of them) from
+/// the others, and to fold and pack a plain one without decoding it.
+#[derive(Clone, Copy)]
+struct StagedMeta(u64);
+
+impl StagedMeta {
+    fn of(w: &Staged) -> StagedMeta {
+        StagedMeta(w[7])
+    }
+    fn action(self) -> Option<Action> {
+        Action::from_code(self.0 as u8)
+    }
+    fn key_code(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+    fn kind(self) -> ExtentKind {
+        if (self.0 >> 24) & 1 == 1 {
+            ExtentKind::Data
+        } else {
+            ExtentKind::Tree {
+                level: (self.0 >> 16) as u8,
+            }
+        }
+    }
+    fn has_extent_op(self) -> bool {
+        (self.0 >> 25) & 1 == 1
+    }
+    fn has_eop_key(self) -> bool {
+        (self.0 >> 26) & 1 == 1
+    }
+    fn eop_key_type(self) -> u8 {
+        (self.0 >> 32) as u8
+    }
+}
+
+/// The ref and ref count of a plain staged op (`None`: another op). Its
+/// key words are the packed ref's own (`encode` wrote `RefKey::words`), so
+/// nothing is decoded: what `PackedRef::new` gives for the decoded op
+/// (test `a_plain_staged_op_packs_as_its_decoded_op`).
+fn plain_staged(w: &Staged) -> Option<(PackedRef, i64)> {
+    let meta = StagedMeta::of(w);
+    let ref_mod = match meta.action()? {
+        Action::AddRef if !meta.has_extent_op() => 1,
+        Action::DropRef if !meta.has_extent_op() => -1,
+        _ => return None,
+    };
+    let r = PackedRef {
+        k1: w[2],
+        k2: w[3],
+        k3: w[4],
+        seq_code: (u64::from(meta.key_code()) << 56) | w[5],
+        ref_mod,
+        drops: u64::from(ref_mod < 0),
+    };
+    Some((r, ref_mod))
+}
+
 /// Decode an op its own shard staged (the hand-off): it was checked once,
 /// at [`crate::delayed::IngestHandle::add`], and written whole by this
 /// thread, so it is not validated again (issue 13: an op was validated at
@@ -87,23 +145,17 @@ pub(crate) fn try_decode(w: &Staged) -> Option<(Op, u64)> {
 /// The op the words spell, unvalidated: `None` only for an unknown action
 /// code.
 fn decode_words(w: &Staged) -> Option<(Op, u64)> {
-    let meta = w[7];
-    let action = Action::from_code(meta as u8)?;
-    let code = (meta >> 8) as u8;
-    let kind = if (meta >> 24) & 1 == 1 {
-        ExtentKind::Data
-    } else {
-        ExtentKind::Tree {
-            level: (meta >> 16) as u8,
-        }
-    };
-    let extent_op = if (meta >> 25) & 1 == 1 {
+    let meta = StagedMeta::of(w);
+    let action = meta.action()?;
+    let code = meta.key_code();
+    let kind = meta.kind();
+    let extent_op = if meta.has_extent_op() {
         Some(ExtentOp {
             flags_to_set: w[8],
-            key: if (meta >> 26) & 1 == 1 {
+            key: if meta.has_eop_key() {
                 Some(DiskKey {
                     objectid: w[9],
-                    item_type: (meta >> 32) as u8,
+                    item_type: meta.eop_key_type(),
                     offset: w[10],
                 })
             } else {
@@ -863,10 +915,17 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
         let mut summary = SummaryFold::default();
         scratch.clear();
         while i < order.len() && order[i].0 == bytenr {
-            let (op, stamp) = decode(&staged[order[i].1 as usize]);
-            summary.op(&op, stamp);
-            if let Some(key) = op.key {
-                scratch.push(PackedRef::new(key, op.seq, op.ref_mod()));
+            let w = &staged[order[i].1 as usize];
+            if let Some((r, ref_mod)) = plain_staged(w) {
+                // Most ops: folded and packed from their words.
+                summary.plain(w[1], StagedMeta::of(w).kind(), ref_mod);
+                scratch.push(r);
+            } else {
+                let (op, stamp) = decode(w);
+                summary.op(&op, stamp);
+                if let Some(key) = op.key {
+                    scratch.push(PackedRef::new(key, op.seq, op.ref_mod()));
+                }
             }
             i += 1;
         }
@@ -886,6 +945,65 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
 mod tests {
     use super::*;
     use crate::model::{Action, Op};
+
+    /// A plain op (ADD_REF or DROP_REF, no extent_op) packed and folded
+    /// from its staged words is what decoding it gives, for every key
+    /// kind, data and tree levels, seqs; every other op is left to the
+    /// decoder.
+    #[test]
+    fn a_plain_staged_op_packs_as_its_decoded_op() {
+        use crate::model::{DiskKey, ExtentOp, BLOCK_FLAG_FULL_BACKREF};
+        let keys = [
+            (RefKey::TreeBlock { root: 5 }, ExtentKind::Tree { level: 3 }),
+            (
+                RefKey::SharedBlock { parent: 1 << 30 },
+                ExtentKind::Tree { level: 0 },
+            ),
+            (
+                RefKey::ExtentData {
+                    root: 7,
+                    objectid: 257,
+                    offset: 1 << 20,
+                },
+                ExtentKind::Data,
+            ),
+            (RefKey::SharedData { parent: 1 << 31 }, ExtentKind::Data),
+        ];
+        for (key, kind) in keys {
+            for action in [Action::AddRef, Action::DropRef, Action::AddExtent] {
+                for seq in [0, 1, SEQ_MAX] {
+                    for eop in [false, true] {
+                        let mut op = Op::new(1 << 20, 16384, kind, action, key, seq).unwrap();
+                        if eop {
+                            op.extent_op = Some(ExtentOp {
+                                flags_to_set: BLOCK_FLAG_FULL_BACKREF,
+                                key: Some(DiskKey {
+                                    objectid: 1,
+                                    item_type: 2,
+                                    offset: 3,
+                                }),
+                            });
+                        }
+                        let w = encode(&op, 9);
+                        let plain = matches!(action, Action::AddRef | Action::DropRef) && !eop;
+                        match plain_staged(&w) {
+                            Some((r, ref_mod)) => {
+                                assert!(plain, "{op:?}");
+                                assert_eq!(r, PackedRef::new(key, seq, op.ref_mod()), "{op:?}");
+                                assert_eq!(ref_mod, op.ref_mod());
+                                let mut a = SummaryFold::default();
+                                a.plain(w[1], StagedMeta::of(&w).kind(), ref_mod);
+                                let mut b = SummaryFold::default();
+                                b.op(&op, 9);
+                                assert_eq!(a.finish(), b.finish(), "{op:?}");
+                            }
+                            None => assert!(!plain, "{op:?}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// Refs that differ in one field only (an inode's 4 KiB offsets, the
     /// objectids of one root, roots, parents, seqs) spread over the hash

@@ -898,8 +898,9 @@ pub(crate) fn sort_by_bytenr(keys: &mut Vec<(u64, u32)>, tmp: &mut Vec<(u64, u32
 }
 
 /// Build a run from staged ops: sort by a 16-byte `(bytenr, index)` key
-/// (not the 88-byte ops; [`sort_by_bytenr`]), decode each op once, merge
-/// at insert.
+/// (not the 88-byte ops; [`sort_by_bytenr`]), merge each bytenr's ops at
+/// insert: a plain op folded and packed from its words ([`plain_staged`]),
+/// any other decoded once.
 pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
     let mut order: Vec<(u64, u32)> = staged
         .iter()

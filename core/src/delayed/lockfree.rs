@@ -1412,11 +1412,7 @@ impl LockFreeStore {
     /// `pending_in` leaves out) from a live one.
     fn pending_summary_in(&self, bytenr: u64, live_only: bool) -> Option<HeadSummary> {
         self.lookup_with(bytenr, live_only, |runs, staged, carry| {
-            let mut fold = SummaryFold::default();
-            runs.iter().for_each(|h| fold.summary(h.summary));
-            staged_ops(bytenr, staged).for_each(|(op, stamp)| fold.op(&op, stamp));
-            carry.iter().for_each(|h| fold.summary(h.summary));
-            let summary = fold.finish()?;
+            let summary = merged_summary(runs, staged_ops(bytenr, staged), carry)?;
             // A no-op head has no allocation, no extent_op and every ref's
             // count at 0, so a total of 0 (every op but UPDATE_HEAD, which
             // counts 0, has a ref: `Op::check`). Anything else is live.
@@ -1472,13 +1468,7 @@ fn merge_found(
     staged: &[(Op, u64)],
     carry: &[Head],
 ) -> Option<Head> {
-    let summary = merged_summary(
-        runs,
-        staged
-            .iter()
-            .map(|(op, stamp)| HeadSummary::of_op(op, *stamp)),
-        carry,
-    )?;
+    let summary = merged_summary(runs, staged.iter().copied(), carry)?;
     let mut refs: Vec<PackedRef> = runs.iter().flat_map(|h| h.refs.iter().copied()).collect();
     refs.extend(
         staged
@@ -1500,17 +1490,18 @@ fn merge_found(
 }
 
 /// The summaries of one bytenr's heads found in runs, staged ops and
-/// carried heads, merged (`None`: nothing found).
+/// carried heads, merged (`None`: nothing found), the staged ops folded
+/// with [`SummaryFold`].
 fn merged_summary(
     runs: &[HeadRef<'_>],
-    staged: impl Iterator<Item = HeadSummary>,
+    staged: impl Iterator<Item = (Op, u64)>,
     carry: &[Head],
 ) -> Option<HeadSummary> {
-    runs.iter()
-        .map(|h| h.summary)
-        .chain(staged)
-        .chain(carry.iter().map(|h| h.summary))
-        .reduce(HeadSummary::merge)
+    let mut fold = SummaryFold::default();
+    runs.iter().for_each(|h| fold.summary(h.summary));
+    staged.for_each(|(op, stamp)| fold.op(&op, stamp));
+    carry.iter().for_each(|h| fold.summary(h.summary));
+    fold.finish()
 }
 
 /// The ops of `bytenr` in the raw words a lookup copied from staging
@@ -2267,26 +2258,9 @@ mod tests {
     /// and of many chunks, bytenrs held, absent, below and above them all.
     #[test]
     fn view_finds_the_chunk_each_run_would() {
-        let key = RefKey::TreeBlock { root: 5 };
         let run = |bytenrs: Vec<u64>| {
-            let mut b = RunBuilder::new();
-            for &bytenr in &bytenrs {
-                let op = Op::new(
-                    bytenr,
-                    4096,
-                    ExtentKind::Tree { level: 0 },
-                    Action::AddRef,
-                    key,
-                    0,
-                )
-                .unwrap();
-                b.push(
-                    bytenr,
-                    &HeadSummary::of_op(&op, 0),
-                    &[PackedRef::new(key, 0, 1)],
-                );
-            }
-            Arc::new(Run::new(b.finish(), 0, bytenrs.len(), bytenrs.len()))
+            let chunks = crate::delayed::packed::tree_block_chunks(&bytenrs);
+            Arc::new(Run::new(chunks, 0, bytenrs.len(), bytenrs.len()))
         };
         let runs = [
             run(vec![40 << 12]),

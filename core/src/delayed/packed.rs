@@ -99,26 +99,21 @@ impl StagedMeta {
     }
 }
 
-/// The ref and ref count of a plain staged op (`None`: another op). Its
-/// key words are the packed ref's own (`encode` wrote `RefKey::words`), so
-/// nothing is decoded: what `PackedRef::new` gives for the decoded op
-/// (test `a_plain_staged_op_packs_as_its_decoded_op`).
-fn plain_staged(w: &Staged) -> Option<(PackedRef, i64)> {
+/// The ref, ref count and extent kind of a plain staged op (`None`:
+/// another op). Its key words are the packed ref's own (`encode` wrote
+/// `RefKey::words`), so nothing is decoded: what `PackedRef::new` gives for
+/// the decoded op (test `a_plain_staged_op_packs_as_its_decoded_op`).
+fn plain_staged(w: &Staged) -> Option<(PackedRef, i64, ExtentKind)> {
     let meta = StagedMeta::of(w);
     let ref_mod = match meta.action()? {
         Action::AddRef if !meta.has_extent_op() => 1,
         Action::DropRef if !meta.has_extent_op() => -1,
         _ => return None,
     };
-    let r = PackedRef {
-        k1: w[2],
-        k2: w[3],
-        k3: w[4],
-        seq_code: (u64::from(meta.key_code()) << 56) | w[5],
-        ref_mod,
-        drops: u64::from(ref_mod < 0),
-    };
-    Some((r, ref_mod))
+    // As `DelayedRef::of_mod`: a drop counts one drop.
+    let drops = u64::from(ref_mod < 0);
+    let r = PackedRef::of_words(meta.key_code(), (w[2], w[3], w[4]), w[5], ref_mod, drops);
+    Some((r, ref_mod, meta.kind()))
 }
 
 /// Decode an op its own shard staged (the hand-off): it was checked once,
@@ -225,15 +220,26 @@ impl PackedRef {
     }
 
     pub fn pack(r: &DelayedRef) -> PackedRef {
-        debug_assert!(r.seq <= SEQ_MAX);
-        let (k1, k2, k3) = r.key.words();
+        Self::of_words(r.key.type_code(), r.key.words(), r.seq, r.ref_mod, r.drops)
+    }
+
+    /// The ref of a key given as its type code and words
+    /// ([`RefKey::type_code`], [`RefKey::words`]), as staged ops hold it.
+    fn of_words(
+        code: u8,
+        (k1, k2, k3): (u64, u64, u64),
+        seq: u64,
+        ref_mod: i64,
+        drops: u64,
+    ) -> PackedRef {
+        debug_assert!(seq <= SEQ_MAX);
         PackedRef {
             k1,
             k2,
             k3,
-            seq_code: (u64::from(r.key.type_code()) << 56) | r.seq,
-            ref_mod: r.ref_mod,
-            drops: r.drops,
+            seq_code: (u64::from(code) << 56) | seq,
+            ref_mod,
+            drops,
         }
     }
 
@@ -917,9 +923,9 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
         scratch.clear();
         while i < order.len() && order[i].0 == bytenr {
             let w = &staged[order[i].1 as usize];
-            if let Some((r, ref_mod)) = plain_staged(w) {
+            if let Some((r, ref_mod, kind)) = plain_staged(w) {
                 // Most ops: folded and packed from their words.
-                summary.plain(w[1], StagedMeta::of(w).kind(), ref_mod);
+                summary.plain(w[1], kind, ref_mod);
                 scratch.push(r);
             } else {
                 let (op, stamp) = decode(w);
@@ -940,6 +946,31 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
         );
     }
     b
+}
+
+/// Chunks of one tree-block head per bytenr (ascending), each with one
+/// ref from root 5: runs for tests of the searches.
+#[cfg(test)]
+pub(crate) fn tree_block_chunks(bytenrs: &[u64]) -> Vec<Chunk> {
+    let key = RefKey::TreeBlock { root: 5 };
+    let mut b = RunBuilder::new();
+    for &bytenr in bytenrs {
+        let op = Op::new(
+            bytenr,
+            4096,
+            ExtentKind::Tree { level: 0 },
+            Action::AddRef,
+            key,
+            0,
+        )
+        .expect("a valid tree-block op");
+        b.push(
+            bytenr,
+            &HeadSummary::of_op(&op, 0),
+            &[PackedRef::new(key, 0, 1)],
+        );
+    }
+    b.finish()
 }
 
 #[cfg(test)]
@@ -988,12 +1019,12 @@ mod tests {
                         let w = encode(&op, 9);
                         let plain = matches!(action, Action::AddRef | Action::DropRef) && !eop;
                         match plain_staged(&w) {
-                            Some((r, ref_mod)) => {
+                            Some((r, ref_mod, kind)) => {
                                 assert!(plain, "{op:?}");
                                 assert_eq!(r, PackedRef::new(key, seq, op.ref_mod()), "{op:?}");
                                 assert_eq!(ref_mod, op.ref_mod());
                                 let mut a = SummaryFold::default();
-                                a.plain(w[1], StagedMeta::of(&w).kind(), ref_mod);
+                                a.plain(w[1], kind, ref_mod);
                                 let mut b = SummaryFold::default();
                                 b.op(&op, 9);
                                 assert_eq!(a.finish(), b.finish(), "{op:?}");
@@ -1104,27 +1135,7 @@ mod tests {
     /// head and of a full 512), nothing absent, in the order of the chunks.
     #[test]
     fn lockstep_search_finds_what_binary_search_finds() {
-        let chunk = |bytenrs: &[u64]| {
-            let mut b = RunBuilder::new();
-            for &bytenr in bytenrs {
-                let key = RefKey::TreeBlock { root: 5 };
-                let op = Op::new(
-                    bytenr,
-                    4096,
-                    ExtentKind::Tree { level: 0 },
-                    Action::AddRef,
-                    key,
-                    0,
-                )
-                .unwrap();
-                b.push(
-                    bytenr,
-                    &HeadSummary::of_op(&op, 0),
-                    &[PackedRef::new(key, 0, 1)],
-                );
-            }
-            b.finish()
-        };
+        let chunk = tree_block_chunks;
         let runs: Vec<Vec<Chunk>> = vec![
             chunk(&[4096]),
             chunk(&(1..=512).map(|i| i * 8192).collect::<Vec<_>>()),

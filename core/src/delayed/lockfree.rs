@@ -93,7 +93,14 @@
 //! runs that may hold the bytenr, first for the chunk of each run, then in
 //! the chunks, each step's binary searches in lockstep (`find_in_chunks`);
 //! a lookup of the count (`pending_summary`) merges only the heads'
-//! summaries and folds its staged ops (`SummaryFold`). Ingest waits for a reader only at a
+//! summaries and folds its staged ops (`SummaryFold`). Of the index's hot
+//! extents ([`HOT_EXTENTS`], the heaviest heads of its hand-offs) it reads
+//! sums instead: the view's sum of each one's heads over all its runs
+//! (kept by the hand-offs; a compaction leaves it as it is) and, per
+//! staging buffer, a cell where the owner sums the extent's plain ops as
+//! it stages them (written before the op's slot is published; a cell
+//! named in another life of the buffer means a reset, which spoils the
+//! window). Ingest waits for a reader only at a
 //! hand-off that meets a quiet window, for at most the time of a staging
 //! scan (a lookup) or a snapshot.
 //!
@@ -134,8 +141,8 @@ use crossbeam_utils::CachePadded;
 use super::gate::{parity, Generation, ShardGate};
 use super::handoff::{Ring, Rotate, STAGING_RING};
 use super::packed::{
-    build_run, find_in_chunks, heads_in_range, merge_cursors, merge_refs, split_points, Chunk,
-    Cursor, HeadRef, PackedRef, RunBuilder,
+    build_run, build_run_noting, find_in_chunks, heads_in_range, merge_cursors, merge_refs,
+    split_points, Chunk, Cursor, HeadRef, PackedRef, RunBuilder,
 };
 use super::window::ChangeCounters;
 pub use super::window::READ_OPTIMISTIC_MAX;
@@ -143,7 +150,7 @@ use super::{
     merge_heads, merge_heads_keeping_all, DelayedRefStore, IngestHandle, StampClock, StoreError,
 };
 use crate::head::{Head, HeadSummary, SummaryFold};
-use crate::model::Op;
+use crate::model::{Action, ExtentKind, Op};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Ingest shards (handles) available by default.
@@ -189,6 +196,97 @@ struct Staging {
     /// The generation of the ops of a full buffer, written by the owner
     /// before it marks the buffer full (read by whoever hands it off).
     gen: AtomicU64,
+    /// The extents whose plain ops this buffer sums in `hot_cells`
+    /// ([`HOT_EMPTY`]: none), named by the owner while the buffer is
+    /// empty ([`Staging::seed_hot`]) and cleared with `len`.
+    hot_keys: [AtomicU64; HOT_SLOTS],
+    hot_cells: [HotCell; HOT_SLOTS],
+}
+
+/// A `hot_keys` entry naming no extent (`bytenr + num_bytes` cannot
+/// overflow, so no extent starts there).
+const HOT_EMPTY: u64 = u64::MAX;
+
+/// The plain ops (ADD_REF or DROP_REF with no extent_op) of one hot
+/// extent staged in a buffer, summed by its owner as it stages them: a
+/// count lookup reads the sum instead of scanning the buffer for the
+/// extent's ops (hundreds per buffer under a skewed load). Any other op of
+/// the extent, or one naming another shape, spoils the cell: lookups then
+/// scan the buffer as before.
+///
+/// `state` is one word, so a reader loads it whole: [`CELL_SPOILED`],
+/// [`CELL_HAS_OPS`], the kind the ops named (bits 48..58:
+/// [`kind_code`]) and the sum of their ref_mods (bits 0..48, two's
+/// complement). `num_bytes` is written once, before the first state with
+/// `CELL_HAS_OPS` (Release), and never changes while the cell is whole.
+#[derive(Debug, Default)]
+struct HotCell {
+    num_bytes: AtomicU64,
+    state: AtomicU64,
+}
+
+const CELL_SPOILED: u64 = 1 << 63;
+const CELL_HAS_OPS: u64 = 1 << 62;
+const CELL_KIND_SHIFT: u32 = 48;
+const CELL_SUM_MASK: u64 = (1 << CELL_KIND_SHIFT) - 1;
+/// A cell's sum stays well inside its 48 bits (a buffer of more ops than
+/// this spoils the cell instead).
+const CELL_SUM_MAX: i64 = 1 << 46;
+
+/// An extent kind as a cell's state holds it (10 bits).
+fn kind_code(kind: ExtentKind) -> u64 {
+    match kind {
+        ExtentKind::Data => 0,
+        ExtentKind::Tree { level } => 1 + u64::from(level),
+    }
+}
+
+impl HotCell {
+    /// The cell's extent kind and sum (`None` when spoiled; `Some(None)`
+    /// when no op was folded).
+    fn read(&self) -> Option<Option<(u64, ExtentKind, i64)>> {
+        let s = self.state.load(Ordering::Acquire);
+        if s & CELL_SPOILED != 0 {
+            return None;
+        }
+        if s & CELL_HAS_OPS == 0 {
+            return Some(None);
+        }
+        let kind = match (s >> CELL_KIND_SHIFT) & 0x3FF {
+            0 => ExtentKind::Data,
+            c => ExtentKind::Tree {
+                level: u8::try_from(c - 1).ok()?,
+            },
+        };
+        let sum = (((s & CELL_SUM_MASK) << 16) as i64) >> 16;
+        Some(Some((self.num_bytes.load(Ordering::Relaxed), kind, sum)))
+    }
+
+    /// Writer only: fold `op` (of the cell's extent) in.
+    fn fold(&self, op: &Op) {
+        let s = self.state.load(Ordering::Relaxed);
+        if s & CELL_SPOILED != 0 {
+            return;
+        }
+        let plain = op.extent_op.is_none() && matches!(op.action, Action::AddRef | Action::DropRef);
+        let kind = kind_code(op.kind);
+        let next = if !plain {
+            CELL_SPOILED
+        } else if s & CELL_HAS_OPS == 0 {
+            self.num_bytes.store(op.num_bytes, Ordering::Relaxed);
+            CELL_HAS_OPS | kind << CELL_KIND_SHIFT | (op.ref_mod() as u64 & CELL_SUM_MASK)
+        } else {
+            let sum = ((((s & CELL_SUM_MASK) << 16) as i64) >> 16) + op.ref_mod();
+            let same = (s >> CELL_KIND_SHIFT) & 0x3FF == kind
+                && self.num_bytes.load(Ordering::Relaxed) == op.num_bytes;
+            if same && sum.abs() < CELL_SUM_MAX {
+                (s & !CELL_SUM_MASK) | (sum as u64 & CELL_SUM_MASK)
+            } else {
+                CELL_SPOILED
+            }
+        };
+        self.state.store(next, Ordering::Release);
+    }
 }
 
 /// Bits of a staging buffer's bytenr filter per slot. With 4 bits of one
@@ -207,7 +305,55 @@ impl Staging {
             filter: OnceLock::new(),
             keys: OnceLock::new(),
             gen: AtomicU64::new(0),
+            hot_keys: std::array::from_fn(|_| AtomicU64::new(HOT_EMPTY)),
+            hot_cells: std::array::from_fn(|_| HotCell::default()),
         }
+    }
+
+    /// Writer only, while the buffer is empty (before its first op): name
+    /// the index's hot extents in the cells, so that every op of them the
+    /// buffer will hold is summed. Release: a reader that sees a name sees
+    /// the cells emptied before it (the buffer's last `reset`).
+    fn seed_hot(&self, idx: &TxnIndex) {
+        let n = idx.hot_len.load(Ordering::Acquire).min(HOT_EXTENTS);
+        let mut keys = [HOT_EMPTY; HOT_SLOTS];
+        for k in &idx.hot_keys.0[..n] {
+            let b = k.load(Ordering::Relaxed);
+            if let Some(i) = hot_slots(b).into_iter().find(|&i| keys[i] == HOT_EMPTY) {
+                keys[i] = b;
+            }
+        }
+        for (key, b) in self.hot_keys.iter().zip(keys) {
+            if key.load(Ordering::Relaxed) != b {
+                key.store(b, Ordering::Release);
+            }
+        }
+    }
+
+    /// The cell of `bytenr`, if the buffer has one (`order`: of the loads
+    /// of the names).
+    fn hot_cell(&self, bytenr: u64, order: Ordering) -> Option<&HotCell> {
+        hot_slots(bytenr)
+            .into_iter()
+            .find(|&i| self.hot_keys[i].load(order) == bytenr)
+            .map(|i| &self.hot_cells[i])
+    }
+
+    /// Writer only, before publishing the slot of `op`: sum it in its
+    /// extent's cell, if the buffer has one.
+    fn fold_hot(&self, op: &Op) {
+        if let Some(cell) = self.hot_cell(op.bytenr, Ordering::Relaxed) {
+            cell.fold(op);
+        }
+    }
+
+    /// The sum of the plain ops of `bytenr` staged here, if one of the
+    /// buffer's cells sums them all (`Some(None)`: there are none; `None`:
+    /// no whole cell, scan the slots). It may include an op whose slot is
+    /// not published yet (one being added meanwhile). Inside a read window:
+    /// a cell named in another life of the buffer means a reset, a change.
+    fn hot_sum(&self, bytenr: u64) -> Option<Option<(u64, ExtentKind, i64)>> {
+        self.hot_cell(bytenr, Ordering::Acquire)?.read()
     }
 
     fn ensure(&self) {
@@ -258,6 +404,10 @@ impl Staging {
         self.len.store(0, Ordering::SeqCst);
         for w in self.filter.get().map_or(&[][..], |f| &f[..]) {
             w.store(0, Ordering::Relaxed);
+        }
+        for (key, cell) in self.hot_keys.iter().zip(&self.hot_cells) {
+            key.store(HOT_EMPTY, Ordering::Relaxed);
+            cell.state.store(0, Ordering::Relaxed);
         }
     }
 
@@ -384,7 +534,9 @@ impl Lane {
         );
         scratch.clear();
         st.read_all(scratch);
-        idx.hand_off(build_run(scratch), st);
+        let hot = idx.hot_list();
+        let b = build_run_noting(scratch, hot_ops_min(st.cap), &hot);
+        idx.hand_off(b, st, &hot);
         g
     }
 
@@ -507,6 +659,15 @@ impl Run {
     fn cursor(&self) -> Cursor<'_> {
         Cursor::new(self.chunks.iter().collect())
     }
+
+    /// The summary of the run's head of `bytenr`, if it holds one.
+    fn summary_of(&self, bytenr: u64) -> Option<HeadSummary> {
+        let i = self.firsts.partition_point(|&f| f <= bytenr);
+        let chunk = self.chunks.get(i.checked_sub(1)?)?;
+        let mut found = Vec::new();
+        find_in_chunks(&[chunk], bytenr, &mut found);
+        found.first().map(|h| h.summary)
+    }
 }
 
 /// What a lookup reads of an index's runs: every run's filter and run in
@@ -525,6 +686,62 @@ impl Run {
 #[derive(Debug)]
 struct RunView {
     slots: Vec<RunSlot>,
+    /// The hot extents' summaries over every run of the view, by bytenr.
+    hot: Vec<HotSum>,
+}
+
+/// Extents an index keeps summed for count lookups, at most: its view's
+/// [`HotSum`]s, and the cells of each staging buffer ([`Staging`]'s
+/// `hot_keys`).
+///
+/// Under a skewed load the hottest extents are in every staging buffer
+/// (hundreds of ops each) and nearly every run, so a count lookup of one
+/// used to fold hundreds of staged ops and search a hundred runs. Now the
+/// hand-off keeps each hot extent's summary over all of a view's runs in
+/// the view (a compaction merges runs, which leaves the sum unchanged:
+/// merging summaries is commutative and associative, and a compaction
+/// drops no head but the identity), and each buffer's owner sums the
+/// plain ops it stages of the index's hot extents in the buffer's cells.
+pub const HOT_EXTENTS: usize = 64;
+
+/// Cells of a staging buffer: twice [`HOT_EXTENTS`], each extent in the
+/// slot its bytenr hashes to or the next (a hot extent that finds both
+/// taken is not summed in that buffer).
+const HOT_SLOTS: usize = 2 * HOT_EXTENTS;
+
+/// The first cell slot of `bytenr` (Fibonacci hashing: the product's top
+/// bits depend on every bit of the bytenr).
+fn hot_slot(bytenr: u64) -> usize {
+    (bytenr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - HOT_SLOTS.trailing_zeros())) as usize
+}
+
+/// The slots where `bytenr`'s cell may be.
+fn hot_slots(bytenr: u64) -> [usize; 2] {
+    let h = hot_slot(bytenr);
+    [h, (h + 1) % HOT_SLOTS]
+}
+
+/// A hand-off's head of at least this many of a buffer's `cap` ops makes
+/// its extent a candidate to be kept hot (4 of 4096: an extent of at
+/// least ~0.1% of the ops).
+fn hot_ops_min(cap: usize) -> usize {
+    (cap / 1024).max(2)
+}
+
+/// A hot extent's summary over every run of a view (`None`: no run holds
+/// a head of it).
+#[derive(Debug, Clone, Copy)]
+struct HotSum {
+    bytenr: u64,
+    summary: Option<HeadSummary>,
+}
+
+/// `a` and `b` merged (`None`: nothing).
+fn merge_opt(a: Option<HeadSummary>, b: Option<HeadSummary>) -> Option<HeadSummary> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.merge(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -561,9 +778,20 @@ impl RunSlot {
 }
 
 /// The view of an index with no runs (its `view` is null until the first).
-static EMPTY_VIEW: RunView = RunView { slots: Vec::new() };
+static EMPTY_VIEW: RunView = RunView {
+    slots: Vec::new(),
+    hot: Vec::new(),
+};
 
 impl RunView {
+    /// The summary of `bytenr`'s heads over every run of the view, if it is
+    /// one of the view's hot extents (`Some(None)`: no run holds it).
+    /// The view is immutable: valid wherever the view is.
+    fn hot_summary(&self, bytenr: u64) -> Option<Option<HeadSummary>> {
+        let i = self.hot.binary_search_by_key(&bytenr, |h| h.bytenr).ok()?;
+        Some(self.hot[i].summary)
+    }
+
     /// The chunk of each run whose filter may hold `bytenr`.
     ///
     /// # Safety
@@ -656,6 +884,21 @@ struct TxnIndex {
     sealed_gen: AtomicU64,
     /// Heads requeued by a commit (held back by a seq barrier).
     carry: Mutex<Vec<Head>>,
+    /// The view's hot extents (`RunView::hot`), the first `hot_len`, for
+    /// the staging buffers' owners to sum ([`Staging::seed_hot`]): a hint
+    /// read without a window (a buffer's cells name their extents).
+    hot_keys: HotKeys,
+    hot_len: AtomicUsize,
+}
+
+/// [`TxnIndex::hot_keys`].
+#[derive(Debug)]
+struct HotKeys([AtomicU64; HOT_EXTENTS]);
+
+impl Default for HotKeys {
+    fn default() -> HotKeys {
+        HotKeys(std::array::from_fn(|_| AtomicU64::new(HOT_EMPTY)))
+    }
 }
 
 impl TxnIndex {
@@ -684,17 +927,21 @@ impl TxnIndex {
     /// no destructor (of an old view, of runs a compaction removed) runs
     /// inside the bracket while readers wait for it. The caller flushes
     /// after the change ([`TxnIndex::end_runs_change`]).
+    ///
+    /// `hot` gives the new view's hot sums from the old view's.
     fn next_view(
         &self,
         guard: &crossbeam_epoch::Guard,
         added: Option<&Arc<Run>>,
         removed: impl Fn(u64) -> bool,
+        hot: impl FnOnce(&[HotSum]) -> Vec<HotSum>,
     ) -> (crossbeam_epoch::Owned<RunView>, u64) {
         let old = self.view.load(Ordering::Acquire, guard);
         // SAFETY: `view` is null or a view published by `publish_view`,
         // which is destroyed only after another replaced it and every
         // thread pinned then has unpinned: this thread is pinned (`guard`).
-        let old_slots = unsafe { old.as_ref() }.map_or(&[][..], |v| &v.slots[..]);
+        let old = unsafe { old.as_ref() }.unwrap_or(&EMPTY_VIEW);
+        let old_slots = &old.slots[..];
         let mut slots: Vec<RunSlot> = old_slots
             .iter()
             .filter(|s| !removed(s.id))
@@ -705,7 +952,8 @@ impl TxnIndex {
         if let Some(run) = added {
             slots.push(RunSlot::of(id, run));
         }
-        (crossbeam_epoch::Owned::new(RunView { slots }), id)
+        let hot = hot(&old.hot);
+        (crossbeam_epoch::Owned::new(RunView { slots, hot }), id)
     }
 
     /// Publish a view built by [`TxnIndex::next_view`] (inside the change's
@@ -744,15 +992,25 @@ impl TxnIndex {
     }
 
     /// Publish a batch handed off by a shard and clear its staging.
-    fn hand_off(&self, b: RunBuilder, staging: &Staging) {
+    ///
+    /// `noted`: the hot extents `b`'s builder noted (ascending,
+    /// [`build_run_noting`]).
+    fn hand_off(&self, mut b: RunBuilder, staging: &Staging, noted: &[u64]) {
         let (heads, refs) = (b.heads_total, b.refs_total);
+        let heavy = std::mem::take(&mut b.heavy);
         // Built outside the change: readers wait for changes.
         let run = (heads > 0).then(|| Arc::new(Run::new(b.finish(), 0, heads, refs)));
         let guard = crossbeam_epoch::pin();
         let runs = self.lock_runs();
-        let view = run
-            .as_ref()
-            .map(|r| self.next_view(&guard, Some(r), |_| false));
+        let mut added = Vec::new();
+        let view = run.as_ref().map(|r| {
+            self.next_view(
+                &guard,
+                Some(r),
+                |_| false,
+                |old| self.hot_after_hand_off(old, r, &heavy, noted, &mut added),
+            )
+        });
         self.changes.begin_change();
         if let (Some(run), Some((view, id))) = (run, view) {
             self.insert_run(id, run);
@@ -760,8 +1018,83 @@ impl TxnIndex {
         }
         staging.reset();
         self.changes.end_change();
+        // Only appended to until the index is cleared (under
+        // `lock_runs`): the keys before the length that tells the owners
+        // of the new ones.
+        if !added.is_empty() {
+            let known = self.hot_len.load(Ordering::Relaxed);
+            for (k, &b) in self.hot_keys.0[known..].iter().zip(&added) {
+                k.store(b, Ordering::Relaxed);
+            }
+            let len = (known + added.len()).min(HOT_EXTENTS);
+            self.hot_len.store(len, Ordering::Release);
+        }
         drop(runs);
         Self::end_runs_change(guard);
+    }
+
+    /// The hot sums of the view after a hand-off publishes `run` (caller
+    /// holds [`TxnIndex::lock_runs`], before the change: the skiplist holds
+    /// exactly the old view's runs). Each hot extent's sum gains the run's
+    /// head of it. While there is room, the heaviest of the run's `heavy`
+    /// heads that are not hot yet become hot, summed over every old run
+    /// (a search of each, done at most [`HOT_EXTENTS`] times per
+    /// generation) and the new one.
+    ///
+    /// `heavy` and `noted` are the run builder's ([`build_run_noting`]): an
+    /// extent that was noted but has no heavy head has no head in the run;
+    /// one made hot since the run was built is searched for. The extents
+    /// made hot are appended to `added`.
+    fn hot_after_hand_off(
+        &self,
+        old: &[HotSum],
+        run: &Run,
+        heavy: &[(u64, HeadSummary, u32)],
+        noted: &[u64],
+        added: &mut Vec<u64>,
+    ) -> Vec<HotSum> {
+        let mut hot = old.to_vec();
+        for h in &mut hot {
+            let head = match heavy.binary_search_by_key(&h.bytenr, |x| x.0) {
+                Ok(i) => Some(heavy[i].1),
+                Err(_) if noted.binary_search(&h.bytenr).is_ok() => None,
+                Err(_) => run.summary_of(h.bytenr),
+            };
+            h.summary = merge_opt(h.summary, head);
+        }
+        if hot.len() < HOT_EXTENTS {
+            let mut new: Vec<&(u64, HeadSummary, u32)> = heavy
+                .iter()
+                .filter(|x| !hot.iter().any(|h| h.bytenr == x.0))
+                .collect();
+            new.sort_by_key(|x| std::cmp::Reverse(x.2));
+            new.truncate(HOT_EXTENTS - hot.len());
+            for &(bytenr, summary, _) in new {
+                let before = self
+                    .runs
+                    .iter()
+                    .fold(None, |s, e| merge_opt(s, e.value().summary_of(bytenr)));
+                hot.push(HotSum {
+                    bytenr,
+                    summary: merge_opt(before, Some(summary)),
+                });
+                added.push(bytenr);
+            }
+            hot.sort_unstable_by_key(|h| h.bytenr);
+        }
+        hot
+    }
+
+    /// The extents of [`TxnIndex::hot_keys`], ascending (the hand-off's
+    /// builder notes their heads: [`build_run_noting`]).
+    fn hot_list(&self) -> Vec<u64> {
+        let n = self.hot_len.load(Ordering::Acquire).min(HOT_EXTENTS);
+        let mut keys: Vec<u64> = self.hot_keys.0[..n]
+            .iter()
+            .map(|k| k.load(Ordering::Relaxed))
+            .collect();
+        keys.sort_unstable();
+        keys
     }
 
     /// Merge runs of generation `g` while some level has `COMPACT_FANOUT`
@@ -834,7 +1167,9 @@ impl TxnIndex {
                     (heads > 0).then(|| Arc::new(Run::new(b.finish(), out_level, heads, refs)));
                 let guard = crossbeam_epoch::pin();
                 let runs = self.lock_runs();
-                let (view, id) = self.next_view(&guard, run.as_ref(), |id| ids.contains(&id));
+                // A merge leaves each extent's sum over the runs as it was.
+                let (view, id) =
+                    self.next_view(&guard, run.as_ref(), |id| ids.contains(&id), <[_]>::to_vec);
                 self.changes.begin_change();
                 if let Some(run) = run {
                     self.insert_run(id, run);
@@ -901,7 +1236,8 @@ impl TxnIndex {
     fn clear(&self) {
         let guard = crossbeam_epoch::pin();
         let runs = self.lock_runs();
-        let (view, _) = self.next_view(&guard, None, |_| true);
+        let (view, _) = self.next_view(&guard, None, |_| true, |_| Vec::new());
+        self.hot_len.store(0, Ordering::Relaxed);
         self.changes.begin_change();
         for e in self.runs.iter() {
             e.remove();
@@ -1337,17 +1673,20 @@ impl LockFreeStore {
     /// The part of a lookup of `bytenr` in generation `g` that needs a
     /// consistent read (caller wraps it in `read_stable`): the runs of the
     /// generation, unsearched, and the heads of `bytenr`'s staged ops and
-    /// carry.
+    /// carry. With `sums` (a count lookup), a buffer whose cell sums
+    /// `bytenr`'s plain ops gives that sum instead of its ops.
     fn lookup_window<'g>(
         &'g self,
         g: u64,
         bytenr: u64,
+        sums: bool,
         guard: &'g crossbeam_epoch::Guard,
     ) -> LookupParts<'g> {
         let idx = &self.shared.index[parity(g)];
         let mut parts = LookupParts {
             view: idx.view(guard),
             staged: Vec::new(),
+            cell_sums: Vec::new(),
             carry: Vec::new(),
         };
         let mut hits = Vec::new();
@@ -1356,6 +1695,12 @@ impl LockFreeStore {
                 continue;
             }
             for st in &shard.lanes[parity(g)].bufs {
+                if sums {
+                    if let Some(sum) = st.hot_sum(bytenr) {
+                        parts.cell_sums.extend(sum);
+                        continue;
+                    }
+                }
                 st.raw_of(bytenr, &mut hits, &mut parts.staged);
             }
         }
@@ -1368,13 +1713,16 @@ impl LockFreeStore {
         parts
     }
 
-    /// Look `bytenr` up and hand `f` what was found: its heads in the
-    /// runs, its staged ops (with their stamps) and its carried heads.
+    /// Look `bytenr` up: its heads in the runs, its staged ops (with their
+    /// stamps) and its carried heads. With `sums` (a count lookup), the
+    /// hot extents' sums stand in for their heads and plain ops where
+    /// there are any ([`HOT_EXTENTS`]; `Found::summed`).
     fn lookup_with<R>(
         &self,
         bytenr: u64,
         live_only: bool,
-        f: impl FnOnce(&[HeadRef<'_>], &[Staged], &[Head]) -> R,
+        sums: bool,
+        f: impl FnOnce(&Found<'_>) -> R,
     ) -> R {
         // The read window covers only what can change under it: which
         // runs the generation has (its view, whose runs this pin keeps
@@ -1383,27 +1731,46 @@ impl LockFreeStore {
         // so ingest is held off (quiet window) for one pointer load and a
         // filtered staging scan, not for a search of every run.
         let guard = crossbeam_epoch::pin();
-        let parts = self.read_visible(live_only, |g| self.lookup_window(g, bytenr, &guard));
-        let (mut chunks, mut runs, mut staged, mut carry) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let parts = self.read_visible(live_only, |g| self.lookup_window(g, bytenr, sums, &guard));
+        let mut chunks = Vec::new();
+        let mut found = Found {
+            bytenr,
+            runs: Vec::new(),
+            staged: Vec::new(),
+            carry: Vec::new(),
+            run_sums: Vec::new(),
+            cell_sums: Vec::new(),
+            summed: false,
+        };
         for p in parts {
-            // SAFETY: `read_visible` returned the view from a window of
-            // its index that saw no change begin, read under `guard`,
-            // pinned before it and held until the search is done.
-            unsafe { p.view.chunks_may_hold(bytenr, &mut chunks) };
-            staged.extend(p.staged);
-            carry.extend(p.carry);
+            // The view's runs' heads summed, if `bytenr` is one of its hot
+            // extents (the view is immutable, alive while pinned).
+            match p.view.hot_summary(bytenr).filter(|_| sums) {
+                Some(sum) => {
+                    found.summed |= sum.is_some();
+                    found.run_sums.extend(sum);
+                }
+                // SAFETY: `read_visible` returned the view from a window
+                // of its index that saw no change begin, read under
+                // `guard`, pinned before it and held until the search is
+                // done.
+                None => unsafe { p.view.chunks_may_hold(bytenr, &mut chunks) },
+            }
+            found.summed |= !p.cell_sums.is_empty();
+            found.staged.extend(p.staged);
+            found.cell_sums.extend(p.cell_sums);
+            found.carry.extend(p.carry);
         }
-        find_in_chunks(&chunks, bytenr, &mut runs);
-        f(&runs, &staged, &carry)
+        find_in_chunks(&chunks, bytenr, &mut found.runs);
+        f(&found)
     }
 
     /// The merged pending head of `bytenr`: over the visible generations,
     /// or the live one only when `live_only`.
     fn pending_in(&self, bytenr: u64, live_only: bool) -> Option<Head> {
-        self.lookup_with(bytenr, live_only, |runs, staged, carry| {
-            let ops: Vec<_> = staged_ops(bytenr, staged).collect();
-            merge_found(bytenr, runs, &ops, carry)
+        self.lookup_with(bytenr, live_only, false, |found| {
+            let ops: Vec<_> = staged_ops(bytenr, &found.staged).collect();
+            merge_found(bytenr, &found.runs, &ops, &found.carry)
         })
     }
 
@@ -1411,18 +1778,26 @@ impl LockFreeStore {
     /// refs only when the summaries alone cannot tell a no-op head (which
     /// `pending_in` leaves out) from a live one.
     fn pending_summary_in(&self, bytenr: u64, live_only: bool) -> Option<HeadSummary> {
-        self.lookup_with(bytenr, live_only, |runs, staged, carry| {
-            let summary = merged_summary(runs, staged_ops(bytenr, staged), carry)?;
+        let summed = self.lookup_with(bytenr, live_only, true, |found| {
+            let summary = found.summary()?;
             // A no-op head has no allocation, no extent_op and every ref's
             // count at 0, so a total of 0 (every op but UPDATE_HEAD, which
             // counts 0, has a ref: `Op::check`). Anything else is live.
             if summary.total_ref_mod != 0 || summary.alloc_stamp != 0 || summary.extent_op.is_some()
             {
-                return Some(summary);
+                return Some(Ok(summary));
             }
-            let ops: Vec<_> = staged_ops(bytenr, staged).collect();
-            merge_found(bytenr, runs, &ops, carry).map(|h| h.summary)
-        })
+            if found.summed {
+                // Sums have no refs: look the head up whole.
+                return Some(Err(()));
+            }
+            let ops: Vec<_> = staged_ops(bytenr, &found.staged).collect();
+            merge_found(bytenr, &found.runs, &ops, &found.carry).map(|h| Ok(h.summary))
+        })?;
+        match summed {
+            Ok(summary) => Some(summary),
+            Err(()) => self.pending_in(bytenr, live_only).map(|h| h.summary),
+        }
     }
 
     /// Visible generations `released+1 ..= live` (only `live` when
@@ -1489,6 +1864,43 @@ fn merge_found(
     (!head.is_noop()).then_some(head)
 }
 
+/// What a lookup of one bytenr found over the visible generations.
+struct Found<'a> {
+    bytenr: u64,
+    /// Its heads in runs (searched).
+    runs: Vec<HeadRef<'a>>,
+    /// The raw words of its staged ops ([`Staging::raw_of`]).
+    staged: Vec<Staged>,
+    carry: Vec<Head>,
+    /// Sums over the runs of a view in place of their heads
+    /// ([`RunView::hot_summary`]).
+    run_sums: Vec<HeadSummary>,
+    /// Sums of a buffer's plain ops in place of them ([`Staging::hot_sum`]):
+    /// shape and ref_mod total.
+    cell_sums: Vec<(u64, ExtentKind, i64)>,
+    /// Whether any sum stood in for heads or ops: then `runs` and
+    /// `staged` do not hold all of them.
+    summed: bool,
+}
+
+impl Found<'_> {
+    /// Everything found, summarised: [`merged_summary`] with the sums.
+    fn summary(&self) -> Option<HeadSummary> {
+        let mut fold = SummaryFold::default();
+        self.run_sums.iter().for_each(|&s| fold.summary(s));
+        for &(num_bytes, kind, total) in &self.cell_sums {
+            fold.plain(num_bytes, kind, total);
+        }
+        fold_found(
+            &mut fold,
+            &self.runs,
+            staged_ops(self.bytenr, &self.staged),
+            &self.carry,
+        );
+        fold.finish()
+    }
+}
+
 /// The summaries of one bytenr's heads found in runs, staged ops and
 /// carried heads, merged (`None`: nothing found), the staged ops folded
 /// with [`SummaryFold`].
@@ -1498,10 +1910,19 @@ fn merged_summary(
     carry: &[Head],
 ) -> Option<HeadSummary> {
     let mut fold = SummaryFold::default();
+    fold_found(&mut fold, runs, staged, carry);
+    fold.finish()
+}
+
+fn fold_found(
+    fold: &mut SummaryFold,
+    runs: &[HeadRef<'_>],
+    staged: impl Iterator<Item = (Op, u64)>,
+    carry: &[Head],
+) {
     runs.iter().for_each(|h| fold.summary(h.summary));
     staged.for_each(|(op, stamp)| fold.op(&op, stamp));
     carry.iter().for_each(|h| fold.summary(h.summary));
-    fold.finish()
 }
 
 /// The ops of `bytenr` in the raw words a lookup copied from staging
@@ -1520,6 +1941,8 @@ struct LookupParts<'g> {
     view: &'g RunView,
     /// The raw words of `bytenr`'s staged ops ([`Staging::raw_of`]).
     staged: Vec<Staged>,
+    /// Sums of its plain ops in place of their words ([`Staging::hot_sum`]).
+    cell_sums: Vec<(u64, ExtentKind, i64)>,
     carry: Vec<Head>,
 }
 
@@ -1691,11 +2114,15 @@ impl LockFreeHandle<'_> {
         let lane = &store.shared.shards[self.shard].lanes[parity(g)];
         let staging = lane.active();
         let n = staging.len.load(Ordering::Relaxed);
+        if n == 0 {
+            staging.seed_hot(&store.shared.index[parity(g)]);
+        }
         let words = encode(op, stamp);
         for (slot, w) in staging.slots()[n].iter().zip(&words[1..]) {
             slot.store(*w, Ordering::Relaxed);
         }
         staging.note(n, op.bytenr);
+        staging.fold_hot(op);
         staging.len.store(n + 1, Ordering::Release);
         if n + 1 < store.staging_ops {
             return false;
@@ -2274,6 +2701,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, r)| RunSlot::of(i as u64, r))
                 .collect(),
+            hot: Vec::new(),
         };
         for bytenr in (0..20_000u64).map(|i| i << 12) {
             let mut got = Vec::new();
@@ -2289,6 +2717,161 @@ mod tests {
                 assert!(std::ptr::eq(*g, *w), "bytenr {bytenr}");
             }
         }
+    }
+
+    /// A data op of root 5 on `bytenr` of `num_bytes` (ref key by `obj`).
+    fn data_op(bytenr: u64, num_bytes: u64, action: Action, obj: u64) -> Op {
+        let key = RefKey::ExtentData {
+            root: 5,
+            objectid: 256 + obj,
+            offset: 0,
+        };
+        Op::new(bytenr, num_bytes, ExtentKind::Data, action, key, 0).unwrap()
+    }
+
+    /// The hot sums of index `p`'s view and every run's head summed, read
+    /// under `lock_runs` (no change between them).
+    fn hot_and_folds(
+        lf: &LockFreeStore,
+        p: usize,
+    ) -> Vec<(u64, Option<HeadSummary>, Option<HeadSummary>)> {
+        let idx = &lf.shared.index[p];
+        let guard = crossbeam_epoch::pin();
+        let _runs = idx.lock_runs();
+        idx.view(&guard)
+            .hot
+            .iter()
+            .map(|h| {
+                let fold = idx
+                    .runs
+                    .iter()
+                    .fold(None, |s, e| merge_opt(s, e.value().summary_of(h.bytenr)));
+                (h.bytenr, h.summary, fold)
+            })
+            .collect()
+    }
+
+    /// A view's hot sums are its runs' heads summed, through hand-offs and
+    /// compactions (which must keep them: the hottest extent stays hot),
+    /// for a skewed stream of adds and drops in buffers of 64 ops.
+    #[test]
+    fn hot_sums_are_the_runs_heads_summed() {
+        let lf = LockFreeStore::with_config(1, 64);
+        let mut h = lf.handle().unwrap();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut checked = 0;
+        for i in 0..40_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // 4096 in 1 op of 4; 8192 .. 40960 in 1 of 8; the rest spread.
+            let b = match x % 8 {
+                0 | 1 => 4096,
+                2 => 4096 * (2 + (x >> 8) % 9),
+                _ => 4096 * (100 + (x >> 8) % 5000),
+            };
+            let action = if (x >> 40).is_multiple_of(3) {
+                Action::DropRef
+            } else {
+                Action::AddRef
+            };
+            h.add(&data_op(b, 4096, action, (x >> 20) % 4)).unwrap();
+            if i % 4_000 == 3_999 {
+                lf.settle();
+                let got = hot_and_folds(&lf, parity(lf.gen.live()));
+                assert!(
+                    got.iter().any(|g| g.0 == 4096),
+                    "the hottest extent is hot after {i} ops: {got:?}"
+                );
+                for (bytenr, hot, fold) in got {
+                    assert_eq!(hot, fold, "extent {bytenr} after {i} ops");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 10);
+    }
+
+    /// A count lookup of a hot extent (its plain ops summed by the buffers'
+    /// cells, its runs' heads by the view) equals its head looked up
+    /// whole, op by op: plain adds and drops, an extent_op and a second
+    /// size (each spoils the cell of its buffer), refs summing to 0 (a
+    /// no-op: the lookup looks the head up whole), through hand-offs of
+    /// buffers of 16 ops.
+    #[test]
+    fn a_hot_extents_count_is_its_heads() {
+        let lf = LockFreeStore::with_config(1, 16);
+        let mut h = lf.handle().unwrap();
+        let hot = 4096;
+        let check = |what: &str| {
+            assert_eq!(
+                lf.pending_summary(hot),
+                lf.pending(hot).map(|h| h.summary),
+                "{what}"
+            );
+        };
+        let mut summed = false;
+        let mut step = 0u64;
+        let mut add = |op: Op, h: &mut LockFreeHandle<'_>| {
+            h.add(&op).unwrap();
+            h.add(&data_op(1 << 30 | step << 12, 4096, Action::AddRef, 0))
+                .unwrap();
+            step += 1;
+        };
+        // Hot after the first hand-offs (8 of each 16 ops).
+        for i in 0..64 {
+            add(data_op(hot, 4096, Action::AddRef, i % 3), &mut h);
+            check(&format!("add {i}"));
+        }
+        for i in 0..200u64 {
+            let op = match i % 50 {
+                17 => Op::update_head(
+                    hot,
+                    4096,
+                    ExtentKind::Data,
+                    ExtentOp {
+                        flags_to_set: BLOCK_FLAG_FULL_BACKREF,
+                        key: None,
+                    },
+                )
+                .unwrap(),
+                33 => data_op(hot, 8192, Action::AddRef, 2),
+                _ if i.is_multiple_of(3) => data_op(hot, 4096, Action::DropRef, i % 3),
+                _ => data_op(hot, 4096, Action::AddRef, i % 3),
+            };
+            add(op, &mut h);
+            check(&format!("op {i}"));
+            let shard = &lf.shared.shards[0].lanes[parity(lf.gen.live())];
+            summed |= shard
+                .bufs
+                .iter()
+                .any(|b| matches!(b.hot_sum(hot), Some(Some(_))));
+        }
+        assert!(summed, "a buffer summed the hot extent's ops");
+        assert!(
+            lf.shared.index[parity(lf.gen.live())]
+                .hot_list()
+                .contains(&hot),
+            "the extent is hot"
+        );
+        // Another hot extent whose refs all cancel: a no-op head, none to
+        // both lookups (its sums say 0 but cannot tell a no-op from refs
+        // that count and sum to 0: the lookup looks it up whole).
+        let quiet = 8192;
+        for i in 0..64 {
+            add(data_op(quiet, 4096, Action::AddRef, i % 2), &mut h);
+        }
+        for i in 0..64 {
+            add(data_op(quiet, 4096, Action::DropRef, i % 2), &mut h);
+        }
+        assert_eq!(lf.pending(quiet), None);
+        assert_eq!(lf.pending_summary(quiet), None, "a cancelled hot extent");
+        assert!(
+            lf.shared.index[parity(lf.gen.live())]
+                .hot_list()
+                .contains(&quiet),
+            "the cancelled extent is hot"
+        );
     }
 
     /// Pause (or resume) the background hand-off thread; resuming asks it

@@ -495,6 +495,11 @@ pub(crate) struct RunBuilder {
     last: Option<u64>,
     pub heads_total: usize,
     pub refs_total: usize,
+    /// The heads built from at least [`build_run_noting`]'s `heavy_min`
+    /// ops or of an extent it was told is hot, with their summary and op
+    /// count, in bytenr order: what a hand-off tells its index about its
+    /// hot extents (`TxnIndex::hand_off`).
+    pub heavy: Vec<(u64, HeadSummary, u32)>,
 }
 
 impl RunBuilder {
@@ -908,6 +913,14 @@ pub(crate) fn sort_by_bytenr(keys: &mut Vec<(u64, u32)>, tmp: &mut Vec<(u64, u32
 /// insert: a plain op folded and packed from its words ([`plain_staged`]),
 /// any other decoded once.
 pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
+    build_run_noting(staged, usize::MAX, &[])
+}
+
+/// [`build_run`], noting in [`RunBuilder::heavy`] each head merged from at
+/// least `heavy_min` ops or whose bytenr is in `hot` (ascending).
+pub(crate) fn build_run_noting(staged: &[Staged], heavy_min: usize, hot: &[u64]) -> RunBuilder {
+    debug_assert!(hot.is_sorted());
+    let mut hot = hot.iter().copied().peekable();
     let mut order: Vec<(u64, u32)> = staged
         .iter()
         .enumerate()
@@ -919,6 +932,7 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
     let mut i = 0;
     while i < order.len() {
         let bytenr = order[i].0;
+        let first = i;
         let mut summary = SummaryFold::default();
         scratch.clear();
         while i < order.len() && order[i].0 == bytenr {
@@ -939,11 +953,15 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
         if scratch.len() > 1 {
             merge_refs(&mut scratch);
         }
-        b.push(
-            bytenr,
-            &summary.finish().expect("at least one op"),
-            &scratch,
-        );
+        let summary = summary.finish().expect("at least one op");
+        let pushed = b.heads_total;
+        b.push(bytenr, &summary, &scratch);
+        let ops = i - first;
+        while hot.next_if(|&h| h < bytenr).is_some() {}
+        let is_hot = hot.next_if_eq(&bytenr).is_some();
+        if (ops >= heavy_min || is_hot) && b.heads_total > pushed {
+            b.heavy.push((bytenr, summary, ops as u32));
+        }
     }
     b
 }

@@ -421,7 +421,9 @@ fn reads_complete_under_full_ingest() {
 /// most those begun before it ended. A run counted twice (in a view and
 /// in staging, or in two views) or missed (a view without a run that left
 /// staging) breaks the bounds, for the full head (`pending`) and for the
-/// count's summary path (`pending_summary`) alike.
+/// count's summary path (`pending_summary`) alike, and one reader's
+/// counts by either path never go down (32 extents, each hot: their
+/// counts come from the staging cells and the views' sums).
 #[test]
 fn lookups_count_exactly_under_handoffs_and_compactions() {
     const INGESTERS: u64 = 2;
@@ -469,8 +471,10 @@ fn lookups_count_exactly_under_handoffs_and_compactions() {
                 let b = rng.gen_range(0..EXTENTS);
                 let bytenr = (b + 1) << 12;
                 let low = sum(done, b);
+                let count = || store.pending_summary(bytenr).map_or(0, |s| s.total_ref_mod);
+                let before = count();
                 let full = store.pending(bytenr).map_or(0, |h| h.summary.total_ref_mod);
-                let summary = store.pending_summary(bytenr).map_or(0, |s| s.total_ref_mod);
+                let summary = count();
                 let high = sum(begun, b);
                 for (what, n) in [("pending", full), ("pending_summary", summary)] {
                     assert!(
@@ -478,6 +482,13 @@ fn lookups_count_exactly_under_handoffs_and_compactions() {
                         "{what}({bytenr}) = {n}, outside [{low}, {high}]"
                     );
                 }
+                // Adds only: one reader's counts never go down, whichever
+                // path (the hot extents' sums or the heads) gives them.
+                assert!(
+                    before <= full && full <= summary,
+                    "pending_summary {before}, then pending {full}, then pending_summary \
+                     {summary} of {bytenr}"
+                );
                 lookups.fetch_add(1, Ordering::Relaxed);
                 if ingest_done {
                     break;

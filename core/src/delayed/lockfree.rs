@@ -94,13 +94,15 @@
 //! the chunks, each step's binary searches in lockstep (`find_in_chunks`);
 //! a lookup of the count (`pending_summary`) merges only the heads'
 //! summaries and folds its staged ops (`SummaryFold`). Of the index's hot
-//! extents ([`HOT_EXTENTS`], the heaviest heads of its hand-offs) it reads
-//! sums instead: the view's sum of each one's heads over all its runs
-//! (kept by the hand-offs; a compaction leaves it as it is) and, per
-//! staging buffer, a cell where the owner sums the extent's plain ops as
-//! it stages them (written before the op's slot is published; a cell
-//! named in another life of the buffer means a reset, which spoils the
-//! window). Ingest waits for a reader only at a
+//! extents ([`HOT_EXTENTS`]: heads of many ops in its hand-offs, first
+//! come, kept until the index is cleared) it reads sums instead: the
+//! view's sum of each one's heads over all its runs (kept by the
+//! hand-offs; a compaction leaves it as it is) and, per staging buffer, a
+//! cell where the owner sums the extent's plain ops as it stages them
+//! (written before the op's slot is published, with the op's slot, so a
+//! reader that loads `len` after the cell leaves out an op not published
+//! yet; a cell named in another life of the buffer means a reset, which
+//! spoils the window). Ingest waits for a reader only at a
 //! hand-off that meets a quiet window, for at most the time of a staging
 //! scan (a lookup) or a snapshot.
 //!
@@ -174,8 +176,8 @@ use super::packed::{encode, try_decode, Staged, STAGED_WORDS};
 const SLOT_WORDS: usize = STAGED_WORDS - 1;
 
 /// A staging buffer: single writer (the shard owner), many readers. The
-/// slots are allocated when the shard is first claimed, so idle shards
-/// cost nothing.
+/// slots, filter and cells are allocated when the shard is first claimed,
+/// so idle shards cost nothing.
 #[derive(Debug)]
 struct Staging {
     len: AtomicUsize,
@@ -196,15 +198,22 @@ struct Staging {
     /// The generation of the ops of a full buffer, written by the owner
     /// before it marks the buffer full (read by whoever hands it off).
     gen: AtomicU64,
-    /// The extents whose plain ops this buffer sums in `hot_cells`
-    /// ([`HOT_EMPTY`]: none), named by the owner while the buffer is
-    /// empty ([`Staging::seed_hot`]) and cleared with `len`.
-    hot_keys: [AtomicU64; HOT_SLOTS],
-    hot_cells: [HotCell; HOT_SLOTS],
+    /// The cells summing the hot extents' plain ops ([`HotTable`]; none
+    /// for a buffer of more than [`CELL_SLOT_MAX`] ops).
+    hot: OnceLock<Box<HotTable>>,
 }
 
-/// A `hot_keys` entry naming no extent (`bytenr + num_bytes` cannot
-/// overflow, so no extent starts there).
+/// A staging buffer's cells: the extents whose plain ops it sums
+/// ([`HOT_EMPTY`]: none), named by the owner while the buffer is empty
+/// ([`Staging::seed_hot`]) and cleared with `len`, and their sums.
+#[derive(Debug)]
+struct HotTable {
+    keys: [AtomicU64; HOT_SLOTS],
+    cells: [HotCell; HOT_SLOTS],
+}
+
+/// A `keys` entry naming no extent (`bytenr + num_bytes` cannot overflow,
+/// so no extent starts there).
 const HOT_EMPTY: u64 = u64::MAX;
 
 /// The plain ops (ADD_REF or DROP_REF with no extent_op) of one hot
@@ -215,10 +224,17 @@ const HOT_EMPTY: u64 = u64::MAX;
 /// scan the buffer as before.
 ///
 /// `state` is one word, so a reader loads it whole: [`CELL_SPOILED`],
-/// [`CELL_HAS_OPS`], the kind the ops named (bits 48..58:
-/// [`kind_code`]) and the sum of their ref_mods (bits 0..48, two's
-/// complement). `num_bytes` is written once, before the first state with
-/// `CELL_HAS_OPS` (Release), and never changes while the cell is whole.
+/// [`CELL_HAS_OPS`], [`CELL_MULTI`] (more than one op folded), the last
+/// op folded (its slot, bits 40..60, and [`CELL_LAST_DROP`]: its
+/// ref_mod was -1), the kind the ops named (bits 30..40: [`kind_code`])
+/// and the sum of their ref_mods (bits 0..30, two's complement). The
+/// owner folds an op before it publishes the op's slot, so a reader that
+/// then loads `len` and finds the last op's slot unpublished leaves that
+/// op out: a count sees the ops of a published prefix of the buffer, as a
+/// scan of the slots does, never one that a later lookup could miss.
+/// `num_bytes` is written once per life of the buffer, before the first
+/// state with `CELL_HAS_OPS` (Release), and never changes while the cell
+/// is whole.
 #[derive(Debug, Default)]
 struct HotCell {
     num_bytes: AtomicU64,
@@ -227,11 +243,16 @@ struct HotCell {
 
 const CELL_SPOILED: u64 = 1 << 63;
 const CELL_HAS_OPS: u64 = 1 << 62;
-const CELL_KIND_SHIFT: u32 = 48;
+const CELL_MULTI: u64 = 1 << 61;
+const CELL_LAST_DROP: u64 = 1 << 60;
+const CELL_LAST_SHIFT: u32 = 40;
+/// Buffers of more ops than this have no cells (a slot index fits the
+/// state's 20 bits).
+const CELL_SLOT_MAX: usize = 1 << 20;
+const CELL_KIND_SHIFT: u32 = 30;
 const CELL_SUM_MASK: u64 = (1 << CELL_KIND_SHIFT) - 1;
-/// A cell's sum stays well inside its 48 bits (a buffer of more ops than
-/// this spoils the cell instead).
-const CELL_SUM_MAX: i64 = 1 << 46;
+/// A cell's sum stays inside its 30 bits: at most [`CELL_SLOT_MAX`] ops.
+const CELL_SUM_MAX: i64 = 1 << 28;
 
 /// An extent kind as a cell's state holds it (10 bits).
 fn kind_code(kind: ExtentKind) -> u64 {
@@ -241,10 +262,24 @@ fn kind_code(kind: ExtentKind) -> u64 {
     }
 }
 
+/// A cell state's fields.
+fn cell_kind(s: u64) -> u64 {
+    (s >> CELL_KIND_SHIFT) & 0x3FF
+}
+
+fn cell_sum(s: u64) -> i64 {
+    (((s & CELL_SUM_MASK) << 34) as i64) >> 34
+}
+
+fn cell_last(s: u64) -> usize {
+    ((s >> CELL_LAST_SHIFT) & (CELL_SLOT_MAX as u64 - 1)) as usize
+}
+
 impl HotCell {
-    /// The cell's extent kind and sum (`None` when spoiled; `Some(None)`
-    /// when no op was folded).
-    fn read(&self) -> Option<Option<(u64, ExtentKind, i64)>> {
+    /// The cell's shape and sum over the ops whose slots are published
+    /// (`len`, loaded after the state), `None` when spoiled, `Some(None)`
+    /// when there are none.
+    fn read(&self, len: &AtomicUsize) -> Option<Option<(u64, ExtentKind, i64)>> {
         let s = self.state.load(Ordering::Acquire);
         if s & CELL_SPOILED != 0 {
             return None;
@@ -252,35 +287,49 @@ impl HotCell {
         if s & CELL_HAS_OPS == 0 {
             return Some(None);
         }
-        let kind = match (s >> CELL_KIND_SHIFT) & 0x3FF {
+        let mut sum = cell_sum(s);
+        if cell_last(s) >= len.load(Ordering::Acquire) {
+            // The last op is being added: not published yet.
+            if s & CELL_MULTI == 0 {
+                return Some(None);
+            }
+            sum += if s & CELL_LAST_DROP != 0 { 1 } else { -1 };
+        }
+        let kind = match cell_kind(s) {
             0 => ExtentKind::Data,
             c => ExtentKind::Tree {
                 level: u8::try_from(c - 1).ok()?,
             },
         };
-        let sum = (((s & CELL_SUM_MASK) << 16) as i64) >> 16;
         Some(Some((self.num_bytes.load(Ordering::Relaxed), kind, sum)))
     }
 
-    /// Writer only: fold `op` (of the cell's extent) in.
-    fn fold(&self, op: &Op) {
+    /// Writer only: fold `op` (of the cell's extent), about to be published
+    /// in slot `slot`, in.
+    fn fold(&self, op: &Op, slot: usize) {
         let s = self.state.load(Ordering::Relaxed);
         if s & CELL_SPOILED != 0 {
             return;
         }
         let plain = op.extent_op.is_none() && matches!(op.action, Action::AddRef | Action::DropRef);
         let kind = kind_code(op.kind);
-        let next = if !plain {
+        let last =
+            (slot as u64) << CELL_LAST_SHIFT | if op.ref_mod() < 0 { CELL_LAST_DROP } else { 0 };
+        let next = if !plain || slot >= CELL_SLOT_MAX {
             CELL_SPOILED
         } else if s & CELL_HAS_OPS == 0 {
             self.num_bytes.store(op.num_bytes, Ordering::Relaxed);
-            CELL_HAS_OPS | kind << CELL_KIND_SHIFT | (op.ref_mod() as u64 & CELL_SUM_MASK)
+            CELL_HAS_OPS | last | kind << CELL_KIND_SHIFT | (op.ref_mod() as u64 & CELL_SUM_MASK)
         } else {
-            let sum = ((((s & CELL_SUM_MASK) << 16) as i64) >> 16) + op.ref_mod();
-            let same = (s >> CELL_KIND_SHIFT) & 0x3FF == kind
-                && self.num_bytes.load(Ordering::Relaxed) == op.num_bytes;
+            let sum = cell_sum(s) + op.ref_mod();
+            let same =
+                cell_kind(s) == kind && self.num_bytes.load(Ordering::Relaxed) == op.num_bytes;
             if same && sum.abs() < CELL_SUM_MAX {
-                (s & !CELL_SUM_MASK) | (sum as u64 & CELL_SUM_MASK)
+                CELL_HAS_OPS
+                    | CELL_MULTI
+                    | last
+                    | kind << CELL_KIND_SHIFT
+                    | (sum as u64 & CELL_SUM_MASK)
             } else {
                 CELL_SPOILED
             }
@@ -305,8 +354,7 @@ impl Staging {
             filter: OnceLock::new(),
             keys: OnceLock::new(),
             gen: AtomicU64::new(0),
-            hot_keys: std::array::from_fn(|_| AtomicU64::new(HOT_EMPTY)),
-            hot_cells: std::array::from_fn(|_| HotCell::default()),
+            hot: OnceLock::new(),
         }
     }
 
@@ -315,6 +363,9 @@ impl Staging {
     /// buffer will hold is summed. Release: a reader that sees a name sees
     /// the cells emptied before it (the buffer's last `reset`).
     fn seed_hot(&self, idx: &TxnIndex) {
+        let Some(hot) = self.hot.get() else {
+            return;
+        };
         let n = idx.hot_len.load(Ordering::Acquire).min(HOT_EXTENTS);
         let mut keys = [HOT_EMPTY; HOT_SLOTS];
         for k in &idx.hot_keys.0[..n] {
@@ -323,7 +374,7 @@ impl Staging {
                 keys[i] = b;
             }
         }
-        for (key, b) in self.hot_keys.iter().zip(keys) {
+        for (key, b) in hot.keys.iter().zip(keys) {
             if key.load(Ordering::Relaxed) != b {
                 key.store(b, Ordering::Release);
             }
@@ -333,27 +384,27 @@ impl Staging {
     /// The cell of `bytenr`, if the buffer has one (`order`: of the loads
     /// of the names).
     fn hot_cell(&self, bytenr: u64, order: Ordering) -> Option<&HotCell> {
+        let hot = self.hot.get()?;
         hot_slots(bytenr)
             .into_iter()
-            .find(|&i| self.hot_keys[i].load(order) == bytenr)
-            .map(|i| &self.hot_cells[i])
+            .find(|&i| hot.keys[i].load(order) == bytenr)
+            .map(|i| &hot.cells[i])
     }
 
     /// Writer only, before publishing the slot of `op`: sum it in its
     /// extent's cell, if the buffer has one.
-    fn fold_hot(&self, op: &Op) {
+    fn fold_hot(&self, op: &Op, slot: usize) {
         if let Some(cell) = self.hot_cell(op.bytenr, Ordering::Relaxed) {
-            cell.fold(op);
+            cell.fold(op, slot);
         }
     }
 
-    /// The sum of the plain ops of `bytenr` staged here, if one of the
-    /// buffer's cells sums them all (`Some(None)`: there are none; `None`:
-    /// no whole cell, scan the slots). It may include an op whose slot is
-    /// not published yet (one being added meanwhile). Inside a read window:
+    /// The sum of the plain ops of `bytenr` whose slots are published, if
+    /// one of the buffer's cells sums them all (`Some(None)`: there are
+    /// none; `None`: no whole cell, scan the slots). Inside a read window:
     /// a cell named in another life of the buffer means a reset, a change.
     fn hot_sum(&self, bytenr: u64) -> Option<Option<(u64, ExtentKind, i64)>> {
-        self.hot_cell(bytenr, Ordering::Acquire)?.read()
+        self.hot_cell(bytenr, Ordering::Acquire)?.read(&self.len)
     }
 
     fn ensure(&self) {
@@ -370,6 +421,14 @@ impl Staging {
         });
         self.keys
             .get_or_init(|| (0..self.cap).map(|_| AtomicU64::new(0)).collect());
+        if self.cap <= CELL_SLOT_MAX {
+            self.hot.get_or_init(|| {
+                Box::new(HotTable {
+                    keys: std::array::from_fn(|_| AtomicU64::new(HOT_EMPTY)),
+                    cells: std::array::from_fn(|_| HotCell::default()),
+                })
+            });
+        }
     }
 
     /// The filter word and bits of `bytenr`.
@@ -405,9 +464,11 @@ impl Staging {
         for w in self.filter.get().map_or(&[][..], |f| &f[..]) {
             w.store(0, Ordering::Relaxed);
         }
-        for (key, cell) in self.hot_keys.iter().zip(&self.hot_cells) {
-            key.store(HOT_EMPTY, Ordering::Relaxed);
-            cell.state.store(0, Ordering::Relaxed);
+        if let Some(hot) = self.hot.get() {
+            for (key, cell) in hot.keys.iter().zip(&hot.cells) {
+                key.store(HOT_EMPTY, Ordering::Relaxed);
+                cell.state.store(0, Ordering::Relaxed);
+            }
         }
     }
 
@@ -691,8 +752,11 @@ struct RunView {
 }
 
 /// Extents an index keeps summed for count lookups, at most: its view's
-/// [`HotSum`]s, and the cells of each staging buffer ([`Staging`]'s
-/// `hot_keys`).
+/// [`HotSum`]s, and the cells of each staging buffer ([`HotTable`]). An
+/// extent becomes hot when a hand-off finds a head of it merged from at
+/// least [`hot_ops_min`] ops while there is room (the heaviest of that
+/// hand-off first), and stays hot until the index is cleared (no
+/// eviction: a skewed load's hot set is found by the first hand-offs).
 ///
 /// Under a skewed load the hottest extents are in every staging buffer
 /// (hundreds of ops each) and nearly every run, so a count lookup of one
@@ -1689,6 +1753,9 @@ impl LockFreeStore {
             cell_sums: Vec::new(),
             carry: Vec::new(),
         };
+        // Cells name only the index's hot extents, which its view lists:
+        // for any other extent, no probe of every buffer's cells.
+        let sums = sums && parts.view.hot_summary(bytenr).is_some();
         let mut hits = Vec::new();
         for shard in self.shared.shards.iter() {
             if !shard.gate.holds(g) {
@@ -2122,7 +2189,7 @@ impl LockFreeHandle<'_> {
             slot.store(*w, Ordering::Relaxed);
         }
         staging.note(n, op.bytenr);
-        staging.fold_hot(op);
+        staging.fold_hot(op, n);
         staging.len.store(n + 1, Ordering::Release);
         if n + 1 < store.staging_ops {
             return false;
@@ -2284,7 +2351,10 @@ impl DelayedRefStore for LockFreeStore {
         // it still holds the released generation's runs or carry (a few
         // skiplist removals, the memory is reclaimed through the epoch).
         let reused = &self.shared.index[parity(self.gen.live() + 1)];
-        if !reused.runs.is_empty() || !reused.lock_carry().is_empty() {
+        if !reused.runs.is_empty()
+            || !reused.lock_carry().is_empty()
+            || reused.hot_len.load(Ordering::Relaxed) != 0
+        {
             reused.clear();
         }
         let g = self.gen.advance();
@@ -2790,6 +2860,42 @@ mod tests {
             }
         }
         assert!(checked >= 10);
+    }
+
+    /// A cell folds an op before the owner publishes its slot: a reader
+    /// must leave that op out until `len` covers it (else a count could
+    /// see an op that a lookup of the whole head right after misses).
+    #[test]
+    fn a_cell_leaves_out_the_op_being_added() {
+        let (hot, other) = (4096, 8192);
+        let idx = TxnIndex::default();
+        idx.hot_keys.0[0].store(hot, Ordering::Relaxed);
+        idx.hot_len.store(1, Ordering::Release);
+        let st = Staging::new(16);
+        st.ensure();
+        st.seed_hot(&idx);
+        assert_eq!(st.hot_sum(other), None, "no cell for another extent");
+        assert_eq!(st.hot_sum(hot), Some(None));
+        let fold = |action, slot| st.fold_hot(&data_op(hot, 4096, action, 0), slot);
+        let publish = |n| st.len.store(n, Ordering::Release);
+        let sum = |s: i64| Some(Some((4096, ExtentKind::Data, s)));
+        fold(Action::AddRef, 0);
+        assert_eq!(st.hot_sum(hot), Some(None), "first op, unpublished");
+        publish(1);
+        assert_eq!(st.hot_sum(hot), sum(1));
+        fold(Action::AddRef, 1);
+        publish(2);
+        assert_eq!(st.hot_sum(hot), sum(2));
+        fold(Action::DropRef, 2);
+        assert_eq!(st.hot_sum(hot), sum(2), "a drop, unpublished");
+        publish(3);
+        assert_eq!(st.hot_sum(hot), sum(1));
+        fold(Action::AddRef, 3);
+        assert_eq!(st.hot_sum(hot), sum(1), "an add, unpublished");
+        publish(4);
+        assert_eq!(st.hot_sum(hot), sum(2));
+        st.reset();
+        assert_eq!(st.hot_sum(hot), None, "named again only by the next seed");
     }
 
     /// A count lookup of a hot extent (its plain ops summed by the buffers'

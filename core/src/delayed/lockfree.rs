@@ -465,9 +465,12 @@ impl Staging {
             w.store(0, Ordering::Relaxed);
         }
         if let Some(hot) = self.hot.get() {
+            // Only named cells were written (a name comes before its sum).
             for (key, cell) in hot.keys.iter().zip(&hot.cells) {
-                key.store(HOT_EMPTY, Ordering::Relaxed);
-                cell.state.store(0, Ordering::Relaxed);
+                if key.load(Ordering::Relaxed) != HOT_EMPTY {
+                    key.store(HOT_EMPTY, Ordering::Relaxed);
+                    cell.state.store(0, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -768,10 +771,16 @@ struct RunView {
 /// plain ops it stages of the index's hot extents in the buffer's cells.
 pub const HOT_EXTENTS: usize = 64;
 
-/// Cells of a staging buffer: twice [`HOT_EXTENTS`], each extent in the
-/// slot its bytenr hashes to or the next (a hot extent that finds both
-/// taken is not summed in that buffer).
-const HOT_SLOTS: usize = 2 * HOT_EXTENTS;
+/// Cells of a staging buffer: four times [`HOT_EXTENTS`], each extent in
+/// the first free one of the [`HOT_PROBES`] slots from the one its bytenr
+/// hashes to. A hot extent that finds them all taken is not summed in
+/// that buffer (its lookups scan it): with 64 extents in 256 slots, about
+/// 0.2% of them (2 slots of 128 left 8.7% out, measured by simulation,
+/// the hottest among them at times).
+const HOT_SLOTS: usize = 4 * HOT_EXTENTS;
+
+/// Slots probed per extent (consecutive: one or two cache lines of names).
+const HOT_PROBES: usize = 4;
 
 /// The first cell slot of `bytenr` (Fibonacci hashing: the product's top
 /// bits depend on every bit of the bytenr).
@@ -780,9 +789,9 @@ fn hot_slot(bytenr: u64) -> usize {
 }
 
 /// The slots where `bytenr`'s cell may be.
-fn hot_slots(bytenr: u64) -> [usize; 2] {
+fn hot_slots(bytenr: u64) -> [usize; HOT_PROBES] {
     let h = hot_slot(bytenr);
-    [h, (h + 1) % HOT_SLOTS]
+    std::array::from_fn(|i| (h + i) % HOT_SLOTS)
 }
 
 /// A hand-off's head of at least this many of a buffer's `cap` ops makes

@@ -755,9 +755,9 @@ struct RunView {
 }
 
 /// Extents an index keeps summed for count lookups, at most: its view's
-/// [`HotSum`]s, and the cells of each staging buffer ([`HotTable`]). An
+/// `HotSum`s, and the cells of each staging buffer (`HotTable`). An
 /// extent becomes hot when a hand-off finds a head of it merged from at
-/// least [`hot_ops_min`] ops while there is room (the heaviest of that
+/// least `hot_ops_min` ops while there is room (the heaviest of that
 /// hand-off first), and stays hot until the index is cleared (no
 /// eviction: a skewed load's hot set is found by the first hand-offs).
 ///

@@ -113,11 +113,18 @@
 //! (and any thread collecting garbage meanwhile), never reads a freed run
 //! or view and sees the old runs or the new ones; against a hand-off that
 //! publishes a run and empties the buffer in one change while the owner
-//! reuses the buffer, it finds each op once, in a run or in staging; a
+//! reuses the buffer, it finds each op once, in a run or in staging; so
+//! does a count lookup of a hot extent, with the view's sum for the runs
+//! and the buffer's hot cell (modelled as `HotCell`, with its key, the
+//! owner's `seed_hot` and `fold_hot` and `reset`, in their orders) for
+//! the slots, never taking a cell of another life or a torn one; a
 //! read spoiled once completes in a quiet window within its bound. Loom
 //! reports a missing fence (`begin_change`'s, `try_read`'s, the ring's
 //! `activate`), a check of `started` before the read instead of after,
-//! and a pin taken after the window (`docs/design.md`).
+//! a pin taken after the window, and of the cells: a reset that leaves
+//! the state, a cell read after the window, the state stored or loaded
+//! Relaxed, `num_bytes` stored after the state, an extent named after
+//! the buffer's first op (`docs/design.md`).
 //!
 //! # Transaction hand-off
 //!
@@ -205,7 +212,7 @@ struct Staging {
 
 /// A `hot_keys` entry naming no extent (`bytenr + num_bytes` cannot
 /// overflow, so no extent starts there).
-const HOT_EMPTY: u64 = u64::MAX;
+pub(super) const HOT_EMPTY: u64 = u64::MAX;
 
 /// The plain ops (ADD_REF or DROP_REF with no extent_op) of one hot
 /// extent staged in a buffer, summed by its owner as it stages them: a
@@ -225,10 +232,10 @@ struct HotCell {
     state: AtomicU64,
 }
 
-const CELL_SPOILED: u64 = 1 << 63;
-const CELL_HAS_OPS: u64 = 1 << 62;
+pub(super) const CELL_SPOILED: u64 = 1 << 63;
+pub(super) const CELL_HAS_OPS: u64 = 1 << 62;
 const CELL_KIND_SHIFT: u32 = 48;
-const CELL_SUM_MASK: u64 = (1 << CELL_KIND_SHIFT) - 1;
+pub(super) const CELL_SUM_MASK: u64 = (1 << CELL_KIND_SHIFT) - 1;
 /// A cell's sum stays well inside its 48 bits (a buffer of more ops than
 /// this spoils the cell instead).
 const CELL_SUM_MAX: i64 = 1 << 46;
@@ -313,7 +320,11 @@ impl Staging {
     /// Writer only, while the buffer is empty (before its first op): name
     /// the index's hot extents in the cells, so that every op of them the
     /// buffer will hold is summed. Release: a reader that sees a name sees
-    /// the cells emptied before it (the buffer's last `reset`).
+    /// the cells emptied before it (the buffer's last `reset`). The read
+    /// window gives that already (the owner writes a reused buffer only
+    /// after the ring's release fence, so a reader that sees a new name
+    /// sees the reset's change begun and retries): loom passes with the
+    /// names stored Relaxed (`window::loom_tests`).
     fn seed_hot(&self, idx: &TxnIndex) {
         let n = idx.hot_len.load(Ordering::Acquire).min(HOT_EXTENTS);
         let mut keys = [HOT_EMPTY; HOT_SLOTS];

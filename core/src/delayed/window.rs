@@ -28,7 +28,11 @@
 //! with loom's primitives: a lookup that dereferences the runs of a view
 //! read in a window that saw no change begin never touches a freed run
 //! and counts each op once, in a run or in staging (see
-//! `lockfree::RunView::chunks_may_hold`).
+//! `lockfree::RunView::chunks_may_hold`). So is a count lookup of a hot
+//! extent (`run_view_handoff_hot_cells_count_each_op_once`), which reads
+//! the view's sum in place of its runs and each staging buffer's hot cell
+//! in place of its slots: a cell it takes holds each op of its buffer's
+//! current life once and none of another life, and is never torn.
 //!
 //! What loom does not check: that no change begins in a quiet window once
 //! a read in it saw none in progress (the Dekker pattern above). Loom
@@ -181,12 +185,22 @@ mod loom_tests {
     //! (`RunView::chunks_may_hold`). What is modelled: the view (one of a
     //! few `UnsafeCell`s, published by a `swap` as `publish_view` does),
     //! the runs (an `UnsafeCell` each: the ops it holds, one bit an op),
-    //! a staging buffer (one slot, ordered as `lockfree::Staging`), the
-    //! writers' lock (`lock_runs`) and crossbeam-epoch ([`Epochs`]).
-    //! Freeing a run or a view writes it: loom reports a read that is not
-    //! ordered before the free, and the reader asserts it never reads a
-    //! freed one.
+    //! a staging buffer (one slot, ordered as `lockfree::Staging`, and
+    //! for count lookups one hot cell beside it, ordered as
+    //! `lockfree::HotCell`), each view's hot sum (`RunView::hot`: built
+    //! and freed with the view), the writers' lock (`lock_runs`) and
+    //! crossbeam-epoch ([`Epochs`]). Freeing a run or a view writes it:
+    //! loom reports a read that is not ordered before the free, and the
+    //! reader asserts it never reads a freed one.
+    //!
+    //! Not modelled: the index's list of hot extents (`TxnIndex::hot_keys`,
+    //! a hint read without a window; the model's one extent is hot from
+    //! the start), a cell's spoiling by an op of another shape (one store
+    //! of the state, ordered as the sums), the hashing of extents to cells
+    //! (two slots each; the model has one cell and one extent, so a cell of
+    //! another life differs from the current one only in its state).
     use super::super::handoff::{Ring, Rotate, STAGING_RING};
+    use super::super::lockfree::{CELL_HAS_OPS, CELL_SPOILED, CELL_SUM_MASK, HOT_EMPTY};
     use super::*;
     use loom::cell::UnsafeCell;
     use loom::sync::{Arc, Mutex};
@@ -196,6 +210,9 @@ mod loom_tests {
     const FREED: u64 = u64::MAX;
     /// A freed view's runs.
     const FREED_VIEW: usize = usize::MAX;
+    /// The bytenr of the model's hot extent, and its size.
+    const HOT: u64 = 1 << 20;
+    const HOT_NUM_BYTES: u64 = 4096;
 
     fn model(f: impl Fn() + Sync + Send + 'static) {
         // Preemptions bounded (as `handoff::loom_tests`) so that each
@@ -258,33 +275,113 @@ mod loom_tests {
     /// (Release); a reader loads the length (Acquire), the filter, the
     /// slot; a reset stores the length (SeqCst), then clears the filter
     /// (relaxed).
+    ///
+    /// With `hot`, the buffer also has one hot cell (`Staging::hot_keys`
+    /// and `hot_cells`, a `HotCell`) for the model's one hot extent
+    /// ([`HOT`]; every op of the model is a plain op of it, of
+    /// [`HOT_NUM_BYTES`]), ordered as the real one: the owner names the
+    /// extent while the buffer is empty (`Staging::seed_hot`: the key,
+    /// Release), then for each op writes its slot and filter bit, folds
+    /// the op into the cell (`HotCell::fold`: `num_bytes` relaxed, then
+    /// the state, Release) and publishes the length; a reset empties the
+    /// cell with the length (key and state, relaxed); a count lookup
+    /// loads the key (Acquire), the state (Acquire), then `num_bytes`
+    /// (relaxed), and takes the cell's sum (the ops' bits added, as the
+    /// real cell adds their ref_mods) in place of the slot.
     struct Buf {
         len: AtomicU64,
         filter: AtomicU64,
         slot: AtomicU64,
+        /// Whether the owner sums the hot extent's ops in the cell.
+        hot: bool,
+        /// `Staging::hot_keys` (one).
+        hot_key: AtomicU64,
+        /// `HotCell::num_bytes`.
+        cell_num_bytes: AtomicU64,
+        /// `HotCell::state`: [`CELL_HAS_OPS`] and the sum.
+        cell_state: AtomicU64,
+    }
+
+    /// What a count lookup read of a buffer in its window.
+    #[derive(Clone, Copy, Debug)]
+    enum Counted {
+        /// The ops of its slot (`Staging::raw_of`).
+        Slots(u64),
+        /// The sum of its cell (`Staging::hot_sum`), with the cell's
+        /// `num_bytes` when it has ops.
+        Cell(u64, Option<u64>),
+    }
+
+    impl Counted {
+        fn ops(self) -> u64 {
+            match self {
+                Counted::Slots(ops) | Counted::Cell(ops, _) => ops,
+            }
+        }
     }
 
     impl Buf {
-        fn new() -> Buf {
+        fn new(hot: bool) -> Buf {
             Buf {
                 len: AtomicU64::new(0),
                 filter: AtomicU64::new(0),
                 slot: AtomicU64::new(0),
+                hot,
+                hot_key: AtomicU64::new(HOT_EMPTY),
+                cell_num_bytes: AtomicU64::new(0),
+                cell_state: AtomicU64::new(0),
             }
         }
 
-        /// Owner: append `op` (`LockFreeHandle::append`, `Staging::note`).
+        /// Owner: append `op` (`LockFreeHandle::append`, `Staging::note`,
+        /// and with `hot` `Staging::seed_hot` first, the buffer being
+        /// empty, and `Staging::fold_hot` before the length).
         fn append(&self, op: u64) {
             assert_eq!(
                 self.len.load(Ordering::Relaxed),
                 0,
                 "append to a full buffer"
             );
+            if self.hot {
+                self.seed_hot();
+            }
             self.slot.store(op, Ordering::Relaxed);
             if self.filter.load(Ordering::Relaxed) != 1 {
                 self.filter.store(1, Ordering::Relaxed);
             }
+            if self.hot {
+                self.fold_hot(op);
+            }
             self.len.store(1, Ordering::Release);
+        }
+
+        /// `Staging::seed_hot` (the owner, the buffer empty): name the
+        /// hot extent.
+        fn seed_hot(&self) {
+            if self.hot_key.load(Ordering::Relaxed) != HOT {
+                self.hot_key.store(HOT, Ordering::Release);
+            }
+        }
+
+        /// `Staging::fold_hot` and `HotCell::fold` of a plain op of
+        /// [`HOT_NUM_BYTES`] (`op`: its bit, the model's ref_mod).
+        fn fold_hot(&self, op: u64) {
+            if self.hot_key.load(Ordering::Relaxed) != HOT {
+                return;
+            }
+            let s = self.cell_state.load(Ordering::Relaxed);
+            if s & CELL_SPOILED != 0 {
+                return;
+            }
+            let next = if s & CELL_HAS_OPS == 0 {
+                self.cell_num_bytes.store(HOT_NUM_BYTES, Ordering::Relaxed);
+                CELL_HAS_OPS | op
+            } else if self.cell_num_bytes.load(Ordering::Relaxed) == HOT_NUM_BYTES {
+                s + op
+            } else {
+                CELL_SPOILED
+            };
+            self.cell_state.store(next, Ordering::Release);
         }
 
         /// A reader's read of its ops (`Staging::raw_of`, which reads the
@@ -297,6 +394,24 @@ mod loom_tests {
             self.slot.load(Ordering::Relaxed)
         }
 
+        /// A count lookup's read (`LockFreeStore::lookup_window` with
+        /// `sums`): the cell's sum if the buffer names the hot extent and
+        /// the cell is whole (`Staging::hot_sum`, `HotCell::read`), else
+        /// the slot.
+        fn read_count(&self) -> Counted {
+            if self.hot_key.load(Ordering::Acquire) == HOT {
+                let s = self.cell_state.load(Ordering::Acquire);
+                if s & CELL_SPOILED == 0 {
+                    if s & CELL_HAS_OPS == 0 {
+                        return Counted::Cell(0, None);
+                    }
+                    let num_bytes = self.cell_num_bytes.load(Ordering::Relaxed);
+                    return Counted::Cell(s & CELL_SUM_MASK, Some(num_bytes));
+                }
+            }
+            Counted::Slots(self.read())
+        }
+
         /// The claimer's copy of a full buffer (`Staging::read_all`).
         fn read_all(&self) -> u64 {
             if self.len.load(Ordering::Acquire) == 0 {
@@ -305,10 +420,16 @@ mod loom_tests {
             self.slot.load(Ordering::Relaxed)
         }
 
-        /// `Staging::reset`.
+        /// `Staging::reset` (without `hot` the cell, never named, keeps
+        /// what the reset would store: its stores are left out, and the
+        /// model is the one before the cells).
         fn reset(&self) {
             self.len.store(0, Ordering::SeqCst);
             self.filter.store(0, Ordering::Relaxed);
+            if self.hot {
+                self.hot_key.store(HOT_EMPTY, Ordering::Relaxed);
+                self.cell_state.store(0, Ordering::Relaxed);
+            }
         }
     }
 
@@ -320,6 +441,9 @@ mod loom_tests {
         view: AtomicU64,
         /// The views: the runs each holds (`RunView::slots`).
         views: [UnsafeCell<Vec<usize>>; 2],
+        /// Each view's sum of the hot extent over its runs (`RunView::hot`:
+        /// their ops; built and freed with the view).
+        view_hots: [UnsafeCell<u64>; 2],
         /// The runs: the ops each holds, one bit an op (`Run`).
         runs: [UnsafeCell<u64>; 3],
         /// `TxnIndex::lock_runs`.
@@ -340,24 +464,31 @@ mod loom_tests {
 
     impl Index {
         /// An index whose view 0 holds runs `view0`, run `i` holding
-        /// `runs[i]`.
-        fn new(view0: Vec<usize>, runs: [u64; 3]) -> Index {
+        /// `runs[i]`; with `hot`, its staging buffers have a hot cell
+        /// ([`Buf`]).
+        fn new(view0: Vec<usize>, runs: [u64; 3], hot: bool) -> Index {
+            let hot0 = view0.iter().fold(0, |all, &r| all | runs[r]);
             Index {
                 changes: ChangeCounters::default(),
                 epochs: Epochs::new(),
                 view: AtomicU64::new(0),
                 views: [UnsafeCell::new(view0), UnsafeCell::new(Vec::new())],
+                view_hots: [UnsafeCell::new(hot0), UnsafeCell::new(0)],
                 runs: runs.map(UnsafeCell::new),
                 writer: Mutex::new(()),
-                bufs: std::array::from_fn(|_| Buf::new()),
+                bufs: std::array::from_fn(|_| Buf::new(hot)),
                 garbage: Mutex::new(Vec::new()),
             }
         }
 
-        /// Build view `v` holding `runs` (before the bracket, as
-        /// `TxnIndex::next_view`).
+        /// Build view `v` holding `runs`, with the hot extent summed over
+        /// them (before the bracket, as `TxnIndex::next_view`).
         fn build_view(&self, v: usize, runs: Vec<usize>) {
+            let hot = runs
+                .iter()
+                .fold(0, |all, &r| all | self.runs[r].with(|p| unsafe { *p }));
             self.views[v].with_mut(|p| unsafe { *p = runs });
+            self.view_hots[v].with_mut(|p| unsafe { *p = hot });
         }
 
         /// Build run `r` holding `ops` (before the bracket).
@@ -394,7 +525,8 @@ mod loom_tests {
                 match g {
                     Garbage::Run(r) => self.runs[r].with_mut(|p| unsafe { *p = FREED }),
                     Garbage::View(v) => {
-                        self.views[v].with_mut(|p| unsafe { *p = vec![FREED_VIEW] })
+                        self.views[v].with_mut(|p| unsafe { *p = vec![FREED_VIEW] });
+                        self.view_hots[v].with_mut(|p| unsafe { *p = FREED });
                     }
                 }
                 false
@@ -423,6 +555,14 @@ mod loom_tests {
                 assert_eq!(all & ops, 0, "an op in two runs of one view");
                 all | ops
             })
+        }
+
+        /// After the window: view `v`'s sum of the hot extent, in place of
+        /// its runs (`RunView::hot_summary`).
+        fn hot_in_view(&self, v: usize) -> u64 {
+            let hot = self.view_hots[v].with(|p| unsafe { *p });
+            assert_ne!(hot, FREED, "a lookup read a freed view's sums");
+            hot
         }
 
         /// Hand off buffer `i` (claimed): its op into run 0 and view 1,
@@ -459,7 +599,7 @@ mod loom_tests {
     #[test]
     fn run_view_compaction_frees_no_run_in_use() {
         model(|| {
-            let idx = Arc::new(Index::new(vec![0, 1], [0b01, 0b10, 0]));
+            let idx = Arc::new(Index::new(vec![0, 1], [0b01, 0b10, 0], false));
             let c = idx.clone();
             let compactor = thread::spawn(move || {
                 let runs = c.writer.lock().unwrap();
@@ -496,59 +636,114 @@ mod loom_tests {
     /// buffer it reaches (buffer 0 again, reused, when the hand-off is
     /// done by then; else the owner hands a buffer off itself). The
     /// lookup's view and staging together hold each op once: no op in
-    /// both, none lost (the ops found are a prefix), and every op done
-    /// before the lookup began is found.
+    /// both, none lost (the ops found are a prefix), every op done before
+    /// the lookup began is found, and none is found that had not begun
+    /// before it ended.
     #[test]
     fn run_view_handoff_counts_each_op_once() {
-        model(|| {
-            let idx = Arc::new(Index::new(Vec::new(), [0; 3]));
-            let ring = Arc::new(Ring::new());
-            let done = Arc::new(AtomicU64::new(0));
-            let (o, r, d) = (idx.clone(), ring.clone(), done.clone());
-            let owner = thread::spawn(move || {
-                o.bufs[r.active()].append(0b01);
-                d.store(1, Ordering::SeqCst);
-                for _ in 0..STAGING_RING {
-                    if let Rotate::HandOff(i) = r.rotate(|| {}) {
-                        o.hand_off(i);
-                        r.owner_handed_off(i);
-                    }
+        model(|| handoff_counts_each_op_once(false));
+    }
+
+    /// Case 2 for a count lookup of the hot extent: the view's sum stands
+    /// in for its runs, and each buffer's hot cell ([`Buf`]), named again
+    /// by the owner in each life of the buffer, for its slot. Besides case
+    /// 2's checks: a cell the lookup takes never holds an op of another
+    /// life of its buffer (that op would be found twice, or lost), and is
+    /// never torn (its `num_bytes` is the ops' whenever it has ops). Op 0
+    /// is staged before the threads start (so done before the lookup):
+    /// the orderings of the cells are those of a buffer reused after a
+    /// hand-off, as op 1's is, and with a first life raced as well the
+    /// model took 33 s instead of 16.
+    #[test]
+    fn run_view_handoff_hot_cells_count_each_op_once() {
+        model(|| handoff_counts_each_op_once(true));
+    }
+
+    /// Case 2; with `hot`, for a count lookup of the hot extent.
+    fn handoff_counts_each_op_once(hot: bool) {
+        let idx = Arc::new(Index::new(Vec::new(), [0; 3], hot));
+        let ring = Arc::new(Ring::new());
+        // Ops begun (before their append) and done (after it).
+        let begun = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        if hot {
+            stage(&idx, &ring, [&begun, &done], 1);
+        }
+        let (o, r, bg, d) = (idx.clone(), ring.clone(), begun.clone(), done.clone());
+        let owner = thread::spawn(move || {
+            if !hot {
+                stage(&o, &r, [&bg, &d], 1);
+            }
+            for _ in 0..STAGING_RING {
+                if let Rotate::HandOff(i) = r.rotate(|| {}) {
+                    o.hand_off(i);
+                    r.owner_handed_off(i);
                 }
-                o.bufs[r.active()].append(0b10);
-                d.store(2, Ordering::SeqCst);
-            });
-            let (b, r) = (idx.clone(), ring.clone());
-            let background = thread::spawn(move || {
-                if r.claim(0) {
-                    b.hand_off(0);
-                    r.handed_off(0);
-                }
-            });
-            let done_before = done.load(Ordering::SeqCst);
-            let pinned = idx.epochs.pin();
-            let (v, staged) = idx.changes.read_stable(|| {
-                let v = idx.read_view();
-                (v, idx.bufs.each_ref().map(Buf::read))
-            });
-            let in_runs = idx.ops_in_view(v);
-            let all = staged.iter().fold(in_runs, |all, &ops| {
-                assert_eq!(
-                    all & ops,
-                    0,
-                    "an op found twice: runs {in_runs:b}, staged {staged:?}"
-                );
-                all | ops
-            });
-            drop(pinned);
-            assert_eq!(all & (all + 1), 0, "an op lost: found {all:b}");
-            assert!(
-                u64::from(all.count_ones()) >= done_before,
-                "an op done before the lookup not found: {all:b}, done {done_before}"
-            );
-            owner.join().unwrap();
-            background.join().unwrap();
-            idx.collect_all();
+            }
+            stage(&o, &r, [&bg, &d], 2);
         });
+        let (b, r) = (idx.clone(), ring.clone());
+        let background = thread::spawn(move || {
+            if r.claim(0) {
+                b.hand_off(0);
+                r.handed_off(0);
+            }
+        });
+        let done_before = done.load(Ordering::SeqCst);
+        let pinned = idx.epochs.pin();
+        let (v, staged) = idx.changes.read_stable(|| {
+            let v = idx.read_view();
+            let staged = if hot {
+                idx.bufs.each_ref().map(Buf::read_count)
+            } else {
+                idx.bufs.each_ref().map(|b| Counted::Slots(b.read()))
+            };
+            (v, staged)
+        });
+        let in_runs = if hot {
+            idx.hot_in_view(v)
+        } else {
+            idx.ops_in_view(v)
+        };
+        let all = staged.iter().fold(in_runs, |all, &counted| {
+            if let Counted::Cell(ops, num_bytes) = counted {
+                assert_eq!(
+                    num_bytes,
+                    (ops != 0).then_some(HOT_NUM_BYTES),
+                    "a torn cell: {staged:?}"
+                );
+            }
+            let ops = counted.ops();
+            assert_eq!(
+                all & ops,
+                0,
+                "an op found twice: runs {in_runs:b}, staged {staged:?}"
+            );
+            all | ops
+        });
+        drop(pinned);
+        let begun_after = begun.load(Ordering::SeqCst);
+        assert_eq!(all & (all + 1), 0, "an op lost: found {all:b}");
+        let found = u64::from(all.count_ones());
+        assert!(
+            found >= done_before,
+            "an op done before the lookup not found: {all:b}, done {done_before}"
+        );
+        assert!(
+            found <= begun_after,
+            "an op found before it began: {all:b}, begun {begun_after}"
+        );
+        owner.join().unwrap();
+        background.join().unwrap();
+        idx.collect_all();
+    }
+
+    /// The owner stages op `k` (bit `k - 1`) in its active buffer, with
+    /// the count of ops begun before and done after.
+    fn stage(idx: &Index, ring: &Ring, [begun, done]: [&AtomicU64; 2], k: u64) {
+        begun.store(k, Ordering::SeqCst);
+        idx.bufs[ring.active()].append(1 << (k - 1));
+        done.store(k, Ordering::SeqCst);
     }
 
     /// Case 3: a reader whose optimistic attempt a change spoils holds a

@@ -702,7 +702,7 @@ struct RunView {
 }
 
 /// Extents an index keeps summed for count lookups, at most: its view's
-/// [`HotSum`]s, and the cells of each staging buffer ([`Staging`]'s
+/// `HotSum`s, and the cells of each staging buffer (`Staging`'s
 /// `hot_keys`).
 ///
 /// Under a skewed load the hottest extents are in every staging buffer

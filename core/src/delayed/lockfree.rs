@@ -321,10 +321,11 @@ impl Staging {
     /// the index's hot extents in the cells, so that every op of them the
     /// buffer will hold is summed. Release: a reader that sees a name sees
     /// the cells emptied before it (the buffer's last `reset`). The read
-    /// window gives that already (the owner writes a reused buffer only
-    /// after the ring's release fence, so a reader that sees a new name
-    /// sees the reset's change begun and retries): loom passes with the
-    /// names stored Relaxed (`window::loom_tests`).
+    /// window gives that too (the owner writes a reused buffer only after
+    /// the ring's release fence, so a reader that sees a new name sees
+    /// the reset's change begun and retries): loom passes with either
+    /// alone and reports a new name read with the last life's state of
+    /// another extent without both (`window::loom_tests`).
     fn seed_hot(&self, idx: &TxnIndex) {
         let n = idx.hot_len.load(Ordering::Acquire).min(HOT_EXTENTS);
         let mut keys = [HOT_EMPTY; HOT_SLOTS];

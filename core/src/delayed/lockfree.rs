@@ -117,14 +117,16 @@
 //! does a count lookup of a hot extent, with the view's sum for the runs
 //! and the buffer's hot cell (modelled as `HotCell`, with its key, the
 //! owner's `seed_hot` and `fold_hot` and `reset`, in their orders) for
-//! the slots, never taking a cell of another life or a torn one; a
+//! the slots, never taking a cell of another life (of its extent or of
+//! another) or a torn one; a
 //! read spoiled once completes in a quiet window within its bound. Loom
 //! reports a missing fence (`begin_change`'s, `try_read`'s, the ring's
 //! `activate`), a check of `started` before the read instead of after,
 //! a pin taken after the window, and of the cells: a reset that leaves
 //! the state, a cell read after the window, the state stored or loaded
 //! Relaxed, `num_bytes` stored after the state, an extent named after
-//! the buffer's first op (`docs/design.md`).
+//! the buffer's first op, a name stored Relaxed with the ring's fence
+//! missing too (`docs/design.md`).
 //!
 //! # Transaction hand-off
 //!

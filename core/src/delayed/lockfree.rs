@@ -115,11 +115,20 @@
 //! (and any thread collecting garbage meanwhile), never reads a freed run
 //! or view and sees the old runs or the new ones; against a hand-off that
 //! publishes a run and empties the buffer in one change while the owner
-//! reuses the buffer, it finds each op once, in a run or in staging; a
+//! reuses the buffer, it finds each op once, in a run or in staging; so
+//! does a count lookup of a hot extent, with the view's sum for the runs
+//! and the buffer's hot cell (modelled as `HotCell`, with its key, the
+//! owner's `seed_hot` and `fold_hot` and `reset`, in their orders) for
+//! the slots, never taking a cell of another life (of its extent or of
+//! another) or a torn one; a
 //! read spoiled once completes in a quiet window within its bound. Loom
 //! reports a missing fence (`begin_change`'s, `try_read`'s, the ring's
 //! `activate`), a check of `started` before the read instead of after,
-//! and a pin taken after the window (`docs/design.md`).
+//! a pin taken after the window, and of the cells: a reset that leaves
+//! the state, a cell read after the window, the state stored or loaded
+//! Relaxed, `num_bytes` stored after the state, an extent named after
+//! the buffer's first op, a name stored Relaxed with the ring's fence
+//! missing too (`docs/design.md`).
 //!
 //! # Transaction hand-off
 //!
@@ -214,7 +223,7 @@ struct HotTable {
 
 /// A `keys` entry naming no extent (`bytenr + num_bytes` cannot overflow,
 /// so no extent starts there).
-const HOT_EMPTY: u64 = u64::MAX;
+pub(super) const HOT_EMPTY: u64 = u64::MAX;
 
 /// The plain ops (ADD_REF or DROP_REF with no extent_op) of one hot
 /// extent staged in a buffer, summed by its owner as it stages them: a
@@ -241,8 +250,8 @@ struct HotCell {
     state: AtomicU64,
 }
 
-const CELL_SPOILED: u64 = 1 << 63;
-const CELL_HAS_OPS: u64 = 1 << 62;
+pub(super) const CELL_SPOILED: u64 = 1 << 63;
+pub(super) const CELL_HAS_OPS: u64 = 1 << 62;
 const CELL_MULTI: u64 = 1 << 61;
 const CELL_LAST_DROP: u64 = 1 << 60;
 const CELL_LAST_SHIFT: u32 = 40;
@@ -250,7 +259,7 @@ const CELL_LAST_SHIFT: u32 = 40;
 /// state's 20 bits).
 const CELL_SLOT_MAX: usize = 1 << 20;
 const CELL_KIND_SHIFT: u32 = 30;
-const CELL_SUM_MASK: u64 = (1 << CELL_KIND_SHIFT) - 1;
+pub(super) const CELL_SUM_MASK: u64 = (1 << CELL_KIND_SHIFT) - 1;
 /// A cell's sum stays inside its 30 bits: at most [`CELL_SLOT_MAX`] ops.
 const CELL_SUM_MAX: i64 = 1 << 28;
 
@@ -361,7 +370,12 @@ impl Staging {
     /// Writer only, while the buffer is empty (before its first op): name
     /// the index's hot extents in the cells, so that every op of them the
     /// buffer will hold is summed. Release: a reader that sees a name sees
-    /// the cells emptied before it (the buffer's last `reset`).
+    /// the cells emptied before it (the buffer's last `reset`). The read
+    /// window gives that too (the owner writes a reused buffer only after
+    /// the ring's release fence, so a reader that sees a new name sees
+    /// the reset's change begun and retries): loom passes with either
+    /// alone and reports a new name read with the last life's state of
+    /// another extent without both (`window::loom_tests`).
     fn seed_hot(&self, idx: &TxnIndex) {
         let Some(hot) = self.hot.get() else {
             return;

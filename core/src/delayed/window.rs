@@ -28,7 +28,13 @@
 //! with loom's primitives: a lookup that dereferences the runs of a view
 //! read in a window that saw no change begin never touches a freed run
 //! and counts each op once, in a run or in staging (see
-//! `lockfree::RunView::chunks_may_hold`).
+//! `lockfree::RunView::chunks_may_hold`). So is a count lookup of a hot
+//! extent (`run_view_handoff_hot_cells_count_each_op_once`), which reads
+//! the view's sum in place of its runs and each staging buffer's hot cell
+//! in place of its slots: a cell it takes holds each op of its buffer's
+//! current life once and none of another life (of the same extent, or of
+//! another: `run_view_handoff_hot_cell_of_another_extent`), and is never
+//! torn.
 //!
 //! What loom does not check: that no change begins in a quiet window once
 //! a read in it saw none in progress (the Dekker pattern above). Loom
@@ -181,12 +187,23 @@ mod loom_tests {
     //! (`RunView::chunks_may_hold`). What is modelled: the view (one of a
     //! few `UnsafeCell`s, published by a `swap` as `publish_view` does),
     //! the runs (an `UnsafeCell` each: the ops it holds, one bit an op),
-    //! a staging buffer (one slot, ordered as `lockfree::Staging`), the
-    //! writers' lock (`lock_runs`) and crossbeam-epoch ([`Epochs`]).
-    //! Freeing a run or a view writes it: loom reports a read that is not
-    //! ordered before the free, and the reader asserts it never reads a
-    //! freed one.
+    //! a staging buffer (one slot, ordered as `lockfree::Staging`, and
+    //! for count lookups one hot cell beside it, ordered as
+    //! `lockfree::HotCell`), each view's hot sum (`RunView::hot`: built
+    //! and freed with the view), the writers' lock (`lock_runs`) and
+    //! crossbeam-epoch ([`Epochs`]). Freeing a run or a view writes it:
+    //! loom reports a read that is not ordered before the free, and the
+    //! reader asserts it never reads a freed one.
+    //!
+    //! Not modelled: the index's list of hot extents (`TxnIndex::hot_keys`,
+    //! a hint read without a window; a buffer names the extent of its
+    //! first op, hot from the start), a cell's spoiling by an op of
+    //! another shape (one store of the state, ordered as the sums), the
+    //! hashing of extents to cells (two slots each; the model has one
+    //! cell, which two lives of a buffer name for the same extent, or for
+    //! two: `run_view_handoff_hot_cell_of_another_extent`).
     use super::super::handoff::{Ring, Rotate, STAGING_RING};
+    use super::super::lockfree::{CELL_HAS_OPS, CELL_SPOILED, CELL_SUM_MASK, HOT_EMPTY};
     use super::*;
     use loom::cell::UnsafeCell;
     use loom::sync::{Arc, Mutex};
@@ -196,13 +213,23 @@ mod loom_tests {
     const FREED: u64 = u64::MAX;
     /// A freed view's runs.
     const FREED_VIEW: usize = usize::MAX;
+    /// The bytenr of the model's hot extent, and its size.
+    const HOT: u64 = 1 << 20;
+    const HOT_NUM_BYTES: u64 = 4096;
+    /// Another hot extent, op 0's in `run_view_handoff_hot_cell_of_another_extent`.
+    const OTHER: u64 = HOT + HOT_NUM_BYTES;
 
     fn model(f: impl Fn() + Sync + Send + 'static) {
+        model_bounded(3, f);
+    }
+
+    /// Check `f` with at most `preemptions` preemptions per execution.
+    fn model_bounded(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
         // Preemptions bounded (as `handoff::loom_tests`) so that each
         // model runs in seconds; every interleaving of the threads' atomic
         // steps with at most this many preemptions is tried.
         let mut model = loom::model::Builder::new();
-        model.preemption_bound = Some(3);
+        model.preemption_bound = Some(preemptions);
         model.check(f);
     }
 
@@ -258,33 +285,137 @@ mod loom_tests {
     /// (Release); a reader loads the length (Acquire), the filter, the
     /// slot; a reset stores the length (SeqCst), then clears the filter
     /// (relaxed).
+    ///
+    /// With `hot`, the buffer also has one hot cell (`Staging::hot_keys`
+    /// and `hot_cells`, a `HotCell`) for the hot extent of its first op
+    /// (op 1 is a plain op of [`HOT`], op 0 of `op0_extent`, both of
+    /// [`HOT_NUM_BYTES`]), ordered as the real one: the owner names the
+    /// extent while the buffer is empty (`Staging::seed_hot`: the key,
+    /// Release), then for each op writes its slot and filter bit, folds
+    /// the op into the cell (`HotCell::fold`: `num_bytes` relaxed, then
+    /// the state, Release) and publishes the length; a reset empties the
+    /// cell with the length (key and state, relaxed); a count lookup
+    /// loads the key (Acquire), the state (Acquire), the length (Acquire:
+    /// the last op folded is left out while its slot is unpublished),
+    /// then `num_bytes` (relaxed), and takes the cell's sum (the ops' bits added, as the
+    /// real cell adds their ref_mods) in place of the slot, if the cell
+    /// names [`HOT`], the extent it looks up; else the slot's ops of it.
     struct Buf {
         len: AtomicU64,
         filter: AtomicU64,
         slot: AtomicU64,
+        /// Whether the owner sums the hot extents' ops in the cell.
+        hot: bool,
+        /// The extent of op 0 (op 1's is [`HOT`]).
+        op0_extent: u64,
+        /// `Staging::hot_keys` (one).
+        hot_key: AtomicU64,
+        /// `HotCell::num_bytes`.
+        cell_num_bytes: AtomicU64,
+        /// `HotCell::state`: [`CELL_HAS_OPS`] and the sum.
+        cell_state: AtomicU64,
+    }
+
+    /// What a count lookup read of a buffer in its window.
+    #[derive(Clone, Copy, Debug)]
+    enum Counted {
+        /// The ops of its slot (`Staging::raw_of`).
+        Slots(u64),
+        /// The sum of its cell (`Staging::hot_sum`), with the cell's
+        /// `num_bytes` when it has ops.
+        Cell(u64, Option<u64>),
+    }
+
+    impl Counted {
+        fn ops(self) -> u64 {
+            match self {
+                Counted::Slots(ops) | Counted::Cell(ops, _) => ops,
+            }
+        }
     }
 
     impl Buf {
-        fn new() -> Buf {
+        fn new(hot: bool, op0_extent: u64) -> Buf {
             Buf {
                 len: AtomicU64::new(0),
                 filter: AtomicU64::new(0),
                 slot: AtomicU64::new(0),
+                hot,
+                op0_extent,
+                hot_key: AtomicU64::new(HOT_EMPTY),
+                cell_num_bytes: AtomicU64::new(0),
+                cell_state: AtomicU64::new(0),
             }
         }
 
-        /// Owner: append `op` (`LockFreeHandle::append`, `Staging::note`).
+        /// Owner: append `op` (`LockFreeHandle::append`, `Staging::note`,
+        /// and with `hot` `Staging::seed_hot` first, the buffer being
+        /// empty, and `Staging::fold_hot` before the length).
         fn append(&self, op: u64) {
             assert_eq!(
                 self.len.load(Ordering::Relaxed),
                 0,
                 "append to a full buffer"
             );
+            if self.hot {
+                self.seed_hot(self.extent_of(op));
+            }
             self.slot.store(op, Ordering::Relaxed);
             if self.filter.load(Ordering::Relaxed) != 1 {
                 self.filter.store(1, Ordering::Relaxed);
             }
+            if self.hot {
+                self.fold_hot(op);
+            }
             self.len.store(1, Ordering::Release);
+        }
+
+        /// The extent of `op`.
+        fn extent_of(&self, op: u64) -> u64 {
+            if op == 0b01 {
+                self.op0_extent
+            } else {
+                HOT
+            }
+        }
+
+        /// The ops of [`HOT`], as bits.
+        fn hot_ops(&self) -> u64 {
+            if self.op0_extent == HOT {
+                0b11
+            } else {
+                0b10
+            }
+        }
+
+        /// `Staging::seed_hot` (the owner, the buffer empty): name the
+        /// hot extent `key` (the index's hot extent then: the extent of
+        /// the buffer's first op).
+        fn seed_hot(&self, key: u64) {
+            if self.hot_key.load(Ordering::Relaxed) != key {
+                self.hot_key.store(key, Ordering::Release);
+            }
+        }
+
+        /// `Staging::fold_hot` and `HotCell::fold` of a plain op of
+        /// [`HOT_NUM_BYTES`] (`op`: its bit, the model's ref_mod).
+        fn fold_hot(&self, op: u64) {
+            if self.hot_key.load(Ordering::Relaxed) != self.extent_of(op) {
+                return;
+            }
+            let s = self.cell_state.load(Ordering::Relaxed);
+            if s & CELL_SPOILED != 0 {
+                return;
+            }
+            let next = if s & CELL_HAS_OPS == 0 {
+                self.cell_num_bytes.store(HOT_NUM_BYTES, Ordering::Relaxed);
+                CELL_HAS_OPS | op
+            } else if self.cell_num_bytes.load(Ordering::Relaxed) == HOT_NUM_BYTES {
+                s + op
+            } else {
+                CELL_SPOILED
+            };
+            self.cell_state.store(next, Ordering::Release);
         }
 
         /// A reader's read of its ops (`Staging::raw_of`, which reads the
@@ -297,6 +428,27 @@ mod loom_tests {
             self.slot.load(Ordering::Relaxed)
         }
 
+        /// A count lookup's read (`LockFreeStore::lookup_window` with
+        /// `sums`): the cell's sum if the buffer names the hot extent and
+        /// the cell is whole (`Staging::hot_sum`, `HotCell::read`), else
+        /// the slot.
+        fn read_count(&self) -> Counted {
+            if self.hot_key.load(Ordering::Acquire) == HOT {
+                let s = self.cell_state.load(Ordering::Acquire);
+                if s & CELL_SPOILED == 0 {
+                    // The length after the state: the last op folded (the
+                    // only one, in slot 0) is left out while its slot is
+                    // not published.
+                    if s & CELL_HAS_OPS == 0 || self.len.load(Ordering::Acquire) == 0 {
+                        return Counted::Cell(0, None);
+                    }
+                    let num_bytes = self.cell_num_bytes.load(Ordering::Relaxed);
+                    return Counted::Cell(s & CELL_SUM_MASK, Some(num_bytes));
+                }
+            }
+            Counted::Slots(self.read() & self.hot_ops())
+        }
+
         /// The claimer's copy of a full buffer (`Staging::read_all`).
         fn read_all(&self) -> u64 {
             if self.len.load(Ordering::Acquire) == 0 {
@@ -305,10 +457,16 @@ mod loom_tests {
             self.slot.load(Ordering::Relaxed)
         }
 
-        /// `Staging::reset`.
+        /// `Staging::reset` (without `hot` the cell, never named, keeps
+        /// what the reset would store: its stores are left out, and the
+        /// model is the one before the cells).
         fn reset(&self) {
             self.len.store(0, Ordering::SeqCst);
             self.filter.store(0, Ordering::Relaxed);
+            if self.hot {
+                self.hot_key.store(HOT_EMPTY, Ordering::Relaxed);
+                self.cell_state.store(0, Ordering::Relaxed);
+            }
         }
     }
 
@@ -320,6 +478,9 @@ mod loom_tests {
         view: AtomicU64,
         /// The views: the runs each holds (`RunView::slots`).
         views: [UnsafeCell<Vec<usize>>; 2],
+        /// Each view's sum of the hot extent over its runs (`RunView::hot`:
+        /// their ops; built and freed with the view).
+        view_hots: [UnsafeCell<u64>; 2],
         /// The runs: the ops each holds, one bit an op (`Run`).
         runs: [UnsafeCell<u64>; 3],
         /// `TxnIndex::lock_runs`.
@@ -340,24 +501,33 @@ mod loom_tests {
 
     impl Index {
         /// An index whose view 0 holds runs `view0`, run `i` holding
-        /// `runs[i]`.
-        fn new(view0: Vec<usize>, runs: [u64; 3]) -> Index {
+        /// `runs[i]`; with `cells`, its staging buffers have a hot cell
+        /// ([`Buf`]) and op 0 is of extent `cells` (op 1 of [`HOT`]).
+        fn new(view0: Vec<usize>, runs: [u64; 3], cells: Option<u64>) -> Index {
+            let bufs = std::array::from_fn(|_| Buf::new(cells.is_some(), cells.unwrap_or(HOT)));
+            let hot0 = view0.iter().fold(0, |all, &r| all | runs[r]) & bufs[0].hot_ops();
             Index {
                 changes: ChangeCounters::default(),
                 epochs: Epochs::new(),
                 view: AtomicU64::new(0),
                 views: [UnsafeCell::new(view0), UnsafeCell::new(Vec::new())],
+                view_hots: [UnsafeCell::new(hot0), UnsafeCell::new(0)],
                 runs: runs.map(UnsafeCell::new),
                 writer: Mutex::new(()),
-                bufs: std::array::from_fn(|_| Buf::new()),
+                bufs,
                 garbage: Mutex::new(Vec::new()),
             }
         }
 
-        /// Build view `v` holding `runs` (before the bracket, as
-        /// `TxnIndex::next_view`).
+        /// Build view `v` holding `runs`, with [`HOT`] summed over them
+        /// (before the bracket, as `TxnIndex::next_view`).
         fn build_view(&self, v: usize, runs: Vec<usize>) {
+            let hot = runs
+                .iter()
+                .fold(0, |all, &r| all | self.runs[r].with(|p| unsafe { *p }))
+                & self.bufs[0].hot_ops();
             self.views[v].with_mut(|p| unsafe { *p = runs });
+            self.view_hots[v].with_mut(|p| unsafe { *p = hot });
         }
 
         /// Build run `r` holding `ops` (before the bracket).
@@ -394,7 +564,8 @@ mod loom_tests {
                 match g {
                     Garbage::Run(r) => self.runs[r].with_mut(|p| unsafe { *p = FREED }),
                     Garbage::View(v) => {
-                        self.views[v].with_mut(|p| unsafe { *p = vec![FREED_VIEW] })
+                        self.views[v].with_mut(|p| unsafe { *p = vec![FREED_VIEW] });
+                        self.view_hots[v].with_mut(|p| unsafe { *p = FREED });
                     }
                 }
                 false
@@ -423,6 +594,14 @@ mod loom_tests {
                 assert_eq!(all & ops, 0, "an op in two runs of one view");
                 all | ops
             })
+        }
+
+        /// After the window: view `v`'s sum of the hot extent, in place of
+        /// its runs (`RunView::hot_summary`).
+        fn hot_in_view(&self, v: usize) -> u64 {
+            let hot = self.view_hots[v].with(|p| unsafe { *p });
+            assert_ne!(hot, FREED, "a lookup read a freed view's sums");
+            hot
         }
 
         /// Hand off buffer `i` (claimed): its op into run 0 and view 1,
@@ -459,7 +638,7 @@ mod loom_tests {
     #[test]
     fn run_view_compaction_frees_no_run_in_use() {
         model(|| {
-            let idx = Arc::new(Index::new(vec![0, 1], [0b01, 0b10, 0]));
+            let idx = Arc::new(Index::new(vec![0, 1], [0b01, 0b10, 0], None));
             let c = idx.clone();
             let compactor = thread::spawn(move || {
                 let runs = c.writer.lock().unwrap();
@@ -496,59 +675,121 @@ mod loom_tests {
     /// buffer it reaches (buffer 0 again, reused, when the hand-off is
     /// done by then; else the owner hands a buffer off itself). The
     /// lookup's view and staging together hold each op once: no op in
-    /// both, none lost (the ops found are a prefix), and every op done
-    /// before the lookup began is found.
+    /// both, none lost (the ops found are a prefix), every op done before
+    /// the lookup began is found, and none is found that had not begun
+    /// before it ended.
     #[test]
     fn run_view_handoff_counts_each_op_once() {
-        model(|| {
-            let idx = Arc::new(Index::new(Vec::new(), [0; 3]));
-            let ring = Arc::new(Ring::new());
-            let done = Arc::new(AtomicU64::new(0));
-            let (o, r, d) = (idx.clone(), ring.clone(), done.clone());
-            let owner = thread::spawn(move || {
-                o.bufs[r.active()].append(0b01);
-                d.store(1, Ordering::SeqCst);
-                for _ in 0..STAGING_RING {
-                    if let Rotate::HandOff(i) = r.rotate(|| {}) {
-                        o.hand_off(i);
-                        r.owner_handed_off(i);
-                    }
+        model(|| handoff_counts_each_op_once(None));
+    }
+
+    /// Case 2 for a count lookup of the hot extent: the view's sum stands
+    /// in for its runs, and each buffer's hot cell ([`Buf`]), named again
+    /// by the owner in each life of the buffer, for its slot. Besides case
+    /// 2's checks: a cell the lookup takes never holds an op of another
+    /// life of its buffer (that op would be found twice, or lost), and is
+    /// never torn (its `num_bytes` is the ops' whenever it has ops).
+    /// Preemptions bounded at 2: 1 s, where 3 took 33 s (and still 16 s
+    /// with op 0 staged before the threads start), which tripled the CI
+    /// loom step; every mutation that loom reported at 3 (of the cells,
+    /// of the window's and the ring's fences) it reports at 2
+    /// (`docs/design.md`).
+    #[test]
+    fn run_view_handoff_hot_cells_count_each_op_once() {
+        model_bounded(2, || handoff_counts_each_op_once(Some(HOT)));
+    }
+
+    /// As the case above, with op 0 of another hot extent ([`OTHER`]),
+    /// which buffer 0's first life names in the cell that its next life
+    /// names [`HOT`] in: the lookup never takes the other extent's sum
+    /// for its own (a new name with the state of the buffer's last life).
+    /// Preemptions bounded at 2, as above.
+    #[test]
+    fn run_view_handoff_hot_cell_of_another_extent() {
+        model_bounded(2, || handoff_counts_each_op_once(Some(OTHER)));
+    }
+
+    /// Case 2; with `cells`, for a count lookup of [`HOT`] where op 0 is of
+    /// extent `cells` ([`Index::new`]).
+    fn handoff_counts_each_op_once(cells: Option<u64>) {
+        let hot = cells.is_some();
+        let idx = Arc::new(Index::new(Vec::new(), [0; 3], cells));
+        let ring = Arc::new(Ring::new());
+        // Ops begun (before their append) and done (after it).
+        let begun = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let (o, r, bg, d) = (idx.clone(), ring.clone(), begun.clone(), done.clone());
+        let owner = thread::spawn(move || {
+            stage(&o, &r, [&bg, &d], 1);
+            for _ in 0..STAGING_RING {
+                if let Rotate::HandOff(i) = r.rotate(|| {}) {
+                    o.hand_off(i);
+                    r.owner_handed_off(i);
                 }
-                o.bufs[r.active()].append(0b10);
-                d.store(2, Ordering::SeqCst);
-            });
-            let (b, r) = (idx.clone(), ring.clone());
-            let background = thread::spawn(move || {
-                if r.claim(0) {
-                    b.hand_off(0);
-                    r.handed_off(0);
-                }
-            });
-            let done_before = done.load(Ordering::SeqCst);
-            let pinned = idx.epochs.pin();
-            let (v, staged) = idx.changes.read_stable(|| {
-                let v = idx.read_view();
-                (v, idx.bufs.each_ref().map(Buf::read))
-            });
-            let in_runs = idx.ops_in_view(v);
-            let all = staged.iter().fold(in_runs, |all, &ops| {
-                assert_eq!(
-                    all & ops,
-                    0,
-                    "an op found twice: runs {in_runs:b}, staged {staged:?}"
-                );
-                all | ops
-            });
-            drop(pinned);
-            assert_eq!(all & (all + 1), 0, "an op lost: found {all:b}");
-            assert!(
-                u64::from(all.count_ones()) >= done_before,
-                "an op done before the lookup not found: {all:b}, done {done_before}"
-            );
-            owner.join().unwrap();
-            background.join().unwrap();
-            idx.collect_all();
+            }
+            stage(&o, &r, [&bg, &d], 2);
         });
+        let (b, r) = (idx.clone(), ring.clone());
+        let background = thread::spawn(move || {
+            if r.claim(0) {
+                b.hand_off(0);
+                r.handed_off(0);
+            }
+        });
+        let done_before = done.load(Ordering::SeqCst);
+        let pinned = idx.epochs.pin();
+        let (v, staged) = idx.changes.read_stable(|| {
+            let v = idx.read_view();
+            let staged = if hot {
+                idx.bufs.each_ref().map(Buf::read_count)
+            } else {
+                idx.bufs.each_ref().map(|b| Counted::Slots(b.read()))
+            };
+            (v, staged)
+        });
+        let in_runs = if hot {
+            idx.hot_in_view(v)
+        } else {
+            idx.ops_in_view(v)
+        };
+        let all = staged.iter().fold(in_runs, |all, &counted| {
+            if let Counted::Cell(ops, num_bytes) = counted {
+                assert_eq!(
+                    num_bytes,
+                    (ops != 0).then_some(HOT_NUM_BYTES),
+                    "a torn cell: {staged:?}"
+                );
+            }
+            let ops = counted.ops();
+            assert_eq!(
+                all & ops,
+                0,
+                "an op found twice: runs {in_runs:b}, staged {staged:?}"
+            );
+            all | ops
+        });
+        drop(pinned);
+        let begun_after = begun.load(Ordering::SeqCst);
+        // The lookup's ops (all, or those of `HOT`) among the first `n`,
+        // for an `n` from the ops done before it to those begun before it
+        // ended: none lost, none of another extent, none too early.
+        let sought = if hot { idx.bufs[0].hot_ops() } else { 0b11 };
+        assert!(
+            (done_before..=begun_after).any(|n| all == sought & ((1 << n) - 1)),
+            "found {all:b} (runs {in_runs:b}, staged {staged:?}), done before \
+             {done_before}, begun before the end {begun_after}"
+        );
+        owner.join().unwrap();
+        background.join().unwrap();
+        idx.collect_all();
+    }
+
+    /// The owner stages op `k` (bit `k - 1`) in its active buffer, with
+    /// the count of ops begun before and done after.
+    fn stage(idx: &Index, ring: &Ring, [begun, done]: [&AtomicU64; 2], k: u64) {
+        begun.store(k, Ordering::SeqCst);
+        idx.bufs[ring.active()].append(1 << (k - 1));
+        done.store(k, Ordering::SeqCst);
     }
 
     /// Case 3: a reader whose optimistic attempt a change spoils holds a

@@ -214,6 +214,14 @@ impl HeadSummary {
     }
 
     /// Merge two summaries (commutative, associative).
+    /// `a` and `b` merged (`None`: nothing).
+    pub fn merge_opt(a: Option<HeadSummary>, b: Option<HeadSummary>) -> Option<HeadSummary> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.merge(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     pub fn merge(self, o: HeadSummary) -> HeadSummary {
         let total_ref_mod = self.total_ref_mod + o.total_ref_mod;
         let extent_op = match (self.extent_op, o.extent_op) {
@@ -478,7 +486,7 @@ pub struct SummaryFold {
 impl SummaryFold {
     /// Fold one op (as [`HeadSummary::of_op`]).
     pub fn op(&mut self, op: &Op, stamp: u64) {
-        if op.extent_op.is_some() || !matches!(op.action, Action::AddRef | Action::DropRef) {
+        if !op.is_plain_ref() {
             self.summary(HeadSummary::of_op(op, stamp));
             return;
         }
@@ -521,10 +529,7 @@ impl SummaryFold {
             total_ref_mod: self.plain_total,
             extent_op: None,
         });
-        match (plain, self.rest) {
-            (Some(p), Some(r)) => Some(p.merge(r)),
-            (p, r) => p.or(r),
-        }
+        HeadSummary::merge_opt(plain, self.rest)
     }
 }
 

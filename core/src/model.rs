@@ -456,6 +456,13 @@ impl Op {
         self.action.ref_mod()
     }
 
+    /// Whether the op is a plain ref op: an ADD_REF or DROP_REF with no
+    /// extent_op (what `SummaryFold` sums in place and a staging buffer's
+    /// hot cell sums).
+    pub fn is_plain_ref(&self) -> bool {
+        self.extent_op.is_none() && matches!(self.action, Action::AddRef | Action::DropRef)
+    }
+
     /// Whether the op takes a stamp when it is queued: an allocation or an
     /// op carrying an extent_op, the fields merged by the latest stamp
     /// ([`crate::head`]). Whoever replays queued ops must queue these in

@@ -161,7 +161,7 @@ use super::{
     merge_heads, merge_heads_keeping_all, DelayedRefStore, IngestHandle, StampClock, StoreError,
 };
 use crate::head::{Head, HeadSummary, SummaryFold};
-use crate::model::{Action, ExtentKind, Op};
+use crate::model::{ExtentKind, Op};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Ingest shards (handles) available by default.
@@ -320,7 +320,7 @@ impl HotCell {
         if s & CELL_SPOILED != 0 {
             return;
         }
-        let plain = op.extent_op.is_none() && matches!(op.action, Action::AddRef | Action::DropRef);
+        let plain = op.is_plain_ref();
         let kind = kind_code(op.kind);
         let last =
             (slot as u64) << CELL_LAST_SHIFT | if op.ref_mod() < 0 { CELL_LAST_DROP } else { 0 };
@@ -726,9 +726,7 @@ impl Run {
     }
 
     /// The chunk that would hold `bytenr` (no filter, no search in it):
-    /// what `RunView::chunks_may_hold` finds for each run in lockstep (the
-    /// tests' reference).
-    #[cfg(test)]
+    /// what `RunView::chunks_may_hold` finds for each run in lockstep.
     fn chunk_of(&self, bytenr: u64) -> Option<&Chunk> {
         let i = self.firsts.partition_point(|&f| f <= bytenr);
         (i > 0).then(|| &self.chunks[i - 1])
@@ -740,10 +738,8 @@ impl Run {
 
     /// The summary of the run's head of `bytenr`, if it holds one.
     fn summary_of(&self, bytenr: u64) -> Option<HeadSummary> {
-        let i = self.firsts.partition_point(|&f| f <= bytenr);
-        let chunk = self.chunks.get(i.checked_sub(1)?)?;
         let mut found = Vec::new();
-        find_in_chunks(&[chunk], bytenr, &mut found);
+        find_in_chunks(&[self.chunk_of(bytenr)?], bytenr, &mut found);
         found.first().map(|h| h.summary)
     }
 }
@@ -821,14 +817,6 @@ fn hot_ops_min(cap: usize) -> usize {
 struct HotSum {
     bytenr: u64,
     summary: Option<HeadSummary>,
-}
-
-/// `a` and `b` merged (`None`: nothing).
-fn merge_opt(a: Option<HeadSummary>, b: Option<HeadSummary>) -> Option<HeadSummary> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.merge(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1147,7 +1135,7 @@ impl TxnIndex {
                 Err(_) if noted.binary_search(&h.bytenr).is_ok() => None,
                 Err(_) => run.summary_of(h.bytenr),
             };
-            h.summary = merge_opt(h.summary, head);
+            h.summary = HeadSummary::merge_opt(h.summary, head);
         }
         if hot.len() < HOT_EXTENTS {
             let mut new: Vec<&(u64, HeadSummary, u32)> = heavy
@@ -1157,19 +1145,24 @@ impl TxnIndex {
             new.sort_by_key(|x| std::cmp::Reverse(x.2));
             new.truncate(HOT_EXTENTS - hot.len());
             for &(bytenr, summary, _) in new {
-                let before = self
-                    .runs
-                    .iter()
-                    .fold(None, |s, e| merge_opt(s, e.value().summary_of(bytenr)));
+                let before = self.summed_over_runs(bytenr);
                 hot.push(HotSum {
                     bytenr,
-                    summary: merge_opt(before, Some(summary)),
+                    summary: HeadSummary::merge_opt(before, Some(summary)),
                 });
                 added.push(bytenr);
             }
             hot.sort_unstable_by_key(|h| h.bytenr);
         }
         hot
+    }
+
+    /// The summary of `bytenr`'s heads over every run of the skiplist
+    /// (what a view's hot sum of it stands for).
+    fn summed_over_runs(&self, bytenr: u64) -> Option<HeadSummary> {
+        self.runs.iter().fold(None, |s, e| {
+            HeadSummary::merge_opt(s, e.value().summary_of(bytenr))
+        })
     }
 
     /// The extents of [`TxnIndex::hot_keys`], ascending (the hand-off's
@@ -1770,15 +1763,17 @@ impl LockFreeStore {
         guard: &'g crossbeam_epoch::Guard,
     ) -> LookupParts<'g> {
         let idx = &self.shared.index[parity(g)];
+        let view = idx.view(guard);
         let mut parts = LookupParts {
-            view: idx.view(guard),
+            view,
+            run_sum: view.hot_summary(bytenr).filter(|_| sums),
             staged: Vec::new(),
             cell_sums: Vec::new(),
             carry: Vec::new(),
         };
         // Cells name only the index's hot extents, which its view lists:
         // for any other extent, no probe of every buffer's cells.
-        let sums = sums && parts.view.hot_summary(bytenr).is_some();
+        let sums = parts.run_sum.is_some();
         let mut hits = Vec::new();
         for shard in self.shared.shards.iter() {
             if !shard.gate.holds(g) {
@@ -1835,7 +1830,7 @@ impl LockFreeStore {
         for p in parts {
             // The view's runs' heads summed, if `bytenr` is one of its hot
             // extents (the view is immutable, alive while pinned).
-            match p.view.hot_summary(bytenr).filter(|_| sums) {
+            match p.run_sum {
                 Some(sum) => {
                     found.summed |= sum.is_some();
                     found.run_sums.extend(sum);
@@ -2029,6 +2024,9 @@ fn staged_ops(bytenr: u64, staged: &[Staged]) -> impl Iterator<Item = (Op, u64)>
 /// What a lookup reads of one generation in its read window.
 struct LookupParts<'g> {
     view: &'g RunView,
+    /// With `sums`, the view's sum of the extent's heads if it is one of
+    /// its hot extents ([`RunView::hot_summary`]), in place of its runs.
+    run_sum: Option<Option<HeadSummary>>,
     /// The raw words of `bytenr`'s staged ops ([`Staging::raw_of`]).
     staged: Vec<Staged>,
     /// Sums of its plain ops in place of their words ([`Staging::hot_sum`]).
@@ -2834,13 +2832,7 @@ mod tests {
         idx.view(&guard)
             .hot
             .iter()
-            .map(|h| {
-                let fold = idx
-                    .runs
-                    .iter()
-                    .fold(None, |s, e| merge_opt(s, e.value().summary_of(h.bytenr)));
-                (h.bytenr, h.summary, fold)
-            })
+            .map(|h| (h.bytenr, h.summary, idx.summed_over_runs(h.bytenr)))
             .collect()
     }
 

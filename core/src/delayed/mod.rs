@@ -25,6 +25,7 @@
 //! applied already with [`DelayedRefStore::pending_live`], see
 //! `refd_core::engine`, "Applying in steps".)
 
+pub(crate) mod fence;
 pub(crate) mod gate;
 pub mod handoff;
 pub mod lockfree;

@@ -9,6 +9,7 @@
 //! through when only one source has the head, and otherwise merges them in a
 //! reused scratch buffer: no allocation per head.
 
+use super::fence::{last_at_most_each, Fenced, Fences, Line};
 use crate::head::{DelayedRef, Head, HeadSummary, PendingExtentOp, SummaryFold};
 use crate::model::{Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, SEQ_MAX};
 
@@ -310,6 +311,25 @@ pub(crate) struct Chunk {
     heads: Box<[PackedHead]>,
     refs: Box<[PackedRef]>,
     eops: Box<[(u64, PendingExtentOp)]>,
+    /// The heads' bytenrs' fences (`fence.rs`): a search of the chunk
+    /// touches one line per level, 3 for a full chunk, not 9.
+    fences: Fences,
+}
+
+// SAFETY: `fences` is built over exactly `heads` when the chunk is cut
+// (`RunBuilder::cut`), and a chunk never changes after.
+unsafe impl Fenced for &Chunk {
+    fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    fn fence_lines(&self) -> *const Line {
+        self.fences.lines()
+    }
+
+    fn key(&self, i: usize) -> u64 {
+        self.heads[i].bytenr
+    }
 }
 
 /// A head inside a chunk, borrowed.
@@ -349,6 +369,7 @@ impl Chunk {
         self.heads.len() * std::mem::size_of::<PackedHead>()
             + self.refs.len() * std::mem::size_of::<PackedRef>()
             + std::mem::size_of_val(&*self.eops)
+            + self.fences.heap_bytes()
     }
 
     /// Head `i` as stored (no unpacking).
@@ -381,32 +402,17 @@ impl Chunk {
 }
 
 /// The heads of `bytenr` in `chunks` (at most one per chunk, in the order
-/// of `chunks`), appended to `out`. The binary searches run in lockstep,
-/// one step of each per round, so the cache misses of different chunks
-/// overlap instead of queueing one search behind another (a lookup
-/// searches one chunk per run that may hold its bytenr).
+/// of `chunks`), appended to `out`. The searches run in lockstep, one
+/// fence level of each per round (`fence::last_at_most_each`), so the cache
+/// misses of different chunks overlap instead of queueing one search
+/// behind another (a lookup searches one chunk per run that may hold its
+/// bytenr).
 pub(crate) fn find_in_chunks<'a>(chunks: &[&'a Chunk], bytenr: u64, out: &mut Vec<HeadRef<'a>>) {
-    // Per chunk: the first index of its window and the window's length.
-    let mut probes: Vec<(usize, usize)> = chunks.iter().map(|c| (0, c.heads.len())).collect();
-    loop {
-        let mut narrowed = false;
-        for (c, (base, n)) in chunks.iter().zip(probes.iter_mut()) {
-            if *n > 1 {
-                let half = *n / 2;
-                if c.heads[*base + half].bytenr <= bytenr {
-                    *base += half;
-                }
-                *n -= half;
-                narrowed = true;
-            }
-        }
-        if !narrowed {
-            break;
-        }
-    }
-    for (c, &(base, n)) in chunks.iter().zip(&probes) {
-        if n == 1 && c.heads[base].bytenr == bytenr {
-            out.push(c.head(base));
+    let mut found = Vec::with_capacity(chunks.len());
+    last_at_most_each(chunks, bytenr, &mut found);
+    for (c, i) in chunks.iter().zip(found) {
+        if let Some(i) = i.filter(|&i| c.heads[i].bytenr == bytenr) {
+            out.push(c.head(i));
         }
     }
 }
@@ -579,6 +585,7 @@ impl RunBuilder {
             heads: Box::from(&self.heads[..]),
             refs: Box::from(&self.refs[..]),
             eops: Box::from(&self.eops[..]),
+            fences: Fences::build(self.heads.len(), |i| self.heads[i].bytenr),
         });
         self.heads.clear();
         self.refs.clear();

@@ -97,8 +97,9 @@ impl Fences {
 /// # Safety
 ///
 /// `fence_lines` points to the lines of [`Fences::build`] over exactly the
-/// `len()` keys that `key` gives, and they stay alive and unchanged while
-/// the implementor is borrowed; `key(i)` may be called for any `i < len()`.
+/// `len()` keys that `key` gives, and `len()`, the keys and the lines stay
+/// alive and unchanged while the implementor is borrowed; `key(i)` may be
+/// called for any `i < len()`.
 pub(crate) unsafe trait Fenced {
     /// Number of keys.
     fn len(&self) -> usize;

@@ -55,8 +55,8 @@
 //! Each run is an immutable sorted sequence of packed heads and refs cut
 //! into chunks (a `Vec` in the run); the skiplist is the ordered,
 //! concurrently readable, epoch-reclaimed index of the runs. Keys are never
-//! reused and values never replaced, and only the single compactor of an
-//! index removes entries, so the known races of crossbeam-skiplist 0.1.3
+//! reused and values never replaced, and only the compactor holding a
+//! level's token removes that level's entries, so the known races of crossbeam-skiplist 0.1.3
 //! (`get` missing a key being replaced; `remove` returning `Some` to two
 //! threads) cannot matter here. Measured throughput and memory are in
 //! `docs/benchmarks.md` (not repeated here: they move with every change).
@@ -648,7 +648,8 @@ struct Run {
     heads: usize,
     refs: usize,
     /// First bytenr of each chunk, and its fences (`fence.rs`): finding
-    /// the chunk of a bytenr in a run of 4,000 chunks touches 4 lines.
+    /// the chunk of a bytenr in a run of 4,000 chunks takes 4 rounds of
+    /// one line each (the last maybe two), where a binary search took 12.
     firsts: Vec<u64>,
     first_fences: Fences,
     chunks: Vec<Chunk>,
@@ -843,29 +844,50 @@ struct RunSlot {
     chunks_len: usize,
 }
 
-/// A run of a view whose pointers may be followed: see
-/// [`RunView::chunks_may_hold`], the only place that makes one.
-struct LiveRun<'a>(&'a RunSlot);
+/// A run of a view whose pointers may be followed (made only by
+/// [`RunView::chunks_may_hold`], under its contract).
+mod live {
+    use super::{Chunk, Fenced, Line, RunSlot};
 
-// SAFETY: a `LiveRun` is made only for a run alive while it is borrowed
-// (`RunView::chunks_may_hold`'s contract); `first_fences` was built over
-// its `firsts` (`Run::new`; `chunks_len` is their length) and a run never
-// changes.
-unsafe impl Fenced for LiveRun<'_> {
-    fn len(&self) -> usize {
-        self.0.chunks_len
+    pub(super) struct LiveRun<'a>(&'a RunSlot);
+
+    impl<'a> LiveRun<'a> {
+        /// # Safety
+        ///
+        /// `slot`'s run is alive, and stays so for `'a`.
+        pub(super) unsafe fn new(slot: &'a RunSlot) -> LiveRun<'a> {
+            LiveRun(slot)
+        }
+
+        /// Chunk `i` of the run.
+        pub(super) fn chunk(&self, i: usize) -> &'a Chunk {
+            assert!(i < self.0.chunks_len);
+            // SAFETY: `i` is within the run's `chunks` (`chunks_len` is
+            // their number), alive for `'a` (`LiveRun::new`).
+            unsafe { &*self.0.chunks.add(i) }
+        }
     }
 
-    fn fence_lines(&self) -> *const Line {
-        self.0.first_fences
-    }
+    // SAFETY: the run is alive while borrowed (`LiveRun::new`);
+    // `first_fences` was built over its `firsts` (`Run::new`), whose length
+    // is `chunks_len` (`RunSlot::of`), and a run never changes.
+    unsafe impl Fenced for LiveRun<'_> {
+        fn len(&self) -> usize {
+            self.0.chunks_len
+        }
 
-    fn key(&self, i: usize) -> u64 {
-        assert!(i < self.0.chunks_len);
-        // SAFETY: `i` is within `firsts`, alive (above).
-        unsafe { *self.0.firsts.add(i) }
+        fn fence_lines(&self) -> *const Line {
+            self.0.first_fences
+        }
+
+        fn key(&self, i: usize) -> u64 {
+            assert!(i < self.0.chunks_len);
+            // SAFETY: `i` is within `firsts`, alive (above).
+            unsafe { *self.0.firsts.add(i) }
+        }
     }
 }
+use live::LiveRun;
 
 // SAFETY: the pointers are only followed as `RunView::chunks_may_hold`
 // says (a `Run` is immutable and `Sync`); a view itself is plain data.
@@ -882,7 +904,10 @@ impl RunSlot {
             chunks: run.chunks.as_ptr(),
             firsts: run.firsts.as_ptr(),
             first_fences: run.first_fences.lines(),
-            chunks_len: run.chunks.len(),
+            chunks_len: {
+                debug_assert_eq!(run.firsts.len(), run.chunks.len());
+                run.chunks.len()
+            },
         }
     }
 }
@@ -927,7 +952,9 @@ impl RunView {
                 let word = unsafe { *s.words.add(RunFilter::word(k, s.words_len)) };
                 word & k.mask == k.mask
             })
-            .map(LiveRun)
+            // SAFETY: the run is alive while this pin is held (above), and
+            // so for `'a`.
+            .map(|s| unsafe { LiveRun::new(s) })
             .collect();
         // The last chunk whose first bytenr is at most `bytenr`, in each
         // run: searches in lockstep, as `find_in_chunks`, so that their
@@ -936,9 +963,7 @@ impl RunView {
         last_at_most_each(&runs, bytenr, &mut found);
         for (r, i) in runs.iter().zip(found) {
             if let Some(i) = i {
-                // SAFETY: `i < chunks_len`, the length of the run's
-                // `chunks`, alive (above).
-                out.push(unsafe { &*r.0.chunks.add(i) });
+                out.push(r.chunk(i));
             }
         }
     }
@@ -1191,19 +1216,22 @@ impl TxnIndex {
         keys
     }
 
-    /// Merge runs of generation `g` while some level has `COMPACT_FANOUT`
-    /// of them. One compactor per level; a thread that finds a level busy
-    /// tries the next one and never waits.
+    /// Merge runs of generation `g` while some level in `levels` is due
+    /// (`COMPACT_FANOUT` runs, or a top level due for a merge
+    /// [`TxnIndex::top_merge_due`]); other levels are left as they are. One compactor per level; a thread that finds a level busy
+    /// tries the next one and never waits. Returns whether it published
+    /// a merge.
     ///
-    /// Ingest threads compact outside their gate reference, so a commit's
-    /// seal never waits for a compaction (a top-level merge can take tens
-    /// of milliseconds, and the durable engine seals under its cut lock,
+    /// The compactors are background threads, so a commit's seal never
+    /// waits for a compaction (a top-level merge can take hundreds of
+    /// milliseconds, and the durable engine seals under its cut lock,
     /// which stops all ingest). Instead, once generation `g` is sealed
     /// ([`TxnIndex::seal_compaction`]), no compaction of it starts: a
     /// compactor sets its level token, then reads `sealed_gen`; the sealer
     /// stores `sealed_gen`, then waits for every token to clear (both
     /// SeqCst: Dekker's pattern, as in the shard gate), outside the lock.
-    fn maybe_compact(&self, g: u64, max_level: u32) {
+    fn maybe_compact(&self, g: u64, levels: std::ops::RangeInclusive<u32>) -> bool {
+        let mut merged = false;
         loop {
             let mut by_level: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
             for e in self.runs.iter() {
@@ -1211,7 +1239,7 @@ impl TxnIndex {
             }
             let top = by_level.keys().next_back().copied();
             let mut claimed = None;
-            for (&level, ids) in by_level.range(..=max_level) {
+            for (&level, ids) in by_level.range(levels.clone()) {
                 let due =
                     ids.len() >= COMPACT_FANOUT || (Some(level) == top && self.top_merge_due(ids));
                 if !due {
@@ -1225,14 +1253,14 @@ impl TxnIndex {
                     if self.sealed_gen.load(Ordering::SeqCst) >= g {
                         // Sealed: the committer merges what is there.
                         token.store(false, Ordering::SeqCst);
-                        return;
+                        return merged;
                     }
                     claimed = Some((level, token));
                     break;
                 }
             }
             let Some((level, token)) = claimed else {
-                return;
+                return merged;
             };
             // Re-read the level under its token: another compactor of this
             // level may have finished since the scan.
@@ -1278,6 +1306,7 @@ impl TxnIndex {
                 // Flushes this thread's garbage (`end_runs_change` does
                 // only that) and helps collect the inputs' memory.
                 reclaim();
+                merged = true;
             }
             token.store(false, Ordering::SeqCst);
         }
@@ -1412,7 +1441,8 @@ struct Shared {
     /// Turns full staging buffers into runs ([`hand_off_full`]): ingest
     /// threads only mark a buffer full and move to the next.
     handoff: Worker,
-    /// Merges runs ([`TxnIndex::maybe_compact`]). A top-level merge
+    /// Merges runs, lowest level first ([`TxnIndex::maybe_compact`]). A
+    /// top-level merge
     /// rewrites the largest run (hundreds of MB under a million pending
     /// heads); on an ingest thread it held up that thread's ops for tens
     /// of milliseconds (measured: single SUBMITs of the daemon took up to
@@ -1440,6 +1470,11 @@ struct TestHooks {
     mid_hand_off: Mutex<()>,
     /// The compactor (not the small one) merges nothing while set.
     compactor_busy: AtomicBool,
+    /// The compactor merges only the levels from `SMALL_LEVELS` up while
+    /// set (as when it finds the small ones' tokens taken).
+    compactor_above_small: AtomicBool,
+    /// Held by a test: the small compactor waits before each job.
+    small_held: Mutex<()>,
 }
 
 /// A background thread of the store: started on the first request,
@@ -1608,17 +1643,27 @@ fn hand_off_full(shared: &Arc<Shared>, _g: u64) {
     }
 }
 
-/// The compactor's job: compact generation `g`'s index.
+/// The compactor's job: merge generation `g`'s runs, lowest level first
+/// (the small runs too when the small compactor is behind: measured, the
+/// compactor kept to the levels from [`SMALL_LEVELS`] up left lookups
+/// slower, zipf p99 25–34 µs against 22–25 in the same runs).
 fn compact(shared: &Arc<Shared>, g: u64) {
     #[cfg(test)]
     if shared.test.compactor_busy.load(Ordering::SeqCst) {
         return;
     }
-    shared.index[parity(g)].maybe_compact(g, u32::MAX);
+    #[cfg(test)]
+    if shared.test.compactor_above_small.load(Ordering::SeqCst) {
+        shared.index[parity(g)].maybe_compact(g, SMALL_LEVELS..=u32::MAX);
+        return;
+    }
+    shared.index[parity(g)].maybe_compact(g, 0..=u32::MAX);
 }
 
 /// Levels whose runs the small compactor merges (0 and 1: runs of up to
-/// 64 staging buffers' heads, a few milliseconds to merge).
+/// 64 staging buffers' heads, a few milliseconds to merge, unless level 1
+/// is the top level, early in a generation, where its runs also merge
+/// with each other as the top level's do).
 ///
 /// Why a second compactor: the compactor merges one level at a time,
 /// lowest first, and a merge of the largest runs (hundreds of MB under a
@@ -1626,26 +1671,37 @@ fn compact(shared: &Arc<Shared>, g: u64) {
 /// meanwhile every hand-off adds a run (about 2,000 a second at full
 /// ingest), so the runs piled up to 100–400, every lookup of an extent in
 /// most of them searched them all, and each stored its heads again
-/// unmerged. With the small runs merged beside it, under zipf ingest with
-/// a lookup thread (`docs/benchmarks.md`, "Issue 13: a small compactor"):
-/// lookup p99 19–24 µs instead of 28–56, bytes per pending ref 157–284
-/// instead of 284–400, for 10–25% less ingest throughput in-process (the
+/// unmerged. With the small runs merged beside it, under zipf ingest
+/// with a lookup thread (`docs/benchmarks.md`, "Issue 13: a small
+/// compactor, fences"):
+/// lookup p99 19–26 µs instead of 28–56, bytes per pending ref 152–344
+/// instead of 267–402, for 10–25% less ingest throughput in-process (the
 /// merges are done now instead of at the commit, on the same 2 cores);
-/// the durable engine, bound by its log and commits, was not slower.
+/// the durable engine, bound by its log and commits, was not slower. At a
+/// lower CPU weight (nice 5 or 10) it held its level's token while
+/// preempted and lookups were slower than with no small compactor.
 const SMALL_LEVELS: u32 = 2;
 
 /// The small compactor's job: merge generation `g`'s small runs (levels
-/// below [`SMALL_LEVELS`]), whatever the compactor is merging.
+/// below [`SMALL_LEVELS`]), whatever the compactor is merging. A merge of
+/// level `SMALL_LEVELS - 1` adds a run to the level above, which may make
+/// it due: the compactor is asked to look (a hand-off asked it before
+/// this merge, and it may have found nothing to do then).
 fn compact_small(shared: &Arc<Shared>, g: u64) {
-    shared.index[parity(g)].maybe_compact(g, SMALL_LEVELS - 1);
+    #[cfg(test)]
+    drop(shared.test.small_held.lock());
+    if shared.index[parity(g)].maybe_compact(g, 0..=SMALL_LEVELS - 1) {
+        shared.compactor.request(shared, g, |s| &s.compactor);
+    }
 }
 
 impl Drop for LockFreeStore {
     fn drop(&mut self) {
-        // The hand-off thread first: it asks the compactor for work.
+        // Each asks the ones after it for work: the hand-off thread
+        // both compactors, the small compactor the compactor.
         self.shared.handoff.stop();
-        self.shared.compactor.stop();
         self.shared.small_compactor.stop();
+        self.shared.compactor.stop();
     }
 }
 
@@ -1714,9 +1770,10 @@ impl LockFreeStore {
     /// Waits until the background compactor has done what it was asked
     /// (tests and reports that look at the index's shape).
     pub fn settle(&self) {
+        // Each asks the ones after it for work.
         self.shared.handoff.settle();
-        self.shared.compactor.settle();
         self.shared.small_compactor.settle();
+        self.shared.compactor.settle();
     }
 
     /// Hand-offs of full staging buffers so far, and of them how many an
@@ -2875,6 +2932,37 @@ mod tests {
         Op::new(bytenr, num_bytes, ExtentKind::Data, action, key, 0).unwrap()
     }
 
+    /// The runs of each level of the live index, counted.
+    fn runs_per_level(lf: &LockFreeStore) -> BTreeMap<u32, usize> {
+        let idx = &lf.shared.index[parity(lf.gen.live())];
+        let mut per_level = BTreeMap::new();
+        for e in idx.runs.iter() {
+            *per_level.entry(e.value().level).or_insert(0usize) += 1;
+        }
+        per_level
+    }
+
+    /// `n` ops over 5000 extents, each extent's count checked after.
+    fn spread_ops(h: &mut LockFreeHandle<'_>, n: u64) -> BTreeMap<u64, i64> {
+        let mut want = BTreeMap::new();
+        for i in 0..n {
+            let b = 4096 * (1 + (i * 7919) % 5000);
+            h.add(&data_op(b, 4096, Action::AddRef, i % 3)).unwrap();
+            *want.entry(b).or_insert(0) += 1;
+        }
+        want
+    }
+
+    fn assert_counts(lf: &LockFreeStore, want: &BTreeMap<u64, i64>) {
+        for (&b, &n) in want {
+            assert_eq!(
+                lf.pending_summary(b).map(|s| s.total_ref_mod),
+                Some(n),
+                "count of {b}"
+            );
+        }
+    }
+
     /// The small compactor merges the small runs while the compactor is
     /// away (held off here, as by a long merge of large runs): they do not
     /// pile up behind it. Fails without the small compactor (every
@@ -2886,16 +2974,9 @@ mod tests {
         lf.shared.test.compactor_busy.store(true, Ordering::SeqCst);
         let mut h = lf.handle().unwrap();
         // 200 buffers of 64 ops: 200 runs at level 0 unmerged.
-        for i in 0..64 * 200u64 {
-            let b = 4096 * (1 + (i * 7919) % 5000);
-            h.add(&data_op(b, 4096, Action::AddRef, i % 3)).unwrap();
-        }
+        let want = spread_ops(&mut h, 64 * 200);
         lf.settle();
-        let idx = &lf.shared.index[parity(lf.gen.live())];
-        let mut per_level = BTreeMap::new();
-        for e in idx.runs.iter() {
-            *per_level.entry(e.value().level).or_insert(0usize) += 1;
-        }
+        let per_level = runs_per_level(&lf);
         for level in 0..SMALL_LEVELS {
             let n = per_level.get(&level).copied().unwrap_or(0);
             assert!(
@@ -2907,12 +2988,49 @@ mod tests {
             per_level.keys().any(|&l| l >= SMALL_LEVELS),
             "the small runs were merged up: {per_level:?}"
         );
-        // Nothing lost: every op's head is found.
-        lf.shared.test.compactor_busy.store(false, Ordering::SeqCst);
-        assert_eq!(
-            lf.pending_summary(4096).map(|s| s.total_ref_mod),
-            Some((0..64 * 200u64).filter(|i| (i * 7919) % 5000 == 0).count() as i64)
+        assert_counts(&lf, &want);
+    }
+
+    /// After `settle` no level is due: the small compactor's merges into
+    /// the level above ask the compactor to look again. Here the small
+    /// compactor is held while 512 buffers of 64 ops are handed off and
+    /// the compactor, kept to the levels from 2 up (as when it finds the
+    /// small levels' tokens taken), finds nothing to do; then the small
+    /// one merges them up to level 2 (the top, due). Without its request
+    /// the top is left due.
+    #[test]
+    fn settle_leaves_no_level_due() {
+        let lf = LockFreeStore::with_config(1, 64);
+        lf.shared
+            .test
+            .compactor_above_small
+            .store(true, Ordering::SeqCst);
+        let held = lf.shared.test.small_held.lock().unwrap();
+        let mut h = lf.handle().unwrap();
+        let want = spread_ops(&mut h, 64 * 512);
+        lf.shared.handoff.settle();
+        lf.shared.compactor.settle();
+        assert_eq!(runs_per_level(&lf).get(&0), Some(&512));
+        drop(held);
+        lf.settle();
+        let per_level = runs_per_level(&lf);
+        assert!(
+            per_level.values().all(|&n| n < COMPACT_FANOUT),
+            "a level left due after settle: {per_level:?}"
         );
+        let idx = &lf.shared.index[parity(lf.gen.live())];
+        let top = per_level.keys().next_back().copied();
+        let top_ids: Vec<u64> = idx
+            .runs
+            .iter()
+            .filter(|e| Some(e.value().level) == top)
+            .map(|e| *e.key())
+            .collect();
+        assert!(
+            !idx.top_merge_due(&top_ids),
+            "the top level left due after settle: {per_level:?}"
+        );
+        assert_counts(&lf, &want);
     }
 
     /// The hot sums of index `p`'s view and every run's head summed, read

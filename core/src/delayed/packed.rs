@@ -312,12 +312,12 @@ pub(crate) struct Chunk {
     refs: Box<[PackedRef]>,
     eops: Box<[(u64, PendingExtentOp)]>,
     /// The heads' bytenrs' fences (`fence.rs`): a search of the chunk
-    /// touches one line per level, 3 for a full chunk, not 9.
+    /// takes one round per level, 3 for a full chunk, not 9.
     fences: Fences,
 }
 
-// SAFETY: `fences` is built over exactly `heads` when the chunk is cut
-// (`RunBuilder::cut`), and a chunk never changes after.
+// SAFETY: `fences` is built over exactly `heads` by `Chunk::new` (or both
+// are empty: `Chunk::default`), and a chunk's fields never change after.
 unsafe impl Fenced for &Chunk {
     fn len(&self) -> usize {
         self.heads.len()
@@ -351,6 +351,23 @@ impl HeadRef<'_> {
 }
 
 impl Chunk {
+    /// A chunk of these heads (sorted by bytenr), their refs and
+    /// extent_ops, with the fences of its heads' bytenrs. The only way a
+    /// chunk is made: its fields never change after (`Fenced`'s contract).
+    fn new(
+        heads: Box<[PackedHead]>,
+        refs: Box<[PackedRef]>,
+        eops: Box<[(u64, PendingExtentOp)]>,
+    ) -> Chunk {
+        let fences = Fences::build(heads.len(), |i| heads[i].bytenr);
+        Chunk {
+            heads,
+            refs,
+            eops,
+            fences,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.heads.len()
     }
@@ -581,12 +598,11 @@ impl RunBuilder {
         if self.heads.is_empty() {
             return;
         }
-        self.chunks.push(Chunk {
-            heads: Box::from(&self.heads[..]),
-            refs: Box::from(&self.refs[..]),
-            eops: Box::from(&self.eops[..]),
-            fences: Fences::build(self.heads.len(), |i| self.heads[i].bytenr),
-        });
+        self.chunks.push(Chunk::new(
+            Box::from(&self.heads[..]),
+            Box::from(&self.refs[..]),
+            Box::from(&self.eops[..]),
+        ));
         self.heads.clear();
         self.refs.clear();
         self.eops.clear();

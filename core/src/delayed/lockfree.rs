@@ -24,8 +24,8 @@
 //!                       │ size-tiered compaction on the background
 //!                       │ compactor (COMPACT_FANOUT = 8 runs of a level
 //!                       │ → 1; top-level runs of comparable size merge)
-//!                       │ and the small compactor (levels 0 and 1 only,
-//!                       │ while the compactor merges large runs)
+//!                       │ and the small compactor (level 0 only, while
+//!                       │ the compactor merges large runs)
 //!                       ▼
 //!                 freeze: k-way merge of runs + staging, in bytenr order
 //! ```
@@ -1644,9 +1644,10 @@ fn hand_off_full(shared: &Arc<Shared>, _g: u64) {
 }
 
 /// The compactor's job: merge generation `g`'s runs, lowest level first
-/// (the small runs too when the small compactor is behind: measured, the
-/// compactor kept to the levels from [`SMALL_LEVELS`] up left lookups
-/// slower, zipf p99 25–34 µs against 22–25 in the same runs).
+/// (the small runs too when the small compactor is behind: measured with
+/// the small compactor on levels 0 and 1, the compactor kept to the
+/// levels above them left lookups slower, zipf p99 25–34 µs against 22–25
+/// in the same runs).
 fn compact(shared: &Arc<Shared>, g: u64) {
     #[cfg(test)]
     if shared.test.compactor_busy.load(Ordering::SeqCst) {
@@ -1660,10 +1661,11 @@ fn compact(shared: &Arc<Shared>, g: u64) {
     shared.index[parity(g)].maybe_compact(g, 0..=u32::MAX);
 }
 
-/// Levels whose runs the small compactor merges (0 and 1: runs of up to
-/// 64 staging buffers' heads, a few milliseconds to merge, unless level 1
-/// is the top level, early in a generation, where its runs also merge
-/// with each other as the top level's do).
+/// Levels whose runs the small compactor merges: level 0 only, the
+/// hand-offs' runs (8 of them, ~30k heads, about a millisecond to merge;
+/// more only while level 0 is the top level, at the start of a
+/// generation, where its runs also merge with each other as the top
+/// level's do).
 ///
 /// Why a second compactor: the compactor merges one level at a time,
 /// lowest first, and a merge of the largest runs (hundreds of MB under a
@@ -1671,16 +1673,17 @@ fn compact(shared: &Arc<Shared>, g: u64) {
 /// meanwhile every hand-off adds a run (about 2,000 a second at full
 /// ingest), so the runs piled up to 100–400, every lookup of an extent in
 /// most of them searched them all, and each stored its heads again
-/// unmerged. With the small runs merged beside it, under zipf ingest
-/// with a lookup thread (`docs/benchmarks.md`, "Issue 13: a small
-/// compactor, fences"):
-/// lookup p99 19–26 µs instead of 28–56, bytes per pending ref 152–344
-/// instead of 267–402, for 10–25% less ingest throughput in-process (the
-/// merges are done now instead of at the commit, on the same 2 cores);
-/// the durable engine, bound by its log and commits, was not slower. At a
-/// lower CPU weight (nice 5 or 10) it held its level's token while
+/// unmerged. Measured with the small runs merged beside it
+/// (`docs/benchmarks.md`, "Issue 13: a small compactor, fences"): zipf
+/// ingest with a lookup thread, lookup p99 19–25 µs instead of 28–35 in
+/// the same runs, and fewer bytes per pending ref at the end of ingest,
+/// for 10–15% less in-process ingest throughput (merges done now rather
+/// than by the commit's merge, on the same 2 cores); the durable engine,
+/// bound by its log and commits, was not slower. Levels 0 and 1 (2): no
+/// faster lookups than level 0 alone, for another 10% of uniform ingest.
+/// At a lower CPU weight (nice 5 or 10) it held its level's token while
 /// preempted and lookups were slower than with no small compactor.
-const SMALL_LEVELS: u32 = 2;
+const SMALL_LEVELS: u32 = 1;
 
 /// The small compactor's job: merge generation `g`'s small runs (levels
 /// below [`SMALL_LEVELS`]), whatever the compactor is merging. A merge of
@@ -2994,10 +2997,10 @@ mod tests {
     /// After `settle` no level is due: the small compactor's merges into
     /// the level above ask the compactor to look again. Here the small
     /// compactor is held while 512 buffers of 64 ops are handed off and
-    /// the compactor, kept to the levels from 2 up (as when it finds the
-    /// small levels' tokens taken), finds nothing to do; then the small
-    /// one merges them up to level 2 (the top, due). Without its request
-    /// the top is left due.
+    /// the compactor, kept to the levels above the small compactor's (as
+    /// when it finds their tokens taken), finds nothing to do; then the
+    /// small one merges them into the level above (64 runs, due). Without
+    /// its request that level is left due.
     #[test]
     fn settle_leaves_no_level_due() {
         let lf = LockFreeStore::with_config(1, 64);

@@ -101,7 +101,8 @@
 //! come, kept until the index is cleared) it reads sums instead: the
 //! view's sum of each one's heads over all its runs (kept by the
 //! hand-offs; a compaction leaves it as it is) and, per staging buffer, a
-//! cell where the owner sums the extent's plain ops as it stages them
+//! cell where the owner sums the extent's plain ops and allocations as it
+//! stages them
 //! (written before the op's slot is published, with the op's slot, so a
 //! reader that loads `len` after the cell leaves out an op not published
 //! yet; a cell named in another life of the buffer means a reset, which
@@ -165,7 +166,7 @@ use super::{
     merge_heads, merge_heads_keeping_all, DelayedRefStore, IngestHandle, StampClock, StoreError,
 };
 use crate::head::{Head, HeadSummary, SummaryFold};
-use crate::model::{ExtentKind, Op};
+use crate::model::{Action, ExtentKind, Op};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Ingest shards (handles) available by default.
@@ -229,29 +230,54 @@ struct HotTable {
 /// so no extent starts there).
 pub(super) const HOT_EMPTY: u64 = u64::MAX;
 
-/// The plain ops (ADD_REF or DROP_REF with no extent_op) of one hot
-/// extent staged in a buffer, summed by its owner as it stages them: a
-/// count lookup reads the sum instead of scanning the buffer for the
-/// extent's ops (hundreds per buffer under a skewed load). Any other op of
-/// the extent, or one naming another shape, spoils the cell: lookups then
-/// scan the buffer as before.
+/// The plain ops (ADD_REF or DROP_REF with no extent_op) and the
+/// allocations (ADD_DELAYED_EXTENT with no extent_op) of one hot extent
+/// staged in a buffer, summed by its owner as it stages them: a count
+/// lookup reads the sum instead of scanning the buffer for the extent's
+/// ops (hundreds per buffer under a skewed load). Any other op of the
+/// extent, one naming another shape, or more than [`CELL_ALLOCS_MAX`]
+/// allocations spoil the cell: lookups then scan the buffer as before.
+/// (Allocations are counted because an extent freed and allocated again
+/// within a transaction is common; under the bench's zipf walk a hot tree
+/// block is, every few ops, and spoiled cells made 0.4% of all lookups
+/// scan every buffer: half of those slower than 20 µs.)
 ///
 /// `state` is one word, so a reader loads it whole: [`CELL_SPOILED`],
 /// [`CELL_HAS_OPS`], [`CELL_MULTI`] (more than one op folded), the last
-/// op folded (its slot, bits 40..60, and [`CELL_LAST_DROP`]: its
-/// ref_mod was -1), the kind the ops named (bits 30..40: [`kind_code`])
-/// and the sum of their ref_mods (bits 0..30, two's complement). The
-/// owner folds an op before it publishes the op's slot, so a reader that
-/// then loads `len` and finds the last op's slot unpublished leaves that
-/// op out: a count sees the ops of a published prefix of the buffer, as a
-/// scan of the slots does, never one that a later lookup could miss.
+/// op folded (its slot, bits 40..60, [`CELL_LAST_DROP`]: its ref_mod was
+/// -1, and [`CELL_LAST_ALLOC`]: it was an allocation), the kind the ops
+/// named (bits 30..40: [`kind_code`]), the number of allocations (bits
+/// 24..29) and the sum of the ops' ref_mods (bits 0..24, two's
+/// complement). The owner folds an op before it publishes the op's
+/// slot, so a reader that then loads `len` and finds the last op's slot
+/// unpublished leaves that op out (an allocation: it scans instead): a
+/// count sees the ops of a published prefix of the buffer, as a scan of
+/// the slots does, never one that a later lookup could miss.
 /// `num_bytes` is written once per life of the buffer, before the first
 /// state with `CELL_HAS_OPS` (Release), and never changes while the cell
-/// is whole.
+/// is whole. `allocs` holds the number of allocations and the slot of the
+/// latest (whose words, with its stamp, a reader copies), written before
+/// the state that counts it; a reader whose `allocs` counts another
+/// number than its state (an allocation folded since) scans instead.
 #[derive(Debug, Default)]
 struct HotCell {
     num_bytes: AtomicU64,
     state: AtomicU64,
+    allocs: AtomicU64,
+}
+
+/// What a whole cell says of its extent's ops in a buffer
+/// ([`HotCell::read`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CellSum {
+    num_bytes: u64,
+    kind: ExtentKind,
+    /// The sum of every op's ref_mod, allocations (+1 each) included.
+    total: i64,
+    /// Allocations among the ops.
+    allocs: u16,
+    /// The slot of the latest allocation (`allocs > 0`).
+    latest_alloc: usize,
 }
 
 pub(super) const CELL_SPOILED: u64 = 1 << 63;
@@ -259,13 +285,17 @@ pub(super) const CELL_HAS_OPS: u64 = 1 << 62;
 const CELL_MULTI: u64 = 1 << 61;
 const CELL_LAST_DROP: u64 = 1 << 60;
 const CELL_LAST_SHIFT: u32 = 40;
+const CELL_LAST_ALLOC: u64 = 1 << 29;
+const CELL_ALLOCS_SHIFT: u32 = 24;
+/// Allocations a cell counts (5 bits); one more spoils it.
+const CELL_ALLOCS_MAX: u64 = 31;
 /// Buffers of more ops than this have no cells (a slot index fits the
 /// state's 20 bits).
 const CELL_SLOT_MAX: usize = 1 << 20;
 const CELL_KIND_SHIFT: u32 = 30;
-pub(super) const CELL_SUM_MASK: u64 = (1 << CELL_KIND_SHIFT) - 1;
-/// A cell's sum stays inside its 30 bits: at most [`CELL_SLOT_MAX`] ops.
-const CELL_SUM_MAX: i64 = 1 << 28;
+pub(super) const CELL_SUM_MASK: u64 = (1 << CELL_ALLOCS_SHIFT) - 1;
+/// A cell's sum stays inside its 24 bits: at most [`CELL_SLOT_MAX`] ops.
+const CELL_SUM_MAX: i64 = 1 << 22;
 
 /// An extent kind as a cell's state holds it (10 bits).
 fn kind_code(kind: ExtentKind) -> u64 {
@@ -281,7 +311,11 @@ fn cell_kind(s: u64) -> u64 {
 }
 
 fn cell_sum(s: u64) -> i64 {
-    (((s & CELL_SUM_MASK) << 34) as i64) >> 34
+    (((s & CELL_SUM_MASK) << 40) as i64) >> 40
+}
+
+fn cell_allocs(s: u64) -> u64 {
+    (s >> CELL_ALLOCS_SHIFT) & CELL_ALLOCS_MAX
 }
 
 fn cell_last(s: u64) -> usize {
@@ -289,10 +323,11 @@ fn cell_last(s: u64) -> usize {
 }
 
 impl HotCell {
-    /// The cell's shape and sum over the ops whose slots are published
-    /// (`len`, loaded after the state), `None` when spoiled, `Some(None)`
-    /// when there are none.
-    fn read(&self, len: &AtomicUsize) -> Option<Option<(u64, ExtentKind, i64)>> {
+    /// The cell's shape and sums over the ops whose slots are published
+    /// (`len`, loaded after the state), `None` when spoiled or when an
+    /// allocation is being added (scan the slots), `Some(None)` when there
+    /// are none.
+    fn read(&self, len: &AtomicUsize) -> Option<Option<CellSum>> {
         let s = self.state.load(Ordering::Acquire);
         if s & CELL_SPOILED != 0 {
             return None;
@@ -300,13 +335,27 @@ impl HotCell {
         if s & CELL_HAS_OPS == 0 {
             return Some(None);
         }
-        let mut sum = cell_sum(s);
+        let mut total = cell_sum(s);
         if cell_last(s) >= len.load(Ordering::Acquire) {
             // The last op is being added: not published yet.
+            if s & CELL_LAST_ALLOC != 0 {
+                return None;
+            }
             if s & CELL_MULTI == 0 {
                 return Some(None);
             }
-            sum += if s & CELL_LAST_DROP != 0 { 1 } else { -1 };
+            total += if s & CELL_LAST_DROP != 0 { 1 } else { -1 };
+        }
+        let allocs = cell_allocs(s);
+        let mut latest_alloc = 0;
+        if allocs > 0 {
+            // Written before the state (Release) that counts it: at least
+            // that new. Newer (another allocation since): scan instead.
+            let w = self.allocs.load(Ordering::Relaxed);
+            if w >> 32 != allocs {
+                return None;
+            }
+            latest_alloc = (w & u64::from(u32::MAX)) as usize;
         }
         let kind = match cell_kind(s) {
             0 => ExtentKind::Data,
@@ -314,7 +363,13 @@ impl HotCell {
                 level: u8::try_from(c - 1).ok()?,
             },
         };
-        Some(Some((self.num_bytes.load(Ordering::Relaxed), kind, sum)))
+        Some(Some(CellSum {
+            num_bytes: self.num_bytes.load(Ordering::Relaxed),
+            kind,
+            total,
+            allocs: allocs as u16,
+            latest_alloc,
+        }))
     }
 
     /// Writer only: fold `op` (of the cell's extent), about to be published
@@ -324,29 +379,39 @@ impl HotCell {
         if s & CELL_SPOILED != 0 {
             return;
         }
-        let plain = op.is_plain_ref();
+        let alloc = op.action == Action::AddExtent && op.extent_op.is_none();
         let kind = kind_code(op.kind);
-        let last =
-            (slot as u64) << CELL_LAST_SHIFT | if op.ref_mod() < 0 { CELL_LAST_DROP } else { 0 };
-        let next = if !plain || slot >= CELL_SLOT_MAX {
-            CELL_SPOILED
-        } else if s & CELL_HAS_OPS == 0 {
-            self.num_bytes.store(op.num_bytes, Ordering::Relaxed);
-            CELL_HAS_OPS | last | kind << CELL_KIND_SHIFT | (op.ref_mod() as u64 & CELL_SUM_MASK)
-        } else {
-            let sum = cell_sum(s) + op.ref_mod();
-            let same =
-                cell_kind(s) == kind && self.num_bytes.load(Ordering::Relaxed) == op.num_bytes;
-            if same && sum.abs() < CELL_SUM_MAX {
-                CELL_HAS_OPS
-                    | CELL_MULTI
-                    | last
-                    | kind << CELL_KIND_SHIFT
-                    | (sum as u64 & CELL_SUM_MASK)
-            } else {
+        let last = (slot as u64) << CELL_LAST_SHIFT
+            | if op.ref_mod() < 0 { CELL_LAST_DROP } else { 0 }
+            | if alloc { CELL_LAST_ALLOC } else { 0 };
+        let allocs = cell_allocs(s) + u64::from(alloc);
+        let next =
+            if !(op.is_plain_ref() || alloc) || slot >= CELL_SLOT_MAX || allocs > CELL_ALLOCS_MAX {
                 CELL_SPOILED
-            }
-        };
+            } else {
+                let (sum, same, multi) = if s & CELL_HAS_OPS == 0 {
+                    self.num_bytes.store(op.num_bytes, Ordering::Relaxed);
+                    (op.ref_mod(), true, 0)
+                } else {
+                    let same = cell_kind(s) == kind
+                        && self.num_bytes.load(Ordering::Relaxed) == op.num_bytes;
+                    (cell_sum(s) + op.ref_mod(), same, CELL_MULTI)
+                };
+                if same && sum.abs() < CELL_SUM_MAX {
+                    if alloc {
+                        self.allocs
+                            .store(allocs << 32 | slot as u64, Ordering::Relaxed);
+                    }
+                    CELL_HAS_OPS
+                        | multi
+                        | last
+                        | kind << CELL_KIND_SHIFT
+                        | allocs << CELL_ALLOCS_SHIFT
+                        | (sum as u64 & CELL_SUM_MASK)
+                } else {
+                    CELL_SPOILED
+                }
+            };
         self.state.store(next, Ordering::Release);
     }
 }
@@ -417,11 +482,11 @@ impl Staging {
         }
     }
 
-    /// The sum of the plain ops of `bytenr` whose slots are published, if
-    /// one of the buffer's cells sums them all (`Some(None)`: there are
-    /// none; `None`: no whole cell, scan the slots). Inside a read window:
-    /// a cell named in another life of the buffer means a reset, a change.
-    fn hot_sum(&self, bytenr: u64) -> Option<Option<(u64, ExtentKind, i64)>> {
+    /// The sums of the ops of `bytenr` whose slots are published, if one
+    /// of the buffer's cells sums them all (`Some(None)`: there are none;
+    /// `None`: no whole cell, scan the slots). Inside a read window: a cell
+    /// named in another life of the buffer means a reset, a change.
+    fn hot_sum(&self, bytenr: u64) -> Option<Option<CellSum>> {
         self.hot_cell(bytenr, Ordering::Acquire)?.read(&self.len)
     }
 
@@ -1894,7 +1959,14 @@ impl LockFreeStore {
             for st in &shard.lanes[parity(g)].bufs {
                 if sums {
                     if let Some(sum) = st.hot_sum(bytenr) {
-                        parts.cell_sums.extend(sum);
+                        if let Some(c) = sum {
+                            // The latest allocation as staged (its stamp),
+                            // the others counted.
+                            if c.allocs > 0 {
+                                parts.staged.push(st.words(c.latest_alloc));
+                            }
+                            parts.cell_sums.push(c);
+                        }
                         continue;
                     }
                 }
@@ -2072,9 +2144,9 @@ struct Found<'a> {
     /// Sums over the runs of a view in place of their heads
     /// ([`RunView::hot_summary`]).
     run_sums: Vec<HeadSummary>,
-    /// Sums of a buffer's plain ops in place of them ([`Staging::hot_sum`]):
-    /// shape and ref_mod total.
-    cell_sums: Vec<(u64, ExtentKind, i64)>,
+    /// Sums of a buffer's ops in place of them ([`Staging::hot_sum`]; the
+    /// latest allocation is in `staged`).
+    cell_sums: Vec<CellSum>,
     /// Whether any sum stood in for heads or ops: then `runs` and
     /// `staged` do not hold all of them.
     summed: bool,
@@ -2085,8 +2157,26 @@ impl Found<'_> {
     fn summary(&self) -> Option<HeadSummary> {
         let mut fold = SummaryFold::default();
         self.run_sums.iter().for_each(|&s| fold.summary(s));
-        for &(num_bytes, kind, total) in &self.cell_sums {
-            fold.plain(num_bytes, kind, total);
+        for c in &self.cell_sums {
+            let allocs = i64::from(c.allocs);
+            // The plain ops' sum (an allocation counts +1), in one shape.
+            fold.plain(c.num_bytes, c.kind, c.total - allocs);
+            if c.allocs > 1 {
+                // The allocations before the latest (staged, with its
+                // stamp): counted, their stamps older than its, so any
+                // stamp below it merges the same (the latest defines the
+                // extent); 1 is below every real stamp.
+                fold.summary(HeadSummary {
+                    num_bytes: c.num_bytes,
+                    kind: c.kind,
+                    shape_known: true,
+                    mixed: false,
+                    alloc_stamp: 1,
+                    allocs: c.allocs - 1,
+                    total_ref_mod: allocs - 1,
+                    extent_op: None,
+                });
+            }
         }
         fold_found(
             &mut fold,
@@ -2141,8 +2231,8 @@ struct LookupParts<'g> {
     run_sum: Option<Option<HeadSummary>>,
     /// The raw words of `bytenr`'s staged ops ([`Staging::raw_of`]).
     staged: Vec<Staged>,
-    /// Sums of its plain ops in place of their words ([`Staging::hot_sum`]).
-    cell_sums: Vec<(u64, ExtentKind, i64)>,
+    /// Sums of its ops in place of their words ([`Staging::hot_sum`]).
+    cell_sums: Vec<CellSum>,
     carry: Vec<Head>,
 }
 
@@ -3109,7 +3199,16 @@ mod tests {
         assert_eq!(st.hot_sum(hot), Some(None));
         let fold = |action, slot| st.fold_hot(&data_op(hot, 4096, action, 0), slot);
         let publish = |n| st.len.store(n, Ordering::Release);
-        let sum = |s: i64| Some(Some((4096, ExtentKind::Data, s)));
+        let sums = |total: i64, allocs: u16, latest_alloc: usize| {
+            Some(Some(CellSum {
+                num_bytes: 4096,
+                kind: ExtentKind::Data,
+                total,
+                allocs,
+                latest_alloc,
+            }))
+        };
+        let sum = |s: i64| sums(s, 0, 0);
         fold(Action::AddRef, 0);
         assert_eq!(st.hot_sum(hot), Some(None), "first op, unpublished");
         publish(1);
@@ -3125,8 +3224,85 @@ mod tests {
         assert_eq!(st.hot_sum(hot), sum(1), "an add, unpublished");
         publish(4);
         assert_eq!(st.hot_sum(hot), sum(2));
+        // Allocations are counted, the latest by its slot; one being added
+        // is not summed: the reader scans.
+        fold(Action::AddExtent, 4);
+        assert_eq!(st.hot_sum(hot), None, "an allocation, unpublished");
+        publish(5);
+        assert_eq!(st.hot_sum(hot), sums(3, 1, 4));
+        fold(Action::DropRef, 5);
+        assert_eq!(
+            st.hot_sum(hot),
+            sums(3, 1, 4),
+            "a drop after it, unpublished"
+        );
+        publish(6);
+        fold(Action::AddExtent, 6);
+        publish(7);
+        assert_eq!(st.hot_sum(hot), sums(3, 2, 6));
+        // An `allocs` word newer than the state (an allocation folded
+        // between the reader's loads): scan.
+        let cell = st.hot_cell(hot, Ordering::Relaxed).unwrap();
+        let w = cell.allocs.load(Ordering::Relaxed);
+        cell.allocs.store(3 << 32 | 9, Ordering::Relaxed);
+        assert_eq!(st.hot_sum(hot), None, "allocs counted past the state");
+        cell.allocs.store(w, Ordering::Relaxed);
+        // An allocation with an extent_op spoils the cell.
+        let mut op = data_op(hot, 4096, Action::AddExtent, 0);
+        op.extent_op = Some(crate::model::ExtentOp {
+            flags_to_set: crate::model::BLOCK_FLAG_FULL_BACKREF,
+            key: None,
+        });
+        st.fold_hot(&op, 7);
+        publish(8);
+        assert_eq!(st.hot_sum(hot), None, "spoiled");
         st.reset();
         assert_eq!(st.hot_sum(hot), None, "named again only by the next seed");
+    }
+
+    /// A hot extent freed and allocated again within the buffer, again and
+    /// again (as a hot tree block is): the cells count the allocations,
+    /// and a count lookup equals the head looked up whole after each op,
+    /// the latest allocation's stamp included; past `CELL_ALLOCS_MAX` the
+    /// cell spoils and the buffer is scanned, with the same answer.
+    #[test]
+    fn a_hot_extent_allocated_again_and_again_counts_exactly() {
+        let lf = LockFreeStore::with_config(1, 256);
+        let mut h = lf.handle().unwrap();
+        let hot = 4096 * 7;
+        // One op in 3 is of `hot`: allocated, added to, dropped twice (20
+        // allocations per 256-op buffer), then, from op 1500, allocated
+        // and dropped (40 per buffer: past `CELL_ALLOCS_MAX`).
+        let mut cells_used = 0;
+        for i in 0..3000u64 {
+            let j = i / 3;
+            let cycle = if i < 1500 { 4 } else { 2 };
+            let op = if i % 3 != 0 {
+                data_op(4096 * (100 + i), 4096, Action::AddRef, 0)
+            } else {
+                let action = match (j % cycle, cycle) {
+                    (0, _) => Action::AddExtent,
+                    (1, 4) => Action::AddRef,
+                    _ => Action::DropRef,
+                };
+                data_op(hot, 4096, action, 0)
+            };
+            h.add(&op).unwrap();
+            if i % 3 == 0 {
+                let whole = lf.pending(hot).map(|h| h.summary);
+                assert_eq!(lf.pending_summary(hot), whole, "after op {i}");
+                let live = parity(lf.gen.live());
+                cells_used += lf.shared.shards[0].lanes[live]
+                    .bufs
+                    .iter()
+                    .filter(|b| matches!(b.hot_sum(hot), Some(Some(c)) if c.allocs > 0))
+                    .count();
+            }
+        }
+        assert!(
+            cells_used > 100,
+            "cells with allocations read: {cells_used}"
+        );
     }
 
     /// A count lookup of a hot extent (its plain ops summed by the buffers'

@@ -122,7 +122,9 @@
 //! reuses the buffer, it finds each op once, in a run or in staging; so
 //! does a count lookup of a hot extent, with the view's sum for the runs
 //! and the buffer's hot cell (modelled as `HotCell`, with its key, the
-//! owner's `seed_hot` and `fold_hot` and `reset`, in their orders) for
+//! owner's `seed_hot` and `fold_hot` and `reset`, in their orders; plain
+//! ops only: the allocations a cell counts and the slot copy of the
+//! latest are not modelled) for
 //! the slots, never taking a cell of another life (of its extent or of
 //! another) or a torn one; a
 //! read spoiled once completes in a quiet window within its bound. Loom
@@ -212,12 +214,14 @@ struct Staging {
     /// The generation of the ops of a full buffer, written by the owner
     /// before it marks the buffer full (read by whoever hands it off).
     gen: AtomicU64,
-    /// The cells summing the hot extents' plain ops ([`HotTable`]; none
+    /// The cells summing the hot extents' plain ops and allocations
+    /// ([`HotTable`]; none
     /// for a buffer of more than [`CELL_SLOT_MAX`] ops).
     hot: OnceLock<Box<HotTable>>,
 }
 
-/// A staging buffer's cells: the extents whose plain ops it sums
+/// A staging buffer's cells: the extents whose plain ops and allocations
+/// it sums
 /// ([`HOT_EMPTY`]: none), named by the owner while the buffer is empty
 /// ([`Staging::seed_hot`]) and cleared with `len`, and their sums.
 #[derive(Debug)]
@@ -336,7 +340,8 @@ impl HotCell {
             return Some(None);
         }
         let mut total = cell_sum(s);
-        if cell_last(s) >= len.load(Ordering::Acquire) {
+        let len = len.load(Ordering::Acquire);
+        if cell_last(s) >= len {
             // The last op is being added: not published yet.
             if s & CELL_LAST_ALLOC != 0 {
                 return None;
@@ -352,10 +357,14 @@ impl HotCell {
             // Written before the state (Release) that counts it: at least
             // that new. Newer (another allocation since): scan instead.
             let w = self.allocs.load(Ordering::Relaxed);
-            if w >> 32 != allocs {
+            latest_alloc = (w & u64::from(u32::MAX)) as usize;
+            // Its slot is below `len` when the state is whole (an op
+            // before the last, or the last published); checked all the
+            // same, so that the copy of its words never depends on more
+            // than `len`'s Acquire.
+            if w >> 32 != allocs || latest_alloc >= len {
                 return None;
             }
-            latest_alloc = (w & u64::from(u32::MAX)) as usize;
         }
         let kind = match cell_kind(s) {
             0 => ExtentKind::Data,
@@ -1931,7 +1940,8 @@ impl LockFreeStore {
     /// consistent read (caller wraps it in `read_stable`): the runs of the
     /// generation, unsearched, and the heads of `bytenr`'s staged ops and
     /// carry. With `sums` (a count lookup), a buffer whose cell sums
-    /// `bytenr`'s plain ops gives that sum instead of its ops.
+    /// `bytenr`'s ops gives that sum (and the words of its latest
+    /// allocation) instead of its ops.
     fn lookup_window<'g>(
         &'g self,
         g: u64,
@@ -2165,7 +2175,8 @@ impl Found<'_> {
                 // The allocations before the latest (staged, with its
                 // stamp): counted, their stamps older than its, so any
                 // stamp below it merges the same (the latest defines the
-                // extent); 1 is below every real stamp.
+                // extent); 1 is at or below every real stamp, and below
+                // the latest's (at least 2 when there are two).
                 fold.summary(HeadSummary {
                     num_bytes: c.num_bytes,
                     kind: c.kind,

@@ -56,9 +56,9 @@
 //! into chunks (a `Vec` in the run); the skiplist is the ordered,
 //! concurrently readable, epoch-reclaimed index of the runs. Keys are never
 //! reused and values never replaced, and only the compactor holding a
-//! level's token removes that level's entries, so the known races of crossbeam-skiplist 0.1.3
-//! (`get` missing a key being replaced; `remove` returning `Some` to two
-//! threads) cannot matter here. Measured throughput and memory are in
+//! level's token removes that level's entries, so the known races of
+//! crossbeam-skiplist 0.1.3 (`get` missing a key being replaced; `remove`
+//! returning `Some` to two threads) cannot matter here. Measured throughput and memory are in
 //! `docs/benchmarks.md` (not repeated here: they move with every change).
 //!
 //! # Consistency for readers
@@ -102,8 +102,7 @@
 //! view's sum of each one's heads over all its runs (kept by the
 //! hand-offs; a compaction leaves it as it is) and, per staging buffer, a
 //! cell where the owner sums the extent's plain ops and allocations as it
-//! stages them
-//! (written before the op's slot is published, with the op's slot, so a
+//! stages them (written before the op's slot is published, with the op's slot, so a
 //! reader that loads `len` after the cell leaves out an op not published
 //! yet; a cell named in another life of the buffer means a reset, which
 //! spoils the window). Ingest waits for a reader only at a
@@ -215,14 +214,13 @@ struct Staging {
     /// before it marks the buffer full (read by whoever hands it off).
     gen: AtomicU64,
     /// The cells summing the hot extents' plain ops and allocations
-    /// ([`HotTable`]; none
-    /// for a buffer of more than [`CELL_SLOT_MAX`] ops).
+    /// ([`HotTable`]; none for a buffer of more than [`CELL_SLOT_MAX`]
+    /// ops).
     hot: OnceLock<Box<HotTable>>,
 }
 
 /// A staging buffer's cells: the extents whose plain ops and allocations
-/// it sums
-/// ([`HOT_EMPTY`]: none), named by the owner while the buffer is empty
+/// it sums ([`HOT_EMPTY`]: none), named by the owner while the buffer is empty
 /// ([`Staging::seed_hot`]) and cleared with `len`, and their sums.
 #[derive(Debug)]
 struct HotTable {

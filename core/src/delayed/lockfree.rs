@@ -1701,10 +1701,7 @@ fn hand_off_full(shared: &Arc<Shared>, _g: u64) {
                     let g = lane.hand_off(i, &shared.index[p], &shard.gate, &mut scratch);
                     lane.ring.handed_off(i);
                     shared.hand_offs.fetch_add(1, Ordering::Relaxed);
-                    shared.compactor.request(shared, g, |s| &s.compactor);
-                    shared
-                        .small_compactor
-                        .request(shared, g, |s| &s.small_compactor);
+                    request_compaction(shared, g);
                     any = true;
                 }
             }
@@ -1713,6 +1710,15 @@ fn hand_off_full(shared: &Arc<Shared>, _g: u64) {
             return;
         }
     }
+}
+
+/// Asks both compactors to look at generation `g`'s index: after a
+/// hand-off adds a run (by the hand-off thread or an ingest thread).
+fn request_compaction(shared: &Arc<Shared>, g: u64) {
+    shared.compactor.request(shared, g, |s| &s.compactor);
+    shared
+        .small_compactor
+        .request(shared, g, |s| &s.small_compactor);
 }
 
 /// The compactor's job: merge generation `g`'s runs, lowest level first
@@ -2455,11 +2461,7 @@ impl LockFreeHandle<'_> {
     /// background compactor, outside the gate reference (see
     /// [`TxnIndex::maybe_compact`]).
     fn compact(&self, g: u64) {
-        let shared = &self.store.shared;
-        shared.compactor.request(shared, g, |s| &s.compactor);
-        shared
-            .small_compactor
-            .request(shared, g, |s| &s.small_compactor);
+        request_compaction(&self.store.shared, g);
     }
 }
 

@@ -1514,8 +1514,7 @@ struct Shared {
     /// threads only mark a buffer full and move to the next.
     handoff: Worker,
     /// Merges runs, lowest level first ([`TxnIndex::maybe_compact`]). A
-    /// top-level merge
-    /// rewrites the largest run (hundreds of MB under a million pending
+    /// top-level merge rewrites the largest run (hundreds of MB under a million pending
     /// heads); on an ingest thread it held up that thread's ops for tens
     /// of milliseconds (measured: single SUBMITs of the daemon took up to
     /// 80 ms).
@@ -1848,8 +1847,9 @@ impl LockFreeStore {
         self
     }
 
-    /// Waits until the background compactor has done what it was asked
-    /// (tests and reports that look at the index's shape).
+    /// Waits until the background hand-off and both compactors have done
+    /// what they were asked (tests and reports that look at the index's
+    /// shape).
     pub fn settle(&self) {
         // Each asks the ones after it for work.
         self.shared.handoff.settle();

@@ -12,6 +12,7 @@ mod hist;
 mod hot_extents;
 mod ingest;
 mod load;
+mod merge;
 mod report;
 mod spawn;
 mod wire_trace;
@@ -67,6 +68,10 @@ enum Cmd {
     /// few ops, timed by phase on the core and the durable engine.
     /// Destroys the device's content.
     HotExtents(hot_extents::HotExtentsArgs),
+    /// The background work an op costs after its append: the hand-off's
+    /// run build and the compactor's merge passes, single-threaded on
+    /// synthetic runs, with and without prefetching ahead, alternating.
+    Merge(merge::MergeArgs),
     /// The process `crash` kills (internal).
     #[command(hide = true)]
     CrashChild(crash::ChildArgs),
@@ -102,6 +107,14 @@ fn main() {
                 println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
             } else {
                 hot_extents::print(&r);
+            }
+            Ok(())
+        }),
+        Cmd::Merge(a) => merge::run(a).and_then(|r| {
+            if a.json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                merge::print(&r);
             }
             Ok(())
         }),

@@ -29,6 +29,7 @@ pub(crate) mod fence;
 pub(crate) mod gate;
 pub mod handoff;
 pub mod lockfree;
+pub mod merge_bench;
 pub mod mutex;
 pub(crate) mod packed;
 pub(crate) mod window;

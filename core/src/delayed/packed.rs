@@ -9,6 +9,8 @@
 //! through when only one source has the head, and otherwise merges them in a
 //! reused scratch buffer: no allocation per head.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::fence::{last_at_most_each, Fenced, Fences, Line};
 use crate::head::{DelayedRef, Head, HeadSummary, PendingExtentOp, SummaryFold};
 use crate::model::{Action, DiskKey, ExtentKind, ExtentOp, Op, RefKey, SEQ_MAX};
@@ -614,6 +616,39 @@ impl RunBuilder {
     }
 }
 
+/// How many heads ahead a merge's cursor asks for a head's refs.
+const PREFETCH_REFS_AHEAD: usize = 10;
+
+/// Whether merges and run builds prefetch ahead: on, but for
+/// `refd-bench merge`'s runs without it ([`set_prefetching`]).
+static PREFETCH: AtomicBool = AtomicBool::new(true);
+
+pub(crate) fn prefetching() -> bool {
+    PREFETCH.load(Ordering::Relaxed)
+}
+
+/// Turns prefetching in merges and run builds on or off for the whole
+/// process (`refd-bench merge` measures what it saves; nothing else
+/// turns it off).
+pub(crate) fn set_prefetching(on: bool) {
+    PREFETCH.store(on, Ordering::Relaxed);
+}
+
+/// Asks the CPU to bring the cache line holding `p` into its caches
+/// ahead of a read: a hint, on x86_64 only (elsewhere nothing).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is a hint: it never faults and changes no memory,
+    // whatever the address (`p` may be past its allocation), and SSE is in
+    // the baseline of every x86_64 target.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A cursor over a sorted sequence of chunks (one source of a merge). The
 /// next head's bytenr is cached (`u64::MAX` at the end: bytenr + num_bytes
 /// cannot overflow, so no real head sits there).
@@ -673,6 +708,23 @@ impl<'a> Cursor<'a> {
         let ch: &'a Chunk = self.chunks.get(self.c)?;
         let h = ch.raw(self.i);
         self.i += 1;
+        if prefetching() {
+            // A merge reads 8 or more sources at once, and their next heads'
+            // refs are cache misses the hardware prefetcher does not cover:
+            // ask for the refs of the head `PREFETCH_REFS_AHEAD` on, and the
+            // heads 4x further (measured: section "Issue 13: prefetching in
+            // merges" of docs/benchmarks.md).
+            if let Some(ahead) = ch.heads.get(self.i + PREFETCH_REFS_AHEAD) {
+                let refs = ch.refs.as_ptr().wrapping_add(ahead.ref_end as usize);
+                prefetch(refs);
+                prefetch(refs.cast::<u8>().wrapping_sub(64));
+            }
+            prefetch(
+                ch.heads
+                    .as_ptr()
+                    .wrapping_add(self.i + 4 * PREFETCH_REFS_AHEAD),
+            );
+        }
         self.settle();
         Some(h)
     }
@@ -834,10 +886,21 @@ pub(crate) fn merge_cursors<'a>(
         // Collect the sources whose next head has the lowest bytenr.
         same.clear();
         let bytenr = if linear {
-            let Some(min) = cursors.iter().filter_map(Cursor::peek).min() else {
+            // Branch-free over the (at most 8) sources: the minimum, then a
+            // mask of the sources at it (a finished cursor's next is
+            // `u64::MAX`).
+            let min = cursors.iter().map(|c| c.next).min().unwrap_or(u64::MAX);
+            if min == u64::MAX {
                 break;
-            };
-            same.extend((0..cursors.len()).filter(|&i| cursors[i].peek() == Some(min)));
+            }
+            let mut at_min = cursors
+                .iter()
+                .enumerate()
+                .fold(0u32, |m, (i, c)| m | (u32::from(c.next == min) << i));
+            while at_min != 0 {
+                same.push(at_min.trailing_zeros() as usize);
+                at_min &= at_min - 1;
+            }
             min
         } else {
             let Some(Reverse((min, i))) = heap.pop() else {
@@ -959,6 +1022,12 @@ pub(crate) fn build_run_noting(staged: &[Staged], heavy_min: usize, hot: &[u64])
         let mut summary = SummaryFold::default();
         scratch.clear();
         while i < order.len() && order[i].0 == bytenr {
+            // The ops are read in bytenr order, at random in the buffer.
+            if let Some(&(_, j)) = order.get(i + 8).filter(|_| prefetching()) {
+                let w = staged.as_ptr().wrapping_add(j as usize);
+                prefetch(w);
+                prefetch(w.cast::<u8>().wrapping_add(64));
+            }
             let w = &staged[order[i].1 as usize];
             if let Some((r, ref_mod, kind)) = plain_staged(w) {
                 // Most ops: folded and packed from their words.

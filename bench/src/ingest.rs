@@ -1,10 +1,11 @@
 //! `refd-bench ingest`: ingest throughput, latency, memory and commit time
 //! of the lock-free store and the mutex baseline, side by side in one run.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
@@ -187,6 +188,12 @@ pub struct ImplResult {
     pub p9999_ns: u64,
     /// max.
     pub max_ns: u64,
+    /// CPU time each kind of thread got while ingest ran, ms: `ingest`
+    /// (all ingest threads), `lookups` (`--lookups`), and the store's
+    /// background threads by name (`refd-handoff`, `refd-compact`,
+    /// `refd-compact-s`); from `/proc/.../schedstat` (empty where the
+    /// kernel has none). Where the 2 cores went.
+    pub cpu_ms: std::collections::BTreeMap<String, f64>,
     /// Lookups done by the `--lookups` reader while ingest ran (0: none).
     pub lookups: u64,
     /// Lookup latency p50, ns (`--lookups`).
@@ -234,9 +241,15 @@ fn run_impl<S: DelayedRefStore>(
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    let ingest_cpu_ns = AtomicU64::new(0);
+    let lookup_cpu_ns = AtomicU64::new(0);
+    // The background threads' CPU times when the last ingest thread ends
+    // (taken by that thread: no polling thread beside the load).
+    let background_at_end: Mutex<Option<BTreeMap<String, u64>>> = Mutex::new(None);
     let elapsed = std::thread::scope(|s| {
         for (t, (ops, hist)) in per_thread.iter().zip(hists.iter_mut()).enumerate() {
             let (engine, barrier, ingesting) = (&engine, &barrier, &ingesting);
+            let (cpu_ns, at_end) = (&ingest_cpu_ns, &background_at_end);
             let builder = std::thread::Builder::new().name(format!("ingest-{t}"));
             let spawned = builder.spawn_scoped(s, move || {
                 let mut h = engine.handle().expect("an ingest handle per thread");
@@ -247,6 +260,7 @@ fn run_impl<S: DelayedRefStore>(
                 // never see it.
                 let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ ops.len() as u64;
                 let begun = Instant::now();
+                let cpu_begun = own_cpu_ns();
                 for (i, op) in ops.iter().enumerate() {
                     if thread_rate > 0.0 && i % PACE_OPS == 0 {
                         pace(begun, i, thread_rate);
@@ -264,23 +278,30 @@ fn run_impl<S: DelayedRefStore>(
                         h.add(op).expect("valid op");
                     }
                 }
-                ingesting.fetch_sub(1, Ordering::SeqCst);
+                let cpu = own_cpu_ns().saturating_sub(cpu_begun);
+                cpu_ns.fetch_add(cpu, Ordering::Relaxed);
+                if ingesting.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    *at_end.lock().unwrap_or_else(|e| e.into_inner()) = Some(background_cpu_ns());
+                }
                 slow.print(&format!("ingest-{t}"));
             });
             spawned.expect("spawn an ingest thread");
         }
         if lookups {
             let (engine, barrier, ingesting) = (&engine, &barrier, &ingesting);
-            let hist = &mut lookup_hist;
+            let (hist, cpu_ns) = (&mut lookup_hist, &lookup_cpu_ns);
             let reader = std::thread::Builder::new()
                 .name("lookups".into())
                 .spawn_scoped(s, move || {
-                    lookup_while_ingesting(engine, stream, barrier, ingesting, hist, slow_op)
+                    let begun = own_cpu_ns();
+                    lookup_while_ingesting(engine, stream, barrier, ingesting, hist, slow_op);
+                    cpu_ns.store(own_cpu_ns().saturating_sub(begun), Ordering::Relaxed);
                 });
             reader.expect("spawn the lookup thread");
         }
         barrier.wait();
         let t = Instant::now();
+        let background_before = background_cpu_ns();
         if commit_interval_ms > 0 {
             // Commit on an interval while ingest runs (this thread).
             while ingesting.load(Ordering::SeqCst) > 0 {
@@ -293,9 +314,26 @@ fn run_impl<S: DelayedRefStore>(
             }
         }
         // Scope joins the ingest threads before returning.
-        t
-    })
-    .elapsed();
+        (t, background_before)
+    });
+    let (t, background_before) = elapsed;
+    let elapsed = t.elapsed();
+    let background_after = background_at_end
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_default();
+    let background_cpu = background_after.into_iter().map(|(name, ns)| {
+        let before = background_before.get(&name).copied().unwrap_or(0);
+        (name, ns.saturating_sub(before))
+    });
+    let mut cpu_ms: BTreeMap<String, f64> = background_cpu
+        .into_iter()
+        .map(|(name, ns)| (name, ns as f64 / 1e6))
+        .collect();
+    cpu_ms.insert("ingest".into(), ingest_cpu_ns.into_inner() as f64 / 1e6);
+    if lookups {
+        cpu_ms.insert("lookups".into(), lookup_cpu_ns.into_inner() as f64 / 1e6);
+    }
     let commits_during = seals.len();
     let store_bytes = (live_bytes() - before) as i64;
     let layout = engine.store().layout();
@@ -357,6 +395,7 @@ fn run_impl<S: DelayedRefStore>(
         p999_ns: hist.value_at_quantile(0.999),
         p9999_ns: hist.value_at_quantile(0.9999),
         max_ns: hist.max(),
+        cpu_ms,
         lookups: lookup_hist.len(),
         lookup_p50_ns: lookup_hist.value_at_quantile(0.5),
         lookup_p99_ns: lookup_hist.value_at_quantile(0.99),
@@ -641,6 +680,40 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Nanoseconds the calling thread has run on a CPU
+/// (`/proc/thread-self/schedstat`'s first field; 0 where there is none).
+fn own_cpu_ns() -> u64 {
+    schedstat_ns(std::path::Path::new("/proc/thread-self/schedstat")).unwrap_or(0)
+}
+
+fn schedstat_ns(path: &std::path::Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Nanoseconds each of this process's store background threads (named
+/// `refd-...`) has run on a CPU, summed by name.
+fn background_cpu_ns() -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let name = name.trim();
+        if !name.starts_with("refd-") {
+            continue;
+        }
+        if let Some(ns) = schedstat_ns(&dir.join("schedstat")) {
+            *by_name.entry(name.to_string()).or_insert(0) += ns;
+        }
+    }
+    by_name
+}
+
 fn print_table(args: &IngestArgs, ops: usize, results: &[ImplResult], ratio: Option<f64>) {
     println!(
         "ingest: workload {:?}{}, {} ops, {} threads{}, {} round(s), latency sampled 1/{}",
@@ -706,6 +779,20 @@ fn print_table(args: &IngestArgs, ops: usize, results: &[ImplResult], ratio: Opt
             r.commits_during + 1,
             r.commits_during
         );
+        if !r.cpu_ms.is_empty() {
+            let total: f64 = r.cpu_ms.values().sum();
+            let parts: Vec<String> = r
+                .cpu_ms
+                .iter()
+                .filter(|(_, ms)| **ms > 0.0)
+                .map(|(name, ms)| format!("{name} {ms:.0} ms ({:.0} ns/op)", ms * 1e6 / ops as f64))
+                .collect();
+            println!(
+                "          cpu during ingest: {}; {total:.0} ms of {:.0} ms wall",
+                parts.join(", "),
+                r.ingest_s * 1e3
+            );
+        }
         if r.lookups > 0 {
             println!(
                 "          lookups under ingest: {} done, p50 {} ns, p99 {} ns, p99.99 {} ns, max {} ns",

@@ -189,10 +189,14 @@ pub struct ImplResult {
     /// max.
     pub max_ns: u64,
     /// CPU time each kind of thread got while ingest ran, ms: `ingest`
-    /// (all ingest threads), `lookups` (`--lookups`), and the store's
-    /// background threads by name (`refd-handoff`, `refd-compact`,
-    /// `refd-compact-s`); from `/proc/.../schedstat` (empty where the
-    /// kernel has none). Where the 2 cores went.
+    /// (all ingest threads), `lookups` (`--lookups`), `main` (the commits
+    /// of `--commit-interval-ms`) and the threads named `refd-...` by
+    /// name: the store's background threads (`refd-handoff`,
+    /// `refd-compact`, `refd-compact-s`), and a commit's `refd-run-N` and
+    /// `refd-drop` or `--resched-tick-us`'s `refd-tick-N` where they ran
+    /// (a thread that ended before ingest did is not counted); from
+    /// `/proc/.../schedstat` (empty where the kernel has none). Where the
+    /// 2 cores went.
     pub cpu_ms: std::collections::BTreeMap<String, f64>,
     /// Lookups done by the `--lookups` reader while ingest ran (0: none).
     pub lookups: u64,
@@ -245,7 +249,7 @@ fn run_impl<S: DelayedRefStore>(
     let lookup_cpu_ns = AtomicU64::new(0);
     // The background threads' CPU times when the last ingest thread ends
     // (taken by that thread: no polling thread beside the load).
-    let background_at_end: Mutex<Option<BTreeMap<String, u64>>> = Mutex::new(None);
+    let background_at_end: Mutex<Option<BTreeMap<u64, (String, u64)>>> = Mutex::new(None);
     let elapsed = std::thread::scope(|s| {
         for (t, (ops, hist)) in per_thread.iter().zip(hists.iter_mut()).enumerate() {
             let (engine, barrier, ingesting) = (&engine, &barrier, &ingesting);
@@ -278,8 +282,9 @@ fn run_impl<S: DelayedRefStore>(
                         h.add(op).expect("valid op");
                     }
                 }
-                let cpu = own_cpu_ns().saturating_sub(cpu_begun);
-                cpu_ns.fetch_add(cpu, Ordering::Relaxed);
+                if let (Some(end), Some(begun)) = (own_cpu_ns(), cpu_begun) {
+                    cpu_ns.fetch_add(end.saturating_sub(begun), Ordering::Relaxed);
+                }
                 if ingesting.fetch_sub(1, Ordering::SeqCst) == 1 {
                     *at_end.lock().unwrap_or_else(|e| e.into_inner()) = Some(background_cpu_ns());
                 }
@@ -295,13 +300,17 @@ fn run_impl<S: DelayedRefStore>(
                 .spawn_scoped(s, move || {
                     let begun = own_cpu_ns();
                     lookup_while_ingesting(engine, stream, barrier, ingesting, hist, slow_op);
-                    cpu_ns.store(own_cpu_ns().saturating_sub(begun), Ordering::Relaxed);
+                    if let (Some(end), Some(begun)) = (own_cpu_ns(), begun) {
+                        cpu_ns.store(end.saturating_sub(begun), Ordering::Relaxed);
+                    }
                 });
             reader.expect("spawn the lookup thread");
         }
+        // Before the barrier: the background threads are idle (or not
+        // started) until ingest begins.
+        let background_before = background_cpu_ns();
         barrier.wait();
         let t = Instant::now();
-        let background_before = background_cpu_ns();
         if commit_interval_ms > 0 {
             // Commit on an interval while ingest runs (this thread).
             while ingesting.load(Ordering::SeqCst) > 0 {
@@ -322,17 +331,17 @@ fn run_impl<S: DelayedRefStore>(
         .into_inner()
         .unwrap_or_else(|e| e.into_inner())
         .unwrap_or_default();
-    let background_cpu = background_after.into_iter().map(|(name, ns)| {
-        let before = background_before.get(&name).copied().unwrap_or(0);
-        (name, ns.saturating_sub(before))
-    });
+    let background_cpu = background_cpu_between(&background_before, background_after);
     let mut cpu_ms: BTreeMap<String, f64> = background_cpu
         .into_iter()
         .map(|(name, ns)| (name, ns as f64 / 1e6))
         .collect();
-    cpu_ms.insert("ingest".into(), ingest_cpu_ns.into_inner() as f64 / 1e6);
-    if lookups {
-        cpu_ms.insert("lookups".into(), lookup_cpu_ns.into_inner() as f64 / 1e6);
+    // Only where the kernel keeps per-thread CPU times.
+    if own_cpu_ns().is_some() {
+        cpu_ms.insert("ingest".into(), ingest_cpu_ns.into_inner() as f64 / 1e6);
+        if lookups {
+            cpu_ms.insert("lookups".into(), lookup_cpu_ns.into_inner() as f64 / 1e6);
+        }
     }
     let commits_during = seals.len();
     let store_bytes = (live_bytes() - before) as i64;
@@ -681,9 +690,10 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
 }
 
 /// Nanoseconds the calling thread has run on a CPU
-/// (`/proc/thread-self/schedstat`'s first field; 0 where there is none).
-fn own_cpu_ns() -> u64 {
-    schedstat_ns(std::path::Path::new("/proc/thread-self/schedstat")).unwrap_or(0)
+/// (`/proc/thread-self/schedstat`'s first field; `None` where there is
+/// none).
+fn own_cpu_ns() -> Option<u64> {
+    schedstat_ns(std::path::Path::new("/proc/thread-self/schedstat"))
 }
 
 fn schedstat_ns(path: &std::path::Path) -> Option<u64> {
@@ -691,25 +701,55 @@ fn schedstat_ns(path: &std::path::Path) -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
-/// Nanoseconds each of this process's store background threads (named
-/// `refd-...`) has run on a CPU, summed by name.
-fn background_cpu_ns() -> BTreeMap<String, u64> {
-    let mut by_name = BTreeMap::new();
+/// The main thread (as `main`) and each of this process's threads named
+/// `refd-...` (the store's background threads, and a commit's run
+/// workers `refd-run-N`, `refd-drop` or the reschedule tick's
+/// `refd-tick-N` where they run) by thread id: its name and the
+/// nanoseconds it has run on a CPU.
+fn background_cpu_ns() -> BTreeMap<u64, (String, u64)> {
+    let mut by_tid = BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return by_name;
+        return by_tid;
     };
     for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
         let dir = task.path();
         let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
             continue;
         };
-        let name = name.trim();
-        if !name.starts_with("refd-") {
+        // The main thread (named after the binary) commits with
+        // `--commit-interval-ms`, and sleeps otherwise.
+        let name = if tid == u64::from(std::process::id()) {
+            "main"
+        } else {
+            name.trim()
+        };
+        if name != "main" && !name.starts_with("refd-") {
             continue;
         }
         if let Some(ns) = schedstat_ns(&dir.join("schedstat")) {
-            *by_name.entry(name.to_string()).or_insert(0) += ns;
+            by_tid.insert(tid, (name.to_string(), ns));
         }
+    }
+    by_tid
+}
+
+/// The CPU each `refd-...` thread got between two [`background_cpu_ns`]
+/// snapshots, summed by name: a thread started since counts from 0; one
+/// that ended between them is not seen.
+fn background_cpu_between(
+    before: &BTreeMap<u64, (String, u64)>,
+    after: BTreeMap<u64, (String, u64)>,
+) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    for (tid, (name, ns)) in after {
+        let was = before
+            .get(&tid)
+            .filter(|(n, _)| *n == name)
+            .map_or(0, |(_, ns)| *ns);
+        *by_name.entry(name).or_insert(0) += ns.saturating_sub(was);
     }
     by_name
 }

@@ -78,6 +78,12 @@ pub fn run(a: &MergeArgs) -> Result<MergeResult, String> {
             eprintln!("merge: {shape} ...");
         }
     });
+    if let Some(t) = timings.iter().find(|t| !t.heads_agree) {
+        return Err(format!(
+            "{}: passes put out different head counts with and without prefetching (a bug)",
+            t.shape
+        ));
+    }
     let shapes = timings
         .into_iter()
         .map(|t| {

@@ -709,11 +709,13 @@ impl<'a> Cursor<'a> {
         let h = ch.raw(self.i);
         self.i += 1;
         if prefetching() {
-            // A merge reads 8 or more sources at once, and their next heads'
-            // refs are cache misses the hardware prefetcher does not cover:
-            // ask for the refs of the head `PREFETCH_REFS_AHEAD` on, and the
-            // heads 4x further (measured: section "Issue 13: prefetching in
-            // merges" of docs/benchmarks.md).
+            // A merge of many sources (a commit's: 64 and more) reads too
+            // many streams for the hardware prefetcher: ask for the two
+            // lines around the end of the refs of the head
+            // `PREFETCH_REFS_AHEAD` on (the start of the next one's), and
+            // for the heads 4x further (measured: section "Issue 13: the
+            // merge pass" of docs/benchmarks.md; with 8 sources it changes
+            // nothing measurable).
             if let Some(ahead) = ch.heads.get(self.i + PREFETCH_REFS_AHEAD) {
                 let refs = ch.refs.as_ptr().wrapping_add(ahead.ref_end as usize);
                 prefetch(refs);
@@ -886,9 +888,9 @@ pub(crate) fn merge_cursors<'a>(
         // Collect the sources whose next head has the lowest bytenr.
         same.clear();
         let bytenr = if linear {
-            // Branch-free over the (at most 8) sources: the minimum, then a
-            // mask of the sources at it (a finished cursor's next is
-            // `u64::MAX`).
+            // Over the (at most 8) sources, no branch per source: the
+            // minimum in one pass, then a bit mask of the sources at it,
+            // in ascending order (a finished cursor's next is `u64::MAX`).
             let min = cursors.iter().map(|c| c.next).min().unwrap_or(u64::MAX);
             if min == u64::MAX {
                 break;

@@ -1035,7 +1035,9 @@ mod loom_tests {
     /// before `len` and every later state, which order it for a reader
     /// that takes a sum). With the `allocs` word stored after the state,
     /// or the state stored Relaxed, and `len` loaded Relaxed too, it
-    /// reports.
+    /// reports. The ring's `activate` fence is not needed here (the owner
+    /// empties the buffer itself, in its own bracket, before it reuses
+    /// it): case 2 checks that fence.
     fn allocations_counted(alloc_ops: u64) {
         let idx = Arc::new(Index::with_bufs(Vec::new(), [0; 3], || {
             Buf::new(true, HOT, 2, alloc_ops)

@@ -112,7 +112,8 @@
 //! This read/change protocol is model-checked with loom
 //! (`window::loom_tests`, `run_view_*`): the real counters, brackets,
 //! read windows and ring (`handoff::Ring`), with the view, the
-//! runs, a one-slot staging buffer and crossbeam-epoch modelled. A lookup
+//! runs, a staging buffer (of one slot, or two) and crossbeam-epoch
+//! modelled. A lookup
 //! that pins, reads the view in a window and dereferences its runs after
 //! it, against a compaction that removes runs and republishes the view
 //! (and any thread collecting garbage meanwhile), never reads a freed run
@@ -120,20 +121,25 @@
 //! publishes a run and empties the buffer in one change while the owner
 //! reuses the buffer, it finds each op once, in a run or in staging; so
 //! does a count lookup of a hot extent, with the view's sum for the runs
-//! and the buffer's hot cell (modelled as `HotCell`, with its key, the
-//! owner's `seed_hot` and `fold_hot` and `reset`, in their orders; plain
-//! ops only: the allocations a cell counts and the slot copy of the
-//! latest are not modelled) for
-//! the slots, never taking a cell of another life (of its extent or of
-//! another) or a torn one; a
+//! and the buffer's hot cell (modelled as `HotCell`, with its key and
+//! `allocs` word, the owner's `seed_hot` and `fold_hot` and `reset`, in
+//! their orders, and the reader's copy of the latest allocation's slot)
+//! for the slots, never taking a cell of another life (of its extent or
+//! of another) or a torn one, and counting the plain ops and
+//! allocations, the latest one's stamp included, of a prefix of the ops
+//! that a lookup right after it finds too; a
 //! read spoiled once completes in a quiet window within its bound. Loom
 //! reports a missing fence (`begin_change`'s, `try_read`'s, the ring's
 //! `activate`), a check of `started` before the read instead of after,
 //! a pin taken after the window, and of the cells: a reset that leaves
 //! the state, a cell read after the window, the state stored or loaded
-//! Relaxed, `num_bytes` stored after the state, an extent named after
+//! Relaxed, the unpublished last op counted, an extent named after
 //! the buffer's first op, a name stored Relaxed with the ring's fence
-//! missing too (`docs/design.md`).
+//! missing too, the `allocs` word loaded before the state or its count
+//! not compared with the state's, both the `CELL_LAST_ALLOC` and the
+//! slot-below-`len` checks dropped, the latest allocation's slot copied
+//! after the window (`docs/design.md`, which says what it passes and
+//! why).
 //!
 //! # Transaction hand-off
 //!
@@ -261,6 +267,9 @@ pub(super) const HOT_EMPTY: u64 = u64::MAX;
 /// latest (whose words, with its stamp, a reader copies), written before
 /// the state that counts it; a reader whose `allocs` counts another
 /// number than its state (an allocation folded since) scans instead.
+/// These orders are model-checked with loom, allocations and the copy of
+/// the latest one's slot included (`window::loom_tests`,
+/// `run_view_hot_cell_counts_*`).
 #[derive(Debug, Default)]
 struct HotCell {
     num_bytes: AtomicU64,
@@ -284,13 +293,13 @@ struct CellSum {
 
 pub(super) const CELL_SPOILED: u64 = 1 << 63;
 pub(super) const CELL_HAS_OPS: u64 = 1 << 62;
-const CELL_MULTI: u64 = 1 << 61;
+pub(super) const CELL_MULTI: u64 = 1 << 61;
 const CELL_LAST_DROP: u64 = 1 << 60;
-const CELL_LAST_SHIFT: u32 = 40;
-const CELL_LAST_ALLOC: u64 = 1 << 29;
-const CELL_ALLOCS_SHIFT: u32 = 24;
+pub(super) const CELL_LAST_SHIFT: u32 = 40;
+pub(super) const CELL_LAST_ALLOC: u64 = 1 << 29;
+pub(super) const CELL_ALLOCS_SHIFT: u32 = 24;
 /// Allocations a cell counts (5 bits); one more spoils it.
-const CELL_ALLOCS_MAX: u64 = 31;
+pub(super) const CELL_ALLOCS_MAX: u64 = 31;
 /// Buffers of more ops than this have no cells (a slot index fits the
 /// state's 20 bits).
 const CELL_SLOT_MAX: usize = 1 << 20;
@@ -316,11 +325,11 @@ fn cell_sum(s: u64) -> i64 {
     (((s & CELL_SUM_MASK) << 40) as i64) >> 40
 }
 
-fn cell_allocs(s: u64) -> u64 {
+pub(super) fn cell_allocs(s: u64) -> u64 {
     (s >> CELL_ALLOCS_SHIFT) & CELL_ALLOCS_MAX
 }
 
-fn cell_last(s: u64) -> usize {
+pub(super) fn cell_last(s: u64) -> usize {
     ((s >> CELL_LAST_SHIFT) & (CELL_SLOT_MAX as u64 - 1)) as usize
 }
 

@@ -34,7 +34,11 @@
 //! in place of its slots: a cell it takes holds each op of its buffer's
 //! current life once and none of another life (of the same extent, or of
 //! another: `run_view_handoff_hot_cell_of_another_extent`), and is never
-//! torn.
+//! torn; with buffers of two slots, allocations among the ops
+//! (`run_view_hot_cell_counts_*`), it counts the ops, the allocations and
+//! the latest allocation's stamp (from the slot it copies) of a prefix
+//! of the ops, as a scan of the slots would, and never an op that a
+//! lookup right after it misses.
 //!
 //! What loom does not check: that no change begins in a quiet window once
 //! a read in it saw none in progress (the Dekker pattern above). Loom
@@ -187,11 +191,14 @@ mod loom_tests {
     //! (`RunView::chunks_may_hold`). What is modelled: the view (one of a
     //! few `UnsafeCell`s, published by a `swap` as `publish_view` does),
     //! the runs (an `UnsafeCell` each: the ops it holds, one bit an op),
-    //! a staging buffer (one slot, ordered as `lockfree::Staging`, and
-    //! for count lookups one hot cell beside it, ordered as
-    //! `lockfree::HotCell`), each view's hot sum (`RunView::hot`: built
-    //! and freed with the view), the writers' lock (`lock_runs`) and
-    //! crossbeam-epoch ([`Epochs`]). Freeing a run or a view writes it:
+    //! a staging buffer (one slot, or two for the cells' allocations,
+    //! ordered as `lockfree::Staging`, and for count lookups one hot cell
+    //! beside it, ordered as `lockfree::HotCell`: its state laid out as
+    //! the real one, with `CELL_MULTI`, the last op's slot,
+    //! `CELL_LAST_ALLOC` and the allocation count, its `allocs` word, and
+    //! the reader's copy of the latest allocation's slot), each view's hot
+    //! sum (`RunView::hot`: built and freed with the view), the writers'
+    //! lock (`lock_runs`) and crossbeam-epoch ([`Epochs`]). Freeing a run or a view writes it:
     //! loom reports a read that is not ordered before the free, and the
     //! reader asserts it never reads a freed one.
     //!
@@ -201,13 +208,22 @@ mod loom_tests {
     //! another shape (one store of the state, ordered as the sums), the
     //! hashing of extents to cells (two slots each; the model has one
     //! cell, which two lives of a buffer name for the same extent, or for
-    //! two: `run_view_handoff_hot_cell_of_another_extent`).
+    //! two: `run_view_handoff_hot_cell_of_another_extent`), an op's kind
+    //! and its decoding (a slot is one word, the op's bit, which stands
+    //! for its words and stamp; a real slot's words are copied raw and
+    //! decoded after the window), `CELL_ALLOCS_MAX` (past it the state
+    //! spoils, one store as any) and `SummaryFold` (the model tallies what
+    //! a lookup found, [`Tally`]).
     use super::super::handoff::{Ring, Rotate, STAGING_RING};
-    use super::super::lockfree::{CELL_HAS_OPS, CELL_SPOILED, CELL_SUM_MASK, HOT_EMPTY};
+    use super::super::lockfree::{
+        cell_allocs, cell_last, CELL_ALLOCS_MAX, CELL_ALLOCS_SHIFT, CELL_HAS_OPS, CELL_LAST_ALLOC,
+        CELL_LAST_SHIFT, CELL_MULTI, CELL_SPOILED, CELL_SUM_MASK, HOT_EMPTY,
+    };
     use super::*;
     use loom::cell::UnsafeCell;
     use loom::sync::{Arc, Mutex};
     use loom::thread;
+    use std::ops::RangeInclusive;
 
     /// A freed run's ops.
     const FREED: u64 = u64::MAX;
@@ -280,94 +296,176 @@ mod loom_tests {
         }
     }
 
-    /// A staging buffer of one slot, ordered as `lockfree::Staging`: the
-    /// owner writes the slot and the filter bit (relaxed), then the length
-    /// (Release); a reader loads the length (Acquire), the filter, the
-    /// slot; a reset stores the length (SeqCst), then clears the filter
-    /// (relaxed).
+    /// A staging buffer of `cap` slots (one or two), ordered as
+    /// `lockfree::Staging`: the owner writes a slot and the filter bit
+    /// (relaxed), then the length (Release); a reader loads the length
+    /// (Acquire), the filter, the slots below it; a reset stores the length
+    /// (SeqCst), then clears the filter (relaxed). A slot holds its op's
+    /// bit, which stands for its words, stamp included (op `k`, bit
+    /// `k - 1`, has stamp `k`).
     ///
     /// With `hot`, the buffer also has one hot cell (`Staging::hot_keys`
     /// and `hot_cells`, a `HotCell`) for the hot extent of its first op
-    /// (op 1 is a plain op of [`HOT`], op 0 of `op0_extent`, both of
-    /// [`HOT_NUM_BYTES`]), ordered as the real one: the owner names the
+    /// (op 0 is of `op0_extent`, every other of [`HOT`], all of
+    /// [`HOT_NUM_BYTES`]; the ops in `alloc_ops` are allocations, the
+    /// others plain ops), ordered as the real one: the owner names the
     /// extent while the buffer is empty (`Staging::seed_hot`: the key,
     /// Release), then for each op writes its slot and filter bit, folds
-    /// the op into the cell (`HotCell::fold`: `num_bytes` relaxed, then
-    /// the state, Release) and publishes the length; a reset empties the
-    /// cell with the length (key and state, relaxed); a count lookup
-    /// loads the key (Acquire), the state (Acquire), the length (Acquire:
-    /// the last op folded is left out while its slot is unpublished),
-    /// then `num_bytes` (relaxed), and takes the cell's sum (the ops' bits added, as the
-    /// real cell adds their ref_mods) in place of the slot, if the cell
-    /// names [`HOT`], the extent it looks up; else the slot's ops of it.
+    /// the op into the cell (`HotCell::fold`: `num_bytes` relaxed, an
+    /// allocation's `allocs` word relaxed, then the state, Release) and
+    /// publishes the length; a reset empties the cell with the length (key
+    /// and state, relaxed; `num_bytes` and `allocs` are left, as the real
+    /// reset leaves them); a count lookup loads the key (Acquire), the
+    /// state (Acquire), the length (Acquire: the last op folded is left
+    /// out while its slot is unpublished, and an allocation being added
+    /// makes it scan), the `allocs` word (relaxed: it scans if its count
+    /// is not the state's, or its slot is not below the length) and
+    /// `num_bytes` (relaxed), and copies the latest allocation's slot, all
+    /// in its window (`HotCell::read`, then `LockFreeStore::lookup_window`
+    /// copies `Staging::words`). The cell's state is laid out as the real
+    /// one, with the model's ref_mods (the ops' bits) for the sum: the
+    /// last op's ref_mod, which the real state keeps as `CELL_LAST_DROP`
+    /// for a reader to leave it out, is the sum's highest bit (a life of
+    /// the buffer folds its ops in order).
     struct Buf {
         len: AtomicU64,
         filter: AtomicU64,
-        slot: AtomicU64,
+        slots: [AtomicU64; SLOTS_MAX],
+        /// Ops the buffer holds before it is full.
+        cap: usize,
         /// Whether the owner sums the hot extents' ops in the cell.
         hot: bool,
-        /// The extent of op 0 (op 1's is [`HOT`]).
+        /// The extent of op 0 (the others' is [`HOT`]).
         op0_extent: u64,
+        /// The ops that are allocations, as bits.
+        alloc_ops: u64,
         /// `Staging::hot_keys` (one).
         hot_key: AtomicU64,
         /// `HotCell::num_bytes`.
         cell_num_bytes: AtomicU64,
-        /// `HotCell::state`: [`CELL_HAS_OPS`] and the sum.
+        /// `HotCell::state`.
         cell_state: AtomicU64,
+        /// `HotCell::allocs`: the number of allocations << 32 | the slot
+        /// of the latest.
+        cell_allocs: AtomicU64,
     }
+
+    /// Slots of a model buffer, at most.
+    const SLOTS_MAX: usize = 2;
 
     /// What a count lookup read of a buffer in its window.
     #[derive(Clone, Copy, Debug)]
     enum Counted {
-        /// The ops of its slot (`Staging::raw_of`).
+        /// The ops of its slots (`Staging::raw_of`).
         Slots(u64),
-        /// The sum of its cell (`Staging::hot_sum`), with the cell's
-        /// `num_bytes` when it has ops.
-        Cell(u64, Option<u64>),
+        /// The sums of its cell (`Staging::hot_sum`), with the latest
+        /// allocation's slot as copied, and the cell's `num_bytes` when it
+        /// has ops.
+        Cell(Tally, Option<u64>),
     }
 
     impl Counted {
         fn ops(self) -> u64 {
             match self {
-                Counted::Slots(ops) | Counted::Cell(ops, _) => ops,
+                Counted::Slots(ops) => ops,
+                Counted::Cell(tally, _) => tally.ops,
+            }
+        }
+
+        /// What it says of the hot extent's ops (`alloc_ops`: those that
+        /// are allocations): a scan's slots are tallied as
+        /// `lockfree::SummaryFold` folds them.
+        fn tally(self, alloc_ops: u64) -> Tally {
+            match self {
+                Counted::Slots(ops) => Tally::of(ops, alloc_ops),
+                Counted::Cell(tally, _) => tally,
             }
         }
     }
 
+    /// A count of the hot extent (`lockfree::HeadSummary`, for the model's
+    /// ops): which ops it holds (their sum), how many of them are
+    /// allocations, and the latest allocation (its bit; 0: none), whose
+    /// stamp defines the extent.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    struct Tally {
+        ops: u64,
+        allocs: u64,
+        latest: u64,
+    }
+
+    impl Tally {
+        /// The tally of `ops`, those of `alloc_ops` allocations.
+        fn of(ops: u64, alloc_ops: u64) -> Tally {
+            let allocs = ops & alloc_ops;
+            Tally {
+                ops,
+                allocs: u64::from(allocs.count_ones()),
+                latest: highest_bit(allocs),
+            }
+        }
+
+        /// Two counts of disjoint ops merged (as `SummaryFold` merges
+        /// summaries: the latest allocation's stamp wins).
+        fn merge(self, other: Tally) -> Tally {
+            assert_eq!(
+                self.ops & other.ops,
+                0,
+                "an op found twice: {self:?} {other:?}"
+            );
+            Tally {
+                ops: self.ops | other.ops,
+                allocs: self.allocs + other.allocs,
+                latest: self.latest.max(other.latest),
+            }
+        }
+    }
+
+    /// The highest bit of `x` (0 if none).
+    fn highest_bit(x: u64) -> u64 {
+        x.checked_ilog2().map_or(0, |b| 1 << b)
+    }
+
     impl Buf {
-        fn new(hot: bool, op0_extent: u64) -> Buf {
+        fn new(hot: bool, op0_extent: u64, cap: usize, alloc_ops: u64) -> Buf {
+            assert!((1..=SLOTS_MAX).contains(&cap));
             Buf {
                 len: AtomicU64::new(0),
                 filter: AtomicU64::new(0),
-                slot: AtomicU64::new(0),
+                slots: std::array::from_fn(|_| AtomicU64::new(0)),
+                cap,
                 hot,
                 op0_extent,
+                alloc_ops,
                 hot_key: AtomicU64::new(HOT_EMPTY),
                 cell_num_bytes: AtomicU64::new(0),
                 cell_state: AtomicU64::new(0),
+                cell_allocs: AtomicU64::new(0),
             }
         }
 
         /// Owner: append `op` (`LockFreeHandle::append`, `Staging::note`,
-        /// and with `hot` `Staging::seed_hot` first, the buffer being
+        /// and with `hot` `Staging::seed_hot` first if the buffer is
         /// empty, and `Staging::fold_hot` before the length).
         fn append(&self, op: u64) {
-            assert_eq!(
-                self.len.load(Ordering::Relaxed),
-                0,
-                "append to a full buffer"
-            );
-            if self.hot {
+            let n = self.len.load(Ordering::Relaxed) as usize;
+            assert!(n < self.cap, "append to a full buffer");
+            if self.hot && n == 0 {
                 self.seed_hot(self.extent_of(op));
             }
-            self.slot.store(op, Ordering::Relaxed);
+            self.slots[n].store(op, Ordering::Relaxed);
             if self.filter.load(Ordering::Relaxed) != 1 {
                 self.filter.store(1, Ordering::Relaxed);
             }
             if self.hot {
-                self.fold_hot(op);
+                self.fold_hot(op, n);
             }
-            self.len.store(1, Ordering::Release);
+            self.len.store(n as u64 + 1, Ordering::Release);
+        }
+
+        /// Whether the buffer holds `cap` ops (the owner's view).
+        fn full(&self) -> bool {
+            self.len.load(Ordering::Relaxed) as usize == self.cap
         }
 
         /// The extent of `op`.
@@ -382,9 +480,9 @@ mod loom_tests {
         /// The ops of [`HOT`], as bits.
         fn hot_ops(&self) -> u64 {
             if self.op0_extent == HOT {
-                0b11
+                u64::MAX
             } else {
-                0b10
+                !0b01
             }
         }
 
@@ -397,9 +495,12 @@ mod loom_tests {
             }
         }
 
-        /// `Staging::fold_hot` and `HotCell::fold` of a plain op of
-        /// [`HOT_NUM_BYTES`] (`op`: its bit, the model's ref_mod).
-        fn fold_hot(&self, op: u64) {
+        /// `Staging::fold_hot` and `HotCell::fold` of an op of
+        /// [`HOT_NUM_BYTES`] (`op`: its bit, the model's ref_mod) about to
+        /// be published in slot `slot`: a plain op, or an allocation
+        /// (`alloc_ops`), whose count and slot go to the `allocs` word
+        /// before the state that counts it.
+        fn fold_hot(&self, op: u64, slot: usize) {
             if self.hot_key.load(Ordering::Relaxed) != self.extent_of(op) {
                 return;
             }
@@ -407,13 +508,28 @@ mod loom_tests {
             if s & CELL_SPOILED != 0 {
                 return;
             }
-            let next = if s & CELL_HAS_OPS == 0 {
-                self.cell_num_bytes.store(HOT_NUM_BYTES, Ordering::Relaxed);
-                CELL_HAS_OPS | op
-            } else if self.cell_num_bytes.load(Ordering::Relaxed) == HOT_NUM_BYTES {
-                s + op
-            } else {
+            let alloc = op & self.alloc_ops != 0;
+            let last = (slot as u64) << CELL_LAST_SHIFT | if alloc { CELL_LAST_ALLOC } else { 0 };
+            let allocs = cell_allocs(s) + u64::from(alloc);
+            let next = if allocs > CELL_ALLOCS_MAX {
                 CELL_SPOILED
+            } else {
+                let (sum, same, multi) = if s & CELL_HAS_OPS == 0 {
+                    self.cell_num_bytes.store(HOT_NUM_BYTES, Ordering::Relaxed);
+                    (op, true, 0)
+                } else {
+                    let same = self.cell_num_bytes.load(Ordering::Relaxed) == HOT_NUM_BYTES;
+                    ((s & CELL_SUM_MASK) + op, same, CELL_MULTI)
+                };
+                if same {
+                    if alloc {
+                        self.cell_allocs
+                            .store(allocs << 32 | slot as u64, Ordering::Relaxed);
+                    }
+                    CELL_HAS_OPS | multi | last | allocs << CELL_ALLOCS_SHIFT | sum
+                } else {
+                    CELL_SPOILED
+                }
             };
             self.cell_state.store(next, Ordering::Release);
         }
@@ -422,39 +538,81 @@ mod loom_tests {
         /// keys, then the matching slots: all of its loads come before
         /// `try_read`'s fence, as this one's do).
         fn read(&self) -> u64 {
-            if self.len.load(Ordering::Acquire) == 0 || self.filter.load(Ordering::Relaxed) != 1 {
+            let len = self.len.load(Ordering::Acquire) as usize;
+            if len == 0 || self.filter.load(Ordering::Relaxed) != 1 {
                 return 0;
             }
-            self.slot.load(Ordering::Relaxed)
+            self.slots[..len.min(self.cap)]
+                .iter()
+                .fold(0, |ops, slot| ops | slot.load(Ordering::Relaxed))
         }
 
         /// A count lookup's read (`LockFreeStore::lookup_window` with
-        /// `sums`): the cell's sum if the buffer names the hot extent and
-        /// the cell is whole (`Staging::hot_sum`, `HotCell::read`), else
-        /// the slot.
+        /// `sums`): the cell's sums and the latest allocation's slot if
+        /// the buffer names the hot extent and the cell is whole
+        /// (`Staging::hot_sum`, `HotCell::read`, `Staging::words`), else
+        /// the slots.
         fn read_count(&self) -> Counted {
             if self.hot_key.load(Ordering::Acquire) == HOT {
-                let s = self.cell_state.load(Ordering::Acquire);
-                if s & CELL_SPOILED == 0 {
-                    // The length after the state: the last op folded (the
-                    // only one, in slot 0) is left out while its slot is
-                    // not published.
-                    if s & CELL_HAS_OPS == 0 || self.len.load(Ordering::Acquire) == 0 {
-                        return Counted::Cell(0, None);
-                    }
-                    let num_bytes = self.cell_num_bytes.load(Ordering::Relaxed);
-                    return Counted::Cell(s & CELL_SUM_MASK, Some(num_bytes));
+                if let Some(counted) = self.read_cell() {
+                    return counted;
                 }
             }
             Counted::Slots(self.read() & self.hot_ops())
         }
 
+        /// `HotCell::read` and the copy of the latest allocation's slot:
+        /// `None` to scan the slots.
+        fn read_cell(&self) -> Option<Counted> {
+            let empty = Counted::Cell(Tally::default(), None);
+            let s = self.cell_state.load(Ordering::Acquire);
+            if s & CELL_SPOILED != 0 {
+                return None;
+            }
+            if s & CELL_HAS_OPS == 0 {
+                return Some(empty);
+            }
+            let mut ops = s & CELL_SUM_MASK;
+            let len = self.len.load(Ordering::Acquire) as usize;
+            if cell_last(s) >= len {
+                // The last op is being added: not published yet.
+                if s & CELL_LAST_ALLOC != 0 {
+                    return None;
+                }
+                if s & CELL_MULTI == 0 {
+                    return Some(empty);
+                }
+                ops -= highest_bit(ops);
+            }
+            let allocs = cell_allocs(s);
+            let mut latest_slot = None;
+            if allocs > 0 {
+                let w = self.cell_allocs.load(Ordering::Relaxed);
+                let slot = (w & u64::from(u32::MAX)) as usize;
+                if w >> 32 != allocs || slot >= len {
+                    return None;
+                }
+                latest_slot = Some(slot);
+            }
+            let num_bytes = self.cell_num_bytes.load(Ordering::Relaxed);
+            // `lookup_window`: the latest allocation's words (its stamp).
+            let latest = latest_slot.map_or(0, |i| self.slots[i].load(Ordering::Relaxed));
+            Some(Counted::Cell(
+                Tally {
+                    ops,
+                    allocs,
+                    latest,
+                },
+                Some(num_bytes),
+            ))
+        }
+
         /// The claimer's copy of a full buffer (`Staging::read_all`).
         fn read_all(&self) -> u64 {
-            if self.len.load(Ordering::Acquire) == 0 {
-                return 0;
-            }
-            self.slot.load(Ordering::Relaxed)
+            let len = self.len.load(Ordering::Acquire) as usize;
+            self.slots[..len.min(self.cap)]
+                .iter()
+                .fold(0, |ops, slot| ops | slot.load(Ordering::Relaxed))
         }
 
         /// `Staging::reset` (without `hot` the cell, never named, keeps
@@ -469,7 +627,6 @@ mod loom_tests {
             }
         }
     }
-
     /// One transaction index as the run view sees it.
     struct Index {
         changes: ChangeCounters,
@@ -504,7 +661,15 @@ mod loom_tests {
         /// `runs[i]`; with `cells`, its staging buffers have a hot cell
         /// ([`Buf`]) and op 0 is of extent `cells` (op 1 of [`HOT`]).
         fn new(view0: Vec<usize>, runs: [u64; 3], cells: Option<u64>) -> Index {
-            let bufs = std::array::from_fn(|_| Buf::new(cells.is_some(), cells.unwrap_or(HOT)));
+            Index::with_bufs(view0, runs, || {
+                Buf::new(cells.is_some(), cells.unwrap_or(HOT), 1, 0)
+            })
+        }
+
+        /// An index whose view 0 holds runs `view0`, run `i` holding
+        /// `runs[i]`, with staging buffers made by `buf`.
+        fn with_bufs(view0: Vec<usize>, runs: [u64; 3], buf: impl Fn() -> Buf) -> Index {
+            let bufs = std::array::from_fn(|_| buf());
             let hot0 = view0.iter().fold(0, |all, &r| all | runs[r]) & bufs[0].hot_ops();
             Index {
                 changes: ChangeCounters::default(),
@@ -753,13 +918,7 @@ mod loom_tests {
             idx.ops_in_view(v)
         };
         let all = staged.iter().fold(in_runs, |all, &counted| {
-            if let Counted::Cell(ops, num_bytes) = counted {
-                assert_eq!(
-                    num_bytes,
-                    (ops != 0).then_some(HOT_NUM_BYTES),
-                    "a torn cell: {staged:?}"
-                );
-            }
+            assert_whole(counted);
             let ops = counted.ops();
             assert_eq!(
                 all & ops,
@@ -790,6 +949,155 @@ mod loom_tests {
         begun.store(k, Ordering::SeqCst);
         idx.bufs[ring.active()].append(1 << (k - 1));
         done.store(k, Ordering::SeqCst);
+    }
+
+    /// A cell a count lookup took is whole: its `num_bytes` is the ops'
+    /// whenever it has ops.
+    fn assert_whole(counted: Counted) {
+        if let Counted::Cell(tally, num_bytes) = counted {
+            assert_eq!(
+                num_bytes,
+                (tally.ops != 0).then_some(HOT_NUM_BYTES),
+                "a torn cell: {counted:?}"
+            );
+        }
+    }
+
+    /// Case 4: a count lookup of the hot extent against its allocations
+    /// (ADD_DELAYED_EXTENT without extent_op: cells count them beside the
+    /// plain ops, `lockfree::HotCell`), in buffers of two slots
+    /// ([`allocations_counted`]). Ops 2, 3 and 4 are allocations, op 1 a
+    /// plain op: buffer 0's second life allocates twice (the second
+    /// allocation's `allocs` word replaces the first's) in the slots where
+    /// its first life had a plain op and an allocation, whose `allocs`
+    /// word (count 1, slot 1) the reset leaves. Loom reports a reader
+    /// that ignores the count of `allocs` (it copies the second
+    /// allocation's slot for a state that counts one).
+    #[test]
+    fn run_view_hot_cell_counts_allocations() {
+        model_bounded(2, || allocations_counted(0b1110));
+    }
+
+    /// Case 4 with ops 1 and 4 allocations, 2 and 3 plain ops: a plain op
+    /// after an allocation (the cell's last op is not the allocation whose
+    /// slot the reader copies; left out while unpublished), and a second
+    /// life whose allocation has the first life's count (1) in another
+    /// slot.
+    #[test]
+    fn run_view_hot_cell_counts_an_allocation_then_an_op() {
+        model_bounded(2, || allocations_counted(0b1001));
+    }
+
+    /// Case 4 with plain ops only: the last op folded, unpublished, is
+    /// left out of a cell that has others (`CELL_MULTI`), and the cell is
+    /// whole (loom reports the state stored or loaded Relaxed: a reader
+    /// that loads an older `len` takes the first op's sum without its
+    /// `num_bytes`).
+    #[test]
+    fn run_view_hot_cell_counts_plain_ops_of_two_slots() {
+        model_bounded(2, || allocations_counted(0));
+    }
+
+    /// Case 4: the owner stages ops 1 and 2 of [`HOT`] in buffer 0 (its
+    /// first life), hands the full buffer off itself (as
+    /// `Rotate::HandOff` has it: the ops into a run and view 1, the
+    /// buffer emptied, in one change; then the ring's `activate` fence)
+    /// and stages ops 3 and 4 in it again (its second life); the ops of
+    /// `alloc_ops` are allocations, the others plain ops. A count lookup
+    /// reads the view and buffer 0's cell (or its slots, if it scans) in
+    /// its window, then the view's sums (the other buffers never hold an
+    /// op: it leaves them out). What it counts (the ops, as their sum; how
+    /// many are allocations; the latest allocation, its stamp taken from
+    /// the slot the reader copied) is what the first `n` ops hold, for an
+    /// `n` from the ops done before it began to those begun before it
+    /// ended; each op is found once, and a cell it takes is whole. A
+    /// lookup of the whole head after it finds at least those `n` ops.
+    ///
+    /// Loom reports (at preemption bound 2; `docs/design.md`): the
+    /// `allocs` word loaded before the state (a second life's state with
+    /// the first life's word of the same count), its count not compared
+    /// with the state's, the `CELL_LAST_ALLOC` and the slot-below-`len`
+    /// checks both dropped, the latest allocation's slot copied after the
+    /// window, the unpublished last op counted, and the state stored or
+    /// loaded Relaxed. It passes, and cannot report, these, each of which
+    /// another part of the protocol covers: the `allocs` word stored after
+    /// the state (`len`, loaded after the state, Acquire, orders the word
+    /// of every allocation whose slot is published, and an unpublished one
+    /// is the last op, which `CELL_LAST_ALLOC` scans for), or loaded
+    /// between the state and `len` (the state's Acquire orders it: a newer
+    /// word has another count; in both, a word of another life means a
+    /// reset, a change the window sees); either of the `CELL_LAST_ALLOC` and the
+    /// slot-below-`len` checks dropped (each catches what the other
+    /// does: an unpublished allocation is the latest, at a slot not below
+    /// `len`); `len` loaded Relaxed or before the state (the state's
+    /// Acquire orders every op but its last, and an older `len` only
+    /// leaves out more); `num_bytes` stored after the first state (still
+    /// before `len` and every later state, which order it for a reader
+    /// that takes a sum). With the `allocs` word stored after the state,
+    /// or the state stored Relaxed, and `len` loaded Relaxed too, it
+    /// reports. The ring's `activate` fence is not needed here (the owner
+    /// empties the buffer itself, in its own bracket, before it reuses
+    /// it): case 2 checks that fence.
+    fn allocations_counted(alloc_ops: u64) {
+        let idx = Arc::new(Index::with_bufs(Vec::new(), [0; 3], || {
+            Buf::new(true, HOT, 2, alloc_ops)
+        }));
+        let ring = Arc::new(Ring::new());
+        let begun = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let (o, r, bg, d) = (idx.clone(), ring.clone(), begun.clone(), done.clone());
+        let owner = thread::spawn(move || {
+            for k in 1..=4 {
+                stage(&o, &r, [&bg, &d], k);
+                if k == 2 {
+                    assert!(o.bufs[0].full());
+                    assert_eq!(r.rotate(|| {}), Rotate::Moved);
+                    assert!(r.claim(0));
+                    o.hand_off(0);
+                    r.owner_handed_off(0);
+                }
+            }
+        });
+        let done_before = done.load(Ordering::SeqCst);
+        let pinned = idx.epochs.pin();
+        let (v, staged) = idx
+            .changes
+            .read_stable(|| (idx.read_view(), idx.bufs[0].read_count()));
+        assert_whole(staged);
+        let in_runs = Tally::of(idx.hot_in_view(v), alloc_ops);
+        let found = in_runs.merge(staged.tally(alloc_ops));
+        drop(pinned);
+        let begun_after = begun.load(Ordering::SeqCst);
+        let counted = prefix_of(found, alloc_ops, done_before..=begun_after);
+        assert!(
+            counted.is_some(),
+            "found {found:?} (runs {in_runs:?}, staged {staged:?}), done before \
+             {done_before}, begun before the end {begun_after}"
+        );
+        // A lookup of the whole head right after (`lookup_with` without
+        // sums: the view's runs and the slots) finds every op the count
+        // found: a count never holds an op whose slot is unpublished.
+        let pinned = idx.epochs.pin();
+        let (v, slots) = idx
+            .changes
+            .read_stable(|| (idx.read_view(), idx.bufs[0].read()));
+        let whole = Tally::of(idx.ops_in_view(v), alloc_ops).merge(Tally::of(slots, alloc_ops));
+        drop(pinned);
+        let begun_after = begun.load(Ordering::SeqCst);
+        assert!(
+            prefix_of(whole, alloc_ops, counted.unwrap()..=begun_after).is_some(),
+            "the count found {found:?}, the lookup after it {whole:?} (begun before \
+             its end {begun_after})"
+        );
+        owner.join().unwrap();
+        idx.collect_all();
+    }
+
+    /// The `n` in `range` whose first `n` ops `found` counts, if any.
+    fn prefix_of(found: Tally, alloc_ops: u64, range: RangeInclusive<u64>) -> Option<u64> {
+        range
+            .into_iter()
+            .find(|&n| found == Tally::of((1 << n) - 1, alloc_ops))
     }
 
     /// Case 3: a reader whose optimistic attempt a change spoils holds a

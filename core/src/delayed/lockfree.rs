@@ -338,6 +338,11 @@ impl HotCell {
     /// (`len`, loaded after the state), `None` when spoiled or when an
     /// allocation is being added (scan the slots), `Some(None)` when there
     /// are none.
+    ///
+    /// The loom model (`window.rs`, `loom_tests::Buf::read_count`) is a
+    /// copy of this and of [`HotCell::fold`] by hand (loom does not run
+    /// this module's std atomics): a change of either order changes it in
+    /// the same commit.
     fn read(&self, len: &AtomicUsize) -> Option<Option<CellSum>> {
         let s = self.state.load(Ordering::Acquire);
         if s & CELL_SPOILED != 0 {

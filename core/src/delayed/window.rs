@@ -206,7 +206,7 @@ mod loom_tests {
     //! a hint read without a window; a buffer names the extent of its
     //! first op, hot from the start), a cell's spoiling by an op of
     //! another shape (one store of the state, ordered as the sums), the
-    //! hashing of extents to cells (two slots each; the model has one
+    //! hashing of extents to cells (`HOT_PROBES` slots each; the model has one
     //! cell, which two lives of a buffer name for the same extent, or for
     //! two: `run_view_handoff_hot_cell_of_another_extent`), an op's kind
     //! and its decoding (a slot is one word, the op's bit, which stands
@@ -232,7 +232,8 @@ mod loom_tests {
     /// The bytenr of the model's hot extent, and its size.
     const HOT: u64 = 1 << 20;
     const HOT_NUM_BYTES: u64 = 4096;
-    /// Another hot extent, op 0's in `run_view_handoff_hot_cell_of_another_extent`.
+    /// Another hot extent: of the op of bit 0 in
+    /// `run_view_handoff_hot_cell_of_another_extent`.
     const OTHER: u64 = HOT + HOT_NUM_BYTES;
 
     fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -306,7 +307,7 @@ mod loom_tests {
     ///
     /// With `hot`, the buffer also has one hot cell (`Staging::hot_keys`
     /// and `hot_cells`, a `HotCell`) for the hot extent of its first op
-    /// (op 0 is of `op0_extent`, every other of [`HOT`], all of
+    /// (the op of bit 0 is of `op0_extent`, every other of [`HOT`], all of
     /// [`HOT_NUM_BYTES`]; the ops in `alloc_ops` are allocations, the
     /// others plain ops), ordered as the real one: the owner names the
     /// extent while the buffer is empty (`Staging::seed_hot`: the key,
@@ -659,7 +660,7 @@ mod loom_tests {
     impl Index {
         /// An index whose view 0 holds runs `view0`, run `i` holding
         /// `runs[i]`; with `cells`, its staging buffers have a hot cell
-        /// ([`Buf`]) and op 0 is of extent `cells` (op 1 of [`HOT`]).
+        /// ([`Buf`]) and the op of bit 0 is of extent `cells` (the others of [`HOT`]).
         fn new(view0: Vec<usize>, runs: [u64; 3], cells: Option<u64>) -> Index {
             Index::with_bufs(view0, runs, || {
                 Buf::new(cells.is_some(), cells.unwrap_or(HOT), 1, 0)
@@ -864,7 +865,7 @@ mod loom_tests {
         model_bounded(2, || handoff_counts_each_op_once(Some(HOT)));
     }
 
-    /// As the case above, with op 0 of another hot extent ([`OTHER`]),
+    /// As the case above, with the op of bit 0 of another hot extent ([`OTHER`]),
     /// which buffer 0's first life names in the cell that its next life
     /// names [`HOT`] in: the lookup never takes the other extent's sum
     /// for its own (a new name with the state of the buffer's last life).
@@ -874,7 +875,7 @@ mod loom_tests {
         model_bounded(2, || handoff_counts_each_op_once(Some(OTHER)));
     }
 
-    /// Case 2; with `cells`, for a count lookup of [`HOT`] where op 0 is of
+    /// Case 2; with `cells`, for a count lookup of [`HOT`] where the op of bit 0 is of
     /// extent `cells` ([`Index::new`]).
     fn handoff_counts_each_op_once(cells: Option<u64>) {
         let hot = cells.is_some();
@@ -975,7 +976,9 @@ mod loom_tests {
     /// allocation's slot for a state that counts one).
     #[test]
     fn run_view_hot_cell_counts_allocations() {
-        model_bounded(2, || allocations_counted(0b1110));
+        static CELL_READS: StdAtomicUsize = StdAtomicUsize::new(0);
+        model_bounded(2, || allocations_counted(0b1110, &CELL_READS));
+        cell_path_taken(&CELL_READS, 0b1110);
     }
 
     /// Case 4 with ops 1 and 4 allocations, 2 and 3 plain ops: a plain op
@@ -985,7 +988,9 @@ mod loom_tests {
     /// slot.
     #[test]
     fn run_view_hot_cell_counts_an_allocation_then_an_op() {
-        model_bounded(2, || allocations_counted(0b1001));
+        static CELL_READS: StdAtomicUsize = StdAtomicUsize::new(0);
+        model_bounded(2, || allocations_counted(0b1001, &CELL_READS));
+        cell_path_taken(&CELL_READS, 0b1001);
     }
 
     /// Case 4 with plain ops only: the last op folded, unpublished, is
@@ -995,12 +1000,14 @@ mod loom_tests {
     /// `num_bytes`).
     #[test]
     fn run_view_hot_cell_counts_plain_ops_of_two_slots() {
-        model_bounded(2, || allocations_counted(0));
+        static CELL_READS: StdAtomicUsize = StdAtomicUsize::new(0);
+        model_bounded(2, || allocations_counted(0, &CELL_READS));
+        cell_path_taken(&CELL_READS, 0);
     }
 
     /// Case 4: the owner stages ops 1 and 2 of [`HOT`] in buffer 0 (its
     /// first life), hands the full buffer off itself (as
-    /// `Rotate::HandOff` has it: the ops into a run and view 1, the
+    /// the owner's own hand-off does: the ops into a run and view 1, the
     /// buffer emptied, in one change; then the ring's `activate` fence)
     /// and stages ops 3 and 4 in it again (its second life); the ops of
     /// `alloc_ops` are allocations, the others plain ops. A count lookup
@@ -1033,12 +1040,27 @@ mod loom_tests {
     /// Acquire orders every op but its last, and an older `len` only
     /// leaves out more); `num_bytes` stored after the first state (still
     /// before `len` and every later state, which order it for a reader
-    /// that takes a sum). With the `allocs` word stored after the state,
-    /// or the state stored Relaxed, and `len` loaded Relaxed too, it
-    /// reports. The ring's `activate` fence is not needed here (the owner
+    /// that takes a sum). With the `allocs` word stored after the state
+    /// and `len` loaded Relaxed too, it reports. The ring's `activate` fence is not needed here (the owner
     /// empties the buffer itself, in its own bracket, before it reuses
     /// it): case 2 checks that fence.
-    fn allocations_counted(alloc_ops: u64) {
+    /// How many of a case's executions took a whole cell's sum, with an
+    /// allocation in it where the case has any (a std atomic: it counts
+    /// across loom's executions, which it does not model).
+    type StdAtomicUsize = std::sync::atomic::AtomicUsize;
+
+    /// After a case's executions: some took the cell's sum (with an
+    /// allocation, where the case has them). Without this, a model whose
+    /// reader always scanned would pass every case.
+    fn cell_path_taken(cell_reads: &StdAtomicUsize, alloc_ops: u64) {
+        let n = cell_reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            n > 0,
+            "no execution read a whole cell (allocations {alloc_ops:#b})"
+        );
+    }
+
+    fn allocations_counted(alloc_ops: u64, cell_reads: &StdAtomicUsize) {
         let idx = Arc::new(Index::with_bufs(Vec::new(), [0; 3], || {
             Buf::new(true, HOT, 2, alloc_ops)
         }));
@@ -1064,6 +1086,11 @@ mod loom_tests {
             .changes
             .read_stable(|| (idx.read_view(), idx.bufs[0].read_count()));
         assert_whole(staged);
+        if let Counted::Cell(tally, _) = staged {
+            if tally.ops != 0 && (alloc_ops == 0 || tally.allocs > 0) {
+                cell_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         let in_runs = Tally::of(idx.hot_in_view(v), alloc_ops);
         let found = in_runs.merge(staged.tally(alloc_ops));
         drop(pinned);

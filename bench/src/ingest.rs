@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2Serializer;
 use hdrhistogram::Histogram;
+use refd::sched::thread_cpu_time;
 use refd_core::delayed::lockfree::LockFreeStore;
 use refd_core::delayed::mutex::MutexStore;
 use refd_core::delayed::DelayedRefStore;
@@ -194,10 +195,11 @@ pub struct ImplResult {
     /// name: the store's background threads (`refd-handoff`,
     /// `refd-compact`, `refd-compact-s`), and a commit's `refd-run-N` and
     /// `refd-drop` or `--resched-tick-us`'s `refd-tick-N` where they ran
-    /// (a thread that ended before ingest did is not counted); from
-    /// `/proc/.../schedstat` (empty where the kernel has none). Where the
-    /// 2 cores went.
-    pub cpu_ms: std::collections::BTreeMap<String, f64>,
+    /// (a thread that ended before ingest did is not counted). The ingest
+    /// and lookup threads measure their own (`CLOCK_THREAD_CPUTIME_ID`);
+    /// the others are read from `/proc/self/task/*/schedstat`, left out
+    /// where the kernel has none. Where the 2 cores went.
+    pub cpu_ms: BTreeMap<String, f64>,
     /// Lookups done by the `--lookups` reader while ingest ran (0: none).
     pub lookups: u64,
     /// Lookup latency p50, ns (`--lookups`).
@@ -250,7 +252,7 @@ fn run_impl<S: DelayedRefStore>(
     // The background threads' CPU times when the last ingest thread ends
     // (taken by that thread: no polling thread beside the load).
     let background_at_end: Mutex<Option<BTreeMap<u64, (String, u64)>>> = Mutex::new(None);
-    let elapsed = std::thread::scope(|s| {
+    let (started_at, background_before) = std::thread::scope(|s| {
         for (t, (ops, hist)) in per_thread.iter().zip(hists.iter_mut()).enumerate() {
             let (engine, barrier, ingesting) = (&engine, &barrier, &ingesting);
             let (cpu_ns, at_end) = (&ingest_cpu_ns, &background_at_end);
@@ -264,7 +266,7 @@ fn run_impl<S: DelayedRefStore>(
                 // never see it.
                 let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ ops.len() as u64;
                 let begun = Instant::now();
-                let cpu_begun = own_cpu_ns();
+                let cpu_begun = thread_cpu_time();
                 for (i, op) in ops.iter().enumerate() {
                     if thread_rate > 0.0 && i % PACE_OPS == 0 {
                         pace(begun, i, thread_rate);
@@ -282,9 +284,8 @@ fn run_impl<S: DelayedRefStore>(
                         h.add(op).expect("valid op");
                     }
                 }
-                if let (Some(end), Some(begun)) = (own_cpu_ns(), cpu_begun) {
-                    cpu_ns.fetch_add(end.saturating_sub(begun), Ordering::Relaxed);
-                }
+                let cpu = thread_cpu_time().saturating_sub(cpu_begun);
+                cpu_ns.fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
                 if ingesting.fetch_sub(1, Ordering::SeqCst) == 1 {
                     *at_end.lock().unwrap_or_else(|e| e.into_inner()) = Some(background_cpu_ns());
                 }
@@ -298,11 +299,10 @@ fn run_impl<S: DelayedRefStore>(
             let reader = std::thread::Builder::new()
                 .name("lookups".into())
                 .spawn_scoped(s, move || {
-                    let begun = own_cpu_ns();
+                    let begun = thread_cpu_time();
                     lookup_while_ingesting(engine, stream, barrier, ingesting, hist, slow_op);
-                    if let (Some(end), Some(begun)) = (own_cpu_ns(), begun) {
-                        cpu_ns.store(end.saturating_sub(begun), Ordering::Relaxed);
-                    }
+                    let cpu = thread_cpu_time().saturating_sub(begun);
+                    cpu_ns.store(cpu.as_nanos() as u64, Ordering::Relaxed);
                 });
             reader.expect("spawn the lookup thread");
         }
@@ -325,8 +325,7 @@ fn run_impl<S: DelayedRefStore>(
         // Scope joins the ingest threads before returning.
         (t, background_before)
     });
-    let (t, background_before) = elapsed;
-    let elapsed = t.elapsed();
+    let elapsed = started_at.elapsed();
     let background_after = background_at_end
         .into_inner()
         .unwrap_or_else(|e| e.into_inner())
@@ -336,12 +335,9 @@ fn run_impl<S: DelayedRefStore>(
         .into_iter()
         .map(|(name, ns)| (name, ns as f64 / 1e6))
         .collect();
-    // Only where the kernel keeps per-thread CPU times.
-    if own_cpu_ns().is_some() {
-        cpu_ms.insert("ingest".into(), ingest_cpu_ns.into_inner() as f64 / 1e6);
-        if lookups {
-            cpu_ms.insert("lookups".into(), lookup_cpu_ns.into_inner() as f64 / 1e6);
-        }
+    cpu_ms.insert("ingest".into(), ingest_cpu_ns.into_inner() as f64 / 1e6);
+    if lookups {
+        cpu_ms.insert("lookups".into(), lookup_cpu_ns.into_inner() as f64 / 1e6);
     }
     let commits_during = seals.len();
     let store_bytes = (live_bytes() - before) as i64;
@@ -687,13 +683,6 @@ pub fn run(args: &IngestArgs) -> Result<(), String> {
         print_table(args, stream.ops.len(), &results, ratio);
     }
     Ok(())
-}
-
-/// Nanoseconds the calling thread has run on a CPU
-/// (`/proc/thread-self/schedstat`'s first field; `None` where there is
-/// none).
-fn own_cpu_ns() -> Option<u64> {
-    schedstat_ns(std::path::Path::new("/proc/thread-self/schedstat"))
 }
 
 fn schedstat_ns(path: &std::path::Path) -> Option<u64> {

@@ -578,7 +578,12 @@ impl RunBuilder {
     }
 
     fn append(&mut self, mut head: PackedHead, refs: &[PackedRef], eop: Option<PendingExtentOp>) {
-        self.refs.extend_from_slice(refs);
+        // Most heads have one ref: a push, not a call of memcpy.
+        if let [r] = refs {
+            self.refs.push(*r);
+        } else {
+            self.refs.extend_from_slice(refs);
+        }
         head.ref_end = u32::try_from(self.refs.len()).expect("chunk refs fit u32");
         let bytenr = head.bytenr;
         self.heads.push(head);
@@ -600,8 +605,16 @@ impl RunBuilder {
         if self.heads.is_empty() {
             return;
         }
+        // A full chunk's heads fill the scratch exactly: it becomes the
+        // chunk's (no copy) and a new one takes its place.
+        let heads = if self.heads.len() == self.heads.capacity() {
+            std::mem::replace(&mut self.heads, Vec::with_capacity(CHUNK_HEADS_MAX))
+                .into_boxed_slice()
+        } else {
+            Box::from(&self.heads[..])
+        };
         self.chunks.push(Chunk::new(
-            Box::from(&self.heads[..]),
+            heads,
             Box::from(&self.refs[..]),
             Box::from(&self.eops[..]),
         ));

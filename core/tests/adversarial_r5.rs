@@ -1188,3 +1188,30 @@ fn dropped_allocations_across_run_parts() {
     assert_eq!(r.reports[3].applied as u64, n);
     assert_eq!(r.reports[4].applied, 1, "the held head, released");
 }
+
+/// One data extent with more distinct backrefs than a chunk of a run holds
+/// (`CHUNK_HEADS_MAX` heads or 32768 refs: a head is never split), plus a
+/// few at seqs a barrier holds: merged per `(key, seq)` as
+/// `insert_delayed_ref()` does, counted at every lookup, all committed,
+/// then all dropped in another order and the extent freed once.
+#[test]
+fn one_extent_with_more_distinct_backrefs_than_a_chunk_holds() {
+    let b = 31 * MIB;
+    let refs = 40_000u64;
+    let ed = |i: u64| RefKey::ExtentData {
+        root: 5,
+        objectid: 257 + i % 3,
+        offset: i << 12,
+    };
+    let d = |act, i, seq| op(b, 1 << 20, DATA, act, ed(i), seq);
+    let mut steps = vec![d(Action::AddExtent, 0, 0), Acquire];
+    steps.extend((1..refs).map(|i| d(Action::AddRef, i, u64::from(i % 1000 == 0))));
+    steps.extend([Lookup, Commit, Release(0), Lookup, Commit]);
+    steps.extend((0..refs).rev().map(|i| d(Action::DropRef, i, 0)));
+    steps.extend([Lookup, Commit]);
+    let r = agree_steps(&steps);
+    assert_eq!(r.models[0].held, vec![b]);
+    assert_eq!(r.reports[1].applied, 1);
+    assert!(r.models.iter().all(|m| m.quarantined.is_empty()));
+    assert_eq!(r.models[2].freed, vec![(b, 1 << 20)]);
+}

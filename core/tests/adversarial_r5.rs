@@ -837,6 +837,34 @@ fn an_extent_op_queued_before_the_first_allocation_is_dropped() {
     assert!(!e.full_backref && e.tree_key.is_none(), "{e:?}");
 }
 
+/// An extent_op-only op (`UPDATE_HEAD`) names a size and kind, but refd
+/// compares neither with the extent (docs/design.md, "shape": extent_op-only
+/// ops name no shape; a kernel trace's `UPDATE_DELAYED_HEAD` has no level,
+/// docs/btrfs.md): FULL_BACKREF queued as for a 4 KiB data extent applies
+/// to the committed 16 KiB level-1 tree block. The kernel's extent_op head
+/// is never data (`btrfs_add_delayed_extent_op()` passes `is_data` false)
+/// and `run_delayed_extent_op()` looks the item up by its level or, without
+/// skinny metadata, by `num_bytes`, failing (-EUCLEAN) on a wrong size. A
+/// divergence: refd is lenient here. Its flags still never reach a data
+/// extent (`ExtentOpOnData`).
+#[test]
+fn an_extent_op_only_op_names_no_shape() {
+    let (t, d) = (32 * MIB, 33 * MIB);
+    let level1 = ExtentKind::Tree { level: 1 };
+    let steps = [
+        op(t, 16384, level1, Action::AddExtent, tree_key(5), 0),
+        op(d, 16384, DATA, Action::AddExtent, data_key(5), 0),
+        Commit,
+        eop(t, 4096, DATA, BLOCK_FLAG_FULL_BACKREF, None),
+        eop(d, 16384, TREE0, BLOCK_FLAG_FULL_BACKREF, None),
+        Commit,
+    ];
+    let r = agree_steps(&steps);
+    assert_eq!(r.models[1].quarantined, vec![d]);
+    assert!(matches!(r.errors(1)[..], [RunError::ExtentOpOnData { .. }]));
+    assert!(final_extent(&steps, t).unwrap().full_backref);
+}
+
 // ---------------------------------------------------------------------
 // Allocations
 // ---------------------------------------------------------------------

@@ -118,6 +118,15 @@ fn agree_steps(steps: &[Step]) -> Run {
                     assert_eq!(lf.lookup_extent_ref(b).refs, want, "step {i}: lookup {b}");
                     assert_eq!(hot.lookup_extent_ref(b).refs, want, "step {i}: hot {b}");
                     assert_eq!(mx.lookup_extent_ref(b).refs, want, "step {i}: mutex {b}");
+                    // The whole pending state, and the summary a count
+                    // lookup folds (from hot cells where it can): the
+                    // stores stamp the same ops in the same order.
+                    let pending = mx.store().pending(b);
+                    assert_eq!(lf.store().pending(b), pending, "step {i}: pending {b}");
+                    assert_eq!(hot.store().pending(b), pending, "step {i}: hot pending {b}");
+                    let summary = pending.map(|h| h.summary);
+                    assert_eq!(hot.store().pending_summary(b), summary, "step {i}: hot {b}");
+                    assert_eq!(lf.store().pending_summary(b), summary, "step {i}: {b}");
                 }
             }
             Step::Commit => {

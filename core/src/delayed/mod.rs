@@ -31,31 +31,35 @@
 //!
 //! | step | refd | btrfs |
 //! |---|---|---|
-//! | queue an op | `EngineHandle::add_batch` → `IngestHandle::add_batch`; lock-free: `LockFreeHandle::append` writes the op's words to the shard's staging buffer | `btrfs_add_delayed_tree_ref` / `btrfs_add_delayed_data_ref` |
-//! | merge at insert | the hand-off thread sorts a full buffer and folds each extent's ops into one head (`packed::build_run_noting`; refs of one `(key, seq)` summed by `packed::merge_refs`); the mutex store does it at `add` | `add_delayed_ref_head` (`update_existing_head_ref`) and `insert_delayed_ref` |
-//! | keep merging | compaction merges runs of a level into one (`TxnIndex::maybe_compact`, `packed::merge_cursors`) | nothing: the rbtree is already merged |
+//! | queue an op | `EngineHandle::add_batch` → `IngestHandle::add_batch`; lock-free: `LockFreeHandle::append` writes the op's words to the shard's staging buffer | `btrfs_add_delayed_tree_ref` / `btrfs_add_delayed_data_ref` / `btrfs_add_delayed_extent_op` |
+//! | merge at insert | the hand-off thread (or the ingesting thread, when the background is behind) sorts a full buffer and folds each extent's ops into one head (`packed::build_run_noting`; refs of one `(key, seq)` summed by `packed::merge_refs`); the mutex store does it at `add` | `add_delayed_ref_head` (`update_existing_head_ref`) and `insert_delayed_ref` |
+//! | keep merging | compaction merges runs of a level into one (`TxnIndex::maybe_compact`, `packed::merge_cursors`) | nothing later: one head per bytenr and one node per (key, seq) from insert; one key's nodes of several seqs wait for `btrfs_merge_delayed_refs` at run time |
 //! | look up | [`DelayedRefStore::pending`] / [`DelayedRefStore::pending_summary`] | `btrfs_find_delayed_ref_head` (in `btrfs_lookup_extent_info`) |
 //! | start a commit | [`DelayedRefStore::seal`], then the merge of the sealed transaction ([`DelayedRefStore::sealed_heads`]) | the transaction commit's `btrfs_run_delayed_refs(trans, U64_MAX)` |
-//! | run a head | `crate::run::run_head`: `Head::run_refs` holds the whole head back if a ref's seq is at or above the lowest held barrier, else merges its refs across seqs into net changes; then the extent item is inserted, updated or freed | `btrfs_merge_delayed_refs`, `btrfs_check_delayed_seq`, `run_one_delayed_ref`, `__btrfs_free_extent` |
-//! | held back by a seq | [`DelayedRefStore::release`] requeues them into the live transaction | the head stays in the rbtree for a later run |
+//! | run a head | `crate::run::run_head_with`: `Head::run_refs` holds the whole head back if a ref's seq is at or above the lowest held barrier, else merges its refs across seqs into net changes; then the new extent item (inserted, updated or freed) is computed, and the engine applies it | `btrfs_merge_delayed_refs`, `btrfs_check_delayed_seq`, `run_one_delayed_ref`, `__btrfs_free_extent` (the kernel merges tree-block heads only, below the lowest seq, and may run part of a head: `docs/design.md`, "Running a head") |
+//! | held back by a seq | [`DelayedRefStore::release`] requeues them into the live transaction | the head stays in the rbtree with the refs not yet run (earlier ones may have run) |
 //!
-//! The head types. The kernel has one head and one ref node; refd has one
-//! of each in memory ([`crate::head::Head`], [`crate::head::DelayedRef`])
-//! and, in the lock-free store only, the forms they take in its runs:
+//! The head types. The kernel has a head, a tree or data ref node and an
+//! extent_op; refd has [`crate::head::Head`], [`crate::head::HeadSummary`]
+//! and [`crate::head::DelayedRef`] in memory and, in the lock-free store
+//! only, the forms they take in its staging buffers and runs:
 //!
 //! | type | what it is | btrfs |
 //! |---|---|---|
 //! | [`crate::head::Head`] | a head with its refs, owned: what lookups and the commit get | `btrfs_delayed_ref_head` and its ref rbtree |
 //! | [`crate::head::HeadSummary`] | a head without its refs | the head's counters and flags |
 //! | [`crate::head::DelayedRef`] | one ref: key, seq, signed `ref_mod` | `btrfs_delayed_ref_node` |
-//! | `packed::Staged` | one op's words in a staging buffer, not merged yet | (none: the kernel merges at once) |
+//! | `packed::Staged` (a type alias: an array of words) | one op's words in a staging buffer, not merged yet | (none: the kernel merges at once) |
 //! | `packed::PackedHead`, `packed::PackedRef` | a head and a ref as stored in a run's chunk (40 and 48 bytes, no pointers) | (none) |
 //! | `packed::RawHead` | a stored head borrowed from its chunk, not unpacked: compaction copies it as it is | (none) |
-//! | `packed::HeadRef` | a stored head borrowed with its summary unpacked: what a merge reads | (none) |
+//! | `packed::HeadRef` | a stored head borrowed with its summary unpacked: what lookups and a merge of several sources read | (none) |
 //! | `packed::Merged` | a merge's output: one source's `RawHead` passed through, or several sources' heads combined | (none) |
 //!
-//! The last five exist so that compaction and lookups never allocate per
-//! head. Issue 13 asked for fewer of them; that is not done.
+//! `Staged` lets ingest write an op as plain words, without a lock or an
+//! allocation. The packed forms keep a run small (bytes per pending ref)
+//! and free of pointers, and the borrowed forms let compaction and lookups
+//! read and copy runs without allocating per head. Fewer types (issue 13's
+//! readability item) is not done.
 
 pub(crate) mod fence;
 pub(crate) mod gate;

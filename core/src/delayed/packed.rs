@@ -598,9 +598,10 @@ impl RunBuilder {
         }
     }
 
-    /// Seal the current chunk: exact-size copies of the scratch buffers,
-    /// which keep their capacity for the next chunk (no doubling growth,
-    /// no reallocation per chunk).
+    /// Seal the current chunk. A full chunk's heads (len == capacity)
+    /// become the chunk's, and a new array of [`CHUNK_HEADS_MAX`] takes
+    /// their place; otherwise the heads, like the refs and extent_ops, are
+    /// copied at exact size and the scratch keeps its capacity.
     fn cut(&mut self) {
         if self.heads.is_empty() {
             return;

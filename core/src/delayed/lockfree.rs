@@ -165,7 +165,7 @@ use super::gate::{parity, Generation, ShardGate};
 use super::handoff::{Ring, Rotate, STAGING_RING};
 use super::packed::{
     build_run, build_run_noting, find_in_chunks, heads_in_range, merge_cursors, merge_refs,
-    split_points, Chunk, Cursor, HeadRef, PackedRef, RunBuilder,
+    prefetch, split_points, Chunk, Cursor, HeadRef, PackedRef, RunBuilder, StagedOps,
 };
 use super::window::ChangeCounters;
 pub use super::window::READ_OPTIMISTIC_MAX;
@@ -642,6 +642,44 @@ impl Staging {
     }
 }
 
+/// A staging buffer's published ops, read in place by the run build of
+/// a hand-off (no copy of its ~360 KiB first). Only for a buffer no one
+/// writes meanwhile: one being handed off.
+struct FullBuffer<'a> {
+    st: &'a Staging,
+    /// Published slots (`len`, loaded with Acquire).
+    n: usize,
+}
+
+impl<'a> FullBuffer<'a> {
+    fn of(st: &'a Staging) -> FullBuffer<'a> {
+        let n = st.len.load(Ordering::Acquire).min(st.slots().len());
+        FullBuffer { st, n }
+    }
+}
+
+impl StagedOps for FullBuffer<'_> {
+    fn count(&self) -> usize {
+        self.n
+    }
+
+    fn bytenr(&self, i: usize) -> u64 {
+        self.st.keys()[i].load(Ordering::Relaxed)
+    }
+
+    fn words(&self, i: usize) -> Staged {
+        self.st.words(i)
+    }
+
+    fn prefetch_op(&self, i: usize) {
+        if let Some(slot) = self.st.slots().get(i) {
+            let w = slot.as_ptr();
+            prefetch(w);
+            prefetch(w.cast::<u8>().wrapping_add(64));
+        }
+    }
+}
+
 /// One ingest shard: a gate and a lane of staging buffers per
 /// transaction parity.
 #[derive(Debug)]
@@ -684,13 +722,7 @@ impl Lane {
     /// change of the index. Returns the generation of its ops. The caller
     /// then marks it handed off ([`Ring::handed_off`] or
     /// [`Ring::owner_handed_off`]).
-    fn hand_off(
-        &self,
-        i: usize,
-        idx: &TxnIndex,
-        gate: &ShardGate,
-        scratch: &mut Vec<Staged>,
-    ) -> u64 {
+    fn hand_off(&self, i: usize, idx: &TxnIndex, gate: &ShardGate) -> u64 {
         let st = &self.bufs[i];
         let g = st.gen.load(Ordering::Relaxed);
         // While a buffer is HANDING, its generation can neither be merged
@@ -700,10 +732,13 @@ impl Lane {
             gate.holds(g),
             "hand-off of generation {g} after its release"
         );
-        scratch.clear();
-        st.read_all(scratch);
+        // Read in place: no one writes a buffer while it is handed off
+        // (`handoff::Ring`: the owner has moved on, and the buffer is
+        // emptied only by `idx.hand_off` below or by a release, which
+        // waits for this hand-off).
+        let full = FullBuffer::of(st);
         let hot = idx.hot_list();
-        let b = build_run_noting(scratch, hot_ops_min(st.cap), &hot);
+        let b = build_run_noting(&full, hot_ops_min(st.cap), &hot);
         idx.hand_off(b, st, &hot);
         g
     }
@@ -1696,7 +1731,6 @@ impl Worker {
 /// shard into a run in its index (until none is left), and ask for
 /// compaction after each.
 fn hand_off_full(shared: &Arc<Shared>, _g: u64) {
-    let mut scratch: Vec<Staged> = Vec::new();
     loop {
         let mut any = false;
         for shard in shared.shards.iter() {
@@ -1711,7 +1745,7 @@ fn hand_off_full(shared: &Arc<Shared>, _g: u64) {
                     }
                     #[cfg(test)]
                     drop(shared.test.mid_hand_off.lock());
-                    let g = lane.hand_off(i, &shared.index[p], &shard.gate, &mut scratch);
+                    let g = lane.hand_off(i, &shared.index[p], &shard.gate);
                     lane.ring.handed_off(i);
                     shared.hand_offs.fetch_add(1, Ordering::Relaxed);
                     request_compaction(shared, g);
@@ -2395,7 +2429,6 @@ pub struct IndexStats {
 pub struct LockFreeHandle<'a> {
     store: &'a LockFreeStore,
     shard: usize,
-    scratch: Vec<Staged>,
 }
 
 impl Drop for LockFreeHandle<'_> {
@@ -2462,7 +2495,7 @@ impl LockFreeHandle<'_> {
                 // done here.
                 let shard = &store.shared.shards[self.shard];
                 let idx = &store.shared.index[parity(g)];
-                lane.hand_off(i, idx, &shard.gate, &mut self.scratch);
+                lane.hand_off(i, idx, &shard.gate);
                 lane.ring.owner_handed_off(i);
                 store.shared.hand_offs.fetch_add(1, Ordering::Relaxed);
                 store.shared.owner_hand_offs.fetch_add(1, Ordering::Relaxed);
@@ -2554,7 +2587,6 @@ impl DelayedRefStore for LockFreeStore {
                 return Ok(LockFreeHandle {
                     store: self,
                     shard: i,
-                    scratch: Vec::with_capacity(self.staging_ops),
                 });
             }
         }

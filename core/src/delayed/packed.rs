@@ -651,7 +651,7 @@ pub(crate) fn set_prefetching(on: bool) {
 /// Asks the CPU to bring the cache line holding `p` into its caches
 /// ahead of a read: a hint, on x86_64 only (elsewhere nothing).
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: PREFETCHT0 is a hint: it never faults and changes no memory,
     // whatever the address (`p` may be past its allocation), and SSE is in
@@ -1018,17 +1018,51 @@ pub(crate) fn build_run(staged: &[Staged]) -> RunBuilder {
     build_run_noting(staged, usize::MAX, &[])
 }
 
+/// Staged ops a run is built from: a copy ([`Staged`] words) or a full
+/// staging buffer read in place (`lockfree.rs`).
+pub(crate) trait StagedOps {
+    /// Ops held.
+    fn count(&self) -> usize;
+    /// Op `i`'s bytenr (its word 0).
+    fn bytenr(&self, i: usize) -> u64;
+    /// Op `i`'s words.
+    fn words(&self, i: usize) -> Staged;
+    /// Asks for op `i`'s words ahead of [`StagedOps::words`] (a hint).
+    fn prefetch_op(&self, i: usize);
+}
+
+impl StagedOps for [Staged] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn bytenr(&self, i: usize) -> u64 {
+        self[i][0]
+    }
+
+    fn words(&self, i: usize) -> Staged {
+        self[i]
+    }
+
+    fn prefetch_op(&self, i: usize) {
+        let w = self.as_ptr().wrapping_add(i);
+        prefetch(w);
+        prefetch(w.cast::<u8>().wrapping_add(64));
+    }
+}
+
 /// [`build_run`], noting in [`RunBuilder::heavy`] each head merged from at
 /// least `heavy_min` ops or whose bytenr is in `hot` (ascending).
-pub(crate) fn build_run_noting(staged: &[Staged], heavy_min: usize, hot: &[u64]) -> RunBuilder {
+pub(crate) fn build_run_noting(
+    staged: &(impl StagedOps + ?Sized),
+    heavy_min: usize,
+    hot: &[u64],
+) -> RunBuilder {
     debug_assert!(hot.is_sorted());
     let mut hot = hot.iter().copied().peekable();
-    let mut order: Vec<(u64, u32)> = staged
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w[0], i as u32))
-        .collect();
-    sort_by_bytenr(&mut order, &mut Vec::with_capacity(staged.len()));
+    let n = staged.count();
+    let mut order: Vec<(u64, u32)> = (0..n).map(|i| (staged.bytenr(i), i as u32)).collect();
+    sort_by_bytenr(&mut order, &mut Vec::with_capacity(n));
     let mut b = RunBuilder::new();
     let mut scratch: Vec<PackedRef> = Vec::new();
     let mut i = 0;
@@ -1040,11 +1074,9 @@ pub(crate) fn build_run_noting(staged: &[Staged], heavy_min: usize, hot: &[u64])
         while i < order.len() && order[i].0 == bytenr {
             // The ops are read in bytenr order, at random in the buffer.
             if let Some(&(_, j)) = order.get(i + 8).filter(|_| prefetching()) {
-                let w = staged.as_ptr().wrapping_add(j as usize);
-                prefetch(w);
-                prefetch(w.cast::<u8>().wrapping_add(64));
+                staged.prefetch_op(j as usize);
             }
-            let w = &staged[order[i].1 as usize];
+            let w = &staged.words(order[i].1 as usize);
             if let Some((r, ref_mod, kind)) = plain_staged(w) {
                 // Most ops: folded and packed from their words.
                 summary.plain(w[1], kind, ref_mod);

@@ -1,0 +1,90 @@
+//! Defects found by attacking a running daemon over the wire (clients
+//! written from `docs/protocol.md`), one test each, so that they stay
+//! fixed. Each runs the release daemon as a real process on a small file
+//! device, over a unix socket or loopback TCP, and takes seconds.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+use refd_proto::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Text a client chooses (its HELLO name, a freed-list consumer's name)
+/// cannot forge lines in the daemon's log: a name with a newline or a
+/// terminal escape is logged escaped, on its own line. Before, the name
+/// went into the line as it was (`Display`), so a TCP peer that had not
+/// even authenticated wrote whole lines of its choosing (a fake
+/// `ERROR ... engine failed`, colours) into the operator's log through
+/// the `authentication failed` warning.
+#[test]
+fn client_text_cannot_forge_log_lines() {
+    let Some(t) = Target::new("refd-logforge", 128 * MIB, false) else {
+        return;
+    };
+    let token = t.scratch.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let d = Daemon::start(
+        &t,
+        &[
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let port: u16 = tcp_listener(&d.ready)
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no TCP port in {}", d.ready));
+    // An unauthenticated TCP peer: a wrong token, a name that ends the
+    // warning's line and starts one of its own.
+    let forged_hello = "x\nFORGED-BY-HELLO ERROR engine failed\x1b[31m";
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut f = Vec::new();
+    let h = HelloRequest {
+        version_min: 1,
+        version_max: 1,
+        token: b"wrong".to_vec(),
+        name: forged_hello.into(),
+    };
+    encode_request(1, &Request::Hello(h), &mut f);
+    s.write_all(&f).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert!(reply.len() > HEADER_BYTES, "an AUTH_FAILED frame");
+    // A consumer's name, logged when it is unsubscribed.
+    let (mut c, _) = Raw::hello(&d.socket);
+    let name = "c\nFORGED-BY-CONSUMER WARN x";
+    let sub = FreedSubscribeRequest::new(name).unwrap();
+    let consumer_id = match c.call(&Request::FreedSubscribe(sub)) {
+        Reply::FreedSubscribe(r) => r.consumer_id,
+        r => panic!("{r:?}"),
+    };
+    let unsub = FreedUnsubscribeRequest { consumer_id };
+    assert!(matches!(
+        c.call(&Request::FreedUnsubscribe(unsub)),
+        Reply::FreedUnsubscribe(_)
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = d.log();
+        if log.contains("authentication failed") && log.contains("unsubscribed") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no log lines yet: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("FORGED") && !line.contains('\x1b'),
+            "a client's text forged a log line: {line:?}\n{log}"
+        );
+    }
+    assert!(log.contains("FORGED-BY-HELLO") && log.contains("FORGED-BY-CONSUMER"));
+}

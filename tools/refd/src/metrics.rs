@@ -7,11 +7,11 @@
 //! totals; the difference since the last scrape is added to the
 //! counter, so counters never go back).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::prometheus_text::encode;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
@@ -507,15 +507,23 @@ impl EncodeMetric for LogWriteSeconds {
     }
 }
 
+/// A request must arrive whole within this of the connection's accept.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A response must be taken whole within this.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `GET /metrics` on `listener` until the process exits, calling
-/// `refresh` before each rendering. One request per connection, bounded
-/// in size and time.
+/// `refresh` before each rendering. One request per connection, one
+/// connection at a time, each bounded in size (8 KiB of request) and in
+/// time as a whole ([`REQUEST_TIMEOUT`] to arrive, [`RESPONSE_TIMEOUT`]
+/// to be taken), not per read or write: a peer trickling a byte now and
+/// then would otherwise hold the endpoint, and every scrape behind it,
+/// for as long as it went on.
 pub fn serve(listener: TcpListener, metrics: Arc<Metrics>, refresh: impl Fn() + Send + 'static) {
     for stream in listener.incoming() {
         let Ok(mut s) = stream else { continue };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-        let response = match read_request_line(&mut s) {
+        let _ = s.set_write_timeout(Some(RESPONSE_TIMEOUT));
+        let response = match read_request_line(&mut s, Instant::now() + REQUEST_TIMEOUT) {
             Some(line) if line.starts_with("GET /metrics") => {
                 refresh();
                 let body = metrics.render();
@@ -535,15 +543,20 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>, refresh: impl Fn() + 
             }
             None => continue,
         };
-        let _ = s.write_all(response.as_bytes());
+        let mut s = crate::listen::Stream::Tcp(s);
+        let _ = crate::conn::write_frame(&mut s, response.as_bytes(), RESPONSE_TIMEOUT);
     }
 }
 
-/// The request line, reading at most 8 KiB of headers.
-fn read_request_line(s: &mut TcpStream) -> Option<String> {
+/// The request line, reading at most 8 KiB of headers until `deadline`.
+fn read_request_line(s: &mut TcpStream, deadline: Instant) -> Option<String> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return None;
+        }
         let n = match s.read(&mut chunk) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             r => r.ok()?,

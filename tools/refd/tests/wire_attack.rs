@@ -149,3 +149,90 @@ fn a_trickled_metrics_request_does_not_hold_the_endpoint() {
         "a scrape waited {took:?} behind a trickled request"
     );
 }
+
+/// A client that connects while the daemon drains after SIGTERM (here a
+/// slow reader keeps it answering for seconds) is refused at once, on
+/// the unix socket and on TCP: "no new connections". Before, the
+/// listeners stayed open until the drain was over, so such a client's
+/// connect succeeded into the backlog and its HELLO went unanswered for
+/// the whole drain (up to the 30 s a reply may take, 60 s at most), then
+/// the connection was reset.
+#[test]
+fn a_client_connecting_during_the_drain_is_refused_at_once() {
+    let Some(t) = Target::new("refd-drain", 128 * MIB, false) else {
+        return;
+    };
+    let mut d = Daemon::start(&t, &["--listen", "tcp:127.0.0.1:0"]);
+    let tcp = tcp_listener(&d.ready);
+    // The slow reader: 16 LOOKUPs of 1000 bytenrs (8 KiB each, replies of
+    // 48 KiB) sent at once, replies taken 8 KiB every 100 ms. At the
+    // SIGTERM the daemon has read a 64 KiB chunk of them it must answer
+    // (several hundred KiB of replies: seconds), then it closes.
+    let (mut slow, _) = Raw::hello(&d.socket);
+    let bytenrs: Vec<u64> = (0..1000).collect();
+    let mut frame = Vec::new();
+    encode_request(
+        7,
+        &Request::Lookup(LookupRequest::new(bytenrs).unwrap()),
+        &mut frame,
+    );
+    let mut stream = slow.stream.try_clone().unwrap();
+    let fast = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let fast = std::sync::Arc::clone(&fast);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 8 << 10];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if fast.load(std::sync::atomic::Ordering::Relaxed) => {}
+                    Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        })
+    };
+    for _ in 0..16 {
+        slow.send_raw(&frame);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&d.child, libc::SIGTERM);
+    // The accept loops stop within their 200 ms poll.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "still draining (the slow reader)"
+    );
+    let refused_in_time = |connected: std::io::Result<Box<dyn ReadWrite>>| {
+        let Ok(mut s) = connected else {
+            return true; // refused: no socket file, or no listener
+        };
+        let mut f = Vec::new();
+        encode_request(1, &hello_request("late"), &mut f);
+        let _ = s.write_all(&f);
+        let mut byte = [0u8; 1];
+        // Closed, reset or answered at once; not left waiting.
+        !matches!(s.read(&mut byte), Err(e)
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    };
+    let start = Instant::now();
+    let unix = std::os::unix::net::UnixStream::connect(&d.socket).map(|s| {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        Box::new(s) as Box<dyn ReadWrite>
+    });
+    assert!(refused_in_time(unix), "a unix client waited for the drain");
+    let tcp = std::net::TcpStream::connect(&tcp).map(|s| {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        Box::new(s) as Box<dyn ReadWrite>
+    });
+    assert!(refused_in_time(tcp), "a TCP client waited for the drain");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    // The slow reader takes the rest at once: the drain ends.
+    fast.store(true, std::sync::atomic::Ordering::Relaxed);
+    let status = wait_bounded(&mut d.child, Duration::from_secs(60), "the drain");
+    assert!(status.success(), "{status:?}: {}", d.log());
+    reader.join().unwrap();
+    drop(slow);
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}

@@ -288,7 +288,17 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
             }
             Err(SubmitError::NoSpace(n)) => {
                 warn_no_space(&self.shared.started, &n);
-                Err(ErrorBody::new(ErrorCode::NoSpace, &n.to_string()).with_detail(n.nodes_free))
+                let mut message = n.to_string();
+                // Held heads keep their room reserved until a commit runs
+                // them: say so, or the operator only hears "extend".
+                let held = self.shared.engine.heads_held();
+                if held > 0 {
+                    message = format!(
+                        "{held} heads held by seq barriers keep their room reserved until \
+                         the barriers are released; {message}"
+                    );
+                }
+                Err(ErrorBody::new(ErrorCode::NoSpace, &message).with_detail(n.nodes_free))
             }
             Err(e) => Err(submit_error(e, &self.ops)),
         }

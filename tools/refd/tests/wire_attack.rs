@@ -323,3 +323,37 @@ fn heads_held_by_a_barrier_keep_their_room_until_released() {
     }
     assert_eq!(c.refs((1 << 30) + refused * BATCH * 4096), 1);
 }
+
+/// `--idle-timeout-s 0` and `--barrier-lease-ms 0` are refused at start,
+/// as `--hello-timeout-ms 0` is. Accepted before, they made a daemon that
+/// closed every connection at its first 200 ms without a byte (a HELLO,
+/// then a pause, then a broken pipe) and handed out barriers already
+/// expired (a RENEW right after the ACQUIRE got `BARRIER_UNKNOWN`).
+#[test]
+fn zero_idle_timeout_and_barrier_lease_are_refused() {
+    let Some(t) = Target::new("refd-zero-flags", 64 * MIB, false) else {
+        return;
+    };
+    let log = t.scratch.path().join("refused.log");
+    for (flag, value) in [("--idle-timeout-s", "0"), ("--barrier-lease-ms", "0")] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_refd"))
+            .arg("serve")
+            .arg("--device")
+            .arg(&t.device)
+            .arg("--listen")
+            .arg(format!("unix:{}", t.socket().display()))
+            .args(["--metrics", "off", flag, value])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn refd");
+        // A daemon that took the flag serves on: killed after 10 s.
+        let what = format!("refd with {flag} {value}");
+        let status = wait_bounded(&mut child, Duration::from_secs(10), &what);
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !status.success() && err.contains(flag),
+            "{flag} {value}: {status:?} {err}"
+        );
+    }
+}

@@ -362,3 +362,40 @@ fn zero_idle_timeout_and_barrier_lease_are_refused() {
         );
     }
 }
+
+/// SIGHUP (the terminal of a daemon started by hand goes away) stops the
+/// daemon gracefully, as SIGTERM does: exit status 0, everything
+/// acknowledged committed, nothing to replay. Before, its default action
+/// ended the process at once, as kill -9 would: no `SHUTTING_DOWN`, the
+/// NO_WAIT batches not yet durable lost.
+#[test]
+fn sighup_stops_gracefully() {
+    let Some(t) = Target::new("refd-sighup", 64 * MIB, false) else {
+        return;
+    };
+    let mut d = Daemon::start(&t, &["--commit-interval-ms", "600000"]);
+    let (mut c, _) = Raw::hello(&d.socket);
+    let s = c.register();
+    let no_wait = Request::Submit(SubmitRequest {
+        session_id: s,
+        request_number: 1,
+        flags: SUBMIT_NO_WAIT,
+        ops: vec![data(ACTION_ADD_EXTENT, 1 << 30, 1)],
+    });
+    assert!(matches!(c.call(&no_wait), Reply::Submit(_)));
+    signal(&d.child, libc::SIGHUP);
+    let mut last = None;
+    while let Some((id, reply)) = c.try_recv() {
+        last = Some((id, reply));
+    }
+    assert!(
+        matches!(&last, Some((0, r)) if code(r) == Some(ErrorCode::ShuttingDown)),
+        "{last:?}"
+    );
+    let status = wait_bounded(&mut d.child, Duration::from_secs(60), "refd's stop");
+    assert!(status.success(), "{status:?}: {}", d.log());
+    let d = Daemon::start(&t, &[]);
+    assert!(d.ready.contains("with 0 ops replayed"), "{}", d.ready);
+    let (mut c, _) = Raw::hello(&d.socket);
+    assert_eq!(c.refs(1 << 30), 1);
+}

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::{Listen, LogFormat, RecoveryModeArg, ServeConfig, StoreImpl};
@@ -267,7 +267,7 @@ fn notify_ready() {
     }
 }
 
-/// Runs `refd serve` with `a` until SIGTERM/SIGINT (see the module docs).
+/// Runs `refd serve` with `a` until SIGTERM, SIGINT or SIGHUP (see the module docs).
 pub fn serve(a: Serve) -> Result<(), String> {
     init_logging(a.log_format);
     refd_alloc::tune();
@@ -277,7 +277,10 @@ pub fn serve(a: Serve) -> Result<(), String> {
     // as soon as it is read must stop the daemon gracefully, not kill it
     // (seen: a test's SIGTERM right after the ready line, under load,
     // ended the process by the default action).
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signals: {e}"))?;
+    // SIGHUP too: a daemon started from a terminal that goes away (an ssh
+    // session closed) was ended by its default action, as by kill -9.
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| format!("signals: {e}"))?;
     // Not `println!`: a closed stdout must not stop the daemon.
     let _ = writeln!(std::io::stdout(), "{}", server.ready_line());
     let _ = std::io::stdout().flush();

@@ -297,6 +297,14 @@ impl ServeConfig {
         if self.hello_timeout.is_zero() {
             return Err("--hello-timeout-ms must be at least 1".into());
         }
+        // 0 is not "off" for these two: every connection would be closed
+        // at its first pause of 200 ms, every barrier handed out expired.
+        if self.idle_timeout.is_zero() {
+            return Err("--idle-timeout-s must be at least 1".into());
+        }
+        if self.barrier_lease_ms == 0 {
+            return Err("--barrier-lease-ms must be at least 1".into());
+        }
         if self.connections_max == 0 || self.sessions_max == 0 {
             return Err("--connections-max and --sessions-max must be at least 1".into());
         }

@@ -144,7 +144,7 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
                 self.live()?;
                 return Ok(match e.unsubscribe_freed(u.consumer_id) {
                     Ok((c, ticket)) => {
-                        tracing::info!(peer = %self.peer, consumer = c.id, name = %c.name,
+                        tracing::info!(peer = %self.peer, consumer = c.id, name = ?c.name,
                             acked = c.acked, "freed-list consumer unsubscribed");
                         let reply = Reply::FreedUnsubscribe(FreedUnsubscribeReply {
                             acked_generation: c.acked,
@@ -198,7 +198,7 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
             let given_ok = constant_time_eq(token, &h.token);
             if self.requires_token && !given_ok {
                 self.shared.metrics.auth_failures.inc();
-                tracing::warn!(peer = %self.peer, client = %h.name, "authentication failed");
+                tracing::warn!(peer = %self.peer, client = ?h.name, "authentication failed");
                 return Err(ErrorBody::new(
                     ErrorCode::AuthFailed,
                     "wrong or missing token",
@@ -206,7 +206,7 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
             }
         }
         self.helloed = true;
-        tracing::debug!(peer = %self.peer, client = %h.name, "hello");
+        tracing::debug!(peer = %self.peer, client = ?h.name, "hello");
         Ok(Pending::now(id, Reply::Hello(self.shared.hello())))
     }
 
@@ -288,7 +288,17 @@ impl<D: DelayedRefStore + 'static> Handler<D> {
             }
             Err(SubmitError::NoSpace(n)) => {
                 warn_no_space(&self.shared.started, &n);
-                Err(ErrorBody::new(ErrorCode::NoSpace, &n.to_string()).with_detail(n.nodes_free))
+                let mut message = n.to_string();
+                // Held heads keep their room reserved until a commit runs
+                // them: say so, or the operator only hears "extend".
+                let held = self.shared.engine.heads_held();
+                if held > 0 {
+                    message = format!(
+                        "{held} heads held by seq barriers keep their room reserved until \
+                         the barriers are released; {message}"
+                    );
+                }
+                Err(ErrorBody::new(ErrorCode::NoSpace, &message).with_detail(n.nodes_free))
             }
             Err(e) => Err(submit_error(e, &self.ops)),
         }

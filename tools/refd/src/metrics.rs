@@ -7,11 +7,11 @@
 //! totals; the difference since the last scrape is added to the
 //! counter, so counters never go back).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::prometheus_text::encode;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
@@ -507,43 +507,91 @@ impl EncodeMetric for LogWriteSeconds {
     }
 }
 
+/// A request must arrive whole within this of the connection's accept.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A response must be taken whole within this.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections the endpoint serves at once; one more is closed at once.
+const CONNECTIONS_MAX: usize = 8;
+
 /// Serves `GET /metrics` on `listener` until the process exits, calling
-/// `refresh` before each rendering. One request per connection, bounded
-/// in size and time.
-pub fn serve(listener: TcpListener, metrics: Arc<Metrics>, refresh: impl Fn() + Send + 'static) {
+/// `refresh` before each rendering. One request per connection, each on
+/// a thread of its own (at most [`CONNECTIONS_MAX`] at once: more are
+/// closed unanswered), bounded in size (8 KiB of request) and in time as
+/// a whole ([`REQUEST_TIMEOUT`] to arrive, [`RESPONSE_TIMEOUT`] to be
+/// taken), not per read or write. Served one at a time with per-read
+/// timeouts, a peer trickling a byte now and then held the endpoint, and
+/// every scrape queued behind it, for as long as it went on; with the
+/// deadlines alone, a few such peers in turn still held a scrape for
+/// seconds each.
+pub fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    refresh: impl Fn() + Send + Sync + 'static,
+) {
+    let refresh = Arc::new(refresh);
+    let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(mut s) = stream else { continue };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-        let response = match read_request_line(&mut s) {
-            Some(line) if line.starts_with("GET /metrics") => {
-                refresh();
-                let body = metrics.render();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; \
-                     charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            }
-            Some(_) => {
-                let body = "refd metrics: GET /metrics\n";
-                format!(
-                    "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-                     Connection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            }
-            None => continue,
-        };
-        let _ = s.write_all(response.as_bytes());
+        let Ok(s) = stream else { continue };
+        if active.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
+            active.fetch_sub(1, Ordering::AcqRel);
+            continue; // dropped: closed
+        }
+        let (metrics, refresh, done) = (
+            Arc::clone(&metrics),
+            Arc::clone(&refresh),
+            Arc::clone(&active),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("refd-metrics-c".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                serve_one(s, &metrics, &*refresh);
+                done.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
-/// The request line, reading at most 8 KiB of headers.
-fn read_request_line(s: &mut TcpStream) -> Option<String> {
+/// Answers one connection's request.
+fn serve_one(mut s: TcpStream, metrics: &Metrics, refresh: &dyn Fn()) {
+    let _ = s.set_write_timeout(Some(RESPONSE_TIMEOUT));
+    let response = match read_request_line(&mut s, Instant::now() + REQUEST_TIMEOUT) {
+        Some(line) if line.starts_with("GET /metrics") => {
+            refresh();
+            let body = metrics.render();
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; \
+                 charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        }
+        Some(_) => {
+            let body = "refd metrics: GET /metrics\n";
+            format!(
+                "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            )
+        }
+        None => return,
+    };
+    let mut s = crate::listen::Stream::Tcp(s);
+    let _ = crate::conn::write_frame(&mut s, response.as_bytes(), RESPONSE_TIMEOUT);
+}
+
+/// The request line, reading at most 8 KiB of headers until `deadline`.
+fn read_request_line(s: &mut TcpStream, deadline: Instant) -> Option<String> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return None;
+        }
         let n = match s.read(&mut chunk) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             r => r.ok()?,

@@ -600,6 +600,16 @@ impl<D: DelayedRefStore + 'static> Running for Server<D> {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // No new connections: the accept loops are over, so close the
+        // listeners now (the unix socket files removed, the listening
+        // sockets closed by dropping the last reference), not after the
+        // drain. Left open, a client connecting meanwhile sat in the
+        // backlog, its HELLO unanswered for the whole drain (up to
+        // DRAIN_TIMEOUT), then was reset; now it is refused at once.
+        for l in self.listeners.iter() {
+            l.remove();
+        }
+        self.listeners = Arc::new(Vec::new());
         while self.shared.connections() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -608,9 +618,6 @@ impl<D: DelayedRefStore + 'static> Running for Server<D> {
                 connections = self.shared.connections(),
                 "connections still open after the drain timeout"
             );
-        }
-        for l in self.listeners.iter() {
-            l.remove();
         }
         self.shared.barriers.release_all();
         self.shared.engine.stop_committer();

@@ -34,9 +34,13 @@ pub fn healthy(v: &Value) -> bool {
 }
 
 /// The value at a dotted path, as text (`?` when missing, `-` when null).
+/// Strings come from the daemon and some from its clients (a freed-list
+/// consumer's name is any UTF-8 a client subscribed), so control
+/// characters are shown escaped: a name with a newline or a terminal
+/// escape cannot forge lines or colours in the operator's terminal.
 fn at(v: &Value, path: &str) -> String {
     match lookup(v, path) {
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => printable(s),
         Some(Value::Null) => "-".into(),
         None => "?".into(),
         Some(Value::Number(n)) => match n.as_f64() {
@@ -45,6 +49,19 @@ fn at(v: &Value, path: &str) -> String {
         },
         Some(other) => other.to_string(),
     }
+}
+
+/// `s` with its control characters escaped (`\n`, `\u{1b}`), the rest as is.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
@@ -333,6 +350,22 @@ mod tests {
         let t = text(&v);
         let want = "(bitmap runs of 2), NO SPARE WINDOW: bitmap runs go first fit\n";
         assert!(t.contains(want), "{want:?} not in\n{t}");
+    }
+
+    /// A consumer's name is a client's text: shown escaped, it cannot
+    /// start a line of its own or colour the terminal.
+    #[test]
+    fn client_text_is_shown_escaped() {
+        let mut v = sample(Value::Null);
+        v["freed"]["consumers"][0]["name"] = "x\nstatus       ok\u{1b}[31m".into();
+        let t = text(&v);
+        assert!(!t.contains('\u{1b}'), "{t}");
+        let status_lines = t.lines().filter(|l| l.starts_with("status")).count();
+        assert_eq!(status_lines, 1, "{t}");
+        assert!(
+            t.contains("consumer x\\nstatus       ok\\u{1b}[31m (id 1)"),
+            "{t}"
+        );
     }
 
     #[test]

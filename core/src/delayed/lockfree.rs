@@ -646,33 +646,44 @@ impl Staging {
 /// a hand-off (no copy of its ~360 KiB first). Only for a buffer no one
 /// writes meanwhile: one being handed off.
 struct FullBuffer<'a> {
-    st: &'a Staging,
-    /// Published slots (`len`, loaded with Acquire).
-    n: usize,
+    /// The published slots' keys and words (`len`, loaded with Acquire),
+    /// taken once: not through the buffer's header for every op (its
+    /// line is shared with the next buffer's `len`, which the owner
+    /// stores at every append).
+    keys: &'a [AtomicU64],
+    slots: &'a [[AtomicU64; SLOT_WORDS]],
 }
 
 impl<'a> FullBuffer<'a> {
     fn of(st: &'a Staging) -> FullBuffer<'a> {
-        let n = st.len.load(Ordering::Acquire).min(st.slots().len());
-        FullBuffer { st, n }
+        let (keys, slots) = (st.keys(), st.slots());
+        let n = st.len.load(Ordering::Acquire).min(slots.len());
+        FullBuffer {
+            keys: &keys[..n],
+            slots: &slots[..n],
+        }
     }
 }
 
 impl StagedOps for FullBuffer<'_> {
     fn count(&self) -> usize {
-        self.n
+        self.slots.len()
     }
 
     fn bytenr(&self, i: usize) -> u64 {
-        self.st.keys()[i].load(Ordering::Relaxed)
+        self.keys[i].load(Ordering::Relaxed)
     }
 
     fn words(&self, i: usize) -> Staged {
-        self.st.words(i)
+        let (key, slot) = (&self.keys[i], &self.slots[i]);
+        std::array::from_fn(|j| match j {
+            0 => key.load(Ordering::Relaxed),
+            _ => slot[j - 1].load(Ordering::Relaxed),
+        })
     }
 
     fn prefetch_op(&self, i: usize) {
-        if let Some(slot) = self.st.slots().get(i) {
+        if let Some(slot) = self.slots.get(i) {
             let w = slot.as_ptr();
             prefetch(w);
             prefetch(w.cast::<u8>().wrapping_add(64));
@@ -733,8 +744,9 @@ impl Lane {
             "hand-off of generation {g} after its release"
         );
         // Read in place: no one writes a buffer while it is handed off
-        // (`handoff::Ring`: the owner has moved on, and the buffer is
-        // emptied only by `idx.hand_off` below or by a release, which
+        // (`handoff::Ring`: the owner writes only its active buffer, and
+        // hands a full one off itself only in this function; the buffer
+        // is emptied only by `idx.hand_off` below or by a release, which
         // waits for this hand-off).
         let full = FullBuffer::of(st);
         let hot = idx.hot_list();

@@ -1,5 +1,6 @@
 //! The background work an op costs after its append, timed on synthetic
-//! runs: the hand-off's run build from a full staging buffer and the
+//! runs: the hand-off's run build (here from a copy of the staged ops'
+//! words; the store's hand-off reads the buffer's atomics in place) and the
 //! compactor's merge passes, each with and without prefetching ahead,
 //! alternating in one process (`refd-bench merge`). Single-threaded, on
 //! whatever core the caller runs; nothing here touches a store.

@@ -1077,6 +1077,9 @@ pub(crate) fn build_run_noting(
                 staged.prefetch_op(j as usize);
             }
             let w = &staged.words(order[i].1 as usize);
+            // Read twice (for the sort, then with the op): equal, as
+            // no one writes the ops meanwhile.
+            debug_assert_eq!(w[0], bytenr, "a staged op changed during its build");
             if let Some((r, ref_mod, kind)) = plain_staged(w) {
                 // Most ops: folded and packed from their words.
                 summary.plain(w[1], kind, ref_mod);

@@ -608,7 +608,8 @@ mod loom_tests {
             ))
         }
 
-        /// The claimer's copy of a full buffer (`Staging::read_all`).
+        /// The claimer's reads of a full buffer (`Lane::hand_off` reads it in
+        /// place, `FullBuffer`, while it is HANDING).
         fn read_all(&self) -> u64 {
             let len = self.len.load(Ordering::Acquire) as usize;
             self.slots[..len.min(self.cap)]

@@ -16,7 +16,7 @@ use refd_core::delayed::mutex::MutexStore;
 use refd_core::delayed::{DelayedRefStore, IngestHandle};
 use refd_core::engine::Engine;
 use refd_core::extent_tree::{ExtentItem, ExtentTree};
-use refd_core::model::{Action, ExtentKind, Op, RefKey};
+use refd_core::model::{Action, ExtentKind, ExtentOp, Op, RefKey, BLOCK_FLAG_FULL_BACKREF};
 use refd_core::oracle::{normalize_tree, Model};
 
 const THREADS: u64 = 6;
@@ -508,4 +508,375 @@ fn lookups_count_exactly_under_handoffs_and_compactions() {
             .map_or(0, |h| h.summary.total_ref_mod);
         assert_eq!(n, sum(&done, b), "extent {b} at the end");
     }
+}
+
+/// Hot extents per ingester in [`stress_hot`].
+const HOT_PER_THREAD: u64 = 2;
+/// Ingesters in [`stress_hot`].
+const HOT_INGESTERS: u64 = 3;
+/// Ops of a buffer of the lock-free store in [`stress_hot_lockfree`].
+const HOT_STAGING_OPS: usize = 256;
+
+fn hot_bytenr(t: u64, e: u64) -> u64 {
+    (1 << 36) + ((t * HOT_PER_THREAD + e) << 20)
+}
+
+/// One life of a hot extent in [`hot_stream`]: its shape, the roots that
+/// hold a ref, and how many more ops it takes before its refs are dropped.
+struct Life {
+    tree: Option<u8>,
+    num_bytes: u64,
+    roots: Vec<u64>,
+    more: u32,
+}
+
+impl Life {
+    fn op(&self, bytenr: u64, action: Action, root: u64, seq: u64) -> Op {
+        match self.tree {
+            Some(level) => tree_op(bytenr, action, root, level, seq),
+            None => {
+                let mut op = data(bytenr, action, root, seq);
+                op.num_bytes = self.num_bytes;
+                op
+            }
+        }
+    }
+}
+
+/// A thread's op stream for [`stress_hot`], valid in its own order: 70%
+/// of its ops go to its [`HOT_PER_THREAD`] hot extents, each allocated,
+/// given refs (and, as a tree block, extent_ops: ops of another kind than
+/// the cells sum), dropped to zero and allocated again, now and then with
+/// another size or kind (an op of another shape in the same buffer); in
+/// every other 2048 ops a life is an allocation and its drop only (past
+/// `CELL_ALLOCS_MAX` = 31 allocations of one extent in a buffer of 256
+/// ops), else 1 to 6 more ops. The rest add or drop the thread's ref on
+/// the shared extents. Also returns, per hot extent, its refs after the
+/// first `n` ops of the stream, for every `n`.
+fn hot_stream(t: u64, seed: u64, seq_of: impl Fn() -> u64) -> (Vec<Op>, Vec<Vec<i64>>) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (t << 8) ^ 0x407);
+    let n = ops_per_thread();
+    let mut lives: Vec<Option<Life>> = (0..HOT_PER_THREAD).map(|_| None).collect();
+    let mut refs_at: Vec<Vec<i64>> = vec![vec![0]; HOT_PER_THREAD as usize];
+    let mut shared = vec![0u64; SHARED_EXTENTS as usize];
+    let mut ops = Vec::with_capacity(n);
+    while ops.len() < n {
+        let seq = if rng.gen_bool(0.2) { seq_of() } else { 0 };
+        if rng.gen_bool(0.3) {
+            let j = rng.gen_range(0..SHARED_EXTENTS);
+            let b = shared_bytenr(j);
+            if shared[j as usize] > 0 && rng.gen_bool(0.5) {
+                shared[j as usize] -= 1;
+                ops.push(data(b, Action::DropRef, 100 + t, seq));
+            } else {
+                shared[j as usize] += 1;
+                ops.push(data(b, Action::AddRef, 100 + t, seq));
+            }
+        } else {
+            let e = rng.gen_range(0..HOT_PER_THREAD);
+            let b = hot_bytenr(t, e);
+            let short = (ops.len() / 2048) % 2 == 0;
+            let life = &mut lives[e as usize];
+            match life {
+                None => {
+                    let (tree, num_bytes) = match rng.gen_range(0..8) {
+                        0 => (Some(rng.gen_range(0..2)), 16384),
+                        1 => (None, 8192),
+                        _ => (None, 4096),
+                    };
+                    let l = Life {
+                        tree,
+                        num_bytes,
+                        roots: vec![5],
+                        more: if short { 0 } else { rng.gen_range(1..=6) },
+                    };
+                    ops.push(l.op(b, Action::AddExtent, 5, seq));
+                    *life = Some(l);
+                }
+                Some(l) if l.more > 0 => {
+                    l.more -= 1;
+                    let r = rng.gen_range(5..12u64);
+                    if let Some(level) = l.tree.filter(|_| rng.gen_bool(0.2)) {
+                        ops.push(
+                            Op::update_head(
+                                b,
+                                16384,
+                                ExtentKind::Tree { level },
+                                ExtentOp {
+                                    flags_to_set: BLOCK_FLAG_FULL_BACKREF,
+                                    key: None,
+                                },
+                            )
+                            .unwrap(),
+                        );
+                    } else if !l.roots.contains(&r) && (l.roots.len() < 2 || rng.gen_bool(0.5)) {
+                        l.roots.push(r);
+                        ops.push(l.op(b, Action::AddRef, r, seq));
+                    } else {
+                        // Keep one ref until the life's last op.
+                        let k = rng.gen_range(0..l.roots.len());
+                        let r = l.roots[k];
+                        if l.roots.len() > 1 {
+                            l.roots.swap_remove(k);
+                            ops.push(l.op(b, Action::DropRef, r, seq));
+                        } else {
+                            ops.push(l.op(b, Action::AddRef, 12 + u64::from(l.more), seq));
+                            l.roots.push(12 + u64::from(l.more));
+                        }
+                    }
+                }
+                Some(l) => {
+                    let r = l.roots.pop().unwrap();
+                    ops.push(l.op(b, Action::DropRef, r, seq));
+                    if l.roots.is_empty() {
+                        *life = None;
+                    }
+                }
+            }
+        }
+        for (e, at) in refs_at.iter_mut().enumerate() {
+            let last = *at.last().unwrap();
+            let op = ops.last().unwrap();
+            let now = if op.bytenr == hot_bytenr(t, e as u64) {
+                last + op.ref_mod()
+            } else {
+                last
+            };
+            at.push(now);
+        }
+    }
+    (ops, refs_at)
+}
+
+/// Hot extents under real threads: each ingester's [`hot_stream`]
+/// (allocated again and again, past 31 allocations per buffer, dropped
+/// to zero and allocated again, mixed with ops of another shape) while a
+/// committer commits, a barrier thread takes and drops seq barriers and a
+/// reader looks the hot extents up (`lookup_extent_ref`: the committed
+/// item and the pending summary, which the lock-free store sums from its
+/// hot cells and views). Only its ingester changes a hot extent, so a
+/// lookup of it must give exactly its refs after the first `n` ops of
+/// its ingester's stream, for an `n` from the ops done before the lookup
+/// began to those begun before it ended; each ingester also looks its
+/// own extents up between its ops (exactly after `n`). At the end the
+/// extent tree equals the sequential model's.
+fn stress_hot<S: DelayedRefStore>(store: S, seed: u64) {
+    let engine = Arc::new(Engine::with_tree(store, initial_tree(), 1));
+    engine.set_apply_step(4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(AtomicU64::new(0));
+    let lookups = Arc::new(AtomicU64::new(0));
+    // Ops of each ingester's stream begun (before their add) and done
+    // (after it).
+    let begun: Arc<Vec<AtomicU64>> =
+        Arc::new((0..HOT_INGESTERS).map(|_| AtomicU64::new(0)).collect());
+    let done: Arc<Vec<AtomicU64>> =
+        Arc::new((0..HOT_INGESTERS).map(|_| AtomicU64::new(0)).collect());
+    let streams: Vec<(Vec<Op>, Vec<Vec<i64>>)> = (0..HOT_INGESTERS)
+        .map(|t| hot_stream(t, seed, || engine.barrier().current()))
+        .collect();
+    // The streams hold what the test is for: more allocations of one hot
+    // extent than a cell counts (31) within a buffer's worth of ops.
+    for (t, (ops, _)) in streams.iter().enumerate() {
+        let most = ops
+            .chunks(HOT_STAGING_OPS)
+            .flat_map(|c| {
+                (0..HOT_PER_THREAD).map(move |e| {
+                    c.iter()
+                        .filter(|o| {
+                            o.action == Action::AddExtent && o.bytenr == hot_bytenr(t as u64, e)
+                        })
+                        .count()
+                })
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(
+            most > 31,
+            "at most {most} allocations of a hot extent per buffer"
+        );
+    }
+    let streams = Arc::new(streams);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        {
+            let (engine, stop, commits) = (engine.clone(), stop.clone(), commits.clone());
+            s.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let r = engine.commit();
+                    assert!(
+                        r.quarantined.is_empty(),
+                        "seed {seed}: quarantined {:?}",
+                        r.quarantined.first()
+                    );
+                    commits.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            });
+        }
+        {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            s.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let g = engine.barrier().acquire();
+                    std::thread::sleep(Duration::from_micros(200));
+                    drop(g);
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            });
+        }
+        {
+            let (engine, stop, lookups) = (engine.clone(), stop.clone(), lookups.clone());
+            let (begun, done, streams) = (begun.clone(), done.clone(), streams.clone());
+            s.spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(seed ^ 0xbead);
+                while !stop.load(Ordering::SeqCst) {
+                    let t = rng.gen_range(0..HOT_INGESTERS);
+                    let e = rng.gen_range(0..HOT_PER_THREAD);
+                    let b = hot_bytenr(t, e);
+                    // The count (`lookup_extent_ref`: the pending summary,
+                    // which the lock-free store sums from its hot cells and
+                    // views) and, in turn, the whole pending head.
+                    let whole = rng.gen_bool(0.5);
+                    let from = done[t as usize].load(Ordering::SeqCst) as usize;
+                    let refs = if whole {
+                        let tree = engine.tree();
+                        let committed = tree.get(b).map_or(0, |c| c.refs as i64);
+                        let head = engine.pending_with(&tree, b);
+                        committed + head.map_or(0, |h| h.summary.total_ref_mod)
+                    } else {
+                        engine.lookup_extent_ref(b).refs
+                    };
+                    let to = begun[t as usize].load(Ordering::SeqCst) as usize;
+                    let at = &streams[t as usize].1[e as usize];
+                    assert!(
+                        at[from..=to].contains(&refs),
+                        "seed {seed}: hot extent {e} of ingester {t}: {refs} refs (whole head: \
+                         {whole}), not its refs after any of its ops {from}..={to}"
+                    );
+                    lookups.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let ingesters: Vec<_> = (0..HOT_INGESTERS)
+            .map(|t| {
+                let (engine, commits) = (engine.clone(), commits.clone());
+                let (begun, done, streams) = (begun.clone(), done.clone(), streams.clone());
+                s.spawn(move || {
+                    let (ops, at) = &streams[t as usize];
+                    let mut h = engine.handle().unwrap();
+                    let chunks = ops.len().div_ceil(7);
+                    let (begun, done) = (&begun[t as usize], &done[t as usize]);
+                    for (i, chunk) in ops.chunks(7).enumerate() {
+                        // Bounded: a committer that died (its panic is
+                        // reported) must not hang the ingesters.
+                        let checkpoint = (i * 5 / chunks) as u64;
+                        let waiting = Instant::now();
+                        while commits.load(Ordering::SeqCst) < checkpoint
+                            && waiting.elapsed() < Duration::from_secs(10)
+                        {
+                            std::thread::sleep(Duration::from_micros(100));
+                        }
+                        let n = i * 7;
+                        if i % 2 == 0 {
+                            begun.store((n + chunk.len()) as u64, Ordering::SeqCst);
+                            h.add_batch(chunk).unwrap();
+                            done.store((n + chunk.len()) as u64, Ordering::SeqCst);
+                        } else {
+                            for (k, op) in chunk.iter().enumerate() {
+                                begun.store((n + k + 1) as u64, Ordering::SeqCst);
+                                h.add(op).unwrap();
+                                done.store((n + k + 1) as u64, Ordering::SeqCst);
+                            }
+                        }
+                        if i % 8 == 0 {
+                            let n = n + chunk.len();
+                            let e = (i / 8) as u64 % HOT_PER_THREAD;
+                            let refs = engine.lookup_extent_ref(hot_bytenr(t, e)).refs;
+                            assert_eq!(
+                                refs, at[e as usize][n],
+                                "seed {seed}: ingester {t}'s own lookup of its hot extent {e} \
+                                 after {n} ops"
+                            );
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Stop the other threads even if an ingester failed (else they
+        // would run on, and the scope would wait for them forever).
+        let joined: Vec<_> = ingesters.into_iter().map(|t| t.join()).collect();
+        stop.store(true, Ordering::SeqCst);
+        for r in joined {
+            if let Err(panic) = r {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+    let r = engine.commit();
+    assert!(r.quarantined.is_empty(), "seed {seed}");
+    assert_eq!(engine.barrier().active(), 0);
+    assert_eq!(
+        engine.store().stats().heads,
+        0,
+        "seed {seed}: work left pending"
+    );
+    let mut model = Model::new();
+    for j in 0..SHARED_EXTENTS {
+        model.add(&data(shared_bytenr(j), Action::AddExtent, 1, 0));
+    }
+    model.commit(0);
+    for (ops, _) in streams.iter() {
+        for op in ops {
+            model.add(op);
+        }
+    }
+    let m = model.commit(0);
+    assert!(m.quarantined.is_empty());
+    let strip = |v: Vec<refd_core::oracle::NormExtent>| {
+        v.into_iter()
+            .map(|mut e| {
+                e.generation = 0;
+                e
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        strip(normalize_tree(&engine.tree())),
+        strip(model.normalized()),
+        "seed {seed}: final tree differs from the model"
+    );
+    engine.tree().check().unwrap();
+    eprintln!(
+        "{} (hot extents): {} ops, {} commits, {} lookups in {:?}",
+        engine.store().name(),
+        streams.iter().map(|s| s.0.len()).sum::<usize>(),
+        commits.load(Ordering::SeqCst),
+        lookups.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    assert!(commits.load(Ordering::SeqCst) > 3);
+}
+
+/// Ignored: fails on the lock-free store when its threads are preempted
+/// (found by this test, not fixed yet): a lookup of a hot extent gives
+/// refs that no prefix of its ingester's ops has (-1, or one too many:
+/// an op seen without an earlier one of the same extent). Seen in 5 to 9
+/// runs of 30 while other work loaded the 2 cores, 1 of 20 beside two
+/// busy loops, none of 50 on idle cores; with commits or without, with
+/// one ingester or three, without ops of another shape or extent_ops, by
+/// the count path and by the whole head's alike, and never in 20 loaded
+/// runs with staging buffers big enough that no hand-off happens (65,536
+/// ops). Run it with `REFD_STRESS_OPS=20000 cargo test --release -p
+/// refd-core --test stress -- --ignored stress_hot_lockfree`, many times,
+/// on loaded cores.
+#[test]
+#[ignore = "finds a lookup that is no prefix of the ops under hand-offs and preemption: see its doc"]
+fn stress_hot_lockfree() {
+    stress_hot(LockFreeStore::with_config(8, HOT_STAGING_OPS), seed() + 2);
+}
+
+#[test]
+fn stress_hot_mutex() {
+    stress_hot(MutexStore::new(), seed() + 2);
 }

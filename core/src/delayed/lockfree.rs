@@ -269,7 +269,10 @@ pub(super) const HOT_EMPTY: u64 = u64::MAX;
 /// number than its state (an allocation folded since) scans instead.
 /// These orders are model-checked with loom, allocations and the copy of
 /// the latest one's slot included (`window::loom_tests`,
-/// `run_view_hot_cell_counts_*`).
+/// `run_view_hot_cell_counts_*`), and so are a reset by the background
+/// hand-off and each way of spoiling the cell racing a count
+/// (`run_view_hot_cell_reset_in_background_with_allocations`,
+/// `run_view_hot_cell_spoiled_*`).
 #[derive(Debug, Default)]
 struct HotCell {
     num_bytes: AtomicU64,
@@ -300,6 +303,12 @@ pub(super) const CELL_LAST_ALLOC: u64 = 1 << 29;
 pub(super) const CELL_ALLOCS_SHIFT: u32 = 24;
 /// Allocations a cell counts (5 bits); one more spoils it.
 pub(super) const CELL_ALLOCS_MAX: u64 = 31;
+// The count is a field of the state masked by `CELL_ALLOCS_MAX`, below
+// `CELL_LAST_ALLOC`: every count the fold stores fits it whole.
+const _: () = assert!(
+    (CELL_ALLOCS_MAX + 1).is_power_of_two()
+        && (CELL_ALLOCS_MAX + 1) << CELL_ALLOCS_SHIFT == CELL_LAST_ALLOC
+);
 /// Buffers of more ops than this have no cells (a slot index fits the
 /// state's 20 bits).
 const CELL_SLOT_MAX: usize = 1 << 20;

@@ -38,7 +38,12 @@
 //! (`run_view_hot_cell_counts_*`), it counts the ops, the allocations and
 //! the latest allocation's stamp (from the slot it copies) of a prefix
 //! of the ops, as a scan of the slots would, and never an op that a
-//! lookup right after it misses.
+//! lookup right after it misses; so it does when the background hand-off
+//! resets the cell while the owner folds allocations
+//! (`run_view_hot_cell_reset_in_background_with_allocations`) and when an
+//! op spoils the cell during the count (`run_view_hot_cell_spoiled_*`:
+//! the allocation past the bound, an op with an extent_op, one of another
+//! size; the count then scans).
 //!
 //! What loom does not check: that no change begins in a quiet window once
 //! a read in it saw none in progress (the Dekker pattern above). Loom
@@ -191,7 +196,7 @@ mod loom_tests {
     //! (`RunView::chunks_may_hold`). What is modelled: the view (one of a
     //! few `UnsafeCell`s, published by a `swap` as `publish_view` does),
     //! the runs (an `UnsafeCell` each: the ops it holds, one bit an op),
-    //! a staging buffer (one slot, or two for the cells' allocations,
+    //! a staging buffer (one slot, or two to four for the cells' allocations,
     //! ordered as `lockfree::Staging`, and for count lookups one hot cell
     //! beside it, ordered as `lockfree::HotCell`: its state laid out as
     //! the real one, with `CELL_MULTI`, the last op's slot,
@@ -202,21 +207,28 @@ mod loom_tests {
     //! loom reports a read that is not ordered before the free, and the
     //! reader asserts it never reads a freed one.
     //!
+    //! A cell's spoiling (an op with an extent_op, one of another size,
+    //! the allocation past the bound: one store of `CELL_SPOILED`) races a
+    //! count in cases 6 to 8, the cell's reset by the background hand-off
+    //! while the owner folds allocations in case 5.
+    //!
     //! Not modelled: the index's list of hot extents (`TxnIndex::hot_keys`,
     //! a hint read without a window; a buffer names the extent of its
-    //! first op, hot from the start), a cell's spoiling by an op of
-    //! another shape (one store of the state, ordered as the sums), the
+    //! first op, hot from the start), the kind (compared with the size, in
+    //! the same word), the release's reset (`Lane::reset`: the stores of
+    //! `Staging::reset`, as a hand-off's, in a change of the index, with
+    //! no owner in the lane: the gate's interlock, `gate::loom_tests`), the
     //! hashing of extents to cells (`HOT_PROBES` slots each; the model has one
     //! cell, which two lives of a buffer name for the same extent, or for
     //! two: `run_view_handoff_hot_cell_of_another_extent`), an op's kind
     //! and its decoding (a slot is one word, the op's bit, which stands
     //! for its words and stamp; a real slot's words are copied raw and
-    //! decoded after the window), `CELL_ALLOCS_MAX` (past it the state
-    //! spoils, one store as any) and `SummaryFold` (the model tallies what
-    //! a lookup found, [`Tally`]).
+    //! decoded after the window), `CELL_ALLOCS_MAX`'s value (case 6 spoils
+    //! past a bound of 1, in a count field as wide) and `SummaryFold` (the
+    //! model tallies what a lookup found, [`Tally`]).
     use super::super::handoff::{Ring, Rotate, STAGING_RING};
     use super::super::lockfree::{
-        cell_allocs, cell_last, CELL_ALLOCS_MAX, CELL_ALLOCS_SHIFT, CELL_HAS_OPS, CELL_LAST_ALLOC,
+        cell_last, CELL_ALLOCS_MAX, CELL_ALLOCS_SHIFT, CELL_HAS_OPS, CELL_LAST_ALLOC,
         CELL_LAST_SHIFT, CELL_MULTI, CELL_SPOILED, CELL_SUM_MASK, HOT_EMPTY,
     };
     use super::*;
@@ -349,10 +361,23 @@ mod loom_tests {
         /// `HotCell::allocs`: the number of allocations << 32 | the slot
         /// of the latest.
         cell_allocs: AtomicU64,
+        /// Allocations the cell counts, and the mask of the state's count
+        /// (`CELL_ALLOCS_MAX` is both): `CELL_ALLOCS_MAX`, or fewer in a
+        /// case that spoils the cell by one more (the order of the stores
+        /// does not depend on the bound: [`Buf::with_spoilers`]).
+        allocs_max: u64,
+        /// The ops that carry an extent_op (neither plain ops nor
+        /// allocations for the cell: they spoil it), as bits.
+        extent_op_ops: u64,
+        /// The ops of another size ([`OTHER_NUM_BYTES`]), as bits.
+        other_size_ops: u64,
     }
 
     /// Slots of a model buffer, at most.
-    const SLOTS_MAX: usize = 2;
+    const SLOTS_MAX: usize = 4;
+
+    /// The size an op of `Buf::other_size_ops` names.
+    const OTHER_NUM_BYTES: u64 = 2 * HOT_NUM_BYTES;
 
     /// What a count lookup read of a buffer in its window.
     #[derive(Clone, Copy, Debug)]
@@ -442,6 +467,50 @@ mod loom_tests {
                 cell_num_bytes: AtomicU64::new(0),
                 cell_state: AtomicU64::new(0),
                 cell_allocs: AtomicU64::new(0),
+                allocs_max: CELL_ALLOCS_MAX,
+                extent_op_ops: 0,
+                other_size_ops: 0,
+            }
+        }
+
+        /// The buffer with ops that spoil its cell: `extent_op_ops` carry
+        /// an extent_op (`HotCell::fold`: not `is_plain_ref` and not an
+        /// allocation), `other_size_ops` name [`OTHER_NUM_BYTES`] (`same`
+        /// false once the cell has ops of the other size; the real cell
+        /// also compares the kind, in the same state word), and the
+        /// allocation past `allocs_max` (`allocs > CELL_ALLOCS_MAX`)
+        /// spoils it. Each is one Release store of `CELL_SPOILED`, in the
+        /// place of the state the op would have made, as in the real fold.
+        fn with_spoilers(
+            mut self,
+            extent_op_ops: u64,
+            other_size_ops: u64,
+            allocs_max: u64,
+        ) -> Buf {
+            assert_eq!(
+                extent_op_ops & self.alloc_ops,
+                0,
+                "an allocation has no extent_op"
+            );
+            assert!(allocs_max <= CELL_ALLOCS_MAX && (allocs_max + 1).is_power_of_two());
+            self.extent_op_ops = extent_op_ops;
+            self.other_size_ops = other_size_ops;
+            self.allocs_max = allocs_max;
+            self
+        }
+
+        /// `lockfree::cell_allocs`: the state's count of allocations, a
+        /// field as wide as the bound (`CELL_ALLOCS_MAX` is its mask).
+        fn allocs_of(&self, s: u64) -> u64 {
+            (s >> CELL_ALLOCS_SHIFT) & self.allocs_max
+        }
+
+        /// The size `op` names.
+        fn num_bytes_of(&self, op: u64) -> u64 {
+            if op & self.other_size_ops != 0 {
+                OTHER_NUM_BYTES
+            } else {
+                HOT_NUM_BYTES
             }
         }
 
@@ -496,11 +565,13 @@ mod loom_tests {
             }
         }
 
-        /// `Staging::fold_hot` and `HotCell::fold` of an op of
-        /// [`HOT_NUM_BYTES`] (`op`: its bit, the model's ref_mod) about to
-        /// be published in slot `slot`: a plain op, or an allocation
-        /// (`alloc_ops`), whose count and slot go to the `allocs` word
-        /// before the state that counts it.
+        /// `Staging::fold_hot` and `HotCell::fold` of an op (`op`: its
+        /// bit, the model's ref_mod) about to be published in slot
+        /// `slot`: a plain op, or an allocation (`alloc_ops`), whose count
+        /// and slot go to the `allocs` word before the state that counts
+        /// it; an op that spoils the cell ([`Buf::with_spoilers`]) stores
+        /// `CELL_SPOILED` in the state's place, and a spoiled cell folds
+        /// nothing more.
         fn fold_hot(&self, op: u64, slot: usize) {
             if self.hot_key.load(Ordering::Relaxed) != self.extent_of(op) {
                 return;
@@ -510,16 +581,17 @@ mod loom_tests {
                 return;
             }
             let alloc = op & self.alloc_ops != 0;
+            let num_bytes = self.num_bytes_of(op);
             let last = (slot as u64) << CELL_LAST_SHIFT | if alloc { CELL_LAST_ALLOC } else { 0 };
-            let allocs = cell_allocs(s) + u64::from(alloc);
-            let next = if allocs > CELL_ALLOCS_MAX {
+            let allocs = self.allocs_of(s) + u64::from(alloc);
+            let next = if op & self.extent_op_ops != 0 || allocs > self.allocs_max {
                 CELL_SPOILED
             } else {
                 let (sum, same, multi) = if s & CELL_HAS_OPS == 0 {
-                    self.cell_num_bytes.store(HOT_NUM_BYTES, Ordering::Relaxed);
+                    self.cell_num_bytes.store(num_bytes, Ordering::Relaxed);
                     (op, true, 0)
                 } else {
-                    let same = self.cell_num_bytes.load(Ordering::Relaxed) == HOT_NUM_BYTES;
+                    let same = self.cell_num_bytes.load(Ordering::Relaxed) == num_bytes;
                     ((s & CELL_SUM_MASK) + op, same, CELL_MULTI)
                 };
                 if same {
@@ -585,7 +657,7 @@ mod loom_tests {
                 }
                 ops -= highest_bit(ops);
             }
-            let allocs = cell_allocs(s);
+            let allocs = self.allocs_of(s);
             let mut latest_slot = None;
             if allocs > 0 {
                 let w = self.cell_allocs.load(Ordering::Relaxed);
@@ -920,7 +992,7 @@ mod loom_tests {
             idx.ops_in_view(v)
         };
         let all = staged.iter().fold(in_runs, |all, &counted| {
-            assert_whole(counted);
+            assert_whole(counted, &idx.bufs[0]);
             let ops = counted.ops();
             assert_eq!(
                 all & ops,
@@ -953,13 +1025,30 @@ mod loom_tests {
         done.store(k, Ordering::SeqCst);
     }
 
-    /// A cell a count lookup took is whole: its `num_bytes` is the ops'
-    /// whenever it has ops.
-    fn assert_whole(counted: Counted) {
+    /// A cell a count lookup took (of a buffer made as `buf`) is whole:
+    /// its `num_bytes` is the ops' whenever it has ops, and they all name
+    /// it; and it sums no op that carries an extent_op (a sum cannot
+    /// stand for one).
+    fn assert_whole(counted: Counted, buf: &Buf) {
         if let Counted::Cell(tally, num_bytes) = counted {
+            let (ops, other_size_ops) = (tally.ops, buf.other_size_ops);
+            assert_eq!(
+                ops & buf.extent_op_ops,
+                0,
+                "a cell summed an op with an extent_op: {counted:?}"
+            );
+            assert!(
+                ops & other_size_ops == 0 || ops & !other_size_ops == 0,
+                "a cell summed ops of two sizes: {counted:?}"
+            );
+            let want = if ops & other_size_ops != 0 {
+                OTHER_NUM_BYTES
+            } else {
+                HOT_NUM_BYTES
+            };
             assert_eq!(
                 num_bytes,
-                (tally.ops != 0).then_some(HOT_NUM_BYTES),
+                (ops != 0).then_some(want),
                 "a torn cell: {counted:?}"
             );
         }
@@ -1004,6 +1093,164 @@ mod loom_tests {
         static CELL_READS: StdAtomicUsize = StdAtomicUsize::new(0);
         model_bounded(2, || allocations_counted(0, &CELL_READS));
         cell_path_taken(&CELL_READS, 0);
+    }
+
+    /// Case 5: the hot cell reset in the background while a count lookup
+    /// reads it and the owner folds allocations. The owner stages ops 1
+    /// (plain) and 2 (an allocation: `allocs` word count 1, slot 1) of
+    /// [`HOT`] in buffer 0 (two slots), moves through its ring as in case
+    /// 2 while the background hand-off thread claims buffer 0 and hands
+    /// it off (run and view 1 published, the buffer and its cell emptied
+    /// by `Staging::reset`, in one change: `TxnIndex::hand_off`), and
+    /// stages op 3, an allocation, in the buffer it reaches: buffer 0
+    /// again, reused after the background's reset and the ring's
+    /// `activate` fence (its new `allocs` word: count 1, slot 0, the
+    /// count of the last life's word in another slot), or buffer 1 if it
+    /// handed that one off itself. A count lookup reads the view and
+    /// every buffer's cell or slots ([`count_then_whole`]: exactly a
+    /// prefix of the ops, allocations and the latest one's stamp
+    /// included). The model copies `HotCell::fold` and `HotCell::read`,
+    /// `Staging::seed_hot`, `Staging::reset`, `LockFreeHandle::append`
+    /// and `TxnIndex::hand_off` in their orders ([`Buf`], [`Index`]) with
+    /// the real `Ring` and `ChangeCounters`.
+    ///
+    /// Loom reports (at preemption bound 2, 11 s): the ring's `activate`
+    /// fence dropped, `begin_change`'s fence dropped, a reset that leaves
+    /// the cell's state (an op found twice), and the `CELL_LAST_ALLOC`
+    /// and slot-below-`len` checks both dropped. It passes the `allocs`
+    /// word loaded before the state (case 4 reports that; here it would
+    /// take more preemptions) and `len` loaded Relaxed (case 4's note).
+    #[test]
+    fn run_view_hot_cell_reset_in_background_with_allocations() {
+        static CELL_READS: StdAtomicUsize = StdAtomicUsize::new(0);
+        model_bounded(2, || reset_in_background_counted(0b110, &CELL_READS));
+        cell_path_taken(&CELL_READS, 0b110);
+    }
+
+    /// Case 5 ([`run_view_hot_cell_reset_in_background_with_allocations`]).
+    fn reset_in_background_counted(alloc_ops: u64, cell_reads: &StdAtomicUsize) {
+        let idx = Arc::new(Index::with_bufs(Vec::new(), [0; 3], || {
+            Buf::new(true, HOT, 2, alloc_ops)
+        }));
+        let ring = Arc::new(Ring::new());
+        let begun = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let (o, r, bg, d) = (idx.clone(), ring.clone(), begun.clone(), done.clone());
+        let owner = thread::spawn(move || {
+            stage(&o, &r, [&bg, &d], 1);
+            stage(&o, &r, [&bg, &d], 2);
+            assert!(o.bufs[0].full());
+            for _ in 0..STAGING_RING {
+                if let Rotate::HandOff(i) = r.rotate(|| {}) {
+                    o.hand_off(i);
+                    r.owner_handed_off(i);
+                }
+            }
+            stage(&o, &r, [&bg, &d], 3);
+        });
+        let (b, r) = (idx.clone(), ring.clone());
+        let background = thread::spawn(move || {
+            if r.claim(0) {
+                b.hand_off(0);
+                r.handed_off(0);
+            }
+        });
+        let every: [usize; STAGING_RING] = std::array::from_fn(|i| i);
+        if count_then_whole(&idx, &every, [&begun, &done]) {
+            cell_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        owner.join().unwrap();
+        background.join().unwrap();
+        idx.collect_all();
+    }
+
+    /// Case 6: the cell spoiled by one allocation more than it counts
+    /// (`CELL_ALLOCS_MAX`; here a bound of 1, [`Buf::with_spoilers`])
+    /// while a count lookup reads it: in one buffer of four slots, op 1
+    /// is plain, ops 2 and 3 allocations (op 3 the one too many: the
+    /// state becomes `CELL_SPOILED`, its `allocs` word is not written)
+    /// and op 4 plain (folded into a spoiled cell: nothing changes). The
+    /// reader ([`count_then_whole`]) takes the cell's sum of a prefix, or
+    /// scans the slots, and finds exactly a prefix of the ops either way.
+    ///
+    /// Loom reports: the fold's early return on a spoiled state dropped
+    /// (op 4 makes a cell of itself alone), the reader testing
+    /// `CELL_HAS_OPS` before `CELL_SPOILED` (a spoiled cell read as
+    /// empty), and the bound not checked (the count, a field as wide as
+    /// the bound, wraps: the cell says no allocation). It passes the
+    /// state stored Relaxed (op 2's state, the last an allocation, is
+    /// scanned for with an older `len`): cases 7 and 8 report that.
+    #[test]
+    fn run_view_hot_cell_spoiled_past_the_allocations_max() {
+        static CELL_READS: StdAtomicUsize = StdAtomicUsize::new(0);
+        let alloc_ops = 0b0110;
+        model_bounded(2, move || {
+            one_life_counted(4, &CELL_READS, || {
+                Buf::new(true, HOT, 4, alloc_ops).with_spoilers(0, 0, 1)
+            })
+        });
+        cell_path_taken(&CELL_READS, alloc_ops);
+    }
+
+    /// Case 7: the cell spoiled by an op of another kind (with an
+    /// extent_op: neither a plain op nor an allocation) while a count
+    /// lookup reads it: ops 1 and 2 plain, op 3 carries an extent_op, op
+    /// 4 plain; the reader as in case 6 (a cell never sums an op with an
+    /// extent_op: [`assert_whole`]).
+    ///
+    /// Loom reports: the fold's early return on a spoiled state dropped,
+    /// the reader testing `CELL_HAS_OPS` before `CELL_SPOILED`, the state
+    /// stored Relaxed (a reader that takes op 2's state with an older
+    /// `len` counts op 1 without its `num_bytes`), and the extent_op not
+    /// spoiling the cell. Cases 6 to 8 take under a second each.
+    #[test]
+    fn run_view_hot_cell_spoiled_by_an_extent_op() {
+        static CELL_READS: StdAtomicUsize = StdAtomicUsize::new(0);
+        let alloc_ops = 0;
+        model_bounded(2, move || {
+            one_life_counted(4, &CELL_READS, || {
+                Buf::new(true, HOT, 4, alloc_ops).with_spoilers(0b0100, 0, CELL_ALLOCS_MAX)
+            })
+        });
+        cell_path_taken(&CELL_READS, alloc_ops);
+    }
+
+    /// Case 7 with an op of another shape: ops 1 and 2 plain, op 3 a
+    /// plain op of another size (`same` false), op 4 plain. Loom reports
+    /// the mutations of case 7 but the extent_op's, and the size left
+    /// out of `same` (op 3 counted in the cell of op 1's size: a cell of
+    /// two sizes).
+    #[test]
+    fn run_view_hot_cell_spoiled_by_another_shape() {
+        static CELL_READS: StdAtomicUsize = StdAtomicUsize::new(0);
+        let alloc_ops = 0;
+        model_bounded(2, move || {
+            one_life_counted(4, &CELL_READS, || {
+                Buf::new(true, HOT, 4, alloc_ops).with_spoilers(0, 0b0100, CELL_ALLOCS_MAX)
+            })
+        });
+        cell_path_taken(&CELL_READS, alloc_ops);
+    }
+
+    /// Cases 6 and 7: the owner stages ops 1 to `ops` of [`HOT`] in
+    /// buffer 0 (made by `buf`, one life: no hand-off) while a count
+    /// lookup and a whole lookup after it read it ([`count_then_whole`]).
+    fn one_life_counted(ops: u64, cell_reads: &StdAtomicUsize, buf: impl Fn() -> Buf) {
+        let idx = Arc::new(Index::with_bufs(Vec::new(), [0; 3], buf));
+        let ring = Arc::new(Ring::new());
+        let begun = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let (o, r, bg, d) = (idx.clone(), ring.clone(), begun.clone(), done.clone());
+        let owner = thread::spawn(move || {
+            for k in 1..=ops {
+                stage(&o, &r, [&bg, &d], k);
+            }
+        });
+        if count_then_whole(&idx, &[0], [&begun, &done]) {
+            cell_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        owner.join().unwrap();
+        idx.collect_all();
     }
 
     /// Case 4: the owner stages ops 1 and 2 of [`HOT`] in buffer 0 (its
@@ -1081,19 +1328,50 @@ mod loom_tests {
                 }
             }
         });
+        if count_then_whole(&idx, &[0], [&begun, &done]) {
+            cell_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        owner.join().unwrap();
+        idx.collect_all();
+    }
+
+    /// The reader of cases 4 to 7: a count lookup of [`HOT`] (the view's
+    /// sum, and the cells or slots of buffers `bufs`, in one window), then
+    /// a lookup of the whole head (the view's runs and the slots), while
+    /// the other threads stage ops (`begun` before each append, `done`
+    /// after it), hand buffers off and reuse them. What it checks is
+    /// stated without the cells: the count holds exactly the first `n`
+    /// ops (each once; their sum, how many are allocations and the latest
+    /// allocation's stamp, from the slot the reader copied), for some `n`
+    /// from the ops done before it began to those begun before it ended
+    /// (a spoiled cell is scanned, and the scan obeys the same rule); a
+    /// cell it takes is whole; and the whole lookup right after holds the
+    /// first `m` ops, for an `m` from that `n` to the ops begun before it
+    /// ended. Returns whether the count took a cell's sum of some ops (of
+    /// an allocation among them, where the buffers have any).
+    fn count_then_whole(idx: &Index, bufs: &[usize], [begun, done]: [&AtomicU64; 2]) -> bool {
+        let alloc_ops = idx.bufs[0].alloc_ops;
         let done_before = done.load(Ordering::SeqCst);
         let pinned = idx.epochs.pin();
-        let (v, staged) = idx
-            .changes
-            .read_stable(|| (idx.read_view(), idx.bufs[0].read_count()));
-        assert_whole(staged);
-        if let Counted::Cell(tally, _) = staged {
-            if tally.ops != 0 && (alloc_ops == 0 || tally.allocs > 0) {
-                cell_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
+        let (v, staged) = idx.changes.read_stable(|| {
+            // The view first, as `lookup_window` reads it.
+            let v = idx.read_view();
+            (
+                v,
+                bufs.iter()
+                    .map(|&i| idx.bufs[i].read_count())
+                    .collect::<Vec<_>>(),
+            )
+        });
+        let mut took_cell = false;
         let in_runs = Tally::of(idx.hot_in_view(v), alloc_ops);
-        let found = in_runs.merge(staged.tally(alloc_ops));
+        let found = staged.iter().fold(in_runs, |found, &counted| {
+            assert_whole(counted, &idx.bufs[0]);
+            if let Counted::Cell(tally, _) = counted {
+                took_cell |= tally.ops != 0 && (alloc_ops == 0 || tally.allocs > 0);
+            }
+            found.merge(counted.tally(alloc_ops))
+        });
         drop(pinned);
         let begun_after = begun.load(Ordering::SeqCst);
         let counted = prefix_of(found, alloc_ops, done_before..=begun_after);
@@ -1106,9 +1384,10 @@ mod loom_tests {
         // sums: the view's runs and the slots) finds every op the count
         // found: a count never holds an op whose slot is unpublished.
         let pinned = idx.epochs.pin();
-        let (v, slots) = idx
-            .changes
-            .read_stable(|| (idx.read_view(), idx.bufs[0].read()));
+        let (v, slots) = idx.changes.read_stable(|| {
+            let v = idx.read_view();
+            (v, bufs.iter().fold(0, |all, &i| all | idx.bufs[i].read()))
+        });
         let whole = Tally::of(idx.ops_in_view(v), alloc_ops).merge(Tally::of(slots, alloc_ops));
         drop(pinned);
         let begun_after = begun.load(Ordering::SeqCst);
@@ -1117,8 +1396,7 @@ mod loom_tests {
             "the count found {found:?}, the lookup after it {whole:?} (begun before \
              its end {begun_after})"
         );
-        owner.join().unwrap();
-        idx.collect_all();
+        took_cell
     }
 
     /// The `n` in `range` whose first `n` ops `found` counts, if any.

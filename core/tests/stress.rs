@@ -858,20 +858,25 @@ fn stress_hot<S: DelayedRefStore>(store: S, seed: u64) {
     assert!(commits.load(Ordering::SeqCst) > 3);
 }
 
-/// Ignored: fails on the lock-free store when its threads are preempted
-/// (found by this test, not fixed yet): a lookup of a hot extent gives
-/// refs that no prefix of its ingester's ops has (-1, or one too many:
-/// an op seen without an earlier one of the same extent). Seen in 5 to 9
-/// runs of 30 while other work loaded the 2 cores, 1 of 20 beside two
-/// busy loops, none of 50 on idle cores; with commits or without, with
-/// one ingester or three, without ops of another shape or extent_ops, by
-/// the count path and by the whole head's alike, and never in 20 loaded
-/// runs with staging buffers big enough that no hand-off happens (65,536
-/// ops). Run it with `REFD_STRESS_OPS=20000 cargo test --release -p
-/// refd-core --test stress -- --ignored stress_hot_lockfree`, many times,
-/// on loaded cores.
+/// Ignored: it found a lookup of a hot extent giving refs that no prefix
+/// of its ingester's ops has (-1, or one too many: an op seen without an
+/// earlier one of the same extent), only when threads were preempted and
+/// buffers handed off. The main cause is fixed: a lookup read the owner's
+/// buffers one after another and could see the ops it appended after
+/// moving to the next buffer without the rest of the one it left (no
+/// change of the index spoiled the read); lookups and snapshots now read
+/// again when the owner moved (`Ring::moves`; named test
+/// `a_lookup_never_sees_ops_after_a_move_without_those_before`). With two
+/// busy loops on the 2 cores, alternating builds, seeds 200-359: 7 of 160
+/// runs failed before the fix, 0 of 160 after. But 1 of 120 more runs
+/// after it still failed (seed 10: "hot extent 0 of ingester 0: 2 refs
+/// (whole head: false), not its refs after any of its ops 4550..=5581"),
+/// so a rarer cause is left and the test stays out of the default run.
+/// Run it with `REFD_STRESS_OPS=20000 cargo test --release -p refd-core
+/// --test stress -- --ignored stress_hot_lockfree`, many times, on loaded
+/// cores.
 #[test]
-#[ignore = "finds a lookup that is no prefix of the ops under hand-offs and preemption: see its doc"]
+#[ignore = "a rare lookup that is no prefix of the ops under preemption is left (1 in ~280 loaded runs): see its doc"]
 fn stress_hot_lockfree() {
     stress_hot(LockFreeStore::with_config(8, HOT_STAGING_OPS), seed() + 2);
 }

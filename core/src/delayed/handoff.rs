@@ -97,6 +97,10 @@ pub(crate) struct Ring {
     /// The buffer the owner appends to (written by the owner only; a new
     /// owner of the shard takes it over with the shard's claim).
     active: AtomicU32,
+    /// How many times the owner moved to another buffer (wrapping): a
+    /// reader of the ring's buffers compares it before and after
+    /// ([`Ring::moves`]).
+    moves: AtomicU32,
 }
 
 impl Ring {
@@ -104,7 +108,23 @@ impl Ring {
         Ring {
             states: std::array::from_fn(|_| AtomicU32::new(FILLING)),
             active: AtomicU32::new(0),
+            moves: AtomicU32::new(0),
         }
+    }
+
+    /// Reader: how many times the owner moved to another buffer. The
+    /// index's change counters do not see a move to a buffer emptied
+    /// before the read began, so a reader that reads the buffers one after
+    /// another could see ops the owner appended after a move and miss the
+    /// ones it appended before it (the rest of the buffer it left), which
+    /// is no prefix of the owner's ops: a lookup counted a drop without
+    /// its add (found by `core/tests/stress.rs` `stress_hot_lockfree`).
+    /// A read of the ring's buffers that loads this before and after and
+    /// gets the same value saw no move: the owner's appends after a move
+    /// are published (`len`, a hot cell's state: Release) after the move
+    /// is counted, so a reader that saw one of them loads the new count.
+    pub fn moves(&self) -> u32 {
+        self.moves.load(Ordering::Acquire)
     }
 
     /// Owner: the buffer it appends to.
@@ -172,6 +192,8 @@ impl Ring {
         // see `ChangeCounters::begin_change` (`window.rs`).
         fence(Ordering::Release);
         self.active.store(i as u32, Ordering::Relaxed);
+        // Before the first append to buffer `i` (see `Ring::moves`).
+        self.moves.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Take full buffer `i` to hand it off: true for exactly one caller

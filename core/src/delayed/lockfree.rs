@@ -1616,6 +1616,10 @@ struct TestHooks {
     compactor_above_small: AtomicBool,
     /// Held by a test: the small compactor waits before each job.
     small_held: Mutex<()>,
+    /// Set by a lookup that read its lane's first buffer, which then waits
+    /// for `mid_lookup` (held by a test) before it reads the others.
+    mid_lookup_reached: AtomicBool,
+    mid_lookup: Mutex<()>,
 }
 
 /// A background thread of the store: started on the first request,
@@ -1985,28 +1989,35 @@ impl LockFreeStore {
     /// merging), so a reader needs a consistent window only this long
     /// (caller guarantees stability or wraps this in `read_stable`); the
     /// merge runs afterwards, whatever ingest does meanwhile.
-    fn snapshot_gen(&self, g: u64) -> GenSnapshot<'_> {
+    /// `None` if an owner moved to another buffer during the read
+    /// (`handoff::Ring::moves`): the copy might not be a prefix of its ops.
+    fn snapshot_gen(&self, g: u64) -> Option<GenSnapshot<'_>> {
         let idx = &self.shared.index[parity(g)];
         let mut staged = Vec::new();
         for shard in self.shared.shards.iter() {
             if !shard.gate.holds(g) {
                 continue;
             }
+            let lane = &shard.lanes[parity(g)];
+            let moves = lane.ring.moves();
             // Every buffer of the lane: full ones not handed off yet hold
             // ops that are in no run.
-            for st in &shard.lanes[parity(g)].bufs {
+            for st in &lane.bufs {
                 let mut words = Vec::new();
                 st.read_all_whole(&mut words);
                 if !words.is_empty() {
                     staged.push(words);
                 }
             }
+            if lane.ring.moves() != moves {
+                return None;
+            }
         }
-        GenSnapshot {
+        Some(GenSnapshot {
             runs: idx.runs.iter().collect(),
             staged,
             carry: idx.lock_carry().clone(),
-        }
+        })
     }
 
     /// The part of a lookup of `bytenr` in generation `g` that needs a
@@ -2021,7 +2032,7 @@ impl LockFreeStore {
         bytenr: u64,
         sums: bool,
         guard: &'g crossbeam_epoch::Guard,
-    ) -> LookupParts<'g> {
+    ) -> Option<LookupParts<'g>> {
         let idx = &self.shared.index[parity(g)];
         let view = idx.view(guard);
         let mut parts = LookupParts {
@@ -2039,7 +2050,22 @@ impl LockFreeStore {
             if !shard.gate.holds(g) {
                 continue;
             }
-            for st in &shard.lanes[parity(g)].bufs {
+            let lane = &shard.lanes[parity(g)];
+            // The owner moving to another buffer meanwhile could show its
+            // ops after the move without the ones before it
+            // (`handoff::Ring::moves`): read again.
+            let moves = lane.ring.moves();
+            for (i, st) in lane.bufs.iter().enumerate() {
+                #[cfg(test)]
+                if i == 1 {
+                    self.shared
+                        .test
+                        .mid_lookup_reached
+                        .store(true, Ordering::SeqCst);
+                    drop(self.shared.test.mid_lookup.lock());
+                }
+                #[cfg(not(test))]
+                let _ = i;
                 if sums {
                     if let Some(sum) = st.hot_sum(bytenr) {
                         if let Some(c) = sum {
@@ -2055,6 +2081,9 @@ impl LockFreeStore {
                 }
                 st.raw_of(bytenr, &mut hits, &mut parts.staged);
             }
+            if lane.ring.moves() != moves {
+                return None;
+            }
         }
         parts.carry.extend(
             idx.lock_carry()
@@ -2062,7 +2091,7 @@ impl LockFreeStore {
                 .filter(|h| h.bytenr == bytenr)
                 .cloned(),
         );
-        parts
+        Some(parts)
     }
 
     /// Look `bytenr` up: its heads in the runs, its staged ops (with their
@@ -2156,7 +2185,11 @@ impl LockFreeStore {
     /// `live_only`), read consistently. After [`READ_OPTIMISTIC_MAX`]
     /// attempts spoiled by a release, both indexes are held quiet, which
     /// holds off releases (they change an index) until the read is done.
-    fn read_visible<T>(&self, live_only: bool, mut read_gen: impl FnMut(u64) -> T) -> Vec<T> {
+    fn read_visible<T>(
+        &self,
+        live_only: bool,
+        mut read_gen: impl FnMut(u64) -> Option<T>,
+    ) -> Vec<T> {
         let mut attempt = 0;
         loop {
             let _quiet = (attempt >= READ_OPTIMISTIC_MAX).then(|| {
@@ -2173,7 +2206,7 @@ impl LockFreeStore {
                 .map(|g| {
                     self.shared.index[parity(g)]
                         .changes
-                        .read_stable(|| read_gen(g))
+                        .read_stable_checked(|| read_gen(g))
                 })
                 .collect();
             if self.released.load(Ordering::SeqCst) == released {
@@ -2695,7 +2728,9 @@ impl DelayedRefStore for LockFreeStore {
             shard.lanes[parity(g)].ring.hold();
         }
         self.shared.index[parity(g)].wait_compactions();
-        self.snapshot_gen(g).merged_heads()
+        self.snapshot_gen(g)
+            .expect("no owner moves in a quiesced generation")
+            .merged_heads()
     }
 
     fn reclaim_released(&self) {
@@ -3479,6 +3514,49 @@ mod tests {
     /// Hand-off state of buffer `i` of shard 0's lane of generation `g`.
     fn buf_state(lf: &LockFreeStore, g: u64, i: usize) -> u32 {
         lf.shared.shards[0].lanes[parity(g)].ring.state(i)
+    }
+
+    /// A lookup that read the owner's active buffer, then (slow) the next
+    /// one after the owner filled the first and moved on, saw the ops after
+    /// the move without the ones before it: a drop without its add, a
+    /// count of -1 that no prefix of the ops has (no change of the index
+    /// happened to spoil the read; found by `stress_hot_lockfree`). The
+    /// lookup now reads again when the owner moved (`Ring::moves`).
+    #[test]
+    fn a_lookup_never_sees_ops_after_a_move_without_those_before() {
+        let lf = LockFreeStore::with_config(1, 4);
+        pause_hand_offs(&lf, true);
+        let x = 1 << 20;
+        let filler = |i: u64| data_op((2 + i) << 20, 4096, Action::AddRef, 0);
+        let mut h = lf.handle().unwrap();
+        h.add(&filler(0)).unwrap();
+        h.add(&filler(1)).unwrap();
+        let held = lf.shared.test.mid_lookup.lock().unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| lf.pending(x));
+            while !lf.shared.test.mid_lookup_reached.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            // The reader has read buffer 0 (two fillers) and waits. The
+            // owner adds a ref of `x`, fills buffer 0, moves to buffer 1
+            // (empty; no hand-off, no change) and drops the ref there.
+            h.add(&data_op(x, 4096, Action::AddRef, 7)).unwrap();
+            h.add(&filler(2)).unwrap();
+            h.add(&data_op(x, 4096, Action::DropRef, 7)).unwrap();
+            assert_eq!(
+                lf.shared.shards[0].lanes[parity(lf.gen.live())]
+                    .ring
+                    .active(),
+                1
+            );
+            drop(held);
+            let found = reader.join().unwrap();
+            let count: i64 = found.iter().flat_map(|h| &h.refs).map(|r| r.ref_mod).sum();
+            assert!(
+                count >= 0,
+                "a lookup saw the drop without its add: {found:?}"
+            );
+        });
     }
 
     /// A full buffer waiting for the background is read by lookups and

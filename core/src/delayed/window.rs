@@ -80,7 +80,7 @@ pub(crate) struct ChangeCounters {
     /// is non-zero.
     quiet: CachePadded<AtomicU64>,
     /// Most attempts one read took (tests and reports: the bound of
-    /// [`ChangeCounters::read_stable`]).
+    /// [`ChangeCounters::read_stable_checked`]).
     read_attempts_max: AtomicU64,
 }
 
@@ -115,13 +115,24 @@ impl ChangeCounters {
         self.finished.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Run `read` until it observed no change. Optimistic first
-    /// ([`READ_OPTIMISTIC_MAX`] attempts, ingest unaffected); then, so
-    /// that a read completes whatever the ingest rate, in a quiet window
-    /// ([`ChangeCounters::hold_quiet`]): changes wait until the read is
-    /// done, so the read retries at most once per writer that had already
-    /// begun.
+    /// [`ChangeCounters::read_stable_checked`] of a read that nothing but
+    /// a change spoils (the loom models' reads).
+    #[cfg(loom)]
     pub fn read_stable<T>(&self, mut read: impl FnMut() -> T) -> T {
+        self.read_stable_checked(|| Some(read()))
+    }
+
+    /// Run `read` until it observed no change and did not find itself
+    /// spoiled by what the counters do not see (`None`: a staging ring's
+    /// owner moved to another buffer, `handoff::Ring::moves`).
+    /// Optimistic first ([`READ_OPTIMISTIC_MAX`] attempts, ingest
+    /// unaffected); then, so that a read completes whatever the ingest
+    /// rate, in a quiet window ([`ChangeCounters::hold_quiet`]): changes
+    /// wait until the read is done, so the read retries at most once per
+    /// writer that had already begun, and once per move of an owner, of
+    /// which a shard has at most `STAGING_RING - 1` in a quiet window (it
+    /// moves only to an empty buffer, and a buffer is emptied by a change).
+    pub fn read_stable_checked<T>(&self, mut read: impl FnMut() -> Option<T>) -> T {
         let mut attempts = 0u64;
         let note = |attempts: u64| {
             self.read_attempts_max
@@ -147,7 +158,7 @@ impl ChangeCounters {
     /// One read: waits (at most `spins_max` steps of [`wait_step`]) for
     /// the changes in progress to end, reads, and returns `None` if a
     /// change began meanwhile.
-    fn try_read<T>(&self, read: &mut impl FnMut() -> T, spins_max: u32) -> Option<T> {
+    fn try_read<T>(&self, read: &mut impl FnMut() -> Option<T>, spins_max: u32) -> Option<T> {
         let mut spins = 0u32;
         let f = loop {
             let f = self.finished.load(Ordering::SeqCst);
@@ -161,7 +172,9 @@ impl ChangeCounters {
         };
         let out = read();
         fence(Ordering::SeqCst);
-        (self.started.load(Ordering::SeqCst) == f).then_some(out)
+        (self.started.load(Ordering::SeqCst) == f)
+            .then_some(out)
+            .flatten()
     }
 
     /// Ask for a quiet window: no change begins until the guard drops

@@ -187,6 +187,10 @@ pub const COMPACT_FANOUT: usize = 8;
 /// The trade-off (throughput against bytes per pending ref) is measured in
 /// `docs/benchmarks.md` ("top-merge ratio").
 pub const TOP_MERGE_RATIO: usize = 4;
+/// Reads of one lane's buffers a lookup or snapshot tries while its owner
+/// moves to other buffers (`handoff::Ring::moves`) before it reads all
+/// again in a quiet window.
+const LANE_READS_MAX: u32 = 4;
 /// Levels with their own compaction token (deeper levels share the last).
 const LEVELS_MAX: usize = 16;
 
@@ -1999,18 +2003,27 @@ impl LockFreeStore {
                 continue;
             }
             let lane = &shard.lanes[parity(g)];
-            let moves = lane.ring.moves();
-            // Every buffer of the lane: full ones not handed off yet hold
-            // ops that are in no run.
-            for st in &lane.bufs {
-                let mut words = Vec::new();
-                st.read_all_whole(&mut words);
-                if !words.is_empty() {
-                    staged.push(words);
+            let mut attempt = 0;
+            loop {
+                let moves = lane.ring.moves();
+                let before = staged.len();
+                // Every buffer of the lane: full ones not handed off yet
+                // hold ops that are in no run.
+                for st in &lane.bufs {
+                    let mut words = Vec::new();
+                    st.read_all_whole(&mut words);
+                    if !words.is_empty() {
+                        staged.push(words);
+                    }
                 }
-            }
-            if lane.ring.moves() != moves {
-                return None;
+                if lane.ring.moves() == moves {
+                    break;
+                }
+                staged.truncate(before);
+                attempt += 1;
+                if attempt >= LANE_READS_MAX {
+                    return None;
+                }
             }
         }
         Some(GenSnapshot {
@@ -2053,36 +2066,48 @@ impl LockFreeStore {
             let lane = &shard.lanes[parity(g)];
             // The owner moving to another buffer meanwhile could show its
             // ops after the move without the ones before it
-            // (`handoff::Ring::moves`): read again.
-            let moves = lane.ring.moves();
-            for (i, st) in lane.bufs.iter().enumerate() {
-                #[cfg(test)]
-                if i == 1 {
-                    self.shared
-                        .test
-                        .mid_lookup_reached
-                        .store(true, Ordering::SeqCst);
-                    drop(self.shared.test.mid_lookup.lock());
-                }
-                #[cfg(not(test))]
-                let _ = i;
-                if sums {
-                    if let Some(sum) = st.hot_sum(bytenr) {
-                        if let Some(c) = sum {
-                            // The latest allocation as staged (its stamp),
-                            // the others counted.
-                            if c.allocs > 0 {
-                                parts.staged.push(st.words(c.latest_alloc));
-                            }
-                            parts.cell_sums.push(c);
-                        }
-                        continue;
+            // (`handoff::Ring::moves`): the lane is read again, a few
+            // times, then the whole read (in a quiet window, where moves
+            // are bounded).
+            let mut attempt = 0;
+            loop {
+                let moves = lane.ring.moves();
+                let (staged, cells) = (parts.staged.len(), parts.cell_sums.len());
+                for (i, st) in lane.bufs.iter().enumerate() {
+                    #[cfg(test)]
+                    if i == 1 {
+                        self.shared
+                            .test
+                            .mid_lookup_reached
+                            .store(true, Ordering::SeqCst);
+                        drop(self.shared.test.mid_lookup.lock());
                     }
+                    #[cfg(not(test))]
+                    let _ = i;
+                    if sums {
+                        if let Some(sum) = st.hot_sum(bytenr) {
+                            if let Some(c) = sum {
+                                // The latest allocation as staged (its
+                                // stamp), the others counted.
+                                if c.allocs > 0 {
+                                    parts.staged.push(st.words(c.latest_alloc));
+                                }
+                                parts.cell_sums.push(c);
+                            }
+                            continue;
+                        }
+                    }
+                    st.raw_of(bytenr, &mut hits, &mut parts.staged);
                 }
-                st.raw_of(bytenr, &mut hits, &mut parts.staged);
-            }
-            if lane.ring.moves() != moves {
-                return None;
+                if lane.ring.moves() == moves {
+                    break;
+                }
+                parts.staged.truncate(staged);
+                parts.cell_sums.truncate(cells);
+                attempt += 1;
+                if attempt >= LANE_READS_MAX {
+                    return None;
+                }
             }
         }
         parts.carry.extend(
@@ -2202,13 +2227,23 @@ impl LockFreeStore {
             let released = self.released.load(Ordering::SeqCst);
             let live = self.gen.live();
             let first = if live_only { live } else { released + 1 };
-            let out: Vec<T> = (first..=live)
+            // Newest first: an ingester inside the sealed generation may
+            // still append to it and then go on in the live one (another
+            // lane, whose moves its ring does not count). Read oldest
+            // first, a slow read could see its ops in the live generation
+            // without its last ones in the sealed one; read newest first,
+            // a read that saw any of its ops in the live generation sees
+            // all of its ops in the sealed one (they were published
+            // before), or a change of it.
+            let mut out: Vec<T> = (first..=live)
+                .rev()
                 .map(|g| {
                     self.shared.index[parity(g)]
                         .changes
                         .read_stable_checked(|| read_gen(g))
                 })
                 .collect();
+            out.reverse();
             if self.released.load(Ordering::SeqCst) == released {
                 return out;
             }
@@ -3534,7 +3569,12 @@ mod tests {
         let held = lf.shared.test.mid_lookup.lock().unwrap();
         std::thread::scope(|s| {
             let reader = s.spawn(|| lf.pending(x));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
             while !lf.shared.test.mid_lookup_reached.load(Ordering::SeqCst) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the lookup never reached its lane's second buffer"
+                );
                 std::thread::yield_now();
             }
             // The reader has read buffer 0 (two fillers) and waits. The
@@ -3543,13 +3583,11 @@ mod tests {
             h.add(&data_op(x, 4096, Action::AddRef, 7)).unwrap();
             h.add(&filler(2)).unwrap();
             h.add(&data_op(x, 4096, Action::DropRef, 7)).unwrap();
-            assert_eq!(
-                lf.shared.shards[0].lanes[parity(lf.gen.live())]
-                    .ring
-                    .active(),
-                1
-            );
+            let active = lf.shared.shards[0].lanes[parity(lf.gen.live())]
+                .ring
+                .active();
             drop(held);
+            assert_eq!(active, 1, "the owner moved to buffer 1");
             let found = reader.join().unwrap();
             let count: i64 = found.iter().flat_map(|h| &h.refs).map(|r| r.ref_mod).sum();
             assert!(

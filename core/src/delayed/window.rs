@@ -131,7 +131,9 @@ impl ChangeCounters {
     /// wait until the read is done, so the read retries at most once per
     /// writer that had already begun, and once per move of an owner, of
     /// which a shard has at most `STAGING_RING - 1` in a quiet window (it
-    /// moves only to an empty buffer, and a buffer is emptied by a change).
+    /// moves only to an empty buffer, emptied by a change: one begun before
+    /// the window, or none), so at most shards × (`STAGING_RING` - 1) in
+    /// all. (A lookup reads a moved lane again a few times first.)
     pub fn read_stable_checked<T>(&self, mut read: impl FnMut() -> Option<T>) -> T {
         let mut attempts = 0u64;
         let note = |attempts: u64| {

@@ -517,9 +517,9 @@ const CONNECTIONS_MAX: usize = 8;
 
 /// Serves `GET /metrics` on `listener` until the process exits, calling
 /// `refresh` before each rendering. One request per connection, each on
-/// a thread of its own (at most [`CONNECTIONS_MAX`] at once: more are
+/// a thread of its own (at most `CONNECTIONS_MAX` = 8 at once: more are
 /// closed unanswered), bounded in size (8 KiB of request) and in time as
-/// a whole ([`REQUEST_TIMEOUT`] to arrive, [`RESPONSE_TIMEOUT`] to be
+/// a whole (`REQUEST_TIMEOUT` = 2 s to arrive, `RESPONSE_TIMEOUT` = 5 s to be
 /// taken), not per read or write. Served one at a time with per-read
 /// timeouts, a peer trickling a byte now and then held the endpoint, and
 /// every scrape queued behind it, for as long as it went on; with the

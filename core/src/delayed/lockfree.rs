@@ -1991,7 +1991,7 @@ impl LockFreeStore {
     /// skiplist entries keep them alive after a compaction removes them),
     /// a copy of its staged ops and its carry. Quick (no sorting or
     /// merging), so a reader needs a consistent window only this long
-    /// (caller guarantees stability or wraps this in `read_stable`); the
+    /// (caller guarantees stability or wraps this in `read_stable_checked`); the
     /// merge runs afterwards, whatever ingest does meanwhile.
     /// `None` if an owner moved to another buffer during the read
     /// (`handoff::Ring::moves`): the copy might not be a prefix of its ops.

@@ -1624,6 +1624,10 @@ struct TestHooks {
     /// for `mid_lookup` (held by a test) before it reads the others.
     mid_lookup_reached: AtomicBool,
     mid_lookup: Mutex<()>,
+    /// Set by a read of the visible generations that read the first one
+    /// (the newest), which then waits for `mid_visible` before the next.
+    mid_visible_reached: AtomicBool,
+    mid_visible: Mutex<()>,
 }
 
 /// A background thread of the store: started on the first request,
@@ -2237,7 +2241,18 @@ impl LockFreeStore {
             // before), or a change of it.
             let mut out: Vec<T> = (first..=live)
                 .rev()
-                .map(|g| {
+                .enumerate()
+                .map(|(k, g)| {
+                    #[cfg(test)]
+                    if k == 1 {
+                        self.shared
+                            .test
+                            .mid_visible_reached
+                            .store(true, Ordering::SeqCst);
+                        drop(self.shared.test.mid_visible.lock());
+                    }
+                    #[cfg(not(test))]
+                    let _ = k;
                     self.shared.index[parity(g)]
                         .changes
                         .read_stable_checked(|| read_gen(g))
@@ -3588,6 +3603,50 @@ mod tests {
                 .active();
             drop(held);
             assert_eq!(active, 1, "the owner moved to buffer 1");
+            let found = reader.join().unwrap();
+            let count: i64 = found.iter().flat_map(|h| &h.refs).map(|r| r.ref_mod).sum();
+            assert!(
+                count >= 0,
+                "a lookup saw the drop without its add: {found:?}"
+            );
+        });
+    }
+
+    /// An ingester inside the sealed generation finishes its batch there
+    /// and goes on in the live one (another lane) while a slow lookup
+    /// reads both: read oldest first, the lookup saw the drop in the live
+    /// generation without the add before it in the sealed one (-1 refs).
+    /// The generations are read newest first (`read_visible`).
+    #[test]
+    fn a_lookup_never_sees_a_batch_past_a_seal_without_its_start() {
+        let lf = LockFreeStore::with_config(1, 64);
+        let x = 1 << 20;
+        let mut h = lf.handle().unwrap();
+        h.add(&data_op(2 << 20, 4096, Action::AddRef, 0)).unwrap();
+        // Inside generation g, as a batch in progress, when g is sealed.
+        let g = h.enter();
+        lf.seal();
+        assert_eq!(lf.gen.live(), g + 1);
+        let held = lf.shared.test.mid_visible.lock().unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| lf.pending(x));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !lf.shared.test.mid_visible_reached.load(Ordering::SeqCst) {
+                if std::time::Instant::now() >= deadline {
+                    drop(held);
+                    panic!("the lookup never read its first generation");
+                }
+                std::thread::yield_now();
+            }
+            // The reader has read one generation and waits. The batch
+            // ends in g with an add of `x`; the next op, a drop of it,
+            // goes to g + 1.
+            let add = data_op(x, 4096, Action::AddRef, 7);
+            let stamp = lf.clock.stamp(&add);
+            h.append(g, &add, stamp);
+            h.leave(g);
+            h.add(&data_op(x, 4096, Action::DropRef, 7)).unwrap();
+            drop(held);
             let found = reader.join().unwrap();
             let count: i64 = found.iter().flat_map(|h| &h.refs).map(|r| r.ref_mod).sum();
             assert!(

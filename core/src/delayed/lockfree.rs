@@ -1620,14 +1620,29 @@ struct TestHooks {
     compactor_above_small: AtomicBool,
     /// Held by a test: the small compactor waits before each job.
     small_held: Mutex<()>,
-    /// Set by a lookup that read its lane's first buffer, which then waits
-    /// for `mid_lookup` (held by a test) before it reads the others.
-    mid_lookup_reached: AtomicBool,
-    mid_lookup: Mutex<()>,
-    /// Set by a read of the visible generations that read the first one
-    /// (the newest), which then waits for `mid_visible` before the next.
-    mid_visible_reached: AtomicBool,
-    mid_visible: Mutex<()>,
+    /// Passed by a read of a lane that read its first buffer, before the
+    /// others.
+    mid_lane: TestPause,
+    /// Passed by a read of the visible generations that read the first
+    /// one (the newest), before the next.
+    mid_visible: TestPause,
+}
+
+/// A point a thread passes, or waits at while a test holds it.
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct TestPause {
+    /// Some thread came to the point.
+    reached: AtomicBool,
+    held: Mutex<()>,
+}
+
+#[cfg(test)]
+impl TestPause {
+    fn pass(&self) {
+        self.reached.store(true, Ordering::SeqCst);
+        drop(self.held.lock());
+    }
 }
 
 /// A background thread of the store: started on the first request,
@@ -1991,6 +2006,41 @@ impl LockFreeStore {
         st
     }
 
+    /// Read `lane`'s buffers, each with `read` (into `out`), until its
+    /// owner did not move to another buffer meanwhile
+    /// (`handoff::Ring::moves`: else the read could show the ops after a
+    /// move without the ones before it). What a spoiled attempt added is
+    /// taken back (`undo` to its `mark`). False after [`LANE_READS_MAX`]
+    /// spoiled attempts: the caller's whole read is then tried again (in a
+    /// quiet window, where moves are bounded).
+    fn read_lane_unmoved<O, M>(
+        &self,
+        lane: &Lane,
+        out: &mut O,
+        mark: impl Fn(&O) -> M,
+        undo: impl Fn(&mut O, M),
+        mut read: impl FnMut(&mut O, &Staging),
+    ) -> bool {
+        for _ in 0..LANE_READS_MAX {
+            let moves = lane.ring.moves();
+            let m = mark(out);
+            for (i, st) in lane.bufs.iter().enumerate() {
+                #[cfg(test)]
+                if i == 1 {
+                    self.shared.test.mid_lane.pass();
+                }
+                #[cfg(not(test))]
+                let _ = i;
+                read(out, st);
+            }
+            if lane.ring.moves() == moves {
+                return true;
+            }
+            undo(out, m);
+        }
+        false
+    }
+
     /// What generation `g` holds, taken without merging: its runs (the
     /// skiplist entries keep them alive after a compaction removes them),
     /// a copy of its staged ops and its carry. Quick (no sorting or
@@ -2006,28 +2056,23 @@ impl LockFreeStore {
             if !shard.gate.holds(g) {
                 continue;
             }
-            let lane = &shard.lanes[parity(g)];
-            let mut attempt = 0;
-            loop {
-                let moves = lane.ring.moves();
-                let before = staged.len();
-                // Every buffer of the lane: full ones not handed off yet
-                // hold ops that are in no run.
-                for st in &lane.bufs {
+            // Every buffer of the lane: full ones not handed off yet hold
+            // ops that are in no run.
+            let whole = self.read_lane_unmoved(
+                &shard.lanes[parity(g)],
+                &mut staged,
+                Vec::len,
+                Vec::truncate,
+                |staged, st| {
                     let mut words = Vec::new();
                     st.read_all_whole(&mut words);
                     if !words.is_empty() {
                         staged.push(words);
                     }
-                }
-                if lane.ring.moves() == moves {
-                    break;
-                }
-                staged.truncate(before);
-                attempt += 1;
-                if attempt >= LANE_READS_MAX {
-                    return None;
-                }
+                },
+            );
+            if !whole {
+                return None;
             }
         }
         Some(GenSnapshot {
@@ -2067,27 +2112,15 @@ impl LockFreeStore {
             if !shard.gate.holds(g) {
                 continue;
             }
-            let lane = &shard.lanes[parity(g)];
-            // The owner moving to another buffer meanwhile could show its
-            // ops after the move without the ones before it
-            // (`handoff::Ring::moves`): the lane is read again, a few
-            // times, then the whole read (in a quiet window, where moves
-            // are bounded).
-            let mut attempt = 0;
-            loop {
-                let moves = lane.ring.moves();
-                let (staged, cells) = (parts.staged.len(), parts.cell_sums.len());
-                for (i, st) in lane.bufs.iter().enumerate() {
-                    #[cfg(test)]
-                    if i == 1 {
-                        self.shared
-                            .test
-                            .mid_lookup_reached
-                            .store(true, Ordering::SeqCst);
-                        drop(self.shared.test.mid_lookup.lock());
-                    }
-                    #[cfg(not(test))]
-                    let _ = i;
+            let whole = self.read_lane_unmoved(
+                &shard.lanes[parity(g)],
+                &mut parts,
+                |p| (p.staged.len(), p.cell_sums.len()),
+                |p, (staged, cells)| {
+                    p.staged.truncate(staged);
+                    p.cell_sums.truncate(cells);
+                },
+                |parts, st| {
                     if sums {
                         if let Some(sum) = st.hot_sum(bytenr) {
                             if let Some(c) = sum {
@@ -2098,20 +2131,14 @@ impl LockFreeStore {
                                 }
                                 parts.cell_sums.push(c);
                             }
-                            continue;
+                            return;
                         }
                     }
                     st.raw_of(bytenr, &mut hits, &mut parts.staged);
-                }
-                if lane.ring.moves() == moves {
-                    break;
-                }
-                parts.staged.truncate(staged);
-                parts.cell_sums.truncate(cells);
-                attempt += 1;
-                if attempt >= LANE_READS_MAX {
-                    return None;
-                }
+                },
+            );
+            if !whole {
+                return None;
             }
         }
         parts.carry.extend(
@@ -2245,11 +2272,7 @@ impl LockFreeStore {
                 .map(|(k, g)| {
                     #[cfg(test)]
                     if k == 1 {
-                        self.shared
-                            .test
-                            .mid_visible_reached
-                            .store(true, Ordering::SeqCst);
-                        drop(self.shared.test.mid_visible.lock());
+                        self.shared.test.mid_visible.pass();
                     }
                     #[cfg(not(test))]
                     let _ = k;
@@ -3581,35 +3604,22 @@ mod tests {
         let mut h = lf.handle().unwrap();
         h.add(&filler(0)).unwrap();
         h.add(&filler(1)).unwrap();
-        let held = lf.shared.test.mid_lookup.lock().unwrap();
-        std::thread::scope(|s| {
-            let reader = s.spawn(|| lf.pending(x));
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while !lf.shared.test.mid_lookup_reached.load(Ordering::SeqCst) {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the lookup never reached its lane's second buffer"
-                );
-                std::thread::yield_now();
-            }
+        let (active, found) = lookup_paused_at(&lf, &lf.shared.test.mid_lane, x, || {
             // The reader has read buffer 0 (two fillers) and waits. The
             // owner adds a ref of `x`, fills buffer 0, moves to buffer 1
             // (empty; no hand-off, no change) and drops the ref there.
             h.add(&data_op(x, 4096, Action::AddRef, 7)).unwrap();
             h.add(&filler(2)).unwrap();
             h.add(&data_op(x, 4096, Action::DropRef, 7)).unwrap();
-            let active = lf.shared.shards[0].lanes[parity(lf.gen.live())]
+            lf.shared.shards[0].lanes[parity(lf.gen.live())]
                 .ring
-                .active();
-            drop(held);
-            assert_eq!(active, 1, "the owner moved to buffer 1");
-            let found = reader.join().unwrap();
-            let count: i64 = found.iter().flat_map(|h| &h.refs).map(|r| r.ref_mod).sum();
-            assert!(
-                count >= 0,
-                "a lookup saw the drop without its add: {found:?}"
-            );
+                .active()
         });
+        assert_eq!(active, 1, "the owner moved to buffer 1");
+        assert!(
+            ref_sum(&found) >= 0,
+            "a lookup saw the drop without its add: {found:?}"
+        );
     }
 
     /// An ingester inside the sealed generation finishes its batch there
@@ -3627,17 +3637,7 @@ mod tests {
         let g = h.enter();
         lf.seal();
         assert_eq!(lf.gen.live(), g + 1);
-        let held = lf.shared.test.mid_visible.lock().unwrap();
-        std::thread::scope(|s| {
-            let reader = s.spawn(|| lf.pending(x));
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while !lf.shared.test.mid_visible_reached.load(Ordering::SeqCst) {
-                if std::time::Instant::now() >= deadline {
-                    drop(held);
-                    panic!("the lookup never read its first generation");
-                }
-                std::thread::yield_now();
-            }
+        let ((), found) = lookup_paused_at(&lf, &lf.shared.test.mid_visible, x, || {
             // The reader has read one generation and waits. The batch
             // ends in g with an add of `x`; the next op, a drop of it,
             // goes to g + 1.
@@ -3646,14 +3646,42 @@ mod tests {
             h.append(g, &add, stamp);
             h.leave(g);
             h.add(&data_op(x, 4096, Action::DropRef, 7)).unwrap();
-            drop(held);
-            let found = reader.join().unwrap();
-            let count: i64 = found.iter().flat_map(|h| &h.refs).map(|r| r.ref_mod).sum();
-            assert!(
-                count >= 0,
-                "a lookup saw the drop without its add: {found:?}"
-            );
         });
+        assert!(
+            ref_sum(&found) >= 0,
+            "a lookup saw the drop without its add: {found:?}"
+        );
+    }
+
+    /// Look `x` up on another thread while `pause` is held; once the
+    /// lookup waits there, run `during`, then let the lookup go on. What
+    /// `during` returned, and the lookup's head.
+    fn lookup_paused_at<R>(
+        lf: &LockFreeStore,
+        pause: &TestPause,
+        x: u64,
+        during: impl FnOnce() -> R,
+    ) -> (R, Option<Head>) {
+        let held = pause.held.lock().unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| lf.pending(x));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !pause.reached.load(Ordering::SeqCst) {
+                if std::time::Instant::now() >= deadline {
+                    drop(held);
+                    panic!("the lookup never came to the pause");
+                }
+                std::thread::yield_now();
+            }
+            let r = during();
+            drop(held);
+            (r, reader.join().unwrap())
+        })
+    }
+
+    /// The sum of a head's refs' counts (0 for none).
+    fn ref_sum(h: &Option<Head>) -> i64 {
+        h.iter().flat_map(|h| &h.refs).map(|r| r.ref_mod).sum()
     }
 
     /// A full buffer waiting for the background is read by lookups and

@@ -631,11 +631,7 @@ fn tcp_needs_the_token() {
             token.to_str().unwrap(),
         ],
     );
-    let port: u16 = tcp_listener(&d.ready)
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no TCP port in {}", d.ready));
+    let port = tcp_port(&d.ready);
     let hello = |tok: &[u8]| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let mut f = Vec::new();

@@ -36,11 +36,7 @@ fn client_text_cannot_forge_log_lines() {
             token.to_str().unwrap(),
         ],
     );
-    let port: u16 = tcp_listener(&d.ready)
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no TCP port in {}", d.ready));
+    let port = tcp_port(&d.ready);
     // An unauthenticated TCP peer: a wrong token, a name that ends the
     // warning's line and starts one of its own.
     let forged_hello = "x\nFORGED-BY-HELLO ERROR engine failed\x1b[31m";

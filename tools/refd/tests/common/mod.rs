@@ -187,6 +187,15 @@ pub fn tcp_listener(ready: &str) -> String {
         .to_string()
 }
 
+/// The port of the `tcp:127.0.0.1:PORT` listener a ready line names.
+pub fn tcp_port(ready: &str) -> u16 {
+    tcp_listener(ready)
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no TCP port in {ready}"))
+}
+
 pub fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, sig) };
